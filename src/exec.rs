@@ -1,0 +1,373 @@
+//! The executor: runs one rank's [`Plan`] over its links.
+//!
+//! Each transfer is cut into chunks of about [`Call::chunk_bytes`]; a step's send and
+//! receive run concurrently, and a received chunk is reduced while the next one is in
+//! flight. Every frame carries `(epoch, seq, call, index)`: frames of an older
+//! collective are dropped unread, frames of another call are a [`Error::Mismatch`].
+//!
+//! The executor stops at the first error or when its [`AbortSignal`] fires.
+//! [`execute_restoring`] then puts the buffer back to its content before the call.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::dtype::{reduce_bytes, DType, ReduceOp};
+use crate::error::{Error, Result};
+use crate::plan::{Action, Plan, Rank, Step};
+use crate::transport::{Frame, Header, Link, LinkError};
+
+/// Default chunk size: large enough to amortise per-frame costs, small enough that a
+/// pipelined chain starts forwarding early.
+pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
+
+/// One collective call as the executor sees it.
+#[derive(Clone, Debug)]
+pub struct Call<'a> {
+    /// This rank's plan.
+    pub plan: &'a Plan,
+    /// Element type of the working buffer.
+    pub dtype: DType,
+    /// Operator for [`Action::Reduce`] steps.
+    pub op: ReduceOp,
+    /// Membership epoch.
+    pub epoch: u64,
+    /// Sequence number of this collective within the epoch.
+    pub seq: u64,
+    /// Fingerprint of the call, identical on every rank that makes the same call.
+    pub fingerprint: u64,
+    /// Target chunk size in bytes (rounded down to whole elements, at least one).
+    pub chunk_bytes: usize,
+}
+
+/// A rank's links, indexed by peer rank; `None` for the rank itself.
+pub type Links = [Option<Arc<dyn Link>>];
+
+/// A one-shot, shareable "stop now, for this reason" signal.
+///
+/// The membership layer fires it when a peer is lost or the view changes; every
+/// collective in flight on it then returns the fired error.
+#[derive(Clone, Debug)]
+pub struct AbortSignal {
+    tx: Arc<watch::Sender<Option<Error>>>,
+}
+
+impl Default for AbortSignal {
+    fn default() -> Self {
+        AbortSignal {
+            tx: Arc::new(watch::channel(None).0),
+        }
+    }
+}
+
+impl AbortSignal {
+    /// A signal that has not fired.
+    pub fn new() -> AbortSignal {
+        AbortSignal::default()
+    }
+
+    /// Fires with `reason`; later calls keep the first reason.
+    pub fn fire(&self, reason: Error) {
+        self.tx.send_if_modified(|slot| {
+            if slot.is_none() {
+                *slot = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The reason, if it has fired.
+    pub fn fired(&self) -> Option<Error> {
+        self.tx.borrow().clone()
+    }
+
+    /// Waits until it fires and returns the reason.
+    pub async fn wait(&self) -> Error {
+        let mut rx = self.tx.subscribe();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            // The sender lives in `self`, so `changed` cannot fail while we wait.
+            if rx.changed().await.is_err() {
+                return Error::Aborted {
+                    reason: "abort signal dropped".into(),
+                };
+            }
+        }
+    }
+}
+
+/// Runs `call.plan` on `buf` and restores `buf` to its prior content on any error.
+pub async fn execute_restoring(
+    call: &Call<'_>,
+    buf: &mut [u8],
+    links: &Links,
+    abort: &AbortSignal,
+) -> Result<()> {
+    let backup = buf.to_vec();
+    let result = execute(call, buf, links, abort, 0..call.plan.steps.len()).await;
+    if result.is_err() {
+        buf.copy_from_slice(&backup);
+    }
+    result
+}
+
+/// Runs the plan steps in `steps` on `buf`, leaving `buf` as it is on error.
+pub async fn execute(
+    call: &Call<'_>,
+    buf: &mut [u8],
+    links: &Links,
+    abort: &AbortSignal,
+    steps: Range<usize>,
+) -> Result<()> {
+    let need = call.plan.len.checked_mul(call.dtype.size());
+    if need != Some(buf.len()) {
+        return Err(Error::InvalidArgument(format!(
+            "buffer of {} bytes for a plan of {} {} elements",
+            buf.len(),
+            call.plan.len,
+            call.dtype
+        )));
+    }
+    if let Some(reason) = abort.fired() {
+        return Err(reason);
+    }
+    let counters = || (0..links.len()).map(|_| AtomicU64::new(0)).collect();
+    let ctx = Ctx {
+        call,
+        links,
+        sent: counters(),
+        received: counters(),
+    };
+    let body = async {
+        for i in steps {
+            ctx.run_step(i, buf).await?;
+        }
+        Ok(())
+    };
+    tokio::select! {
+        biased;
+        reason = abort.wait() => Err(reason),
+        result = body => result,
+    }
+}
+
+struct Ctx<'a> {
+    call: &'a Call<'a>,
+    links: &'a Links,
+    /// Frames sent to / received from each peer so far in this call.
+    sent: Vec<AtomicU64>,
+    received: Vec<AtomicU64>,
+}
+
+impl Ctx<'_> {
+    fn link(&self, rank: Rank) -> Result<&Arc<dyn Link>> {
+        self.links
+            .get(rank)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::InvalidArgument(format!("no link to rank {rank}")))
+    }
+
+    fn header(&self, index: u64) -> Header {
+        let c = self.call;
+        Header {
+            epoch: c.epoch,
+            seq: c.seq,
+            call: c.fingerprint,
+            index,
+        }
+    }
+
+    fn next(counters: &[AtomicU64], peer: Rank) -> u64 {
+        counters
+            .get(peer)
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
+    }
+
+    async fn send_frame(&self, to: Rank, payload: Bytes) -> Result<()> {
+        let link = self.link(to)?;
+        let frame = Frame {
+            header: self.header(Self::next(&self.sent, to)),
+            payload,
+        };
+        link.send(frame).await.map_err(|e| link_error(to, e))
+    }
+
+    /// Byte range of an element range.
+    fn bytes(&self, r: &Range<usize>) -> Range<usize> {
+        let s = self.call.dtype.size();
+        r.start * s..r.end * s
+    }
+
+    /// Byte ranges of the chunks of a `len`-byte transfer; always at least one chunk.
+    fn chunks(&self, len: usize) -> impl Iterator<Item = Range<usize>> {
+        let size = self.call.dtype.size();
+        let chunk = (self.call.chunk_bytes / size).max(1) * size;
+        let count = len.div_ceil(chunk).max(1);
+        (0..count).map(move |k| (k * chunk).min(len)..((k + 1) * chunk).min(len))
+    }
+
+    async fn run_step(&self, i: usize, buf: &mut [u8]) -> Result<()> {
+        match &self.call.plan.steps[i] {
+            Step::Exchange { send, recv } => match (send, recv) {
+                (Some(s), Some(r)) => {
+                    let (sb, rb) = (self.bytes(&s.range), self.bytes(&r.range));
+                    if sb.end <= rb.start || rb.end <= sb.start {
+                        let (out, inp) = split_disjoint(buf, sb, rb);
+                        let sending = self.send_bytes(s.to, out);
+                        let receiving = self.recv_into(r.from, inp, r.action);
+                        tokio::try_join!(sending, receiving).map(|_| ())
+                    } else {
+                        // Overlapping ranges: send what the buffer held when the step began.
+                        let snapshot = Bytes::copy_from_slice(&buf[sb]);
+                        let sending = self.send_bytes(s.to, &snapshot);
+                        let receiving = self.recv_into(r.from, &mut buf[rb], r.action);
+                        tokio::try_join!(sending, receiving).map(|_| ())
+                    }
+                }
+                (Some(s), None) => self.send_bytes(s.to, &buf[self.bytes(&s.range)]).await,
+                (None, Some(r)) => {
+                    let rb = self.bytes(&r.range);
+                    self.recv_into(r.from, &mut buf[rb], r.action).await
+                }
+                (None, None) => Ok(()),
+            },
+            Step::Forward {
+                from,
+                to,
+                range,
+                action,
+            } => {
+                let region = &mut buf[self.bytes(range)];
+                for chunk in self.chunks(region.len()) {
+                    let frame = self.recv_frame(*from, chunk.len()).await?;
+                    self.apply(*action, &mut region[chunk.clone()], &frame.payload);
+                    self.send_frame(*to, Bytes::copy_from_slice(&region[chunk]))
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_bytes(&self, to: Rank, bytes: &[u8]) -> Result<()> {
+        for chunk in self.chunks(bytes.len()) {
+            self.send_frame(to, Bytes::copy_from_slice(&bytes[chunk]))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn recv_into(&self, from: Rank, dst: &mut [u8], action: Action) -> Result<()> {
+        for chunk in self.chunks(dst.len()) {
+            let frame = self.recv_frame(from, chunk.len()).await?;
+            self.apply(action, &mut dst[chunk], &frame.payload);
+        }
+        Ok(())
+    }
+
+    fn apply(&self, action: Action, dst: &mut [u8], src: &[u8]) {
+        match action {
+            Action::Copy => dst.copy_from_slice(src),
+            Action::Reduce(order) => reduce_bytes(self.call.dtype, self.call.op, dst, src, order),
+        }
+    }
+
+    /// Receives the next frame from `from`, dropping stale frames of earlier
+    /// collectives and checking that it belongs to this call and has `len` bytes.
+    async fn recv_frame(&self, from: Rank, len: usize) -> Result<Frame> {
+        let link = self.link(from)?;
+        let want = self.header(Self::next(&self.received, from));
+        loop {
+            let frame = link.recv().await.map_err(|e| link_error(from, e))?;
+            let h = frame.header;
+            if (h.epoch, h.seq) < (want.epoch, want.seq) {
+                continue; // traffic of an aborted or older collective: never mixed in
+            }
+            if h.call != want.call || (h.epoch, h.seq) != (want.epoch, want.seq) {
+                return Err(Error::Mismatch {
+                    detail: format!(
+                        "rank {from} is in collective (epoch {}, seq {}, call {:#x}), this rank in (epoch {}, seq {}, call {:#x})",
+                        h.epoch, h.seq, h.call, want.epoch, want.seq, want.call
+                    ),
+                });
+            }
+            if h.index != want.index || frame.payload.len() != len {
+                return Err(Error::Protocol {
+                    peer: from,
+                    detail: format!(
+                        "expected frame {} of {len} bytes, got frame {} of {} bytes",
+                        want.index,
+                        h.index,
+                        frame.payload.len()
+                    ),
+                });
+            }
+            return Ok(frame);
+        }
+    }
+}
+
+fn link_error(peer: Rank, e: LinkError) -> Error {
+    match e {
+        LinkError::Closed(reason) => Error::PeerLost { rank: peer, reason },
+        other => Error::Protocol {
+            peer,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Splits `buf` into a shared view of `a` and a mutable view of `b`, which must not
+/// overlap.
+fn split_disjoint(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&[u8], &mut [u8]) {
+    if a.end <= b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_disjoint_both_orders() {
+        let mut buf = [0u8, 1, 2, 3, 4, 5];
+        let (a, b) = split_disjoint(&mut buf, 0..2, 3..6);
+        assert_eq!(a, &[0, 1]);
+        b[0] = 9;
+        assert_eq!(buf[3], 9);
+        let (a, b) = split_disjoint(&mut buf, 4..6, 0..1);
+        assert_eq!(a, &[4, 5]);
+        b[0] = 7;
+        assert_eq!(buf[0], 7);
+    }
+
+    #[test]
+    fn abort_signal_keeps_first_reason() {
+        let s = AbortSignal::new();
+        assert!(s.fired().is_none());
+        s.fire(Error::Aborted {
+            reason: "one".into(),
+        });
+        s.fire(Error::Aborted {
+            reason: "two".into(),
+        });
+        assert_eq!(
+            s.fired(),
+            Some(Error::Aborted {
+                reason: "one".into()
+            })
+        );
+    }
+}

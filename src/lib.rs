@@ -1,0 +1,43 @@
+//! # phalanx
+//!
+//! Fault-tolerant collective communication: all-reduce, reduce-scatter, all-gather,
+//! broadcast, reduce and barrier among peers that may join, leave or crash, with
+//! bitwise identical results on every peer.
+//!
+//! The algorithms are sans-IO [`plan`]s; the [`exec`]utor runs a plan over any
+//! [`transport`]; a [`Communicator`] is what users hold.
+//!
+//! ```
+//! use phalanx::{Communicator, ReduceOp};
+//!
+//! let comms = Communicator::local_group(2, Default::default())?;
+//! let results: Vec<Vec<i32>> = std::thread::scope(|s| {
+//!     let handles: Vec<_> = comms
+//!         .into_iter()
+//!         .map(|mut comm| {
+//!             s.spawn(move || -> phalanx::Result<Vec<i32>> {
+//!                 let mut grad = vec![comm.rank() as i32 * 10 + 1; 3];
+//!                 comm.all_reduce(&mut grad, ReduceOp::Sum)?;
+//!                 Ok(grad)
+//!             })
+//!         })
+//!         .collect();
+//!     handles.into_iter().map(|h| h.join().expect("rank thread").expect("all-reduce")).collect()
+//! });
+//! assert_eq!(results, vec![vec![12, 12, 12], vec![12, 12, 12]]);
+//! # Ok::<(), phalanx::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod collective;
+pub mod comm;
+pub mod dtype;
+pub mod error;
+pub mod exec;
+pub mod plan;
+pub mod sim;
+pub mod transport;
+
+pub use comm::{Communicator, Config};
+pub use dtype::{DType, Element, ReduceOp};
+pub use error::{Error, Result};

@@ -1,0 +1,209 @@
+//! Sans-IO collective algorithms.
+//!
+//! A collective for rank `r` of an `n`-rank group compiles to a [`Plan`]: the ordered
+//! [`Step`]s that rank performs on one working buffer of `len` elements. A plan holds no
+//! sockets, threads or element type; the executor ([`crate::exec`]) runs it over any
+//! transport, and tests run all ranks' plans in one process with faults injected.
+//!
+//! Every builder fixes the order in which contributions are combined, independently of
+//! timing, and tells the kernel which operand is on the left ([`Order`]), so all ranks
+//! end with bitwise identical bytes. Each builder documents its order.
+//!
+//! ```
+//! use phalanx::plan::{allreduce, Step};
+//! // Rank 0 of 3, 6 elements: a ring of 2 reduce-scatter and 2 all-gather steps.
+//! let plan = allreduce::ring(0, 3, 6);
+//! assert_eq!(plan.steps.len(), 4);
+//! assert!(matches!(plan.steps[0], Step::Exchange { .. }));
+//! ```
+
+pub mod allreduce;
+pub mod broadcast;
+pub mod gather;
+pub mod reduce;
+pub mod segments;
+
+use std::ops::Range;
+
+pub use crate::dtype::Order;
+
+/// A rank: a peer's position in the group's ordered view, `0..n`.
+pub type Rank = usize;
+
+/// What a receiver does with a received range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Overwrite the local range with the received one.
+    Copy,
+    /// Combine the received range into the local one with the collective's operator.
+    Reduce(Order),
+}
+
+/// Sending a range of the working buffer to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendTo {
+    /// The receiving rank.
+    pub to: Rank,
+    /// Element range of the working buffer.
+    pub range: Range<usize>,
+}
+
+/// Receiving a range of the working buffer from a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecvFrom {
+    /// The sending rank.
+    pub from: Rank,
+    /// Element range of the working buffer.
+    pub range: Range<usize>,
+    /// What to do with the received elements.
+    pub action: Action,
+}
+
+/// One step of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send and receive at the same time (either may be absent). The send reads the
+    /// buffer as it was when the step began, even where the ranges overlap.
+    Exchange {
+        /// The outgoing range, if any.
+        send: Option<SendTo>,
+        /// The incoming range, if any.
+        recv: Option<RecvFrom>,
+    },
+    /// Receive `range` from `from` chunk by chunk, apply `action` to each chunk, and
+    /// forward the resulting chunk to `to` at once: the stage of a pipelined chain.
+    Forward {
+        /// The upstream rank.
+        from: Rank,
+        /// The downstream rank.
+        to: Rank,
+        /// Element range of the working buffer.
+        range: Range<usize>,
+        /// What to do with each received chunk before forwarding it.
+        action: Action,
+    },
+}
+
+impl Step {
+    /// A send-only step.
+    pub fn send(to: Rank, range: Range<usize>) -> Step {
+        Step::Exchange {
+            send: Some(SendTo { to, range }),
+            recv: None,
+        }
+    }
+
+    /// A receive-only step.
+    pub fn recv(from: Rank, range: Range<usize>, action: Action) -> Step {
+        Step::Exchange {
+            send: None,
+            recv: Some(RecvFrom {
+                from,
+                range,
+                action,
+            }),
+        }
+    }
+
+    /// A simultaneous send and receive.
+    pub fn exchange(
+        to: Rank,
+        send: Range<usize>,
+        from: Rank,
+        recv: Range<usize>,
+        action: Action,
+    ) -> Step {
+        Step::Exchange {
+            send: Some(SendTo { to, range: send }),
+            recv: Some(RecvFrom {
+                from,
+                range: recv,
+                action,
+            }),
+        }
+    }
+
+    /// The ranks this step talks to.
+    pub fn peers(&self) -> impl Iterator<Item = Rank> + '_ {
+        let (a, b) = match self {
+            Step::Exchange { send, recv } => {
+                (send.as_ref().map(|s| s.to), recv.as_ref().map(|r| r.from))
+            }
+            Step::Forward { from, to, .. } => (Some(*from), Some(*to)),
+        };
+        a.into_iter().chain(b)
+    }
+}
+
+/// The steps one rank performs for one collective.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// This rank.
+    pub rank: Rank,
+    /// The number of ranks in the group.
+    pub size: usize,
+    /// Length of the working buffer, in elements.
+    pub len: usize,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    /// An empty plan (nothing to do), e.g. for a group of one.
+    pub fn empty(rank: Rank, size: usize, len: usize) -> Plan {
+        Plan {
+            rank,
+            size,
+            len,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Appends the steps of `other`, a plan for the same rank, group and buffer.
+    pub fn then(mut self, other: Plan) -> Plan {
+        debug_assert_eq!(
+            (self.rank, self.size, self.len),
+            (other.rank, other.size, other.len)
+        );
+        self.steps.extend(other.steps);
+        self
+    }
+
+    /// Checks the plan's internal consistency: peers in range and not this rank, ranges
+    /// inside the buffer. Builders' output always passes; this guards hand-made plans.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, step) in self.steps.iter().enumerate() {
+            if let Some(p) = step.peers().find(|&p| p >= self.size || p == self.rank) {
+                return Err(format!(
+                    "step {i}: peer {p} invalid for rank {} of {}",
+                    self.rank, self.size
+                ));
+            }
+            let ranges: Vec<&Range<usize>> = match step {
+                Step::Exchange { send, recv } => send
+                    .iter()
+                    .map(|s| &s.range)
+                    .chain(recv.iter().map(|r| &r.range))
+                    .collect(),
+                Step::Forward { range, .. } => vec![range],
+            };
+            if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > self.len) {
+                return Err(format!(
+                    "step {i}: range {r:?} outside buffer of {}",
+                    self.len
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `(r + k) mod n` for ring arithmetic.
+pub(crate) fn ring_add(r: Rank, k: usize, n: usize) -> Rank {
+    (r + k % n) % n
+}
+
+/// `(r - k) mod n` for ring arithmetic.
+pub(crate) fn ring_sub(r: Rank, k: usize, n: usize) -> Rank {
+    (r + n - k % n) % n
+}

@@ -1,0 +1,146 @@
+//! A deterministic simulator: all ranks' plans in one process, with faults injected.
+//!
+//! The ranks run as tasks of a single-threaded runtime over the in-memory transport, so
+//! a run is a pure function of its inputs. A [`Fault`] makes one rank vanish after a
+//! given step (its links close, as when a process dies); the survivors share an
+//! [`AbortSignal`], standing in for the master that tells everyone about a loss.
+
+use std::time::Duration;
+
+use crate::dtype::{DType, ReduceOp};
+use crate::error::Error;
+use crate::exec::{execute, execute_restoring, AbortSignal, Call};
+use crate::plan::{Plan, Rank};
+use crate::transport::mem;
+
+/// Rank `rank` completes steps `0..after_steps` of its plan, then disappears.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The rank that dies.
+    pub rank: Rank,
+    /// How many of its steps it completes first.
+    pub after_steps: usize,
+}
+
+/// How one rank's run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The plan completed; the final buffer.
+    Done(Vec<u8>),
+    /// The plan failed with `error`; `buf` is the buffer after restoration.
+    Failed {
+        /// The error returned.
+        error: Error,
+        /// The buffer as the rank was left with it.
+        buf: Vec<u8>,
+    },
+    /// This rank was the one killed by the fault.
+    Killed,
+    /// The rank had not finished when the simulation's time limit passed.
+    Hung,
+}
+
+/// A simulated group.
+#[derive(Clone, Debug)]
+pub struct Simulation {
+    /// Element type of the buffers.
+    pub dtype: DType,
+    /// Reduction operator.
+    pub op: ReduceOp,
+    /// Chunk size of every transfer.
+    pub chunk_bytes: usize,
+    /// Frames each link buffers.
+    pub link_capacity: usize,
+    /// The fault to inject, if any.
+    pub fault: Option<Fault>,
+    /// Wall-clock limit after which unfinished ranks count as hung.
+    pub time_limit: Duration,
+}
+
+impl Simulation {
+    /// A fault-free simulation with small chunks, so that every transfer spans several.
+    pub fn new(dtype: DType, op: ReduceOp) -> Simulation {
+        Simulation {
+            dtype,
+            op,
+            chunk_bytes: 64,
+            link_capacity: 4,
+            fault: None,
+            time_limit: Duration::from_secs(20),
+        }
+    }
+
+    /// Runs `plans[r]` on `bufs[r]` for every rank `r`; returns each rank's outcome.
+    pub fn run(&self, plans: &[Plan], bufs: Vec<Vec<u8>>) -> Vec<Outcome> {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                return vec![Outcome::Failed {
+                    error: Error::InvalidArgument(e.to_string()),
+                    buf: vec![],
+                }]
+            }
+        };
+        rt.block_on(self.run_async(plans, bufs))
+    }
+
+    async fn run_async(&self, plans: &[Plan], bufs: Vec<Vec<u8>>) -> Vec<Outcome> {
+        let n = plans.len();
+        let abort = AbortSignal::new();
+        let mut tasks = Vec::new();
+        for ((rank, links), (plan, mut buf)) in mem::mesh(n, self.link_capacity)
+            .into_iter()
+            .enumerate()
+            .zip(plans.iter().cloned().zip(bufs))
+        {
+            let (sim, abort) = (self.clone(), abort.clone());
+            tasks.push(tokio::spawn(async move {
+                let call = Call {
+                    plan: &plan,
+                    dtype: sim.dtype,
+                    op: sim.op,
+                    epoch: 0,
+                    seq: 1,
+                    fingerprint: 0,
+                    chunk_bytes: sim.chunk_bytes,
+                };
+                let dies = sim.fault.filter(|f| f.rank == rank);
+                if let Some(f) = dies {
+                    let steps = 0..f.after_steps.min(plan.steps.len());
+                    // What the doomed rank computes does not matter; its traffic does.
+                    let _ = execute(&call, &mut buf, &links, &abort, steps).await;
+                    links.iter().flatten().for_each(|l| l.close());
+                    return Outcome::Killed;
+                }
+                let result = execute_restoring(&call, &mut buf, &links, &abort).await;
+                match result {
+                    Ok(()) => Outcome::Done(buf),
+                    Err(error) => {
+                        abort.fire(error.clone());
+                        Outcome::Failed { error, buf }
+                    }
+                }
+            }));
+        }
+        let deadline = tokio::time::Instant::now() + self.time_limit;
+        let mut outcomes = Vec::with_capacity(n);
+        for task in tasks {
+            let abort_handle = task.abort_handle();
+            outcomes.push(match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(join)) => Outcome::Failed {
+                    error: Error::InvalidArgument(format!("rank task failed: {join}")),
+                    buf: vec![],
+                },
+                Err(_) => {
+                    abort_handle.abort();
+                    Outcome::Hung
+                }
+            });
+        }
+        outcomes
+    }
+}

@@ -1,0 +1,103 @@
+//! The tests every [`Link`] implementation must pass.
+//!
+//! Each function takes a freshly connected pair of ends and panics on a violation; a
+//! transport's test module calls them all (see the tests of [`super::mem`]). Public so
+//! that transports outside this crate can run them too.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Frame, Header, Link, LinkError};
+
+fn frame(i: u32, len: usize) -> Frame {
+    let payload: Vec<u8> = (0..len)
+        .map(|b| (b as u32).wrapping_mul(31).wrapping_add(i) as u8)
+        .collect();
+    Frame {
+        header: Header {
+            epoch: 1,
+            seq: 2,
+            call: 3,
+            index: i as u64 * 7,
+        },
+        payload: Bytes::from(payload),
+    }
+}
+
+/// Frames arrive in order with headers and payloads intact, both ways at once,
+/// including empty payloads and payloads of `big` bytes.
+pub async fn ordered_both_ways(a: &dyn Link, b: &dyn Link, big: usize) {
+    let sizes = [0usize, 1, 7, 4096, big];
+    let count = 64u32;
+    async fn send_all(l: &dyn Link, sizes: &[usize], count: u32) {
+        for i in 0..count {
+            l.send(frame(i, sizes[i as usize % sizes.len()]))
+                .await
+                .expect("send");
+        }
+    }
+    async fn recv_all(l: &dyn Link, sizes: &[usize], count: u32) {
+        for i in 0..count {
+            let got = l.recv().await.expect("recv");
+            assert_eq!(got, frame(i, sizes[i as usize % sizes.len()]), "frame {i}");
+        }
+    }
+    tokio::join!(
+        send_all(a, &sizes, count),
+        recv_all(b, &sizes, count),
+        send_all(b, &sizes, count),
+        recv_all(a, &sizes, count)
+    );
+}
+
+/// A sender blocks once the link's buffer is full instead of queueing without bound;
+/// `at_most` frames of `len` bytes may be accepted before it does.
+pub async fn bounded(a: &dyn Link, b: &dyn Link, at_most: usize, len: usize) {
+    let mut sent = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), a.send(frame(sent as u32, len)))
+            .await
+        {
+            Ok(r) => r.expect("send"),
+            Err(_) => break,
+        }
+        sent += 1;
+        assert!(
+            sent <= at_most,
+            "link accepted {sent} unreceived frames of {len} bytes"
+        );
+    }
+    // The peer still receives what was accepted, in order.
+    for i in 0..sent {
+        assert_eq!(b.recv().await.expect("recv").header.index, i as u64 * 7);
+    }
+}
+
+/// Closing one end fails the other end's pending receive and later sends.
+pub async fn close_is_seen(a: &dyn Link, b: &dyn Link) {
+    let pending = async { b.recv().await };
+    let closer = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.close();
+    };
+    let (got, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::join!(pending, closer)
+    })
+    .await
+    .expect("a pending recv must end when the peer closes");
+    assert!(matches!(got, Err(LinkError::Closed(_))), "got {got:?}");
+    let mut failed = false;
+    for i in 0..1000 {
+        // A transport may accept a few frames into its buffer before it notices.
+        let r = tokio::time::timeout(Duration::from_secs(5), b.send(frame(i, 8)))
+            .await
+            .expect("send must not hang");
+        if r.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "sends to a closed peer kept succeeding");
+    assert!(a.recv().await.is_err(), "the closed end's own recv fails");
+}

@@ -1,0 +1,101 @@
+//! Transports: ordered, reliable, framed messages between two peers.
+//!
+//! A transport implements [`Link`]. The executor sends a [`Frame`] per chunk of a plan
+//! step and expects the peer's frames in the same order; a link never reorders, drops or
+//! duplicates frames, and it holds at most a bounded number of unreceived frames, so a
+//! fast sender waits for a slow receiver instead of filling memory. Every transport
+//! passes the same [`conformance`] tests.
+
+pub mod conformance;
+pub mod mem;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Identifies which collective, and which point of it, a frame belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Header {
+    /// The membership epoch the collective runs in.
+    pub epoch: u64,
+    /// The collective's sequence number within the epoch (per communicator).
+    pub seq: u64,
+    /// Fingerprint of the call (kind, length, dtype, op): peers that disagree see a
+    /// different fingerprint on the first frame and report a mismatch.
+    pub call: u64,
+    /// Index of this frame among the frames of this collective sent over this link in
+    /// this direction: both ends count, so a lost or extra frame is caught at once.
+    pub index: u64,
+}
+
+impl Header {
+    /// Encoded size in bytes.
+    pub const LEN: usize = 32;
+
+    /// Encodes the header little-endian.
+    pub fn encode(&self) -> [u8; Header::LEN] {
+        let mut out = [0u8; Header::LEN];
+        out[0..8].copy_from_slice(&self.epoch.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.call.to_le_bytes());
+        out[24..32].copy_from_slice(&self.index.to_le_bytes());
+        out
+    }
+
+    /// Decodes a header; `None` when `bytes` is not exactly [`Header::LEN`] long.
+    pub fn decode(bytes: &[u8]) -> Option<Header> {
+        let b: &[u8; Header::LEN] = bytes.try_into().ok()?;
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        Some(Header {
+            epoch: u64_at(0),
+            seq: u64_at(8),
+            call: u64_at(16),
+            index: u64_at(24),
+        })
+    }
+}
+
+/// One message on a link: a header and the bytes of one chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Where the frame belongs.
+    pub header: Header,
+    /// The chunk's bytes.
+    pub payload: Bytes,
+}
+
+/// Why a link operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The peer closed the link, crashed, or the connection broke.
+    #[error("link closed: {0}")]
+    Closed(String),
+    /// A frame exceeded the transport's size limit.
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge {
+        /// The frame's size.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The peer sent bytes that do not decode as a frame.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// An ordered, reliable, framed, bounded message channel to one peer.
+///
+/// `send` and `recv` may run concurrently with each other (from one task each), but
+/// not with themselves. After either returns [`LinkError::Closed`], both keep failing.
+#[async_trait]
+pub trait Link: Send + Sync {
+    /// Queues `frame` for the peer, waiting while the link's buffer is full.
+    async fn send(&self, frame: Frame) -> Result<(), LinkError>;
+    /// Waits for the peer's next frame.
+    async fn recv(&self) -> Result<Frame, LinkError>;
+    /// Closes the link: the peer's pending and future calls fail with `Closed`.
+    fn close(&self);
+}
