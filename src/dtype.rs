@@ -520,7 +520,7 @@ mod tests {
         let acc_vals = [1.0f64, 2.0, 3.0];
         let mut acc: Vec<u8> = bytemuck::cast_slice(&acc_vals).to_vec();
         let inc_vals = [0.5f64, 0.25, 0.125];
-        let mut backing = vec![0u8; 25];
+        let mut backing = [0u8; 25];
         backing[1..].copy_from_slice(bytemuck::cast_slice(&inc_vals));
         reduce_bytes(
             DType::F64,
