@@ -34,6 +34,7 @@ pub mod comm;
 pub mod dtype;
 pub mod error;
 pub mod exec;
+pub mod membership;
 pub mod plan;
 pub mod sim;
 pub mod transport;
