@@ -8,6 +8,7 @@
 
 pub mod conformance;
 pub mod mem;
+pub mod quic;
 
 use async_trait::async_trait;
 use bytes::Bytes;
