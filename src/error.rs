@@ -38,6 +38,19 @@ pub enum Error {
         /// What it sent.
         detail: String,
     },
+    /// This peer is no longer a member of the group (removed after a timeout, or the
+    /// master is unreachable); collectives cannot run until it joins again.
+    #[error("not a member of the group: {reason}; connect again to rejoin")]
+    Removed {
+        /// Why.
+        reason: String,
+    },
+    /// Joining failed: the master refused or could not be reached.
+    #[error("cannot join: {reason}")]
+    JoinFailed {
+        /// Why.
+        reason: String,
+    },
     /// The call's own arguments are invalid; nothing was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -37,7 +37,9 @@ pub mod exec;
 pub mod membership;
 pub mod plan;
 pub mod sim;
+pub mod state;
 pub mod transport;
+pub mod workload;
 
 pub use comm::{Communicator, Config};
 pub use dtype::{DType, Element, ReduceOp};

@@ -24,7 +24,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::view::{Member, PeerId, View};
-use super::wire::{AbortReason, Decision, Digest, OpResult, Removal, SyncStrategy, TensorDigest, ToMaster, ToPeer, Transfer};
+use super::wire::{
+    AbortReason, Decision, Digest, OpResult, Removal, SyncStrategy, TensorDigest, ToMaster, ToPeer, Transfer,
+};
 
 /// A control connection, as numbered by the driver.
 pub type ConnId = u64;
@@ -138,7 +140,7 @@ impl MasterState {
             ToMaster::Join { .. } => out.push(Output::Close(conn, "joined twice on one connection".into())),
             ToMaster::Leave => self.remove(&[id], "left the group", &mut out),
             _ if !is_member => {} // a pending joiner has nothing else to say yet
-            ToMaster::UpdateTopology { epoch } => self.vote_topology(id, conn, epoch, &mut out),
+            ToMaster::UpdateTopology { epoch } => self.vote_topology(id, epoch, &mut out),
             ToMaster::OpBegin { epoch, seq, call } => self.begin(id, epoch, seq, Begin::Collective(call), &mut out),
             ToMaster::SyncState { epoch, seq, strategy, tensors } => {
                 self.begin(id, epoch, seq, Begin::Sync(strategy, tensors), &mut out)
@@ -255,14 +257,15 @@ impl MasterState {
         out.push(Output::Close(conn, format!("removed from the group: {detail}")));
     }
 
-    fn vote_topology(&mut self, id: PeerId, conn: ConnId, epoch: u64, out: &mut Vec<Output>) {
+    fn vote_topology(&mut self, id: PeerId, epoch: u64, out: &mut Vec<Output>) {
         if epoch != self.epoch {
-            // The member missed a view change; this brings it up to date.
-            out.push(Output::Send(conn, ToPeer::View { view: self.view(), removed: Vec::new() }));
+            // A vote for a past view: the member has been sent the newer view, which
+            // ends its update_topology, so the vote needs no answer.
             return;
         }
         self.topo_votes.insert(id);
-        if let Some((&seq, _)) = self.ops.iter().find(|(s, t)| !self.decided.contains(s) && !t.begun.contains_key(&id)) {
+        if let Some((&seq, _)) = self.ops.iter().find(|(s, t)| !self.decided.contains(s) && !t.begun.contains_key(&id))
+        {
             let detail = format!("member {id:#x} called update_topology while others ran collective {seq}");
             self.decide(seq, Decision::Abort(AbortReason::Mismatch { detail }), out);
         }
@@ -277,7 +280,8 @@ impl MasterState {
     }
 
     fn rank(&self, id: PeerId) -> u32 {
-        self.members.iter().position(|p| p.id == id).unwrap_or(usize::MAX) as u32 // ok: callers pass members
+        self.members.iter().position(|p| p.id == id).unwrap_or(usize::MAX) as u32
+        // ok: callers pass members
     }
 
     fn begin(&mut self, id: PeerId, epoch: u64, seq: u64, begin: Begin, out: &mut Vec<Output>) {
@@ -359,7 +363,11 @@ fn first_mismatch(begun: &BTreeMap<PeerId, Begin>) -> Option<String> {
             _ => true,
         };
         if differs {
-            return Some(format!("peers {first_id:#x} and {id:#x} made different calls ({} vs {})", describe(first), describe(b)));
+            return Some(format!(
+                "peers {first_id:#x} and {id:#x} made different calls ({} vs {})",
+                describe(first),
+                describe(b)
+            ));
         }
     }
     None
@@ -372,17 +380,21 @@ fn describe(b: &Begin) -> String {
     }
 }
 
+/// The agreed `(revision, digest)` of each tensor, and the transfers that spread it.
+pub type PlannedSync = (Vec<(u64, Digest)>, Vec<Transfer>);
+
 /// Chooses each tensor's content and who sends it to whom. `requests` are in rank order.
 ///
 /// Candidates are the send-only members if there are any, else every member that is not
 /// receive-only; the content most candidates hold wins (ties: higher revision, then the
 /// lowest rank's). Members holding other content receive it from the holders in turn.
-pub fn sync_plan(requests: &[(SyncStrategy, &[TensorDigest])]) -> Result<(Vec<(u64, Digest)>, Vec<Transfer>), String> {
+pub fn sync_plan(requests: &[(SyncStrategy, &[TensorDigest])]) -> Result<PlannedSync, String> {
     let Some((_, first)) = requests.first() else {
         return Ok((Vec::new(), Vec::new()));
     };
     let any_send_only = requests.iter().any(|(s, _)| *s == SyncStrategy::SendOnly);
-    let is_candidate = |s: SyncStrategy| if any_send_only { s == SyncStrategy::SendOnly } else { s != SyncStrategy::ReceiveOnly };
+    let is_candidate =
+        |s: SyncStrategy| if any_send_only { s == SyncStrategy::SendOnly } else { s != SyncStrategy::ReceiveOnly };
     let mut agreed = Vec::with_capacity(first.len());
     let mut transfers = Vec::new();
     for (t, tensor) in first.iter().enumerate() {
@@ -483,9 +495,7 @@ mod tests {
         let out = m.disconnected(2);
         let decided = outcomes(&out);
         assert_eq!(decided.len(), 2);
-        assert!(decided
-            .iter()
-            .all(|(_, d)| matches!(d, Decision::Abort(AbortReason::PeerLost { rank: 1, .. }))));
+        assert!(decided.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::PeerLost { rank: 1, .. }))));
         assert_eq!(m.view().size(), 2);
         assert_eq!(m.view().epoch, e + 1);
         assert!(out.contains(&Output::Close(2, "removed from the group: control connection closed".into())));
@@ -548,7 +558,11 @@ mod tests {
     fn sync_plan_send_only_wins_and_must_agree() {
         let a = [td("w", 1, 1)];
         let b = [td("w", 9, 2)];
-        let reqs = [(SyncStrategy::EnforcePopular, &b[..]), (SyncStrategy::EnforcePopular, &b[..]), (SyncStrategy::SendOnly, &a[..])];
+        let reqs = [
+            (SyncStrategy::EnforcePopular, &b[..]),
+            (SyncStrategy::EnforcePopular, &b[..]),
+            (SyncStrategy::SendOnly, &a[..]),
+        ];
         let (agreed, transfers) = sync_plan(&reqs).expect("plan");
         assert_eq!(agreed, vec![(1, [1; 32])]);
         assert_eq!(transfers.len(), 2);

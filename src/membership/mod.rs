@@ -3,7 +3,9 @@
 //! The [`master`] is a sans-IO state machine ([`master::MasterState`]) driven by
 //! over QUIC by the server; [`wire`] is the control protocol; [`view`] defines views.
 
+pub mod client;
 pub mod master;
+pub mod server;
 pub mod view;
 pub mod wire;
 

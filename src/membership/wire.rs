@@ -349,7 +349,8 @@ impl<'a> Dec<'a> {
     fn view(&mut self) -> Result<View, WireError> {
         let epoch = self.u64()?;
         let n = self.count("members", 8 + 7)?;
-        let members = (0..n).map(|_| Ok(Member { id: self.u64()?, addr: self.addr()? })).collect::<Result<_, WireError>>()?;
+        let members =
+            (0..n).map(|_| Ok(Member { id: self.u64()?, addr: self.addr()? })).collect::<Result<_, WireError>>()?;
         Ok(View { epoch, members })
     }
     fn finish(&self) -> Result<(), WireError> {
@@ -452,7 +453,8 @@ impl ToMaster {
             6 => {
                 let (epoch, seq) = (d.u64()?, d.u64()?);
                 let code = d.u8()?;
-                let strategy = SyncStrategy::from_code(code).ok_or(WireError::UnknownCode { what: "strategy", code })?;
+                let strategy =
+                    SyncStrategy::from_code(code).ok_or(WireError::UnknownCode { what: "strategy", code })?;
                 let n = d.count("tensors", 4 + 8 + 32)?;
                 let tensors = (0..n)
                     .map(|_| Ok(TensorDigest { name: d.str()?, revision: d.u64()?, digest: d.array()? }))
@@ -613,11 +615,28 @@ mod tests {
             ToPeer::Pending,
             ToPeer::View { view, removed: vec![Removal { id: 2, rank: 1, detail: "timeout".into() }] },
             ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit },
-            ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Abort(AbortReason::PeerLost { rank: 2, detail: "x".into() }) },
-            ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Abort(AbortReason::Mismatch { detail: "y".into() }) },
-            ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Abort(AbortReason::Failed { rank: 0, detail: "z".into() }) },
+            ToPeer::Outcome {
+                epoch: 1,
+                seq: 1,
+                decision: Decision::Abort(AbortReason::PeerLost { rank: 2, detail: "x".into() }),
+            },
+            ToPeer::Outcome {
+                epoch: 1,
+                seq: 1,
+                decision: Decision::Abort(AbortReason::Mismatch { detail: "y".into() }),
+            },
+            ToPeer::Outcome {
+                epoch: 1,
+                seq: 1,
+                decision: Decision::Abort(AbortReason::Failed { rank: 0, detail: "z".into() }),
+            },
             ToPeer::PendingJoiners { count: 3 },
-            ToPeer::SyncPlan { epoch: 2, seq: 3, agreed: vec![(1, [7; 32])], transfers: vec![Transfer { tensor: 0, from: 1, to: 2 }] },
+            ToPeer::SyncPlan {
+                epoch: 2,
+                seq: 3,
+                agreed: vec![(1, [7; 32])],
+                transfers: vec![Transfer { tensor: 0, from: 1, to: 2 }],
+            },
             ToPeer::Refused { reason: "bad secret".into() },
         ]
     }

@@ -7,6 +7,8 @@
 //! passes the same [`conformance`] tests.
 
 pub mod conformance;
+pub mod demux;
+pub mod endpoint;
 pub mod mem;
 pub mod quic;
 
@@ -50,12 +52,7 @@ impl Header {
             w.copy_from_slice(&b[i..i + 8]);
             u64::from_le_bytes(w)
         };
-        Some(Header {
-            epoch: u64_at(0),
-            seq: u64_at(8),
-            call: u64_at(16),
-            index: u64_at(24),
-        })
+        Some(Header { epoch: u64_at(0), seq: u64_at(8), call: u64_at(16), index: u64_at(24) })
     }
 }
 

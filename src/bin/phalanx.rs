@@ -1,4 +1,0 @@
-//! The `phalanx` command line.
-fn main() {
-    println!("phalanx {}", env!("CARGO_PKG_VERSION"));
-}

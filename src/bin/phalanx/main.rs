@@ -1,0 +1,91 @@
+//! The `phalanx` command line: `master`, `worker`, `churn`, `bench`.
+
+mod worker;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use phalanx::membership::master::MasterConfig;
+use phalanx::membership::server::MasterServer;
+use phalanx::transport::endpoint::Endpoint;
+use phalanx::transport::quic::{QuicConfig, QuicEndpoint};
+
+#[derive(Parser)]
+#[command(name = "phalanx", version, about = "Fault-tolerant collective communication")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a master: holds the view, admits joiners, removes lost peers.
+    Master(MasterArgs),
+    /// Runs one peer of a training-like loop, printing one JSON event per line.
+    Worker(worker::WorkerArgs),
+}
+
+#[derive(Parser)]
+struct MasterArgs {
+    /// Address to listen on (UDP, QUIC).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Cluster secret peers must prove; also read from PHALANX_SECRET.
+    #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// A peer silent for this long is removed.
+    #[arg(long, default_value_t = 1000)]
+    peer_timeout_ms: u64,
+}
+
+/// QUIC settings with the cluster secret, if any.
+pub(crate) fn quic_config(secret: Option<&str>) -> QuicConfig {
+    match secret {
+        Some(s) => QuicConfig::with_secret(s),
+        None => QuicConfig::default(),
+    }
+}
+
+/// Milliseconds since the Unix epoch, for event timestamps.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Prints one JSON event line and flushes, so that a harness reading the pipe sees it.
+pub(crate) fn emit(value: serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+fn run_master(args: MasterArgs) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let ep = QuicEndpoint::bind(args.listen, quic_config(args.secret.as_deref())).map_err(|e| e.to_string())?;
+        let addr = Endpoint::local_addr(&ep);
+        let config =
+            MasterConfig { peer_timeout: Duration::from_millis(args.peer_timeout_ms), ..MasterConfig::default() };
+        let _master = MasterServer::spawn(std::sync::Arc::new(ep), config);
+        emit(serde_json::json!({ "event": "listening", "addr": addr.to_string(), "t": now_ms() }));
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Master(args) => run_master(args),
+        Command::Worker(args) => worker::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("phalanx: {e}");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,140 @@
+//! `phalanx worker`: one peer of a training-like loop.
+//!
+//! Each step: `update_topology` (admits joiners, settles views after losses),
+//! `sync_shared_state` of the model (a joiner fetches it), an all-reduce of a gradient
+//! that is a deterministic function of (peer id, step), and `model += sum`. The step
+//! number is the model's revision, so every member agrees on it. A failed all-reduce is
+//! reported and retried at the same step over the next view.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use phalanx::comm::ConnectOptions;
+use phalanx::membership::client::ControlConfig;
+use phalanx::membership::wire::SyncStrategy;
+use phalanx::state::SharedState;
+use phalanx::workload::{gradient, hash_f32};
+use phalanx::{Communicator, Error, ReduceOp};
+use serde_json::json;
+
+use crate::{emit, now_ms, quic_config};
+
+/// Options of `phalanx worker`.
+#[derive(Parser)]
+pub struct WorkerArgs {
+    /// The master's address.
+    #[arg(long)]
+    master: SocketAddr,
+    /// Cluster secret; also read from PHALANX_SECRET.
+    #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Steps to complete before leaving (0: run until killed).
+    #[arg(long, default_value_t = 0)]
+    steps: u64,
+    /// Model and gradient length in f32 elements.
+    #[arg(long, default_value_t = 1 << 16)]
+    len: usize,
+    /// Extra elements in this peer's gradient, to provoke a mismatch.
+    #[arg(long, default_value_t = 0)]
+    len_offset: usize,
+    /// Pause between steps.
+    #[arg(long, default_value_t = 0)]
+    step_delay_ms: u64,
+    /// Give up after this many failed attempts in a row.
+    #[arg(long, default_value_t = 10)]
+    max_failures: u32,
+    /// Heartbeat interval.
+    #[arg(long, default_value_t = 200)]
+    heartbeat_ms: u64,
+    /// Leave gracefully after the last step instead of just exiting.
+    #[arg(long)]
+    leave: bool,
+}
+
+fn kind(e: &Error) -> &'static str {
+    match e {
+        Error::PeerLost { .. } => "PeerLost",
+        Error::Aborted { .. } => "Aborted",
+        Error::Mismatch { .. } => "Mismatch",
+        Error::Protocol { .. } => "Protocol",
+        Error::Removed { .. } => "Removed",
+        Error::JoinFailed { .. } => "JoinFailed",
+        Error::InvalidArgument(_) => "InvalidArgument",
+        Error::Transport(_) => "Transport",
+    }
+}
+
+/// Whether the loop can go on after `e` (the group settles and the step is retried).
+fn recoverable(e: &Error) -> bool {
+    matches!(e, Error::PeerLost { .. } | Error::Aborted { .. })
+}
+
+fn fail(e: &Error, stage: &str) -> String {
+    emit(json!({ "event": "error", "stage": stage, "kind": kind(e), "message": e.to_string(), "t": now_ms() }));
+    format!("{stage}: {e}")
+}
+
+pub fn run(args: WorkerArgs) -> Result<(), String> {
+    let options = ConnectOptions {
+        quic: quic_config(args.secret.as_deref()),
+        control: ControlConfig { heartbeat_interval: Duration::from_millis(args.heartbeat_ms), join_timeout: None },
+        ..ConnectOptions::default()
+    };
+    let mut comm = Communicator::connect(args.master, options).map_err(|e| fail(&e, "join"))?;
+    let id = comm.peer_id();
+    emit(json!({ "event": "joined", "id": id.to_string(), "epoch": comm.epoch(), "t": now_ms() }));
+    let mut state = SharedState::new();
+    state.insert("model", vec![0f32; args.len]);
+    let (mut done, mut failures) = (0u64, 0u32);
+    while args.steps == 0 || done < args.steps {
+        if let Err(e) = step(&mut comm, &mut state, &args, id) {
+            if !recoverable(&e) || failures + 1 >= args.max_failures {
+                return Err(fail(&e, "step"));
+            }
+            failures += 1;
+            continue;
+        }
+        failures = 0;
+        done += 1;
+        if args.step_delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.step_delay_ms));
+        }
+    }
+    emit(json!({ "event": "done", "steps": done, "t": now_ms() }));
+    if args.leave {
+        comm.leave();
+    }
+    Ok(())
+}
+
+fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id: u64) -> Result<(), Error> {
+    comm.update_topology()?;
+    let report = comm.sync_shared_state(state, SyncStrategy::EnforcePopular)?;
+    if report.tensors_received > 0 {
+        emit(json!({ "event": "synced", "revision": state.revision, "bytes": report.bytes_received, "t": now_ms() }));
+    }
+    let step = state.revision;
+    let grad = gradient(id, step, args.len + args.len_offset);
+    let mut buf = grad.clone();
+    let (members, epoch) = (comm.members(), comm.epoch());
+    emit(json!({ "event": "allreduce_start", "step": step, "epoch": epoch, "t": now_ms() }));
+    let started = Instant::now();
+    if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Sum) {
+        emit(json!({
+            "event": "attempt_failed", "step": step, "epoch": epoch, "kind": kind(&e), "message": e.to_string(),
+            "restored": buf == grad, "ms": started.elapsed().as_millis() as u64, "t": now_ms(),
+        }));
+        return Err(e);
+    }
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let model = state.get_mut::<f32>("model").ok_or_else(|| Error::InvalidArgument("no model".into()))?;
+    model.iter_mut().zip(&buf).for_each(|(m, g)| *m += g);
+    let model_hash = hash_f32(model);
+    state.revision += 1;
+    emit(json!({
+        "event": "step", "step": step, "epoch": epoch, "members": members.iter().map(u64::to_string).collect::<Vec<_>>(),
+        "sum": hash_f32(&buf), "model": model_hash, "ms": ms, "t": now_ms(),
+    }));
+    Ok(())
+}

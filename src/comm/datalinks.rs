@@ -1,0 +1,166 @@
+//! A peer's data links to the other members, opened on first use and kept across views.
+//!
+//! Between two peers the one with the smaller id connects and the other accepts, so
+//! each pair has exactly one link. Each link is shared by every collective through a
+//! [`Demux`]; a collective sees a [`LazyOpLink`] per rank, which resolves to its own
+//! virtual link when first used.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::{watch, OnceCell};
+
+use crate::membership::{Member, PeerId, View};
+use crate::transport::demux::{Demux, OpKey, OpLink};
+use crate::transport::endpoint::Endpoint;
+use crate::transport::{Frame, Link, LinkError};
+
+/// The hello that opens a data link: this prefix, then the connector's id (8 bytes LE).
+pub(crate) const DATA_HELLO: &[u8] = b"phalanx-data/1:";
+
+#[derive(Default)]
+struct Slot {
+    demux: watch::Sender<Option<Arc<Demux>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+pub(crate) struct DataLinks {
+    me: PeerId,
+    endpoint: Arc<dyn Endpoint>,
+    slots: Mutex<HashMap<PeerId, Arc<Slot>>>,
+}
+
+impl DataLinks {
+    pub(crate) fn new(me: PeerId, endpoint: Arc<dyn Endpoint>) -> Arc<DataLinks> {
+        Arc::new(DataLinks { me, endpoint, slots: Mutex::new(HashMap::new()) })
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, id: PeerId) -> Arc<Slot> {
+        self.slots().entry(id).or_default().clone()
+    }
+
+    /// Accepts data links forever (run as a task).
+    pub(crate) async fn accept_loop(self: Arc<Self>) {
+        while let Ok((link, hello)) = self.endpoint.accept().await {
+            match parse_hello(&hello) {
+                Some(id) if id < self.me => {
+                    self.slot(id).demux.send_replace(Some(Demux::new(link)));
+                }
+                _ => link.close(),
+            }
+        }
+    }
+
+    /// The shared link to `peer`, connecting or waiting for its connection.
+    async fn get(&self, peer: &Member) -> Result<Arc<Demux>, LinkError> {
+        let slot = self.slot(peer.id);
+        let usable = |d: &Option<Arc<Demux>>| d.as_ref().is_some_and(|d| !d.is_closed());
+        if self.me < peer.id {
+            let _one_at_a_time = slot.connecting.lock().await;
+            if let Some(d) = slot.demux.borrow().as_ref().filter(|d| !d.is_closed()) {
+                return Ok(d.clone());
+            }
+            let link = self.endpoint.connect(peer.addr, data_hello(self.me)).await?;
+            let demux = Demux::new(link);
+            slot.demux.send_replace(Some(demux.clone()));
+            Ok(demux)
+        } else {
+            let mut rx = slot.demux.subscribe();
+            let d = rx.wait_for(usable).await.map_err(|_| LinkError::Closed("data links shut down".into()))?;
+            d.clone().ok_or_else(|| LinkError::Closed("no link".into()))
+        }
+    }
+
+    /// Drops links to peers outside `view` and stale traffic of older epochs.
+    pub(crate) fn retain(&self, view: &View) {
+        let mut slots = self.slots();
+        slots.retain(|id, slot| {
+            let keep = view.rank_of(*id).is_some();
+            if let Some(d) = slot.demux.borrow().as_ref() {
+                if keep {
+                    d.raise_floor(view.epoch);
+                } else {
+                    d.close();
+                }
+            }
+            keep
+        });
+    }
+
+    /// Ends collective `key` on every link.
+    pub(crate) fn finish(&self, key: OpKey) {
+        for slot in self.slots().values() {
+            if let Some(d) = slot.demux.borrow().as_ref() {
+                d.finish(key);
+            }
+        }
+    }
+
+    /// Closes every link.
+    pub(crate) fn close_all(&self) {
+        for slot in self.slots().drain().map(|(_, s)| s) {
+            if let Some(d) = slot.demux.borrow().as_ref() {
+                d.close();
+            }
+        }
+    }
+
+    /// One collective's links to the members of `view`, indexed by rank.
+    pub(crate) fn for_op(self: &Arc<Self>, view: &View, me: usize, key: OpKey) -> Vec<Option<Arc<dyn Link>>> {
+        view.members
+            .iter()
+            .enumerate()
+            .map(|(r, m)| {
+                (r != me).then(|| {
+                    Arc::new(LazyOpLink { links: self.clone(), peer: m.clone(), key, op: OnceCell::new() })
+                        as Arc<dyn Link>
+                })
+            })
+            .collect()
+    }
+}
+
+fn parse_hello(hello: &[u8]) -> Option<PeerId> {
+    let id = hello.strip_prefix(DATA_HELLO)?;
+    Some(u64::from_le_bytes(id.try_into().ok()?))
+}
+
+/// A collective's link to one peer, opened when first used.
+pub(crate) struct LazyOpLink {
+    links: Arc<DataLinks>,
+    peer: Member,
+    key: OpKey,
+    op: OnceCell<OpLink>,
+}
+
+impl LazyOpLink {
+    async fn op(&self) -> Result<&OpLink, LinkError> {
+        self.op.get_or_try_init(|| async { Ok(self.links.get(&self.peer).await?.op(self.key)) }).await
+    }
+}
+
+#[async_trait]
+impl Link for LazyOpLink {
+    async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        self.op().await?.send(frame).await
+    }
+
+    async fn recv(&self) -> Result<Frame, LinkError> {
+        self.op().await?.recv().await
+    }
+
+    fn close(&self) {}
+}
+
+/// The hello that opens a data link from peer `id`.
+pub(crate) fn data_hello(id: PeerId) -> Bytes {
+    let mut hello = BytesMut::from(DATA_HELLO);
+    hello.put_u64_le(id);
+    hello.freeze()
+}

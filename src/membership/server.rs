@@ -1,0 +1,166 @@
+//! The master's driver: runs [`MasterState`] over an [`Endpoint`].
+//!
+//! Each control connection gets a reader task (decode, forward to the core loop) and a
+//! writer task (encode, send), so a slow peer never stalls the master. The core loop
+//! owns the state and wakes on messages, disconnections and the next timeout; it never
+//! polls.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use super::master::{ConnId, MasterConfig, MasterState, Output};
+use super::wire::{body_len, ToMaster, ToPeer, WireError};
+use crate::transport::endpoint::Endpoint;
+use crate::transport::{Frame, Header, Link};
+
+/// The hello a peer sends when it opens its control connection.
+pub const CONTROL_HELLO: &[u8] = b"phalanx-control/1";
+
+/// A running master; dropping it (or calling [`MasterServer::shutdown`]) stops it.
+pub struct MasterServer {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl MasterServer {
+    /// Starts a master on `endpoint`, on the current tokio runtime.
+    pub fn spawn(endpoint: Arc<dyn Endpoint>, config: MasterConfig) -> MasterServer {
+        let addr = endpoint.local_addr();
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(run(endpoint, config, stopped));
+        MasterServer { addr, stop }
+    }
+
+    /// The address peers connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the master; its connections close.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl Drop for MasterServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Encodes a control message as a frame.
+pub(crate) fn to_frame(encoded: Vec<u8>) -> Frame {
+    Frame { header: Header::default(), payload: Bytes::from(encoded) }
+}
+
+/// The body of a control frame, after checking its length prefix.
+pub(crate) fn frame_body(frame: &Frame) -> Result<&[u8], WireError> {
+    let p = &frame.payload;
+    let prefix: [u8; 4] = p.get(..4).and_then(|b| b.try_into().ok()).ok_or(WireError::Truncated(0))?;
+    let len = body_len(prefix)?;
+    if len != p.len() - 4 {
+        return Err(WireError::Truncated(p.len()));
+    }
+    Ok(&p[4..])
+}
+
+enum Event {
+    New(ConnId, mpsc::UnboundedSender<Output>),
+    Msg(ConnId, ToMaster),
+    Gone(ConnId),
+}
+
+async fn run(endpoint: Arc<dyn Endpoint>, config: MasterConfig, mut stopped: watch::Receiver<bool>) {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let acceptor = tokio::spawn(accept_loop(endpoint, events_tx));
+    let mut state = MasterState::new(config);
+    let mut writers: HashMap<ConnId, mpsc::UnboundedSender<Output>> = HashMap::new();
+    loop {
+        let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
+        let outputs = tokio::select! {
+            _ = stopped.changed() => break,
+            ev = events.recv() => match ev {
+                None => break,
+                Some(Event::New(conn, w)) => { writers.insert(conn, w); Vec::new() }
+                Some(Event::Msg(conn, msg)) => state.handle(conn, msg, Instant::now()),
+                Some(Event::Gone(conn)) => { writers.remove(&conn); state.disconnected(conn) }
+            },
+            _ = sleep_until(deadline) => state.tick(Instant::now()),
+        };
+        for out in outputs {
+            let conn = match &out {
+                Output::Send(c, _) | Output::Close(c, _) => *c,
+            };
+            let closing = matches!(out, Output::Close(..));
+            if let Some(w) = writers.get(&conn) {
+                let _ = w.send(out); // a gone writer means a gone peer: nothing to tell
+            }
+            if closing {
+                writers.remove(&conn);
+            }
+        }
+    }
+    acceptor.abort();
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_loop(endpoint: Arc<dyn Endpoint>, events: mpsc::UnboundedSender<Event>) {
+    let mut next: ConnId = 1;
+    while let Ok((link, hello)) = endpoint.accept().await {
+        if hello.as_ref() != CONTROL_HELLO {
+            link.close();
+            continue;
+        }
+        let conn = next;
+        next += 1;
+        let (wtx, wrx) = mpsc::unbounded_channel();
+        if events.send(Event::New(conn, wtx)).is_err() {
+            return;
+        }
+        tokio::spawn(write_loop(link.clone(), wrx));
+        tokio::spawn(read_loop(conn, link, events.clone()));
+    }
+}
+
+async fn read_loop(conn: ConnId, link: Arc<dyn Link>, events: mpsc::UnboundedSender<Event>) {
+    while let Ok(frame) = link.recv().await {
+        let Ok(msg) = frame_body(&frame).and_then(ToMaster::decode) else {
+            break; // undecodable: treat the peer as gone
+        };
+        if events.send(Event::Msg(conn, msg)).is_err() {
+            return;
+        }
+    }
+    link.close();
+    let _ = events.send(Event::Gone(conn));
+}
+
+async fn write_loop(link: Arc<dyn Link>, mut outputs: mpsc::UnboundedReceiver<Output>) {
+    while let Some(out) = outputs.recv().await {
+        match out {
+            Output::Send(_, msg) => {
+                if link.send(to_frame(msg.encode())).await.is_err() {
+                    break;
+                }
+            }
+            Output::Close(_, reason) => {
+                let _ = link.send(to_frame(ToPeer::Refused { reason }.encode())).await;
+                // Give the refusal a moment to leave before the connection goes.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                break;
+            }
+        }
+    }
+    link.close();
+}

@@ -1,0 +1,167 @@
+//! Shared state: named tensors that every peer must hold bit-identically.
+//!
+//! A [`SharedState`] is an ordered set of named tensors with one revision number.
+//! `Communicator::sync_shared_state` compares each tensor's content hash (BLAKE3 of its
+//! element type and bytes) through the master; peers whose bytes differ from the agreed
+//! content fetch it from a peer that holds it. Afterwards all peers' bytes are identical.
+//!
+//! ```
+//! use phalanx::state::SharedState;
+//! let mut state = SharedState::new();
+//! state.insert("weights", vec![0.5f32; 4]);
+//! state.get_mut::<f32>("weights").unwrap()[0] = 1.0;
+//! state.revision += 1;
+//! assert_eq!(state.get::<f32>("weights").unwrap()[0], 1.0);
+//! ```
+
+use crate::dtype::{DType, Element};
+use crate::membership::wire::{Digest, TensorDigest};
+
+/// One named tensor. Its bytes live in a `u64` buffer so that any element type can
+/// view them aligned.
+#[derive(Clone, Debug, PartialEq)]
+struct Tensor {
+    name: String,
+    dtype: DType,
+    len_bytes: usize,
+    words: Vec<u64>,
+}
+
+impl Tensor {
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len_bytes]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len_bytes]
+    }
+}
+
+/// Named tensors plus a revision, kept identical across peers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SharedState {
+    tensors: Vec<Tensor>,
+    /// The state's revision: bump it whenever the tensors change (e.g. every step). A
+    /// sync adopts the revision of the content it agrees on.
+    pub revision: u64,
+}
+
+impl SharedState {
+    /// An empty state at revision 0.
+    pub fn new() -> SharedState {
+        SharedState::default()
+    }
+
+    /// Adds (or replaces) tensor `name`.
+    pub fn insert<T: Element>(&mut self, name: &str, data: Vec<T>) {
+        let len_bytes = std::mem::size_of_val(data.as_slice());
+        let mut words = vec![0u64; len_bytes.div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len_bytes].copy_from_slice(bytemuck::cast_slice(&data));
+        let tensor = Tensor { name: name.to_string(), dtype: T::DTYPE, len_bytes, words };
+        match self.tensors.iter_mut().find(|t| t.name == name) {
+            Some(t) => *t = tensor,
+            None => self.tensors.push(tensor),
+        }
+    }
+
+    /// Tensor `name` as `&[T]`, if it exists with element type `T`.
+    pub fn get<T: Element>(&self, name: &str) -> Option<&[T]> {
+        let t = self.tensors.iter().find(|t| t.name == name && t.dtype == T::DTYPE)?;
+        Some(bytemuck::cast_slice(t.bytes()))
+    }
+
+    /// Tensor `name` as `&mut [T]`, if it exists with element type `T`.
+    pub fn get_mut<T: Element>(&mut self, name: &str) -> Option<&mut [T]> {
+        let t = self.tensors.iter_mut().find(|t| t.name == name && t.dtype == T::DTYPE)?;
+        Some(bytemuck::cast_slice_mut(t.bytes_mut()))
+    }
+
+    /// The tensors' names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.iter().map(|t| t.name.as_str())
+    }
+
+    /// The number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The content hash of tensor `index`: BLAKE3 of its dtype code and bytes.
+    pub fn digest_of(&self, index: usize) -> Option<Digest> {
+        self.tensors.get(index).map(|t| digest(t.dtype, t.bytes()))
+    }
+
+    /// One hash of the whole state (names, dtypes, bytes; not the revision).
+    pub fn digest(&self) -> Digest {
+        let mut h = blake3::Hasher::new();
+        for t in &self.tensors {
+            h.update(&(t.name.len() as u64).to_le_bytes());
+            h.update(t.name.as_bytes());
+            h.update(&digest(t.dtype, t.bytes()));
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Each tensor's name, the state's revision and the tensor's hash, in order.
+    pub fn digests(&self) -> Vec<TensorDigest> {
+        self.tensors
+            .iter()
+            .map(|t| TensorDigest { name: t.name.clone(), revision: self.revision, digest: digest(t.dtype, t.bytes()) })
+            .collect()
+    }
+
+    /// The bytes of tensor `index`.
+    pub(crate) fn bytes(&self, index: usize) -> Option<&[u8]> {
+        self.tensors.get(index).map(Tensor::bytes)
+    }
+
+    /// The element type of tensor `index`.
+    pub(crate) fn dtype(&self, index: usize) -> Option<DType> {
+        self.tensors.get(index).map(|t| t.dtype)
+    }
+
+    /// Overwrites tensor `index` with `bytes` of the same length.
+    pub(crate) fn set_bytes(&mut self, index: usize, bytes: &[u8]) -> bool {
+        match self.tensors.get_mut(index) {
+            Some(t) if t.len_bytes == bytes.len() => {
+                t.bytes_mut().copy_from_slice(bytes);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// BLAKE3 of a dtype code and bytes.
+pub fn digest(dtype: DType, bytes: &[u8]) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(&[dtype.code()]);
+    h.update(bytes);
+    *h.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_follow_content_and_type() {
+        let mut a = SharedState::new();
+        a.insert("w", vec![1.0f32, 2.0]);
+        let mut b = a.clone();
+        assert_eq!(a.digest(), b.digest());
+        b.get_mut::<f32>("w").expect("w")[1] = 2.5;
+        assert_ne!(a.digest(), b.digest());
+        let mut c = SharedState::new();
+        c.insert("w", vec![1.0f32.to_bits(), 2.0f32.to_bits()]);
+        assert_ne!(a.digest_of(0), c.digest_of(0), "same bytes, different dtype");
+        assert!(a.get::<f64>("w").is_none());
+        assert!(a.set_bytes(0, &c.bytes(0).expect("bytes").to_vec()));
+        assert!(!a.set_bytes(0, &[0u8; 3]));
+    }
+}

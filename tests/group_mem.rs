@@ -1,0 +1,183 @@
+//! A master and peers inside one process over the in-memory network: membership,
+//! outcomes and retries without sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use phalanx::comm::{ConnectOptions, RetryPolicy};
+use phalanx::membership::master::MasterConfig;
+use phalanx::membership::server::MasterServer;
+use phalanx::membership::wire::SyncStrategy;
+use phalanx::state::SharedState;
+use phalanx::transport::endpoint::{Endpoint, MemNetwork};
+use phalanx::{Communicator, Error, ReduceOp};
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+struct Cluster {
+    net: MemNetwork,
+    _rt: tokio::runtime::Runtime,
+    _master: MasterServer,
+}
+
+fn cluster() -> Cluster {
+    let net = MemNetwork::new(16);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let ep = net.endpoint(addr(1));
+    let master = rt.block_on(async { MasterServer::spawn(ep, MasterConfig::default()) });
+    Cluster { net, _rt: rt, _master: master }
+}
+
+fn join(c: &Cluster, port: u16, retry: RetryPolicy) -> Communicator {
+    let net = c.net.clone();
+    let options = ConnectOptions { retry, ..ConnectOptions::default() };
+    Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options).unwrap()
+}
+
+/// Starts `n` peers, admitting each newcomer with an update_topology of the members.
+fn group(c: &Cluster, n: u16, retry: RetryPolicy) -> Vec<Communicator> {
+    let mut comms = vec![join(c, 100, retry)];
+    for i in 1..n {
+        admit(&mut comms, || join(c, 100 + i, retry));
+    }
+    comms
+}
+
+/// Runs `joiner` (which blocks until admitted) while the members admit it.
+fn admit(comms: &mut Vec<Communicator>, joiner: impl FnOnce() -> Communicator + Send) {
+    let new = std::thread::scope(|s| {
+        let h = s.spawn(joiner);
+        while comms[0].peers_pending() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for comm in comms.iter_mut() {
+            s.spawn(move || comm.update_topology().unwrap());
+        }
+        h.join().unwrap()
+    });
+    comms.push(new);
+}
+
+/// Runs `f`, aborting the whole test process if it takes longer than `secs`: a hung
+/// collective must fail the run, not stall it.
+fn with_timeout<T>(secs: u64, f: impl FnOnce() -> T) -> T {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if wait.recv_timeout(Duration::from_secs(secs)) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            eprintln!("test exceeded {secs} s: aborting");
+            std::process::abort();
+        }
+    });
+    let out = f();
+    let _ = done.send(());
+    let _ = watchdog.join();
+    out
+}
+
+#[test]
+fn all_reduce_across_a_joined_group() {
+    with_timeout(30, || {
+        let c = cluster();
+        let mut comms = group(&c, 3, RetryPolicy::Never);
+        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .map(|comm| {
+                    s.spawn(move || {
+                        let mut x = vec![comm.rank() as f32 + 1.0; 1000];
+                        comm.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+                        x
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(|r| r.iter().all(|&v| v == 6.0)));
+    });
+}
+
+#[test]
+fn a_lost_peer_aborts_then_retry_sums_the_survivors() {
+    with_timeout(30, || {
+        let c = cluster();
+        let mut comms = group(&c, 3, RetryPolicy::OnPeerLost { max_attempts: 3 });
+        let dead = comms.pop().unwrap();
+        drop(dead); // its links close, as when a process dies
+        let results: Vec<(Vec<f32>, usize)> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .map(|comm| {
+                    s.spawn(move || {
+                        let id = comm.peer_id();
+                        let mut x = vec![(id % 1000) as f32; 100];
+                        comm.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+                        (x, comm.size())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expect: f32 = comms.iter().map(|c| (c.peer_id() % 1000) as f32).sum();
+        for (x, size) in &results {
+            assert_eq!(*size, 2);
+            assert!(x.iter().all(|&v| v == expect), "{x:?} vs {expect}");
+        }
+    });
+}
+
+#[test]
+fn mismatched_calls_fail_everywhere() {
+    with_timeout(30, || {
+        let c = cluster();
+        let mut comms = group(&c, 2, RetryPolicy::Never);
+        let errs: Vec<Error> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .enumerate()
+                .map(|(i, comm)| {
+                    s.spawn(move || {
+                        // Rank-dependent roots: each waits for the other to send.
+                        let root = 1 - comm.rank();
+                        let mut x = vec![1u8; 10 + i];
+                        comm.broadcast(&mut x, root).unwrap_err()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(errs.iter().all(|e| matches!(e, Error::Mismatch { .. })), "{errs:?}");
+    });
+}
+
+#[test]
+fn a_joiner_receives_the_shared_state() {
+    with_timeout(30, || {
+        let c = cluster();
+        let mut comms = group(&c, 2, RetryPolicy::Never);
+        let mut states: Vec<SharedState> = (0..2)
+            .map(|_| {
+                let mut s = SharedState::new();
+                s.insert("w", (0..1000).map(|i| i as f32 * 0.5).collect::<Vec<_>>());
+                s.revision = 7;
+                s
+            })
+            .collect();
+        admit(&mut comms, || join(&c, 200, RetryPolicy::Never));
+        let mut fresh = SharedState::new();
+        fresh.insert("w", vec![0f32; 1000]);
+        states.push(fresh);
+        let reports: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .zip(states.iter_mut())
+                .map(|(comm, st)| s.spawn(move || comm.sync_shared_state(st, SyncStrategy::EnforcePopular).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(reports[2].tensors_received, 1);
+        assert!(states.iter().all(|s| s.digest() == states[0].digest() && s.revision == 7));
+    });
+}
