@@ -161,7 +161,8 @@ mod tests {
         c.insert("w", vec![1.0f32.to_bits(), 2.0f32.to_bits()]);
         assert_ne!(a.digest_of(0), c.digest_of(0), "same bytes, different dtype");
         assert!(a.get::<f64>("w").is_none());
-        assert!(a.set_bytes(0, &c.bytes(0).expect("bytes").to_vec()));
+        let c_bytes = c.bytes(0).expect("bytes").to_owned();
+        assert!(a.set_bytes(0, &c_bytes));
         assert!(!a.set_bytes(0, &[0u8; 3]));
     }
 }

@@ -16,7 +16,7 @@ use crate::plan::Rank;
 use crate::state::SharedState;
 use crate::transport::endpoint::Endpoint;
 
-pub use net::{ConnectOptions, RetryPolicy, SyncReport};
+pub use net::{AsyncPeer, ConnectOptions, RetryPolicy, SyncReport};
 
 /// Settings of a local (in-process) group. Every rank must use the same [`Tuning`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl Communicator {
     pub fn rank(&self) -> Rank {
         match &self.backend {
             Backend::Local(l) => l.rank,
-            Backend::Net(n) => n.rank(),
+            Backend::Net(n) => n.peer().rank(),
         }
     }
 
@@ -103,7 +103,7 @@ impl Communicator {
     pub fn size(&self) -> usize {
         match &self.backend {
             Backend::Local(l) => l.size,
-            Backend::Net(n) => n.size(),
+            Backend::Net(n) => n.peer().size(),
         }
     }
 
@@ -111,7 +111,7 @@ impl Communicator {
     pub fn epoch(&self) -> u64 {
         match &self.backend {
             Backend::Local(_) => 0,
-            Backend::Net(n) => n.epoch(),
+            Backend::Net(n) => n.peer().epoch(),
         }
     }
 
@@ -119,7 +119,7 @@ impl Communicator {
     pub fn peer_id(&self) -> PeerId {
         match &self.backend {
             Backend::Local(l) => l.rank as PeerId,
-            Backend::Net(n) => n.id(),
+            Backend::Net(n) => n.peer().id(),
         }
     }
 
@@ -127,7 +127,7 @@ impl Communicator {
     pub fn members(&self) -> Vec<PeerId> {
         match &self.backend {
             Backend::Local(l) => (0..l.size as PeerId).collect(),
-            Backend::Net(n) => n.members(),
+            Backend::Net(n) => n.peer().members(),
         }
     }
 
@@ -135,13 +135,18 @@ impl Communicator {
     pub fn peers_pending(&self) -> usize {
         match &self.backend {
             Backend::Local(_) => 0,
-            Backend::Net(n) => n.peers_pending(),
+            Backend::Net(n) => n.peer().peers_pending(),
         }
     }
 
     /// Synchronises with the other members and admits any waiting joiners: every member
     /// must call it; it returns when the master has settled the next view. A local
     /// group has nothing to update.
+    ///
+    /// A newly admitted peer's first call returns at once: the members' round that
+    /// admitted it counts as its own, so a training loop can call `update_topology` at
+    /// the top of every step on joiners and members alike. Calling a collective while
+    /// others are in `update_topology` (or the reverse) fails with [`Error::Mismatch`].
     pub fn update_topology(&mut self) -> Result<()> {
         match &mut self.backend {
             Backend::Local(_) => Ok(()),
@@ -158,6 +163,21 @@ impl Communicator {
             Backend::Local(_) => Err(Error::InvalidArgument("shared-state sync needs a networked group".into())),
             Backend::Net(n) => n.sync_shared_state(state, strategy),
         }
+    }
+
+    /// Starts an all-reduce of `buf` and returns at once (networked groups only): the
+    /// collective runs in the background while the caller computes, and
+    /// [`PendingAllReduce::wait`] returns the reduced buffer. Several may be in flight;
+    /// every peer must start them in the same order. A started collective is not
+    /// retried: on a lost peer `wait` returns the error and the original buffer.
+    pub fn all_reduce_start<T: Element>(&mut self, buf: Vec<T>, op: ReduceOp) -> Result<PendingAllReduce<T>> {
+        let Backend::Net(n) = &mut self.backend else {
+            return Err(Error::InvalidArgument("non-blocking collectives need a networked group".into()));
+        };
+        let coll = Collective::AllReduce { len: buf.len() };
+        let bytes = bytemuck::cast_slice(&buf).to_vec();
+        let (task, runtime) = n.start(coll, T::DTYPE, op, bytes);
+        Ok(PendingAllReduce { task, runtime, op, _t: std::marker::PhantomData })
     }
 
     /// Leaves the group gracefully: the others see a new view without this peer.
@@ -296,6 +316,33 @@ impl Communicator {
         match &mut self.backend {
             Backend::Local(l) => l.run(coll, dtype, op, buf),
             Backend::Net(n) => n.run(coll, dtype, op, buf),
+        }
+    }
+}
+
+/// An all-reduce started by [`Communicator::all_reduce_start`].
+pub struct PendingAllReduce<T: Element> {
+    task: net::Started,
+    runtime: Arc<tokio::runtime::Runtime>,
+    op: ReduceOp,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Element> PendingAllReduce<T> {
+    /// Waits for the collective and returns its outcome with the buffer: reduced on
+    /// success, exactly as it was passed to `all_reduce_start` on error.
+    pub fn wait(self) -> (Result<()>, Vec<T>) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let err = Error::InvalidArgument("wait called from inside an async runtime".into());
+            // The task keeps running; its buffer cannot be recovered from here.
+            return (Err(err), Vec::new());
+        }
+        match self.runtime.block_on(self.task) {
+            Ok((result, mut bytes)) => {
+                let result = result.map(|contributors| finish_avg(self.op, T::DTYPE, &mut bytes, contributors));
+                (result, bytemuck::allocation::pod_collect_to_vec(&bytes))
+            }
+            Err(e) => (Err(Error::Aborted { reason: format!("collective task failed: {e}") }), Vec::new()),
         }
     }
 }

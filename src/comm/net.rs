@@ -78,16 +78,321 @@ pub struct SyncReport {
     pub tensors_sent: usize,
 }
 
-pub(crate) struct Net {
-    runtime: Arc<tokio::runtime::Runtime>,
-    id: PeerId,
-    control: ControlClient,
-    links: Arc<DataLinks>,
+/// A peer of a networked group, driven by the caller's async runtime.
+///
+/// [`crate::Communicator`] wraps one in a runtime of its own for blocking calls; tests
+/// and simulations drive it directly (e.g. on a single-threaded runtime with paused
+/// time, which makes a whole group's run deterministic).
+pub struct AsyncPeer {
+    ops: Ops,
+    /// Admitted, and no topology round or collective since: the round that admitted
+    /// this peer counts as its first `update_topology`.
+    fresh: bool,
     epoch: u64,
     next_seq: u64,
-    tuning: Tuning,
     retry: RetryPolicy,
     wait_for_view: Duration,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+/// What running one collective needs; cheap to clone into a task.
+#[derive(Clone)]
+struct Ops {
+    id: PeerId,
+    control: Arc<ControlClient>,
+    links: Arc<DataLinks>,
+    tuning: Tuning,
+}
+
+impl AsyncPeer {
+    /// Joins the group whose master is at `master`, over `endpoint`, and waits until
+    /// admitted.
+    pub async fn connect(
+        endpoint: Arc<dyn Endpoint>,
+        master: SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<AsyncPeer> {
+        let id = options.peer_id.unwrap_or_else(random_id);
+        let links = DataLinks::new(id, endpoint.clone());
+        let accept_task = tokio::spawn(links.clone().accept_loop());
+        let control = ControlClient::join(&*endpoint, master, id, endpoint.local_addr(), options.control).await;
+        let control = match control {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                accept_task.abort();
+                return Err(e);
+            }
+        };
+        Ok(AsyncPeer {
+            ops: Ops { id, control, links, tuning: options.tuning },
+            fresh: true,
+            epoch: 0,
+            next_seq: 0,
+            retry: options.retry,
+            wait_for_view: options.control.heartbeat_interval * 20,
+            accept_task,
+        })
+    }
+
+    /// This peer's id.
+    pub fn id(&self) -> PeerId {
+        self.ops.id
+    }
+
+    /// The current view, or why this peer is no longer a member.
+    pub fn view(&self) -> Result<View> {
+        self.ops.control.view()
+    }
+
+    fn view_or_empty(&self) -> View {
+        self.view().unwrap_or_default()
+    }
+
+    /// This peer's rank in the current view (0 when it is not a member).
+    pub fn rank(&self) -> Rank {
+        self.view_or_empty().rank_of(self.ops.id).unwrap_or(0)
+    }
+
+    /// Members of the current view.
+    pub fn size(&self) -> usize {
+        self.view_or_empty().size()
+    }
+
+    /// Epoch of the current view.
+    pub fn epoch(&self) -> u64 {
+        self.view_or_empty().epoch
+    }
+
+    /// Ids of the current view's members, in rank order.
+    pub fn members(&self) -> Vec<PeerId> {
+        self.view_or_empty().members.iter().map(|m| m.id).collect()
+    }
+
+    /// Joiners waiting for admission.
+    pub fn peers_pending(&self) -> usize {
+        self.ops.control.pending_joiners() as usize
+    }
+
+    /// The next collective's key in the current view, and this peer's rank in it.
+    fn next_op(&mut self) -> Result<(View, Rank, OpKey)> {
+        self.fresh = false;
+        let view = self.ops.control.view()?;
+        if view.epoch != self.epoch {
+            self.epoch = view.epoch;
+            self.next_seq = 0;
+            self.ops.links.retain(&view);
+        }
+        let rank = view
+            .rank_of(self.ops.id)
+            .ok_or_else(|| Error::Removed { reason: format!("not in the view of epoch {}", view.epoch) })?;
+        self.next_seq += 1;
+        Ok((view, rank, (self.epoch, self.next_seq)))
+    }
+
+    /// See [`crate::Communicator::update_topology`].
+    pub async fn update_topology(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.fresh) {
+            // The members admitted us in a round of their own; joining it is done.
+            return self.ops.control.view().map(|_| ());
+        }
+        let seen = self.ops.control.state().updates;
+        let epoch = self.ops.control.view()?.epoch;
+        tracing::debug!(peer = self.ops.id, epoch, "update_topology");
+        self.ops.control.send(ToMaster::UpdateTopology { epoch });
+        let view = self.ops.control.next_view(seen).await?;
+        tracing::debug!(peer = self.ops.id, epoch = view.epoch, size = view.size(), "update_topology done");
+        Ok(())
+    }
+
+    /// See [`crate::Communicator::all_reduce`].
+    pub async fn all_reduce<T: crate::Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let coll = Collective::AllReduce { len: buf.len() };
+        let contributors = self.run(&coll, T::DTYPE, op, bytemuck::cast_slice_mut(buf)).await?;
+        super::finish_avg(op, T::DTYPE, bytemuck::cast_slice_mut(buf), contributors);
+        Ok(())
+    }
+
+    /// Runs one collective, with retries as the policy says; returns the contributors.
+    pub(crate) async fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
+        let attempts = match self.retry {
+            RetryPolicy::Never => 1,
+            RetryPolicy::OnPeerLost { max_attempts } => max_attempts.max(1),
+        };
+        let backup = buf.to_vec();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (view, rank, key) = self.next_op()?;
+            if let Some(n) = coll_size(coll).filter(|&n| n != view.size()) {
+                return Err(Error::InvalidArgument(format!(
+                    "per-rank counts for {n} ranks in a group of {}",
+                    view.size()
+                )));
+            }
+            match self.ops.attempt(coll, dtype, op, buf, &view, rank, key).await {
+                Ok(()) => return Ok(view.size()),
+                Err(e) => {
+                    buf.copy_from_slice(&backup);
+                    if !matches!(e, Error::PeerLost { .. }) || attempt >= attempts || coll_size(coll).is_some() {
+                        return Err(e);
+                    }
+                    // Retry once the master has published the view without the lost peer.
+                    let wait = tokio::time::timeout(self.wait_for_view, self.ops.control.view_after(view.epoch));
+                    if let Ok(Err(removed)) = wait.await {
+                        return Err(removed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts one collective on an owned buffer and returns at once; the collective
+    /// runs as a task. Traffic of concurrent collectives is kept apart by their keys.
+    pub(crate) fn start(&mut self, coll: Collective, dtype: DType, op: ReduceOp, mut buf: Vec<u8>) -> Started {
+        let next = self.next_op();
+        let ops = self.ops.clone();
+        tokio::spawn(async move {
+            let (view, rank, key) = match next {
+                Ok(n) => n,
+                Err(e) => return (Err(e), buf),
+            };
+            let backup = buf.clone();
+            match ops.attempt(&coll, dtype, op, &mut buf, &view, rank, key).await {
+                Ok(()) => (Ok(view.size()), buf),
+                Err(e) => (Err(e), backup),
+            }
+        })
+    }
+
+    /// See [`crate::Communicator::sync_shared_state`].
+    pub async fn sync_shared_state(&mut self, state: &mut SharedState, strategy: SyncStrategy) -> Result<SyncReport> {
+        let (view, rank, key) = self.next_op()?;
+        self.ops.sync(state, strategy, &view, rank, key).await
+    }
+
+    /// Leaves the group gracefully.
+    pub async fn leave(self) {
+        self.ops.control.leave().await;
+        self.ops.links.close_all();
+    }
+}
+
+impl Drop for AsyncPeer {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.ops.links.close_all();
+    }
+}
+
+/// A started collective: its result and its buffer (restored on error).
+pub(crate) type Started = tokio::task::JoinHandle<(Result<usize>, Vec<u8>)>;
+
+impl Ops {
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        buf: &mut [u8],
+        view: &View,
+        rank: Rank,
+        key: OpKey,
+    ) -> Result<()> {
+        let slot = self.control.slot(key);
+        let fingerprint = coll.fingerprint(dtype, op);
+        self.control.send(ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint });
+        let plan = coll.plan(rank, view.size(), dtype, &self.tuning);
+        let links = self.links.for_op(view, rank, key);
+        let call = Call {
+            plan: &plan,
+            dtype,
+            op,
+            epoch: key.0,
+            seq: key.1,
+            fingerprint,
+            chunk_bytes: self.tuning.chunk_bytes,
+        };
+        tracing::debug!(peer = self.id, ?key, rank, size = view.size(), "collective begins");
+        let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;
+        tracing::debug!(peer = self.id, ?key, ok = local.is_ok(), "collective ran locally");
+        let result = self.conclude(key, &slot, local).await;
+        tracing::debug!(peer = self.id, ?key, ?result, "collective decided");
+        self.links.finish(key);
+        self.control.forget(key);
+        result
+    }
+
+    /// Reports the local result and waits for the master's decision.
+    async fn conclude(&self, key: OpKey, slot: &OpSlot, local: Result<()>) -> Result<()> {
+        let result = match &local {
+            Ok(()) => OpResult::Ok,
+            Err(Error::Mismatch { detail }) => OpResult::Mismatch(detail.clone()),
+            Err(e) => OpResult::Failed(e.to_string()),
+        };
+        self.control.send(ToMaster::OpEnd { epoch: key.0, seq: key.1, result });
+        match local {
+            Ok(()) => slot.decision().await,
+            // A mismatch is the group's error: return it only once the master has decided
+            // (it aborts for every member on this report), so that a caller that gives up
+            // and exits at once cannot take the report down with it and leave the others
+            // to time out on a lost peer instead of getting the mismatch.
+            Err(e @ Error::Mismatch { .. }) => {
+                let _ = slot.decision().await;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn sync(
+        &self,
+        state: &mut SharedState,
+        strategy: SyncStrategy,
+        view: &View,
+        rank: Rank,
+        key: OpKey,
+    ) -> Result<SyncReport> {
+        let slot = self.control.slot(key);
+        self.control.send(ToMaster::SyncState { epoch: key.0, seq: key.1, strategy, tensors: state.digests() });
+        let links = self.links.for_op(view, rank, key);
+        let result = async {
+            let plan = slot.sync_plan().await?;
+            let local = tokio::select! {
+                biased;
+                e = slot.abort.wait() => Err(e),
+                r = transfer(state, &plan.transfers, rank, &links, key, self.tuning.chunk_bytes) => r,
+            };
+            let local = local.and_then(|done| verify(state, &plan.agreed, &done.1).map(|()| done));
+            let (outcome, done) = match local {
+                Ok(done) => (Ok(()), done),
+                Err(e) => (Err(e), (0, Vec::new())),
+            };
+            self.conclude(key, &slot, outcome).await?;
+            Ok::<_, Error>((plan.agreed, done.1, done.0))
+        }
+        .await;
+        self.links.finish(key);
+        self.control.forget(key);
+        let (agreed, received, tensors_sent) = result?;
+        let mut report = SyncReport { tensors_sent, ..SyncReport::default() };
+        for (t, bytes) in &received {
+            state.set_bytes(*t, bytes);
+            report.tensors_received += 1;
+            report.bytes_received += bytes.len();
+        }
+        if let Some((rev, _)) = agreed.iter().max_by_key(|(rev, _)| *rev) {
+            state.revision = *rev;
+        }
+        Ok(report)
+    }
+}
+
+/// The blocking backend of [`crate::Communicator`]: an [`AsyncPeer`] on a runtime of
+/// its own.
+pub(crate) struct Net {
+    runtime: Arc<tokio::runtime::Runtime>,
+    peer: Option<AsyncPeer>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -118,202 +423,57 @@ impl Net {
         options: ConnectOptions,
     ) -> Result<Net> {
         let runtime = Arc::new(runtime()?);
-        let id = options.peer_id.unwrap_or_else(random_id);
-        let (control, links) = runtime.block_on(async {
-            let endpoint = make_endpoint()?;
-            let links = DataLinks::new(id, endpoint.clone());
-            tokio::spawn(links.clone().accept_loop());
-            let control = ControlClient::join(&*endpoint, master, id, endpoint.local_addr(), options.control).await?;
-            Ok::<_, Error>((control, links))
-        })?;
-        Ok(Net {
-            runtime,
-            id,
-            control,
-            links,
-            epoch: 0,
-            next_seq: 0,
-            tuning: options.tuning,
-            retry: options.retry,
-            wait_for_view: options.control.heartbeat_interval * 20,
-        })
+        let peer = runtime.block_on(async { AsyncPeer::connect(make_endpoint()?, master, options).await })?;
+        Ok(Net { runtime, peer: Some(peer) })
     }
 
-    pub(crate) fn id(&self) -> PeerId {
-        self.id
+    pub(crate) fn peer(&self) -> &AsyncPeer {
+        self.peer.as_ref().expect("present until dropped") // ok: only `leave` takes it, consuming self
     }
 
-    fn view_or_empty(&self) -> View {
-        self.control.view().unwrap_or_default()
-    }
-
-    pub(crate) fn rank(&self) -> Rank {
-        self.view_or_empty().rank_of(self.id).unwrap_or(0)
-    }
-
-    pub(crate) fn size(&self) -> usize {
-        self.view_or_empty().size()
-    }
-
-    pub(crate) fn epoch(&self) -> u64 {
-        self.view_or_empty().epoch
-    }
-
-    pub(crate) fn members(&self) -> Vec<PeerId> {
-        self.view_or_empty().members.iter().map(|m| m.id).collect()
-    }
-
-    pub(crate) fn peers_pending(&self) -> usize {
-        self.control.pending_joiners() as usize
-    }
-
-    /// The next collective's key in the current view, and this peer's rank in it.
-    fn next_op(&mut self) -> Result<(View, Rank, OpKey)> {
-        let view = self.control.view()?;
-        if view.epoch != self.epoch {
-            self.epoch = view.epoch;
-            self.next_seq = 0;
-            self.links.retain(&view);
-        }
-        let rank = view
-            .rank_of(self.id)
-            .ok_or_else(|| Error::Removed { reason: format!("not in the view of epoch {}", view.epoch) })?;
-        self.next_seq += 1;
-        Ok((view, rank, (self.epoch, self.next_seq)))
+    fn peer_mut(&mut self) -> &mut AsyncPeer {
+        self.peer.as_mut().expect("present until dropped") // ok: only `leave` takes it, consuming self
     }
 
     pub(crate) fn update_topology(&mut self) -> Result<()> {
-        let seen = self.control.state().updates;
-        let epoch = self.control.view()?.epoch;
-        self.control.send(ToMaster::UpdateTopology { epoch });
-        self.runtime.block_on(self.control.next_view(seen)).map(|_| ())
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().update_topology())
     }
 
     pub(crate) fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
-        let attempts = match self.retry {
-            RetryPolicy::Never => 1,
-            RetryPolicy::OnPeerLost { max_attempts } => max_attempts.max(1),
-        };
-        let backup = buf.to_vec();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let (view, rank, key) = self.next_op()?;
-            if let Some(n) = coll_size(coll).filter(|&n| n != view.size()) {
-                return Err(Error::InvalidArgument(format!(
-                    "per-rank counts for {n} ranks in a group of {}",
-                    view.size()
-                )));
-            }
-            let result = self.attempt(coll, dtype, op, buf, &view, rank, key);
-            match result {
-                Ok(()) => return Ok(view.size()),
-                Err(e) => {
-                    buf.copy_from_slice(&backup);
-                    if !matches!(e, Error::PeerLost { .. }) || attempt >= attempts || coll_size(coll).is_some() {
-                        return Err(e);
-                    }
-                    // Retry once the master has published the view without the lost peer.
-                    let wait =
-                        async { tokio::time::timeout(self.wait_for_view, self.control.view_after(view.epoch)).await };
-                    if let Ok(Err(removed)) = self.runtime.block_on(wait) {
-                        return Err(removed);
-                    }
-                }
-            }
-        }
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().run(coll, dtype, op, buf))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attempt(
-        &self,
-        coll: &Collective,
+    pub(crate) fn start(
+        &mut self,
+        coll: Collective,
         dtype: DType,
         op: ReduceOp,
-        buf: &mut [u8],
-        view: &View,
-        rank: Rank,
-        key: OpKey,
-    ) -> Result<()> {
-        let slot = self.control.slot(key);
-        let fingerprint = coll.fingerprint(dtype, op);
-        self.control.send(ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint });
-        let plan = coll.plan(rank, view.size(), dtype, &self.tuning);
-        let links = self.links.for_op(view, rank, key);
-        let call = Call {
-            plan: &plan,
-            dtype,
-            op,
-            epoch: key.0,
-            seq: key.1,
-            fingerprint,
-            chunk_bytes: self.tuning.chunk_bytes,
-        };
-        let result = self.runtime.block_on(async {
-            let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;
-            self.conclude(key, &slot, local).await
-        });
-        self.links.finish(key);
-        self.control.forget(key);
-        result
-    }
-
-    /// Reports the local result and waits for the master's decision.
-    async fn conclude(&self, key: OpKey, slot: &OpSlot, local: Result<()>) -> Result<()> {
-        let result = match &local {
-            Ok(()) => OpResult::Ok,
-            Err(Error::Mismatch { detail }) => OpResult::Mismatch(detail.clone()),
-            Err(e) => OpResult::Failed(e.to_string()),
-        };
-        self.control.send(ToMaster::OpEnd { epoch: key.0, seq: key.1, result });
-        local?;
-        slot.decision().await
+        buf: Vec<u8>,
+    ) -> (Started, Arc<tokio::runtime::Runtime>) {
+        let rt = self.runtime.clone();
+        let _guard = rt.enter();
+        (self.peer_mut().start(coll, dtype, op, buf), rt.clone())
     }
 
     pub(crate) fn sync_shared_state(&mut self, state: &mut SharedState, strategy: SyncStrategy) -> Result<SyncReport> {
-        let (view, rank, key) = self.next_op()?;
-        let slot = self.control.slot(key);
-        self.control.send(ToMaster::SyncState { epoch: key.0, seq: key.1, strategy, tensors: state.digests() });
-        let links = self.links.for_op(&view, rank, key);
-        let result = self.runtime.block_on(async {
-            let plan = slot.sync_plan().await?;
-            let local = tokio::select! {
-                biased;
-                e = slot.abort.wait() => Err(e),
-                r = transfer(state, &plan.transfers, rank, &links, key, self.tuning.chunk_bytes) => r,
-            };
-            let local = local.and_then(|done| verify(state, &plan.agreed, &done.1).map(|()| done));
-            let (outcome, done) = match local {
-                Ok(done) => (Ok(()), done),
-                Err(e) => (Err(e), (0, Vec::new())),
-            };
-            self.conclude(key, &slot, outcome).await?;
-            Ok::<_, Error>((plan.agreed, done.1, done.0))
-        });
-        self.links.finish(key);
-        self.control.forget(key);
-        let (agreed, received, tensors_sent) = result?;
-        let mut report = SyncReport { tensors_sent, ..SyncReport::default() };
-        for (t, bytes) in &received {
-            state.set_bytes(*t, bytes);
-            report.tensors_received += 1;
-            report.bytes_received += bytes.len();
-        }
-        if let Some((rev, _)) = agreed.iter().max_by_key(|(rev, _)| *rev) {
-            state.revision = *rev;
-        }
-        Ok(report)
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().sync_shared_state(state, strategy))
     }
 
-    pub(crate) fn leave(self) {
-        self.runtime.block_on(self.control.leave());
-        self.links.close_all();
+    pub(crate) fn leave(mut self) {
+        if let Some(peer) = self.peer.take() {
+            self.runtime.block_on(peer.leave());
+        }
     }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
-        self.links.close_all();
+        // Drop the peer inside the runtime so that its tasks are cancelled cleanly.
+        let _guard = self.runtime.enter();
+        self.peer.take();
     }
 }
 

@@ -123,6 +123,7 @@ impl Shared {
                 self.slot((epoch, seq)).plan.send_replace(Some(SyncPlan { agreed, transfers }));
             }
             ToPeer::Refused { reason } => self.on_gone(reason),
+            ToPeer::Heartbeat => {}
         }
     }
 
@@ -167,11 +168,20 @@ pub struct ControlConfig {
     pub heartbeat_interval: Duration,
     /// How long to wait for admission before giving up; `None` waits forever.
     pub join_timeout: Option<Duration>,
+    /// With no message from the master for this long (it sends a heartbeat every
+    /// 250 ms), this peer considers itself cut off: its collectives fail with
+    /// [`Error::Removed`]. The master removes a silent peer after its own timeout, so a
+    /// cut-off peer cannot keep a result the others discarded.
+    pub master_timeout: Duration,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        ControlConfig { heartbeat_interval: Duration::from_millis(200), join_timeout: None }
+        ControlConfig {
+            heartbeat_interval: Duration::from_millis(200),
+            join_timeout: None,
+            master_timeout: Duration::from_millis(2000),
+        }
     }
 }
 
@@ -205,7 +215,7 @@ impl ControlClient {
         let (out, out_rx) = mpsc::unbounded_channel();
         let _ = out.send(ToMaster::Join { id, data_addr });
         tokio::spawn(write_loop(link.clone(), out_rx, config.heartbeat_interval));
-        tokio::spawn(read_loop(link.clone(), shared.clone()));
+        tokio::spawn(read_loop(link.clone(), shared.clone(), config.master_timeout));
         let client = ControlClient { id, out, shared, link };
         let admitted = async {
             let mut rx = client.shared.view.subscribe();
@@ -309,10 +319,12 @@ impl Drop for ControlClient {
 }
 
 async fn write_loop(link: Arc<dyn Link>, mut out: mpsc::UnboundedReceiver<ToMaster>, heartbeat: Duration) {
-    let mut beat = tokio::time::interval(heartbeat);
+    // The first tick is one interval away, so the join always goes first.
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
+            biased;
             m = out.recv() => match m { Some(m) => m, None => break },
             _ = beat.tick() => ToMaster::Heartbeat,
         };
@@ -322,14 +334,15 @@ async fn write_loop(link: Arc<dyn Link>, mut out: mpsc::UnboundedReceiver<ToMast
     }
 }
 
-async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
+async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>, master_timeout: Duration) {
     let reason = loop {
-        match link.recv().await {
-            Ok(frame) => match frame_body(&frame).and_then(ToPeer::decode) {
+        match tokio::time::timeout(master_timeout, link.recv()).await {
+            Ok(Ok(frame)) => match frame_body(&frame).and_then(ToPeer::decode) {
                 Ok(msg) => shared.on_message(msg),
                 Err(e) => break format!("undecodable message from the master: {e}"),
             },
-            Err(e) => break format!("connection to the master lost: {e}"),
+            Ok(Err(e)) => break format!("connection to the master lost: {e}"),
+            Err(_) => break format!("no word from the master for {} ms", master_timeout.as_millis()),
         }
     };
     shared.on_gone(reason);

@@ -159,14 +159,16 @@ impl MasterState {
         out
     }
 
-    /// Time passed: removes peers silent for longer than the timeout.
+    /// Time passed: removes peers silent for the timeout or longer. (At exactly the
+    /// deadline counts, so that a driver woken at [`MasterState::next_deadline`] always
+    /// makes progress.)
     pub fn tick(&mut self, now: Instant) -> Vec<Output> {
         let timeout = self.config.peer_timeout;
         let silent: Vec<PeerId> = self
             .members
             .iter()
             .chain(&self.pending)
-            .filter(|p| now.saturating_duration_since(p.last_seen) > timeout)
+            .filter(|p| now.saturating_duration_since(p.last_seen) >= timeout)
             .map(|p| p.id)
             .collect();
         let mut out = Vec::new();
@@ -287,6 +289,12 @@ impl MasterState {
     fn begin(&mut self, id: PeerId, epoch: u64, seq: u64, begin: Begin, out: &mut Vec<Output>) {
         if epoch != self.epoch || self.decided.contains(&seq) {
             return; // a collective of a past view, or already aborted: the peer knows
+        }
+        if !self.topo_votes.is_empty() && !self.topo_votes.contains(&id) {
+            let detail = format!("member {id:#x} called a collective while others called update_topology");
+            self.ops.entry(seq).or_default();
+            self.decide(seq, Decision::Abort(AbortReason::Mismatch { detail }), out);
+            return;
         }
         let tally = self.ops.entry(seq).or_default();
         tally.begun.insert(id, begin);
@@ -508,7 +516,9 @@ mod tests {
         let (mut m, now) = group(2);
         m.handle(1, ToMaster::Heartbeat, now + Duration::from_millis(900));
         assert!(m.tick(now + Duration::from_millis(900)).is_empty());
-        let out = m.tick(now + Duration::from_millis(1100));
+        // Woken exactly at the deadline, the master must act (or its driver would spin).
+        assert_eq!(m.next_deadline(), Some(now + Duration::from_millis(1000)));
+        let out = m.tick(now + Duration::from_millis(1000));
         assert_eq!(m.view().members.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
         assert!(out.iter().any(|o| matches!(o, Output::Close(2, _))));
     }
@@ -522,6 +532,16 @@ mod tests {
         let d = outcomes(&out);
         assert_eq!(d.len(), 2);
         assert!(d.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+    }
+
+    #[test]
+    fn a_collective_during_a_topology_round_is_a_mismatch() {
+        let (mut m, now) = group(2);
+        let e = m.view().epoch;
+        m.handle(1, ToMaster::UpdateTopology { epoch: e }, now);
+        let out = m.handle(2, ToMaster::OpBegin { epoch: e, seq: 1, call: 9 }, now);
+        let d = outcomes(&out);
+        assert!(!d.is_empty() && d.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -83,16 +83,21 @@ async fn run(endpoint: Arc<dyn Endpoint>, config: MasterConfig, mut stopped: wat
     loop {
         let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
         let outputs = tokio::select! {
+            biased;
             _ = stopped.changed() => break,
             ev = events.recv() => match ev {
                 None => break,
                 Some(Event::New(conn, w)) => { writers.insert(conn, w); Vec::new() }
-                Some(Event::Msg(conn, msg)) => state.handle(conn, msg, Instant::now()),
+                Some(Event::Msg(conn, msg)) => {
+                    tracing::trace!(conn, ?msg, "master received");
+                    state.handle(conn, msg, now())
+                }
                 Some(Event::Gone(conn)) => { writers.remove(&conn); state.disconnected(conn) }
             },
-            _ = sleep_until(deadline) => state.tick(Instant::now()),
+            _ = sleep_until(deadline) => state.tick(now()),
         };
         for out in outputs {
+            tracing::trace!(?out, "master sends");
             let conn = match &out {
                 Output::Send(c, _) | Output::Close(c, _) => *c,
             };
@@ -106,6 +111,12 @@ async fn run(endpoint: Arc<dyn Endpoint>, config: MasterConfig, mut stopped: wat
         }
     }
     acceptor.abort();
+}
+
+/// The current time on tokio's clock, so that a paused clock (simulations) governs
+/// timeouts too.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -146,18 +157,31 @@ async fn read_loop(conn: ConnId, link: Arc<dyn Link>, events: mpsc::UnboundedSen
     let _ = events.send(Event::Gone(conn));
 }
 
+/// How often the master tells each peer it is alive.
+pub const MASTER_HEARTBEAT: Duration = Duration::from_millis(250);
+
 async fn write_loop(link: Arc<dyn Link>, mut outputs: mpsc::UnboundedReceiver<Output>) {
-    while let Some(out) = outputs.recv().await {
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + MASTER_HEARTBEAT, MASTER_HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let out = tokio::select! {
+            biased;
+            out = outputs.recv() => out,
+            _ = beat.tick() => Some(Output::Send(0, ToPeer::Heartbeat)),
+        };
         match out {
-            Output::Send(_, msg) => {
+            None => break,
+            Some(Output::Send(_, msg)) => {
                 if link.send(to_frame(msg.encode())).await.is_err() {
                     break;
                 }
             }
-            Output::Close(_, reason) => {
-                let _ = link.send(to_frame(ToPeer::Refused { reason }.encode())).await;
-                // Give the refusal a moment to leave before the connection goes.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Some(Output::Close(_, reason)) => {
+                // Tell the peer why, if it can still hear us; a partitioned peer cannot,
+                // and then only the close (or its own master timeout) reaches it.
+                let refusal = link.send(to_frame(ToPeer::Refused { reason }.encode()));
+                let _ = tokio::time::timeout(Duration::from_millis(500), refusal).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
             }
         }

@@ -237,6 +237,8 @@ pub enum ToPeer {
         /// Why.
         reason: String,
     },
+    /// "The master is alive": lets a peer notice a master it can no longer hear.
+    Heartbeat,
 }
 
 /// Appends fields to a message under construction.
@@ -531,6 +533,7 @@ impl ToPeer {
                 e.u8(6);
                 e.str(reason);
             }
+            ToPeer::Heartbeat => e.u8(7),
         }
         framed(e)
     }
@@ -571,6 +574,7 @@ impl ToPeer {
                 ToPeer::SyncPlan { epoch, seq, agreed, transfers }
             }
             6 => ToPeer::Refused { reason: d.str()? },
+            7 => ToPeer::Heartbeat,
             code => return Err(WireError::UnknownCode { what: "message to peer", code }),
         };
         d.finish()?;
@@ -638,6 +642,7 @@ mod tests {
                 transfers: vec![Transfer { tensor: 0, from: 1, to: 2 }],
             },
             ToPeer::Refused { reason: "bad secret".into() },
+            ToPeer::Heartbeat,
         ]
     }
 
@@ -686,7 +691,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(i in 0usize..19, pos in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(i in 0usize..20, pos in any::<usize>(), byte in any::<u8>()) {
             let mut enc = if i < 10 { samples_to_master()[i].encode() } else { samples_to_peer()[i - 10].encode() };
             let p = 4 + pos % (enc.len() - 4);
             enc[p] = byte;

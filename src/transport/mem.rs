@@ -38,8 +38,7 @@ pub fn pair(capacity: usize) -> (MemLink, MemLink) {
 /// the diagonal.
 #[allow(clippy::needless_range_loop)] // filling both halves of a symmetric matrix
 pub fn mesh(n: usize, capacity: usize) -> Vec<Vec<Option<Arc<dyn Link>>>> {
-    let mut links: Vec<Vec<Option<Arc<dyn Link>>>> =
-        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut links: Vec<Vec<Option<Arc<dyn Link>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     for i in 0..n {
         for j in i + 1..n {
             let (a, b) = pair(capacity);
@@ -52,11 +51,7 @@ pub fn mesh(n: usize, capacity: usize) -> Vec<Vec<Option<Arc<dyn Link>>>> {
 
 impl MemLink {
     fn new(tx: mpsc::Sender<Frame>, rx: mpsc::Receiver<Frame>) -> MemLink {
-        MemLink {
-            tx: Mutex::new(Some(tx)),
-            rx: tokio::sync::Mutex::new(rx),
-            closed: watch::channel(false).0,
-        }
+        MemLink { tx: Mutex::new(Some(tx)), rx: tokio::sync::Mutex::new(rx), closed: watch::channel(false).0 }
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Frame>> {
@@ -83,6 +78,7 @@ impl Link for MemLink {
             return Err(closed("closed locally"));
         }
         tokio::select! {
+            biased;
             frame = rx.recv() => frame.ok_or_else(|| closed("peer end dropped")),
             _ = closed_rx.changed() => {
                 rx.close();
@@ -106,10 +102,7 @@ mod tests {
     use crate::transport::conformance;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime")
+        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime")
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! that is a deterministic function of (peer id, step), and `model += sum`. The step
 //! number is the model's revision, so every member agrees on it. A failed all-reduce is
 //! reported and retried at the same step over the next view.
+//!
+//! A peer's first step skips `update_topology`: its admission was the members' call of
+//! it, and a joiner calling it again would wait for a vote the members, already in the
+//! next sync, never cast (the group would hang until the master aborted the sync).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -78,7 +82,10 @@ fn fail(e: &Error, stage: &str) -> String {
 pub fn run(args: WorkerArgs) -> Result<(), String> {
     let options = ConnectOptions {
         quic: quic_config(args.secret.as_deref()),
-        control: ControlConfig { heartbeat_interval: Duration::from_millis(args.heartbeat_ms), join_timeout: None },
+        control: ControlConfig {
+            heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+            ..ControlConfig::default()
+        },
         ..ConnectOptions::default()
     };
     let mut comm = Communicator::connect(args.master, options).map_err(|e| fail(&e, "join"))?;
@@ -87,8 +94,12 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     let mut state = SharedState::new();
     state.insert("model", vec![0f32; args.len]);
     let (mut done, mut failures) = (0u64, 0u32);
+    // Just admitted: the view is settled until the first collective or failure.
+    let mut settled = true;
     while args.steps == 0 || done < args.steps {
-        if let Err(e) = step(&mut comm, &mut state, &args, id) {
+        let result = step(&mut comm, &mut state, &args, id, settled);
+        settled = false;
+        if let Err(e) = result {
             if !recoverable(&e) || failures + 1 >= args.max_failures {
                 return Err(fail(&e, "step"));
             }
@@ -108,8 +119,18 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id: u64) -> Result<(), Error> {
-    comm.update_topology()?;
+fn step(
+    comm: &mut Communicator,
+    state: &mut SharedState,
+    args: &WorkerArgs,
+    id: u64,
+    settled: bool,
+) -> Result<(), Error> {
+    if !settled {
+        comm.update_topology()?;
+    }
+    // The view this step was settled in.
+    let epoch = comm.epoch();
     let report = comm.sync_shared_state(state, SyncStrategy::EnforcePopular)?;
     if report.tensors_received > 0 {
         emit(json!({ "event": "synced", "revision": state.revision, "bytes": report.bytes_received, "t": now_ms() }));
@@ -117,8 +138,20 @@ fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id:
     let step = state.revision;
     let grad = gradient(id, step, args.len + args.len_offset);
     let mut buf = grad.clone();
-    let (members, epoch) = (comm.members(), comm.epoch());
+    let members = comm.members();
     emit(json!({ "event": "allreduce_start", "step": step, "epoch": epoch, "t": now_ms() }));
+    // The master moved on while this peer lagged behind (computing its gradient): a peer
+    // was lost, and the members that were already running this all-reduce have aborted
+    // it and are settling the next view. Starting it now would run it alone in the new
+    // epoch while they vote, which the master aborts as a mismatch; fail it like them.
+    if comm.epoch() != epoch {
+        let e = Error::Aborted { reason: format!("the view changed from epoch {epoch} before the all-reduce began") };
+        emit(json!({
+            "event": "attempt_failed", "step": step, "epoch": epoch, "kind": kind(&e), "message": e.to_string(),
+            "restored": true, "ms": 0, "t": now_ms(),
+        }));
+        return Err(e);
+    }
     let started = Instant::now();
     if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Sum) {
         emit(json!({
