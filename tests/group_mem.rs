@@ -58,6 +58,10 @@ fn admit(comms: &mut Vec<Communicator>, joiner: impl FnOnce() -> Communicator + 
         }
         h.join().unwrap()
     });
+    let mut new = new;
+    // The round that admitted the joiner counts as its own: its first call returns at
+    // once (a training loop calls update_topology at the top of each step anyway).
+    new.update_topology().unwrap();
     comms.push(new);
 }
 

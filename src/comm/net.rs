@@ -85,8 +85,8 @@ pub struct SyncReport {
 /// time, which makes a whole group's run deterministic).
 pub struct AsyncPeer {
     ops: Ops,
-    /// Admitted, and no topology round or collective since: the round that admitted
-    /// this peer counts as its first `update_topology`.
+    /// Admitted by the members' topology round, and no round or collective since:
+    /// that round counts as this peer's first `update_topology`.
     fresh: bool,
     epoch: u64,
     next_seq: u64,
@@ -123,9 +123,12 @@ impl AsyncPeer {
                 return Err(e);
             }
         };
+        // Admitted into a group that had members means the members' topology round
+        // admitted us; admitted alone (into an empty group) means no round happened.
+        let fresh = control.view().map(|v| v.size() > 1).unwrap_or(false);
         Ok(AsyncPeer {
             ops: Ops { id, control, links, tuning: options.tuning },
-            fresh: true,
+            fresh,
             epoch: 0,
             next_seq: 0,
             retry: options.retry,
@@ -195,11 +198,11 @@ impl AsyncPeer {
             // The members admitted us in a round of their own; joining it is done.
             return self.ops.control.view().map(|_| ());
         }
-        let seen = self.ops.control.state().updates;
+        let seen = self.ops.control.state().rounds;
         let epoch = self.ops.control.view()?.epoch;
         tracing::debug!(peer = self.ops.id, epoch, "update_topology");
         self.ops.control.send(ToMaster::UpdateTopology { epoch });
-        let view = self.ops.control.next_view(seen).await?;
+        let view = self.ops.control.round_after(seen).await?;
         tracing::debug!(peer = self.ops.id, epoch = view.epoch, size = view.size(), "update_topology done");
         Ok(())
     }

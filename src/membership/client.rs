@@ -88,6 +88,8 @@ pub struct ViewState {
     pub view: Option<View>,
     /// View messages received so far.
     pub updates: u64,
+    /// Topology rounds completed so far.
+    pub rounds: u64,
     /// Why this peer is no longer a member, once it is not.
     pub gone: Option<String>,
 }
@@ -124,6 +126,7 @@ impl Shared {
             }
             ToPeer::Refused { reason } => self.on_gone(reason),
             ToPeer::Heartbeat => {}
+            ToPeer::TopologyDone { .. } => self.view.send_modify(|s| s.rounds += 1),
         }
     }
 
@@ -277,10 +280,10 @@ impl ControlClient {
         self.shared.ops().remove(&key);
     }
 
-    /// Waits for the next view message after the `seen`-th, or removal.
-    pub async fn next_view(&self, seen: u64) -> Result<View> {
+    /// Waits until more than `seen` topology rounds have completed, or removal.
+    pub async fn round_after(&self, seen: u64) -> Result<View> {
         let mut rx = self.shared.view.subscribe();
-        let s = rx.wait_for(|s| s.updates > seen || s.gone.is_some()).await.map(|s| s.clone());
+        let s = rx.wait_for(|s| s.rounds > seen || s.gone.is_some()).await.map(|s| s.clone());
         match s {
             Ok(ViewState { gone: Some(reason), .. }) => Err(Error::Removed { reason }),
             Ok(ViewState { view: Some(v), .. }) => Ok(v),

@@ -140,7 +140,7 @@ impl MasterState {
             ToMaster::Join { .. } => out.push(Output::Close(conn, "joined twice on one connection".into())),
             ToMaster::Leave => self.remove(&[id], "left the group", &mut out),
             _ if !is_member => {} // a pending joiner has nothing else to say yet
-            ToMaster::UpdateTopology { epoch } => self.vote_topology(id, epoch, &mut out),
+            ToMaster::UpdateTopology { .. } => self.vote_topology(id, &mut out),
             ToMaster::OpBegin { epoch, seq, call } => self.begin(id, epoch, seq, Begin::Collective(call), &mut out),
             ToMaster::SyncState { epoch, seq, strategy, tensors } => {
                 self.begin(id, epoch, seq, Begin::Sync(strategy, tensors), &mut out)
@@ -220,7 +220,9 @@ impl MasterState {
         self.epoch += 1;
         self.ops.clear();
         self.decided.clear();
-        self.topo_votes.clear();
+        // A topology round in progress goes on among the members that remain.
+        let members: BTreeSet<PeerId> = self.members.iter().map(|p| p.id).collect();
+        self.topo_votes.retain(|id| members.contains(id));
         self.broadcast(ToPeer::View { view: self.view(), removed }, out);
     }
 
@@ -251,6 +253,7 @@ impl MasterState {
             if self.members.is_empty() && !self.pending.is_empty() {
                 self.admit_pending(out);
             }
+            self.finish_round_if_complete(out);
         }
     }
 
@@ -259,26 +262,31 @@ impl MasterState {
         out.push(Output::Close(conn, format!("removed from the group: {detail}")));
     }
 
-    fn vote_topology(&mut self, id: PeerId, epoch: u64, out: &mut Vec<Output>) {
-        if epoch != self.epoch {
-            // A vote for a past view: the member has been sent the newer view, which
-            // ends its update_topology, so the vote needs no answer.
-            return;
-        }
+    /// A member entered `update_topology`. The round ends when every member of the
+    /// current view has; losses during the round shrink the set it waits for, so
+    /// every member leaves the round at the same point (the epoch a vote names is only
+    /// informative).
+    fn vote_topology(&mut self, id: PeerId, out: &mut Vec<Output>) {
         self.topo_votes.insert(id);
         if let Some((&seq, _)) = self.ops.iter().find(|(s, t)| !self.decided.contains(s) && !t.begun.contains_key(&id))
         {
             let detail = format!("member {id:#x} called update_topology while others ran collective {seq}");
             self.decide(seq, Decision::Abort(AbortReason::Mismatch { detail }), out);
         }
-        if self.members.iter().all(|p| self.topo_votes.contains(&p.id)) {
-            self.topo_votes.clear();
-            if self.pending.is_empty() {
-                self.broadcast(ToPeer::View { view: self.view(), removed: Vec::new() }, out);
-            } else {
-                self.admit_pending(out);
-            }
+        self.finish_round_if_complete(out);
+    }
+
+    /// Ends the topology round once every member has voted: admits the joiners, then
+    /// tells every member that the round is over.
+    fn finish_round_if_complete(&mut self, out: &mut Vec<Output>) {
+        if self.topo_votes.is_empty() || !self.members.iter().all(|p| self.topo_votes.contains(&p.id)) {
+            return;
         }
+        self.topo_votes.clear();
+        if !self.pending.is_empty() {
+            self.admit_pending(out);
+        }
+        self.broadcast(ToPeer::TopologyDone { epoch: self.epoch }, out);
     }
 
     fn rank(&self, id: PeerId) -> u32 {
@@ -532,6 +540,23 @@ mod tests {
         let d = outcomes(&out);
         assert_eq!(d.len(), 2);
         assert!(d.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+    }
+
+    #[test]
+    fn a_loss_during_a_topology_round_ends_it_for_the_rest() {
+        let (mut m, now) = group(3);
+        let e = m.view().epoch;
+        m.handle(1, ToMaster::UpdateTopology { epoch: e }, now);
+        m.handle(2, ToMaster::UpdateTopology { epoch: e }, now);
+        let out = m.disconnected(3);
+        let done: Vec<ConnId> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send(c, ToPeer::TopologyDone { .. }) => Some(*c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(done, vec![1, 2]);
     }
 
     #[test]

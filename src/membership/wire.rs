@@ -239,6 +239,11 @@ pub enum ToPeer {
     },
     /// "The master is alive": lets a peer notice a master it can no longer hear.
     Heartbeat,
+    /// Every member has called `update_topology`: the round is over, in view `epoch`.
+    TopologyDone {
+        /// The view the round ended in.
+        epoch: u64,
+    },
 }
 
 /// Appends fields to a message under construction.
@@ -534,6 +539,10 @@ impl ToPeer {
                 e.str(reason);
             }
             ToPeer::Heartbeat => e.u8(7),
+            ToPeer::TopologyDone { epoch } => {
+                e.u8(8);
+                e.u64(*epoch);
+            }
         }
         framed(e)
     }
@@ -575,6 +584,7 @@ impl ToPeer {
             }
             6 => ToPeer::Refused { reason: d.str()? },
             7 => ToPeer::Heartbeat,
+            8 => ToPeer::TopologyDone { epoch: d.u64()? },
             code => return Err(WireError::UnknownCode { what: "message to peer", code }),
         };
         d.finish()?;
@@ -643,6 +653,7 @@ mod tests {
             },
             ToPeer::Refused { reason: "bad secret".into() },
             ToPeer::Heartbeat,
+            ToPeer::TopologyDone { epoch: 4 },
         ]
     }
 
@@ -691,7 +702,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(i in 0usize..20, pos in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(i in 0usize..21, pos in any::<usize>(), byte in any::<u8>()) {
             let mut enc = if i < 10 { samples_to_master()[i].encode() } else { samples_to_peer()[i - 10].encode() };
             let p = 4 + pos % (enc.len() - 4);
             enc[p] = byte;
