@@ -5,10 +5,6 @@
 //! that is a deterministic function of (peer id, step), and `model += sum`. The step
 //! number is the model's revision, so every member agrees on it. A failed all-reduce is
 //! reported and retried at the same step over the next view.
-//!
-//! A peer's first step skips `update_topology`: its admission was the members' call of
-//! it, and a joiner calling it again would wait for a vote the members, already in the
-//! next sync, never cast (the group would hang until the master aborted the sync).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -94,12 +90,8 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     let mut state = SharedState::new();
     state.insert("model", vec![0f32; args.len]);
     let (mut done, mut failures) = (0u64, 0u32);
-    // Just admitted: the view is settled until the first collective or failure.
-    let mut settled = true;
     while args.steps == 0 || done < args.steps {
-        let result = step(&mut comm, &mut state, &args, id, settled);
-        settled = false;
-        if let Err(e) = result {
+        if let Err(e) = step(&mut comm, &mut state, &args, id) {
             if !recoverable(&e) || failures + 1 >= args.max_failures {
                 return Err(fail(&e, "step"));
             }
@@ -119,16 +111,8 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn step(
-    comm: &mut Communicator,
-    state: &mut SharedState,
-    args: &WorkerArgs,
-    id: u64,
-    settled: bool,
-) -> Result<(), Error> {
-    if !settled {
-        comm.update_topology()?;
-    }
+fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id: u64) -> Result<(), Error> {
+    comm.update_topology()?;
     // The view this step was settled in.
     let epoch = comm.epoch();
     let report = comm.sync_shared_state(state, SyncStrategy::EnforcePopular)?;

@@ -1,0 +1,698 @@
+//! The membership guarantees with real processes: a `phalanx master` and `phalanx
+//! worker`s talking QUIC over 127.0.0.1, killed, frozen, joined, refused and mismatched
+//! while they run. Every worker prints one JSON event per line; the tests read those
+//! lines and recompute every all-reduce result from the member list alone
+//! ([`expected_sum`]).
+//!
+//! The tests run one at a time (they share two cores and heartbeat deadlines), every
+//! wait is bounded, and the children are SIGKILLed and reaped when a test ends, passes
+//! or panics.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use phalanx::membership::server::CONTROL_HELLO;
+use phalanx::transport::quic::{QuicConfig, QuicEndpoint, QuicError};
+use phalanx::workload::{expected_sum, hash_f32};
+use serde_json::Value;
+
+/// The master's default `--peer-timeout-ms`: a member silent this long is removed.
+const PEER_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Kill to the survivors' failed attempt: the peer timeout (the dead peer's last
+/// heartbeat was at most 200 ms before the kill, so removal comes at most 1000 ms after
+/// it) plus 1500 ms for the abort to reach the survivors on a loaded 2-core machine.
+const DETECTION_BOUND: Duration = Duration::from_millis(PEER_TIMEOUT.as_millis() as u64 + 1500);
+/// Freeze to the survivors' first step without the frozen peer: the peer timeout plus
+/// 2000 ms for the abort, the next view and a small all-reduce.
+const FROZEN_BOUND: Duration = Duration::from_millis(PEER_TIMEOUT.as_millis() as u64 + 2000);
+/// SIGCONT to the resumed peer's `Removed` error: it only has to read what the master
+/// already sent (or notice the closed connection).
+const REMOVED_BOUND: Duration = Duration::from_secs(5);
+/// A stranger's join attempt to its `JoinFailed` exit (the QUIC handshake limit is 10 s;
+/// a wrong proof fails at once).
+const REFUSED_BOUND: Duration = Duration::from_secs(10);
+/// Mismatched all-reduces to the error on both peers: one round trip to the master.
+const MISMATCH_BOUND: Duration = Duration::from_secs(5);
+
+/// Every test ends within this, whatever it waits for (plus recomputing the sums).
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+/// Serialises the tests: processes of parallel tests would compete for the two cores
+/// and make heartbeat deadlines meaningless.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One event line, with the time this process read it.
+#[derive(Clone, Debug)]
+struct Ev {
+    v: Value,
+    at: Instant,
+}
+
+impl Ev {
+    fn is(&self, event: &str) -> bool {
+        self.v["event"] == event
+    }
+    fn u64(&self, key: &str) -> u64 {
+        self.v[key].as_u64().unwrap_or_else(|| panic!("event without a number '{key}': {}", self.v))
+    }
+    fn str(&self, key: &str) -> &str {
+        self.v[key].as_str().unwrap_or_else(|| panic!("event without a string '{key}': {}", self.v))
+    }
+}
+
+/// A completed step as a worker reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Step {
+    step: u64,
+    epoch: u64,
+    members: Vec<u64>,
+    sum: String,
+    model: String,
+}
+
+impl Step {
+    fn of(ev: &Ev) -> Step {
+        let members = ev.v["members"]
+            .as_array()
+            .unwrap_or_else(|| panic!("step without members: {}", ev.v))
+            .iter()
+            .map(|m| m.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad member id in {}", ev.v)))
+            .collect();
+        Step {
+            step: ev.u64("step"),
+            epoch: ev.u64("epoch"),
+            members,
+            sum: ev.str("sum").to_string(),
+            model: ev.str("model").to_string(),
+        }
+    }
+
+    fn member_set(&self) -> BTreeSet<u64> {
+        self.members.iter().copied().collect()
+    }
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    /// Gradient length of a worker (`--len` plus `--len-offset`).
+    len: usize,
+    log: Vec<Ev>,
+    stderr: Arc<Mutex<String>>,
+    status: Option<ExitStatus>,
+}
+
+/// A master and its workers, as child processes. Dropping it SIGKILLs and reaps them.
+struct Cluster {
+    procs: Vec<Proc>,
+    tx: Sender<(usize, Ev)>,
+    rx: Receiver<(usize, Ev)>,
+    master: SocketAddr,
+    /// Sums already recomputed: (members, step, len) -> hash.
+    sums: HashMap<(Vec<u64>, u64, usize), String>,
+    /// No wait goes past this ([`TEST_LIMIT`] after the start).
+    deadline: Instant,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Cluster {
+    /// Starts a master on 127.0.0.1 (any port) and waits for its address.
+    fn start(secret: Option<&str>) -> Cluster {
+        let (tx, rx) = mpsc::channel();
+        let mut c = Cluster {
+            procs: Vec::new(),
+            tx,
+            rx,
+            master: SocketAddr::from(([127, 0, 0, 1], 0)),
+            sums: HashMap::new(),
+            deadline: Instant::now() + TEST_LIMIT,
+        };
+        let mut args = vec!["master".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+        if let Some(s) = secret {
+            args.extend(["--secret".into(), s.into()]);
+        }
+        let m = c.spawn("master", &args, 0);
+        let addr = c.wait(Duration::from_secs(20), "the master's address", |c| {
+            c.procs[m].log.iter().find(|e| e.is("listening")).map(|e| e.str("addr").to_string())
+        });
+        c.master = addr.parse().expect("the master's address");
+        assert!(c.master.ip().is_loopback(), "the master must listen on 127.0.0.1, not {}", c.master);
+        c
+    }
+
+    fn spawn(&mut self, name: &str, args: &[String], len: usize) -> usize {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_phalanx"))
+            .args(args)
+            .env_remove("PHALANX_SECRET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let i = self.procs.len();
+        let out = child.stdout.take().expect("piped stdout");
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let at = Instant::now();
+                let v =
+                    serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "event": "?", "line": line }));
+                if tx.send((i, Ev { v, at })).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (err, sink) = (child.stderr.take().expect("piped stderr"), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        self.procs.push(Proc { name: name.to_string(), child, len, log: Vec::new(), stderr, status: None });
+        i
+    }
+
+    /// SIGKILLs and reaps every process (SIGKILL also ends a stopped one); their logs stay.
+    fn stop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            if let Ok(status) = p.child.wait() {
+                p.status.get_or_insert(status);
+            }
+        }
+    }
+
+    /// Starts `phalanx worker --master <master> --len <len> <extra>` (run until killed).
+    fn worker(&mut self, name: &str, len: usize, extra: &[&str]) -> usize {
+        let mut args: Vec<String> = ["worker", "--master", &self.master.to_string(), "--len", &len.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let offset = extra.iter().position(|a| *a == "--len-offset").map_or(0, |i| extra[i + 1].parse().unwrap_or(0));
+        self.spawn(name, &args, len + offset)
+    }
+
+    /// Processes event lines until `f` returns something, or panics after `timeout`
+    /// with every process's recent events. `f` sees every event as soon as it is read.
+    fn wait<T>(&mut self, timeout: Duration, what: &str, mut f: impl FnMut(&Cluster) -> Option<T>) -> T {
+        let deadline = (Instant::now() + timeout).min(self.deadline);
+        loop {
+            for p in &mut self.procs {
+                if p.status.is_none() {
+                    p.status = p.child.try_wait().ok().flatten();
+                }
+            }
+            if let Some(t) = f(self) {
+                return t;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let limit = if deadline == self.deadline { " (the test's time limit)" } else { "" };
+                panic!("timed out{limit} after {timeout:?} waiting for {what}\n{}", self.dump());
+            }
+            match self.rx.recv_timeout((deadline - now).min(Duration::from_millis(20))) {
+                Ok((i, ev)) => self.procs[i].log.push(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the cluster holds a sender"),
+            }
+        }
+    }
+
+    /// Every process's last events and stderr, for failure messages.
+    fn dump(&self) -> String {
+        let mut s = String::new();
+        for p in &self.procs {
+            s += &format!("--- {} (pid {}, status {:?})\n", p.name, p.child.id(), p.status);
+            // Everything but routine progress, then the last few lines.
+            let n = p.log.len();
+            let notable = p.log[..n.saturating_sub(12)].iter().filter(|e| !e.is("allreduce_start"));
+            for e in notable.take(20).chain(&p.log[n.saturating_sub(12)..]) {
+                s += &format!("  {}\n", e.v);
+            }
+            let err = p.stderr.lock().unwrap_or_else(|p| p.into_inner());
+            if !err.is_empty() {
+                s += &format!("  stderr: {}\n", err.trim_end());
+            }
+        }
+        s
+    }
+
+    fn log(&self, i: usize) -> &[Ev] {
+        &self.procs[i].log
+    }
+
+    /// The worker's id, once it has joined.
+    fn id(&self, i: usize) -> Option<u64> {
+        self.log(i).iter().find(|e| e.is("joined")).map(|e| e.str("id").parse().expect("numeric id"))
+    }
+
+    fn ids(&self, ws: &[usize]) -> BTreeSet<u64> {
+        ws.iter().map(|&w| self.id(w).expect("joined")).collect()
+    }
+
+    /// The steps worker `i` reported from log position `from` on.
+    fn steps_from(&self, i: usize, from: usize) -> Vec<(usize, Step)> {
+        self.log(i).iter().enumerate().skip(from).filter(|(_, e)| e.is("step")).map(|(k, e)| (k, Step::of(e))).collect()
+    }
+
+    fn steps(&self, i: usize) -> Vec<Step> {
+        self.steps_from(i, 0).into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The first event of worker `i` from position `from` on that `f` accepts.
+    fn find(&self, i: usize, from: usize, f: impl Fn(&Ev) -> bool) -> Option<(usize, &Ev)> {
+        self.log(i).iter().enumerate().skip(from).find(|(_, e)| f(e))
+    }
+
+    fn pid(&self, i: usize) -> String {
+        self.procs[i].child.id().to_string()
+    }
+
+    /// Sends SIGSTOP or SIGCONT to process `i` with the `kill` command.
+    fn signal(&self, i: usize, sig: &str) {
+        let status = Command::new("kill").args([&format!("-{sig}"), &self.pid(i)]).status().expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid(i));
+    }
+
+    /// The hash of the exact sum of `members`' gradients at `step`, as workers report it.
+    fn expected(&mut self, members: &[u64], step: u64, len: usize) -> String {
+        let mut members = members.to_vec();
+        members.sort_unstable(); // the sum is exact, so the order does not matter
+        let key = (members.clone(), step, len);
+        let members = &members[..];
+        self.sums.entry(key).or_insert_with(|| hash_f32(&expected_sum_parallel(members, step, len))).clone()
+    }
+
+    /// Checks every step any of `ws` reported: the reporter is a member; the sum is the
+    /// exact sum of the members' gradients, bitwise; and all reporters of one (epoch,
+    /// step) agree on members, sum and model, so no one kept a result another did not.
+    fn check_steps(&mut self, ws: &[usize]) {
+        let mut agreed: HashMap<(u64, u64), (Step, usize)> = HashMap::new();
+        for &w in ws {
+            let Some(id) = self.id(w) else { continue };
+            let len = self.procs[w].len;
+            for s in self.steps(w) {
+                assert!(s.members.contains(&id), "{} reported a step it is not a member of: {s:?}", self.procs[w].name);
+                let want = self.expected(&s.members, s.step, len);
+                assert_eq!(s.sum, want, "{} step {} over {:?}: wrong sum", self.procs[w].name, s.step, s.members);
+                let first = agreed.entry((s.epoch, s.step)).or_insert((s.clone(), w));
+                assert_eq!(
+                    first.0, s,
+                    "{} and {} disagree on epoch {} step {}",
+                    self.procs[first.1].name, self.procs[w].name, s.epoch, s.step
+                );
+            }
+        }
+    }
+
+    /// The exit status of process `i`, once it has exited.
+    fn exited(&self, i: usize) -> Option<ExitStatus> {
+        self.procs[i].status
+    }
+}
+
+/// [`expected_sum`] over two threads: a debug build takes about a second per 16 MiB
+/// gradient.
+fn expected_sum_parallel(members: &[u64], step: u64, len: usize) -> Vec<f32> {
+    let (a, b) = members.split_at(members.len() / 2);
+    let (mut sum, other) = std::thread::scope(|s| {
+        let h = s.spawn(|| expected_sum(b, step, len));
+        (expected_sum(a, step, len), h.join().expect("summing thread"))
+    });
+    sum.iter_mut().zip(other).for_each(|(s, o)| *s += o);
+    sum
+}
+
+/// Starts a first worker and, once it is in, the others: they are admitted together.
+fn workers(c: &mut Cluster, n: usize, len: usize, extra: &[&str]) -> Vec<usize> {
+    let first = c.worker("w0", len, extra);
+    c.wait(Duration::from_secs(20), "w0 to join", |c| c.id(first));
+    let mut ws = vec![first];
+    ws.extend((1..n).map(|k| c.worker(&format!("w{k}"), len, extra)));
+    ws
+}
+
+/// Waits until each of `ws` has reported `count` steps over exactly `members` from its
+/// log position in `from` on; returns the receive time of each one's first such step.
+fn steps_over(
+    c: &mut Cluster,
+    timeout: Duration,
+    ws: &[usize],
+    from: &[usize],
+    members: &BTreeSet<u64>,
+    count: usize,
+) -> Vec<Instant> {
+    let what = format!("{count} steps over {} members on each of {} workers", members.len(), ws.len());
+    c.wait(timeout, &what, |c| {
+        ws.iter()
+            .zip(from)
+            .map(|(&w, &k)| {
+                let ok: Vec<usize> = c
+                    .steps_from(w, k)
+                    .into_iter()
+                    .filter(|(_, s)| s.member_set() == *members)
+                    .map(|(i, _)| i)
+                    .collect();
+                (ok.len() >= count).then(|| c.log(w)[ok[0]].at)
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn kill_mid_collective() {
+    let _serial = serial();
+    let started = Instant::now();
+    // 16 MiB of f32: an all-reduce over 4 processes takes seconds in a debug build, far
+    // longer than it takes to deliver a SIGKILL.
+    const LEN: usize = 4 << 20;
+    let mut c = Cluster::start(None);
+    let ws = workers(&mut c, 4, LEN, &["--steps", "0"]);
+    c.wait(Duration::from_secs(45), "a step over all 4 members on every worker", |c| {
+        ws.iter().all(|&w| c.steps(w).iter().any(|s| s.members.len() == 4)).then_some(())
+    });
+    let all = c.ids(&ws);
+    let four = c.steps(ws[0]).into_iter().find(|s| s.members.len() == 4).expect("a 4-member step");
+    assert_eq!(four.member_set(), all);
+
+    let victim = ws[1];
+    let survivors: Vec<usize> = ws.iter().copied().filter(|&w| w != victim).collect();
+    let from = c.log(victim).len();
+    let (step, epoch) = c.wait(Duration::from_secs(20), "the victim's next all-reduce", |c| {
+        c.find(victim, from, |e| e.is("allreduce_start")).map(|(_, e)| (e.u64("step"), e.u64("epoch")))
+    });
+    let (killed, killed_ms) = (Instant::now(), unix_ms());
+    c.procs[victim].child.kill().expect("SIGKILL the victim");
+    let marks: Vec<usize> = survivors.iter().map(|&w| c.log(w).len()).collect();
+    assert_eq!(epoch, four.epoch, "the view changed before the kill");
+
+    // Every survivor's attempt at that step fails, with its buffer restored.
+    let failures = c.wait(Duration::from_secs(15), "every survivor's failed attempt", |c| {
+        survivors
+            .iter()
+            .zip(&marks)
+            .map(|(&w, &k)| c.find(w, k, |e| e.is("attempt_failed")).map(|(_, e)| e.clone()))
+            .collect::<Option<Vec<Ev>>>()
+    });
+    for (&w, f) in survivors.iter().zip(&failures) {
+        let name = &c.procs[w].name;
+        assert!(["PeerLost", "Aborted"].contains(&f.str("kind")), "{name}: {}", f.v);
+        assert_eq!(f.v["restored"], true, "{name} did not get its buffer back: {}", f.v);
+        assert_eq!((f.u64("step"), f.u64("epoch")), (step, epoch), "{name} failed elsewhere: {}", f.v);
+        let detected = f.at.saturating_duration_since(killed);
+        let by_clock = f.u64("t").saturating_sub(killed_ms);
+        eprintln!(
+            "kill_mid_collective: {name} failed {} ms after the kill ({}: {by_clock} ms by its clock)",
+            detected.as_millis(),
+            f.str("kind")
+        );
+        assert!(detected <= DETECTION_BOUND, "{name} noticed the loss after {detected:?} (bound {DETECTION_BOUND:?})");
+    }
+
+    // The retry of the same step runs over the 3 survivors and sums exactly their gradients.
+    let three = c.ids(&survivors);
+    let recovered = c.wait(Duration::from_secs(40), "every survivor's retried step", |c| {
+        survivors
+            .iter()
+            .zip(&marks)
+            .map(|(&w, &k)| {
+                c.steps_from(w, k).into_iter().find(|(_, s)| s.step >= step).map(|(i, s)| (c.log(w)[i].at, s))
+            })
+            .collect::<Option<Vec<_>>>()
+    });
+    let first_ok = recovered.iter().map(|(at, _)| *at).min().expect("survivors");
+    eprintln!(
+        "kill_mid_collective: recovery (kill to first successful retry) {} ms; all survivors {} ms",
+        first_ok.duration_since(killed).as_millis(),
+        recovered.iter().map(|(at, _)| *at).max().expect("survivors").duration_since(killed).as_millis(),
+    );
+    // The rest needs no processes, and recomputing 16 MiB sums needs the cores.
+    c.stop();
+    let members: Vec<u64> = three.iter().copied().collect();
+    let want = c.expected(&members, step, LEN);
+    for (&w, (_, s)) in survivors.iter().zip(&recovered) {
+        let name = &c.procs[w].name;
+        assert_eq!(s.step, step, "{name} moved on without redoing step {step}");
+        assert!(s.epoch > epoch, "{name} committed the aborted attempt: {s:?}");
+        assert_eq!(s.member_set(), three, "{name}: the retry is not over the survivors");
+        assert_eq!(s.sum, want, "{name}: the retry's sum is not the survivors' exact sum");
+        assert_eq!((&s.sum, &s.model), (&recovered[0].1.sum, &recovered[0].1.model), "{name} disagrees");
+    }
+    // Nobody kept a result of the aborted attempt.
+    for &w in &survivors {
+        assert!(
+            c.steps(w).iter().all(|s| !(s.step == step && s.epoch == epoch)),
+            "{} committed step {step} of epoch {epoch}",
+            c.procs[w].name
+        );
+    }
+    c.check_steps(&ws);
+    eprintln!("kill_mid_collective: test {} ms", started.elapsed().as_millis());
+}
+
+#[test]
+fn frozen_peer() {
+    let _serial = serial();
+    let started = Instant::now();
+    const LEN: usize = 1 << 16;
+    let mut c = Cluster::start(None);
+    let ws = workers(&mut c, 3, LEN, &["--step-delay-ms", "20"]);
+    c.wait(Duration::from_secs(30), "workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));
+    let all = c.ids(&ws);
+    steps_over(&mut c, Duration::from_secs(30), &ws, &[0, 0, 0], &all, 3);
+
+    let victim = ws[2];
+    let survivors = [ws[0], ws[1]];
+    let two = c.ids(&survivors);
+    let frozen = Instant::now();
+    c.signal(victim, "STOP");
+    let marks: Vec<usize> = survivors.iter().map(|&w| c.log(w).len()).collect();
+    let first = steps_over(&mut c, Duration::from_secs(15), &survivors, &marks, &two, 1);
+    for (&w, at) in survivors.iter().zip(&first) {
+        let took = at.duration_since(frozen);
+        eprintln!(
+            "frozen_peer: {} stepped without the frozen peer {} ms after SIGSTOP",
+            c.procs[w].name,
+            took.as_millis()
+        );
+        assert!(took <= FROZEN_BOUND, "{} needed {took:?} (bound {FROZEN_BOUND:?})", c.procs[w].name);
+    }
+    // Whatever it printed before it stopped has been read by now (a second later).
+    let frozen_log = c.log(victim).len();
+    // Once a step ran without it, every later step does.
+    steps_over(&mut c, Duration::from_secs(20), &survivors, &marks, &two, 5);
+    let new_epoch = c
+        .steps_from(survivors[0], marks[0])
+        .into_iter()
+        .find(|(_, s)| s.member_set() == two)
+        .expect("a step without it")
+        .1;
+    for &w in &survivors {
+        for s in c.steps(w).iter().filter(|s| s.epoch >= new_epoch.epoch) {
+            assert_eq!(s.member_set(), two, "{} ran a step with the removed peer: {s:?}", c.procs[w].name);
+        }
+    }
+    assert_eq!(c.log(victim).len(), frozen_log, "a stopped process printed");
+
+    let (resumed, resumed_ms) = (Instant::now(), unix_ms());
+    let marks: Vec<usize> = survivors.iter().map(|&w| c.log(w).len()).collect();
+    c.signal(victim, "CONT");
+    let removed = c.wait(REMOVED_BOUND + Duration::from_secs(10), "the resumed peer's error and exit", |c| {
+        let err = c.find(victim, frozen_log, |e| e.is("error"))?.1.clone();
+        c.exited(victim).map(|status| (err, status))
+    });
+    let (err, status) = removed;
+    let took = err.at.duration_since(resumed);
+    eprintln!("frozen_peer: the resumed peer reported {} after {} ms", err.str("kind"), took.as_millis());
+    assert_eq!(err.str("kind"), "Removed", "{}", err.v);
+    assert!(took <= REMOVED_BOUND, "the resumed peer learnt of its removal after {took:?}");
+    assert!(!status.success(), "the removed peer exited successfully");
+    // After resuming, it may only finish a step the group committed before removing it
+    // (the decision was waiting in its socket buffer); never one of its own.
+    let survivor_steps: Vec<Step> = survivors.iter().flat_map(|&w| c.steps(w)).collect();
+    for (i, s) in c.steps_from(victim, frozen_log) {
+        let t = c.log(victim)[i].u64("t");
+        eprintln!(
+            "frozen_peer: after SIGCONT the removed peer finished step {} (t - SIGCONT = {} ms)",
+            s.step,
+            t as i64 - resumed_ms as i64
+        );
+        assert!(
+            s.epoch < new_epoch.epoch && survivor_steps.contains(&s),
+            "the removed peer reported a step the survivors did not commit with it: {s:?}"
+        );
+    }
+    // The survivors go on, undisturbed.
+    steps_over(&mut c, Duration::from_secs(20), &survivors, &marks, &two, 5);
+    for (&w, &k) in survivors.iter().zip(&marks) {
+        for (_, s) in c.steps_from(w, k) {
+            assert_eq!(s.member_set(), two, "{}: {s:?}", c.procs[w].name);
+        }
+    }
+    c.check_steps(&ws);
+    eprintln!("frozen_peer: test {} ms", started.elapsed().as_millis());
+}
+
+#[test]
+fn joiner_gets_state() {
+    let _serial = serial();
+    let started = Instant::now();
+    const LEN: usize = 1 << 16;
+    let mut c = Cluster::start(None);
+    let ws = workers(&mut c, 2, LEN, &["--step-delay-ms", "20"]);
+    c.wait(Duration::from_secs(30), "workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));
+    let two = c.ids(&ws);
+    steps_over(&mut c, Duration::from_secs(30), &ws, &[0, 0], &two, 3);
+
+    let joining = Instant::now();
+    let joiner = c.worker("joiner", LEN, &["--step-delay-ms", "20"]);
+    let all3 = [ws[0], ws[1], joiner];
+    c.wait(Duration::from_secs(20), "the joiner's first step", |c| c.steps(joiner).first().cloned());
+    eprintln!("joiner_gets_state: joiner's first step {} ms after it started", joining.elapsed().as_millis());
+    let three = c.ids(&all3);
+    let order: Vec<&str> = c.log(joiner).iter().map(|e| e.str("event")).filter(|e| *e != "allreduce_start").collect();
+    assert_eq!(&order[..3], ["joined", "synced", "step"], "the joiner must receive the model before its first step");
+    let synced = c.find(joiner, 0, |e| e.is("synced")).expect("synced").1.clone();
+    assert_eq!(synced.u64("bytes"), LEN as u64 * 4, "the joiner must receive the whole model");
+    assert!(synced.u64("revision") >= 3, "the joiner got an old model: {}", synced.v);
+    assert_eq!(c.steps(joiner)[0].step, synced.u64("revision"), "the joiner's first step is the model's revision");
+
+    steps_over(&mut c, Duration::from_secs(20), &all3, &[0, 0, 0], &three, 5);
+    let joiner_steps = c.steps(joiner);
+    for s in &joiner_steps {
+        assert_eq!(s.member_set(), three, "joiner: {s:?}");
+    }
+    let mut common = 0;
+    for s in &joiner_steps {
+        let others: Vec<Step> = ws
+            .iter()
+            .filter_map(|&w| c.steps(w).into_iter().find(|o| o.step == s.step && o.epoch == s.epoch))
+            .collect();
+        if others.len() == 2 {
+            common += 1;
+            for o in &others {
+                assert_eq!((&o.model, &o.sum), (&s.model, &s.sum), "models differ at step {}", s.step);
+            }
+        }
+    }
+    assert!(common >= 5, "only {common} steps reported by all three");
+    c.check_steps(&all3);
+    eprintln!("joiner_gets_state: {common} common steps; test {} ms", started.elapsed().as_millis());
+}
+
+#[test]
+fn stranger_is_refused() {
+    let _serial = serial();
+    let started = Instant::now();
+    const LEN: usize = 1 << 16;
+    let mut c = Cluster::start(Some("good"));
+    let ws = workers(&mut c, 2, LEN, &["--secret", "good", "--step-delay-ms", "20"]);
+    c.wait(Duration::from_secs(30), "workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));
+    let two = c.ids(&ws);
+    steps_over(&mut c, Duration::from_secs(30), &ws, &[0, 0], &two, 2);
+
+    let attempt = Instant::now();
+    let before: Vec<usize> = ws.iter().map(|&w| c.log(w).len()).collect();
+    let stranger = c.worker("stranger", LEN, &["--secret", "bad"]);
+
+    // The same from this process, over a raw QUIC connection, with a wrong secret and
+    // with none.
+    let master = c.master;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    for (what, config) in [("a wrong secret", QuicConfig::with_secret("bad")), ("no secret", QuicConfig::default())] {
+        let t = Instant::now();
+        let result = rt.block_on(async {
+            let ep = QuicEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).expect("bind");
+            let hello = bytes::Bytes::from_static(CONTROL_HELLO);
+            tokio::time::timeout(Duration::from_secs(15), ep.connect(master, hello)).await.map(|r| r.map(|_| ()))
+        });
+        match result {
+            Ok(Err(QuicError::Auth(_))) => {}
+            other => panic!("connecting with {what}: expected an authentication error, got {other:?}"),
+        }
+        eprintln!("stranger_is_refused: raw connect with {what} refused after {} ms", t.elapsed().as_millis());
+    }
+    drop(rt);
+
+    let (err, status) = c.wait(REFUSED_BOUND + Duration::from_secs(5), "the stranger's error and exit", |c| {
+        let err = c.find(stranger, 0, |e| e.is("error"))?.1.clone();
+        c.exited(stranger).map(|s| (err, s))
+    });
+    let took = err.at.duration_since(attempt);
+    eprintln!("stranger_is_refused: worker with the wrong secret failed after {} ms", took.as_millis());
+    assert_eq!(err.str("kind"), "JoinFailed", "{}", err.v);
+    assert!(took <= REFUSED_BOUND, "the stranger was refused after {took:?}");
+    assert!(!status.success(), "the stranger exited successfully");
+    assert!(c.id(stranger).is_none(), "the stranger joined");
+
+    // The honest workers never noticed.
+    let marks: Vec<usize> = ws.iter().map(|&w| c.log(w).len()).collect();
+    steps_over(&mut c, Duration::from_secs(20), &ws, &marks, &two, 5);
+    for (&w, &k) in ws.iter().zip(&before) {
+        for (_, s) in c.steps_from(w, k) {
+            assert_eq!(s.member_set(), two, "{}: {s:?}", c.procs[w].name);
+        }
+        assert!(c.find(w, k, |e| e.is("attempt_failed")).is_none(), "{} was disturbed", c.procs[w].name);
+    }
+    c.check_steps(&ws);
+    eprintln!("stranger_is_refused: test {} ms", started.elapsed().as_millis());
+}
+
+#[test]
+fn mismatch_fails_everywhere() {
+    let _serial = serial();
+    let started = Instant::now();
+    const LEN: usize = 1 << 16;
+    let mut c = Cluster::start(None);
+    let first = c.worker("w0", LEN, &[]);
+    c.wait(Duration::from_secs(20), "w0 to join", |c| c.id(first));
+    let odd = c.worker("w1-odd", LEN, &["--len-offset", "1"]);
+    let ws = [first, odd];
+    let joined =
+        c.wait(Duration::from_secs(20), "w1 to join", |c| c.find(odd, 0, |e| e.is("joined")).map(|(_, e)| e.at));
+    let errors = c.wait(MISMATCH_BOUND + Duration::from_secs(10), "both workers' errors and exits", |c| {
+        ws.iter()
+            .map(|&w| {
+                let err = c.find(w, 0, |e| e.is("error"))?.1.clone();
+                c.exited(w).map(|s| (err, s))
+            })
+            .collect::<Option<Vec<_>>>()
+    });
+    for (&w, (err, status)) in ws.iter().zip(&errors) {
+        let name = &c.procs[w].name;
+        let took = err.at.saturating_duration_since(joined);
+        eprintln!("mismatch_fails_everywhere: {name} failed {} ms after the second join: {}", took.as_millis(), err.v);
+        assert_eq!(err.str("kind"), "Mismatch", "{name}: {}", err.v);
+        assert!(took <= MISMATCH_BOUND, "{name} failed after {took:?}");
+        assert!(!status.success(), "{name} exited successfully");
+        let failed = c.find(w, 0, |e| e.is("attempt_failed")).map(|(_, e)| e.clone()).expect("a failed attempt");
+        assert_eq!(failed.str("kind"), "Mismatch", "{name}: {}", failed.v);
+        assert_eq!(failed.v["restored"], true, "{name}: {}", failed.v);
+        assert!(c.steps(w).iter().all(|s| s.members.len() == 1), "{name} committed a mismatched all-reduce");
+    }
+    c.check_steps(&ws);
+    eprintln!("mismatch_fails_everywhere: test {} ms", started.elapsed().as_millis());
+}
