@@ -42,5 +42,10 @@ pub mod transport;
 pub mod workload;
 
 pub use comm::{Communicator, Config};
+
+/// The README's examples, compiled as doc tests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{Error, Result};
