@@ -185,3 +185,40 @@ fn a_joiner_receives_the_shared_state() {
         assert!(states.iter().all(|s| s.digest() == states[0].digest() && s.revision == 7));
     });
 }
+
+#[test]
+fn concurrent_collectives_keep_their_traffic_apart() {
+    with_timeout(30, || {
+        let c = cluster();
+        let mut comms = group(&c, 3, RetryPolicy::Never);
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .map(|comm| {
+                    s.spawn(move || {
+                        let r = comm.rank() as f32;
+                        // Two collectives in flight at once, different sizes and values.
+                        let a = comm.all_reduce_start(vec![r; 70_000], ReduceOp::Sum).unwrap();
+                        let b = comm.all_reduce_start(vec![10.0 * r + 1.0; 300], ReduceOp::Max).unwrap();
+                        let (rb, b) = b.wait();
+                        let (ra, a) = a.wait();
+                        rb.unwrap();
+                        ra.unwrap();
+                        (a, b)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (a, b) in &results {
+            assert!(a.len() == 70_000 && a.iter().all(|&x| x == 3.0));
+            assert!(b.len() == 300 && b.iter().all(|&x| x == 21.0));
+        }
+    });
+}
+
+#[test]
+fn non_blocking_calls_need_a_networked_group() {
+    let mut comms = Communicator::local_group(1, Default::default()).unwrap();
+    assert!(matches!(comms[0].all_reduce_start(vec![1u8], ReduceOp::Sum), Err(Error::InvalidArgument(_))));
+}

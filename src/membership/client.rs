@@ -106,7 +106,17 @@ impl Shared {
     }
 
     fn slot(&self, key: OpKey) -> Arc<OpSlot> {
-        self.ops().entry(key).or_default().clone()
+        let slot = self.ops().entry(key).or_default().clone();
+        // A view change or removal that happened just before the slot existed did not
+        // fire it; `on_view` and `on_gone` publish their state before firing, so
+        // checking after inserting catches every such case.
+        let state = self.view.borrow();
+        if let Some(reason) = &state.gone {
+            slot.abort.fire(Error::Removed { reason: reason.clone() });
+        } else if let Some(epoch) = state.view.as_ref().map(|v| v.epoch).filter(|&e| e > key.0) {
+            slot.abort.fire(Error::Aborted { reason: format!("the view changed to epoch {epoch}") });
+        }
+        slot
     }
 
     fn on_message(&self, msg: ToPeer) {
@@ -136,6 +146,12 @@ impl Shared {
             None => Error::Aborted { reason: format!("the view changed to epoch {}", view.epoch) },
         };
         let epoch = view.epoch;
+        self.pending_joiners.store(0, Ordering::Relaxed);
+        // Publish first, then fire: see `slot`.
+        self.view.send_modify(|s| {
+            s.view = Some(view);
+            s.updates += 1;
+        });
         self.ops().retain(|key, slot| {
             if key.0 < epoch {
                 slot.abort.fire(reason.clone());
@@ -144,23 +160,19 @@ impl Shared {
                 true
             }
         });
-        self.pending_joiners.store(0, Ordering::Relaxed);
-        self.view.send_modify(|s| {
-            s.view = Some(view);
-            s.updates += 1;
-        });
     }
 
     fn on_gone(&self, reason: String) {
         let err = Error::Removed { reason: reason.clone() };
-        for slot in self.ops().values() {
-            slot.abort.fire(err.clone());
-        }
+        // Publish first, then fire: see `slot`.
         self.view.send_modify(|s| {
             if s.gone.is_none() {
                 s.gone = Some(reason);
             }
         });
+        for slot in self.ops().values() {
+            slot.abort.fire(err.clone());
+        }
     }
 }
 

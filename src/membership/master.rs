@@ -402,8 +402,10 @@ pub type PlannedSync = (Vec<(u64, Digest)>, Vec<Transfer>);
 /// Chooses each tensor's content and who sends it to whom. `requests` are in rank order.
 ///
 /// Candidates are the send-only members if there are any, else every member that is not
-/// receive-only; the content most candidates hold wins (ties: higher revision, then the
-/// lowest rank's). Members holding other content receive it from the holders in turn.
+/// receive-only. Of the candidates' contents, those at the highest revision compete, and
+/// the one most of them hold wins (ties: the lowest rank's), so newcomers still at
+/// revision 0 never outvote a group that has trained. Members holding other content
+/// receive it from the holders in turn.
 pub fn sync_plan(requests: &[(SyncStrategy, &[TensorDigest])]) -> Result<PlannedSync, String> {
     let Some((_, first)) = requests.first() else {
         return Ok((Vec::new(), Vec::new()));
@@ -425,8 +427,11 @@ pub fn sync_plan(requests: &[(SyncStrategy, &[TensorDigest])]) -> Result<Planned
         if any_send_only && votes.len() > 1 {
             return Err(format!("send-only members hold different contents of tensor '{}'", tensor.name));
         }
-        let Some((&chosen, _)) =
-            votes.iter().max_by(|(ca, (na, ra)), (cb, (nb, rb))| na.cmp(nb).then(ca.0.cmp(&cb.0)).then(rb.cmp(ra)))
+        let top = votes.keys().map(|c| c.0).max();
+        let Some((&chosen, _)) = votes
+            .iter()
+            .filter(|(c, _)| Some(c.0) == top)
+            .max_by(|(_, (na, ra)), (_, (nb, rb))| na.cmp(nb).then(rb.cmp(ra)))
         else {
             return Err(format!("no member offers tensor '{}' (all are receive-only)", tensor.name));
         };
@@ -597,6 +602,20 @@ mod tests {
         let (agreed, transfers) = sync_plan(&reqs).expect("plan");
         assert_eq!(agreed, vec![(3, [1; 32])]);
         assert_eq!(transfers, vec![Transfer { tensor: 0, from: 0, to: 1 }, Transfer { tensor: 0, from: 2, to: 3 }]);
+    }
+
+    #[test]
+    fn sync_plan_prefers_the_highest_revision_over_numbers() {
+        let trained = [td("w", 5, 1)];
+        let fresh = [td("w", 0, 0)];
+        let reqs = [
+            (SyncStrategy::EnforcePopular, &trained[..]),
+            (SyncStrategy::EnforcePopular, &fresh[..]),
+            (SyncStrategy::EnforcePopular, &fresh[..]),
+        ];
+        let (agreed, transfers) = sync_plan(&reqs).expect("plan");
+        assert_eq!(agreed, vec![(5, [1; 32])]);
+        assert_eq!(transfers.len(), 2);
     }
 
     #[test]
