@@ -222,3 +222,13 @@ fn non_blocking_calls_need_a_networked_group() {
     let mut comms = Communicator::local_group(1, Default::default()).unwrap();
     assert!(matches!(comms[0].all_reduce_start(vec![1u8], ReduceOp::Sum), Err(Error::InvalidArgument(_))));
 }
+
+#[test]
+fn raw_calls_check_whole_elements() {
+    let mut comms = Communicator::local_group(1, Default::default()).unwrap();
+    let err = comms[0].all_reduce_raw(&mut [0u8; 7], phalanx::DType::F32, ReduceOp::Sum).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("whole number")), "{err}");
+    let mut ok = 2.5f64.to_le_bytes();
+    comms[0].all_reduce_raw(&mut ok, phalanx::DType::F64, ReduceOp::Avg).unwrap();
+    assert_eq!(f64::from_le_bytes(ok), 2.5);
+}

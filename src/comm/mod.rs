@@ -171,13 +171,19 @@ impl Communicator {
     /// every peer must start them in the same order. A started collective is not
     /// retried: on a lost peer `wait` returns the error and the original buffer.
     pub fn all_reduce_start<T: Element>(&mut self, buf: Vec<T>, op: ReduceOp) -> Result<PendingAllReduce<T>> {
+        let bytes = bytemuck::cast_slice(&buf).to_vec();
+        let raw = self.all_reduce_start_raw(bytes, T::DTYPE, op)?;
+        Ok(PendingAllReduce { raw, _t: std::marker::PhantomData })
+    }
+
+    /// [`Communicator::all_reduce_start`] on the bytes of elements of type `dtype`.
+    pub fn all_reduce_start_raw(&mut self, buf: Vec<u8>, dtype: DType, op: ReduceOp) -> Result<PendingRaw> {
         let Backend::Net(n) = &mut self.backend else {
             return Err(Error::InvalidArgument("non-blocking collectives need a networked group".into()));
         };
-        let coll = Collective::AllReduce { len: buf.len() };
-        let bytes = bytemuck::cast_slice(&buf).to_vec();
-        let (task, runtime) = n.start(coll, T::DTYPE, op, bytes);
-        Ok(PendingAllReduce { task, runtime, op, _t: std::marker::PhantomData })
+        let len = elements(buf.len(), dtype, "buffer")?;
+        let (task, runtime) = n.start(Collective::AllReduce { len }, dtype, op, buf);
+        Ok(PendingRaw { task, runtime, dtype, op })
     }
 
     /// Leaves the group gracefully: the others see a new view without this peer.
@@ -192,11 +198,7 @@ impl Communicator {
     /// All ranks must pass buffers of the same length and type, and the same `op`.
     /// See [`crate::plan::allreduce`] for the order in which contributions combine.
     pub fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let coll = Collective::AllReduce { len: buf.len() };
-        let bytes = bytemuck::cast_slice_mut(buf);
-        let contributors = self.run(&coll, T::DTYPE, op, bytes)?;
-        finish_avg(op, T::DTYPE, bytemuck::cast_slice_mut(buf), contributors);
-        Ok(())
+        self.all_reduce_raw(bytemuck::cast_slice_mut(buf), T::DTYPE, op)
     }
 
     /// Reduces `input` (`size() * output.len()` elements on every rank) and leaves
@@ -215,22 +217,7 @@ impl Communicator {
         counts: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
-        self.check_counts(counts, input.len(), "input")?;
-        let rank = self.rank();
-        if counts[rank] != output.len() {
-            return Err(Error::InvalidArgument(format!(
-                "output holds {} elements, counts[{rank}] = {}",
-                output.len(),
-                counts[rank]
-            )));
-        }
-        let mut work = input.to_vec();
-        let coll = Collective::ReduceScatter { counts: counts.to_vec() };
-        let contributors = self.run(&coll, T::DTYPE, op, bytemuck::cast_slice_mut(&mut work))?;
-        let start: usize = counts[..rank].iter().sum();
-        output.copy_from_slice(&work[start..start + output.len()]);
-        finish_avg(op, T::DTYPE, bytemuck::cast_slice_mut(output), contributors);
-        Ok(())
+        self.reduce_scatter_raw(bytemuck::cast_slice(input), bytemuck::cast_slice_mut(output), counts, T::DTYPE, op)
     }
 
     /// Concatenates every rank's `input` (equal lengths) into `output`, in rank order.
@@ -241,49 +228,102 @@ impl Communicator {
 
     /// All-gather with uneven contributions: rank `i` contributes `counts[i]` elements.
     pub fn all_gather_v<T: Element>(&mut self, input: &[T], output: &mut [T], counts: &[usize]) -> Result<()> {
-        self.check_counts(counts, output.len(), "output")?;
-        let rank = self.rank();
-        if counts[rank] != input.len() {
-            return Err(Error::InvalidArgument(format!(
-                "input holds {} elements, counts[{rank}] = {}",
-                input.len(),
-                counts[rank]
-            )));
-        }
-        let mut work = output.to_vec();
-        let start: usize = counts[..rank].iter().sum();
-        work[start..start + input.len()].copy_from_slice(input);
-        let coll = Collective::AllGather { counts: counts.to_vec() };
-        self.run(&coll, T::DTYPE, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut work))?;
-        output.copy_from_slice(&work);
-        Ok(())
+        self.all_gather_raw(bytemuck::cast_slice(input), bytemuck::cast_slice_mut(output), counts, T::DTYPE)
     }
 
     /// Copies `root`'s `buf` into every rank's `buf`.
     pub fn broadcast<T: Element>(&mut self, buf: &mut [T], root: Rank) -> Result<()> {
-        self.check_root(root)?;
-        let coll = Collective::Broadcast { root, len: buf.len() };
-        self.run(&coll, T::DTYPE, ReduceOp::Sum, bytemuck::cast_slice_mut(buf)).map(|_| ())
+        self.broadcast_raw(bytemuck::cast_slice_mut(buf), T::DTYPE, root)
     }
 
     /// Reduces every rank's `buf` into `root`'s `buf`; other ranks' buffers are left as
     /// they were. See [`crate::plan::reduce`] for the order.
     pub fn reduce<T: Element>(&mut self, buf: &mut [T], root: Rank, op: ReduceOp) -> Result<()> {
-        self.check_root(root)?;
-        let coll = Collective::Reduce { root, len: buf.len() };
-        if self.rank() == root {
-            let contributors = self.run(&coll, T::DTYPE, op, bytemuck::cast_slice_mut(buf))?;
-            finish_avg(op, T::DTYPE, bytemuck::cast_slice_mut(buf), contributors);
-        } else {
-            let mut scratch = buf.to_vec();
-            self.run(&coll, T::DTYPE, op, bytemuck::cast_slice_mut(&mut scratch))?;
-        }
-        Ok(())
+        self.reduce_raw(bytemuck::cast_slice_mut(buf), T::DTYPE, root, op)
     }
 
     /// Returns once every rank has called `barrier`.
     pub fn barrier(&mut self) -> Result<()> {
         self.run(&Collective::Barrier, DType::U8, ReduceOp::Sum, &mut []).map(|_| ())
+    }
+
+    /// [`Communicator::all_reduce`] on the bytes of elements of type `dtype` (for
+    /// bindings that know the type only at run time).
+    pub fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let len = elements(buf.len(), dtype, "buffer")?;
+        let contributors = self.run(&Collective::AllReduce { len }, dtype, op, buf)?;
+        finish_avg(op, dtype, buf, contributors);
+        Ok(())
+    }
+
+    /// [`Communicator::reduce_scatter_v`] on bytes; `counts` are in elements.
+    pub fn reduce_scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        counts: &[usize],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (input_len, output_len) =
+            (elements(input.len(), dtype, "input")?, elements(output.len(), dtype, "output")?);
+        self.check_counts(counts, input_len, "input")?;
+        let rank = self.rank();
+        if counts[rank] != output_len {
+            return Err(Error::InvalidArgument(format!(
+                "output holds {output_len} elements, counts[{rank}] = {}",
+                counts[rank]
+            )));
+        }
+        let mut work = input.to_vec();
+        let coll = Collective::ReduceScatter { counts: counts.to_vec() };
+        let contributors = self.run(&coll, dtype, op, &mut work)?;
+        let start = counts[..rank].iter().sum::<usize>() * dtype.size();
+        output.copy_from_slice(&work[start..start + output.len()]);
+        finish_avg(op, dtype, output, contributors);
+        Ok(())
+    }
+
+    /// [`Communicator::all_gather_v`] on bytes; `counts` are in elements.
+    pub fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], counts: &[usize], dtype: DType) -> Result<()> {
+        let (input_len, output_len) =
+            (elements(input.len(), dtype, "input")?, elements(output.len(), dtype, "output")?);
+        self.check_counts(counts, output_len, "output")?;
+        let rank = self.rank();
+        if counts[rank] != input_len {
+            return Err(Error::InvalidArgument(format!(
+                "input holds {input_len} elements, counts[{rank}] = {}",
+                counts[rank]
+            )));
+        }
+        let mut work = output.to_vec();
+        let start = counts[..rank].iter().sum::<usize>() * dtype.size();
+        work[start..start + input.len()].copy_from_slice(input);
+        let coll = Collective::AllGather { counts: counts.to_vec() };
+        self.run(&coll, dtype, ReduceOp::Sum, &mut work)?;
+        output.copy_from_slice(&work);
+        Ok(())
+    }
+
+    /// [`Communicator::broadcast`] on bytes.
+    pub fn broadcast_raw(&mut self, buf: &mut [u8], dtype: DType, root: Rank) -> Result<()> {
+        self.check_root(root)?;
+        let len = elements(buf.len(), dtype, "buffer")?;
+        self.run(&Collective::Broadcast { root, len }, dtype, ReduceOp::Sum, buf).map(|_| ())
+    }
+
+    /// [`Communicator::reduce`] on bytes.
+    pub fn reduce_raw(&mut self, buf: &mut [u8], dtype: DType, root: Rank, op: ReduceOp) -> Result<()> {
+        self.check_root(root)?;
+        let coll = Collective::Reduce { root, len: elements(buf.len(), dtype, "buffer")? };
+        if self.rank() == root {
+            let contributors = self.run(&coll, dtype, op, buf)?;
+            finish_avg(op, dtype, buf, contributors);
+        } else {
+            let mut scratch = buf.to_vec();
+            self.run(&coll, dtype, op, &mut scratch)?;
+        }
+        Ok(())
     }
 
     fn check_counts(&self, counts: &[usize], total: usize, what: &str) -> Result<()> {
@@ -320,11 +360,20 @@ impl Communicator {
     }
 }
 
+/// The number of `dtype` elements in `bytes` bytes, or an error naming `what`.
+fn elements(bytes: usize, dtype: DType, what: &str) -> Result<usize> {
+    if bytes % dtype.size() != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{what} of {bytes} bytes is not a whole number of {dtype} elements ({} bytes each)",
+            dtype.size()
+        )));
+    }
+    Ok(bytes / dtype.size())
+}
+
 /// An all-reduce started by [`Communicator::all_reduce_start`].
 pub struct PendingAllReduce<T: Element> {
-    task: net::Started,
-    runtime: Arc<tokio::runtime::Runtime>,
-    op: ReduceOp,
+    raw: PendingRaw,
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -332,18 +381,39 @@ impl<T: Element> PendingAllReduce<T> {
     /// Waits for the collective and returns its outcome with the buffer: reduced on
     /// success, exactly as it was passed to `all_reduce_start` on error.
     pub fn wait(self) -> (Result<()>, Vec<T>) {
+        let (result, bytes) = self.raw.wait();
+        (result, bytemuck::allocation::pod_collect_to_vec(&bytes))
+    }
+}
+
+/// An all-reduce started by [`Communicator::all_reduce_start_raw`].
+pub struct PendingRaw {
+    task: net::Started,
+    runtime: Arc<tokio::runtime::Runtime>,
+    dtype: DType,
+    op: ReduceOp,
+}
+
+impl PendingRaw {
+    /// Waits for the collective: its outcome, and the buffer (reduced on success, as it
+    /// was passed on error). Returns an empty buffer only if called from inside an async
+    /// runtime (an error) or if the collective's task panicked.
+    pub fn wait(self) -> (Result<()>, Vec<u8>) {
         if tokio::runtime::Handle::try_current().is_ok() {
-            let err = Error::InvalidArgument("wait called from inside an async runtime".into());
-            // The task keeps running; its buffer cannot be recovered from here.
-            return (Err(err), Vec::new());
+            return (Err(Error::InvalidArgument("wait called from inside an async runtime".into())), Vec::new());
         }
         match self.runtime.block_on(self.task) {
             Ok((result, mut bytes)) => {
-                let result = result.map(|contributors| finish_avg(self.op, T::DTYPE, &mut bytes, contributors));
-                (result, bytemuck::allocation::pod_collect_to_vec(&bytes))
+                let result = result.map(|contributors| finish_avg(self.op, self.dtype, &mut bytes, contributors));
+                (result, bytes)
             }
             Err(e) => (Err(Error::Aborted { reason: format!("collective task failed: {e}") }), Vec::new()),
         }
+    }
+
+    /// Whether the collective has finished (`wait` would not block).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 }
 

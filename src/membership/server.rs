@@ -53,6 +53,55 @@ impl Drop for MasterServer {
     }
 }
 
+/// A master with a runtime of its own, over QUIC: the way to embed one in a process
+/// (bindings, tests, a trainer that also coordinates).
+///
+/// ```
+/// use phalanx::membership::server::Master;
+/// let master = Master::start("127.0.0.1:0".parse().unwrap(), Default::default(), Default::default()).unwrap();
+/// assert_ne!(master.addr().port(), 0);
+/// ```
+pub struct Master {
+    server: MasterServer,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Master {
+    /// Binds `listen` and starts serving.
+    pub fn start(
+        listen: SocketAddr,
+        quic: crate::transport::quic::QuicConfig,
+        config: MasterConfig,
+    ) -> Result<Master, crate::Error> {
+        let setup = |e: String| crate::Error::InvalidArgument(format!("cannot start the master: {e}"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("phalanx-master")
+            .build()
+            .map_err(|e| setup(e.to_string()))?;
+        let server = runtime.block_on(async {
+            let ep = crate::transport::quic::QuicEndpoint::bind(listen, quic).map_err(|e| setup(e.to_string()))?;
+            Ok::<_, crate::Error>(MasterServer::spawn(Arc::new(ep), config))
+        })?;
+        Ok(Master { server, runtime: Some(runtime) })
+    }
+
+    /// The address peers connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        self.server.shutdown();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Encodes a control message as a frame.
 pub(crate) fn to_frame(encoded: Vec<u8>) -> Frame {
     Frame { header: Header::default(), payload: Bytes::from(encoded) }
