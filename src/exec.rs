@@ -50,16 +50,42 @@ pub type Links = [Option<Arc<dyn Link>>];
 ///
 /// The membership layer fires it when a peer is lost or the view changes; every
 /// collective in flight on it then returns the fired error.
+///
+/// # Agreeing on completion
+///
+/// A signal made by [`AbortSignal::for_group`] is shared by every rank of an
+/// in-process group and also decides, once and for all ranks, whether each collective
+/// completed: [`execute_restoring`] returns `Ok` only after every rank of the group has
+/// finished its plan ([`AbortSignal::arrive`]) before the signal fired. A rank that
+/// finishes its own steps while another is still running, and then sees the signal
+/// fire, restores its buffer and fails like the others, so no survivor keeps a result
+/// that another one aborted. A signal from [`AbortSignal::new`] (one per process, as in
+/// a networked group, where the master decides) does not wait for anyone.
 #[derive(Clone, Debug)]
 pub struct AbortSignal {
-    tx: Arc<watch::Sender<Option<Error>>>,
+    tx: Arc<watch::Sender<Verdict>>,
+}
+
+/// What an [`AbortSignal`] holds.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// Why the group stopped, once it has.
+    reason: Option<Error>,
+    /// For a group signal: per rank, the last `(epoch, seq)` whose plan it finished
+    /// before the signal fired.
+    done: Option<Vec<(u64, u64)>>,
+}
+
+impl Verdict {
+    /// Whether every rank finished the collective `(epoch, seq)` before any abort.
+    fn completed(&self, key: (u64, u64)) -> bool {
+        self.done.as_ref().is_none_or(|done| done.iter().all(|&d| d >= key))
+    }
 }
 
 impl Default for AbortSignal {
     fn default() -> Self {
-        AbortSignal {
-            tx: Arc::new(watch::channel(None).0),
-        }
+        AbortSignal { tx: Arc::new(watch::channel(Verdict::default()).0) }
     }
 }
 
@@ -69,11 +95,17 @@ impl AbortSignal {
         AbortSignal::default()
     }
 
+    /// A signal shared by the `n` ranks of an in-process group, which also makes them
+    /// agree on whether each collective completed (see the type's docs).
+    pub fn for_group(n: usize) -> AbortSignal {
+        AbortSignal { tx: Arc::new(watch::channel(Verdict { reason: None, done: Some(vec![(0, 0); n]) }).0) }
+    }
+
     /// Fires with `reason`; later calls keep the first reason.
     pub fn fire(&self, reason: Error) {
-        self.tx.send_if_modified(|slot| {
-            if slot.is_none() {
-                *slot = Some(reason);
+        self.tx.send_if_modified(|v| {
+            if v.reason.is_none() {
+                v.reason = Some(reason);
                 true
             } else {
                 false
@@ -83,35 +115,70 @@ impl AbortSignal {
 
     /// The reason, if it has fired.
     pub fn fired(&self) -> Option<Error> {
-        self.tx.borrow().clone()
+        self.tx.borrow().reason.clone()
+    }
+
+    /// Records that `rank` finished its plan of collective `(epoch, seq)`. Ignored once
+    /// the signal has fired, and for signals not made by [`AbortSignal::for_group`].
+    pub fn arrive(&self, rank: Rank, epoch: u64, seq: u64) {
+        self.tx.send_if_modified(|v| match (&v.reason, v.done.as_mut()) {
+            (None, Some(done)) => match done.get_mut(rank) {
+                Some(d) if *d < (epoch, seq) => {
+                    *d = (epoch, seq);
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        });
+    }
+
+    /// Waits until every rank has arrived at `(epoch, seq)` (`Ok`) or the signal fired
+    /// first (`Err` with the reason). Immediate for a signal from [`AbortSignal::new`].
+    async fn completed(&self, epoch: u64, seq: u64) -> Result<()> {
+        let mut rx = self.tx.subscribe();
+        loop {
+            {
+                let v = rx.borrow_and_update();
+                if v.completed((epoch, seq)) {
+                    return Ok(());
+                }
+                if let Some(reason) = &v.reason {
+                    return Err(reason.clone());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Aborted { reason: "abort signal dropped".into() });
+            }
+        }
     }
 
     /// Waits until it fires and returns the reason.
     pub async fn wait(&self) -> Error {
         let mut rx = self.tx.subscribe();
         loop {
-            if let Some(reason) = rx.borrow_and_update().clone() {
+            if let Some(reason) = rx.borrow_and_update().reason.clone() {
                 return reason;
             }
             // The sender lives in `self`, so `changed` cannot fail while we wait.
             if rx.changed().await.is_err() {
-                return Error::Aborted {
-                    reason: "abort signal dropped".into(),
-                };
+                return Error::Aborted { reason: "abort signal dropped".into() };
             }
         }
     }
 }
 
 /// Runs `call.plan` on `buf` and restores `buf` to its prior content on any error.
-pub async fn execute_restoring(
-    call: &Call<'_>,
-    buf: &mut [u8],
-    links: &Links,
-    abort: &AbortSignal,
-) -> Result<()> {
+///
+/// With a group signal ([`AbortSignal::for_group`]) it returns `Ok` only once every
+/// rank has finished the plan, and fails (restoring `buf`) if the signal fires first.
+pub async fn execute_restoring(call: &Call<'_>, buf: &mut [u8], links: &Links, abort: &AbortSignal) -> Result<()> {
     let backup = buf.to_vec();
-    let result = execute(call, buf, links, abort, 0..call.plan.steps.len()).await;
+    let mut result = execute(call, buf, links, abort, 0..call.plan.steps.len()).await;
+    if result.is_ok() {
+        abort.arrive(call.plan.rank, call.epoch, call.seq);
+        result = abort.completed(call.epoch, call.seq).await;
+    }
     if result.is_err() {
         buf.copy_from_slice(&backup);
     }
@@ -139,12 +206,7 @@ pub async fn execute(
         return Err(reason);
     }
     let counters = || (0..links.len()).map(|_| AtomicU64::new(0)).collect();
-    let ctx = Ctx {
-        call,
-        links,
-        sent: counters(),
-        received: counters(),
-    };
+    let ctx = Ctx { call, links, sent: counters(), received: counters() };
     let body = async {
         for i in steps {
             ctx.run_step(i, buf).await?;
@@ -154,7 +216,9 @@ pub async fn execute(
     tokio::select! {
         biased;
         reason = abort.wait() => Err(reason),
-        result = body => result,
+        // When the group has already stopped, its reason is the one to report: a link
+        // that broke because a failed peer left afterwards is a symptom, not the cause.
+        result = body => result.map_err(|e| abort.fired().unwrap_or(e)),
     }
 }
 
@@ -176,26 +240,16 @@ impl Ctx<'_> {
 
     fn header(&self, index: u64) -> Header {
         let c = self.call;
-        Header {
-            epoch: c.epoch,
-            seq: c.seq,
-            call: c.fingerprint,
-            index,
-        }
+        Header { epoch: c.epoch, seq: c.seq, call: c.fingerprint, index }
     }
 
     fn next(counters: &[AtomicU64], peer: Rank) -> u64 {
-        counters
-            .get(peer)
-            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
+        counters.get(peer).map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
     }
 
     async fn send_frame(&self, to: Rank, payload: Bytes) -> Result<()> {
         let link = self.link(to)?;
-        let frame = Frame {
-            header: self.header(Self::next(&self.sent, to)),
-            payload,
-        };
+        let frame = Frame { header: self.header(Self::next(&self.sent, to)), payload };
         link.send(frame).await.map_err(|e| link_error(to, e))
     }
 
@@ -238,18 +292,12 @@ impl Ctx<'_> {
                 }
                 (None, None) => Ok(()),
             },
-            Step::Forward {
-                from,
-                to,
-                range,
-                action,
-            } => {
+            Step::Forward { from, to, range, action } => {
                 let region = &mut buf[self.bytes(range)];
                 for chunk in self.chunks(region.len()) {
                     let frame = self.recv_frame(*from, chunk.len()).await?;
                     self.apply(*action, &mut region[chunk.clone()], &frame.payload);
-                    self.send_frame(*to, Bytes::copy_from_slice(&region[chunk]))
-                        .await?;
+                    self.send_frame(*to, Bytes::copy_from_slice(&region[chunk])).await?;
                 }
                 Ok(())
             }
@@ -258,8 +306,7 @@ impl Ctx<'_> {
 
     async fn send_bytes(&self, to: Rank, bytes: &[u8]) -> Result<()> {
         for chunk in self.chunks(bytes.len()) {
-            self.send_frame(to, Bytes::copy_from_slice(&bytes[chunk]))
-                .await?;
+            self.send_frame(to, Bytes::copy_from_slice(&bytes[chunk])).await?;
         }
         Ok(())
     }
@@ -317,10 +364,7 @@ impl Ctx<'_> {
 fn link_error(peer: Rank, e: LinkError) -> Error {
     match e {
         LinkError::Closed(reason) => Error::PeerLost { rank: peer, reason },
-        other => Error::Protocol {
-            peer,
-            detail: other.to_string(),
-        },
+        other => Error::Protocol { peer, detail: other.to_string() },
     }
 }
 
@@ -357,17 +401,8 @@ mod tests {
     fn abort_signal_keeps_first_reason() {
         let s = AbortSignal::new();
         assert!(s.fired().is_none());
-        s.fire(Error::Aborted {
-            reason: "one".into(),
-        });
-        s.fire(Error::Aborted {
-            reason: "two".into(),
-        });
-        assert_eq!(
-            s.fired(),
-            Some(Error::Aborted {
-                reason: "one".into()
-            })
-        );
+        s.fire(Error::Aborted { reason: "one".into() });
+        s.fire(Error::Aborted { reason: "two".into() });
+        assert_eq!(s.fired(), Some(Error::Aborted { reason: "one".into() }));
     }
 }

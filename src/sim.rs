@@ -2,8 +2,9 @@
 //!
 //! The ranks run as tasks of a single-threaded runtime over the in-memory transport, so
 //! a run is a pure function of its inputs. A [`Fault`] makes one rank vanish after a
-//! given step (its links close, as when a process dies); the survivors share an
-//! [`AbortSignal`], standing in for the master that tells everyone about a loss.
+//! given step (its links close, as when a process dies); the ranks share an
+//! [`AbortSignal`], standing in for the master that tells everyone about a loss and
+//! decides whether each collective completed (see [`AbortSignal::for_group`]).
 
 use std::time::Duration;
 
@@ -14,6 +15,10 @@ use crate::plan::{Plan, Rank};
 use crate::transport::mem;
 
 /// Rank `rank` completes steps `0..after_steps` of its plan, then disappears.
+///
+/// When `after_steps` covers the whole plan, the rank reports its plan finished before
+/// it dies, so the survivors may complete the collective (if they all finish before the
+/// loss is noticed) or all fail; otherwise every survivor fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
     /// The rank that dies.
@@ -60,41 +65,24 @@ pub struct Simulation {
 impl Simulation {
     /// A fault-free simulation with small chunks, so that every transfer spans several.
     pub fn new(dtype: DType, op: ReduceOp) -> Simulation {
-        Simulation {
-            dtype,
-            op,
-            chunk_bytes: 64,
-            link_capacity: 4,
-            fault: None,
-            time_limit: Duration::from_secs(20),
-        }
+        Simulation { dtype, op, chunk_bytes: 64, link_capacity: 4, fault: None, time_limit: Duration::from_secs(20) }
     }
 
     /// Runs `plans[r]` on `bufs[r]` for every rank `r`; returns each rank's outcome.
     pub fn run(&self, plans: &[Plan], bufs: Vec<Vec<u8>>) -> Vec<Outcome> {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-        {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
             Ok(rt) => rt,
-            Err(e) => {
-                return vec![Outcome::Failed {
-                    error: Error::InvalidArgument(e.to_string()),
-                    buf: vec![],
-                }]
-            }
+            Err(e) => return vec![Outcome::Failed { error: Error::InvalidArgument(e.to_string()), buf: vec![] }],
         };
         rt.block_on(self.run_async(plans, bufs))
     }
 
     async fn run_async(&self, plans: &[Plan], bufs: Vec<Vec<u8>>) -> Vec<Outcome> {
         let n = plans.len();
-        let abort = AbortSignal::new();
+        let abort = AbortSignal::for_group(n);
         let mut tasks = Vec::new();
-        for ((rank, links), (plan, mut buf)) in mem::mesh(n, self.link_capacity)
-            .into_iter()
-            .enumerate()
-            .zip(plans.iter().cloned().zip(bufs))
+        for ((rank, links), (plan, mut buf)) in
+            mem::mesh(n, self.link_capacity).into_iter().enumerate().zip(plans.iter().cloned().zip(bufs))
         {
             let (sim, abort) = (self.clone(), abort.clone());
             tasks.push(tokio::spawn(async move {
@@ -111,8 +99,13 @@ impl Simulation {
                 if let Some(f) = dies {
                     let steps = 0..f.after_steps.min(plan.steps.len());
                     // What the doomed rank computes does not matter; its traffic does.
-                    let _ = execute(&call, &mut buf, &links, &abort, steps).await;
+                    let result = execute(&call, &mut buf, &links, &abort, steps).await;
+                    if result.is_ok() && f.after_steps >= plan.steps.len() {
+                        abort.arrive(rank, call.epoch, call.seq);
+                    }
                     links.iter().flatten().for_each(|l| l.close());
+                    // The master notices the loss (missed heartbeats) and tells everyone.
+                    abort.fire(Error::PeerLost { rank, reason: "killed by the simulation".into() });
                     return Outcome::Killed;
                 }
                 let result = execute_restoring(&call, &mut buf, &links, &abort).await;
@@ -131,10 +124,9 @@ impl Simulation {
             let abort_handle = task.abort_handle();
             outcomes.push(match tokio::time::timeout_at(deadline, task).await {
                 Ok(Ok(outcome)) => outcome,
-                Ok(Err(join)) => Outcome::Failed {
-                    error: Error::InvalidArgument(format!("rank task failed: {join}")),
-                    buf: vec![],
-                },
+                Ok(Err(join)) => {
+                    Outcome::Failed { error: Error::InvalidArgument(format!("rank task failed: {join}")), buf: vec![] }
+                }
                 Err(_) => {
                     abort_handle.abort();
                     Outcome::Hung

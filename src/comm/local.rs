@@ -31,7 +31,9 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Local>> {
         .build()
         .map_err(|e| Error::InvalidArgument(format!("cannot start the runtime: {e}")))?;
     let runtime = Arc::new(runtime);
-    let abort = AbortSignal::new();
+    // Shared by the group: it aborts everyone's collective when one fails, and makes a
+    // collective return `Ok` only once every rank finished it (all agree on completion).
+    let abort = AbortSignal::for_group(n);
     let members = mem::mesh(n, config.link_capacity)
         .into_iter()
         .enumerate()
@@ -73,7 +75,10 @@ impl Local {
 
 impl Drop for Local {
     fn drop(&mut self) {
-        // Closing our links is how the other ranks learn that this one is gone.
+        // Closing our links is how the other ranks learn that this one is gone; the
+        // shared signal tells those that would not touch a link to us again (they may
+        // have finished their steps and be waiting for the group to complete).
         self.links.iter().flatten().for_each(|l| l.close());
+        self.abort.fire(Error::PeerLost { rank: self.rank, reason: "communicator dropped".into() });
     }
 }
