@@ -73,9 +73,7 @@ impl Collective {
             Collective::Broadcast { root, len } => {
                 broadcast::plan(rank, n, *root, *len, size, tuning.chain_threshold_bytes)
             }
-            Collective::Reduce { root, len } => {
-                reduce::plan(rank, n, *root, *len, size, tuning.chain_threshold_bytes)
-            }
+            Collective::Reduce { root, len } => reduce::plan(rank, n, *root, *len, size, tuning.chain_threshold_bytes),
             Collective::Barrier => reduce::barrier(rank, n),
         }
     }
@@ -83,12 +81,8 @@ impl Collective {
     /// Length of the working buffer in elements.
     pub fn working_len(&self) -> usize {
         match self {
-            Collective::AllReduce { len }
-            | Collective::Broadcast { len, .. }
-            | Collective::Reduce { len, .. } => *len,
-            Collective::ReduceScatter { counts } | Collective::AllGather { counts } => {
-                counts.iter().sum()
-            }
+            Collective::AllReduce { len } | Collective::Broadcast { len, .. } | Collective::Reduce { len, .. } => *len,
+            Collective::ReduceScatter { counts } | Collective::AllGather { counts } => counts.iter().sum(),
             Collective::Barrier => 0,
         }
     }
@@ -116,15 +110,10 @@ impl Collective {
 }
 
 fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
-    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Segment lengths of an equal split of `len` over `n` ranks.
 pub fn equal_counts(len: usize, n: usize) -> Vec<usize> {
-    plan::segments::equal(len, n)
-        .iter()
-        .map(|r| r.len())
-        .collect()
+    plan::segments::equal(len, n).iter().map(|r| r.len()).collect()
 }

@@ -142,13 +142,7 @@ pub enum ReduceOp {
 
 impl ReduceOp {
     /// Every operator, in code order.
-    pub const ALL: [ReduceOp; 5] = [
-        ReduceOp::Sum,
-        ReduceOp::Prod,
-        ReduceOp::Min,
-        ReduceOp::Max,
-        ReduceOp::Avg,
-    ];
+    pub const ALL: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max, ReduceOp::Avg];
 
     /// The operator for a wire or C code, or `None` when the code names none.
     pub fn from_code(code: u8) -> Option<ReduceOp> {
@@ -473,16 +467,10 @@ mod tests {
     fn order_decides_signed_zero_min() {
         let mut acc = [0.0f32];
         reduce_slice(ReduceOp::Min, &mut acc, &[-0.0], Order::IncomingRight);
-        assert!(
-            acc[0].is_sign_negative(),
-            "min(+0, -0) takes the right operand"
-        );
+        assert!(acc[0].is_sign_negative(), "min(+0, -0) takes the right operand");
         let mut acc = [0.0f32];
         reduce_slice(ReduceOp::Min, &mut acc, &[-0.0], Order::IncomingLeft);
-        assert!(
-            acc[0].is_sign_positive(),
-            "min(-0, +0) takes the right operand"
-        );
+        assert!(acc[0].is_sign_positive(), "min(-0, +0) takes the right operand");
     }
 
     #[test]
@@ -497,21 +485,11 @@ mod tests {
     #[test]
     fn half_types_round_once_per_combine() {
         let mut acc = [bf16::from_f32(1.0), bf16::from_f32(256.0)];
-        reduce_slice(
-            ReduceOp::Sum,
-            &mut acc,
-            &[bf16::from_f32(2.0), bf16::from_f32(1.0)],
-            Order::IncomingLeft,
-        );
+        reduce_slice(ReduceOp::Sum, &mut acc, &[bf16::from_f32(2.0), bf16::from_f32(1.0)], Order::IncomingLeft);
         assert_eq!(acc[0].to_f32(), 3.0);
         assert_eq!(acc[1].to_f32(), 256.0, "256 + 1 rounds to even in bf16");
         let mut h = [f16::from_f32(0.5)];
-        reduce_slice(
-            ReduceOp::Prod,
-            &mut h,
-            &[f16::from_f32(3.0)],
-            Order::IncomingRight,
-        );
+        reduce_slice(ReduceOp::Prod, &mut h, &[f16::from_f32(3.0)], Order::IncomingRight);
         assert_eq!(h[0].to_f32(), 1.5);
     }
 
@@ -522,13 +500,7 @@ mod tests {
         let inc_vals = [0.5f64, 0.25, 0.125];
         let mut backing = [0u8; 25];
         backing[1..].copy_from_slice(bytemuck::cast_slice(&inc_vals));
-        reduce_bytes(
-            DType::F64,
-            ReduceOp::Sum,
-            &mut acc,
-            &backing[1..],
-            Order::IncomingRight,
-        );
+        reduce_bytes(DType::F64, ReduceOp::Sum, &mut acc, &backing[1..], Order::IncomingRight);
         let out: Vec<f64> = bytemuck::allocation::pod_collect_to_vec(&acc);
         assert_eq!(out, vec![1.5, 2.25, 3.125]);
     }
@@ -547,13 +519,7 @@ mod tests {
                     let expect: Vec<T> = vals
                         .iter()
                         .zip(&inc)
-                        .map(|(&a, &b)| {
-                            if order == Order::IncomingRight {
-                                f(a, b)
-                            } else {
-                                f(b, a)
-                            }
-                        })
+                        .map(|(&a, &b)| if order == Order::IncomingRight { f(a, b) } else { f(b, a) })
                         .collect();
                     assert_eq!(acc, expect, "{} {op:?}", T::DTYPE);
                     assert_eq!(bytes, bytemuck::cast_slice::<T, u8>(&expect));

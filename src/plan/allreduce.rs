@@ -33,9 +33,7 @@ impl Default for Algorithm {
     /// `Auto` with a 64 KiB threshold: below it, `log2 n` round trips beat the ring's
     /// `2(n-1)` steps; above it, the ring's `2(n-1)/n·S` bytes per rank win.
     fn default() -> Self {
-        Algorithm::Auto {
-            threshold_bytes: 64 << 10,
-        }
+        Algorithm::Auto { threshold_bytes: 64 << 10 }
     }
 }
 
@@ -58,12 +56,7 @@ pub fn ring(rank: Rank, n: usize, len: usize) -> Plan {
     let segs = equal(len, n);
     let mut steps = ring_reduce_scatter_steps(rank, n, &segs);
     steps.extend(ring_all_gather_steps(rank, n, &segs));
-    Plan {
-        rank,
-        size: n,
-        len,
-        steps,
-    }
+    Plan { rank, size: n, len, steps }
 }
 
 /// Recursive-doubling all-reduce: `⌈log2 n⌉` full-buffer exchanges (plus one fold-in
@@ -79,11 +72,7 @@ pub fn recursive_doubling(rank: Rank, n: usize, len: usize) -> Plan {
             steps.push(Step::send(rank + 1, all.clone()));
             None
         } else {
-            steps.push(Step::recv(
-                rank - 1,
-                all.clone(),
-                Action::Reduce(Order::IncomingLeft),
-            ));
+            steps.push(Step::recv(rank - 1, all.clone(), Action::Reduce(Order::IncomingLeft)));
             Some(rank / 2)
         }
     } else {
@@ -94,19 +83,9 @@ pub fn recursive_doubling(rank: Rank, n: usize, len: usize) -> Plan {
         let mut mask = 1;
         while mask < p {
             let pv = v ^ mask;
-            let order = if pv < v {
-                Order::IncomingLeft
-            } else {
-                Order::IncomingRight
-            };
+            let order = if pv < v { Order::IncomingLeft } else { Order::IncomingRight };
             let peer = real(pv);
-            steps.push(Step::exchange(
-                peer,
-                all.clone(),
-                peer,
-                all.clone(),
-                Action::Reduce(order),
-            ));
+            steps.push(Step::exchange(peer, all.clone(), peer, all.clone(), Action::Reduce(order)));
             mask <<= 1;
         }
     }
@@ -118,12 +97,7 @@ pub fn recursive_doubling(rank: Rank, n: usize, len: usize) -> Plan {
             steps.push(Step::send(rank - 1, all));
         }
     }
-    Plan {
-        rank,
-        size: n,
-        len,
-        steps,
-    }
+    Plan { rank, size: n, len, steps }
 }
 
 /// The successor and predecessor of `rank` on the ring.

@@ -7,14 +7,7 @@ use super::{ring_add, ring_sub, Action, Plan, Rank, Step};
 pub const DEFAULT_CHAIN_THRESHOLD: usize = 256 << 10;
 
 /// The broadcast plan: [`tree`] below `chain_threshold_bytes`, else [`chain`].
-pub fn plan(
-    rank: Rank,
-    n: usize,
-    root: Rank,
-    len: usize,
-    elem_size: usize,
-    chain_threshold_bytes: usize,
-) -> Plan {
+pub fn plan(rank: Rank, n: usize, root: Rank, len: usize, elem_size: usize, chain_threshold_bytes: usize) -> Plan {
     if len.saturating_mul(elem_size) >= chain_threshold_bytes {
         chain(rank, n, root, len)
     } else {
@@ -35,19 +28,9 @@ pub fn chain(rank: Rank, n: usize, root: Rank, len: usize) -> Plan {
     } else if pos == n - 1 {
         vec![Step::recv(prev, all, Action::Copy)]
     } else {
-        vec![Step::Forward {
-            from: prev,
-            to: next,
-            range: all,
-            action: Action::Copy,
-        }]
+        vec![Step::Forward { from: prev, to: next, range: all, action: Action::Copy }]
     };
-    Plan {
-        rank,
-        size: n,
-        len,
-        steps,
-    }
+    Plan { rank, size: n, len, steps }
 }
 
 /// Binomial tree: `⌈log2 n⌉` rounds, each rank receiving once from its parent and then
@@ -59,11 +42,7 @@ pub fn tree(rank: Rank, n: usize, root: Rank, len: usize) -> Plan {
     let mut steps = Vec::new();
     // The parent is `pos` with its lowest set bit cleared; children are `pos + m` for
     // the powers of two `m` below that bit.
-    let low = if pos == 0 {
-        n.next_power_of_two()
-    } else {
-        1 << pos.trailing_zeros()
-    };
+    let low = if pos == 0 { n.next_power_of_two() } else { 1 << pos.trailing_zeros() };
     if pos != 0 {
         steps.push(Step::recv(real(pos - low), all.clone(), Action::Copy));
     }
@@ -74,10 +53,5 @@ pub fn tree(rank: Rank, n: usize, root: Rank, len: usize) -> Plan {
         }
         m >>= 1;
     }
-    Plan {
-        rank,
-        size: n,
-        len,
-        steps,
-    }
+    Plan { rank, size: n, len, steps }
 }

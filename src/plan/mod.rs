@@ -87,48 +87,23 @@ pub enum Step {
 impl Step {
     /// A send-only step.
     pub fn send(to: Rank, range: Range<usize>) -> Step {
-        Step::Exchange {
-            send: Some(SendTo { to, range }),
-            recv: None,
-        }
+        Step::Exchange { send: Some(SendTo { to, range }), recv: None }
     }
 
     /// A receive-only step.
     pub fn recv(from: Rank, range: Range<usize>, action: Action) -> Step {
-        Step::Exchange {
-            send: None,
-            recv: Some(RecvFrom {
-                from,
-                range,
-                action,
-            }),
-        }
+        Step::Exchange { send: None, recv: Some(RecvFrom { from, range, action }) }
     }
 
     /// A simultaneous send and receive.
-    pub fn exchange(
-        to: Rank,
-        send: Range<usize>,
-        from: Rank,
-        recv: Range<usize>,
-        action: Action,
-    ) -> Step {
-        Step::Exchange {
-            send: Some(SendTo { to, range: send }),
-            recv: Some(RecvFrom {
-                from,
-                range: recv,
-                action,
-            }),
-        }
+    pub fn exchange(to: Rank, send: Range<usize>, from: Rank, recv: Range<usize>, action: Action) -> Step {
+        Step::Exchange { send: Some(SendTo { to, range: send }), recv: Some(RecvFrom { from, range: recv, action }) }
     }
 
     /// The ranks this step talks to.
     pub fn peers(&self) -> impl Iterator<Item = Rank> + '_ {
         let (a, b) = match self {
-            Step::Exchange { send, recv } => {
-                (send.as_ref().map(|s| s.to), recv.as_ref().map(|r| r.from))
-            }
+            Step::Exchange { send, recv } => (send.as_ref().map(|s| s.to), recv.as_ref().map(|r| r.from)),
             Step::Forward { from, to, .. } => (Some(*from), Some(*to)),
         };
         a.into_iter().chain(b)
@@ -151,20 +126,12 @@ pub struct Plan {
 impl Plan {
     /// An empty plan (nothing to do), e.g. for a group of one.
     pub fn empty(rank: Rank, size: usize, len: usize) -> Plan {
-        Plan {
-            rank,
-            size,
-            len,
-            steps: Vec::new(),
-        }
+        Plan { rank, size, len, steps: Vec::new() }
     }
 
     /// Appends the steps of `other`, a plan for the same rank, group and buffer.
     pub fn then(mut self, other: Plan) -> Plan {
-        debug_assert_eq!(
-            (self.rank, self.size, self.len),
-            (other.rank, other.size, other.len)
-        );
+        debug_assert_eq!((self.rank, self.size, self.len), (other.rank, other.size, other.len));
         self.steps.extend(other.steps);
         self
     }
@@ -174,24 +141,16 @@ impl Plan {
     pub fn validate(&self) -> Result<(), String> {
         for (i, step) in self.steps.iter().enumerate() {
             if let Some(p) = step.peers().find(|&p| p >= self.size || p == self.rank) {
-                return Err(format!(
-                    "step {i}: peer {p} invalid for rank {} of {}",
-                    self.rank, self.size
-                ));
+                return Err(format!("step {i}: peer {p} invalid for rank {} of {}", self.rank, self.size));
             }
             let ranges: Vec<&Range<usize>> = match step {
-                Step::Exchange { send, recv } => send
-                    .iter()
-                    .map(|s| &s.range)
-                    .chain(recv.iter().map(|r| &r.range))
-                    .collect(),
+                Step::Exchange { send, recv } => {
+                    send.iter().map(|s| &s.range).chain(recv.iter().map(|r| &r.range)).collect()
+                }
                 Step::Forward { range, .. } => vec![range],
             };
             if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > self.len) {
-                return Err(format!(
-                    "step {i}: range {r:?} outside buffer of {}",
-                    self.len
-                ));
+                return Err(format!("step {i}: range {r:?} outside buffer of {}", self.len));
             }
         }
         Ok(())

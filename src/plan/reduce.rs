@@ -8,14 +8,7 @@
 use super::{allreduce, ring_add, ring_sub, Action, Order, Plan, Rank, Step};
 
 /// The reduce plan: [`tree`] below `chain_threshold_bytes`, else [`chain`].
-pub fn plan(
-    rank: Rank,
-    n: usize,
-    root: Rank,
-    len: usize,
-    elem_size: usize,
-    chain_threshold_bytes: usize,
-) -> Plan {
+pub fn plan(rank: Rank, n: usize, root: Rank, len: usize, elem_size: usize, chain_threshold_bytes: usize) -> Plan {
     if len.saturating_mul(elem_size) >= chain_threshold_bytes {
         chain(rank, n, root, len)
     } else {
@@ -37,19 +30,9 @@ pub fn chain(rank: Rank, n: usize, root: Rank, len: usize) -> Plan {
     } else if pos == 0 {
         vec![Step::recv(next, all, reduce)]
     } else {
-        vec![Step::Forward {
-            from: next,
-            to: prev,
-            range: all,
-            action: reduce,
-        }]
+        vec![Step::Forward { from: next, to: prev, range: all, action: reduce }]
     };
-    Plan {
-        rank,
-        size: n,
-        len,
-        steps,
-    }
+    Plan { rank, size: n, len, steps }
 }
 
 /// Binomial tree: each rank folds in its children's blocks in ascending position order,
@@ -59,31 +42,18 @@ pub fn tree(rank: Rank, n: usize, root: Rank, len: usize) -> Plan {
     let real = |p: usize| ring_add(p, root, n);
     let all = 0..len;
     let mut steps = Vec::new();
-    let low = if pos == 0 {
-        n.next_power_of_two()
-    } else {
-        1 << pos.trailing_zeros()
-    };
+    let low = if pos == 0 { n.next_power_of_two() } else { 1 << pos.trailing_zeros() };
     let mut m = 1;
     while m < low {
         if pos + m < n {
-            steps.push(Step::recv(
-                real(pos + m),
-                all.clone(),
-                Action::Reduce(Order::IncomingRight),
-            ));
+            steps.push(Step::recv(real(pos + m), all.clone(), Action::Reduce(Order::IncomingRight)));
         }
         m <<= 1;
     }
     if pos != 0 {
         steps.push(Step::send(real(pos - low), all));
     }
-    Plan {
-        rank,
-        size: n,
-        len,
-        steps,
-    }
+    Plan { rank, size: n, len, steps }
 }
 
 /// Barrier: recursive doubling over an empty buffer. Every transfer still carries one

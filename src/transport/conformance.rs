@@ -11,18 +11,8 @@ use bytes::Bytes;
 use super::{Frame, Header, Link, LinkError};
 
 fn frame(i: u32, len: usize) -> Frame {
-    let payload: Vec<u8> = (0..len)
-        .map(|b| (b as u32).wrapping_mul(31).wrapping_add(i) as u8)
-        .collect();
-    Frame {
-        header: Header {
-            epoch: 1,
-            seq: 2,
-            call: 3,
-            index: i as u64 * 7,
-        },
-        payload: Bytes::from(payload),
-    }
+    let payload: Vec<u8> = (0..len).map(|b| (b as u32).wrapping_mul(31).wrapping_add(i) as u8).collect();
+    Frame { header: Header { epoch: 1, seq: 2, call: 3, index: i as u64 * 7 }, payload: Bytes::from(payload) }
 }
 
 /// Frames arrive in order with headers and payloads intact, both ways at once,
@@ -32,9 +22,7 @@ pub async fn ordered_both_ways(a: &dyn Link, b: &dyn Link, big: usize) {
     let count = 64u32;
     async fn send_all(l: &dyn Link, sizes: &[usize], count: u32) {
         for i in 0..count {
-            l.send(frame(i, sizes[i as usize % sizes.len()]))
-                .await
-                .expect("send");
+            l.send(frame(i, sizes[i as usize % sizes.len()])).await.expect("send");
         }
     }
     async fn recv_all(l: &dyn Link, sizes: &[usize], count: u32) {
@@ -56,17 +44,12 @@ pub async fn ordered_both_ways(a: &dyn Link, b: &dyn Link, big: usize) {
 pub async fn bounded(a: &dyn Link, b: &dyn Link, at_most: usize, len: usize) {
     let mut sent = 0;
     loop {
-        match tokio::time::timeout(Duration::from_millis(200), a.send(frame(sent as u32, len)))
-            .await
-        {
+        match tokio::time::timeout(Duration::from_millis(200), a.send(frame(sent as u32, len))).await {
             Ok(r) => r.expect("send"),
             Err(_) => break,
         }
         sent += 1;
-        assert!(
-            sent <= at_most,
-            "link accepted {sent} unreceived frames of {len} bytes"
-        );
+        assert!(sent <= at_most, "link accepted {sent} unreceived frames of {len} bytes");
     }
     // The peer still receives what was accepted, in order.
     for i in 0..sent {
@@ -81,18 +64,14 @@ pub async fn close_is_seen(a: &dyn Link, b: &dyn Link) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         a.close();
     };
-    let (got, ()) = tokio::time::timeout(Duration::from_secs(5), async {
-        tokio::join!(pending, closer)
-    })
-    .await
-    .expect("a pending recv must end when the peer closes");
+    let (got, ()) = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(pending, closer) })
+        .await
+        .expect("a pending recv must end when the peer closes");
     assert!(matches!(got, Err(LinkError::Closed(_))), "got {got:?}");
     let mut failed = false;
     for i in 0..1000 {
         // A transport may accept a few frames into its buffer before it notices.
-        let r = tokio::time::timeout(Duration::from_secs(5), b.send(frame(i, 8)))
-            .await
-            .expect("send must not hang");
+        let r = tokio::time::timeout(Duration::from_secs(5), b.send(frame(i, 8))).await.expect("send must not hang");
         if r.is_err() {
             failed = true;
             break;
