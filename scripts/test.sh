@@ -6,13 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== cargo build (all targets)"
-cargo build --all-targets --locked
+cargo build --workspace --all-targets --locked
 
 echo "== cargo test"
-cargo test --locked -- --test-threads=2
+cargo test --workspace --locked -- --test-threads=2
 
 echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
