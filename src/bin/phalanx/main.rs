@@ -1,5 +1,6 @@
 //! The `phalanx` command line: `master`, `worker`, `churn`, `bench`.
 
+mod churn;
 mod worker;
 
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ enum Command {
     Master(MasterArgs),
     /// Runs one peer of a training-like loop, printing one JSON event per line.
     Worker(worker::WorkerArgs),
+    /// Runs a master and workers on 127.0.0.1 under seeded churn and checks the invariants.
+    Churn(churn::ChurnArgs),
 }
 
 #[derive(Parser)]
@@ -83,6 +86,7 @@ fn main() {
     let result = match cli.command {
         Command::Master(args) => run_master(args),
         Command::Worker(args) => worker::run(args),
+        Command::Churn(args) => churn::run(args),
     };
     if let Err(e) = result {
         eprintln!("phalanx: {e}");

@@ -7,6 +7,8 @@
 //! reported and retried at the same step over the next view.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -50,6 +52,36 @@ pub struct WorkerArgs {
     /// Leave gracefully after the last step instead of just exiting.
     #[arg(long)]
     leave: bool,
+    /// Also leave gracefully (after the current step) once a line `leave` arrives on stdin.
+    #[arg(long)]
+    leave_on_stdin: bool,
+    /// Fault injection for the churn harness's self-test: flip one bit (the top mantissa
+    /// bit of the first non-zero element: a change that adding it to the model cannot round
+    /// away) of the all-reduce result of the first step >= this one that the peer
+    /// completes, as if the collective had corrupted it.
+    #[arg(long, hide = true)]
+    perturb_at_step: Option<u64>,
+}
+
+/// Set once the all-reduce result has been perturbed (`--perturb-at-step` acts once).
+static PERTURBED: AtomicBool = AtomicBool::new(false);
+
+/// A flag that a line `leave` on stdin sets, if `enabled`.
+fn leave_requests(enabled: bool) -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    if enabled {
+        let set = flag.clone();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                match line {
+                    Ok(l) if l.trim() == "leave" => return set.store(true, Ordering::Relaxed),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    flag
 }
 
 fn kind(e: &Error) -> &'static str {
@@ -90,7 +122,8 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     let mut state = SharedState::new();
     state.insert("model", vec![0f32; args.len]);
     let (mut done, mut failures) = (0u64, 0u32);
-    while args.steps == 0 || done < args.steps {
+    let leave_requested = leave_requests(args.leave_on_stdin);
+    while (args.steps == 0 || done < args.steps) && !leave_requested.load(Ordering::Relaxed) {
         if let Err(e) = step(&mut comm, &mut state, &args, id) {
             if !recoverable(&e) || failures + 1 >= args.max_failures {
                 return Err(fail(&e, "step"));
@@ -105,7 +138,7 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
         }
     }
     emit(json!({ "event": "done", "steps": done, "t": now_ms() }));
-    if args.leave {
+    if args.leave || leave_requested.load(Ordering::Relaxed) {
         comm.leave();
     }
     Ok(())
@@ -143,6 +176,11 @@ fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id:
             "restored": buf == grad, "ms": started.elapsed().as_millis() as u64, "t": now_ms(),
         }));
         return Err(e);
+    }
+    if args.perturb_at_step.is_some_and(|s| step >= s) && !PERTURBED.swap(true, Ordering::Relaxed) {
+        if let Some(x) = buf.iter_mut().find(|x| **x != 0.0) {
+            *x = f32::from_bits(x.to_bits() ^ (1 << 22));
+        }
     }
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let model = state.get_mut::<f32>("model").ok_or_else(|| Error::InvalidArgument("no model".into()))?;

@@ -1,0 +1,310 @@
+//! `phalanx churn` end to end: a clean churn passes every invariant, a planted fault (one
+//! flipped bit in one peer's all-reduce result) fails it by name, SIGINT stops it with a
+//! report and no process left behind, and the same seed gives the same schedule.
+//!
+//! The tests run one at a time (they share two cores and heartbeat deadlines). Each
+//! `phalanx churn` runs in its own process group, which a drop guard SIGKILLs when the
+//! test ends, passes or panics; the kernel then kills the harness's children (they are
+//! in process groups of their own, with `PR_SET_PDEATHSIG`), as
+//! `sigkill_takes_children_along` checks. Every wait is bounded.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running `phalanx churn` in its own process group; dropping it SIGKILLs the group
+/// (the harness and anything it started) and reaps the harness.
+struct Churn {
+    child: Child,
+    out: mpsc::Receiver<(bool, String)>,
+    json: PathBuf,
+    svg: PathBuf,
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.json);
+        let _ = std::fs::remove_file(&self.svg);
+    }
+}
+
+/// What a finished run left.
+struct Outcome {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Churn {
+    fn start(name: &str, args: &[&str]) -> Churn {
+        let dir = std::env::temp_dir();
+        let json = dir.join(format!("phalanx-churn-{}-{name}.json", std::process::id()));
+        let svg = dir.join(format!("phalanx-churn-{}-{name}.svg", std::process::id()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_phalanx"))
+            .arg("churn")
+            .args(args)
+            .arg("--report-json")
+            .arg(&json)
+            .arg("--report-svg")
+            .arg(&svg)
+            .env_remove("PHALANX_SECRET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start phalanx churn");
+        let (tx, out) = mpsc::channel();
+        for (is_out, mut pipe) in [
+            (true, Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>),
+            (false, Box::new(child.stderr.take().expect("stderr"))),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = pipe.read_to_string(&mut s);
+                let _ = tx.send((is_out, s));
+            });
+        }
+        Churn { child, out, json, svg }
+    }
+
+    /// Waits for the run to end (both pipes closed, then the exit), at most `limit`.
+    fn finish(&mut self, started: Instant, limit: Duration) -> Outcome {
+        let (mut stdout, mut stderr) = (None, None);
+        while stdout.is_none() || stderr.is_none() {
+            let left = limit.saturating_sub(started.elapsed());
+            match self.out.recv_timeout(left) {
+                Ok((true, s)) => stdout = Some(s),
+                Ok((false, s)) => stderr = Some(s),
+                Err(_) => panic!("phalanx churn did not finish within {limit:?}"),
+            }
+        }
+        let status = self.child.wait().expect("wait for phalanx churn");
+        let (stdout, stderr) = (stdout.unwrap_or_default(), stderr.unwrap_or_default());
+        eprintln!("--- stdout\n{stdout}--- stderr\n{stderr}---");
+        Outcome { status, stdout, stderr, took: started.elapsed() }
+    }
+
+    fn report(&self) -> Value {
+        let text = std::fs::read_to_string(&self.json).expect("the JSON report");
+        serde_json::from_str(&text).expect("a JSON report")
+    }
+}
+
+/// Whether a process `pid` running phalanx still exists.
+fn phalanx_alive(pid: u64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("phalanx"))
+}
+
+/// Every process the run started has gone (the harness killed and reaped them).
+fn assert_no_leftovers(report: &Value) {
+    let mut pids: Vec<u64> =
+        report["workers"].as_array().expect("workers").iter().filter_map(|w| w["pid"].as_u64()).collect();
+    pids.extend(report["master_pid"].as_u64());
+    assert!(pids.len() >= 2, "no pids in the report");
+    let left: Vec<u64> = pids.into_iter().filter(|&p| phalanx_alive(p)).collect();
+    assert!(left.is_empty(), "processes left behind by phalanx churn: {left:?}");
+}
+
+fn invariant_held(report: &Value, name: &str) -> bool {
+    report["invariants"].as_array().expect("invariants").iter().any(|i| i["name"] == name && i["held"] == true)
+}
+
+#[test]
+fn clean_churn_passes() {
+    let _serial = serial();
+    let started = Instant::now();
+    // Seed 11 schedules, in 20 s: a leave at 6.4 s, kills at 8.0 and 15.6 s (the second of
+    // a joiner), joins at 9.5, 13.4 and 19.2 s, freezes at 11.3 s (3.9 s, then SIGCONT)
+    // and 19.6 s (`--dry-run` prints it).
+    let args = [
+        "--peers",
+        "4",
+        "--duration-s",
+        "20",
+        "--seed",
+        "11",
+        "--kill-every-s",
+        "6",
+        "--join-every-s",
+        "7",
+        "--freeze-every-s",
+        "9",
+        "--leave-every-s",
+        "12",
+        "--len",
+        "16384",
+    ];
+    let mut run = Churn::start("clean", &args);
+    let out = run.finish(started, Duration::from_secs(150));
+    assert!(out.status.success(), "a clean churn failed: {}\n{}", out.status, out.stderr);
+    assert!(out.stderr.contains("all invariants held"), "{}", out.stderr);
+    for col in ["kills", "freezes", "joins", "leaves", "steps completed", "aborted collectives", "recovery p99"] {
+        assert!(out.stdout.contains(col), "the table has no column '{col}':\n{}", out.stdout);
+    }
+    let r = run.report();
+    let s = &r["summary"];
+    assert_eq!(r["ok"], true, "{}", r["violations"]);
+    for name in ["model-agreement", "exact-sum", "wait-bound", "joiner-sync", "progress", "unexpected-exit"] {
+        assert!(invariant_held(&r, name), "{name}: {}", r["invariants"]);
+    }
+    assert!(s["kills"].as_u64() >= Some(1), "no kill: {s}");
+    assert!(s["joins"].as_u64() >= Some(1), "no join: {s}");
+    assert!(s["freezes"].as_u64() >= Some(1), "no freeze: {s}");
+    assert!(s["leaves"].as_u64() >= Some(1), "no leave: {s}");
+    // The floor: 0.5 steps/s over 20 s would be 10; a debug build does ~10 steps/s.
+    assert!(s["steps_completed"].as_u64() > Some(20), "too few steps: {s}");
+    assert!(s["recovery_ms"]["p50"].as_u64().is_some(), "no recovery measured: {s}");
+    assert!(
+        r["timeline"].as_array().is_some_and(|t| t.iter().any(|e| e["event"] == "kill")),
+        "no kill in the timeline"
+    );
+    let svg = std::fs::read_to_string(&run.svg).expect("the SVG report");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "not an SVG picture");
+    assert_no_leftovers(&r);
+    eprintln!("clean_churn_passes: {} ms", out.took.as_millis());
+}
+
+#[test]
+fn planted_fault_is_caught() {
+    let _serial = serial();
+    let started = Instant::now();
+    let args = [
+        "--peers",
+        "3",
+        "--duration-s",
+        "30",
+        "--plant-fault",
+        "--kill-every-s",
+        "0",
+        "--freeze-every-s",
+        "0",
+        "--join-every-s",
+        "0",
+        "--leave-every-s",
+        "0",
+        "--len",
+        "16384",
+    ];
+    let mut run = Churn::start("planted", &args);
+    let out = run.finish(started, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1), "the planted fault was not caught: {}\n{}", out.status, out.stderr);
+    let named = ["exact-sum", "model-agreement"];
+    assert!(out.stderr.contains("FAILED") && named.iter().any(|n| out.stderr.contains(n)), "{}", out.stderr);
+    let r = run.report();
+    assert_eq!(r["ok"], false);
+    let violated: Vec<&str> =
+        r["violations"].as_array().expect("violations").iter().filter_map(|v| v["invariant"].as_str()).collect();
+    // The flipped bit changes both the sum and the model (it is one that adding cannot round away).
+    assert!(named.iter().all(|n| violated.contains(n)), "violations: {violated:?}");
+    assert!(violated.iter().all(|v| named.contains(v)), "a clean group broke another invariant: {violated:?}");
+    // It stops at the first violation (plus a second to collect the related ones).
+    assert!(out.took < Duration::from_secs(30), "the run went on after the violation: {:?}", out.took);
+    assert_no_leftovers(&r);
+    eprintln!("planted_fault_is_caught: {violated:?} in {} ms", out.took.as_millis());
+}
+
+#[test]
+fn sigint_stops_with_a_report() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut run = Churn::start("sigint", &["--peers", "3", "--duration-s", "60", "--len", "16384"]);
+    // Let the group form and run (the first SIGKILL of the schedule is at 6 s or later).
+    std::thread::sleep(Duration::from_secs(8));
+    let sent = Instant::now();
+    let status = Command::new("kill").args(["-INT", &run.child.id().to_string()]).status().expect("run kill");
+    assert!(status.success());
+    let out = run.finish(started, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(130), "after SIGINT: {}\n{}", out.status, out.stderr);
+    assert!(sent.elapsed() < Duration::from_secs(15), "took {:?} to stop after SIGINT", sent.elapsed());
+    assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
+    let r = run.report();
+    assert_eq!(r["interrupted"], true);
+    assert_no_leftovers(&r);
+}
+
+/// The pids of the processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u64> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            kids.push(pid);
+        }
+    }
+    kids
+}
+
+#[test]
+fn sigkill_takes_children_along() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut run = Churn::start("sigkill", &["--peers", "2", "--duration-s", "60", "--len", "1024"]);
+    let harness = run.child.id();
+    // Wait for the master and both workers.
+    let mut kids = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        kids = children_of(harness);
+        if kids.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(kids.len() >= 3, "the harness started {} processes: {kids:?}", kids.len());
+    run.child.kill().expect("SIGKILL the harness"); // the harness alone, not its group
+    let killed = Instant::now();
+    while killed.elapsed() < Duration::from_secs(10) && kids.iter().any(|&p| phalanx_alive(p)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<u64> = kids.iter().copied().filter(|&p| phalanx_alive(p)).collect();
+    assert!(left.is_empty(), "children outlived the SIGKILLed harness: {left:?}");
+    eprintln!(
+        "sigkill_takes_children_along: {} children gone {} ms after the SIGKILL",
+        kids.len(),
+        killed.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn same_seed_same_schedule() {
+    let _serial = serial();
+    let dry = |seed: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_phalanx"))
+            .args(["churn", "--dry-run", "--seed", seed, "--duration-s", "120"])
+            .output()
+            .expect("phalanx churn --dry-run");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let a = dry("11");
+    assert_eq!(a, dry("11"), "the same seed gave another schedule");
+    assert_ne!(a, dry("12"), "another seed gave the same schedule");
+    for action in ["kill", "freeze", "join", "leave"] {
+        assert!(a.contains(action), "no {action} in 120 s:\n{a}");
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_phalanx")).args(["churn", "--async"]).output().expect("phalanx churn");
+    assert!(!out.status.success(), "--async was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--async is not implemented"), "{err}");
+}
