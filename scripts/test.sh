@@ -16,3 +16,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+
+echo "== python: pip install ./python, pytest python/tests"
+# The Python package (crate phalanx-py, excluded from the workspace) built by maturin
+# through pip, in a venv of its own; its cargo target directory is python/target.
+python3 -m venv target/py-test-venv
+target/py-test-venv/bin/python -m pip install --quiet ./python pytest numpy
+target/py-test-venv/bin/python -m pytest python/tests -q

@@ -1,0 +1,50 @@
+"""phalanx: fault-tolerant collective communication, from Python.
+
+Peers that may join, leave or crash run all-reduce, reduce-scatter, all-gather,
+broadcast, reduce and barrier over QUIC, held together by a master. Collectives work in
+place on numpy arrays (and CPU tensors through DLPack, and buffer-protocol objects)
+without copying them, with the GIL released while they run.
+
+    import numpy as np, phalanx
+
+    comm = phalanx.Communicator.connect("10.0.0.1:7000", secret="...")
+    grad = np.ones(1 << 20, dtype=np.float32)
+    comm.update_topology()              # admit joiners, settle losses
+    comm.all_reduce(grad, op="avg")     # in place
+
+See README.md ("From Python") for a DiLoCo-style training loop.
+"""
+
+from ._native import (
+    AbortedError,
+    AllReduceHandle,
+    Communicator,
+    JoinFailedError,
+    Master,
+    MismatchError,
+    PeerLostError,
+    PhalanxError,
+    ProtocolError,
+    RemovedError,
+    SharedState,
+    SyncReport,
+    TransportError,
+    __version__,
+)
+
+__all__ = [
+    "AbortedError",
+    "AllReduceHandle",
+    "Communicator",
+    "JoinFailedError",
+    "Master",
+    "MismatchError",
+    "PeerLostError",
+    "PhalanxError",
+    "ProtocolError",
+    "RemovedError",
+    "SharedState",
+    "SyncReport",
+    "TransportError",
+    "__version__",
+]
