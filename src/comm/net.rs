@@ -93,7 +93,16 @@ pub struct AsyncPeer {
     retry: RetryPolicy,
     wait_for_view: Duration,
     accept_task: tokio::task::JoinHandle<()>,
+    /// The copy of the caller's buffer that [`AsyncPeer::run`] restores on error, kept
+    /// across calls: a fresh allocation of a large buffer is a fresh mapping, which costs
+    /// a page fault per page on every call (see `docs/PERF.md`).
+    backup: Vec<u8>,
+    /// Calls in a row that did not use `backup`'s allocation.
+    backup_idle: u32,
 }
+
+/// A kept backup allocation is freed after this many calls in a row too small to use it.
+const BACKUP_IDLE_CALLS: u32 = 64;
 
 /// What running one collective needs; cheap to clone into a task.
 #[derive(Clone)]
@@ -134,6 +143,8 @@ impl AsyncPeer {
             retry: options.retry,
             wait_for_view: options.control.heartbeat_interval * 20,
             accept_task,
+            backup: Vec::new(),
+            backup_idle: 0,
         })
     }
 
@@ -217,11 +228,40 @@ impl AsyncPeer {
 
     /// Runs one collective, with retries as the policy says; returns the contributors.
     pub(crate) async fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
+        // The backup reuses the kept allocation when this call needs more than half of
+        // it (growing it if needed); a smaller call copies into a temporary instead and
+        // leaves it alone, until [`BACKUP_IDLE_CALLS`] calls in a row did not use it.
+        // So a peer holds one extra copy of its largest recent buffer, no more. (A
+        // cancelled call drops the allocation; the next call allocates anew.)
+        let kept = std::mem::take(&mut self.backup);
+        let (mut backup, kept) = if buf.len() > kept.capacity() / 2 {
+            self.backup_idle = 0;
+            let mut b = if buf.len() > kept.capacity() { Vec::with_capacity(buf.len()) } else { kept };
+            b.clear();
+            (b, None)
+        } else {
+            self.backup_idle += 1;
+            (Vec::new(), (self.backup_idle < BACKUP_IDLE_CALLS).then_some(kept))
+        };
+        backup.extend_from_slice(buf);
+        let result = self.run_restoring(coll, dtype, op, buf, &backup).await;
+        self.backup = kept.unwrap_or(backup);
+        result
+    }
+
+    /// [`AsyncPeer::run`] with `backup` holding a copy of `buf`.
+    async fn run_restoring(
+        &mut self,
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        buf: &mut [u8],
+        backup: &[u8],
+    ) -> Result<usize> {
         let attempts = match self.retry {
             RetryPolicy::Never => 1,
             RetryPolicy::OnPeerLost { max_attempts } => max_attempts.max(1),
         };
-        let backup = buf.to_vec();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -235,7 +275,7 @@ impl AsyncPeer {
             match self.ops.attempt(coll, dtype, op, buf, &view, rank, key).await {
                 Ok(()) => return Ok(view.size()),
                 Err(e) => {
-                    buf.copy_from_slice(&backup);
+                    buf.copy_from_slice(backup);
                     if !matches!(e, Error::PeerLost { .. }) || attempt >= attempts || coll_size(coll).is_some() {
                         return Err(e);
                     }

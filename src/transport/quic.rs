@@ -70,7 +70,9 @@
 //! read on the receiving side, per stripe. The defaults size the windows to the
 //! bandwidth-delay product of a 1 Gbit/s path with 50 ms round trips (6.25 MB): 8 MiB
 //! per stream, 16 MiB per connection, so memory per link stays bounded by a few tens of
-//! MiB while a long fat pipe stays full.
+//! MiB while a long fat pipe stays full. Below QUIC, the endpoint asks for 4 MiB UDP
+//! socket buffers ([`QuicConfig::socket_buffer_bytes`]), so that datagrams are not
+//! dropped while the receiving process waits for a CPU.
 //!
 //! # Closing
 //!
@@ -153,6 +155,12 @@ pub struct QuicConfig {
     pub receive_window: u64,
     /// Unacknowledged bytes this end keeps in flight per connection. Default 16 MiB.
     pub send_window: u64,
+    /// Receive and send buffer sizes requested for the endpoint's UDP socket
+    /// (`SO_RCVBUF`, `SO_SNDBUF`); the OS may cap them (Linux: `net.core.rmem_max` and
+    /// `wmem_max`). 0 keeps the OS defaults. Default 4 MiB: with Linux's default of
+    /// about 208 KiB, a receiver descheduled for a millisecond drops datagrams at a few
+    /// hundred MB/s, which costs retransmissions and congestion-window cuts.
+    pub socket_buffer_bytes: usize,
     /// QUIC connections per link, frames striped over them (1 to [`MAX_STRIPES`]).
     /// More than one spreads encryption over several cores. Default 1.
     pub connections_per_link: usize,
@@ -175,6 +183,7 @@ impl Default for QuicConfig {
             stream_receive_window: 8 << 20,
             receive_window: 16 << 20,
             send_window: 16 << 20,
+            socket_buffer_bytes: 4 << 20,
             connections_per_link: 1,
             idle_timeout: Duration::from_secs(10),
             keep_alive: Some(Duration::from_secs(2)),
@@ -245,6 +254,7 @@ impl fmt::Debug for QuicConfig {
             .field("stream_receive_window", &self.stream_receive_window)
             .field("receive_window", &self.receive_window)
             .field("send_window", &self.send_window)
+            .field("socket_buffer_bytes", &self.socket_buffer_bytes)
             .field("connections_per_link", &self.connections_per_link)
             .field("idle_timeout", &self.idle_timeout)
             .field("keep_alive", &self.keep_alive)
@@ -353,6 +363,17 @@ impl QuicEndpoint {
         client_config.transport_config(config.transport(0)?);
 
         let socket = std::net::UdpSocket::bind(addr).map_err(|e| setup("binding UDP socket", &e))?;
+        if config.socket_buffer_bytes > 0 {
+            let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(|e| setup("UDP socket", &e))?;
+            // Best effort: the OS caps or refuses sizes as it sees fit; the defaults work.
+            let size = config.socket_buffer_bytes;
+            if let Err(e) = state.set_recv_buffer_size((&socket).into(), size) {
+                tracing::debug!(size, "could not set the UDP receive buffer size: {e}");
+            }
+            if let Err(e) = state.set_send_buffer_size((&socket).into(), size) {
+                tracing::debug!(size, "could not set the UDP send buffer size: {e}");
+            }
+        }
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config),
@@ -1171,6 +1192,16 @@ mod tests {
             let addr = server.local_addr().unwrap();
             let err = client.connect(addr, Bytes::new()).await.unwrap_err();
             assert!(matches!(err, QuicError::Auth(_)), "{err}");
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn os_default_socket_buffers_work() {
+        bounded(async {
+            let cfg = QuicConfig { socket_buffer_bytes: 0, ..secret_config() };
+            let (a, b, _) = pair(cfg.clone(), cfg).await;
+            conformance::ordered_both_ways(&a, &b, 1 << 20).await;
         })
         .await;
     }

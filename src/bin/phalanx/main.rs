@@ -1,5 +1,6 @@
 //! The `phalanx` command line: `master`, `worker`, `churn`, `bench`.
 
+mod bench;
 mod churn;
 mod worker;
 
@@ -27,6 +28,11 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Runs a master and workers on 127.0.0.1 under seeded churn and checks the invariants.
     Churn(churn::ChurnArgs),
+    /// Measures raw QUIC throughput, all-reduce bandwidth and recovery time on loopback.
+    Bench(bench::BenchArgs),
+    /// One peer process of `bench` (internal).
+    #[command(hide = true)]
+    BenchPeer(bench::PeerArgs),
 }
 
 #[derive(Parser)]
@@ -87,6 +93,8 @@ fn main() {
         Command::Master(args) => run_master(args),
         Command::Worker(args) => worker::run(args),
         Command::Churn(args) => churn::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchPeer(args) => bench::run_peer(args),
     };
     if let Err(e) = result {
         eprintln!("phalanx: {e}");
