@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: Rust unit, integration (in-process, simulated and
-# multi-process over QUIC on 127.0.0.1), doc tests, and lints. Exits non-zero on any
+# multi-process over QUIC on 127.0.0.1), C programs, doc tests, a 45 s churn run, lints,
+# and the Python package's pytest suite. Exits non-zero on any
 # failure. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,12 @@ cargo build --workspace --all-targets --locked
 
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads=2
+
+echo "== churn: 6 peer processes for 45 s through kills, freezes, joins and leaves"
+# Exits non-zero if any invariant breaks (bit-identical models, exact sums, bounded
+# waits, joiners in sync, progress). The debug binary was built above.
+target/debug/phalanx churn --peers 6 --duration-s 45 --kill-every-s 6 --join-every-s 8 --seed 45 \
+  --report-json target/churn-ci.json --report-svg target/churn-ci.svg
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
