@@ -54,14 +54,26 @@ impl SharedState {
 
     /// Adds (or replaces) tensor `name`.
     pub fn insert<T: Element>(&mut self, name: &str, data: Vec<T>) {
-        let len_bytes = std::mem::size_of_val(data.as_slice());
+        self.insert_raw(name, T::DTYPE, bytemuck::cast_slice(&data));
+    }
+
+    /// Adds (or replaces) tensor `name` from the bytes of elements of type `dtype`
+    /// (bindings that know the type only at run time). `bytes.len()` must be a multiple
+    /// of `dtype.size()`; a trailing partial element is dropped.
+    pub fn insert_raw(&mut self, name: &str, dtype: DType, bytes: &[u8]) {
+        let len_bytes = bytes.len() / dtype.size() * dtype.size();
         let mut words = vec![0u64; len_bytes.div_ceil(8)];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len_bytes].copy_from_slice(bytemuck::cast_slice(&data));
-        let tensor = Tensor { name: name.to_string(), dtype: T::DTYPE, len_bytes, words };
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len_bytes].copy_from_slice(&bytes[..len_bytes]);
+        let tensor = Tensor { name: name.to_string(), dtype, len_bytes, words };
         match self.tensors.iter_mut().find(|t| t.name == name) {
             Some(t) => *t = tensor,
             None => self.tensors.push(tensor),
         }
+    }
+
+    /// Tensor `name`'s element type and bytes, if it exists.
+    pub fn get_raw(&self, name: &str) -> Option<(DType, &[u8])> {
+        self.tensors.iter().find(|t| t.name == name).map(|t| (t.dtype, t.bytes()))
     }
 
     /// Tensor `name` as `&[T]`, if it exists with element type `T`.
@@ -161,6 +173,10 @@ mod tests {
         c.insert("w", vec![1.0f32.to_bits(), 2.0f32.to_bits()]);
         assert_ne!(a.digest_of(0), c.digest_of(0), "same bytes, different dtype");
         assert!(a.get::<f64>("w").is_none());
+        let (dtype, raw) = a.get_raw("w").expect("w");
+        let mut d = SharedState::new();
+        d.insert_raw("w", dtype, raw);
+        assert_eq!(d.digest(), a.digest());
         let c_bytes = c.bytes(0).expect("bytes").to_owned();
         assert!(a.set_bytes(0, &c_bytes));
         assert!(!a.set_bytes(0, &[0u8; 3]));

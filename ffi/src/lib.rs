@@ -1130,65 +1130,9 @@ pub unsafe extern "C" fn phx_pending_free(pending: *mut phx_pending) -> c_int {
 // ---------------------------------------------------------------------------------------
 // Shared state.
 
-/// Runs `$body` with `$t` bound to the Rust element type of `$dtype`.
-macro_rules! with_type {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            DType::I8 => {
-                type $t = i8;
-                $body
-            }
-            DType::I16 => {
-                type $t = i16;
-                $body
-            }
-            DType::I32 => {
-                type $t = i32;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::U8 => {
-                type $t = u8;
-                $body
-            }
-            DType::U16 => {
-                type $t = u16;
-                $body
-            }
-            DType::U32 => {
-                type $t = u32;
-                $body
-            }
-            DType::U64 => {
-                type $t = u64;
-                $body
-            }
-        }
-    };
-}
-
 /// The bytes and dtype of tensor `name`, if there is one.
 fn tensor<'a>(state: &'a SharedState, name: &str) -> Option<(DType, &'a [u8])> {
-    DType::ALL.into_iter().find_map(|d| with_type!(d, T => state.get::<T>(name).map(|s| (d, bytemuck::cast_slice(s)))))
+    state.get_raw(name)
 }
 
 /// Creates an empty shared state at revision 0 in `*out`.
@@ -1230,7 +1174,7 @@ pub unsafe extern "C" fn phx_state_insert(
         let dtype = dtype(dtype_code)?;
         // SAFETY: NULL or readable for `count` elements (the caller's contract).
         let data = unsafe { bytes(data, count, dtype, "data") }?;
-        with_type!(dtype, T => state.insert::<T>(name, bytemuck::pod_collect_to_vec::<u8, T>(data)));
+        state.insert_raw(name, dtype, data);
         Ok(())
     })
 }

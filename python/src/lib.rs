@@ -667,51 +667,14 @@ struct SharedState {
     inner: Mutex<StateInner>,
 }
 
-/// `state.insert(name, data)` with the Rust element type of `dtype`.
+/// `state.insert(name, data)` for a run-time `dtype`.
 fn insert_typed(state: &mut CoreState, name: &str, dtype: DType, bytes: &[u8]) {
-    macro_rules! ins {
-        ($t:ty) => {
-            state.insert::<$t>(name, bytemuck::allocation::pod_collect_to_vec::<u8, $t>(bytes))
-        };
-    }
-    match dtype {
-        DType::F32 => ins!(f32),
-        DType::F64 => ins!(f64),
-        DType::F16 => ins!(half::f16),
-        DType::BF16 => ins!(half::bf16),
-        DType::I8 => ins!(i8),
-        DType::I16 => ins!(i16),
-        DType::I32 => ins!(i32),
-        DType::I64 => ins!(i64),
-        DType::U8 => ins!(u8),
-        DType::U16 => ins!(u16),
-        DType::U32 => ins!(u32),
-        DType::U64 => ins!(u64),
-    }
+    state.insert_raw(name, dtype, bytes);
 }
 
 /// Tensor `name`'s element type and bytes.
 fn get_typed<'a>(state: &'a CoreState, name: &str) -> Option<(DType, &'a [u8])> {
-    macro_rules! get {
-        ($t:ty, $d:expr) => {
-            if let Some(s) = state.get::<$t>(name) {
-                return Some(($d, bytemuck::cast_slice(s)));
-            }
-        };
-    }
-    get!(f32, DType::F32);
-    get!(f64, DType::F64);
-    get!(half::f16, DType::F16);
-    get!(half::bf16, DType::BF16);
-    get!(i8, DType::I8);
-    get!(i16, DType::I16);
-    get!(i32, DType::I32);
-    get!(i64, DType::I64);
-    get!(u8, DType::U8);
-    get!(u16, DType::U16);
-    get!(u32, DType::U32);
-    get!(u64, DType::U64);
-    None
+    state.get_raw(name)
 }
 
 /// The numpy dtype of a phalanx element type (bfloat16 through ml_dtypes).
