@@ -80,14 +80,12 @@ pub fn abort_error(reason: AbortReason) -> Error {
     }
 }
 
-/// The latest view, and how many view messages have arrived (update_topology waits for
-/// the next one even when the view did not change).
+/// The latest view, how many topology rounds have ended (update_topology waits for the
+/// next one), and whether this peer is still a member.
 #[derive(Clone, Debug, Default)]
 pub struct ViewState {
     /// The view; `None` until admitted.
     pub view: Option<View>,
-    /// View messages received so far.
-    pub updates: u64,
     /// Topology rounds completed so far.
     pub rounds: u64,
     /// Why this peer is no longer a member, once it is not.
@@ -148,10 +146,7 @@ impl Shared {
         let epoch = view.epoch;
         self.pending_joiners.store(0, Ordering::Relaxed);
         // Publish first, then fire: see `slot`.
-        self.view.send_modify(|s| {
-            s.view = Some(view);
-            s.updates += 1;
-        });
+        self.view.send_modify(|s| s.view = Some(view));
         self.ops().retain(|key, slot| {
             if key.0 < epoch {
                 slot.abort.fire(reason.clone());

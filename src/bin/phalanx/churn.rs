@@ -689,8 +689,8 @@ impl Harness {
     fn start_master(&mut self) -> Result<(), String> {
         let args = ["master", "--listen", "127.0.0.1:0", "--peer-timeout-ms", &self.args.peer_timeout_ms.to_string()];
         let mut child = spawn_child(&args.map(String::from))?;
-        read_lines(None, child.stdout.take().expect("piped"), self.tx.clone());
-        self.master_stderr = Some(keep_tail(child.stderr.take().expect("piped")));
+        read_lines(None, child.stdout.take().expect("piped"), self.tx.clone()); // ok: spawned with Stdio::piped()
+        self.master_stderr = Some(keep_tail(child.stderr.take().expect("piped"))); // ok: spawned with Stdio::piped()
         self.master = Some(child);
         Ok(())
     }
@@ -712,8 +712,8 @@ impl Harness {
             args.extend(["--perturb-at-step".into(), s.to_string()]);
         }
         let mut child = spawn_child(&args)?;
-        read_lines(Some(w), child.stdout.take().expect("piped"), self.tx.clone());
-        let stderr = keep_tail(child.stderr.take().expect("piped"));
+        read_lines(Some(w), child.stdout.take().expect("piped"), self.tx.clone()); // ok: spawned with Stdio::piped()
+        let stderr = keep_tail(child.stderr.take().expect("piped")); // ok: spawned with Stdio::piped()
         let name = if role == Role::Planted { "fault".to_string() } else { format!("w{w}") };
         let pid = child.id();
         let t = now_ms();
