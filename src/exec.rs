@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::dtype::{reduce_bytes, DType, ReduceOp};
 use crate::error::{Error, Result};
+use crate::op::CustomOp;
 use crate::plan::{Action, Plan, Rank, Step};
 use crate::transport::{Frame, Header, Link, LinkError};
 
@@ -41,6 +42,16 @@ pub struct Call<'a> {
     pub fingerprint: u64,
     /// Target chunk size in bytes (rounded down to whole elements, at least one).
     pub chunk_bytes: usize,
+    /// A user-defined operator that replaces `op` for [`Action::Reduce`]. The plan's
+    /// elements are then the operator's units of [`CustomOp::unit_bytes`] bytes.
+    pub custom: Option<&'a dyn CustomOp>,
+}
+
+impl Call<'_> {
+    /// Bytes of one plan element: the operator's unit, or one `dtype` element.
+    pub fn element_bytes(&self) -> usize {
+        self.custom.map_or(self.dtype.size(), |c| c.unit_bytes().max(1))
+    }
 }
 
 /// A rank's links, indexed by peer rank; `None` for the rank itself.
@@ -193,13 +204,13 @@ pub async fn execute(
     abort: &AbortSignal,
     steps: Range<usize>,
 ) -> Result<()> {
-    let need = call.plan.len.checked_mul(call.dtype.size());
+    let need = call.plan.len.checked_mul(call.element_bytes());
     if need != Some(buf.len()) {
         return Err(Error::InvalidArgument(format!(
-            "buffer of {} bytes for a plan of {} {} elements",
+            "buffer of {} bytes for a plan of {} elements of {} bytes",
             buf.len(),
             call.plan.len,
-            call.dtype
+            call.element_bytes()
         )));
     }
     if let Some(reason) = abort.fired() {
@@ -255,13 +266,13 @@ impl Ctx<'_> {
 
     /// Byte range of an element range.
     fn bytes(&self, r: &Range<usize>) -> Range<usize> {
-        let s = self.call.dtype.size();
+        let s = self.call.element_bytes();
         r.start * s..r.end * s
     }
 
     /// Byte ranges of the chunks of a `len`-byte transfer; always at least one chunk.
     fn chunks(&self, len: usize) -> impl Iterator<Item = Range<usize>> {
-        let size = self.call.dtype.size();
+        let size = self.call.element_bytes();
         let chunk = (self.call.chunk_bytes / size).max(1) * size;
         let count = len.div_ceil(chunk).max(1);
         (0..count).map(move |k| (k * chunk).min(len)..((k + 1) * chunk).min(len))
@@ -301,6 +312,11 @@ impl Ctx<'_> {
                 }
                 Ok(())
             }
+            Step::Local { src, dst, action } => {
+                let (src, dst) = split_disjoint(buf, self.bytes(src), self.bytes(dst));
+                self.apply(*action, dst, src);
+                Ok(())
+            }
         }
     }
 
@@ -322,7 +338,10 @@ impl Ctx<'_> {
     fn apply(&self, action: Action, dst: &mut [u8], src: &[u8]) {
         match action {
             Action::Copy => dst.copy_from_slice(src),
-            Action::Reduce(order) => reduce_bytes(self.call.dtype, self.call.op, dst, src, order),
+            Action::Reduce(order) => match self.call.custom {
+                Some(op) => op.combine(dst, src, order),
+                None => reduce_bytes(self.call.dtype, self.call.op, dst, src, order),
+            },
         }
     }
 
@@ -395,6 +414,26 @@ mod tests {
         assert_eq!(a, &[4, 5]);
         b[0] = 7;
         assert_eq!(buf[0], 7);
+    }
+
+    #[test]
+    fn local_steps_copy_and_combine_in_order() {
+        use crate::dtype::Order;
+        use crate::plan::Plan;
+        // Buffer [a | b | c]: c = a, then b = b - ... with Sum: b = c + b (c on the left).
+        let mut plan = Plan::empty(0, 1, 3);
+        plan.steps.push(Step::Local { src: 0..1, dst: 2..3, action: Action::Copy });
+        plan.steps.push(Step::Local { src: 2..3, dst: 1..2, action: Action::Reduce(Order::IncomingLeft) });
+        assert!(plan.validate().is_ok());
+        let sim = crate::sim::Simulation::new(DType::I32, ReduceOp::Sum);
+        let buf: Vec<u8> = bytemuck::cast_slice(&[5i32, 7, 0]).to_vec();
+        match &sim.run(&[plan], vec![buf])[0] {
+            crate::sim::Outcome::Done(out) => assert_eq!(bytemuck::cast_slice::<u8, i32>(out), &[5, 12, 5]),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+        let mut bad = Plan::empty(0, 1, 3);
+        bad.steps.push(Step::Local { src: 0..2, dst: 1..3, action: Action::Copy });
+        assert!(bad.validate().is_err(), "overlapping local ranges are rejected");
     }
 
     #[test]

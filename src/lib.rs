@@ -35,6 +35,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod membership;
+pub mod op;
 pub mod plan;
 pub mod sim;
 pub mod state;

@@ -94,6 +94,7 @@ impl Simulation {
                     seq: 1,
                     fingerprint: 0,
                     chunk_bytes: sim.chunk_bytes,
+                    custom: None,
                 };
                 let dies = sim.fault.filter(|f| f.rank == rank);
                 if let Some(f) = dies {

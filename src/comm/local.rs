@@ -64,6 +64,7 @@ impl Local {
             seq: self.seq,
             fingerprint: coll.fingerprint(dtype, op),
             chunk_bytes: self.config.tuning.chunk_bytes,
+            custom: None,
         };
         let result = self.runtime.block_on(exec::execute_restoring(&call, buf, &self.links, &self.abort));
         if let Err(e) = &result {

@@ -355,6 +355,7 @@ impl Ops {
             seq: key.1,
             fingerprint,
             chunk_bytes: self.tuning.chunk_bytes,
+            custom: None,
         };
         tracing::debug!(peer = self.id, ?key, rank, size = view.size(), "collective begins");
         let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;

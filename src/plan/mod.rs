@@ -82,6 +82,19 @@ pub enum Step {
         /// What to do with each received chunk before forwarding it.
         action: Action,
     },
+    /// Apply `action` with `src` as the incoming operand onto `dst`, locally (no
+    /// transfer): `Copy` copies `src` into `dst`, `Reduce(order)` combines `src` into
+    /// `dst` with `src` on the side `order` names. The ranges have equal lengths and do
+    /// not overlap. Plans use it to keep partial results in scratch regions (scans,
+    /// ordered sums of several senders).
+    Local {
+        /// The incoming range.
+        src: Range<usize>,
+        /// The range that is overwritten or combined into.
+        dst: Range<usize>,
+        /// What to do.
+        action: Action,
+    },
 }
 
 impl Step {
@@ -105,6 +118,7 @@ impl Step {
         let (a, b) = match self {
             Step::Exchange { send, recv } => (send.as_ref().map(|s| s.to), recv.as_ref().map(|r| r.from)),
             Step::Forward { from, to, .. } => (Some(*from), Some(*to)),
+            Step::Local { .. } => (None, None),
         };
         a.into_iter().chain(b)
     }
@@ -148,6 +162,12 @@ impl Plan {
                     send.iter().map(|s| &s.range).chain(recv.iter().map(|r| &r.range)).collect()
                 }
                 Step::Forward { range, .. } => vec![range],
+                Step::Local { src, dst, .. } => {
+                    if src.len() != dst.len() || (src.start < dst.end && dst.start < src.end) {
+                        return Err(format!("step {i}: local ranges {src:?} and {dst:?} differ in length or overlap"));
+                    }
+                    vec![src, dst]
+                }
             };
             if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > self.len) {
                 return Err(format!("step {i}: range {r:?} outside buffer of {}", self.len));
