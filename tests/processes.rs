@@ -22,10 +22,10 @@ use phalanx::workload::{expected_sum, hash_f32};
 use serde_json::Value;
 
 /// The master's default `--peer-timeout-ms`: a member silent this long is removed.
-const PEER_TIMEOUT: Duration = Duration::from_millis(1000);
+const PEER_TIMEOUT: Duration = Duration::from_millis(phalanx::membership::master::DEFAULT_PEER_TIMEOUT_MS);
 /// Kill to the survivors' failed attempt: the peer timeout (the dead peer's last
-/// heartbeat was at most 200 ms before the kill, so removal comes at most 1000 ms after
-/// it) plus 1500 ms for the abort to reach the survivors on a loaded 2-core machine.
+/// heartbeat was at most one interval before the kill, so removal comes at most one
+/// peer timeout after the kill) plus 1500 ms for the abort to reach the survivors on a loaded 2-core machine.
 const DETECTION_BOUND: Duration = Duration::from_millis(PEER_TIMEOUT.as_millis() as u64 + 1500);
 /// Freeze to the survivors' first step without the frozen peer: the peer timeout plus
 /// 2000 ms for the abort, the next view and a small all-reduce.

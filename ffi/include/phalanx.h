@@ -283,7 +283,7 @@ typedef struct phx_connect_options {
      */
     uint32_t retry_attempts;
     /**
-     * Heartbeat interval to the master in milliseconds; 0 means 200. Keep it well below
+     * Heartbeat interval to the master in milliseconds; 0 means 150. Keep it well below
      * the master's peer timeout.
      */
     uint32_t heartbeat_ms;
@@ -353,7 +353,7 @@ int phx_dtype_size(int dtype_code, size_t *out);
  * Starts a master listening on `listen_addr` (e.g. "0.0.0.0:7000", or "127.0.0.1:0"
  * for any free port) on threads of its own, and stores its handle in `*out`. Peers
  * must use the same `secret_or_null` (NULL: no secret). A member silent for
- * `peer_timeout_ms` milliseconds is removed (0 means 1000). The master runs until
+ * `peer_timeout_ms` milliseconds is removed (0 means the default, 750). The master runs until
  * `phx_master_free`.
  *
  * Ownership: the caller owns `*out` and frees it with `phx_master_free`; the strings

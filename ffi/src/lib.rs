@@ -179,7 +179,7 @@ pub struct phx_connect_options {
     /// `PHX_ERR_PEER_LOST`; more re-run it over the survivors once the master has
     /// published the new view.
     pub retry_attempts: u32,
-    /// Heartbeat interval to the master in milliseconds; 0 means 200. Keep it well below
+    /// Heartbeat interval to the master in milliseconds; 0 means 150. Keep it well below
     /// the master's peer timeout.
     pub heartbeat_ms: u32,
     /// Give up joining (`PHX_ERR_JOIN_FAILED`) after this many milliseconds; 0 waits
@@ -484,7 +484,7 @@ pub unsafe extern "C" fn phx_dtype_size(dtype_code: c_int, out: *mut usize) -> c
 /// Starts a master listening on `listen_addr` (e.g. "0.0.0.0:7000", or "127.0.0.1:0"
 /// for any free port) on threads of its own, and stores its handle in `*out`. Peers
 /// must use the same `secret_or_null` (NULL: no secret). A member silent for
-/// `peer_timeout_ms` milliseconds is removed (0 means 1000). The master runs until
+/// `peer_timeout_ms` milliseconds is removed (0 means the default, 750). The master runs until
 /// `phx_master_free`.
 ///
 /// Ownership: the caller owns `*out` and frees it with `phx_master_free`; the strings

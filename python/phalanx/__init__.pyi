@@ -65,7 +65,7 @@ class Master:
         self,
         listen: str = "127.0.0.1:0",
         secret: Secret = None,
-        peer_timeout_ms: int = 1000,
+        peer_timeout_ms: int = 750,
         max_pending: int = 256,
     ) -> None: ...
     @property
@@ -138,7 +138,7 @@ class Communicator:
         *,
         bind: str = "127.0.0.1:0",
         join_timeout_ms: Optional[int] = None,
-        heartbeat_ms: int = 200,
+        heartbeat_ms: int = 150,
         peer_id: Optional[int] = None,
     ) -> "Communicator":
         """Joins the group of the master at `master_addr` and waits until admitted.

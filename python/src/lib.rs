@@ -162,7 +162,7 @@ fn quic_config(secret: Option<&Bound<'_, PyAny>>) -> PyResult<QuicConfig> {
 ///     secret: the cluster secret (str or bytes) that peers must prove; None accepts
 ///         everyone (tests and trusted networks only).
 ///     peer_timeout_ms: a peer silent for this long is removed (peers heartbeat every
-///         200 ms by default).
+///         150 ms by default).
 ///     max_pending: at most this many joiners wait for admission; more are refused.
 #[pyclass(frozen, module = "phalanx")]
 struct Master {
@@ -173,7 +173,7 @@ struct Master {
 #[pymethods]
 impl Master {
     #[new]
-    #[pyo3(signature = (listen = "127.0.0.1:0", secret = None, peer_timeout_ms = 1000, max_pending = 256))]
+    #[pyo3(signature = (listen = "127.0.0.1:0", secret = None, peer_timeout_ms = 750, max_pending = 256))]
     fn new(
         py: Python<'_>,
         listen: &str,
@@ -313,7 +313,7 @@ impl Communicator {
     ///     heartbeat_ms: heartbeat interval; keep it well below the master's peer timeout.
     ///     peer_id: this peer's id (random when None); ids must be unique in the group.
     #[staticmethod]
-    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 200, peer_id = None))]
+    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,

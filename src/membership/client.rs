@@ -171,6 +171,9 @@ impl Shared {
     }
 }
 
+/// Default [`ControlConfig::heartbeat_interval`] in milliseconds.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 150;
+
 /// Settings of a control connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControlConfig {
@@ -188,7 +191,7 @@ pub struct ControlConfig {
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
-            heartbeat_interval: Duration::from_millis(200),
+            heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
             join_timeout: None,
             master_timeout: Duration::from_millis(2000),
         }

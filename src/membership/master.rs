@@ -31,6 +31,12 @@ use super::wire::{
 /// A control connection, as numbered by the driver.
 pub type ConnId = u64;
 
+/// Default [`MasterConfig::peer_timeout`] in milliseconds: a crashed or frozen peer is
+/// removed at most this long after its last heartbeat (five heartbeat intervals at the
+/// default [`crate::membership::client::DEFAULT_HEARTBEAT_MS`]), which keeps the time
+/// from a death to the survivors' next successful collective under one second.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 750;
+
 /// Settings of the master.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MasterConfig {
@@ -42,7 +48,7 @@ pub struct MasterConfig {
 
 impl Default for MasterConfig {
     fn default() -> Self {
-        MasterConfig { peer_timeout: Duration::from_millis(1000), max_pending: 256 }
+        MasterConfig { peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS), max_pending: 256 }
     }
 }
 

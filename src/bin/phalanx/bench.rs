@@ -72,7 +72,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1024)]
     raw_frame_kib: usize,
     /// The master's peer timeout for the all-reduce groups, and the first recovery runs.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = phalanx::membership::master::DEFAULT_PEER_TIMEOUT_MS)]
     peer_timeout_ms: u64,
     /// Further peer timeouts to measure recovery with (comma-separated; 0 for none).
     #[arg(long, value_delimiter = ',', default_value = "300")]
@@ -128,7 +128,7 @@ pub struct PeerArgs {
     #[arg(long, default_value_t = 256)]
     chunk_kib: u64,
     /// Heartbeat interval to the master.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
     /// Recovery mode: all-reduce this many bytes back to back until killed.
     #[arg(long, value_parser = parse_size)]
@@ -484,7 +484,7 @@ fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbeat_ms: u64) 
 }
 
 fn heartbeat_for(peer_timeout_ms: u64) -> u64 {
-    (peer_timeout_ms / 5).clamp(10, 200)
+    (peer_timeout_ms / 5).clamp(10, phalanx::membership::client::DEFAULT_HEARTBEAT_MS)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -102,13 +102,13 @@ pub struct ChurnArgs {
     #[arg(long, default_value_t = 20.0)]
     join_bound_s: f64,
     /// The master's peer timeout: a peer silent this long is removed.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = phalanx::membership::master::DEFAULT_PEER_TIMEOUT_MS)]
     peer_timeout_ms: u64,
     /// Invariant `wait-bound`: an all-reduce may take the peer timeout plus this long.
     #[arg(long, default_value_t = 3000)]
     slack_ms: u64,
     /// The workers' heartbeat interval.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
     /// The workers' pause between steps.
     #[arg(long, default_value_t = 0)]

@@ -44,7 +44,7 @@ struct MasterArgs {
     #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
     secret: Option<String>,
     /// A peer silent for this long is removed.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = phalanx::membership::master::DEFAULT_PEER_TIMEOUT_MS)]
     peer_timeout_ms: u64,
 }
 

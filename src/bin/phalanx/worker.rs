@@ -47,7 +47,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 10)]
     max_failures: u32,
     /// Heartbeat interval.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
     /// Leave gracefully after the last step instead of just exiting.
     #[arg(long)]
