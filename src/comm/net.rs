@@ -525,6 +525,10 @@ impl Drop for Net {
 fn coll_size(coll: &Collective) -> Option<usize> {
     match coll {
         Collective::ReduceScatter { counts } | Collective::AllGather { counts } => Some(counts.len()),
+        Collective::AllToAll { counts } => Some(counts.len()),
+        Collective::SparseAllGather { placement } | Collective::SparseReduceScatter { placement } => {
+            Some(placement.size())
+        }
         _ => None,
     }
 }
