@@ -13,7 +13,7 @@ use crate::dtype::{DType, ReduceOp};
 use crate::error::Error;
 use crate::exec::{execute, execute_restoring, AbortSignal, Call};
 use crate::plan::{Plan, Rank};
-use crate::transport::{mem, Link};
+use crate::transport::mem;
 
 /// Rank `rank` completes steps `0..after_steps` of its plan, then disappears.
 ///
@@ -84,12 +84,7 @@ impl Simulation {
         (outcomes, traffic)
     }
 
-    async fn run_async(
-        &self,
-        plans: &[Plan],
-        bufs: Vec<Vec<u8>>,
-        mesh: Vec<Vec<Option<Arc<dyn Link>>>>,
-    ) -> Vec<Outcome> {
+    async fn run_async(&self, plans: &[Plan], bufs: Vec<Vec<u8>>, mesh: mem::Mesh) -> Vec<Outcome> {
         let n = plans.len();
         let abort = AbortSignal::for_group(n);
         let mut tasks = Vec::new();

@@ -224,7 +224,7 @@ proptest! {
     ) {
         let n = counts.len();
         // Rank i's send area, then zeros for what it will receive.
-        let sends: Vec<Vec<f32>> = (0..n).map(|i| values(seed ^ (i as u64 + 1) * 0x9E37, counts[i].iter().sum())).collect();
+        let sends: Vec<Vec<f32>> = (0..n).map(|i| values(seed ^ ((i as u64 + 1) * 0x9E37), counts[i].iter().sum())).collect();
         let bufs = (0..n).map(|r| { let mut b = bytes(&sends[r]); b.resize(4 * alltoall::working_len(r, &counts), 0); b }).collect();
         let plans: Vec<Plan> = (0..n).map(|r| alltoall::plan(r, &counts)).collect();
         let (outcomes, traffic) = sim().run_counted(&plans, bufs);

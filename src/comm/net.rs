@@ -289,6 +289,25 @@ impl AsyncPeer {
         }
     }
 
+    /// For a collective made of several (a composite, such as a sparse all-reduce) that
+    /// failed with `e` on its `attempt`-th try begun in view `epoch`: whether to run it
+    /// again over the survivors, as [`RetryPolicy`] says. When it returns `true` the
+    /// master has published a view after `epoch`.
+    pub(crate) async fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
+        let attempts = match self.retry {
+            RetryPolicy::Never => 1,
+            RetryPolicy::OnPeerLost { max_attempts } => max_attempts.max(1),
+        };
+        if !matches!(e, Error::PeerLost { .. }) || attempt >= attempts {
+            return Ok(false);
+        }
+        match tokio::time::timeout(self.wait_for_view, self.ops.control.view_after(epoch)).await {
+            Ok(Err(removed)) => Err(removed),
+            Ok(Ok(_)) => Ok(true),
+            Err(_) => Ok(false),
+        }
+    }
+
     /// Starts one collective on an owned buffer and returns at once; the collective
     /// runs as a task. Traffic of concurrent collectives is kept apart by their keys.
     pub(crate) fn start(&mut self, coll: Collective, dtype: DType, op: ReduceOp, mut buf: Vec<u8>) -> Started {
@@ -487,6 +506,11 @@ impl Net {
     pub(crate) fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
         let rt = self.runtime.clone();
         rt.block_on(self.peer_mut().run(coll, dtype, op, buf))
+    }
+
+    pub(crate) fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().retry_composite(epoch, attempt, e))
     }
 
     pub(crate) fn start(

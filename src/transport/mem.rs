@@ -78,9 +78,13 @@ pub fn pair(capacity: usize) -> (MemLink, MemLink) {
     (MemLink::new(tx_ab, rx_ba), MemLink::new(tx_ba, rx_ab))
 }
 
+/// Per rank, its links to every rank (`None` for itself), as [`mesh`] makes them.
+pub type Mesh = Vec<Vec<Option<Arc<dyn Link>>>>;
+
 /// Like [`mesh`], counting every frame sent on every directed link in the returned
 /// [`Traffic`].
-pub fn mesh_counted(n: usize, capacity: usize) -> (Vec<Vec<Option<Arc<dyn Link>>>>, Arc<Traffic>) {
+#[allow(clippy::needless_range_loop)] // filling both halves of a symmetric matrix
+pub fn mesh_counted(n: usize, capacity: usize) -> (Mesh, Arc<Traffic>) {
     let traffic = Arc::new(Traffic::new(n));
     let mut links: Vec<Vec<Option<Arc<dyn Link>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     for i in 0..n {
