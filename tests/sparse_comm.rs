@@ -271,10 +271,24 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// A networked group (master and peers over the in-memory network): one peer dies; the
-/// survivors get `PeerLost` from spAG with their buffers as they were, then redo it with
-/// a placement for the survivors, and the sparse all-reduce retries by itself. Every
-/// result equals the reference over the survivors.
+/// Ranks and ids of `comms`, sorted by rank.
+fn ids_by_rank(comms: &[Communicator]) -> Vec<u64> {
+    let mut ranked: Vec<(usize, u64)> = comms.iter().map(|c| (c.rank(), c.peer_id())).collect();
+    ranked.sort_unstable();
+    assert_eq!(ranked.iter().map(|r| r.0).collect::<Vec<_>>(), (0..comms.len()).collect::<Vec<_>>());
+    ranked.into_iter().map(|r| r.1).collect()
+}
+
+/// A networked group (master and peers over the in-memory network, `RetryPolicy::
+/// OnPeerLost`), twice losing a peer:
+///
+/// 1. the third peer takes part in the first step of a sparse all-reduce (the count
+///    all-gather) and dies: the survivors' exchange fails in its second step and the
+///    library reruns it over the two survivors; the sums are exactly theirs;
+/// 2. a new third peer is admitted and dies at once: the survivors' spAG with the
+///    three-rank placement fails (`PeerLost`, or the placement's size once the new view
+///    is out) with buffers as they were; the caller redoes it with a placement for the
+///    survivors, which gives exactly the owners' bytes.
 #[test]
 fn networked_peer_loss_then_exact_retry_over_survivors() {
     with_timeout(60, || {
@@ -286,10 +300,9 @@ fn networked_peer_loss_then_exact_retry_over_survivors() {
             let options = ConnectOptions { retry: RetryPolicy::OnPeerLost { max_attempts: 3 }, ..Default::default() };
             Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options)
         };
-        let mut comms = vec![join(100).unwrap()];
-        for i in 1..3u16 {
-            let new = std::thread::scope(|s| {
-                let h = s.spawn(|| join(100 + i));
+        let admit = |comms: &mut Vec<Communicator>, port: u16| {
+            let mut new = std::thread::scope(|s| {
+                let h = s.spawn(|| join(port));
                 while comms[0].peers_pending() == 0 {
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -298,16 +311,50 @@ fn networked_peer_loss_then_exact_retry_over_survivors() {
                 }
                 h.join().unwrap().unwrap()
             });
-            let mut new = new;
             new.update_topology().unwrap();
             comms.push(new);
-        }
+        };
+        let mut comms = vec![join(100).unwrap()];
+        admit(&mut comms, 101);
+        admit(&mut comms, 102);
         assert_eq!(comms[0].size(), 3);
-        // Rank 2 dies; each expert slot of 3 elements, one expert per rank, all replicated.
+
+        // Phase 1: sparse all-reduce, the third peer dies after its first step.
+        let mut dying = comms.pop().unwrap();
+        let survivor_ids = ids_by_rank(&comms);
+        let sums: Vec<SparseReduced<f32>> = std::thread::scope(|s| {
+            s.spawn(move || {
+                // The count all-gather of a sparse all-reduce of dimension 64, then death.
+                let mut all = [0u64; 6];
+                dying.all_gather(&[2u64, 64], &mut all).unwrap();
+                drop(dying);
+            });
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .map(|c| {
+                    s.spawn(move || {
+                        assert_eq!(c.size(), 3);
+                        let id = c.peer_id();
+                        c.sparse_all_reduce(64, &[1u32, 5, (id % 50) as u32], &[0.1f32, 0.2, 0.3]).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let inputs: Vec<(Vec<u32>, Vec<f32>)> =
+            survivor_ids.iter().map(|id| (vec![1, 5, (id % 50) as u32], vec![0.1, 0.2, 0.3])).collect();
+        let (wi, wv) = naive_sparse(&inputs);
+        for sum in &sums {
+            assert_eq!(sum, &SparseReduced::Sparse { indices: wi.clone(), values: wv.clone() });
+        }
+        assert!(comms.iter().all(|c| c.size() == 2));
+
+        // Phase 2: spAG, a newly admitted peer dies before calling.
+        admit(&mut comms, 103);
         let p3 = Placement::new(3, vec![3; 3], vec![0, 1, 2]).unwrap().widen(&vec![vec![0, 1, 2]; 3]).unwrap();
-        let dead = comms.pop().unwrap();
-        drop(dead);
-        let results: Vec<(Vec<f32>, SparseReduced<f32>, u64)> = std::thread::scope(|s| {
+        drop(comms.pop());
+        let ids = ids_by_rank(&comms);
+        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
                 .iter_mut()
                 .map(|c| {
@@ -322,13 +369,10 @@ fn networked_peer_loss_then_exact_retry_over_survivors() {
                         let orig = mine(c.rank(), 3);
                         let mut buf = orig.clone();
                         let err = c.sparse_all_gather(&p3, &mut buf).unwrap_err();
-                        // The loss, or (if the new view came first) the placement's size.
                         assert!(matches!(err, Error::PeerLost { .. } | Error::InvalidArgument(_)), "{err:?}");
                         assert_eq!(buf, orig, "buffer restored");
                         // The caller's retry: a placement for the current view.
-                        let mut tries = 0;
-                        let buf = loop {
-                            tries += 1;
+                        for _ in 0..20 {
                             let n = c.size();
                             let p = Placement::new(n, vec![3; n], (0..n).collect())
                                 .unwrap()
@@ -336,36 +380,25 @@ fn networked_peer_loss_then_exact_retry_over_survivors() {
                                 .unwrap();
                             let mut buf = mine(c.rank(), n);
                             match c.sparse_all_gather(&p, &mut buf) {
-                                Ok(()) => break buf,
-                                Err(e) if tries < 20 => {
+                                Ok(()) => return buf,
+                                Err(e) => {
                                     assert_eq!(buf, mine(c.rank(), n), "{e:?}: buffer restored");
                                     std::thread::sleep(Duration::from_millis(50));
                                 }
-                                Err(e) => panic!("retry failed: {e:?}"),
                             }
-                        };
-                        let idx = [1u32, 5, (id % 50) as u32];
-                        let sum = c.sparse_all_reduce(64, &idx, &[0.1f32, 0.2, 0.3]).unwrap();
-                        (buf, sum, id)
+                        }
+                        panic!("spAG over the survivors never succeeded");
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let mut ranked: Vec<(usize, u64)> = comms.iter().map(|c| (c.rank(), c.peer_id())).collect();
-        ranked.sort_unstable();
-        assert_eq!(ranked.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 1]);
-        let ids: Vec<u64> = ranked.into_iter().map(|r| r.1).collect();
-        for (buf, sum, _) in &results {
+        for buf in &results {
             assert_eq!(buf.len(), 6, "a placement over the 2 survivors");
             for (rank, id) in ids.iter().enumerate() {
                 let want: Vec<f32> = (3 * rank..3 * rank + 3).map(|k| (id % 1000) as f32 + k as f32).collect();
                 assert_eq!(&buf[3 * rank..3 * rank + 3], &want[..]);
             }
-            let inputs: Vec<(Vec<u32>, Vec<f32>)> =
-                ids.iter().map(|id| (vec![1, 5, (id % 50) as u32], vec![0.1, 0.2, 0.3])).collect();
-            let (wi, wv) = naive_sparse(&inputs);
-            assert_eq!(sum, &SparseReduced::Sparse { indices: wi, values: wv });
         }
     });
 }

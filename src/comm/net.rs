@@ -267,6 +267,9 @@ impl AsyncPeer {
             attempt += 1;
             let (view, rank, key) = self.next_op()?;
             if let Some(n) = coll_size(coll).filter(|&n| n != view.size()) {
+                // Nothing was announced: give the sequence number back, or this peer's
+                // next collective would carry a number the others have not used.
+                self.next_seq -= 1;
                 return Err(Error::InvalidArgument(format!(
                     "per-rank counts for {n} ranks in a group of {}",
                     view.size()
@@ -292,13 +295,18 @@ impl AsyncPeer {
     /// For a collective made of several (a composite, such as a sparse all-reduce) that
     /// failed with `e` on its `attempt`-th try begun in view `epoch`: whether to run it
     /// again over the survivors, as [`RetryPolicy`] says. When it returns `true` the
-    /// master has published a view after `epoch`.
+    /// master has published a view after `epoch` (it waits a bounded time for one; an
+    /// abort that changes no view is not retried).
     pub(crate) async fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
         let attempts = match self.retry {
             RetryPolicy::Never => 1,
             RetryPolicy::OnPeerLost { max_attempts } => max_attempts.max(1),
         };
-        if !matches!(e, Error::PeerLost { .. }) || attempt >= attempts {
+        // A lost peer shows as `PeerLost`, or as `Aborted` where the master relays
+        // another rank's failure; a part sized for the old view fails locally once the
+        // view has moved on.
+        let moved = self.view().is_ok_and(|v| v.epoch > epoch);
+        if attempt >= attempts || !(moved || matches!(e, Error::PeerLost { .. } | Error::Aborted { .. })) {
             return Ok(false);
         }
         match tokio::time::timeout(self.wait_for_view, self.ops.control.view_after(epoch)).await {
