@@ -73,6 +73,16 @@ impl Communicator {
         let counts: Vec<Vec<usize>> =
             all.chunks(n.max(1)).map(|row| row.iter().map(|&c| c as usize).collect()).collect();
         let rank = self.rank();
+        // Counts come from peers: refuse what no buffer could hold (every rank sees the
+        // same matrix, so every rank refuses alike).
+        let size = dtype.size();
+        let overflows =
+            |j: usize| !fits(counts.iter().map(|row| row[j]), size) || !fits(counts[j].iter().copied(), size);
+        if let Some(bad) = (0..n).find(|&j| overflows(j)) {
+            return Err(Error::Mismatch {
+                detail: format!("all-to-all counts to or from rank {bad} overflow a buffer"),
+            });
+        }
         let recv_counts = counts.iter().map(|row| row[rank]).collect();
         Ok((self.run_all_to_all(input, counts, dtype)?, recv_counts))
     }
@@ -88,4 +98,12 @@ impl Communicator {
         self.run(&Collective::AllToAll { counts }, dtype, ReduceOp::Sum, &mut work)?;
         Ok(work.split_off(input.len()))
     }
+}
+
+/// Whether `counts` elements of `size` bytes fit in one buffer.
+fn fits(mut counts: impl Iterator<Item = usize>, size: usize) -> bool {
+    counts
+        .try_fold(0usize, |a, c| a.checked_add(c))
+        .and_then(|t| t.checked_mul(size))
+        .is_some_and(|b| b <= isize::MAX as usize)
 }

@@ -239,7 +239,12 @@ impl Communicator {
             });
         }
         let nnz: Vec<usize> = (0..n).map(|r| counts[2 * r] as usize).collect();
-        let total: usize = nnz.iter().sum();
+        // Counts come from peers: refuse a total no buffer could hold.
+        let total = nnz
+            .iter()
+            .try_fold(0usize, |a, &c| a.checked_add(c))
+            .filter(|t| t.checked_mul(size.max(INDEX_BYTES)).is_some_and(|b| b <= isize::MAX as usize))
+            .ok_or_else(|| Error::Mismatch { detail: format!("pair counts {nnz:?} overflow a buffer") })?;
         if takes_dense_path(total as u64, dim, size) {
             let mut dense = vec![0u8; dim * size];
             for (k, &i) in indices.iter().enumerate() {
