@@ -267,6 +267,48 @@ fn lost_rank_in_a_local_group_fails_every_collective_cleanly() {
     }
 }
 
+/// A rank that dies part-way through the composite collectives, after taking part in
+/// their first `k` sub-collectives (the count exchange, then the index gather): the
+/// others fail cleanly at the next one, inputs untouched.
+#[test]
+fn rank_lost_between_the_steps_of_composites() {
+    for k in 1..=2 {
+        let out = on_group(3, |c| {
+            let r = c.rank();
+            if r == 1 {
+                // The same first sub-collectives as the others' calls, then gone.
+                let mut all = vec![0u64; 6];
+                c.all_gather(&[2u64, 100], &mut all).unwrap();
+                if k == 2 {
+                    let counts: Vec<usize> = (0..3).map(|q| all[2 * q] as usize).collect();
+                    let mut idx = vec![0u32; counts.iter().sum()];
+                    c.all_gather_v(&[1u32, 2], &mut idx, &counts).unwrap();
+                }
+                return None;
+            }
+            let (idx, vals) = ([3u32, 4], [1.5f32, 2.5]);
+            let err = c.sparse_all_reduce(100, &idx, &vals).unwrap_err();
+            Some((err, idx == [3, 4] && vals == [1.5, 2.5]))
+        });
+        for (err, untouched) in out.into_iter().flatten() {
+            assert!(matches!(err, Error::PeerLost { .. } | Error::Aborted { .. }), "after {k}: {err:?}");
+            assert!(untouched);
+        }
+    }
+    // all-to-all-v: the dying rank joins the count exchange only.
+    let out = on_group(3, |c| {
+        if c.rank() == 1 {
+            let mut all = vec![0u64; 9];
+            c.all_gather(&[1u64, 1, 1], &mut all).unwrap();
+            return None;
+        }
+        Some(c.all_to_all_v(&[1i32, 2, 3], &[1, 1, 1]).unwrap_err())
+    });
+    for err in out.into_iter().flatten() {
+        assert!(matches!(err, Error::PeerLost { .. } | Error::Aborted { .. }), "{err:?}");
+    }
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
