@@ -1,7 +1,8 @@
 //! What a collective call is, independent of who runs it: its plan and fingerprint.
 
 use crate::dtype::{DType, ReduceOp};
-use crate::plan::{self, allreduce, broadcast, gather, reduce, Plan, Rank};
+use crate::plan::sparse::{self as sparse_plan, Placement};
+use crate::plan::{self, allreduce, alltoall, broadcast, gather, reduce, Plan, Rank};
 
 /// Knobs that pick algorithms and chunk sizes. Every rank of a group must use the same
 /// values, since they shape the plans.
@@ -60,6 +61,22 @@ pub enum Collective {
     },
     /// Barrier.
     Barrier,
+    /// Sparse all-gather spAG(P, P′): every holder of a chunk receives its owner's copy.
+    SparseAllGather {
+        /// Chunk lengths, owners and holders.
+        placement: Placement,
+    },
+    /// Sparse reduce-scatter spRS(P′, P): each owner receives the ascending-rank sum of
+    /// its chunk over the holders.
+    SparseReduceScatter {
+        /// Chunk lengths, owners and holders.
+        placement: Placement,
+    },
+    /// All-to-all: rank `i` sends `counts[i][j]` elements to rank `j`.
+    AllToAll {
+        /// The `n × n` matrix of counts, rows by sender.
+        counts: Vec<Vec<usize>>,
+    },
 }
 
 impl Collective {
@@ -75,15 +92,24 @@ impl Collective {
             }
             Collective::Reduce { root, len } => reduce::plan(rank, n, *root, *len, size, tuning.chain_threshold_bytes),
             Collective::Barrier => reduce::barrier(rank, n),
+            Collective::SparseAllGather { placement } => sparse_plan::sparse_all_gather(rank, placement),
+            Collective::SparseReduceScatter { placement } => sparse_plan::sparse_reduce_scatter(rank, placement),
+            Collective::AllToAll { counts } => alltoall::plan(rank, counts),
         }
     }
 
-    /// Length of the working buffer in elements.
+    /// Length of the working buffer in elements. For an all-to-all, whose buffer differs
+    /// by rank, the largest over the ranks (see [`alltoall::working_len`]).
     pub fn working_len(&self) -> usize {
         match self {
             Collective::AllReduce { len } | Collective::Broadcast { len, .. } | Collective::Reduce { len, .. } => *len,
             Collective::ReduceScatter { counts } | Collective::AllGather { counts } => counts.iter().sum(),
             Collective::Barrier => 0,
+            Collective::SparseAllGather { placement } => placement.total_len(),
+            Collective::SparseReduceScatter { placement } => placement.total_len() + placement.scratch_len(),
+            Collective::AllToAll { counts } => {
+                (0..counts.len()).map(|r| alltoall::working_len(r, counts)).max().unwrap_or(0)
+            }
         }
     }
 
@@ -104,6 +130,18 @@ impl Collective {
             Collective::Broadcast { root, len } => words.extend([4, *root as u64, *len as u64]),
             Collective::Reduce { root, len } => words.extend([5, *root as u64, *len as u64]),
             Collective::Barrier => words.push(6),
+            Collective::SparseAllGather { placement } => {
+                words.push(0x5A01);
+                words.extend(placement.words());
+            }
+            Collective::SparseReduceScatter { placement } => {
+                words.push(0x5A02);
+                words.extend(placement.words());
+            }
+            Collective::AllToAll { counts } => {
+                words.extend([0x5A03, counts.len() as u64]);
+                words.extend(counts.iter().flat_map(|row| row.iter().map(|&c| c as u64)));
+            }
         }
         fnv1a(words.iter().flat_map(|w| w.to_le_bytes()))
     }

@@ -6,6 +6,7 @@
 //! [`AbortSignal`], standing in for the master that tells everyone about a loss and
 //! decides whether each collective completed (see [`AbortSignal::for_group`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::dtype::{DType, ReduceOp};
@@ -70,20 +71,24 @@ impl Simulation {
 
     /// Runs `plans[r]` on `bufs[r]` for every rank `r`; returns each rank's outcome.
     pub fn run(&self, plans: &[Plan], bufs: Vec<Vec<u8>>) -> Vec<Outcome> {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
-            Ok(rt) => rt,
-            Err(e) => return vec![Outcome::Failed { error: Error::InvalidArgument(e.to_string()), buf: vec![] }],
-        };
-        rt.block_on(self.run_async(plans, bufs))
+        self.run_counted(plans, bufs).0
     }
 
-    async fn run_async(&self, plans: &[Plan], bufs: Vec<Vec<u8>>) -> Vec<Outcome> {
+    /// [`Simulation::run`], also returning the frames and bytes that crossed each link.
+    pub fn run_counted(&self, plans: &[Plan], bufs: Vec<Vec<u8>>) -> (Vec<Outcome>, Arc<mem::Traffic>) {
+        let (mesh, traffic) = mem::mesh_counted(plans.len(), self.link_capacity);
+        let outcomes = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(rt) => rt.block_on(self.run_async(plans, bufs, mesh)),
+            Err(e) => vec![Outcome::Failed { error: Error::InvalidArgument(e.to_string()), buf: vec![] }],
+        };
+        (outcomes, traffic)
+    }
+
+    async fn run_async(&self, plans: &[Plan], bufs: Vec<Vec<u8>>, mesh: mem::Mesh) -> Vec<Outcome> {
         let n = plans.len();
         let abort = AbortSignal::for_group(n);
         let mut tasks = Vec::new();
-        for ((rank, links), (plan, mut buf)) in
-            mem::mesh(n, self.link_capacity).into_iter().enumerate().zip(plans.iter().cloned().zip(bufs))
-        {
+        for ((rank, links), (plan, mut buf)) in mesh.into_iter().enumerate().zip(plans.iter().cloned().zip(bufs)) {
             let (sim, abort) = (self.clone(), abort.clone());
             tasks.push(tokio::spawn(async move {
                 let call = Call {

@@ -763,6 +763,121 @@ int phx_comm_sync_shared_state(struct phx_comm *comm,
                                int strategy_code,
                                struct phx_sync_report *report_or_null);
 
+/**
+ * All-to-all with equal parts: `input` and `output` hold `count` elements each, `count`
+ * a multiple of the group's size `n`; part `j` of `input` (`count / n` elements) goes to
+ * rank `j`, and part `i` of `output` comes from rank `i`. The buffers must not overlap.
+ * On error `output` is unchanged.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `input` is NULL or
+ * readable and `output` NULL or writable for `count` elements of `dtype`; neither is
+ * touched by others meanwhile.
+ */
+int phx_comm_all_to_all(struct phx_comm *comm,
+                        const void *input,
+                        void *output,
+                        size_t count,
+                        int dtype_code);
+
+/**
+ * All-to-all with uneven parts: this rank sends `send_counts[j]` elements of `input`
+ * (parts in rank order, `input_count` elements in all) to rank `j`, for the
+ * `group_size` ranks of the group. The counts are exchanged first, then the data: what
+ * this rank receives is written to `output` (parts in rank order), how many elements
+ * came from each rank to `recv_counts` (`group_size` entries) and the total to
+ * `*received`.
+ *
+ * `output_capacity` must be at least the total received; when it is not the call fails
+ * with `PHX_ERR_BUFFER_TOO_SMALL` after the exchange (every rank's exchange completed),
+ * with `recv_counts` and `*received` written, so the caller can size the buffer and
+ * call again. On any other error the outputs are unchanged. A lost peer is not retried
+ * inside the call (the counts name ranks): recompute them for the survivors.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `input` readable for
+ * `input_count` elements; `send_counts` readable and `recv_counts` writable for
+ * `group_size` entries; `output` writable for `output_capacity` elements; `received`
+ * valid for a write. Pointers of zero-length arrays may be NULL.
+ */
+int phx_comm_all_to_all_v(struct phx_comm *comm,
+                          const void *input,
+                          size_t input_count,
+                          const size_t *send_counts,
+                          size_t group_size,
+                          void *output,
+                          size_t output_capacity,
+                          size_t *recv_counts,
+                          size_t *received,
+                          int dtype_code);
+
+/**
+ * Sums sparse vectors of dimension `dim`: this rank's `nnz` pairs `(indices[k],
+ * values[k])` (values of `dtype`; duplicates allowed). Every rank gets the same sum,
+ * bit for bit, written densely to `output` (`dim` elements; zeros where no rank had an
+ * index), and `*took_dense` says whether the density passed the crossover
+ * `2·b_v / (n·(b_i + b_v))` so that the dense exchange ran (1) or the sparse one (0).
+ * The sparse exchange sums each index in ascending rank order. With retry attempts in
+ * the connect options, a lost peer makes the exchange run again over the survivors.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `indices` and `values`
+ * readable for `nnz` entries; `output` writable for `dim` elements and not overlapping
+ * the inputs; `took_dense` valid for a write.
+ */
+int phx_comm_sparse_all_reduce(struct phx_comm *comm,
+                               size_t dim,
+                               const uint32_t *indices,
+                               const void *values,
+                               size_t nnz,
+                               int dtype_code,
+                               void *output,
+                               int *took_dense);
+
+/**
+ * Sparse all-gather (FSSDP's spAG): `buf` holds a slot for every one of `n_chunks`
+ * chunks in order (`count` = the sum of `lens` elements); chunk `c` has `lens[c]`
+ * elements, is owned by rank `owners[c]`, and held by rank `r` when
+ * `holds[c * group_size + r]` is not zero (a row-major `n_chunks x group_size` matrix;
+ * the owner always holds). Afterwards every holder's slot holds the owner's bytes;
+ * other slots are unchanged. `group_size` must be the group's size. On error `buf` is
+ * unchanged; the call is not retried inside (the placement names ranks).
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `buf` readable and
+ * writable for `count` elements; `lens` and `owners` readable for `n_chunks` entries,
+ * `holds` for `n_chunks * group_size`.
+ */
+int phx_comm_sparse_all_gather(struct phx_comm *comm,
+                               void *buf,
+                               size_t count,
+                               int dtype_code,
+                               size_t group_size,
+                               size_t n_chunks,
+                               const size_t *lens,
+                               const size_t *owners,
+                               const uint8_t *holds);
+
+/**
+ * Sparse reduce-scatter (FSSDP's spRS), with the placement as for
+ * `phx_comm_sparse_all_gather`: each owner's slot becomes the combination (`op`, not
+ * `PHX_OP_AVG`) of the slots of all holders of its chunk, in ascending rank order;
+ * other slots are unchanged. On error `buf` is unchanged.
+ *
+ * # Safety
+ * As `phx_comm_sparse_all_gather`.
+ */
+int phx_comm_sparse_reduce_scatter(struct phx_comm *comm,
+                                   void *buf,
+                                   size_t count,
+                                   int dtype_code,
+                                   int op_code,
+                                   size_t group_size,
+                                   size_t n_chunks,
+                                   const size_t *lens,
+                                   const size_t *owners,
+                                   const uint8_t *holds);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

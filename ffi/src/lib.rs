@@ -15,6 +15,8 @@
 #![warn(clippy::undocumented_unsafe_blocks, missing_docs)]
 #![allow(non_camel_case_types)]
 
+pub mod sparse;
+
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::net::{SocketAddr, ToSocketAddrs};

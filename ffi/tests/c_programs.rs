@@ -300,3 +300,20 @@ fn readme_example_compiles_and_runs() {
     assert!(status.success(), "the example failed:\n{}", p.dump());
     assert!(p.lines(run).iter().any(|l| l.starts_with("step 2: 1 peer(s), mean grad[3] = 4")), "{}", p.dump());
 }
+
+/// The sparse collectives and all-to-all from C (`tests/c/sparse.c`): four peers check
+/// the FSSDP example (spAG, spRS), all-to-all with equal and uneven counts (and a too
+/// small output), and the sparse all-reduce below and above the dense crossover.
+#[test]
+fn sparse_collectives_from_c_are_exact() {
+    let _serial = serial();
+    let sparse = compile(&ffi_dir().join("tests/c/sparse.c"), "sparse");
+    let mut p = Procs::new();
+    let addr = p.master();
+    let ws: Vec<usize> =
+        (0..4).map(|i| p.spawn(&format!("peer{i}"), &sparse, &["sparse", &addr, SECRET, "4"])).collect();
+    p.expect_success(&ws);
+    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, "sparse ok"), "rank").to_string()).collect();
+    ranks.sort();
+    assert_eq!(ranks, ["0", "1", "2", "3"]);
+}

@@ -31,6 +31,14 @@ from ._native import (
     TransportError,
     __version__,
 )
+from ._native import (  # sparse collectives and all-to-all (see README "Collectives beyond all-reduce")
+    SparseReduced,
+    all_to_all,
+    all_to_all_v,
+    sparse_all_gather,
+    sparse_all_reduce,
+    sparse_reduce_scatter,
+)
 
 __all__ = [
     "AbortedError",
@@ -47,4 +55,10 @@ __all__ = [
     "SyncReport",
     "TransportError",
     "__version__",
+    "SparseReduced",
+    "all_to_all",
+    "all_to_all_v",
+    "sparse_all_gather",
+    "sparse_all_reduce",
+    "sparse_reduce_scatter",
 ]

@@ -8,7 +8,7 @@ array in place, without copying it, with the GIL released.
 """
 
 from types import TracebackType
-from typing import Any, Iterator, List, Literal, Optional, Sequence, Type, Union
+from typing import Any, Iterator, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 
@@ -192,3 +192,52 @@ class Communicator:
         tb: Optional[TracebackType],
     ) -> bool: ...
 
+
+# Sparse collectives and all-to-all: module-level functions taking the communicator.
+
+class SparseReduced:
+    """The result of `sparse_all_reduce`: the sums, and which exchange ran."""
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the density passed the crossover and the dense exchange ran."""
+    @property
+    def indices(self) -> Optional[np.ndarray]:
+        """The union of the indices, ascending (uint32); None after the dense exchange."""
+    @property
+    def values(self) -> np.ndarray:
+        """The sums at `indices`, or the whole dense vector after the dense exchange."""
+    def to_dense(self) -> np.ndarray:
+        """The sums as a dense vector of `dim` elements (zeros elsewhere)."""
+
+def all_to_all(comm: Communicator, input: ArrayLike, output: ArrayLike) -> None:
+    """Part j of `input` goes to rank j; part i of `output` comes from rank i (equal parts)."""
+
+def all_to_all_v(comm: Communicator, input: ArrayLike, send_counts: Sequence[int]) -> Tuple[np.ndarray, List[int]]:
+    """`send_counts[j]` elements of `input` go to rank j; returns what was received (parts in
+    rank order) and the count from each rank."""
+
+def sparse_all_reduce(comm: Communicator, dim: int, indices: ArrayLike, values: ArrayLike) -> SparseReduced:
+    """Sums `(indices[k], values[k])` pairs (uint32 indices) over all peers, bit-identically;
+    switches to a dense exchange past the density crossover 2·b_v / (n·(b_i + b_v))."""
+
+def sparse_all_gather(
+    comm: Communicator,
+    array: ArrayLike,
+    lens: Sequence[int],
+    owners: Sequence[int],
+    holders: Sequence[Sequence[int]],
+) -> None:
+    """FSSDP spAG, in place: every holder of chunk c (`holders[c]` plus the owner) gets the
+    bytes of its owner `owners[c]`; `array` holds all chunks in order (sum(lens) elements)."""
+
+def sparse_reduce_scatter(
+    comm: Communicator,
+    array: ArrayLike,
+    lens: Sequence[int],
+    owners: Sequence[int],
+    holders: Sequence[Sequence[int]],
+    op: ReduceOpName = "sum",
+) -> None:
+    """FSSDP spRS, in place: each owner's slot becomes the combination of all holders' slots
+    of its chunk, in ascending rank order."""

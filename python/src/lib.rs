@@ -6,6 +6,7 @@
 //! copy, and the GIL is released while the collective runs.
 
 mod array;
+mod sparse;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -831,6 +832,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     m.add("TransportError", py.get_type::<TransportError>())?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
+    sparse::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

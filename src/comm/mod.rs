@@ -1,8 +1,10 @@
 //! [`Communicator`]: the object users hold to run collectives.
 
+mod alltoall;
 mod datalinks;
 mod local;
 mod net;
+mod sparse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use crate::state::SharedState;
 use crate::transport::endpoint::Endpoint;
 
 pub use net::{AsyncPeer, ConnectOptions, RetryPolicy, SyncReport};
+pub use sparse::{crossover_density, takes_dense_path, SparseReduced};
 
 /// Settings of a local (in-process) group. Every rank must use the same [`Tuning`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -267,6 +267,9 @@ impl AsyncPeer {
             attempt += 1;
             let (view, rank, key) = self.next_op()?;
             if let Some(n) = coll_size(coll).filter(|&n| n != view.size()) {
+                // Nothing was announced: give the sequence number back, or this peer's
+                // next collective would carry a number the others have not used.
+                self.next_seq -= 1;
                 return Err(Error::InvalidArgument(format!(
                     "per-rank counts for {n} ranks in a group of {}",
                     view.size()
@@ -286,6 +289,30 @@ impl AsyncPeer {
                     }
                 }
             }
+        }
+    }
+
+    /// For a collective made of several (a composite, such as a sparse all-reduce) that
+    /// failed with `e` on its `attempt`-th try begun in view `epoch`: whether to run it
+    /// again over the survivors, as [`RetryPolicy`] says. When it returns `true` the
+    /// master has published a view after `epoch` (it waits a bounded time for one; an
+    /// abort that changes no view is not retried).
+    pub(crate) async fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
+        let attempts = match self.retry {
+            RetryPolicy::Never => 1,
+            RetryPolicy::OnPeerLost { max_attempts } => max_attempts.max(1),
+        };
+        // A lost peer shows as `PeerLost`, or as `Aborted` where the master relays
+        // another rank's failure; a part sized for the old view fails locally once the
+        // view has moved on.
+        let moved = self.view().is_ok_and(|v| v.epoch > epoch);
+        if attempt >= attempts || !(moved || matches!(e, Error::PeerLost { .. } | Error::Aborted { .. })) {
+            return Ok(false);
+        }
+        match tokio::time::timeout(self.wait_for_view, self.ops.control.view_after(epoch)).await {
+            Ok(Err(removed)) => Err(removed),
+            Ok(Ok(_)) => Ok(true),
+            Err(_) => Ok(false),
         }
     }
 
@@ -489,6 +516,11 @@ impl Net {
         rt.block_on(self.peer_mut().run(coll, dtype, op, buf))
     }
 
+    pub(crate) fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().retry_composite(epoch, attempt, e))
+    }
+
     pub(crate) fn start(
         &mut self,
         coll: Collective,
@@ -525,6 +557,10 @@ impl Drop for Net {
 fn coll_size(coll: &Collective) -> Option<usize> {
     match coll {
         Collective::ReduceScatter { counts } | Collective::AllGather { counts } => Some(counts.len()),
+        Collective::AllToAll { counts } => Some(counts.len()),
+        Collective::SparseAllGather { placement } | Collective::SparseReduceScatter { placement } => {
+            Some(placement.size())
+        }
         _ => None,
     }
 }

@@ -18,10 +18,12 @@
 //! ```
 
 pub mod allreduce;
+pub mod alltoall;
 pub mod broadcast;
 pub mod gather;
 pub mod reduce;
 pub mod segments;
+pub mod sparse;
 
 use std::ops::Range;
 

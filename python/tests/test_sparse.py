@@ -1,0 +1,154 @@
+"""Sparse collectives and all-to-all from Python: four peers of one group on threads of
+this process (the GIL is released while a collective waits), checked against naive
+references: the FSSDP example (spAG, spRS), all-to-all with equal and uneven counts, and
+the sparse all-reduce on both sides of the dense crossover."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import phalanx
+
+N = 4
+
+
+@pytest.fixture
+def group(master):
+    """N communicators of one group, indexed by rank."""
+    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
+    for _ in range(N - 1):
+        box = {}
+        t = threading.Thread(
+            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
+            daemon=True,
+        )
+        t.start()
+        deadline = time.monotonic() + 30
+        while comms[0].peers_pending == 0:
+            assert time.monotonic() < deadline, "the joiner never showed up"
+            time.sleep(0.01)
+        on_all(comms, lambda c: c.update_topology())
+        t.join(timeout=60)
+        new = box["c"]
+        new.update_topology()  # the members' round counts as its own: returns at once
+        comms.append(new)
+    comms.sort(key=lambda c: c.rank)
+    assert [c.rank for c in comms] == list(range(N))
+    yield comms
+    for c in comms:
+        c.leave()
+
+
+def on_all(comms, f, timeout=60):
+    """f(comm) on every communicator at once, each on its own thread; results by index."""
+    results, errors = [None] * len(comms), []
+
+    def run(i, c):
+        try:
+            results[i] = f(c)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(comms)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a collective hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_fssdp_example(group):
+    lens, owners = [2] * 8, [e // 2 for e in range(8)]
+    holders = [[0, 1, 2, 3] if e in (0, 4) else [] for e in range(8)]
+
+    def run(c):
+        d = c.rank
+        params = np.full(16, -1.0, dtype=np.float32)
+        for e in range(8):
+            if owners[e] == d:
+                params[2 * e : 2 * e + 2] = [10 * e + 1, 10 * e + 2]
+        phalanx.sparse_all_gather(c, params, lens, owners, holders)
+        grads = np.full(16, 0.5, dtype=np.float32)
+        grads[0:2] = [d + 1, d + 1]
+        grads[8:10] = [5 * (d + 1), d + 1]
+        phalanx.sparse_reduce_scatter(c, grads, lens, owners, holders, op="sum")
+        return params, grads
+
+    out = on_all(group, run)
+    for d, (params, grads) in enumerate(out):
+        assert params[0:2].tolist() == [1.0, 2.0] and params[8:10].tolist() == [41.0, 42.0]
+        for e in range(8):
+            if e not in (0, 4) and owners[e] != d:
+                assert params[2 * e : 2 * e + 2].tolist() == [-1.0, -1.0], "a slot not held changed"
+        assert grads[2] == 0.5
+    assert out[0][1][0:2].tolist() == [10.0, 10.0]
+    assert out[2][1][8:10].tolist() == [50.0, 10.0]
+
+
+def test_all_to_all_equal_and_uneven(group):
+    rng = np.random.default_rng(7)
+    counts = rng.integers(0, 5, size=(N, N))  # zeros included
+    sends = [rng.integers(-1000, 1000, size=int(counts[i].sum())).astype(np.int64) for i in range(N)]
+
+    def run(c):
+        r = c.rank
+        eq_in = (np.arange(3 * N) + 100 * r).astype(np.float64)
+        eq_out = np.zeros(3 * N)
+        phalanx.all_to_all(c, eq_in, eq_out)
+        got, recv = phalanx.all_to_all_v(c, sends[r], [int(x) for x in counts[r]])
+        return eq_out, got, recv
+
+    out = on_all(group, run)
+    for r, (eq_out, got, recv) in enumerate(out):
+        assert eq_out.tolist() == [float(100 * i + 3 * r + k) for i in range(N) for k in range(3)]
+        want = np.concatenate(
+            [sends[i][int(counts[i][:r].sum()) : int(counts[i][:r].sum()) + int(counts[i][r])] for i in range(N)]
+        )
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+        assert recv == [int(counts[i][r]) for i in range(N)]
+
+
+def naive_sparse(pairs, dim):
+    """Per index, a left fold over ranks ascending (float32 arithmetic)."""
+    sums = {}
+    for idx, vals in pairs:
+        for i, v in zip(idx.tolist(), vals):
+            sums[i] = np.float32(sums[i] + v) if i in sums else np.float32(v)
+    keys = sorted(sums)
+    return np.array(keys, dtype=np.uint32), np.array([sums[k] for k in keys], dtype=np.float32)
+
+
+@pytest.mark.parametrize("per_rank, dense", [(10, False), (250, False), (251, True), (600, True)])
+def test_sparse_all_reduce_both_sides_of_the_crossover(group, per_rank, dense):
+    dim = 1000  # crossover for 4 ranks, u32 / f32: average density 1/4, i.e. 1000 pairs in all
+    rng = np.random.default_rng(per_rank)
+    pairs = [
+        (rng.integers(0, dim, size=per_rank).astype(np.uint32), (rng.standard_normal(per_rank) * 1e3).astype(np.float32))
+        for _ in range(N)
+    ]
+    out = on_all(group, lambda c: phalanx.sparse_all_reduce(c, dim, *pairs[c.rank]))
+    want_idx, want_vals = naive_sparse(pairs, dim)
+    first = out[0].to_dense()
+    for o in out:
+        assert o.is_dense == dense
+        assert o.to_dense().tobytes() == first.tobytes(), "peers differ"
+        if not dense:
+            assert o.indices.tolist() == want_idx.tolist()
+            assert o.values.tobytes() == want_vals.tobytes(), "not the ascending-rank sums"
+    if dense:
+        want = np.zeros(dim, dtype=np.float32)
+        want[want_idx] = want_vals
+        np.testing.assert_allclose(first, want, rtol=1e-5, atol=1e-2)
+
+
+def test_bad_arguments(group):
+    c = group[0]
+    with pytest.raises(TypeError):
+        phalanx.sparse_all_reduce(c, 10, np.array([1], dtype=np.int64), np.ones(1, dtype=np.float32))
+    with pytest.raises(ValueError):
+        phalanx.sparse_all_gather(c, np.zeros(2, dtype=np.float32), [2], [7], [[]])
