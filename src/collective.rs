@@ -1,7 +1,7 @@
 //! What a collective call is, independent of who runs it: its plan and fingerprint.
 
 use crate::dtype::{DType, ReduceOp};
-use crate::plan::{self, allreduce, broadcast, gather, reduce, Plan, Rank};
+use crate::plan::{self, allreduce, broadcast, gather, reduce, scan, Plan, Rank};
 
 /// Knobs that pick algorithms and chunk sizes. Every rank of a group must use the same
 /// values, since they shape the plans.
@@ -60,6 +60,22 @@ pub enum Collective {
     },
     /// Barrier.
     Barrier,
+    /// All-scan of a state of `len` units of `unit_bytes` bytes (one element of a
+    /// built-in operator, or a [`crate::op::CustomOp`]'s unit); see [`plan::scan`].
+    AllScan {
+        /// Units of the state.
+        len: usize,
+        /// Bytes per unit.
+        unit_bytes: usize,
+        /// Inclusive (`x_0 ⊕ … ⊕ x_r`) or exclusive (`x_0 ⊕ … ⊕ x_{r-1}`).
+        inclusive: bool,
+        /// Scan order `n-1, …, 0` instead of `0, …, n-1`.
+        reverse: bool,
+        /// The algorithm as requested (resolved by size in [`Collective::plan`]).
+        algorithm: scan::Algorithm,
+        /// Identifies a custom operator (a hash of its name), 0 for a built-in one.
+        op_id: u64,
+    },
 }
 
 impl Collective {
@@ -75,6 +91,9 @@ impl Collective {
             }
             Collective::Reduce { root, len } => reduce::plan(rank, n, *root, *len, size, tuning.chain_threshold_bytes),
             Collective::Barrier => reduce::barrier(rank, n),
+            Collective::AllScan { len, unit_bytes, inclusive, reverse, algorithm, .. } => {
+                scan::plan_full(rank, n, *len, *inclusive, *reverse, algorithm.resolve(*len, *unit_bytes))
+            }
         }
     }
 
@@ -84,6 +103,9 @@ impl Collective {
             Collective::AllReduce { len } | Collective::Broadcast { len, .. } | Collective::Reduce { len, .. } => *len,
             Collective::ReduceScatter { counts } | Collective::AllGather { counts } => counts.iter().sum(),
             Collective::Barrier => 0,
+            Collective::AllScan { len, unit_bytes, algorithm, .. } => {
+                scan::working_len(*len, algorithm.resolve(*len, *unit_bytes))
+            }
         }
     }
 
@@ -104,12 +126,23 @@ impl Collective {
             Collective::Broadcast { root, len } => words.extend([4, *root as u64, *len as u64]),
             Collective::Reduce { root, len } => words.extend([5, *root as u64, *len as u64]),
             Collective::Barrier => words.push(6),
+            Collective::AllScan { len, unit_bytes, inclusive, reverse, algorithm, op_id } => {
+                let (alg, blocks) = match algorithm.resolve(*len, *unit_bytes) {
+                    scan::Algorithm::Chain { blocks } => (1, blocks),
+                    scan::Algorithm::RecursiveDoubling => (2, 0),
+                    scan::Algorithm::Auto => (0, 0),
+                };
+                words.extend([7, *len as u64, *unit_bytes as u64, *inclusive as u64, *reverse as u64]);
+                words.extend([alg, blocks as u64, *op_id]);
+            }
         }
         fnv1a(words.iter().flat_map(|w| w.to_le_bytes()))
     }
 }
 
-fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+/// FNV-1a hash of `bytes`: stable across processes and builds (used for fingerprints
+/// and custom operators' ids).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 

@@ -3,6 +3,7 @@
 mod datalinks;
 mod local;
 mod net;
+mod scan;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::state::SharedState;
 use crate::transport::endpoint::Endpoint;
 
 pub use net::{AsyncPeer, ConnectOptions, RetryPolicy, SyncReport};
+pub use scan::{builtin_identity, ScanOptions};
 
 /// Settings of a local (in-process) group. Every rank must use the same [`Tuning`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,6 +21,7 @@ pub mod allreduce;
 pub mod broadcast;
 pub mod gather;
 pub mod reduce;
+pub mod scan;
 pub mod segments;
 
 use std::ops::Range;
