@@ -148,8 +148,8 @@ fn chain(rank: Rank, v: usize, n: usize, len: usize, blocks: usize, phys: impl F
         steps.extend(local.iter().map(|b| Step::send(down, b.clone())));
     } else if v == n - 1 {
         let up = phys(v - 1);
-        for b in 0..local.len() {
-            steps.push(Step::recv(up, prefix[b].clone(), Action::Copy));
+        for (b, p) in prefix.iter().enumerate() {
+            steps.push(Step::recv(up, p.clone(), Action::Copy));
             steps.push(combine(b));
         }
     } else {
