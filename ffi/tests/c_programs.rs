@@ -300,3 +300,18 @@ fn readme_example_compiles_and_runs() {
     assert!(status.success(), "the example failed:\n{}", p.dump());
     assert!(p.lines(run).iter().any(|l| l.starts_with("step 2: 1 peer(s), mean grad[3] = 4")), "{}", p.dump());
 }
+
+/// All-scan from C (`tests/c/scan.c`): four peers check built-in, linear-attention and
+/// callback scans exactly, a failing callback, and the argument checks.
+#[test]
+fn scan_from_c_is_exact() {
+    let _serial = serial();
+    let exe = compile(&ffi_dir().join("tests/c/scan.c"), "scan");
+    let mut p = Procs::new();
+    let addr = p.master();
+    let ws: Vec<usize> = (0..4).map(|i| p.spawn(&format!("peer{i}"), &exe, &["scan", &addr, SECRET, "4"])).collect();
+    p.expect_success(&ws);
+    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, "scan ok"), "rank").to_string()).collect();
+    ranks.sort();
+    assert_eq!(ranks, ["0", "1", "2", "3"]);
+}
