@@ -255,3 +255,79 @@ impl<T: Element, F: Fn(&[T], &[T], &mut [T]) + Send + Sync> CustomOp for FnOp<T,
         &self.name
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn la(a: &[f32], s: &[f32]) -> Vec<u8> {
+        LinearAttention::pack(a, s, 2).expect("shapes fit")
+    }
+
+    #[test]
+    fn linear_attention_identity_is_neutral_on_both_sides() {
+        let op = LinearAttention::new(2);
+        let x = la(&[0.3, -1.5], &[1.25, 2.0, -3.0, 0.1]);
+        let mut id = vec![0u8; 2 * op.unit_bytes()];
+        for unit in id.chunks_exact_mut(op.unit_bytes()) {
+            assert!(op.identity(unit));
+        }
+        for order in [Order::IncomingLeft, Order::IncomingRight] {
+            let mut acc = x.clone();
+            op.combine(&mut acc, &id, order);
+            assert_eq!(acc, x, "{order:?}");
+            let mut acc = id.clone();
+            op.combine(&mut acc, &x, order);
+            assert_eq!(acc, x, "{order:?}");
+        }
+    }
+
+    #[test]
+    fn linear_attention_orders_are_mirror_images_and_not_commutative() {
+        let op = LinearAttention::new(2);
+        let (x, y) = (la(&[0.5, 2.0], &[1.0, 2.0, 3.0, 4.0]), la(&[4.0, 0.25], &[-1.0, 0.5, 8.0, 2.0]));
+        // x ⊕ y two ways: acc = x with y on the right, acc = y with x on the left.
+        let mut right = x.clone();
+        op.combine(&mut right, &y, Order::IncomingRight);
+        let mut left = y.clone();
+        op.combine(&mut left, &x, Order::IncomingLeft);
+        assert_eq!(right, left);
+        let mut swapped = y.clone();
+        op.combine(&mut swapped, &x, Order::IncomingRight);
+        assert_ne!(swapped, right, "y ⊕ x differs from x ⊕ y");
+    }
+
+    #[test]
+    fn linear_attention_combines_unaligned_bytes() {
+        let op = LinearAttention::new(2);
+        let (x, y) = (la(&[0.5, 2.0], &[1.0, 2.0, 3.0, 4.0]), la(&[4.0, 0.25], &[-1.0, 0.5, 8.0, 2.0]));
+        let mut want = x.clone();
+        op.combine(&mut want, &y, Order::IncomingRight);
+        let mut shifted = vec![0u8; x.len() + 1];
+        shifted[1..].copy_from_slice(&x);
+        let mut inc = vec![0u8; y.len() + 1];
+        inc[1..].copy_from_slice(&y);
+        op.combine(&mut shifted[1..], &inc[1..], Order::IncomingRight);
+        assert_eq!(&shifted[1..], &want[..]);
+    }
+
+    #[test]
+    fn pack_unpack_round_trip_and_shape_checks() {
+        let (a, s) = (vec![1.0f32, 2.0, 3.0], vec![0.5f32; 6]);
+        let packed = LinearAttention::pack(&a, &s, 2).expect("shapes fit");
+        assert_eq!(packed.len(), 3 * LinearAttention::new(2).unit_bytes());
+        assert_eq!(LinearAttention::unpack(&packed, 2), Some((a.clone(), s)));
+        assert!(LinearAttention::pack(&a, &[0.0; 5], 2).is_none());
+        assert!(LinearAttention::unpack(&packed[1..], 2).is_none());
+    }
+
+    #[test]
+    fn fn_op_identity_needs_a_whole_unit() {
+        let op = FnOp::new("pairs", 2, Some(vec![0i32]), |l: &[i32], r: &[i32], o: &mut [i32]| {
+            o[0] = l[0] + r[0];
+            o[1] = l[1] + r[1];
+        });
+        assert!(!op.identity(&mut [0u8; 8]), "an identity of the wrong length is none");
+        assert_eq!(op.name(), "pairs");
+    }
+}
