@@ -2,7 +2,7 @@
 
 use crate::dtype::{DType, ReduceOp};
 use crate::plan::sparse::{self as sparse_plan, Placement};
-use crate::plan::{self, allreduce, alltoall, broadcast, gather, reduce, Plan, Rank};
+use crate::plan::{self, allreduce, alltoall, broadcast, gather, reduce, scan, Plan, Rank};
 
 /// Knobs that pick algorithms and chunk sizes. Every rank of a group must use the same
 /// values, since they shape the plans.
@@ -77,6 +77,22 @@ pub enum Collective {
         /// The `n × n` matrix of counts, rows by sender.
         counts: Vec<Vec<usize>>,
     },
+    /// All-scan of a state of `len` units of `unit_bytes` bytes (one element of a
+    /// built-in operator, or a [`crate::op::CustomOp`]'s unit); see [`plan::scan`].
+    AllScan {
+        /// Units of the state.
+        len: usize,
+        /// Bytes per unit.
+        unit_bytes: usize,
+        /// Inclusive (`x_0 ⊕ … ⊕ x_r`) or exclusive (`x_0 ⊕ … ⊕ x_{r-1}`).
+        inclusive: bool,
+        /// Scan order `n-1, …, 0` instead of `0, …, n-1`.
+        reverse: bool,
+        /// The algorithm as requested (resolved by size in [`Collective::plan`]).
+        algorithm: scan::Algorithm,
+        /// Identifies a custom operator (a hash of its name), 0 for a built-in one.
+        op_id: u64,
+    },
 }
 
 impl Collective {
@@ -95,6 +111,9 @@ impl Collective {
             Collective::SparseAllGather { placement } => sparse_plan::sparse_all_gather(rank, placement),
             Collective::SparseReduceScatter { placement } => sparse_plan::sparse_reduce_scatter(rank, placement),
             Collective::AllToAll { counts } => alltoall::plan(rank, counts),
+            Collective::AllScan { len, unit_bytes, inclusive, reverse, algorithm, .. } => {
+                scan::plan_full(rank, n, *len, *inclusive, *reverse, algorithm.resolve(*len, *unit_bytes))
+            }
         }
     }
 
@@ -109,6 +128,9 @@ impl Collective {
             Collective::SparseReduceScatter { placement } => placement.total_len() + placement.scratch_len(),
             Collective::AllToAll { counts } => {
                 (0..counts.len()).map(|r| alltoall::working_len(r, counts)).max().unwrap_or(0)
+            }
+            Collective::AllScan { len, unit_bytes, algorithm, .. } => {
+                scan::working_len(*len, algorithm.resolve(*len, *unit_bytes))
             }
         }
     }
@@ -142,12 +164,23 @@ impl Collective {
                 words.extend([0x5A03, counts.len() as u64]);
                 words.extend(counts.iter().flat_map(|row| row.iter().map(|&c| c as u64)));
             }
+            Collective::AllScan { len, unit_bytes, inclusive, reverse, algorithm, op_id } => {
+                let (alg, blocks) = match algorithm.resolve(*len, *unit_bytes) {
+                    scan::Algorithm::Chain { blocks } => (1, blocks),
+                    scan::Algorithm::RecursiveDoubling => (2, 0),
+                    scan::Algorithm::Auto => (0, 0),
+                };
+                words.extend([7, *len as u64, *unit_bytes as u64, *inclusive as u64, *reverse as u64]);
+                words.extend([alg, blocks as u64, *op_id]);
+            }
         }
         fnv1a(words.iter().flat_map(|w| w.to_le_bytes()))
     }
 }
 
-fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+/// FNV-1a hash of `bytes`: stable across processes and builds (used for fingerprints
+/// and custom operators' ids).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 

@@ -307,15 +307,14 @@ impl Ctx<'_> {
                 let region = &mut buf[self.bytes(range)];
                 for chunk in self.chunks(region.len()) {
                     let frame = self.recv_frame(*from, chunk.len()).await?;
-                    self.apply(*action, &mut region[chunk.clone()], &frame.payload);
+                    self.apply(*action, &mut region[chunk.clone()], &frame.payload)?;
                     self.send_frame(*to, Bytes::copy_from_slice(&region[chunk])).await?;
                 }
                 Ok(())
             }
             Step::Local { src, dst, action } => {
                 let (src, dst) = split_disjoint(buf, self.bytes(src), self.bytes(dst));
-                self.apply(*action, dst, src);
-                Ok(())
+                self.apply(*action, dst, src)
             }
         }
     }
@@ -330,19 +329,22 @@ impl Ctx<'_> {
     async fn recv_into(&self, from: Rank, dst: &mut [u8], action: Action) -> Result<()> {
         for chunk in self.chunks(dst.len()) {
             let frame = self.recv_frame(from, chunk.len()).await?;
-            self.apply(action, &mut dst[chunk], &frame.payload);
+            self.apply(action, &mut dst[chunk], &frame.payload)?;
         }
         Ok(())
     }
 
-    fn apply(&self, action: Action, dst: &mut [u8], src: &[u8]) {
+    fn apply(&self, action: Action, dst: &mut [u8], src: &[u8]) -> Result<()> {
         match action {
             Action::Copy => dst.copy_from_slice(src),
             Action::Reduce(order) => match self.call.custom {
-                Some(op) => op.combine(dst, src, order),
+                Some(op) => op
+                    .try_combine(dst, src, order)
+                    .map_err(|e| Error::Aborted { reason: format!("custom operator {:?} failed: {e}", op.name()) })?,
                 None => reduce_bytes(self.call.dtype, self.call.op, dst, src, order),
             },
         }
+        Ok(())
     }
 
     /// Receives the next frame from `from`, dropping stale frames of earlier

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::Error;
 use crate::exec::{execute, execute_restoring, AbortSignal, Call};
+use crate::op::CustomOp;
 use crate::plan::{Plan, Rank};
 use crate::transport::mem;
 
@@ -61,12 +62,22 @@ pub struct Simulation {
     pub fault: Option<Fault>,
     /// Wall-clock limit after which unfinished ranks count as hung.
     pub time_limit: Duration,
+    /// A user-defined operator replacing `op` (plans then count in its units).
+    pub custom: Option<Arc<dyn CustomOp>>,
 }
 
 impl Simulation {
     /// A fault-free simulation with small chunks, so that every transfer spans several.
     pub fn new(dtype: DType, op: ReduceOp) -> Simulation {
-        Simulation { dtype, op, chunk_bytes: 64, link_capacity: 4, fault: None, time_limit: Duration::from_secs(20) }
+        Simulation {
+            dtype,
+            op,
+            chunk_bytes: 64,
+            link_capacity: 4,
+            fault: None,
+            time_limit: Duration::from_secs(20),
+            custom: None,
+        }
     }
 
     /// Runs `plans[r]` on `bufs[r]` for every rank `r`; returns each rank's outcome.
@@ -99,7 +110,7 @@ impl Simulation {
                     seq: 1,
                     fingerprint: 0,
                     chunk_bytes: sim.chunk_bytes,
-                    custom: None,
+                    custom: sim.custom.as_deref(),
                 };
                 let dies = sim.fault.filter(|f| f.rank == rank);
                 if let Some(f) = dies {

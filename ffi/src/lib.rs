@@ -32,6 +32,8 @@ use phalanx::state::SharedState;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, DType, Error, ReduceOp};
 
+pub mod scan;
+
 // ---------------------------------------------------------------------------------------
 // Version.
 

@@ -317,3 +317,18 @@ fn sparse_collectives_from_c_are_exact() {
     ranks.sort();
     assert_eq!(ranks, ["0", "1", "2", "3"]);
 }
+
+/// All-scan from C (`tests/c/scan.c`): four peers check built-in, linear-attention and
+/// callback scans exactly, a failing callback, and the argument checks.
+#[test]
+fn scan_from_c_is_exact() {
+    let _serial = serial();
+    let exe = compile(&ffi_dir().join("tests/c/scan.c"), "scan");
+    let mut p = Procs::new();
+    let addr = p.master();
+    let ws: Vec<usize> = (0..4).map(|i| p.spawn(&format!("peer{i}"), &exe, &["scan", &addr, SECRET, "4"])).collect();
+    p.expect_success(&ws);
+    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, "scan ok"), "rank").to_string()).collect();
+    ranks.sort();
+    assert_eq!(ranks, ["0", "1", "2", "3"]);
+}

@@ -19,6 +19,8 @@ ArrayLike = Any
 
 ReduceOpName = Literal["sum", "prod", "min", "max", "avg"]
 StrategyName = Literal["popular", "receive", "send"]
+ScanOpName = Literal["sum", "prod", "min", "max"]
+ScanAlgorithmName = Literal["auto", "chain", "doubling"]
 Secret = Union[str, bytes, None]
 
 class PhalanxError(Exception):
@@ -175,6 +177,31 @@ class Communicator:
         """Copies rank `root`'s array into every peer's array."""
     def reduce(self, array: ArrayLike, root: int = 0, op: ReduceOpName = "sum") -> None:
         """Reduces every peer's array into rank `root`'s array."""
+    def all_scan(
+        self,
+        array: ArrayLike,
+        op: ScanOpName = "sum",
+        inclusive: bool = True,
+        reverse: bool = False,
+        *,
+        algorithm: ScanAlgorithmName = "auto",
+        blocks: int = 0,
+    ) -> None:
+        """Scans `array` over the peers, in place: rank r gets x_0 op ... op x_r
+        (inclusive) or x_0 op ... op x_{r-1} (exclusive; rank 0 gets the identity), in
+        rank order or, with `reverse`, rank n-1 first."""
+    def all_scan_linear_attention(
+        self,
+        a: ArrayLike,
+        s: ArrayLike,
+        inclusive: bool = True,
+        reverse: bool = False,
+        *,
+        algorithm: ScanAlgorithmName = "auto",
+        blocks: int = 0,
+    ) -> None:
+        """Scans linear-attention states in place: float32 `a` of shape (d_k,) and `s` of
+        shape (d_k, d_v), combined as (a1, S1), (a2, S2) -> (a1 * a2, diag(a2) S1 + S2)."""
     def barrier(self) -> None:
         """Returns once every peer has called it."""
     def all_reduce_async(self, array: ArrayLike, op: ReduceOpName = "sum") -> AllReduceHandle:

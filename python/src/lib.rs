@@ -7,6 +7,7 @@
 
 mod array;
 mod sparse;
+mod scan;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -483,6 +484,43 @@ impl Communicator {
         self.with(py, move |c| c.reduce_raw(unsafe { raw.as_mut_slice() }, dtype, root, op))?;
         drop(a);
         Ok(())
+    }
+
+    /// Replaces `array`, in place, by its scan over the peers with `op` ("sum", "prod",
+    /// "min" or "max"): rank r gets x_0 op ... op x_r (inclusive) or x_0 op ... op x_{r-1}
+    /// (exclusive; rank 0 gets the identity), in rank order or, with `reverse`, in the
+    /// order n-1, ..., 0. `algorithm` is "auto", "chain" (with `blocks`) or "doubling".
+    #[pyo3(signature = (array, op = "sum", inclusive = true, reverse = false, *, algorithm = "auto", blocks = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn all_scan(
+        &self,
+        py: Python<'_>,
+        array: &Bound<'_, PyAny>,
+        op: &str,
+        inclusive: bool,
+        reverse: bool,
+        algorithm: &str,
+        blocks: usize,
+    ) -> PyResult<()> {
+        scan::all_scan(self, py, array, op, scan::options(inclusive, reverse, algorithm, blocks)?)
+    }
+
+    /// Scans linear-attention states in place: `a` (float32, shape (d_k,)) and `s`
+    /// (float32, shape (d_k, d_v)) become this rank's prefix under
+    /// (a1, S1) + (a2, S2) = (a1 * a2, diag(a2) S1 + S2); exclusive gives rank 0 (1, 0).
+    #[pyo3(signature = (a, s, inclusive = true, reverse = false, *, algorithm = "auto", blocks = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn all_scan_linear_attention(
+        &self,
+        py: Python<'_>,
+        a: &Bound<'_, PyAny>,
+        s: &Bound<'_, PyAny>,
+        inclusive: bool,
+        reverse: bool,
+        algorithm: &str,
+        blocks: usize,
+    ) -> PyResult<()> {
+        scan::all_scan_linear_attention(self, py, a, s, scan::options(inclusive, reverse, algorithm, blocks)?)
     }
 
     /// Returns once every peer has called `barrier()`.

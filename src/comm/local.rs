@@ -7,6 +7,7 @@ use crate::collective::Collective;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::exec::{self, AbortSignal, Call};
+use crate::op::CustomOp;
 use crate::plan::Rank;
 use crate::transport::{mem, Link};
 
@@ -54,6 +55,18 @@ impl Local {
     /// Plans and runs one collective on `buf`, restoring it on error and telling the
     /// rest of the group to stop.
     pub(crate) fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
+        self.run_with(coll, dtype, op, None, buf)
+    }
+
+    /// [`Local::run`] with a user-defined operator in place of `op`.
+    pub(crate) fn run_with(
+        &mut self,
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        custom: Option<&dyn CustomOp>,
+        buf: &mut [u8],
+    ) -> Result<usize> {
         self.seq += 1;
         let plan = coll.plan(self.rank, self.size, dtype, &self.config.tuning);
         let call = Call {
@@ -64,7 +77,7 @@ impl Local {
             seq: self.seq,
             fingerprint: coll.fingerprint(dtype, op),
             chunk_bytes: self.config.tuning.chunk_bytes,
-            custom: None,
+            custom,
         };
         let result = self.runtime.block_on(exec::execute_restoring(&call, buf, &self.links, &self.abort));
         if let Err(e) = &result {

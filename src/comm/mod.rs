@@ -4,6 +4,7 @@ mod alltoall;
 mod datalinks;
 mod local;
 mod net;
+mod scan;
 mod sparse;
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use crate::state::SharedState;
 use crate::transport::endpoint::Endpoint;
 
 pub use net::{AsyncPeer, ConnectOptions, RetryPolicy, SyncReport};
+pub use scan::{builtin_identity, ScanOptions};
 pub use sparse::{crossover_density, takes_dense_path, SparseReduced};
 
 /// Settings of a local (in-process) group. Every rank must use the same [`Tuning`].

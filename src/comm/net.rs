@@ -18,6 +18,7 @@ use crate::exec::{execute, Call};
 use crate::membership::client::{ControlClient, ControlConfig, OpSlot};
 use crate::membership::wire::{OpResult, SyncStrategy, ToMaster, Transfer};
 use crate::membership::{PeerId, View};
+use crate::op::CustomOp;
 use crate::plan::Rank;
 use crate::state::{digest, SharedState};
 use crate::transport::demux::OpKey;
@@ -228,6 +229,18 @@ impl AsyncPeer {
 
     /// Runs one collective, with retries as the policy says; returns the contributors.
     pub(crate) async fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
+        self.run_with(coll, dtype, op, None, buf).await
+    }
+
+    /// [`AsyncPeer::run`] with a user-defined operator in place of `op`.
+    pub(crate) async fn run_with(
+        &mut self,
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        custom: Option<&dyn CustomOp>,
+        buf: &mut [u8],
+    ) -> Result<usize> {
         // The backup reuses the kept allocation when this call needs more than half of
         // it (growing it if needed); a smaller call copies into a temporary instead and
         // leaves it alone, until [`BACKUP_IDLE_CALLS`] calls in a row did not use it.
@@ -244,7 +257,7 @@ impl AsyncPeer {
             (Vec::new(), (self.backup_idle < BACKUP_IDLE_CALLS).then_some(kept))
         };
         backup.extend_from_slice(buf);
-        let result = self.run_restoring(coll, dtype, op, buf, &backup).await;
+        let result = self.run_restoring(coll, dtype, op, custom, buf, &backup).await;
         self.backup = kept.unwrap_or(backup);
         result
     }
@@ -255,6 +268,7 @@ impl AsyncPeer {
         coll: &Collective,
         dtype: DType,
         op: ReduceOp,
+        custom: Option<&dyn CustomOp>,
         buf: &mut [u8],
         backup: &[u8],
     ) -> Result<usize> {
@@ -275,7 +289,7 @@ impl AsyncPeer {
                     view.size()
                 )));
             }
-            match self.ops.attempt(coll, dtype, op, buf, &view, rank, key).await {
+            match self.ops.attempt(coll, dtype, op, custom, buf, &view, rank, key).await {
                 Ok(()) => return Ok(view.size()),
                 Err(e) => {
                     buf.copy_from_slice(backup);
@@ -327,7 +341,7 @@ impl AsyncPeer {
                 Err(e) => return (Err(e), buf),
             };
             let backup = buf.clone();
-            match ops.attempt(&coll, dtype, op, &mut buf, &view, rank, key).await {
+            match ops.attempt(&coll, dtype, op, None, &mut buf, &view, rank, key).await {
                 Ok(()) => (Ok(view.size()), buf),
                 Err(e) => (Err(e), backup),
             }
@@ -364,6 +378,7 @@ impl Ops {
         coll: &Collective,
         dtype: DType,
         op: ReduceOp,
+        custom: Option<&dyn CustomOp>,
         buf: &mut [u8],
         view: &View,
         rank: Rank,
@@ -382,7 +397,7 @@ impl Ops {
             seq: key.1,
             fingerprint,
             chunk_bytes: self.tuning.chunk_bytes,
-            custom: None,
+            custom,
         };
         tracing::debug!(peer = self.id, ?key, rank, size = view.size(), "collective begins");
         let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;
@@ -519,6 +534,18 @@ impl Net {
     pub(crate) fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
         let rt = self.runtime.clone();
         rt.block_on(self.peer_mut().retry_composite(epoch, attempt, e))
+    }
+
+    pub(crate) fn run_with(
+        &mut self,
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        custom: Option<&dyn CustomOp>,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().run_with(coll, dtype, op, custom, buf))
     }
 
     pub(crate) fn start(

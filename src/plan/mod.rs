@@ -22,6 +22,7 @@ pub mod alltoall;
 pub mod broadcast;
 pub mod gather;
 pub mod reduce;
+pub mod scan;
 pub mod segments;
 pub mod sparse;
 
