@@ -58,7 +58,7 @@ impl DataLinks {
     }
 
     /// The shared link to `peer`, connecting or waiting for its connection.
-    async fn get(&self, peer: &Member) -> Result<Arc<Demux>, LinkError> {
+    pub(crate) async fn get(&self, peer: &Member) -> Result<Arc<Demux>, LinkError> {
         let slot = self.slot(peer.id);
         let usable = |d: &Option<Arc<Demux>>| d.as_ref().is_some_and(|d| !d.is_closed());
         if self.me < peer.id {
@@ -113,7 +113,18 @@ impl DataLinks {
 
     /// One collective's links to the members of `view`, indexed by rank.
     pub(crate) fn for_op(self: &Arc<Self>, view: &View, me: usize, key: OpKey) -> Vec<Option<Arc<dyn Link>>> {
-        view.members
+        self.for_members(&view.members, me, key)
+    }
+
+    /// One collective's links to `members` (a whole view, or a sub-group's members in
+    /// sub-rank order), indexed by their position there; `me` is this peer's.
+    pub(crate) fn for_members(
+        self: &Arc<Self>,
+        members: &[Member],
+        me: usize,
+        key: OpKey,
+    ) -> Vec<Option<Arc<dyn Link>>> {
+        members
             .iter()
             .enumerate()
             .map(|(r, m)| {

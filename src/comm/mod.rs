@@ -3,6 +3,8 @@
 mod datalinks;
 mod local;
 mod net;
+mod p2p;
+mod subgroup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod group;
+
 use super::datalinks::DataLinks;
 use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, ReduceOp};
@@ -17,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::exec::{execute, Call};
 use crate::membership::client::{ControlClient, ControlConfig, OpSlot};
 use crate::membership::wire::{OpResult, SyncStrategy, ToMaster, Transfer};
-use crate::membership::{PeerId, View};
+use crate::membership::{Member, PeerId, View};
 use crate::plan::Rank;
 use crate::state::{digest, SharedState};
 use crate::transport::demux::OpKey;
@@ -99,6 +101,8 @@ pub struct AsyncPeer {
     backup: Vec<u8>,
     /// Calls in a row that did not use `backup`'s allocation.
     backup_idle: u32,
+    /// Sub-group counters and point-to-point queues of the current epoch.
+    group: group::EpochState,
 }
 
 /// A kept backup allocation is freed after this many calls in a row too small to use it.
@@ -145,6 +149,7 @@ impl AsyncPeer {
             accept_task,
             backup: Vec::new(),
             backup_idle: 0,
+            group: group::EpochState::default(),
         })
     }
 
@@ -189,18 +194,25 @@ impl AsyncPeer {
 
     /// The next collective's key in the current view, and this peer's rank in it.
     fn next_op(&mut self) -> Result<(View, Rank, OpKey)> {
-        self.fresh = false;
-        let view = self.ops.control.view()?;
-        if view.epoch != self.epoch {
-            self.epoch = view.epoch;
-            self.next_seq = 0;
-            self.ops.links.retain(&view);
-        }
+        let view = self.current_view()?;
         let rank = view
             .rank_of(self.ops.id)
             .ok_or_else(|| Error::Removed { reason: format!("not in the view of epoch {}", view.epoch) })?;
         self.next_seq += 1;
         Ok((view, rank, (self.epoch, self.next_seq)))
+    }
+
+    /// The current view, after moving this peer's per-epoch state to it.
+    fn current_view(&mut self) -> Result<View> {
+        self.fresh = false;
+        let view = self.ops.control.view()?;
+        if view.epoch != self.epoch {
+            self.epoch = view.epoch;
+            self.next_seq = 0;
+            self.group = group::EpochState::default();
+            self.ops.links.retain(&view);
+        }
+        Ok(view)
     }
 
     /// See [`crate::Communicator::update_topology`].
@@ -342,11 +354,30 @@ impl Ops {
         rank: Rank,
         key: OpKey,
     ) -> Result<()> {
-        let slot = self.control.slot(key);
         let fingerprint = coll.fingerprint(dtype, op);
-        self.control.send(ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint });
-        let plan = coll.plan(rank, view.size(), dtype, &self.tuning);
-        let links = self.links.for_op(view, rank, key);
+        let begin = ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint };
+        self.attempt_among(coll, dtype, op, buf, &view.members, rank, key, fingerprint, begin).await
+    }
+
+    /// Runs one collective among `members` (the view, or a sub-group in sub-rank order)
+    /// as member `rank`, announced to the master by `begin`.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_among(
+        &self,
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        buf: &mut [u8],
+        members: &[Member],
+        rank: Rank,
+        key: OpKey,
+        fingerprint: u64,
+        begin: ToMaster,
+    ) -> Result<()> {
+        let slot = self.control.slot(key);
+        self.control.send(begin);
+        let plan = coll.plan(rank, members.len(), dtype, &self.tuning);
+        let links = self.links.for_members(members, rank, key);
         let call = Call {
             plan: &plan,
             dtype,
@@ -357,7 +388,7 @@ impl Ops {
             chunk_bytes: self.tuning.chunk_bytes,
             custom: None,
         };
-        tracing::debug!(peer = self.id, ?key, rank, size = view.size(), "collective begins");
+        tracing::debug!(peer = self.id, ?key, rank, size = members.len(), "collective begins");
         let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;
         tracing::debug!(peer = self.id, ?key, ok = local.is_ok(), "collective ran locally");
         let result = self.conclude(key, &slot, local).await;
@@ -487,6 +518,28 @@ impl Net {
     pub(crate) fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
         let rt = self.runtime.clone();
         rt.block_on(self.peer_mut().run(coll, dtype, op, buf))
+    }
+
+    pub(crate) fn run_sub(
+        &mut self,
+        members: &[Rank],
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().run_sub(members, coll, dtype, op, buf))
+    }
+
+    pub(crate) fn send_p2p(&mut self, to: Rank, tag: u32, dtype: DType, data: &[u8]) -> Result<()> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().send_p2p(to, tag, dtype, data))
+    }
+
+    pub(crate) fn recv_p2p(&mut self, from: Rank, tag: u32, dtype: DType, out: &mut [u8]) -> Result<()> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().recv_p2p(from, tag, dtype, out))
     }
 
     pub(crate) fn start(
