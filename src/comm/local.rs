@@ -25,6 +25,11 @@ pub(crate) struct Local {
     seq: u64,
     config: Config,
     runtime: Arc<tokio::runtime::Runtime>,
+    /// Sub-groups and point-to-point (boxed: most groups use neither).
+    x: Box<Extra>,
+}
+
+struct Extra {
     subs: SubSignals,
     /// Collectives run so far by each member set this rank belongs to.
     sub_seq: HashMap<Vec<Rank>, u32>,
@@ -63,11 +68,13 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Local>> {
             seq: 0,
             config,
             runtime: runtime.clone(),
-            subs: subs.clone(),
-            sub_seq: HashMap::new(),
-            p2p_links,
-            p2p_demux: (0..n).map(|_| None).collect(),
-            p2p_rx: HashMap::new(),
+            x: Box::new(Extra {
+                subs: subs.clone(),
+                sub_seq: HashMap::new(),
+                p2p_links,
+                p2p_demux: (0..n).map(|_| None).collect(),
+                p2p_rx: HashMap::new(),
+            }),
         })
         .collect();
     Ok(members)
@@ -111,12 +118,12 @@ impl Local {
             .iter()
             .position(|&r| r == self.rank)
             .ok_or_else(|| Error::InvalidArgument(format!("rank {} is not a member of {members:?}", self.rank)))?;
-        let counter = self.sub_seq.entry(members.to_vec()).or_insert(0);
+        let counter = self.x.sub_seq.entry(members.to_vec()).or_insert(0);
         *counter += 1;
         let ids: Vec<u64> = members.iter().map(|&r| r as u64).collect();
         let seq = subgroup::sub_key(&ids, *counter);
         let signal = {
-            let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut subs = self.x.subs.lock().unwrap_or_else(|p| p.into_inner());
             subs.entry(members.to_vec()).or_insert_with(|| AbortSignal::for_group(members.len())).clone()
         };
         let plan = coll.plan(me, members.len(), dtype, &self.config.tuning);
@@ -153,8 +160,8 @@ impl Local {
 
     /// The demux of the point-to-point link to `peer`, started on first use.
     fn p2p_demux(&mut self, peer: Rank) -> Result<Arc<Demux>> {
-        let link = self.p2p_links.get(peer).cloned().flatten();
-        let slot = self.p2p_demux.get_mut(peer);
+        let link = self.x.p2p_links.get(peer).cloned().flatten();
+        let slot = self.x.p2p_demux.get_mut(peer);
         match (slot, link) {
             (Some(Some(d)), _) => Ok(d.clone()),
             (Some(slot), Some(link)) => {
@@ -183,7 +190,7 @@ impl Local {
     /// See [`crate::Communicator::recv`].
     pub(crate) fn recv_p2p(&mut self, from: Rank, tag: u32, dtype: DType, out: &mut [u8]) -> Result<()> {
         let demux = self.p2p_demux(from)?;
-        let rx = self.p2p_rx.entry((from, tag)).or_insert_with(|| demux.op(p2p::p2p_key(0, tag)));
+        let rx = self.x.p2p_rx.entry((from, tag)).or_insert_with(|| demux.op(p2p::p2p_key(0, tag)));
         let (abort, chunk) = (&self.abort, self.config.tuning.chunk_bytes);
         self.runtime.block_on(async {
             tokio::select! {
@@ -200,7 +207,7 @@ impl Drop for Local {
         // Closing our links is how the other ranks learn that this one is gone; the
         // shared signal tells those that would not touch a link to us again (they may
         // have finished their steps and be waiting for the group to complete).
-        self.links.iter().chain(&self.p2p_links).flatten().for_each(|l| l.close());
+        self.links.iter().chain(&self.x.p2p_links).flatten().for_each(|l| l.close());
         self.abort.fire(Error::PeerLost { rank: self.rank, reason: "communicator dropped".into() });
     }
 }
