@@ -30,6 +30,8 @@ use phalanx::state::SharedState;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, DType, Error, ReduceOp};
 
+mod group;
+
 // ---------------------------------------------------------------------------------------
 // Version.
 
