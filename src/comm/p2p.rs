@@ -16,6 +16,11 @@
 //! (a schedule that posts matching receives holds at most its in-flight messages there).
 //! Transport flow control bounds only the bytes in flight on the wire, not this queue.
 //!
+//! As in MPI, a correct program does not rely on a send being buffered: in a networked
+//! group the data link between two peers opens on first use from the peer with the
+//! smaller id, so a first `send` from the other one may wait until its receiver's first
+//! call involving the pair (its `recv` from this rank, say).
+//!
 //! # Failures
 //!
 //! A message never involves the master. In a networked group a message belongs to the
