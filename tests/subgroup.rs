@@ -244,51 +244,53 @@ fn bad_member_sets() {
     with_timeout(60, || bad_member_sets_are_refused(&mut group(true, 3).1));
 }
 
-/// Ranks 0 and 1 run a sub-group all-reduce with rank 2, which dies instead of
-/// calling: 0 and 1 get `PeerLost` with their buffers as before, and do not hang.
-fn a_lost_member_aborts_the_sub_op(comms: Vec<Communicator>, networked: bool) {
-    let out: Vec<Option<(Error, Vec<f32>)>> = std::thread::scope(|s| {
+/// Ranks 0 and 1 run a sub-group all-reduce with rank 3, which dies instead of
+/// calling (rank 2, not a member, looks on): 0 and 1 get `PeerLost` naming view rank 3
+/// (sub-rank 2), with their buffers as before, and do not hang.
+fn a_lost_member_aborts_the_sub_op(mut comms: Vec<Communicator>, networked: bool) {
+    let bystander = comms.remove(2);
+    let victim = comms.pop().unwrap();
+    let out: Vec<Error> = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(victim);
+        });
         let hs: Vec<_> = comms
-            .into_iter()
+            .iter_mut()
             .enumerate()
-            .map(|(r, mut c)| {
+            .map(|(r, c)| {
                 s.spawn(move || {
-                    if r == 2 {
-                        std::thread::sleep(Duration::from_millis(300));
-                        drop(c);
-                        return None;
-                    }
                     let mut x: Vec<f32> = (0..100_000).map(|i| (i * (r + 1)) as f32).collect();
                     let before = x.clone();
-                    let e = c.sub_all_reduce(&[0, 1, 2], &mut x, ReduceOp::Sum).unwrap_err();
+                    let e = c.sub_all_reduce(&[0, 1, 3], &mut x, ReduceOp::Sum).unwrap_err();
                     assert_eq!(x, before, "rank {r}'s buffer is restored");
-                    Some((e, x))
+                    e
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (r, o) in out.iter().take(2).enumerate() {
-        let (e, _) = o.as_ref().unwrap();
+    for (r, e) in out.iter().enumerate() {
         match e {
-            Error::PeerLost { rank: 2, .. } => {}
+            Error::PeerLost { rank: 3, .. } => {}
             // As for whole-group collectives: a member that sees the broken link first
             // reports it, and the master's abort can reach the other as `Aborted`.
             Error::Aborted { .. } if networked => {}
             other => panic!("rank {r}: {other:?}"),
         }
     }
+    drop(bystander);
 }
 
 #[test]
 fn local_lost_member_aborts_the_sub_op() {
-    with_timeout(60, || a_lost_member_aborts_the_sub_op(group(false, 3).1, false));
+    with_timeout(60, || a_lost_member_aborts_the_sub_op(group(false, 4).1, false));
 }
 
 #[test]
 fn net_lost_member_aborts_the_sub_op() {
     with_timeout(60, || {
-        let (_c, comms) = group(true, 3);
+        let (_c, comms) = group(true, 4);
         a_lost_member_aborts_the_sub_op(comms, true);
     });
 }
@@ -299,32 +301,32 @@ fn net_lost_member_aborts_the_sub_op() {
 fn net_retry_reruns_when_every_member_survives() {
     with_timeout(60, || {
         let c = cluster();
-        let comms = net_group(&c, 4, RetryPolicy::OnPeerLost { max_attempts: 3 });
-        let out: Vec<Option<Result<Vec<i32>, Error>>> = std::thread::scope(|s| {
+        let mut comms = net_group(&c, 4, RetryPolicy::OnPeerLost { max_attempts: 3 });
+        // Rank 3: a non-member of (0,1), a member of (2,3), lost once both pairs are
+        // under way (rank 1 joins its pair only after the loss).
+        let victim = comms.pop().unwrap();
+        let out: Vec<Result<Vec<i32>, Error>> = std::thread::scope(|s| {
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                drop(victim);
+            });
             let hs: Vec<_> = comms
-                .into_iter()
+                .iter_mut()
                 .enumerate()
-                .map(|(r, mut c)| {
+                .map(|(r, c)| {
                     s.spawn(move || {
-                        if r == 3 {
-                            // A non-member of (0,1), a member of (2,3): lost once both
-                            // pairs are under way.
-                            std::thread::sleep(Duration::from_millis(200));
-                            drop(c);
-                            return None;
-                        }
                         let pair = if r < 2 { [0, 1] } else { [2, 3] };
                         std::thread::sleep(Duration::from_millis(if r == 1 { 400 } else { 0 }));
                         let mut x = vec![r as i32 + 1; 1000];
-                        Some(c.sub_all_reduce(&pair, &mut x, ReduceOp::Sum).map(|_| x))
+                        c.sub_all_reduce(&pair, &mut x, ReduceOp::Sum).map(|_| x)
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (r, o) in out.iter().take(2).enumerate() {
-            assert_eq!(o.as_ref().unwrap().as_ref().unwrap(), &vec![3; 1000], "rank {r}");
+            assert_eq!(o.as_ref().unwrap(), &vec![3; 1000], "rank {r}");
         }
-        assert!(matches!(out[2], Some(Err(Error::PeerLost { .. }))), "{:?}", out[2].as_ref().map(|r| r.as_ref().err()));
+        assert!(matches!(out[2], Err(Error::PeerLost { .. })), "{:?}", out[2].as_ref().err());
     });
 }

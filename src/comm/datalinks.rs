@@ -112,19 +112,10 @@ impl DataLinks {
     }
 
     /// One collective's links to the members of `view`, indexed by rank.
+    /// Links are opened only when the collective first uses them, so a sub-group's
+    /// collective (whose plan names only its members) touches only its members' links.
     pub(crate) fn for_op(self: &Arc<Self>, view: &View, me: usize, key: OpKey) -> Vec<Option<Arc<dyn Link>>> {
-        self.for_members(&view.members, me, key)
-    }
-
-    /// One collective's links to `members` (a whole view, or a sub-group's members in
-    /// sub-rank order), indexed by their position there; `me` is this peer's.
-    pub(crate) fn for_members(
-        self: &Arc<Self>,
-        members: &[Member],
-        me: usize,
-        key: OpKey,
-    ) -> Vec<Option<Arc<dyn Link>>> {
-        members
+        view.members
             .iter()
             .enumerate()
             .map(|(r, m)| {

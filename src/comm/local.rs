@@ -126,8 +126,8 @@ impl Local {
             let mut subs = self.x.subs.lock().unwrap_or_else(|p| p.into_inner());
             subs.entry(members.to_vec()).or_insert_with(|| AbortSignal::for_group(members.len())).clone()
         };
-        let plan = coll.plan(me, members.len(), dtype, &self.config.tuning);
-        let links: Vec<Option<Arc<dyn Link>>> = members.iter().map(|&r| self.links[r].clone()).collect();
+        let plan = subgroup::plan_in_view(coll.plan(me, members.len(), dtype, &self.config.tuning), members);
+        let links = &self.links;
         let call = Call {
             plan: &plan,
             dtype,
@@ -147,7 +147,7 @@ impl Local {
                 std::future::pending::<()>().await
             };
             tokio::select! {
-                r = exec::execute_restoring(&call, buf, &links, &signal) => r,
+                r = exec::execute_restoring(&call, buf, links, &signal) => r,
                 () = relay => Err(Error::Aborted { reason: "the group stopped".into() }),
             }
         });

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::exec::{execute, Call};
 use crate::membership::client::{ControlClient, ControlConfig, OpSlot};
 use crate::membership::wire::{OpResult, SyncStrategy, ToMaster, Transfer};
-use crate::membership::{Member, PeerId, View};
+use crate::membership::{PeerId, View};
 use crate::plan::Rank;
 use crate::state::{digest, SharedState};
 use crate::transport::demux::OpKey;
@@ -356,19 +356,20 @@ impl Ops {
     ) -> Result<()> {
         let fingerprint = coll.fingerprint(dtype, op);
         let begin = ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint };
-        self.attempt_among(coll, dtype, op, buf, &view.members, rank, key, fingerprint, begin).await
+        let plan = coll.plan(rank, view.size(), dtype, &self.tuning);
+        self.attempt_among(plan, dtype, op, buf, view, rank, key, fingerprint, begin).await
     }
 
-    /// Runs one collective among `members` (the view, or a sub-group in sub-rank order)
-    /// as member `rank`, announced to the master by `begin`.
+    /// Runs `plan` (its peers named by view ranks: the whole view's, or a sub-group's)
+    /// as view rank `rank`, announced to the master by `begin`.
     #[allow(clippy::too_many_arguments)]
     async fn attempt_among(
         &self,
-        coll: &Collective,
+        plan: crate::plan::Plan,
         dtype: DType,
         op: ReduceOp,
         buf: &mut [u8],
-        members: &[Member],
+        view: &View,
         rank: Rank,
         key: OpKey,
         fingerprint: u64,
@@ -376,8 +377,7 @@ impl Ops {
     ) -> Result<()> {
         let slot = self.control.slot(key);
         self.control.send(begin);
-        let plan = coll.plan(rank, members.len(), dtype, &self.tuning);
-        let links = self.links.for_members(members, rank, key);
+        let links = self.links.for_op(view, rank, key);
         let call = Call {
             plan: &plan,
             dtype,
@@ -388,7 +388,7 @@ impl Ops {
             chunk_bytes: self.tuning.chunk_bytes,
             custom: None,
         };
-        tracing::debug!(peer = self.id, ?key, rank, size = members.len(), "collective begins");
+        tracing::debug!(peer = self.id, ?key, rank, size = plan.size, "collective begins");
         let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;
         tracing::debug!(peer = self.id, ?key, ok = local.is_ok(), "collective ran locally");
         let result = self.conclude(key, &slot, local).await;

@@ -41,7 +41,7 @@ use super::{elements, finish_avg, Backend, Communicator};
 use crate::collective::Collective;
 use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
-use crate::plan::Rank;
+use crate::plan::{Plan, Rank, Step};
 
 /// The bit that marks a sub-group collective's key.
 pub(crate) const SUB_KEY_BIT: u64 = 1 << 63;
@@ -80,6 +80,31 @@ pub(crate) fn canonical(members: &[Rank], me: Rank, size: usize) -> Result<(Vec<
         Error::InvalidArgument(format!("rank {me} calls a sub-group collective of {sorted:?} without being a member"))
     })?;
     Ok((sorted, sub))
+}
+
+/// Rewrites a sub-group plan's peers from sub-ranks to the view ranks `members[i]`, so
+/// that it runs over the view's links and every error names a view rank. `plan.rank`
+/// stays the sub-rank (a local sub-group's completion agreement counts by sub-rank).
+pub(crate) fn plan_in_view(mut plan: Plan, members: &[Rank]) -> Plan {
+    let map = |r: &mut Rank| *r = members.get(*r).copied().unwrap_or(usize::MAX);
+    for step in &mut plan.steps {
+        match step {
+            Step::Exchange { send, recv } => {
+                if let Some(s) = send {
+                    map(&mut s.to);
+                }
+                if let Some(r) = recv {
+                    map(&mut r.from);
+                }
+            }
+            Step::Forward { from, to, .. } => {
+                map(from);
+                map(to);
+            }
+            Step::Local { .. } => {}
+        }
+    }
+    plan
 }
 
 /// SplitMix64: a tiny, fully specified generator, so that every peer on every platform
@@ -275,6 +300,21 @@ impl Communicator {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn plans_are_rewritten_to_view_ranks() {
+        let plan = crate::collective::Collective::AllReduce { len: 8 }.plan(
+            1,
+            3,
+            DType::F32,
+            &crate::collective::Tuning::default(),
+        );
+        let peers = |p: &Plan| p.steps.iter().flat_map(|s| s.peers().collect::<Vec<_>>()).collect::<Vec<_>>();
+        let sub: Vec<Rank> = peers(&plan);
+        let view = plan_in_view(plan.clone(), &[2, 5, 7]);
+        assert_eq!(peers(&view), sub.iter().map(|&r| [2, 5, 7][r]).collect::<Vec<_>>());
+        assert!(!sub.is_empty() && view.rank == 1 && view.len == plan.len);
+    }
 
     #[test]
     fn members_are_checked_and_sorted() {

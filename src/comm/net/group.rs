@@ -49,17 +49,19 @@ impl AsyncPeer {
             attempt += 1;
             let view = self.current_view()?;
             let members = sub_members(&view, &ids)?;
-            let set: Vec<PeerId> = members.iter().map(|m| m.id).collect();
+            let set: Vec<PeerId> = members.iter().map(|&r| view.members[r].id).collect();
             let me = set
                 .iter()
                 .position(|&id| id == self.ops.id)
                 .ok_or_else(|| Error::Removed { reason: format!("not in the view of epoch {}", view.epoch) })?;
+            let plan = subgroup::plan_in_view(coll.plan(me, members.len(), dtype, &self.ops.tuning), &members);
             let counter = self.group.sub_seq.entry(set.clone()).or_insert(0);
             *counter += 1;
             let key = (view.epoch, subgroup::sub_key(&set, *counter));
             let fingerprint = subgroup::sub_fingerprint(coll.fingerprint(dtype, op), &set);
             let begin = ToMaster::SubOpBegin { epoch: key.0, seq: key.1, call: fingerprint, members: set };
-            let result = self.ops.attempt_among(coll, dtype, op, buf, &members, me, key, fingerprint, begin).await;
+            let result =
+                self.ops.attempt_among(plan, dtype, op, buf, &view, members[me], key, fingerprint, begin).await;
             match result {
                 Ok(()) => return Ok(members.len()),
                 Err(e) => {
@@ -151,8 +153,8 @@ async fn until_view_changes<T>(
     }
 }
 
-/// The members with ids `ids` in `view`, in view-rank order; `PeerLost` if one left.
-fn sub_members(view: &View, ids: &[PeerId]) -> Result<Vec<Member>> {
+/// The view ranks of the members with ids `ids`, ascending; `PeerLost` if one left.
+fn sub_members(view: &View, ids: &[PeerId]) -> Result<Vec<Rank>> {
     let mut ranked = Vec::with_capacity(ids.len());
     for &id in ids {
         let rank = view.rank_of(id).ok_or_else(|| Error::PeerLost {
@@ -162,7 +164,7 @@ fn sub_members(view: &View, ids: &[PeerId]) -> Result<Vec<Member>> {
         ranked.push(rank);
     }
     ranked.sort_unstable();
-    Ok(ranked.into_iter().map(|r| view.members[r].clone()).collect())
+    Ok(ranked)
 }
 
 fn p2p_peer(view: &View, rank: Rank, me: PeerId) -> Result<Member> {
