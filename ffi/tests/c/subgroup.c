@@ -1,12 +1,24 @@
 /*
- * Sub-group collectives and tagged point-to-point from C: one process runs a master
- * and four peers on threads (over QUIC on 127.0.0.1), then
+ * Sub-group collectives and tagged point-to-point from C, over QUIC on 127.0.0.1.
+ *
+ *   subgroup
+ *       one process runs a master and four peers on threads, then
  *   - pairs (0,1) and (2,3) all-reduce at the same time, exactly;
  *   - ranks (0,1,2) all-reduce while rank 3 calls nothing, then everyone all-reduces;
  *   - a NoLoCo step: every rank averages with phx_noloco_partner's choice;
  *   - rank 0 sends tags 1 and 2 (several chunks), rank 1 receives 2 then 1, and a
  *     receive of the wrong length fails with PHX_ERR_MISMATCH, buffer untouched.
- * Prints "subgroup ok rank=R" per peer; any failure prints "FAIL ..." and exits 1.
+ *       Prints "subgroup ok rank=R" per peer.
+ *   subgroup master
+ *       runs a master, prints "addr HOST:PORT", serves until stdin closes.
+ *   subgroup peer ADDR
+ *       one of four peer processes: ranks 0, 1 and 3 run a sub-group all-reduce; rank 3
+ *       dies (_exit 42) instead of calling it, and rank 2, no member, calls
+ *       update_topology meanwhile. Ranks 0 and 1 must fail with PEER_LOST or ABORTED,
+ *       buffers restored; then the three survivors settle the view, all-reduce in the
+ *       sub-group (0, 1) and in the whole group, exactly. Prints "lost status=S" and
+ *       "survivor ok rank=R size=3".
+ * Any failure prints "FAIL ..." and exits 1.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -16,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "phalanx.h"
 
@@ -170,11 +183,83 @@ static void *peer(void *arg) {
     return NULL;
 }
 
-int main(void) {
+static phx_comm *join_group(const char *addr) {
+    phx_comm *comm = NULL;
+    phx_connect_options options;
+    CHECK(phx_connect_options_init(&options));
+    options.secret = SECRET;
+    options.join_timeout_ms = 60000;
+    CHECK(phx_comm_connect_with(addr, &options, &comm));
+    while (comm_size(comm) < N) {
+        size_t pending = 0;
+        CHECK(phx_comm_peers_pending(comm, &pending));
+        if (pending == 0) {
+            sleep_ms(10);
+            continue;
+        }
+        CHECK(phx_comm_update_topology(comm));
+    }
+    CHECK(phx_comm_barrier(comm));
+    return comm;
+}
+
+static int run_master(void) {
+    phx_master *master = NULL;
+    char addr[PHX_ADDR_BUF_LEN];
+    CHECK(phx_master_start("127.0.0.1:0", SECRET, 1000, &master));
+    CHECK(phx_master_addr(master, addr, sizeof addr));
+    printf("addr %s\n", addr);
+    while (getchar() != EOF) {
+    }
+    CHECK(phx_master_free(master));
+    return 0;
+}
+
+static int run_peer(const char *addr) {
+    phx_comm *comm = join_group(addr);
+    size_t r, i;
+    static int64_t x[BIG], before[BIG];
+    int32_t all[M];
+    size_t trio[3] = {0, 1, 3}, pair[2] = {0, 1};
+    CHECK(phx_comm_rank(comm, &r));
+    printf("ready rank=%zu\n", r);
+    if (r == 3) {
+        sleep_ms(500);
+        _exit(42);
+    }
+    if (r == 2) {
+        CHECK(phx_comm_update_topology(comm)); /* not a member: the trio is not disturbed */
+    } else {
+        int status;
+        for (i = 0; i < BIG; i++) before[i] = x[i] = (int64_t)(i * (r + 1));
+        status = phx_comm_sub_all_reduce(comm, trio, 3, x, BIG, PHX_DTYPE_I64, PHX_OP_SUM);
+        printf("lost status=%s\n", phx_status_name(status));
+        EXPECT(status == PHX_ERR_PEER_LOST || status == PHX_ERR_ABORTED);
+        EXPECT(memcmp(x, before, sizeof x) == 0);
+        CHECK(phx_comm_update_topology(comm));
+    }
+    EXPECT(comm_size(comm) == 3);
+    CHECK(phx_comm_rank(comm, &r));
+    if (r < 2) {
+        for (i = 0; i < BIG; i++) x[i] = (int64_t)(i * (r + 1));
+        CHECK(phx_comm_sub_all_reduce(comm, pair, 2, x, BIG, PHX_DTYPE_I64, PHX_OP_SUM));
+        for (i = 0; i < BIG; i++) EXPECT(x[i] == (int64_t)(3 * i));
+    }
+    for (i = 0; i < M; i++) all[i] = (int32_t)(1 << (4 * r));
+    CHECK(phx_comm_all_reduce(comm, all, M, PHX_DTYPE_I32, PHX_OP_SUM));
+    for (i = 0; i < M; i++) EXPECT(all[i] == 0x111);
+    printf("survivor ok rank=%zu size=%zu\n", r, comm_size(comm));
+    CHECK(phx_comm_leave(comm));
+    return 0;
+}
+
+int main(int argc, char **argv) {
     phx_master *master = NULL;
     pthread_t threads[N];
     int i;
     setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc == 2 && strcmp(argv[1], "master") == 0) return run_master();
+    if (argc == 3 && strcmp(argv[1], "peer") == 0) return run_peer(argv[2]);
     CHECK(phx_master_start("127.0.0.1:0", SECRET, 1000, &master));
     CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
     for (i = 0; i < N; i++) {
