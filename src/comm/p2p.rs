@@ -123,7 +123,10 @@ pub(crate) async fn recv_message(
             ),
         });
     }
+    // The payloads are kept until the whole message has arrived and only then copied
+    // into `out`, so that `out` is untouched on error (no backup copy needed).
     let mut frame = Some(first);
+    let mut payloads = Vec::with_capacity(out.len().div_ceil(chunk_bytes.max(1)).max(1));
     for (index, chunk) in chunks(out.len(), chunk_bytes).enumerate() {
         let f = match frame.take() {
             Some(f) => f,
@@ -140,7 +143,10 @@ pub(crate) async fn recv_message(
                 ),
             });
         }
-        out[chunk].copy_from_slice(&f.payload);
+        payloads.push((chunk, f.payload));
+    }
+    for (chunk, payload) in payloads {
+        out[chunk].copy_from_slice(&payload);
     }
     Ok(())
 }
@@ -169,19 +175,14 @@ impl Communicator {
     }
 
     /// [`Communicator::recv`] on the bytes of elements of type `dtype`. On error `buf`
-    /// holds what it held before.
+    /// holds what it held before (it is written only once the whole message is in).
     pub fn recv_raw(&mut self, from: Rank, tag: u32, buf: &mut [u8], dtype: DType) -> Result<()> {
         self.check_peer(from)?;
         elements(buf.len(), dtype, "buffer")?;
-        let backup = buf.to_vec();
-        let result = match &mut self.backend {
+        match &mut self.backend {
             Backend::Local(l) => l.recv_p2p(from, tag, dtype, buf),
             Backend::Net(n) => n.recv_p2p(from, tag, dtype, buf),
-        };
-        if result.is_err() {
-            buf.copy_from_slice(&backup);
         }
-        result
     }
 
     fn check_peer(&self, peer: Rank) -> Result<()> {
