@@ -969,6 +969,103 @@ int phx_comm_all_scan_linear_attention(struct phx_comm *comm,
                                        int flags,
                                        size_t blocks);
 
+/**
+ * All-reduce (`op`) of the `count` elements of type `dtype` in `buf` among the ranks
+ * `members[0..member_count]` only (view ranks, any order, each once, the caller among
+ * them). Ranks outside the set do not call it and are not delayed; disjoint sets may
+ * run at the same time; members must run the sub-group calls they share in the same
+ * order. `PHX_OP_AVG` divides by the number of members. A member lost meanwhile gives
+ * `PHX_ERR_PEER_LOST` on the others, with `buf` as before; pick a new sub-group in the
+ * new view.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `members` is NULL or
+ * readable for `member_count` `size_t`s; `buf` is NULL or valid for reads and writes
+ * of `count` elements of `dtype`, untouched by others meanwhile.
+ */
+int phx_comm_sub_all_reduce(struct phx_comm *comm,
+                            const size_t *members,
+                            size_t member_count,
+                            void *buf,
+                            size_t count,
+                            int dtype_code,
+                            int op_code);
+
+/**
+ * Copies the `count` elements in `buf` of member `root` (a view rank) to every member
+ * of `members[0..member_count]`, as `phx_comm_sub_all_reduce` runs among them.
+ *
+ * # Safety
+ * As `phx_comm_sub_all_reduce`.
+ */
+int phx_comm_sub_broadcast(struct phx_comm *comm,
+                           const size_t *members,
+                           size_t member_count,
+                           void *buf,
+                           size_t count,
+                           int dtype_code,
+                           size_t root);
+
+/**
+ * Returns once every member of `members[0..member_count]` has called it.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `members` is NULL or
+ * readable for `member_count` `size_t`s.
+ */
+int phx_comm_sub_barrier(struct phx_comm *comm, const size_t *members, size_t member_count);
+
+/**
+ * Sends the `count` elements of type `dtype` in `buf` to rank `to` as one message with
+ * `tag`. Returns once the message is handed to the transport (it does not wait for the
+ * matching `phx_comm_recv`). Messages with different tags never mix; those with one tag
+ * arrive in order.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or
+ * readable for `count` elements of `dtype`.
+ */
+int phx_comm_send(struct phx_comm *comm,
+                  size_t to,
+                  uint32_t tag,
+                  const void *buf,
+                  size_t count,
+                  int dtype_code);
+
+/**
+ * Receives the next message with `tag` from rank `from` into `buf`, which must hold
+ * exactly the message's `count` elements of type `dtype` (`PHX_ERR_MISMATCH` otherwise;
+ * the message is consumed). Messages of other tags may arrive first; they wait for
+ * their own receive. A lost peer gives `PHX_ERR_PEER_LOST`; on any error `buf` holds
+ * what it held before.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or valid
+ * for reads and writes of `count` elements of `dtype`, untouched by others meanwhile.
+ */
+int phx_comm_recv(struct phx_comm *comm,
+                  size_t from,
+                  uint32_t tag,
+                  void *buf,
+                  size_t count,
+                  int dtype_code);
+
+/**
+ * NoLoCo pairing: writes to `*has_partner` 1 and to `*partner` the partner of `rank`
+ * among ranks `0..n` at `step` for `seed` (the same on every peer, no communication),
+ * or 0 to `*has_partner` for the rank left out when `n` is odd (and ranks outside
+ * `0..n`). Thread-safe.
+ *
+ * # Safety
+ * `partner` and `has_partner` are NULL or valid for writes.
+ */
+int phx_noloco_partner(uint64_t seed,
+                       uint64_t step,
+                       size_t n,
+                       size_t rank,
+                       size_t *partner,
+                       int *has_partner);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -32,6 +32,7 @@ use phalanx::state::SharedState;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, DType, Error, ReduceOp};
 
+mod group;
 pub mod scan;
 
 // ---------------------------------------------------------------------------------------

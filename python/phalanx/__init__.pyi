@@ -209,6 +209,21 @@ class Communicator:
         result back at `wait()`."""
     def sync_shared_state(self, state: SharedState, strategy: StrategyName = "popular") -> SyncReport:
         """Makes `state` bit-identical on every member."""
+    def sub_all_reduce(self, array: ArrayLike, members: Sequence[int], op: ReduceOpName = "sum") -> None:
+        """All-reduces `array` in place among the ranks `members` only (the caller among
+        them); other ranks do not call it and are not delayed."""
+    def send(self, to: int, tag: int, array: ArrayLike) -> None:
+        """Sends `array` to rank `to` as one message with `tag`; does not wait for the
+        matching `recv`."""
+    def recv(self, from_: int, tag: int, array: ArrayLike) -> None:
+        """Receives the next message with `tag` from rank `from_` into `array` (same size
+        and element type as sent, else MismatchError)."""
+    @staticmethod
+    def noloco_partner(seed: int, step: int, n: int, rank: int) -> Optional[int]:
+        """`rank`'s NoLoCo partner among `n` ranks at `step`; None if left out (odd `n`)."""
+    @staticmethod
+    def noloco_pairs(seed: int, step: int, n: int) -> List[Tuple[int, int]]:
+        """The NoLoCo pairing of ranks 0..n at `step`: pairs (a, b) with a < b."""
     def leave(self) -> None:
         """Leaves the group gracefully. Idempotent."""
     def __enter__(self) -> "Communicator": ...

@@ -8,6 +8,7 @@
 mod array;
 mod sparse;
 mod scan;
+mod group;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -598,6 +599,40 @@ impl Communicator {
     fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
         self.leave(py);
         false
+    }
+
+    /// All-reduces `array` in place among the ranks `members` only (view ranks, the
+    /// caller among them); other ranks do not call it and are not delayed. "avg"
+    /// divides by the number of members. A member lost meanwhile raises PeerLostError
+    /// (array restored); pick a new sub-group in the new view.
+    #[pyo3(signature = (array, members, op = "sum"))]
+    fn sub_all_reduce(&self, py: Python<'_>, array: &Bound<'_, PyAny>, members: Vec<usize>, op: &str) -> PyResult<()> {
+        group::sub_all_reduce(self, py, array, members, op)
+    }
+
+    /// Sends `array` to rank `to` as one message with `tag` (returns without waiting
+    /// for the matching `recv`).
+    fn send(&self, py: Python<'_>, to: usize, tag: u32, array: &Bound<'_, PyAny>) -> PyResult<()> {
+        group::send(self, py, to, tag, array)
+    }
+
+    /// Receives the next message with `tag` from rank `from_` into `array`, which must
+    /// have the message's size and element type (MismatchError otherwise).
+    fn recv(&self, py: Python<'_>, from_: usize, tag: u32, array: &Bound<'_, PyAny>) -> PyResult<()> {
+        group::recv(self, py, from_, tag, array)
+    }
+
+    /// The NoLoCo partner of `rank` among `n` ranks at `step` for `seed`, the same on
+    /// every peer; None for the rank left out when `n` is odd.
+    #[staticmethod]
+    fn noloco_partner(seed: u64, step: u64, n: usize, rank: usize) -> Option<usize> {
+        group::noloco_partner(seed, step, n, rank)
+    }
+
+    /// The NoLoCo pairing of ranks 0..n at `step` for `seed`: a list of (a, b), a < b.
+    #[staticmethod]
+    fn noloco_pairs(seed: u64, step: u64, n: usize) -> Vec<(usize, usize)> {
+        group::noloco_pairs(seed, step, n)
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {

@@ -58,7 +58,7 @@ impl DataLinks {
     }
 
     /// The shared link to `peer`, connecting or waiting for its connection.
-    async fn get(&self, peer: &Member) -> Result<Arc<Demux>, LinkError> {
+    pub(crate) async fn get(&self, peer: &Member) -> Result<Arc<Demux>, LinkError> {
         let slot = self.slot(peer.id);
         let usable = |d: &Option<Arc<Demux>>| d.as_ref().is_some_and(|d| !d.is_closed());
         if self.me < peer.id {
@@ -112,6 +112,8 @@ impl DataLinks {
     }
 
     /// One collective's links to the members of `view`, indexed by rank.
+    /// Links are opened only when the collective first uses them, so a sub-group's
+    /// collective (whose plan names only its members) touches only its members' links.
     pub(crate) fn for_op(self: &Arc<Self>, view: &View, me: usize, key: OpKey) -> Vec<Option<Arc<dyn Link>>> {
         view.members
             .iter()

@@ -4,8 +4,10 @@ mod alltoall;
 mod datalinks;
 mod local;
 mod net;
+mod p2p;
 mod scan;
 mod sparse;
+mod subgroup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

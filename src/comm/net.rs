@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod group;
+
 use super::datalinks::DataLinks;
 use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, ReduceOp};
@@ -100,6 +102,8 @@ pub struct AsyncPeer {
     backup: Vec<u8>,
     /// Calls in a row that did not use `backup`'s allocation.
     backup_idle: u32,
+    /// Sub-group counters and point-to-point queues of the current epoch.
+    group: group::EpochState,
 }
 
 /// A kept backup allocation is freed after this many calls in a row too small to use it.
@@ -146,6 +150,7 @@ impl AsyncPeer {
             accept_task,
             backup: Vec::new(),
             backup_idle: 0,
+            group: group::EpochState::default(),
         })
     }
 
@@ -190,18 +195,25 @@ impl AsyncPeer {
 
     /// The next collective's key in the current view, and this peer's rank in it.
     fn next_op(&mut self) -> Result<(View, Rank, OpKey)> {
-        self.fresh = false;
-        let view = self.ops.control.view()?;
-        if view.epoch != self.epoch {
-            self.epoch = view.epoch;
-            self.next_seq = 0;
-            self.ops.links.retain(&view);
-        }
+        let view = self.current_view()?;
         let rank = view
             .rank_of(self.ops.id)
             .ok_or_else(|| Error::Removed { reason: format!("not in the view of epoch {}", view.epoch) })?;
         self.next_seq += 1;
         Ok((view, rank, (self.epoch, self.next_seq)))
+    }
+
+    /// The current view, after moving this peer's per-epoch state to it.
+    fn current_view(&mut self) -> Result<View> {
+        self.fresh = false;
+        let view = self.ops.control.view()?;
+        if view.epoch != self.epoch {
+            self.epoch = view.epoch;
+            self.next_seq = 0;
+            self.group = group::EpochState::default();
+            self.ops.links.retain(&view);
+        }
+        Ok(view)
     }
 
     /// See [`crate::Communicator::update_topology`].
@@ -384,10 +396,30 @@ impl Ops {
         rank: Rank,
         key: OpKey,
     ) -> Result<()> {
-        let slot = self.control.slot(key);
         let fingerprint = coll.fingerprint(dtype, op);
-        self.control.send(ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint });
+        let begin = ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint };
         let plan = coll.plan(rank, view.size(), dtype, &self.tuning);
+        self.attempt_among(plan, dtype, op, custom, buf, view, rank, key, fingerprint, begin).await
+    }
+
+    /// Runs `plan` (its peers named by view ranks: the whole view's, or a sub-group's)
+    /// as view rank `rank`, announced to the master by `begin`.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_among(
+        &self,
+        plan: crate::plan::Plan,
+        dtype: DType,
+        op: ReduceOp,
+        custom: Option<&dyn CustomOp>,
+        buf: &mut [u8],
+        view: &View,
+        rank: Rank,
+        key: OpKey,
+        fingerprint: u64,
+        begin: ToMaster,
+    ) -> Result<()> {
+        let slot = self.control.slot(key);
+        self.control.send(begin);
         let links = self.links.for_op(view, rank, key);
         let call = Call {
             plan: &plan,
@@ -399,7 +431,7 @@ impl Ops {
             chunk_bytes: self.tuning.chunk_bytes,
             custom,
         };
-        tracing::debug!(peer = self.id, ?key, rank, size = view.size(), "collective begins");
+        tracing::debug!(peer = self.id, ?key, rank, size = plan.size, "collective begins");
         let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;
         tracing::debug!(peer = self.id, ?key, ok = local.is_ok(), "collective ran locally");
         let result = self.conclude(key, &slot, local).await;
@@ -546,6 +578,28 @@ impl Net {
     ) -> Result<usize> {
         let rt = self.runtime.clone();
         rt.block_on(self.peer_mut().run_with(coll, dtype, op, custom, buf))
+    }
+
+    pub(crate) fn run_sub(
+        &mut self,
+        members: &[Rank],
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().run_sub(members, coll, dtype, op, buf))
+    }
+
+    pub(crate) fn send_p2p(&mut self, to: Rank, tag: u32, dtype: DType, data: &[u8]) -> Result<()> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().send_p2p(to, tag, dtype, data))
+    }
+
+    pub(crate) fn recv_p2p(&mut self, from: Rank, tag: u32, dtype: DType, out: &mut [u8]) -> Result<()> {
+        let rt = self.runtime.clone();
+        rt.block_on(self.peer_mut().recv_p2p(from, tag, dtype, out))
     }
 
     pub(crate) fn start(

@@ -82,6 +82,10 @@ struct Tally {
     begun: BTreeMap<PeerId, Begin>,
     ok: BTreeSet<PeerId>,
     planned: bool,
+    /// For a sub-group collective: its members, the only peers it waits for and tells.
+    members: Option<BTreeSet<PeerId>>,
+    /// For a sub-group collective: the decision, kept for members that begin late.
+    decision: Option<Decision>,
 }
 
 /// The master's whole state.
@@ -152,6 +156,9 @@ impl MasterState {
                 self.begin(id, epoch, seq, Begin::Sync(strategy, tensors), &mut out)
             }
             ToMaster::OpEnd { epoch, seq, result } => self.end(id, epoch, seq, result, &mut out),
+            ToMaster::SubOpBegin { epoch, seq, call, members } => {
+                self.begin_sub(id, epoch, seq, call, members, &mut out)
+            }
         }
         out
     }
@@ -274,9 +281,20 @@ impl MasterState {
     /// informative).
     fn vote_topology(&mut self, id: PeerId, out: &mut Vec<Output>) {
         self.topo_votes.insert(id);
-        if let Some((&seq, _)) = self.ops.iter().find(|(s, t)| !self.decided.contains(s) && !t.begun.contains_key(&id))
-        {
-            let detail = format!("member {id:#x} called update_topology while others ran collective {seq}");
+        // Collectives that wait for this member, which will not begin them now. A
+        // sub-group collective waits only for its own members.
+        let waiting: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(s, t)| {
+                !self.decided.contains(s)
+                    && !t.begun.contains_key(&id)
+                    && t.members.as_ref().is_none_or(|m| m.contains(&id))
+            })
+            .map(|(&s, _)| s)
+            .collect();
+        for seq in waiting {
+            let detail = format!("member {id:#x} called update_topology while others ran collective {seq:#x}");
             self.decide(seq, Decision::Abort(AbortReason::Mismatch { detail }), out);
         }
         self.finish_round_if_complete(out);
@@ -311,6 +329,12 @@ impl MasterState {
             return;
         }
         let tally = self.ops.entry(seq).or_default();
+        if tally.members.is_some() {
+            let detail =
+                format!("member {id:#x} began collective {seq:#x} as a whole-group call, others as a sub-group");
+            self.decide(seq, Decision::Abort(AbortReason::Mismatch { detail }), out);
+            return;
+        }
         tally.begun.insert(id, begin);
         let mismatch = first_mismatch(&tally.begun);
         if let Some(detail) = mismatch {
@@ -334,7 +358,11 @@ impl MasterState {
             OpResult::Ok => {
                 let tally = self.ops.entry(seq).or_default();
                 tally.ok.insert(id);
-                if self.members.iter().all(|p| self.ops[&seq].ok.contains(&p.id)) {
+                let done = match &tally.members {
+                    Some(members) => members.iter().all(|m| tally.ok.contains(m)),
+                    None => self.members.iter().all(|p| tally.ok.contains(&p.id)),
+                };
+                if done {
                     self.decide(seq, Decision::Commit, out);
                 }
             }
@@ -344,8 +372,66 @@ impl MasterState {
     }
 
     fn decide(&mut self, seq: u64, decision: Decision, out: &mut Vec<Output>) {
-        if self.decided.insert(seq) {
-            self.broadcast(ToPeer::Outcome { epoch: self.epoch, seq, decision }, out);
+        if !self.decided.insert(seq) {
+            return;
+        }
+        let msg = ToPeer::Outcome { epoch: self.epoch, seq, decision: decision.clone() };
+        match self.ops.get_mut(&seq) {
+            Some(tally) if tally.members.is_some() => {
+                tally.decision = Some(decision);
+                let told = tally.members.iter().flatten().chain(tally.begun.keys());
+                let told: BTreeSet<PeerId> = told.copied().collect();
+                let conns = self.members.iter().filter(|p| told.contains(&p.id)).map(|p| p.conn);
+                out.extend(conns.map(|c| Output::Send(c, msg.clone())));
+            }
+            _ => self.broadcast(msg, out),
+        }
+    }
+
+    /// A member began a sub-group collective: it is tallied, checked for mismatches and
+    /// committed among `members` only, so non-members neither take part nor wait.
+    ///
+    /// Keys of different member sets may collide (see `comm::subgroup`); a collision, or
+    /// members that name different sets under one key, aborts the collective with a
+    /// mismatch for everyone involved, so traffic of two sub-groups never mixes.
+    fn begin_sub(&mut self, id: PeerId, epoch: u64, seq: u64, call: u64, members: Vec<PeerId>, out: &mut Vec<Output>) {
+        if epoch != self.epoch {
+            return; // a collective of a past view: the peer knows
+        }
+        let conn = self.members.iter().find(|p| p.id == id).map(|p| p.conn);
+        let set: BTreeSet<PeerId> = members.iter().copied().collect();
+        let valid = set.contains(&id)
+            && set.len() == members.len()
+            && set.iter().all(|m| self.members.iter().any(|p| p.id == *m));
+        if !valid {
+            let detail = format!("member {id:#x} began sub-group collective {seq:#x} with an invalid member set");
+            let decision = Decision::Abort(AbortReason::Mismatch { detail });
+            out.extend(conn.map(|c| Output::Send(c, ToPeer::Outcome { epoch, seq, decision })));
+            return;
+        }
+        let tally = self.ops.entry(seq).or_insert_with(|| Tally { members: Some(set.clone()), ..Tally::default() });
+        if let Some(decision) = tally.decision.clone() {
+            // Decided before this member began (e.g. a mismatch another member caused).
+            if tally.begun.insert(id, Begin::Collective(call)).is_none() {
+                out.extend(conn.map(|c| Output::Send(c, ToPeer::Outcome { epoch, seq, decision })));
+            }
+            return;
+        }
+        tally.begun.insert(id, Begin::Collective(call));
+        let detail = if tally.members.as_ref() != Some(&set) {
+            Some(format!(
+                "sub-group collective key {seq:#x} was used by different member sets (members disagree on the set, \
+                 or two sets' keys collide)"
+            ))
+        } else if let Some(v) = set.iter().find(|m| **m != id && self.topo_votes.contains(m)) {
+            Some(format!(
+                "member {v:#x} called update_topology while member {id:#x} began sub-group collective {seq:#x}"
+            ))
+        } else {
+            first_mismatch(&tally.begun)
+        };
+        if let Some(detail) = detail {
+            self.decide(seq, Decision::Abort(AbortReason::Mismatch { detail }), out);
         }
     }
 
@@ -588,6 +674,109 @@ mod tests {
         let out = m.handle(10, ToMaster::Heartbeat, now);
         assert!(matches!(&out[..], [Output::Close(10, _)]));
         assert_eq!(m.view().size(), 1);
+    }
+
+    fn sub(epoch: u64, seq: u64, call: u64, members: &[PeerId]) -> ToMaster {
+        ToMaster::SubOpBegin { epoch, seq, call, members: members.to_vec() }
+    }
+
+    fn ok(epoch: u64, seq: u64) -> ToMaster {
+        ToMaster::OpEnd { epoch, seq, result: OpResult::Ok }
+    }
+
+    const S: u64 = 1 << 63;
+
+    #[test]
+    fn a_sub_op_commits_over_its_members_only() {
+        let (mut m, now) = group(4);
+        let e = m.view().epoch;
+        // Sub-groups {1,2} and {3,4} and a whole-group collective, all at once.
+        for (i, set) in [(1, [1, 2]), (2, [1, 2]), (3, [3, 4]), (4, [3, 4])] {
+            assert!(m.handle(i, sub(e, S | set[0], 7, &set), now).is_empty());
+        }
+        assert!(m.handle(1, ok(e, S | 1), now).is_empty());
+        let out = m.handle(2, ok(e, S | 1), now);
+        assert_eq!(outcomes(&out), vec![(1, Decision::Commit), (2, Decision::Commit)], "told to members only");
+        // The other pair is still undecided; it commits on its own members' reports.
+        assert!(m.handle(3, ok(e, S | 3), now).is_empty());
+        let out = m.handle(4, ok(e, S | 3), now);
+        assert_eq!(outcomes(&out), vec![(3, Decision::Commit), (4, Decision::Commit)]);
+        // The whole-group counter is untouched: seq 1 still needs every member.
+        for i in 1..=4 {
+            m.handle(i, ToMaster::OpBegin { epoch: e, seq: 1, call: 9 }, now);
+        }
+        for i in 1..=3 {
+            assert!(m.handle(i, ok(e, 1), now).is_empty());
+        }
+        assert_eq!(outcomes(&m.handle(4, ok(e, 1), now)).len(), 4);
+    }
+
+    #[test]
+    fn a_non_member_s_topology_vote_leaves_a_sub_op_alone_but_a_member_s_aborts_it() {
+        let (mut m, now) = group(3);
+        let e = m.view().epoch;
+        m.handle(1, sub(e, S | 1, 7, &[1, 2]), now);
+        // Peer 3 is not in the sub-group: its vote changes nothing for the pair.
+        assert!(outcomes(&m.handle(3, ToMaster::UpdateTopology { epoch: e }, now)).is_empty());
+        m.handle(2, sub(e, S | 1, 7, &[1, 2]), now);
+        m.handle(1, ok(e, S | 1), now);
+        let out = m.handle(2, ok(e, S | 1), now);
+        assert_eq!(outcomes(&out), vec![(1, Decision::Commit), (2, Decision::Commit)]);
+        // The round completes once the pair votes too.
+        m.handle(1, ToMaster::UpdateTopology { epoch: e }, now);
+        let out = m.handle(2, ToMaster::UpdateTopology { epoch: e }, now);
+        assert!(out.iter().any(|o| matches!(o, Output::Send(_, ToPeer::TopologyDone { .. }))));
+        // Now a member votes while its partner waits in a sub-op: a mismatch for the pair.
+        m.handle(1, sub(e, S | 2, 7, &[1, 2]), now);
+        let out = m.handle(2, ToMaster::UpdateTopology { epoch: e }, now);
+        let d = outcomes(&out);
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|(c, d)| *c != 3 && matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+        // And a member beginning a sub-op while its partner is in the round: mismatch too.
+        let out = m.handle(3, sub(e, S | 3, 7, &[2, 3]), now);
+        assert!(outcomes(&out).iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+        assert_eq!(outcomes(&out).len(), 2);
+    }
+
+    #[test]
+    fn sub_op_mismatches_and_key_collisions_reach_every_member() {
+        let (mut m, now) = group(4);
+        let e = m.view().epoch;
+        m.handle(1, sub(e, S | 1, 7, &[1, 2]), now);
+        let d = outcomes(&m.handle(2, sub(e, S | 1, 8, &[1, 2]), now));
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+        // Two sets under one key: both sets' members hear of it, late ones when they begin.
+        m.handle(1, sub(e, S | 2, 7, &[1, 2]), now);
+        let d = outcomes(&m.handle(3, sub(e, S | 2, 7, &[3, 4]), now));
+        assert_eq!(d.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(d.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+        let d = outcomes(&m.handle(4, sub(e, S | 2, 7, &[3, 4]), now));
+        assert_eq!(d.len(), 1);
+        assert!(matches!(d[0], (4, Decision::Abort(AbortReason::Mismatch { .. }))));
+        // A set without the sender, or with a stranger, is refused to the sender alone.
+        let d = outcomes(&m.handle(1, sub(e, S | 3, 7, &[2, 3]), now));
+        assert!(matches!(&d[..], [(1, Decision::Abort(AbortReason::Mismatch { .. }))]));
+        let d = outcomes(&m.handle(1, sub(e, S | 4, 7, &[1, 99]), now));
+        assert!(matches!(&d[..], [(1, Decision::Abort(AbortReason::Mismatch { .. }))]));
+        // A whole-group begin under a sub-op's key is a mismatch, not a join of the tally.
+        m.handle(1, sub(e, S | 5, 7, &[1, 2]), now);
+        let d = outcomes(&m.handle(3, ToMaster::OpBegin { epoch: e, seq: S | 5, call: 7 }, now));
+        assert!(!d.is_empty() && d.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+    }
+
+    #[test]
+    fn losing_a_sub_group_member_aborts_its_op_with_peer_lost() {
+        let (mut m, now) = group(3);
+        let e = m.view().epoch;
+        m.handle(1, sub(e, S | 1, 7, &[1, 2]), now);
+        m.handle(2, sub(e, S | 1, 7, &[1, 2]), now);
+        m.handle(1, ok(e, S | 1), now);
+        let out = m.disconnected(2);
+        let d = outcomes(&out);
+        assert!(d.iter().any(|(c, d)| *c == 1 && matches!(d, Decision::Abort(AbortReason::PeerLost { rank: 1, .. }))));
+        assert!(d.iter().all(|(_, d)| *d != Decision::Commit));
+        assert_eq!(m.view().epoch, e + 1);
     }
 
     fn td(name: &str, rev: u64, d: u8) -> TensorDigest {

@@ -193,6 +193,19 @@ pub enum ToMaster {
     },
     /// The member leaves the group gracefully.
     Leave,
+    /// The member starts sub-group collective `seq` of `epoch` among `members` only
+    /// (peer ids in sub-rank order): the master tallies and commits it over those
+    /// members alone.
+    SubOpBegin {
+        /// View epoch.
+        epoch: u64,
+        /// Sub-group collective key (see `comm::subgroup`).
+        seq: u64,
+        /// Fingerprint of the call, the member set included.
+        call: u64,
+        /// The sub-group's members.
+        members: Vec<PeerId>,
+    },
 }
 
 /// Messages from the master to a peer.
@@ -435,6 +448,16 @@ impl ToMaster {
                 }
             }
             ToMaster::Leave => e.u8(7),
+            ToMaster::SubOpBegin { epoch, seq, call, members } => {
+                e.u8(8);
+                e.u64(*epoch);
+                e.u64(*seq);
+                e.u64(*call);
+                e.len(members.len());
+                for m in members {
+                    e.u64(*m);
+                }
+            }
         }
         framed(e)
     }
@@ -469,6 +492,12 @@ impl ToMaster {
                 ToMaster::SyncState { epoch, seq, strategy, tensors }
             }
             7 => ToMaster::Leave,
+            8 => {
+                let (epoch, seq, call) = (d.u64()?, d.u64()?, d.u64()?);
+                let n = d.count("members", 8)?;
+                let members = (0..n).map(|_| d.u64()).collect::<Result<_, WireError>>()?;
+                ToMaster::SubOpBegin { epoch, seq, call, members }
+            }
             code => return Err(WireError::UnknownCode { what: "message to master", code }),
         };
         d.finish()?;
@@ -620,6 +649,8 @@ mod tests {
                 tensors: vec![TensorDigest { name: "w".into(), revision: 4, digest: [9; 32] }],
             },
             ToMaster::Leave,
+            ToMaster::SubOpBegin { epoch: 2, seq: 1 << 63 | 5, call: 11, members: vec![3, u64::MAX, 0] },
+            ToMaster::SubOpBegin { epoch: 0, seq: 0, call: 0, members: vec![] },
         ]
     }
 
@@ -684,6 +715,18 @@ mod tests {
     }
 
     #[test]
+    fn sub_op_member_counts_are_checked_against_the_input() {
+        // A SubOpBegin claiming 1000 members with two present.
+        let mut body = vec![8u8];
+        for v in [1u64, 2, 3] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.extend_from_slice(&1000u32.to_le_bytes());
+        body.extend_from_slice(&[0u8; 16]);
+        assert!(matches!(ToMaster::decode(&body), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
     fn huge_counts_are_refused_before_allocating() {
         // A view claiming 2^32-1 members in a 20-byte message.
         let mut body = vec![2u8];
@@ -696,14 +739,29 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(20_000))]
         #[test]
+        fn sub_op_begins_round_trip(
+            epoch in any::<u64>(),
+            seq in any::<u64>(),
+            call in any::<u64>(),
+            members in proptest::collection::vec(any::<u64>(), 0..64),
+        ) {
+            let m = ToMaster::SubOpBegin { epoch, seq, call, members };
+            prop_assert_eq!(ToMaster::decode(body(&m.encode())), Ok(m));
+        }
+
+        #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = ToMaster::decode(&bytes);
             let _ = ToPeer::decode(&bytes);
         }
 
         #[test]
-        fn mutated_messages_never_panic(i in 0usize..21, pos in any::<usize>(), byte in any::<u8>()) {
-            let mut enc = if i < 10 { samples_to_master()[i].encode() } else { samples_to_peer()[i - 10].encode() };
+        fn mutated_messages_never_panic(i in 0usize..23, pos in any::<usize>(), byte in any::<u8>()) {
+            let (to_master, to_peer) = (samples_to_master(), samples_to_peer());
+            let mut enc = match to_master.get(i) {
+                Some(m) => m.encode(),
+                None => to_peer[i - to_master.len()].encode(),
+            };
             let p = 4 + pos % (enc.len() - 4);
             enc[p] = byte;
             let _ = ToMaster::decode(&enc[4..]);

@@ -63,6 +63,11 @@ impl Demux {
         OpLink { demux: self.clone(), key, rx: tokio::sync::Mutex::new(rx) }
     }
 
+    /// Sends a frame on the shared link (the peer's demux routes it by its key).
+    pub async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        self.link.send(frame).await
+    }
+
     /// Ends collective `key` here: its queued and future frames are dropped.
     pub fn finish(&self, key: OpKey) {
         let mut st = self.lock();

@@ -1,0 +1,274 @@
+/*
+ * Sub-group collectives and tagged point-to-point from C, over QUIC on 127.0.0.1.
+ *
+ *   subgroup
+ *       one process runs a master and four peers on threads, then
+ *   - pairs (0,1) and (2,3) all-reduce at the same time, exactly;
+ *   - ranks (0,1,2) all-reduce while rank 3 calls nothing, then everyone all-reduces;
+ *   - a NoLoCo step: every rank averages with phx_noloco_partner's choice;
+ *   - rank 0 sends tags 1 and 2 (several chunks), rank 1 receives 2 then 1, and a
+ *     receive of the wrong length fails with PHX_ERR_MISMATCH, buffer untouched.
+ *       Prints "subgroup ok rank=R" per peer.
+ *   subgroup master
+ *       runs a master, prints "addr HOST:PORT", serves until stdin closes.
+ *   subgroup peer ADDR
+ *       one of four peer processes: ranks 0, 1 and 3 run a sub-group all-reduce; rank 3
+ *       dies (_exit 42) instead of calling it, and rank 2, no member, calls
+ *       update_topology meanwhile. Ranks 0 and 1 must fail with PEER_LOST or ABORTED,
+ *       buffers restored; then the three survivors settle the view, all-reduce in the
+ *       sub-group (0, 1) and in the whole group, exactly. Prints "lost status=S" and
+ *       "survivor ok rank=R size=3".
+ * Any failure prints "FAIL ..." and exits 1.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "phalanx.h"
+
+enum { N = 4, M = 1000, BIG = 200000 };
+
+static const char *SECRET = "phalanx-ffi-subgroup-secret-0123456789";
+static char ADDR[PHX_ADDR_BUF_LEN];
+
+static void fail_at(int line, const char *what, int status) {
+    printf("FAIL line %d: %s -> %s: %s\n", line, what, phx_status_name(status), phx_last_error());
+    exit(1);
+}
+
+#define CHECK(call)                                                                                \
+    do {                                                                                           \
+        int status_ = (call);                                                                      \
+        if (status_ != PHX_OK) fail_at(__LINE__, #call, status_);                                  \
+    } while (0)
+
+#define EXPECT(cond)                                                                               \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            printf("FAIL line %d: expected %s\n", __LINE__, #cond);                                \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+static void sleep_ms(long ms) {
+    struct timespec t;
+    t.tv_sec = ms / 1000;
+    t.tv_nsec = (ms % 1000) * 1000000L;
+    nanosleep(&t, NULL);
+}
+
+static size_t comm_size(const phx_comm *comm) {
+    size_t size = 0;
+    CHECK(phx_comm_size(comm, &size));
+    return size;
+}
+
+/* Rank 3 waits on this until (0,1,2) are done. */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+static int sub_done = 0;
+
+static void *peer(void *arg) {
+    phx_comm *comm = NULL;
+    phx_connect_options options;
+    size_t r, i, partner = 0;
+    int has = 0;
+    static int64_t pair_buf[N][M];
+    double avg[M];
+    int32_t all[M];
+    float *big;
+    int32_t small[3], wrong[2] = {-5, -6};
+    (void)arg;
+
+    CHECK(phx_connect_options_init(&options));
+    options.secret = SECRET;
+    options.join_timeout_ms = 60000;
+    CHECK(phx_comm_connect_with(ADDR, &options, &comm));
+    while (comm_size(comm) < N) {
+        size_t pending = 0;
+        CHECK(phx_comm_peers_pending(comm, &pending));
+        if (pending == 0) {
+            sleep_ms(10);
+            continue;
+        }
+        CHECK(phx_comm_update_topology(comm));
+    }
+    CHECK(phx_comm_barrier(comm));
+    CHECK(phx_comm_rank(comm, &r));
+
+    /* Pairs at once. */
+    {
+        size_t pair[2];
+        pair[0] = r < 2 ? 0 : 2;
+        pair[1] = pair[0] + 1;
+        for (i = 0; i < M; i++) pair_buf[r][i] = (int64_t)(1000 * (r + 1) + i);
+        CHECK(phx_comm_sub_all_reduce(comm, pair, 2, pair_buf[r], M, PHX_DTYPE_I64, PHX_OP_SUM));
+        for (i = 0; i < M; i++)
+            EXPECT(pair_buf[r][i] == (int64_t)(1000 * (pair[0] + 1) + 1000 * (pair[1] + 1) + 2 * i));
+    }
+
+    /* (0,1,2) without rank 3, which calls nothing meanwhile. */
+    if (r == 3) {
+        pthread_mutex_lock(&lock);
+        while (!sub_done) pthread_cond_wait(&cond, &lock);
+        pthread_mutex_unlock(&lock);
+    } else {
+        size_t trio[3] = {2, 0, 1};
+        int32_t x[M];
+        for (i = 0; i < M; i++) x[i] = (int32_t)(r + 1);
+        CHECK(phx_comm_sub_all_reduce(comm, trio, 3, x, M, PHX_DTYPE_I32, PHX_OP_SUM));
+        for (i = 0; i < M; i++) EXPECT(x[i] == 6);
+        if (r == 0) {
+            pthread_mutex_lock(&lock);
+            sub_done = 1;
+            pthread_cond_broadcast(&cond);
+            pthread_mutex_unlock(&lock);
+        }
+    }
+    for (i = 0; i < M; i++) all[i] = (int32_t)(1 << (4 * r));
+    CHECK(phx_comm_all_reduce(comm, all, M, PHX_DTYPE_I32, PHX_OP_SUM));
+    for (i = 0; i < M; i++) EXPECT(all[i] == 0x1111);
+
+    /* A NoLoCo step: average with the partner of (seed 9, step 3). */
+    CHECK(phx_noloco_partner(9, 3, N, r, &partner, &has));
+    EXPECT(has == 1 && partner < N && partner != r);
+    {
+        size_t back = 99;
+        int back_has = 0;
+        size_t pair[2];
+        CHECK(phx_noloco_partner(9, 3, N, partner, &back, &back_has));
+        EXPECT(back_has == 1 && back == r);
+        pair[0] = r;
+        pair[1] = partner;
+        for (i = 0; i < M; i++) avg[i] = 4.0 * (double)r + (double)i;
+        CHECK(phx_comm_sub_all_reduce(comm, pair, 2, avg, M, PHX_DTYPE_F64, PHX_OP_AVG));
+        for (i = 0; i < M; i++) EXPECT(avg[i] == 2.0 * (double)(r + partner) + (double)i);
+    }
+
+    /* Point-to-point between 0 and 1: tags out of order, a large message, a mismatch. */
+    big = malloc(sizeof(float) * BIG);
+    EXPECT(big != NULL);
+    if (r == 0) {
+        for (i = 0; i < BIG; i++) big[i] = (float)i;
+        for (i = 0; i < 3; i++) small[i] = (int32_t)(7 * i + 1);
+        CHECK(phx_comm_send(comm, 1, 1, small, 3, PHX_DTYPE_I32));
+        CHECK(phx_comm_send(comm, 1, 2, big, BIG, PHX_DTYPE_F32));
+        CHECK(phx_comm_send(comm, 1, 1, small, 3, PHX_DTYPE_I32));
+    } else if (r == 1) {
+        memset(big, 0, sizeof(float) * BIG);
+        CHECK(phx_comm_recv(comm, 0, 2, big, BIG, PHX_DTYPE_F32));
+        for (i = 0; i < BIG; i++) EXPECT(big[i] == (float)i);
+        CHECK(phx_comm_recv(comm, 0, 1, small, 3, PHX_DTYPE_I32));
+        for (i = 0; i < 3; i++) EXPECT(small[i] == (int32_t)(7 * i + 1));
+        EXPECT(phx_comm_recv(comm, 0, 1, wrong, 2, PHX_DTYPE_I32) == PHX_ERR_MISMATCH);
+        EXPECT(wrong[0] == -5 && wrong[1] == -6);
+    }
+    free(big);
+    EXPECT(phx_comm_send(comm, r, 1, small, 3, PHX_DTYPE_I32) == PHX_ERR_INVALID_ARGUMENT);
+    {
+        size_t outside[2] = {r, N};
+        EXPECT(phx_comm_sub_all_reduce(comm, outside, 2, all, M, PHX_DTYPE_I32, PHX_OP_SUM) ==
+               PHX_ERR_INVALID_ARGUMENT);
+    }
+
+    CHECK(phx_comm_barrier(comm));
+    printf("subgroup ok rank=%zu\n", r);
+    CHECK(phx_comm_leave(comm));
+    return NULL;
+}
+
+static phx_comm *join_group(const char *addr) {
+    phx_comm *comm = NULL;
+    phx_connect_options options;
+    CHECK(phx_connect_options_init(&options));
+    options.secret = SECRET;
+    options.join_timeout_ms = 60000;
+    CHECK(phx_comm_connect_with(addr, &options, &comm));
+    while (comm_size(comm) < N) {
+        size_t pending = 0;
+        CHECK(phx_comm_peers_pending(comm, &pending));
+        if (pending == 0) {
+            sleep_ms(10);
+            continue;
+        }
+        CHECK(phx_comm_update_topology(comm));
+    }
+    CHECK(phx_comm_barrier(comm));
+    return comm;
+}
+
+static int run_master(void) {
+    phx_master *master = NULL;
+    char addr[PHX_ADDR_BUF_LEN];
+    CHECK(phx_master_start("127.0.0.1:0", SECRET, 1000, &master));
+    CHECK(phx_master_addr(master, addr, sizeof addr));
+    printf("addr %s\n", addr);
+    while (getchar() != EOF) {
+    }
+    CHECK(phx_master_free(master));
+    return 0;
+}
+
+static int run_peer(const char *addr) {
+    phx_comm *comm = join_group(addr);
+    size_t r, i, size;
+    static int64_t x[BIG], before[BIG];
+    int32_t all[M];
+    size_t trio[3] = {0, 1, 3}, pair[2] = {0, 1};
+    CHECK(phx_comm_rank(comm, &r));
+    printf("ready rank=%zu\n", r);
+    if (r == 3) {
+        sleep_ms(500);
+        _exit(42);
+    }
+    if (r == 2) {
+        CHECK(phx_comm_update_topology(comm)); /* not a member: the trio is not disturbed */
+    } else {
+        int status;
+        for (i = 0; i < BIG; i++) before[i] = x[i] = (int64_t)(i * (r + 1));
+        status = phx_comm_sub_all_reduce(comm, trio, 3, x, BIG, PHX_DTYPE_I64, PHX_OP_SUM);
+        printf("lost status=%s\n", phx_status_name(status));
+        EXPECT(status == PHX_ERR_PEER_LOST || status == PHX_ERR_ABORTED);
+        EXPECT(memcmp(x, before, sizeof x) == 0);
+        CHECK(phx_comm_update_topology(comm));
+    }
+    size = comm_size(comm); /* before anyone leaves */
+    EXPECT(size == 3);
+    CHECK(phx_comm_rank(comm, &r));
+    if (r < 2) {
+        for (i = 0; i < BIG; i++) x[i] = (int64_t)(i * (r + 1));
+        CHECK(phx_comm_sub_all_reduce(comm, pair, 2, x, BIG, PHX_DTYPE_I64, PHX_OP_SUM));
+        for (i = 0; i < BIG; i++) EXPECT(x[i] == (int64_t)(3 * i));
+    }
+    for (i = 0; i < M; i++) all[i] = (int32_t)(1 << (4 * r));
+    CHECK(phx_comm_all_reduce(comm, all, M, PHX_DTYPE_I32, PHX_OP_SUM));
+    for (i = 0; i < M; i++) EXPECT(all[i] == 0x111);
+    printf("survivor ok rank=%zu size=%zu\n", r, size);
+    CHECK(phx_comm_leave(comm));
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    phx_master *master = NULL;
+    pthread_t threads[N];
+    int i;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc == 2 && strcmp(argv[1], "master") == 0) return run_master();
+    if (argc == 3 && strcmp(argv[1], "peer") == 0) return run_peer(argv[2]);
+    CHECK(phx_master_start("127.0.0.1:0", SECRET, 1000, &master));
+    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
+    for (i = 0; i < N; i++) {
+        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
+        sleep_ms(50); /* join one at a time: ranks follow thread order loosely */
+    }
+    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
+    CHECK(phx_master_free(master));
+    printf("all ok\n");
+    return 0;
+}

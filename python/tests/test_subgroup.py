@@ -1,0 +1,134 @@
+"""Sub-group all-reduce, tagged point-to-point and the NoLoCo pairing from Python: four
+communicators of one group in this process, on threads (the GIL is released while each
+waits)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import phalanx
+
+
+@pytest.fixture
+def four(master):
+    """Four communicators of one group, ranks 0..3 in list order."""
+    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
+    for _ in range(3):
+        box = {}
+        t = threading.Thread(
+            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
+            daemon=True,
+        )
+        t.start()
+        while comms[0].peers_pending == 0:
+            t.join(0.01)
+        rounds = [threading.Thread(target=c.update_topology, daemon=True) for c in comms]
+        for r in rounds:
+            r.start()
+        for r in rounds:
+            r.join(60)
+        t.join(60)
+        new = box["c"]
+        new.update_topology()  # the admitting round counts as its own
+        comms.append(new)
+    assert [c.rank for c in comms] == [0, 1, 2, 3]
+    yield comms
+    for c in comms:
+        c.leave()
+
+
+def run_all(comms, f, timeout=60):
+    """Runs f(rank, comm) on one thread per communicator; returns results by rank."""
+    results, errors = [None] * len(comms), []
+
+    def run(r, c):
+        try:
+            results[r] = f(r, c)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r, c), daemon=True) for r, c in enumerate(comms)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a call hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_pairs_all_reduce_at_once_and_a_non_member_is_not_blocked(four):
+    trio_done = threading.Event()
+
+    def step(r, c):
+        pair = [0, 1] if r < 2 else [2, 3]
+        x = np.arange(1000, dtype=np.float64) + 1000 * (r + 1)
+        c.sub_all_reduce(x, pair, op="sum")
+        y = np.full(500, r + 1, dtype=np.int32)
+        if r == 3:
+            assert trio_done.wait(30), "(0, 1, 2) finished without rank 3"
+        else:
+            c.sub_all_reduce(y, [2, 1, 0])
+            trio_done.set()
+        z = np.full(10, 10**r, dtype=np.int64)
+        c.all_reduce(z)
+        return x, y, z
+
+    out = run_all(four, step)
+    for r, (x, y, z) in enumerate(out):
+        a, b = (0, 1) if r < 2 else (2, 3)
+        np.testing.assert_array_equal(x, 2 * np.arange(1000) + 1000 * (a + 1) + 1000 * (b + 1))
+        assert (y == (4 if r == 3 else 6)).all()
+        assert (z == 1111).all()
+
+
+def test_noloco_averaging_step(four):
+    pairs = phalanx.Communicator.noloco_pairs(5, 2, 4)
+    assert sorted(a for p in pairs for a in p) == [0, 1, 2, 3]
+
+    def step(r, c):
+        p = phalanx.Communicator.noloco_partner(5, 2, 4, r)
+        x = np.full(64, 4.0 * r, dtype=np.float32)
+        c.sub_all_reduce(x, [r, p], op="avg")
+        return p, x
+
+    for r, (p, x) in enumerate(run_all(four, step)):
+        assert (min(r, p), max(r, p)) in pairs
+        assert (x == 2.0 * (r + p)).all()
+    assert phalanx.Communicator.noloco_partner(5, 2, 3, 0) in (None, 1, 2)
+
+
+def test_send_recv_tags_out_of_order_and_mismatch(four):
+    big = np.arange(300_000, dtype=np.float32)
+
+    def step(r, c):
+        if r == 0:
+            c.send(1, 1, np.array([1, 2, 3], dtype=np.int16))
+            c.send(1, 2, big)
+            c.send(1, 1, np.array([4, 5, 6], dtype=np.int16))
+        elif r == 1:
+            got = np.zeros_like(big)
+            c.recv(0, 2, got)
+            first = np.zeros(3, dtype=np.int16)
+            c.recv(0, 1, first)
+            wrong = np.full(2, 9, dtype=np.int16)
+            with pytest.raises(phalanx.MismatchError):
+                c.recv(0, 1, wrong)
+            assert (wrong == 9).all()
+            return got, first
+        return None
+
+    got, first = run_all(four, step)[1]
+    np.testing.assert_array_equal(got, big)
+    np.testing.assert_array_equal(first, [1, 2, 3])
+
+
+def test_bad_members_and_peers_are_value_errors(four):
+    c = four[0]
+    x = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ValueError):
+        c.sub_all_reduce(x, [1, 2])
+    with pytest.raises(ValueError):
+        c.send(0, 1, x)

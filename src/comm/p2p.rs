@@ -1,0 +1,217 @@
+//! Tagged point-to-point messages between two ranks (pipeline schedules send
+//! activations and gradients this way).
+//!
+//! `send(to, tag, data)` and `recv(from, tag, buf)` move one message of `data.len()`
+//! elements; the receiver's buffer must have the same length and element type, or its
+//! `recv` fails with [`Error::Mismatch`] (the message is consumed; the sender's `send`
+//! has already returned). Messages with different tags never mix: each `(peer, tag)`
+//! pair is its own FIFO queue, so a rank may receive tags in any order. Messages with
+//! the same tag from the same peer arrive in the order they were sent.
+//!
+//! # Buffering
+//!
+//! Sends are eager: `send` returns once the message is handed to the transport, without
+//! waiting for the matching `recv`. The receiver queues messages that arrive before
+//! their `recv` per `(peer, tag)`; the queue is bounded by what the sender sends ahead
+//! (a schedule that posts matching receives holds at most its in-flight messages there).
+//! Transport flow control bounds only the bytes in flight on the wire, not this queue.
+//!
+//! As in MPI, a correct program does not rely on a send being buffered: in a networked
+//! group the data link between two peers opens on first use from the peer with the
+//! smaller id, so a first `send` from the other one may wait until its receiver's first
+//! call involving the pair (its `recv` from this rank, say).
+//!
+//! # Failures
+//!
+//! A message never involves the master. In a networked group a message belongs to the
+//! view it was sent in: when the view changes, a `send` or `recv` in progress returns
+//! [`Error::PeerLost`] if the peer left the view (crash, timeout, leave) and
+//! [`Error::Aborted`] otherwise, and messages of the old view still queued are dropped.
+//! A link that breaks gives `PeerLost` at once. In a local group a `recv` also wakes
+//! when the group's abort signal fires (a rank dropped its communicator). After an
+//! error the receive buffer holds what it held before the call. Both sides must use
+//! the same chunk size (the `Tuning` every rank shares).
+
+use bytes::Bytes;
+
+use super::{elements, Backend, Communicator};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::plan::Rank;
+use crate::transport::demux::{Demux, OpKey};
+use crate::transport::{Frame, Header, Link, LinkError};
+
+/// The bit that marks a point-to-point message's key (`seq = 1 << 62 | tag`).
+pub(crate) const P2P_KEY_BIT: u64 = 1 << 62;
+
+/// The key of the messages with `tag` in `epoch`.
+pub(crate) fn p2p_key(epoch: u64, tag: u32) -> OpKey {
+    (epoch, P2P_KEY_BIT | tag as u64)
+}
+
+const LEN_BITS: u32 = 56;
+
+/// What a message's frames carry in their `call` field: its element type and length.
+fn describe(dtype: DType, len: usize) -> u64 {
+    (dtype.code() as u64) << LEN_BITS | len as u64
+}
+
+/// Byte ranges of the chunks of a `len`-byte message; at least one chunk.
+fn chunks(len: usize, chunk_bytes: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let chunk = chunk_bytes.max(1);
+    let count = len.div_ceil(chunk).max(1);
+    (0..count).map(move |k| (k * chunk).min(len)..((k + 1) * chunk).min(len))
+}
+
+fn lost(peer: Rank, e: LinkError) -> Error {
+    match e {
+        LinkError::Closed(reason) => Error::PeerLost { rank: peer, reason },
+        other => Error::Protocol { peer, detail: other.to_string() },
+    }
+}
+
+/// Sends one message over `demux`'s link, in chunks.
+pub(crate) async fn send_message(
+    demux: &Demux,
+    key: OpKey,
+    dtype: DType,
+    data: &[u8],
+    chunk_bytes: usize,
+    to: Rank,
+) -> Result<()> {
+    if data.len() as u64 >= 1 << LEN_BITS {
+        return Err(Error::InvalidArgument(format!("message of {} bytes is too large", data.len())));
+    }
+    let call = describe(dtype, data.len());
+    for (index, chunk) in chunks(data.len(), chunk_bytes).enumerate() {
+        let header = Header { epoch: key.0, seq: key.1, call, index: index as u64 };
+        let frame = Frame { header, payload: Bytes::copy_from_slice(&data[chunk]) };
+        demux.send(frame).await.map_err(|e| lost(to, e))?;
+    }
+    Ok(())
+}
+
+/// Receives one message from `rx` (the queue of one peer and tag) into `out`.
+pub(crate) async fn recv_message(
+    rx: &dyn Link,
+    tag: u32,
+    dtype: DType,
+    out: &mut [u8],
+    chunk_bytes: usize,
+    from: Rank,
+) -> Result<()> {
+    let want = describe(dtype, out.len());
+    let first = rx.recv().await.map_err(|e| lost(from, e))?;
+    if first.header.index != 0 {
+        return Err(Error::Protocol {
+            peer: from,
+            detail: format!("message on tag {tag} starts at frame {}", first.header.index),
+        });
+    }
+    if first.header.call != want {
+        // Consume the rest of the sender's message, so the next one on this tag starts clean.
+        let their_len = (first.header.call & ((1 << LEN_BITS) - 1)) as usize;
+        let their_type = DType::from_code((first.header.call >> LEN_BITS) as u8);
+        for _ in 1..chunks(their_len, chunk_bytes).count() {
+            rx.recv().await.map_err(|e| lost(from, e))?;
+        }
+        let theirs = their_type.map_or_else(|| "an unknown type".to_string(), |t| t.to_string());
+        return Err(Error::Mismatch {
+            detail: format!(
+                "rank {from} sent {their_len} bytes of {theirs} on tag {tag}; this rank receives {} bytes of {dtype}",
+                out.len()
+            ),
+        });
+    }
+    // The payloads are kept until the whole message has arrived and only then copied
+    // into `out`, so that `out` is untouched on error (no backup copy needed).
+    let mut frame = Some(first);
+    let mut payloads = Vec::with_capacity(out.len().div_ceil(chunk_bytes.max(1)).max(1));
+    for (index, chunk) in chunks(out.len(), chunk_bytes).enumerate() {
+        let f = match frame.take() {
+            Some(f) => f,
+            None => rx.recv().await.map_err(|e| lost(from, e))?,
+        };
+        if f.header.index != index as u64 || f.header.call != want || f.payload.len() != chunk.len() {
+            return Err(Error::Protocol {
+                peer: from,
+                detail: format!(
+                    "expected frame {index} of {} bytes on tag {tag}, got frame {} of {} bytes",
+                    chunk.len(),
+                    f.header.index,
+                    f.payload.len()
+                ),
+            });
+        }
+        payloads.push((chunk, f.payload));
+    }
+    for (chunk, payload) in payloads {
+        out[chunk].copy_from_slice(&payload);
+    }
+    Ok(())
+}
+
+impl Communicator {
+    /// Sends `data` to rank `to` as one message with `tag` (see the module docs of
+    /// `comm::p2p`). Returns once the message is handed to the transport.
+    pub fn send<T: Element>(&mut self, to: Rank, tag: u32, data: &[T]) -> Result<()> {
+        self.send_raw(to, tag, bytemuck::cast_slice(data), T::DTYPE)
+    }
+
+    /// Receives the next message with `tag` from rank `from` into `buf`, whose length
+    /// and type must match the sent message's ([`Error::Mismatch`] otherwise).
+    pub fn recv<T: Element>(&mut self, from: Rank, tag: u32, buf: &mut [T]) -> Result<()> {
+        self.recv_raw(from, tag, bytemuck::cast_slice_mut(buf), T::DTYPE)
+    }
+
+    /// [`Communicator::send`] on the bytes of elements of type `dtype`.
+    pub fn send_raw(&mut self, to: Rank, tag: u32, data: &[u8], dtype: DType) -> Result<()> {
+        self.check_peer(to)?;
+        elements(data.len(), dtype, "message")?;
+        match &mut self.backend {
+            Backend::Local(l) => l.send_p2p(to, tag, dtype, data),
+            Backend::Net(n) => n.send_p2p(to, tag, dtype, data),
+        }
+    }
+
+    /// [`Communicator::recv`] on the bytes of elements of type `dtype`. On error `buf`
+    /// holds what it held before (it is written only once the whole message is in).
+    pub fn recv_raw(&mut self, from: Rank, tag: u32, buf: &mut [u8], dtype: DType) -> Result<()> {
+        self.check_peer(from)?;
+        elements(buf.len(), dtype, "buffer")?;
+        match &mut self.backend {
+            Backend::Local(l) => l.recv_p2p(from, tag, dtype, buf),
+            Backend::Net(n) => n.recv_p2p(from, tag, dtype, buf),
+        }
+    }
+
+    fn check_peer(&self, peer: Rank) -> Result<()> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::InvalidArgument(
+                "blocking send/recv called from inside an async runtime; call it from a plain thread".into(),
+            ));
+        }
+        if peer >= self.size() || peer == self.rank() {
+            return Err(Error::InvalidArgument(format!(
+                "peer rank {peer} is this rank or outside a group of {}",
+                self.size()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_stay_apart_from_collectives_and_sub_groups() {
+        let (_, seq) = p2p_key(3, u32::MAX);
+        assert_ne!(seq & P2P_KEY_BIT, 0);
+        assert_eq!(seq & super::super::subgroup::SUB_KEY_BIT, 0);
+        assert_ne!(p2p_key(3, 1), p2p_key(3, 2));
+        assert_eq!(chunks(0, 4).count(), 1);
+        assert_eq!(chunks(9, 4).map(|r| r.len()).collect::<Vec<_>>(), vec![4, 4, 1]);
+    }
+}
