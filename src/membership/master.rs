@@ -619,11 +619,13 @@ mod tests {
     #[test]
     fn silence_past_the_timeout_removes() {
         let (mut m, now) = group(2);
-        m.handle(1, ToMaster::Heartbeat, now + Duration::from_millis(900));
-        assert!(m.tick(now + Duration::from_millis(900)).is_empty());
+        let timeout = MasterConfig::default().peer_timeout;
+        let almost = timeout - Duration::from_millis(100);
+        m.handle(1, ToMaster::Heartbeat, now + almost);
+        assert!(m.tick(now + almost).is_empty());
         // Woken exactly at the deadline, the master must act (or its driver would spin).
-        assert_eq!(m.next_deadline(), Some(now + Duration::from_millis(1000)));
-        let out = m.tick(now + Duration::from_millis(1000));
+        assert_eq!(m.next_deadline(), Some(now + timeout));
+        let out = m.tick(now + timeout);
         assert_eq!(m.view().members.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
         assert!(out.iter().any(|o| matches!(o, Output::Close(2, _))));
     }
