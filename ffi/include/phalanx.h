@@ -895,81 +895,6 @@ int phx_comm_sparse_reduce_scatter(struct phx_comm *comm,
                                    const uint8_t *holds);
 
 /**
- * Scans the `count` elements of type `dtype_code` in `buf` over the members with the
- * built-in operator `op_code` (`PHX_OP_SUM`, `_PROD`, `_MIN` or `_MAX`; `PHX_OP_AVG`
- * is `PHX_ERR_INVALID_ARGUMENT`), element-wise. `flags` combines `PHX_SCAN_*`;
- * `blocks` is the chain's block count (0: chosen by size). Every member must pass the
- * same count, dtype, op, flags and blocks.
- *
- * # Safety
- * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or valid
- * for reads and writes of `count` elements of `dtype`, untouched by others meanwhile.
- */
-int phx_comm_all_scan(struct phx_comm *comm,
-                      void *buf,
-                      size_t count,
-                      int dtype_code,
-                      int op_code,
-                      int flags,
-                      size_t blocks);
-
-/**
- * Scans `units` units of `unit_bytes` bytes each in `buf` with the user-defined
- * associative operator `combine`, which receives `user_data`.
- *
- * `combine(user_data, left, right, out, units)` writes `left ⊕ right` into `out` for
- * each of `units` consecutive units and returns 0, or returns a non-zero error code.
- * `left`, `right` and `out` are distinct, 8-byte aligned buffers of
- * `units * unit_bytes` bytes. It is called during this call only, possibly from a
- * library thread, one call at a time. The left operand always comes earlier in scan
- * order; the operator must be associative and need not commute.
- *
- * `name` (a NUL-terminated string) identifies the operator: members passing different
- * names or unit sizes get `PHX_ERR_MISMATCH`. `identity_or_null` is one unit, the
- * operator's identity, needed for an exclusive scan (NULL: none; then
- * `PHX_SCAN_EXCLUSIVE` is `PHX_ERR_INVALID_ARGUMENT`). A callback error fails the
- * collective on every member with `PHX_ERR_ABORTED`, buffers restored.
- *
- * # Safety
- * `comm` as in `phx_comm_all_scan`; `buf` is NULL or valid for reads and writes of
- * `units * unit_bytes` bytes; `identity_or_null` is NULL or valid for reads of
- * `unit_bytes` bytes; `name` is NULL or NUL-terminated; `combine` follows
- * that contract with `user_data`.
- */
-int phx_comm_all_scan_custom(struct phx_comm *comm,
-                             void *buf,
-                             size_t units,
-                             size_t unit_bytes,
-                             int (*combine)(void *user_data,
-                                            const void *left,
-                                            const void *right,
-                                            void *out,
-                                            size_t units),
-                             void *user_data,
-                             const void *identity_or_null,
-                             const char *name,
-                             int flags,
-                             size_t blocks);
-
-/**
- * Scans linear-attention states `(a, S)` over the members with the combine
- * `(a1, S1) ⊕ (a2, S2) = (a1 ⊙ a2, diag(a2)·S1 + S2)`: `a` holds `d_k` floats and `s`
- * the `d_k × d_v` state, row-major; both are replaced by this rank's prefix. The
- * exclusive scan gives the first rank `(1, 0)`.
- *
- * # Safety
- * `comm` as in `phx_comm_all_scan`; `a` is NULL or valid for reads and writes of `d_k`
- * floats and `s` of `d_k * d_v` floats, not overlapping, untouched by others meanwhile.
- */
-int phx_comm_all_scan_linear_attention(struct phx_comm *comm,
-                                       float *a,
-                                       float *s,
-                                       size_t d_k,
-                                       size_t d_v,
-                                       int flags,
-                                       size_t blocks);
-
-/**
  * All-reduce (`op`) of the `count` elements of type `dtype` in `buf` among the ranks
  * `members[0..member_count]` only (view ranks, any order, each once, the caller among
  * them). Ranks outside the set do not call it and are not delayed; disjoint sets may
@@ -1065,6 +990,81 @@ int phx_noloco_partner(uint64_t seed,
                        size_t rank,
                        size_t *partner,
                        int *has_partner);
+
+/**
+ * Scans the `count` elements of type `dtype_code` in `buf` over the members with the
+ * built-in operator `op_code` (`PHX_OP_SUM`, `_PROD`, `_MIN` or `_MAX`; `PHX_OP_AVG`
+ * is `PHX_ERR_INVALID_ARGUMENT`), element-wise. `flags` combines `PHX_SCAN_*`;
+ * `blocks` is the chain's block count (0: chosen by size). Every member must pass the
+ * same count, dtype, op, flags and blocks.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or valid
+ * for reads and writes of `count` elements of `dtype`, untouched by others meanwhile.
+ */
+int phx_comm_all_scan(struct phx_comm *comm,
+                      void *buf,
+                      size_t count,
+                      int dtype_code,
+                      int op_code,
+                      int flags,
+                      size_t blocks);
+
+/**
+ * Scans `units` units of `unit_bytes` bytes each in `buf` with the user-defined
+ * associative operator `combine`, which receives `user_data`.
+ *
+ * `combine(user_data, left, right, out, units)` writes `left ⊕ right` into `out` for
+ * each of `units` consecutive units and returns 0, or returns a non-zero error code.
+ * `left`, `right` and `out` are distinct, 8-byte aligned buffers of
+ * `units * unit_bytes` bytes. It is called during this call only, possibly from a
+ * library thread, one call at a time. The left operand always comes earlier in scan
+ * order; the operator must be associative and need not commute.
+ *
+ * `name` (a NUL-terminated string) identifies the operator: members passing different
+ * names or unit sizes get `PHX_ERR_MISMATCH`. `identity_or_null` is one unit, the
+ * operator's identity, needed for an exclusive scan (NULL: none; then
+ * `PHX_SCAN_EXCLUSIVE` is `PHX_ERR_INVALID_ARGUMENT`). A callback error fails the
+ * collective on every member with `PHX_ERR_ABORTED`, buffers restored.
+ *
+ * # Safety
+ * `comm` as in `phx_comm_all_scan`; `buf` is NULL or valid for reads and writes of
+ * `units * unit_bytes` bytes; `identity_or_null` is NULL or valid for reads of
+ * `unit_bytes` bytes; `name` is NULL or NUL-terminated; `combine` follows
+ * that contract with `user_data`.
+ */
+int phx_comm_all_scan_custom(struct phx_comm *comm,
+                             void *buf,
+                             size_t units,
+                             size_t unit_bytes,
+                             int (*combine)(void *user_data,
+                                            const void *left,
+                                            const void *right,
+                                            void *out,
+                                            size_t units),
+                             void *user_data,
+                             const void *identity_or_null,
+                             const char *name,
+                             int flags,
+                             size_t blocks);
+
+/**
+ * Scans linear-attention states `(a, S)` over the members with the combine
+ * `(a1, S1) ⊕ (a2, S2) = (a1 ⊙ a2, diag(a2)·S1 + S2)`: `a` holds `d_k` floats and `s`
+ * the `d_k × d_v` state, row-major; both are replaced by this rank's prefix. The
+ * exclusive scan gives the first rank `(1, 0)`.
+ *
+ * # Safety
+ * `comm` as in `phx_comm_all_scan`; `a` is NULL or valid for reads and writes of `d_k`
+ * floats and `s` of `d_k * d_v` floats, not overlapping, untouched by others meanwhile.
+ */
+int phx_comm_all_scan_linear_attention(struct phx_comm *comm,
+                                       float *a,
+                                       float *s,
+                                       size_t d_k,
+                                       size_t d_v,
+                                       int flags,
+                                       size_t blocks);
 
 #ifdef __cplusplus
 }  // extern "C"
