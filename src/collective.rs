@@ -2,6 +2,7 @@
 
 use crate::dtype::{DType, ReduceOp};
 use crate::plan::{self, allreduce, broadcast, gather, reduce, Plan, Rank};
+use crate::quant::{Codec, Quantization};
 
 /// Knobs that pick algorithms and chunk sizes. Every rank of a group must use the same
 /// values, since they shape the plans.
@@ -60,6 +61,14 @@ pub enum Collective {
     },
     /// Barrier.
     Barrier,
+    /// All-reduce of `len` `f32` elements whose transfers carry min-max codes (see
+    /// [`crate::quant`]); always the ring plan, whatever the tuning says.
+    QuantizedAllReduce {
+        /// Elements per rank.
+        len: usize,
+        /// The code width, part of the fingerprint.
+        quantization: Quantization,
+    },
 }
 
 impl Collective {
@@ -75,13 +84,25 @@ impl Collective {
             }
             Collective::Reduce { root, len } => reduce::plan(rank, n, *root, *len, size, tuning.chain_threshold_bytes),
             Collective::Barrier => reduce::barrier(rank, n),
+            Collective::QuantizedAllReduce { len, .. } => allreduce::ring(rank, n, *len),
+        }
+    }
+
+    /// The codec the executor applies to every transfer of this collective, if any.
+    pub fn codec(&self) -> Option<Codec> {
+        match self {
+            Collective::QuantizedAllReduce { quantization, .. } => Some(Codec::new(*quantization)),
+            _ => None,
         }
     }
 
     /// Length of the working buffer in elements.
     pub fn working_len(&self) -> usize {
         match self {
-            Collective::AllReduce { len } | Collective::Broadcast { len, .. } | Collective::Reduce { len, .. } => *len,
+            Collective::AllReduce { len }
+            | Collective::Broadcast { len, .. }
+            | Collective::Reduce { len, .. }
+            | Collective::QuantizedAllReduce { len, .. } => *len,
             Collective::ReduceScatter { counts } | Collective::AllGather { counts } => counts.iter().sum(),
             Collective::Barrier => 0,
         }
@@ -104,6 +125,10 @@ impl Collective {
             Collective::Broadcast { root, len } => words.extend([4, *root as u64, *len as u64]),
             Collective::Reduce { root, len } => words.extend([5, *root as u64, *len as u64]),
             Collective::Barrier => words.push(6),
+            // A tag of its own ("QU"), the code width a word of the hash.
+            Collective::QuantizedAllReduce { len, quantization } => {
+                words.extend([0x5155, *len as u64, quantization.bits() as u64])
+            }
         }
         fnv1a(words.iter().flat_map(|w| w.to_le_bytes()))
     }

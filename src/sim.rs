@@ -12,6 +12,7 @@ use crate::dtype::{DType, ReduceOp};
 use crate::error::Error;
 use crate::exec::{execute, execute_restoring, AbortSignal, Call};
 use crate::plan::{Plan, Rank};
+use crate::quant::Codec;
 use crate::transport::mem;
 
 /// Rank `rank` completes steps `0..after_steps` of its plan, then disappears.
@@ -60,12 +61,22 @@ pub struct Simulation {
     pub fault: Option<Fault>,
     /// Wall-clock limit after which unfinished ranks count as hung.
     pub time_limit: Duration,
+    /// Quantize every transfer with this codec (see [`crate::exec`]); `None` by default.
+    pub codec: Option<Codec>,
 }
 
 impl Simulation {
     /// A fault-free simulation with small chunks, so that every transfer spans several.
     pub fn new(dtype: DType, op: ReduceOp) -> Simulation {
-        Simulation { dtype, op, chunk_bytes: 64, link_capacity: 4, fault: None, time_limit: Duration::from_secs(20) }
+        Simulation {
+            dtype,
+            op,
+            chunk_bytes: 64,
+            link_capacity: 4,
+            fault: None,
+            time_limit: Duration::from_secs(20),
+            codec: None,
+        }
     }
 
     /// Runs `plans[r]` on `bufs[r]` for every rank `r`; returns each rank's outcome.
@@ -95,6 +106,7 @@ impl Simulation {
                     fingerprint: 0,
                     chunk_bytes: sim.chunk_bytes,
                     custom: None,
+                    codec: sim.codec,
                 };
                 let dies = sim.fault.filter(|f| f.rank == rank);
                 if let Some(f) = dies {

@@ -65,6 +65,7 @@ impl Local {
             fingerprint: coll.fingerprint(dtype, op),
             chunk_bytes: self.config.tuning.chunk_bytes,
             custom: None,
+            codec: coll.codec(),
         };
         let result = self.runtime.block_on(exec::execute_restoring(&call, buf, &self.links, &self.abort));
         if let Err(e) = &result {

@@ -3,6 +3,7 @@
 mod datalinks;
 mod local;
 mod net;
+mod quant;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

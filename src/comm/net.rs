@@ -356,6 +356,7 @@ impl Ops {
             fingerprint,
             chunk_bytes: self.tuning.chunk_bytes,
             custom: None,
+            codec: coll.codec(),
         };
         tracing::debug!(peer = self.id, ?key, rank, size = view.size(), "collective begins");
         let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;
