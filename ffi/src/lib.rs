@@ -30,6 +30,9 @@ use phalanx::state::SharedState;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, DType, Error, ReduceOp};
 
+mod quant;
+pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
+
 // ---------------------------------------------------------------------------------------
 // Version.
 
