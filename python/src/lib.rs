@@ -416,7 +416,8 @@ impl Communicator {
     /// place, sending `bits`-bit min-max codes (8 or 16) instead of floats: a quarter or
     /// half of the bytes. The result is approximate (each element off by at most about
     /// `size` quantization steps of its chunk's range) but bitwise identical on every
-    /// peer. NaN or infinite input raises ValueError on every peer, arrays restored.
+    /// peer. NaN or infinite input raises ValueError on the peer that holds it, the
+    /// group's abort (a PhalanxError) on the others; arrays are restored.
     #[pyo3(signature = (array, op = "sum", bits = 8))]
     fn all_reduce_quantized(&self, py: Python<'_>, array: &Bound<'_, PyAny>, op: &str, bits: u32) -> PyResult<()> {
         quant::all_reduce_quantized(self, py, array, op, bits)
