@@ -3,6 +3,7 @@
 use crate::dtype::{DType, ReduceOp};
 use crate::plan::sparse::{self as sparse_plan, Placement};
 use crate::plan::{self, allreduce, alltoall, broadcast, gather, reduce, scan, Plan, Rank};
+use crate::quant::{Codec, Quantization};
 
 /// Knobs that pick algorithms and chunk sizes. Every rank of a group must use the same
 /// values, since they shape the plans.
@@ -93,6 +94,14 @@ pub enum Collective {
         /// Identifies a custom operator (a hash of its name), 0 for a built-in one.
         op_id: u64,
     },
+    /// All-reduce of `len` `f32` elements whose transfers carry min-max codes (see
+    /// [`crate::quant`]); always the ring plan, whatever the tuning says.
+    QuantizedAllReduce {
+        /// Elements per rank.
+        len: usize,
+        /// The code width, part of the fingerprint.
+        quantization: Quantization,
+    },
 }
 
 impl Collective {
@@ -114,6 +123,15 @@ impl Collective {
             Collective::AllScan { len, unit_bytes, inclusive, reverse, algorithm, .. } => {
                 scan::plan_full(rank, n, *len, *inclusive, *reverse, algorithm.resolve(*len, *unit_bytes))
             }
+            Collective::QuantizedAllReduce { len, .. } => allreduce::ring(rank, n, *len),
+        }
+    }
+
+    /// The codec the executor applies to every transfer of this collective, if any.
+    pub fn codec(&self) -> Option<Codec> {
+        match self {
+            Collective::QuantizedAllReduce { quantization, .. } => Some(Codec::new(*quantization)),
+            _ => None,
         }
     }
 
@@ -121,7 +139,10 @@ impl Collective {
     /// by rank, the largest over the ranks (see [`alltoall::working_len`]).
     pub fn working_len(&self) -> usize {
         match self {
-            Collective::AllReduce { len } | Collective::Broadcast { len, .. } | Collective::Reduce { len, .. } => *len,
+            Collective::AllReduce { len }
+            | Collective::Broadcast { len, .. }
+            | Collective::Reduce { len, .. }
+            | Collective::QuantizedAllReduce { len, .. } => *len,
             Collective::ReduceScatter { counts } | Collective::AllGather { counts } => counts.iter().sum(),
             Collective::Barrier => 0,
             Collective::SparseAllGather { placement } => placement.total_len(),
@@ -172,6 +193,10 @@ impl Collective {
                 };
                 words.extend([7, *len as u64, *unit_bytes as u64, *inclusive as u64, *reverse as u64]);
                 words.extend([alg, blocks as u64, *op_id]);
+            }
+            // A tag of its own ("QU"), the code width a word of the hash.
+            Collective::QuantizedAllReduce { len, quantization } => {
+                words.extend([0x5155, *len as u64, quantization.bits() as u64])
             }
         }
         fnv1a(words.iter().flat_map(|w| w.to_le_bytes()))

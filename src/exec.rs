@@ -7,10 +7,34 @@
 //!
 //! The executor stops at the first error or when its [`AbortSignal`] fires.
 //! [`execute_restoring`] then puts the buffer back to its content before the call.
+//!
+//! # Quantized transfers
+//!
+//! With [`Call::codec`] set, every chunk travels as a min-max frame ([`crate::quant`])
+//! instead of raw `f32` bytes, and the executor keeps bit parity by two rules:
+//!
+//! - **Sending** a chunk: if this call received exactly that chunk earlier by
+//!   [`Action::Copy`] (and nothing has written to it since), the received frame is sent
+//!   again unchanged: decoded values are never re-encoded, since re-encoding is not
+//!   idempotent in floats. Otherwise the chunk is encoded and the local copy is
+//!   replaced by the decoded values, so that the sender holds bitwise what its receiver
+//!   decodes.
+//! - **Receiving** a chunk: the frame is decoded; `Copy` writes the decoded values and
+//!   keeps the frame for forwarding, `Reduce` adds them into the local chunk.
+//!
+//! On the ring all-reduce this is the rule: each reduce-scatter hop encodes its
+//! partial sum afresh (replacing a partial sum that it does not keep anyway); the owner of
+//! a reduced segment encodes it once, at its first all-gather send, and keeps the
+//! decoded value; every later all-gather hop forwards those codes unchanged. So every
+//! rank ends with the decoding of the same frames: identical bytes. A coded call takes
+//! `f32` elements and `Sum` or `Avg` only, and exchanges with disjoint send and receive
+//! ranges; frame lengths are checked against the encoded length.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -19,6 +43,7 @@ use crate::dtype::{reduce_bytes, DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::op::CustomOp;
 use crate::plan::{Action, Plan, Rank, Step};
+use crate::quant::Codec;
 use crate::transport::{Frame, Header, Link, LinkError};
 
 /// Default chunk size: large enough to amortise per-frame costs, small enough that a
@@ -45,6 +70,9 @@ pub struct Call<'a> {
     /// A user-defined operator that replaces `op` for [`Action::Reduce`]. The plan's
     /// elements are then the operator's units of [`CustomOp::unit_bytes`] bytes.
     pub custom: Option<&'a dyn CustomOp>,
+    /// Quantize every transfer with this codec (a quantized all-reduce); `None` sends the
+    /// buffer's bytes as they are. See the module docs, "Quantized transfers".
+    pub codec: Option<Codec>,
 }
 
 impl Call<'_> {
@@ -213,11 +241,22 @@ pub async fn execute(
             call.element_bytes()
         )));
     }
+    if let Some(codec) = call.codec {
+        if call.dtype != codec.dtype() || !matches!(call.op, ReduceOp::Sum | ReduceOp::Avg) || call.custom.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "a quantized call takes {} elements and sum or avg, not {} and {:?}{}",
+                codec.dtype(),
+                call.dtype,
+                call.op,
+                if call.custom.is_some() { " with a custom operator" } else { "" }
+            )));
+        }
+    }
     if let Some(reason) = abort.fired() {
         return Err(reason);
     }
     let counters = || (0..links.len()).map(|_| AtomicU64::new(0)).collect();
-    let ctx = Ctx { call, links, sent: counters(), received: counters() };
+    let ctx = Ctx { call, links, sent: counters(), received: counters(), kept: Default::default() };
     let body = async {
         for i in steps {
             ctx.run_step(i, buf).await?;
@@ -239,6 +278,9 @@ struct Ctx<'a> {
     /// Frames sent to / received from each peer so far in this call.
     sent: Vec<AtomicU64>,
     received: Vec<AtomicU64>,
+    /// Quantized calls: frames received by `Copy`, by the byte range of their chunk, to
+    /// be forwarded unchanged (see the module docs).
+    kept: Mutex<HashMap<(usize, usize), Bytes>>,
 }
 
 impl Ctx<'_> {
@@ -279,6 +321,9 @@ impl Ctx<'_> {
     }
 
     async fn run_step(&self, i: usize, buf: &mut [u8]) -> Result<()> {
+        if let Some(codec) = self.call.codec {
+            return self.run_step_coded(codec, i, buf).await;
+        }
         match &self.call.plan.steps[i] {
             Step::Exchange { send, recv } => match (send, recv) {
                 (Some(s), Some(r)) => {
@@ -316,6 +361,117 @@ impl Ctx<'_> {
                 let (src, dst) = split_disjoint(buf, self.bytes(src), self.bytes(dst));
                 self.apply(*action, dst, src)
             }
+        }
+    }
+
+    /// [`Ctx::run_step`] of a quantized call.
+    async fn run_step_coded(&self, codec: Codec, i: usize, buf: &mut [u8]) -> Result<()> {
+        match &self.call.plan.steps[i] {
+            Step::Exchange { send, recv } => match (send, recv) {
+                (Some(s), Some(r)) => {
+                    let (sb, rb) = (self.bytes(&s.range), self.bytes(&r.range));
+                    if sb.start < rb.end && rb.start < sb.end {
+                        return Err(Error::InvalidArgument(format!(
+                            "step {i}: a quantized exchange needs disjoint ranges, not {:?} and {:?}",
+                            s.range, r.range
+                        )));
+                    }
+                    let (out, inp) = split_disjoint_mut(buf, sb.clone(), rb.clone());
+                    let sending = self.send_coded(codec, s.to, sb.start, out);
+                    let receiving = self.recv_coded(codec, r.from, rb.start, inp, r.action);
+                    tokio::try_join!(sending, receiving).map(|_| ())
+                }
+                (Some(s), None) => {
+                    let sb = self.bytes(&s.range);
+                    self.send_coded(codec, s.to, sb.start, &mut buf[sb]).await
+                }
+                (None, Some(r)) => {
+                    let rb = self.bytes(&r.range);
+                    self.recv_coded(codec, r.from, rb.start, &mut buf[rb], r.action).await
+                }
+                (None, None) => Ok(()),
+            },
+            Step::Forward { from, to, range, action } => {
+                let base = self.bytes(range);
+                let region = &mut buf[base.clone()];
+                for chunk in self.chunks(region.len()) {
+                    let at = base.start + chunk.start;
+                    let c = &mut region[chunk];
+                    self.recv_coded_chunk(codec, *from, at, c, *action).await?;
+                    self.send_coded_chunk(codec, *to, at, c).await?;
+                }
+                Ok(())
+            }
+            Step::Local { src, dst, action } => {
+                let (sb, db) = (self.bytes(src), self.bytes(dst));
+                self.forget(db.clone());
+                let (src, dst) = split_disjoint(buf, sb, db);
+                self.apply(*action, dst, src)
+            }
+        }
+    }
+
+    /// Sends `region` (at byte `base` of the buffer) chunk by chunk, quantized.
+    async fn send_coded(&self, codec: Codec, to: Rank, base: usize, region: &mut [u8]) -> Result<()> {
+        for chunk in self.chunks(region.len()) {
+            self.send_coded_chunk(codec, to, base + chunk.start, &mut region[chunk]).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one chunk at byte `at`: the frame it was copied from, or its fresh encoding
+    /// (replacing the chunk by the decoded values).
+    async fn send_coded_chunk(&self, codec: Codec, to: Rank, at: usize, chunk: &mut [u8]) -> Result<()> {
+        let key = (at, at + chunk.len());
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let frame = match kept {
+            Some(frame) => frame,
+            None => {
+                self.forget(key.0..key.1);
+                codec.encode_replace_bytes(chunk)?
+            }
+        };
+        self.send_frame(to, frame).await
+    }
+
+    /// Receives `region` (at byte `base` of the buffer) chunk by chunk, quantized.
+    async fn recv_coded(&self, codec: Codec, from: Rank, base: usize, dst: &mut [u8], action: Action) -> Result<()> {
+        for chunk in self.chunks(dst.len()) {
+            self.recv_coded_chunk(codec, from, base + chunk.start, &mut dst[chunk], action).await?;
+        }
+        Ok(())
+    }
+
+    /// Receives one quantized chunk at byte `at` and applies `action` to it.
+    async fn recv_coded_chunk(
+        &self,
+        codec: Codec,
+        from: Rank,
+        at: usize,
+        chunk: &mut [u8],
+        action: Action,
+    ) -> Result<()> {
+        let elements = chunk.len() / self.call.element_bytes();
+        let frame = self.recv_frame(from, codec.encoded_len(elements)).await?;
+        let key = (at, at + chunk.len());
+        self.forget(key.0..key.1);
+        let decoded = match action {
+            Action::Copy => codec.decode_bytes(&frame.payload, chunk),
+            // Float addition of finite values is commutative: both orders give these bits.
+            Action::Reduce(_) => codec.decode_add_bytes(&frame.payload, chunk),
+        };
+        decoded.map_err(|e| Error::Protocol { peer: from, detail: e.to_string() })?;
+        if action == Action::Copy {
+            self.kept.lock().unwrap_or_else(|e| e.into_inner()).insert(key, frame.payload);
+        }
+        Ok(())
+    }
+
+    /// Drops the kept frames of chunks that overlap the byte range `r`, about to change.
+    fn forget(&self, r: Range<usize>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if !kept.is_empty() {
+            kept.retain(|&(s, e), _| e <= r.start || r.end <= s);
         }
     }
 
@@ -401,6 +557,17 @@ fn split_disjoint(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&[u8], &
     }
 }
 
+/// Splits `buf` into mutable views of `a` and `b`, which must not overlap.
+fn split_disjoint_mut(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&mut [u8], &mut [u8]) {
+    if a.end <= b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&mut lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&mut hi[..a.end - a.start], &mut lo[b])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +603,93 @@ mod tests {
         let mut bad = Plan::empty(0, 1, 3);
         bad.steps.push(Step::Local { src: 0..2, dst: 1..3, action: Action::Copy });
         assert!(bad.validate().is_err(), "overlapping local ranges are rejected");
+    }
+
+    /// A link that keeps the payloads of the frames it carries (alive, so that their
+    /// addresses are never reused and identify them).
+    struct Recorder {
+        inner: Arc<dyn Link>,
+        sent: Arc<std::sync::Mutex<Vec<Bytes>>>,
+        received: Arc<std::sync::Mutex<Vec<Bytes>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Link for Recorder {
+        async fn send(&self, frame: Frame) -> std::result::Result<(), LinkError> {
+            self.sent.lock().unwrap().push(frame.payload.clone());
+            self.inner.send(frame).await
+        }
+        async fn recv(&self) -> std::result::Result<Frame, LinkError> {
+            let frame = self.inner.recv().await?;
+            self.received.lock().unwrap().push(frame.payload.clone());
+            Ok(frame)
+        }
+        fn close(&self) {
+            self.inner.close()
+        }
+    }
+
+    /// The forwarding rule itself: in the ring's all-gather, every frame a rank sends
+    /// after its first all-gather step is a frame it received (the same bytes, not a
+    /// re-encoding); every other frame it sends is a fresh encoding.
+    #[test]
+    fn quantized_ring_forwards_received_frames_unchanged() {
+        use crate::quant::{Codec, Quantization};
+        let (n, seg, chunk_elems) = (4usize, 40usize, 16usize);
+        let len = n * seg;
+        let chunks = seg.div_ceil(chunk_elems);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        type Log = Arc<std::sync::Mutex<Vec<Bytes>>>;
+        let records: Vec<(Log, Log)> = (0..n).map(|_| (Log::default(), Log::default())).collect();
+        let outs = rt.block_on(async {
+            let abort = AbortSignal::for_group(n);
+            let mut tasks = Vec::new();
+            for (rank, links) in crate::transport::mem::mesh(n, 64).into_iter().enumerate() {
+                let (sent, received) = records[rank].clone();
+                let links: Vec<Option<Arc<dyn Link>>> = links
+                    .into_iter()
+                    .map(|l| {
+                        l.map(|inner| {
+                            Arc::new(Recorder { inner, sent: sent.clone(), received: received.clone() })
+                                as Arc<dyn Link>
+                        })
+                    })
+                    .collect();
+                let abort = abort.clone();
+                tasks.push(tokio::spawn(async move {
+                    let plan = crate::plan::allreduce::ring(rank, n, len);
+                    let call = Call {
+                        plan: &plan,
+                        dtype: DType::F32,
+                        op: ReduceOp::Sum,
+                        epoch: 0,
+                        seq: 1,
+                        fingerprint: 0,
+                        chunk_bytes: chunk_elems * 4,
+                        custom: None,
+                        codec: Some(Codec::new(Quantization::U8)),
+                    };
+                    let x: Vec<f32> = (0..len).map(|i| ((i * (rank + 3)) % 17) as f32 * 0.37 - 2.0).collect();
+                    let mut buf: Vec<u8> = bytemuck::cast_slice(&x).to_vec();
+                    execute_restoring(&call, &mut buf, &links, &abort).await.map(|()| buf)
+                }));
+            }
+            let mut outs = Vec::new();
+            for t in tasks {
+                outs.push(t.await.unwrap().unwrap());
+            }
+            outs
+        });
+        assert!(outs.iter().all(|o| o == &outs[0]), "identical bytes");
+        for (rank, (sent, received)) in records.iter().enumerate() {
+            let (sent, received) = (sent.lock().unwrap(), received.lock().unwrap());
+            assert_eq!(sent.len(), 2 * (n - 1) * chunks, "rank {rank}");
+            let fresh = n * chunks; // n - 1 reduce-scatter steps and the first all-gather step
+            for (i, p) in sent.iter().enumerate() {
+                let forwarded = received.iter().any(|r| r.as_ptr() == p.as_ptr());
+                assert_eq!(forwarded, i >= fresh, "rank {rank}, frame {i}: forwarded iff after the owner's step");
+            }
+        }
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub mod exec;
 pub mod membership;
 pub mod op;
 pub mod plan;
+pub mod quant;
 pub mod sim;
 pub mod state;
 pub mod transport;

@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::exec::{execute, execute_restoring, AbortSignal, Call};
 use crate::op::CustomOp;
 use crate::plan::{Plan, Rank};
+use crate::quant::Codec;
 use crate::transport::mem;
 
 /// Rank `rank` completes steps `0..after_steps` of its plan, then disappears.
@@ -64,6 +65,8 @@ pub struct Simulation {
     pub time_limit: Duration,
     /// A user-defined operator replacing `op` (plans then count in its units).
     pub custom: Option<Arc<dyn CustomOp>>,
+    /// Quantize every transfer with this codec (see [`crate::exec`]); `None` by default.
+    pub codec: Option<Codec>,
 }
 
 impl Simulation {
@@ -77,6 +80,7 @@ impl Simulation {
             fault: None,
             time_limit: Duration::from_secs(20),
             custom: None,
+            codec: None,
         }
     }
 
@@ -111,6 +115,7 @@ impl Simulation {
                     fingerprint: 0,
                     chunk_bytes: sim.chunk_bytes,
                     custom: sim.custom.as_deref(),
+                    codec: sim.codec,
                 };
                 let dies = sim.fault.filter(|f| f.rank == rank);
                 if let Some(f) = dies {

@@ -308,3 +308,75 @@ fn same_seed_same_schedule() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--async is not implemented"), "{err}");
 }
+
+/// `--quantize`: workers run the quantized all-reduce. Under kills and joins every
+/// completed step must be bitwise the deterministic quantized ring result over its
+/// members (within the error bound of the exact sum) and all models must agree; a
+/// planted bit flip must still be caught.
+#[test]
+fn quantized_churn_passes_and_catches_a_planted_fault() {
+    let _serial = serial();
+    let started = Instant::now();
+    let args = [
+        "--peers",
+        "3",
+        "--duration-s",
+        "15",
+        "--seed",
+        "11",
+        "--kill-every-s",
+        "6",
+        "--join-every-s",
+        "7",
+        "--freeze-every-s",
+        "0",
+        "--leave-every-s",
+        "0",
+        "--len",
+        "16384",
+        "--quantize",
+        "u8",
+    ];
+    let mut run = Churn::start("quantized", &args);
+    let out = run.finish(started, Duration::from_secs(120));
+    assert!(out.status.success(), "a quantized churn failed: {}\n{}", out.status, out.stderr);
+    let r = run.report();
+    assert_eq!(r["ok"], true, "{}", r["violations"]);
+    for name in ["model-agreement", "exact-sum", "unexpected-exit"] {
+        assert!(invariant_held(&r, name), "{name}: {}", r["invariants"]);
+    }
+    assert!(r["summary"]["kills"].as_u64() >= Some(1), "no kill: {}", r["summary"]);
+    assert!(r["summary"]["steps_completed"].as_u64() > Some(10), "too few steps: {}", r["summary"]);
+    assert_no_leftovers(&r);
+
+    let started = Instant::now();
+    let planted = [
+        "--peers",
+        "3",
+        "--duration-s",
+        "30",
+        "--plant-fault",
+        "--kill-every-s",
+        "0",
+        "--freeze-every-s",
+        "0",
+        "--join-every-s",
+        "0",
+        "--leave-every-s",
+        "0",
+        "--len",
+        "16384",
+        "--quantize",
+        "u16",
+    ];
+    let mut run = Churn::start("quantized-planted", &planted);
+    let out = run.finish(started, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1), "the planted fault was not caught: {}\n{}", out.status, out.stderr);
+    let r = run.report();
+    let violated: Vec<&str> =
+        r["violations"].as_array().expect("violations").iter().filter_map(|v| v["invariant"].as_str()).collect();
+    assert!(violated.contains(&"exact-sum"), "violations: {violated:?}");
+    assert!(violated.iter().all(|v| ["exact-sum", "model-agreement"].contains(v)), "violations: {violated:?}");
+    assert_no_leftovers(&r);
+    eprintln!("quantized churn: {} ms", started.elapsed().as_millis());
+}

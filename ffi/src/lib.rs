@@ -33,7 +33,9 @@ use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, DType, Error, ReduceOp};
 
 mod group;
+mod quant;
 pub mod scan;
+pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
 
 // ---------------------------------------------------------------------------------------
 // Version.

@@ -162,6 +162,9 @@ class Communicator:
         """A round among all members: admits joiners, settles losses."""
     def all_reduce(self, array: ArrayLike, op: ReduceOpName = "sum") -> None:
         """Reduces `array` over all peers, in place."""
+    def all_reduce_quantized(self, array: ArrayLike, op: Literal["sum", "avg"] = "sum", bits: Literal[8, 16] = 8) -> None:
+        """Sums or averages a float32 `array` over all peers, in place, sending 8- or
+        16-bit min-max codes; approximate but bitwise identical on every peer."""
     def reduce_scatter(
         self,
         input: ArrayLike,

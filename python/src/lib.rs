@@ -9,6 +9,7 @@ mod array;
 mod sparse;
 mod scan;
 mod group;
+mod quant;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -412,6 +413,17 @@ impl Communicator {
         self.with(py, move |c| c.all_reduce_raw(unsafe { raw.as_mut_slice() }, dtype, op))?;
         drop(a);
         Ok(())
+    }
+
+    /// Sums (op="sum") or averages (op="avg") a float32 `array` over all peers, in
+    /// place, sending `bits`-bit min-max codes (8 or 16) instead of floats: a quarter or
+    /// half of the bytes. The result is approximate (each element off by at most about
+    /// `size` quantization steps of its chunk's range) but bitwise identical on every
+    /// peer. NaN or infinite input raises ValueError on the peer that holds it, the
+    /// group's abort (a PhalanxError) on the others; arrays are restored.
+    #[pyo3(signature = (array, op = "sum", bits = 8))]
+    fn all_reduce_quantized(&self, py: Python<'_>, array: &Bound<'_, PyAny>, op: &str, bits: u32) -> PyResult<()> {
+        quant::all_reduce_quantized(self, py, array, op, bits)
     }
 
     /// Reduces `input` over all peers and writes this peer's segment of the result

@@ -108,6 +108,7 @@ impl Local {
             fingerprint: coll.fingerprint(dtype, op),
             chunk_bytes: self.config.tuning.chunk_bytes,
             custom,
+            codec: coll.codec(),
         };
         let result = self.runtime.block_on(exec::execute_restoring(&call, buf, &self.links, &self.abort));
         if let Err(e) = &result {
@@ -150,6 +151,7 @@ impl Local {
             fingerprint: subgroup::sub_fingerprint(coll.fingerprint(dtype, op), &ids),
             chunk_bytes: self.config.tuning.chunk_bytes,
             custom: None,
+            codec: coll.codec(),
         };
         let group = self.abort.clone();
         let result = self.runtime.block_on(async {

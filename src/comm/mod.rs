@@ -5,6 +5,7 @@ mod datalinks;
 mod local;
 mod net;
 mod p2p;
+mod quant;
 mod scan;
 mod sparse;
 mod subgroup;

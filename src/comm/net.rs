@@ -399,7 +399,7 @@ impl Ops {
         let fingerprint = coll.fingerprint(dtype, op);
         let begin = ToMaster::OpBegin { epoch: key.0, seq: key.1, call: fingerprint };
         let plan = coll.plan(rank, view.size(), dtype, &self.tuning);
-        self.attempt_among(plan, dtype, op, custom, buf, view, rank, key, fingerprint, begin).await
+        self.attempt_among(plan, dtype, op, custom, coll.codec(), buf, view, rank, key, fingerprint, begin).await
     }
 
     /// Runs `plan` (its peers named by view ranks: the whole view's, or a sub-group's)
@@ -411,6 +411,7 @@ impl Ops {
         dtype: DType,
         op: ReduceOp,
         custom: Option<&dyn CustomOp>,
+        codec: Option<crate::quant::Codec>,
         buf: &mut [u8],
         view: &View,
         rank: Rank,
@@ -430,6 +431,7 @@ impl Ops {
             fingerprint,
             chunk_bytes: self.tuning.chunk_bytes,
             custom,
+            codec,
         };
         tracing::debug!(peer = self.id, ?key, rank, size = plan.size, "collective begins");
         let local = execute(&call, buf, &links, &slot.abort, 0..plan.steps.len()).await;

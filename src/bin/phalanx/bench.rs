@@ -30,6 +30,7 @@ use phalanx::comm::{ConnectOptions, RetryPolicy};
 use phalanx::membership::client::ControlConfig;
 use phalanx::membership::master::MasterConfig;
 use phalanx::membership::server::MasterServer;
+use phalanx::quant::Quantization;
 use phalanx::transport::endpoint::Endpoint;
 use phalanx::transport::quic::{QuicConfig, QuicEndpoint, QuicLink};
 use phalanx::transport::{Frame, Header, Link};
@@ -89,6 +90,10 @@ pub struct BenchArgs {
     /// Skip the raw QUIC measurements.
     #[arg(long)]
     no_raw: bool,
+    /// Time the quantized all-reduce with these codes (u8 or u16) instead of the f32 one;
+    /// busbw is then the effective f32 bandwidth (the wire carries a quarter or half).
+    #[arg(long)]
+    quantize: Option<Quantization>,
 }
 
 /// Options of the hidden `phalanx bench-peer`: one peer process of `phalanx bench`.
@@ -127,6 +132,9 @@ pub struct PeerArgs {
     /// The executor's chunk size in KiB; must be equal on every peer.
     #[arg(long, default_value_t = 256)]
     chunk_kib: u64,
+    /// Quantized all-reduce with these codes (u8 or u16) instead of the f32 one.
+    #[arg(long)]
+    quantize: Option<Quantization>,
     /// Heartbeat interval to the master.
     #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
@@ -471,16 +479,20 @@ fn start_master(rt: &tokio::runtime::Runtime, secret: &str, peer_timeout_ms: u64
 
 fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbeat_ms: u64) -> Vec<String> {
     let sizes = args.sizes.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
-    vec![
-        format!("--master={master}"),
-        format!("--expect={n}"),
-        format!("--sizes={sizes}"),
-        format!("--iters={}", args.iters),
-        format!("--warmup={}", args.warmup),
-        format!("--connections-per-link={}", args.connections_per_link),
-        format!("--chunk-kib={}", args.chunk_kib),
-        format!("--heartbeat-ms={heartbeat_ms}"),
-    ]
+    let quantize = args.quantize.map(|q| format!("--quantize={q}"));
+    quantize
+        .into_iter()
+        .chain([
+            format!("--master={master}"),
+            format!("--expect={n}"),
+            format!("--sizes={sizes}"),
+            format!("--iters={}", args.iters),
+            format!("--warmup={}", args.warmup),
+            format!("--connections-per-link={}", args.connections_per_link),
+            format!("--chunk-kib={}", args.chunk_kib),
+            format!("--heartbeat-ms={heartbeat_ms}"),
+        ])
+        .collect()
 }
 
 fn heartbeat_for(peer_timeout_ms: u64) -> u64 {
@@ -710,7 +722,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         if !args.no_raw {
             raws.push(measure_raw(&args, &secret)?);
         }
-        println!("all-reduce, {n} peer processes:");
+        match args.quantize {
+            Some(q) => println!("quantized ({q}) all-reduce, {n} peer processes:"),
+            None => println!("all-reduce, {n} peer processes:"),
+        }
         rows.extend(run_allreduce(&rt, &args, n, &secret)?);
     }
     if !args.no_raw {
@@ -804,6 +819,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "settings": {
                 "chunk_kib": args.chunk_kib,
+                "quantize": args.quantize.map(|q| q.to_string()),
                 "connections_per_link": args.connections_per_link,
                 "iters": args.iters,
                 "warmup": args.warmup,
@@ -910,12 +926,17 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
 fn throughput(comm: &mut Communicator, args: &PeerArgs, bytes: usize) -> Result<(), Error> {
     let n = comm.size();
     let mut buf = vec![1f32; bytes / 4];
-    // A checked call; then zeros, which stay zeros (no overflow, no denormals).
-    comm.all_reduce(&mut buf, ReduceOp::Sum)?;
+    let quantize = args.quantize;
+    let all_reduce = |comm: &mut Communicator, buf: &mut [f32]| match quantize {
+        Some(q) => comm.all_reduce_quantized(buf, ReduceOp::Sum, q),
+        None => comm.all_reduce(buf, ReduceOp::Sum),
+    };
+    // A checked call (constant chunks quantize exactly); then zeros, which stay zeros (no overflow, no denormals).
+    all_reduce(comm, &mut buf)?;
     let checked = buf.iter().all(|&v| v == n as f32);
     buf.fill(0.0);
     for _ in 0..args.warmup {
-        comm.all_reduce(&mut buf, ReduceOp::Sum)?;
+        all_reduce(comm, &mut buf)?;
     }
     comm.barrier()?;
     let iters = iters_for(args.iters, bytes);
@@ -923,7 +944,7 @@ fn throughput(comm: &mut Communicator, args: &PeerArgs, bytes: usize) -> Result<
     let before = sched_secs();
     for _ in 0..iters {
         let t = Instant::now();
-        comm.all_reduce(&mut buf, ReduceOp::Sum)?;
+        all_reduce(comm, &mut buf)?;
         secs.push(t.elapsed().as_secs_f64());
     }
     let after = sched_secs();

@@ -8,7 +8,10 @@
 //! - `model-agreement`: every peer that completed step S holds the same model hash;
 //! - `exact-sum`: every completed all-reduce is the exact sum of the gradients of the
 //!   members that took part (recomputed from the member list, in a verifier thread),
-//!   and the reporter is one of them;
+//!   and the reporter is one of them; with `--quantize`, it is bitwise the result of a
+//!   fault-free quantized ring over the members in rank order (the simulator recomputes
+//!   it), and that result is within the error bound `n·Δ̂` of the exact sum, where
+//!   `Δ̂ = 6n / (2^bits - 1)` (each gradient's range is at most 6);
 //! - `wait-bound`: no peer spends longer than the peer timeout plus a slack between its
 //!   `allreduce_start` and the `step` or `attempt_failed` that ends it (a peer's own
 //!   freezes excepted), nor is still waiting when checked;
@@ -37,7 +40,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use phalanx::workload::{expected_sum, hash_f32};
+use phalanx::plan::allreduce;
+use phalanx::quant::{Codec, Quantization};
+use phalanx::sim::{Outcome, Simulation};
+use phalanx::workload::{expected_sum, gradient, hash_f32};
+use phalanx::{DType, ReduceOp};
 use serde_json::{json, Value};
 
 use crate::now_ms;
@@ -117,6 +124,10 @@ pub struct ChurnArgs {
     /// bit of its first all-reduce result; the run must fail `exact-sum` and `model-agreement`.
     #[arg(long)]
     plant_fault: bool,
+    /// Workers all-reduce with min-max codes of this width (u8 or u16); `exact-sum` then
+    /// checks bit equality with the deterministic quantized result and its error bound.
+    #[arg(long)]
+    quantize: Option<Quantization>,
     /// Go on after a violation (the default stops the run a second after the first one).
     #[arg(long)]
     keep_going: bool,
@@ -613,6 +624,34 @@ struct Harness {
     t0: Option<u64>,
 }
 
+/// The hash of the quantized ring all-reduce of `members`' gradients (in rank order) as
+/// a fault-free group computes it, or why it is not acceptable: outside the error bound
+/// `n·Δ̂` of the exact sum, `Δ̂ = 6n / (2^bits - 1)` (every gradient's range is at most 6,
+/// so no partial sum's range exceeds `6n`; see `tests/quantized.rs`).
+fn quantized_expectation(members: &[u64], step: u64, len: usize, q: Quantization) -> String {
+    let n = members.len();
+    let bufs: Vec<Vec<u8>> =
+        members.iter().map(|&id| bytemuck::cast_slice(&gradient(id, step, len)).to_vec()).collect();
+    let plans: Vec<_> = (0..n).map(|r| allreduce::ring(r, n, len)).collect();
+    let sim = Simulation {
+        chunk_bytes: phalanx::exec::DEFAULT_CHUNK_BYTES,
+        link_capacity: 16,
+        codec: Some(Codec::new(q)),
+        ..Simulation::new(DType::F32, ReduceOp::Sum)
+    };
+    let out = match sim.run(&plans, bufs).into_iter().next() {
+        Some(Outcome::Done(b)) => bytemuck::allocation::pod_collect_to_vec::<u8, f32>(&b),
+        other => return format!("the simulated quantized all-reduce ended {other:?}"),
+    };
+    let exact = expected_sum(members, step, len);
+    let bound = n as f64 * 6.0 * n as f64 / q.levels() as f64 + 8.0 * (n * n) as f64 * f32::EPSILON as f64;
+    let err = out.iter().zip(&exact).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
+    if err > bound {
+        return format!("an error of {err} beyond the bound {bound}");
+    }
+    hash_f32(&out)
+}
+
 impl Drop for Harness {
     fn drop(&mut self) {
         self.kill_all(Fate::Ended);
@@ -623,16 +662,22 @@ impl Harness {
     fn new(args: ChurnArgs) -> Harness {
         let (tx, rx) = mpsc::channel();
         let (verifier, jobs) = mpsc::channel::<(usize, u64, Vec<u64>, String)>();
-        let (results, len) = (tx.clone(), args.len);
+        let (results, len, quantize) = (tx.clone(), args.len, args.quantize);
         std::thread::spawn(move || {
             let mut cache: HashMap<(Vec<u64>, u64), String> = HashMap::new();
             for (w, step, members, got) in jobs {
-                let mut sorted = members.clone();
-                sorted.sort_unstable(); // the sum is exact: order does not matter
-                let want = cache
-                    .entry((sorted, step))
-                    .or_insert_with_key(|(m, s)| hash_f32(&expected_sum(m, *s, len)))
-                    .clone();
+                let want = match quantize {
+                    None => {
+                        let mut sorted = members.clone();
+                        sorted.sort_unstable(); // the sum is exact: order does not matter
+                        cache.entry((sorted, step)).or_insert_with_key(|(m, s)| hash_f32(&expected_sum(m, *s, len)))
+                    }
+                    // The quantized result depends on the ring order: the members' rank order.
+                    Some(q) => cache
+                        .entry((members.clone(), step))
+                        .or_insert_with_key(|(m, s)| quantized_expectation(m, *s, len, q)),
+                }
+                .clone();
                 if results.send(Msg::Sum { w, step, members, got, want }).is_err() {
                     return;
                 }
@@ -706,6 +751,9 @@ impl Harness {
             ("--max-failures", 20),
         ] {
             args.extend([k.to_string(), v.to_string()]);
+        }
+        if let Some(q) = self.args.quantize {
+            args.extend(["--quantize".into(), q.to_string()]);
         }
         args.push("--leave-on-stdin".into());
         if let Some(s) = perturb_at {
@@ -814,8 +862,9 @@ impl Harness {
                     self.violate(
                         "exact-sum",
                         format!(
-                            "{name}'s all-reduce of step {step} over {members:?} gave hash {got}, but the exact \
-                             sum of those members' gradients hashes to {want}"
+                            "{name}'s all-reduce of step {step} over {members:?} gave hash {got}, but the {} \
+                             of those members' gradients hashes to {want}",
+                            if self.args.quantize.is_some() { "quantized sum" } else { "exact sum" }
                         ),
                     );
                 }

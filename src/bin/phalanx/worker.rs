@@ -15,6 +15,7 @@ use clap::Parser;
 use phalanx::comm::ConnectOptions;
 use phalanx::membership::client::ControlConfig;
 use phalanx::membership::wire::SyncStrategy;
+use phalanx::quant::Quantization;
 use phalanx::state::SharedState;
 use phalanx::workload::{gradient, hash_f32};
 use phalanx::{Communicator, Error, ReduceOp};
@@ -43,6 +44,9 @@ pub struct WorkerArgs {
     /// Pause between steps.
     #[arg(long, default_value_t = 0)]
     step_delay_ms: u64,
+    /// All-reduce with min-max codes of this width (u8 or u16) instead of f32.
+    #[arg(long)]
+    quantize: Option<Quantization>,
     /// Give up after this many failed attempts in a row.
     #[arg(long, default_value_t = 10)]
     max_failures: u32,
@@ -170,7 +174,11 @@ fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id:
         return Err(e);
     }
     let started = Instant::now();
-    if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Sum) {
+    let result = match args.quantize {
+        Some(q) => comm.all_reduce_quantized(&mut buf, ReduceOp::Sum, q),
+        None => comm.all_reduce(&mut buf, ReduceOp::Sum),
+    };
+    if let Err(e) = result {
         emit(json!({
             "event": "attempt_failed", "step": step, "epoch": epoch, "kind": kind(&e), "message": e.to_string(),
             "restored": buf == grad, "ms": started.elapsed().as_millis() as u64, "t": now_ms(),

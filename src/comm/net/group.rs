@@ -60,8 +60,10 @@ impl AsyncPeer {
             let key = (view.epoch, subgroup::sub_key(&set, *counter));
             let fingerprint = subgroup::sub_fingerprint(coll.fingerprint(dtype, op), &set);
             let begin = ToMaster::SubOpBegin { epoch: key.0, seq: key.1, call: fingerprint, members: set };
-            let result =
-                self.ops.attempt_among(plan, dtype, op, None, buf, &view, members[me], key, fingerprint, begin).await;
+            let result = self
+                .ops
+                .attempt_among(plan, dtype, op, None, coll.codec(), buf, &view, members[me], key, fingerprint, begin)
+                .await;
             match result {
                 Ok(()) => return Ok(members.len()),
                 Err(e) => {

@@ -1,0 +1,191 @@
+//! Quantized (u8, u16) versus plain f32 all-reduce on a local group of 4 ranks.
+//!
+//! `cargo bench --bench quantized`
+//!
+//! The ranks run on their own threads, kept across iterations as in `allreduce_mem`;
+//! each call is an `Avg` (so that repeated calls on one buffer neither overflow nor
+//! collapse to constants) of varied values. Besides criterion's times, the bench prints
+//! per size the median time of each variant, its ratio to plain f32, and the bytes one
+//! rank puts on the wire per call (counted from the ring plan and the frame format:
+//! `2(n-1)/n·S` for f32; 8 header bytes plus one code per element per frame when
+//! quantized).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use phalanx::collective::Tuning;
+use phalanx::plan::{allreduce, Step};
+use phalanx::quant::{Codec, Quantization};
+use phalanx::{Communicator, Config, ReduceOp};
+
+const N: usize = 4;
+const SIZES: [(usize, &str); 2] = [(16 << 20, "16MiB"), (64 << 20, "64MiB")];
+const SAMPLES: usize = 10;
+const VARIANTS: [Option<Quantization>; 3] = [None, Some(Quantization::U16), Some(Quantization::U8)];
+
+fn name(v: Option<Quantization>) -> String {
+    v.map_or("f32".into(), |q| q.to_string())
+}
+
+/// `N` rank threads, each with a communicator and an `S`-byte buffer.
+struct Group {
+    go: Vec<mpsc::Sender<u64>>,
+    done: mpsc::Receiver<Result<(), String>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Group {
+    fn start(bytes: usize, variant: Option<Quantization>) -> Group {
+        let comms = Communicator::local_group(N, Config::default()).expect("local group");
+        let (done_tx, done) = mpsc::channel();
+        let (mut go, mut threads) = (Vec::new(), Vec::new());
+        for mut comm in comms {
+            let (go_tx, go_rx) = mpsc::channel::<u64>();
+            let done_tx = done_tx.clone();
+            go.push(go_tx);
+            threads.push(std::thread::spawn(move || {
+                let r = comm.rank() as f32;
+                let mut buf: Vec<f32> = (0..bytes / 4).map(|i| (i as f32 * 1e-3 + r).sin() * (1.0 + r)).collect();
+                let mut call = |buf: &mut [f32]| match variant {
+                    None => comm.all_reduce(buf, ReduceOp::Avg),
+                    Some(q) => comm.all_reduce_quantized(buf, ReduceOp::Avg, q),
+                };
+                let _ = done_tx.send(call(&mut buf).map_err(|e| e.to_string()));
+                while let Ok(iters) = go_rx.recv() {
+                    let result = (0..iters).try_for_each(|_| call(&mut buf)).map_err(|e| e.to_string());
+                    if done_tx.send(result).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        let group = Group { go, done, threads };
+        group.wait();
+        group
+    }
+
+    fn wait(&self) {
+        for _ in 0..self.go.len() {
+            match self.done.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("all-reduce failed: {e}"),
+                Err(_) => panic!("a rank thread died"),
+            }
+        }
+    }
+
+    fn run(&self, iters: u64) -> Duration {
+        let start = Instant::now();
+        for go in &self.go {
+            go.send(iters).expect("rank thread alive");
+        }
+        self.wait();
+        start.elapsed()
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.go.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Payload bytes rank 0 sends in one all-reduce of `bytes` bytes.
+fn wire_bytes(bytes: usize, variant: Option<Quantization>) -> usize {
+    let len = bytes / 4;
+    let chunk = Tuning::default().chunk_bytes / 4;
+    let plan = allreduce::ring(0, N, len);
+    plan.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Exchange { send: Some(s), .. } => Some(s.range.len()),
+            _ => None,
+        })
+        .map(|elems| {
+            let frames = elems.div_ceil(chunk).max(1);
+            match variant {
+                None => elems * 4,
+                Some(q) => frames * Codec::new(q).encoded_len(0) + elems * q.code_bytes(),
+            }
+        })
+        .sum()
+}
+
+fn bench_quantized(c: &mut Criterion) {
+    let mut summary = Vec::new();
+    let mut group = c.benchmark_group(format!("quantized_allreduce/n{N}"));
+    group.sample_size(SAMPLES).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    group.sampling_mode(SamplingMode::Flat);
+    for (bytes, label) in SIZES {
+        group.throughput(Throughput::Bytes(bytes as u64));
+        let mut medians = Vec::new();
+        for variant in VARIANTS {
+            let ranks = Group::start(bytes, variant);
+            let samples: Arc<Mutex<Vec<(u64, Duration)>>> = Arc::default();
+            group.bench_function(BenchmarkId::new(name(variant), label), |b| {
+                b.iter_custom(|iters| {
+                    let t = ranks.run(iters);
+                    samples.lock().unwrap().push((iters, t));
+                    t
+                })
+            });
+            drop(ranks);
+            let samples = samples.lock().unwrap();
+            let mut per_iter: Vec<f64> = samples[samples.len().saturating_sub(SAMPLES)..]
+                .iter()
+                .map(|&(iters, t)| t.as_secs_f64() / iters as f64)
+                .collect();
+            per_iter.sort_by(f64::total_cmp);
+            medians.push(per_iter.get(per_iter.len() / 2).copied().unwrap_or(f64::NAN));
+        }
+        let base_wire = wire_bytes(bytes, None) as f64;
+        for (variant, t) in VARIANTS.iter().zip(&medians) {
+            let wire = wire_bytes(bytes, *variant);
+            summary.push(format!(
+                "S={label:>6} {:>4}: time {:>8.1} ms ({:.2}x f32)  wire/rank {:>6.2} MiB ({:.3}x f32)",
+                name(*variant),
+                t * 1e3,
+                t / medians[0],
+                wire as f64 / (1 << 20) as f64,
+                wire as f64 / base_wire
+            ));
+        }
+    }
+    group.finish();
+    println!("\nall-reduce Avg, {N} ranks of a local group (median of {SAMPLES} samples)");
+    for line in &summary {
+        println!("  {line}");
+    }
+}
+
+/// The codec alone on one default-sized chunk (256 KiB of f32): encode (with the
+/// replacement by decoded values), decode, and decode-and-add.
+fn bench_codec(c: &mut Criterion) {
+    let len = Tuning::default().chunk_bytes / 4;
+    let x: Vec<f32> = (0..len).map(|i| (i as f32 * 1e-3).sin()).collect();
+    let mut group = c.benchmark_group("codec");
+    group.throughput(Throughput::Bytes((len * 4) as u64));
+    for q in [Quantization::U8, Quantization::U16] {
+        let codec = Codec::new(q);
+        let mut work = x.clone();
+        group.bench_function(BenchmarkId::new("encode_replace", q), |b| {
+            b.iter(|| {
+                work.copy_from_slice(&x);
+                codec.encode_replace(&mut work).expect("finite")
+            })
+        });
+        let frame = codec.encode_replace(&mut x.clone()).expect("finite");
+        group.bench_function(BenchmarkId::new("decode", q), |b| b.iter(|| codec.decode(&frame, &mut work)));
+        group.bench_function(BenchmarkId::new("decode_add", q), |b| b.iter(|| codec.decode_add(&frame, &mut work)));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_codec, bench_quantized);
+criterion_main!(benches);
