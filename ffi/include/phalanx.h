@@ -227,6 +227,16 @@
 #define PHX_DIGEST_LEN 32
 
 /**
+ * 8-bit codes for `phx_comm_all_reduce_quantized`: a quarter of the float bytes.
+ */
+#define PHX_QUANT_U8 8
+
+/**
+ * 16-bit codes for `phx_comm_all_reduce_quantized`: half of the float bytes.
+ */
+#define PHX_QUANT_U16 16
+
+/**
  * Scan flag: exclusive scan (rank r gets x_0 ⊕ … ⊕ x_{r-1}; the first rank gets the
  * operator's identity). Without it the scan is inclusive.
  */
@@ -241,16 +251,6 @@
  * Scan flag: recursive doubling instead of the pipelined chain (pass `blocks` 0).
  */
 #define PHX_SCAN_RECURSIVE_DOUBLING 4
-
-/**
- * 8-bit codes for `phx_comm_all_reduce_quantized`: a quarter of the float bytes.
- */
-#define PHX_QUANT_U8 8
-
-/**
- * 16-bit codes for `phx_comm_all_reduce_quantized`: half of the float bytes.
- */
-#define PHX_QUANT_U16 16
 
 /**
  * One peer's membership in a group. Created by `phx_comm_connect`, ended by
@@ -1002,6 +1002,25 @@ int phx_noloco_partner(uint64_t seed,
                        int *has_partner);
 
 /**
+ * Sums (`PHX_OP_SUM`) or averages (`PHX_OP_AVG`) `count` floats over all members,
+ * sending min-max codes of `bits` bits (`PHX_QUANT_U8` or `PHX_QUANT_U16`) per element
+ * instead of floats. The result is approximate (each element off by at most about
+ * `n` quantization steps of its chunk's range, `n` the group size) but bitwise identical
+ * on every member. Other operators or widths are `PHX_ERR_INVALID_ARGUMENT`, and so is
+ * a NaN or infinity in any member's input (every member fails; buffers are restored).
+ * Every member must pass the same `count`, `op_code` and `bits`.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or valid
+ * for reads and writes of `count` floats, touched by no one else during the call.
+ */
+int phx_comm_all_reduce_quantized(struct phx_comm *comm,
+                                  float *buf,
+                                  size_t count,
+                                  int op_code,
+                                  int bits);
+
+/**
  * Scans the `count` elements of type `dtype_code` in `buf` over the members with the
  * built-in operator `op_code` (`PHX_OP_SUM`, `_PROD`, `_MIN` or `_MAX`; `PHX_OP_AVG`
  * is `PHX_ERR_INVALID_ARGUMENT`), element-wise. `flags` combines `PHX_SCAN_*`;
@@ -1075,25 +1094,6 @@ int phx_comm_all_scan_linear_attention(struct phx_comm *comm,
                                        size_t d_v,
                                        int flags,
                                        size_t blocks);
-
-/**
- * Sums (`PHX_OP_SUM`) or averages (`PHX_OP_AVG`) `count` floats over all members,
- * sending min-max codes of `bits` bits (`PHX_QUANT_U8` or `PHX_QUANT_U16`) per element
- * instead of floats. The result is approximate (each element off by at most about
- * `n` quantization steps of its chunk's range, `n` the group size) but bitwise identical
- * on every member. Other operators or widths are `PHX_ERR_INVALID_ARGUMENT`, and so is
- * a NaN or infinity in any member's input (every member fails; buffers are restored).
- * Every member must pass the same `count`, `op_code` and `bits`.
- *
- * # Safety
- * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or valid
- * for reads and writes of `count` floats, touched by no one else during the call.
- */
-int phx_comm_all_reduce_quantized(struct phx_comm *comm,
-                                  float *buf,
-                                  size_t count,
-                                  int op_code,
-                                  int bits);
 
 #ifdef __cplusplus
 }  // extern "C"
