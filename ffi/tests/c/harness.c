@@ -19,89 +19,13 @@
  *
  * Every line of output is one event; failures print "FAIL ..." and exit 1.
  */
-#define _POSIX_C_SOURCE 200809L
+#include "peer_common.h"
 
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "phalanx.h"
-
-static void fail_at(int line, const char *what, int status) {
-    printf("FAIL line %d: %s -> %s: %s\n", line, what, phx_status_name(status), phx_last_error());
-    exit(1);
-}
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != PHX_OK) fail_at(__LINE__, #call, status_);                                  \
-    } while (0)
-
-#define EXPECT(cond)                                                                               \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            printf("FAIL line %d: expected %s\n", __LINE__, #cond);                                \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
-/* A call that must fail with `want` and leave a message. */
-#define EXPECT_STATUS(call, want)                                                                  \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != (want)) fail_at(__LINE__, #call, status_);                                  \
-        EXPECT(strlen(phx_last_error()) > 0);                                                      \
-    } while (0)
-
-static void sleep_ms(long ms) {
-    struct timespec t;
-    t.tv_sec = ms / 1000;
-    t.tv_nsec = (ms % 1000) * 1000000L;
-    nanosleep(&t, NULL);
-}
-
-static size_t comm_size(const phx_comm *comm) {
-    size_t size = 0;
-    CHECK(phx_comm_size(comm, &size));
-    return size;
-}
-
-static size_t comm_rank(const phx_comm *comm) {
-    size_t rank = 0;
-    CHECK(phx_comm_rank(comm, &rank));
-    return rank;
-}
-
-static phx_comm *connect_to(const char *addr, const char *secret, int retry_attempts) {
-    phx_comm *comm = NULL;
-    phx_connect_options options;
-    CHECK(phx_connect_options_init(&options));
-    options.secret = secret;
-    options.retry_attempts = (uint32_t)retry_attempts;
-    options.join_timeout_ms = 60000;
-    CHECK(phx_comm_connect_with(addr, &options, &comm));
-    EXPECT(comm != NULL);
-    return comm;
-}
-
-/* Admits joiners until the group has n members, then synchronises everyone with a
- * barrier (which also ends the last joiner's "fresh" state, so that every member's next
- * update_topology is one round). */
-static void form_group(phx_comm *comm, size_t n) {
-    while (comm_size(comm) < n) {
-        size_t pending = 0;
-        CHECK(phx_comm_peers_pending(comm, &pending));
-        if (pending == 0) {
-            sleep_ms(10);
-            continue;
-        }
-        CHECK(phx_comm_update_topology(comm));
-    }
-    CHECK(phx_comm_barrier(comm));
+/* form_group, then the "ready" event. */
+static void form_group_ready(phx_comm *comm, size_t n) {
+    form_group(comm, n);
     printf("ready rank=%zu size=%zu\n", comm_rank(comm), comm_size(comm));
 }
 
@@ -113,17 +37,10 @@ static void hex(const uint8_t *bytes, size_t len, char *out) {
 /* ------------------------------------------------------------------------------------ */
 
 static int run_master(const char *secret) {
-    phx_master *master = NULL;
-    char addr[PHX_ADDR_BUF_LEN];
+    phx_master *master = master_start(secret);
     char tiny[4];
-    CHECK(phx_master_start("127.0.0.1:0", secret, 1000, &master));
     EXPECT_STATUS(phx_master_addr(master, tiny, sizeof tiny), PHX_ERR_BUFFER_TOO_SMALL);
-    CHECK(phx_master_addr(master, addr, sizeof addr));
-    printf("addr %s\n", addr);
-    while (getchar() != EOF) {
-    }
-    CHECK(phx_master_free(master));
-    return 0;
+    return master_serve(master);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -180,7 +97,7 @@ static int run_collectives(const char *addr, const char *secret, size_t n) {
     uint64_t ids[16];
 
     EXPECT(n <= 16);
-    form_group(comm, n);
+    form_group_ready(comm, n);
     r = comm_rank(comm);
     EXPECT(comm_size(comm) == n);
     CHECK(phx_comm_members(comm, ids, 16, &count));
@@ -273,7 +190,7 @@ static int run_steps(const char *addr, const char *secret, size_t n, int32_t wei
     size_t i;
     int32_t first = 0;
 
-    form_group(comm, n);
+    form_group_ready(comm, n);
     while (after < 3) {
         int status;
         EXPECT(step < 200 && failures < 20);
@@ -344,7 +261,7 @@ static int run_state(const char *addr, const char *secret, size_t n, float weigh
     EXPECT_STATUS(phx_state_get(state, "bias", bias, B, PHX_DTYPE_F32), PHX_ERR_INVALID_ARGUMENT);
     print_sync("initial", state, NULL, 0);
 
-    if (!joiner) form_group(comm, n);
+    if (!joiner) form_group_ready(comm, n);
     /* Members step until three steps have run with the joiner (n + 1 peers); the joiner
      * is admitted at the top of a step and runs those three steps with them. */
     while (at_full < 3) {
@@ -381,13 +298,13 @@ static int run_state(const char *addr, const char *secret, size_t n, float weigh
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc == 3 && strcmp(argv[1], "master") == 0) return run_master(argv[2]);
-    if (argc == 5 && strcmp(argv[1], "collectives") == 0)
+    if (is_role(argc, argv, "master", 3)) return run_master(argv[2]);
+    if (is_role(argc, argv, "collectives", 5))
         return run_collectives(argv[2], argv[3], (size_t)atoi(argv[4]));
-    if (argc == 8 && strcmp(argv[1], "steps") == 0)
+    if (is_role(argc, argv, "steps", 8))
         return run_steps(argv[2], argv[3], (size_t)atoi(argv[4]), (int32_t)atoi(argv[5]), atoi(argv[6]),
                          atoi(argv[7]));
-    if (argc == 7 && strcmp(argv[1], "state") == 0)
+    if (is_role(argc, argv, "state", 7))
         return run_state(argv[2], argv[3], (size_t)atoi(argv[4]), (float)atof(argv[5]), atoi(argv[6]));
     fprintf(stderr, "usage: see the comment at the top of harness.c\n");
     return 2;

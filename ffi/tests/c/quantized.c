@@ -12,75 +12,11 @@
  *
  * Every line of output is one event; failures print "FAIL ..." and exit 1.
  */
-#define _POSIX_C_SOURCE 200809L
+#include "peer_common.h"
 
 #include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-#include "phalanx.h"
-
-static void fail_at(int line, const char *what, int status) {
-    printf("FAIL line %d: %s -> %s: %s\n", line, what, phx_status_name(status), phx_last_error());
-    exit(1);
-}
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != PHX_OK) fail_at(__LINE__, #call, status_);                                  \
-    } while (0)
-
-#define EXPECT(cond)                                                                               \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            printf("FAIL line %d: expected %s\n", __LINE__, #cond);                                \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
-#define EXPECT_STATUS(call, want)                                                                  \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != (want)) fail_at(__LINE__, #call, status_);                                  \
-        EXPECT(strlen(phx_last_error()) > 0);                                                      \
-    } while (0)
 
 enum { LEN = 100003 };
-
-static void sleep_ms(long ms) {
-    struct timespec t;
-    t.tv_sec = ms / 1000;
-    t.tv_nsec = (ms % 1000) * 1000000L;
-    nanosleep(&t, NULL);
-}
-
-static size_t comm_size(const phx_comm *comm) {
-    size_t size = 0;
-    CHECK(phx_comm_size(comm, &size));
-    return size;
-}
-
-static size_t comm_rank(const phx_comm *comm) {
-    size_t rank = 0;
-    CHECK(phx_comm_rank(comm, &rank));
-    return rank;
-}
-
-static int run_master(const char *secret) {
-    phx_master *master = NULL;
-    char addr[PHX_ADDR_BUF_LEN];
-    CHECK(phx_master_start("127.0.0.1:0", secret, 1000, &master));
-    CHECK(phx_master_addr(master, addr, sizeof addr));
-    printf("addr %s\n", addr);
-    while (getchar() != EOF) {
-    }
-    CHECK(phx_master_free(master));
-    return 0;
-}
 
 /* Rank r's element i. */
 static float input(size_t r, size_t i) {
@@ -98,26 +34,11 @@ static uint64_t fnv1a(const void *data, size_t len) {
 static int run_peer(const char *addr, const char *secret, size_t n) {
     static float buf[LEN];
     static double exact[LEN];
-    phx_comm *comm = NULL;
-    phx_connect_options options;
+    phx_comm *comm = join_group(addr, secret, n);
     size_t r, i, rank;
     double ranges = 0.0, magnitude = 0.0;
     int round;
 
-    CHECK(phx_connect_options_init(&options));
-    options.secret = secret;
-    options.join_timeout_ms = 60000;
-    CHECK(phx_comm_connect_with(addr, &options, &comm));
-    while (comm_size(comm) < n) {
-        size_t pending = 0;
-        CHECK(phx_comm_peers_pending(comm, &pending));
-        if (pending == 0) {
-            sleep_ms(10);
-            continue;
-        }
-        CHECK(phx_comm_update_topology(comm));
-    }
-    CHECK(phx_comm_barrier(comm));
     rank = comm_rank(comm);
 
     for (i = 0; i < LEN; i++) exact[i] = 0.0;
@@ -168,8 +89,8 @@ static int run_peer(const char *addr, const char *secret, size_t n) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc == 3 && strcmp(argv[1], "master") == 0) return run_master(argv[2]);
-    if (argc == 5 && strcmp(argv[1], "peer") == 0) return run_peer(argv[2], argv[3], (size_t)atoi(argv[4]));
+    if (is_role(argc, argv, "master", 3)) return master_serve(master_start(argv[2]));
+    if (is_role(argc, argv, "peer", 5)) return run_peer(argv[2], argv[3], (size_t)atoi(argv[4]));
     fprintf(stderr, "usage: see the comment at the top of quantized.c\n");
     return 2;
 }

@@ -11,73 +11,7 @@
  *
  * Every line of output is one event; failures print "FAIL ..." and exit 1.
  */
-#define _POSIX_C_SOURCE 200809L
-
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-#include "phalanx.h"
-
-static void fail_at(int line, const char *what, int status) {
-    printf("FAIL line %d: %s -> %s: %s\n", line, what, phx_status_name(status), phx_last_error());
-    exit(1);
-}
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != PHX_OK) fail_at(__LINE__, #call, status_);                                  \
-    } while (0)
-
-#define EXPECT(cond)                                                                               \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            printf("FAIL line %d: expected %s\n", __LINE__, #cond);                                \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
-#define EXPECT_STATUS(call, want)                                                                  \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != (want)) fail_at(__LINE__, #call, status_);                                  \
-        EXPECT(strlen(phx_last_error()) > 0);                                                      \
-    } while (0)
-
-static void sleep_ms(long ms) {
-    struct timespec t;
-    t.tv_sec = ms / 1000;
-    t.tv_nsec = (ms % 1000) * 1000000L;
-    nanosleep(&t, NULL);
-}
-
-static size_t comm_size(const phx_comm *comm) {
-    size_t size = 0;
-    CHECK(phx_comm_size(comm, &size));
-    return size;
-}
-
-static size_t comm_rank(const phx_comm *comm) {
-    size_t rank = 0;
-    CHECK(phx_comm_rank(comm, &rank));
-    return rank;
-}
-
-static void form_group(phx_comm *comm, size_t n) {
-    while (comm_size(comm) < n) {
-        size_t pending = 0;
-        CHECK(phx_comm_peers_pending(comm, &pending));
-        if (pending == 0) {
-            sleep_ms(10);
-            continue;
-        }
-        CHECK(phx_comm_update_topology(comm));
-    }
-    CHECK(phx_comm_barrier(comm));
-}
+#include "peer_common.h"
 
 /* 2x2 matrices of int64, row-major; products wrap like the library's integers. */
 static void mat_mul(const int64_t *l, const int64_t *r, int64_t *o) {
@@ -138,8 +72,7 @@ static void mat_fold(size_t n, size_t r, int inclusive, int reverse, int64_t *ou
 }
 
 static int run_scan(const char *addr, const char *secret, size_t n) {
-    phx_comm *comm = NULL;
-    phx_connect_options options;
+    phx_comm *comm = join_group(addr, secret, n);
     size_t r, i, k;
     int32_t x[5];
     int flags;
@@ -153,11 +86,6 @@ static int run_scan(const char *addr, const char *secret, size_t n) {
     const int64_t identity[4] = {1, 0, 0, 1};
     int no_fail = 0, fail = 7;
 
-    CHECK(phx_connect_options_init(&options));
-    options.secret = secret;
-    options.join_timeout_ms = 60000;
-    CHECK(phx_comm_connect_with(addr, &options, &comm));
-    form_group(comm, n);
     r = comm_rank(comm);
     EXPECT(n == 4 && comm_size(comm) == n);
 
@@ -233,7 +161,7 @@ static int run_scan(const char *addr, const char *secret, size_t n) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 5 && strcmp(argv[1], "scan") == 0) return run_scan(argv[2], argv[3], (size_t)atoi(argv[4]));
+    if (is_role(argc, argv, "scan", 5)) return run_scan(argv[2], argv[3], (size_t)atoi(argv[4]));
     fprintf(stderr, "usage: scan scan ADDR SECRET N\n");
     return 2;
 }

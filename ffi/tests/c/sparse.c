@@ -9,73 +9,7 @@
  *
  * Every line of output is one event; failures print "FAIL ..." and exit 1.
  */
-#define _POSIX_C_SOURCE 200809L
-
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-#include "phalanx.h"
-
-static void fail_at(int line, const char *what, int status) {
-    printf("FAIL line %d: %s -> %s: %s\n", line, what, phx_status_name(status), phx_last_error());
-    exit(1);
-}
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != PHX_OK) fail_at(__LINE__, #call, status_);                                  \
-    } while (0)
-
-#define EXPECT(cond)                                                                               \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            printf("FAIL line %d: expected %s\n", __LINE__, #cond);                                \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
-#define EXPECT_STATUS(call, want)                                                                  \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != (want)) fail_at(__LINE__, #call, status_);                                  \
-        EXPECT(strlen(phx_last_error()) > 0);                                                      \
-    } while (0)
-
-static void sleep_ms(long ms) {
-    struct timespec t;
-    t.tv_sec = ms / 1000;
-    t.tv_nsec = (ms % 1000) * 1000000L;
-    nanosleep(&t, NULL);
-}
-
-static size_t comm_size(const phx_comm *comm) {
-    size_t size = 0;
-    CHECK(phx_comm_size(comm, &size));
-    return size;
-}
-
-static size_t comm_rank(const phx_comm *comm) {
-    size_t rank = 0;
-    CHECK(phx_comm_rank(comm, &rank));
-    return rank;
-}
-
-static void form_group(phx_comm *comm, size_t n) {
-    while (comm_size(comm) < n) {
-        size_t pending = 0;
-        CHECK(phx_comm_peers_pending(comm, &pending));
-        if (pending == 0) {
-            sleep_ms(10);
-            continue;
-        }
-        CHECK(phx_comm_update_topology(comm));
-    }
-    CHECK(phx_comm_barrier(comm));
-}
+#include "peer_common.h"
 
 enum { N = 4, EXPERTS = 8, DIM = 1000 };
 
@@ -178,18 +112,13 @@ static void check_sparse_all_reduce(phx_comm *comm, size_t r) {
 }
 
 int main(int argc, char **argv) {
-    phx_comm *comm = NULL;
-    phx_connect_options options;
+    phx_comm *comm;
     size_t r;
-    if (argc != 5 || strcmp(argv[1], "sparse") != 0 || atoi(argv[4]) != N) {
+    if (!is_role(argc, argv, "sparse", 5) || atoi(argv[4]) != N) {
         printf("FAIL usage: sparse ADDR SECRET %d\n", N);
         return 2;
     }
-    CHECK(phx_connect_options_init(&options));
-    options.secret = argv[3];
-    options.join_timeout_ms = 60000;
-    CHECK(phx_comm_connect_with(argv[2], &options, &comm));
-    form_group(comm, N);
+    comm = join_group(argv[2], argv[3], N);
     r = comm_rank(comm);
     check_fssdp(comm, r);
     check_all_to_all(comm, r);

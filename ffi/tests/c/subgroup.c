@@ -20,54 +20,15 @@
  *       "survivor ok rank=R size=3".
  * Any failure prints "FAIL ..." and exits 1.
  */
-#define _POSIX_C_SOURCE 200809L
+#include "peer_common.h"
 
 #include <pthread.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 #include <unistd.h>
-
-#include "phalanx.h"
 
 enum { N = 4, M = 1000, BIG = 200000 };
 
 static const char *SECRET = "phalanx-ffi-subgroup-secret-0123456789";
 static char ADDR[PHX_ADDR_BUF_LEN];
-
-static void fail_at(int line, const char *what, int status) {
-    printf("FAIL line %d: %s -> %s: %s\n", line, what, phx_status_name(status), phx_last_error());
-    exit(1);
-}
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        int status_ = (call);                                                                      \
-        if (status_ != PHX_OK) fail_at(__LINE__, #call, status_);                                  \
-    } while (0)
-
-#define EXPECT(cond)                                                                               \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            printf("FAIL line %d: expected %s\n", __LINE__, #cond);                                \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
-static void sleep_ms(long ms) {
-    struct timespec t;
-    t.tv_sec = ms / 1000;
-    t.tv_nsec = (ms % 1000) * 1000000L;
-    nanosleep(&t, NULL);
-}
-
-static size_t comm_size(const phx_comm *comm) {
-    size_t size = 0;
-    CHECK(phx_comm_size(comm, &size));
-    return size;
-}
 
 /* Rank 3 waits on this until (0,1,2) are done. */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -75,8 +36,7 @@ static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static int sub_done = 0;
 
 static void *peer(void *arg) {
-    phx_comm *comm = NULL;
-    phx_connect_options options;
+    phx_comm *comm = join_group(ADDR, SECRET, N);
     size_t r, i, partner = 0;
     int has = 0;
     static int64_t pair_buf[N][M];
@@ -86,20 +46,6 @@ static void *peer(void *arg) {
     int32_t small[3], wrong[2] = {-5, -6};
     (void)arg;
 
-    CHECK(phx_connect_options_init(&options));
-    options.secret = SECRET;
-    options.join_timeout_ms = 60000;
-    CHECK(phx_comm_connect_with(ADDR, &options, &comm));
-    while (comm_size(comm) < N) {
-        size_t pending = 0;
-        CHECK(phx_comm_peers_pending(comm, &pending));
-        if (pending == 0) {
-            sleep_ms(10);
-            continue;
-        }
-        CHECK(phx_comm_update_topology(comm));
-    }
-    CHECK(phx_comm_barrier(comm));
     CHECK(phx_comm_rank(comm, &r));
 
     /* Pairs at once. */
@@ -183,40 +129,8 @@ static void *peer(void *arg) {
     return NULL;
 }
 
-static phx_comm *join_group(const char *addr) {
-    phx_comm *comm = NULL;
-    phx_connect_options options;
-    CHECK(phx_connect_options_init(&options));
-    options.secret = SECRET;
-    options.join_timeout_ms = 60000;
-    CHECK(phx_comm_connect_with(addr, &options, &comm));
-    while (comm_size(comm) < N) {
-        size_t pending = 0;
-        CHECK(phx_comm_peers_pending(comm, &pending));
-        if (pending == 0) {
-            sleep_ms(10);
-            continue;
-        }
-        CHECK(phx_comm_update_topology(comm));
-    }
-    CHECK(phx_comm_barrier(comm));
-    return comm;
-}
-
-static int run_master(void) {
-    phx_master *master = NULL;
-    char addr[PHX_ADDR_BUF_LEN];
-    CHECK(phx_master_start("127.0.0.1:0", SECRET, 1000, &master));
-    CHECK(phx_master_addr(master, addr, sizeof addr));
-    printf("addr %s\n", addr);
-    while (getchar() != EOF) {
-    }
-    CHECK(phx_master_free(master));
-    return 0;
-}
-
 static int run_peer(const char *addr) {
-    phx_comm *comm = join_group(addr);
+    phx_comm *comm = join_group(addr, SECRET, N);
     size_t r, i, size;
     static int64_t x[BIG], before[BIG];
     int32_t all[M];
@@ -255,13 +169,13 @@ static int run_peer(const char *addr) {
 }
 
 int main(int argc, char **argv) {
-    phx_master *master = NULL;
+    phx_master *master;
     pthread_t threads[N];
     int i;
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc == 2 && strcmp(argv[1], "master") == 0) return run_master();
-    if (argc == 3 && strcmp(argv[1], "peer") == 0) return run_peer(argv[2]);
-    CHECK(phx_master_start("127.0.0.1:0", SECRET, 1000, &master));
+    if (is_role(argc, argv, "master", 2)) return master_serve(master_start(SECRET));
+    if (is_role(argc, argv, "peer", 3)) return run_peer(argv[2]);
+    master = master_start(SECRET);
     CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
     for (i = 0; i < N; i++) {
         EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
