@@ -1,85 +1,13 @@
 //! A master and peers inside one process over the in-memory network: membership,
 //! outcomes and retries without sockets.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
-
-use phalanx::comm::{ConnectOptions, RetryPolicy};
-use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
+use phalanx::comm::RetryPolicy;
 use phalanx::membership::wire::SyncStrategy;
 use phalanx::state::SharedState;
-use phalanx::transport::endpoint::{Endpoint, MemNetwork};
 use phalanx::{Communicator, Error, ReduceOp};
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-struct Cluster {
-    net: MemNetwork,
-    _rt: tokio::runtime::Runtime,
-    _master: MasterServer,
-}
-
-fn cluster() -> Cluster {
-    let net = MemNetwork::new(16);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let ep = net.endpoint(addr(1));
-    let master = rt.block_on(async { MasterServer::spawn(ep, MasterConfig::default()) });
-    Cluster { net, _rt: rt, _master: master }
-}
-
-fn join(c: &Cluster, port: u16, retry: RetryPolicy) -> Communicator {
-    let net = c.net.clone();
-    let options = ConnectOptions { retry, ..ConnectOptions::default() };
-    Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options).unwrap()
-}
-
-/// Starts `n` peers, admitting each newcomer with an update_topology of the members.
-fn group(c: &Cluster, n: u16, retry: RetryPolicy) -> Vec<Communicator> {
-    let mut comms = vec![join(c, 100, retry)];
-    for i in 1..n {
-        admit(&mut comms, || join(c, 100 + i, retry));
-    }
-    comms
-}
-
-/// Runs `joiner` (which blocks until admitted) while the members admit it.
-fn admit(comms: &mut Vec<Communicator>, joiner: impl FnOnce() -> Communicator + Send) {
-    let new = std::thread::scope(|s| {
-        let h = s.spawn(joiner);
-        while comms[0].peers_pending() == 0 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for comm in comms.iter_mut() {
-            s.spawn(move || comm.update_topology().unwrap());
-        }
-        h.join().unwrap()
-    });
-    let mut new = new;
-    // The round that admitted the joiner counts as its own: its first call returns at
-    // once (a training loop calls update_topology at the top of each step anyway).
-    new.update_topology().unwrap();
-    comms.push(new);
-}
-
-/// Runs `f`, aborting the whole test process if it takes longer than `secs`: a hung
-/// collective must fail the run, not stall it.
-fn with_timeout<T>(secs: u64, f: impl FnOnce() -> T) -> T {
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(secs)) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("test exceeded {secs} s: aborting");
-            std::process::abort();
-        }
-    });
-    let out = f();
-    let _ = done.send(());
-    let _ = watchdog.join();
-    out
-}
+mod common;
+use common::{admit, cluster, group, join, with_timeout};
 
 #[test]
 fn all_reduce_across_a_joined_group() {

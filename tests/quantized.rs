@@ -17,21 +17,19 @@
 //! (`ε = f32::EPSILON`: `n` additions and `n` decodes, each off by at most half an ulp
 //! of a value no larger than the sum of the magnitudes plus the steps).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use phalanx::collective::{Collective, Tuning};
-use phalanx::comm::{ConnectOptions, RetryPolicy};
-use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
+use phalanx::comm::RetryPolicy;
 use phalanx::plan::{allreduce, Plan};
 use phalanx::quant::{Codec, Quantization};
 use phalanx::sim::{Fault, Outcome, Simulation};
-use phalanx::transport::endpoint::{Endpoint, MemNetwork};
 use phalanx::workload::hash_f32;
 use phalanx::{Communicator, Config, DType, Error, ReduceOp};
 use proptest::prelude::*;
+
+mod common;
+use common::{cluster, group, with_timeout};
 
 const WIDTHS: [Quantization; 2] = [Quantization::U8, Quantization::U16];
 
@@ -323,58 +321,14 @@ fn the_width_is_part_of_the_fingerprint() {
     assert!(errs.iter().all(|e| matches!(e, Error::Mismatch { .. })), "{errs:?}");
 }
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// Runs `f`, aborting the whole test process if it takes longer than `secs`.
-fn with_timeout<T>(secs: u64, f: impl FnOnce() -> T) -> T {
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(secs)) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("test exceeded {secs} s: aborting");
-            std::process::abort();
-        }
-    });
-    let out = f();
-    let _ = done.send(());
-    let _ = watchdog.join();
-    out
-}
-
 /// Over an in-memory network with a master: a peer that dies mid-collective gives the
 /// survivors `PeerLost` with their buffers restored, and the retry over the survivors
 /// gives bitwise the result of a fault-free quantized ring over them.
 #[test]
 fn networked_peer_lost_then_exact_retry() {
     with_timeout(60, || {
-        let net = MemNetwork::new(16);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let _master = rt.block_on(async { MasterServer::spawn(net.endpoint(addr(1)), MasterConfig::default()) });
-        let join = |port: u16| {
-            let net = net.clone();
-            let options = ConnectOptions { retry: RetryPolicy::Never, ..ConnectOptions::default() };
-            move || {
-                Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options)
-                    .unwrap()
-            }
-        };
-        let mut comms = vec![join(100)()];
-        for i in 1..3u16 {
-            let new = std::thread::scope(|s| {
-                let h = s.spawn(join(100 + i));
-                while comms[0].peers_pending() == 0 {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                for comm in comms.iter_mut() {
-                    s.spawn(move || comm.update_topology().unwrap());
-                }
-                h.join().unwrap()
-            });
-            let mut new = new;
-            new.update_topology().unwrap();
-            comms.push(new);
-        }
+        let c = cluster();
+        let mut comms = group(&c, 3, RetryPolicy::Never);
         let len = 300_000;
         let input = |c: &Communicator| inputs(1, len, c.peer_id())[0].clone();
         let victim = comms.pop().unwrap();

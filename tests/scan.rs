@@ -2,21 +2,20 @@
 //! inputs (bitwise), order of non-commutative operators, built-in operators on every
 //! type, faults at every step, and a lost peer in a networked group.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use phalanx::comm::{builtin_identity, ConnectOptions, RetryPolicy, ScanOptions};
+use phalanx::comm::{builtin_identity, RetryPolicy, ScanOptions};
 use phalanx::dtype::Order;
-use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
 use phalanx::op::{CustomOp, LinearAttention};
 use phalanx::plan::scan::{self, Algorithm};
 use phalanx::plan::Plan;
 use phalanx::sim::{Fault, Outcome, Simulation};
-use phalanx::transport::endpoint::{Endpoint, MemNetwork};
 use phalanx::{Communicator, DType, Error, ReduceOp};
 use proptest::prelude::*;
+
+mod common;
+use common::{cluster, group, with_timeout};
 
 /// Runs `f(comm)` on every rank of a local group of `n`, each on its own thread.
 fn on_group<T: Send>(n: usize, f: impl Fn(&mut Communicator) -> T + Sync) -> Vec<T> {
@@ -444,55 +443,6 @@ fn survivors_fail_cleanly_when_a_rank_dies_at_any_step() {
 
 // ---- networked group over the in-memory network ----
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// Runs `f`, aborting the test process if it takes longer than `secs`.
-fn with_timeout<T>(secs: u64, f: impl FnOnce() -> T) -> T {
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(secs)) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("test exceeded {secs} s: aborting");
-            std::process::abort();
-        }
-    });
-    let out = f();
-    let _ = done.send(());
-    let _ = watchdog.join();
-    out
-}
-
-/// A master and `n` peers admitted one by one; returns them with the runtime holding
-/// the master.
-fn net_group(n: u16, retry: RetryPolicy) -> (Vec<Communicator>, tokio::runtime::Runtime, MasterServer) {
-    let net = MemNetwork::new(16);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let master = rt.block_on(async { MasterServer::spawn(net.endpoint(addr(1)), MasterConfig::default()) });
-    let join = |port: u16| {
-        let net = net.clone();
-        let options = ConnectOptions { retry, ..ConnectOptions::default() };
-        Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options).unwrap()
-    };
-    let mut comms = vec![join(100)];
-    for i in 1..n {
-        let new = std::thread::scope(|s| {
-            let h = s.spawn(|| join(100 + i));
-            while comms[0].peers_pending() == 0 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            for c in comms.iter_mut() {
-                s.spawn(move || c.update_topology().unwrap());
-            }
-            h.join().unwrap()
-        });
-        let mut new = new;
-        new.update_topology().unwrap();
-        comms.push(new);
-    }
-    (comms, rt, master)
-}
-
 /// Each peer's state depends on its id, so the expected result follows the new view.
 fn state_of(id: u64) -> La {
     let x = (id % 97) as f32;
@@ -502,7 +452,8 @@ fn state_of(id: u64) -> La {
 #[test]
 fn networked_retry_over_survivors_is_exact() {
     with_timeout(60, || {
-        let (mut comms, _rt, _master) = net_group(4, RetryPolicy::OnPeerLost { max_attempts: 3 });
+        let c = cluster();
+        let mut comms = group(&c, 4, RetryPolicy::OnPeerLost { max_attempts: 3 });
         let dying = comms.remove(1);
         let outs: Vec<(u64, La, usize, usize)> = std::thread::scope(|s| {
             // A middle peer of the chain dies while the others are inside the scan.
@@ -539,7 +490,8 @@ fn networked_retry_over_survivors_is_exact() {
 #[test]
 fn networked_lost_peer_gives_peer_lost_and_restores() {
     with_timeout(60, || {
-        let (mut comms, _rt, _master) = net_group(3, RetryPolicy::Never);
+        let c = cluster();
+        let mut comms = group(&c, 3, RetryPolicy::Never);
         let dying = comms.remove(2);
         let outs: Vec<(Result<(), Error>, bool)> = std::thread::scope(|s| {
             // The third peer dies while the others are inside the scan, waiting for it.

@@ -3,17 +3,15 @@
 //! ranks in local groups, and a networked group (in-memory network, master) where a
 //! peer dies and the survivors retry exactly.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use phalanx::comm::{crossover_density, takes_dense_path, ConnectOptions, RetryPolicy, SparseReduced};
-use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
+use phalanx::comm::{crossover_density, takes_dense_path, RetryPolicy, SparseReduced};
 use phalanx::plan::sparse::Placement;
-use phalanx::transport::endpoint::{Endpoint, MemNetwork};
 use phalanx::{Communicator, Config, Error, ReduceOp};
 use proptest::prelude::*;
+
+mod common;
+use common::{admit, cluster, group, join, with_timeout};
 
 /// Runs `f` on every rank of a local group of `n`, each on its own thread; aborts the
 /// process if the group takes longer than 30 s (a hang must fail the run).
@@ -26,20 +24,6 @@ fn on_group<R: Send>(n: usize, f: impl Fn(&mut Communicator) -> R + Sync) -> Vec
             hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
         })
     })
-}
-
-fn with_timeout<T>(secs: u64, f: impl FnOnce() -> T) -> T {
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if wait.recv_timeout(Duration::from_secs(secs)) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("test exceeded {secs} s: aborting");
-            std::process::abort();
-        }
-    });
-    let out = f();
-    let _ = done.send(());
-    let _ = watchdog.join();
-    out
 }
 
 fn rng(seed: u64) -> impl FnMut() -> u64 {
@@ -309,10 +293,6 @@ fn rank_lost_between_the_steps_of_composites() {
     }
 }
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// Ranks and ids of `comms`, sorted by rank.
 fn ids_by_rank(comms: &[Communicator]) -> Vec<u64> {
     let mut ranked: Vec<(usize, u64)> = comms.iter().map(|c| (c.rank(), c.peer_id())).collect();
@@ -334,31 +314,9 @@ fn ids_by_rank(comms: &[Communicator]) -> Vec<u64> {
 #[test]
 fn networked_peer_loss_then_exact_retry_over_survivors() {
     with_timeout(60, || {
-        let net = MemNetwork::new(16);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let _master = rt.block_on(async { MasterServer::spawn(net.endpoint(addr(1)), MasterConfig::default()) });
-        let join = |port: u16| {
-            let net = net.clone();
-            let options = ConnectOptions { retry: RetryPolicy::OnPeerLost { max_attempts: 3 }, ..Default::default() };
-            Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options)
-        };
-        let admit = |comms: &mut Vec<Communicator>, port: u16| {
-            let mut new = std::thread::scope(|s| {
-                let h = s.spawn(|| join(port));
-                while comms[0].peers_pending() == 0 {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                for c in comms.iter_mut() {
-                    s.spawn(move || c.update_topology().unwrap());
-                }
-                h.join().unwrap().unwrap()
-            });
-            new.update_topology().unwrap();
-            comms.push(new);
-        };
-        let mut comms = vec![join(100).unwrap()];
-        admit(&mut comms, 101);
-        admit(&mut comms, 102);
+        let c = cluster();
+        let retry = RetryPolicy::OnPeerLost { max_attempts: 3 };
+        let mut comms = group(&c, 3, retry);
         assert_eq!(comms[0].size(), 3);
 
         // Phase 1: sparse all-reduce, the third peer dies after its first step.
@@ -392,7 +350,7 @@ fn networked_peer_loss_then_exact_retry_over_survivors() {
         assert!(comms.iter().all(|c| c.size() == 2));
 
         // Phase 2: spAG, a newly admitted peer dies before calling.
-        admit(&mut comms, 103);
+        admit(&mut comms, || join(&c, 103, retry));
         let p3 = Placement::new(3, vec![3; 3], vec![0, 1, 2]).unwrap().widen(&vec![vec![0, 1, 2]; 3]).unwrap();
         drop(comms.pop());
         let ids = ids_by_rank(&comms);

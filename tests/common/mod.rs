@@ -1,5 +1,6 @@
-//! Shared helpers of the sub-group and point-to-point tests: a master and peers in one
-//! process over the in-memory network, and a watchdog.
+//! Shared helpers of the networked tests (sub-group, point-to-point, group_mem, scan,
+//! quantized, sparse_comm): a master and peers in one process over the in-memory
+//! network, and a watchdog.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -30,30 +31,45 @@ pub fn cluster() -> Cluster {
     Cluster { net, _rt: rt, _master: master }
 }
 
-fn join(c: &Cluster, port: u16, retry: RetryPolicy) -> Communicator {
+/// A peer connecting from `port` (joins the master and blocks until admitted).
+pub fn join(c: &Cluster, port: u16, retry: RetryPolicy) -> Communicator {
     let net = c.net.clone();
     let options = ConnectOptions { retry, ..ConnectOptions::default() };
     Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options).unwrap()
 }
 
-/// `n` networked peers (ranks 0..n in join order).
-pub fn net_group(c: &Cluster, n: u16, retry: RetryPolicy) -> Vec<Communicator> {
+/// Runs `joiner` (which blocks until admitted) while the members admit it with an
+/// update_topology each, then has the newcomer take its own first round.
+pub fn admit(comms: &mut Vec<Communicator>, joiner: impl FnOnce() -> Communicator + Send) {
+    let new = std::thread::scope(|s| {
+        let h = s.spawn(joiner);
+        while comms[0].peers_pending() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for comm in comms.iter_mut() {
+            s.spawn(move || comm.update_topology().unwrap());
+        }
+        h.join().unwrap()
+    });
+    let mut new = new;
+    // The round that admitted the joiner counts as its own: its first call returns at
+    // once (a training loop calls update_topology at the top of each step anyway).
+    new.update_topology().unwrap();
+    comms.push(new);
+}
+
+/// `n` peers on ports 100.., admitted one by one (no check of their ranks).
+pub fn group(c: &Cluster, n: u16, retry: RetryPolicy) -> Vec<Communicator> {
     let mut comms = vec![join(c, 100, retry)];
     for i in 1..n {
-        let new = std::thread::scope(|s| {
-            let h = s.spawn(|| join(c, 100 + i, retry));
-            while comms[0].peers_pending() == 0 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            for comm in comms.iter_mut() {
-                s.spawn(move || comm.update_topology().unwrap());
-            }
-            h.join().unwrap()
-        });
-        let mut new = new;
-        new.update_topology().unwrap();
-        comms.push(new);
+        admit(&mut comms, || join(c, 100 + i, retry));
     }
+    comms
+}
+
+/// `n` networked peers (ranks 0..n in join order, checked).
+pub fn net_group(c: &Cluster, n: u16, retry: RetryPolicy) -> Vec<Communicator> {
+    let comms = group(c, n, retry);
     for (r, c) in comms.iter().enumerate() {
         assert_eq!(c.rank(), r);
     }
