@@ -14,13 +14,14 @@
 //! algbw = S / t            busbw = algbw * 2(n-1)/n
 //! ```
 
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
-use phalanx::{Communicator, Config, ReduceOp};
+use phalanx::{Communicator, ReduceOp};
+
+mod common;
+use common::Ranks;
 
 const SIZES: [(usize, &str); 6] = [
     (1 << 10, "1KiB"),
@@ -34,89 +35,24 @@ const SIZES: [(usize, &str); 6] = [
 const SAMPLES: usize = 10;
 
 /// `n` rank threads, each holding a communicator and an `S`-byte f32 buffer.
-struct Group {
-    /// Per-rank "run this many all-reduces" channels; dropping them stops the ranks.
-    go: Vec<mpsc::Sender<u64>>,
-    /// One message per rank per batch.
-    done: mpsc::Receiver<Result<(), String>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Group {
-    fn start(n: usize, bytes: usize) -> Group {
-        let comms = Communicator::local_group(n, Config::default()).expect("local group");
-        let (done_tx, done) = mpsc::channel();
-        let mut go = Vec::new();
-        let mut threads = Vec::new();
-        for mut comm in comms {
-            let (go_tx, go_rx) = mpsc::channel::<u64>();
-            let done_tx = done_tx.clone();
-            go.push(go_tx);
-            threads.push(std::thread::spawn(move || {
-                let len = bytes / 4;
-                let rank = comm.rank() as f32;
-                // One checked call first: every rank must see 1 + 2 + .. + n.
-                let mut buf = vec![rank + 1.0; len];
-                let want = (n * (n + 1) / 2) as f32;
-                let first =
-                    comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string()).and_then(|()| {
-                        match buf.iter().all(|&x| x == want) {
-                            true => Ok(()),
-                            false => Err(format!("rank {rank}: wrong all-reduce result")),
-                        }
-                    });
-                // Then contributions that sum to exactly zero, so that repeated
-                // all-reduces of the same buffer never overflow.
-                buf.fill(rank - (n - 1) as f32 / 2.0);
-                let _ = done_tx.send(first);
-                while let Ok(iters) = go_rx.recv() {
-                    let mut result = Ok(());
-                    for _ in 0..iters {
-                        if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Sum) {
-                            result = Err(e.to_string());
-                            break;
-                        }
-                    }
-                    if done_tx.send(result).is_err() {
-                        break;
-                    }
-                }
-            }));
+fn start(n: usize, bytes: usize) -> Ranks {
+    let (ranks, _) = Ranks::start(n, "all-reduce", move |comm| {
+        let len = bytes / 4;
+        let rank = comm.rank() as f32;
+        // One checked call first: every rank must see 1 + 2 + .. + n.
+        let mut buf = vec![rank + 1.0; len];
+        let want = (n * (n + 1) / 2) as f32;
+        comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string())?;
+        if !buf.iter().all(|&x| x == want) {
+            return Err(format!("rank {rank}: wrong all-reduce result"));
         }
-        let group = Group { go, done, threads };
-        group.wait();
-        group
-    }
-
-    /// Waits for every rank to finish its batch.
-    fn wait(&self) {
-        for _ in 0..self.go.len() {
-            match self.done.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => panic!("all-reduce failed: {e}"),
-                Err(_) => panic!("a rank thread died"),
-            }
-        }
-    }
-
-    /// Runs `iters` all-reduces on every rank; the wall time until all are done.
-    fn run(&self, iters: u64) -> Duration {
-        let start = Instant::now();
-        for go in &self.go {
-            go.send(iters).expect("rank thread alive");
-        }
-        self.wait();
-        start.elapsed()
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.go.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+        // Then contributions that sum to exactly zero, so that repeated
+        // all-reduces of the same buffer never overflow.
+        buf.fill(rank - (n - 1) as f32 / 2.0);
+        let step = move |comm: &mut Communicator| comm.all_reduce(&mut buf, ReduceOp::Sum).map_err(|e| e.to_string());
+        Ok(((), step))
+    });
+    ranks
 }
 
 fn human_bytes(bytes: usize) -> String {
@@ -137,7 +73,7 @@ fn bench_allreduce(c: &mut Criterion) {
             // Large buffers take tens to hundreds of ms per call: flat sampling keeps
             // the iteration count (and so the wall time) bounded.
             group.sampling_mode(if bytes >= 1 << 20 { SamplingMode::Flat } else { SamplingMode::Auto });
-            let ranks = Group::start(n, bytes);
+            let ranks = start(n, bytes);
             let samples: Arc<Mutex<Vec<(u64, Duration)>>> = Arc::default();
             group.bench_function(BenchmarkId::new("f32_sum", label), |b| {
                 b.iter_custom(|iters| {

@@ -10,16 +10,17 @@
 //! `2(n-1)/n·S` for f32; 8 header bytes plus one code per element per frame when
 //! quantized).
 
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use phalanx::collective::Tuning;
 use phalanx::plan::{allreduce, Step};
 use phalanx::quant::{Codec, Quantization};
-use phalanx::{Communicator, Config, ReduceOp};
+use phalanx::{Communicator, ReduceOp};
+
+mod common;
+use common::Ranks;
 
 const N: usize = 4;
 const SIZES: [(usize, &str); 2] = [(16 << 20, "16MiB"), (64 << 20, "64MiB")];
@@ -30,70 +31,23 @@ fn name(v: Option<Quantization>) -> String {
     v.map_or("f32".into(), |q| q.to_string())
 }
 
-/// `N` rank threads, each with a communicator and an `S`-byte buffer.
-struct Group {
-    go: Vec<mpsc::Sender<u64>>,
-    done: mpsc::Receiver<Result<(), String>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Group {
-    fn start(bytes: usize, variant: Option<Quantization>) -> Group {
-        let comms = Communicator::local_group(N, Config::default()).expect("local group");
-        let (done_tx, done) = mpsc::channel();
-        let (mut go, mut threads) = (Vec::new(), Vec::new());
-        for mut comm in comms {
-            let (go_tx, go_rx) = mpsc::channel::<u64>();
-            let done_tx = done_tx.clone();
-            go.push(go_tx);
-            threads.push(std::thread::spawn(move || {
-                let r = comm.rank() as f32;
-                let mut buf: Vec<f32> = (0..bytes / 4).map(|i| (i as f32 * 1e-3 + r).sin() * (1.0 + r)).collect();
-                let mut call = |buf: &mut [f32]| match variant {
-                    None => comm.all_reduce(buf, ReduceOp::Avg),
-                    Some(q) => comm.all_reduce_quantized(buf, ReduceOp::Avg, q),
-                };
-                let _ = done_tx.send(call(&mut buf).map_err(|e| e.to_string()));
-                while let Ok(iters) = go_rx.recv() {
-                    let result = (0..iters).try_for_each(|_| call(&mut buf)).map_err(|e| e.to_string());
-                    if done_tx.send(result).is_err() {
-                        break;
-                    }
-                }
-            }));
-        }
-        let group = Group { go, done, threads };
-        group.wait();
-        group
-    }
-
-    fn wait(&self) {
-        for _ in 0..self.go.len() {
-            match self.done.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => panic!("all-reduce failed: {e}"),
-                Err(_) => panic!("a rank thread died"),
+/// `N` rank threads, each with a communicator and an `S`-byte buffer, all-reducing it
+/// (`Avg`) by `variant`.
+fn start(bytes: usize, variant: Option<Quantization>) -> Ranks {
+    let (ranks, _) = Ranks::start(N, "all-reduce", move |comm| {
+        let r = comm.rank() as f32;
+        let mut buf: Vec<f32> = (0..bytes / 4).map(|i| (i as f32 * 1e-3 + r).sin() * (1.0 + r)).collect();
+        let mut call = move |comm: &mut Communicator| {
+            match variant {
+                None => comm.all_reduce(&mut buf, ReduceOp::Avg),
+                Some(q) => comm.all_reduce_quantized(&mut buf, ReduceOp::Avg, q),
             }
-        }
-    }
-
-    fn run(&self, iters: u64) -> Duration {
-        let start = Instant::now();
-        for go in &self.go {
-            go.send(iters).expect("rank thread alive");
-        }
-        self.wait();
-        start.elapsed()
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.go.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+            .map_err(|e| e.to_string())
+        };
+        call(comm)?;
+        Ok(((), call))
+    });
+    ranks
 }
 
 /// Payload bytes rank 0 sends in one all-reduce of `bytes` bytes.
@@ -126,7 +80,7 @@ fn bench_quantized(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(bytes as u64));
         let mut medians = Vec::new();
         for variant in VARIANTS {
-            let ranks = Group::start(bytes, variant);
+            let ranks = start(bytes, variant);
             let samples: Arc<Mutex<Vec<(u64, Duration)>>> = Arc::default();
             group.bench_function(BenchmarkId::new(name(variant), label), |b| {
                 b.iter_custom(|iters| {

@@ -9,16 +9,17 @@
 //! iteration first restores the rank's input (a 4 MiB copy, in every variant), then runs
 //! one scan. Every variant is checked once against the chain's result before timing.
 
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use phalanx::comm::ScanOptions;
 use phalanx::dtype::Order;
 use phalanx::op::{CustomOp, LinearAttention};
 use phalanx::plan::scan::Algorithm;
-use phalanx::{Communicator, Config, ReduceOp};
+use phalanx::{Communicator, ReduceOp};
+
+mod common;
+use common::Ranks;
 
 const N: usize = 4;
 const D_V: usize = 128;
@@ -96,64 +97,22 @@ fn run(comm: &mut Communicator, op: Op, variant: Variant, work: &mut [u8], gathe
     }
 }
 
-struct Group {
-    go: Vec<mpsc::Sender<u64>>,
-    done: mpsc::Receiver<Result<Vec<u8>, String>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Group {
-    fn start(op: Op, variant: Variant) -> Group {
-        let comms = Communicator::local_group(N, Config::default()).expect("local group");
-        let (done_tx, done) = mpsc::channel();
-        let (mut go, mut threads) = (Vec::new(), Vec::new());
-        for mut comm in comms {
-            let (go_tx, go_rx) = mpsc::channel::<u64>();
-            let done_tx = done_tx.clone();
-            go.push(go_tx);
-            threads.push(std::thread::spawn(move || {
-                let pristine = input(op, comm.rank());
-                let mut work = pristine.clone();
-                let mut gathered = vec![0u8; pristine.len() * N];
-                // One checked call: its result goes back for comparison across variants.
-                let first = run(&mut comm, op, variant, &mut work, &mut gathered).map(|()| work.clone());
-                let _ = done_tx.send(first);
-                while let Ok(iters) = go_rx.recv() {
-                    let mut result = Ok(Vec::new());
-                    for _ in 0..iters {
-                        work.copy_from_slice(&pristine);
-                        if let Err(e) = run(&mut comm, op, variant, &mut work, &mut gathered) {
-                            result = Err(e);
-                            break;
-                        }
-                    }
-                    if done_tx.send(result).is_err() {
-                        break;
-                    }
-                }
-            }));
-        }
-        Group { go, done, threads }
-    }
-
-    /// Each rank's first result, in arrival order with its rank unknown: collect all.
-    fn first_results(&self) -> Vec<Vec<u8>> {
-        (0..N).map(|_| self.done.recv().expect("rank alive").expect("first scan")).collect()
-    }
-
-    fn time(&self, iters: u64) -> Duration {
-        let start = Instant::now();
-        self.go.iter().for_each(|g| g.send(iters).expect("rank alive"));
-        for _ in 0..N {
-            self.done.recv().expect("rank alive").expect("scan");
-        }
-        start.elapsed()
-    }
-
-    fn stop(self) {
-        drop(self.go);
-        self.threads.into_iter().for_each(|t| t.join().expect("rank thread"));
-    }
+/// `N` rank threads running `variant` of the scan of `op`; each iteration first restores
+/// the rank's input. Also returns each rank's first (checked) result, in arrival order
+/// with its rank unknown, for comparison across variants.
+fn start(op: Op, variant: Variant) -> (Ranks, Vec<Vec<u8>>) {
+    Ranks::start(N, "scan", move |comm| {
+        let pristine = input(op, comm.rank());
+        let mut work = pristine.clone();
+        let mut gathered = vec![0u8; pristine.len() * N];
+        run(comm, op, variant, &mut work, &mut gathered)?;
+        let first = work.clone();
+        let step = move |comm: &mut Communicator| {
+            work.copy_from_slice(&pristine);
+            run(comm, op, variant, &mut work, &mut gathered)
+        };
+        Ok((first, step))
+    })
 }
 
 fn bench(c: &mut Criterion) {
@@ -168,10 +127,8 @@ fn bench(c: &mut Criterion) {
     // fault per page) until the allocator adapts; without this the first variant
     // measured pays for it (observed: 4x slower, whichever variant comes first).
     for (_, variant) in variants {
-        let g = Group::start(Op::LinearAttention, variant);
-        g.first_results();
-        g.time(3);
-        g.stop();
+        let (g, _) = start(Op::LinearAttention, variant);
+        g.run(3);
     }
     for op in [Op::LinearAttention, Op::Sum] {
         let mut group = c.benchmark_group(format!("all_scan_4MiB_4ranks/{op:?}"));
@@ -179,8 +136,7 @@ fn bench(c: &mut Criterion) {
         group.measurement_time(Duration::from_secs(4)).throughput(Throughput::Bytes(STATE_BYTES as u64));
         let mut reference: Option<Vec<Vec<u8>>> = None;
         for (name, variant) in variants {
-            let g = Group::start(op, variant);
-            let mut firsts = g.first_results();
+            let (g, mut firsts) = start(op, variant);
             firsts.sort();
             // The chain is the left fold; so is the gather's local fold: same bytes.
             // (Recursive doubling groups differently; it is only checked for sum.)
@@ -190,8 +146,8 @@ fn bench(c: &mut Criterion) {
                     Some(r) => assert!(r == &firsts, "{name} disagrees with the chain for {op:?}"),
                 }
             }
-            group.bench_function(BenchmarkId::from_parameter(name), |b| b.iter_custom(|iters| g.time(iters)));
-            g.stop();
+            group.bench_function(BenchmarkId::from_parameter(name), |b| b.iter_custom(|iters| g.run(iters)));
+            drop(g);
         }
         group.finish();
     }

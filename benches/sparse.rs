@@ -9,13 +9,14 @@
 //! union has about 4 % of the indices. At the end it prints the median time per call
 //! of both and their ratio.
 
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use phalanx::{Communicator, Config, ReduceOp};
+use phalanx::{Communicator, ReduceOp};
+
+mod common;
+use common::Ranks;
 
 const N: usize = 4;
 const DIM: usize = 4 << 20;
@@ -28,87 +29,32 @@ enum Kind {
     Dense,
 }
 
-struct Group {
-    go: Vec<mpsc::Sender<u64>>,
-    done: mpsc::Receiver<Result<(), String>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Group {
-    fn start(kind: Kind) -> Group {
-        let comms = Communicator::local_group(N, Config::default()).expect("local group");
-        let (done_tx, done) = mpsc::channel();
-        let (mut go, mut threads) = (Vec::new(), Vec::new());
-        for mut comm in comms {
-            let (go_tx, go_rx) = mpsc::channel::<u64>();
-            let done_tx = done_tx.clone();
-            go.push(go_tx);
-            threads.push(std::thread::spawn(move || {
-                let r = comm.rank();
-                let nnz = DIM * DENSITY_PERCENT / 100;
-                let stride = DIM / nnz;
-                let indices: Vec<u32> = (0..nnz).map(|k| (k * stride + r) as u32).collect();
-                let values: Vec<f32> = (0..nnz).map(|k| (k % 97) as f32 * 0.25 - 12.0).collect();
-                let mut dense = vec![0.0f32; DIM];
-                let mut call = |comm: &mut Communicator| -> Result<(), String> {
-                    match kind {
-                        Kind::Sparse => {
-                            let out = comm.sparse_all_reduce(DIM, &indices, &values).map_err(|e| e.to_string())?;
-                            if out.is_dense() {
-                                return Err("1 % density took the dense path".into());
-                            }
-                            Ok(())
-                        }
-                        Kind::Dense => comm.all_reduce(&mut dense, ReduceOp::Sum).map_err(|e| e.to_string()),
+/// `N` rank threads, each with its 1 % of the indices (and a dense buffer), running
+/// `kind`.
+fn start(kind: Kind) -> Ranks {
+    let (ranks, _) = Ranks::start(N, "collective", move |comm| {
+        let r = comm.rank();
+        let nnz = DIM * DENSITY_PERCENT / 100;
+        let stride = DIM / nnz;
+        let indices: Vec<u32> = (0..nnz).map(|k| (k * stride + r) as u32).collect();
+        let values: Vec<f32> = (0..nnz).map(|k| (k % 97) as f32 * 0.25 - 12.0).collect();
+        let mut dense = vec![0.0f32; DIM];
+        let mut call = move |comm: &mut Communicator| -> Result<(), String> {
+            match kind {
+                Kind::Sparse => {
+                    let out = comm.sparse_all_reduce(DIM, &indices, &values).map_err(|e| e.to_string())?;
+                    if out.is_dense() {
+                        return Err("1 % density took the dense path".into());
                     }
-                };
-                let _ = done_tx.send(call(&mut comm));
-                while let Ok(iters) = go_rx.recv() {
-                    let mut result = Ok(());
-                    for _ in 0..iters {
-                        if let Err(e) = call(&mut comm) {
-                            result = Err(e);
-                            break;
-                        }
-                    }
-                    if done_tx.send(result).is_err() {
-                        break;
-                    }
+                    Ok(())
                 }
-            }));
-        }
-        let group = Group { go, done, threads };
-        group.wait();
-        group
-    }
-
-    fn wait(&self) {
-        for _ in 0..self.go.len() {
-            match self.done.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => panic!("collective failed: {e}"),
-                Err(_) => panic!("a rank thread died"),
+                Kind::Dense => comm.all_reduce(&mut dense, ReduceOp::Sum).map_err(|e| e.to_string()),
             }
-        }
-    }
-
-    fn run(&self, iters: u64) -> Duration {
-        let start = Instant::now();
-        for go in &self.go {
-            go.send(iters).expect("rank thread alive");
-        }
-        self.wait();
-        start.elapsed()
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.go.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+        };
+        call(comm)?;
+        Ok(((), call))
+    });
+    ranks
 }
 
 fn bench_sparse(c: &mut Criterion) {
@@ -120,7 +66,7 @@ fn bench_sparse(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat);
     let mut medians = Vec::new();
     for (kind, name) in [(Kind::Sparse, "sparse_1pct"), (Kind::Dense, "dense")] {
-        let ranks = Group::start(kind);
+        let ranks = start(kind);
         let samples: Arc<Mutex<Vec<(u64, Duration)>>> = Arc::default();
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
