@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Samplin
 use phalanx::{Communicator, ReduceOp};
 
 mod common;
-use common::Ranks;
+use common::{median_per_call, Ranks};
 
 const SIZES: [(usize, &str); 6] = [
     (1 << 10, "1KiB"),
@@ -85,12 +85,7 @@ fn bench_allreduce(c: &mut Criterion) {
             drop(ranks);
             // Criterion's last SAMPLES calls are the measurement (earlier ones warm up).
             let samples = samples.lock().unwrap();
-            let mut per_iter: Vec<f64> = samples[samples.len().saturating_sub(SAMPLES)..]
-                .iter()
-                .map(|&(iters, t)| t.as_secs_f64() / iters as f64)
-                .collect();
-            per_iter.sort_by(f64::total_cmp);
-            if let Some(&t) = per_iter.get(per_iter.len() / 2) {
+            if let Some(t) = median_per_call(&samples, SAMPLES) {
                 let algbw = bytes as f64 / t / 1e9;
                 let busbw = algbw * 2.0 * (n - 1) as f64 / n as f64;
                 let line = format!(

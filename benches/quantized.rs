@@ -20,7 +20,7 @@ use phalanx::quant::{Codec, Quantization};
 use phalanx::{Communicator, ReduceOp};
 
 mod common;
-use common::Ranks;
+use common::{median_per_call, Ranks};
 
 const N: usize = 4;
 const SIZES: [(usize, &str); 2] = [(16 << 20, "16MiB"), (64 << 20, "64MiB")];
@@ -91,12 +91,7 @@ fn bench_quantized(c: &mut Criterion) {
             });
             drop(ranks);
             let samples = samples.lock().unwrap();
-            let mut per_iter: Vec<f64> = samples[samples.len().saturating_sub(SAMPLES)..]
-                .iter()
-                .map(|&(iters, t)| t.as_secs_f64() / iters as f64)
-                .collect();
-            per_iter.sort_by(f64::total_cmp);
-            medians.push(per_iter.get(per_iter.len() / 2).copied().unwrap_or(f64::NAN));
+            medians.push(median_per_call(&samples, SAMPLES).unwrap_or(f64::NAN));
         }
         let base_wire = wire_bytes(bytes, None) as f64;
         for (variant, t) in VARIANTS.iter().zip(&medians) {

@@ -16,7 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use phalanx::{Communicator, ReduceOp};
 
 mod common;
-use common::Ranks;
+use common::{median_per_call, Ranks};
 
 const N: usize = 4;
 const DIM: usize = 4 << 20;
@@ -77,12 +77,7 @@ fn bench_sparse(c: &mut Criterion) {
         });
         drop(ranks);
         let samples = samples.lock().expect("samples");
-        let mut per_iter: Vec<f64> = samples[samples.len().saturating_sub(SAMPLES)..]
-            .iter()
-            .map(|&(iters, t)| t.as_secs_f64() / iters as f64)
-            .collect();
-        per_iter.sort_by(f64::total_cmp);
-        medians.push((name, per_iter.get(per_iter.len() / 2).copied().unwrap_or(f64::NAN)));
+        medians.push((name, median_per_call(&samples, SAMPLES).unwrap_or(f64::NAN)));
     }
     group.finish();
     println!("\nsparse all-reduce, {N} ranks, D = {DIM} f32, local group (median of {SAMPLES} samples)");

@@ -101,3 +101,15 @@ impl Drop for Ranks {
         }
     }
 }
+
+/// The median time per call, in seconds, of the last `last` of criterion's
+/// `iter_custom` calls (`(iters, elapsed)` each): the measurement, the earlier calls
+/// being warm-up. `None` when there were none.
+pub fn median_per_call(samples: &[(u64, Duration)], last: usize) -> Option<f64> {
+    let mut per_iter: Vec<f64> = samples[samples.len().saturating_sub(last)..]
+        .iter()
+        .map(|&(iters, t)| t.as_secs_f64() / iters as f64)
+        .collect();
+    per_iter.sort_by(f64::total_cmp);
+    per_iter.get(per_iter.len() / 2).copied()
+}
