@@ -972,7 +972,10 @@ impl Harness {
         for w in 0..self.workers.len() {
             let wk = &self.workers[w];
             let Some((step, start)) = wk.open_wait else { continue };
-            if !wk.running() || wk.is_frozen() || wk.open_wait_reported || wk.frozen_during(start, now) {
+            // A worker the harness has SIGKILLed is not hanging, even before its exit is
+            // reaped (on a loaded machine that can take seconds): its wait ends with it.
+            let killed = matches!(wk.fate, Fate::Killed | Fate::FrozenKilled | Fate::Ended);
+            if !wk.running() || killed || wk.is_frozen() || wk.open_wait_reported || wk.frozen_during(start, now) {
                 continue;
             }
             let waited = now.saturating_sub(start);
