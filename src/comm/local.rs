@@ -83,12 +83,7 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Local>> {
 
 impl Local {
     /// Plans and runs one collective on `buf`, restoring it on error and telling the
-    /// rest of the group to stop.
-    pub(crate) fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
-        self.run_with(coll, dtype, op, None, buf)
-    }
-
-    /// [`Local::run`] with a user-defined operator in place of `op`.
+    /// rest of the group to stop. `custom`, if any, replaces `op` (see [`crate::op::CustomOp`]).
     pub(crate) fn run_with(
         &mut self,
         coll: &Collective,

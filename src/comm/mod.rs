@@ -356,16 +356,35 @@ impl Communicator {
 
     /// Runs one collective on `buf`; returns how many ranks contributed.
     fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::InvalidArgument(
-                "blocking collective called from inside an async runtime; call it from a plain thread".into(),
-            ));
-        }
+        self.run_with(coll, dtype, op, None, buf)
+    }
+
+    /// [`Communicator::run`] with a user-defined operator in place of `op`.
+    fn run_with(
+        &mut self,
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        custom: Option<&dyn crate::op::CustomOp>,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        not_in_runtime("collective")?;
         match &mut self.backend {
-            Backend::Local(l) => l.run(coll, dtype, op, buf),
-            Backend::Net(n) => n.run(coll, dtype, op, buf),
+            Backend::Local(l) => l.run_with(coll, dtype, op, custom, buf),
+            Backend::Net(n) => n.run_with(coll, dtype, op, custom, buf),
         }
     }
+}
+
+/// Blocking calls park the calling thread on the communicator's runtime, which would
+/// deadlock (or panic) from inside another runtime: refuse them there.
+fn not_in_runtime(what: &str) -> Result<()> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Error::InvalidArgument(format!(
+            "blocking {what} called from inside an async runtime; call it from a plain thread"
+        )));
+    }
+    Ok(())
 }
 
 /// The number of `dtype` elements in `bytes` bytes, or an error naming `what`.

@@ -560,11 +560,6 @@ impl Net {
         rt.block_on(self.peer_mut().update_topology())
     }
 
-    pub(crate) fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
-        let rt = self.runtime.clone();
-        rt.block_on(self.peer_mut().run(coll, dtype, op, buf))
-    }
-
     pub(crate) fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
         let rt = self.runtime.clone();
         rt.block_on(self.peer_mut().retry_composite(epoch, attempt, e))

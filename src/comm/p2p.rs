@@ -186,11 +186,7 @@ impl Communicator {
     }
 
     fn check_peer(&self, peer: Rank) -> Result<()> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::InvalidArgument(
-                "blocking send/recv called from inside an async runtime; call it from a plain thread".into(),
-            ));
-        }
+        super::not_in_runtime("send/recv")?;
         if peer >= self.size() || peer == self.rank() {
             return Err(Error::InvalidArgument(format!(
                 "peer rank {peer} is this rank or outside a group of {}",

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 
-use super::{elements, Backend, Communicator};
+use super::{elements, Communicator};
 use crate::collective::{fnv1a, Collective};
 use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
@@ -215,11 +215,7 @@ impl Communicator {
         op_id: u64,
         options: ScanOptions,
     ) -> Result<()> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::InvalidArgument(
-                "blocking collective called from inside an async runtime; call it from a plain thread".into(),
-            ));
-        }
+        super::not_in_runtime("collective")?;
         let coll = Collective::AllScan {
             len,
             unit_bytes,
@@ -235,10 +231,7 @@ impl Communicator {
         if let Some(id) = identity.filter(|_| !options.inclusive) {
             work[bytes..2 * bytes].chunks_exact_mut(unit_bytes).for_each(|u| u.copy_from_slice(id));
         }
-        match &mut self.backend {
-            Backend::Local(l) => l.run_with(&coll, dtype, op, custom, &mut work)?,
-            Backend::Net(n) => n.run_with(&coll, dtype, op, custom, &mut work)?,
-        };
+        self.run_with(&coll, dtype, op, custom, &mut work)?;
         let r = scan::result_range(len, options.inclusive, algorithm);
         buf.copy_from_slice(&work[r.start * unit_bytes..r.end * unit_bytes]);
         Ok(())

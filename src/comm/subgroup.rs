@@ -283,11 +283,7 @@ impl Communicator {
         op: ReduceOp,
         buf: &mut [u8],
     ) -> Result<usize> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::InvalidArgument(
-                "blocking collective called from inside an async runtime; call it from a plain thread".into(),
-            ));
-        }
+        super::not_in_runtime("collective")?;
         let (sorted, _) = canonical(members, self.rank(), self.size())?;
         match &mut self.backend {
             Backend::Local(l) => l.run_sub(&sorted, coll, dtype, op, buf),
