@@ -117,3 +117,26 @@ def spawn():
     yield start
     for p in peers:
         p.kill()
+
+
+def on_all(items, f, timeout=TIMEOUT):
+    """Runs f(item) for every item at once, one thread each (in-process peers, whose
+    collectives block until all have called); returns the results in order and re-raises
+    the first error. A call still running after `timeout` seconds fails the test."""
+    results, errors = [None] * len(items), []
+
+    def run(i, item):
+        try:
+            results[i] = f(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, x), daemon=True) for i, x in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a call hung"
+    if errors:
+        raise errors[0]
+    return results

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import phalanx
+from conftest import on_all
 
 
 @pytest.fixture
@@ -29,23 +30,7 @@ def pair(master):
 
 def both(pair, f, timeout=60):
     """Runs f(comm) on both communicators at once; returns their results, re-raises errors."""
-    results, errors = [None, None], []
-
-    def run(i, c):
-        try:
-            results[i] = f(c)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(pair)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-        assert not t.is_alive(), "a collective hung"
-    if errors:
-        raise errors[0]
-    return results
+    return on_all(pair, f, timeout)
 
 
 def inputs(rank, n=50_000):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import phalanx
+from conftest import on_all
 
 N = 4
 
@@ -41,25 +42,6 @@ def group(master):
         c.leave()
 
 
-def on_all(comms, f, timeout=60):
-    """f(comm) on every communicator at once, each on its own thread; results by index."""
-    results, errors = [None] * len(comms), []
-
-    def run(i, c):
-        try:
-            results[i] = f(c)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(comms)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-        assert not t.is_alive(), "a collective hung"
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_fssdp_example(group):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import phalanx
+from conftest import on_all
 
 
 @pytest.fixture
@@ -40,23 +41,7 @@ def four(master):
 
 def run_all(comms, f, timeout=60):
     """Runs f(rank, comm) on one thread per communicator; returns results by rank."""
-    results, errors = [None] * len(comms), []
-
-    def run(r, c):
-        try:
-            results[r] = f(r, c)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(r, c), daemon=True) for r, c in enumerate(comms)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-        assert not t.is_alive(), "a call hung"
-    if errors:
-        raise errors[0]
-    return results
+    return on_all(list(enumerate(comms)), lambda rc: f(*rc), timeout)
 
 
 def test_pairs_all_reduce_at_once_and_a_non_member_is_not_blocked(four):
