@@ -5,8 +5,8 @@
 //! flight. Every frame carries `(epoch, seq, call, index)`: frames of an older
 //! collective are dropped unread, frames of another call are a [`Error::Mismatch`].
 //!
-//! The executor stops at the first error or when its [`AbortSignal`] fires.
-//! [`execute_restoring`] then puts the buffer back to its content before the call.
+//! The executor stops at the first error or when its [`AbortSignal`] fires; the caller
+//! then puts the buffer back to its content before the call.
 //!
 //! # Quantized transfers
 //!
@@ -39,7 +39,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::dtype::{reduce_bytes, DType, ReduceOp};
+use crate::dtype::{divide_bytes, reduce_bytes, DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::op::CustomOp;
 use crate::plan::{Action, Plan, Rank, Step};
@@ -87,44 +87,18 @@ pub type Links = [Option<Arc<dyn Link>>];
 
 /// A one-shot, shareable "stop now, for this reason" signal.
 ///
-/// The membership layer fires it when a peer is lost or the view changes; every
-/// collective in flight on it then returns the fired error.
-///
-/// # Agreeing on completion
-///
-/// A signal made by [`AbortSignal::for_group`] is shared by every rank of an
-/// in-process group and also decides, once and for all ranks, whether each collective
-/// completed: [`execute_restoring`] returns `Ok` only after every rank of the group has
-/// finished its plan ([`AbortSignal::arrive`]) before the signal fired. A rank that
-/// finishes its own steps while another is still running, and then sees the signal
-/// fire, restores its buffer and fails like the others, so no survivor keeps a result
-/// that another one aborted. A signal from [`AbortSignal::new`] (one per process, as in
-/// a networked group, where the master decides) does not wait for anyone.
+/// The membership layer fires it when a peer is lost, the view changes or the master
+/// aborts the collective; the executor running on it then returns the fired error.
+/// Whether a collective *completed* is not the executor's business: the master decides
+/// that for every member (see `membership::peer`).
 #[derive(Clone, Debug)]
 pub struct AbortSignal {
-    tx: Arc<watch::Sender<Verdict>>,
-}
-
-/// What an [`AbortSignal`] holds.
-#[derive(Debug, Default)]
-struct Verdict {
-    /// Why the group stopped, once it has.
-    reason: Option<Error>,
-    /// For a group signal: per rank, the last `(epoch, seq)` whose plan it finished
-    /// before the signal fired.
-    done: Option<Vec<(u64, u64)>>,
-}
-
-impl Verdict {
-    /// Whether every rank finished the collective `(epoch, seq)` before any abort.
-    fn completed(&self, key: (u64, u64)) -> bool {
-        self.done.as_ref().is_none_or(|done| done.iter().all(|&d| d >= key))
-    }
+    tx: Arc<watch::Sender<Option<Error>>>,
 }
 
 impl Default for AbortSignal {
     fn default() -> Self {
-        AbortSignal { tx: Arc::new(watch::channel(Verdict::default()).0) }
+        AbortSignal { tx: Arc::new(watch::channel(None).0) }
     }
 }
 
@@ -134,17 +108,11 @@ impl AbortSignal {
         AbortSignal::default()
     }
 
-    /// A signal shared by the `n` ranks of an in-process group, which also makes them
-    /// agree on whether each collective completed (see the type's docs).
-    pub fn for_group(n: usize) -> AbortSignal {
-        AbortSignal { tx: Arc::new(watch::channel(Verdict { reason: None, done: Some(vec![(0, 0); n]) }).0) }
-    }
-
     /// Fires with `reason`; later calls keep the first reason.
     pub fn fire(&self, reason: Error) {
         self.tx.send_if_modified(|v| {
-            if v.reason.is_none() {
-                v.reason = Some(reason);
+            if v.is_none() {
+                *v = Some(reason);
                 true
             } else {
                 false
@@ -154,49 +122,14 @@ impl AbortSignal {
 
     /// The reason, if it has fired.
     pub fn fired(&self) -> Option<Error> {
-        self.tx.borrow().reason.clone()
-    }
-
-    /// Records that `rank` finished its plan of collective `(epoch, seq)`. Ignored once
-    /// the signal has fired, and for signals not made by [`AbortSignal::for_group`].
-    pub fn arrive(&self, rank: Rank, epoch: u64, seq: u64) {
-        self.tx.send_if_modified(|v| match (&v.reason, v.done.as_mut()) {
-            (None, Some(done)) => match done.get_mut(rank) {
-                Some(d) if *d < (epoch, seq) => {
-                    *d = (epoch, seq);
-                    true
-                }
-                _ => false,
-            },
-            _ => false,
-        });
-    }
-
-    /// Waits until every rank has arrived at `(epoch, seq)` (`Ok`) or the signal fired
-    /// first (`Err` with the reason). Immediate for a signal from [`AbortSignal::new`].
-    async fn completed(&self, epoch: u64, seq: u64) -> Result<()> {
-        let mut rx = self.tx.subscribe();
-        loop {
-            {
-                let v = rx.borrow_and_update();
-                if v.completed((epoch, seq)) {
-                    return Ok(());
-                }
-                if let Some(reason) = &v.reason {
-                    return Err(reason.clone());
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(Error::Aborted { reason: "abort signal dropped".into() });
-            }
-        }
+        self.tx.borrow().clone()
     }
 
     /// Waits until it fires and returns the reason.
     pub async fn wait(&self) -> Error {
         let mut rx = self.tx.subscribe();
         loop {
-            if let Some(reason) = rx.borrow_and_update().reason.clone() {
+            if let Some(reason) = rx.borrow_and_update().clone() {
                 return reason;
             }
             // The sender lives in `self`, so `changed` cannot fail while we wait.
@@ -207,24 +140,12 @@ impl AbortSignal {
     }
 }
 
-/// Runs `call.plan` on `buf` and restores `buf` to its prior content on any error.
+/// Runs the plan steps in `steps` on `buf`. On error `buf` is partly updated: the
+/// caller restores it (the peer keeps one backup per call, whatever the retries).
 ///
-/// With a group signal ([`AbortSignal::for_group`]) it returns `Ok` only once every
-/// rank has finished the plan, and fails (restoring `buf`) if the signal fires first.
-pub async fn execute_restoring(call: &Call<'_>, buf: &mut [u8], links: &Links, abort: &AbortSignal) -> Result<()> {
-    let backup = buf.to_vec();
-    let mut result = execute(call, buf, links, abort, 0..call.plan.steps.len()).await;
-    if result.is_ok() {
-        abort.arrive(call.plan.rank, call.epoch, call.seq);
-        result = abort.completed(call.epoch, call.seq).await;
-    }
-    if result.is_err() {
-        buf.copy_from_slice(&backup);
-    }
-    result
-}
-
-/// Runs the plan steps in `steps` on `buf`, leaving `buf` as it is on error.
+/// When `steps` reaches the plan's end and the operator is [`ReduceOp::Avg`], the
+/// result is divided by the plan's rank count here, so every face gets the finished
+/// average and no count travels upward.
 pub async fn execute(
     call: &Call<'_>,
     buf: &mut [u8],
@@ -257,9 +178,13 @@ pub async fn execute(
     }
     let counters = || (0..links.len()).map(|_| AtomicU64::new(0)).collect();
     let ctx = Ctx { call, links, sent: counters(), received: counters(), kept: Default::default() };
+    let finishes = steps.end >= call.plan.steps.len();
     let body = async {
         for i in steps {
             ctx.run_step(i, buf).await?;
+        }
+        if finishes && call.op == ReduceOp::Avg && call.custom.is_none() {
+            divide_bytes(call.dtype, buf, call.plan.size);
         }
         Ok(())
     };
@@ -642,7 +567,7 @@ mod tests {
         type Log = Arc<std::sync::Mutex<Vec<Bytes>>>;
         let records: Vec<(Log, Log)> = (0..n).map(|_| (Log::default(), Log::default())).collect();
         let outs = rt.block_on(async {
-            let abort = AbortSignal::for_group(n);
+            let abort = AbortSignal::new();
             let mut tasks = Vec::new();
             for (rank, links) in crate::transport::mem::mesh(n, 64).into_iter().enumerate() {
                 let (sent, received) = records[rank].clone();
@@ -671,7 +596,7 @@ mod tests {
                     };
                     let x: Vec<f32> = (0..len).map(|i| ((i * (rank + 3)) % 17) as f32 * 0.37 - 2.0).collect();
                     let mut buf: Vec<u8> = bytemuck::cast_slice(&x).to_vec();
-                    execute_restoring(&call, &mut buf, &links, &abort).await.map(|()| buf)
+                    execute(&call, &mut buf, &links, &abort, 0..plan.steps.len()).await.map(|()| buf)
                 }));
             }
             let mut outs = Vec::new();

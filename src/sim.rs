@@ -2,16 +2,20 @@
 //!
 //! The ranks run as tasks of a single-threaded runtime over the in-memory transport, so
 //! a run is a pure function of its inputs. A [`Fault`] makes one rank vanish after a
-//! given step (its links close, as when a process dies); the ranks share an
-//! [`AbortSignal`], standing in for the master that tells everyone about a loss and
-//! decides whether each collective completed (see [`AbortSignal::for_group`]).
+//! given step (its links close, as when a process dies).
+//!
+//! Completion is agreed by the production protocol: every rank's peer state machine
+//! and the master's run as a [`Pair`] (no sockets, no clock), the ranks report their
+//! local results to it, and a rank keeps its result only when the master commits.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::dtype::{DType, ReduceOp};
 use crate::error::Error;
-use crate::exec::{execute, execute_restoring, AbortSignal, Call};
+use crate::exec::{execute, AbortSignal, Call};
+use crate::membership::pair::Pair;
+use crate::membership::peer::{OpKind, PeerConfig};
 use crate::op::CustomOp;
 use crate::plan::{Plan, Rank};
 use crate::quant::Codec;
@@ -101,17 +105,21 @@ impl Simulation {
 
     async fn run_async(&self, plans: &[Plan], bufs: Vec<Vec<u8>>, mesh: mem::Mesh) -> Vec<Outcome> {
         let n = plans.len();
-        let abort = AbortSignal::for_group(n);
+        let group = Arc::new(SimGroup::new(n));
         let mut tasks = Vec::new();
         for ((rank, links), (plan, mut buf)) in mesh.into_iter().enumerate().zip(plans.iter().cloned().zip(bufs)) {
-            let (sim, abort) = (self.clone(), abort.clone());
+            let (sim, group) = (self.clone(), group.clone());
             tasks.push(tokio::spawn(async move {
+                let (key, abort) = match group.begin(rank) {
+                    Ok(begun) => begun,
+                    Err(error) => return Outcome::Failed { error, buf },
+                };
                 let call = Call {
                     plan: &plan,
                     dtype: sim.dtype,
                     op: sim.op,
-                    epoch: 0,
-                    seq: 1,
+                    epoch: key.0,
+                    seq: key.1,
                     fingerprint: 0,
                     chunk_bytes: sim.chunk_bytes,
                     custom: sim.custom.as_deref(),
@@ -123,20 +131,23 @@ impl Simulation {
                     // What the doomed rank computes does not matter; its traffic does.
                     let result = execute(&call, &mut buf, &links, &abort, steps).await;
                     if result.is_ok() && f.after_steps >= plan.steps.len() {
-                        abort.arrive(rank, call.epoch, call.seq);
+                        group.end(rank, key, &Ok(()));
                     }
                     links.iter().flatten().for_each(|l| l.close());
-                    // The master notices the loss (missed heartbeats) and tells everyone.
-                    abort.fire(Error::PeerLost { rank, reason: "killed by the simulation".into() });
+                    // The master notices the loss (its control connection closes).
+                    group.kill(rank);
                     return Outcome::Killed;
                 }
-                let result = execute_restoring(&call, &mut buf, &links, &abort).await;
+                let backup = buf.clone();
+                let local = execute(&call, &mut buf, &links, &abort, 0..plan.steps.len()).await;
+                group.end(rank, key, &local);
+                let result = match local {
+                    Ok(()) => group.outcome(rank, key).await,
+                    Err(e) => Err(e),
+                };
                 match result {
                     Ok(()) => Outcome::Done(buf),
-                    Err(error) => {
-                        abort.fire(error.clone());
-                        Outcome::Failed { error, buf }
-                    }
+                    Err(error) => Outcome::Failed { error, buf: backup },
                 }
             }));
         }
@@ -156,5 +167,71 @@ impl Simulation {
             });
         }
         outcomes
+    }
+}
+
+/// The simulated group's master and peer state machines, shared by the rank tasks.
+struct SimGroup {
+    pair: std::sync::Mutex<Pair>,
+    signals: Vec<AbortSignal>,
+    changed: tokio::sync::watch::Sender<()>,
+}
+
+type Key = (u64, u64);
+
+impl SimGroup {
+    fn new(n: usize) -> SimGroup {
+        SimGroup {
+            pair: std::sync::Mutex::new(Pair::group(n, PeerConfig::default())),
+            signals: (0..n).map(|_| AbortSignal::new()).collect(),
+            changed: tokio::sync::watch::channel(()).0,
+        }
+    }
+
+    /// Runs `f` on the pair, then fires the aborts it ordered and wakes waiters.
+    fn with<T>(&self, f: impl FnOnce(&mut Pair) -> T) -> T {
+        let value = {
+            let mut pair = self.pair.lock().unwrap_or_else(|p| p.into_inner());
+            let value = f(&mut pair);
+            for (rank, aborts) in pair.aborts.iter_mut().enumerate() {
+                for (_, e) in aborts.drain(..) {
+                    self.signals[rank].fire(e);
+                }
+            }
+            value
+        };
+        self.changed.send_replace(());
+        value
+    }
+
+    fn begin(&self, rank: Rank) -> Result<(Key, AbortSignal), Error> {
+        self.with(|pair| {
+            let begun = pair.peers[rank].begin(OpKind::Whole { call: 0 })?;
+            pair.send(rank, begun.msg);
+            Ok(begun.key)
+        })
+        .map(|key| (key, self.signals[rank].clone()))
+    }
+
+    fn end(&self, rank: Rank, key: Key, local: &Result<(), Error>) {
+        self.with(|pair| {
+            let end = pair.peers[rank].end(key, local);
+            pair.send(rank, end);
+        });
+    }
+
+    fn kill(&self, rank: Rank) {
+        self.with(|pair| pair.disconnect(rank));
+    }
+
+    async fn outcome(&self, rank: Rank, key: Key) -> Result<(), Error> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            let outcome = self.pair.lock().unwrap_or_else(|p| p.into_inner()).peers[rank].outcome(key);
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+            let _ = rx.changed().await;
+        }
     }
 }

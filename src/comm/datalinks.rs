@@ -30,11 +30,13 @@ pub(crate) struct DataLinks {
     me: PeerId,
     endpoint: Arc<dyn Endpoint>,
     slots: Mutex<HashMap<PeerId, Arc<Slot>>>,
+    /// The epoch of the last view [`DataLinks::enter`] moved the links to.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl DataLinks {
     pub(crate) fn new(me: PeerId, endpoint: Arc<dyn Endpoint>) -> Arc<DataLinks> {
-        Arc::new(DataLinks { me, endpoint, slots: Mutex::new(HashMap::new()) })
+        Arc::new(DataLinks { me, endpoint, slots: Mutex::new(HashMap::new()), epoch: Default::default() })
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<Slot>>> {
@@ -74,6 +76,15 @@ impl DataLinks {
             let mut rx = slot.demux.subscribe();
             let d = rx.wait_for(usable).await.map_err(|_| LinkError::Closed("data links shut down".into()))?;
             d.clone().ok_or_else(|| LinkError::Closed("no link".into()))
+        }
+    }
+
+    /// Moves the links to `view` when it is newer than the last one (see
+    /// [`DataLinks::retain`]); a no-op for a view already entered.
+    pub(crate) fn enter(&self, view: &View) {
+        use std::sync::atomic::Ordering;
+        if self.epoch.fetch_max(view.epoch, Ordering::AcqRel) < view.epoch {
+            self.retain(view);
         }
     }
 

@@ -1,30 +1,41 @@
 //! [`Communicator`]: the object users hold to run collectives.
+//!
+//! A communicator is one [`AsyncPeer`] and a runtime to block on. Every group is a
+//! networked group: [`Communicator::local_group`] runs an embedded master over the
+//! in-memory network, [`Communicator::connect`] joins a master over QUIC, so both take
+//! the same path (see `comm::peer`).
 
 mod alltoall;
 mod datalinks;
 mod local;
-mod net;
+mod options;
 mod p2p;
+mod peer;
 mod quant;
 mod scan;
 mod sparse;
 mod subgroup;
+mod sync;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::collective::{Collective, Tuning};
-use crate::dtype::{divide_bytes, DType, Element, ReduceOp};
+use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::membership::wire::SyncStrategy;
 use crate::membership::PeerId;
 use crate::plan::Rank;
 use crate::state::SharedState;
 use crate::transport::endpoint::Endpoint;
+use crate::transport::quic::QuicEndpoint;
 
-pub use net::{AsyncPeer, ConnectOptions, RetryPolicy, SyncReport};
+pub use options::{ConnectOptions, RetryPolicy, SyncReport};
+pub use peer::AsyncPeer;
 pub use scan::{builtin_identity, ScanOptions};
 pub use sparse::{crossover_density, takes_dense_path, SparseReduced};
+
+use peer::{CallSpec, Scope};
 
 /// Settings of a local (in-process) group. Every rank must use the same [`Tuning`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,30 +74,54 @@ impl Default for Config {
 /// assert!(sums.iter().all(|x| x == &vec![6.0; 4]));
 /// ```
 pub struct Communicator {
-    backend: Backend,
+    runtime: Arc<tokio::runtime::Runtime>,
+    /// Present until [`Communicator::leave`] takes it.
+    peer: Option<AsyncPeer>,
+    /// An in-process group's master, kept alive while any of its ranks is.
+    _group: Option<Arc<local::LocalGroup>>,
 }
 
-enum Backend {
-    Local(local::Local),
-    Net(Box<net::Net>),
+/// The runtime a communicator blocks on: two workers, so that the data links, the
+/// control connection and the executor make progress while the caller's thread waits.
+fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .map_err(|e| Error::InvalidArgument(format!("cannot start the runtime: {e}")))
 }
 
 impl Communicator {
-    /// `n` connected communicators for ranks `0..n` of one process, over the in-memory
-    /// transport. Move each to its own thread: collectives block until all ranks call.
+    fn new(runtime: Arc<tokio::runtime::Runtime>, peer: AsyncPeer, group: Option<Arc<local::LocalGroup>>) -> Self {
+        Communicator { runtime, peer: Some(peer), _group: group }
+    }
+
+    /// `n` connected communicators for ranks `0..n` of one process. Move each to its
+    /// own thread: collectives block until all ranks call.
     ///
-    /// The group shares one abort signal, standing in for the master of a networked
-    /// group: when any rank's collective fails (a peer dropped its communicator, a
-    /// mismatch), every rank's collective in flight fails with the same error.
+    /// The group runs an embedded master over the in-memory network, so it keeps the
+    /// networked contract: when a rank's collective fails (a peer dropped its
+    /// communicator, a mismatch), every rank's collective in flight fails, and all
+    /// ranks agree on whether each collective completed. A lost rank ends a local
+    /// group: every later collective fails with [`Error::PeerLost`].
     pub fn local_group(n: usize, config: Config) -> Result<Vec<Communicator>> {
-        Ok(local::group(n, config)?.into_iter().map(|l| Communicator { backend: Backend::Local(l) }).collect())
+        local::group(n, config)
     }
 
     /// Joins the group whose master listens at `master`, over QUIC, and waits until
     /// admitted (the first peer at once; later ones when the members next call
     /// [`Communicator::update_topology`]).
     pub fn connect(master: SocketAddr, options: ConnectOptions) -> Result<Communicator> {
-        Ok(Communicator { backend: Backend::Net(Box::new(net::Net::connect_quic(master, options)?)) })
+        let (bind, quic) = (options.bind, options.quic.clone());
+        Communicator::connect_with(
+            move || {
+                let ep = QuicEndpoint::bind(bind, quic).map_err(|e| Error::JoinFailed { reason: e.to_string() })?;
+                Ok(Arc::new(ep) as Arc<dyn Endpoint>)
+            },
+            master,
+            options,
+        )
     }
 
     /// Like [`Communicator::connect`], over a given endpoint (e.g. an in-memory network
@@ -96,70 +131,65 @@ impl Communicator {
         master: SocketAddr,
         options: ConnectOptions,
     ) -> Result<Communicator> {
-        Ok(Communicator { backend: Backend::Net(Box::new(net::Net::connect(make_endpoint, master, options)?)) })
+        not_in_runtime("connect")?;
+        let runtime = Arc::new(runtime("phalanx")?);
+        let peer = runtime.block_on(async { AsyncPeer::connect(make_endpoint()?, master, options).await })?;
+        Ok(Communicator::new(runtime, peer, None))
+    }
+
+    /// The peer, unless it has left.
+    fn peer(&self) -> Option<&AsyncPeer> {
+        self.peer.as_ref()
+    }
+
+    /// Runs `f` on the peer, blocking this thread on the communicator's runtime.
+    fn block<R>(&mut self, f: impl AsyncFnOnce(&mut AsyncPeer) -> R) -> Result<R> {
+        not_in_runtime("call")?;
+        let runtime = self.runtime.clone();
+        let peer = self.peer.as_mut().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })?;
+        Ok(runtime.block_on(f(peer)))
     }
 
     /// This communicator's rank, `0..size()`.
     pub fn rank(&self) -> Rank {
-        match &self.backend {
-            Backend::Local(l) => l.rank,
-            Backend::Net(n) => n.peer().rank(),
-        }
+        self.peer().map_or(0, AsyncPeer::rank)
     }
 
     /// The number of ranks in the group.
     pub fn size(&self) -> usize {
-        match &self.backend {
-            Backend::Local(l) => l.size,
-            Backend::Net(n) => n.peer().size(),
-        }
+        self.peer().map_or(0, AsyncPeer::size)
     }
 
-    /// The epoch of the view this communicator is in (0 for local groups).
+    /// The epoch of the view this communicator is in (it grows with every change of
+    /// membership; a local group starts at 1).
     pub fn epoch(&self) -> u64 {
-        match &self.backend {
-            Backend::Local(_) => 0,
-            Backend::Net(n) => n.peer().epoch(),
-        }
+        self.peer().map_or(0, AsyncPeer::epoch)
     }
 
-    /// This peer's identity in a networked group (its rank in a local one).
+    /// This peer's identity (its rank at creation in a local group).
     pub fn peer_id(&self) -> PeerId {
-        match &self.backend {
-            Backend::Local(l) => l.rank as PeerId,
-            Backend::Net(n) => n.peer().id(),
-        }
+        self.peer().map_or(0, AsyncPeer::id)
     }
 
     /// The ids of the current view's members, in rank order.
     pub fn members(&self) -> Vec<PeerId> {
-        match &self.backend {
-            Backend::Local(l) => (0..l.size as PeerId).collect(),
-            Backend::Net(n) => n.peer().members(),
-        }
+        self.peer().map_or_else(Vec::new, AsyncPeer::members)
     }
 
-    /// How many peers are waiting to join (networked groups).
+    /// How many peers are waiting to join.
     pub fn peers_pending(&self) -> usize {
-        match &self.backend {
-            Backend::Local(_) => 0,
-            Backend::Net(n) => n.peer().peers_pending(),
-        }
+        self.peer().map_or(0, AsyncPeer::peers_pending)
     }
 
     /// Synchronises with the other members and admits any waiting joiners: every member
-    /// must call it; it returns when the master has settled the next view. A local
-    /// group has nothing to update.
+    /// must call it; it returns when the master has settled the next view.
     ///
     /// A newly admitted peer's first call returns at once: the members' round that
     /// admitted it counts as its own, so a training loop can call `update_topology` at
     /// the top of every step on joiners and members alike. Calling a collective while
     /// others are in `update_topology` (or the reverse) fails with [`Error::Mismatch`].
     pub fn update_topology(&mut self) -> Result<()> {
-        match &mut self.backend {
-            Backend::Local(_) => Ok(()),
-            Backend::Net(n) => n.update_topology(),
-        }
+        self.block(async |p| p.update_topology().await)?
     }
 
     /// Makes `state` bit-identical on every member: tensors whose content differs from
@@ -167,17 +197,14 @@ impl Communicator {
     /// Every member must call it with the same tensor names in the same order. On error
     /// `state` is unchanged.
     pub fn sync_shared_state(&mut self, state: &mut SharedState, strategy: SyncStrategy) -> Result<SyncReport> {
-        match &mut self.backend {
-            Backend::Local(_) => Err(Error::InvalidArgument("shared-state sync needs a networked group".into())),
-            Backend::Net(n) => n.sync_shared_state(state, strategy),
-        }
+        self.block(async |p| p.sync_shared_state(state, strategy).await)?
     }
 
-    /// Starts an all-reduce of `buf` and returns at once (networked groups only): the
-    /// collective runs in the background while the caller computes, and
-    /// [`PendingAllReduce::wait`] returns the reduced buffer. Several may be in flight;
-    /// every peer must start them in the same order. A started collective is not
-    /// retried: on a lost peer `wait` returns the error and the original buffer.
+    /// Starts an all-reduce of `buf` and returns at once: the collective runs in the
+    /// background while the caller computes, and [`PendingAllReduce::wait`] returns the
+    /// reduced buffer. Several may be in flight; every peer must start them in the same
+    /// order. A started collective is not retried: on a lost peer `wait` returns the
+    /// error and the original buffer.
     pub fn all_reduce_start<T: Element>(&mut self, buf: Vec<T>, op: ReduceOp) -> Result<PendingAllReduce<T>> {
         let bytes = bytemuck::cast_slice(&buf).to_vec();
         let raw = self.all_reduce_start_raw(bytes, T::DTYPE, op)?;
@@ -186,18 +213,18 @@ impl Communicator {
 
     /// [`Communicator::all_reduce_start`] on the bytes of elements of type `dtype`.
     pub fn all_reduce_start_raw(&mut self, buf: Vec<u8>, dtype: DType, op: ReduceOp) -> Result<PendingRaw> {
-        let Backend::Net(n) = &mut self.backend else {
-            return Err(Error::InvalidArgument("non-blocking collectives need a networked group".into()));
-        };
         let len = elements(buf.len(), dtype, "buffer")?;
-        let (task, runtime) = n.start(Collective::AllReduce { len }, dtype, op, buf);
-        Ok(PendingRaw { task, runtime, dtype, op })
+        let runtime = self.runtime.clone();
+        let peer = self.peer.as_mut().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })?;
+        let _guard = runtime.enter();
+        let task = peer.start(Collective::AllReduce { len }, dtype, op, buf);
+        Ok(PendingRaw { task, runtime: runtime.clone() })
     }
 
     /// Leaves the group gracefully: the others see a new view without this peer.
-    pub fn leave(self) {
-        if let Backend::Net(n) = self.backend {
-            n.leave();
+    pub fn leave(mut self) {
+        if let Some(peer) = self.peer.take() {
+            self.runtime.block_on(peer.leave());
         }
     }
 
@@ -252,16 +279,14 @@ impl Communicator {
 
     /// Returns once every rank has called `barrier`.
     pub fn barrier(&mut self) -> Result<()> {
-        self.run(&Collective::Barrier, DType::U8, ReduceOp::Sum, &mut []).map(|_| ())
+        self.run(&Collective::Barrier, DType::U8, ReduceOp::Sum, &mut [])
     }
 
     /// [`Communicator::all_reduce`] on the bytes of elements of type `dtype` (for
     /// bindings that know the type only at run time).
     pub fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let len = elements(buf.len(), dtype, "buffer")?;
-        let contributors = self.run(&Collective::AllReduce { len }, dtype, op, buf)?;
-        finish_avg(op, dtype, buf, contributors);
-        Ok(())
+        self.run(&Collective::AllReduce { len }, dtype, op, buf)
     }
 
     /// [`Communicator::reduce_scatter_v`] on bytes; `counts` are in elements.
@@ -285,10 +310,9 @@ impl Communicator {
         }
         let mut work = input.to_vec();
         let coll = Collective::ReduceScatter { counts: counts.to_vec() };
-        let contributors = self.run(&coll, dtype, op, &mut work)?;
+        self.run(&coll, dtype, op, &mut work)?;
         let start = counts[..rank].iter().sum::<usize>() * dtype.size();
         output.copy_from_slice(&work[start..start + output.len()]);
-        finish_avg(op, dtype, output, contributors);
         Ok(())
     }
 
@@ -317,7 +341,7 @@ impl Communicator {
     pub fn broadcast_raw(&mut self, buf: &mut [u8], dtype: DType, root: Rank) -> Result<()> {
         self.check_root(root)?;
         let len = elements(buf.len(), dtype, "buffer")?;
-        self.run(&Collective::Broadcast { root, len }, dtype, ReduceOp::Sum, buf).map(|_| ())
+        self.run(&Collective::Broadcast { root, len }, dtype, ReduceOp::Sum, buf)
     }
 
     /// [`Communicator::reduce`] on bytes.
@@ -325,13 +349,11 @@ impl Communicator {
         self.check_root(root)?;
         let coll = Collective::Reduce { root, len: elements(buf.len(), dtype, "buffer")? };
         if self.rank() == root {
-            let contributors = self.run(&coll, dtype, op, buf)?;
-            finish_avg(op, dtype, buf, contributors);
+            self.run(&coll, dtype, op, buf)
         } else {
             let mut scratch = buf.to_vec();
-            self.run(&coll, dtype, op, &mut scratch)?;
+            self.run(&coll, dtype, op, &mut scratch)
         }
-        Ok(())
     }
 
     fn check_counts(&self, counts: &[usize], total: usize, what: &str) -> Result<()> {
@@ -354,25 +376,22 @@ impl Communicator {
         Ok(())
     }
 
-    /// Runs one collective on `buf`; returns how many ranks contributed.
-    fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<usize> {
-        self.run_with(coll, dtype, op, None, buf)
+    /// Runs one collective of the whole group on `buf`.
+    fn run(&mut self, coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<()> {
+        self.run_spec(CallSpec::new(coll, dtype, op), buf)
     }
 
-    /// [`Communicator::run`] with a user-defined operator in place of `op`.
-    fn run_with(
-        &mut self,
-        coll: &Collective,
-        dtype: DType,
-        op: ReduceOp,
-        custom: Option<&dyn crate::op::CustomOp>,
-        buf: &mut [u8],
-    ) -> Result<usize> {
-        not_in_runtime("collective")?;
-        match &mut self.backend {
-            Backend::Local(l) => l.run_with(coll, dtype, op, custom, buf),
-            Backend::Net(n) => n.run_with(coll, dtype, op, custom, buf),
-        }
+    /// Runs one collective of the whole group as `spec` says.
+    fn run_spec(&mut self, spec: CallSpec<'_>, buf: &mut [u8]) -> Result<()> {
+        self.block(async |p| p.run(spec, Scope::Whole, buf).await)?
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // Drop the peer inside the runtime so that its tasks are cancelled cleanly.
+        let _guard = self.runtime.enter();
+        self.peer.take();
     }
 }
 
@@ -415,10 +434,8 @@ impl<T: Element> PendingAllReduce<T> {
 
 /// An all-reduce started by [`Communicator::all_reduce_start_raw`].
 pub struct PendingRaw {
-    task: net::Started,
+    task: peer::Started,
     runtime: Arc<tokio::runtime::Runtime>,
-    dtype: DType,
-    op: ReduceOp,
 }
 
 impl PendingRaw {
@@ -426,14 +443,11 @@ impl PendingRaw {
     /// was passed on error). Returns an empty buffer only if called from inside an async
     /// runtime (an error) or if the collective's task panicked.
     pub fn wait(self) -> (Result<()>, Vec<u8>) {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return (Err(Error::InvalidArgument("wait called from inside an async runtime".into())), Vec::new());
+        if let Err(e) = not_in_runtime("wait") {
+            return (Err(e), Vec::new());
         }
         match self.runtime.block_on(self.task) {
-            Ok((result, mut bytes)) => {
-                let result = result.map(|contributors| finish_avg(self.op, self.dtype, &mut bytes, contributors));
-                (result, bytes)
-            }
+            Ok(done) => done,
             Err(e) => (Err(Error::Aborted { reason: format!("collective task failed: {e}") }), Vec::new()),
         }
     }
@@ -441,12 +455,5 @@ impl PendingRaw {
     /// Whether the collective has finished (`wait` would not block).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
-    }
-}
-
-/// The second half of `Avg`: divides by the number of contributors.
-fn finish_avg(op: ReduceOp, dtype: DType, buf: &mut [u8], contributors: usize) {
-    if op == ReduceOp::Avg {
-        divide_bytes(dtype, buf, contributors);
     }
 }

@@ -27,18 +27,23 @@
 //! view it was sent in: when the view changes, a `send` or `recv` in progress returns
 //! [`Error::PeerLost`] if the peer left the view (crash, timeout, leave) and
 //! [`Error::Aborted`] otherwise, and messages of the old view still queued are dropped.
-//! A link that breaks gives `PeerLost` at once. In a local group a `recv` also wakes
-//! when the group's abort signal fires (a rank dropped its communicator). After an
-//! error the receive buffer holds what it held before the call. Both sides must use
+//! A link that breaks gives `PeerLost` at once. After an error the receive buffer holds
+//! what it held before the call. Both sides must use
 //! the same chunk size (the `Tuning` every rank shares).
 
 use bytes::Bytes;
 
-use super::{elements, Backend, Communicator};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::datalinks::DataLinks;
+use super::{elements, Communicator};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::membership::client::ControlClient;
+use crate::membership::{Member, PeerId, View};
 use crate::plan::Rank;
-use crate::transport::demux::{Demux, OpKey};
+use crate::transport::demux::{Demux, OpKey, OpLink};
 use crate::transport::{Frame, Header, Link, LinkError};
 
 /// The bit that marks a point-to-point message's key (`seq = 1 << 62 | tag`).
@@ -151,6 +156,107 @@ pub(crate) async fn recv_message(
     Ok(())
 }
 
+/// A peer's point-to-point receive queues of the current epoch, by `(peer, tag)`, each
+/// with the shared link it reads from.
+#[derive(Default)]
+pub(crate) struct Queues {
+    epoch: u64,
+    rx: HashMap<(PeerId, u32), (Arc<Demux>, OpLink)>,
+}
+
+impl Queues {
+    /// The current view; a new epoch drops the old one's queues (and their messages).
+    fn view(&mut self, control: &ControlClient, links: &DataLinks) -> Result<View> {
+        let view = control.view()?;
+        if view.epoch != self.epoch {
+            self.epoch = view.epoch;
+            self.rx.clear();
+            links.enter(&view);
+        }
+        Ok(view)
+    }
+
+    /// See [`crate::Communicator::send`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send(
+        &mut self,
+        control: &ControlClient,
+        links: &DataLinks,
+        to: Rank,
+        tag: u32,
+        dtype: DType,
+        data: &[u8],
+        chunk: usize,
+    ) -> Result<()> {
+        let view = self.view(control, links)?;
+        let peer = p2p_peer(&view, to, control.id())?;
+        let send = async {
+            let demux = links.get(&peer).await.map_err(|e| lost(to, e))?;
+            send_message(&demux, p2p_key(view.epoch, tag), dtype, data, chunk, to).await
+        };
+        until_view_changes(control, &view, to, peer.id, send).await
+    }
+
+    /// See [`crate::Communicator::recv`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn recv(
+        &mut self,
+        control: &ControlClient,
+        links: &DataLinks,
+        from: Rank,
+        tag: u32,
+        dtype: DType,
+        out: &mut [u8],
+        chunk: usize,
+    ) -> Result<()> {
+        let view = self.view(control, links)?;
+        let peer = p2p_peer(&view, from, control.id())?;
+        let get = async { links.get(&peer).await.map_err(|e| lost(from, e)) };
+        let demux = until_view_changes(control, &view, from, peer.id, get).await?;
+        let key = p2p_key(view.epoch, tag);
+        let entry = self.rx.entry((peer.id, tag)).or_insert_with(|| (demux.clone(), demux.op(key)));
+        if !Arc::ptr_eq(&entry.0, &demux) {
+            // The link was opened anew: the old queue is gone with the old link.
+            *entry = (demux.clone(), demux.op(key));
+        }
+        let recv = recv_message(&entry.1, tag, dtype, out, chunk, from);
+        until_view_changes(control, &view, from, peer.id, recv).await
+    }
+}
+
+/// Runs `work` unless the view changes first: then [`Error::PeerLost`] if `peer`
+/// (rank `rank` of `view`) left it, [`Error::Aborted`] otherwise.
+async fn until_view_changes<T>(
+    control: &ControlClient,
+    view: &View,
+    rank: Rank,
+    peer: PeerId,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        r = work => r,
+        next = control.view_after(view.epoch) => match next {
+            Ok(next) if next.rank_of(peer).is_none() => Err(Error::PeerLost {
+                rank,
+                reason: format!("left the view (now epoch {})", next.epoch),
+            }),
+            Ok(next) => Err(Error::Aborted {
+                reason: format!("the view changed to epoch {} during a point-to-point transfer", next.epoch),
+            }),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+fn p2p_peer(view: &View, rank: Rank, me: PeerId) -> Result<Member> {
+    match view.members.get(rank) {
+        Some(m) if m.id != me => Ok(m.clone()),
+        _ => {
+            Err(Error::InvalidArgument(format!("peer rank {rank} is this rank or outside a group of {}", view.size())))
+        }
+    }
+}
+
 impl Communicator {
     /// Sends `data` to rank `to` as one message with `tag` (see the module docs of
     /// `comm::p2p`). Returns once the message is handed to the transport.
@@ -168,10 +274,7 @@ impl Communicator {
     pub fn send_raw(&mut self, to: Rank, tag: u32, data: &[u8], dtype: DType) -> Result<()> {
         self.check_peer(to)?;
         elements(data.len(), dtype, "message")?;
-        match &mut self.backend {
-            Backend::Local(l) => l.send_p2p(to, tag, dtype, data),
-            Backend::Net(n) => n.send_p2p(to, tag, dtype, data),
-        }
+        self.block(async |p| p.send_p2p(to, tag, dtype, data).await)?
     }
 
     /// [`Communicator::recv`] on the bytes of elements of type `dtype`. On error `buf`
@@ -179,14 +282,10 @@ impl Communicator {
     pub fn recv_raw(&mut self, from: Rank, tag: u32, buf: &mut [u8], dtype: DType) -> Result<()> {
         self.check_peer(from)?;
         elements(buf.len(), dtype, "buffer")?;
-        match &mut self.backend {
-            Backend::Local(l) => l.recv_p2p(from, tag, dtype, buf),
-            Backend::Net(n) => n.recv_p2p(from, tag, dtype, buf),
-        }
+        self.block(async |p| p.recv_p2p(from, tag, dtype, buf).await)?
     }
 
     fn check_peer(&self, peer: Rank) -> Result<()> {
-        super::not_in_runtime("send/recv")?;
         if peer >= self.size() || peer == self.rank() {
             return Err(Error::InvalidArgument(format!(
                 "peer rank {peer} is this rank or outside a group of {}",
@@ -205,7 +304,7 @@ mod tests {
     fn keys_stay_apart_from_collectives_and_sub_groups() {
         let (_, seq) = p2p_key(3, u32::MAX);
         assert_ne!(seq & P2P_KEY_BIT, 0);
-        assert_eq!(seq & super::super::subgroup::SUB_KEY_BIT, 0);
+        assert_eq!(seq & crate::membership::peer::SUB_KEY_BIT, 0);
         assert_ne!(p2p_key(3, 1), p2p_key(3, 2));
         assert_eq!(chunks(0, 4).count(), 1);
         assert_eq!(chunks(9, 4).map(|r| r.len()).collect::<Vec<_>>(), vec![4, 4, 1]);

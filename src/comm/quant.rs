@@ -2,7 +2,7 @@
 //! codes instead of `f32`s (see [`crate::quant`] for the codec and [`crate::exec`] for
 //! the bit-parity rules).
 
-use super::{elements, finish_avg, Communicator};
+use super::{elements, Communicator};
 use crate::collective::Collective;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
@@ -79,8 +79,7 @@ impl Communicator {
                 )));
             }
         }
-        let contributors = self.run(&Collective::QuantizedAllReduce { len, quantization }, dtype, op, buf)?;
-        finish_avg(op, dtype, buf, contributors);
+        self.run(&Collective::QuantizedAllReduce { len, quantization }, dtype, op, buf)?;
         Ok(())
     }
 }

@@ -215,7 +215,6 @@ impl Communicator {
         op_id: u64,
         options: ScanOptions,
     ) -> Result<()> {
-        super::not_in_runtime("collective")?;
         let coll = Collective::AllScan {
             len,
             unit_bytes,
@@ -231,7 +230,7 @@ impl Communicator {
         if let Some(id) = identity.filter(|_| !options.inclusive) {
             work[bytes..2 * bytes].chunks_exact_mut(unit_bytes).for_each(|u| u.copy_from_slice(id));
         }
-        self.run_with(&coll, dtype, op, custom, &mut work)?;
+        self.run_spec(super::peer::CallSpec { coll: &coll, dtype, op, custom }, &mut work)?;
         let r = scan::result_range(len, options.inclusive, algorithm);
         buf.copy_from_slice(&work[r.start * unit_bytes..r.end * unit_bytes]);
         Ok(())

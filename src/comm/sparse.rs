@@ -2,7 +2,7 @@
 //! (FSSDP, see [`crate::plan::sparse`]) and the sparse all-reduce of `(index, value)`
 //! pairs ([`Communicator::sparse_all_reduce`]).
 
-use super::{elements, Backend, Communicator};
+use super::{elements, Communicator};
 use crate::collective::Collective;
 use crate::dtype::{DType, Element, Order, ReduceOp};
 use crate::error::{Error, Result};
@@ -85,7 +85,7 @@ impl Communicator {
     pub fn sparse_all_gather_raw(&mut self, placement: &Placement, buf: &mut [u8], dtype: DType) -> Result<()> {
         self.check_placement(placement, elements(buf.len(), dtype, "buffer")?)?;
         let coll = Collective::SparseAllGather { placement: placement.clone() };
-        self.run(&coll, dtype, ReduceOp::Sum, buf).map(|_| ())
+        self.run(&coll, dtype, ReduceOp::Sum, buf)
     }
 
     /// Sparse reduce-scatter spRS(P′, P): `buf` as for
@@ -210,10 +210,7 @@ impl Communicator {
             match self.sparse_all_reduce_once(dim, indices, values, dtype) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
-                    let again = match &mut self.backend {
-                        Backend::Net(n) => n.retry_composite(epoch, attempt, &e)?,
-                        Backend::Local(_) => false,
-                    };
+                    let again = self.block(async |p| p.retry_composite(epoch, attempt, &e).await)??;
                     if !again {
                         return Err(e);
                     }

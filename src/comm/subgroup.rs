@@ -33,37 +33,15 @@
 //! the member set wait for each other until one of them calls `update_topology` (which
 //! aborts the collective with `Mismatch`) or the view changes.
 //!
-//! In a local group ([`Communicator::local_group`]) a sub-group collective agrees on
-//! completion among its members only; as for every local collective, a failure ends the
-//! whole local group.
+//! Local groups ([`Communicator::local_group`]) take the same path; there a lost rank
+//! ends the whole group, as for every local collective.
 
-use super::{elements, finish_avg, Backend, Communicator};
+use super::peer::{CallSpec, Scope};
+use super::{elements, Communicator};
 use crate::collective::Collective;
 use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Rank, Step};
-
-/// The bit that marks a sub-group collective's key.
-pub(crate) const SUB_KEY_BIT: u64 = 1 << 63;
-
-/// The key of the `counter`-th collective (from 1) of the member set with peer ids
-/// `ids` (in sub-rank order) in an epoch.
-pub(crate) fn sub_key(ids: &[u64], counter: u32) -> u64 {
-    SUB_KEY_BIT | (set_hash(ids) & 0x7fff_ffff) << 32 | counter as u64
-}
-
-/// FNV-1a of the members' ids, stable across processes.
-pub(crate) fn set_hash(ids: &[u64]) -> u64 {
-    ids.iter()
-        .flat_map(|id| id.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// A call's fingerprint with the member set mixed in, so that frames of two sub-groups
-/// sharing a key are told apart.
-pub(crate) fn sub_fingerprint(call: u64, ids: &[u64]) -> u64 {
-    (call ^ set_hash(ids).rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5ab5_ab5a
-}
 
 /// Checks `members` (view ranks) for a caller of rank `me` in a group of `size`:
 /// returns them in ascending order, with the caller's sub-rank.
@@ -84,7 +62,7 @@ pub(crate) fn canonical(members: &[Rank], me: Rank, size: usize) -> Result<(Vec<
 
 /// Rewrites a sub-group plan's peers from sub-ranks to the view ranks `members[i]`, so
 /// that it runs over the view's links and every error names a view rank. `plan.rank`
-/// stays the sub-rank (a local sub-group's completion agreement counts by sub-rank).
+/// stays the sub-rank.
 pub(crate) fn plan_in_view(mut plan: Plan, members: &[Rank]) -> Plan {
     let map = |r: &mut Rank| *r = members.get(*r).copied().unwrap_or(usize::MAX);
     for step in &mut plan.steps {
@@ -175,9 +153,7 @@ impl Communicator {
     /// [`Communicator::sub_all_reduce`] on the bytes of elements of type `dtype`.
     pub fn sub_all_reduce_raw(&mut self, members: &[Rank], buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let len = elements(buf.len(), dtype, "buffer")?;
-        let contributors = self.run_sub(members, &Collective::AllReduce { len }, dtype, op, buf)?;
-        finish_avg(op, dtype, buf, contributors);
-        Ok(())
+        self.run_sub(members, &Collective::AllReduce { len }, dtype, op, buf)
     }
 
     /// Copies `root`'s `buf` to every member's `buf`; `root` is a view rank in `members`.
@@ -262,33 +238,23 @@ impl Communicator {
         }
         let n = elements(output.len(), dtype, "output")?;
         let mut work = input.to_vec();
-        let contributors =
-            self.run_sub(members, &Collective::ReduceScatter { counts: vec![n; k] }, dtype, op, &mut work)?;
+        self.run_sub(members, &Collective::ReduceScatter { counts: vec![n; k] }, dtype, op, &mut work)?;
         output.copy_from_slice(&work[me * output.len()..(me + 1) * output.len()]);
-        finish_avg(op, dtype, output, contributors);
         Ok(())
     }
 
     /// Returns once every member of `members` has called it.
     pub fn sub_barrier(&mut self, members: &[Rank]) -> Result<()> {
-        self.run_sub(members, &Collective::Barrier, DType::U8, ReduceOp::Sum, &mut []).map(|_| ())
+        self.run_sub(members, &Collective::Barrier, DType::U8, ReduceOp::Sum, &mut [])
     }
 
-    /// Runs one collective among `members`; returns how many ranks contributed.
-    fn run_sub(
-        &mut self,
-        members: &[Rank],
-        coll: &Collective,
-        dtype: DType,
-        op: ReduceOp,
-        buf: &mut [u8],
-    ) -> Result<usize> {
-        super::not_in_runtime("collective")?;
+    /// Runs one collective among `members` (view ranks), with retries over the same
+    /// members while all of them survive.
+    fn run_sub(&mut self, members: &[Rank], coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<()> {
         let (sorted, _) = canonical(members, self.rank(), self.size())?;
-        match &mut self.backend {
-            Backend::Local(l) => l.run_sub(&sorted, coll, dtype, op, buf),
-            Backend::Net(n) => n.run_sub(&sorted, coll, dtype, op, buf),
-        }
+        let ids = self.block(async |p| p.ids_of(&sorted))??;
+        let spec = CallSpec::new(coll, dtype, op);
+        self.block(async |p| p.run(spec, Scope::Sub(&ids), buf).await)?
     }
 }
 
@@ -322,6 +288,7 @@ mod tests {
 
     #[test]
     fn sub_keys_stay_out_of_the_whole_group_s_space_and_apart() {
+        use crate::membership::peer::{sub_fingerprint, sub_key, SUB_KEY_BIT};
         let (a, b) = (sub_key(&[1, 2], 1), sub_key(&[3, 4], 1));
         assert!(a & SUB_KEY_BIT != 0 && b & SUB_KEY_BIT != 0);
         assert_ne!(a, b);

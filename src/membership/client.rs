@@ -1,175 +1,27 @@
-//! A peer's control connection to the master.
+//! A peer's control connection to the master: the driver of [`PeerState`].
 //!
-//! [`ControlClient`] sends the peer's messages and heartbeats, and turns the master's
-//! messages into state the communicator waits on: the current view, each collective's
-//! [`OpSlot`] (its abort signal, decision and sync plan), and whether this peer is still
-//! a member. A view change fires the abort signal of every collective of older epochs;
-//! a removal fires them all with [`Error::Removed`].
+//! [`ControlClient`] owns the connection's read and write loops and one [`PeerState`].
+//! Every message from the master goes through the state machine; the aborts it orders
+//! fire the collectives' [`AbortSignal`]s, and every change wakes the tasks waiting on
+//! the state (for an admission, a decision, a sync plan, a view or a topology round).
+//! Nothing here decides anything: the rules are in [`super::peer`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use super::peer::{Begun, OpKey, OpKind, PeerConfig, PeerState, Retry, SyncPlan, Topology};
 use super::server::{frame_body, to_frame, CONTROL_HELLO};
 use super::view::{PeerId, View};
-use super::wire::{AbortReason, Decision, Digest, Removal, ToMaster, ToPeer, Transfer};
+use super::wire::{ToMaster, ToPeer};
 use crate::error::{Error, Result};
 use crate::exec::AbortSignal;
-use crate::transport::demux::OpKey;
 use crate::transport::endpoint::Endpoint;
 use crate::transport::Link;
-
-/// A sync plan as received: the agreed content of each tensor and the transfers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SyncPlan {
-    /// Agreed `(revision, digest)` per tensor.
-    pub agreed: Vec<(u64, Digest)>,
-    /// Who sends what to whom.
-    pub transfers: Vec<Transfer>,
-}
-
-/// What one collective waits on.
-#[derive(Default)]
-pub struct OpSlot {
-    /// Fired when the collective must stop (view change, master abort, removal).
-    pub abort: AbortSignal,
-    decision: watch::Sender<Option<Decision>>,
-    plan: watch::Sender<Option<SyncPlan>>,
-}
-
-impl OpSlot {
-    /// Waits for the master's decision; a fired abort counts as an abort decision.
-    pub async fn decision(&self) -> std::result::Result<(), Error> {
-        let mut rx = self.decision.subscribe();
-        tokio::select! {
-            biased;
-            d = rx.wait_for(Option::is_some) => match d.ok().and_then(|d| d.clone()) {
-                Some(Decision::Commit) => Ok(()),
-                Some(Decision::Abort(reason)) => Err(abort_error(reason)),
-                None => Err(Error::Removed { reason: "control connection closed".into() }),
-            },
-            e = self.abort.wait() => Err(e),
-        }
-    }
-
-    /// Waits for the sync plan, or an abort.
-    pub async fn sync_plan(&self) -> Result<SyncPlan> {
-        let mut rx = self.plan.subscribe();
-        tokio::select! {
-            biased;
-            e = self.abort.wait() => Err(e),
-            p = rx.wait_for(Option::is_some) => p
-                .ok()
-                .and_then(|p| p.clone())
-                .ok_or_else(|| Error::Removed { reason: "control connection closed".into() }),
-        }
-    }
-}
-
-/// The error a peer's collective returns for the master's abort reason.
-pub fn abort_error(reason: AbortReason) -> Error {
-    match reason {
-        AbortReason::PeerLost { rank, detail } => Error::PeerLost { rank: rank as usize, reason: detail },
-        AbortReason::Mismatch { detail } => Error::Mismatch { detail },
-        AbortReason::Failed { rank, detail } => Error::Aborted { reason: format!("rank {rank} failed: {detail}") },
-    }
-}
-
-/// The latest view, how many topology rounds have ended (update_topology waits for the
-/// next one), and whether this peer is still a member.
-#[derive(Clone, Debug, Default)]
-pub struct ViewState {
-    /// The view; `None` until admitted.
-    pub view: Option<View>,
-    /// Topology rounds completed so far.
-    pub rounds: u64,
-    /// Why this peer is no longer a member, once it is not.
-    pub gone: Option<String>,
-}
-
-struct Shared {
-    view: watch::Sender<ViewState>,
-    pending_joiners: AtomicU32,
-    ops: Mutex<HashMap<OpKey, Arc<OpSlot>>>,
-}
-
-impl Shared {
-    fn ops(&self) -> std::sync::MutexGuard<'_, HashMap<OpKey, Arc<OpSlot>>> {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn slot(&self, key: OpKey) -> Arc<OpSlot> {
-        let slot = self.ops().entry(key).or_default().clone();
-        // A view change or removal that happened just before the slot existed did not
-        // fire it; `on_view` and `on_gone` publish their state before firing, so
-        // checking after inserting catches every such case.
-        let state = self.view.borrow();
-        if let Some(reason) = &state.gone {
-            slot.abort.fire(Error::Removed { reason: reason.clone() });
-        } else if let Some(epoch) = state.view.as_ref().map(|v| v.epoch).filter(|&e| e > key.0) {
-            slot.abort.fire(Error::Aborted { reason: format!("the view changed to epoch {epoch}") });
-        }
-        slot
-    }
-
-    fn on_message(&self, msg: ToPeer) {
-        match msg {
-            ToPeer::Pending => {}
-            ToPeer::PendingJoiners { count } => self.pending_joiners.store(count, Ordering::Relaxed),
-            ToPeer::View { view, removed } => self.on_view(view, removed),
-            ToPeer::Outcome { epoch, seq, decision } => {
-                let slot = self.slot((epoch, seq));
-                if let Decision::Abort(reason) = &decision {
-                    slot.abort.fire(abort_error(reason.clone()));
-                }
-                slot.decision.send_replace(Some(decision));
-            }
-            ToPeer::SyncPlan { epoch, seq, agreed, transfers } => {
-                self.slot((epoch, seq)).plan.send_replace(Some(SyncPlan { agreed, transfers }));
-            }
-            ToPeer::Refused { reason } => self.on_gone(reason),
-            ToPeer::Heartbeat => {}
-            ToPeer::TopologyDone { .. } => self.view.send_modify(|s| s.rounds += 1),
-        }
-    }
-
-    fn on_view(&self, view: View, removed: Vec<Removal>) {
-        let reason = match removed.first() {
-            Some(r) => Error::PeerLost { rank: r.rank as usize, reason: r.detail.clone() },
-            None => Error::Aborted { reason: format!("the view changed to epoch {}", view.epoch) },
-        };
-        let epoch = view.epoch;
-        self.pending_joiners.store(0, Ordering::Relaxed);
-        // Publish first, then fire: see `slot`.
-        self.view.send_modify(|s| s.view = Some(view));
-        self.ops().retain(|key, slot| {
-            if key.0 < epoch {
-                slot.abort.fire(reason.clone());
-                false
-            } else {
-                true
-            }
-        });
-    }
-
-    fn on_gone(&self, reason: String) {
-        let err = Error::Removed { reason: reason.clone() };
-        // Publish first, then fire: see `slot`.
-        self.view.send_modify(|s| {
-            if s.gone.is_none() {
-                s.gone = Some(reason);
-            }
-        });
-        for slot in self.ops().values() {
-            slot.abort.fire(err.clone());
-        }
-    }
-}
 
 /// Default [`ControlConfig::heartbeat_interval`] in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 150;
@@ -193,7 +45,54 @@ impl Default for ControlConfig {
         ControlConfig {
             heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
             join_timeout: None,
-            master_timeout: Duration::from_millis(2000),
+            master_timeout: PeerConfig::default().master_timeout,
+        }
+    }
+}
+
+/// The state machine and the abort signals of the collectives in flight.
+struct Core {
+    peer: PeerState,
+    signals: HashMap<OpKey, AbortSignal>,
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    /// Bumped after every change of `core`; waiters re-check on it.
+    changed: watch::Sender<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `f` to the state, fires the aborts it orders and wakes the waiters.
+    fn apply<T>(&self, f: impl FnOnce(&mut PeerState) -> (T, Vec<(OpKey, Error)>)) -> T {
+        let value = {
+            let mut core = self.lock();
+            let (value, aborts) = f(&mut core.peer);
+            for (key, e) in aborts {
+                if let Some(signal) = core.signals.get(&key) {
+                    signal.fire(e);
+                }
+            }
+            value
+        };
+        self.changed.send_replace(());
+        value
+    }
+
+    /// Waits until `f` returns `Some` on the state.
+    async fn wait<T>(&self, mut f: impl FnMut(&PeerState) -> Option<T>) -> T {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if let Some(t) = f(&self.lock().peer) {
+                return t;
+            }
+            // The sender lives in `self`: `changed` fails only if it is dropped, which
+            // cannot happen while we borrow it; treat it as a change regardless.
+            let _ = rx.changed().await;
         }
     }
 }
@@ -206,6 +105,12 @@ pub struct ControlClient {
     link: Arc<dyn Link>,
 }
 
+/// The current time on tokio's clock, so that a paused clock (simulations) governs
+/// timeouts too.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl ControlClient {
     /// Connects to the master at `master`, asks to join as `id` with data links
     /// accepted at `data_addr`, and waits until admitted. Call inside a tokio runtime.
@@ -215,36 +120,37 @@ impl ControlClient {
         id: PeerId,
         data_addr: SocketAddr,
         config: ControlConfig,
+        peer: PeerConfig,
     ) -> Result<ControlClient> {
         let link = endpoint
             .connect(master, Bytes::from_static(CONTROL_HELLO))
             .await
             .map_err(|e| Error::JoinFailed { reason: format!("cannot reach the master at {master}: {e}") })?;
-        let shared = Arc::new(Shared {
-            view: watch::channel(ViewState::default()).0,
-            pending_joiners: AtomicU32::new(0),
-            ops: Mutex::new(HashMap::new()),
-        });
+        let peer = PeerState::new(id, PeerConfig { master_timeout: config.master_timeout, ..peer }, now());
+        let shared =
+            Arc::new(Shared { core: Mutex::new(Core { peer, signals: HashMap::new() }), changed: watch::channel(()).0 });
+        // Control messages are few and small (one or two per collective); the writer
+        // drains them as fast as the connection takes them.
         let (out, out_rx) = mpsc::unbounded_channel();
         let _ = out.send(ToMaster::Join { id, data_addr });
         tokio::spawn(write_loop(link.clone(), out_rx, config.heartbeat_interval));
-        tokio::spawn(read_loop(link.clone(), shared.clone(), config.master_timeout));
+        tokio::spawn(read_loop(link.clone(), shared.clone()));
         let client = ControlClient { id, out, shared, link };
-        let admitted = async {
-            let mut rx = client.shared.view.subscribe();
-            let state = rx.wait_for(|s| s.view.is_some() || s.gone.is_some()).await;
-            state.ok().and_then(|s| s.gone.clone())
-        };
-        let refused = match config.join_timeout {
-            Some(t) => {
-                tokio::time::timeout(t, admitted).await.unwrap_or_else(|_| Some(format!("not admitted within {t:?}")))
-            }
+        let admitted = client.shared.wait(|p| p.admission());
+        let admitted = match config.join_timeout {
+            Some(t) => tokio::time::timeout(t, admitted)
+                .await
+                .unwrap_or_else(|_| Err(Error::Removed { reason: format!("not admitted within {t:?}") })),
             None => admitted.await,
         };
-        match refused {
-            None => Ok(client),
-            Some(reason) => {
+        match admitted {
+            Ok(_) => Ok(client),
+            Err(e) => {
                 client.link.close();
+                let reason = match e {
+                    Error::Removed { reason } => reason,
+                    other => other.to_string(),
+                };
                 Err(Error::JoinFailed { reason })
             }
         }
@@ -255,24 +161,14 @@ impl ControlClient {
         self.id
     }
 
-    /// The current view state.
-    pub fn state(&self) -> ViewState {
-        self.shared.view.borrow().clone()
-    }
-
     /// The current view, or the reason this peer is no longer a member.
     pub fn view(&self) -> Result<View> {
-        let s = self.state();
-        match (s.gone, s.view) {
-            (Some(reason), _) => Err(Error::Removed { reason }),
-            (None, Some(v)) => Ok(v),
-            (None, None) => Err(Error::Removed { reason: "not admitted yet".into() }),
-        }
+        self.shared.lock().peer.view()
     }
 
     /// Joiners waiting for admission, as last announced by the master.
     pub fn pending_joiners(&self) -> u32 {
-        self.shared.pending_joiners.load(Ordering::Relaxed)
+        self.shared.lock().peer.pending_joiners()
     }
 
     /// Sends `msg` to the master (never blocks).
@@ -280,47 +176,92 @@ impl ControlClient {
         let _ = self.out.send(msg); // if the writer is gone, the reader reports removal
     }
 
-    /// The slot of collective `key`.
-    pub fn slot(&self, key: OpKey) -> Arc<OpSlot> {
-        self.shared.slot(key)
+    /// Begins a collective: numbers it, tells the master, and returns it with the
+    /// signal that stops it. With `ranks`, a collective whose per-rank counts assume
+    /// that many ranks is refused (nothing numbered) unless it runs among that many.
+    pub fn begin(&self, kind: OpKind<'_>, ranks: Option<usize>) -> Result<(Begun, AbortSignal)> {
+        let begun = {
+            let mut core = self.shared.lock();
+            if let Some(n) = ranks {
+                let size = match &kind {
+                    OpKind::Sub { members, .. } => members.len(),
+                    _ => core.peer.view()?.size(),
+                };
+                if n != size {
+                    return Err(Error::InvalidArgument(format!("per-rank counts for {n} ranks in a group of {size}")));
+                }
+            }
+            let begun = core.peer.begin(kind)?;
+            let signal = AbortSignal::new();
+            if let Some(e) = &begun.doomed {
+                signal.fire(e.clone());
+            }
+            core.signals.insert(begun.key, signal.clone());
+            (begun, signal)
+        };
+        self.send(begun.0.msg.clone());
+        Ok(begun)
     }
 
-    /// Forgets a finished collective's slot.
-    pub fn forget(&self, key: OpKey) {
-        self.shared.ops().remove(&key);
+    /// Reports the local result of `key` and waits for the master's decision.
+    ///
+    /// A local mismatch is returned only once the master has decided (it aborts for
+    /// every member on this report), so that a caller that gives up and exits at once
+    /// cannot take the report down with it and leave the others to time out on a lost
+    /// peer instead of getting the mismatch.
+    pub async fn conclude(&self, key: OpKey, local: Result<()>) -> Result<()> {
+        let end = self.shared.lock().peer.end(key, &local);
+        self.send(end);
+        match local {
+            Ok(()) => self.shared.wait(|p| p.outcome(key)).await,
+            Err(e @ Error::Mismatch { .. }) => {
+                let _ = self.shared.wait(|p| p.outcome(key)).await;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// Waits until more than `seen` topology rounds have completed, or removal.
-    pub async fn round_after(&self, seen: u64) -> Result<View> {
-        let mut rx = self.shared.view.subscribe();
-        let s = rx.wait_for(|s| s.rounds > seen || s.gone.is_some()).await.map(|s| s.clone());
-        match s {
-            Ok(ViewState { gone: Some(reason), .. }) => Err(Error::Removed { reason }),
-            Ok(ViewState { view: Some(v), .. }) => Ok(v),
-            _ => Err(Error::Removed { reason: "control connection closed".into() }),
+    /// Waits for the sync plan of `key`, or an abort.
+    pub async fn sync_plan(&self, key: OpKey) -> Result<SyncPlan> {
+        self.shared.wait(|p| p.sync_plan(key)).await
+    }
+
+    /// Forgets a finished collective.
+    pub fn finish(&self, key: OpKey) {
+        let mut core = self.shared.lock();
+        core.peer.finish(key);
+        core.signals.remove(&key);
+    }
+
+    /// Whether to run a failed collective again (see [`PeerState::retry`]).
+    pub fn retry(&self, e: &Error, attempt: u32, max_attempts: u32, epoch: u64) -> Retry {
+        self.shared.lock().peer.retry(e, attempt, max_attempts, epoch)
+    }
+
+    /// Takes part in a topology round (see `Communicator::update_topology`).
+    pub async fn update_topology(&self) -> Result<()> {
+        let step = self.shared.lock().peer.update_topology()?;
+        match step {
+            Topology::Done => Ok(()),
+            Topology::Wait { msg, seen } => {
+                self.send(msg);
+                self.shared.wait(|p| p.round_after(seen)).await.map(|_| ())
+            }
         }
     }
 
     /// Waits for a view of an epoch above `epoch`, or removal.
     pub async fn view_after(&self, epoch: u64) -> Result<View> {
-        let mut rx = self.shared.view.subscribe();
-        let s = rx
-            .wait_for(|s| s.gone.is_some() || s.view.as_ref().is_some_and(|v| v.epoch > epoch))
-            .await
-            .map(|s| s.clone());
-        match s {
-            Ok(ViewState { gone: None, view: Some(v), .. }) => Ok(v),
-            Ok(ViewState { gone: Some(reason), .. }) => Err(Error::Removed { reason }),
-            _ => Err(Error::Removed { reason: "control connection closed".into() }),
-        }
+        self.shared.wait(|p| p.view_after(epoch)).await
     }
 
     /// Leaves the group gracefully and closes the connection.
     pub async fn leave(&self) {
         self.send(ToMaster::Leave);
         // The master answers a leave by closing; wait for that, but not forever.
-        let mut rx = self.shared.view.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| s.gone.is_some())).await;
+        let gone = self.shared.wait(|p| p.gone().map(|_| ()));
+        let _ = tokio::time::timeout(Duration::from_secs(2), gone).await;
         self.link.close();
     }
 }
@@ -347,17 +288,29 @@ async fn write_loop(link: Arc<dyn Link>, mut out: mpsc::UnboundedReceiver<ToMast
     }
 }
 
-async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>, master_timeout: Duration) {
+async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
     let reason = loop {
-        match tokio::time::timeout(master_timeout, link.recv()).await {
+        let deadline = shared.lock().peer.next_deadline();
+        let received = match deadline {
+            Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), link.recv()).await,
+            None => Ok(link.recv().await),
+        };
+        match received {
             Ok(Ok(frame)) => match frame_body(&frame).and_then(ToPeer::decode) {
-                Ok(msg) => shared.on_message(msg),
+                Ok(msg) => shared.apply(|p| ((), p.handle(msg, now()))),
                 Err(e) => break format!("undecodable message from the master: {e}"),
             },
             Ok(Err(e)) => break format!("connection to the master lost: {e}"),
-            Err(_) => break format!("no word from the master for {} ms", master_timeout.as_millis()),
+            Err(_) => {
+                if shared.apply(|p| {
+                    let aborts = p.tick(now());
+                    (p.gone().is_some(), aborts)
+                }) {
+                    break String::new(); // the state machine has recorded why
+                }
+            }
         }
     };
-    shared.on_gone(reason);
+    shared.apply(|p| ((), if reason.is_empty() { Vec::new() } else { p.disconnected(reason) }));
     link.close();
 }

@@ -44,11 +44,14 @@ pub struct MasterConfig {
     pub peer_timeout: Duration,
     /// At most this many joiners wait for admission; more are refused.
     pub max_pending: usize,
+    /// The first view forms once this many peers have joined (ranked by peer id);
+    /// until then joiners wait. 1 (the default) admits the first joiner at once.
+    pub initial_peers: usize,
 }
 
 impl Default for MasterConfig {
     fn default() -> Self {
-        MasterConfig { peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS), max_pending: 256 }
+        MasterConfig { peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS), max_pending: 256, initial_peers: 1 }
     }
 }
 
@@ -203,7 +206,7 @@ impl MasterState {
         }
         self.conns.insert(conn, id);
         self.pending.push(Peer { id, addr, conn, last_seen: now });
-        if self.members.is_empty() {
+        if self.members.is_empty() && (self.epoch > 0 || self.pending.len() >= self.config.initial_peers) {
             self.admit_pending(out);
         } else {
             out.push(Output::Send(conn, ToPeer::Pending));
@@ -240,7 +243,11 @@ impl MasterState {
     }
 
     fn admit_pending(&mut self, out: &mut Vec<Output>) {
-        let joiners = std::mem::take(&mut self.pending);
+        let mut joiners = std::mem::take(&mut self.pending);
+        if self.members.is_empty() {
+            // A first view of several peers ranks them by id, whatever their arrival order.
+            joiners.sort_by_key(|p| p.id);
+        }
         self.members.extend(joiners);
         self.new_epoch(Vec::new(), out);
     }

@@ -1,10 +1,17 @@
-//! Membership: the master that holds the view, and the protocol peers speak to it.
+//! Membership: the master that holds the view, the peer that follows it, and the
+//! protocol between them.
 //!
-//! The [`master`] is a sans-IO state machine ([`master::MasterState`]) driven by
-//! over QUIC by the server; [`wire`] is the control protocol; [`view`] defines views.
+//! Both roles are sans-IO state machines — [`master::MasterState`] and
+//! [`peer::PeerState`] — each driven by a small async driver ([`server`] for the
+//! master, [`client`] for a peer); [`pair`] runs them together with no runtime.
+//! [`wire`] is the control protocol; [`view`] defines views.
 
 pub mod client;
 pub mod master;
+pub mod pair;
+#[cfg(test)]
+mod pair_tests;
+pub mod peer;
 pub mod server;
 pub mod view;
 pub mod wire;

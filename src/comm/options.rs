@@ -1,0 +1,148 @@
+//! How a peer joins a group: [`ConnectOptions`] and [`RetryPolicy`]; what a shared-state
+//! sync reports: [`SyncReport`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::collective::Tuning;
+use crate::membership::client::ControlConfig;
+use crate::membership::PeerId;
+use crate::transport::quic::QuicConfig;
+
+/// What a collective does when a peer is lost while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// Return the error ([`crate::Error::is_retryable`] says whether a retry could help);
+    /// the caller decides.
+    Never,
+    /// Run again over the survivors once the master has published the view without
+    /// the lost peer, up to `max_attempts` times in all.
+    OnPeerLost {
+        /// Attempts in all, the first included.
+        max_attempts: u32,
+    },
+}
+
+impl RetryPolicy {
+    /// Attempts in all (at least one).
+    pub fn attempts(self) -> u32 {
+        match self {
+            RetryPolicy::Never => 1,
+            RetryPolicy::OnPeerLost { max_attempts } => max_attempts.max(1),
+        }
+    }
+}
+
+/// How to join a group. Build it with [`ConnectOptions::new`] and the setters, or as a
+/// struct literal with `..ConnectOptions::default()`.
+///
+/// ```
+/// use std::time::Duration;
+/// use phalanx::comm::{ConnectOptions, RetryPolicy};
+/// let options = ConnectOptions::new()
+///     .secret("correct horse battery staple")
+///     .retry(RetryPolicy::OnPeerLost { max_attempts: 3 })
+///     .heartbeat(Duration::from_millis(100));
+/// assert_eq!(options.retry, RetryPolicy::OnPeerLost { max_attempts: 3 });
+/// assert_eq!(options.quic.secret.as_deref(), Some(&b"correct horse battery staple"[..]));
+/// ```
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Where this peer accepts data links (default `127.0.0.1:0`: loopback, any port).
+    pub bind: SocketAddr,
+    /// This peer's id; random when `None`.
+    pub peer_id: Option<PeerId>,
+    /// Heartbeats and join timeout.
+    pub control: ControlConfig,
+    /// Algorithm choices; must be equal on every peer.
+    pub tuning: Tuning,
+    /// Behaviour when a peer is lost mid-collective.
+    pub retry: RetryPolicy,
+    /// QUIC settings, the cluster secret among them.
+    pub quic: QuicConfig,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peer_id: None,
+            control: ControlConfig::default(),
+            tuning: Tuning::default(),
+            retry: RetryPolicy::Never,
+            quic: QuicConfig::default(),
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// The defaults: loopback, a random id, no retries, QUIC with no secret.
+    pub fn new() -> ConnectOptions {
+        ConnectOptions::default()
+    }
+
+    /// The cluster secret every peer and the master share (see [`QuicConfig::secret`]).
+    pub fn secret(mut self, secret: impl AsRef<[u8]>) -> ConnectOptions {
+        self.quic.secret = Some(std::sync::Arc::from(secret.as_ref()));
+        self
+    }
+
+    /// Where this peer accepts data links (`0.0.0.0:PORT` to be reachable from others).
+    pub fn bind(mut self, addr: SocketAddr) -> ConnectOptions {
+        self.bind = addr;
+        self
+    }
+
+    /// This peer's id (must be unique in the cluster; random by default).
+    pub fn peer_id(mut self, id: PeerId) -> ConnectOptions {
+        self.peer_id = Some(id);
+        self
+    }
+
+    /// What a collective does when a peer is lost.
+    pub fn retry(mut self, retry: RetryPolicy) -> ConnectOptions {
+        self.retry = retry;
+        self
+    }
+
+    /// Algorithm choices and chunk size (equal on every peer).
+    pub fn tuning(mut self, tuning: Tuning) -> ConnectOptions {
+        self.tuning = tuning;
+        self
+    }
+
+    /// How often to send heartbeats to the master.
+    pub fn heartbeat(mut self, interval: Duration) -> ConnectOptions {
+        self.control.heartbeat_interval = interval;
+        self
+    }
+
+    /// How long to wait for admission (default: forever).
+    pub fn join_timeout(mut self, timeout: Duration) -> ConnectOptions {
+        self.control.join_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a silent master is tolerated before this peer counts itself removed.
+    pub fn master_timeout(mut self, timeout: Duration) -> ConnectOptions {
+        self.control.master_timeout = timeout;
+        self
+    }
+
+    /// All QUIC settings at once.
+    pub fn quic(mut self, quic: QuicConfig) -> ConnectOptions {
+        self.quic = quic;
+        self
+    }
+}
+
+/// What a shared-state sync did on this peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Tensors this peer received.
+    pub tensors_received: usize,
+    /// Bytes this peer received.
+    pub bytes_received: usize,
+    /// Tensors this peer sent.
+    pub tensors_sent: usize,
+}

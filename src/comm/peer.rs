@@ -1,0 +1,405 @@
+//! The one peer path: [`AsyncPeer`], a member of a group held together by a master.
+//!
+//! Every collective, whole-group or sub-group, in-process or over QUIC, goes the same
+//! way: the peer state machine numbers it and the master hears of it (`OpBegin`, so
+//! mismatched calls are caught even when they would never exchange a frame); the
+//! executor runs its plan over the data links; the local result is reported (`OpEnd`)
+//! and kept only when the master commits. On any failure the buffer is restored from
+//! one backup, and [`RetryPolicy`] (through [`PeerState::retry`]) decides whether to
+//! run again over the survivors once the master has published the new view.
+//!
+//! [`PeerState::retry`]: crate::membership::peer::PeerState::retry
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::datalinks::DataLinks;
+use super::options::{ConnectOptions, RetryPolicy, SyncReport};
+use super::{subgroup, sync};
+use crate::collective::{Collective, Tuning};
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Result};
+use crate::exec::{execute, Call};
+use crate::membership::client::ControlClient;
+use crate::membership::peer::{OpKind, PeerConfig, Retry};
+use crate::membership::wire::SyncStrategy;
+use crate::membership::{PeerId, View};
+use crate::op::CustomOp;
+use crate::plan::Rank;
+use crate::state::SharedState;
+use crate::transport::endpoint::Endpoint;
+
+/// One call as the front hands it down: what to run, on which elements, with which
+/// operator (a user-defined one replaces `op`).
+#[derive(Clone, Copy)]
+pub(crate) struct CallSpec<'a> {
+    pub(crate) coll: &'a Collective,
+    pub(crate) dtype: DType,
+    pub(crate) op: ReduceOp,
+    pub(crate) custom: Option<&'a dyn CustomOp>,
+}
+
+impl<'a> CallSpec<'a> {
+    pub(crate) fn new(coll: &'a Collective, dtype: DType, op: ReduceOp) -> CallSpec<'a> {
+        CallSpec { coll, dtype, op, custom: None }
+    }
+}
+
+/// Who runs a collective: the whole view, or the members with these ids.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Scope<'a> {
+    Whole,
+    Sub(&'a [PeerId]),
+}
+
+/// A peer of a group, driven by the caller's async runtime.
+///
+/// [`crate::Communicator`] wraps one in a runtime of its own for blocking calls; tests
+/// and simulations drive it directly (e.g. on a single-threaded runtime with paused
+/// time, which makes a whole group's run deterministic).
+pub struct AsyncPeer {
+    ops: Ops,
+    retry: RetryPolicy,
+    /// How long a retry waits for the master's next view.
+    wait_for_view: Duration,
+    accept_task: tokio::task::JoinHandle<()>,
+    backup: Backup,
+    p2p: super::p2p::Queues,
+}
+
+/// What running one collective needs; cheap to clone into a task.
+#[derive(Clone)]
+struct Ops {
+    control: Arc<ControlClient>,
+    links: Arc<DataLinks>,
+    tuning: Tuning,
+}
+
+impl AsyncPeer {
+    /// Joins the group whose master is at `master`, over `endpoint`, and waits until
+    /// admitted.
+    pub async fn connect(
+        endpoint: Arc<dyn Endpoint>,
+        master: SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<AsyncPeer> {
+        AsyncPeer::connect_as(endpoint, master, options, PeerConfig::default()).await
+    }
+
+    /// [`AsyncPeer::connect`] with protocol settings of the peer's own.
+    pub(crate) async fn connect_as(
+        endpoint: Arc<dyn Endpoint>,
+        master: SocketAddr,
+        options: ConnectOptions,
+        peer: PeerConfig,
+    ) -> Result<AsyncPeer> {
+        let id = options.peer_id.unwrap_or_else(random_id);
+        let links = DataLinks::new(id, endpoint.clone());
+        let accept_task = tokio::spawn(links.clone().accept_loop());
+        let control =
+            ControlClient::join(&*endpoint, master, id, endpoint.local_addr(), options.control, peer).await;
+        let control = match control {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                accept_task.abort();
+                return Err(e);
+            }
+        };
+        Ok(AsyncPeer {
+            ops: Ops { control, links, tuning: options.tuning },
+            retry: options.retry,
+            wait_for_view: options.control.heartbeat_interval * 20,
+            accept_task,
+            backup: Backup::default(),
+            p2p: Default::default(),
+        })
+    }
+
+    /// This peer's id.
+    pub fn id(&self) -> PeerId {
+        self.ops.control.id()
+    }
+
+    /// The current view, or why this peer is no longer a member.
+    pub fn view(&self) -> Result<View> {
+        self.ops.control.view()
+    }
+
+    fn view_or_empty(&self) -> View {
+        self.view().unwrap_or_default()
+    }
+
+    /// This peer's rank in the current view (0 when it is not a member).
+    pub fn rank(&self) -> Rank {
+        self.view_or_empty().rank_of(self.id()).unwrap_or(0)
+    }
+
+    /// Members of the current view.
+    pub fn size(&self) -> usize {
+        self.view_or_empty().size()
+    }
+
+    /// Epoch of the current view.
+    pub fn epoch(&self) -> u64 {
+        self.view_or_empty().epoch
+    }
+
+    /// Ids of the current view's members, in rank order.
+    pub fn members(&self) -> Vec<PeerId> {
+        self.view_or_empty().members.iter().map(|m| m.id).collect()
+    }
+
+    /// Joiners waiting for admission.
+    pub fn peers_pending(&self) -> usize {
+        self.ops.control.pending_joiners() as usize
+    }
+
+    /// See [`crate::Communicator::update_topology`].
+    pub async fn update_topology(&mut self) -> Result<()> {
+        self.ops.control.update_topology().await
+    }
+
+    /// See [`crate::Communicator::all_reduce`].
+    pub async fn all_reduce<T: crate::Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let coll = Collective::AllReduce { len: buf.len() };
+        self.run(CallSpec::new(&coll, T::DTYPE, op), Scope::Whole, bytemuck::cast_slice_mut(buf)).await
+    }
+
+    /// The ids of the members at view ranks `members` (any order).
+    pub(crate) fn ids_of(&self, members: &[Rank]) -> Result<Vec<PeerId>> {
+        let view = self.view()?;
+        members
+            .iter()
+            .map(|&r| view.members.get(r).map(|m| m.id))
+            .collect::<Option<Vec<PeerId>>>()
+            .ok_or_else(|| Error::InvalidArgument(format!("sub-group {members:?} outside a group of {}", view.size())))
+    }
+
+    /// Runs one collective on `buf`, restoring it on error, with retries as the policy
+    /// says.
+    pub(crate) async fn run(&mut self, spec: CallSpec<'_>, scope: Scope<'_>, buf: &mut [u8]) -> Result<()> {
+        let backup = self.backup.fill(buf);
+        let result = self.ops.with_retry(spec, scope, buf, &backup, self.retry, self.wait_for_view).await;
+        self.backup.keep(backup);
+        result
+    }
+
+    /// For a collective made of several (a composite, such as a sparse all-reduce) that
+    /// failed with `e` on its `attempt`-th try begun in view `epoch`: whether to run it
+    /// again, as [`RetryPolicy`] says. When it returns `true` the master has published a
+    /// newer view.
+    pub(crate) async fn retry_composite(&mut self, epoch: u64, attempt: u32, e: &Error) -> Result<bool> {
+        Ok(self.ops.wait_to_retry(e, attempt, self.retry.attempts(), epoch, self.wait_for_view).await?.is_some())
+    }
+
+    /// Starts one collective on an owned buffer and returns at once; the collective
+    /// runs as a task (never retried). Traffic of concurrent collectives is kept apart
+    /// by their keys.
+    pub(crate) fn start(&mut self, coll: Collective, dtype: DType, op: ReduceOp, mut buf: Vec<u8>) -> Started {
+        let ops = self.ops.clone();
+        tokio::spawn(async move {
+            let backup = buf.clone();
+            let spec = CallSpec::new(&coll, dtype, op);
+            match ops.with_retry(spec, Scope::Whole, &mut buf, &backup, RetryPolicy::Never, Duration::ZERO).await {
+                Ok(()) => (Ok(()), buf),
+                Err(e) => (Err(e), backup),
+            }
+        })
+    }
+
+    /// See [`crate::Communicator::sync_shared_state`].
+    pub async fn sync_shared_state(&mut self, state: &mut SharedState, strategy: SyncStrategy) -> Result<SyncReport> {
+        sync::run(&self.ops.control, &self.ops.links, self.ops.tuning.chunk_bytes, state, strategy).await
+    }
+
+    /// See [`crate::Communicator::send`].
+    pub(crate) async fn send_p2p(&mut self, to: Rank, tag: u32, dtype: DType, data: &[u8]) -> Result<()> {
+        let chunk = self.ops.tuning.chunk_bytes;
+        self.p2p.send(&self.ops.control, &self.ops.links, to, tag, dtype, data, chunk).await
+    }
+
+    /// See [`crate::Communicator::recv`].
+    pub(crate) async fn recv_p2p(&mut self, from: Rank, tag: u32, dtype: DType, out: &mut [u8]) -> Result<()> {
+        let chunk = self.ops.tuning.chunk_bytes;
+        self.p2p.recv(&self.ops.control, &self.ops.links, from, tag, dtype, out, chunk).await
+    }
+
+    /// Leaves the group gracefully.
+    pub async fn leave(self) {
+        self.ops.control.leave().await;
+        self.ops.links.close_all();
+    }
+}
+
+impl Drop for AsyncPeer {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.ops.links.close_all();
+    }
+}
+
+/// A started collective: its result and its buffer (restored on error).
+pub(crate) type Started = tokio::task::JoinHandle<(Result<()>, Vec<u8>)>;
+
+impl Ops {
+    /// Runs the collective until it commits, a failure is final, or the attempts run
+    /// out; `buf` holds `backup` again after every failed attempt.
+    async fn with_retry(
+        &self,
+        spec: CallSpec<'_>,
+        scope: Scope<'_>,
+        buf: &mut [u8],
+        backup: &[u8],
+        retry: RetryPolicy,
+        wait_for_view: Duration,
+    ) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (e, epoch) = match self.attempt(spec, scope, buf).await {
+                Ok(()) => return Ok(()),
+                Err(failed) => failed,
+            };
+            buf.copy_from_slice(backup);
+            // Not begun (nothing announced), or sized for the old view: never retried.
+            let Some(epoch) = epoch.filter(|_| coll_size(spec.coll).is_none()) else { return Err(e) };
+            match self.wait_to_retry(&e, attempt, retry.attempts(), epoch, wait_for_view).await? {
+                None => return Err(e),
+                // A lost member ends a sub-group: the caller picks a new one.
+                Some(view) if matches!(scope, Scope::Sub(ids) if ids.iter().any(|&id| view.rank_of(id).is_none())) => {
+                    return Err(e)
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Whether to retry after `e`: `Some(view)` once the master published a view
+    /// newer than `epoch` (waiting at most `wait`), `None` to give up.
+    async fn wait_to_retry(
+        &self,
+        e: &Error,
+        attempt: u32,
+        max_attempts: u32,
+        epoch: u64,
+        wait: Duration,
+    ) -> Result<Option<View>> {
+        match self.control.retry(e, attempt, max_attempts, epoch) {
+            Retry::GiveUp => Ok(None),
+            Retry::AfterViewAbove(epoch) => match tokio::time::timeout(wait, self.control.view_after(epoch)).await {
+                Ok(Ok(view)) => Ok(Some(view)),
+                Ok(Err(removed)) => Err(removed),
+                Err(_) => Ok(None),
+            },
+        }
+    }
+
+    /// One attempt: begin, run the plan, report, await the decision. On failure, the
+    /// error and the epoch it was begun in (`None` if it never began).
+    async fn attempt(&self, spec: CallSpec<'_>, scope: Scope<'_>, buf: &mut [u8]) -> Result<(), (Error, Option<u64>)> {
+        let call = spec.coll.fingerprint(spec.dtype, spec.op);
+        let kind = match scope {
+            Scope::Whole => OpKind::Whole { call },
+            Scope::Sub(members) => OpKind::Sub { call, members },
+        };
+        let (begun, signal) = self.control.begin(kind, coll_size(spec.coll)).map_err(|e| (e, None))?;
+        let key = begun.key;
+        self.links.enter(&begun.view);
+        let me = begun.members.iter().position(|&r| r == begun.rank).unwrap_or(0);
+        let mut plan = spec.coll.plan(me, begun.members.len(), spec.dtype, &self.tuning);
+        if let Scope::Sub(_) = scope {
+            plan = subgroup::plan_in_view(plan, &begun.members);
+        }
+        let links = self.links.for_op(&begun.view, begun.rank, key);
+        let call = Call {
+            plan: &plan,
+            dtype: spec.dtype,
+            op: spec.op,
+            epoch: key.0,
+            seq: key.1,
+            fingerprint: begun.fingerprint,
+            chunk_bytes: self.tuning.chunk_bytes,
+            custom: spec.custom,
+            codec: spec.coll.codec(),
+        };
+        tracing::debug!(peer = self.control.id(), ?key, rank = begun.rank, size = plan.size, "collective begins");
+        let local = execute(&call, buf, &links, &signal, 0..plan.steps.len()).await;
+        tracing::debug!(peer = self.control.id(), ?key, ok = local.is_ok(), "collective ran locally");
+        let result = self.control.conclude(key, local).await;
+        tracing::debug!(peer = self.control.id(), ?key, ?result, "collective decided");
+        self.links.finish(key);
+        self.control.finish(key);
+        result.map_err(|e| (e, Some(key.0)))
+    }
+}
+
+/// The copy of the caller's buffer that a failed attempt restores, kept across calls:
+/// a fresh allocation of a large buffer is a fresh mapping, which costs a page fault
+/// per page on every call (see `docs/PERF.md`).
+#[derive(Default)]
+struct Backup {
+    kept: Vec<u8>,
+    /// Calls in a row that did not use `kept`'s allocation.
+    idle: u32,
+}
+
+/// A kept backup allocation is freed after this many calls in a row too small to use it.
+const BACKUP_IDLE_CALLS: u32 = 64;
+
+impl Backup {
+    /// A copy of `buf`. It reuses the kept allocation when this call needs more than
+    /// half of it (growing it if needed); a smaller call copies into a temporary and
+    /// leaves the kept one alone, until [`BACKUP_IDLE_CALLS`] calls in a row did not use
+    /// it. So a peer holds one extra copy of its largest recent buffer, no more. (A
+    /// cancelled call drops the allocation; the next call allocates anew.)
+    fn fill(&mut self, buf: &[u8]) -> Vec<u8> {
+        let kept = std::mem::take(&mut self.kept);
+        let mut copy = if buf.len() > kept.capacity() / 2 {
+            self.idle = 0;
+            if buf.len() > kept.capacity() {
+                Vec::with_capacity(buf.len())
+            } else {
+                kept
+            }
+        } else {
+            self.idle += 1;
+            if self.idle < BACKUP_IDLE_CALLS {
+                self.kept = kept;
+            }
+            Vec::new()
+        };
+        copy.clear();
+        copy.extend_from_slice(buf);
+        copy
+    }
+
+    /// Hands back a copy from [`Backup::fill`] for reuse.
+    fn keep(&mut self, copy: Vec<u8>) {
+        if copy.capacity() > self.kept.capacity() {
+            self.kept = copy;
+        }
+    }
+}
+
+/// The group size a collective's per-rank counts assume, if it has any.
+fn coll_size(coll: &Collective) -> Option<usize> {
+    match coll {
+        Collective::ReduceScatter { counts } | Collective::AllGather { counts } => Some(counts.len()),
+        Collective::AllToAll { counts } => Some(counts.len()),
+        Collective::SparseAllGather { placement } | Collective::SparseReduceScatter { placement } => {
+            Some(placement.size())
+        }
+        _ => None,
+    }
+}
+
+fn random_id() -> PeerId {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per process; mixing in time and pid makes
+    // collisions between peers started at once vanishingly unlikely.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}

@@ -1,0 +1,251 @@
+//! Master and peer state machines driven together ([`super::pair::Pair`]): no runtime,
+//! no sockets, every message and decision asserted exactly.
+
+use std::time::Duration;
+
+use super::master::{MasterConfig, Output};
+use super::pair::Pair;
+use super::peer::{sub_fingerprint, sub_key, OpKind, PeerConfig, Retry, Topology};
+use super::view::{Member, View};
+use super::wire::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer};
+use crate::error::Error;
+
+fn view(epoch: u64, ids: &[u64]) -> View {
+    View {
+        epoch,
+        members: ids.iter().map(|&id| Member { id, addr: ([127, 0, 0, 1], 7000 + id as u16).into() }).collect(),
+    }
+}
+
+#[test]
+fn join_then_admission_at_the_members_round() {
+    let mut p = Pair::new(MasterConfig::default());
+    p.join(0, PeerConfig::default());
+    assert_eq!(p.take_inbox(0), vec![ToPeer::View { view: view(1, &[0]), removed: vec![] }]);
+    assert_eq!(p.peers[0].view().unwrap(), view(1, &[0]));
+
+    p.join(1, PeerConfig::default());
+    assert_eq!(p.take_inbox(1), vec![ToPeer::Pending]);
+    assert_eq!(p.take_inbox(0), vec![ToPeer::PendingJoiners { count: 1 }]);
+    assert_eq!(p.peers[0].pending_joiners(), 1);
+    assert!(p.peers[1].admission().is_none(), "the joiner waits");
+
+    let Topology::Wait { msg, seen } = p.peers[0].update_topology().unwrap() else { panic!("a member waits") };
+    assert_eq!(msg, ToMaster::UpdateTopology { epoch: 1 });
+    assert!(p.peers[0].round_after(seen).is_none());
+    let out = p.send(0, msg);
+    let v2 = ToPeer::View { view: view(2, &[0, 1]), removed: vec![] };
+    let done = ToPeer::TopologyDone { epoch: 2 };
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(1, v2.clone()),
+            Output::Send(2, v2.clone()),
+            Output::Send(1, done.clone()),
+            Output::Send(2, done.clone())
+        ]
+    );
+    assert_eq!(p.peers[0].round_after(seen), Some(Ok(view(2, &[0, 1]))));
+    assert_eq!(p.peers[1].admission(), Some(Ok(view(2, &[0, 1]))));
+    // The round that admitted the joiner counts as its own first update_topology.
+    assert_eq!(p.peers[1].update_topology(), Ok(Topology::Done));
+    assert!(matches!(p.peers[1].update_topology(), Ok(Topology::Wait { .. })));
+}
+
+#[test]
+fn commit_needs_every_member() {
+    let mut p = Pair::group(3, PeerConfig::default());
+    // The first view forms when the third peer joins; the first two waited for it.
+    let formed = ToPeer::View { view: view(1, &[0, 1, 2]), removed: vec![] };
+    for i in 0..2 {
+        assert_eq!(p.take_inbox(i), vec![ToPeer::Pending, formed.clone()]);
+    }
+    assert_eq!(p.take_inbox(2), vec![formed]);
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let b = p.peers[i].begin(OpKind::Whole { call: 0x77 }).unwrap();
+        assert_eq!((b.key, b.rank, b.doomed.clone()), ((1, 1), i, None));
+        assert_eq!(p.send(i, b.msg), vec![]);
+        keys.push(b.key);
+    }
+    for i in 0..2 {
+        let end = p.peers[i].end(keys[i], &Ok(()));
+        assert_eq!(end, ToMaster::OpEnd { epoch: 1, seq: 1, result: OpResult::Ok });
+        assert_eq!(p.send(i, end), vec![], "no decision before the last member reports");
+        assert_eq!(p.peers[i].outcome(keys[i]), None);
+    }
+    let end = p.peers[2].end(keys[2], &Ok(()));
+    let commit = ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit };
+    assert_eq!(p.send(2, end), (1..=3).map(|c| Output::Send(c, commit.clone())).collect::<Vec<_>>());
+    for i in 0..3 {
+        assert_eq!(p.peers[i].outcome(keys[i]), Some(Ok(())));
+        p.peers[i].finish(keys[i]);
+        assert_eq!(p.peers[i].known_ops(), 0);
+    }
+}
+
+#[test]
+fn a_loss_mid_collective_aborts_every_survivor_even_after_success() {
+    let mut p = Pair::group(3, PeerConfig::default());
+    let begun: Vec<_> = (0..3).map(|i| p.peers[i].begin(OpKind::Whole { call: 1 }).unwrap()).collect();
+    for (i, b) in begun.iter().enumerate() {
+        p.send(i, b.msg.clone());
+    }
+    // Ranks 0 and 1 finish their plans; rank 2 dies before reporting.
+    for i in 0..2 {
+        let end = p.peers[i].end(begun[i].key, &Ok(()));
+        p.send(i, end);
+    }
+    (0..3).for_each(|i| drop(p.take_inbox(i)));
+    let out = p.disconnect(2);
+    let detail = "control connection closed".to_string();
+    let abort = ToPeer::Outcome {
+        epoch: 1,
+        seq: 1,
+        decision: Decision::Abort(AbortReason::PeerLost { rank: 2, detail: detail.clone() }),
+    };
+    let v2 = ToPeer::View { view: view(2, &[0, 1]), removed: vec![Removal { id: 2, rank: 2, detail: detail.clone() }] };
+    assert_eq!(
+        out,
+        vec![
+            Output::Close(3, format!("removed from the group: {detail}")),
+            Output::Send(1, abort.clone()),
+            Output::Send(2, abort),
+            Output::Send(1, v2.clone()),
+            Output::Send(2, v2),
+        ]
+    );
+    let lost = Error::PeerLost { rank: 2, reason: detail.clone() };
+    for i in 0..2 {
+        assert_eq!(p.aborts[i], vec![((1, 1), lost.clone())], "peer {i} stops exactly once");
+        assert_eq!(p.peers[i].outcome((1, 1)), Some(Err(lost.clone())));
+        // The policy retries once the new view is there, and the retry runs in it.
+        assert_eq!(p.peers[i].retry(&lost, 1, 3, 1), Retry::AfterViewAbove(1));
+        assert_eq!(p.peers[i].retry(&lost, 3, 3, 1), Retry::GiveUp);
+        assert_eq!(p.peers[i].view_after(1), Some(Ok(view(2, &[0, 1]))));
+        p.peers[i].finish((1, 1));
+        let again = p.peers[i].begin(OpKind::Whole { call: 1 }).unwrap();
+        assert_eq!((again.key, again.view.size()), ((2, 1), 2));
+    }
+    assert!(p.peers[2].gone().is_some(), "the removed peer heard why");
+}
+
+#[test]
+fn mismatched_calls_abort_both_with_the_difference_named() {
+    let mut p = Pair::group(2, PeerConfig::default());
+    let a = p.peers[0].begin(OpKind::Whole { call: 0x1 }).unwrap();
+    let b = p.peers[1].begin(OpKind::Whole { call: 0x2 }).unwrap();
+    assert_eq!(p.send(0, a.msg), vec![]);
+    let detail = "peers 0x0 and 0x1 made different calls (collective 0x1 vs collective 0x2)".to_string();
+    let abort = ToPeer::Outcome {
+        epoch: 1,
+        seq: 1,
+        decision: Decision::Abort(AbortReason::Mismatch { detail: detail.clone() }),
+    };
+    assert_eq!(p.send(1, b.msg), vec![Output::Send(1, abort.clone()), Output::Send(2, abort)]);
+    for i in 0..2 {
+        assert_eq!(p.peers[i].outcome((1, 1)), Some(Err(Error::Mismatch { detail: detail.clone() })));
+        assert_eq!(p.peers[i].retry(&Error::Mismatch { detail: detail.clone() }, 1, 3, 1), Retry::GiveUp);
+    }
+    // A mismatch changes no view: the next collective is numbered on.
+    p.peers[0].finish((1, 1));
+    assert_eq!(p.peers[0].begin(OpKind::Whole { call: 0x1 }).unwrap().key, (1, 2));
+}
+
+#[test]
+fn a_decision_that_arrives_before_the_begin_dooms_it() {
+    let mut p = Pair::group(2, PeerConfig::default());
+    // Peer 1 enters update_topology while peer 0 runs a collective: the master aborts
+    // the collective before peer 1 would ever begin it.
+    let a = p.peers[0].begin(OpKind::Whole { call: 3 }).unwrap();
+    p.send(0, a.msg);
+    let Topology::Wait { msg, .. } = p.peers[1].update_topology().unwrap() else { panic!() };
+    let out = p.send(1, msg);
+    assert!(matches!(&out[..], [Output::Send(1, ToPeer::Outcome { seq: 1, .. }), Output::Send(2, _)]), "{out:?}");
+    assert!(matches!(p.peers[0].outcome(a.key), Some(Err(Error::Mismatch { .. }))));
+    assert!(matches!(&p.aborts[0][..], [((1, 1), Error::Mismatch { .. })]));
+    let late = p.peers[1].begin(OpKind::Whole { call: 3 }).unwrap();
+    assert!(matches!(late.doomed, Some(Error::Mismatch { .. })), "{late:?}");
+}
+
+#[test]
+fn sub_group_commit_involves_its_members_only() {
+    let mut p = Pair::group(3, PeerConfig::default());
+    (0..3).for_each(|i| drop(p.take_inbox(i)));
+    let set = [0u64, 2];
+    let key = (1, sub_key(&set, 1));
+    let fp = sub_fingerprint(0x55, &set);
+    for i in [2, 0] {
+        // Members name the set in any order; the key and message are the same.
+        let b = p.peers[i].begin(OpKind::Sub { call: 0x55, members: &[2, 0] }).unwrap();
+        assert_eq!((b.key, b.members.clone(), b.fingerprint), (key, vec![0, 2], fp));
+        assert_eq!(b.msg, ToMaster::SubOpBegin { epoch: 1, seq: key.1, call: fp, members: set.to_vec() });
+        assert_eq!(p.send(i, b.msg), vec![]);
+    }
+    // The non-member runs a whole-group numbering of its own, undisturbed.
+    assert_eq!(p.peers[1].begin(OpKind::Whole { call: 9 }).unwrap().key, (1, 1));
+    let end0 = p.peers[0].end(key, &Ok(()));
+    assert_eq!(p.send(0, end0), vec![]);
+    let end2 = p.peers[2].end(key, &Ok(()));
+    let commit = ToPeer::Outcome { epoch: 1, seq: key.1, decision: Decision::Commit };
+    assert_eq!(p.send(2, end2), vec![Output::Send(1, commit.clone()), Output::Send(3, commit)]);
+    assert!(p.take_inbox(1).is_empty(), "the non-member heard nothing");
+    assert_eq!(p.peers[0].outcome(key), Some(Ok(())));
+    assert_eq!(p.peers[2].outcome(key), Some(Ok(())));
+    // A second collective of the same set gets the next counter.
+    p.peers[0].finish(key);
+    let next = p.peers[0].begin(OpKind::Sub { call: 0x55, members: &[0, 2] }).unwrap();
+    assert_eq!(next.key, (1, sub_key(&set, 2)));
+}
+
+#[test]
+fn a_sub_group_naming_a_lost_peer_fails_without_numbering() {
+    let mut p = Pair::group(3, PeerConfig::default());
+    p.disconnect(2);
+    let err = p.peers[0].begin(OpKind::Sub { call: 1, members: &[0, 2] }).unwrap_err();
+    assert!(matches!(err, Error::PeerLost { .. }), "{err:?}");
+    assert_eq!(p.peers[0].begin(OpKind::Sub { call: 1, members: &[0, 1] }).unwrap().key, (2, sub_key(&[0, 1], 1)));
+}
+
+#[test]
+fn sticky_loss_ends_an_in_process_group() {
+    let mut p = Pair::group(3, PeerConfig { sticky_loss: true, ..PeerConfig::default() });
+    p.disconnect(1);
+    let err = p.peers[0].begin(OpKind::Whole { call: 1 }).unwrap_err();
+    assert_eq!(err, Error::PeerLost { rank: 1, reason: "control connection closed".into() });
+    assert_eq!(p.peers[0].retry(&err, 1, 5, 1), Retry::GiveUp);
+}
+
+#[test]
+fn a_silent_master_cuts_the_peer_off() {
+    let config = PeerConfig { master_timeout: Duration::from_millis(500), ..PeerConfig::default() };
+    let mut p = Pair::group(2, config);
+    let b = p.peers[0].begin(OpKind::Whole { call: 1 }).unwrap();
+    p.send(0, b.msg);
+    p.peers[0].tick(p.now + Duration::from_millis(499));
+    assert!(p.peers[0].gone().is_none());
+    let aborts = p.peers[0].tick(p.now + Duration::from_millis(500));
+    assert_eq!(aborts, vec![((1, 1), Error::Removed { reason: "no word from the master for 500 ms".into() })]);
+    assert!(matches!(p.peers[0].view(), Err(Error::Removed { .. })));
+    assert_eq!(p.peers[0].next_deadline(), None);
+}
+
+#[test]
+fn a_commit_is_kept_when_the_view_changes_before_the_caller_looks() {
+    let mut p = Pair::group(2, PeerConfig::default());
+    let begun: Vec<_> = (0..2).map(|i| p.peers[i].begin(OpKind::Whole { call: 4 }).unwrap()).collect();
+    for (i, b) in begun.iter().enumerate() {
+        p.send(i, b.msg.clone());
+        let end = p.peers[i].end(b.key, &Ok(()));
+        p.send(i, end);
+    }
+    // Peer 1 saw the commit and left at once; peer 0 reads its outcome only now,
+    // after the view without peer 1 arrived.
+    p.disconnect(1);
+    assert_eq!(p.peers[0].view().unwrap().epoch, 2);
+    assert_eq!(p.peers[0].outcome((1, 1)), Some(Ok(())));
+    assert!(p.aborts[0].is_empty());
+    // The same when this peer is cut off after the commit.
+    p.peers[0].disconnected("gone".into());
+    assert_eq!(p.peers[0].outcome((1, 1)), Some(Ok(())));
+}

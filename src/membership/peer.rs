@@ -1,0 +1,514 @@
+//! A peer as a state machine: the master's messages, the caller's calls and time in;
+//! messages for the master, abort orders and outcomes out. No I/O.
+//!
+//! This is the twin of [`super::master::MasterState`]. Everything a peer decides about
+//! membership and commitment lives here: the view it is in, whether it is still a
+//! member, the numbering of its collectives (`(epoch, seq)` keys, sub-group keys), the
+//! first-round rule for joiners, which collectives must stop when the view changes, the
+//! master's decision for each collective, and whether a failed collective is worth a
+//! retry. The driver ([`super::client`]) only moves bytes and wakes waiters, the way
+//! quinn drives a quinn-proto connection; the pair can be run with no runtime and no
+//! sockets (see [`super::pair`]).
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use phalanx::membership::peer::{OpKind, PeerConfig, PeerState};
+//! use phalanx::membership::wire::{Decision, ToMaster, ToPeer};
+//! use phalanx::membership::{Member, View};
+//!
+//! let now = Instant::now();
+//! let mut peer = PeerState::new(7, PeerConfig::default(), now);
+//! let addr = "127.0.0.1:9000".parse().unwrap();
+//! let view = View { epoch: 1, members: vec![Member { id: 7, addr }] };
+//! assert!(peer.handle(ToPeer::View { view, removed: vec![] }, now).is_empty());
+//! let begun = peer.begin(OpKind::Whole { call: 0xabc }).unwrap();
+//! assert_eq!(begun.msg, ToMaster::OpBegin { epoch: 1, seq: 1, call: 0xabc });
+//! peer.handle(ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit }, now);
+//! assert_eq!(peer.outcome(begun.key), Some(Ok(())));
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use super::view::{PeerId, View};
+use super::wire::{AbortReason, Decision, Digest, OpResult, SyncStrategy, TensorDigest, ToMaster, ToPeer, Transfer};
+use crate::error::{Error, Result};
+use crate::plan::Rank;
+
+/// A collective's key: `(epoch, seq)`. Frames and the master's records carry it.
+pub type OpKey = (u64, u64);
+
+/// The bit that marks a sub-group collective's key.
+pub const SUB_KEY_BIT: u64 = 1 << 63;
+
+/// Settings of a peer's protocol state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// With no message from the master for this long (it sends a heartbeat every
+    /// 250 ms), the peer considers itself cut off: its collectives fail with
+    /// [`Error::Removed`].
+    pub master_timeout: Duration,
+    /// Once a member is lost, every later collective of this peer fails with that
+    /// loss ([`Error::PeerLost`]) instead of running over the survivors. In-process
+    /// groups use it: their ranks are threads of one program that cannot rejoin, so a
+    /// lost rank ends the group.
+    pub sticky_loss: bool,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig { master_timeout: Duration::from_millis(2000), sticky_loss: false }
+    }
+}
+
+/// What the caller starts, as the master must hear of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpKind<'a> {
+    /// A collective of the whole view with this call fingerprint.
+    Whole {
+        /// Fingerprint of the call (collective, sizes, type, operator).
+        call: u64,
+    },
+    /// A collective of some members only (ids in any order, this peer among them).
+    Sub {
+        /// Fingerprint of the call, before the member set is mixed in.
+        call: u64,
+        /// The members' peer ids.
+        members: &'a [PeerId],
+    },
+    /// A shared-state sync.
+    Sync {
+        /// How this peer takes part.
+        strategy: SyncStrategy,
+        /// Its tensors' names, revisions and digests.
+        tensors: Vec<TensorDigest>,
+    },
+}
+
+/// A collective begun by [`PeerState::begin`]: what to run and what to tell the master.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Begun {
+    /// Its key.
+    pub key: OpKey,
+    /// The view it runs in.
+    pub view: View,
+    /// This peer's rank in `view`.
+    pub rank: Rank,
+    /// For a sub-group: its members' view ranks, ascending; otherwise every rank.
+    pub members: Vec<Rank>,
+    /// The call fingerprint frames carry (the member set mixed in for a sub-group).
+    pub fingerprint: u64,
+    /// The message announcing it to the master.
+    pub msg: ToMaster,
+    /// Set when the master already aborted it (its decision arrived first).
+    pub doomed: Option<Error>,
+}
+
+/// What to do after a collective failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Return the error.
+    GiveUp,
+    /// Wait (a bounded time) for a view of an epoch above this one, then run again.
+    AfterViewAbove(u64),
+}
+
+/// What `update_topology` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Nothing to wait for: the members' round that admitted this peer was its own.
+    Done,
+    /// Send `msg`, then wait until more than `seen` rounds have ended.
+    Wait {
+        /// The vote for the master.
+        msg: ToMaster,
+        /// Rounds ended so far.
+        seen: u64,
+    },
+}
+
+/// A sync plan as received: the agreed content of each tensor and the transfers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncPlan {
+    /// Agreed `(revision, digest)` per tensor.
+    pub agreed: Vec<(u64, Digest)>,
+    /// Who sends what to whom.
+    pub transfers: Vec<Transfer>,
+}
+
+/// What the peer knows of one collective.
+#[derive(Clone, Debug, Default)]
+struct OpRecord {
+    /// Begun by this peer and not yet finished.
+    active: bool,
+    decision: Option<Decision>,
+    plan: Option<SyncPlan>,
+    /// Why it must stop, once it must.
+    abort: Option<Error>,
+}
+
+/// A peer's whole protocol state.
+#[derive(Debug)]
+pub struct PeerState {
+    id: PeerId,
+    config: PeerConfig,
+    view: Option<View>,
+    /// Topology rounds ended so far.
+    rounds: u64,
+    /// Why this peer is no longer a member, once it is not.
+    gone: Option<String>,
+    pending_joiners: u32,
+    last_heard: Instant,
+    ops: BTreeMap<OpKey, OpRecord>,
+    /// The epoch the numbering below belongs to.
+    epoch: u64,
+    next_seq: u64,
+    /// Collectives begun so far by each member set (ids in sub-rank order).
+    sub_seq: HashMap<Vec<PeerId>, u32>,
+    /// Admitted by the members' topology round, and no round or collective since.
+    fresh: bool,
+    /// With [`PeerConfig::sticky_loss`]: the first loss seen.
+    lost: Option<Error>,
+}
+
+impl PeerState {
+    /// A peer that has not been admitted yet; `now` starts the master timeout.
+    pub fn new(id: PeerId, config: PeerConfig, now: Instant) -> PeerState {
+        PeerState {
+            id,
+            config,
+            view: None,
+            rounds: 0,
+            gone: None,
+            pending_joiners: 0,
+            last_heard: now,
+            ops: BTreeMap::new(),
+            epoch: 0,
+            next_seq: 0,
+            sub_seq: HashMap::new(),
+            fresh: false,
+            lost: None,
+        }
+    }
+
+    /// This peer's id.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+
+    /// The current view, or why this peer is not (or no longer) a member.
+    pub fn view(&self) -> Result<View> {
+        match (&self.gone, &self.view) {
+            (Some(reason), _) => Err(Error::Removed { reason: reason.clone() }),
+            (None, Some(v)) => Ok(v.clone()),
+            (None, None) => Err(Error::Removed { reason: "not admitted yet".into() }),
+        }
+    }
+
+    /// `None` while waiting for admission; then the view, or why it was refused.
+    pub fn admission(&self) -> Option<Result<View>> {
+        (self.view.is_some() || self.gone.is_some()).then(|| self.view())
+    }
+
+    /// Joiners waiting for admission, as last announced by the master.
+    pub fn pending_joiners(&self) -> u32 {
+        self.pending_joiners
+    }
+
+    /// Topology rounds ended so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds
+    }
+
+    /// Why this peer is no longer a member, if it is not.
+    pub fn gone(&self) -> Option<&str> {
+        self.gone.as_deref()
+    }
+
+    /// When [`PeerState::tick`] must next run (the master timeout), if ever.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.gone.is_none().then(|| self.last_heard + self.config.master_timeout)
+    }
+
+    /// A message from the master arrived. Returns the collectives that must stop now,
+    /// with the error each returns.
+    pub fn handle(&mut self, msg: ToPeer, now: Instant) -> Vec<(OpKey, Error)> {
+        self.last_heard = now;
+        let mut aborts = Vec::new();
+        match msg {
+            ToPeer::Pending | ToPeer::Heartbeat => {}
+            ToPeer::PendingJoiners { count } => self.pending_joiners = count,
+            ToPeer::View { view, removed } => {
+                let reason = match removed.first() {
+                    Some(r) => Error::PeerLost { rank: r.rank as usize, reason: r.detail.clone() },
+                    None => Error::Aborted { reason: format!("the view changed to epoch {}", view.epoch) },
+                };
+                if self.view.is_none() {
+                    // Admitted into a group that had members means the members' topology
+                    // round admitted us; admitted alone, or in the first view (epoch 1,
+                    // formed from the first joiners), means no round happened.
+                    self.fresh = view.size() > 1 && view.epoch > 1;
+                }
+                if self.config.sticky_loss && !removed.is_empty() && self.lost.is_none() {
+                    self.lost = Some(reason.clone());
+                }
+                self.pending_joiners = 0;
+                let epoch = view.epoch;
+                self.view = Some(view);
+                self.ops.retain(|&key, rec| {
+                    if key.0 >= epoch {
+                        return true;
+                    }
+                    // A decided collective keeps its decision: the master decides every
+                    // collective of an epoch before it announces the next view.
+                    if rec.active && rec.abort.is_none() && rec.decision.is_none() {
+                        rec.abort = Some(reason.clone());
+                        aborts.push((key, reason.clone()));
+                    }
+                    rec.active // kept until the caller finishes it
+                });
+            }
+            ToPeer::Outcome { epoch, seq, decision } => {
+                let rec = self.ops.entry((epoch, seq)).or_default();
+                if let Decision::Abort(reason) = &decision {
+                    if rec.abort.is_none() {
+                        let e = abort_error(reason.clone());
+                        if rec.active {
+                            aborts.push(((epoch, seq), e.clone()));
+                        }
+                        rec.abort = Some(e);
+                    }
+                }
+                rec.decision = Some(decision);
+            }
+            ToPeer::SyncPlan { epoch, seq, agreed, transfers } => {
+                self.ops.entry((epoch, seq)).or_default().plan = Some(SyncPlan { agreed, transfers });
+            }
+            ToPeer::Refused { reason } => aborts = self.disconnected(reason),
+            ToPeer::TopologyDone { .. } => self.rounds += 1,
+        }
+        aborts
+    }
+
+    /// The control connection ended (or the driver gave up on it) for `reason`: this
+    /// peer is no longer a member, and every collective in flight stops.
+    pub fn disconnected(&mut self, reason: String) -> Vec<(OpKey, Error)> {
+        if self.gone.is_none() {
+            self.gone = Some(reason);
+        }
+        let err = Error::Removed { reason: self.gone.clone().unwrap_or_default() };
+        let mut aborts = Vec::new();
+        let undecided = |r: &&mut OpRecord| r.active && r.abort.is_none() && r.decision.is_none();
+        for (&key, rec) in self.ops.iter_mut().filter(|(_, r)| undecided(r)) {
+            rec.abort = Some(err.clone());
+            aborts.push((key, err.clone()));
+        }
+        aborts
+    }
+
+    /// Time passed: a master silent for [`PeerConfig::master_timeout`] cuts this peer
+    /// off (at exactly the deadline, so a driver woken then makes progress).
+    pub fn tick(&mut self, now: Instant) -> Vec<(OpKey, Error)> {
+        match self.next_deadline() {
+            Some(deadline) if now >= deadline => self.disconnected(format!(
+                "no word from the master for {} ms",
+                self.config.master_timeout.as_millis()
+            )),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The current view, after moving the per-epoch numbering to it.
+    fn current_view(&mut self) -> Result<View> {
+        self.fresh = false;
+        let view = self.view()?;
+        if view.epoch != self.epoch {
+            self.epoch = view.epoch;
+            self.next_seq = 0;
+            self.sub_seq.clear();
+        }
+        Ok(view)
+    }
+
+    /// Starts a collective: numbers it, records it, and says what to tell the master.
+    ///
+    /// Fails without numbering anything when this peer is not a member, when a
+    /// sub-group names a peer outside the view ([`Error::PeerLost`]), or (with
+    /// [`PeerConfig::sticky_loss`]) once a member was lost.
+    pub fn begin(&mut self, kind: OpKind<'_>) -> Result<Begun> {
+        if let Some(e) = &self.lost {
+            return Err(e.clone());
+        }
+        let view = self.current_view()?;
+        let rank = view
+            .rank_of(self.id)
+            .ok_or_else(|| Error::Removed { reason: format!("not in the view of epoch {}", view.epoch) })?;
+        let epoch = view.epoch;
+        let (key, members, fingerprint, msg) = match kind {
+            OpKind::Whole { call } => {
+                self.next_seq += 1;
+                let key = (epoch, self.next_seq);
+                (key, (0..view.size()).collect(), call, ToMaster::OpBegin { epoch, seq: key.1, call })
+            }
+            OpKind::Sync { strategy, tensors } => {
+                self.next_seq += 1;
+                let key = (epoch, self.next_seq);
+                (key, (0..view.size()).collect(), 0, ToMaster::SyncState { epoch, seq: key.1, strategy, tensors })
+            }
+            OpKind::Sub { call, members } => {
+                let ranks = sub_members(&view, members)?;
+                if !ranks.contains(&rank) {
+                    return Err(Error::InvalidArgument(format!(
+                        "peer {:#x} calls a sub-group collective without being a member",
+                        self.id
+                    )));
+                }
+                let set: Vec<PeerId> = ranks.iter().map(|&r| view.members[r].id).collect();
+                let counter = self.sub_seq.entry(set.clone()).or_insert(0);
+                *counter += 1;
+                let seq = sub_key(&set, *counter);
+                let fingerprint = sub_fingerprint(call, &set);
+                (
+                    (epoch, seq),
+                    ranks,
+                    fingerprint,
+                    ToMaster::SubOpBegin { epoch, seq, call: fingerprint, members: set },
+                )
+            }
+        };
+        let rec = self.ops.entry(key).or_default();
+        rec.active = true;
+        Ok(Begun { key, view, rank, members, fingerprint, msg, doomed: rec.abort.clone() })
+    }
+
+    /// The collective `key` ended locally with `local`: the report for the master.
+    pub fn end(&mut self, key: OpKey, local: &Result<()>) -> ToMaster {
+        let result = match local {
+            Ok(()) => OpResult::Ok,
+            Err(Error::Mismatch { detail }) => OpResult::Mismatch(detail.clone()),
+            Err(e) => OpResult::Failed(e.to_string()),
+        };
+        ToMaster::OpEnd { epoch: key.0, seq: key.1, result }
+    }
+
+    /// Whether `key` stopped: `None` while undecided, `Some(Ok)` once committed,
+    /// `Some(Err)` once aborted (by the master, a view change or removal).
+    pub fn outcome(&self, key: OpKey) -> Option<Result<()>> {
+        let rec = self.ops.get(&key)?;
+        if let Some(e) = &rec.abort {
+            return Some(Err(e.clone()));
+        }
+        match &rec.decision {
+            Some(Decision::Commit) => Some(Ok(())),
+            Some(Decision::Abort(reason)) => Some(Err(abort_error(reason.clone()))),
+            None => None,
+        }
+    }
+
+    /// The abort of `key`, if it must stop.
+    pub fn aborted(&self, key: OpKey) -> Option<Error> {
+        self.ops.get(&key).and_then(|r| r.abort.clone())
+    }
+
+    /// The sync plan of `key` once it came, or why the sync stopped.
+    pub fn sync_plan(&self, key: OpKey) -> Option<Result<SyncPlan>> {
+        let rec = self.ops.get(&key)?;
+        if let Some(e) = &rec.abort {
+            return Some(Err(e.clone()));
+        }
+        rec.plan.clone().map(Ok)
+    }
+
+    /// Forgets a finished collective.
+    pub fn finish(&mut self, key: OpKey) {
+        self.ops.remove(&key);
+    }
+
+    /// Collectives this peer knows of (begun, or decided before it began them).
+    pub fn known_ops(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Enters `update_topology`.
+    pub fn update_topology(&mut self) -> Result<Topology> {
+        if std::mem::take(&mut self.fresh) {
+            return self.view().map(|_| Topology::Done);
+        }
+        let epoch = self.view()?.epoch;
+        Ok(Topology::Wait { msg: ToMaster::UpdateTopology { epoch }, seen: self.rounds })
+    }
+
+    /// `None` until more than `seen` topology rounds have ended; then the view, or why
+    /// this peer was removed.
+    pub fn round_after(&self, seen: u64) -> Option<Result<View>> {
+        (self.rounds > seen || self.gone.is_some()).then(|| self.view())
+    }
+
+    /// `None` until a view of an epoch above `epoch` arrived; then it, or removal.
+    pub fn view_after(&self, epoch: u64) -> Option<Result<View>> {
+        let moved = self.view.as_ref().is_some_and(|v| v.epoch > epoch);
+        (moved || self.gone.is_some()).then(|| self.view())
+    }
+
+    /// Whether a collective begun in view `epoch` that failed with `e` on its
+    /// `attempt`-th try (of `max_attempts`) should run again over the survivors.
+    ///
+    /// A lost peer shows as [`Error::PeerLost`], or as [`Error::Aborted`] where the
+    /// master relays another rank's failure or the view moved; either is retried once
+    /// a newer view arrives. Nothing else is: a mismatch or a bad argument would fail
+    /// again the same way.
+    pub fn retry(&self, e: &Error, attempt: u32, max_attempts: u32, epoch: u64) -> Retry {
+        let moved = self.view.as_ref().is_some_and(|v| v.epoch > epoch);
+        let retryable = matches!(e, Error::PeerLost { .. } | Error::Aborted { .. }) || moved;
+        if attempt >= max_attempts || self.lost.is_some() || self.gone.is_some() || !retryable {
+            Retry::GiveUp
+        } else {
+            Retry::AfterViewAbove(epoch)
+        }
+    }
+}
+
+/// The error a peer's collective returns for the master's abort reason.
+pub fn abort_error(reason: AbortReason) -> Error {
+    match reason {
+        AbortReason::PeerLost { rank, detail } => Error::PeerLost { rank: rank as usize, reason: detail },
+        AbortReason::Mismatch { detail } => Error::Mismatch { detail },
+        AbortReason::Failed { rank, detail } => Error::Aborted { reason: format!("rank {rank} failed: {detail}") },
+    }
+}
+
+/// The view ranks of the members with ids `ids`, ascending; `PeerLost` if one left,
+/// `InvalidArgument` if one is named twice.
+fn sub_members(view: &View, ids: &[PeerId]) -> Result<Vec<Rank>> {
+    let mut ranked = Vec::with_capacity(ids.len());
+    for &id in ids {
+        let rank = view.rank_of(id).ok_or_else(|| Error::PeerLost {
+            rank: usize::MAX,
+            reason: format!("sub-group member {id:#x} is not in the view of epoch {}", view.epoch),
+        })?;
+        ranked.push(rank);
+    }
+    ranked.sort_unstable();
+    if let Some(w) = ranked.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::InvalidArgument(format!("sub-group names rank {} twice", w[0])));
+    }
+    Ok(ranked)
+}
+
+/// The key of the `counter`-th collective (from 1) of the member set with peer ids
+/// `ids` (in sub-rank order) in an epoch: `1 << 63 | hash << 32 | counter` (see
+/// `comm::subgroup` for why collisions are harmless).
+pub fn sub_key(ids: &[u64], counter: u32) -> u64 {
+    SUB_KEY_BIT | (set_hash(ids) & 0x7fff_ffff) << 32 | counter as u64
+}
+
+/// FNV-1a of the members' ids, stable across processes.
+pub fn set_hash(ids: &[u64]) -> u64 {
+    crate::collective::fnv1a(ids.iter().flat_map(|id| id.to_le_bytes()))
+}
+
+/// A call's fingerprint with the member set mixed in, so that frames of two sub-groups
+/// sharing a key are told apart.
+pub fn sub_fingerprint(call: u64, ids: &[u64]) -> u64 {
+    (call ^ set_hash(ids).rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5ab5_ab5a
+}
