@@ -106,11 +106,14 @@ impl Simulation {
     async fn run_async(&self, plans: &[Plan], bufs: Vec<Vec<u8>>, mesh: mem::Mesh) -> Vec<Outcome> {
         let n = plans.len();
         let group = Arc::new(SimGroup::new(n));
+        // Every rank calls the collective before any fault strikes.
+        let begun: Vec<_> = (0..n).map(|rank| group.begin(rank)).collect();
         let mut tasks = Vec::new();
-        for ((rank, links), (plan, mut buf)) in mesh.into_iter().enumerate().zip(plans.iter().cloned().zip(bufs)) {
+        let ranks = mesh.into_iter().zip(begun).enumerate().zip(plans.iter().cloned().zip(bufs));
+        for ((rank, (links, begun)), (plan, mut buf)) in ranks {
             let (sim, group) = (self.clone(), group.clone());
             tasks.push(tokio::spawn(async move {
-                let (key, abort) = match group.begin(rank) {
+                let (key, abort) = match begun {
                     Ok(begun) => begun,
                     Err(error) => return Outcome::Failed { error, buf },
                 };

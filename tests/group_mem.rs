@@ -145,10 +145,30 @@ fn concurrent_collectives_keep_their_traffic_apart() {
     });
 }
 
+/// Local groups take the networked path (an embedded master), so non-blocking calls
+/// work there too. (They used to be refused with `InvalidArgument`; one peer path
+/// made that restriction pointless.)
 #[test]
-fn non_blocking_calls_need_a_networked_group() {
+fn non_blocking_calls_work_on_local_groups_too() {
     let mut comms = Communicator::local_group(1, Default::default()).unwrap();
-    assert!(matches!(comms[0].all_reduce_start(vec![1u8], ReduceOp::Sum), Err(Error::InvalidArgument(_))));
+    let (result, buf) = comms[0].all_reduce_start(vec![7u8], ReduceOp::Sum).unwrap().wait();
+    assert_eq!((result, buf), (Ok(()), vec![7u8]));
+    let comms = Communicator::local_group(3, Default::default()).unwrap();
+    let sums: Vec<Vec<i32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                s.spawn(move || {
+                    let pending = c.all_reduce_start(vec![c.rank() as i32 + 1; 5], ReduceOp::Sum).unwrap();
+                    let (result, buf) = pending.wait();
+                    result.unwrap();
+                    buf
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(sums.iter().all(|s| s == &vec![6; 5]), "{sums:?}");
 }
 
 #[test]

@@ -49,7 +49,7 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Communicator>> {
         ..super::ConnectOptions::default()
     };
     // A lost rank ends a local group: its ranks are threads of one program.
-    let peer_config = PeerConfig { sticky_loss: true, ..PeerConfig::default() };
+    let peer_config = PeerConfig { closed: true, ..PeerConfig::default() };
     let peers = runtime.block_on(async {
         let joins: Vec<_> = (0..n)
             .map(|rank| {

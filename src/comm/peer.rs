@@ -22,7 +22,8 @@ use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::exec::{execute, Call};
 use crate::membership::client::ControlClient;
-use crate::membership::peer::{OpKind, PeerConfig, Retry};
+use crate::exec::AbortSignal;
+use crate::membership::peer::{Begun, OpKind, PeerConfig, Retry};
 use crate::membership::wire::SyncStrategy;
 use crate::membership::{PeerId, View};
 use crate::op::CustomOp;
@@ -198,10 +199,17 @@ impl AsyncPeer {
     /// by their keys.
     pub(crate) fn start(&mut self, coll: Collective, dtype: DType, op: ReduceOp, mut buf: Vec<u8>) -> Started {
         let ops = self.ops.clone();
+        // Numbered now, in the caller's order: every peer must number its started
+        // collectives alike, whatever order their tasks run in.
+        let call = coll.fingerprint(dtype, op);
+        let begun = ops.control.begin(OpKind::Whole { call }, coll_size(&coll));
         tokio::spawn(async move {
             let backup = buf.clone();
-            let spec = CallSpec::new(&coll, dtype, op);
-            match ops.with_retry(spec, Scope::Whole, &mut buf, &backup, RetryPolicy::Never, Duration::ZERO).await {
+            let result = match begun {
+                Ok(begun) => ops.run_begun(CallSpec::new(&coll, dtype, op), Scope::Whole, begun, &mut buf).await,
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => (Ok(()), buf),
                 Err(e) => (Err(e), backup),
             }
@@ -303,7 +311,20 @@ impl Ops {
             Scope::Whole => OpKind::Whole { call },
             Scope::Sub(members) => OpKind::Sub { call, members },
         };
-        let (begun, signal) = self.control.begin(kind, coll_size(spec.coll)).map_err(|e| (e, None))?;
+        let begun = self.control.begin(kind, coll_size(spec.coll)).map_err(|e| (e, None))?;
+        let epoch = begun.0.key.0;
+        self.run_begun(spec, scope, begun, buf).await.map_err(|e| (e, Some(epoch)))
+    }
+
+    /// Runs a begun collective: its plan over the data links, then the report and the
+    /// master's decision.
+    async fn run_begun(
+        &self,
+        spec: CallSpec<'_>,
+        scope: Scope<'_>,
+        (begun, signal): (Begun, AbortSignal),
+        buf: &mut [u8],
+    ) -> Result<()> {
         let key = begun.key;
         self.links.enter(&begun.view);
         let me = begun.members.iter().position(|&r| r == begun.rank).unwrap_or(0);
@@ -330,7 +351,7 @@ impl Ops {
         tracing::debug!(peer = self.control.id(), ?key, ?result, "collective decided");
         self.links.finish(key);
         self.control.finish(key);
-        result.map_err(|e| (e, Some(key.0)))
+        result
     }
 }
 

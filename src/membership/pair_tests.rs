@@ -208,12 +208,16 @@ fn a_sub_group_naming_a_lost_peer_fails_without_numbering() {
 }
 
 #[test]
-fn sticky_loss_ends_an_in_process_group() {
-    let mut p = Pair::group(3, PeerConfig { sticky_loss: true, ..PeerConfig::default() });
+fn a_loss_ends_a_closed_group_and_keeps_its_ranks() {
+    let mut p = Pair::group(3, PeerConfig { closed: true, ..PeerConfig::default() });
     p.disconnect(1);
     let err = p.peers[0].begin(OpKind::Whole { call: 1 }).unwrap_err();
     assert_eq!(err, Error::PeerLost { rank: 1, reason: "control connection closed".into() });
     assert_eq!(p.peers[0].retry(&err, 1, 5, 1), Retry::GiveUp);
+    // Peer 2 keeps rank 2 of the view the group formed with, and learns of the end.
+    assert_eq!(p.peers[2].view().unwrap(), view(1, &[0, 1, 2]));
+    assert_eq!(p.peers[2].view_after(1), Some(Err(err.clone())));
+    assert_eq!(p.peers[2].update_topology(), Err(err));
 }
 
 #[test]

@@ -48,16 +48,17 @@ pub struct PeerConfig {
     /// 250 ms), the peer considers itself cut off: its collectives fail with
     /// [`Error::Removed`].
     pub master_timeout: Duration,
-    /// Once a member is lost, every later collective of this peer fails with that
-    /// loss ([`Error::PeerLost`]) instead of running over the survivors. In-process
-    /// groups use it: their ranks are threads of one program that cannot rejoin, so a
-    /// lost rank ends the group.
-    pub sticky_loss: bool,
+    /// A closed group: formed once, never joined, ended by its first loss. The view
+    /// (ranks and size) stays as it was formed; once a member is lost, every later
+    /// call of this peer fails with that loss ([`Error::PeerLost`]) instead of running
+    /// over the survivors; `update_topology` has nothing to wait for. In-process groups
+    /// are closed: their ranks are threads of one program that cannot rejoin.
+    pub closed: bool,
 }
 
 impl Default for PeerConfig {
     fn default() -> Self {
-        PeerConfig { master_timeout: Duration::from_millis(2000), sticky_loss: false }
+        PeerConfig { master_timeout: Duration::from_millis(2000), closed: false }
     }
 }
 
@@ -167,7 +168,7 @@ pub struct PeerState {
     sub_seq: HashMap<Vec<PeerId>, u32>,
     /// Admitted by the members' topology round, and no round or collective since.
     fresh: bool,
-    /// With [`PeerConfig::sticky_loss`]: the first loss seen.
+    /// In a closed group ([`PeerConfig::closed`]): the first loss seen.
     lost: Option<Error>,
 }
 
@@ -249,12 +250,16 @@ impl PeerState {
                     // formed from the first joiners), means no round happened.
                     self.fresh = view.size() > 1 && view.epoch > 1;
                 }
-                if self.config.sticky_loss && !removed.is_empty() && self.lost.is_none() {
-                    self.lost = Some(reason.clone());
+                let epoch = view.epoch;
+                let ended = self.config.closed && self.view.is_some() && !removed.is_empty();
+                if ended {
+                    // A closed group keeps its formed view: ranks never move under the
+                    // caller, and every later call fails with this loss.
+                    self.lost.get_or_insert_with(|| reason.clone());
+                } else {
+                    self.view = Some(view);
                 }
                 self.pending_joiners = 0;
-                let epoch = view.epoch;
-                self.view = Some(view);
                 self.ops.retain(|&key, rec| {
                     if key.0 >= epoch {
                         return true;
@@ -333,8 +338,8 @@ impl PeerState {
     /// Starts a collective: numbers it, records it, and says what to tell the master.
     ///
     /// Fails without numbering anything when this peer is not a member, when a
-    /// sub-group names a peer outside the view ([`Error::PeerLost`]), or (with
-    /// [`PeerConfig::sticky_loss`]) once a member was lost.
+    /// sub-group names a peer outside the view ([`Error::PeerLost`]), or in a closed
+    /// group once a member was lost.
     pub fn begin(&mut self, kind: OpKind<'_>) -> Result<Begun> {
         if let Some(e) = &self.lost {
             return Err(e.clone());
@@ -431,7 +436,10 @@ impl PeerState {
 
     /// Enters `update_topology`.
     pub fn update_topology(&mut self) -> Result<Topology> {
-        if std::mem::take(&mut self.fresh) {
+        if let Some(e) = &self.lost {
+            return Err(e.clone());
+        }
+        if std::mem::take(&mut self.fresh) || self.config.closed {
             return self.view().map(|_| Topology::Done);
         }
         let epoch = self.view()?.epoch;
@@ -441,13 +449,21 @@ impl PeerState {
     /// `None` until more than `seen` topology rounds have ended; then the view, or why
     /// this peer was removed.
     pub fn round_after(&self, seen: u64) -> Option<Result<View>> {
-        (self.rounds > seen || self.gone.is_some()).then(|| self.view())
+        (self.rounds > seen || self.gone.is_some() || self.lost.is_some()).then(|| self.view_or_loss())
+    }
+
+    /// The view, or in an ended closed group the loss that ended it.
+    fn view_or_loss(&self) -> Result<View> {
+        match &self.lost {
+            Some(e) if self.gone.is_none() => Err(e.clone()),
+            _ => self.view(),
+        }
     }
 
     /// `None` until a view of an epoch above `epoch` arrived; then it, or removal.
     pub fn view_after(&self, epoch: u64) -> Option<Result<View>> {
         let moved = self.view.as_ref().is_some_and(|v| v.epoch > epoch);
-        (moved || self.gone.is_some()).then(|| self.view())
+        (moved || self.gone.is_some() || self.lost.is_some()).then(|| self.view_or_loss())
     }
 
     /// Whether a collective begun in view `epoch` that failed with `e` on its
