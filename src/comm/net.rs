@@ -18,11 +18,11 @@ use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::exec::{execute, Call};
 use crate::membership::client::{ControlClient, ControlConfig, OpSlot};
-use crate::membership::wire::{OpResult, SyncStrategy, ToMaster, Transfer};
+use crate::membership::protocol::{OpResult, ToMaster, Transfer};
 use crate::membership::{PeerId, View};
 use crate::op::CustomOp;
 use crate::plan::Rank;
-use crate::state::{digest, SharedState};
+use crate::state::{digest, SharedState, SyncStrategy};
 use crate::transport::demux::OpKey;
 use crate::transport::endpoint::Endpoint;
 use crate::transport::quic::{QuicConfig, QuicEndpoint};
@@ -707,7 +707,7 @@ async fn transfer(
 }
 
 /// Checks that every received tensor hashes to the agreed content.
-fn verify(state: &SharedState, agreed: &[(u64, crate::membership::wire::Digest)], received: &Received) -> Result<()> {
+fn verify(state: &SharedState, agreed: &[(u64, crate::state::Digest)], received: &Received) -> Result<()> {
     for (t, bytes) in received {
         let dtype = state.dtype(*t).ok_or_else(|| missing(*t as u32))?;
         let want = agreed.get(*t).map(|(_, d)| *d);

@@ -15,11 +15,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::server::{frame_body, to_frame, CONTROL_HELLO};
+use super::codec::{frame_body, to_frame, CONTROL_HELLO};
+use super::protocol::{AbortReason, Decision, Removal, ToMaster, ToPeer, Transfer};
 use super::view::{PeerId, View};
-use super::wire::{AbortReason, Decision, Digest, Removal, ToMaster, ToPeer, Transfer};
 use crate::error::{Error, Result};
 use crate::exec::AbortSignal;
+use crate::state::Digest;
 use crate::transport::demux::OpKey;
 use crate::transport::endpoint::Endpoint;
 use crate::transport::Link;

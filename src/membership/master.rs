@@ -10,7 +10,7 @@
 //! ```
 //! use std::time::Instant;
 //! use phalanx::membership::master::{MasterConfig, MasterState, Output};
-//! use phalanx::membership::wire::{ToMaster, ToPeer};
+//! use phalanx::membership::protocol::{ToMaster, ToPeer};
 //! let mut m = MasterState::new(MasterConfig::default());
 //! let now = Instant::now();
 //! let out = m.handle(1, ToMaster::Join { id: 42, data_addr: "127.0.0.1:7000".parse().unwrap() }, now);
@@ -23,10 +23,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::protocol::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer, Transfer};
 use super::view::{Member, PeerId, View};
-use super::wire::{
-    AbortReason, Decision, Digest, OpResult, Removal, SyncStrategy, TensorDigest, ToMaster, ToPeer, Transfer,
-};
+use crate::state::{Digest, SyncStrategy, TensorDigest};
 
 /// A control connection, as numbered by the driver.
 pub type ConnId = u64;

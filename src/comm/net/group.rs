@@ -9,7 +9,7 @@ use crate::collective::Collective;
 use crate::comm::{p2p, subgroup};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
-use crate::membership::wire::ToMaster;
+use crate::membership::protocol::ToMaster;
 use crate::membership::{Member, PeerId, View};
 use crate::plan::Rank;
 use crate::transport::demux::{Demux, OpLink};
