@@ -15,7 +15,39 @@
 //! ```
 
 use crate::dtype::{DType, Element};
-use crate::membership::wire::{Digest, TensorDigest};
+
+/// A content hash of a shared tensor (BLAKE3).
+pub type Digest = [u8; 32];
+
+/// How a peer takes part in a shared-state sync (as in PCCL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SyncStrategy {
+    /// The content most peers hold wins; peers that differ fetch it.
+    EnforcePopular = 0,
+    /// This peer's content never counts; it only receives.
+    ReceiveOnly = 1,
+    /// This peer's content is authoritative; it never receives.
+    SendOnly = 2,
+}
+
+impl SyncStrategy {
+    /// The strategy for a wire or C code.
+    pub fn from_code(code: u8) -> Option<SyncStrategy> {
+        [SyncStrategy::EnforcePopular, SyncStrategy::ReceiveOnly, SyncStrategy::SendOnly].get(code as usize).copied()
+    }
+}
+
+/// One tensor's entry in a sync request: its name, revision and content hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorDigest {
+    /// The tensor's name, unique within the shared state.
+    pub name: String,
+    /// The revision the holder claims for it.
+    pub revision: u64,
+    /// Hash of its bytes (and dtype).
+    pub digest: Digest,
+}
 
 /// One named tensor. Its bytes live in a `u64` buffer so that any element type can
 /// view them aligned.

@@ -2,8 +2,8 @@
 //! outcomes and retries without sockets.
 
 use phalanx::comm::RetryPolicy;
-use phalanx::membership::wire::SyncStrategy;
 use phalanx::state::SharedState;
+use phalanx::state::SyncStrategy;
 use phalanx::{Communicator, Error, ReduceOp};
 
 mod common;

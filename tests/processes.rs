@@ -16,7 +16,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use phalanx::membership::server::CONTROL_HELLO;
+use phalanx::membership::codec::CONTROL_HELLO;
 use phalanx::transport::quic::{QuicConfig, QuicEndpoint, QuicError};
 use phalanx::workload::{expected_sum, hash_f32};
 use serde_json::Value;

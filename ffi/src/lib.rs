@@ -27,8 +27,8 @@ use phalanx::comm::{ConnectOptions, PendingRaw, RetryPolicy};
 use phalanx::membership::client::ControlConfig;
 use phalanx::membership::master::MasterConfig;
 use phalanx::membership::server::Master;
-use phalanx::membership::wire::SyncStrategy;
 use phalanx::state::SharedState;
+use phalanx::state::SyncStrategy;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, DType, Error, ReduceOp};
 

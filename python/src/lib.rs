@@ -20,7 +20,7 @@ use phalanx::comm::{ConnectOptions, PendingRaw, RetryPolicy};
 use phalanx::membership::client::ControlConfig;
 use phalanx::membership::master::MasterConfig;
 use phalanx::membership::server::Master as CoreMaster;
-use phalanx::membership::wire::SyncStrategy;
+use phalanx::state::SyncStrategy;
 use phalanx::state::SharedState as CoreState;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator as CoreComm, DType, Error, ReduceOp};

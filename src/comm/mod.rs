@@ -23,10 +23,9 @@ use std::sync::Arc;
 use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
-use crate::membership::wire::SyncStrategy;
 use crate::membership::PeerId;
 use crate::plan::Rank;
-use crate::state::SharedState;
+use crate::state::{SharedState, SyncStrategy};
 use crate::transport::endpoint::Endpoint;
 use crate::transport::quic::QuicEndpoint;
 

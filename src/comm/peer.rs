@@ -24,11 +24,10 @@ use crate::exec::{execute, Call};
 use crate::membership::client::ControlClient;
 use crate::exec::AbortSignal;
 use crate::membership::peer::{Begun, OpKind, PeerConfig, Retry};
-use crate::membership::wire::SyncStrategy;
 use crate::membership::{PeerId, View};
 use crate::op::CustomOp;
 use crate::plan::Rank;
-use crate::state::SharedState;
+use crate::state::{SharedState, SyncStrategy};
 use crate::transport::endpoint::Endpoint;
 
 /// One call as the front hands it down: what to run, on which elements, with which

@@ -10,9 +10,9 @@ use super::options::SyncReport;
 use crate::error::{Error, Result};
 use crate::membership::client::ControlClient;
 use crate::membership::peer::OpKind;
-use crate::membership::wire::{SyncStrategy, Transfer};
+use crate::membership::protocol::Transfer;
 use crate::plan::Rank;
-use crate::state::{digest, SharedState};
+use crate::state::{digest, Digest, SharedState, SyncStrategy};
 use crate::transport::demux::OpKey;
 use crate::transport::{Frame, Header, Link};
 
@@ -117,7 +117,7 @@ async fn transfer(
 }
 
 /// Checks that every received tensor hashes to the agreed content.
-fn verify(state: &SharedState, agreed: &[(u64, crate::membership::wire::Digest)], received: &Received) -> Result<()> {
+fn verify(state: &SharedState, agreed: &[(u64, Digest)], received: &Received) -> Result<()> {
     for (t, bytes) in received {
         let dtype = state.dtype(*t).ok_or_else(|| missing(*t as u32))?;
         let want = agreed.get(*t).map(|(_, d)| *d);

@@ -15,9 +15,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::peer::{Begun, OpKey, OpKind, PeerConfig, PeerState, Retry, SyncPlan, Topology};
-use super::server::{frame_body, to_frame, CONTROL_HELLO};
+use super::codec::{frame_body, to_frame, CONTROL_HELLO};
 use super::view::{PeerId, View};
-use super::wire::{ToMaster, ToPeer};
+use super::protocol::{ToMaster, ToPeer};
 use crate::error::{Error, Result};
 use crate::exec::AbortSignal;
 use crate::transport::endpoint::Endpoint;

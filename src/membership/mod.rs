@@ -4,16 +4,18 @@
 //! Both roles are sans-IO state machines — [`master::MasterState`] and
 //! [`peer::PeerState`] — each driven by a small async driver ([`server`] for the
 //! master, [`client`] for a peer); [`pair`] runs them together with no runtime.
-//! [`wire`] is the control protocol; [`view`] defines views.
+//! [`protocol`] is the control protocol's messages and [`codec`] their binary form;
+//! [`view`] defines views.
 
 pub mod client;
+pub mod codec;
 pub mod master;
 pub mod pair;
 #[cfg(test)]
 mod pair_tests;
 pub mod peer;
+pub mod protocol;
 pub mod server;
 pub mod view;
-pub mod wire;
 
 pub use view::{Member, PeerId, View};

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::master::{ConnId, MasterConfig, MasterState, Output};
 use super::peer::{OpKey, PeerConfig, PeerState};
 use super::view::PeerId;
-use super::wire::{ToMaster, ToPeer};
+use super::protocol::{ToMaster, ToPeer};
 use crate::error::Error;
 
 /// A master and peers `0..n`, peer `i` on control connection `i + 1`.

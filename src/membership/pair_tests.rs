@@ -7,7 +7,7 @@ use super::master::{MasterConfig, Output};
 use super::pair::Pair;
 use super::peer::{sub_fingerprint, sub_key, OpKind, PeerConfig, Retry, Topology};
 use super::view::{Member, View};
-use super::wire::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer};
+use super::protocol::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer};
 use crate::error::Error;
 
 fn view(epoch: u64, ids: &[u64]) -> View {

@@ -13,7 +13,7 @@
 //! ```
 //! use std::time::{Duration, Instant};
 //! use phalanx::membership::peer::{OpKind, PeerConfig, PeerState};
-//! use phalanx::membership::wire::{Decision, ToMaster, ToPeer};
+//! use phalanx::membership::protocol::{Decision, ToMaster, ToPeer};
 //! use phalanx::membership::{Member, View};
 //!
 //! let now = Instant::now();
@@ -31,7 +31,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use super::view::{PeerId, View};
-use super::wire::{AbortReason, Decision, Digest, OpResult, SyncStrategy, TensorDigest, ToMaster, ToPeer, Transfer};
+use super::protocol::{AbortReason, Decision, OpResult, ToMaster, ToPeer, Transfer};
+use crate::state::{Digest, SyncStrategy, TensorDigest};
 use crate::error::{Error, Result};
 use crate::plan::Rank;
 

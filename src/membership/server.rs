@@ -10,16 +10,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use super::codec::{frame_body, to_frame, CONTROL_HELLO};
 use super::master::{ConnId, MasterConfig, MasterState, Output};
-use super::wire::{body_len, ToMaster, ToPeer, WireError};
+use super::protocol::{ToMaster, ToPeer};
 use crate::transport::endpoint::Endpoint;
-use crate::transport::{Frame, Header, Link};
-
-/// The hello a peer sends when it opens its control connection.
-pub const CONTROL_HELLO: &[u8] = b"phalanx-control/1";
+use crate::transport::Link;
 
 /// A running master; dropping it (or calling [`MasterServer::shutdown`]) stops it.
 pub struct MasterServer {
@@ -100,22 +97,6 @@ impl Drop for Master {
             rt.shutdown_background();
         }
     }
-}
-
-/// Encodes a control message as a frame.
-pub(crate) fn to_frame(encoded: Vec<u8>) -> Frame {
-    Frame { header: Header::default(), payload: Bytes::from(encoded) }
-}
-
-/// The body of a control frame, after checking its length prefix.
-pub(crate) fn frame_body(frame: &Frame) -> Result<&[u8], WireError> {
-    let p = &frame.payload;
-    let prefix: [u8; 4] = p.get(..4).and_then(|b| b.try_into().ok()).ok_or(WireError::Truncated(0))?;
-    let len = body_len(prefix)?;
-    if len != p.len() - 4 {
-        return Err(WireError::Truncated(p.len()));
-    }
-    Ok(&p[4..])
 }
 
 enum Event {

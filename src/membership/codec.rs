@@ -1,0 +1,756 @@
+//! The control protocol's binary codec, in the style of rustls's `msgs/codec.rs`.
+//!
+//! Every message is one length-delimited record: `u32` length (little-endian), then a
+//! `u8` tag and the fields. Each protocol type implements [`Codec`]: it appends itself to
+//! a buffer and reads itself from a [`Reader`]. The reader checks every length and count
+//! against [`MAX_MESSAGE_BYTES`], [`MAX_STRING_BYTES`] or the input left before
+//! allocating, and decoders return [`WireError`], never panic: the master reads these
+//! from the network.
+//!
+//! On a [`Link`](crate::transport::Link) a control message rides as the payload of a
+//! frame with a zeroed header ([`to_frame`], [`frame_body`]).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::Bytes;
+
+use super::protocol::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer, Transfer};
+use super::view::{Member, View};
+use crate::state::{SyncStrategy, TensorDigest};
+use crate::transport::{Frame, Header};
+
+/// The largest control message accepted, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// The longest string field accepted, in bytes.
+pub const MAX_STRING_BYTES: usize = 4096;
+
+/// The hello a peer sends when it opens its control connection.
+pub const CONTROL_HELLO: &[u8] = b"phalanx-control/1";
+
+/// Why a decode failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The input ended inside a field.
+    #[error("message truncated at byte {0}")]
+    Truncated(usize),
+    /// A length or count exceeds its limit.
+    #[error("{what} of {len} exceeds the limit of {limit}")]
+    TooLarge {
+        /// Which field.
+        what: &'static str,
+        /// Its claimed size.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// An unknown tag or enum code.
+    #[error("unknown {what} code {code}")]
+    UnknownCode {
+        /// Which field.
+        what: &'static str,
+        /// The code.
+        code: u8,
+    },
+    /// Bytes left over after the last field.
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+    /// A string field is not UTF-8.
+    #[error("string field is not UTF-8")]
+    BadUtf8,
+}
+
+/// A value with a binary encoding.
+pub trait Codec: Sized {
+    /// The fewest bytes an encoding takes. A received count of items is checked
+    /// against the input left, at this size per item, before anything is allocated.
+    const MIN_LEN: usize;
+
+    /// Appends the encoding to `bytes`.
+    fn encode(&self, bytes: &mut Vec<u8>);
+
+    /// Reads one value, leaving the reader after it.
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError>;
+
+    /// The encoding as a new buffer.
+    fn get_encoding(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        self.encode(&mut bytes);
+        bytes
+    }
+
+    /// Reads one value that must span all of `bytes`.
+    fn read_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::init(bytes);
+        let value = Self::read(&mut r)?;
+        r.expect_empty()?;
+        Ok(value)
+    }
+}
+
+/// A cursor over received bytes.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    cursor: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader at the start of `bytes`.
+    pub fn init(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { buf: bytes, cursor: 0 }
+    }
+
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end =
+            self.cursor.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(WireError::Truncated(self.cursor))?;
+        let out = &self.buf[self.cursor..end];
+        self.cursor = end;
+        Ok(out)
+    }
+
+    /// The next `N` bytes, as an array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    /// The number of bytes not yet read.
+    pub fn left(&self) -> usize {
+        self.buf.len() - self.cursor
+    }
+
+    /// Fails if any bytes are left.
+    pub fn expect_empty(&self) -> Result<(), WireError> {
+        match self.left() {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n)),
+        }
+    }
+
+    /// A `u32` count of items of at least `item_bytes` each, checked against the input left.
+    pub fn count(&mut self, what: &'static str, item_bytes: usize) -> Result<usize, WireError> {
+        let n = u32::read(self)? as usize;
+        let left = self.left();
+        if n.saturating_mul(item_bytes.max(1)) > left {
+            return Err(WireError::TooLarge { what, len: n, limit: left / item_bytes.max(1) });
+        }
+        Ok(n)
+    }
+
+    /// A counted list (see [`encode_vec`]); `what` names it in errors.
+    pub fn read_vec<T: Codec>(&mut self, what: &'static str) -> Result<Vec<T>, WireError> {
+        let n = self.count(what, T::MIN_LEN)?;
+        (0..n).map(|_| T::read(self)).collect()
+    }
+}
+
+/// Appends a length or count as a `u32`. (Oversized ones saturate and fail decode.)
+fn encode_len(n: usize, bytes: &mut Vec<u8>) {
+    u32::try_from(n).unwrap_or(u32::MAX).encode(bytes);
+}
+
+/// Appends a list: its `u32` count, then the items.
+pub fn encode_vec<T: Codec>(items: &[T], bytes: &mut Vec<u8>) {
+    encode_len(items.len(), bytes);
+    for item in items {
+        item.encode(bytes);
+    }
+}
+
+/// Reads a one-byte code and maps it, or fails with [`WireError::UnknownCode`].
+fn read_code<T>(r: &mut Reader<'_>, what: &'static str, f: impl FnOnce(u8) -> Option<T>) -> Result<T, WireError> {
+    let code = u8::read(r)?;
+    f(code).ok_or(WireError::UnknownCode { what, code })
+}
+
+macro_rules! int_codec {
+    ($($t:ty),*) => {$(
+        impl Codec for $t {
+            const MIN_LEN: usize = std::mem::size_of::<$t>();
+            fn encode(&self, bytes: &mut Vec<u8>) {
+                bytes.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+                Ok(<$t>::from_le_bytes(r.array()?))
+            }
+        }
+    )*};
+}
+int_codec!(u8, u16, u32, u64);
+
+/// Fixed-size byte strings: digests.
+impl<const N: usize> Codec for [u8; N] {
+    const MIN_LEN: usize = N;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        bytes.extend_from_slice(self);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        r.array()
+    }
+}
+
+impl<A: Codec, B: Codec> Codec for (A, B) {
+    const MIN_LEN: usize = A::MIN_LEN + B::MIN_LEN;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        self.0.encode(bytes);
+        self.1.encode(bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok((A::read(r)?, B::read(r)?))
+    }
+}
+
+/// A `u32` length and UTF-8 bytes. Encoding truncates to [`MAX_STRING_BYTES`] (on a
+/// char boundary); decoding refuses longer strings.
+impl Codec for String {
+    const MIN_LEN: usize = 4;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        let s = truncate(self, MAX_STRING_BYTES);
+        encode_len(s.len(), bytes);
+        bytes.extend_from_slice(s.as_bytes());
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let n = u32::read(r)? as usize;
+        if n > MAX_STRING_BYTES {
+            return Err(WireError::TooLarge { what: "string", len: n, limit: MAX_STRING_BYTES });
+        }
+        String::from_utf8(r.take(n)?.to_vec()).map_err(|_| WireError::BadUtf8)
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Family (4 or 6), the address's octets, the port.
+impl Codec for SocketAddr {
+    const MIN_LEN: usize = 1 + 4 + 2;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        match self.ip() {
+            IpAddr::V4(ip) => {
+                4u8.encode(bytes);
+                ip.octets().encode(bytes);
+            }
+            IpAddr::V6(ip) => {
+                6u8.encode(bytes);
+                ip.octets().encode(bytes);
+            }
+        }
+        self.port().encode(bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let ip = match u8::read(r)? {
+            4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
+            6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
+            code => return Err(WireError::UnknownCode { what: "address family", code }),
+        };
+        Ok(SocketAddr::new(ip, u16::read(r)?))
+    }
+}
+
+impl Codec for Member {
+    const MIN_LEN: usize = 8 + SocketAddr::MIN_LEN;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        self.id.encode(bytes);
+        self.addr.encode(bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(Member { id: u64::read(r)?, addr: SocketAddr::read(r)? })
+    }
+}
+
+impl Codec for View {
+    const MIN_LEN: usize = 8 + 4;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        self.epoch.encode(bytes);
+        encode_vec(&self.members, bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(View { epoch: u64::read(r)?, members: r.read_vec("members")? })
+    }
+}
+
+impl Codec for SyncStrategy {
+    const MIN_LEN: usize = 1;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        (*self as u8).encode(bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        read_code(r, "strategy", SyncStrategy::from_code)
+    }
+}
+
+impl Codec for TensorDigest {
+    const MIN_LEN: usize = String::MIN_LEN + 8 + 32;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        self.name.encode(bytes);
+        self.revision.encode(bytes);
+        self.digest.encode(bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(TensorDigest { name: String::read(r)?, revision: u64::read(r)?, digest: r.array()? })
+    }
+}
+
+impl Codec for Transfer {
+    const MIN_LEN: usize = 3 * 4;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        self.tensor.encode(bytes);
+        self.from.encode(bytes);
+        self.to.encode(bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(Transfer { tensor: u32::read(r)?, from: u32::read(r)?, to: u32::read(r)? })
+    }
+}
+
+impl Codec for Removal {
+    const MIN_LEN: usize = 8 + 4 + String::MIN_LEN;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        self.id.encode(bytes);
+        self.rank.encode(bytes);
+        self.detail.encode(bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(Removal { id: u64::read(r)?, rank: u32::read(r)?, detail: String::read(r)? })
+    }
+}
+
+impl Codec for OpResult {
+    const MIN_LEN: usize = 1;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        match self {
+            OpResult::Ok => 0u8.encode(bytes),
+            OpResult::Mismatch(msg) => {
+                1u8.encode(bytes);
+                msg.encode(bytes);
+            }
+            OpResult::Failed(msg) => {
+                2u8.encode(bytes);
+                msg.encode(bytes);
+            }
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(match u8::read(r)? {
+            0 => OpResult::Ok,
+            1 => OpResult::Mismatch(String::read(r)?),
+            2 => OpResult::Failed(String::read(r)?),
+            code => return Err(WireError::UnknownCode { what: "op result", code }),
+        })
+    }
+}
+
+/// One code for the commit and each abort reason, then the reason's fields.
+impl Codec for Decision {
+    const MIN_LEN: usize = 1;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        match self {
+            Decision::Commit => 0u8.encode(bytes),
+            Decision::Abort(AbortReason::PeerLost { rank, detail }) => {
+                1u8.encode(bytes);
+                rank.encode(bytes);
+                detail.encode(bytes);
+            }
+            Decision::Abort(AbortReason::Mismatch { detail }) => {
+                2u8.encode(bytes);
+                detail.encode(bytes);
+            }
+            Decision::Abort(AbortReason::Failed { rank, detail }) => {
+                3u8.encode(bytes);
+                rank.encode(bytes);
+                detail.encode(bytes);
+            }
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(match u8::read(r)? {
+            0 => Decision::Commit,
+            1 => Decision::Abort(AbortReason::PeerLost { rank: u32::read(r)?, detail: String::read(r)? }),
+            2 => Decision::Abort(AbortReason::Mismatch { detail: String::read(r)? }),
+            3 => Decision::Abort(AbortReason::Failed { rank: u32::read(r)?, detail: String::read(r)? }),
+            code => return Err(WireError::UnknownCode { what: "decision", code }),
+        })
+    }
+}
+
+impl Codec for ToMaster {
+    const MIN_LEN: usize = 1;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        match self {
+            ToMaster::Join { id, data_addr } => {
+                1u8.encode(bytes);
+                id.encode(bytes);
+                data_addr.encode(bytes);
+            }
+            ToMaster::Heartbeat => 2u8.encode(bytes),
+            ToMaster::UpdateTopology { epoch } => {
+                3u8.encode(bytes);
+                epoch.encode(bytes);
+            }
+            ToMaster::OpBegin { epoch, seq, call } => {
+                4u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                call.encode(bytes);
+            }
+            ToMaster::OpEnd { epoch, seq, result } => {
+                5u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                result.encode(bytes);
+            }
+            ToMaster::SyncState { epoch, seq, strategy, tensors } => {
+                6u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                strategy.encode(bytes);
+                encode_vec(tensors, bytes);
+            }
+            ToMaster::Leave => 7u8.encode(bytes),
+            ToMaster::SubOpBegin { epoch, seq, call, members } => {
+                8u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                call.encode(bytes);
+                encode_vec(members, bytes);
+            }
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(match u8::read(r)? {
+            1 => ToMaster::Join { id: u64::read(r)?, data_addr: SocketAddr::read(r)? },
+            2 => ToMaster::Heartbeat,
+            3 => ToMaster::UpdateTopology { epoch: u64::read(r)? },
+            4 => ToMaster::OpBegin { epoch: u64::read(r)?, seq: u64::read(r)?, call: u64::read(r)? },
+            5 => ToMaster::OpEnd { epoch: u64::read(r)?, seq: u64::read(r)?, result: OpResult::read(r)? },
+            6 => ToMaster::SyncState {
+                epoch: u64::read(r)?,
+                seq: u64::read(r)?,
+                strategy: SyncStrategy::read(r)?,
+                tensors: r.read_vec("tensors")?,
+            },
+            7 => ToMaster::Leave,
+            8 => ToMaster::SubOpBegin {
+                epoch: u64::read(r)?,
+                seq: u64::read(r)?,
+                call: u64::read(r)?,
+                members: r.read_vec("members")?,
+            },
+            code => return Err(WireError::UnknownCode { what: "message to master", code }),
+        })
+    }
+}
+
+impl Codec for ToPeer {
+    const MIN_LEN: usize = 1;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        match self {
+            ToPeer::Pending => 1u8.encode(bytes),
+            ToPeer::View { view, removed } => {
+                2u8.encode(bytes);
+                view.encode(bytes);
+                encode_vec(removed, bytes);
+            }
+            ToPeer::Outcome { epoch, seq, decision } => {
+                3u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                decision.encode(bytes);
+            }
+            ToPeer::PendingJoiners { count } => {
+                4u8.encode(bytes);
+                count.encode(bytes);
+            }
+            ToPeer::SyncPlan { epoch, seq, agreed, transfers } => {
+                5u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                encode_vec(agreed, bytes);
+                encode_vec(transfers, bytes);
+            }
+            ToPeer::Refused { reason } => {
+                6u8.encode(bytes);
+                reason.encode(bytes);
+            }
+            ToPeer::Heartbeat => 7u8.encode(bytes),
+            ToPeer::TopologyDone { epoch } => {
+                8u8.encode(bytes);
+                epoch.encode(bytes);
+            }
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(match u8::read(r)? {
+            1 => ToPeer::Pending,
+            2 => ToPeer::View { view: View::read(r)?, removed: r.read_vec("removals")? },
+            3 => ToPeer::Outcome { epoch: u64::read(r)?, seq: u64::read(r)?, decision: Decision::read(r)? },
+            4 => ToPeer::PendingJoiners { count: u32::read(r)? },
+            5 => ToPeer::SyncPlan {
+                epoch: u64::read(r)?,
+                seq: u64::read(r)?,
+                agreed: r.read_vec("agreed")?,
+                transfers: r.read_vec("transfers")?,
+            },
+            6 => ToPeer::Refused { reason: String::read(r)? },
+            7 => ToPeer::Heartbeat,
+            8 => ToPeer::TopologyDone { epoch: u64::read(r)? },
+            code => return Err(WireError::UnknownCode { what: "message to peer", code }),
+        })
+    }
+}
+
+/// Encodes a message with its `u32` length prefix.
+pub fn framed<T: Codec>(msg: &T) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    msg.encode(&mut out);
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// Reads the body length from a 4-byte prefix, checked against [`MAX_MESSAGE_BYTES`].
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge { what: "message", len, limit: MAX_MESSAGE_BYTES });
+    }
+    Ok(len)
+}
+
+/// Wraps an encoded control message (with its length prefix) in a frame.
+pub(crate) fn to_frame(encoded: Vec<u8>) -> Frame {
+    Frame { header: Header::default(), payload: Bytes::from(encoded) }
+}
+
+/// The body of a control frame, after checking its length prefix.
+pub(crate) fn frame_body(frame: &Frame) -> Result<&[u8], WireError> {
+    let p = &frame.payload;
+    let prefix: [u8; 4] = p.get(..4).and_then(|b| b.try_into().ok()).ok_or(WireError::Truncated(0))?;
+    let len = body_len(prefix)?;
+    if len != p.len() - 4 {
+        return Err(WireError::Truncated(p.len()));
+    }
+    Ok(&p[4..])
+}
+
+/// The framed forms the drivers send: `msg.encode()` is [`framed`]`(&msg)`, and
+/// `decode` reads a body without its prefix. (Inherent, so they shadow
+/// [`Codec::encode`] in method calls; call that as `Codec::encode(&msg, &mut buf)`.)
+macro_rules! framed_message {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// Encodes the message with its length prefix.
+            pub fn encode(&self) -> Vec<u8> {
+                framed(self)
+            }
+
+            /// Decodes a message body (without its length prefix).
+            pub fn decode(body: &[u8]) -> Result<$t, WireError> {
+                <$t as Codec>::read_bytes(body)
+            }
+        }
+    )*};
+}
+framed_message!(ToMaster, ToPeer);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::view::{Member, View};
+    use crate::state::{SyncStrategy, TensorDigest};
+    use proptest::prelude::*;
+
+    fn body(framed: &[u8]) -> &[u8] {
+        let len = body_len([framed[0], framed[1], framed[2], framed[3]]).expect("length");
+        assert_eq!(len, framed.len() - 4);
+        &framed[4..]
+    }
+
+    fn samples_to_master() -> Vec<ToMaster> {
+        vec![
+            ToMaster::Join { id: 7, data_addr: "127.0.0.1:4000".parse().expect("addr") },
+            ToMaster::Join { id: u64::MAX, data_addr: "[::1]:1".parse().expect("addr") },
+            ToMaster::Heartbeat,
+            ToMaster::UpdateTopology { epoch: 3 },
+            ToMaster::OpBegin { epoch: 1, seq: 2, call: 3 },
+            ToMaster::OpEnd { epoch: 1, seq: 2, result: OpResult::Ok },
+            ToMaster::OpEnd { epoch: 1, seq: 2, result: OpResult::Mismatch("mismatch: é".into()) },
+            ToMaster::OpEnd { epoch: 1, seq: 2, result: OpResult::Failed("x".into()) },
+            ToMaster::SyncState {
+                epoch: 1,
+                seq: 9,
+                strategy: SyncStrategy::SendOnly,
+                tensors: vec![TensorDigest { name: "w".into(), revision: 4, digest: [9; 32] }],
+            },
+            ToMaster::Leave,
+            ToMaster::SubOpBegin { epoch: 2, seq: 1 << 63 | 5, call: 11, members: vec![3, u64::MAX, 0] },
+            ToMaster::SubOpBegin { epoch: 0, seq: 0, call: 0, members: vec![] },
+        ]
+    }
+
+    fn samples_to_peer() -> Vec<ToPeer> {
+        let view = View { epoch: 5, members: vec![Member { id: 1, addr: "127.0.0.1:9".parse().expect("addr") }] };
+        vec![
+            ToPeer::Pending,
+            ToPeer::View { view, removed: vec![Removal { id: 2, rank: 1, detail: "timeout".into() }] },
+            ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit },
+            ToPeer::Outcome {
+                epoch: 1,
+                seq: 1,
+                decision: Decision::Abort(AbortReason::PeerLost { rank: 2, detail: "x".into() }),
+            },
+            ToPeer::Outcome {
+                epoch: 1,
+                seq: 1,
+                decision: Decision::Abort(AbortReason::Mismatch { detail: "y".into() }),
+            },
+            ToPeer::Outcome {
+                epoch: 1,
+                seq: 1,
+                decision: Decision::Abort(AbortReason::Failed { rank: 0, detail: "z".into() }),
+            },
+            ToPeer::PendingJoiners { count: 3 },
+            ToPeer::SyncPlan {
+                epoch: 2,
+                seq: 3,
+                agreed: vec![(1, [7; 32])],
+                transfers: vec![Transfer { tensor: 0, from: 1, to: 2 }],
+            },
+            ToPeer::Refused { reason: "bad secret".into() },
+            ToPeer::Heartbeat,
+            ToPeer::TopologyDone { epoch: 4 },
+        ]
+    }
+
+    /// The bytes the pre-`Codec` encoder (`wire.rs` at 434ba78) produced for each sample.
+    const GOLDEN_TO_MASTER: [&str; 12] = [
+        "10000000010700000000000000047f000001a00f",
+        "1c00000001ffffffffffffffff06000000000000000000000000000000010100",
+        "0100000002",
+        "09000000030300000000000000",
+        "1900000004010000000000000002000000000000000300000000000000",
+        "12000000050100000000000000020000000000000000",
+        "220000000501000000000000000200000000000000010c0000006d69736d617463683a20c3a9",
+        "170000000501000000000000000200000000000000020100000078",
+        "4300000006010000000000000009000000000000000201000000010000007704000000000000000909090909090909090909090909090909090909090909090909090909090909",
+        "0100000007",
+        "3500000008020000000000000005000000000000800b00000000000000030000000300000000000000ffffffffffffffff0000000000000000",
+        "1d0000000800000000000000000000000000000000000000000000000000000000",
+    ];
+
+    /// The bytes the pre-`Codec` encoder (`wire.rs` at 434ba78) produced for each sample.
+    const GOLDEN_TO_PEER: [&str; 11] = [
+        "0100000001",
+        "37000000020500000000000000010000000100000000000000047f0000010900010000000200000000000000010000000700000074696d656f7574",
+        "12000000030100000000000000010000000000000000",
+        "1b000000030100000000000000010000000000000001020000000100000078",
+        "170000000301000000000000000100000000000000020100000079",
+        "1b00000003010000000000000001000000000000000300000000010000007a",
+        "050000000403000000",
+        "4d0000000502000000000000000300000000000000010000000100000000000000070707070707070707070707070707070707070707070707070707070707070701000000000000000100000002000000",
+        "0f000000060a00000062616420736563726574",
+        "0100000007",
+        "09000000080400000000000000",
+    ];
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_wire_format_is_unchanged() {
+        let to_master: Vec<String> = samples_to_master().iter().map(|m| hex(&m.encode())).collect();
+        assert_eq!(to_master, GOLDEN_TO_MASTER);
+        let to_peer: Vec<String> = samples_to_peer().iter().map(|m| hex(&m.encode())).collect();
+        assert_eq!(to_peer, GOLDEN_TO_PEER);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples_to_master() {
+            assert_eq!(ToMaster::decode(body(&m.encode())), Ok(m));
+        }
+        for m in samples_to_peer() {
+            assert_eq!(ToPeer::decode(body(&m.encode())), Ok(m));
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        for m in samples_to_master() {
+            let enc = m.encode();
+            for cut in 0..enc.len() - 4 {
+                assert!(ToMaster::decode(&enc[4..4 + cut]).is_err(), "{m:?} cut at {cut}");
+            }
+        }
+        for m in samples_to_peer() {
+            let enc = m.encode();
+            for cut in 0..enc.len() - 4 {
+                assert!(ToPeer::decode(&enc[4..4 + cut]).is_err(), "{m:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn sub_op_member_counts_are_checked_against_the_input() {
+        // A SubOpBegin claiming 1000 members with two present.
+        let mut body = vec![8u8];
+        for v in [1u64, 2, 3] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.extend_from_slice(&1000u32.to_le_bytes());
+        body.extend_from_slice(&[0u8; 16]);
+        assert!(matches!(ToMaster::decode(&body), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn huge_counts_are_refused_before_allocating() {
+        // A view claiming 2^32-1 members in a 20-byte message.
+        let mut body = vec![2u8];
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(ToPeer::decode(&body), Err(WireError::TooLarge { .. })));
+        assert!(body_len((MAX_MESSAGE_BYTES as u32 + 1).to_le_bytes()).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+        #[test]
+        fn sub_op_begins_round_trip(
+            epoch in any::<u64>(),
+            seq in any::<u64>(),
+            call in any::<u64>(),
+            members in proptest::collection::vec(any::<u64>(), 0..64),
+        ) {
+            let m = ToMaster::SubOpBegin { epoch, seq, call, members };
+            prop_assert_eq!(ToMaster::decode(body(&m.encode())), Ok(m));
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ToMaster::decode(&bytes);
+            let _ = ToPeer::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(i in 0usize..23, pos in any::<usize>(), byte in any::<u8>()) {
+            let (to_master, to_peer) = (samples_to_master(), samples_to_peer());
+            let mut enc = match to_master.get(i) {
+                Some(m) => m.encode(),
+                None => to_peer[i - to_master.len()].encode(),
+            };
+            let p = 4 + pos % (enc.len() - 4);
+            enc[p] = byte;
+            let _ = ToMaster::decode(&enc[4..]);
+            let _ = ToPeer::decode(&enc[4..]);
+        }
+    }
+}

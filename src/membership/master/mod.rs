@@ -1,0 +1,402 @@
+//! The master as a state machine: messages and time in, messages out. No I/O.
+//!
+//! The master holds the authoritative [`View`]. It admits joiners when every member
+//! has called `update_topology`, removes members whose control connection broke or who
+//! stayed silent past [`MasterConfig::peer_timeout`], and decides every collective's
+//! outcome: a collective commits only when every member of its view reported success;
+//! otherwise every member is told to abort. Being the single decider is what makes the
+//! survivors agree.
+//!
+//! ```
+//! use std::time::Instant;
+//! use phalanx::membership::master::{MasterConfig, MasterState, Output};
+//! use phalanx::membership::protocol::{ToMaster, ToPeer};
+//! let mut m = MasterState::new(MasterConfig::default());
+//! let now = Instant::now();
+//! let out = m.handle(1, ToMaster::Join { id: 42, data_addr: "127.0.0.1:7000".parse().unwrap() }, now);
+//! // The first peer is admitted at once.
+//! assert!(matches!(&out[..], [Output::Send(1, ToPeer::View { .. })]));
+//! assert_eq!(m.view().size(), 1);
+//! ```
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::protocol::{AbortReason, Removal, ToMaster, ToPeer};
+use super::view::{Member, PeerId, View};
+use tally::{Begin, Recipients, Roster, Said, Tallies, Word};
+
+mod sync_plan;
+mod tally;
+
+pub use self::sync_plan::{sync_plan, PlannedSync};
+
+/// A control connection, as numbered by the driver.
+pub type ConnId = u64;
+
+/// Default [`MasterConfig::peer_timeout`] in milliseconds: a crashed or frozen peer is
+/// removed at most this long after its last heartbeat (five heartbeat intervals at the
+/// default [`crate::membership::client::DEFAULT_HEARTBEAT_MS`]), which keeps the time
+/// from a death to the survivors' next successful collective under one second.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 750;
+
+/// Settings of the master.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MasterConfig {
+    /// A member silent for this long is removed (peers send heartbeats more often).
+    pub peer_timeout: Duration,
+    /// At most this many joiners wait for admission; more are refused.
+    pub max_pending: usize,
+    /// The first view forms once this many peers have joined (ranked by peer id);
+    /// until then joiners wait. 1 (the default) admits the first joiner at once.
+    pub initial_peers: usize,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        MasterConfig { peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS), max_pending: 256, initial_peers: 1 }
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send a message on a control connection.
+    Send(ConnId, ToPeer),
+    /// Close a control connection, telling the peer why.
+    Close(ConnId, String),
+}
+
+#[derive(Clone, Debug)]
+struct Peer {
+    id: PeerId,
+    addr: SocketAddr,
+    conn: ConnId,
+    last_seen: Instant,
+}
+
+/// The master's whole state.
+#[derive(Debug)]
+pub struct MasterState {
+    config: MasterConfig,
+    epoch: u64,
+    members: Vec<Peer>,
+    pending: Vec<Peer>,
+    conns: HashMap<ConnId, PeerId>,
+    topo_votes: BTreeSet<PeerId>,
+    tallies: Tallies,
+}
+
+impl MasterState {
+    /// An empty group at epoch 0.
+    pub fn new(config: MasterConfig) -> MasterState {
+        MasterState {
+            config,
+            epoch: 0,
+            members: Vec::new(),
+            pending: Vec::new(),
+            conns: HashMap::new(),
+            topo_votes: BTreeSet::new(),
+            tallies: Tallies::default(),
+        }
+    }
+    /// The current view.
+    pub fn view(&self) -> View {
+        View { epoch: self.epoch, members: self.members.iter().map(|p| Member { id: p.id, addr: p.addr }).collect() }
+    }
+
+    /// The number of joiners waiting for admission.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// When the next timeout can expire, for the driver's timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.members.iter().chain(&self.pending).map(|p| p.last_seen + self.config.peer_timeout).min()
+    }
+
+    /// A message arrived on `conn`.
+    pub fn handle(&mut self, conn: ConnId, msg: ToMaster, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Some(&id) = self.conns.get(&conn) else {
+            match msg {
+                ToMaster::Join { id, data_addr } => self.join(conn, id, data_addr, now, &mut out),
+                _ => out.push(Output::Close(conn, "the first message must be a join".into())),
+            }
+            return out;
+        };
+        if let Some(p) = self.members.iter_mut().chain(self.pending.iter_mut()).find(|p| p.id == id) {
+            p.last_seen = now;
+        }
+        let is_member = self.members.iter().any(|p| p.id == id);
+        match msg {
+            ToMaster::Heartbeat => {}
+            ToMaster::Join { .. } => out.push(Output::Close(conn, "joined twice on one connection".into())),
+            ToMaster::Leave => self.remove(&[id], "left the group", &mut out),
+            _ if !is_member => {} // a pending joiner has nothing else to say yet
+            ToMaster::UpdateTopology { .. } => self.vote_topology(id, &mut out),
+            msg => self.collective(id, msg, &mut out),
+        }
+        out
+    }
+
+    /// A member's message about a collective: the tallies decide, against the current
+    /// roster; collectives of a past view are void, and their peers know.
+    fn collective(&mut self, id: PeerId, msg: ToMaster, out: &mut Vec<Output>) {
+        let members: Vec<PeerId> = self.members.iter().map(|p| p.id).collect();
+        let roster = Roster { members: &members, in_round: &self.topo_votes };
+        let current = |epoch: u64| epoch == self.epoch;
+        let said = match msg {
+            ToMaster::OpBegin { epoch, seq, call } if current(epoch) => {
+                self.tallies.begin(id, seq, Begin::Collective(call), &roster)
+            }
+            ToMaster::SyncState { epoch, seq, strategy, tensors } if current(epoch) => {
+                self.tallies.begin(id, seq, Begin::Sync(strategy, tensors), &roster)
+            }
+            ToMaster::OpEnd { epoch, seq, result } if current(epoch) => self.tallies.end(id, seq, result, &roster),
+            ToMaster::SubOpBegin { epoch, seq, call, members } if current(epoch) => {
+                self.tallies.begin_sub(id, seq, call, members, &roster)
+            }
+            _ => Vec::new(),
+        };
+        self.tell(said, out);
+    }
+
+    /// Sends what the tallies said, each to its recipients among the members.
+    fn tell(&self, said: Said, out: &mut Vec<Output>) {
+        for (to, seq, word) in said {
+            let msg = match word {
+                Word::Outcome(decision) => ToPeer::Outcome { epoch: self.epoch, seq, decision },
+                Word::SyncPlan((agreed, transfers)) => ToPeer::SyncPlan { epoch: self.epoch, seq, agreed, transfers },
+            };
+            self.send(&to, msg, out);
+        }
+    }
+
+    /// The control connection `conn` broke.
+    pub fn disconnected(&mut self, conn: ConnId) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Some(id) = self.conns.get(&conn).copied() {
+            self.remove(&[id], "control connection closed", &mut out);
+        }
+        out
+    }
+
+    /// Time passed: removes peers silent for the timeout or longer. (At exactly the
+    /// deadline counts, so that a driver woken at [`MasterState::next_deadline`] always
+    /// makes progress.)
+    pub fn tick(&mut self, now: Instant) -> Vec<Output> {
+        let timeout = self.config.peer_timeout;
+        let silent: Vec<PeerId> = self
+            .members
+            .iter()
+            .chain(&self.pending)
+            .filter(|p| now.saturating_duration_since(p.last_seen) >= timeout)
+            .map(|p| p.id)
+            .collect();
+        let mut out = Vec::new();
+        if !silent.is_empty() {
+            let detail = format!("no heartbeat for {} ms", timeout.as_millis());
+            self.remove(&silent, &detail, &mut out);
+        }
+        out
+    }
+
+    fn join(&mut self, conn: ConnId, id: PeerId, addr: SocketAddr, now: Instant, out: &mut Vec<Output>) {
+        if self.members.iter().chain(&self.pending).any(|p| p.id == id) {
+            out.push(Output::Close(conn, format!("peer id {id:#x} is already in use")));
+            return;
+        }
+        if self.pending.len() >= self.config.max_pending {
+            out.push(Output::Close(conn, "too many joiners are waiting; try again later".into()));
+            return;
+        }
+        self.conns.insert(conn, id);
+        self.pending.push(Peer { id, addr, conn, last_seen: now });
+        if self.members.is_empty() && (self.epoch > 0 || self.pending.len() >= self.config.initial_peers) {
+            self.admit_pending(out);
+        } else {
+            out.push(Output::Send(conn, ToPeer::Pending));
+            self.announce_pending(out);
+        }
+    }
+
+    fn announce_pending(&self, out: &mut Vec<Output>) {
+        let count = self.pending.len() as u32;
+        self.broadcast(ToPeer::PendingJoiners { count }, out);
+    }
+
+    fn broadcast(&self, msg: ToPeer, out: &mut Vec<Output>) {
+        self.send(&None, msg, out);
+    }
+
+    /// Sends `msg` to the members among `to` (all of them for `None`), in rank order.
+    fn send(&self, to: &Recipients, msg: ToPeer, out: &mut Vec<Output>) {
+        let told = self.members.iter().filter(|p| to.as_ref().is_none_or(|ids| ids.contains(&p.id)));
+        out.extend(told.map(|p| Output::Send(p.conn, msg.clone())));
+    }
+
+    /// Starts a new epoch with `removed` gone: voids the old epoch's collectives.
+    fn new_epoch(&mut self, removed: Vec<Removal>, out: &mut Vec<Output>) {
+        let lost = removed.first().map(|r| AbortReason::PeerLost { rank: r.rank, detail: r.detail.clone() });
+        let voided = self.tallies.epoch_ended(lost);
+        self.tell(voided, out);
+        self.epoch += 1;
+        // A topology round in progress goes on among the members that remain.
+        let members: BTreeSet<PeerId> = self.members.iter().map(|p| p.id).collect();
+        self.topo_votes.retain(|id| members.contains(id));
+        self.broadcast(ToPeer::View { view: self.view(), removed }, out);
+    }
+
+    fn admit_pending(&mut self, out: &mut Vec<Output>) {
+        let mut joiners = std::mem::take(&mut self.pending);
+        if self.members.is_empty() {
+            // A first view of several peers ranks them by id, whatever their arrival order.
+            joiners.sort_by_key(|p| p.id);
+        }
+        self.members.extend(joiners);
+        self.new_epoch(Vec::new(), out);
+    }
+
+    fn remove(&mut self, ids: &[PeerId], detail: &str, out: &mut Vec<Output>) {
+        // Ranks in the removals refer to the view the collectives ran in.
+        let old = self.view();
+        let mut removed = Vec::new();
+        for &id in ids {
+            if let Some(rank) = self.members.iter().position(|p| p.id == id) {
+                let p = self.members.remove(rank);
+                let old_rank = old.rank_of(id).unwrap_or(rank);
+                removed.push(Removal { id, rank: old_rank as u32, detail: detail.to_string() });
+                self.forget(p.conn, detail, out);
+            } else if let Some(i) = self.pending.iter().position(|p| p.id == id) {
+                let p = self.pending.remove(i);
+                self.forget(p.conn, detail, out);
+                self.announce_pending(out);
+            }
+        }
+        if !removed.is_empty() {
+            self.new_epoch(removed, out);
+            if self.members.is_empty() && !self.pending.is_empty() {
+                self.admit_pending(out);
+            }
+            self.finish_round_if_complete(out);
+        }
+    }
+
+    fn forget(&mut self, conn: ConnId, detail: &str, out: &mut Vec<Output>) {
+        self.conns.remove(&conn);
+        out.push(Output::Close(conn, format!("removed from the group: {detail}")));
+    }
+
+    /// A member entered `update_topology`. The round ends when every member of the
+    /// current view has; losses during the round shrink the set it waits for, so
+    /// every member leaves the round at the same point (the epoch a vote names is only
+    /// informative).
+    fn vote_topology(&mut self, id: PeerId, out: &mut Vec<Output>) {
+        self.topo_votes.insert(id);
+        let aborted = self.tallies.topology_vote(id);
+        self.tell(aborted, out);
+        self.finish_round_if_complete(out);
+    }
+
+    /// Ends the topology round once every member has voted: admits the joiners, then
+    /// tells every member that the round is over.
+    fn finish_round_if_complete(&mut self, out: &mut Vec<Output>) {
+        if self.topo_votes.is_empty() || !self.members.iter().all(|p| self.topo_votes.contains(&p.id)) {
+            return;
+        }
+        self.topo_votes.clear();
+        if !self.pending.is_empty() {
+            self.admit_pending(out);
+        }
+        self.broadcast(ToPeer::TopologyDone { epoch: self.epoch }, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::protocol::Decision;
+
+    fn addr(i: u64) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16))
+    }
+
+    /// A master with members 1..=n joined through update_topology; conn i is peer i.
+    pub(super) fn group(n: u64) -> (MasterState, Instant) {
+        let mut m = MasterState::new(MasterConfig::default());
+        let now = Instant::now();
+        for i in 1..=n {
+            m.handle(i, ToMaster::Join { id: i, data_addr: addr(i) }, now);
+        }
+        m.handle(1, ToMaster::UpdateTopology { epoch: 1 }, now);
+        assert_eq!(m.view().size(), n as usize);
+        (m, now)
+    }
+
+    pub(super) fn outcomes(out: &[Output]) -> Vec<(ConnId, Decision)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(c, ToPeer::Outcome { decision, .. }) => Some((*c, decision.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn joiners_wait_for_every_member() {
+        let (mut m, now) = group(2);
+        let epoch = m.view().epoch;
+        let out = m.handle(3, ToMaster::Join { id: 3, data_addr: addr(3) }, now);
+        assert!(out.contains(&Output::Send(3, ToPeer::Pending)));
+        assert!(out.contains(&Output::Send(1, ToPeer::PendingJoiners { count: 1 })));
+        assert!(m.handle(1, ToMaster::UpdateTopology { epoch }, now).is_empty());
+        let out = m.handle(2, ToMaster::UpdateTopology { epoch }, now);
+        assert_eq!(m.view().size(), 3);
+        assert_eq!(m.view().epoch, epoch + 1);
+        let views = out.iter().filter(|o| matches!(o, Output::Send(_, ToPeer::View { .. }))).count();
+        assert_eq!(views, 3, "old members and the joiner all learn the view");
+    }
+
+    #[test]
+    fn silence_past_the_timeout_removes() {
+        let (mut m, now) = group(2);
+        let timeout = MasterConfig::default().peer_timeout;
+        let almost = timeout - Duration::from_millis(100);
+        m.handle(1, ToMaster::Heartbeat, now + almost);
+        assert!(m.tick(now + almost).is_empty());
+        // Woken exactly at the deadline, the master must act (or its driver would spin).
+        assert_eq!(m.next_deadline(), Some(now + timeout));
+        let out = m.tick(now + timeout);
+        assert_eq!(m.view().members.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
+        assert!(out.iter().any(|o| matches!(o, Output::Close(2, _))));
+    }
+
+    #[test]
+    fn a_loss_during_a_topology_round_ends_it_for_the_rest() {
+        let (mut m, now) = group(3);
+        let e = m.view().epoch;
+        m.handle(1, ToMaster::UpdateTopology { epoch: e }, now);
+        m.handle(2, ToMaster::UpdateTopology { epoch: e }, now);
+        let out = m.disconnected(3);
+        let done: Vec<ConnId> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send(c, ToPeer::TopologyDone { .. }) => Some(*c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(done, vec![1, 2]);
+    }
+
+    #[test]
+    fn duplicate_ids_and_silent_strangers_are_refused() {
+        let (mut m, now) = group(1);
+        let out = m.handle(9, ToMaster::Join { id: 1, data_addr: addr(1) }, now);
+        assert!(matches!(&out[..], [Output::Close(9, _)]));
+        let out = m.handle(10, ToMaster::Heartbeat, now);
+        assert!(matches!(&out[..], [Output::Close(10, _)]));
+        assert_eq!(m.view().size(), 1);
+    }
+}

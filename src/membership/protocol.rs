@@ -1,0 +1,189 @@
+//! The control protocol's vocabulary: the messages between peers and the master.
+//!
+//! These are plain data. Their binary form is in [`super::codec`], which implements
+//! [`super::codec::Codec`] for each of them; this module does not depend on it.
+
+use std::net::SocketAddr;
+
+use super::view::{PeerId, View};
+use crate::state::{Digest, SyncStrategy, TensorDigest};
+
+/// One transfer of a sync plan: rank `from` sends tensor `tensor` to rank `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    /// Index of the tensor in the sync request's order.
+    pub tensor: u32,
+    /// Sending rank.
+    pub from: u32,
+    /// Receiving rank.
+    pub to: u32,
+}
+
+/// How a collective ended on one member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpResult {
+    /// It completed locally.
+    Ok,
+    /// It saw frames of a different call.
+    Mismatch(String),
+    /// It failed otherwise.
+    Failed(String),
+}
+
+/// Why the master aborted a collective.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AbortReason {
+    /// A member was lost while it ran.
+    PeerLost {
+        /// The lost member's rank in the collective's view.
+        rank: u32,
+        /// What the master observed.
+        detail: String,
+    },
+    /// Members made different calls.
+    Mismatch {
+        /// What differed.
+        detail: String,
+    },
+    /// A member's collective failed locally.
+    Failed {
+        /// The failing member's rank.
+        rank: u32,
+        /// Its error message.
+        detail: String,
+    },
+}
+
+/// The master's decision on one collective.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Every member completed: keep the result.
+    Commit,
+    /// Discard the result and restore the buffer.
+    Abort(AbortReason),
+}
+
+/// A member that left the view, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removal {
+    /// The peer.
+    pub id: PeerId,
+    /// Its rank in the previous view.
+    pub rank: u32,
+    /// Lost (crash, timeout) or left gracefully.
+    pub detail: String,
+}
+
+/// Messages from a peer to the master.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToMaster {
+    /// First message of a control connection: asks to join with a data address.
+    Join {
+        /// The peer's chosen identity, unique in the cluster.
+        id: PeerId,
+        /// Where its data links are accepted.
+        data_addr: SocketAddr,
+    },
+    /// "Still alive"; any message counts as one.
+    Heartbeat,
+    /// The member is in `update_topology` for view `epoch`.
+    UpdateTopology {
+        /// The view the member is in.
+        epoch: u64,
+    },
+    /// The member starts collective `seq` of `epoch` with call fingerprint `call`.
+    OpBegin {
+        /// View epoch.
+        epoch: u64,
+        /// Collective sequence number in the epoch.
+        seq: u64,
+        /// Fingerprint of the call (kind, sizes, dtype, op).
+        call: u64,
+    },
+    /// The member finished collective `seq` of `epoch` locally.
+    OpEnd {
+        /// View epoch.
+        epoch: u64,
+        /// Collective sequence number.
+        seq: u64,
+        /// How it ended on this member.
+        result: OpResult,
+    },
+    /// The member starts a shared-state sync (collective `seq` of `epoch`).
+    SyncState {
+        /// View epoch.
+        epoch: u64,
+        /// Collective sequence number.
+        seq: u64,
+        /// How this member takes part.
+        strategy: SyncStrategy,
+        /// Its tensors, in a fixed order.
+        tensors: Vec<TensorDigest>,
+    },
+    /// The member leaves the group gracefully.
+    Leave,
+    /// The member starts sub-group collective `seq` of `epoch` among `members` only
+    /// (peer ids in sub-rank order): the master tallies and commits it over those
+    /// members alone.
+    SubOpBegin {
+        /// View epoch.
+        epoch: u64,
+        /// Sub-group collective key (see `comm::subgroup`).
+        seq: u64,
+        /// Fingerprint of the call, the member set included.
+        call: u64,
+        /// The sub-group's members.
+        members: Vec<PeerId>,
+    },
+}
+
+/// Messages from the master to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToPeer {
+    /// The join request is queued until the members call `update_topology`.
+    Pending,
+    /// A new view. Collectives of older epochs are void.
+    View {
+        /// The view.
+        view: View,
+        /// Members removed since the previous view.
+        removed: Vec<Removal>,
+    },
+    /// The outcome of a collective.
+    Outcome {
+        /// View epoch.
+        epoch: u64,
+        /// Collective sequence number.
+        seq: u64,
+        /// Commit or abort.
+        decision: Decision,
+    },
+    /// How many joiners are waiting for admission.
+    PendingJoiners {
+        /// Their number.
+        count: u32,
+    },
+    /// Who sends which tensor to whom, for sync `seq` of `epoch`.
+    SyncPlan {
+        /// View epoch.
+        epoch: u64,
+        /// Collective sequence number.
+        seq: u64,
+        /// The agreed revision and hash of each tensor.
+        agreed: Vec<(u64, Digest)>,
+        /// The transfers to make.
+        transfers: Vec<Transfer>,
+    },
+    /// The master refuses or ends this peer's membership.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// "The master is alive": lets a peer notice a master it can no longer hear.
+    Heartbeat,
+    /// Every member has called `update_topology`: the round is over, in view `epoch`.
+    TopologyDone {
+        /// The view the round ended in.
+        epoch: u64,
+    },
+}
