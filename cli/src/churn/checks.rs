@@ -18,7 +18,7 @@ use crate::now_ms;
 /// The hash of the quantized ring all-reduce of `members`' gradients (in rank order) as
 /// a fault-free group computes it, or why it is not acceptable: outside the error bound
 /// `n·Δ̂` of the exact sum, `Δ̂ = 6n / (2^bits - 1)` (every gradient's range is at most 6,
-/// so no partial sum's range exceeds `6n`; see `tests/quantized.rs`).
+/// so no partial sum's range exceeds `6n`; see the core's `tests/quantized.rs`).
 fn quantized_expectation(members: &[u64], step: u64, len: usize, q: Quantization) -> String {
     let n = members.len();
     let bufs: Vec<Vec<u8>> =
