@@ -38,9 +38,15 @@ pub mod membership;
 pub mod op;
 pub mod plan;
 pub mod quant;
+/// Test support behind the `testing` feature: the deterministic plan simulator, for the
+/// churn harness and the tests. Not part of the stable API.
+#[cfg(any(test, feature = "testing"))]
 pub mod sim;
 pub mod state;
 pub mod transport;
+/// Test support behind the `testing` feature: the workload of the worker and the tests.
+/// Not part of the stable API.
+#[cfg(any(test, feature = "testing"))]
 pub mod workload;
 
 pub use comm::{Communicator, Config};

@@ -2,6 +2,7 @@
 
 mod bench;
 mod churn;
+mod rng;
 mod worker;
 
 use std::net::SocketAddr;

@@ -6,7 +6,9 @@ use std::fmt::Write;
 
 use serde_json::{json, Value};
 
-use super::{percentile, Fate, Harness, Planned, Role, Summary};
+use super::checks::Summary;
+use super::schedule::Planned;
+use super::{Fate, Harness, Role};
 
 /// Every invariant the harness checks, in report order, with what it means.
 pub(crate) const INVARIANTS: [(&str, &str); 6] = [
@@ -330,4 +332,27 @@ pub(crate) fn svg(h: &Harness, s: &Summary) -> String {
     }
     let _ = writeln!(o, "</svg>");
     o
+}
+
+/// Nearest-rank percentile of `v` (sorted or not).
+fn percentile(v: &[u64], p: f64) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    Some(s[rank.min(s.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles() {
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[5, 1, 3], 50.0), Some(3));
+        assert_eq!(percentile(&[5, 1, 3], 99.0), Some(5));
+    }
 }

@@ -1,0 +1,139 @@
+//! The options of `phalanx bench` and of its hidden `bench-peer` processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use phalanx::quant::Quantization;
+
+/// Options of `phalanx bench`.
+#[derive(Parser)]
+pub struct BenchArgs {
+    /// Buffer sizes per rank, comma-separated (K, M, G suffixes are binary: 64M = 64 MiB).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "1M,4M,16M,64M,256M")]
+    pub(super) sizes: Vec<usize>,
+    /// Group sizes (peer processes) to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub(super) peers: Vec<usize>,
+    /// Timed iterations per size from 64 MiB up; smaller sizes run proportionally more
+    /// (up to 16 times as many).
+    #[arg(long, default_value_t = 5)]
+    pub(super) iters: usize,
+    /// Untimed iterations per size before the timed ones (after one checked call).
+    #[arg(long, default_value_t = 1)]
+    pub(super) warmup: usize,
+    /// QUIC connections per data link (`QuicConfig::connections_per_link`).
+    #[arg(long, default_value_t = 1)]
+    pub(super) connections_per_link: usize,
+    /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
+    #[arg(long, default_value_t = (phalanx::exec::DEFAULT_CHUNK_BYTES >> 10) as u64)]
+    pub(super) chunk_kib: u64,
+    /// Also write the whole report as JSON to this file.
+    #[arg(long)]
+    pub(super) json: Option<PathBuf>,
+    /// Seconds per raw QUIC measurement (plus half a second of warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    pub(super) raw_secs: f64,
+    /// Frame size of the raw QUIC measurement in KiB.
+    #[arg(long, default_value_t = 1024)]
+    pub(super) raw_frame_kib: usize,
+    /// The master's peer timeout for the all-reduce groups, and the first recovery runs.
+    #[arg(long, default_value_t = phalanx::membership::master::DEFAULT_PEER_TIMEOUT_MS)]
+    pub(super) peer_timeout_ms: u64,
+    /// Further peer timeouts to measure recovery with (comma-separated; 0 for none).
+    #[arg(long, value_delimiter = ',', default_value = "300")]
+    pub(super) recovery_timeouts_ms: Vec<u64>,
+    /// Peers of the recovery runs (0 skips them).
+    #[arg(long, default_value_t = 4)]
+    pub(super) recovery_peers: usize,
+    /// Kills per peer timeout (a fresh group each).
+    #[arg(long, default_value_t = 3)]
+    pub(super) recovery_runs: usize,
+    /// Buffer size of the recovery runs' all-reduces.
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub(super) recovery_size: usize,
+    /// Skip the raw QUIC measurements.
+    #[arg(long)]
+    pub(super) no_raw: bool,
+    /// Time the quantized all-reduce with these codes (u8 or u16) instead of the f32 one;
+    /// busbw is then the effective f32 bandwidth (the wire carries a quarter or half).
+    #[arg(long)]
+    pub(super) quantize: Option<Quantization>,
+}
+
+/// Options of the hidden `phalanx bench-peer`: one peer process of `phalanx bench`.
+///
+/// Three modes, each printing JSON lines on stdout (and `{"event":"error",...}` on
+/// failure):
+/// - throughput (default): joins `--master`, waits for `--expect` members, then prints
+///   `{"event":"result","bytes":S,"secs":[...],"cpu_secs":..,"runq_secs":..,"checked":..}`
+///   per size and `{"event":"done"}`;
+/// - recovery (`--recovery-size`): all-reduces until killed, printing `running` after 50
+///   calls and `view_ok` (with `t_us`) at the first success in each new view;
+/// - raw (`--raw-secs`): one end of a raw QUIC link (see [`raw_end`](super::raw::raw_end)).
+#[derive(Parser)]
+pub struct PeerArgs {
+    /// The master's address (group modes).
+    #[arg(long)]
+    pub(super) master: Option<SocketAddr>,
+    /// Cluster secret; also read from PHALANX_SECRET.
+    #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
+    pub(super) secret: Option<String>,
+    /// Wait until the group has this many members.
+    #[arg(long, default_value_t = 2)]
+    pub(super) expect: usize,
+    /// Buffer sizes in bytes.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub(super) sizes: Vec<usize>,
+    /// Timed iterations per size from 64 MiB up (more below, see `--iters` of `bench`).
+    #[arg(long, default_value_t = 5)]
+    pub(super) iters: usize,
+    /// Untimed iterations per size after the checked one.
+    #[arg(long, default_value_t = 1)]
+    pub(super) warmup: usize,
+    /// QUIC connections per link.
+    #[arg(long, default_value_t = 1)]
+    pub(super) connections_per_link: usize,
+    /// The executor's chunk size in KiB; must be equal on every peer.
+    #[arg(long, default_value_t = 256)]
+    pub(super) chunk_kib: u64,
+    /// Quantized all-reduce with these codes (u8 or u16) instead of the f32 one.
+    #[arg(long)]
+    pub(super) quantize: Option<Quantization>,
+    /// Heartbeat interval to the master.
+    #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
+    pub(super) heartbeat_ms: u64,
+    /// Recovery mode: all-reduce this many bytes back to back until killed.
+    #[arg(long, value_parser = parse_size)]
+    pub(super) recovery_size: Option<usize>,
+    /// Raw mode: connect to this raw listener and send (without it, listen and receive).
+    #[arg(long)]
+    pub(super) raw_connect: Option<SocketAddr>,
+    /// Raw mode: send and receive at once.
+    #[arg(long)]
+    pub(super) raw_both: bool,
+    /// Raw mode: seconds to measure (after half a second of warm-up).
+    #[arg(long, default_value_t = 0.0)]
+    pub(super) raw_secs: f64,
+    /// Raw mode: frame size in KiB.
+    #[arg(long, default_value_t = 1024)]
+    pub(super) raw_frame_kib: usize,
+}
+
+/// `64K`, `4M`, `1G` (binary), `65536`, optionally followed by `B`/`iB`.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: usize = digits.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("size {s:?} too large"))?;
+    if bytes == 0 || bytes % 4 != 0 {
+        return Err(format!("size {s:?} must be a positive multiple of 4 bytes (f32)"));
+    }
+    Ok(bytes)
+}
