@@ -175,25 +175,3 @@ impl Endpoint for MemEndpoint {
         rx.recv().await.ok_or_else(|| LinkError::Closed("endpoint unbound".into()))
     }
 }
-
-#[async_trait]
-impl Endpoint for super::quic::QuicEndpoint {
-    fn local_addr(&self) -> SocketAddr {
-        // A bound UDP socket always has an address; the fallback is never used.
-        super::quic::QuicEndpoint::local_addr(self).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-    }
-
-    async fn connect(&self, addr: SocketAddr, hello: Bytes) -> Result<Arc<dyn Link>, LinkError> {
-        match super::quic::QuicEndpoint::connect(self, addr, hello).await {
-            Ok(link) => Ok(Arc::new(link)),
-            Err(e) => Err(LinkError::Closed(e.to_string())),
-        }
-    }
-
-    async fn accept(&self) -> Result<(Arc<dyn Link>, Bytes), LinkError> {
-        match super::quic::QuicEndpoint::accept(self).await {
-            Ok((link, hello)) => Ok((Arc::new(link), hello)),
-            Err(e) => Err(LinkError::Closed(e.to_string())),
-        }
-    }
-}
