@@ -16,7 +16,7 @@ use phalanx::membership::master::MasterConfig;
 use phalanx::membership::server::MasterServer;
 use phalanx::state::SharedState;
 use phalanx::state::SyncStrategy;
-use phalanx::transport::endpoint::MemNetwork;
+use phalanx::transport::memnet::MemNetwork;
 use phalanx::workload::{expected_sum, gradient, hash_f32};
 use phalanx::{Error, ReduceOp};
 

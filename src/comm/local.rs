@@ -12,7 +12,8 @@ use crate::membership::client::ControlConfig;
 use crate::membership::master::MasterConfig;
 use crate::membership::peer::PeerConfig;
 use crate::membership::server::MasterServer;
-use crate::transport::endpoint::{Endpoint, MemNetwork};
+use crate::transport::endpoint::Endpoint;
+use crate::transport::memnet::MemNetwork;
 
 /// What a local group shares: its master, kept running while any rank is alive.
 pub(crate) struct LocalGroup {

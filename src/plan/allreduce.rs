@@ -11,9 +11,9 @@
 //!   resulting blocks, in rank order, are combined as a balanced binary tree, always the
 //!   lower block on the left. Every rank evaluates the same tree.
 
+use super::ring::{ring_all_gather_steps, ring_reduce_scatter_steps};
 use super::segments::equal;
-use super::{ring_add, ring_sub, Action, Order, Plan, Rank, Step};
-use crate::plan::gather::{ring_all_gather_steps, ring_reduce_scatter_steps};
+use super::{Action, Order, Plan, Rank, Step};
 
 /// How all-reduce picks its algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,9 +98,4 @@ pub fn recursive_doubling(rank: Rank, n: usize, len: usize) -> Plan {
         }
     }
     Plan { rank, size: n, len, steps }
-}
-
-/// The successor and predecessor of `rank` on the ring.
-pub(crate) fn ring_neighbours(rank: Rank, n: usize) -> (Rank, Rank) {
-    (ring_add(rank, 1, n), ring_sub(rank, 1, n))
 }

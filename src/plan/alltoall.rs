@@ -21,9 +21,10 @@
 
 use std::ops::Range;
 
+use super::ring::{ring_add, ring_sub};
 use super::segments::from_counts;
 use super::RecvFrom;
-use super::{ring_add, ring_sub, Action, Plan, Rank, SendTo, Step};
+use super::{Action, Plan, Rank, SendTo, Step};
 
 /// Rank `rank`'s send ranges (per destination) and receive ranges (per source) in its
 /// working buffer.

@@ -1,7 +1,8 @@
 //! Broadcast from any root: a binomial tree for small buffers, a pipelined chain for
 //! large ones. Nothing is reduced, so the order question does not arise.
 
-use super::{ring_add, ring_sub, Action, Plan, Rank, Step};
+use super::ring::{ring_add, ring_sub};
+use super::{Action, Plan, Rank, Step};
 
 /// Buffers of at least this many bytes use the pipelined chain by default.
 pub const DEFAULT_CHAIN_THRESHOLD: usize = 256 << 10;

@@ -4,35 +4,9 @@
 //! ring order starting at rank `r + 1` (see [`super::allreduce`]). All-gather starts
 //! with rank `r`'s own data in segment `r` and ends with every segment everywhere.
 
-use std::ops::Range;
-
-use super::allreduce::ring_neighbours;
+use super::ring::{ring_all_gather_steps, ring_reduce_scatter_steps};
 use super::segments::{equal, from_counts};
-use super::{ring_sub, Action, Order, Plan, Rank, Step};
-
-/// The `n - 1` reduce-scatter steps of a ring over `segs` (one segment per rank).
-pub(crate) fn ring_reduce_scatter_steps(rank: Rank, n: usize, segs: &[Range<usize>]) -> Vec<Step> {
-    let (next, prev) = ring_neighbours(rank, n);
-    (0..n.saturating_sub(1))
-        .map(|s| {
-            let send = segs[ring_sub(rank, 1 + s, n)].clone();
-            let recv = segs[ring_sub(rank, 2 + s, n)].clone();
-            Step::exchange(next, send, prev, recv, Action::Reduce(Order::IncomingLeft))
-        })
-        .collect()
-}
-
-/// The `n - 1` all-gather steps of a ring over `segs` (one segment per rank).
-pub(crate) fn ring_all_gather_steps(rank: Rank, n: usize, segs: &[Range<usize>]) -> Vec<Step> {
-    let (next, prev) = ring_neighbours(rank, n);
-    (0..n.saturating_sub(1))
-        .map(|s| {
-            let send = segs[ring_sub(rank, s, n)].clone();
-            let recv = segs[ring_sub(rank, 1 + s, n)].clone();
-            Step::exchange(next, send, prev, recv, Action::Copy)
-        })
-        .collect()
-}
+use super::{Plan, Rank};
 
 /// Reduce-scatter of a `len`-element buffer cut into equal segments.
 pub fn reduce_scatter(rank: Rank, n: usize, len: usize) -> Plan {

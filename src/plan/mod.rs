@@ -22,6 +22,7 @@ pub mod alltoall;
 pub mod broadcast;
 pub mod gather;
 pub mod reduce;
+mod ring;
 pub mod scan;
 pub mod segments;
 pub mod sparse;
@@ -178,14 +179,4 @@ impl Plan {
         }
         Ok(())
     }
-}
-
-/// `(r + k) mod n` for ring arithmetic.
-pub(crate) fn ring_add(r: Rank, k: usize, n: usize) -> Rank {
-    (r + k % n) % n
-}
-
-/// `(r - k) mod n` for ring arithmetic.
-pub(crate) fn ring_sub(r: Rank, k: usize, n: usize) -> Rank {
-    (r + n - k % n) % n
 }

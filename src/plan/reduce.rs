@@ -5,7 +5,8 @@
 //! right to left along the chain, and as contiguous blocks (lower on the left) in the
 //! tree. Non-root ranks use their working buffer as scratch.
 
-use super::{allreduce, ring_add, ring_sub, Action, Order, Plan, Rank, Step};
+use super::ring::{ring_add, ring_sub};
+use super::{allreduce, Action, Order, Plan, Rank, Step};
 
 /// The reduce plan: [`tree`] below `chain_threshold_bytes`, else [`chain`].
 pub fn plan(rank: Rank, n: usize, root: Rank, len: usize, elem_size: usize, chain_threshold_bytes: usize) -> Plan {

@@ -1,20 +1,20 @@
 //! Endpoints: where links are opened and accepted.
 //!
 //! The membership layer (master and peers) is written against [`Endpoint`], so it runs
-//! unchanged over QUIC between processes and over [`MemNetwork`] inside one process,
-//! where the deterministic simulation tests inject crashes and partitions.
+//! unchanged over QUIC ([`QuicEndpoint`](super::quic::QuicEndpoint)) between processes
+//! and over a [`memnet`](super::memnet) network inside one process, where the
+//! deterministic simulation tests inject crashes and partitions.
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
-use super::mem::{self, MemLink};
 use super::{Link, LinkError};
+
+// compat re-export: the in-memory network moved to `transport::memnet`; use that path.
+pub use super::memnet::{MemEndpoint, MemNetwork};
 
 /// Opens links to other endpoints and accepts theirs.
 #[async_trait]
@@ -25,175 +25,4 @@ pub trait Endpoint: Send + Sync {
     async fn connect(&self, addr: SocketAddr, hello: Bytes) -> Result<Arc<dyn Link>, LinkError>;
     /// Waits for the next incoming link and its hello.
     async fn accept(&self) -> Result<(Arc<dyn Link>, Bytes), LinkError>;
-}
-
-type Incoming = (Arc<dyn Link>, Bytes);
-
-/// An in-process network of endpoints, addressed by socket addresses that are only
-/// names here (nothing is bound).
-///
-/// With [`MemNetwork::with_faults`] every frame is delayed by a seeded random time, and
-/// [`MemNetwork::cut`] partitions an address from everyone: its frames stop moving, as
-/// when a host freezes or its network fails. Under tokio's paused clock a run is then
-/// a deterministic function of the seed.
-#[derive(Clone, Default)]
-pub struct MemNetwork {
-    listeners: Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Incoming>>>>,
-    capacity: usize,
-    faults: Option<Arc<Mutex<Faults>>>,
-}
-
-/// The seeded fault model of a [`MemNetwork`].
-struct Faults {
-    rng: u64,
-    max_delay: Duration,
-    cut: HashSet<SocketAddr>,
-}
-
-impl Faults {
-    /// splitmix64: small, seedable, good enough for schedules.
-    fn next(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-impl MemNetwork {
-    /// A network whose links buffer `capacity` frames.
-    pub fn new(capacity: usize) -> MemNetwork {
-        MemNetwork { listeners: Default::default(), capacity, faults: None }
-    }
-
-    /// A network whose frames are each delayed by up to `max_delay`, drawn from `seed`.
-    pub fn with_faults(capacity: usize, seed: u64, max_delay: Duration) -> MemNetwork {
-        let faults = Faults { rng: seed, max_delay, cut: HashSet::new() };
-        MemNetwork { listeners: Default::default(), capacity, faults: Some(Arc::new(Mutex::new(faults))) }
-    }
-
-    /// Partitions `addr` from everyone: frames from or to it stop moving for good.
-    /// Only for networks made by [`MemNetwork::with_faults`].
-    pub fn cut(&self, addr: SocketAddr) {
-        if let Some(f) = &self.faults {
-            lock(f).cut.insert(addr);
-        }
-    }
-
-    fn wrap(&self, link: MemLink, from: SocketAddr, to: SocketAddr) -> Arc<dyn Link> {
-        match &self.faults {
-            None => Arc::new(link),
-            Some(faults) => Arc::new(FaultyLink { inner: link, from, to, faults: faults.clone() }),
-        }
-    }
-
-    /// An endpoint at `addr`; an endpoint already there is replaced.
-    pub fn endpoint(&self, addr: SocketAddr) -> Arc<MemEndpoint> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.lock().insert(addr, tx);
-        Arc::new(MemEndpoint { addr, net: self.clone(), incoming: tokio::sync::Mutex::new(rx) })
-    }
-
-    /// Removes the endpoint at `addr`: later connects to it fail, as to a dead host.
-    pub fn unbind(&self, addr: SocketAddr) {
-        self.lock().remove(&addr);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, mpsc::UnboundedSender<Incoming>>> {
-        lock(&self.listeners)
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A link of a faulty [`MemNetwork`]: delays each frame, and stalls across a cut.
-struct FaultyLink {
-    inner: MemLink,
-    from: SocketAddr,
-    to: SocketAddr,
-    faults: Arc<Mutex<Faults>>,
-}
-
-#[async_trait]
-impl Link for FaultyLink {
-    async fn send(&self, frame: super::Frame) -> Result<(), LinkError> {
-        let delay = {
-            let mut f = lock(&self.faults);
-            if f.cut.contains(&self.from) || f.cut.contains(&self.to) {
-                None
-            } else {
-                let max = f.max_delay.as_micros().max(1) as u64;
-                Some(Duration::from_micros(f.next() % max))
-            }
-        };
-        match delay {
-            Some(d) => {
-                tokio::time::sleep(d).await;
-                self.inner.send(frame).await
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    async fn recv(&self) -> Result<super::Frame, LinkError> {
-        self.inner.recv().await
-    }
-
-    fn close(&self) {
-        self.inner.close();
-    }
-}
-
-/// One endpoint of a [`MemNetwork`].
-pub struct MemEndpoint {
-    addr: SocketAddr,
-    net: MemNetwork,
-    incoming: tokio::sync::Mutex<mpsc::UnboundedReceiver<Incoming>>,
-}
-
-#[async_trait]
-impl Endpoint for MemEndpoint {
-    fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    async fn connect(&self, addr: SocketAddr, hello: Bytes) -> Result<Arc<dyn Link>, LinkError> {
-        let listener = self.net.lock().get(&addr).cloned();
-        let listener = listener.ok_or_else(|| LinkError::Closed(format!("nothing listens at {addr}")))?;
-        let (ours, theirs): (MemLink, MemLink) = mem::pair(self.net.capacity);
-        listener
-            .send((self.net.wrap(theirs, addr, self.addr), hello))
-            .map_err(|_| LinkError::Closed(format!("endpoint at {addr} is gone")))?;
-        Ok(self.net.wrap(ours, self.addr, addr))
-    }
-
-    async fn accept(&self) -> Result<(Arc<dyn Link>, Bytes), LinkError> {
-        let mut rx = self.incoming.lock().await;
-        rx.recv().await.ok_or_else(|| LinkError::Closed("endpoint unbound".into()))
-    }
-}
-
-#[async_trait]
-impl Endpoint for super::quic::QuicEndpoint {
-    fn local_addr(&self) -> SocketAddr {
-        // A bound UDP socket always has an address; the fallback is never used.
-        super::quic::QuicEndpoint::local_addr(self).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-    }
-
-    async fn connect(&self, addr: SocketAddr, hello: Bytes) -> Result<Arc<dyn Link>, LinkError> {
-        match super::quic::QuicEndpoint::connect(self, addr, hello).await {
-            Ok(link) => Ok(Arc::new(link)),
-            Err(e) => Err(LinkError::Closed(e.to_string())),
-        }
-    }
-
-    async fn accept(&self) -> Result<(Arc<dyn Link>, Bytes), LinkError> {
-        match super::quic::QuicEndpoint::accept(self).await {
-            Ok((link, hello)) => Ok((Arc::new(link), hello)),
-            Err(e) => Err(LinkError::Closed(e.to_string())),
-        }
-    }
 }

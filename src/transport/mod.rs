@@ -10,6 +10,7 @@ pub mod conformance;
 pub mod demux;
 pub mod endpoint;
 pub mod mem;
+pub mod memnet;
 pub mod quic;
 
 use async_trait::async_trait;

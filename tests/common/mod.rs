@@ -10,7 +10,8 @@ use std::time::Duration;
 use phalanx::comm::{ConnectOptions, RetryPolicy};
 use phalanx::membership::master::MasterConfig;
 use phalanx::membership::server::MasterServer;
-use phalanx::transport::endpoint::{Endpoint, MemNetwork};
+use phalanx::transport::endpoint::Endpoint;
+use phalanx::transport::memnet::MemNetwork;
 use phalanx::Communicator;
 
 fn addr(port: u16) -> SocketAddr {
