@@ -51,7 +51,7 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Local>> {
         .enable_time()
         .thread_name("phalanx-local")
         .build()
-        .map_err(|e| Error::InvalidArgument(format!("cannot start the runtime: {e}")))?;
+        .map_err(|e| Error::Runtime { reason: format!("cannot start the runtime: {e}") })?;
     let runtime = Arc::new(runtime);
     // Shared by the group: it aborts everyone's collective when one fails, and makes a
     // collective return `Ok` only once every rank finished it (all agree on completion).

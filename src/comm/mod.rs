@@ -380,9 +380,9 @@ impl Communicator {
 /// deadlock (or panic) from inside another runtime: refuse them there.
 fn not_in_runtime(what: &str) -> Result<()> {
     if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(Error::InvalidArgument(format!(
-            "blocking {what} called from inside an async runtime; call it from a plain thread"
-        )));
+        return Err(Error::Runtime {
+            reason: format!("blocking {what} called from inside an async runtime; call it from a plain thread"),
+        });
     }
     Ok(())
 }
@@ -427,7 +427,7 @@ impl PendingRaw {
     /// runtime (an error) or if the collective's task panicked.
     pub fn wait(self) -> (Result<()>, Vec<u8>) {
         if tokio::runtime::Handle::try_current().is_ok() {
-            return (Err(Error::InvalidArgument("wait called from inside an async runtime".into())), Vec::new());
+            return (Err(Error::Runtime { reason: "wait called from inside an async runtime".into() }), Vec::new());
         }
         match self.runtime.block_on(self.task) {
             Ok((result, mut bytes)) => {

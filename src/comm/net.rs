@@ -521,7 +521,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name("phalanx")
         .build()
-        .map_err(|e| Error::InvalidArgument(format!("cannot start the runtime: {e}")))
+        .map_err(|e| Error::Runtime { reason: format!("cannot start the runtime: {e}") })
 }
 
 impl Net {
