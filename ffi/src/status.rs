@@ -49,6 +49,11 @@ pub const PHX_ERR_PANIC: c_int = 10;
 pub const PHX_ERR_BUFFER_TOO_SMALL: c_int = 11;
 /// No shared-state tensor has the given name.
 pub const PHX_ERR_NOT_FOUND: c_int = 12;
+/// The call cannot run where it was made, though its arguments are fine: the library
+/// could not start its threads (OS resources), or a blocking call was made from a
+/// thread that runs an async (tokio) runtime. Nothing was sent; retrying from the same
+/// place fails the same way.
+pub const PHX_ERR_RUNTIME: c_int = 13;
 
 /// The status code of each kind of phalanx error: the one place where the C ABI maps
 /// them (`phalanx::ErrorKind` is one-to-one with these codes).
@@ -60,8 +65,9 @@ pub(crate) fn status_of(kind: ErrorKind) -> c_int {
         ErrorKind::Protocol => PHX_ERR_PROTOCOL,
         ErrorKind::Removed => PHX_ERR_REMOVED,
         ErrorKind::JoinFailed => PHX_ERR_JOIN_FAILED,
-        ErrorKind::InvalidArgument | ErrorKind::Runtime => PHX_ERR_INVALID_ARGUMENT,
+        ErrorKind::InvalidArgument => PHX_ERR_INVALID_ARGUMENT,
         ErrorKind::Transport => PHX_ERR_TRANSPORT,
+        ErrorKind::Runtime => PHX_ERR_RUNTIME,
         // A kind this library does not map yet is a bug here (the `every_kind_has_a_code`
         // test catches it): report it as one.
         _ => PHX_ERR_PANIC,
@@ -163,6 +169,7 @@ pub extern "C" fn phx_status_name(status: c_int) -> *const c_char {
         PHX_ERR_PANIC => c"PHX_ERR_PANIC",
         PHX_ERR_BUFFER_TOO_SMALL => c"PHX_ERR_BUFFER_TOO_SMALL",
         PHX_ERR_NOT_FOUND => c"PHX_ERR_NOT_FOUND",
+        PHX_ERR_RUNTIME => c"PHX_ERR_RUNTIME",
         _ => c"PHX_UNKNOWN",
     };
     name.as_ptr()
@@ -198,4 +205,22 @@ pub(crate) mod tests {
         assert_eq!(guard(|| Ok(())), PHX_OK);
         assert_eq!(last_error(), "");
     }
+
+    #[test]
+    fn every_kind_has_a_code() {
+        let codes: Vec<c_int> = ErrorKind::ALL.into_iter().map(status_of).collect();
+        let mut distinct = codes.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), codes.len(), "two kinds share a code: {codes:?}");
+        for (kind, code) in ErrorKind::ALL.into_iter().zip(codes) {
+            assert!(code != PHX_OK && code != PHX_ERR_PANIC, "{kind} has no code of its own");
+            // SAFETY: a static string.
+            let name = unsafe { CStr::from_ptr(phx_status_name(code)) }.to_str().expect("utf-8");
+            assert_ne!(name, "PHX_UNKNOWN", "{kind}");
+        }
+        let e = Fail::from(Error::Runtime { reason: "no threads".into() });
+        assert_eq!((e.code, e.message.as_str()), (PHX_ERR_RUNTIME, "runtime error: no threads"));
+    }
+
 }
