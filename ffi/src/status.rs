@@ -222,5 +222,4 @@ pub(crate) mod tests {
         let e = Fail::from(Error::Runtime { reason: "no threads".into() });
         assert_eq!((e.code, e.message.as_str()), (PHX_ERR_RUNTIME, "runtime error: no threads"));
     }
-
 }
