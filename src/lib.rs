@@ -56,4 +56,4 @@ pub use comm::{Communicator, Config};
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 pub use dtype::{DType, Element, ReduceOp};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};

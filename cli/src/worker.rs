@@ -89,21 +89,12 @@ fn leave_requests(enabled: bool) -> Arc<AtomicBool> {
 }
 
 fn kind(e: &Error) -> &'static str {
-    match e {
-        Error::PeerLost { .. } => "PeerLost",
-        Error::Aborted { .. } => "Aborted",
-        Error::Mismatch { .. } => "Mismatch",
-        Error::Protocol { .. } => "Protocol",
-        Error::Removed { .. } => "Removed",
-        Error::JoinFailed { .. } => "JoinFailed",
-        Error::InvalidArgument(_) => "InvalidArgument",
-        Error::Transport(_) => "Transport",
-    }
+    e.kind().name()
 }
 
 /// Whether the loop can go on after `e` (the group settles and the step is retried).
 fn recoverable(e: &Error) -> bool {
-    matches!(e, Error::PeerLost { .. } | Error::Aborted { .. })
+    e.is_retryable()
 }
 
 fn fail(e: &Error, stage: &str) -> String {

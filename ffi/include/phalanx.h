@@ -116,6 +116,14 @@
 #define PHX_ERR_NOT_FOUND 12
 
 /**
+ * The call cannot run where it was made, though its arguments are fine: the library
+ * could not start its threads (OS resources), or a blocking call was made from a
+ * thread that runs an async (tokio) runtime. Nothing was sent; retrying from the same
+ * place fails the same way.
+ */
+#define PHX_ERR_RUNTIME 13
+
+/**
  * IEEE 754 binary32 (`float`).
  */
 #define PHX_DTYPE_F32 0

@@ -3,8 +3,9 @@
 
 use std::ffi::{c_int, c_void};
 
-use super::{bytes, bytes_mut, dtype, guard, handle_mut, null, out_ptr, reduce_op, write_out};
-use super::{phx_comm, Fail};
+use crate::args::{bytes, bytes_mut, dtype, handle_mut, out_ptr, reduce_op, write_out};
+use crate::comm::phx_comm;
+use crate::status::{guard, invalid, null, Fail};
 
 /// `count` ranks at `p`; NULL is allowed for zero ranks.
 ///
@@ -18,7 +19,7 @@ unsafe fn ranks<'a>(p: *const usize, count: usize) -> Result<&'a [usize], Fail> 
         return Err(null("members"));
     }
     if count > isize::MAX as usize / std::mem::size_of::<usize>() {
-        return Err(super::invalid("members: count overflows the address space"));
+        return Err(invalid("members: count overflows the address space"));
     }
     // SAFETY: non-NULL and valid for `count` reads (the caller's contract); the byte
     // length fits in isize (checked above); `size_t` pointers from C are aligned.

@@ -5,7 +5,9 @@ use std::ffi::{c_int, c_void};
 use phalanx::quant::Quantization;
 use phalanx::DType;
 
-use super::{bytes_mut, guard, handle_mut, invalid, phx_comm, reduce_op};
+use crate::args::{bytes_mut, handle_mut, reduce_op};
+use crate::comm::phx_comm;
+use crate::status::{guard, invalid};
 
 /// 8-bit codes for `phx_comm_all_reduce_quantized`: a quarter of the float bytes.
 pub const PHX_QUANT_U8: c_int = 8;

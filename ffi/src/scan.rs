@@ -9,7 +9,9 @@ use phalanx::op::CustomOp;
 use phalanx::plan::scan::Algorithm;
 use phalanx::DType;
 
-use super::{bytes_mut, c_str, guard, handle_mut, invalid, null, reduce_op, Fail};
+use crate::args::{bytes_mut, c_str, disjoint, handle_mut, reduce_op};
+use crate::comm::phx_comm;
+use crate::status::{guard, invalid, null, Fail};
 
 /// Scan flag: exclusive scan (rank r gets x_0 ⊕ … ⊕ x_{r-1}; the first rank gets the
 /// operator's identity). Without it the scan is inclusive.
@@ -46,7 +48,7 @@ fn options(flags: c_int, blocks: usize) -> Result<ScanOptions, Fail> {
 /// for reads and writes of `count` elements of `dtype`, untouched by others meanwhile.
 #[no_mangle]
 pub unsafe extern "C" fn phx_comm_all_scan(
-    comm: *mut super::phx_comm,
+    comm: *mut phx_comm,
     buf: *mut c_void,
     count: usize,
     dtype_code: c_int,
@@ -57,7 +59,7 @@ pub unsafe extern "C" fn phx_comm_all_scan(
     guard(|| {
         // SAFETY: NULL or a live handle used by no one else (the caller's contract).
         let comm = &mut unsafe { handle_mut(comm, "comm") }?.inner;
-        let (dtype, op, options) = (super::dtype(dtype_code)?, reduce_op(op_code)?, options(flags, blocks)?);
+        let (dtype, op, options) = (crate::args::dtype(dtype_code)?, reduce_op(op_code)?, options(flags, blocks)?);
         // SAFETY: NULL or valid for `count` elements (the caller's contract).
         let buf = unsafe { bytes_mut(buf, count, dtype, "buf") }?;
         comm.all_scan_raw(buf, dtype, op, options)?;
@@ -154,7 +156,7 @@ impl CustomOp for Callback {
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn phx_comm_all_scan_custom(
-    comm: *mut super::phx_comm,
+    comm: *mut phx_comm,
     buf: *mut c_void,
     units: usize,
     unit_bytes: usize,
@@ -208,7 +210,7 @@ pub unsafe extern "C" fn phx_comm_all_scan_custom(
 /// floats and `s` of `d_k * d_v` floats, not overlapping, untouched by others meanwhile.
 #[no_mangle]
 pub unsafe extern "C" fn phx_comm_all_scan_linear_attention(
-    comm: *mut super::phx_comm,
+    comm: *mut phx_comm,
     a: *mut f32,
     s: *mut f32,
     d_k: usize,
@@ -222,7 +224,7 @@ pub unsafe extern "C" fn phx_comm_all_scan_linear_attention(
         let options = options(flags, blocks)?;
         let cells = d_k.checked_mul(d_v).ok_or_else(|| invalid("d_k * d_v overflows"))?;
         let bytes = |n: usize| n.saturating_mul(4);
-        super::disjoint(a.cast_const().cast(), bytes(d_k), s.cast_const().cast(), bytes(cells))?;
+        disjoint(a.cast_const().cast(), bytes(d_k), s.cast_const().cast(), bytes(cells))?;
         // SAFETY: NULL or valid for `d_k` floats (the caller's contract).
         let a = unsafe { bytes_mut(a.cast(), d_k, DType::F32, "a") }?;
         // SAFETY: NULL or valid for `d_k * d_v` floats, disjoint from `a` (checked above).

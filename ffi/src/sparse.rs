@@ -7,10 +7,9 @@ use std::ffi::{c_int, c_void};
 use phalanx::comm::SparseReduced;
 use phalanx::plan::sparse::Placement;
 
-use super::{
-    byte_len, bytes, bytes_mut, disjoint, dtype, guard, handle_mut, invalid, out_ptr, phx_comm, reduce_op, write_out,
-    Fail,
-};
+use crate::args::{byte_len, bytes, bytes_mut, disjoint, dtype, handle_mut, out_ptr, reduce_op, write_out};
+use crate::comm::phx_comm;
+use crate::status::{guard, invalid, null, Fail, PHX_ERR_BUFFER_TOO_SMALL};
 
 /// `count` values of type `T` at `p`; NULL is allowed for zero.
 ///
@@ -22,7 +21,7 @@ unsafe fn slice<'a, T>(p: *const T, count: usize, what: &str) -> Result<&'a [T],
         return Ok(&[]);
     }
     if p.is_null() {
-        return Err(super::null(what));
+        return Err(null(what));
     }
     if count.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
         return Err(invalid(format!("{what}: {count} entries overflow the address space")));
@@ -144,7 +143,7 @@ pub unsafe extern "C" fn phx_comm_all_to_all_v(
         unsafe { write_out(received, total) };
         if data.len() > output.len() {
             return Err(Fail {
-                code: super::PHX_ERR_BUFFER_TOO_SMALL,
+                code: PHX_ERR_BUFFER_TOO_SMALL,
                 message: format!("received {total} elements, output_capacity is {output_capacity}"),
             });
         }

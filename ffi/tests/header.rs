@@ -56,6 +56,7 @@ fn header_declares_the_api() {
         "#define PHX_VERSION_MAJOR",
         "#define PHX_OK 0",
         "#define PHX_ERR_PANIC",
+        "#define PHX_ERR_RUNTIME 13",
         "typedef struct phx_comm phx_comm;",
         "typedef struct phx_connect_options {",
         "int phx_comm_all_reduce(struct phx_comm *comm,",

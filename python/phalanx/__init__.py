@@ -24,6 +24,7 @@ from ._native import (
     MismatchError,
     PeerLostError,
     PhalanxError,
+    PhalanxRuntimeError,
     ProtocolError,
     RemovedError,
     SharedState,
@@ -31,14 +32,16 @@ from ._native import (
     TransportError,
     __version__,
 )
-from ._native import (  # sparse collectives and all-to-all (see README "Collectives beyond all-reduce")
-    SparseReduced,
-    all_to_all,
-    all_to_all_v,
-    sparse_all_gather,
-    sparse_all_reduce,
-    sparse_reduce_scatter,
-)
+from ._native import SparseReduced
+
+# The sparse collectives and all-to-all used to be module functions taking the
+# communicator first. They are Communicator methods now; these names stay for older
+# code, as the methods themselves: `phalanx.all_to_all(comm, ...)` is `comm.all_to_all(...)`.
+all_to_all = Communicator.all_to_all
+all_to_all_v = Communicator.all_to_all_v
+sparse_all_reduce = Communicator.sparse_all_reduce
+sparse_all_gather = Communicator.sparse_all_gather
+sparse_reduce_scatter = Communicator.sparse_reduce_scatter
 
 __all__ = [
     "AbortedError",
@@ -49,6 +52,7 @@ __all__ = [
     "MismatchError",
     "PeerLostError",
     "PhalanxError",
+    "PhalanxRuntimeError",
     "ProtocolError",
     "RemovedError",
     "SharedState",

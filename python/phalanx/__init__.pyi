@@ -52,6 +52,11 @@ class ProtocolError(PhalanxError):
 class TransportError(PhalanxError):
     """A transport failed in a way not attributable to one peer."""
 
+class PhalanxRuntimeError(PhalanxError):
+    """The call cannot run where it was made, though its arguments are fine: phalanx
+    could not start its threads, or a blocking call came from a thread running an async
+    (tokio) runtime. Nothing was sent; retrying from the same place fails the same way."""
+
 class Master:
     """A master: holds the view, admits joiners, removes lost peers, decides every
     collective's outcome. Runs on threads of its own until `close()`d or collected.
@@ -205,6 +210,40 @@ class Communicator:
     ) -> None:
         """Scans linear-attention states in place: float32 `a` of shape (d_k,) and `s` of
         shape (d_k, d_v), combined as (a1, S1), (a2, S2) -> (a1 * a2, diag(a2) S1 + S2)."""
+    def all_to_all(self, input: ArrayLike, output: ArrayLike) -> None:
+        """All-to-all with equal parts: part j of `input` goes to rank j; part i of
+        `output` comes from rank i. Both hold `size * part` elements of one type."""
+    def all_to_all_v(self, input: ArrayLike, send_counts: Sequence[int]) -> Tuple[np.ndarray, List[int]]:
+        """All-to-all with uneven parts: `send_counts[j]` elements of `input` go to rank j.
+        Returns what was received (a new array, parts in rank order) and the count from
+        each rank."""
+    def sparse_all_reduce(self, dim: int, indices: ArrayLike, values: ArrayLike) -> "SparseReduced":
+        """Sums sparse vectors of dimension `dim` given as `(indices[k], values[k])` pairs
+        (uint32 indices, values of any element type) over all peers, bit-identically
+        (each index summed in ascending rank order); switches to a dense exchange past the
+        density crossover 2·b_v / (n·(b_i + b_v))."""
+    def sparse_all_gather(
+        self,
+        array: ArrayLike,
+        lens: Sequence[int],
+        owners: Sequence[int],
+        holders: Sequence[Sequence[int]],
+    ) -> None:
+        """FSSDP spAG, in place: `array` holds all chunks in order (sum(lens) elements);
+        chunk c has `lens[c]` elements, is owned by rank `owners[c]` and also held by the
+        ranks in `holders[c]`, whose slots get the owner's bytes. Other slots are
+        unchanged."""
+    def sparse_reduce_scatter(
+        self,
+        array: ArrayLike,
+        lens: Sequence[int],
+        owners: Sequence[int],
+        holders: Sequence[Sequence[int]],
+        op: ReduceOpName = "sum",
+    ) -> None:
+        """FSSDP spRS, in place, with the placement as for `sparse_all_gather`: each
+        owner's slot becomes the combination (`op`, not "avg") of all holders' slots of
+        its chunk, in ascending rank order. Other slots are unchanged."""
     def barrier(self) -> None:
         """Returns once every peer has called it."""
     def all_reduce_async(self, array: ArrayLike, op: ReduceOpName = "sum") -> AllReduceHandle:
@@ -238,7 +277,7 @@ class Communicator:
     ) -> bool: ...
 
 
-# Sparse collectives and all-to-all: module-level functions taking the communicator.
+# The result of `Communicator.sparse_all_reduce`.
 
 class SparseReduced:
     """The result of `sparse_all_reduce`: the sums, and which exchange ran."""
@@ -255,34 +294,10 @@ class SparseReduced:
     def to_dense(self) -> np.ndarray:
         """The sums as a dense vector of `dim` elements (zeros elsewhere)."""
 
-def all_to_all(comm: Communicator, input: ArrayLike, output: ArrayLike) -> None:
-    """Part j of `input` goes to rank j; part i of `output` comes from rank i (equal parts)."""
-
-def all_to_all_v(comm: Communicator, input: ArrayLike, send_counts: Sequence[int]) -> Tuple[np.ndarray, List[int]]:
-    """`send_counts[j]` elements of `input` go to rank j; returns what was received (parts in
-    rank order) and the count from each rank."""
-
-def sparse_all_reduce(comm: Communicator, dim: int, indices: ArrayLike, values: ArrayLike) -> SparseReduced:
-    """Sums `(indices[k], values[k])` pairs (uint32 indices) over all peers, bit-identically;
-    switches to a dense exchange past the density crossover 2·b_v / (n·(b_i + b_v))."""
-
-def sparse_all_gather(
-    comm: Communicator,
-    array: ArrayLike,
-    lens: Sequence[int],
-    owners: Sequence[int],
-    holders: Sequence[Sequence[int]],
-) -> None:
-    """FSSDP spAG, in place: every holder of chunk c (`holders[c]` plus the owner) gets the
-    bytes of its owner `owners[c]`; `array` holds all chunks in order (sum(lens) elements)."""
-
-def sparse_reduce_scatter(
-    comm: Communicator,
-    array: ArrayLike,
-    lens: Sequence[int],
-    owners: Sequence[int],
-    holders: Sequence[Sequence[int]],
-    op: ReduceOpName = "sum",
-) -> None:
-    """FSSDP spRS, in place: each owner's slot becomes the combination of all holders' slots
-    of its chunk, in ascending rank order."""
+# The module-level forms, kept for older code: the methods themselves, called with the
+# communicator first (`phalanx.all_to_all(comm, ...)` is `comm.all_to_all(...)`).
+all_to_all = Communicator.all_to_all
+all_to_all_v = Communicator.all_to_all_v
+sparse_all_reduce = Communicator.sparse_all_reduce
+sparse_all_gather = Communicator.sparse_all_gather
+sparse_reduce_scatter = Communicator.sparse_reduce_scatter

@@ -16,7 +16,7 @@ use std::ffi::c_void;
 use phalanx::DType;
 use pyo3::exceptions::{PyAttributeError, PyBufferError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyCapsule;
+use pyo3::types::{PyCapsule, PyString};
 
 /// The memory of one Python array: C-contiguous bytes of one element type.
 pub struct ArrayRef<'py> {
@@ -329,4 +329,43 @@ fn from_buffer<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<ArrayRef<'p
     a.owners.push(view);
     a.owners.push(obj.clone());
     Ok(a)
+}
+
+/// Two arrays of one collective: same element type, no shared memory.
+pub(crate) fn check_pair(input: &ArrayRef<'_>, output: &ArrayRef<'_>) -> PyResult<()> {
+    if input.dtype != output.dtype {
+        return Err(PyTypeError::new_err(format!(
+            "input has element type {} but output has {}; they must match",
+            input.dtype, output.dtype
+        )));
+    }
+    if input.raw().overlaps(output.raw()) {
+        return Err(PyValueError::new_err("input and output share memory; pass separate arrays"));
+    }
+    Ok(())
+}
+
+/// The numpy dtype of a phalanx element type (bfloat16 through ml_dtypes).
+pub(crate) fn numpy_dtype<'py>(py: Python<'py>, dtype: DType) -> PyResult<Bound<'py, PyAny>> {
+    let name = match dtype {
+        DType::F32 => "float32",
+        DType::F64 => "float64",
+        DType::F16 => "float16",
+        DType::I8 => "int8",
+        DType::I16 => "int16",
+        DType::I32 => "int32",
+        DType::I64 => "int64",
+        DType::U8 => "uint8",
+        DType::U16 => "uint16",
+        DType::U32 => "uint32",
+        DType::U64 => "uint64",
+        DType::BF16 => {
+            return py.import("ml_dtypes").and_then(|m| m.getattr("bfloat16")).map_err(|_| {
+                PyTypeError::new_err(
+                    "reading a bfloat16 tensor as a numpy array needs ml_dtypes (pip install ml_dtypes)",
+                )
+            })
+        }
+    };
+    Ok(PyString::new(py, name).into_any())
 }

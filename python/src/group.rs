@@ -1,10 +1,11 @@
 //! Sub-group collectives, tagged point-to-point and the NoLoCo pairing for Python (the
-//! `Communicator` methods in `lib.rs` delegate here).
+//! `Communicator` methods in `communicator.rs` delegate here).
 
 use pyo3::prelude::*;
 
+use crate::args::parse_op;
 use crate::array;
-use crate::{parse_op, Communicator};
+use crate::communicator::Communicator;
 
 pub(crate) fn sub_all_reduce(
     comm: &Communicator,

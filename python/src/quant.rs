@@ -5,9 +5,11 @@ use phalanx::{DType, ReduceOp};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::{array, parse_op, Communicator};
+use crate::args::parse_op;
+use crate::array;
+use crate::communicator::Communicator;
 
-/// The body of `Communicator.all_reduce_quantized` (see its docs in `lib.rs`).
+/// The body of `Communicator.all_reduce_quantized` (see its docs in `communicator.rs`).
 pub(crate) fn all_reduce_quantized(
     comm: &Communicator,
     py: Python<'_>,

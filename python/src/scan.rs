@@ -1,5 +1,5 @@
 //! All-scan for Python: `Communicator.all_scan` and `Communicator.all_scan_linear_attention`
-//! (the `#[pymethods]` stubs in `lib.rs` call these).
+//! (the `#[pymethods]` stubs in `communicator.rs` call these).
 
 use phalanx::comm::ScanOptions;
 use phalanx::plan::scan::Algorithm;
@@ -7,7 +7,9 @@ use phalanx::DType;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::{array, parse_op, Communicator};
+use crate::args::parse_op;
+use crate::array;
+use crate::communicator::Communicator;
 
 /// Scan options from the Python arguments.
 pub(crate) fn options(inclusive: bool, reverse: bool, algorithm: &str, blocks: usize) -> PyResult<ScanOptions> {
@@ -27,7 +29,7 @@ pub(crate) fn options(inclusive: bool, reverse: bool, algorithm: &str, blocks: u
     Ok(ScanOptions { inclusive, reverse, algorithm })
 }
 
-/// See `Communicator.all_scan` in `lib.rs`.
+/// See `Communicator.all_scan` in `communicator.rs`.
 pub(crate) fn all_scan(
     comm: &Communicator,
     py: Python<'_>,
@@ -45,7 +47,7 @@ pub(crate) fn all_scan(
     Ok(())
 }
 
-/// See `Communicator.all_scan_linear_attention` in `lib.rs`.
+/// See `Communicator.all_scan_linear_attention` in `communicator.rs`.
 pub(crate) fn all_scan_linear_attention(
     comm: &Communicator,
     py: Python<'_>,

@@ -1,6 +1,8 @@
-//! Python functions of the sparse collectives and all-to-all, module-level (they take the
-//! communicator first): `all_to_all`, `all_to_all_v`, `sparse_all_reduce`,
-//! `sparse_all_gather`, `sparse_reduce_scatter`, and the result class `SparseReduced`.
+//! The sparse collectives and all-to-all for Python: `Communicator.all_to_all`,
+//! `all_to_all_v`, `sparse_all_reduce`, `sparse_all_gather` and `sparse_reduce_scatter`
+//! (the methods in `communicator.rs` call these) and the result class `SparseReduced`.
+//! The older module-level functions of the same names, which take the communicator
+//! first, are those methods (`phalanx/__init__.py`).
 
 use phalanx::comm::SparseReduced as CoreReduced;
 use phalanx::plan::sparse::Placement;
@@ -9,8 +11,10 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::args::parse_op;
 use crate::array::array as array_ref;
-use crate::{check_pair, numpy_dtype, parse_op, Communicator};
+use crate::array::{check_pair, numpy_dtype};
+use crate::communicator::Communicator;
 
 /// A numpy array of `dtype` holding a copy of `bytes`.
 fn to_numpy<'py>(py: Python<'py>, bytes: &[u8], dtype: DType) -> PyResult<Bound<'py, PyAny>> {
@@ -26,12 +30,10 @@ fn placement(size: usize, lens: Vec<usize>, owners: Vec<usize>, holders: Vec<Vec
     p.widen(&holders).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// All-to-all with equal parts: part `j` of `input` goes to rank `j`; part `i` of
-/// `output` comes from rank `i`. Both hold `size * part` elements of one type.
-#[pyfunction]
-pub fn all_to_all(
-    py: Python<'_>,
+/// See `Communicator.all_to_all`.
+pub(crate) fn all_to_all(
     comm: &Communicator,
+    py: Python<'_>,
     input: &Bound<'_, PyAny>,
     output: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
@@ -44,13 +46,10 @@ pub fn all_to_all(
     Ok(())
 }
 
-/// All-to-all with uneven parts: `send_counts[j]` elements of `input` (parts in rank
-/// order) go to rank `j`. Returns `(received, recv_counts)`: a new array of `input`'s
-/// type with the parts from each rank in rank order, and how many came from each.
-#[pyfunction]
-pub fn all_to_all_v<'py>(
-    py: Python<'py>,
+/// See `Communicator.all_to_all_v`.
+pub(crate) fn all_to_all_v<'py>(
     comm: &Communicator,
+    py: Python<'py>,
     input: &Bound<'py, PyAny>,
     send_counts: Vec<usize>,
 ) -> PyResult<(Bound<'py, PyAny>, Vec<usize>)> {
@@ -117,14 +116,10 @@ impl SparseReduced {
     }
 }
 
-/// Sums sparse vectors of dimension `dim` given as `(indices[k], values[k])` pairs:
-/// `indices` a uint32 array, `values` an array of any element type. Every peer gets the
-/// same sums, bit for bit; each index is summed in ascending rank order (sparse path).
-/// Past the density crossover 2·b_v / (n·(b_i + b_v)) the dense exchange runs instead.
-#[pyfunction]
-pub fn sparse_all_reduce(
-    py: Python<'_>,
+/// See `Communicator.sparse_all_reduce`.
+pub(crate) fn sparse_all_reduce(
     comm: &Communicator,
+    py: Python<'_>,
     dim: usize,
     indices: &Bound<'_, PyAny>,
     values: &Bound<'_, PyAny>,
@@ -147,14 +142,10 @@ pub fn sparse_all_reduce(
     })
 }
 
-/// Sparse all-gather (FSSDP's spAG), in place: `array` holds a slot for every chunk, in
-/// order (`sum(lens)` elements); chunk `c` has `lens[c]` elements, is owned by rank
-/// `owners[c]` and is also held by the ranks in `holders[c]`. Afterwards every holder's
-/// slot holds the owner's bytes; other slots are unchanged.
-#[pyfunction]
-pub fn sparse_all_gather(
-    py: Python<'_>,
+/// See `Communicator.sparse_all_gather`.
+pub(crate) fn sparse_all_gather(
     comm: &Communicator,
+    py: Python<'_>,
     array: &Bound<'_, PyAny>,
     lens: Vec<usize>,
     owners: Vec<usize>,
@@ -171,14 +162,10 @@ pub fn sparse_all_gather(
     Ok(())
 }
 
-/// Sparse reduce-scatter (FSSDP's spRS), in place, with the placement as for
-/// `sparse_all_gather`: each owner's slot becomes the combination (`op`, not "avg") of
-/// all holders' slots of its chunk, in ascending rank order. Other slots are unchanged.
-#[pyfunction]
-#[pyo3(signature = (comm, array, lens, owners, holders, op = "sum"))]
-pub fn sparse_reduce_scatter(
-    py: Python<'_>,
+/// See `Communicator.sparse_reduce_scatter`.
+pub(crate) fn sparse_reduce_scatter(
     comm: &Communicator,
+    py: Python<'_>,
     array: &Bound<'_, PyAny>,
     lens: Vec<usize>,
     owners: Vec<usize>,
@@ -199,18 +186,18 @@ pub fn sparse_reduce_scatter(
 
 /// Checks a placement without a communicator (for tests and early errors).
 #[pyfunction]
-pub fn _check_placement(size: usize, lens: Vec<usize>, owners: Vec<usize>, holders: Vec<Vec<usize>>) -> PyResult<usize> {
+pub fn _check_placement(
+    size: usize,
+    lens: Vec<usize>,
+    owners: Vec<usize>,
+    holders: Vec<Vec<usize>>,
+) -> PyResult<usize> {
     Ok(placement(size, lens, owners, holders)?.transfers())
 }
 
-/// Registers this file's functions and class in the module.
+/// Registers this file's class and placement check in the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SparseReduced>()?;
-    m.add_function(wrap_pyfunction!(all_to_all, m)?)?;
-    m.add_function(wrap_pyfunction!(all_to_all_v, m)?)?;
-    m.add_function(wrap_pyfunction!(sparse_all_reduce, m)?)?;
-    m.add_function(wrap_pyfunction!(sparse_all_gather, m)?)?;
-    m.add_function(wrap_pyfunction!(sparse_reduce_scatter, m)?)?;
     m.add_function(wrap_pyfunction!(_check_placement, m)?)?;
     Ok(())
 }

@@ -24,6 +24,7 @@ def test_exception_hierarchy():
         phalanx.JoinFailedError,
         phalanx.ProtocolError,
         phalanx.TransportError,
+        phalanx.PhalanxRuntimeError,
     ]:
         assert issubclass(cls, phalanx.PhalanxError)
         assert cls.__module__ == "phalanx"

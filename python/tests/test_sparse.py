@@ -134,3 +134,63 @@ def test_bad_arguments(group):
         phalanx.sparse_all_reduce(c, 10, np.array([1], dtype=np.int64), np.ones(1, dtype=np.float32))
     with pytest.raises(ValueError):
         phalanx.sparse_all_gather(c, np.zeros(2, dtype=np.float32), [2], [7], [[]])
+
+
+def test_methods_are_the_module_functions(group):
+    """`comm.f(...)` runs the same collective as `phalanx.f(comm, ...)`, for every sparse
+    collective and all-to-all: same results on every rank, and the right ones."""
+    lens, owners = [2] * 8, [e // 2 for e in range(8)]
+    holders = [[0, 1, 2, 3] if e in (0, 4) else [] for e in range(8)]
+    dim = 100
+    rng = np.random.default_rng(11)
+    pairs = [
+        (rng.choice(dim, size=8, replace=False).astype(np.uint32), rng.standard_normal(8).astype(np.float32))
+        for _ in range(N)
+    ]
+
+    def run(c, as_method):
+        r = c.rank
+        params = np.where(np.repeat(np.array(owners) == r, 2), np.arange(16), -1).astype(np.float32)
+        grads = np.full(16, r + 1.0, dtype=np.float32)
+        eq_in = (np.arange(2 * N) + 10 * r).astype(np.int32)
+        eq_out = np.zeros(2 * N, dtype=np.int32)
+        if as_method:
+            c.sparse_all_gather(params, lens, owners, holders)
+            c.sparse_reduce_scatter(grads, lens, owners, holders, op="max")
+            c.all_to_all(eq_in, eq_out)
+            got, recv = c.all_to_all_v(eq_in, [2] * N)
+            reduced = c.sparse_all_reduce(dim, *pairs[r])
+        else:
+            phalanx.sparse_all_gather(c, params, lens, owners, holders)
+            phalanx.sparse_reduce_scatter(c, grads, lens, owners, holders, op="max")
+            phalanx.all_to_all(c, eq_in, eq_out)
+            got, recv = phalanx.all_to_all_v(c, eq_in, [2] * N)
+            reduced = phalanx.sparse_all_reduce(c, dim, *pairs[r])
+        assert isinstance(reduced, phalanx.SparseReduced)
+        return params, grads, eq_out, got, recv, reduced.to_dense()
+
+    by_method = on_all(group, lambda c: run(c, True))
+    by_function = on_all(group, lambda c: run(c, False))
+    for r, (m, f) in enumerate(zip(by_method, by_function)):
+        for a, b in zip(m, f):
+            assert np.array_equal(a, b), f"rank {r}: {a} != {b}"
+        params, grads, eq_out, got, recv, dense = m
+        assert params[0:2].tolist() == [0.0, 1.0] and params[8:10].tolist() == [8.0, 9.0]  # chunks 0, 4
+        if owners[0] == r:
+            assert grads[0:2].tolist() == [float(N), float(N)]  # max over the holders 0..N-1
+        assert eq_out.tolist() == [10 * i + 2 * r + k for i in range(N) for k in range(2)]
+        assert got.tolist() == eq_out.tolist() and recv == [2] * N
+        assert dense.tobytes() == by_method[0][5].tobytes(), "peers differ"
+
+
+def test_methods_check_their_arguments(group):
+    c = group[0]
+    with pytest.raises(TypeError):
+        c.sparse_all_reduce(10, np.array([1], dtype=np.int64), np.ones(1, dtype=np.float32))
+    with pytest.raises(ValueError):
+        c.sparse_all_gather(np.zeros(2, dtype=np.float32), [2], [7], [[]])
+    with pytest.raises(ValueError):
+        c.sparse_reduce_scatter(np.zeros(2, dtype=np.float32), [2], [7], [[]])
+    with pytest.raises(ValueError, match="share memory"):
+        x = np.zeros(N, dtype=np.float32)
+        c.all_to_all(x, x)

@@ -88,7 +88,7 @@ fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name(name)
         .build()
-        .map_err(|e| Error::InvalidArgument(format!("cannot start the runtime: {e}")))
+        .map_err(|e| Error::Runtime { reason: format!("cannot start the runtime: {e}") })
 }
 
 impl Communicator {
@@ -398,9 +398,9 @@ impl Drop for Communicator {
 /// deadlock (or panic) from inside another runtime: refuse them there.
 fn not_in_runtime(what: &str) -> Result<()> {
     if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(Error::InvalidArgument(format!(
-            "blocking {what} called from inside an async runtime; call it from a plain thread"
-        )));
+        return Err(Error::Runtime {
+            reason: format!("blocking {what} called from inside an async runtime; call it from a plain thread"),
+        });
     }
     Ok(())
 }

@@ -76,7 +76,7 @@ impl Master {
             .enable_all()
             .thread_name("phalanx-master")
             .build()
-            .map_err(|e| setup(e.to_string()))?;
+            .map_err(|e| crate::Error::Runtime { reason: format!("cannot start the master's runtime: {e}") })?;
         let server = runtime.block_on(async {
             let ep = crate::transport::quic::QuicEndpoint::bind(listen, quic).map_err(|e| setup(e.to_string()))?;
             Ok::<_, crate::Error>(MasterServer::spawn(Arc::new(ep), config))
