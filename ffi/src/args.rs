@@ -5,7 +5,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use phalanx::membership::wire::SyncStrategy;
+use phalanx::state::SyncStrategy;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{DType, ReduceOp};
 

@@ -2,7 +2,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use phalanx::membership::wire::SyncStrategy;
+use phalanx::state::SyncStrategy;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::ReduceOp;
 use pyo3::exceptions::{PyTypeError, PyValueError};

@@ -44,7 +44,7 @@ impl Master {
         if peer_timeout_ms == 0 {
             return Err(PyValueError::new_err("peer_timeout_ms must be positive"));
         }
-        let config = MasterConfig { peer_timeout: Duration::from_millis(peer_timeout_ms), max_pending };
+        let config = MasterConfig { peer_timeout: Duration::from_millis(peer_timeout_ms), max_pending, ..MasterConfig::default() };
         let master = py.detach(move || CoreMaster::start(listen, quic, config)).map_err(|e| to_py(py, e))?;
         let addr = master.addr();
         Ok(Master { inner: Mutex::new(Some(master)), addr })

@@ -336,6 +336,10 @@ impl Codec for OpResult {
                 2u8.encode(bytes);
                 msg.encode(bytes);
             }
+            OpResult::Invalid(msg) => {
+                3u8.encode(bytes);
+                msg.encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -343,6 +347,7 @@ impl Codec for OpResult {
             0 => OpResult::Ok,
             1 => OpResult::Mismatch(String::read(r)?),
             2 => OpResult::Failed(String::read(r)?),
+            3 => OpResult::Invalid(String::read(r)?),
             code => return Err(WireError::UnknownCode { what: "op result", code }),
         })
     }
@@ -368,6 +373,11 @@ impl Codec for Decision {
                 rank.encode(bytes);
                 detail.encode(bytes);
             }
+            Decision::Abort(AbortReason::Invalid { rank, detail }) => {
+                4u8.encode(bytes);
+                rank.encode(bytes);
+                detail.encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -376,6 +386,7 @@ impl Codec for Decision {
             1 => Decision::Abort(AbortReason::PeerLost { rank: u32::read(r)?, detail: String::read(r)? }),
             2 => Decision::Abort(AbortReason::Mismatch { detail: String::read(r)? }),
             3 => Decision::Abort(AbortReason::Failed { rank: u32::read(r)?, detail: String::read(r)? }),
+            4 => Decision::Abort(AbortReason::Invalid { rank: u32::read(r)?, detail: String::read(r)? }),
             code => return Err(WireError::UnknownCode { what: "decision", code }),
         })
     }
@@ -671,6 +682,16 @@ mod tests {
         assert_eq!(to_master, GOLDEN_TO_MASTER);
         let to_peer: Vec<String> = samples_to_peer().iter().map(|m| hex(&m.encode())).collect();
         assert_eq!(to_peer, GOLDEN_TO_PEER);
+    }
+
+    #[test]
+    fn invalid_input_reports_round_trip_under_new_codes() {
+        let end = ToMaster::OpEnd { epoch: 1, seq: 2, result: OpResult::Invalid("NaN".into()) };
+        assert_eq!(ToMaster::decode(body(&end.encode())), Ok(end));
+        let reason = AbortReason::Invalid { rank: 3, detail: "NaN".into() };
+        let out = ToPeer::Outcome { epoch: 1, seq: 2, decision: Decision::Abort(reason) };
+        let enc = out.encode();
+        assert_eq!(ToPeer::decode(body(&enc)), Ok(out));
     }
 
     #[test]

@@ -392,6 +392,7 @@ impl PeerState {
         let result = match local {
             Ok(()) => OpResult::Ok,
             Err(Error::Mismatch { detail }) => OpResult::Mismatch(detail.clone()),
+            Err(Error::InvalidArgument(detail)) => OpResult::Invalid(detail.clone()),
             Err(e) => OpResult::Failed(e.to_string()),
         };
         ToMaster::OpEnd { epoch: key.0, seq: key.1, result }
@@ -491,6 +492,7 @@ pub fn abort_error(reason: AbortReason) -> Error {
         AbortReason::PeerLost { rank, detail } => Error::PeerLost { rank: rank as usize, reason: detail },
         AbortReason::Mismatch { detail } => Error::Mismatch { detail },
         AbortReason::Failed { rank, detail } => Error::Aborted { reason: format!("rank {rank} failed: {detail}") },
+        AbortReason::Invalid { rank, detail } => Error::InvalidArgument(format!("rank {rank}: {detail}")),
     }
 }
 

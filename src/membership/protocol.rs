@@ -28,6 +28,10 @@ pub enum OpResult {
     Mismatch(String),
     /// It failed otherwise.
     Failed(String),
+    /// The caller's own input was invalid (e.g. a non-finite value in a quantized
+    /// all-reduce): every member returns [`crate::Error::InvalidArgument`], so all of
+    /// them take the same path.
+    Invalid(String),
 }
 
 /// Why the master aborted a collective.
@@ -50,6 +54,13 @@ pub enum AbortReason {
         /// The failing member's rank.
         rank: u32,
         /// Its error message.
+        detail: String,
+    },
+    /// A member's input was invalid ([`OpResult::Invalid`]).
+    Invalid {
+        /// The member's rank.
+        rank: u32,
+        /// What was wrong with it.
         detail: String,
     },
 }

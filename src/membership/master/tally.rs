@@ -120,6 +120,9 @@ impl Tallies {
                 }
             }
             OpResult::Mismatch(detail) => self.mismatch(seq, detail),
+            OpResult::Invalid(detail) => {
+                self.decide(seq, Decision::Abort(AbortReason::Invalid { rank: roster.rank(id), detail }))
+            }
             OpResult::Failed(detail) => {
                 self.decide(seq, Decision::Abort(AbortReason::Failed { rank: roster.rank(id), detail }))
             }
