@@ -49,7 +49,20 @@ pub mod transport;
 #[cfg(any(test, feature = "testing"))]
 pub mod workload;
 
-pub use comm::{Communicator, Config};
+// The user's whole face: everything a program holds is here, one `use` line away.
+pub use collective::Tuning;
+pub use comm::{
+    AsyncPeer, Communicator, Config, ConnectOptions, PendingAllReduce, PendingRaw, RetryPolicy, ScanOptions,
+    SparseReduced, SyncReport,
+};
+pub use membership::master::MasterConfig;
+pub use membership::server::Master;
+pub use membership::PeerId;
+pub use plan::sparse::Placement;
+pub use plan::Rank;
+pub use quant::Quantization;
+pub use state::{SharedState, SyncStrategy};
+pub use transport::quic::QuicConfig;
 
 /// The README's examples, compiled as doc tests so that they stay true.
 #[doc = include_str!("../README.md")]

@@ -111,7 +111,15 @@ impl Communicator {
     /// Joins the group whose master listens at `master`, over QUIC, and waits until
     /// admitted (the first peer at once; later ones when the members next call
     /// [`Communicator::update_topology`]).
-    pub fn connect(master: SocketAddr, options: ConnectOptions) -> Result<Communicator> {
+    ///
+    /// `master` is anything that resolves to a socket address (`"host:7000"`, a
+    /// `SocketAddr`); the first address it resolves to is used.
+    pub fn connect(master: impl std::net::ToSocketAddrs, options: ConnectOptions) -> Result<Communicator> {
+        let master = master
+            .to_socket_addrs()
+            .map_err(|e| Error::JoinFailed { reason: format!("cannot resolve the master's address: {e}") })?
+            .next()
+            .ok_or_else(|| Error::JoinFailed { reason: "the master's address resolves to nothing".into() })?;
         let (bind, quic) = (options.bind, options.quic.clone());
         Communicator::connect_with(
             move || {

@@ -20,9 +20,9 @@ use super::{subgroup, sync};
 use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
+use crate::exec::AbortSignal;
 use crate::exec::{execute, Call};
 use crate::membership::client::ControlClient;
-use crate::exec::AbortSignal;
 use crate::membership::peer::{Begun, OpKind, PeerConfig, Retry};
 use crate::membership::{PeerId, View};
 use crate::op::CustomOp;
@@ -97,8 +97,7 @@ impl AsyncPeer {
         let id = options.peer_id.unwrap_or_else(random_id);
         let links = DataLinks::new(id, endpoint.clone());
         let accept_task = tokio::spawn(links.clone().accept_loop());
-        let control =
-            ControlClient::join(&*endpoint, master, id, endpoint.local_addr(), options.control, peer).await;
+        let control = ControlClient::join(&*endpoint, master, id, endpoint.local_addr(), options.control, peer).await;
         let control = match control {
             Ok(c) => Arc::new(c),
             Err(e) => {

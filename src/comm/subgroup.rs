@@ -250,7 +250,14 @@ impl Communicator {
 
     /// Runs one collective among `members` (view ranks), with retries over the same
     /// members while all of them survive.
-    fn run_sub(&mut self, members: &[Rank], coll: &Collective, dtype: DType, op: ReduceOp, buf: &mut [u8]) -> Result<()> {
+    fn run_sub(
+        &mut self,
+        members: &[Rank],
+        coll: &Collective,
+        dtype: DType,
+        op: ReduceOp,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let (sorted, _) = canonical(members, self.rank(), self.size())?;
         let ids = self.block(async |p| p.ids_of(&sorted))??;
         let spec = CallSpec::new(coll, dtype, op);

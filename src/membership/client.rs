@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::peer::{Begun, OpKey, OpKind, PeerConfig, PeerState, Retry, SyncPlan, Topology};
 use super::codec::{frame_body, to_frame, CONTROL_HELLO};
-use super::view::{PeerId, View};
+use super::peer::{Begun, OpKey, OpKind, PeerConfig, PeerState, Retry, SyncPlan, Topology};
 use super::protocol::{ToMaster, ToPeer};
+use super::view::{PeerId, View};
 use crate::error::{Error, Result};
 use crate::exec::AbortSignal;
 use crate::transport::endpoint::Endpoint;
@@ -127,8 +127,10 @@ impl ControlClient {
             .await
             .map_err(|e| Error::JoinFailed { reason: format!("cannot reach the master at {master}: {e}") })?;
         let peer = PeerState::new(id, PeerConfig { master_timeout: config.master_timeout, ..peer }, now());
-        let shared =
-            Arc::new(Shared { core: Mutex::new(Core { peer, signals: HashMap::new() }), changed: watch::channel(()).0 });
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core { peer, signals: HashMap::new() }),
+            changed: watch::channel(()).0,
+        });
         // Control messages are few and small (one or two per collective); the writer
         // drains them as fast as the connection takes them.
         let (out, out_rx) = mpsc::unbounded_channel();

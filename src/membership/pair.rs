@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::master::{ConnId, MasterConfig, MasterState, Output};
 use super::peer::{OpKey, PeerConfig, PeerState};
-use super::view::PeerId;
 use super::protocol::{ToMaster, ToPeer};
+use super::view::PeerId;
 use crate::error::Error;
 
 /// A master and peers `0..n`, peer `i` on control connection `i + 1`.

@@ -1,13 +1,16 @@
 //! Master and peer state machines driven together ([`super::pair::Pair`]): no runtime,
 //! no sockets, every message and decision asserted exactly.
 
+// Peers are numbered: an index names the same peer in `p.peers`, its keys and its inbox.
+#![allow(clippy::needless_range_loop)]
+
 use std::time::Duration;
 
 use super::master::{MasterConfig, Output};
 use super::pair::Pair;
 use super::peer::{sub_fingerprint, sub_key, OpKind, PeerConfig, Retry, Topology};
-use super::view::{Member, View};
 use super::protocol::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer};
+use super::view::{Member, View};
 use crate::error::Error;
 
 fn view(epoch: u64, ids: &[u64]) -> View {

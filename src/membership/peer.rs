@@ -30,11 +30,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::view::{PeerId, View};
 use super::protocol::{AbortReason, Decision, OpResult, ToMaster, ToPeer, Transfer};
-use crate::state::{Digest, SyncStrategy, TensorDigest};
+use super::view::{PeerId, View};
 use crate::error::{Error, Result};
 use crate::plan::Rank;
+use crate::state::{Digest, SyncStrategy, TensorDigest};
 
 /// A collective's key: `(epoch, seq)`. Frames and the master's records carry it.
 pub type OpKey = (u64, u64);
@@ -316,10 +316,9 @@ impl PeerState {
     /// off (at exactly the deadline, so a driver woken then makes progress).
     pub fn tick(&mut self, now: Instant) -> Vec<(OpKey, Error)> {
         match self.next_deadline() {
-            Some(deadline) if now >= deadline => self.disconnected(format!(
-                "no word from the master for {} ms",
-                self.config.master_timeout.as_millis()
-            )),
+            Some(deadline) if now >= deadline => {
+                self.disconnected(format!("no word from the master for {} ms", self.config.master_timeout.as_millis()))
+            }
             _ => Vec::new(),
         }
     }
@@ -374,12 +373,7 @@ impl PeerState {
                 *counter += 1;
                 let seq = sub_key(&set, *counter);
                 let fingerprint = sub_fingerprint(call, &set);
-                (
-                    (epoch, seq),
-                    ranks,
-                    fingerprint,
-                    ToMaster::SubOpBegin { epoch, seq, call: fingerprint, members: set },
-                )
+                ((epoch, seq), ranks, fingerprint, ToMaster::SubOpBegin { epoch, seq, call: fingerprint, members: set })
             }
         };
         let rec = self.ops.entry(key).or_default();

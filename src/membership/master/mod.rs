@@ -55,7 +55,11 @@ pub struct MasterConfig {
 
 impl Default for MasterConfig {
     fn default() -> Self {
-        MasterConfig { peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS), max_pending: 256, initial_peers: 1 }
+        MasterConfig {
+            peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS),
+            max_pending: 256,
+            initial_peers: 1,
+        }
     }
 }
 
