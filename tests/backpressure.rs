@@ -149,6 +149,12 @@ fn slow_peer_bounds_sender(comms: &mut [Communicator], bound: usize) -> usize {
     let sent = AtomicUsize::new(0);
     let (sender, receiver) = comms.split_at_mut(1);
     let (sender, receiver) = (&mut sender[0], &mut receiver[0]);
+    // One message first, so the data link is open: the peer with the larger id waits
+    // for the other to open it (see `comm::p2p`), which would look like a stall.
+    std::thread::scope(|s| {
+        s.spawn(|| sender.send(1, TAG + 1, &[1u64]).expect("send"));
+        receiver.recv(0, TAG + 1, &mut [0u64]).expect("recv");
+    });
     std::thread::scope(|s| {
         let sent = &sent;
         let sending = s.spawn(move || {
@@ -166,6 +172,7 @@ fn slow_peer_bounds_sender(comms: &mut [Communicator], bound: usize) -> usize {
                 (last, since) = (now, Instant::now());
             }
         }
+        assert!(last > 0, "the sender got no message out at all");
         assert!(last < MESSAGES, "all {MESSAGES} messages went out to a peer that receives none");
         let held = last * MESSAGE;
         assert!(held <= bound, "{last} messages ({held} bytes) went out to a peer that receives none; bound {bound}");
