@@ -32,11 +32,13 @@ pub(crate) struct DataLinks {
     slots: Mutex<HashMap<PeerId, Arc<Slot>>>,
     /// The epoch of the last view [`DataLinks::enter`] moved the links to.
     epoch: std::sync::atomic::AtomicU64,
+    /// Frames each link's [`Demux`] queues per collective.
+    queue_frames: usize,
 }
 
 impl DataLinks {
-    pub(crate) fn new(me: PeerId, endpoint: Arc<dyn Endpoint>) -> Arc<DataLinks> {
-        Arc::new(DataLinks { me, endpoint, slots: Mutex::new(HashMap::new()), epoch: Default::default() })
+    pub(crate) fn new(me: PeerId, endpoint: Arc<dyn Endpoint>, queue_frames: usize) -> Arc<DataLinks> {
+        Arc::new(DataLinks { me, endpoint, slots: Mutex::new(HashMap::new()), epoch: Default::default(), queue_frames })
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<Slot>>> {
@@ -52,7 +54,7 @@ impl DataLinks {
         while let Ok((link, hello)) = self.endpoint.accept().await {
             match parse_hello(&hello) {
                 Some(id) if id < self.me => {
-                    self.slot(id).demux.send_replace(Some(Demux::new(link)));
+                    self.slot(id).demux.send_replace(Some(Demux::with_capacity(link, self.queue_frames)));
                 }
                 _ => link.close(),
             }
@@ -69,7 +71,7 @@ impl DataLinks {
                 return Ok(d.clone());
             }
             let link = self.endpoint.connect(peer.addr, data_hello(self.me)).await?;
-            let demux = Demux::new(link);
+            let demux = Demux::with_capacity(link, self.queue_frames);
             slot.demux.send_replace(Some(demux.clone()));
             Ok(demux)
         } else {

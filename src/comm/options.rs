@@ -60,6 +60,11 @@ pub struct ConnectOptions {
     pub retry: RetryPolicy,
     /// QUIC settings, the cluster secret among them.
     pub quic: QuicConfig,
+    /// How many frames of one collective or point-to-point tag this peer holds per
+    /// link before it stops reading the link and so pushes back on the sender (see
+    /// `transport::demux`, "Backpressure"); default
+    /// [`DEFAULT_QUEUE_FRAMES`](crate::transport::demux::DEFAULT_QUEUE_FRAMES).
+    pub queue_frames: usize,
 }
 
 impl Default for ConnectOptions {
@@ -71,6 +76,7 @@ impl Default for ConnectOptions {
             tuning: Tuning::default(),
             retry: RetryPolicy::Never,
             quic: QuicConfig::default(),
+            queue_frames: crate::transport::demux::DEFAULT_QUEUE_FRAMES,
         }
     }
 }

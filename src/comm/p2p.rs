@@ -11,12 +11,22 @@
 //! # Buffering
 //!
 //! Sends are eager: `send` returns once the message is handed to the transport, without
-//! waiting for the matching `recv`. The receiver queues messages that arrive before
-//! their `recv` per `(peer, tag)`; the queue is bounded by what the sender sends ahead
-//! (a schedule that posts matching receives holds at most its in-flight messages there).
-//! Transport flow control bounds only the bytes in flight on the wire, not this queue.
+//! waiting for the matching `recv`. The receiver queues the frames (chunks) of messages
+//! that arrive before their `recv` per `(peer, tag)`, up to a bound:
+//! [`ConnectOptions::queue_frames`](crate::comm::ConnectOptions::queue_frames) frames
+//! per tag and link (see `transport::demux`, "Backpressure"). Past it the receiver stops
+//! reading the link, the transport's flow control fills, and the sender's `send`
+//! blocks until the receiver takes frames off that queue, so a sender far ahead of a
+//! slow receiver holds memory on neither side beyond these buffers. While it blocks,
+//! frames behind it on the same link (other tags, collectives) wait too.
 //!
-//! As in MPI, a correct program does not rely on a send being buffered: in a networked
+//! As in MPI, a correct program does not rely on a send being buffered. A sender that
+//! runs more than the bound ahead on a tag the receiver is not reading blocks until
+//! the receiver gets to that tag: receiving tags in another order than they were sent
+//! is fine while what was sent ahead of the tag being received fits the bound (a
+//! message of one chunk on each of a few tags, as `tags_out_of_order` in the tests
+//! sends), but a program whose receiver first waits for something the blocked sender
+//! has yet to do (a later tag's message, a collective) deadlocks. Also, in a networked
 //! group the data link between two peers opens on first use from the peer with the
 //! smaller id, so a first `send` from the other one may wait until its receiver's first
 //! call involving the pair (its `recv` from this rank, say).

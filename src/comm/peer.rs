@@ -95,7 +95,7 @@ impl AsyncPeer {
         peer: PeerConfig,
     ) -> Result<AsyncPeer> {
         let id = options.peer_id.unwrap_or_else(random_id);
-        let links = DataLinks::new(id, endpoint.clone());
+        let links = DataLinks::new(id, endpoint.clone(), options.queue_frames);
         let accept_task = tokio::spawn(links.clone().accept_loop());
         let control = ControlClient::join(&*endpoint, master, id, endpoint.local_addr(), options.control, peer).await;
         let control = match control {

@@ -6,21 +6,60 @@
 //! Frames of collectives that already ended, or of epochs below the floor, are dropped
 //! on arrival, so traffic of an aborted collective is never mixed into another.
 //!
-//! Frames for a collective this side has not started yet are held until it starts;
-//! their volume is bounded by what the peer's collectives in flight send.
+//! Frames for a collective this side has not started yet are held until it starts.
+//!
+//! # Backpressure
+//!
+//! Every collective's queue holds at most `capacity` frames ([`DEFAULT_QUEUE_FRAMES`]
+//! unless [`Demux::with_capacity`] says otherwise). When the frame just read belongs
+//! to a full queue, the read task waits for room and stops reading the link meanwhile,
+//! so the link's own flow control (an in-memory link's frame capacity, QUIC's stream
+//! windows) pushes back on the sender: no unbounded queue sits between a peer and the
+//! executor, and what one link holds on this side is at most the link's buffering plus
+//! one frame in the read task plus `capacity` frames per collective with frames queued.
+//!
+//! The price is head-of-line blocking: while one collective's queue is full, frames of
+//! every other collective on the same link wait behind it. Collectives cannot deadlock
+//! on it: a peer runs its collectives one after another, its frames of one collective
+//! all precede those of the next, and the collective a queue fills for is either
+//! running here (so its executor drains the queue) or not started yet, behind one that
+//! needs no frame sent after the full queue's. Point-to-point messages can: a sender
+//! that runs more than `capacity` frames ahead on a tag the receiver does not read
+//! blocks until the receiver gets to it, and frames behind it wait too (see the
+//! `comm::p2p` module docs, "Buffering").
+//!
+//! A frame that arrives for a collective already finished, or below the epoch floor,
+//! is dropped at once and never waits; [`Demux::finish`] and [`Demux::raise_floor`]
+//! drop the queues they end with their frames and wake a read task waiting for room in
+//! one of them, so a collective that is abandoned without draining its queue (an abort)
+//! never stalls the link.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use super::{Frame, Link, LinkError};
 
 /// Which collective a frame belongs to: `(epoch, seq)`.
 pub type OpKey = (u64, u64);
 
-type Queue = (mpsc::UnboundedSender<Frame>, Option<mpsc::UnboundedReceiver<Frame>>);
+/// How many frames a collective's queue holds by default before the read task stops
+/// reading the link: 16 frames of the default 256 KiB chunk are 4 MiB per collective,
+/// enough to keep a pipeline of chunks flowing while its consumer reduces one.
+pub const DEFAULT_QUEUE_FRAMES: usize = 16;
+
+/// One collective's queued frames.
+struct Queue {
+    frames: VecDeque<Frame>,
+    /// Tells the queue's [`OpLink`] that a frame came or the queue ended.
+    arrived: Arc<Notify>,
+    /// Which claim of the key this queue is (see [`Demux::op`]); an [`OpLink`] reads
+    /// only the queue it claimed, never a later one of the same key.
+    id: u64,
+    claimed: bool,
+}
 
 #[derive(Default)]
 struct State {
@@ -28,39 +67,83 @@ struct State {
     finished: BTreeSet<OpKey>,
     floor: u64,
     closed: Option<LinkError>,
+    next_id: u64,
+}
+
+impl State {
+    /// Whether frames of `key` are dropped on arrival.
+    fn is_stale(&self, key: OpKey) -> bool {
+        key.0 < self.floor || self.finished.contains(&key)
+    }
+
+    fn queue(&mut self, key: OpKey) -> &mut Queue {
+        let next_id = &mut self.next_id;
+        self.queues.entry(key).or_insert_with(|| {
+            *next_id += 1;
+            Queue { frames: VecDeque::new(), arrived: Arc::new(Notify::new()), id: *next_id, claimed: false }
+        })
+    }
+
+    /// Drops `queue` with its frames and wakes its reader (who finds it gone).
+    fn ended(queue: Queue) {
+        queue.arrived.notify_one();
+    }
+}
+
+/// What the read task and the [`OpLink`]s share.
+struct Shared {
+    state: Mutex<State>,
+    /// Tells the read task that room was made: a frame was taken, or a queue ended.
+    room: Notify,
+    capacity: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The receiving side of a shared link, split by collective.
 pub struct Demux {
     link: Arc<dyn Link>,
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
 }
 
 impl Demux {
-    /// Starts demultiplexing `link` on the current tokio runtime.
+    /// Starts demultiplexing `link` on the current tokio runtime, with queues of
+    /// [`DEFAULT_QUEUE_FRAMES`] frames.
     pub fn new(link: Arc<dyn Link>) -> Arc<Demux> {
-        let state = Arc::new(Mutex::new(State::default()));
-        let reader = tokio::spawn(read_loop(link.clone(), state.clone()));
-        Arc::new(Demux { link, state, reader })
+        Demux::with_capacity(link, DEFAULT_QUEUE_FRAMES)
+    }
+
+    /// Starts demultiplexing `link` with queues of `capacity` frames each (at least
+    /// one); see the module docs, "Backpressure".
+    pub fn with_capacity(link: Arc<dyn Link>, capacity: usize) -> Arc<Demux> {
+        let shared =
+            Arc::new(Shared { state: Mutex::new(State::default()), room: Notify::new(), capacity: capacity.max(1) });
+        let reader = tokio::spawn(read_loop(link.clone(), shared.clone()));
+        Arc::new(Demux { link, shared, reader })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        lock(&self.state)
+        self.shared.lock()
     }
 
-    /// The virtual link of collective `key`.
+    /// The virtual link of collective `key`. A key claimed before, finished or below
+    /// the floor gives a link whose `recv` only reports that the collective ended.
     pub fn op(self: &Arc<Self>, key: OpKey) -> OpLink {
-        let rx = {
+        let id = {
             let mut st = self.lock();
-            let queue = st.queues.entry(key).or_insert_with(new_queue);
-            queue.1.take().unwrap_or_else(|| {
-                // Claimed twice: give the second claimant a queue that only reports closure.
-                let (_, rx) = mpsc::unbounded_channel();
-                rx
-            })
+            if st.is_stale(key) {
+                None
+            } else {
+                let queue = st.queue(key);
+                (!std::mem::replace(&mut queue.claimed, true)).then_some((queue.id, queue.arrived.clone()))
+            }
         };
-        OpLink { demux: self.clone(), key, rx: tokio::sync::Mutex::new(rx) }
+        OpLink { demux: self.clone(), key, claim: tokio::sync::Mutex::new(id) }
     }
 
     /// Sends a frame on the shared link (the peer's demux routes it by its key).
@@ -68,21 +151,34 @@ impl Demux {
         self.link.send(frame).await
     }
 
-    /// Ends collective `key` here: its queued and future frames are dropped.
+    /// Ends collective `key` here: its queued and future frames are dropped, and a read
+    /// task waiting for room in its queue goes on.
     pub fn finish(&self, key: OpKey) {
-        let mut st = self.lock();
-        st.queues.remove(&key);
-        st.finished.insert(key);
+        let removed = {
+            let mut st = self.lock();
+            st.finished.insert(key);
+            st.queues.remove(&key)
+        };
+        if let Some(queue) = removed {
+            State::ended(queue);
+        }
+        self.shared.room.notify_one();
     }
 
     /// Drops every frame of epochs below `epoch`, queued or future.
     pub fn raise_floor(&self, epoch: u64) {
-        let mut st = self.lock();
-        if epoch > st.floor {
+        let removed: Vec<Queue> = {
+            let mut st = self.lock();
+            if epoch <= st.floor {
+                return;
+            }
             st.floor = epoch;
-            st.queues.retain(|k, _| k.0 >= epoch);
             st.finished = st.finished.split_off(&(epoch, 0));
-        }
+            let stale: Vec<OpKey> = st.queues.keys().filter(|k| k.0 < epoch).copied().collect();
+            stale.iter().filter_map(|k| st.queues.remove(k)).collect()
+        };
+        removed.into_iter().for_each(State::ended);
+        self.shared.room.notify_one();
     }
 
     /// Whether the underlying link has failed.
@@ -94,6 +190,11 @@ impl Demux {
     pub fn close(&self) {
         self.link.close();
     }
+
+    /// How many frames are queued here, over all collectives (for tests and stats).
+    pub fn queued_frames(&self) -> usize {
+        self.lock().queues.values().map(|q| q.frames.len()).sum()
+    }
 }
 
 impl Drop for Demux {
@@ -103,33 +204,39 @@ impl Drop for Demux {
     }
 }
 
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn new_queue() -> Queue {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (tx, Some(rx))
-}
-
-async fn read_loop(link: Arc<dyn Link>, state: Arc<Mutex<State>>) {
+async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
     loop {
-        match link.recv().await {
-            Ok(frame) => {
-                let key = (frame.header.epoch, frame.header.seq);
-                let mut st = lock(&state);
-                if key.0 < st.floor || st.finished.contains(&key) {
-                    continue;
-                }
-                let queue = st.queues.entry(key).or_insert_with(new_queue);
-                let _ = queue.0.send(frame); // a dropped OpLink just loses its frames
-            }
+        let frame = match link.recv().await {
+            Ok(frame) => frame,
             Err(e) => {
-                let mut st = lock(&state);
+                // Frames already queued stay readable (a peer's last message before it
+                // left still arrives); every reader waiting on an empty queue learns
+                // of the closure.
+                let mut st = shared.lock();
                 st.closed = Some(e);
-                st.queues.clear(); // dropping the senders wakes every receiver
+                st.queues.values().for_each(|q| q.arrived.notify_one());
                 return;
             }
+        };
+        let key = (frame.header.epoch, frame.header.seq);
+        // Until the frame is queued or dropped, this task reads nothing more: that is
+        // what pushes back on the sender.
+        loop {
+            {
+                let mut st = shared.lock();
+                if st.is_stale(key) {
+                    break; // ended while we waited (or before): dropped, never waiting
+                }
+                let queue = st.queue(key);
+                if queue.frames.len() < shared.capacity {
+                    queue.frames.push_back(frame);
+                    queue.arrived.notify_one();
+                    break;
+                }
+            }
+            // A permit stored since the check (a frame taken, a queue ended) makes this
+            // return at once, so no wake-up is lost between the unlock and the wait.
+            shared.room.notified().await;
         }
     }
 }
@@ -138,7 +245,17 @@ async fn read_loop(link: Arc<dyn Link>, state: Arc<Mutex<State>>) {
 pub struct OpLink {
     demux: Arc<Demux>,
     key: OpKey,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Frame>>,
+    /// The id of the queue this link claimed and its arrival signal; `None` when it got
+    /// none. The mutex serialises concurrent `recv`s (frames are taken in order).
+    claim: tokio::sync::Mutex<Option<(u64, Arc<Notify>)>>,
+}
+
+impl OpLink {
+    fn ended(&self, st: &State) -> LinkError {
+        st.closed
+            .clone()
+            .unwrap_or_else(|| LinkError::Closed(format!("collective {:?} was ended on this link", self.key)))
+    }
 }
 
 #[async_trait]
@@ -148,15 +265,26 @@ impl Link for OpLink {
     }
 
     async fn recv(&self) -> Result<Frame, LinkError> {
-        let mut rx = self.rx.lock().await;
-        match rx.recv().await {
-            Some(frame) => Ok(frame),
-            None => Err(self
-                .demux
-                .lock()
-                .closed
-                .clone()
-                .unwrap_or_else(|| LinkError::Closed(format!("collective {:?} was ended on this link", self.key)))),
+        let claim = self.claim.lock().await;
+        let Some((id, arrived)) = claim.as_ref() else {
+            return Err(self.ended(&self.demux.lock()));
+        };
+        loop {
+            {
+                let mut st = self.demux.lock();
+                let Some(queue) = st.queues.get_mut(&self.key).filter(|q| q.id == *id) else {
+                    return Err(self.ended(&st)); // finished or below the floor
+                };
+                if let Some(frame) = queue.frames.pop_front() {
+                    drop(st);
+                    self.demux.shared.room.notify_one();
+                    return Ok(frame);
+                }
+                if st.closed.is_some() {
+                    return Err(self.ended(&st));
+                }
+            }
+            arrived.notified().await;
         }
     }
 
@@ -164,7 +292,6 @@ impl Link for OpLink {
         self.demux.finish(self.key);
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +330,98 @@ mod tests {
         drop(a);
         assert!(matches!(op.recv().await, Err(LinkError::Closed(_))));
         assert!(demux.is_closed());
+    }
+
+    /// Sends frames of `key` on `a` until one `send` stays blocked for 200 ms; returns
+    /// how many went in.
+    async fn fill(a: &dyn Link, key: OpKey, limit: u64) -> u64 {
+        let mut sent = 0;
+        while sent < limit {
+            let send = a.send(frame(key.0, key.1, sent));
+            if tokio::time::timeout(std::time::Duration::from_millis(200), send).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    }
+
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+    #[tokio::test]
+    async fn a_slow_consumer_bounds_what_the_demux_holds() {
+        const LINK: usize = 4;
+        const QUEUE: usize = 8;
+        tokio::time::timeout(LIMIT, async {
+            let (a, b) = mem::pair(LINK);
+            let demux = Demux::with_capacity(Arc::new(b), QUEUE);
+            let op = demux.op((1, 1));
+            // Nobody reads: the link's buffer, the frame in the read task's hand and the
+            // queue are all the sender gets to fill.
+            let sent = fill(&a, (1, 1), 1000).await;
+            assert!(sent as usize <= LINK + QUEUE + 1, "{sent} frames went into a link holding {LINK} + {QUEUE} + 1");
+            assert!(sent as usize >= QUEUE, "only {sent} frames went in");
+            assert_eq!(demux.queued_frames(), QUEUE);
+            // The consumer catches up: every frame arrives in order, and the sender goes on.
+            let total = sent + 3 * QUEUE as u64;
+            let send = async {
+                for i in sent..total {
+                    a.send(frame(1, 1, i)).await.expect("send");
+                }
+            };
+            let recv = async {
+                for i in 0..total {
+                    assert_eq!(op.recv().await.expect("recv").header.index, i);
+                }
+            };
+            tokio::join!(send, recv);
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test]
+    async fn ending_a_full_queue_unblocks_the_link() {
+        tokio::time::timeout(LIMIT, async {
+            let (a, b) = mem::pair(2);
+            let demux = Demux::with_capacity(Arc::new(b), 2);
+            // A collective that never drains its queue (say, it aborted): the link stalls
+            // behind it until it is finished, and then its frames are dropped.
+            let abandoned = demux.op((1, 1));
+            let sent = fill(&a, (1, 1), 100).await;
+            assert!(sent <= 5, "{sent} frames went in");
+            demux.finish((1, 1));
+            a.send(frame(1, 2, 0)).await.expect("send once the queue is gone");
+            assert_eq!(demux.op((1, 2)).recv().await.expect("recv").header.seq, 2);
+            assert!(matches!(abandoned.recv().await, Err(LinkError::Closed(_))));
+            // The same for frames of a collective this side never started, when a new
+            // view raises the floor above their epoch.
+            let sent = fill(&a, (1, 3), 100).await;
+            assert!(sent <= 5, "{sent} frames went in");
+            demux.raise_floor(2);
+            a.send(frame(2, 0, 0)).await.expect("send once the old epoch is dropped");
+            assert_eq!(demux.op((2, 0)).recv().await.expect("recv").header.epoch, 2);
+            assert_eq!(demux.queued_frames(), 0);
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test]
+    async fn queued_frames_stay_readable_after_the_link_closes() {
+        let (a, b) = mem::pair(4);
+        let demux = Demux::new(Arc::new(b));
+        a.send(frame(0, 1, 0)).await.expect("send");
+        drop(a);
+        tokio::time::timeout(LIMIT, async {
+            while !demux.is_closed() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("closure seen");
+        let op = demux.op((0, 1));
+        assert_eq!(op.recv().await.expect("recv").header.index, 0);
+        assert!(matches!(op.recv().await, Err(LinkError::Closed(_))));
     }
 }
