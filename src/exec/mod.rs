@@ -14,24 +14,26 @@
 //! # Quantized transfers
 //!
 //! With [`Call::codec`] set, every chunk travels as a min-max frame ([`crate::quant`])
-//! instead of raw `f32` bytes, and the executor keeps bit parity by two rules:
+//! instead of raw `f32` bytes, and bit parity rests on two rules:
 //!
-//! - **Sending** a chunk: if this call received exactly that chunk earlier by
-//!   [`Action::Copy`] (and nothing has written to it since), the received frame is sent
-//!   again unchanged: decoded values are never re-encoded, since re-encoding is not
-//!   idempotent in floats. Otherwise the chunk is encoded and the local copy is
-//!   replaced by the decoded values, so that the sender holds bitwise what its receiver
-//!   decodes.
-//! - **Receiving** a chunk: the frame is decoded; `Copy` writes the decoded values and
-//!   keeps the frame for forwarding, `Reduce` adds them into the local chunk.
+//! - **Sending** a range: where the plan received it by [`Action::CopyKeep`] (a promise
+//!   that it is sent on unchanged, checked by [`Plan::validate`]), the received frames
+//!   are sent again as they are: decoded values are never re-encoded, since re-encoding
+//!   is not idempotent in floats. A [`Step::Forward`] that copies forwards each frame it
+//!   receives likewise. Otherwise each chunk is encoded and the local copy is replaced by
+//!   the decoded values, so that the sender holds bitwise what its receiver decodes.
+//! - **Receiving** a chunk: the frame is decoded; `Copy` writes the decoded values,
+//!   `Reduce` adds them into the local chunk.
 //!
 //! On the ring all-reduce this is the rule: each reduce-scatter hop encodes its
 //! partial sum afresh (replacing a partial sum that it does not keep anyway); the owner of
 //! a reduced segment encodes it once, at its first all-gather send, and keeps the
-//! decoded value; every later all-gather hop forwards those codes unchanged. So every
-//! rank ends with the decoding of the same frames: identical bytes. A coded call takes
-//! `f32` elements and `Sum` or `Avg` only, and exchanges with disjoint send and receive
-//! ranges; frame lengths are checked against the encoded length.
+//! decoded value; every later all-gather hop forwards those codes unchanged, as the ring
+//! builder's `CopyKeep` receives say. So every rank ends with the decoding of the same
+//! frames: identical bytes. A coded call takes `f32` elements and `Sum` or `Avg` only,
+//! and exchanges with disjoint send and receive ranges; frame lengths are checked
+//! against the encoded length. Raw calls forward kept frames too: the same bytes,
+//! without a copy.
 
 mod protocol;
 mod signal;
@@ -150,9 +152,9 @@ struct Ctx<'a> {
     /// Frames sent to / received from each peer so far in this call.
     sent: Vec<AtomicU64>,
     received: Vec<AtomicU64>,
-    /// Frames received by `Copy` whose wire keeps them, by the byte range of their
-    /// chunk, to be forwarded unchanged (see the module docs).
-    kept: Mutex<HashMap<(usize, usize), Bytes>>,
+    /// The frames of each range received by [`Action::CopyKeep`], by the range's bytes,
+    /// in chunk order: the plan's next send of that range forwards them unchanged.
+    kept: Mutex<HashMap<Range<usize>, Vec<Bytes>>>,
 }
 
 impl Ctx<'_> {
@@ -221,19 +223,21 @@ impl Ctx<'_> {
                 let base = self.bytes(range);
                 let region = &mut buf[base.clone()];
                 for chunk in self.chunks(region.len()) {
-                    let at = base.start + chunk.start;
                     let c = &mut region[chunk];
-                    self.recv_chunk(*from, at, c, *action).await?;
-                    self.send_chunk(*to, at, c).await?;
+                    let frame = self.recv_chunk(*from, c, *action).await?;
+                    // A copied chunk is the frame's content: forward the frame itself.
+                    let payload = match action {
+                        Action::Copy | Action::CopyKeep => frame,
+                        Action::Reduce(_) => self.wire.encode(c)?,
+                    };
+                    self.send_frame(*to, payload).await?;
                 }
                 Ok(())
             }
             Step::Local { src, dst, action } => {
-                let (sb, db) = (self.bytes(src), self.bytes(dst));
-                self.forget(db.clone());
-                let (src, dst) = split_disjoint(buf, sb, db);
+                let (src, dst) = split_disjoint(buf, self.bytes(src), self.bytes(dst));
                 match action {
-                    Action::Copy => {
+                    Action::Copy | Action::CopyKeep => {
                         dst.copy_from_slice(src);
                         Ok(())
                     }
@@ -243,57 +247,51 @@ impl Ctx<'_> {
         }
     }
 
-    /// Sends `region` (at byte `base` of the buffer) chunk by chunk.
+    /// Sends `region` (at byte `base` of the buffer) chunk by chunk: the frames it was
+    /// received in, where the plan kept them, or else each chunk's encoding.
     async fn send_region(&self, to: Rank, base: usize, region: &mut [u8]) -> Result<()> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).remove(&(base..base + region.len()));
+        if let Some(frames) = kept {
+            for frame in frames {
+                self.send_frame(to, frame).await?;
+            }
+            return Ok(());
+        }
         for chunk in self.chunks(region.len()) {
-            self.send_chunk(to, base + chunk.start, &mut region[chunk]).await?;
+            let payload = self.wire.encode(&mut region[chunk])?;
+            self.send_frame(to, payload).await?;
         }
         Ok(())
     }
 
-    /// Sends one chunk at byte `at`: the frame it was copied from, or its encoding.
-    async fn send_chunk(&self, to: Rank, at: usize, chunk: &mut [u8]) -> Result<()> {
-        let key = (at, at + chunk.len());
-        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
-        let payload = match kept {
-            Some(frame) => frame,
-            None => {
-                self.forget(key.0..key.1);
-                self.wire.encode(chunk)?
-            }
-        };
+    async fn send_frame(&self, to: Rank, payload: Bytes) -> Result<()> {
         let link = self.link(to)?;
         let frame = Frame { header: self.header(Self::next(&self.sent, to)), payload };
         link.send(frame).await.map_err(|e| link_error(to, e))
     }
 
-    /// Receives `region` (at byte `base` of the buffer) chunk by chunk.
+    /// Receives `region` (at byte `base` of the buffer) chunk by chunk, keeping the
+    /// frames where `action` says they are sent on.
     async fn recv_region(&self, from: Rank, base: usize, region: &mut [u8], action: Action) -> Result<()> {
+        let mut frames = Vec::new();
         for chunk in self.chunks(region.len()) {
-            self.recv_chunk(from, base + chunk.start, &mut region[chunk], action).await?;
+            let frame = self.recv_chunk(from, &mut region[chunk], action).await?;
+            if action == Action::CopyKeep {
+                frames.push(frame);
+            }
+        }
+        if action == Action::CopyKeep {
+            self.kept.lock().unwrap_or_else(|e| e.into_inner()).insert(base..base + region.len(), frames);
         }
         Ok(())
     }
 
-    /// Receives one chunk at byte `at` and applies `action` to it.
-    async fn recv_chunk(&self, from: Rank, at: usize, chunk: &mut [u8], action: Action) -> Result<()> {
+    /// Receives one chunk, applies `action` to it and returns the frame's payload.
+    async fn recv_chunk(&self, from: Rank, chunk: &mut [u8], action: Action) -> Result<Bytes> {
         let size = self.call.element_bytes();
         let frame = self.recv_frame(from, self.wire.frame_len(chunk.len() / size, size)).await?;
-        let key = (at, at + chunk.len());
-        self.forget(key.0..key.1);
         self.wire.decode(from, &frame.payload, chunk, action, |order, dst, src| self.reduce(order, dst, src))?;
-        if action == Action::Copy && self.wire.keeps_frames() {
-            self.kept.lock().unwrap_or_else(|e| e.into_inner()).insert(key, frame.payload);
-        }
-        Ok(())
-    }
-
-    /// Drops the kept frames of chunks that overlap the byte range `r`, about to change.
-    fn forget(&self, r: Range<usize>) {
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if !kept.is_empty() {
-            kept.retain(|&(s, e), _| e <= r.start || r.end <= s);
-        }
+        Ok(frame.payload)
     }
 
     /// Combines `src` into `dst` with the call's operator, `src` on the side `order` names.

@@ -73,7 +73,8 @@ impl Wire {
         }
     }
 
-    /// Applies a frame received from `peer` to `chunk`: [`Action::Copy`] overwrites the
+    /// Applies a frame received from `peer` to `chunk`: [`Action::Copy`] (and
+    /// [`Action::CopyKeep`]) overwrites the
     /// chunk with the frame's values, [`Action::Reduce`] combines them into it with
     /// `reduce(order, chunk, values)` (raw frames) or by float addition (coded frames,
     /// whose calls are sums: both orders give the same bits for finite values).
@@ -86,25 +87,18 @@ impl Wire {
         reduce: impl FnOnce(Order, &mut [u8], &[u8]) -> Result<()>,
     ) -> Result<()> {
         match (self, action) {
-            (Wire::Raw, Action::Copy) => {
+            (Wire::Raw, Action::Copy | Action::CopyKeep) => {
                 chunk.copy_from_slice(frame);
                 Ok(())
             }
             (Wire::Raw, Action::Reduce(order)) => reduce(order, chunk, frame),
-            (Wire::Coded(codec), Action::Copy) => {
+            (Wire::Coded(codec), Action::Copy | Action::CopyKeep) => {
                 codec.decode_bytes(frame, chunk).map_err(|e| Error::Protocol { peer, detail: e.to_string() })
             }
             (Wire::Coded(codec), Action::Reduce(_)) => {
                 codec.decode_add_bytes(frame, chunk).map_err(|e| Error::Protocol { peer, detail: e.to_string() })
             }
         }
-    }
-
-    /// Whether frames received by [`Action::Copy`] are kept, to be sent again unchanged
-    /// when the same chunk is sent on (decoded values are never re-encoded: re-encoding
-    /// is not idempotent in floats). Raw frames need no such care.
-    pub(super) fn keeps_frames(&self) -> bool {
-        matches!(self, Wire::Coded(_))
     }
 }
 
