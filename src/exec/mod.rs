@@ -182,10 +182,7 @@ impl Ctx<'_> {
 
     /// Byte ranges of the chunks of a `len`-byte transfer; always at least one chunk.
     fn chunks(&self, len: usize) -> impl Iterator<Item = Range<usize>> {
-        let size = self.call.element_bytes();
-        let chunk = (self.call.chunk_bytes / size).max(1) * size;
-        let count = len.div_ceil(chunk).max(1);
-        (0..count).map(move |k| (k * chunk).min(len)..((k + 1) * chunk).min(len))
+        chunk_ranges(len, self.call.element_bytes(), self.call.chunk_bytes)
     }
 
     /// The one step interpreter: every transfer goes chunk by chunk through
@@ -342,7 +339,19 @@ impl Ctx<'_> {
     }
 }
 
-fn link_error(peer: Rank, e: LinkError) -> Error {
+/// Byte ranges of the chunks of a `len`-byte transfer of `element_bytes`-byte elements:
+/// about `chunk_bytes` each, rounded down to whole elements (at least one); always at
+/// least one chunk. The one chunker of every byte mover (point-to-point messages too).
+pub(crate) fn chunk_ranges(len: usize, element_bytes: usize, chunk_bytes: usize) -> impl Iterator<Item = Range<usize>> {
+    let size = element_bytes.max(1);
+    let chunk = (chunk_bytes / size).max(1) * size;
+    let count = len.div_ceil(chunk).max(1);
+    (0..count).map(move |k| (k * chunk).min(len)..((k + 1) * chunk).min(len))
+}
+
+/// The error of a failed link to `peer`: a closed link is a lost peer, anything else a
+/// protocol error. Shared with point-to-point messages.
+pub(crate) fn link_error(peer: Rank, e: LinkError) -> Error {
     match e {
         LinkError::Closed(reason) => Error::PeerLost { rank: peer, reason },
         other => Error::Protocol { peer, detail: other.to_string() },
