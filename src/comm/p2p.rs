@@ -50,11 +50,12 @@ use super::datalinks::DataLinks;
 use super::{elements, Communicator};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::exec::{chunk_ranges, link_error};
 use crate::membership::client::ControlClient;
 use crate::membership::{Member, PeerId, View};
 use crate::plan::Rank;
 use crate::transport::demux::{Demux, OpKey, OpLink};
-use crate::transport::{Frame, Header, Link, LinkError};
+use crate::transport::{Frame, Header, Link};
 
 /// The bit that marks a point-to-point message's key (`seq = 1 << 62 | tag`).
 pub(crate) const P2P_KEY_BIT: u64 = 1 << 62;
@@ -71,18 +72,10 @@ fn describe(dtype: DType, len: usize) -> u64 {
     (dtype.code() as u64) << LEN_BITS | len as u64
 }
 
-/// Byte ranges of the chunks of a `len`-byte message; at least one chunk.
+/// Byte ranges of the chunks of a `len`-byte message; at least one chunk (the
+/// executor's chunker, cutting at any byte).
 fn chunks(len: usize, chunk_bytes: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let chunk = chunk_bytes.max(1);
-    let count = len.div_ceil(chunk).max(1);
-    (0..count).map(move |k| (k * chunk).min(len)..((k + 1) * chunk).min(len))
-}
-
-fn lost(peer: Rank, e: LinkError) -> Error {
-    match e {
-        LinkError::Closed(reason) => Error::PeerLost { rank: peer, reason },
-        other => Error::Protocol { peer, detail: other.to_string() },
-    }
+    chunk_ranges(len, 1, chunk_bytes)
 }
 
 /// Sends one message over `demux`'s link, in chunks.
@@ -101,7 +94,7 @@ pub(crate) async fn send_message(
     for (index, chunk) in chunks(data.len(), chunk_bytes).enumerate() {
         let header = Header { epoch: key.0, seq: key.1, call, index: index as u64 };
         let frame = Frame { header, payload: Bytes::copy_from_slice(&data[chunk]) };
-        demux.send(frame).await.map_err(|e| lost(to, e))?;
+        demux.send(frame).await.map_err(|e| link_error(to, e))?;
     }
     Ok(())
 }
@@ -116,7 +109,7 @@ pub(crate) async fn recv_message(
     from: Rank,
 ) -> Result<()> {
     let want = describe(dtype, out.len());
-    let first = rx.recv().await.map_err(|e| lost(from, e))?;
+    let first = rx.recv().await.map_err(|e| link_error(from, e))?;
     if first.header.index != 0 {
         return Err(Error::Protocol {
             peer: from,
@@ -128,7 +121,7 @@ pub(crate) async fn recv_message(
         let their_len = (first.header.call & ((1 << LEN_BITS) - 1)) as usize;
         let their_type = DType::from_code((first.header.call >> LEN_BITS) as u8);
         for _ in 1..chunks(their_len, chunk_bytes).count() {
-            rx.recv().await.map_err(|e| lost(from, e))?;
+            rx.recv().await.map_err(|e| link_error(from, e))?;
         }
         let theirs = their_type.map_or_else(|| "an unknown type".to_string(), |t| t.to_string());
         return Err(Error::Mismatch {
@@ -145,7 +138,7 @@ pub(crate) async fn recv_message(
     for (index, chunk) in chunks(out.len(), chunk_bytes).enumerate() {
         let f = match frame.take() {
             Some(f) => f,
-            None => rx.recv().await.map_err(|e| lost(from, e))?,
+            None => rx.recv().await.map_err(|e| link_error(from, e))?,
         };
         if f.header.index != index as u64 || f.header.call != want || f.payload.len() != chunk.len() {
             return Err(Error::Protocol {
@@ -201,7 +194,7 @@ impl Queues {
         let view = self.view(control, links)?;
         let peer = p2p_peer(&view, to, control.id())?;
         let send = async {
-            let demux = links.get(&peer).await.map_err(|e| lost(to, e))?;
+            let demux = links.get(&peer).await.map_err(|e| link_error(to, e))?;
             send_message(&demux, p2p_key(view.epoch, tag), dtype, data, chunk, to).await
         };
         until_view_changes(control, &view, to, peer.id, send).await
@@ -221,7 +214,7 @@ impl Queues {
     ) -> Result<()> {
         let view = self.view(control, links)?;
         let peer = p2p_peer(&view, from, control.id())?;
-        let get = async { links.get(&peer).await.map_err(|e| lost(from, e)) };
+        let get = async { links.get(&peer).await.map_err(|e| link_error(from, e)) };
         let demux = until_view_changes(control, &view, from, peer.id, get).await?;
         let key = p2p_key(view.epoch, tag);
         let entry = self.rx.entry((peer.id, tag)).or_insert_with(|| (demux.clone(), demux.op(key)));

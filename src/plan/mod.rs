@@ -39,6 +39,13 @@ pub type Rank = usize;
 pub enum Action {
     /// Overwrite the local range with the received one.
     Copy,
+    /// [`Action::Copy`], and the received range is sent on later unchanged: the next
+    /// step that sends exactly this range (before anything writes to it) forwards the
+    /// received frames verbatim, as a ring all-gather hop does. For raw frames this is
+    /// `Copy`; for quantized ones it keeps every rank on the same codes, since decoded
+    /// values are never re-encoded. Only an [`Step::Exchange`] receive may keep;
+    /// [`Plan::validate`] checks the promise.
+    CopyKeep,
     /// Combine the received range into the local one with the collective's operator.
     Reduce(Order),
 }
@@ -176,7 +183,59 @@ impl Plan {
             if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > self.len) {
                 return Err(format!("step {i}: range {r:?} outside buffer of {}", self.len));
             }
+            self.validate_keep(i)?;
         }
         Ok(())
+    }
+
+    /// Checks step `i`'s use of [`Action::CopyKeep`]: only on an exchange's receive, and
+    /// a later step sends exactly that range before any step writes to it.
+    fn validate_keep(&self, i: usize) -> Result<(), String> {
+        let kept = match &self.steps[i] {
+            Step::Exchange { recv: Some(r), .. } if r.action == Action::CopyKeep => &r.range,
+            Step::Forward { action: Action::CopyKeep, .. } | Step::Local { action: Action::CopyKeep, .. } => {
+                return Err(format!("step {i}: only an exchange's receive may keep its frames"));
+            }
+            _ => return Ok(()),
+        };
+        let overlaps = |r: &Range<usize>| r.start < kept.end && kept.start < r.end;
+        for step in &self.steps[i + 1..] {
+            let (sent, written) = match step {
+                Step::Exchange { send, recv } => (send.as_ref().map(|s| &s.range), recv.as_ref().map(|r| &r.range)),
+                Step::Forward { range, .. } => (None, Some(range)),
+                Step::Local { dst, .. } => (None, Some(dst)),
+            };
+            // A step's send reads the buffer as the step began, before its receive writes.
+            if sent == Some(kept) {
+                return Ok(());
+            }
+            if written.is_some_and(overlaps) {
+                break;
+            }
+        }
+        Err(format!("step {i}: kept range {kept:?} is not sent on unchanged"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_range_must_be_sent_on_before_it_is_written() {
+        let keep = |steps: Vec<Step>| Plan { rank: 0, size: 3, len: 4, steps }.validate();
+        let received = Step::recv(1, 0..2, Action::CopyKeep);
+        assert!(keep(vec![received.clone(), Step::exchange(2, 0..2, 1, 0..2, Action::Copy)]).is_ok());
+        assert!(keep(vec![received.clone()]).is_err(), "never sent on");
+        assert!(keep(vec![received.clone(), Step::send(2, 0..1)]).is_err(), "sent only in part");
+        let written = Step::recv(2, 1..3, Action::Copy);
+        assert!(keep(vec![received.clone(), written, Step::send(2, 0..2)]).is_err(), "written first");
+        let local = Step::Local { src: 2..3, dst: 3..4, action: Action::CopyKeep };
+        assert!(keep(vec![local]).is_err(), "only exchanges keep");
+        for n in 2..6 {
+            for rank in 0..n {
+                assert!(allreduce::ring(rank, n, 3 * n).validate().is_ok(), "ring {rank} of {n}");
+            }
+        }
     }
 }

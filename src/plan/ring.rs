@@ -35,13 +35,18 @@ pub(crate) fn ring_reduce_scatter_steps(rank: Rank, n: usize, segs: &[Range<usiz
 }
 
 /// The `n - 1` all-gather steps of a ring over `segs` (one segment per rank).
+///
+/// The segment received at step `s` is the one sent at step `s + 1`, so every receive
+/// but the last is [`Action::CopyKeep`]: each hop forwards what it received unchanged.
 pub(crate) fn ring_all_gather_steps(rank: Rank, n: usize, segs: &[Range<usize>]) -> Vec<Step> {
     let (next, prev) = ring_neighbours(rank, n);
+    let last = n.saturating_sub(2);
     (0..n.saturating_sub(1))
         .map(|s| {
             let send = segs[ring_sub(rank, s, n)].clone();
             let recv = segs[ring_sub(rank, 1 + s, n)].clone();
-            Step::exchange(next, send, prev, recv, Action::Copy)
+            let action = if s < last { Action::CopyKeep } else { Action::Copy };
+            Step::exchange(next, send, prev, recv, action)
         })
         .collect()
 }

@@ -1,0 +1,129 @@
+use super::*;
+
+#[test]
+fn split_disjoint_both_orders() {
+    let mut buf = [0u8, 1, 2, 3, 4, 5];
+    let (a, b) = split_disjoint(&mut buf, 0..2, 3..6);
+    assert_eq!(a, &[0, 1]);
+    b[0] = 9;
+    assert_eq!(buf[3], 9);
+    let (a, b) = split_disjoint(&mut buf, 4..6, 0..1);
+    assert_eq!(a, &[4, 5]);
+    b[0] = 7;
+    assert_eq!(buf[0], 7);
+}
+
+#[test]
+fn local_steps_copy_and_combine_in_order() {
+    use crate::dtype::Order;
+    use crate::plan::Plan;
+    // Buffer [a | b | c]: c = a, then b = b - ... with Sum: b = c + b (c on the left).
+    let mut plan = Plan::empty(0, 1, 3);
+    plan.steps.push(Step::Local { src: 0..1, dst: 2..3, action: Action::Copy });
+    plan.steps.push(Step::Local { src: 2..3, dst: 1..2, action: Action::Reduce(Order::IncomingLeft) });
+    assert!(plan.validate().is_ok());
+    let sim = crate::sim::Simulation::new(DType::I32, ReduceOp::Sum);
+    let buf: Vec<u8> = bytemuck::cast_slice(&[5i32, 7, 0]).to_vec();
+    match &sim.run(&[plan], vec![buf])[0] {
+        crate::sim::Outcome::Done(out) => assert_eq!(bytemuck::cast_slice::<u8, i32>(out), &[5, 12, 5]),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+    let mut bad = Plan::empty(0, 1, 3);
+    bad.steps.push(Step::Local { src: 0..2, dst: 1..3, action: Action::Copy });
+    assert!(bad.validate().is_err(), "overlapping local ranges are rejected");
+}
+
+/// A link that keeps the payloads of the frames it carries (alive, so that their
+/// addresses are never reused and identify them).
+struct Recorder {
+    inner: Arc<dyn Link>,
+    sent: Arc<std::sync::Mutex<Vec<Bytes>>>,
+    received: Arc<std::sync::Mutex<Vec<Bytes>>>,
+}
+
+#[async_trait::async_trait]
+impl Link for Recorder {
+    async fn send(&self, frame: Frame) -> std::result::Result<(), LinkError> {
+        self.sent.lock().unwrap().push(frame.payload.clone());
+        self.inner.send(frame).await
+    }
+    async fn recv(&self) -> std::result::Result<Frame, LinkError> {
+        let frame = self.inner.recv().await?;
+        self.received.lock().unwrap().push(frame.payload.clone());
+        Ok(frame)
+    }
+    fn close(&self) {
+        self.inner.close()
+    }
+}
+
+/// The forwarding rule itself: in the ring's all-gather, every frame a rank sends
+/// after its first all-gather step is a frame it received (the same bytes, not a
+/// re-encoding); every other frame it sends is a fresh encoding.
+#[test]
+fn quantized_ring_forwards_received_frames_unchanged() {
+    use crate::quant::{Codec, Quantization};
+    let (n, seg, chunk_elems) = (4usize, 40usize, 16usize);
+    let len = n * seg;
+    let chunks = seg.div_ceil(chunk_elems);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    type Log = Arc<std::sync::Mutex<Vec<Bytes>>>;
+    let records: Vec<(Log, Log)> = (0..n).map(|_| (Log::default(), Log::default())).collect();
+    let outs = rt.block_on(async {
+        let abort = AbortSignal::new();
+        let mut tasks = Vec::new();
+        for (rank, links) in crate::transport::mem::mesh(n, 64).into_iter().enumerate() {
+            let (sent, received) = records[rank].clone();
+            let links: Vec<Option<Arc<dyn Link>>> = links
+                .into_iter()
+                .map(|l| {
+                    l.map(|inner| {
+                        Arc::new(Recorder { inner, sent: sent.clone(), received: received.clone() }) as Arc<dyn Link>
+                    })
+                })
+                .collect();
+            let abort = abort.clone();
+            tasks.push(tokio::spawn(async move {
+                let plan = crate::plan::allreduce::ring(rank, n, len);
+                let call = Call {
+                    plan: &plan,
+                    dtype: DType::F32,
+                    op: ReduceOp::Sum,
+                    epoch: 0,
+                    seq: 1,
+                    fingerprint: 0,
+                    chunk_bytes: chunk_elems * 4,
+                    custom: None,
+                    codec: Some(Codec::new(Quantization::U8)),
+                };
+                let x: Vec<f32> = (0..len).map(|i| ((i * (rank + 3)) % 17) as f32 * 0.37 - 2.0).collect();
+                let mut buf: Vec<u8> = bytemuck::cast_slice(&x).to_vec();
+                execute(&call, &mut buf, &links, &abort, 0..plan.steps.len()).await.map(|()| buf)
+            }));
+        }
+        let mut outs = Vec::new();
+        for t in tasks {
+            outs.push(t.await.unwrap().unwrap());
+        }
+        outs
+    });
+    assert!(outs.iter().all(|o| o == &outs[0]), "identical bytes");
+    for (rank, (sent, received)) in records.iter().enumerate() {
+        let (sent, received) = (sent.lock().unwrap(), received.lock().unwrap());
+        assert_eq!(sent.len(), 2 * (n - 1) * chunks, "rank {rank}");
+        let fresh = n * chunks; // n - 1 reduce-scatter steps and the first all-gather step
+        for (i, p) in sent.iter().enumerate() {
+            let forwarded = received.iter().any(|r| r.as_ptr() == p.as_ptr());
+            assert_eq!(forwarded, i >= fresh, "rank {rank}, frame {i}: forwarded iff after the owner's step");
+        }
+    }
+}
+
+#[test]
+fn abort_signal_keeps_first_reason() {
+    let s = AbortSignal::new();
+    assert!(s.fired().is_none());
+    s.fire(Error::Aborted { reason: "one".into() });
+    s.fire(Error::Aborted { reason: "two".into() });
+    assert_eq!(s.fired(), Some(Error::Aborted { reason: "one".into() }));
+}
