@@ -149,12 +149,16 @@ impl Communicator {
         self.peer.as_ref()
     }
 
+    /// The peer, or `Removed` once it has left.
+    fn peer_mut(&mut self) -> Result<&mut AsyncPeer> {
+        self.peer.as_mut().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })
+    }
+
     /// Runs `f` on the peer, blocking this thread on the communicator's runtime.
     fn block<R>(&mut self, f: impl AsyncFnOnce(&mut AsyncPeer) -> R) -> Result<R> {
         not_in_runtime("call")?;
         let runtime = self.runtime.clone();
-        let peer = self.peer.as_mut().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })?;
-        Ok(runtime.block_on(f(peer)))
+        Ok(runtime.block_on(f(self.peer_mut()?)))
     }
 
     /// This communicator's rank, `0..size()`.
@@ -222,9 +226,8 @@ impl Communicator {
     pub fn all_reduce_start_raw(&mut self, buf: Vec<u8>, dtype: DType, op: ReduceOp) -> Result<PendingRaw> {
         let len = elements(buf.len(), dtype, "buffer")?;
         let runtime = self.runtime.clone();
-        let peer = self.peer.as_mut().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })?;
         let _guard = runtime.enter();
-        let task = peer.start(Collective::AllReduce { len }, dtype, op, buf);
+        let task = self.peer_mut()?.start(Collective::AllReduce { len }, dtype, op, buf);
         Ok(PendingRaw { task, runtime: runtime.clone() })
     }
 

@@ -259,9 +259,11 @@ impl Communicator {
         buf: &mut [u8],
     ) -> Result<()> {
         let (sorted, _) = canonical(members, self.rank(), self.size())?;
-        let ids = self.block(async |p| p.ids_of(&sorted))??;
         let spec = CallSpec::new(coll, dtype, op);
-        self.block(async |p| p.run(spec, Scope::Sub(&ids), buf).await)?
+        self.block(async |p| {
+            let ids = p.ids_of(&sorted)?;
+            p.run(spec, Scope::Sub(&ids), buf).await
+        })?
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::datalinks::DataLinks;
 use super::options::SyncReport;
 use crate::error::{Error, Result};
+use crate::exec::chunk_ranges;
 use crate::membership::client::ControlClient;
 use crate::membership::peer::OpKind;
 use crate::membership::protocol::Transfer;
@@ -86,7 +87,7 @@ async fn transfer(
         for t in transfers.iter().filter(|t| t.from as usize == rank) {
             let bytes = state.bytes(t.tensor as usize).ok_or_else(|| missing(t.tensor))?;
             let to = link(t.to)?;
-            for (i, chunk) in chunks(bytes.len(), chunk_bytes).enumerate() {
+            for (i, chunk) in chunk_ranges(bytes.len(), 1, chunk_bytes).enumerate() {
                 let frame = Frame { header: header(i as u64), payload: bytes::Bytes::copy_from_slice(&bytes[chunk]) };
                 to.send(frame).await.map_err(|e| lost(t.to, e))?;
             }
@@ -100,7 +101,7 @@ async fn transfer(
             let len = state.bytes(t.tensor as usize).ok_or_else(|| missing(t.tensor))?.len();
             let from = link(t.from)?;
             let mut buf = vec![0u8; len];
-            for chunk in chunks(len, chunk_bytes) {
+            for chunk in chunk_ranges(len, 1, chunk_bytes) {
                 let frame = from.recv().await.map_err(|e| lost(t.from, e))?;
                 if frame.payload.len() != chunk.len() {
                     return Err(Error::Mismatch {
@@ -134,10 +135,4 @@ fn missing(t: u32) -> Error {
 
 fn lost(peer: u32, e: crate::transport::LinkError) -> Error {
     Error::PeerLost { rank: peer as usize, reason: e.to_string() }
-}
-
-fn chunks(len: usize, chunk: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let chunk = chunk.max(1);
-    let count = len.div_ceil(chunk).max(1);
-    (0..count).map(move |k| (k * chunk).min(len)..((k + 1) * chunk).min(len))
 }

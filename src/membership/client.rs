@@ -300,19 +300,21 @@ async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
         match received {
             Ok(Ok(frame)) => match frame_body(&frame).and_then(ToPeer::decode) {
                 Ok(msg) => shared.apply(|p| ((), p.handle(msg, now()))),
-                Err(e) => break format!("undecodable message from the master: {e}"),
+                Err(e) => break Some(format!("undecodable message from the master: {e}")),
             },
-            Ok(Err(e)) => break format!("connection to the master lost: {e}"),
+            Ok(Err(e)) => break Some(format!("connection to the master lost: {e}")),
             Err(_) => {
                 if shared.apply(|p| {
                     let aborts = p.tick(now());
                     (p.gone().is_some(), aborts)
                 }) {
-                    break String::new(); // the state machine has recorded why
+                    break None; // the state machine has recorded why
                 }
             }
         }
     };
-    shared.apply(|p| ((), if reason.is_empty() { Vec::new() } else { p.disconnected(reason) }));
+    if let Some(reason) = reason {
+        shared.apply(|p| ((), p.disconnected(reason)));
+    }
     link.close();
 }
