@@ -1,6 +1,7 @@
 //! What a collective call is, independent of who runs it: its plan and fingerprint.
 
 use crate::dtype::{DType, ReduceOp};
+pub use crate::exec::DEFAULT_CHUNK_BYTES;
 use crate::plan::sparse::{self as sparse_plan, Placement};
 use crate::plan::{self, allreduce, alltoall, broadcast, gather, reduce, scan, Plan, Rank};
 use crate::quant::{Codec, Quantization};

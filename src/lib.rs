@@ -33,7 +33,7 @@ pub mod collective;
 pub mod comm;
 pub mod dtype;
 pub mod error;
-pub mod exec;
+pub(crate) mod exec;
 pub mod membership;
 pub mod op;
 pub mod plan;
@@ -56,7 +56,7 @@ pub use comm::{
     SparseReduced, SyncReport,
 };
 pub use membership::master::MasterConfig;
-pub use membership::server::Master;
+pub use membership::server::{Master, MasterServer};
 pub use membership::PeerId;
 pub use plan::sparse::Placement;
 pub use plan::Rank;

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{cluster, net_group, with_timeout};
+use phalanx::collective::DEFAULT_CHUNK_BYTES;
+use phalanx::comm::DEFAULT_QUEUE_FRAMES;
 use phalanx::comm::{ConnectOptions, RetryPolicy};
-use phalanx::exec::DEFAULT_CHUNK_BYTES;
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
-use phalanx::transport::demux::DEFAULT_QUEUE_FRAMES;
 use phalanx::transport::quic::{QuicConfig, QuicEndpoint};
 use phalanx::transport::{mem, Frame, Header, Link};
 use phalanx::Communicator;
+use phalanx::MasterServer;
 
 /// Payload bytes of every frame.
 const FRAME: usize = 256 << 10;

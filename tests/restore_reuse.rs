@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use phalanx::comm::{ConnectOptions, RetryPolicy};
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
 use phalanx::transport::endpoint::Endpoint;
 use phalanx::transport::memnet::MemNetwork;
+use phalanx::MasterServer;
 use phalanx::{Communicator, Error, ReduceOp};
 
 fn addr(port: u16) -> SocketAddr {

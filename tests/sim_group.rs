@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use phalanx::comm::{AsyncPeer, ConnectOptions};
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
 use phalanx::state::SharedState;
 use phalanx::state::SyncStrategy;
 use phalanx::transport::memnet::MemNetwork;
 use phalanx::workload::{expected_sum, gradient, hash_f32};
+use phalanx::MasterServer;
 use phalanx::{Error, ReduceOp};
 
 const LEN: usize = 257;

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
 use phalanx::transport::endpoint::Endpoint;
 use phalanx::transport::quic::{QuicConfig, QuicEndpoint};
+use phalanx::MasterServer;
 
 #[derive(Parser)]
 #[command(name = "phalanx", version, about = "Fault-tolerant collective communication")]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use phalanx::comm::ConnectOptions;
-use phalanx::membership::client::ControlConfig;
+use phalanx::comm::ControlConfig;
 use phalanx::quant::Quantization;
 use phalanx::state::SharedState;
 use phalanx::state::SyncStrategy;
@@ -51,7 +51,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 10)]
     max_failures: u32,
     /// Heartbeat interval.
-    #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
+    #[arg(long, default_value_t = phalanx::comm::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
     /// Leave gracefully after the last step instead of just exiting.
     #[arg(long)]

@@ -5,8 +5,8 @@
 use std::ffi::{c_char, c_int};
 use std::time::Duration;
 
+use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, RetryPolicy};
-use phalanx::membership::client::ControlConfig;
 use phalanx::Communicator;
 
 use crate::args::{c_str, get_into, handle, handle_mut, out_ptr, secret, socket_addr, write_out};

@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_int};
 use std::time::Duration;
 
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::Master;
+use phalanx::Master;
 
 use crate::args::{c_str, handle, out_ptr, secret, socket_addr, write_out};
 use crate::status::{guard, Fail, PHX_ERR_BUFFER_TOO_SMALL};

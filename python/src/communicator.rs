@@ -5,8 +5,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, PendingRaw, RetryPolicy};
-use phalanx::membership::client::ControlConfig;
 use phalanx::Communicator as CoreComm;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::Master as CoreMaster;
+use phalanx::Master as CoreMaster;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -44,7 +44,11 @@ impl Master {
         if peer_timeout_ms == 0 {
             return Err(PyValueError::new_err("peer_timeout_ms must be positive"));
         }
-        let config = MasterConfig { peer_timeout: Duration::from_millis(peer_timeout_ms), max_pending, ..MasterConfig::default() };
+        let config = MasterConfig {
+            peer_timeout: Duration::from_millis(peer_timeout_ms),
+            max_pending,
+            ..MasterConfig::default()
+        };
         let master = py.detach(move || CoreMaster::start(listen, quic, config)).map_err(|e| to_py(py, e))?;
         let addr = master.addr();
         Ok(Master { inner: Mutex::new(Some(master)), addr })

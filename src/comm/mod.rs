@@ -29,6 +29,8 @@ use crate::state::{SharedState, SyncStrategy};
 use crate::transport::endpoint::Endpoint;
 use crate::transport::quic::QuicEndpoint;
 
+pub use crate::membership::client::{ControlConfig, DEFAULT_HEARTBEAT_MS};
+pub use crate::transport::demux::DEFAULT_QUEUE_FRAMES;
 pub use options::{ConnectOptions, RetryPolicy, SyncReport};
 pub use peer::AsyncPeer;
 pub use scan::{builtin_identity, ScanOptions};

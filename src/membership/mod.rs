@@ -7,15 +7,15 @@
 //! [`protocol`] is the control protocol's messages and [`codec`] their binary form;
 //! [`view`] defines views.
 
-pub mod client;
+pub(crate) mod client;
 pub mod codec;
 pub mod master;
-pub mod pair;
+pub(crate) mod pair;
 #[cfg(test)]
 mod pair_tests;
 pub mod peer;
 pub mod protocol;
-pub mod server;
+pub(crate) mod server;
 pub mod view;
 
 pub use view::{Member, PeerId, View};

@@ -256,3 +256,20 @@ fn a_commit_is_kept_when_the_view_changes_before_the_caller_looks() {
     p.peers[0].disconnected("gone".into());
     assert_eq!(p.peers[0].outcome((1, 1)), Some(Ok(())));
 }
+
+#[test]
+fn a_silent_peer_is_removed_and_its_partners_collective_aborts() {
+    let mut p = Pair::group(2, PeerConfig::default());
+    let timeout = MasterConfig::default().peer_timeout;
+    let b = p.peers[0].begin(OpKind::Whole { call: 2 }).unwrap();
+    p.send(0, b.msg);
+    // Peer 0 heartbeats just before the deadline; peer 1 stays silent.
+    p.now += timeout - Duration::from_millis(1);
+    p.send(0, ToMaster::Heartbeat);
+    let early = p.advance(Duration::from_millis(0));
+    assert!(early.is_empty(), "nobody is removed before the timeout: {early:?}");
+    p.advance(Duration::from_millis(1));
+    assert_eq!(p.peers[0].view().unwrap().epoch, 2, "peer 0 heard the view without peer 1");
+    assert_eq!(p.aborts[0].len(), 1);
+    assert!(matches!(p.aborts[0][0], ((1, 1), Error::PeerLost { .. })), "{:?}", p.aborts[0]);
+}

@@ -7,7 +7,7 @@
 //! passes the same [`conformance`] tests.
 
 pub mod conformance;
-pub mod demux;
+pub(crate) mod demux;
 pub mod endpoint;
 pub mod mem;
 pub mod memnet;

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use phalanx::comm::{ConnectOptions, RetryPolicy};
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
 use phalanx::transport::endpoint::Endpoint;
 use phalanx::transport::memnet::MemNetwork;
 use phalanx::Communicator;
+use phalanx::MasterServer;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))

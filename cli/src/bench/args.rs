@@ -26,7 +26,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub(super) connections_per_link: usize,
     /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
-    #[arg(long, default_value_t = (phalanx::exec::DEFAULT_CHUNK_BYTES >> 10) as u64)]
+    #[arg(long, default_value_t = (phalanx::collective::DEFAULT_CHUNK_BYTES >> 10) as u64)]
     pub(super) chunk_kib: u64,
     /// Also write the whole report as JSON to this file.
     #[arg(long)]
@@ -101,7 +101,7 @@ pub struct PeerArgs {
     #[arg(long)]
     pub(super) quantize: Option<Quantization>,
     /// Heartbeat interval to the master.
-    #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
+    #[arg(long, default_value_t = phalanx::comm::DEFAULT_HEARTBEAT_MS)]
     pub(super) heartbeat_ms: u64,
     /// Recovery mode: all-reduce this many bytes back to back until killed.
     #[arg(long, value_parser = parse_size)]

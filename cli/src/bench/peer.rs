@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use phalanx::collective::Tuning;
+use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, RetryPolicy};
-use phalanx::membership::client::ControlConfig;
 use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, Error, ReduceOp};
 use serde_json::json;

@@ -7,9 +7,9 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use phalanx::membership::master::MasterConfig;
-use phalanx::membership::server::MasterServer;
 use phalanx::transport::endpoint::Endpoint;
 use phalanx::transport::quic::{QuicConfig, QuicEndpoint};
+use phalanx::MasterServer;
 use serde_json::Value;
 
 use super::{localhost, BenchArgs};
@@ -126,5 +126,5 @@ pub(super) fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbea
 }
 
 pub(super) fn heartbeat_for(peer_timeout_ms: u64) -> u64 {
-    (peer_timeout_ms / 5).clamp(10, phalanx::membership::client::DEFAULT_HEARTBEAT_MS)
+    (peer_timeout_ms / 5).clamp(10, phalanx::comm::DEFAULT_HEARTBEAT_MS)
 }

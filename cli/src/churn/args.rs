@@ -70,7 +70,7 @@ pub struct ChurnArgs {
     #[arg(long, default_value_t = 3000)]
     pub(super) slack_ms: u64,
     /// The workers' heartbeat interval.
-    #[arg(long, default_value_t = phalanx::membership::client::DEFAULT_HEARTBEAT_MS)]
+    #[arg(long, default_value_t = phalanx::comm::DEFAULT_HEARTBEAT_MS)]
     pub(super) heartbeat_ms: u64,
     /// The workers' pause between steps.
     #[arg(long, default_value_t = 0)]

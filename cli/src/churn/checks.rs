@@ -25,7 +25,7 @@ fn quantized_expectation(members: &[u64], step: u64, len: usize, q: Quantization
         members.iter().map(|&id| bytemuck::cast_slice(&gradient(id, step, len)).to_vec()).collect();
     let plans: Vec<_> = (0..n).map(|r| allreduce::ring(r, n, len)).collect();
     let sim = Simulation {
-        chunk_bytes: phalanx::exec::DEFAULT_CHUNK_BYTES,
+        chunk_bytes: phalanx::collective::DEFAULT_CHUNK_BYTES,
         link_capacity: 16,
         codec: Some(Codec::new(q)),
         ..Simulation::new(DType::F32, ReduceOp::Sum)
