@@ -10,6 +10,7 @@
 pub(crate) mod client;
 pub mod codec;
 pub mod master;
+#[cfg(any(test, feature = "testing"))]
 pub(crate) mod pair;
 #[cfg(test)]
 mod pair_tests;

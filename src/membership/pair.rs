@@ -7,7 +7,7 @@
 //! executors' reports through one, so that simulated collectives commit by the
 //! production protocol.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::master::{ConnId, MasterConfig, MasterState, Output};
 use super::peer::{OpKey, PeerConfig, PeerState};
@@ -83,7 +83,8 @@ impl Pair {
     }
 
     /// Moves the clock on by `d` and lets the master and every peer act on it.
-    pub fn advance(&mut self, d: Duration) -> Vec<Output> {
+    #[cfg(test)]
+    pub fn advance(&mut self, d: std::time::Duration) -> Vec<Output> {
         self.now += d;
         let out = self.master.tick(self.now);
         self.deliver(&out);
@@ -110,6 +111,7 @@ impl Pair {
     }
 
     /// Takes the messages peer `i` received since the last call.
+    #[cfg(test)]
     pub fn take_inbox(&mut self, i: usize) -> Vec<ToPeer> {
         std::mem::take(&mut self.inbox[i])
     }

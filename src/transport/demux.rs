@@ -114,6 +114,7 @@ pub struct Demux {
 impl Demux {
     /// Starts demultiplexing `link` on the current tokio runtime, with queues of
     /// [`DEFAULT_QUEUE_FRAMES`] frames.
+    #[cfg(test)]
     pub fn new(link: Arc<dyn Link>) -> Arc<Demux> {
         Demux::with_capacity(link, DEFAULT_QUEUE_FRAMES)
     }
@@ -192,6 +193,7 @@ impl Demux {
     }
 
     /// How many frames are queued here, over all collectives (for tests and stats).
+    #[cfg(test)]
     pub fn queued_frames(&self) -> usize {
         self.lock().queues.values().map(|q| q.frames.len()).sum()
     }
