@@ -273,3 +273,28 @@ fn a_silent_peer_is_removed_and_its_partners_collective_aborts() {
     assert_eq!(p.aborts[0].len(), 1);
     assert!(matches!(p.aborts[0][0], ((1, 1), Error::PeerLost { .. })), "{:?}", p.aborts[0]);
 }
+
+#[test]
+fn a_broken_link_reported_by_one_member_is_a_loss_for_every_member() {
+    // Rank 0 sees its link to rank 2 break before the master sees rank 2's control
+    // connection go: rank 1, which never touched rank 2, must still hear a loss.
+    let mut p = Pair::group(3, PeerConfig::default());
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let b = p.peers[i].begin(OpKind::Whole { call: 5 }).unwrap();
+        p.send(i, b.msg);
+        keys.push(b.key);
+    }
+    let lost = Err(Error::PeerLost { rank: 2, reason: "peer end dropped".into() });
+    let end = p.peers[0].end(keys[0], &lost);
+    assert_eq!(
+        end,
+        ToMaster::OpEnd { epoch: 1, seq: 1, result: OpResult::Lost { rank: 2, detail: "peer end dropped".into() } }
+    );
+    p.send(0, end);
+    let want = Error::PeerLost { rank: 2, reason: "rank 0 lost its link to it: peer end dropped".into() };
+    for i in 0..2 {
+        assert_eq!(p.peers[i].outcome(keys[i]), Some(Err(want.clone())), "peer {i}");
+        assert!(want.is_retryable());
+    }
+}

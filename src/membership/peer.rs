@@ -387,6 +387,9 @@ impl PeerState {
             Ok(()) => OpResult::Ok,
             Err(Error::Mismatch { detail }) => OpResult::Mismatch(detail.clone()),
             Err(Error::InvalidArgument(detail)) => OpResult::Invalid(detail.clone()),
+            Err(Error::PeerLost { rank, reason }) => {
+                OpResult::Lost { rank: u32::try_from(*rank).unwrap_or(u32::MAX), detail: reason.clone() }
+            }
             Err(e) => OpResult::Failed(e.to_string()),
         };
         ToMaster::OpEnd { epoch: key.0, seq: key.1, result }

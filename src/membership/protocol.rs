@@ -28,6 +28,15 @@ pub enum OpResult {
     Mismatch(String),
     /// It failed otherwise.
     Failed(String),
+    /// Its link to the member of rank `rank` (in the collective's view) broke: the master
+    /// aborts with [`AbortReason::PeerLost`], so every member reports the loss as a loss
+    /// even when the master has not yet seen the lost member's control connection go.
+    Lost {
+        /// The member whose link broke.
+        rank: u32,
+        /// How it broke.
+        detail: String,
+    },
     /// The caller's own input was invalid (e.g. a non-finite value in a quantized
     /// all-reduce): every member returns [`crate::Error::InvalidArgument`], so all of
     /// them take the same path.

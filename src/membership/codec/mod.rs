@@ -340,6 +340,11 @@ impl Codec for OpResult {
                 3u8.encode(bytes);
                 msg.encode(bytes);
             }
+            OpResult::Lost { rank, detail } => {
+                4u8.encode(bytes);
+                rank.encode(bytes);
+                detail.encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -348,6 +353,7 @@ impl Codec for OpResult {
             1 => OpResult::Mismatch(String::read(r)?),
             2 => OpResult::Failed(String::read(r)?),
             3 => OpResult::Invalid(String::read(r)?),
+            4 => OpResult::Lost { rank: u32::read(r)?, detail: String::read(r)? },
             code => return Err(WireError::UnknownCode { what: "op result", code }),
         })
     }

@@ -117,6 +117,16 @@ fn invalid_input_reports_round_trip_under_new_codes() {
 }
 
 #[test]
+fn a_lost_link_report_round_trips_under_a_new_code() {
+    let end = ToMaster::OpEnd { epoch: 1, seq: 2, result: OpResult::Lost { rank: 4, detail: "reset".into() } };
+    let enc = end.encode();
+    assert_eq!(ToMaster::decode(body(&enc)), Ok(end));
+    // Code 4 follows the op-end header; the old codes keep their bytes (the golden test).
+    let old = ToMaster::OpEnd { epoch: 1, seq: 2, result: OpResult::Failed("reset".into()) }.encode();
+    assert_ne!(enc, old);
+}
+
+#[test]
 fn every_message_round_trips() {
     for m in samples_to_master() {
         assert_eq!(ToMaster::decode(body(&m.encode())), Ok(m));

@@ -126,6 +126,10 @@ impl Tallies {
             OpResult::Failed(detail) => {
                 self.decide(seq, Decision::Abort(AbortReason::Failed { rank: roster.rank(id), detail }))
             }
+            OpResult::Lost { rank, detail } => {
+                let detail = format!("rank {} lost its link to it: {detail}", roster.rank(id));
+                self.decide(seq, Decision::Abort(AbortReason::PeerLost { rank, detail }))
+            }
         }
     }
 
@@ -466,6 +470,11 @@ mod tests {
         let said = t.end(3, S | 1, OpResult::Failed("x".into()), &roster);
         let failed = Decision::Abort(AbortReason::Failed { rank: 2, detail: "x".into() });
         assert_eq!(said, vec![(Some(BTreeSet::from([2, 3])), S | 1, Word::Outcome(failed))]);
+        // A member whose link broke reports the loss: everyone hears a loss, not a failure.
+        assert!(t.begin(1, 3, Begin::Collective(9), &roster).is_empty());
+        let said = t.end(2, 3, OpResult::Lost { rank: 2, detail: "reset".into() }, &roster);
+        let lost = AbortReason::PeerLost { rank: 2, detail: "rank 1 lost its link to it: reset".into() };
+        assert_eq!(said, vec![(None, 3, Word::Outcome(Decision::Abort(lost)))]);
         // The epoch ends with a loss: what is undecided aborts for everyone, then all is void.
         assert!(t.begin(1, 2, Begin::Collective(9), &roster).is_empty());
         let lost = AbortReason::PeerLost { rank: 0, detail: "gone".into() };
