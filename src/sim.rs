@@ -127,6 +127,7 @@ impl Simulation {
                     chunk_bytes: sim.chunk_bytes,
                     custom: sim.custom.as_deref(),
                     codec: sim.codec,
+                    delivery: Default::default(),
                 };
                 let dies = sim.fault.filter(|f| f.rank == rank);
                 if let Some(f) = dies {

@@ -114,6 +114,55 @@ fn a_joiner_receives_the_shared_state() {
     });
 }
 
+/// Runs `sync_shared_state` on every member at once.
+fn sync_all(comms: &mut [Communicator], states: &mut [SharedState]) -> Vec<phalanx::Result<phalanx::SyncReport>> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter_mut()
+            .zip(states.iter_mut())
+            .map(|(comm, st)| s.spawn(move || comm.sync_shared_state(st, SyncStrategy::EnforcePopular)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Several tensors, one over many chunks, reach two stale members from several
+/// sources at once, each transfer a plan the executor runs; a member whose tensor has
+/// another size gets a mismatch, not a truncated copy.
+#[test]
+fn stale_members_receive_many_tensors_and_a_size_mismatch_is_refused() {
+    with_timeout(60, || {
+        let c = cluster();
+        let mut comms = group(&c, 4, RetryPolicy::Never);
+        let model = |stale: bool| {
+            let mut s = SharedState::new();
+            let k = if stale { 0.0 } else { 1.0 };
+            s.insert("a", (0..1000).map(|i| k * i as f32).collect::<Vec<_>>());
+            s.insert("big", (0..300_000).map(|i| k * (i % 977) as f32).collect::<Vec<_>>());
+            s.insert("bytes", (0..70u8).map(|i| if stale { 0 } else { i }).collect::<Vec<_>>());
+            s.revision = if stale { 0 } else { 3 };
+            s
+        };
+        let mut states = vec![model(false), model(false), model(true), model(true)];
+        let reports: Vec<_> = sync_all(&mut comms, &mut states).into_iter().map(Result::unwrap).collect();
+        assert_eq!(reports[2].tensors_received + reports[3].tensors_received, 6);
+        assert_eq!(reports[0].tensors_sent + reports[1].tensors_sent, 6);
+        assert!(states.iter().all(|s| s.digest() == states[0].digest() && s.revision == 3));
+        assert_eq!(states[3].get::<f32>("big").unwrap()[977 + 5], 5.0);
+
+        // Member 3's "a" has another length: the transfer to it is refused everywhere.
+        let mut states = vec![model(false), model(false), model(false), SharedState::new()];
+        states[3].insert("a", vec![0f32; 999]);
+        states[3].insert("big", vec![0f32; 300_000]);
+        states[3].insert("bytes", vec![0u8; 70]);
+        let before = states[3].digest();
+        let results = sync_all(&mut comms, &mut states);
+        assert!(results.iter().all(Result::is_err), "{results:?}");
+        assert!(matches!(results[3], Err(Error::Mismatch { .. })), "{:?}", results[3]);
+        assert_eq!(states[3].digest(), before, "a refused sync changes nothing");
+    });
+}
+
 #[test]
 fn concurrent_collectives_keep_their_traffic_apart() {
     with_timeout(30, || {

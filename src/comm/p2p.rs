@@ -41,21 +41,19 @@
 //! what it held before the call. Both sides must use
 //! the same chunk size (the `Tuning` every rank shares).
 
-use bytes::Bytes;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::datalinks::DataLinks;
 use super::{elements, Communicator};
-use crate::dtype::{DType, Element};
+use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
-use crate::exec::{chunk_ranges, link_error};
+use crate::exec::{chunk_ranges, execute, execute_send, link_error, AbortSignal, Call, Delivery};
 use crate::membership::client::ControlClient;
 use crate::membership::{Member, PeerId, View};
-use crate::plan::Rank;
+use crate::plan::{transfer, Plan, Rank};
 use crate::transport::demux::{Demux, OpKey, OpLink};
-use crate::transport::{Frame, Header, Link};
+use crate::transport::Link;
 
 /// The bit that marks a point-to-point message's key (`seq = 1 << 62 | tag`).
 pub(crate) const P2P_KEY_BIT: u64 = 1 << 62;
@@ -72,99 +70,90 @@ fn describe(dtype: DType, len: usize) -> u64 {
     (dtype.code() as u64) << LEN_BITS | len as u64
 }
 
-/// Byte ranges of the chunks of a `len`-byte message; at least one chunk (the
-/// executor's chunker, cutting at any byte).
-fn chunks(len: usize, chunk_bytes: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    chunk_ranges(len, 1, chunk_bytes)
-}
-
-/// Sends one message over `demux`'s link, in chunks.
-pub(crate) async fn send_message(
-    demux: &Demux,
+/// One message between this rank and `peer` (ranks of a `size`-rank view) as the
+/// executor runs it: a one-step transfer plan over the message's link, fingerprinted
+/// by the message's type and length.
+struct Message {
+    plan: Plan,
+    dtype: DType,
     key: OpKey,
-    dtype: DType,
-    data: &[u8],
+    bytes: usize,
     chunk_bytes: usize,
-    to: Rank,
-) -> Result<()> {
-    if data.len() as u64 >= 1 << LEN_BITS {
-        return Err(Error::InvalidArgument(format!("message of {} bytes is too large", data.len())));
-    }
-    let call = describe(dtype, data.len());
-    for (index, chunk) in chunks(data.len(), chunk_bytes).enumerate() {
-        let header = Header { epoch: key.0, seq: key.1, call, index: index as u64 };
-        let frame = Frame { header, payload: Bytes::copy_from_slice(&data[chunk]) };
-        demux.send(frame).await.map_err(|e| link_error(to, e))?;
-    }
-    Ok(())
+    links: Vec<Option<Arc<dyn Link>>>,
 }
 
-/// Receives one message from `rx` (the queue of one peer and tag) into `out`.
-pub(crate) async fn recv_message(
-    rx: &dyn Link,
-    tag: u32,
-    dtype: DType,
-    out: &mut [u8],
-    chunk_bytes: usize,
-    from: Rank,
-) -> Result<()> {
-    let want = describe(dtype, out.len());
-    let first = rx.recv().await.map_err(|e| link_error(from, e))?;
-    if first.header.index != 0 {
-        return Err(Error::Protocol {
-            peer: from,
-            detail: format!("message on tag {tag} starts at frame {}", first.header.index),
-        });
+impl Message {
+    fn new(
+        plan: Plan,
+        dtype: DType,
+        key: OpKey,
+        chunk_bytes: usize,
+        peer: Rank,
+        link: Arc<dyn Link>,
+    ) -> Result<Message> {
+        let bytes = plan.len * dtype.size();
+        if bytes as u64 >= 1 << LEN_BITS {
+            return Err(Error::InvalidArgument(format!("message of {bytes} bytes is too large")));
+        }
+        let mut links = vec![None; plan.size];
+        links[peer] = Some(link);
+        Ok(Message { plan, dtype, key, bytes, chunk_bytes, links })
     }
-    if first.header.call != want {
-        // Consume the rest of the sender's message, so the next one on this tag starts clean.
-        let their_len = (first.header.call & ((1 << LEN_BITS) - 1)) as usize;
-        let their_type = DType::from_code((first.header.call >> LEN_BITS) as u8);
-        for _ in 1..chunks(their_len, chunk_bytes).count() {
+
+    fn call(&self, delivery: Delivery) -> Call<'_> {
+        Call {
+            plan: &self.plan,
+            dtype: self.dtype,
+            op: ReduceOp::Sum, // nothing is reduced
+            epoch: self.key.0,
+            seq: self.key.1,
+            fingerprint: describe(self.dtype, self.bytes),
+            chunk_bytes: self.chunk_bytes,
+            custom: None,
+            codec: None,
+            delivery,
+        }
+    }
+}
+
+/// Sends `data` as one message (`msg` is a send plan); returns once it is handed over.
+async fn send_message(msg: &Message, data: &[u8]) -> Result<()> {
+    execute_send(&msg.call(Delivery::InPlace), data, &msg.links, &AbortSignal::new()).await
+}
+
+/// Receives one message from `rx` (the queue of one peer and tag) into `out` (`msg`
+/// is a receive plan). `out` is written only once the whole message is in.
+async fn recv_message(msg: &Message, rx: &OpLink, tag: u32, out: &mut [u8], from: Rank) -> Result<()> {
+    let first = rx.peek().await.map_err(|e| link_error(from, e))?.header;
+    let want = describe(msg.dtype, out.len());
+    if first.index == 0 && first.call != want {
+        // Consume the sender's whole message, so the next one on this tag starts clean.
+        let their_len = (first.call & ((1 << LEN_BITS) - 1)) as usize;
+        let their_type = DType::from_code((first.call >> LEN_BITS) as u8);
+        let size = their_type.map_or(1, DType::size);
+        for _ in chunk_ranges(their_len, size, msg.chunk_bytes) {
             rx.recv().await.map_err(|e| link_error(from, e))?;
         }
         let theirs = their_type.map_or_else(|| "an unknown type".to_string(), |t| t.to_string());
         return Err(Error::Mismatch {
             detail: format!(
-                "rank {from} sent {their_len} bytes of {theirs} on tag {tag}; this rank receives {} bytes of {dtype}",
-                out.len()
+                "rank {from} sent {their_len} bytes of {theirs} on tag {tag}; this rank receives {} bytes of {}",
+                out.len(),
+                msg.dtype
             ),
         });
     }
-    // The payloads are kept until the whole message has arrived and only then copied
-    // into `out`, so that `out` is untouched on error (no backup copy needed).
-    let mut frame = Some(first);
-    let mut payloads = Vec::with_capacity(out.len().div_ceil(chunk_bytes.max(1)).max(1));
-    for (index, chunk) in chunks(out.len(), chunk_bytes).enumerate() {
-        let f = match frame.take() {
-            Some(f) => f,
-            None => rx.recv().await.map_err(|e| link_error(from, e))?,
-        };
-        if f.header.index != index as u64 || f.header.call != want || f.payload.len() != chunk.len() {
-            return Err(Error::Protocol {
-                peer: from,
-                detail: format!(
-                    "expected frame {index} of {} bytes on tag {tag}, got frame {} of {} bytes",
-                    chunk.len(),
-                    f.header.index,
-                    f.payload.len()
-                ),
-            });
-        }
-        payloads.push((chunk, f.payload));
-    }
-    for (chunk, payload) in payloads {
-        out[chunk].copy_from_slice(&payload);
-    }
-    Ok(())
+    // Frame checks (index, length) are the executor's; delivery on success leaves `out`
+    // untouched on error with no backup copy.
+    execute(&msg.call(Delivery::OnSuccess), out, &msg.links, &AbortSignal::new(), 0..1).await
 }
 
-/// A peer's point-to-point receive queues of the current epoch, by `(peer, tag)`, each
-/// with the shared link it reads from.
+/// A peer's point-to-point links of the current epoch, by `(peer, tag)`: each the view
+/// of one tag's messages on the shared link to that peer (sent on it, queued from it).
 #[derive(Default)]
 pub(crate) struct Queues {
     epoch: u64,
-    rx: HashMap<(PeerId, u32), (Arc<Demux>, OpLink)>,
+    links: HashMap<(PeerId, u32), (Arc<Demux>, Arc<OpLink>)>,
 }
 
 impl Queues {
@@ -173,10 +162,30 @@ impl Queues {
         let view = control.view()?;
         if view.epoch != self.epoch {
             self.epoch = view.epoch;
-            self.rx.clear();
+            self.links.clear();
             links.enter(&view);
         }
         Ok(view)
+    }
+
+    /// The link of `tag`'s messages with `peer` in `view`, opened on first use.
+    async fn link(
+        &mut self,
+        control: &ControlClient,
+        links: &DataLinks,
+        view: &View,
+        (rank, peer): (Rank, &Member),
+        tag: u32,
+    ) -> Result<Arc<OpLink>> {
+        let get = async { links.get(peer).await.map_err(|e| link_error(rank, e)) };
+        let demux = until_view_changes(control, view, rank, peer.id, get).await?;
+        let key = p2p_key(view.epoch, tag);
+        let entry = self.links.entry((peer.id, tag)).or_insert_with(|| (demux.clone(), Arc::new(demux.op(key))));
+        if !Arc::ptr_eq(&entry.0, &demux) {
+            // The link was opened anew: the old queue is gone with the old link.
+            *entry = (demux.clone(), Arc::new(demux.op(key)));
+        }
+        Ok(entry.1.clone())
     }
 
     /// See [`crate::Communicator::send`].
@@ -192,12 +201,11 @@ impl Queues {
         chunk: usize,
     ) -> Result<()> {
         let view = self.view(control, links)?;
-        let peer = p2p_peer(&view, to, control.id())?;
-        let send = async {
-            let demux = links.get(&peer).await.map_err(|e| link_error(to, e))?;
-            send_message(&demux, p2p_key(view.epoch, tag), dtype, data, chunk, to).await
-        };
-        until_view_changes(control, &view, to, peer.id, send).await
+        let (me, peer) = p2p_peer(&view, to, control.id())?;
+        let link = self.link(control, links, &view, (to, &peer), tag).await?;
+        let plan = transfer::send(me, view.size(), data.len() / dtype.size(), to);
+        let msg = Message::new(plan, dtype, p2p_key(view.epoch, tag), chunk, to, link)?;
+        until_view_changes(control, &view, to, peer.id, send_message(&msg, data)).await
     }
 
     /// See [`crate::Communicator::recv`].
@@ -213,16 +221,11 @@ impl Queues {
         chunk: usize,
     ) -> Result<()> {
         let view = self.view(control, links)?;
-        let peer = p2p_peer(&view, from, control.id())?;
-        let get = async { links.get(&peer).await.map_err(|e| link_error(from, e)) };
-        let demux = until_view_changes(control, &view, from, peer.id, get).await?;
-        let key = p2p_key(view.epoch, tag);
-        let entry = self.rx.entry((peer.id, tag)).or_insert_with(|| (demux.clone(), demux.op(key)));
-        if !Arc::ptr_eq(&entry.0, &demux) {
-            // The link was opened anew: the old queue is gone with the old link.
-            *entry = (demux.clone(), demux.op(key));
-        }
-        let recv = recv_message(&entry.1, tag, dtype, out, chunk, from);
+        let (me, peer) = p2p_peer(&view, from, control.id())?;
+        let link = self.link(control, links, &view, (from, &peer), tag).await?;
+        let plan = transfer::recv(me, view.size(), out.len() / dtype.size(), from);
+        let msg = Message::new(plan, dtype, p2p_key(view.epoch, tag), chunk, from, link.clone())?;
+        let recv = recv_message(&msg, &link, tag, out, from);
         until_view_changes(control, &view, from, peer.id, recv).await
     }
 }
@@ -251,9 +254,10 @@ async fn until_view_changes<T>(
     }
 }
 
-fn p2p_peer(view: &View, rank: Rank, me: PeerId) -> Result<Member> {
-    match view.members.get(rank) {
-        Some(m) if m.id != me => Ok(m.clone()),
+/// This peer's rank in `view` and the member of rank `rank`, which must be another one.
+fn p2p_peer(view: &View, rank: Rank, me: PeerId) -> Result<(Rank, Member)> {
+    match (view.rank_of(me), view.members.get(rank)) {
+        (Some(mine), Some(m)) if m.id != me => Ok((mine, m.clone())),
         _ => {
             Err(Error::InvalidArgument(format!("peer rank {rank} is this rank or outside a group of {}", view.size())))
         }
@@ -309,7 +313,5 @@ mod tests {
         assert_ne!(seq & P2P_KEY_BIT, 0);
         assert_eq!(seq & crate::membership::peer::SUB_KEY_BIT, 0);
         assert_ne!(p2p_key(3, 1), p2p_key(3, 2));
-        assert_eq!(chunks(0, 4).count(), 1);
-        assert_eq!(chunks(9, 4).map(|r| r.len()).collect::<Vec<_>>(), vec![4, 4, 1]);
     }
 }

@@ -341,6 +341,7 @@ impl Ops {
             chunk_bytes: self.tuning.chunk_bytes,
             custom: spec.custom,
             codec: spec.coll.codec(),
+            delivery: Default::default(),
         };
         tracing::debug!(peer = self.control.id(), ?key, rank = begun.rank, size = plan.size, "collective begins");
         let local = execute(&call, buf, &links, &signal, 0..plan.steps.len()).await;

@@ -7,15 +7,16 @@ use std::sync::Arc;
 
 use super::datalinks::DataLinks;
 use super::options::SyncReport;
+use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
-use crate::exec::chunk_ranges;
+use crate::exec::{execute, execute_send, AbortSignal, Call, Delivery};
 use crate::membership::client::ControlClient;
 use crate::membership::peer::OpKind;
 use crate::membership::protocol::Transfer;
-use crate::plan::Rank;
+use crate::plan::{self, Plan, Rank};
 use crate::state::{digest, Digest, SharedState, SyncStrategy};
 use crate::transport::demux::OpKey;
-use crate::transport::{Frame, Header, Link};
+use crate::transport::Link;
 
 /// See [`crate::Communicator::sync_shared_state`].
 pub(crate) async fn run(
@@ -66,7 +67,9 @@ pub(crate) async fn run(
 
 type Received = Vec<(usize, Vec<u8>)>;
 
-/// Sends this rank's tensors and receives the ones it lacks, concurrently.
+/// Sends this rank's tensors and receives the ones it lacks, concurrently: each
+/// tensor is a one-step transfer plan the executor runs, sends in the plan's order and
+/// receives in the plan's order, so both ends of a link agree on which frames are which.
 async fn transfer(
     state: &SharedState,
     transfers: &[Transfer],
@@ -75,22 +78,21 @@ async fn transfer(
     key: OpKey,
     chunk_bytes: usize,
 ) -> Result<(usize, Received)> {
-    let link = |r: u32| {
-        links.get(r as usize).and_then(Option::as_ref).ok_or_else(|| Error::Protocol {
-            peer: r as usize,
-            detail: "sync plan names a rank outside the view".into(),
-        })
+    let size = links.len();
+    let check = |r: u32| {
+        if (r as usize) < size && r as usize != rank {
+            Ok(r as usize)
+        } else {
+            Err(Error::Protocol { peer: r as usize, detail: "sync plan names a rank outside the view".into() })
+        }
     };
-    let header = |index: u64| Header { epoch: key.0, seq: key.1, call: 0, index };
+    let abort = AbortSignal::new();
     let sends = async {
         let mut sent = 0;
         for t in transfers.iter().filter(|t| t.from as usize == rank) {
             let bytes = state.bytes(t.tensor as usize).ok_or_else(|| missing(t.tensor))?;
-            let to = link(t.to)?;
-            for (i, chunk) in chunk_ranges(bytes.len(), 1, chunk_bytes).enumerate() {
-                let frame = Frame { header: header(i as u64), payload: bytes::Bytes::copy_from_slice(&bytes[chunk]) };
-                to.send(frame).await.map_err(|e| lost(t.to, e))?;
-            }
+            let plan = plan::transfer::send(rank, size, bytes.len(), check(t.to)?);
+            execute_send(&tensor_call(&plan, t.tensor, key, chunk_bytes), bytes, links, &abort).await?;
             sent += 1;
         }
         Ok::<_, Error>(sent)
@@ -99,22 +101,32 @@ async fn transfer(
         let mut received = Vec::new();
         for t in transfers.iter().filter(|t| t.to as usize == rank) {
             let len = state.bytes(t.tensor as usize).ok_or_else(|| missing(t.tensor))?.len();
-            let from = link(t.from)?;
+            let plan = plan::transfer::recv(rank, size, len, check(t.from)?);
             let mut buf = vec![0u8; len];
-            for chunk in chunk_ranges(len, 1, chunk_bytes) {
-                let frame = from.recv().await.map_err(|e| lost(t.from, e))?;
-                if frame.payload.len() != chunk.len() {
-                    return Err(Error::Mismatch {
-                        detail: format!("tensor {} has a different size on rank {}", t.tensor, t.from),
-                    });
-                }
-                buf[chunk].copy_from_slice(&frame.payload);
-            }
+            execute(&tensor_call(&plan, t.tensor, key, chunk_bytes), &mut buf, links, &abort, 0..1).await?;
             received.push((t.tensor as usize, buf));
         }
         Ok(received)
     };
     tokio::try_join!(sends, recvs)
+}
+
+/// The executor's call for moving tensor `tensor` by `plan`: bytes, fingerprinted by
+/// the tensor's index and length, so a tensor of another size on the sender is a
+/// [`Error::Mismatch`] at its first frame.
+fn tensor_call(plan: &Plan, tensor: u32, key: OpKey, chunk_bytes: usize) -> Call<'_> {
+    Call {
+        plan,
+        dtype: DType::U8,
+        op: ReduceOp::Sum, // nothing is reduced
+        epoch: key.0,
+        seq: key.1,
+        fingerprint: (tensor as u64) << 48 ^ plan.len as u64,
+        chunk_bytes,
+        custom: None,
+        codec: None,
+        delivery: Delivery::InPlace, // into a fresh buffer, dropped on error
+    }
 }
 
 /// Checks that every received tensor hashes to the agreed content.
@@ -131,8 +143,4 @@ fn verify(state: &SharedState, agreed: &[(u64, Digest)], received: &Received) ->
 
 fn missing(t: u32) -> Error {
     Error::Mismatch { detail: format!("sync plan names tensor {t}, which this peer does not have") }
-}
-
-fn lost(peer: u32, e: crate::transport::LinkError) -> Error {
-    Error::PeerLost { rank: peer as usize, reason: e.to_string() }
 }

@@ -85,6 +85,24 @@ pub struct Call<'a> {
     /// Quantize every transfer with this codec (a quantized all-reduce); `None` sends the
     /// buffer's bytes as they are. See the module docs, "Quantized transfers".
     pub codec: Option<Codec>,
+    /// When received bytes reach the buffer: as each chunk arrives, or all at once when
+    /// every step has succeeded.
+    pub delivery: Delivery,
+}
+
+/// When an executor writes received bytes into the working buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Delivery {
+    /// Each chunk as it arrives, so that a chunk is reduced while the next is in flight.
+    /// On error the buffer is partly updated and the caller restores it.
+    #[default]
+    InPlace,
+    /// The received frames are held (no copy: they are the transport's buffers) and
+    /// written into the buffer only when every step has succeeded, so the buffer is
+    /// untouched on error with no backup copy. For plans of receive-only steps that
+    /// copy (a point-to-point message): a plan that reduces, forwards, sends or copies
+    /// locally reads what it received and is refused.
+    OnSuccess,
 }
 
 impl Call<'_> {
@@ -97,8 +115,9 @@ impl Call<'_> {
 /// A rank's links, indexed by peer rank; `None` for the rank itself.
 pub type Links = [Option<Arc<dyn Link>>];
 
-/// Runs the plan steps in `steps` on `buf`. On error `buf` is partly updated: the
-/// caller restores it (the peer keeps one backup per call, whatever the retries).
+/// Runs the plan steps in `steps` on `buf`. On error `buf` is partly updated (unless
+/// the call asks for [`Delivery::OnSuccess`]): the caller restores it (the peer keeps
+/// one backup per call, whatever the retries).
 ///
 /// When `steps` reaches the plan's end and the operator is [`ReduceOp::Avg`], the
 /// result is divided by the plan's rank count here, so every face gets the finished
@@ -110,38 +129,44 @@ pub async fn execute(
     abort: &AbortSignal,
     steps: Range<usize>,
 ) -> Result<()> {
-    let need = call.plan.len.checked_mul(call.element_bytes());
-    if need != Some(buf.len()) {
-        return Err(Error::InvalidArgument(format!(
-            "buffer of {} bytes for a plan of {} elements of {} bytes",
-            buf.len(),
-            call.plan.len,
-            call.element_bytes()
-        )));
-    }
-    let wire = Wire::for_call(call)?;
-    if let Some(reason) = abort.fired() {
-        return Err(reason);
-    }
-    let counters = || (0..links.len()).map(|_| AtomicU64::new(0)).collect();
-    let ctx = Ctx { call, links, wire, sent: counters(), received: counters(), kept: Default::default() };
+    let ctx = Ctx::new(call, buf.len(), links)?;
     let finishes = steps.end >= call.plan.steps.len();
-    let body = async {
+    ctx.run(abort, async {
         for i in steps {
             ctx.run_step(i, buf).await?;
         }
+        ctx.deliver_held(buf);
         if finishes && call.op == ReduceOp::Avg && call.custom.is_none() {
             divide_bytes(call.dtype, buf, call.plan.size);
         }
         Ok(())
-    };
-    tokio::select! {
-        biased;
-        reason = abort.wait() => Err(reason),
-        // When the group has already stopped, its reason is the one to report: a link
-        // that broke because a failed peer left afterwards is a symptom, not the cause.
-        result = body => result.map_err(|e| abort.fired().unwrap_or(e)),
+    })
+    .await
+}
+
+/// Runs a plan made only of sends on a buffer the caller only lends for reading: the
+/// sending half of a point-to-point message or of a shared-state transfer, with no copy
+/// of the caller's bytes beyond the frames themselves. Plain frames only (no codec).
+pub async fn execute_send(call: &Call<'_>, data: &[u8], links: &Links, abort: &AbortSignal) -> Result<()> {
+    let ctx = Ctx::new(call, data.len(), links)?;
+    let mut sends = Vec::with_capacity(call.plan.steps.len());
+    for (i, step) in call.plan.steps.iter().enumerate() {
+        match step {
+            Step::Exchange { send: Some(s), recv: None } if ctx.wire == Wire::Raw => sends.push(s),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "step {i} of a read-only call does more than send plain frames"
+                )))
+            }
+        }
     }
+    ctx.run(abort, async {
+        for s in sends {
+            ctx.send_plain(s.to, &data[ctx.bytes(&s.range)]).await?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 struct Ctx<'a> {
@@ -155,9 +180,64 @@ struct Ctx<'a> {
     /// The frames of each range received by [`Action::CopyKeep`], by the range's bytes,
     /// in chunk order: the plan's next send of that range forwards them unchanged.
     kept: Mutex<HashMap<Range<usize>, Vec<Bytes>>>,
+    /// Received frames not yet written, by byte range ([`Delivery::OnSuccess`]).
+    held: Mutex<Vec<(Range<usize>, Bytes)>>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// Checks `call` against a buffer of `len` bytes and sets up its counters.
+    fn new(call: &'a Call<'a>, len: usize, links: &'a Links) -> Result<Ctx<'a>> {
+        let need = call.plan.len.checked_mul(call.element_bytes());
+        if need != Some(len) {
+            return Err(Error::InvalidArgument(format!(
+                "buffer of {len} bytes for a plan of {} elements of {} bytes",
+                call.plan.len,
+                call.element_bytes()
+            )));
+        }
+        let wire = Wire::for_call(call)?;
+        if call.delivery == Delivery::OnSuccess {
+            let copies_only =
+                |step: &Step| matches!(step, Step::Exchange { send: None, recv: Some(r) } if r.action == Action::Copy);
+            if wire != Wire::Raw || !call.plan.steps.iter().all(copies_only) {
+                return Err(Error::InvalidArgument(
+                    "delivery on success takes plain frames and receive-only steps that copy".into(),
+                ));
+            }
+        }
+        let counters = || (0..links.len()).map(|_| AtomicU64::new(0)).collect();
+        Ok(Ctx {
+            call,
+            links,
+            wire,
+            sent: counters(),
+            received: counters(),
+            kept: Default::default(),
+            held: Default::default(),
+        })
+    }
+
+    /// Runs `body` unless `abort` fires first (or has fired already).
+    async fn run(&self, abort: &AbortSignal, body: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+        if let Some(reason) = abort.fired() {
+            return Err(reason);
+        }
+        tokio::select! {
+            biased;
+            reason = abort.wait() => Err(reason),
+            // When the group has already stopped, its reason is the one to report: a link
+            // that broke because a failed peer left afterwards is a symptom, not the cause.
+            result = body => result.map_err(|e| abort.fired().unwrap_or(e)),
+        }
+    }
+
+    /// Writes the frames held by [`Delivery::OnSuccess`] into `buf`.
+    fn deliver_held(&self, buf: &mut [u8]) {
+        for (range, payload) in std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner())) {
+            buf[range].copy_from_slice(&payload);
+        }
+    }
+
     fn link(&self, rank: Rank) -> Result<&Arc<dyn Link>> {
         self.links
             .get(rank)
@@ -254,9 +334,20 @@ impl Ctx<'_> {
             }
             return Ok(());
         }
+        if self.wire == Wire::Raw {
+            return self.send_plain(to, region).await;
+        }
         for chunk in self.chunks(region.len()) {
             let payload = self.wire.encode(&mut region[chunk])?;
             self.send_frame(to, payload).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `data` chunk by chunk as plain frames (its bytes as they are).
+    async fn send_plain(&self, to: Rank, data: &[u8]) -> Result<()> {
+        for chunk in self.chunks(data.len()) {
+            self.send_frame(to, Bytes::copy_from_slice(&data[chunk])).await?;
         }
         Ok(())
     }
@@ -270,6 +361,15 @@ impl Ctx<'_> {
     /// Receives `region` (at byte `base` of the buffer) chunk by chunk, keeping the
     /// frames where `action` says they are sent on.
     async fn recv_region(&self, from: Rank, base: usize, region: &mut [u8], action: Action) -> Result<()> {
+        if self.call.delivery == Delivery::OnSuccess {
+            // Checked in `Ctx::new`: plain frames that are copied, so a frame is the bytes.
+            for chunk in self.chunks(region.len()) {
+                let frame = self.recv_frame(from, chunk.len()).await?;
+                let at = base + chunk.start..base + chunk.end;
+                self.held.lock().unwrap_or_else(|e| e.into_inner()).push((at, frame.payload));
+            }
+            return Ok(());
+        }
         let mut frames = Vec::new();
         for chunk in self.chunks(region.len()) {
             let frame = self.recv_chunk(from, &mut region[chunk], action).await?;

@@ -95,6 +95,7 @@ fn quantized_ring_forwards_received_frames_unchanged() {
                     chunk_bytes: chunk_elems * 4,
                     custom: None,
                     codec: Some(Codec::new(Quantization::U8)),
+                    delivery: Default::default(),
                 };
                 let x: Vec<f32> = (0..len).map(|i| ((i * (rank + 3)) % 17) as f32 * 0.37 - 2.0).collect();
                 let mut buf: Vec<u8> = bytemuck::cast_slice(&x).to_vec();
@@ -126,4 +127,74 @@ fn abort_signal_keeps_first_reason() {
     s.fire(Error::Aborted { reason: "one".into() });
     s.fire(Error::Aborted { reason: "two".into() });
     assert_eq!(s.fired(), Some(Error::Aborted { reason: "one".into() }));
+}
+
+/// A call of a one-step transfer plan over `links`.
+fn transfer_call(plan: &Plan, delivery: Delivery) -> Call<'_> {
+    Call {
+        plan,
+        dtype: DType::U8,
+        op: ReduceOp::Sum,
+        epoch: 1,
+        seq: 1,
+        fingerprint: 7,
+        chunk_bytes: 4,
+        custom: None,
+        codec: None,
+        delivery,
+    }
+}
+
+/// A sender that dies after two of its three chunks: with delivery on success the
+/// receiver's buffer is untouched; in place it holds the two chunks (so the first
+/// assertion is not vacuous).
+#[test]
+fn delivery_on_success_leaves_the_buffer_untouched_when_the_sender_dies() {
+    use crate::plan::transfer;
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    for (delivery, untouched) in [(Delivery::OnSuccess, true), (Delivery::InPlace, false)] {
+        let (a, b) = crate::transport::mem::pair(8);
+        let (a, b): (Arc<dyn Link>, Arc<dyn Link>) = (Arc::new(a), Arc::new(b));
+        let data: Vec<u8> = (1..=12).collect();
+        let mut out = vec![0u8; 12];
+        rt.block_on(async {
+            // Rank 0 sends the first 8 bytes of a 12-byte message, then its link closes.
+            let partial = transfer::send(0, 2, 8, 1);
+            let links: Vec<Option<Arc<dyn Link>>> = vec![None, Some(a.clone())];
+            let call = transfer_call(&partial, Delivery::InPlace);
+            execute_send(&call, &data[..8], &links, &AbortSignal::new()).await.unwrap();
+            a.close();
+            let full = transfer::recv(1, 2, 12, 0);
+            let links: Vec<Option<Arc<dyn Link>>> = vec![Some(b), None];
+            let e = execute(&transfer_call(&full, delivery), &mut out, &links, &AbortSignal::new(), 0..1).await;
+            assert!(matches!(e, Err(Error::PeerLost { rank: 0, .. })), "{e:?}");
+        });
+        if untouched {
+            assert_eq!(out, vec![0; 12], "{delivery:?}");
+        } else {
+            assert_eq!(out[..8], data[..8], "{delivery:?}");
+        }
+    }
+}
+
+#[test]
+fn read_only_and_held_calls_refuse_plans_they_cannot_honour() {
+    use crate::plan::transfer;
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let links: Vec<Option<Arc<dyn Link>>> = vec![None, None];
+    // A receive plan cannot run on a read-only buffer.
+    let recv = transfer::recv(0, 2, 4, 1);
+    let e = rt.block_on(execute_send(&transfer_call(&recv, Delivery::InPlace), &[0; 4], &links, &AbortSignal::new()));
+    assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
+    // Holding frames until success is for receive-only copies: a reduce reads them.
+    let mut reduce = Plan::empty(0, 2, 4);
+    reduce.steps.push(Step::recv(1, 0..4, Action::Reduce(crate::dtype::Order::IncomingLeft)));
+    let e = rt.block_on(execute(
+        &transfer_call(&reduce, Delivery::OnSuccess),
+        &mut [0; 4],
+        &links,
+        &AbortSignal::new(),
+        0..1,
+    ));
+    assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
 }

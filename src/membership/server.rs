@@ -54,7 +54,7 @@ impl Drop for MasterServer {
 /// (bindings, tests, a trainer that also coordinates).
 ///
 /// ```
-/// use phalanx::membership::server::Master;
+/// use phalanx::Master;
 /// let master = Master::start("127.0.0.1:0".parse().unwrap(), Default::default(), Default::default()).unwrap();
 /// assert_ne!(master.addr().port(), 0);
 /// ```

@@ -26,6 +26,7 @@ mod ring;
 pub mod scan;
 pub mod segments;
 pub mod sparse;
+pub mod transfer;
 
 use std::ops::Range;
 

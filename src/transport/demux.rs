@@ -147,11 +147,6 @@ impl Demux {
         OpLink { demux: self.clone(), key, claim: tokio::sync::Mutex::new(id) }
     }
 
-    /// Sends a frame on the shared link (the peer's demux routes it by its key).
-    pub async fn send(&self, frame: Frame) -> Result<(), LinkError> {
-        self.link.send(frame).await
-    }
-
     /// Ends collective `key` here: its queued and future frames are dropped, and a read
     /// task waiting for room in its queue goes on.
     pub fn finish(&self, key: OpKey) {
@@ -253,6 +248,42 @@ pub struct OpLink {
 }
 
 impl OpLink {
+    /// Waits for this collective's next frame and returns it without taking it off the
+    /// queue: the next `peek` or `recv` sees the same frame. A receiver uses it to look
+    /// at a message's first header before it decides how to read the message.
+    pub async fn peek(&self) -> Result<Frame, LinkError> {
+        self.next(false).await
+    }
+
+    /// Waits for the next frame of this collective; takes it off the queue when `take`.
+    async fn next(&self, take: bool) -> Result<Frame, LinkError> {
+        let claim = self.claim.lock().await;
+        let Some((id, arrived)) = claim.as_ref() else {
+            return Err(self.ended(&self.demux.lock()));
+        };
+        loop {
+            {
+                let mut st = self.demux.lock();
+                let Some(queue) = st.queues.get_mut(&self.key).filter(|q| q.id == *id) else {
+                    return Err(self.ended(&st)); // finished or below the floor
+                };
+                if !take {
+                    if let Some(frame) = queue.frames.front() {
+                        return Ok(frame.clone());
+                    }
+                } else if let Some(frame) = queue.frames.pop_front() {
+                    drop(st);
+                    self.demux.shared.room.notify_one();
+                    return Ok(frame);
+                }
+                if st.closed.is_some() {
+                    return Err(self.ended(&st));
+                }
+            }
+            arrived.notified().await;
+        }
+    }
+
     fn ended(&self, st: &State) -> LinkError {
         st.closed
             .clone()
@@ -267,27 +298,7 @@ impl Link for OpLink {
     }
 
     async fn recv(&self) -> Result<Frame, LinkError> {
-        let claim = self.claim.lock().await;
-        let Some((id, arrived)) = claim.as_ref() else {
-            return Err(self.ended(&self.demux.lock()));
-        };
-        loop {
-            {
-                let mut st = self.demux.lock();
-                let Some(queue) = st.queues.get_mut(&self.key).filter(|q| q.id == *id) else {
-                    return Err(self.ended(&st)); // finished or below the floor
-                };
-                if let Some(frame) = queue.frames.pop_front() {
-                    drop(st);
-                    self.demux.shared.room.notify_one();
-                    return Ok(frame);
-                }
-                if st.closed.is_some() {
-                    return Err(self.ended(&st));
-                }
-            }
-            arrived.notified().await;
-        }
+        self.next(true).await
     }
 
     fn close(&self) {
