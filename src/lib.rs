@@ -38,6 +38,11 @@ pub mod membership;
 pub mod op;
 pub mod plan;
 pub mod quant;
+/// Test support behind the `testing` feature: a UDP relay that adds delay, jitter,
+/// loss, a rate limit and partitions between processes on 127.0.0.1.
+#[cfg(any(test, feature = "testing"))]
+pub mod relay;
+pub(crate) mod rng;
 /// Test support behind the `testing` feature: the deterministic plan simulator, for the
 /// churn harness and the tests. Not part of the stable API.
 #[cfg(any(test, feature = "testing"))]

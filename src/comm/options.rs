@@ -50,6 +50,10 @@ impl RetryPolicy {
 pub struct ConnectOptions {
     /// Where this peer accepts data links (default `127.0.0.1:0`: loopback, any port).
     pub bind: SocketAddr,
+    /// The data address other peers dial to reach this one; `None` (the default) for
+    /// the bound address. Set it when peers reach this one through a NAT, a port
+    /// forward or a relay.
+    pub advertise: Option<SocketAddr>,
     /// This peer's id; random when `None`.
     pub peer_id: Option<PeerId>,
     /// Heartbeats and join timeout.
@@ -63,7 +67,7 @@ pub struct ConnectOptions {
     /// How many frames of one collective or point-to-point tag this peer holds per
     /// link before it stops reading the link and so pushes back on the sender (see
     /// `transport::demux`, "Backpressure"); default
-    /// [`DEFAULT_QUEUE_FRAMES`](crate::transport::demux::DEFAULT_QUEUE_FRAMES).
+    /// [`DEFAULT_QUEUE_FRAMES`](crate::comm::DEFAULT_QUEUE_FRAMES).
     pub queue_frames: usize,
 }
 
@@ -71,6 +75,7 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
             peer_id: None,
             control: ControlConfig::default(),
             tuning: Tuning::default(),
@@ -96,6 +101,13 @@ impl ConnectOptions {
     /// Where this peer accepts data links (`0.0.0.0:PORT` to be reachable from others).
     pub fn bind(mut self, addr: SocketAddr) -> ConnectOptions {
         self.bind = addr;
+        self
+    }
+
+    /// The address other peers dial to reach this one, when it is not the bound one
+    /// (behind a NAT, a port forward or a test relay).
+    pub fn advertise(mut self, addr: SocketAddr) -> ConnectOptions {
+        self.advertise = Some(addr);
         self
     }
 

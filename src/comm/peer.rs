@@ -97,7 +97,8 @@ impl AsyncPeer {
         let id = options.peer_id.unwrap_or_else(random_id);
         let links = DataLinks::new(id, endpoint.clone(), options.queue_frames);
         let accept_task = tokio::spawn(links.clone().accept_loop());
-        let control = ControlClient::join(&*endpoint, master, id, endpoint.local_addr(), options.control, peer).await;
+        let data_addr = options.advertise.unwrap_or_else(|| endpoint.local_addr());
+        let control = ControlClient::join(&*endpoint, master, id, data_addr, options.control, peer).await;
         let control = match control {
             Ok(c) => Arc::new(c),
             Err(e) => {

@@ -42,6 +42,7 @@ use crate::collective::Collective;
 use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Rank, Step};
+use crate::rng::SplitMix64;
 
 /// Checks `members` (view ranks) for a caller of rank `me` in a group of `size`:
 /// returns them in ascending order, with the caller's sub-rank.
@@ -85,31 +86,6 @@ pub(crate) fn plan_in_view(mut plan: Plan, members: &[Rank]) -> Plan {
     plan
 }
 
-/// SplitMix64: a tiny, fully specified generator, so that every peer on every platform
-/// draws the same numbers from the same seed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound` (bound > 0), by rejection: no modulo bias.
-    fn below(&mut self, bound: u64) -> u64 {
-        let zone = u64::MAX - (u64::MAX % bound);
-        loop {
-            let x = self.next();
-            if x < zone {
-                return x % bound;
-            }
-        }
-    }
-}
-
 impl Communicator {
     /// The NoLoCo pairing of ranks `0..n` at `step`: a permutation drawn from
     /// `(seed, step)` split into consecutive pairs, each pair in ascending order, pairs
@@ -123,8 +99,8 @@ impl Communicator {
     /// assert_eq!(pairs, Communicator::noloco_pairs(42, 7, 5));
     /// ```
     pub fn noloco_pairs(seed: u64, step: u64, n: usize) -> Vec<(Rank, Rank)> {
-        let mut rng = SplitMix(seed ^ step.wrapping_mul(0xd6e8_feb8_6659_fd93));
-        rng.next();
+        let mut rng = SplitMix64(seed ^ step.wrapping_mul(0xd6e8_feb8_6659_fd93));
+        rng.next_u64();
         let mut perm: Vec<Rank> = (0..n).collect();
         for i in (1..n).rev() {
             let j = rng.below(i as u64 + 1) as usize;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::endpoint::Endpoint;
 use super::mem::{self, MemLink};
 use super::{Link, LinkError};
+use crate::rng::SplitMix64;
 
 type Incoming = (Arc<dyn Link>, Bytes);
 
@@ -33,20 +34,9 @@ pub struct MemNetwork {
 
 /// The seeded fault model of a [`MemNetwork`].
 struct Faults {
-    rng: u64,
+    rng: SplitMix64,
     max_delay: Duration,
     cut: HashSet<SocketAddr>,
-}
-
-impl Faults {
-    /// splitmix64: small, seedable, good enough for schedules.
-    fn next(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 impl MemNetwork {
@@ -57,7 +47,7 @@ impl MemNetwork {
 
     /// A network whose frames are each delayed by up to `max_delay`, drawn from `seed`.
     pub fn with_faults(capacity: usize, seed: u64, max_delay: Duration) -> MemNetwork {
-        let faults = Faults { rng: seed, max_delay, cut: HashSet::new() };
+        let faults = Faults { rng: SplitMix64(seed), max_delay, cut: HashSet::new() };
         MemNetwork { listeners: Default::default(), capacity, faults: Some(Arc::new(Mutex::new(faults))) }
     }
 
@@ -114,7 +104,7 @@ impl Link for FaultyLink {
                 None
             } else {
                 let max = f.max_delay.as_micros().max(1) as u64;
-                Some(Duration::from_micros(f.next() % max))
+                Some(Duration::from_micros(f.rng.next_u64() % max))
             }
         };
         match delay {

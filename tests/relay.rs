@@ -1,0 +1,170 @@
+//! Networked groups over real QUIC on 127.0.0.1 with every packet through the test
+//! relay (`phalanx::relay`): loss, jitter and reordering slow collectives down but never
+//! corrupt them, and a peer cut off from the master is removed, told so, and can join
+//! again once the network heals.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::with_timeout;
+use phalanx::comm::ConnectOptions;
+use phalanx::relay::{free_udp_addr, Relay, Shaping};
+use phalanx::{Communicator, Error, Master, MasterConfig, QuicConfig, ReduceOp};
+
+const SECRET: &str = "relay-test-secret-0123456789abcdef";
+
+/// A master and the relay's front for it.
+struct Net {
+    relay: Relay,
+    master: Master,
+    master_front: SocketAddr,
+}
+
+/// The first view forms once `initial_peers` have joined.
+fn net(seed: u64, shaping: Shaping, peer_timeout: Duration, initial_peers: usize) -> Net {
+    let relay = Relay::start(seed, shaping).unwrap();
+    let config = MasterConfig { peer_timeout, initial_peers, ..MasterConfig::default() };
+    let master = Master::start("127.0.0.1:0".parse().unwrap(), QuicConfig::with_secret(SECRET), config).unwrap();
+    let master_front = relay.front(master.addr()).unwrap();
+    Net { relay, master, master_front }
+}
+
+impl Net {
+    /// Options of a peer that the others and the master reach only through the relay;
+    /// returns them with the peer's real (bound) address.
+    fn peer(&self, id: u64) -> (ConnectOptions, SocketAddr) {
+        let bind = free_udp_addr().unwrap();
+        let front = self.relay.front(bind).unwrap();
+        let options = ConnectOptions::new()
+            .secret(SECRET)
+            .peer_id(id)
+            .bind(bind)
+            .advertise(front)
+            .heartbeat(Duration::from_millis(100))
+            .master_timeout(Duration::from_secs(2));
+        (options, bind)
+    }
+
+    /// The first view's peers (as many as the master waits for), ranked by id.
+    fn group(&self, ids: &[u64]) -> Vec<(Communicator, SocketAddr)> {
+        let front = self.master_front;
+        let mut peers: Vec<_> = std::thread::scope(|s| {
+            let joins: Vec<_> = ids
+                .iter()
+                .map(|&id| {
+                    let (options, bind) = self.peer(id);
+                    s.spawn(move || (Communicator::connect(front, options).expect("connect"), bind))
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        peers.sort_by_key(|(c, _)| c.rank());
+        peers
+    }
+}
+
+fn on_each<T: Send>(peers: &mut [(Communicator, SocketAddr)], f: impl Fn(&mut Communicator) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = peers.iter_mut().map(|(c, _)| s.spawn(|| f(c))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Integers in floats: every order of summation gives the same exact result.
+fn input(rank: usize, round: usize, len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i * 7 + rank * 13 + round) % 1000) as f32).collect()
+}
+
+#[test]
+fn collectives_stay_exact_under_loss_jitter_and_reordering() {
+    with_timeout(180, || {
+        let lossy =
+            Shaping::default().delay(Duration::from_millis(2)).jitter(Duration::from_millis(20), true).loss(0.05);
+        let n = net(7, lossy, Duration::from_secs(3), 3);
+        let mut peers = n.group(&[1, 2, 3]);
+        for round in 0..3 {
+            for len in [1000, 100_000] {
+                let outs = on_each(&mut peers, |c| {
+                    let mut x = input(c.rank(), round, len);
+                    c.all_reduce(&mut x, ReduceOp::Sum).map(|()| x)
+                });
+                let inputs: Vec<Vec<f32>> = (0..3).map(|r| input(r, round, len)).collect();
+                let want: Vec<f32> = (0..len).map(|i| inputs.iter().map(|x| x[i]).sum()).collect();
+                for (r, out) in outs.into_iter().enumerate() {
+                    assert_eq!(out.as_deref(), Ok(&want[..]), "rank {r}, round {round}, {len} elements");
+                }
+            }
+        }
+        let stats = n.relay.stats();
+        let (lost, delivered): (u64, u64) = stats.iter().fold((0, 0), |(l, d), (_, s)| (l + s.lost, d + s.delivered));
+        assert!(lost > 0 && delivered > 0, "the relay carried the traffic and lost some: {stats:?}");
+        eprintln!("relay: {delivered} packets delivered, {lost} lost");
+    });
+}
+
+#[test]
+fn a_peer_cut_from_the_master_is_removed_told_and_rejoins_after_healing() {
+    with_timeout(180, || {
+        let n = net(8, Shaping::default(), Duration::from_millis(750), 3);
+        let mut peers = n.group(&[1, 2, 3]);
+        let (victim_addr, master_addr) = (peers[2].1, n.master.addr());
+        // Peer 3 loses the master but not its peers.
+        n.relay.cut_between(victim_addr, master_addr);
+        let cut_at = Instant::now();
+        let mut victim = peers.pop().unwrap();
+        let survivors = std::thread::scope(|s| {
+            let lone = s.spawn(move || {
+                // Its collective cannot commit; it ends with an error, never a hang.
+                let mut x = vec![1f32; 1000];
+                let e = loop {
+                    match victim.0.all_reduce(&mut x, ReduceOp::Sum) {
+                        Err(e @ Error::Removed { .. }) => break e,
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                        Ok(()) => x = vec![1f32; 1000],
+                    }
+                };
+                (e, cut_at.elapsed())
+            });
+            // The others go on without it once the master removed it.
+            let outs = on_each(&mut peers, |c| loop {
+                let mut x = vec![c.rank() as f32 + 1.0; 1000];
+                match c.all_reduce(&mut x, ReduceOp::Sum) {
+                    Ok(()) if c.size() == 2 => return x,
+                    Ok(()) => {}
+                    Err(e) if e.is_retryable() => {
+                        let _ = c.update_topology();
+                    }
+                    Err(e) => panic!("survivor failed: {e:?}"),
+                }
+            });
+            let (e, took) = lone.join().unwrap();
+            eprintln!("cut-off peer told after {took:?}: {e}");
+            assert!(took < Duration::from_secs(10), "the cut-off peer waited {took:?}");
+            outs
+        });
+        assert!(survivors.iter().all(|x| x.iter().all(|&v| v == 3.0)), "1 + 2 over the survivors");
+
+        // The network heals: the peer joins again as a new member and computes with all.
+        n.relay.heal();
+        let (options, _) = n.peer(4);
+        let front = n.master_front;
+        let mut everyone = std::thread::scope(|s| {
+            let joiner = s.spawn(move || Communicator::connect(front, options).expect("rejoin"));
+            while peers[0].0.peers_pending() == 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            on_each(&mut peers, |c| c.update_topology().unwrap());
+            let mut joined = joiner.join().unwrap();
+            joined.update_topology().unwrap();
+            peers.push((joined, "127.0.0.1:9".parse().unwrap()));
+            peers
+        });
+        let outs = on_each(&mut everyone, |c| {
+            let mut x = vec![1f32; 500];
+            c.all_reduce(&mut x, ReduceOp::Sum).map(|()| (c.size(), x[0]))
+        });
+        assert!(outs.iter().all(|o| *o == Ok((3, 3.0))), "{outs:?}");
+    });
+}
