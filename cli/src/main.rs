@@ -1,7 +1,8 @@
-//! The `phalanx` command line: `master`, `worker`, `churn`, `bench`.
+//! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`.
 
 mod bench;
 mod churn;
+mod relay;
 mod rng;
 mod worker;
 
@@ -31,6 +32,9 @@ enum Command {
     Churn(churn::ChurnArgs),
     /// Measures raw QUIC throughput, all-reduce bandwidth and recovery time on loopback.
     Bench(bench::BenchArgs),
+    /// Forwards UDP between fronts and targets on this host, adding delay, jitter,
+    /// reordering, a rate limit and loss: a shaped network for trying phalanx locally.
+    Relay(relay::RelayArgs),
     /// One peer process of `bench` (internal).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -96,6 +100,7 @@ fn main() {
         Command::Churn(args) => churn::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchPeer(args) => bench::run_peer(args),
+        Command::Relay(args) => relay::run(args),
     };
     if let Err(e) = result {
         eprintln!("phalanx: {e}");

@@ -32,6 +32,12 @@ pub struct WorkerArgs {
     /// Cluster secret; also read from PHALANX_SECRET.
     #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// Where this peer accepts data links.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: SocketAddr,
+    /// The data address other peers dial (behind a NAT or a relay); default: the bound one.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
     /// Steps to complete before leaving (0: run until killed).
     #[arg(long, default_value_t = 0)]
     steps: u64,
@@ -104,6 +110,8 @@ fn fail(e: &Error, stage: &str) -> String {
 
 pub fn run(args: WorkerArgs) -> Result<(), String> {
     let options = ConnectOptions {
+        bind: args.bind,
+        advertise: args.advertise,
         quic: quic_config(args.secret.as_deref()),
         control: ControlConfig {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
