@@ -66,14 +66,24 @@ impl DataLinks {
         let slot = self.slot(peer.id);
         let usable = |d: &Option<Arc<Demux>>| d.as_ref().is_some_and(|d| !d.is_closed());
         if self.me < peer.id {
-            let _one_at_a_time = slot.connecting.lock().await;
-            if let Some(d) = slot.demux.borrow().as_ref().filter(|d| !d.is_closed()) {
-                return Ok(d.clone());
-            }
-            let link = self.endpoint.connect(peer.addr, data_hello(self.me)).await?;
-            let demux = Demux::with_capacity(link, self.queue_frames);
-            slot.demux.send_replace(Some(demux.clone()));
-            Ok(demux)
+            // Connecting runs as a task of its own, so that a caller that gives up (its
+            // collective was aborted, say by a mismatch) does not drop a connection the
+            // other side may already have accepted: that side would keep a link that
+            // closes under its next collective ("closed by the peer (code 0)"). The
+            // finished link is stored for whoever asks next.
+            let (endpoint, hello, frames) = (self.endpoint.clone(), data_hello(self.me), self.queue_frames);
+            let addr = peer.addr;
+            let connecting = tokio::spawn(async move {
+                let _one_at_a_time = slot.connecting.lock().await;
+                if let Some(d) = slot.demux.borrow().as_ref().filter(|d| !d.is_closed()) {
+                    return Ok(d.clone());
+                }
+                let link = endpoint.connect(addr, hello).await?;
+                let demux = Demux::with_capacity(link, frames);
+                slot.demux.send_replace(Some(demux.clone()));
+                Ok(demux)
+            });
+            connecting.await.map_err(|e| LinkError::Closed(format!("connecting to peer {}: {e}", peer.id)))?
         } else {
             let mut rx = slot.demux.subscribe();
             let d = rx.wait_for(usable).await.map_err(|_| LinkError::Closed("data links shut down".into()))?;
