@@ -243,7 +243,7 @@ fn dropped_communicator_fails_the_others_with_peer_lost() {
             for (rank, (result, unchanged)) in results {
                 match result {
                     Err(Error::PeerLost { rank: lost, .. }) => {
-                        assert_eq!(lost, victim, "{case}: rank {rank}")
+                        assert_eq!(lost, victim, "{case}: rank {rank}: {result:?}")
                     }
                     other => panic!("{case}: rank {rank} got {other:?}"),
                 }

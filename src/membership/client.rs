@@ -214,13 +214,15 @@ impl ControlClient {
     pub async fn conclude(&self, key: OpKey, local: Result<()>) -> Result<()> {
         let end = self.shared.lock().peer.end(key, &local);
         self.send(end);
-        match local {
-            Ok(()) => self.shared.wait(|p| p.outcome(key)).await,
-            Err(e @ Error::Mismatch { .. }) => {
-                let _ = self.shared.wait(|p| p.outcome(key)).await;
-                Err(e)
-            }
-            Err(e) => Err(e),
+        // A local failure waits for the master's verdict too, and returns it: a link
+        // that broke here may be a symptom (a member that already had its verdict and
+        // went away), while the verdict names the cause, the same on every member.
+        // The local detail of a mismatch says more than the verdict, so it stays.
+        let verdict = self.shared.wait(|p| p.outcome(key)).await;
+        match (local, verdict) {
+            (Ok(()), verdict) => verdict,
+            (Err(e @ Error::Mismatch { .. }), _) | (Err(e), Ok(())) => Err(e),
+            (Err(_), Err(verdict)) => Err(verdict),
         }
     }
 
