@@ -74,7 +74,7 @@ async fn step(peer: &mut AsyncPeer, state: &mut SharedState) -> Result<(u64, Rec
 }
 
 async fn run_peer(net: MemNetwork, id: u64) -> PeerRun {
-    let options = ConnectOptions { peer_id: Some(id), ..ConnectOptions::default() };
+    let options = ConnectOptions { peer_id: Some(id), liveness: false, ..ConnectOptions::default() };
     let mut run = PeerRun { id, records: BTreeMap::new(), end: Ok(()) };
     let mut peer = match AsyncPeer::connect(net.endpoint(addr(100 + id as u16)), addr(1), options).await {
         Ok(p) => p,

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use phalanx::membership::master::MasterConfig;
-use phalanx::transport::endpoint::Endpoint;
-use phalanx::transport::quic::{QuicConfig, QuicEndpoint};
-use phalanx::MasterServer;
+use phalanx::transport::quic::QuicConfig;
+use phalanx::Master;
 
 #[derive(Parser)]
 #[command(name = "phalanx", version, about = "Fault-tolerant collective communication")]
@@ -75,21 +74,13 @@ pub(crate) fn emit(value: serde_json::Value) {
 }
 
 fn run_master(args: MasterArgs) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let ep = QuicEndpoint::bind(args.listen, quic_config(args.secret.as_deref())).map_err(|e| e.to_string())?;
-        let addr = Endpoint::local_addr(&ep);
-        let config =
-            MasterConfig { peer_timeout: Duration::from_millis(args.peer_timeout_ms), ..MasterConfig::default() };
-        let _master = MasterServer::spawn(std::sync::Arc::new(ep), config);
-        emit(serde_json::json!({ "event": "listening", "addr": addr.to_string(), "t": now_ms() }));
-        std::future::pending::<()>().await;
-        Ok(())
-    })
+    let config = MasterConfig { peer_timeout: Duration::from_millis(args.peer_timeout_ms), ..MasterConfig::default() };
+    // Master::start also listens for the peers' liveness connections (TCP, same port).
+    let master = Master::start(args.listen, quic_config(args.secret.as_deref()), config).map_err(|e| e.to_string())?;
+    emit(serde_json::json!({ "event": "listening", "addr": master.addr().to_string(), "t": now_ms() }));
+    loop {
+        std::thread::park();
+    }
 }
 
 fn main() {

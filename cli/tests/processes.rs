@@ -108,6 +108,32 @@ fn kill_mid_collective() {
     eprintln!("kill_mid_collective: test {} ms", started.elapsed().as_millis());
 }
 
+/// A SIGKILLed peer is removed when the kernel closes its liveness connection, not
+/// when its heartbeats time out: with a 20 s peer timeout the survivors still go on
+/// within a few seconds (a bound for the mechanism, far below the timeout; the time
+/// itself is measured by `phalanx bench --recovery-peers`).
+#[test]
+fn killed_peer_is_removed_through_its_liveness_connection() {
+    let _serial = serial();
+    const LEN: usize = 1 << 16;
+    const TIMEOUT: Duration = Duration::from_secs(20);
+    let mut c = Cluster::start_with(None, &["--peer-timeout-ms", &TIMEOUT.as_millis().to_string()]);
+    let ws = workers(&mut c, 3, LEN, &["--step-delay-ms", "5"]);
+    c.wait(Duration::from_secs(30), "workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));
+    let three = c.ids(&ws);
+    steps_over(&mut c, Duration::from_secs(30), &ws, &[0, 0, 0], &three, 3);
+    let (victim, survivors) = (ws[2], [ws[0], ws[1]]);
+    let marks: Vec<usize> = survivors.iter().map(|&w| c.log(w).len()).collect();
+    let killed = Instant::now();
+    c.procs[victim].child.kill().expect("SIGKILL the victim");
+    let two = c.ids(&survivors);
+    let at = steps_over(&mut c, Duration::from_secs(10), &survivors, &marks, &two, 1);
+    let took = at.iter().max().expect("survivors").duration_since(killed);
+    eprintln!("liveness: survivors' first step without the killed peer {} ms after the kill", took.as_millis());
+    assert!(took < TIMEOUT / 4, "the killed peer was noticed after {took:?}, near its {TIMEOUT:?} timeout");
+    c.check_steps(&ws);
+}
+
 #[test]
 fn frozen_peer() {
     let _serial = serial();

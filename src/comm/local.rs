@@ -47,6 +47,7 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Communicator>> {
     let options = super::ConnectOptions {
         tuning: config.tuning,
         control: ControlConfig { heartbeat_interval: HEARTBEAT, join_timeout: None, master_timeout: PEER_TIMEOUT * 2 },
+        liveness: false, // an in-memory group: its addresses are only names
         ..super::ConnectOptions::default()
     };
     // A lost rank ends a local group: its ranks are threads of one program.

@@ -123,7 +123,7 @@ impl Communicator {
             .next()
             .ok_or_else(|| Error::JoinFailed { reason: "the master's address resolves to nothing".into() })?;
         let (bind, quic) = (options.bind, options.quic.clone());
-        Communicator::connect_with(
+        Communicator::start(
             move || {
                 let ep = QuicEndpoint::bind(bind, quic).map_err(|e| Error::JoinFailed { reason: e.to_string() })?;
                 Ok(Arc::new(ep) as Arc<dyn Endpoint>)
@@ -134,8 +134,18 @@ impl Communicator {
     }
 
     /// Like [`Communicator::connect`], over a given endpoint (e.g. an in-memory network
-    /// in tests). `make_endpoint` runs inside the communicator's runtime.
+    /// in tests). `make_endpoint` runs inside the communicator's runtime. No liveness
+    /// connection is opened ([`ConnectOptions::liveness`] is for networks: the endpoint
+    /// may be an in-memory one whose addresses are only names).
     pub fn connect_with(
+        make_endpoint: impl FnOnce() -> Result<Arc<dyn Endpoint>>,
+        master: SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<Communicator> {
+        Communicator::start(make_endpoint, master, ConnectOptions { liveness: false, ..options })
+    }
+
+    fn start(
         make_endpoint: impl FnOnce() -> Result<Arc<dyn Endpoint>>,
         master: SocketAddr,
         options: ConnectOptions,

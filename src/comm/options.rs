@@ -69,6 +69,12 @@ pub struct ConnectOptions {
     /// `transport::demux`, "Backpressure"); default
     /// [`DEFAULT_QUEUE_FRAMES`](crate::comm::DEFAULT_QUEUE_FRAMES).
     pub queue_frames: usize,
+    /// Hold a TCP connection to the master's address that the operating system closes
+    /// when this process dies, so the master removes it at once instead of after its
+    /// heartbeat timeout (see `membership::liveness`). On by default for
+    /// [`Communicator::connect`](crate::Communicator::connect); a master or network
+    /// that offers no TCP (a UDP-only relay) just leaves heartbeats to do the job.
+    pub liveness: bool,
 }
 
 impl Default for ConnectOptions {
@@ -82,6 +88,7 @@ impl Default for ConnectOptions {
             retry: RetryPolicy::Never,
             quic: QuicConfig::default(),
             queue_frames: crate::transport::demux::DEFAULT_QUEUE_FRAMES,
+            liveness: true,
         }
     }
 }
@@ -144,6 +151,13 @@ impl ConnectOptions {
     /// How long a silent master is tolerated before this peer counts itself removed.
     pub fn master_timeout(mut self, timeout: Duration) -> ConnectOptions {
         self.control.master_timeout = timeout;
+        self
+    }
+
+    /// Whether to hold a liveness connection to the master (see
+    /// [`ConnectOptions::liveness`](ConnectOptions#structfield.liveness)).
+    pub fn liveness(mut self, on: bool) -> ConnectOptions {
+        self.liveness = on;
         self
     }
 

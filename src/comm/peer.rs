@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::exec::AbortSignal;
 use crate::exec::{execute, Call};
 use crate::membership::client::ControlClient;
+use crate::membership::liveness;
 use crate::membership::peer::{Begun, OpKind, PeerConfig, Retry};
 use crate::membership::{PeerId, View};
 use crate::op::CustomOp;
@@ -66,6 +67,8 @@ pub struct AsyncPeer {
     accept_task: tokio::task::JoinHandle<()>,
     backup: Backup,
     p2p: super::p2p::Queues,
+    /// The liveness connection to the master, held open while this peer lives.
+    _liveness: Option<tokio::net::TcpStream>,
 }
 
 /// What running one collective needs; cheap to clone into a task.
@@ -106,7 +109,18 @@ impl AsyncPeer {
                 return Err(e);
             }
         };
+        let liveness = match options.liveness {
+            true => match liveness::register(master, id, options.quic.secret.as_deref()).await {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only");
+                    None
+                }
+            },
+            false => None,
+        };
         Ok(AsyncPeer {
+            _liveness: liveness,
             ops: Ops { control, links, tuning: options.tuning },
             retry: options.retry,
             wait_for_view: options.control.heartbeat_interval * 20,

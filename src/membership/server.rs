@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use super::codec::{frame_body, to_frame, CONTROL_HELLO};
 use super::master::{ConnId, MasterConfig, MasterState, Output};
 use super::protocol::{ToMaster, ToPeer};
+use super::PeerId;
 use crate::transport::endpoint::Endpoint;
 use crate::transport::Link;
 
@@ -27,9 +28,38 @@ pub struct MasterServer {
 impl MasterServer {
     /// Starts a master on `endpoint`, on the current tokio runtime.
     pub fn spawn(endpoint: Arc<dyn Endpoint>, config: MasterConfig) -> MasterServer {
+        MasterServer::start(endpoint, config, None)
+    }
+
+    /// [`MasterServer::spawn`], also accepting the peers' liveness connections on
+    /// `listener` (see `membership::liveness`), authenticated with `secret`: a peer whose
+    /// connection closes is removed at once.
+    pub(crate) fn spawn_with_liveness(
+        endpoint: Arc<dyn Endpoint>,
+        config: MasterConfig,
+        listener: tokio::net::TcpListener,
+        secret: Option<Arc<[u8]>>,
+    ) -> MasterServer {
+        MasterServer::start(endpoint, config, Some((listener, secret)))
+    }
+
+    fn start(
+        endpoint: Arc<dyn Endpoint>,
+        config: MasterConfig,
+        liveness: Option<(tokio::net::TcpListener, Option<Arc<[u8]>>)>,
+    ) -> MasterServer {
         let addr = endpoint.local_addr();
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(run(endpoint, config, stopped));
+        let (gone_tx, gone) = mpsc::unbounded_channel();
+        if let Some((listener, secret)) = liveness {
+            let serving = tokio::spawn(super::liveness::serve(listener, secret, gone_tx));
+            let mut stopped = stopped.clone();
+            tokio::spawn(async move {
+                let _ = stopped.changed().await;
+                serving.abort();
+            });
+        }
+        tokio::spawn(run(endpoint, config, stopped, gone));
         MasterServer { addr, stop }
     }
 
@@ -78,8 +108,21 @@ impl Master {
             .build()
             .map_err(|e| crate::Error::Runtime { reason: format!("cannot start the master's runtime: {e}") })?;
         let server = runtime.block_on(async {
+            let secret = quic.secret.clone();
             let ep = crate::transport::quic::QuicEndpoint::bind(listen, quic).map_err(|e| setup(e.to_string()))?;
-            Ok::<_, crate::Error>(MasterServer::spawn(Arc::new(ep), config))
+            let ep: Arc<dyn Endpoint> = Arc::new(ep);
+            // The liveness listener takes the TCP port with the QUIC port's number, where
+            // peers look for it; without it the master relies on heartbeats alone.
+            if !config.liveness {
+                return Ok::<_, crate::Error>(MasterServer::spawn(ep, config));
+            }
+            match tokio::net::TcpListener::bind(ep.local_addr()).await {
+                Ok(listener) => Ok(MasterServer::spawn_with_liveness(ep, config, listener, secret)),
+                Err(e) => {
+                    tracing::warn!(addr = %ep.local_addr(), "no liveness listener ({e}): heartbeats only");
+                    Ok(MasterServer::spawn(ep, config))
+                }
+            }
         })?;
         Ok(Master { server, runtime: Some(runtime) })
     }
@@ -105,7 +148,12 @@ enum Event {
     Gone(ConnId),
 }
 
-async fn run(endpoint: Arc<dyn Endpoint>, config: MasterConfig, mut stopped: watch::Receiver<bool>) {
+async fn run(
+    endpoint: Arc<dyn Endpoint>,
+    config: MasterConfig,
+    mut stopped: watch::Receiver<bool>,
+    mut gone: mpsc::UnboundedReceiver<PeerId>,
+) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let acceptor = tokio::spawn(accept_loop(endpoint, events_tx));
     let mut state = MasterState::new(config);
@@ -124,6 +172,7 @@ async fn run(endpoint: Arc<dyn Endpoint>, config: MasterConfig, mut stopped: wat
                 }
                 Some(Event::Gone(conn)) => { writers.remove(&conn); state.disconnected(conn) }
             },
+            Some(id) = gone.recv() => state.process_gone(id),
             _ = sleep_until(deadline) => state.tick(now()),
         };
         for out in outputs {

@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Further peer timeouts to measure recovery with (comma-separated; 0 for none).
     #[arg(long, value_delimiter = ',', default_value = "300")]
     pub(super) recovery_timeouts_ms: Vec<u64>,
+    /// Recovery runs with the master's liveness listener on, off, or both (`true,false`):
+    /// with it a SIGKILLed peer is removed when its TCP connection closes.
+    #[arg(long, value_delimiter = ',', default_value = "true,false")]
+    pub(super) recovery_liveness: Vec<bool>,
     /// Peers of the recovery runs (0 skips them).
     #[arg(long, default_value_t = 4)]
     pub(super) recovery_peers: usize,

@@ -120,11 +120,6 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if args.recovery_peers == 1 {
         return Err("--recovery-peers must be 0 (skip) or at least 2".into());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     let secret = random_secret();
     let machine = machine();
     let load_before = load_average();
@@ -151,7 +146,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Some(q) => println!("quantized ({q}) all-reduce, {n} peer processes:"),
             None => println!("all-reduce, {n} peer processes:"),
         }
-        rows.extend(run_allreduce(&rt, &args, n, &secret)?);
+        rows.extend(run_allreduce(&args, n, &secret)?);
     }
     if !args.no_raw {
         raws.push(measure_raw(&args, &secret)?);
@@ -161,7 +156,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         let mut timeouts = vec![args.peer_timeout_ms];
         timeouts.extend(args.recovery_timeouts_ms.iter().filter(|&&t| t != 0 && t != args.peer_timeout_ms));
         for t in timeouts {
-            recoveries.push(run_recovery(&rt, &args, &secret, t)?);
+            for &liveness in &args.recovery_liveness {
+                recoveries.push(run_recovery(&args, &secret, (t, liveness))?);
+            }
         }
     }
     let load_after = load_average();
@@ -219,16 +216,17 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
     if !recoveries.is_empty() {
         println!();
-        println!("| peers | peer timeout | runs | recovery, slowest survivor (ms) | every survivor (ms) |");
-        println!("|---|---|---|---|---|");
+        println!("| peers | peer timeout | liveness | runs | recovery, slowest survivor (ms) | every survivor (ms) |");
+        println!("|---|---|---|---|---|---|");
         for rec in &recoveries {
             let slowest: Vec<String> =
                 rec.runs.iter().map(|t| format!("{:.0}", t.iter().cloned().fold(0.0, f64::max) * 1e3)).collect();
             let all: Vec<String> = rec.runs.iter().flatten().map(|t| format!("{:.0}", t * 1e3)).collect();
             println!(
-                "| {} | {} ms | {} | {} | {} |",
+                "| {} | {} ms | {} | {} | {} | {} |",
                 args.recovery_peers,
                 rec.peer_timeout_ms,
+                if rec.liveness { "on" } else { "off" },
                 rec.runs.len(),
                 slowest.join(", "),
                 all.join(", ")
@@ -270,7 +268,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "checked": r.checked,
             })).collect::<Vec<_>>(),
             "recovery": recoveries.iter().map(|rec| json!({
-                "peers": args.recovery_peers, "peer_timeout_ms": rec.peer_timeout_ms,
+                "peers": args.recovery_peers, "peer_timeout_ms": rec.peer_timeout_ms, "liveness": rec.liveness,
                 "size_bytes": args.recovery_size, "secs": rec.runs, "allreduces_per_sec": rec.rates,
             })).collect::<Vec<_>>(),
         });

@@ -3,13 +3,12 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use phalanx::membership::master::MasterConfig;
-use phalanx::transport::endpoint::Endpoint;
-use phalanx::transport::quic::{QuicConfig, QuicEndpoint};
-use phalanx::MasterServer;
+use phalanx::transport::quic::QuicConfig;
+use phalanx::Master;
 use serde_json::Value;
 
 use super::{localhost, BenchArgs};
@@ -94,17 +93,11 @@ impl Drop for Peers {
     }
 }
 
-/// A master on a fresh QUIC endpoint of `rt`.
-pub(super) fn start_master(
-    rt: &tokio::runtime::Runtime,
-    secret: &str,
-    peer_timeout_ms: u64,
-) -> Result<MasterServer, String> {
-    rt.block_on(async {
-        let ep = QuicEndpoint::bind(localhost(), QuicConfig::with_secret(secret)).map_err(|e| e.to_string())?;
-        let config = MasterConfig { peer_timeout: Duration::from_millis(peer_timeout_ms), ..MasterConfig::default() };
-        Ok(MasterServer::spawn(Arc::new(ep) as Arc<dyn Endpoint>, config))
-    })
+/// A master on a fresh QUIC endpoint, with or without the liveness listener.
+pub(super) fn start_master(secret: &str, peer_timeout_ms: u64, liveness: bool) -> Result<Master, String> {
+    let config =
+        MasterConfig { peer_timeout: Duration::from_millis(peer_timeout_ms), liveness, ..MasterConfig::default() };
+    Master::start(localhost(), QuicConfig::with_secret(secret), config).map_err(|e| e.to_string())
 }
 
 pub(super) fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbeat_ms: u64) -> Vec<String> {

@@ -9,6 +9,9 @@ use super::{load_average, now_us, BenchArgs};
 #[derive(Clone, Debug)]
 pub(super) struct Recovery {
     pub(super) peer_timeout_ms: u64,
+    /// Whether the master listened for liveness connections (a dead process is seen
+    /// when the kernel closes its TCP connection, not after the peer timeout).
+    pub(super) liveness: bool,
     /// Per run: seconds from the kill to each survivor's first success without the victim.
     pub(super) runs: Vec<Vec<f64>>,
     /// All-reduces per second before the kill (slowest peer), per run.
@@ -16,15 +19,14 @@ pub(super) struct Recovery {
 }
 
 pub(super) fn run_recovery(
-    rt: &tokio::runtime::Runtime,
     args: &BenchArgs,
     secret: &str,
-    peer_timeout_ms: u64,
+    (peer_timeout_ms, liveness): (u64, bool),
 ) -> Result<Recovery, String> {
     let n = args.recovery_peers;
-    let mut out = Recovery { peer_timeout_ms, runs: Vec::new(), rates: Vec::new() };
+    let mut out = Recovery { peer_timeout_ms, liveness, runs: Vec::new(), rates: Vec::new() };
     for run in 0..args.recovery_runs {
-        let master = start_master(rt, secret, peer_timeout_ms)?;
+        let master = start_master(secret, peer_timeout_ms, liveness)?;
         let mut pargs = peer_args(args, master.addr(), n, heartbeat_for(peer_timeout_ms));
         pargs.push(format!("--recovery-size={}", args.recovery_size));
         let mut peers = Peers::spawn(n, &pargs, secret)?;
@@ -59,7 +61,8 @@ pub(super) fn run_recovery(
         let times: Vec<f64> = recovered.into_iter().flatten().filter(|t| !t.is_nan()).collect();
         let max = times.iter().cloned().fold(0.0, f64::max);
         println!(
-            "  recovery, peer timeout {peer_timeout_ms} ms, run {}: {:.0} ms (survivors: {})  ({:.0} all-reduces/s before; load {})",
+            "  recovery, peer timeout {peer_timeout_ms} ms, liveness {}, run {}: {:.0} ms (survivors: {})  ({:.0} all-reduces/s before; load {})",
+            if liveness { "on" } else { "off" },
             run + 1,
             max * 1e3,
             times.iter().map(|t| format!("{:.0}", t * 1e3)).collect::<Vec<_>>().join(", "),

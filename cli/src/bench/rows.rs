@@ -51,13 +51,8 @@ impl Row {
     }
 }
 
-pub(super) fn run_allreduce(
-    rt: &tokio::runtime::Runtime,
-    args: &BenchArgs,
-    n: usize,
-    secret: &str,
-) -> Result<Vec<Row>, String> {
-    let master = start_master(rt, secret, args.peer_timeout_ms)?;
+pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<Vec<Row>, String> {
+    let master = start_master(secret, args.peer_timeout_ms, true)?;
     let mut peers = Peers::spawn(n, &peer_args(args, master.addr(), n, heartbeat_for(args.peer_timeout_ms)), secret)?;
     // Per size: per rank the iteration times.
     let mut results: HashMap<usize, Vec<RankResult>> = HashMap::new();

@@ -128,6 +128,11 @@ impl Drop for Cluster {
 impl Cluster {
     /// Starts a master on 127.0.0.1 (any port) and waits for its address.
     pub fn start(secret: Option<&str>) -> Cluster {
+        Cluster::start_with(secret, &[])
+    }
+
+    /// [`Cluster::start`] with more arguments for `phalanx master`.
+    pub fn start_with(secret: Option<&str>, master_args: &[&str]) -> Cluster {
         let (tx, rx) = mpsc::channel();
         let mut c = Cluster {
             procs: Vec::new(),
@@ -141,6 +146,7 @@ impl Cluster {
         if let Some(s) = secret {
             args.extend(["--secret".into(), s.into()]);
         }
+        args.extend(master_args.iter().map(|a| a.to_string()));
         let m = c.spawn("master", &args, 0);
         let addr = c.wait(Duration::from_secs(20), "the master's address", |c| {
             c.procs[m].log.iter().find(|e| e.is("listening")).map(|e| e.str("addr").to_string())

@@ -51,6 +51,10 @@ pub struct MasterConfig {
     /// The first view forms once this many peers have joined (ranked by peer id);
     /// until then joiners wait. 1 (the default) admits the first joiner at once.
     pub initial_peers: usize,
+    /// Whether [`Master::start`](crate::Master::start) listens for the peers' liveness
+    /// connections (TCP on the QUIC port's number), removing a peer whose process dies
+    /// at once rather than after `peer_timeout` (default on; see `membership::liveness`).
+    pub liveness: bool,
 }
 
 impl Default for MasterConfig {
@@ -59,6 +63,7 @@ impl Default for MasterConfig {
             peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS),
             max_pending: 256,
             initial_peers: 1,
+            liveness: true,
         }
     }
 }
@@ -183,6 +188,18 @@ impl MasterState {
         let mut out = Vec::new();
         if let Some(id) = self.conns.get(&conn).copied() {
             self.remove(&[id], "control connection closed", &mut out);
+        }
+        out
+    }
+
+    /// The process of peer `id` is gone (its liveness connection closed, see
+    /// `membership::liveness`): it is removed as if its control connection broke,
+    /// without waiting for its heartbeats to stop. A peer not known (already removed,
+    /// or it left) changes nothing.
+    pub fn process_gone(&mut self, id: PeerId) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.conns.values().any(|&p| p == id) {
+            self.remove(&[id], "its process is gone (liveness connection closed)", &mut out);
         }
         out
     }
