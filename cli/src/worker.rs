@@ -59,6 +59,13 @@ pub struct WorkerArgs {
     /// Heartbeat interval.
     #[arg(long, default_value_t = phalanx::comm::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
+    /// Overlap two all-reduces per round, as async DiLoCo overlaps a round's outer
+    /// reduction with the next round's work: step S's all-reduce is started without
+    /// waiting, step S+1's gradient is computed and its all-reduce started while S's is
+    /// in flight, then both are waited for and applied in order. A step whose all-reduce
+    /// aborted is redone (with the ones after it) once the group has settled.
+    #[arg(long)]
+    overlap: bool,
     /// Leave gracefully after the last step instead of just exiting.
     #[arg(long)]
     leave: bool,
@@ -127,7 +134,16 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     let (mut done, mut failures) = (0u64, 0u32);
     let leave_requested = leave_requests(args.leave_on_stdin);
     while (args.steps == 0 || done < args.steps) && !leave_requested.load(Ordering::Relaxed) {
-        if let Err(e) = step(&mut comm, &mut state, &args, id) {
+        let (completed, result) = match args.overlap {
+            false => match step(&mut comm, &mut state, &args, id) {
+                Ok(()) => (1, Ok(())),
+                Err(e) => (0, Err(e)),
+            },
+            true => overlapped_steps(&mut comm, &mut state, &args, id),
+        };
+        // Steps an overlapped round completed before one of its all-reduces failed count.
+        done += completed;
+        if let Err(e) = result {
             if !recoverable(&e) || failures + 1 >= args.max_failures {
                 return Err(fail(&e, "step"));
             }
@@ -135,7 +151,6 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
             continue;
         }
         failures = 0;
-        done += 1;
         if args.step_delay_ms > 0 {
             std::thread::sleep(Duration::from_millis(args.step_delay_ms));
         }
@@ -147,7 +162,9 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id: u64) -> Result<(), Error> {
+/// Settles the group (admissions, removals) and brings this peer's model up to date;
+/// returns the epoch the step runs in.
+fn settle(comm: &mut Communicator, state: &mut SharedState) -> Result<u64, Error> {
     comm.update_topology()?;
     // The view this step was settled in.
     let epoch = comm.epoch();
@@ -155,23 +172,120 @@ fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id:
     if report.tensors_received > 0 {
         emit(json!({ "event": "synced", "revision": state.revision, "bytes": report.bytes_received, "t": now_ms() }));
     }
+    Ok(epoch)
+}
+
+/// Fails the step when the master moved on while this peer lagged behind (computing its
+/// gradient): a peer was lost, and the members that were already running this
+/// all-reduce have aborted it and are settling the next view. Starting it now would run
+/// it alone in the new epoch while they vote, which the master aborts as a mismatch.
+fn check_epoch(comm: &Communicator, step: u64, epoch: u64) -> Result<(), Error> {
+    emit(json!({ "event": "allreduce_start", "step": step, "epoch": epoch, "t": now_ms() }));
+    if comm.epoch() == epoch {
+        return Ok(());
+    }
+    let e = Error::Aborted { reason: format!("the view changed from epoch {epoch} before the all-reduce began") };
+    emit(json!({
+        "event": "attempt_failed", "step": step, "epoch": epoch, "kind": kind(&e), "message": e.to_string(),
+        "restored": true, "ms": 0, "t": now_ms(),
+    }));
+    Err(e)
+}
+
+/// Adds a completed all-reduce's result to the model and reports the step (after the
+/// fault `--perturb-at-step` plants, if it is due).
+fn apply(
+    state: &mut SharedState,
+    args: &WorkerArgs,
+    (step, epoch): (u64, u64),
+    members: &[u64],
+    sum: &mut [f32],
+    ms: f64,
+) -> Result<(), Error> {
+    if args.perturb_at_step.is_some_and(|s| step >= s) && !PERTURBED.swap(true, Ordering::Relaxed) {
+        if let Some(x) = sum.iter_mut().find(|x| **x != 0.0) {
+            *x = f32::from_bits(x.to_bits() ^ (1 << 22));
+        }
+    }
+    let model = state.get_mut::<f32>("model").ok_or_else(|| Error::InvalidArgument("no model".into()))?;
+    model.iter_mut().zip(sum.iter()).for_each(|(m, g)| *m += g);
+    let model_hash = hash_f32(model);
+    state.revision += 1;
+    emit(json!({
+        "event": "step", "step": step, "epoch": epoch, "members": members.iter().map(u64::to_string).collect::<Vec<_>>(),
+        "sum": hash_f32(sum), "model": model_hash, "ms": ms, "t": now_ms(),
+    }));
+    Ok(())
+}
+
+/// Two overlapped steps (see `--overlap`): how many completed (0 to 2), and the first
+/// error, if any; every buffer is waited for and restored before it returns.
+fn overlapped_steps(
+    comm: &mut Communicator,
+    state: &mut SharedState,
+    args: &WorkerArgs,
+    id: u64,
+) -> (u64, Result<(), Error>) {
+    let epoch = match settle(comm, state) {
+        Ok(epoch) => epoch,
+        Err(e) => return (0, Err(e)),
+    };
+    let members = comm.members();
+    let first = state.revision;
+    let len = args.len + args.len_offset;
+    let mut pending = Vec::new();
+    for step in [first, first + 1] {
+        let grad = gradient(id, step, len); // the work that overlaps the all-reduce before
+        let started = check_epoch(comm, step, epoch).and_then(|()| comm.all_reduce_start(grad.clone(), ReduceOp::Sum));
+        match started {
+            Ok(handle) => pending.push((step, grad, Ok(handle), Instant::now())),
+            Err(e) => {
+                pending.push((step, grad, Err(e), Instant::now()));
+                break;
+            }
+        }
+    }
+    let mut completed = 0;
+    let mut first_error = None;
+    // Every handle is waited for, in order, even after a failure: each returns its buffer.
+    for (step, grad, handle, started) in pending {
+        let (result, mut buf) = match handle {
+            Ok(h) => h.wait(),
+            Err(e) => (Err(e), grad.clone()),
+        };
+        match (result, &first_error) {
+            (Ok(()), None) => {
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                if let Err(e) = apply(state, args, (step, epoch), &members, &mut buf, ms) {
+                    first_error = Some(e);
+                    continue;
+                }
+                completed += 1;
+            }
+            (Ok(()), Some(_)) => {
+                // Committed after an earlier step aborted: every member saw the same two
+                // outcomes, so all drop this one and redo both steps in order.
+                emit(json!({ "event": "dropped_after_abort", "step": step, "epoch": epoch, "t": now_ms() }));
+            }
+            (Err(e), _) => {
+                emit(json!({
+                    "event": "attempt_failed", "step": step, "epoch": epoch, "kind": kind(&e), "message": e.to_string(),
+                    "restored": buf == grad, "ms": started.elapsed().as_millis() as u64, "t": now_ms(),
+                }));
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    (completed, first_error.map_or(Ok(()), Err))
+}
+
+fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id: u64) -> Result<(), Error> {
+    let epoch = settle(comm, state)?;
     let step = state.revision;
     let grad = gradient(id, step, args.len + args.len_offset);
     let mut buf = grad.clone();
     let members = comm.members();
-    emit(json!({ "event": "allreduce_start", "step": step, "epoch": epoch, "t": now_ms() }));
-    // The master moved on while this peer lagged behind (computing its gradient): a peer
-    // was lost, and the members that were already running this all-reduce have aborted
-    // it and are settling the next view. Starting it now would run it alone in the new
-    // epoch while they vote, which the master aborts as a mismatch; fail it like them.
-    if comm.epoch() != epoch {
-        let e = Error::Aborted { reason: format!("the view changed from epoch {epoch} before the all-reduce began") };
-        emit(json!({
-            "event": "attempt_failed", "step": step, "epoch": epoch, "kind": kind(&e), "message": e.to_string(),
-            "restored": true, "ms": 0, "t": now_ms(),
-        }));
-        return Err(e);
-    }
+    check_epoch(comm, step, epoch)?;
     let started = Instant::now();
     let result = match args.quantize {
         Some(q) => comm.all_reduce_quantized(&mut buf, ReduceOp::Sum, q),
@@ -184,19 +298,5 @@ fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id:
         }));
         return Err(e);
     }
-    if args.perturb_at_step.is_some_and(|s| step >= s) && !PERTURBED.swap(true, Ordering::Relaxed) {
-        if let Some(x) = buf.iter_mut().find(|x| **x != 0.0) {
-            *x = f32::from_bits(x.to_bits() ^ (1 << 22));
-        }
-    }
-    let ms = started.elapsed().as_secs_f64() * 1e3;
-    let model = state.get_mut::<f32>("model").ok_or_else(|| Error::InvalidArgument("no model".into()))?;
-    model.iter_mut().zip(&buf).for_each(|(m, g)| *m += g);
-    let model_hash = hash_f32(model);
-    state.revision += 1;
-    emit(json!({
-        "event": "step", "step": step, "epoch": epoch, "members": members.iter().map(u64::to_string).collect::<Vec<_>>(),
-        "sum": hash_f32(&buf), "model": model_hash, "ms": ms, "t": now_ms(),
-    }));
-    Ok(())
+    apply(state, args, (step, epoch), &members, &mut buf, started.elapsed().as_secs_f64() * 1e3)
 }

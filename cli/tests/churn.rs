@@ -182,6 +182,35 @@ fn clean_churn_passes() {
     eprintln!("clean_churn_passes: {} ms", out.took.as_millis());
 }
 
+/// `--async`: each worker keeps two all-reduces in flight per round, as async DiLoCo
+/// does, through kills and joins; every invariant is checked as for blocking ones, and
+/// a planted fault is still caught.
+#[test]
+fn async_churn_passes_and_still_catches_a_planted_fault() {
+    let _serial = serial();
+    let started = Instant::now();
+    let args = ["--async", "--peers", "4", "--duration-s", "15", "--seed", "7", "--kill-every-s", "5"];
+    let args: Vec<&str> = args.into_iter().chain(["--join-every-s", "6", "--len", "16384"]).collect();
+    let mut run = Churn::start("async", &args);
+    let out = run.finish(started, Duration::from_secs(120));
+    assert!(out.status.success(), "an async churn failed: {}\n{}", out.status, out.stderr);
+    let r = run.report();
+    assert_eq!(r["ok"], true, "{}", r["violations"]);
+    let s = &r["summary"];
+    assert!(s["kills"].as_u64() >= Some(1) && s["joins"].as_u64() >= Some(1), "no churn: {s}");
+    assert!(s["steps_completed"].as_u64() > Some(20), "too few steps: {s}");
+    assert_no_leftovers(&r);
+
+    let planted = ["--async", "--peers", "3", "--duration-s", "20", "--plant-fault", "--kill-every-s", "0"];
+    let planted: Vec<&str> =
+        planted.into_iter().chain(["--freeze-every-s", "0", "--join-every-s", "0", "--leave-every-s", "0"]).collect();
+    let mut run = Churn::start("async-planted", &planted);
+    let out = run.finish(started, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1), "the planted fault was not caught: {}\n{}", out.status, out.stderr);
+    assert_no_leftovers(&run.report());
+    eprintln!("async churn: {} ms", started.elapsed().as_millis());
+}
+
 #[test]
 fn planted_fault_is_caught() {
     let _serial = serial();

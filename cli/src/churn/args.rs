@@ -51,7 +51,8 @@ pub struct ChurnArgs {
     /// [default: twice --peers].
     #[arg(long)]
     pub(super) max_peers: Option<usize>,
-    /// Overlapped (non-blocking) all-reduces in the workers: not implemented, rejected.
+    /// Overlapped (non-blocking) all-reduces in the workers, as async DiLoCo runs them:
+    /// two in flight per round (`phalanx worker --overlap`), checked like blocking ones.
     #[arg(long = "async")]
     pub(super) async_mode: bool,
     /// Invariant `progress`: distinct steps per second of the churn phase must stay above this.
@@ -120,11 +121,6 @@ impl ChurnArgs {
     }
 
     pub(super) fn validate(&self) -> Result<(), String> {
-        if self.async_mode {
-            return Err("--async is not implemented: the worker runs blocking all-reduces only (it has no \
-                        overlapped mode over Communicator::all_reduce_start yet)"
-                .into());
-        }
         if self.peers == 0 {
             return Err("--peers must be at least 1".into());
         }

@@ -147,16 +147,18 @@ impl Harness {
             }
             "allreduce_start" => {
                 let wk = &mut self.workers[w];
-                wk.open_wait = Some((u("step").unwrap_or(0), t));
+                wk.open_waits.push((u("step").unwrap_or(0), t));
                 wk.open_wait_reported = false;
             }
             "attempt_failed" => {
                 self.aborted += 1;
                 self.workers[w].failures += 1;
-                self.close_wait(w, t, "attempt_failed");
+                self.close_wait(w, u("step"), t, "attempt_failed");
             }
+            // With --async: committed after the step before it aborted, so not applied.
+            "dropped_after_abort" => self.close_wait(w, u("step"), t, "dropped_after_abort"),
             "step" => {
-                self.close_wait(w, t, "step");
+                self.close_wait(w, u("step"), t, "step");
                 self.on_step(w, &v, t);
             }
             "error" => self.workers[w].error = Some(v.clone()),
@@ -169,9 +171,12 @@ impl Harness {
         }
     }
 
-    /// The end of worker `w`'s all-reduce at `t`: checks its wait against the bound.
-    pub(super) fn close_wait(&mut self, w: usize, t: u64, how: &str) {
-        let Some((step, start)) = self.workers[w].open_wait.take() else { return };
+    /// The end of worker `w`'s all-reduce of `step` (the oldest open one when the event
+    /// names none) at `t`: checks its wait against the bound.
+    pub(super) fn close_wait(&mut self, w: usize, step: Option<u64>, t: u64, how: &str) {
+        let waits = &mut self.workers[w].open_waits;
+        let Some(i) = waits.iter().position(|&(s, _)| step.is_none_or(|want| want == s)) else { return };
+        let (step, start) = waits.remove(i);
         let waited = t.saturating_sub(start);
         if self.workers[w].frozen_during(start, t) {
             return; // its own freeze: not a wait
@@ -198,7 +203,7 @@ impl Harness {
         let bound = self.args.wait_bound_ms();
         for w in 0..self.workers.len() {
             let wk = &self.workers[w];
-            let Some((step, start)) = wk.open_wait else { continue };
+            let Some(&(step, start)) = wk.open_waits.first() else { continue };
             // A worker the harness has SIGKILLed is not hanging, even before its exit is
             // reaped (on a loaded machine that can take seconds): its wait ends with it.
             let killed = matches!(wk.fate, Fate::Killed | Fate::FrozenKilled | Fate::Ended);

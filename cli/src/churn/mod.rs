@@ -98,8 +98,9 @@ struct Worker {
     fate: Fate,
     /// SIGSTOP and SIGCONT times (unix ms); the last may be open.
     frozen: Vec<(u64, Option<u64>)>,
-    /// The all-reduce in progress: step and start time.
-    open_wait: Option<(u64, u64)>,
+    /// The all-reduces in progress, oldest first: step and start time (two at once
+    /// with `--async`).
+    open_waits: Vec<(u64, u64)>,
     /// The open wait was already reported as too long.
     open_wait_reported: bool,
     steps: u64,

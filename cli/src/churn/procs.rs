@@ -180,6 +180,9 @@ impl Harness {
         ] {
             args.extend([k.to_string(), v.to_string()]);
         }
+        if self.args.async_mode {
+            args.push("--overlap".into());
+        }
         if let Some(q) = self.args.quantize {
             args.extend(["--quantize".into(), q.to_string()]);
         }
@@ -205,7 +208,7 @@ impl Harness {
             joined_t: None,
             fate: Fate::Untouched,
             frozen: Vec::new(),
-            open_wait: None,
+            open_waits: Vec::new(),
             open_wait_reported: false,
             steps: 0,
             failures: 0,
