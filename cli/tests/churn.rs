@@ -331,11 +331,6 @@ fn same_seed_same_schedule() {
     for action in ["kill", "freeze", "join", "leave"] {
         assert!(a.contains(action), "no {action} in 120 s:\n{a}");
     }
-
-    let out = Command::new(env!("CARGO_BIN_EXE_phalanx")).args(["churn", "--async"]).output().expect("phalanx churn");
-    assert!(!out.status.success(), "--async was accepted");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--async is not implemented"), "{err}");
 }
 
 /// `--quantize`: workers run the quantized all-reduce. Under kills and joins every
