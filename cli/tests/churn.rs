@@ -211,6 +211,33 @@ fn async_churn_passes_and_still_catches_a_planted_fault() {
     eprintln!("async churn: {} ms", started.elapsed().as_millis());
 }
 
+/// Network faults through the test relay: every packet of the master and the workers
+/// crosses it with delay, jitter and 1 % loss, and workers are cut off from the master
+/// (not from their peers) for 0.5 to 3 s at a time. The cut-off worker is removed (it
+/// cannot commit anything on its own), the others go on, and every invariant holds.
+#[test]
+fn network_faults_churn_passes() {
+    let _serial = serial();
+    let started = Instant::now();
+    let args = ["--peers", "4", "--duration-s", "20", "--seed", "3", "--kill-every-s", "0", "--freeze-every-s", "0"];
+    let more = ["--leave-every-s", "0", "--join-every-s", "6", "--partition-every-s", "6", "--partition-max-s", "3"];
+    let net = ["--loss", "0.01", "--delay-ms", "1", "--jitter-ms", "2", "--len", "16384"];
+    let args: Vec<&str> = args.into_iter().chain(more).chain(net).collect();
+    let mut run = Churn::start("network", &args);
+    let out = run.finish(started, Duration::from_secs(150));
+    assert!(out.status.success(), "a churn with network faults failed: {}\n{}", out.status, out.stderr);
+    let r = run.report();
+    assert_eq!(r["ok"], true, "{}", r["violations"]);
+    let s = &r["summary"];
+    assert!(s["partitions"].as_u64() >= Some(1), "no partition: {s}");
+    assert!(s["steps_completed"].as_u64() > Some(10), "too few steps: {s}");
+    let timeline = r["timeline"].as_array().expect("timeline");
+    assert!(timeline.iter().any(|e| e["event"] == "relay"), "the run did not go through the relay");
+    assert!(timeline.iter().any(|e| e["event"] == "heal"), "no partition healed");
+    assert_no_leftovers(&r);
+    eprintln!("network faults churn: {s} in {} ms", out.took.as_millis());
+}
+
 #[test]
 fn planted_fault_is_caught() {
     let _serial = serial();

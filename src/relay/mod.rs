@@ -174,6 +174,16 @@ impl Relay {
         }
     }
 
+    /// Removes the cuts between `a` and `b` (both directions); other cuts stay.
+    pub fn heal_between(&self, a: SocketAddr, b: SocketAddr) {
+        let mut rules = self.shared.lock();
+        for key in [(a, b), (b, a)] {
+            if rules.set.get(&key).is_some_and(|s| s.blocked) {
+                rules.set.remove(&key);
+            }
+        }
+    }
+
     /// Removes every cut; paths shaped otherwise keep their shaping.
     pub fn heal(&self) {
         self.shared.lock().set.retain(|_, s| !s.blocked);

@@ -51,6 +51,26 @@ pub struct ChurnArgs {
     /// [default: twice --peers].
     #[arg(long)]
     pub(super) max_peers: Option<usize>,
+    /// Mean interval between partitions that cut a random worker off from the master
+    /// (not from its peers) through the relay, healed after a while (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub(super) partition_every_s: f64,
+    /// The longest partition; each lasts between 0.5 s and this.
+    #[arg(long, default_value_t = 4.0)]
+    pub(super) partition_max_s: f64,
+    /// One-way delay the relay adds to every packet of every worker and the master.
+    #[arg(long, default_value_t = 0)]
+    pub(super) delay_ms: u64,
+    /// Extra delay per packet, uniform up to this.
+    #[arg(long, default_value_t = 0)]
+    pub(super) jitter_ms: u64,
+    /// Let jittered packets overtake each other (QUIC takes heavy reordering for loss
+    /// and slows down a lot: 3 ms of jitter on loopback cut a 4-peer run to a tenth).
+    #[arg(long)]
+    pub(super) reorder: bool,
+    /// Probability that the relay loses a packet (0 to below 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub(super) loss: f64,
     /// Overlapped (non-blocking) all-reduces in the workers, as async DiLoCo runs them:
     /// two in flight per round (`phalanx worker --overlap`), checked like blocking ones.
     #[arg(long = "async")]
@@ -120,7 +140,27 @@ impl ChurnArgs {
         self.peer_timeout_ms + self.slack_ms
     }
 
+    /// Whether the workers and the master talk through the test relay.
+    pub(super) fn uses_relay(&self) -> bool {
+        self.partition_every_s > 0.0 || self.delay_ms > 0 || self.jitter_ms > 0 || self.loss > 0.0
+    }
+
+    /// What the relay does to every packet.
+    pub(super) fn shaping(&self) -> phalanx::relay::Shaping {
+        use std::time::Duration;
+        phalanx::relay::Shaping::default()
+            .delay(Duration::from_millis(self.delay_ms))
+            .jitter(Duration::from_millis(self.jitter_ms), self.reorder)
+            .loss(self.loss)
+    }
+
     pub(super) fn validate(&self) -> Result<(), String> {
+        if !(0.0..1.0).contains(&self.loss) {
+            return Err(format!("--loss {} must be at least 0 and below 1", self.loss));
+        }
+        if self.partition_every_s > 0.0 && self.partition_max_s < 0.5 {
+            return Err("--partition-max-s must be at least 0.5".into());
+        }
         if self.peers == 0 {
             return Err("--peers must be at least 1".into());
         }

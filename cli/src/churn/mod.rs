@@ -82,12 +82,17 @@ enum Fate {
     /// Frozen, then SIGCONTed.
     Resumed,
     Leaving,
+    /// Cut off from the master through the relay (it is removed, and exits with
+    /// `Removed`, when the partition outlasts the timeouts).
+    Partitioned,
     /// Killed by the harness at the end of the run.
     Ended,
 }
 
 struct Worker {
     name: String,
+    /// Its bound address, when it talks through the relay.
+    addr: Option<std::net::SocketAddr>,
     role: Role,
     child: Child,
     stdin: Option<ChildStdin>,
@@ -165,6 +170,9 @@ struct Harness {
     sums_pending: usize,
     master: Option<Child>,
     master_addr: Option<String>,
+    /// The test relay every packet crosses, with network faults on (`--loss`,
+    /// `--partition-every-s`, ...), and the master's real address behind it.
+    relay: Option<(phalanx::relay::Relay, std::net::SocketAddr)>,
     master_stderr: Option<Arc<Mutex<VecDeque<String>>>>,
     master_eof: bool,
     workers: Vec<Worker>,
@@ -210,6 +218,7 @@ impl Harness {
             sums_pending: 0,
             master: None,
             master_addr: None,
+            relay: None,
             master_stderr: None,
             master_eof: false,
             workers: Vec::new(),
@@ -300,13 +309,14 @@ impl Harness {
         let count = |a: &str| self.done.iter().filter(|d| d.action == a).count();
         eprintln!(
             "churn +{el:>5.1}s: step {}, {steps} steps ({:.1}/s), {members} members, {alive} workers running, \
-             kills {}, freezes {}, joins {}, leaves {}, aborted {}, violations {}",
+             kills {}, freezes {}, joins {}, leaves {}, partitions {}, aborted {}, violations {}",
             self.last_step().map_or("-".to_string(), |s| s.to_string()),
             steps as f64 / el.max(1e-3),
             count("kill"),
             count("freeze"),
             count("join"),
             count("leave"),
+            count("partition"),
             self.aborted,
             self.violation_count,
         );
@@ -397,6 +407,9 @@ fn run_churn(args: ChurnArgs) -> Result<i32, String> {
     }
     if h.master_addr.is_none() {
         return Err(setup(&h, "the master did not report its address within 30 s"));
+    }
+    if args.uses_relay() {
+        h.start_relay()?;
     }
     let first = h.start_worker(Role::Initial, None)?;
     h.pump(Instant::now() + Duration::from_secs(30), &|h| h.workers[first].id.is_some() || h.workers[first].eof);

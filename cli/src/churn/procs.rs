@@ -13,6 +13,8 @@ use serde_json::json;
 use super::schedule::{Action, Planned, Thaw};
 use super::{Done, Fate, Harness, Msg, Role, Worker};
 use crate::now_ms;
+use phalanx::relay::{free_udp_addr, Relay};
+use std::net::SocketAddr;
 
 /// Signals and process control: Linux/Unix system calls, declared here (no libc crate).
 #[cfg(unix)]
@@ -168,10 +170,33 @@ impl Harness {
         Ok(())
     }
 
+    /// Puts the relay between the master and every worker to come: they dial its front
+    /// for the master, and each advertises a front of its own for its peers.
+    pub(super) fn start_relay(&mut self) -> Result<(), String> {
+        let real: SocketAddr = self.master_addr.as_deref().and_then(|a| a.parse().ok()).ok_or("no master address")?;
+        let relay = Relay::start(self.args.seed, self.args.shaping()).map_err(|e| format!("relay: {e}"))?;
+        let front = relay.front(real).map_err(|e| format!("relay front for the master: {e}"))?;
+        self.timeline.push(json!({
+            "t": now_ms(), "source": "harness", "event": "relay", "master": real.to_string(), "front": front.to_string(),
+            "delay_ms": self.args.delay_ms, "jitter_ms": self.args.jitter_ms, "reorder": self.args.reorder,
+            "loss": self.args.loss,
+        }));
+        self.master_addr = Some(front.to_string());
+        self.relay = Some((relay, real));
+        Ok(())
+    }
+
     pub(super) fn start_worker(&mut self, role: Role, perturb_at: Option<u64>) -> Result<usize, String> {
         let w = self.workers.len();
         let master = self.master_addr.clone().ok_or("no master address")?;
         let mut args: Vec<String> = vec!["worker".into(), "--master".into(), master];
+        let mut addr = None;
+        if let Some((relay, _)) = &self.relay {
+            let bind = free_udp_addr().map_err(|e| format!("a port for a worker: {e}"))?;
+            let front = relay.front(bind).map_err(|e| format!("relay front for a worker: {e}"))?;
+            args.extend(["--bind".into(), bind.to_string(), "--advertise".into(), front.to_string()]);
+            addr = Some(bind);
+        }
         for (k, v) in [
             ("--len", self.args.len as u64),
             ("--heartbeat-ms", self.args.heartbeat_ms),
@@ -199,6 +224,7 @@ impl Harness {
         self.timeline.push(json!({ "t": t, "source": "harness", "event": "spawn", "worker": name, "pid": pid }));
         self.workers.push(Worker {
             name,
+            addr,
             role,
             stdin: child.stdin.take(),
             child,
@@ -284,6 +310,12 @@ impl Harness {
                 }
                 wk.fate = Fate::Leaving;
             }
+            Action::Partition => {
+                if let (Some((relay, master)), Some(addr)) = (&self.relay, wk.addr) {
+                    relay.cut_between(addr, *master);
+                }
+                wk.fate = Fate::Partitioned;
+            }
             Action::Join => unreachable!(),
         }
         let name = wk.name.clone();
@@ -294,15 +326,24 @@ impl Harness {
         }
         if let Some((ms, thaw)) = p.freeze {
             e["freeze_ms"] = json!(ms);
-            e["then"] = json!(if thaw == Thaw::Kill { "kill" } else { "cont" });
+            e["then"] = json!(thaw.name());
         }
         self.timeline.push(e);
         Ok(())
     }
 
-    /// Ends the freeze of worker `w`.
+    /// Ends the freeze or partition of worker `w`.
     pub(super) fn thaw(&mut self, w: usize, thaw: Thaw) {
         let t = now_ms();
+        if thaw == Thaw::Heal {
+            // Healed whether or not the worker is still there: its address is free again.
+            if let (Some((relay, master)), Some(addr)) = (&self.relay, self.workers[w].addr) {
+                relay.heal_between(addr, *master);
+            }
+            let name = self.workers[w].name.clone();
+            self.timeline.push(json!({ "t": t, "source": "harness", "event": "heal", "target": name }));
+            return;
+        }
         let wk = &mut self.workers[w];
         if !wk.running() {
             return;
@@ -315,6 +356,7 @@ impl Harness {
                 let _ = wk.child.kill();
                 wk.fate = Fate::FrozenKilled;
             }
+            Thaw::Heal => unreachable!("handled above"),
             Thaw::Cont => {
                 sys::send(wk.pid, sys::SIGCONT);
                 wk.fate = Fate::Resumed;

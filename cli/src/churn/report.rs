@@ -44,6 +44,12 @@ fn figures(h: &Harness, s: &Summary) -> Value {
         "freezes_then_resumed": h.workers.iter().filter(|w| w.fate == Fate::Resumed).count(),
         "joins": count(h, "join"),
         "leaves": count(h, "leave"),
+        "partitions": count(h, "partition"),
+        "partitioned_then_removed": h
+            .workers
+            .iter()
+            .filter(|w| w.fate == Fate::Partitioned && w.error.as_ref().is_some_and(|e| e["kind"] == "Removed"))
+            .count(),
         "steps_completed": s.steps_completed,
         "peer_steps": s.peer_steps,
         "aborted_collectives": h.aborted,

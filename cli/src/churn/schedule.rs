@@ -11,6 +11,8 @@ pub(super) enum Action {
     Freeze,
     Join,
     Leave,
+    /// Cut a worker off from the master through the relay.
+    Partition,
 }
 
 impl Action {
@@ -20,15 +22,28 @@ impl Action {
             Action::Freeze => "freeze",
             Action::Join => "join",
             Action::Leave => "leave",
+            Action::Partition => "partition",
         }
     }
 }
 
-/// What follows a freeze.
+/// What ends a freeze or a partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Thaw {
     Kill,
     Cont,
+    /// The partition heals.
+    Heal,
+}
+
+impl Thaw {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Thaw::Kill => "kill",
+            Thaw::Cont => "cont",
+            Thaw::Heal => "heal",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -38,7 +53,7 @@ pub(super) struct Planned {
     pub(super) action: Action,
     /// Index of the worker (`w<index>`): acted on, or started by a join.
     pub(super) target: usize,
-    /// Freezes: how long, and what then.
+    /// Freezes and partitions: how long, and what then.
     pub(super) freeze: Option<(u64, Thaw)>,
 }
 
@@ -47,7 +62,7 @@ impl Planned {
         let mut v = json!({ "at_ms": self.at_ms, "action": self.action.name(), "target": format!("w{}", self.target) });
         if let Some((ms, thaw)) = self.freeze {
             v["freeze_ms"] = json!(ms);
-            v["then"] = json!(if thaw == Thaw::Kill { "kill" } else { "cont" });
+            v["then"] = json!(thaw.name());
         }
         v
     }
@@ -55,7 +70,12 @@ impl Planned {
     pub(super) fn describe(&self) -> String {
         let mut s = format!("+{:>7.3}s {:<6} w{}", self.at_ms as f64 / 1e3, self.action.name(), self.target);
         if let Some((ms, thaw)) = self.freeze {
-            s += &format!(" for {ms} ms, then {}", if thaw == Thaw::Kill { "SIGKILL" } else { "SIGCONT" });
+            let then = match thaw {
+                Thaw::Kill => "SIGKILL",
+                Thaw::Cont => "SIGCONT",
+                Thaw::Heal => "heal",
+            };
+            s += &format!(" for {ms} ms, then {then}");
         }
         s
     }
@@ -72,6 +92,7 @@ pub(super) fn schedule(args: &ChurnArgs, horizon_s: f64) -> Vec<Planned> {
         (args.freeze_every_s, Action::Freeze),
         (args.join_every_s, Action::Join),
         (args.leave_every_s, Action::Leave),
+        (args.partition_every_s, Action::Partition),
     ]
     .into_iter()
     .enumerate()
@@ -111,10 +132,14 @@ pub(super) fn schedule(args: &ChurnArgs, horizon_s: f64) -> Vec<Planned> {
             continue;
         }
         let target = untouched.remove(rng.below(untouched.len()));
-        let freeze = (action == Action::Freeze).then(|| {
-            let ms = (500.0 + rng.unit() * (args.freeze_max_s * 1e3 - 500.0)) as u64;
-            (ms, if rng.next_u64() & 1 == 0 { Thaw::Kill } else { Thaw::Cont })
-        });
+        let freeze = match action {
+            Action::Freeze => {
+                let ms = (500.0 + rng.unit() * (args.freeze_max_s * 1e3 - 500.0)) as u64;
+                Some((ms, if rng.next_u64() & 1 == 0 { Thaw::Kill } else { Thaw::Cont }))
+            }
+            Action::Partition => Some(((500.0 + rng.unit() * (args.partition_max_s * 1e3 - 500.0)) as u64, Thaw::Heal)),
+            _ => None,
+        };
         plan.push(Planned { at_ms, action, target, freeze });
     }
     plan
