@@ -42,6 +42,11 @@ pub mod quant;
 /// loss, a rate limit and partitions between processes on 127.0.0.1.
 #[cfg(any(test, feature = "testing"))]
 pub mod relay;
+/// Test support behind the `testing` feature: the seeded generator of schedules (the
+/// churn harness draws its fault schedule from it). Inside the crate it always exists.
+#[cfg(any(test, feature = "testing"))]
+pub mod rng;
+#[cfg(not(any(test, feature = "testing")))]
 pub(crate) mod rng;
 /// Test support behind the `testing` feature: the deterministic plan simulator, for the
 /// churn harness and the tests. Not part of the stable API.

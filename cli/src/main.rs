@@ -3,7 +3,6 @@
 mod bench;
 mod churn;
 mod relay;
-mod rng;
 mod worker;
 
 use std::net::SocketAddr;

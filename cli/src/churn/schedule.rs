@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use super::args::ChurnArgs;
-use crate::rng::SplitMix64;
+use phalanx::rng::SplitMix64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Action {
@@ -131,7 +131,7 @@ pub(super) fn schedule(args: &ChurnArgs, horizon_s: f64) -> Vec<Planned> {
         if untouched.len() <= args.min_peers {
             continue;
         }
-        let target = untouched.remove(rng.below(untouched.len()));
+        let target = untouched.remove(rng.below(untouched.len() as u64) as usize);
         let freeze = match action {
             Action::Freeze => {
                 let ms = (500.0 + rng.unit() * (args.freeze_max_s * 1e3 - 500.0)) as u64;
