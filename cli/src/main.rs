@@ -46,9 +46,13 @@ struct MasterArgs {
     /// Cluster secret peers must prove; also read from PHALANX_SECRET.
     #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// A peer silent for this long is removed.
+    /// A peer silent for this long is removed (when its heartbeats come regularly).
     #[arg(long, default_value_t = phalanx::membership::master::DEFAULT_PEER_TIMEOUT_MS)]
     peer_timeout_ms: u64,
+    /// How far the timeout of a peer whose heartbeats come irregularly may grow (raise
+    /// it for a jittery WAN; at most the peer timeout for a fixed one).
+    #[arg(long, default_value_t = phalanx::membership::master::DEFAULT_MAX_PEER_TIMEOUT_MS)]
+    max_peer_timeout_ms: u64,
 }
 
 /// QUIC settings with the cluster secret, if any.
@@ -73,7 +77,11 @@ pub(crate) fn emit(value: serde_json::Value) {
 }
 
 fn run_master(args: MasterArgs) -> Result<(), String> {
-    let config = MasterConfig { peer_timeout: Duration::from_millis(args.peer_timeout_ms), ..MasterConfig::default() };
+    let config = MasterConfig {
+        peer_timeout: Duration::from_millis(args.peer_timeout_ms),
+        max_peer_timeout: Duration::from_millis(args.max_peer_timeout_ms),
+        ..MasterConfig::default()
+    };
     // Master::start also listens for the peers' liveness connections (TCP, same port).
     let master = Master::start(args.listen, quic_config(args.secret.as_deref()), config).map_err(|e| e.to_string())?;
     emit(serde_json::json!({ "event": "listening", "addr": master.addr().to_string(), "t": now_ms() }));

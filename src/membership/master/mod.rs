@@ -27,6 +27,7 @@ use super::protocol::{AbortReason, Removal, ToMaster, ToPeer};
 use super::view::{Member, PeerId, View};
 use tally::{Begin, Recipients, Roster, Said, Tallies, Word};
 
+mod silence;
 mod sync_plan;
 mod tally;
 
@@ -41,11 +42,22 @@ pub type ConnId = u64;
 /// from a death to the survivors' next successful collective under one second.
 pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 750;
 
+/// Default [`MasterConfig::max_peer_timeout`] in milliseconds: how far a peer whose
+/// heartbeats arrive irregularly may stretch its timeout. One second keeps a frozen
+/// peer's removal within a second whatever its history; raise it for a jittery WAN.
+pub const DEFAULT_MAX_PEER_TIMEOUT_MS: u64 = 1000;
+
 /// Settings of the master.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MasterConfig {
-    /// A member silent for this long is removed (peers send heartbeats more often).
+    /// A member silent for this long is removed (peers send heartbeats more often),
+    /// unless its heartbeats have been arriving irregularly: then its timeout grows
+    /// with the spread of its intervals, up to `max_peer_timeout` (see the `silence`
+    /// module: a phi-accrual-like detector).
     pub peer_timeout: Duration,
+    /// The most an adapted timeout may grow to; equal to `peer_timeout` for a fixed
+    /// timeout.
+    pub max_peer_timeout: Duration,
     /// At most this many joiners wait for admission; more are refused.
     pub max_pending: usize,
     /// The first view forms once this many peers have joined (ranked by peer id);
@@ -61,6 +73,7 @@ impl Default for MasterConfig {
     fn default() -> Self {
         MasterConfig {
             peer_timeout: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS),
+            max_peer_timeout: Duration::from_millis(DEFAULT_MAX_PEER_TIMEOUT_MS),
             max_pending: 256,
             initial_peers: 1,
             liveness: true,
@@ -83,6 +96,14 @@ struct Peer {
     addr: SocketAddr,
     conn: ConnId,
     last_seen: Instant,
+    arrivals: silence::Arrivals,
+}
+
+impl Peer {
+    /// How long this peer may stay silent (see the `silence` module).
+    fn timeout(&self, config: &MasterConfig) -> Duration {
+        self.arrivals.timeout(config.peer_timeout, config.max_peer_timeout)
+    }
 }
 
 /// The master's whole state.
@@ -122,7 +143,7 @@ impl MasterState {
 
     /// When the next timeout can expire, for the driver's timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.members.iter().chain(&self.pending).map(|p| p.last_seen + self.config.peer_timeout).min()
+        self.members.iter().chain(&self.pending).map(|p| p.last_seen + p.timeout(&self.config)).min()
     }
 
     /// A message arrived on `conn`.
@@ -137,6 +158,7 @@ impl MasterState {
         };
         if let Some(p) = self.members.iter_mut().chain(self.pending.iter_mut()).find(|p| p.id == id) {
             p.last_seen = now;
+            p.arrivals.heard(now);
         }
         let is_member = self.members.iter().any(|p| p.id == id);
         match msg {
@@ -208,18 +230,20 @@ impl MasterState {
     /// deadline counts, so that a driver woken at [`MasterState::next_deadline`] always
     /// makes progress.)
     pub fn tick(&mut self, now: Instant) -> Vec<Output> {
-        let timeout = self.config.peer_timeout;
-        let silent: Vec<PeerId> = self
+        let silent: Vec<(PeerId, Duration)> = self
             .members
             .iter()
             .chain(&self.pending)
-            .filter(|p| now.saturating_duration_since(p.last_seen) >= timeout)
-            .map(|p| p.id)
+            .map(|p| (p, p.timeout(&self.config)))
+            .filter(|(p, timeout)| now.saturating_duration_since(p.last_seen) >= *timeout)
+            .map(|(p, timeout)| (p.id, timeout))
             .collect();
         let mut out = Vec::new();
-        if !silent.is_empty() {
-            let detail = format!("no heartbeat for {} ms", timeout.as_millis());
-            self.remove(&silent, &detail, &mut out);
+        if let Some(&(_, longest)) = silent.iter().max_by_key(|(_, t)| *t) {
+            // One removal (one new epoch) for all of them.
+            let detail = format!("no heartbeat for {} ms", longest.as_millis());
+            let ids: Vec<PeerId> = silent.iter().map(|(id, _)| *id).collect();
+            self.remove(&ids, &detail, &mut out);
         }
         out
     }
@@ -234,7 +258,9 @@ impl MasterState {
             return;
         }
         self.conns.insert(conn, id);
-        self.pending.push(Peer { id, addr, conn, last_seen: now });
+        let mut arrivals = silence::Arrivals::default();
+        arrivals.heard(now);
+        self.pending.push(Peer { id, addr, conn, last_seen: now, arrivals });
         if self.members.is_empty() && (self.epoch > 0 || self.pending.len() >= self.config.initial_peers) {
             self.admit_pending(out);
         } else {
@@ -346,7 +372,11 @@ mod tests {
 
     /// A master with members 1..=n joined through update_topology; conn i is peer i.
     pub(super) fn group(n: u64) -> (MasterState, Instant) {
-        let mut m = MasterState::new(MasterConfig::default());
+        group_with(n, MasterConfig::default())
+    }
+
+    fn group_with(n: u64, config: MasterConfig) -> (MasterState, Instant) {
+        let mut m = MasterState::new(config);
         let now = Instant::now();
         for i in 1..=n {
             m.handle(i, ToMaster::Join { id: i, data_addr: addr(i) }, now);
@@ -392,6 +422,31 @@ mod tests {
         let out = m.tick(now + timeout);
         assert_eq!(m.view().members.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
         assert!(out.iter().any(|o| matches!(o, Output::Close(2, _))));
+    }
+
+    /// A peer whose heartbeats have been coming late now and then is given a longer
+    /// timeout than one whose heartbeats come like clockwork: the same 1.2 s silence
+    /// removes the steady one and not the jittery one, which is removed once it passes
+    /// its own, adapted timeout (below the ceiling).
+    #[test]
+    fn irregular_heartbeats_stretch_a_peers_timeout_up_to_the_ceiling() {
+        let config = MasterConfig { max_peer_timeout: Duration::from_millis(3000), ..MasterConfig::default() };
+        let (mut m, mut now) = group_with(2, config);
+        for i in 0..80 {
+            now += Duration::from_millis(150);
+            m.handle(1, ToMaster::Heartbeat, now);
+            if i % 5 < 2 {
+                m.handle(2, ToMaster::Heartbeat, now); // peer 2: gaps of 150 and 600 ms
+            }
+        }
+        let silent = now + Duration::from_millis(1200);
+        assert!(m.next_deadline().is_some_and(|d| d <= now + config.peer_timeout), "peer 1 keeps the floor");
+        let out = m.tick(silent);
+        assert_eq!(m.view().members.iter().map(|p| p.id).collect::<Vec<_>>(), vec![2], "{out:?}");
+        let deadline = m.next_deadline().expect("peer 2's deadline");
+        assert!(deadline > silent && deadline <= now + config.max_peer_timeout, "{:?}", deadline - now);
+        m.tick(deadline);
+        assert!(m.view().members.is_empty(), "removed at its own timeout");
     }
 
     #[test]
