@@ -28,6 +28,19 @@ pub struct BenchArgs {
     /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
     #[arg(long, default_value_t = (phalanx::collective::DEFAULT_CHUNK_BYTES >> 10) as u64)]
     pub(super) chunk_kib: u64,
+    /// Run the all-reduce groups through the test relay (`phalanx::relay`) with this
+    /// one-way delay on every path, as over a WAN.
+    #[arg(long)]
+    pub(super) relay_delay_ms: Option<u64>,
+    /// Relay: bottleneck rate of each direction of each path, in Mbit/s.
+    #[arg(long)]
+    pub(super) relay_rate_mbit: Option<f64>,
+    /// Relay: probability that a packet is lost.
+    #[arg(long, default_value_t = 0.0)]
+    pub(super) relay_loss: f64,
+    /// Relay: put only the master behind it; the peers' data links stay direct.
+    #[arg(long)]
+    pub(super) relay_master_only: bool,
     /// Also write the whole report as JSON to this file.
     #[arg(long)]
     pub(super) json: Option<PathBuf>,
@@ -80,6 +93,12 @@ pub struct PeerArgs {
     /// The master's address (group modes).
     #[arg(long)]
     pub(super) master: Option<SocketAddr>,
+    /// Where the peer accepts data links.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub(super) bind: SocketAddr,
+    /// The data address the other peers dial (a relay's front); default: the bound one.
+    #[arg(long)]
+    pub(super) advertise: Option<SocketAddr>,
     /// Cluster secret; also read from PHALANX_SECRET.
     #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
     pub(super) secret: Option<String>,
@@ -140,4 +159,23 @@ fn parse_size(s: &str) -> Result<usize, String> {
         return Err(format!("size {s:?} must be a positive multiple of 4 bytes (f32)"));
     }
     Ok(bytes)
+}
+
+impl BenchArgs {
+    /// The relay the all-reduce groups run through, if any `--relay-*` option asks for one.
+    pub(super) fn relay(&self) -> Result<Option<phalanx::relay::Relay>, String> {
+        if self.relay_delay_ms.is_none() && self.relay_rate_mbit.is_none() && self.relay_loss == 0.0 {
+            return Ok(None);
+        }
+        if !(0.0..1.0).contains(&self.relay_loss) {
+            return Err(format!("--relay-loss {} must be at least 0 and below 1", self.relay_loss));
+        }
+        let mut shaping = phalanx::relay::Shaping::default()
+            .delay(std::time::Duration::from_millis(self.relay_delay_ms.unwrap_or(0)))
+            .loss(self.relay_loss);
+        if let Some(mbit) = self.relay_rate_mbit {
+            shaping = shaping.rate_mbit(mbit);
+        }
+        phalanx::relay::Relay::start(1, shaping).map(Some).map_err(|e| format!("relay: {e}"))
+    }
 }

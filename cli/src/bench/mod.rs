@@ -133,6 +133,15 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "settings: chunk {} KiB, {} connection(s) per link, iters {} (x up to 16 below 64 MiB), warm-up {}",
         args.chunk_kib, args.connections_per_link, args.iters, args.warmup
     );
+    if args.relay()?.is_some() {
+        println!(
+            "relay: all-reduce groups through the test relay, {} ms one way, {}, loss {}{}",
+            args.relay_delay_ms.unwrap_or(0),
+            args.relay_rate_mbit.map_or("no rate limit".to_string(), |r| format!("{r} Mbit/s per direction")),
+            args.relay_loss,
+            if args.relay_master_only { ", master only (data links direct)" } else { "" }
+        );
+    }
 
     // Raw QUIC before each group size and once more after the last, so that every
     // all-reduce figure has a raw figure measured just before and just after it.

@@ -57,6 +57,8 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
         },
         tuning: Tuning { chunk_bytes: (args.chunk_kib as usize) << 10, ..Tuning::default() },
         retry: if recovery { RetryPolicy::OnPeerLost { max_attempts: 3 } } else { RetryPolicy::Never },
+        bind: args.bind,
+        advertise: args.advertise,
         ..ConnectOptions::default()
     };
     let mut comm = Communicator::connect(master, options).map_err(|e| fail("join", &e))?;

@@ -24,6 +24,16 @@ pub(super) struct Peers {
 
 impl Peers {
     pub(super) fn spawn(n: usize, peer_args: &[String], secret: &str) -> Result<Peers, String> {
+        Peers::spawn_each(n, peer_args, secret, |_| Vec::new())
+    }
+
+    /// [`Peers::spawn`] with more arguments for peer `i` from `own(i)`.
+    pub(super) fn spawn_each(
+        n: usize,
+        peer_args: &[String],
+        secret: &str,
+        own: impl Fn(usize) -> Vec<String>,
+    ) -> Result<Peers, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let (tx, lines) = mpsc::channel();
         let mut peers = Peers { children: Vec::new(), lines, killed: Vec::new(), finished: Vec::new() };
@@ -31,6 +41,7 @@ impl Peers {
             let mut child = Command::new(&exe)
                 .arg("bench-peer")
                 .args(peer_args)
+                .args(own(i))
                 .env("PHALANX_SECRET", secret)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())

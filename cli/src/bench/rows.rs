@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::pool::{heartbeat_for, peer_args, start_master, Peers};
 use super::{gbps, load_average, show_size, BenchArgs};
+use phalanx::relay::free_udp_addr;
 
 #[derive(Clone, Debug)]
 pub(super) struct Row {
@@ -53,7 +54,23 @@ impl Row {
 
 pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<Vec<Row>, String> {
     let master = start_master(secret, args.peer_timeout_ms, true)?;
-    let mut peers = Peers::spawn(n, &peer_args(args, master.addr(), n, heartbeat_for(args.peer_timeout_ms)), secret)?;
+    let relay = args.relay()?;
+    let (master_addr, fronts) = match &relay {
+        None => (master.addr(), Vec::new()),
+        Some(relay) => {
+            let front = relay.front(master.addr()).map_err(|e| format!("relay: {e}"))?;
+            let mut fronts = Vec::new();
+            for _ in 0..n {
+                let bind = free_udp_addr().map_err(|e| format!("a port: {e}"))?;
+                let advertise =
+                    if args.relay_master_only { bind } else { relay.front(bind).map_err(|e| e.to_string())? };
+                fronts.push(vec![format!("--bind={bind}"), format!("--advertise={advertise}")]);
+            }
+            (front, fronts)
+        }
+    };
+    let pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
+    let mut peers = Peers::spawn_each(n, &pargs, secret, |i| fronts.get(i).cloned().unwrap_or_default())?;
     // Per size: per rank the iteration times.
     let mut results: HashMap<usize, Vec<RankResult>> = HashMap::new();
     let mut done = 0;
