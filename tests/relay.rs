@@ -12,6 +12,7 @@ use common::with_timeout;
 use phalanx::comm::ConnectOptions;
 use phalanx::relay::{free_udp_addr, Relay, Shaping};
 use phalanx::{Communicator, Error, Master, MasterConfig, QuicConfig, ReduceOp};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const SECRET: &str = "relay-test-secret-0123456789abcdef";
 
@@ -166,5 +167,73 @@ fn a_peer_cut_from_the_master_is_removed_told_and_rejoins_after_healing() {
             c.all_reduce(&mut x, ReduceOp::Sum).map(|()| (c.size(), x[0]))
         });
         assert!(outs.iter().all(|o| *o == Ok((3, 3.0))), "{outs:?}");
+    });
+}
+
+/// A group split 2/1 on its data paths, every member still talking to the master: the
+/// two that lost their links to the third report it, the master removes it (a majority
+/// of the others cannot reach it), and only the side of two commits from then on; the
+/// third gets `Removed` and never completes a collective after the cut.
+#[test]
+fn a_split_group_goes_on_on_the_majority_side_only() {
+    with_timeout(180, || {
+        let n = net(9, Shaping::default(), Duration::from_millis(750), 3);
+        // Quick link-failure detection: a path that carries nothing for 1.5 s is dead.
+        let quic = QuicConfig {
+            idle_timeout: Duration::from_millis(1500),
+            keep_alive: Some(Duration::from_millis(300)),
+            handshake_timeout: Duration::from_secs(2),
+            ..QuicConfig::with_secret(SECRET)
+        };
+        let front = n.master_front;
+        let mut peers: Vec<(Communicator, SocketAddr)> = std::thread::scope(|s| {
+            let joins: Vec<_> = [1u64, 2, 3]
+                .iter()
+                .map(|&id| {
+                    let (options, bind) = n.peer(id);
+                    let options = options.quic(quic.clone());
+                    s.spawn(move || (Communicator::connect(front, options).expect("connect"), bind))
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        peers.sort_by_key(|(c, _)| c.rank());
+        // Links up, then the split: {1, 2} | {3} on the data paths only. 100k elements
+        // take the ring, in which both 1 and 2 talk to 3, so both can witness the cut.
+        let outs = on_each(&mut peers, |c| {
+            let mut x = vec![1f32; 100_000];
+            c.all_reduce(&mut x, ReduceOp::Sum).map(|()| x[0])
+        });
+        assert!(outs.iter().all(|o| *o == Ok(3.0)), "{outs:?}");
+        let (a, b, c) = (peers[0].1, peers[1].1, peers[2].1);
+        n.relay.partition(&[&[a, b], &[c]]);
+        let committed_by_the_lone_one = AtomicBool::new(false);
+        let results = std::thread::scope(|s| {
+            let lone = &committed_by_the_lone_one;
+            let handles: Vec<_> = peers
+                .iter_mut()
+                .enumerate()
+                .map(|(r, (comm, _))| {
+                    s.spawn(move || loop {
+                        let mut x = vec![1f32; 100_000];
+                        match comm.all_reduce(&mut x, ReduceOp::Sum) {
+                            Ok(()) if r == 2 => lone.store(true, Ordering::Relaxed),
+                            Ok(()) if comm.size() == 2 => return Ok(x[0]),
+                            Ok(()) => {}
+                            Err(e) if e.is_retryable() => {
+                                let _ = comm.update_topology();
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        });
+        eprintln!("split: {results:?}");
+        assert_eq!(results[0], Ok(2.0), "the majority side goes on");
+        assert_eq!(results[1], Ok(2.0), "the majority side goes on");
+        assert!(matches!(results[2], Err(Error::Removed { .. })), "the cut-off member is told: {:?}", results[2]);
+        assert!(!committed_by_the_lone_one.load(Ordering::Relaxed), "the lone member committed after the cut");
     });
 }

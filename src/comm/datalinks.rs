@@ -34,11 +34,31 @@ pub(crate) struct DataLinks {
     epoch: std::sync::atomic::AtomicU64,
     /// Frames each link's [`Demux`] queues per collective.
     queue_frames: usize,
+    /// Told `(epoch, peer)` when a link to `peer` cannot be opened: a witness
+    /// statement for the master (see [`DataLinks::on_unreachable`]).
+    witness: Mutex<Option<Witness>>,
 }
+
+type Witness = Arc<dyn Fn(u64, PeerId) + Send + Sync>;
 
 impl DataLinks {
     pub(crate) fn new(me: PeerId, endpoint: Arc<dyn Endpoint>, queue_frames: usize) -> Arc<DataLinks> {
-        Arc::new(DataLinks { me, endpoint, slots: Mutex::new(HashMap::new()), epoch: Default::default(), queue_frames })
+        Arc::new(DataLinks {
+            me,
+            endpoint,
+            slots: Mutex::new(HashMap::new()),
+            epoch: Default::default(),
+            queue_frames,
+            witness: Mutex::new(None),
+        })
+    }
+
+    /// Calls `witness(epoch, peer)` whenever a link to `peer` cannot be opened, even
+    /// when the collective that asked for it has given up meanwhile (the attempt runs
+    /// on): the master counts such statements to tell which side of a split group a
+    /// member is on.
+    pub(crate) fn on_unreachable(&self, witness: impl Fn(u64, PeerId) + Send + Sync + 'static) {
+        *self.witness.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(witness));
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<Slot>>> {
@@ -72,13 +92,19 @@ impl DataLinks {
             // closes under its next collective ("closed by the peer (code 0)"). The
             // finished link is stored for whoever asks next.
             let (endpoint, hello, frames) = (self.endpoint.clone(), data_hello(self.me), self.queue_frames);
-            let addr = peer.addr;
+            let (addr, id) = (peer.addr, peer.id);
+            let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+            let witness = self.witness.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let connecting = tokio::spawn(async move {
                 let _one_at_a_time = slot.connecting.lock().await;
                 if let Some(d) = slot.demux.borrow().as_ref().filter(|d| !d.is_closed()) {
                     return Ok(d.clone());
                 }
-                let link = endpoint.connect(addr, hello).await?;
+                let link = endpoint.connect(addr, hello).await.inspect_err(|_| {
+                    if let Some(witness) = &witness {
+                        witness(epoch, id);
+                    }
+                })?;
                 let demux = Demux::with_capacity(link, frames);
                 slot.demux.send_replace(Some(demux.clone()));
                 Ok(demux)

@@ -25,6 +25,7 @@ use crate::exec::{execute, Call};
 use crate::membership::client::ControlClient;
 use crate::membership::liveness;
 use crate::membership::peer::{Begun, OpKind, PeerConfig, Retry};
+use crate::membership::protocol::ToMaster;
 use crate::membership::{PeerId, View};
 use crate::op::CustomOp;
 use crate::plan::Rank;
@@ -109,6 +110,12 @@ impl AsyncPeer {
                 return Err(e);
             }
         };
+        let witness = Arc::downgrade(&control);
+        links.on_unreachable(move |epoch, peer| {
+            if let Some(control) = witness.upgrade() {
+                control.send(ToMaster::Unreachable { epoch, peer });
+            }
+        });
         let liveness = match options.liveness {
             true => match liveness::register(master, id, options.quic.secret.as_deref()).await {
                 Ok(stream) => Some(stream),

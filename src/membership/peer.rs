@@ -383,11 +383,15 @@ impl PeerState {
 
     /// The collective `key` ended locally with `local`: the report for the master.
     pub fn end(&mut self, key: OpKey, local: &Result<()>) -> ToMaster {
+        // A loss is this peer's own observation only while nothing stopped the
+        // collective: once aborted, its executor returns the abort's reason, and echoing
+        // a relayed loss back as a broken link would make every member a witness.
+        let stopped = self.ops.get(&key).is_some_and(|r| r.abort.is_some() || r.decision.is_some());
         let result = match local {
             Ok(()) => OpResult::Ok,
             Err(Error::Mismatch { detail }) => OpResult::Mismatch(detail.clone()),
             Err(Error::InvalidArgument(detail)) => OpResult::Invalid(detail.clone()),
-            Err(Error::PeerLost { rank, reason }) => {
+            Err(Error::PeerLost { rank, reason }) if !stopped => {
                 OpResult::Lost { rank: u32::try_from(*rank).unwrap_or(u32::MAX), detail: reason.clone() }
             }
             Err(e) => OpResult::Failed(e.to_string()),

@@ -155,6 +155,15 @@ pub enum ToMaster {
         /// The sub-group's members.
         members: Vec<PeerId>,
     },
+    /// The member could not open, or lost, its data link to member `peer` in `epoch`
+    /// (a failed handshake, a link that timed out): a witness statement the master
+    /// counts to settle a split group (see `MasterState`).
+    Unreachable {
+        /// View epoch.
+        epoch: u64,
+        /// The member it cannot reach.
+        peer: PeerId,
+    },
 }
 
 /// Messages from the master to a peer.

@@ -439,6 +439,11 @@ impl Codec for ToMaster {
                 call.encode(bytes);
                 encode_vec(members, bytes);
             }
+            ToMaster::Unreachable { epoch, peer } => {
+                9u8.encode(bytes);
+                epoch.encode(bytes);
+                peer.encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -461,6 +466,7 @@ impl Codec for ToMaster {
                 call: u64::read(r)?,
                 members: r.read_vec("members")?,
             },
+            9 => ToMaster::Unreachable { epoch: u64::read(r)?, peer: u64::read(r)? },
             code => return Err(WireError::UnknownCode { what: "message to master", code }),
         })
     }

@@ -117,6 +117,12 @@ fn invalid_input_reports_round_trip_under_new_codes() {
 }
 
 #[test]
+fn an_unreachable_report_round_trips_under_a_new_code() {
+    let m = ToMaster::Unreachable { epoch: 4, peer: u64::MAX - 1 };
+    assert_eq!(ToMaster::decode(body(&m.encode())), Ok(m));
+}
+
+#[test]
 fn a_lost_link_report_round_trips_under_a_new_code() {
     let end = ToMaster::OpEnd { epoch: 1, seq: 2, result: OpResult::Lost { rank: 4, detail: "reset".into() } };
     let enc = end.encode();

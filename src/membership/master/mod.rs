@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::protocol::{AbortReason, Removal, ToMaster, ToPeer};
+use super::protocol::{AbortReason, OpResult, Removal, ToMaster, ToPeer};
 use super::view::{Member, PeerId, View};
 use tally::{Begin, Recipients, Roster, Said, Tallies, Word};
 
@@ -116,6 +116,8 @@ pub struct MasterState {
     conns: HashMap<ConnId, PeerId>,
     topo_votes: BTreeSet<PeerId>,
     tallies: Tallies,
+    /// This epoch's reports of broken links: suspect -> the members that lost it.
+    suspicions: HashMap<PeerId, BTreeSet<PeerId>>,
 }
 
 impl MasterState {
@@ -129,6 +131,7 @@ impl MasterState {
             conns: HashMap::new(),
             topo_votes: BTreeSet::new(),
             tallies: Tallies::default(),
+            suspicions: HashMap::new(),
         }
     }
     /// The current view.
@@ -167,6 +170,14 @@ impl MasterState {
             ToMaster::Leave => self.remove(&[id], "left the group", &mut out),
             _ if !is_member => {} // a pending joiner has nothing else to say yet
             ToMaster::UpdateTopology { .. } => self.vote_topology(id, &mut out),
+            ToMaster::Unreachable { epoch, peer } => {
+                if epoch == self.epoch {
+                    if let Some(rank) = self.members.iter().position(|p| p.id == peer) {
+                        self.suspect(id, rank as u32);
+                        self.remove_unreachable(&mut out);
+                    }
+                }
+            }
             msg => self.collective(id, msg, &mut out),
         }
         out
@@ -178,6 +189,7 @@ impl MasterState {
         let members: Vec<PeerId> = self.members.iter().map(|p| p.id).collect();
         let roster = Roster { members: &members, in_round: &self.topo_votes };
         let current = |epoch: u64| epoch == self.epoch;
+        let mut lost_link = None;
         let said = match msg {
             ToMaster::OpBegin { epoch, seq, call } if current(epoch) => {
                 self.tallies.begin(id, seq, Begin::Collective(call), &roster)
@@ -185,13 +197,49 @@ impl MasterState {
             ToMaster::SyncState { epoch, seq, strategy, tensors } if current(epoch) => {
                 self.tallies.begin(id, seq, Begin::Sync(strategy, tensors), &roster)
             }
-            ToMaster::OpEnd { epoch, seq, result } if current(epoch) => self.tallies.end(id, seq, result, &roster),
+            ToMaster::OpEnd { epoch, seq, result } if current(epoch) => {
+                if let OpResult::Lost { rank, .. } = &result {
+                    lost_link = Some(*rank);
+                }
+                self.tallies.end(id, seq, result, &roster)
+            }
             ToMaster::SubOpBegin { epoch, seq, call, members } if current(epoch) => {
                 self.tallies.begin_sub(id, seq, call, members, &roster)
             }
             _ => Vec::new(),
         };
         self.tell(said, out);
+        if let Some(rank) = lost_link {
+            self.suspect(id, rank);
+            self.remove_unreachable(out);
+        }
+    }
+
+    /// Records that member `reporter` lost its link to the member of rank `rank` in a
+    /// collective of this epoch (see [`MasterState::remove_unreachable`]).
+    fn suspect(&mut self, reporter: PeerId, rank: u32) {
+        if let Some(suspect) = self.members.get(rank as usize).map(|p| p.id).filter(|&s| s != reporter) {
+            self.suspicions.entry(suspect).or_default().insert(reporter);
+        }
+    }
+
+    /// Removes a member that more than half of the other members have lost their links
+    /// to in this epoch, although it still talks to the master: the group is split, and
+    /// the side with the master and the majority goes on, while the cut-off member is
+    /// told it was removed. Without this, members that all heartbeat the master would
+    /// abort and retry across the split forever. (In a group of two, one report is a
+    /// majority: the first reporter stays.)
+    fn remove_unreachable(&mut self, out: &mut Vec<Output>) {
+        let others = self.members.len().saturating_sub(1);
+        let members: BTreeSet<PeerId> = self.members.iter().map(|p| p.id).collect();
+        let cut = self.suspicions.iter().find_map(|(&suspect, reporters)| {
+            let count = reporters.iter().filter(|r| members.contains(r)).count();
+            (members.contains(&suspect) && others > 0 && count * 2 > others).then_some((suspect, count))
+        });
+        if let Some((suspect, count)) = cut {
+            let detail = format!("unreachable from {count} of the {others} other members");
+            self.remove(&[suspect], &detail, out);
+        }
     }
 
     /// Sends what the tallies said, each to its recipients among the members.
@@ -290,6 +338,7 @@ impl MasterState {
         let voided = self.tallies.epoch_ended(lost);
         self.tell(voided, out);
         self.epoch += 1;
+        self.suspicions.clear();
         // A topology round in progress goes on among the members that remain.
         let members: BTreeSet<PeerId> = self.members.iter().map(|p| p.id).collect();
         self.topo_votes.retain(|id| members.contains(id));
@@ -408,6 +457,35 @@ mod tests {
         assert_eq!(m.view().epoch, epoch + 1);
         let views = out.iter().filter(|o| matches!(o, Output::Send(_, ToPeer::View { .. }))).count();
         assert_eq!(views, 3, "old members and the joiner all learn the view");
+    }
+
+    /// A member that most others lost their links to is removed although it still
+    /// heartbeats (a split group); one report of two others is not enough.
+    #[test]
+    fn a_member_most_others_cannot_reach_is_removed() {
+        let (mut m, now) = group(3);
+        let lost = |rank| OpResult::Lost { rank, detail: "idle timeout".into() };
+        let epoch = m.view().epoch;
+        for conn in 1..=3 {
+            m.handle(conn, ToMaster::OpBegin { epoch, seq: 1, call: 5 }, now);
+        }
+        m.handle(1, ToMaster::OpEnd { epoch, seq: 1, result: lost(2) }, now);
+        assert_eq!(m.view().size(), 3, "one of two others is no majority");
+        // Peer 3 itself suspects peer 2: that does not count against peer 3.
+        m.handle(3, ToMaster::OpEnd { epoch, seq: 1, result: lost(1) }, now);
+        assert_eq!(m.view().size(), 3);
+        let out = m.handle(2, ToMaster::OpEnd { epoch, seq: 1, result: lost(2) }, now);
+        assert_eq!(m.view().members.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Close(3, why) if why.contains("unreachable from 2 of the 2"))),
+            "{out:?}"
+        );
+        // In a group of two one report is a majority: the reporter stays.
+        let (mut m, now) = group(2);
+        let epoch = m.view().epoch;
+        m.handle(1, ToMaster::OpBegin { epoch, seq: 1, call: 5 }, now);
+        m.handle(1, ToMaster::OpEnd { epoch, seq: 1, result: lost(1) }, now);
+        assert_eq!(m.view().members.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1], "of two, the reporter stays");
     }
 
     #[test]
