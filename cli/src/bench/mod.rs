@@ -274,7 +274,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "ratio_raw_both_ways": raw_both.map(|v| r.busbw(r.secs) / v),
                 "cores": r.cores, "waiting": r.runq, "cpu_secs_per_gb_sent": r.cpu_per_gb,
                 "ratio_raw_one_way_equal_cpu": raw_one_cpu.map(|c| r.equal_cpu_ratio(c)),
-                "checked": r.checked,
+                "checked": r.checked, "peak_rss_bytes": r.peak_rss,
             })).collect::<Vec<_>>(),
             "recovery": recoveries.iter().map(|rec| json!({
                 "peers": args.recovery_peers, "peer_timeout_ms": rec.peer_timeout_ms, "liveness": rec.liveness,

@@ -105,8 +105,21 @@ fn throughput(comm: &mut Communicator, args: &PeerArgs, bytes: usize) -> Result<
     emit(json!({
         "event": "result", "rank": comm.rank(), "n": n, "bytes": bytes, "secs": secs,
         "cpu_secs": after.0 - before.0, "runq_secs": after.1 - before.1, "checked": checked,
+        "peak_rss_bytes": peak_rss_bytes(),
     }));
     Ok(())
+}
+
+/// This process's peak resident memory so far (`VmHWM` of /proc/self/status), in
+/// bytes; 0 where the kernel does not say. Sizes run smallest first, so after a size it
+/// is that size's peak.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib << 10)
 }
 
 /// All-reduces back to back until killed; reports the first success in each new view.

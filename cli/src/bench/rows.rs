@@ -25,6 +25,8 @@ pub(super) struct Row {
     /// CPU seconds of all peers per GB sent over the links (`2(n-1)·S` per call).
     pub(super) cpu_per_gb: f64,
     pub(super) checked: bool,
+    /// The largest peak resident memory of a peer process, in bytes.
+    pub(super) peak_rss: u64,
 }
 
 /// One rank's report for one size.
@@ -33,6 +35,7 @@ pub(super) struct RankResult {
     cpu_secs: f64,
     runq_secs: f64,
     checked: bool,
+    peak_rss: u64,
 }
 
 impl Row {
@@ -84,12 +87,13 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<
                 let checked = v["checked"].as_bool().unwrap_or(false);
                 let cpu_secs = v["cpu_secs"].as_f64().unwrap_or(0.0);
                 let runq_secs = v["runq_secs"].as_f64().unwrap_or(0.0);
+                let peak_rss = v["peak_rss_bytes"].as_u64().unwrap_or(0);
                 let per_rank = results.entry(bytes).or_default();
-                per_rank.push(RankResult { secs, cpu_secs, runq_secs, checked });
+                per_rank.push(RankResult { secs, cpu_secs, runq_secs, checked, peak_rss });
                 if per_rank.len() == n {
                     let row = summarize(n, bytes, per_rank);
                     println!(
-                        "  n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB{}  (load {})",
+                        "  n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB, peak RSS {:.2}x the buffer{}  (load {})",
                         show_size(bytes),
                         row.secs * 1e3,
                         row.busbw(row.secs),
@@ -97,6 +101,7 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<
                         row.cores,
                         row.runq,
                         row.cpu_per_gb,
+                        row.peak_rss as f64 / bytes.max(1) as f64,
                         if row.checked { "" } else { "  RESULT WRONG" },
                         load_average()
                     );
@@ -123,5 +128,17 @@ pub(super) fn summarize(n: usize, bytes: usize, per_rank: &[RankResult]) -> Row 
     let runq: f64 = per_rank.iter().map(|r| r.runq_secs).sum();
     let sent_gb = (iters * 2 * (n - 1) * bytes) as f64 / 1e9;
     let checked = per_rank.iter().all(|r| r.checked);
-    Row { n, bytes, iters, secs, best, cores: cpu / wall, runq: runq / wall, cpu_per_gb: cpu / sent_gb, checked }
+    let peak_rss = per_rank.iter().map(|r| r.peak_rss).max().unwrap_or(0);
+    Row {
+        n,
+        bytes,
+        iters,
+        secs,
+        best,
+        cores: cpu / wall,
+        runq: runq / wall,
+        cpu_per_gb: cpu / sent_gb,
+        checked,
+        peak_rss,
+    }
 }
