@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use common::*;
 
-/// A free UDP address on 127.0.0.1 (free a moment ago).
 fn free_addr() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port")
+    phalanx::relay::free_udp_addr().expect("a free port")
 }
 
 #[test]

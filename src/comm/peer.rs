@@ -116,15 +116,13 @@ impl AsyncPeer {
                 control.send(ToMaster::Unreachable { epoch, peer });
             }
         });
-        let liveness = match options.liveness {
-            true => match liveness::register(master, id, options.quic.secret.as_deref()).await {
-                Ok(stream) => Some(stream),
-                Err(e) => {
-                    tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only");
-                    None
-                }
-            },
-            false => None,
+        let liveness = if options.liveness {
+            liveness::register(master, id, options.quic.secret.as_deref())
+                .await
+                .inspect_err(|e| tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only"))
+                .ok()
+        } else {
+            None
         };
         Ok(AsyncPeer {
             _liveness: liveness,

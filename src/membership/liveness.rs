@@ -35,8 +35,8 @@ const TAG_LEN: usize = 32;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn mac(secret: Option<&[u8]>, nonce: &[u8; NONCE_LEN], id: PeerId) -> Hmac<Sha256> {
-    // HMAC takes keys of any length (the empty one without a secret).
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.unwrap_or(&[])).expect("HMAC accepts any key length");
+    // The empty key without a secret.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.unwrap_or(&[])).expect("HMAC accepts any key length"); // ok: HMAC takes keys of any length
     mac.update(LABEL);
     mac.update(nonce);
     mac.update(&id.to_le_bytes());

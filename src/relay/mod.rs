@@ -80,9 +80,12 @@ impl Shared {
         let now = Instant::now();
         let verdict = {
             let mut rules = self.lock();
-            let shaping = rules.set.get(&key).unwrap_or(&rules.default).clone();
-            let seed = self.seed ^ crate::collective::fnv1a(format!("{}>{}", key.0, key.1).into_bytes());
-            rules.paths.entry(key).or_insert_with(|| Path::new(seed)).admit(&shaping, now, data.len())
+            let Rules { default, set, paths } = &mut *rules;
+            let shaping = set.get(&key).unwrap_or(default);
+            // Each path's stream is drawn once, when its first packet comes.
+            let new_path =
+                || Path::new(self.seed ^ crate::collective::fnv1a(format!("{}>{}", key.0, key.1).into_bytes()));
+            paths.entry(key).or_insert_with(new_path).admit(shaping, now, data.len())
         };
         match verdict {
             // Due now: no trip through the timer, whose granularity is a millisecond.
@@ -122,14 +125,14 @@ impl Relay {
 
     /// Opens a front on a free port of 127.0.0.1 for `target` and returns its address.
     pub fn front(&self, target: SocketAddr) -> std::io::Result<SocketAddr> {
-        self.front_at("127.0.0.1:0".parse().expect("a literal address"), target)
+        self.front_at(SocketAddr::from(([127, 0, 0, 1], 0)), target)
     }
 
     /// Opens a front at `listen` for `target` and returns its address.
     pub fn front_at(&self, listen: SocketAddr, target: SocketAddr) -> std::io::Result<SocketAddr> {
         let std_socket = std::net::UdpSocket::bind(listen)?;
         std_socket.set_nonblocking(true)?;
-        let runtime = self.runtime.as_ref().expect("the runtime lives as long as the relay");
+        let runtime = self.runtime.as_ref().expect("the runtime lives as long as the relay"); // ok: only Drop takes it
         let socket = {
             let _in_runtime = runtime.enter();
             Arc::new(UdpSocket::from_std(std_socket)?)
