@@ -175,21 +175,11 @@ fn settle(comm: &mut Communicator, state: &mut SharedState) -> Result<u64, Error
     Ok(epoch)
 }
 
-/// Fails the step when the master moved on while this peer lagged behind (computing its
-/// gradient): a peer was lost, and the members that were already running this
-/// all-reduce have aborted it and are settling the next view. Starting it now would run
-/// it alone in the new epoch while they vote, which the master aborts as a mismatch.
-fn check_epoch(comm: &Communicator, step: u64, epoch: u64) -> Result<(), Error> {
+/// Reports that step `step`'s all-reduce begins. (If the view moved since `settle`, the
+/// library refuses to begin it, retryably, and the loop settles the new view: this peer
+/// has no retry policy, see `phalanx::membership::PeerConfig::settle_view_changes`.)
+fn announce(step: u64, epoch: u64) {
     emit(json!({ "event": "allreduce_start", "step": step, "epoch": epoch, "t": now_ms() }));
-    if comm.epoch() == epoch {
-        return Ok(());
-    }
-    let e = Error::Aborted { reason: format!("the view changed from epoch {epoch} before the all-reduce began") };
-    emit(json!({
-        "event": "attempt_failed", "step": step, "epoch": epoch, "kind": kind(&e), "message": e.to_string(),
-        "restored": true, "ms": 0, "t": now_ms(),
-    }));
-    Err(e)
 }
 
 /// Adds a completed all-reduce's result to the model and reports the step (after the
@@ -236,7 +226,8 @@ fn overlapped_steps(
     let mut pending = Vec::new();
     for step in [first, first + 1] {
         let grad = gradient(id, step, len); // the work that overlaps the all-reduce before
-        let started = check_epoch(comm, step, epoch).and_then(|()| comm.all_reduce_start(grad.clone(), ReduceOp::Sum));
+        announce(step, epoch);
+        let started = comm.all_reduce_start(grad.clone(), ReduceOp::Sum);
         match started {
             Ok(handle) => pending.push((step, grad, Ok(handle), Instant::now())),
             Err(e) => {
@@ -285,7 +276,7 @@ fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id:
     let grad = gradient(id, step, args.len + args.len_offset);
     let mut buf = grad.clone();
     let members = comm.members();
-    check_epoch(comm, step, epoch)?;
+    announce(step, epoch);
     let started = Instant::now();
     let result = match args.quantize {
         Some(q) => comm.all_reduce_quantized(&mut buf, ReduceOp::Sum, q),

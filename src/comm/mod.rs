@@ -208,9 +208,17 @@ impl Communicator {
     /// must call it; it returns when the master has settled the next view.
     ///
     /// A newly admitted peer's first call returns at once: the members' round that
-    /// admitted it counts as its own, so a training loop can call `update_topology` at
-    /// the top of every step on joiners and members alike. Calling a collective while
-    /// others are in `update_topology` (or the reverse) fails with [`Error::Mismatch`].
+    /// admitted it counts as its own (unless the view changed again since), so a
+    /// training loop can call `update_topology` at the top of every step on joiners and
+    /// members alike. Calling a collective while others are in `update_topology` (or the
+    /// reverse) fails with [`Error::Mismatch`].
+    ///
+    /// With [`RetryPolicy::Never`] (the default), once a peer has called it, a view
+    /// change (a loss, a leave) must be settled by calling it again: a collective begun
+    /// in a view newer than the last round's fails at once with a retryable
+    /// [`Error::Aborted`]. So a loop that calls `update_topology` after every retryable
+    /// error keeps all members in step, whether the change aborted a member's call or
+    /// came before the member began it.
     pub fn update_topology(&mut self) -> Result<()> {
         self.block(async |p| p.update_topology().await)?
     }

@@ -102,6 +102,8 @@ impl AsyncPeer {
         let links = DataLinks::new(id, endpoint.clone(), options.queue_frames);
         let accept_task = tokio::spawn(links.clone().accept_loop());
         let data_addr = options.advertise.unwrap_or_else(|| endpoint.local_addr());
+        // A caller that retries by hand settles every view change with update_topology.
+        let peer = PeerConfig { settle_view_changes: options.retry == RetryPolicy::Never, ..peer };
         let control = ControlClient::join(&*endpoint, master, id, data_addr, options.control, peer).await;
         let control = match control {
             Ok(c) => Arc::new(c),

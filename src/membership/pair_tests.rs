@@ -298,3 +298,94 @@ fn a_broken_link_reported_by_one_member_is_a_loss_for_every_member() {
         assert!(want.is_retryable());
     }
 }
+
+/// Peers that settle every view change (`settle_view_changes`, as a caller with no
+/// retry policy is): `n` members that went through one round together.
+fn settled_group(n: usize) -> Pair {
+    let mut p = Pair::group(n, PeerConfig { settle_view_changes: true, ..PeerConfig::default() });
+    vote_all(&mut p, &(0..n).collect::<Vec<_>>());
+    p
+}
+
+/// Peers `who` vote in a topology round, which must end with their votes.
+fn vote_all(p: &mut Pair, who: &[usize]) {
+    let mut seen = Vec::new();
+    for &i in who {
+        let Topology::Wait { msg, seen: s } = p.peers[i].update_topology().unwrap() else { panic!("peer {i} votes") };
+        p.send(i, msg);
+        seen.push(s);
+    }
+    for (&i, s) in who.iter().zip(seen) {
+        assert!(p.peers[i].round_after(s).is_some(), "the round ended for peer {i}");
+    }
+}
+
+#[test]
+fn a_view_change_sends_every_member_to_update_topology() {
+    // The race the churn found: a loss aborts the call of a member that had begun it,
+    // which goes to update_topology, while another member had not begun it yet.
+    let mut p = settled_group(3);
+    let a = p.peers[0].begin(OpKind::Whole { call: 7 }).unwrap();
+    assert_eq!(a.key, (1, 1));
+    p.send(0, a.msg);
+    p.disconnect(2);
+    assert!(matches!(&p.aborts[0][..], [((1, 1), Error::PeerLost { .. })]));
+    p.peers[0].finish(a.key);
+    // Peer 1 begins only now, in the new view: it fails at once and tells the master
+    // nothing, so it cannot run alone against peer 0's vote.
+    let err = p.peers[1].begin(OpKind::Whole { call: 7 }).unwrap_err();
+    assert!(matches!(&err, Error::Aborted { reason } if reason.contains("update_topology")), "{err:?}");
+    assert!(err.is_retryable());
+    // A sync and a sub-group collective are held back the same way.
+    assert!(p.peers[1]
+        .begin(OpKind::Sync { strategy: crate::state::SyncStrategy::EnforcePopular, tensors: vec![] })
+        .is_err());
+    assert!(p.peers[1].begin(OpKind::Sub { call: 7, members: &[0, 1] }).is_err());
+    vote_all(&mut p, &[0, 1]);
+    let keys: Vec<_> = (0..2)
+        .map(|i| {
+            let b = p.peers[i].begin(OpKind::Whole { call: 7 }).unwrap();
+            p.send(i, b.msg);
+            b.key
+        })
+        .collect();
+    for i in 0..2 {
+        let end = p.peers[i].end(keys[i], &Ok(()));
+        p.send(i, end);
+    }
+    for i in 0..2 {
+        assert_eq!(p.peers[i].outcome(keys[i]), Some(Ok(())), "peer {i} commits in the settled view");
+    }
+}
+
+#[test]
+fn without_settling_a_member_that_had_not_begun_runs_in_the_new_view() {
+    // A caller with a retry policy runs the aborted call again in the new view; one that
+    // had not begun it begins it there, and both meet.
+    let mut p = Pair::group(3, PeerConfig::default());
+    vote_all(&mut p, &[0, 1, 2]);
+    p.disconnect(2);
+    for i in 0..2 {
+        assert_eq!(p.peers[i].begin(OpKind::Whole { call: 7 }).unwrap().key, (2, 1));
+    }
+}
+
+#[test]
+fn a_joiner_admitted_just_before_a_loss_takes_part_in_the_next_round() {
+    let config = PeerConfig { settle_view_changes: true, ..PeerConfig::default() };
+    let mut p = settled_group(3);
+    let j = p.join(9, config);
+    vote_all(&mut p, &[0, 1, 2]);
+    assert_eq!(p.peers[j].admission().unwrap().unwrap().epoch, 2);
+    // A member is lost before the joiner calls update_topology: the round that admitted
+    // it no longer settles the view, so it votes with the others.
+    p.disconnect(2);
+    assert!(p.peers[j].begin(OpKind::Whole { call: 1 }).is_err());
+    assert!(matches!(p.peers[j].update_topology(), Ok(Topology::Wait { .. })));
+    // Had no view come since, the admitting round would have been its own.
+    let mut q = settled_group(2);
+    let k = q.join(9, config);
+    vote_all(&mut q, &[0, 1]);
+    assert_eq!(q.peers[k].update_topology(), Ok(Topology::Done));
+    assert_eq!(q.peers[k].begin(OpKind::Whole { call: 1 }).unwrap().key, (2, 1));
+}

@@ -55,11 +55,21 @@ pub struct PeerConfig {
     /// over the survivors; `update_topology` has nothing to wait for. In-process groups
     /// are closed: their ranks are threads of one program that cannot rejoin.
     pub closed: bool,
+    /// Calls wait for `update_topology` after a view change. Once this peer has taken
+    /// part in a topology round, a collective begun in a view other than the one its
+    /// last round settled fails at once with a retryable [`Error::Aborted`], and nothing
+    /// reaches the master. Without it, a view change (a loss) splits the members by
+    /// timing: those whose call it aborted go on to `update_topology`, while those that
+    /// had not begun theirs yet would begin it in the new view, and the master would
+    /// abort both as a mismatch. With it, every member calls `update_topology` next.
+    /// Off for callers that run a failed call again inside it (a retry policy), which
+    /// all run the call again in the new view instead.
+    pub settle_view_changes: bool,
 }
 
 impl Default for PeerConfig {
     fn default() -> Self {
-        PeerConfig { master_timeout: Duration::from_millis(2000), closed: false }
+        PeerConfig { master_timeout: Duration::from_millis(2000), closed: false, settle_view_changes: false }
     }
 }
 
@@ -169,6 +179,9 @@ pub struct PeerState {
     sub_seq: HashMap<Vec<PeerId>, u32>,
     /// Admitted by the members' topology round, and no round or collective since.
     fresh: bool,
+    /// The epoch this peer's last topology round ended in (or the round that admitted
+    /// it); `None` before any.
+    settled: Option<u64>,
     /// In a closed group ([`PeerConfig::closed`]): the first loss seen.
     lost: Option<Error>,
 }
@@ -189,6 +202,7 @@ impl PeerState {
             next_seq: 0,
             sub_seq: HashMap::new(),
             fresh: false,
+            settled: None,
             lost: None,
         }
     }
@@ -250,6 +264,9 @@ impl PeerState {
                     // round admitted us; admitted alone, or in the first view (epoch 1,
                     // formed from the first joiners), means no round happened.
                     self.fresh = view.size() > 1 && view.epoch > 1;
+                    if self.fresh {
+                        self.settled = Some(view.epoch);
+                    }
                 }
                 let epoch = view.epoch;
                 let ended = self.config.closed && self.view.is_some() && !removed.is_empty();
@@ -291,7 +308,10 @@ impl PeerState {
                 self.ops.entry((epoch, seq)).or_default().plan = Some(SyncPlan { agreed, transfers });
             }
             ToPeer::Refused { reason } => aborts = self.disconnected(reason),
-            ToPeer::TopologyDone { .. } => self.rounds += 1,
+            ToPeer::TopologyDone { epoch } => {
+                self.rounds += 1;
+                self.settled = Some(epoch);
+            }
         }
         aborts
     }
@@ -323,6 +343,21 @@ impl PeerState {
         }
     }
 
+    /// With [`PeerConfig::settle_view_changes`]: fails when the view moved since this
+    /// peer's last topology round ended.
+    fn check_settled(&self) -> Result<()> {
+        let epoch = self.view.as_ref().map(|v| v.epoch);
+        match self.settled {
+            Some(settled) if self.config.settle_view_changes && epoch != Some(settled) => Err(Error::Aborted {
+                reason: format!(
+                    "the view changed from epoch {settled} to {} since the last update_topology; call it again, then this",
+                    epoch.unwrap_or_default()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The current view, after moving the per-epoch numbering to it.
     fn current_view(&mut self) -> Result<View> {
         self.fresh = false;
@@ -345,6 +380,7 @@ impl PeerState {
             return Err(e.clone());
         }
         let view = self.current_view()?;
+        self.check_settled()?;
         let rank = view
             .rank_of(self.id)
             .ok_or_else(|| Error::Removed { reason: format!("not in the view of epoch {}", view.epoch) })?;
@@ -442,10 +478,12 @@ impl PeerState {
         if let Some(e) = &self.lost {
             return Err(e.clone());
         }
-        if std::mem::take(&mut self.fresh) || self.config.closed {
-            return self.view().map(|_| Topology::Done);
-        }
         let epoch = self.view()?.epoch;
+        // The round that admitted this peer is its own, as long as no view came since.
+        let admitted_now = std::mem::take(&mut self.fresh) && self.settled == Some(epoch);
+        if admitted_now || self.config.closed {
+            return Ok(Topology::Done);
+        }
         Ok(Topology::Wait { msg: ToMaster::UpdateTopology { epoch }, seen: self.rounds })
     }
 
