@@ -126,6 +126,7 @@ pub unsafe extern "C" fn phx_comm_connect_with(
             heartbeat_interval: ms(o.heartbeat_ms, defaults.heartbeat_interval),
             join_timeout: (o.join_timeout_ms > 0).then(|| Duration::from_millis(o.join_timeout_ms.into())),
             master_timeout: ms(o.master_timeout_ms, defaults.master_timeout),
+            ..defaults
         };
         let comm = Communicator::connect(master, opts)?;
         let handle = Box::into_raw(Box::new(phx_comm { inner: comm }));

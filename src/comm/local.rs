@@ -46,7 +46,12 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Communicator>> {
     };
     let options = super::ConnectOptions {
         tuning: config.tuning,
-        control: ControlConfig { heartbeat_interval: HEARTBEAT, join_timeout: None, master_timeout: PEER_TIMEOUT * 2 },
+        control: ControlConfig {
+            heartbeat_interval: HEARTBEAT,
+            join_timeout: None,
+            master_timeout: PEER_TIMEOUT * 2,
+            rejoin_within: None, // the master lives in this process: it is never lost alone
+        },
         liveness: false, // an in-memory group: its addresses are only names
         ..super::ConnectOptions::default()
     };

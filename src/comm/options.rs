@@ -75,6 +75,13 @@ pub struct ConnectOptions {
     /// [`Communicator::connect`](crate::Communicator::connect); a master or network
     /// that offers no TCP (a UDP-only relay) just leaves heartbeats to do the job.
     pub liveness: bool,
+    /// Standby masters, tried in order after the primary (the address given to
+    /// `connect`) when it cannot be reached at join, or when it is lost later: a
+    /// standby (`phalanx master --listen ADDR`, started beside the primary) takes the
+    /// group over from the peers' own state (see `membership::master`, "takeover").
+    /// Empty by default: a lost master is looked for again at its own address (a
+    /// restart) for [`ControlConfig::rejoin_within`](crate::comm::ControlConfig::rejoin_within).
+    pub standby_masters: Vec<SocketAddr>,
 }
 
 impl Default for ConnectOptions {
@@ -89,6 +96,7 @@ impl Default for ConnectOptions {
             quic: QuicConfig::default(),
             queue_frames: crate::transport::demux::DEFAULT_QUEUE_FRAMES,
             liveness: true,
+            standby_masters: Vec::new(),
         }
     }
 }
@@ -151,6 +159,20 @@ impl ConnectOptions {
     /// How long a silent master is tolerated before this peer counts itself removed.
     pub fn master_timeout(mut self, timeout: Duration) -> ConnectOptions {
         self.control.master_timeout = timeout;
+        self
+    }
+
+    /// Adds a standby master, tried after the primary and the standbys added before
+    /// (see [`ConnectOptions::standby_masters`](ConnectOptions#structfield.standby_masters)).
+    pub fn standby_master(mut self, addr: SocketAddr) -> ConnectOptions {
+        self.standby_masters.push(addr);
+        self
+    }
+
+    /// How long to look for a master to rejoin once the master is lost; `None` to give
+    /// up at once (see [`ControlConfig::rejoin_within`](crate::comm::ControlConfig::rejoin_within)).
+    pub fn rejoin_within(mut self, within: Option<Duration>) -> ConnectOptions {
+        self.control.rejoin_within = within;
         self
     }
 

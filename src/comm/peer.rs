@@ -69,7 +69,8 @@ pub struct AsyncPeer {
     backup: Backup,
     p2p: super::p2p::Queues,
     /// The liveness connection to the master, held open while this peer lives.
-    _liveness: Option<tokio::net::TcpStream>,
+    /// Holds a liveness connection to the master followed now (see `membership::liveness`).
+    liveness: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What running one collective needs; cheap to clone into a task.
@@ -104,7 +105,8 @@ impl AsyncPeer {
         let data_addr = options.advertise.unwrap_or_else(|| endpoint.local_addr());
         // A caller that retries by hand settles every view change with update_topology.
         let peer = PeerConfig { settle_view_changes: options.retry == RetryPolicy::Never, ..peer };
-        let control = ControlClient::join(&*endpoint, master, id, data_addr, options.control, peer).await;
+        let masters: Vec<SocketAddr> = std::iter::once(master).chain(options.standby_masters.iter().copied()).collect();
+        let control = ControlClient::join(endpoint.clone(), &masters, id, data_addr, options.control, peer).await;
         let control = match control {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -119,15 +121,18 @@ impl AsyncPeer {
             }
         });
         let liveness = if options.liveness {
-            liveness::register(master, id, options.quic.secret.as_deref())
+            let mut masters = control.master_changes();
+            let master = *masters.borrow_and_update();
+            let held = liveness::register(master, id, options.quic.secret.as_deref())
                 .await
                 .inspect_err(|e| tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only"))
-                .ok()
+                .ok();
+            Some(tokio::spawn(liveness::follow(held, masters, id, options.quic.secret.clone())))
         } else {
             None
         };
         Ok(AsyncPeer {
-            _liveness: liveness,
+            liveness,
             ops: Ops { control, links, tuning: options.tuning },
             retry: options.retry,
             wait_for_view: options.control.heartbeat_interval * 20,
@@ -263,6 +268,9 @@ impl AsyncPeer {
 impl Drop for AsyncPeer {
     fn drop(&mut self) {
         self.accept_task.abort();
+        if let Some(task) = &self.liveness {
+            task.abort();
+        }
         self.ops.links.close_all();
     }
 }

@@ -11,17 +11,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::codec::{frame_body, to_frame, CONTROL_HELLO};
+use super::driver;
 use super::peer::{Begun, OpKey, OpKind, PeerConfig, PeerState, Retry, SyncPlan, Topology};
-use super::protocol::{ToMaster, ToPeer};
+use super::protocol::ToMaster;
 use super::view::{PeerId, View};
 use crate::error::{Error, Result};
 use crate::exec::AbortSignal;
 use crate::transport::endpoint::Endpoint;
-use crate::transport::Link;
 
 /// Default [`ControlConfig::heartbeat_interval`] in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 150;
@@ -38,7 +36,16 @@ pub struct ControlConfig {
     /// [`Error::Removed`]. The master removes a silent peer after its own timeout, so a
     /// cut-off peer cannot keep a result the others discarded.
     pub master_timeout: Duration,
+    /// When the master is lost, look this long for a master to rejoin (the same
+    /// address, restarted, or a standby; see `membership::driver`) before giving up
+    /// with [`Error::Removed`]; `None` gives up at once. Default
+    /// [`DEFAULT_REJOIN_WITHIN_MS`].
+    pub rejoin_within: Option<Duration>,
 }
+
+/// Default [`ControlConfig::rejoin_within`] in milliseconds: time for a supervisor to
+/// restart a master, or for a standby to be found.
+pub const DEFAULT_REJOIN_WITHIN_MS: u64 = 10_000;
 
 impl Default for ControlConfig {
     fn default() -> Self {
@@ -46,29 +53,30 @@ impl Default for ControlConfig {
             heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
             join_timeout: None,
             master_timeout: PeerConfig::default().master_timeout,
+            rejoin_within: Some(Duration::from_millis(DEFAULT_REJOIN_WITHIN_MS)),
         }
     }
 }
 
 /// The state machine and the abort signals of the collectives in flight.
-struct Core {
-    peer: PeerState,
+pub(super) struct Core {
+    pub(super) peer: PeerState,
     signals: HashMap<OpKey, AbortSignal>,
 }
 
-struct Shared {
+pub(super) struct Shared {
     core: Mutex<Core>,
     /// Bumped after every change of `core`; waiters re-check on it.
     changed: watch::Sender<()>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Core> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies `f` to the state, fires the aborts it orders and wakes the waiters.
-    fn apply<T>(&self, f: impl FnOnce(&mut PeerState) -> (T, Vec<(OpKey, Error)>)) -> T {
+    pub(super) fn apply<T>(&self, f: impl FnOnce(&mut PeerState) -> (T, Vec<(OpKey, Error)>)) -> T {
         let value = {
             let mut core = self.lock();
             let (value, aborts) = f(&mut core.peer);
@@ -102,42 +110,57 @@ pub struct ControlClient {
     id: PeerId,
     out: mpsc::UnboundedSender<ToMaster>,
     shared: Arc<Shared>,
-    link: Arc<dyn Link>,
+    /// Stops the driver, which closes its connection.
+    stop: watch::Sender<bool>,
+    /// The master followed now.
+    master: watch::Receiver<SocketAddr>,
 }
 
 /// The current time on tokio's clock, so that a paused clock (simulations) governs
 /// timeouts too.
-fn now() -> Instant {
+pub(super) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
 impl ControlClient {
-    /// Connects to the master at `master`, asks to join as `id` with data links
-    /// accepted at `data_addr`, and waits until admitted. Call inside a tokio runtime.
+    /// Connects to the first of `masters` that can be reached (the primary, then the
+    /// standbys in order), asks to join as `id` with data links accepted at
+    /// `data_addr`, and waits until admitted. The driver it starts rejoins a master from
+    /// `masters` when this one is lost (see [`ControlConfig::rejoin_within`]). Call
+    /// inside a tokio runtime.
     pub async fn join(
-        endpoint: &dyn Endpoint,
-        master: SocketAddr,
+        endpoint: Arc<dyn Endpoint>,
+        masters: &[SocketAddr],
         id: PeerId,
         data_addr: SocketAddr,
         config: ControlConfig,
         peer: PeerConfig,
     ) -> Result<ControlClient> {
-        let link = endpoint
-            .connect(master, Bytes::from_static(CONTROL_HELLO))
-            .await
-            .map_err(|e| Error::JoinFailed { reason: format!("cannot reach the master at {master}: {e}") })?;
-        let peer = PeerState::new(id, PeerConfig { master_timeout: config.master_timeout, ..peer }, now());
+        let (link, current) = driver::first_reachable(&*endpoint, masters).await?;
+        let peer = PeerConfig { master_timeout: config.master_timeout, rejoin_within: config.rejoin_within, ..peer };
         let shared = Arc::new(Shared {
-            core: Mutex::new(Core { peer, signals: HashMap::new() }),
+            core: Mutex::new(Core { peer: PeerState::new(id, peer, now()), signals: HashMap::new() }),
             changed: watch::channel(()).0,
         });
         // Control messages are few and small (one or two per collective); the writer
         // drains them as fast as the connection takes them.
         let (out, out_rx) = mpsc::unbounded_channel();
         let _ = out.send(ToMaster::Join { id, data_addr });
-        tokio::spawn(write_loop(link.clone(), out_rx, config.heartbeat_interval));
-        tokio::spawn(read_loop(link.clone(), shared.clone()));
-        let client = ControlClient { id, out, shared, link };
+        let (stop, stopped) = watch::channel(false);
+        let (master_tx, master) = watch::channel(masters[current]);
+        tokio::spawn(driver::drive(driver::Driver {
+            endpoint,
+            masters: masters.to_vec(),
+            current,
+            link,
+            shared: shared.clone(),
+            out: out_rx,
+            heartbeat: config.heartbeat_interval,
+            data_addr,
+            stopped,
+            master: master_tx,
+        }));
+        let client = ControlClient { id, out, shared, stop, master };
         let admitted = client.shared.wait(|p| p.admission());
         let admitted = match config.join_timeout {
             Some(t) => tokio::time::timeout(t, admitted)
@@ -148,7 +171,7 @@ impl ControlClient {
         match admitted {
             Ok(_) => Ok(client),
             Err(e) => {
-                client.link.close();
+                client.stop.send_replace(true);
                 let reason = match e {
                     Error::Removed { reason } => reason,
                     other => other.to_string(),
@@ -156,6 +179,12 @@ impl ControlClient {
                 Err(Error::JoinFailed { reason })
             }
         }
+    }
+
+    /// The address of the master this peer follows now (it changes when a master is
+    /// lost and another takes over).
+    pub fn master_changes(&self) -> watch::Receiver<SocketAddr> {
+        self.master.clone()
     }
 
     /// This peer's id.
@@ -245,14 +274,25 @@ impl ControlClient {
 
     /// Takes part in a topology round (see `Communicator::update_topology`).
     pub async fn update_topology(&self) -> Result<()> {
-        let step = self.shared.lock().peer.update_topology()?;
-        match step {
-            Topology::Done => Ok(()),
-            Topology::Wait { msg, seen } => {
-                self.send(msg);
-                self.shared.wait(|p| p.round_after(seen)).await.map(|_| ())
+        let seen = {
+            let mut core = self.shared.lock();
+            match core.peer.update_topology()? {
+                Topology::Done => return Ok(()),
+                Topology::Wait { msg, seen } => {
+                    // While the peer rejoins, its vote travels in the rejoin, or after the
+                    // takeover if the rejoin went first: a vote queued now could reach the
+                    // new master after the takeover and count in the next round. Sent
+                    // under the lock, so that the driver's drain, which follows the loss,
+                    // removes any vote queued before it.
+                    match core.peer.rejoining() {
+                        true => core.peer.defer_vote(),
+                        false => self.send(msg),
+                    }
+                    seen
+                }
             }
-        }
+        };
+        self.shared.wait(|p| p.round_after(seen)).await.map(|_| ())
     }
 
     /// Waits for a view of an epoch above `epoch`, or removal.
@@ -266,57 +306,12 @@ impl ControlClient {
         // The master answers a leave by closing; wait for that, but not forever.
         let gone = self.shared.wait(|p| p.gone().map(|_| ()));
         let _ = tokio::time::timeout(Duration::from_secs(2), gone).await;
-        self.link.close();
+        self.stop.send_replace(true);
     }
 }
 
 impl Drop for ControlClient {
     fn drop(&mut self) {
-        self.link.close();
+        self.stop.send_replace(true);
     }
-}
-
-async fn write_loop(link: Arc<dyn Link>, mut out: mpsc::UnboundedReceiver<ToMaster>, heartbeat: Duration) {
-    // The first tick is one interval away, so the join always goes first.
-    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let msg = tokio::select! {
-            biased;
-            m = out.recv() => match m { Some(m) => m, None => break },
-            _ = beat.tick() => ToMaster::Heartbeat,
-        };
-        if link.send(to_frame(msg.encode())).await.is_err() {
-            break;
-        }
-    }
-}
-
-async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
-    let reason = loop {
-        let deadline = shared.lock().peer.next_deadline();
-        let received = match deadline {
-            Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), link.recv()).await,
-            None => Ok(link.recv().await),
-        };
-        match received {
-            Ok(Ok(frame)) => match frame_body(&frame).and_then(ToPeer::decode) {
-                Ok(msg) => shared.apply(|p| ((), p.handle(msg, now()))),
-                Err(e) => break Some(format!("undecodable message from the master: {e}")),
-            },
-            Ok(Err(e)) => break Some(format!("connection to the master lost: {e}")),
-            Err(_) => {
-                if shared.apply(|p| {
-                    let aborts = p.tick(now());
-                    (p.gone().is_some(), aborts)
-                }) {
-                    break None; // the state machine has recorded why
-                }
-            }
-        }
-    };
-    if let Some(reason) = reason {
-        shared.apply(|p| ((), p.disconnected(reason)));
-    }
-    link.close();
 }

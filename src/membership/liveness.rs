@@ -110,6 +110,27 @@ pub(crate) async fn register(master: SocketAddr, id: PeerId, secret: Option<&[u8
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "liveness handshake timed out"))?
 }
 
+/// Keeps a liveness connection to the master the peer follows: `held` to the first,
+/// and a new one each time `masters` names the master followed after a takeover (the
+/// old one is dropped). A master that takes no liveness connections leaves the peer to
+/// its heartbeats.
+pub(crate) async fn follow(
+    mut held: Option<TcpStream>,
+    mut masters: tokio::sync::watch::Receiver<SocketAddr>,
+    id: PeerId,
+    secret: Option<Arc<[u8]>>,
+) {
+    while masters.changed().await.is_ok() {
+        let master = *masters.borrow_and_update();
+        drop(held.take());
+        held = register(master, id, secret.as_deref())
+            .await
+            .inspect_err(|e| tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only"))
+            .ok();
+    }
+    drop(held);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

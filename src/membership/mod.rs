@@ -9,6 +9,7 @@
 
 pub(crate) mod client;
 pub mod codec;
+mod driver;
 pub(crate) mod liveness;
 pub mod master;
 #[cfg(any(test, feature = "testing"))]

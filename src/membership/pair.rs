@@ -75,6 +75,23 @@ impl Pair {
         out
     }
 
+    /// The master dies and a fresh one (restarted, or a standby) takes its place; every
+    /// peer notices it lost its master. Peers then [`Pair::rejoin`] it.
+    #[cfg(test)]
+    pub fn replace_master(&mut self, config: MasterConfig) {
+        self.master = MasterState::new(config);
+        for (i, p) in self.peers.iter_mut().enumerate() {
+            self.aborts[i].extend(p.master_lost("the master died".into(), self.now));
+        }
+    }
+
+    /// Peer `i` rejoins the master with its own state; the master's outputs are returned.
+    #[cfg(test)]
+    pub fn rejoin(&mut self, i: usize) -> Vec<Output> {
+        let msg = self.peers[i].rejoin(([127, 0, 0, 1], 7000 + i as u16).into()).expect("a member has a view");
+        self.send(i, msg)
+    }
+
     /// Peer `i`'s control connection breaks (a crash, as the master sees it).
     pub fn disconnect(&mut self, i: usize) -> Vec<Output> {
         let out = self.master.disconnected(Self::conn(i));
@@ -101,6 +118,13 @@ impl Pair {
             let (conn, msg) = match o {
                 Output::Send(c, m) => (*c, m.clone()),
                 Output::Close(c, reason) => (*c, ToPeer::Refused { reason: reason.clone() }),
+                Output::Release(c) => {
+                    let i = (*c - 1) as usize;
+                    if let Some(p) = self.peers.get_mut(i) {
+                        self.aborts[i].extend(p.master_lost("released by the master".into(), self.now));
+                    }
+                    continue;
+                }
             };
             let i = (conn - 1) as usize;
             if let Some(p) = self.peers.get_mut(i) {

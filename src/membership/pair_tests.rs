@@ -24,7 +24,7 @@ fn view(epoch: u64, ids: &[u64]) -> View {
 fn join_then_admission_at_the_members_round() {
     let mut p = Pair::new(MasterConfig::default());
     p.join(0, PeerConfig::default());
-    assert_eq!(p.take_inbox(0), vec![ToPeer::View { view: view(1, &[0]), removed: vec![] }]);
+    assert_eq!(p.take_inbox(0), vec![ToPeer::View { view: view(1, &[0]), removed: vec![], term: 1 }]);
     assert_eq!(p.peers[0].view().unwrap(), view(1, &[0]));
 
     p.join(1, PeerConfig::default());
@@ -37,7 +37,7 @@ fn join_then_admission_at_the_members_round() {
     assert_eq!(msg, ToMaster::UpdateTopology { epoch: 1 });
     assert!(p.peers[0].round_after(seen).is_none());
     let out = p.send(0, msg);
-    let v2 = ToPeer::View { view: view(2, &[0, 1]), removed: vec![] };
+    let v2 = ToPeer::View { view: view(2, &[0, 1]), removed: vec![], term: 1 };
     let done = ToPeer::TopologyDone { epoch: 2 };
     assert_eq!(
         out,
@@ -59,7 +59,7 @@ fn join_then_admission_at_the_members_round() {
 fn commit_needs_every_member() {
     let mut p = Pair::group(3, PeerConfig::default());
     // The first view forms when the third peer joins; the first two waited for it.
-    let formed = ToPeer::View { view: view(1, &[0, 1, 2]), removed: vec![] };
+    let formed = ToPeer::View { view: view(1, &[0, 1, 2]), removed: vec![], term: 1 };
     for i in 0..2 {
         assert_eq!(p.take_inbox(i), vec![ToPeer::Pending, formed.clone()]);
     }
@@ -107,7 +107,11 @@ fn a_loss_mid_collective_aborts_every_survivor_even_after_success() {
         seq: 1,
         decision: Decision::Abort(AbortReason::PeerLost { rank: 2, detail: detail.clone() }),
     };
-    let v2 = ToPeer::View { view: view(2, &[0, 1]), removed: vec![Removal { id: 2, rank: 2, detail: detail.clone() }] };
+    let v2 = ToPeer::View {
+        view: view(2, &[0, 1]),
+        removed: vec![Removal { id: 2, rank: 2, detail: detail.clone() }],
+        term: 1,
+    };
     assert_eq!(
         out,
         vec![
@@ -388,4 +392,144 @@ fn a_joiner_admitted_just_before_a_loss_takes_part_in_the_next_round() {
     vote_all(&mut q, &[0, 1]);
     assert_eq!(q.peers[k].update_topology(), Ok(Topology::Done));
     assert_eq!(q.peers[k].begin(OpKind::Whole { call: 1 }).unwrap().key, (2, 1));
+}
+
+/// Peers that look for a master to rejoin when theirs is lost.
+fn rejoining() -> PeerConfig {
+    PeerConfig { rejoin_within: Some(Duration::from_secs(10)), ..PeerConfig::default() }
+}
+
+/// Every peer of `p` begins a whole-group collective; returns the keys.
+fn begin_all(p: &mut Pair, call: u64) -> Vec<(u64, u64)> {
+    (0..p.peers.len())
+        .map(|i| {
+            let b = p.peers[i].begin(OpKind::Whole { call }).unwrap();
+            p.send(i, b.msg);
+            b.key
+        })
+        .collect()
+}
+
+#[test]
+fn a_restarted_master_settles_what_the_old_one_left_the_same_way_everywhere() {
+    let mut p = Pair::group(3, rejoining());
+    // Collective 1 commits. Collective 2 succeeds on every member, the master commits it
+    // and dies having told peer 0 only. Collective 3 is still running on peer 2.
+    let one = begin_all(&mut p, 1);
+    for i in 0..3 {
+        let end = p.peers[i].end(one[i], &Ok(()));
+        p.send(i, end);
+    }
+    let two = begin_all(&mut p, 2);
+    for i in 0..2 {
+        let end = p.peers[i].end(two[i], &Ok(()));
+        p.send(i, end);
+    }
+    p.peers[0].handle(ToPeer::Outcome { epoch: 1, seq: 2, decision: Decision::Commit }, p.now);
+    for i in 0..3 {
+        p.peers[i].finish(one[i]);
+    }
+    p.peers[0].finish(two[0]);
+    let three = begin_all(&mut p, 3);
+    let end = p.peers[0].end(three[0], &Ok(()));
+    p.send(0, end);
+    p.replace_master(MasterConfig::default());
+    for i in 0..3 {
+        assert!(p.peers[i].rejoining(), "peer {i} looks for a master");
+        assert!(p.aborts[i].is_empty(), "peer {i}: nothing in flight stops while it looks");
+        assert!(matches!(p.peers[i].begin(OpKind::Whole { call: 4 }), Err(Error::Aborted { .. })));
+        p.take_inbox(i);
+    }
+    assert!(p.rejoin(0).is_empty(), "one of three is no majority: the master waits");
+    assert!(p.rejoin(1).is_empty(), "a majority waits for the rest during the grace");
+    let out = p.rejoin(2);
+    assert!(out.iter().any(|o| matches!(o, Output::Send(_, ToPeer::View { term: 2, .. }))), "{out:?}");
+    for i in 0..3 {
+        assert!(!p.peers[i].rejoining());
+        assert_eq!(p.peers[i].view().unwrap(), view(2, &[0, 1, 2]), "peer {i}");
+        assert_eq!(p.peers[i].term(), 2);
+        // What peer 0 saw committed commits for all; what nobody saw aborts for all.
+        if i > 0 {
+            assert_eq!(p.peers[i].outcome(two[i]), Some(Ok(())), "peer {i}: collective 2");
+        }
+        let aborted = p.peers[i].outcome(three[i]);
+        assert!(matches!(&aborted, Some(Err(Error::Aborted { reason })) if reason.contains("replaced")), "{aborted:?}");
+    }
+    // The group goes on in the new epoch.
+    for i in 0..3 {
+        p.peers[i].finish(three[i]);
+        if i > 0 {
+            p.peers[i].finish(two[i]);
+        }
+    }
+    let four = begin_all(&mut p, 4);
+    assert_eq!(four[0], (2, 1));
+    for i in 0..3 {
+        let end = p.peers[i].end(four[i], &Ok(()));
+        p.send(i, end);
+    }
+    assert_eq!(p.peers[2].outcome(four[2]), Some(Ok(())));
+}
+
+#[test]
+fn a_takeover_needs_a_majority_of_the_last_view_and_removes_the_rest() {
+    let mut p = Pair::group(3, rejoining());
+    p.replace_master(MasterConfig::default());
+    let grace = MasterConfig::default().takeover_grace;
+    assert!(p.rejoin(0).is_empty());
+    p.now += grace * 3;
+    p.send(0, ToMaster::Heartbeat);
+    assert!(p.advance(Duration::ZERO).is_empty(), "one of three never takes over, however long");
+    let out = p.rejoin(1);
+    let removal = Removal { id: 2, rank: 2, detail: "did not rejoin when the master was replaced".into() };
+    let v = ToPeer::View { view: view(2, &[0, 1]), removed: vec![removal], term: 2 };
+    assert_eq!(out, vec![Output::Send(1, v.clone()), Output::Send(2, v)]);
+    // The peer that comes back late was removed; it hears so and is cut off.
+    let out = p.rejoin(2);
+    assert!(matches!(&out[..], [Output::Close(3, why)] if why.contains("removed")), "{out:?}");
+    assert!(p.peers[2].gone().is_some());
+}
+
+#[test]
+fn a_vote_in_flight_carries_over_to_the_new_master() {
+    let mut p = Pair::group(2, rejoining());
+    let Topology::Wait { msg, seen } = p.peers[0].update_topology().unwrap() else { panic!("votes") };
+    p.send(0, msg);
+    p.replace_master(MasterConfig::default());
+    p.rejoin(0);
+    p.rejoin(1);
+    assert!(p.peers[0].round_after(seen).is_none(), "the round waits for peer 1");
+    let Topology::Wait { msg, .. } = p.peers[1].update_topology().unwrap() else { panic!("votes") };
+    p.send(1, msg);
+    assert_eq!(p.peers[0].round_after(seen), Some(Ok(view(2, &[0, 1]))));
+}
+
+#[test]
+fn a_fresh_master_that_formed_a_group_steps_down_for_an_older_group_coming_back() {
+    // The master restarts and a newcomer joins before the old members rejoin: the
+    // newcomer's one-peer group is released, and the old group is taken over.
+    let mut p = Pair::group(2, rejoining());
+    p.replace_master(MasterConfig::default());
+    let newcomer = p.join(7, rejoining());
+    assert_eq!(p.peers[newcomer].view().unwrap().epoch, 1);
+    let out = p.rejoin(0);
+    assert!(out.contains(&Output::Release(3)), "{out:?}");
+    assert!(p.peers[newcomer].rejoining());
+    p.rejoin(1);
+    assert_eq!(p.peers[0].view().unwrap(), view(2, &[0, 1]));
+    // The newcomer, not in that group, is told to join again.
+    let out = p.rejoin(newcomer);
+    assert!(matches!(&out[..], [Output::Close(3, _)]), "{out:?}");
+}
+
+#[test]
+fn a_peer_that_gives_up_looking_is_removed() {
+    let config = PeerConfig { rejoin_within: Some(Duration::from_millis(500)), ..PeerConfig::default() };
+    let mut p = Pair::group(2, config);
+    let keys = begin_all(&mut p, 1);
+    p.replace_master(MasterConfig::default());
+    let aborts = p.peers[0].tick(p.now + Duration::from_millis(500));
+    assert!(
+        matches!(&aborts[..], [(k, Error::Removed { reason })] if *k == keys[0] && reason.contains("none took over"))
+    );
 }

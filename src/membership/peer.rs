@@ -20,7 +20,7 @@
 //! let mut peer = PeerState::new(7, PeerConfig::default(), now);
 //! let addr = "127.0.0.1:9000".parse().unwrap();
 //! let view = View { epoch: 1, members: vec![Member { id: 7, addr }] };
-//! assert!(peer.handle(ToPeer::View { view, removed: vec![] }, now).is_empty());
+//! assert!(peer.handle(ToPeer::View { view, removed: vec![], term: 1 }, now).is_empty());
 //! let begun = peer.begin(OpKind::Whole { call: 0xabc }).unwrap();
 //! assert_eq!(begun.msg, ToMaster::OpBegin { epoch: 1, seq: 1, call: 0xabc });
 //! peer.handle(ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit }, now);
@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::protocol::{AbortReason, Decision, OpResult, ToMaster, ToPeer, Transfer};
+use super::protocol::{AbortReason, Decision, OpResult, Rejoin, ToMaster, ToPeer, Transfer};
 use super::view::{PeerId, View};
 use crate::error::{Error, Result};
 use crate::plan::Rank;
@@ -65,11 +65,22 @@ pub struct PeerConfig {
     /// Off for callers that run a failed call again inside it (a retry policy), which
     /// all run the call again in the new view instead.
     pub settle_view_changes: bool,
+    /// When the master is lost (its connection breaks, or it stays silent for
+    /// `master_timeout`), look for one to rejoin (the same address restarted, or a
+    /// standby) for this long before giving up with [`Error::Removed`]; `None` gives up
+    /// at once. Collectives in flight wait for the new master's verdict meanwhile, and
+    /// new ones fail with a retryable [`Error::Aborted`].
+    pub rejoin_within: Option<Duration>,
 }
 
 impl Default for PeerConfig {
     fn default() -> Self {
-        PeerConfig { master_timeout: Duration::from_millis(2000), closed: false, settle_view_changes: false }
+        PeerConfig {
+            master_timeout: Duration::from_millis(2000),
+            closed: false,
+            settle_view_changes: false,
+            rejoin_within: None,
+        }
     }
 }
 
@@ -184,7 +195,24 @@ pub struct PeerState {
     settled: Option<u64>,
     /// In a closed group ([`PeerConfig::closed`]): the first loss seen.
     lost: Option<Error>,
+    /// The term of the master this peer follows.
+    term: u64,
+    /// While the master is lost: when to give up looking for one.
+    rejoining: Option<Instant>,
+    /// In `update_topology` and the round has not ended.
+    voting: bool,
+    /// A vote made while rejoining after the rejoin was sent: it goes to the new master
+    /// once the takeover is done ([`PeerState::take_deferred_vote`]).
+    vote_deferred: bool,
+    /// The last collectives of this epoch that committed and were finished: a master
+    /// that takes over must hear of them, or it would abort them on the members that
+    /// had no decision yet while this one kept the result.
+    recent_commits: std::collections::VecDeque<OpKey>,
 }
+
+/// How many finished commits a peer remembers for a takeover: far more than the
+/// collectives one member can be ahead of another (they wait for each other).
+const RECENT_COMMITS: usize = 256;
 
 impl PeerState {
     /// A peer that has not been admitted yet; `now` starts the master timeout.
@@ -204,6 +232,11 @@ impl PeerState {
             fresh: false,
             settled: None,
             lost: None,
+            term: 0,
+            rejoining: None,
+            voting: false,
+            vote_deferred: false,
+            recent_commits: Default::default(),
         }
     }
 
@@ -243,7 +276,67 @@ impl PeerState {
 
     /// When [`PeerState::tick`] must next run (the master timeout), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.gone.is_none().then(|| self.last_heard + self.config.master_timeout)
+        self.gone.is_none().then(|| self.rejoining.unwrap_or(self.last_heard + self.config.master_timeout))
+    }
+
+    /// The term of the master this peer follows (0 before admission).
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Whether the master was lost and this peer is looking for one to rejoin.
+    pub fn rejoining(&self) -> bool {
+        self.rejoining.is_some() && self.gone.is_none()
+    }
+
+    /// What to tell a master this peer rejoins (see [`Rejoin`]); `None` if it has no
+    /// view to bring.
+    pub fn rejoin(&mut self, data_addr: std::net::SocketAddr) -> Option<ToMaster> {
+        self.vote_deferred = false; // the rejoin carries the vote
+        let view = self.view.clone()?;
+        let (mut committed, mut undecided) = (Vec::from(self.recent_commits.clone()), Vec::new());
+        for (&key, rec) in &self.ops {
+            match (&rec.decision, &rec.abort) {
+                (Some(Decision::Commit), _) => committed.push(key),
+                (None, None) if rec.active => undecided.push(key),
+                _ => {}
+            }
+        }
+        let voting = self.voting;
+        Some(ToMaster::Rejoin(Box::new(Rejoin {
+            id: self.id,
+            data_addr,
+            term: self.term,
+            view,
+            voting,
+            committed,
+            undecided,
+        })))
+    }
+
+    /// A vote made while rejoining is held (a vote queued for the lost master could
+    /// reach the new one after the takeover and count in the round after).
+    pub fn defer_vote(&mut self) {
+        self.vote_deferred = true;
+    }
+
+    /// The vote to send once the takeover is done, if one was made after the rejoin.
+    pub fn take_deferred_vote(&mut self) -> Option<ToMaster> {
+        let due = std::mem::take(&mut self.vote_deferred) && self.voting && self.rejoining.is_none();
+        let epoch = self.view.as_ref().map(|v| v.epoch)?;
+        due.then_some(ToMaster::UpdateTopology { epoch })
+    }
+
+    /// The master was lost for `reason`: with [`PeerConfig::rejoin_within`], this peer
+    /// looks for one to rejoin and its collectives wait; otherwise it is cut off.
+    pub fn master_lost(&mut self, reason: String, now: Instant) -> Vec<(OpKey, Error)> {
+        match self.config.rejoin_within {
+            Some(within) if self.gone.is_none() && self.view.is_some() && !self.config.closed => {
+                self.rejoining.get_or_insert(now + within);
+                Vec::new()
+            }
+            _ => self.disconnected(reason),
+        }
     }
 
     /// A message from the master arrived. Returns the collectives that must stop now,
@@ -254,7 +347,10 @@ impl PeerState {
         match msg {
             ToPeer::Pending | ToPeer::Heartbeat => {}
             ToPeer::PendingJoiners { count } => self.pending_joiners = count,
-            ToPeer::View { view, removed } => {
+            ToPeer::View { view, removed, term } => {
+                self.term = self.term.max(term);
+                self.rejoining = None;
+                self.recent_commits.retain(|key| key.0 >= view.epoch);
                 let reason = match removed.first() {
                     Some(r) => Error::PeerLost { rank: r.rank as usize, reason: r.detail.clone() },
                     None => Error::Aborted { reason: format!("the view changed to epoch {}", view.epoch) },
@@ -309,6 +405,7 @@ impl PeerState {
             }
             ToPeer::Refused { reason } => aborts = self.disconnected(reason),
             ToPeer::TopologyDone { epoch } => {
+                self.voting = false;
                 self.rounds += 1;
                 self.settled = Some(epoch);
             }
@@ -335,9 +432,14 @@ impl PeerState {
     /// Time passed: a master silent for [`PeerConfig::master_timeout`] cuts this peer
     /// off (at exactly the deadline, so a driver woken then makes progress).
     pub fn tick(&mut self, now: Instant) -> Vec<(OpKey, Error)> {
-        match self.next_deadline() {
-            Some(deadline) if now >= deadline => {
-                self.disconnected(format!("no word from the master for {} ms", self.config.master_timeout.as_millis()))
+        match (self.next_deadline(), self.rejoining) {
+            (Some(deadline), Some(_)) if now >= deadline => {
+                let within = self.config.rejoin_within.unwrap_or_default();
+                self.disconnected(format!("the master was lost and none took over within {} ms", within.as_millis()))
+            }
+            (Some(deadline), None) if now >= deadline => {
+                let silent = format!("no word from the master for {} ms", self.config.master_timeout.as_millis());
+                self.master_lost(silent, now)
             }
             _ => Vec::new(),
         }
@@ -380,6 +482,10 @@ impl PeerState {
             return Err(e.clone());
         }
         let view = self.current_view()?;
+        if self.rejoining.is_some() {
+            let reason = "the master was lost; rejoining a master (restarted or standby): call again once it took over";
+            return Err(Error::Aborted { reason: reason.into() });
+        }
         self.check_settled()?;
         let rank = view
             .rank_of(self.id)
@@ -465,7 +571,12 @@ impl PeerState {
 
     /// Forgets a finished collective.
     pub fn finish(&mut self, key: OpKey) {
-        self.ops.remove(&key);
+        if let Some(OpRecord { decision: Some(Decision::Commit), .. }) = self.ops.remove(&key) {
+            if self.recent_commits.len() == RECENT_COMMITS {
+                self.recent_commits.pop_front();
+            }
+            self.recent_commits.push_back(key);
+        }
     }
 
     /// Collectives this peer knows of (begun, or decided before it began them).
@@ -484,6 +595,7 @@ impl PeerState {
         if admitted_now || self.config.closed {
             return Ok(Topology::Done);
         }
+        self.voting = true;
         Ok(Topology::Wait { msg: ToMaster::UpdateTopology { epoch }, seen: self.rounds })
     }
 
@@ -532,6 +644,7 @@ pub fn abort_error(reason: AbortReason) -> Error {
         AbortReason::Mismatch { detail } => Error::Mismatch { detail },
         AbortReason::Failed { rank, detail } => Error::Aborted { reason: format!("rank {rank} failed: {detail}") },
         AbortReason::Invalid { rank, detail } => Error::InvalidArgument(format!("rank {rank}: {detail}")),
+        AbortReason::MasterLost { detail } => Error::Aborted { reason: detail },
     }
 }
 

@@ -72,6 +72,12 @@ pub enum AbortReason {
         /// What was wrong with it.
         detail: String,
     },
+    /// The master that ran it was replaced before it told anyone a commit: a restarted
+    /// or standby master aborts it on every member (see [`Rejoin`]).
+    MasterLost {
+        /// What happened.
+        detail: String,
+    },
 }
 
 /// The master's decision on one collective.
@@ -92,6 +98,27 @@ pub struct Removal {
     pub rank: u32,
     /// Lost (crash, timeout) or left gracefully.
     pub detail: String,
+}
+
+/// What a peer tells a master that replaces the one it lost (restarted on the same
+/// address, or a standby): enough for the new master to rebuild the view and settle the
+/// collectives the old one left undecided, with no log of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejoin {
+    /// The peer's id.
+    pub id: PeerId,
+    /// Where its data links are accepted.
+    pub data_addr: SocketAddr,
+    /// The term of the master it followed.
+    pub term: u64,
+    /// The last view it was admitted into.
+    pub view: View,
+    /// Whether it waits in `update_topology` (its vote counts in the new master's round).
+    pub voting: bool,
+    /// Collectives (epoch, seq) it knows were committed.
+    pub committed: Vec<(u64, u64)>,
+    /// Collectives (epoch, seq) it began and has no decision for.
+    pub undecided: Vec<(u64, u64)>,
 }
 
 /// Messages from a peer to the master.
@@ -155,6 +182,9 @@ pub enum ToMaster {
         /// The sub-group's members.
         members: Vec<PeerId>,
     },
+    /// A member that lost its master asks this one to take over (first message of a
+    /// control connection, instead of a join).
+    Rejoin(Box<Rejoin>),
     /// The member could not open, or lost, its data link to member `peer` in `epoch`
     /// (a failed handshake, a link that timed out): a witness statement the master
     /// counts to settle a split group (see `MasterState`).
@@ -177,6 +207,9 @@ pub enum ToPeer {
         view: View,
         /// Members removed since the previous view.
         removed: Vec<Removal>,
+        /// The master's term: it grows with every takeover (restart or standby), and a
+        /// peer follows no master of a term older than one it has followed.
+        term: u64,
     },
     /// The outcome of a collective.
     Outcome {
@@ -210,6 +243,7 @@ pub enum ToPeer {
     },
     /// "The master is alive": lets a peer notice a master it can no longer hear.
     Heartbeat,
+
     /// Every member has called `update_topology`: the round is over, in view `epoch`.
     TopologyDone {
         /// The view the round ended in.

@@ -178,9 +178,9 @@ async fn run(
         for out in outputs {
             tracing::trace!(?out, "master sends");
             let conn = match &out {
-                Output::Send(c, _) | Output::Close(c, _) => *c,
+                Output::Send(c, _) | Output::Close(c, _) | Output::Release(c) => *c,
             };
-            let closing = matches!(out, Output::Close(..));
+            let closing = matches!(out, Output::Close(..) | Output::Release(_));
             if let Some(w) = writers.get(&conn) {
                 let _ = w.send(out); // a gone writer means a gone peer: nothing to tell
             }
@@ -263,6 +263,7 @@ async fn write_loop(link: Arc<dyn Link>, mut outputs: mpsc::UnboundedReceiver<Ou
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
             }
+            Some(Output::Release(_)) => break,
         }
     }
     link.close();

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
 
-use super::protocol::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer, Transfer};
+use super::protocol::{AbortReason, Decision, OpResult, Rejoin, Removal, ToMaster, ToPeer, Transfer};
 use super::view::{Member, View};
 use crate::state::{SyncStrategy, TensorDigest};
 use crate::transport::{Frame, Header};
@@ -384,6 +384,10 @@ impl Codec for Decision {
                 rank.encode(bytes);
                 detail.encode(bytes);
             }
+            Decision::Abort(AbortReason::MasterLost { detail }) => {
+                5u8.encode(bytes);
+                detail.encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -393,7 +397,32 @@ impl Codec for Decision {
             2 => Decision::Abort(AbortReason::Mismatch { detail: String::read(r)? }),
             3 => Decision::Abort(AbortReason::Failed { rank: u32::read(r)?, detail: String::read(r)? }),
             4 => Decision::Abort(AbortReason::Invalid { rank: u32::read(r)?, detail: String::read(r)? }),
+            5 => Decision::Abort(AbortReason::MasterLost { detail: String::read(r)? }),
             code => return Err(WireError::UnknownCode { what: "decision", code }),
+        })
+    }
+}
+
+impl Codec for Rejoin {
+    const MIN_LEN: usize = 8 + SocketAddr::MIN_LEN + 8 + View::MIN_LEN + 1 + 4 + 4;
+    fn encode(&self, bytes: &mut Vec<u8>) {
+        self.id.encode(bytes);
+        self.data_addr.encode(bytes);
+        self.term.encode(bytes);
+        self.view.encode(bytes);
+        u8::from(self.voting).encode(bytes);
+        encode_vec(&self.committed, bytes);
+        encode_vec(&self.undecided, bytes);
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        Ok(Rejoin {
+            id: u64::read(r)?,
+            data_addr: SocketAddr::read(r)?,
+            term: u64::read(r)?,
+            view: View::read(r)?,
+            voting: u8::read(r)? != 0,
+            committed: r.read_vec("committed")?,
+            undecided: r.read_vec("undecided")?,
         })
     }
 }
@@ -444,6 +473,10 @@ impl Codec for ToMaster {
                 epoch.encode(bytes);
                 peer.encode(bytes);
             }
+            ToMaster::Rejoin(rejoin) => {
+                10u8.encode(bytes);
+                rejoin.encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -467,6 +500,7 @@ impl Codec for ToMaster {
                 members: r.read_vec("members")?,
             },
             9 => ToMaster::Unreachable { epoch: u64::read(r)?, peer: u64::read(r)? },
+            10 => ToMaster::Rejoin(Box::new(Rejoin::read(r)?)),
             code => return Err(WireError::UnknownCode { what: "message to master", code }),
         })
     }
@@ -477,10 +511,11 @@ impl Codec for ToPeer {
     fn encode(&self, bytes: &mut Vec<u8>) {
         match self {
             ToPeer::Pending => 1u8.encode(bytes),
-            ToPeer::View { view, removed } => {
+            ToPeer::View { view, removed, term } => {
                 2u8.encode(bytes);
                 view.encode(bytes);
                 encode_vec(removed, bytes);
+                term.encode(bytes);
             }
             ToPeer::Outcome { epoch, seq, decision } => {
                 3u8.encode(bytes);
@@ -513,7 +548,7 @@ impl Codec for ToPeer {
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(match u8::read(r)? {
             1 => ToPeer::Pending,
-            2 => ToPeer::View { view: View::read(r)?, removed: r.read_vec("removals")? },
+            2 => ToPeer::View { view: View::read(r)?, removed: r.read_vec("removals")?, term: u64::read(r)? },
             3 => ToPeer::Outcome { epoch: u64::read(r)?, seq: u64::read(r)?, decision: Decision::read(r)? },
             4 => ToPeer::PendingJoiners { count: u32::read(r)? },
             5 => ToPeer::SyncPlan {

@@ -37,7 +37,7 @@ fn samples_to_peer() -> Vec<ToPeer> {
     let view = View { epoch: 5, members: vec![Member { id: 1, addr: "127.0.0.1:9".parse().expect("addr") }] };
     vec![
         ToPeer::Pending,
-        ToPeer::View { view, removed: vec![Removal { id: 2, rank: 1, detail: "timeout".into() }] },
+        ToPeer::View { view, removed: vec![Removal { id: 2, rank: 1, detail: "timeout".into() }], term: 3 },
         ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit },
         ToPeer::Outcome {
             epoch: 1,
@@ -79,10 +79,12 @@ const GOLDEN_TO_MASTER: [&str; 12] = [
     "1d0000000800000000000000000000000000000000000000000000000000000000",
 ];
 
-/// The bytes the pre-`Codec` encoder (`wire.rs` at 434ba78) produced for each sample.
+/// The bytes the pre-`Codec` encoder (`wire.rs` at 434ba78) produced for each sample,
+/// but for the view's term.
 const GOLDEN_TO_PEER: [&str; 11] = [
     "0100000001",
-    "37000000020500000000000000010000000100000000000000047f0000010900010000000200000000000000010000000700000074696d656f7574",
+    // The view gained its master term (the last 8 bytes) for master takeovers.
+    "3f000000020500000000000000010000000100000000000000047f0000010900010000000200000000000000010000000700000074696d656f75740300000000000000",
     "12000000030100000000000000010000000000000000",
     "1b000000030100000000000000010000000000000001020000000100000078",
     "170000000301000000000000000100000000000000020100000079",
@@ -114,6 +116,29 @@ fn invalid_input_reports_round_trip_under_new_codes() {
     let out = ToPeer::Outcome { epoch: 1, seq: 2, decision: Decision::Abort(reason) };
     let enc = out.encode();
     assert_eq!(ToPeer::decode(body(&enc)), Ok(out));
+}
+
+#[test]
+fn takeover_messages_round_trip_under_new_codes() {
+    let view = View { epoch: 7, members: vec![Member { id: 1, addr: "127.0.0.1:9".parse().expect("addr") }] };
+    let rejoin = Rejoin {
+        id: 1,
+        data_addr: "[::1]:5".parse().expect("addr"),
+        term: 2,
+        view,
+        voting: true,
+        committed: vec![(7, 3)],
+        undecided: vec![(7, 4), (7, 1 << 63 | 9)],
+    };
+    let m = ToMaster::Rejoin(Box::new(rejoin));
+    let enc = m.encode();
+    assert_eq!(ToMaster::decode(body(&enc)), Ok(m));
+    for cut in 0..enc.len() - 4 {
+        assert!(ToMaster::decode(&enc[4..4 + cut]).is_err(), "cut at {cut}");
+    }
+    let m =
+        ToPeer::Outcome { epoch: 1, seq: 2, decision: Decision::Abort(AbortReason::MasterLost { detail: "x".into() }) };
+    assert_eq!(ToPeer::decode(body(&m.encode())), Ok(m));
 }
 
 #[test]

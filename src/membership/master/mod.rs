@@ -29,6 +29,7 @@ use tally::{Begin, Recipients, Roster, Said, Tallies, Word};
 
 mod silence;
 mod sync_plan;
+mod takeover;
 mod tally;
 
 pub use self::sync_plan::{sync_plan, PlannedSync};
@@ -67,6 +68,10 @@ pub struct MasterConfig {
     /// connections (TCP on the QUIC port's number), removing a peer whose process dies
     /// at once rather than after `peer_timeout` (default on; see `membership::liveness`).
     pub liveness: bool,
+    /// A master taking over a group whose master was lost (see the `takeover` module)
+    /// waits this long after the first peer rejoined for the rest of the last view;
+    /// then a majority of it suffices, and the others are removed.
+    pub takeover_grace: Duration,
 }
 
 impl Default for MasterConfig {
@@ -77,6 +82,7 @@ impl Default for MasterConfig {
             max_pending: 256,
             initial_peers: 1,
             liveness: true,
+            takeover_grace: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS),
         }
     }
 }
@@ -88,6 +94,9 @@ pub enum Output {
     Send(ConnId, ToPeer),
     /// Close a control connection, telling the peer why.
     Close(ConnId, String),
+    /// Close a control connection without a word: the peer takes it for a lost master
+    /// and rejoins (here or at another master).
+    Release(ConnId),
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +119,8 @@ impl Peer {
 #[derive(Debug)]
 pub struct MasterState {
     config: MasterConfig,
+    /// Grows with every takeover; see the `takeover` module.
+    term: u64,
     epoch: u64,
     members: Vec<Peer>,
     pending: Vec<Peer>,
@@ -118,6 +129,11 @@ pub struct MasterState {
     tallies: Tallies,
     /// This epoch's reports of broken links: suspect -> the members that lost it.
     suspicions: HashMap<PeerId, BTreeSet<PeerId>>,
+    /// A takeover of a group whose master was lost, while peers rejoin.
+    takeover: Option<takeover::Takeover>,
+    /// Every peer this master has made a member: a rejoining peer it never admitted
+    /// comes from another master's group (see the `takeover` module).
+    admitted: std::collections::HashSet<PeerId>,
 }
 
 impl MasterState {
@@ -125,6 +141,7 @@ impl MasterState {
     pub fn new(config: MasterConfig) -> MasterState {
         MasterState {
             config,
+            term: 1,
             epoch: 0,
             members: Vec::new(),
             pending: Vec::new(),
@@ -132,7 +149,20 @@ impl MasterState {
             topo_votes: BTreeSet::new(),
             tallies: Tallies::default(),
             suspicions: HashMap::new(),
+            takeover: None,
+            admitted: Default::default(),
         }
+    }
+
+    /// The master's term: 1 for a master that formed its group, one more than the
+    /// newest it took over from for a master that took one over.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Whether a takeover is in progress (peers are rejoining).
+    pub fn taking_over(&self) -> bool {
+        self.takeover.is_some()
     }
     /// The current view.
     pub fn view(&self) -> View {
@@ -146,15 +176,29 @@ impl MasterState {
 
     /// When the next timeout can expire, for the driver's timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.members.iter().chain(&self.pending).map(|p| p.last_seen + p.timeout(&self.config)).min()
+        let takeover =
+            self.takeover.as_ref().and_then(|t| t.deadline(self.config.takeover_grace, self.config.peer_timeout));
+        self.members.iter().chain(&self.pending).map(|p| p.last_seen + p.timeout(&self.config)).chain(takeover).min()
     }
 
     /// A message arrived on `conn`.
     pub fn handle(&mut self, conn: ConnId, msg: ToMaster, now: Instant) -> Vec<Output> {
         let mut out = Vec::new();
+        if self.takeover.as_mut().is_some_and(|t| t.heard(conn, now)) {
+            // A rejoined peer waits for the takeover; a leave just takes it out of it.
+            if msg == ToMaster::Leave {
+                if let Some(t) = self.takeover.as_mut() {
+                    t.forget(conn);
+                }
+                out.push(Output::Close(conn, "left the group".into()));
+                self.complete_takeover(now, &mut out);
+            }
+            return out;
+        }
         let Some(&id) = self.conns.get(&conn) else {
             match msg {
                 ToMaster::Join { id, data_addr } => self.join(conn, id, data_addr, now, &mut out),
+                ToMaster::Rejoin(state) => self.rejoin(conn, *state, now, &mut out),
                 _ => out.push(Output::Close(conn, "the first message must be a join".into())),
             }
             return out;
@@ -166,7 +210,9 @@ impl MasterState {
         let is_member = self.members.iter().any(|p| p.id == id);
         match msg {
             ToMaster::Heartbeat => {}
-            ToMaster::Join { .. } => out.push(Output::Close(conn, "joined twice on one connection".into())),
+            ToMaster::Join { .. } | ToMaster::Rejoin(_) => {
+                out.push(Output::Close(conn, "joined twice on one connection".into()))
+            }
             ToMaster::Leave => self.remove(&[id], "left the group", &mut out),
             _ if !is_member => {} // a pending joiner has nothing else to say yet
             ToMaster::UpdateTopology { .. } => self.vote_topology(id, &mut out),
@@ -256,6 +302,9 @@ impl MasterState {
     /// The control connection `conn` broke.
     pub fn disconnected(&mut self, conn: ConnId) -> Vec<Output> {
         let mut out = Vec::new();
+        if self.takeover.as_mut().is_some_and(|t| t.forget(conn)) {
+            return out;
+        }
         if let Some(id) = self.conns.get(&conn).copied() {
             self.remove(&[id], "control connection closed", &mut out);
         }
@@ -268,6 +317,13 @@ impl MasterState {
     /// or it left) changes nothing.
     pub fn process_gone(&mut self, id: PeerId) -> Vec<Output> {
         let mut out = Vec::new();
+        if let Some(conn) = self.takeover.as_ref().and_then(|t| t.conn_of(id)) {
+            if let Some(t) = self.takeover.as_mut() {
+                t.forget(conn);
+            }
+            out.push(Output::Close(conn, "its process is gone (liveness connection closed)".into()));
+            return out;
+        }
         if self.conns.values().any(|&p| p == id) {
             self.remove(&[id], "its process is gone (liveness connection closed)", &mut out);
         }
@@ -278,6 +334,12 @@ impl MasterState {
     /// deadline counts, so that a driver woken at [`MasterState::next_deadline`] always
     /// makes progress.)
     pub fn tick(&mut self, now: Instant) -> Vec<Output> {
+        if let Some(t) = self.takeover.as_mut() {
+            let (grace, timeout) = (self.config.takeover_grace, self.config.peer_timeout);
+            let mut out: Vec<Output> = t.tick(now, grace, timeout).into_iter().map(Output::Release).collect();
+            self.complete_takeover(now, &mut out);
+            return out;
+        }
         let silent: Vec<(PeerId, Duration)> = self
             .members
             .iter()
@@ -309,7 +371,8 @@ impl MasterState {
         let mut arrivals = silence::Arrivals::default();
         arrivals.heard(now);
         self.pending.push(Peer { id, addr, conn, last_seen: now, arrivals });
-        if self.members.is_empty() && (self.epoch > 0 || self.pending.len() >= self.config.initial_peers) {
+        let forming = self.epoch > 0 || self.pending.len() >= self.config.initial_peers;
+        if self.members.is_empty() && self.takeover.is_none() && forming {
             self.admit_pending(out);
         } else {
             out.push(Output::Send(conn, ToPeer::Pending));
@@ -342,7 +405,7 @@ impl MasterState {
         // A topology round in progress goes on among the members that remain.
         let members: BTreeSet<PeerId> = self.members.iter().map(|p| p.id).collect();
         self.topo_votes.retain(|id| members.contains(id));
-        self.broadcast(ToPeer::View { view: self.view(), removed }, out);
+        self.broadcast(ToPeer::View { view: self.view(), removed, term: self.term }, out);
     }
 
     fn admit_pending(&mut self, out: &mut Vec<Output>) {
@@ -351,6 +414,7 @@ impl MasterState {
             // A first view of several peers ranks them by id, whatever their arrival order.
             joiners.sort_by_key(|p| p.id);
         }
+        self.admitted.extend(joiners.iter().map(|p| p.id));
         self.members.extend(joiners);
         self.new_epoch(Vec::new(), out);
     }

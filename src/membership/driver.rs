@@ -1,0 +1,260 @@
+//! The driver of a peer's control connection: one connection's read and write loops,
+//! and, when the master is lost, rejoining one (the same address restarted, or a
+//! standby) with what [`PeerState::rejoin`](super::peer::PeerState::rejoin) says.
+//!
+//! It decides nothing: the state machine says whether the master is lost, whether to
+//! look for another, and when to give up. The driver only moves bytes and picks the
+//! next address: the one it followed first (a restart comes back there), then the
+//! others in order, with a pause after each full round so that it never spins.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::client::{now, Shared};
+use super::codec::{frame_body, to_frame, CONTROL_HELLO};
+use super::protocol::{ToMaster, ToPeer};
+use crate::error::{Error, Result};
+use crate::transport::endpoint::Endpoint;
+use crate::transport::Link;
+
+/// How long one try to reach a master may take when several are known.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The pause after every known master failed once, before trying them again.
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
+/// Everything the driver owns.
+pub(super) struct Driver {
+    pub endpoint: Arc<dyn Endpoint>,
+    /// The primary first, then the standbys.
+    pub masters: Vec<SocketAddr>,
+    /// The index of the master followed now.
+    pub current: usize,
+    pub link: Arc<dyn Link>,
+    pub shared: Arc<Shared>,
+    pub out: mpsc::UnboundedReceiver<ToMaster>,
+    pub heartbeat: Duration,
+    pub data_addr: SocketAddr,
+    pub stopped: watch::Receiver<bool>,
+    pub master: watch::Sender<SocketAddr>,
+}
+
+/// Connects to the first of `masters` that answers; with one address, waits as long as
+/// the transport does.
+pub(super) async fn first_reachable(endpoint: &dyn Endpoint, masters: &[SocketAddr]) -> Result<(Arc<dyn Link>, usize)> {
+    let mut failures = Vec::new();
+    for (i, &addr) in masters.iter().enumerate() {
+        let connect = endpoint.connect(addr, Bytes::from_static(CONTROL_HELLO));
+        let result = match masters.len() {
+            1 => connect.await.map_err(|e| e.to_string()),
+            _ => match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+            },
+        };
+        match result {
+            Ok(link) => return Ok((link, i)),
+            Err(e) => failures.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(Error::JoinFailed { reason: format!("cannot reach a master ({})", failures.join("; ")) })
+}
+
+/// Runs connections until this peer is gone or the client stops.
+pub(super) async fn drive(mut d: Driver) {
+    loop {
+        let (stop_writer, writer_stopped) = oneshot::channel();
+        let writer = tokio::spawn(write_loop(d.link.clone(), d.out, d.heartbeat, writer_stopped));
+        let lost = tokio::select! {
+            lost = read_loop(&*d.link, &d.shared) => lost,
+            _ = d.stopped.changed() => None,
+        };
+        tracing::debug!(peer = d.shared.lock().peer.id(), ?lost, "control connection ended");
+        d.link.close();
+        let _ = stop_writer.send(());
+        d.out = match writer.await {
+            Ok(out) => out,
+            Err(_) => return,
+        };
+        if *d.stopped.borrow() {
+            return;
+        }
+        if let Some(reason) = lost {
+            d.shared.apply(|p| ((), p.master_lost(reason, now())));
+        }
+        if !d.shared.lock().peer.rejoining() {
+            return; // gone: the state machine has recorded why
+        }
+        tracing::debug!(peer = d.shared.lock().peer.id(), "master lost: rejoining");
+        // What the lost master never got is settled by the rejoin itself.
+        while d.out.try_recv().is_ok() {}
+        let Some((link, current)) = rejoin(&d).await else { return };
+        tracing::info!(peer = d.shared.lock().peer.id(), master = %d.masters[current], "rejoined a master");
+        d.link = link;
+        d.current = current;
+        d.master.send_replace(d.masters[current]);
+    }
+}
+
+/// Reads the master's messages into the state machine until the connection ends or the
+/// state says the master is lost; returns why it ended if the state does not know yet.
+async fn read_loop(link: &dyn Link, shared: &Shared) -> Option<String> {
+    loop {
+        let deadline = shared.lock().peer.next_deadline();
+        let received = match deadline {
+            Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), link.recv()).await,
+            None => Ok(link.recv().await),
+        };
+        match received {
+            Ok(Ok(frame)) => match frame_body(&frame).and_then(ToPeer::decode) {
+                Ok(msg) => shared.apply(|p| ((), p.handle(msg, now()))),
+                Err(e) => return Some(format!("undecodable message from the master: {e}")),
+            },
+            Ok(Err(e)) => {
+                let reason = format!("connection to the master lost: {e}");
+                // A refusal was already recorded (the peer is gone); otherwise the master is lost.
+                return shared.lock().peer.gone().is_none().then_some(reason);
+            }
+            Err(_) => {
+                let stop = shared.apply(|p| {
+                    let aborts = p.tick(now());
+                    (p.gone().is_some() || p.rejoining(), aborts)
+                });
+                if stop {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the queued messages and a heartbeat every `heartbeat`, until the link fails or
+/// `stop` fires; hands the queue back for the next connection.
+async fn write_loop(
+    link: Arc<dyn Link>,
+    mut out: mpsc::UnboundedReceiver<ToMaster>,
+    heartbeat: Duration,
+    mut stop: oneshot::Receiver<()>,
+) -> mpsc::UnboundedReceiver<ToMaster> {
+    // The first tick is one interval away, so the join always goes first.
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            m = out.recv() => match m { Some(m) => m, None => break },
+            _ = beat.tick() => ToMaster::Heartbeat,
+        };
+        // A send may wait on a connection that no longer moves (a partition): the stop
+        // must still get through.
+        let sent = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            sent = link.send(to_frame(msg.encode())) => sent,
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    out
+}
+
+/// Looks for a master to rejoin until one took over with this peer in its view, or the
+/// state machine gives up (the peer is then gone). Returns the new connection and the
+/// index of its master.
+async fn rejoin(d: &Driver) -> Option<(Arc<dyn Link>, usize)> {
+    let n = d.masters.len();
+    for attempt in 0.. {
+        let gone = d.shared.apply(|p| {
+            let aborts = p.tick(now());
+            (!p.rejoining(), aborts)
+        });
+        if gone || *d.stopped.borrow() {
+            return None;
+        }
+        if attempt > 0 && attempt % n == 0 {
+            tokio::time::sleep(ROUND_PAUSE).await;
+        }
+        let i = (d.current + attempt) % n;
+        // Whatever waits in a try (a send into a partition) ends with the search.
+        let deadline = d.shared.lock().peer.next_deadline()?;
+        let tried =
+            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), try_rejoin(d, d.masters[i])).await;
+        match tried.unwrap_or_else(|_| Err("no takeover before the deadline".into())) {
+            Ok(link) => return Some((link, i)),
+            Err(why) => tracing::debug!(master = %d.masters[i], "no rejoin: {why}"),
+        }
+    }
+    None
+}
+
+/// One try at the master at `addr`: connect, send the rejoin, heartbeat while it waits
+/// for the rest of the group, and feed its answers to the state until the takeover's
+/// view arrives.
+async fn try_rejoin(d: &Driver, addr: SocketAddr) -> std::result::Result<Arc<dyn Link>, String> {
+    let connect = d.endpoint.connect(addr, Bytes::from_static(CONTROL_HELLO));
+    let link = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    };
+    let Some(msg) = d.shared.lock().peer.rejoin(d.data_addr) else { return Err("nothing to rejoin with".into()) };
+    // (A vote made from here on is deferred, and sent below once the takeover is done.)
+    if let Err(e) = link.send(to_frame(msg.encode())).await {
+        return Err(e.to_string());
+    }
+    let beats = tokio::spawn(heartbeats(link.clone(), d.heartbeat));
+    let result = await_takeover(&*link, &d.shared).await;
+    beats.abort();
+    match result {
+        Ok(()) => {
+            let vote = d.shared.lock().peer.take_deferred_vote();
+            if let Some(vote) = vote {
+                link.send(to_frame(vote.encode())).await.map_err(|e| e.to_string())?;
+            }
+            Ok(link)
+        }
+        Err(e) => {
+            link.close();
+            Err(e)
+        }
+    }
+}
+
+async fn heartbeats(link: Arc<dyn Link>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if link.send(to_frame(ToMaster::Heartbeat.encode())).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Feeds a rejoined master's messages to the state until it is no longer rejoining.
+async fn await_takeover(link: &dyn Link, shared: &Shared) -> std::result::Result<(), String> {
+    loop {
+        let Some(deadline) = shared.lock().peer.next_deadline() else { return Err("gone".into()) };
+        let frame = match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), link.recv()).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no takeover before the deadline".into()),
+        };
+        let msg = frame_body(&frame).and_then(ToPeer::decode).map_err(|e| e.to_string())?;
+        let refused = matches!(msg, ToPeer::Refused { .. });
+        let rejoining = shared.apply(|p| {
+            let aborts = p.handle(msg, now());
+            (p.rejoining(), aborts)
+        });
+        if refused {
+            return Err("refused".into());
+        }
+        if !rejoining {
+            return Ok(());
+        }
+    }
+}
