@@ -53,6 +53,16 @@ struct MasterArgs {
     /// it for a jittery WAN; at most the peer timeout for a fixed one).
     #[arg(long, default_value_t = phalanx::membership::master::DEFAULT_MAX_PEER_TIMEOUT_MS)]
     max_peer_timeout_ms: u64,
+    /// When peers of a lost master rejoin this one (a restart on the same address, or a
+    /// standby they list), wait this long after the first for the rest of their last
+    /// view; then a majority of it suffices [default: the peer timeout].
+    #[arg(long)]
+    takeover_grace_ms: Option<u64>,
+    /// Form no group of its own: joiners wait until this master took a group over from
+    /// peers that lost theirs. Start standbys, and a master restarted in place of a lost
+    /// one, with it.
+    #[arg(long)]
+    standby: bool,
 }
 
 /// QUIC settings with the cluster secret, if any.
@@ -80,6 +90,8 @@ fn run_master(args: MasterArgs) -> Result<(), String> {
     let config = MasterConfig {
         peer_timeout: Duration::from_millis(args.peer_timeout_ms),
         max_peer_timeout: Duration::from_millis(args.max_peer_timeout_ms),
+        takeover_grace: Duration::from_millis(args.takeover_grace_ms.unwrap_or(args.peer_timeout_ms)),
+        standby: args.standby,
         ..MasterConfig::default()
     };
     // Master::start also listens for the peers' liveness connections (TCP, same port).

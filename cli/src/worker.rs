@@ -29,6 +29,9 @@ pub struct WorkerArgs {
     /// The master's address.
     #[arg(long)]
     master: SocketAddr,
+    /// A standby master, tried after the primary when it is lost (repeat for several).
+    #[arg(long)]
+    standby_master: Vec<SocketAddr>,
     /// Cluster secret; also read from PHALANX_SECRET.
     #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -124,6 +127,7 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
             ..ControlConfig::default()
         },
+        standby_masters: args.standby_master.clone(),
         ..ConnectOptions::default()
     };
     let mut comm = Communicator::connect(args.master, options).map_err(|e| fail(&e, "join"))?;

@@ -127,7 +127,13 @@ impl AsyncPeer {
                 .await
                 .inspect_err(|e| tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only"))
                 .ok();
-            Some(tokio::spawn(liveness::follow(held, masters, id, options.quic.secret.clone())))
+            let control = Arc::downgrade(&control);
+            let gone = move || {
+                if let Some(control) = control.upgrade() {
+                    control.master_process_gone();
+                }
+            };
+            Some(tokio::spawn(liveness::follow(held, masters, id, options.quic.secret.clone(), gone)))
         } else {
             None
         };

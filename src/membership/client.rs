@@ -114,6 +114,8 @@ pub struct ControlClient {
     stop: watch::Sender<bool>,
     /// The master followed now.
     master: watch::Receiver<SocketAddr>,
+    /// Bumped when the master's process is known to be gone.
+    master_gone: watch::Sender<u64>,
 }
 
 /// The current time on tokio's clock, so that a paused clock (simulations) governs
@@ -136,8 +138,45 @@ impl ControlClient {
         config: ControlConfig,
         peer: PeerConfig,
     ) -> Result<ControlClient> {
-        let (link, current) = driver::first_reachable(&*endpoint, masters).await?;
         let peer = PeerConfig { master_timeout: config.master_timeout, rejoin_within: config.rejoin_within, ..peer };
+        let joining = async {
+            // A master lost before it admitted this peer: try again, here (a restart) or
+            // at the next master, for as long as a member would look for one.
+            let give_up = now() + config.rejoin_within.unwrap_or_default();
+            let mut start = 0;
+            loop {
+                match Self::join_once(endpoint.clone(), masters, start, id, data_addr, config, peer).await {
+                    Ok(client) => return Ok(client),
+                    Err((e, true)) if now() < give_up => {
+                        tracing::debug!(peer = id, "master lost before admission ({e}); joining again");
+                        start = (start + 1) % masters.len();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        };
+        match config.join_timeout {
+            Some(t) => tokio::time::timeout(t, joining)
+                .await
+                .unwrap_or_else(|_| Err(Error::JoinFailed { reason: format!("not admitted within {t:?}") })),
+            None => joining.await,
+        }
+    }
+
+    /// One try at joining, from the master `start` on; on failure, the error and whether
+    /// the master was lost (rather than refusing this peer).
+    async fn join_once(
+        endpoint: Arc<dyn Endpoint>,
+        masters: &[SocketAddr],
+        start: usize,
+        id: PeerId,
+        data_addr: SocketAddr,
+        config: ControlConfig,
+        peer: PeerConfig,
+    ) -> std::result::Result<ControlClient, (Error, bool)> {
+        let order: Vec<SocketAddr> = masters.iter().cycle().skip(start).take(masters.len()).copied().collect();
+        let (link, current) = driver::first_reachable(&*endpoint, &order).await.map_err(|e| (e, true))?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core { peer: PeerState::new(id, peer, now()), signals: HashMap::new() }),
             changed: watch::channel(()).0,
@@ -147,10 +186,11 @@ impl ControlClient {
         let (out, out_rx) = mpsc::unbounded_channel();
         let _ = out.send(ToMaster::Join { id, data_addr });
         let (stop, stopped) = watch::channel(false);
-        let (master_tx, master) = watch::channel(masters[current]);
+        let (master_tx, master) = watch::channel(order[current]);
+        let (master_gone, master_gone_rx) = watch::channel(0);
         tokio::spawn(driver::drive(driver::Driver {
             endpoint,
-            masters: masters.to_vec(),
+            masters: order.clone(),
             current,
             link,
             shared: shared.clone(),
@@ -159,26 +199,27 @@ impl ControlClient {
             data_addr,
             stopped,
             master: master_tx,
+            master_gone: master_gone_rx,
         }));
-        let client = ControlClient { id, out, shared, stop, master };
-        let admitted = client.shared.wait(|p| p.admission());
-        let admitted = match config.join_timeout {
-            Some(t) => tokio::time::timeout(t, admitted)
-                .await
-                .unwrap_or_else(|_| Err(Error::Removed { reason: format!("not admitted within {t:?}") })),
-            None => admitted.await,
-        };
-        match admitted {
+        let client = ControlClient { id, out, shared, stop, master, master_gone };
+        match client.shared.wait(|p| p.admission()).await {
             Ok(_) => Ok(client),
             Err(e) => {
                 client.stop.send_replace(true);
+                let lost = !client.shared.lock().peer.refused();
                 let reason = match e {
                     Error::Removed { reason } => reason,
                     other => other.to_string(),
                 };
-                Err(Error::JoinFailed { reason })
+                Err((Error::JoinFailed { reason }, lost))
             }
         }
+    }
+
+    /// The master's process is gone (its liveness connection closed): the driver drops
+    /// the connection at once and looks for a master to rejoin.
+    pub fn master_process_gone(&self) {
+        self.master_gone.send_modify(|n| *n += 1);
     }
 
     /// The address of the master this peer follows now (it changes when a master is

@@ -41,10 +41,12 @@ pub(super) struct Driver {
     pub data_addr: SocketAddr,
     pub stopped: watch::Receiver<bool>,
     pub master: watch::Sender<SocketAddr>,
+    /// Changes when the followed master's process is known to be gone.
+    pub master_gone: watch::Receiver<u64>,
 }
 
-/// Connects to the first of `masters` that answers; with one address, waits as long as
-/// the transport does.
+/// Connects to the first of `masters` that answers (each within a timeout when there
+/// are several).
 pub(super) async fn first_reachable(endpoint: &dyn Endpoint, masters: &[SocketAddr]) -> Result<(Arc<dyn Link>, usize)> {
     let mut failures = Vec::new();
     for (i, &addr) in masters.iter().enumerate() {
@@ -69,9 +71,11 @@ pub(super) async fn drive(mut d: Driver) {
     loop {
         let (stop_writer, writer_stopped) = oneshot::channel();
         let writer = tokio::spawn(write_loop(d.link.clone(), d.out, d.heartbeat, writer_stopped));
+        d.master_gone.borrow_and_update(); // news of a master before this one is old
         let lost = tokio::select! {
             lost = read_loop(&*d.link, &d.shared) => lost,
             _ = d.stopped.changed() => None,
+            _ = d.master_gone.changed() => Some("the master's process is gone (liveness connection closed)".into()),
         };
         tracing::debug!(peer = d.shared.lock().peer.id(), ?lost, "control connection ended");
         d.link.close();

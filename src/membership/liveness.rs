@@ -112,23 +112,46 @@ pub(crate) async fn register(master: SocketAddr, id: PeerId, secret: Option<&[u8
 
 /// Keeps a liveness connection to the master the peer follows: `held` to the first,
 /// and a new one each time `masters` names the master followed after a takeover (the
-/// old one is dropped). A master that takes no liveness connections leaves the peer to
-/// its heartbeats.
+/// old one is dropped). It works both ways: when the master's process dies, its kernel
+/// closes the connection, and `master_gone` is called at once, long before the peer's
+/// master timeout would notice the silence. A master that takes no liveness
+/// connections leaves the peer to heartbeats.
 pub(crate) async fn follow(
     mut held: Option<TcpStream>,
     mut masters: tokio::sync::watch::Receiver<SocketAddr>,
     id: PeerId,
     secret: Option<Arc<[u8]>>,
+    master_gone: impl Fn(),
 ) {
-    while masters.changed().await.is_ok() {
-        let master = *masters.borrow_and_update();
-        drop(held.take());
-        held = register(master, id, secret.as_deref())
-            .await
-            .inspect_err(|e| tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only"))
-            .ok();
+    loop {
+        let closed = async {
+            match held.as_mut() {
+                // The master never writes: any return means the connection ended.
+                Some(stream) => {
+                    let mut byte = [0u8; 1];
+                    let _ = stream.read(&mut byte).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = masters.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let master = *masters.borrow_and_update();
+                drop(held.take());
+                held = register(master, id, secret.as_deref())
+                    .await
+                    .inspect_err(|e| tracing::debug!(peer = id, %master, "no liveness connection ({e}): heartbeats only"))
+                    .ok();
+            }
+            () = closed => {
+                held = None;
+                master_gone();
+            }
+        }
     }
-    drop(held);
 }
 
 #[cfg(test)]

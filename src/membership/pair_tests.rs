@@ -533,3 +533,21 @@ fn a_peer_that_gives_up_looking_is_removed() {
         matches!(&aborts[..], [(k, Error::Removed { reason })] if *k == keys[0] && reason.contains("none took over"))
     );
 }
+
+#[test]
+fn a_standby_forms_no_group_of_its_own_and_admits_newcomers_after_its_takeover() {
+    let mut p = Pair::group(2, rejoining());
+    p.replace_master(MasterConfig { standby: true, ..MasterConfig::default() });
+    // A newcomer reaches the standby before the group does: it waits.
+    let newcomer = p.join(7, rejoining());
+    assert_eq!(p.take_inbox(newcomer), vec![ToPeer::Pending]);
+    p.rejoin(0);
+    p.rejoin(1);
+    assert_eq!(p.peers[0].view().unwrap(), view(2, &[0, 1]));
+    // The members' next round admits it into the group taken over.
+    for i in 0..2 {
+        let Topology::Wait { msg, .. } = p.peers[i].update_topology().unwrap() else { panic!("votes") };
+        p.send(i, msg);
+    }
+    assert_eq!(p.peers[newcomer].view().unwrap().members.len(), 3);
+}

@@ -201,6 +201,8 @@ pub struct PeerState {
     rejoining: Option<Instant>,
     /// In `update_topology` and the round has not ended.
     voting: bool,
+    /// The master refused or ended this peer's membership (rather than being lost).
+    refused: bool,
     /// A vote made while rejoining after the rejoin was sent: it goes to the new master
     /// once the takeover is done ([`PeerState::take_deferred_vote`]).
     vote_deferred: bool,
@@ -235,6 +237,7 @@ impl PeerState {
             term: 0,
             rejoining: None,
             voting: false,
+            refused: false,
             vote_deferred: false,
             recent_commits: Default::default(),
         }
@@ -277,6 +280,12 @@ impl PeerState {
     /// When [`PeerState::tick`] must next run (the master timeout), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.gone.is_none().then(|| self.rejoining.unwrap_or(self.last_heard + self.config.master_timeout))
+    }
+
+    /// Whether the master refused or ended this peer's membership (rather than being
+    /// lost).
+    pub fn refused(&self) -> bool {
+        self.refused
     }
 
     /// The term of the master this peer follows (0 before admission).
@@ -403,7 +412,10 @@ impl PeerState {
             ToPeer::SyncPlan { epoch, seq, agreed, transfers } => {
                 self.ops.entry((epoch, seq)).or_default().plan = Some(SyncPlan { agreed, transfers });
             }
-            ToPeer::Refused { reason } => aborts = self.disconnected(reason),
+            ToPeer::Refused { reason } => {
+                self.refused = true;
+                aborts = self.disconnected(reason);
+            }
             ToPeer::TopologyDone { epoch } => {
                 self.voting = false;
                 self.rounds += 1;

@@ -58,6 +58,18 @@ pub struct ChurnArgs {
     /// The longest partition; each lasts between 0.5 s and this.
     #[arg(long, default_value_t = 4.0)]
     pub(super) partition_max_s: f64,
+    /// Mean interval between SIGKILLs of the master the group follows (0: none); a
+    /// killed master is started again on its address after --master-down-ms, and the
+    /// workers rejoin it (or, with --standby, the standby takes over at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub(super) master_kill_every_s: f64,
+    /// How long a killed master stays down before it is started again.
+    #[arg(long, default_value_t = 500)]
+    pub(super) master_down_ms: u64,
+    /// Also run a standby master, which the workers list after the primary: a master
+    /// kill then makes the other one take the group over.
+    #[arg(long)]
+    pub(super) standby: bool,
     /// One-way delay the relay adds to every packet of every worker and the master.
     #[arg(long, default_value_t = 0)]
     pub(super) delay_ms: u64,
@@ -157,6 +169,9 @@ impl ChurnArgs {
     pub(super) fn validate(&self) -> Result<(), String> {
         if !(0.0..1.0).contains(&self.loss) {
             return Err(format!("--loss {} must be at least 0 and below 1", self.loss));
+        }
+        if self.master_kill_every_s > 0.0 && self.master_kill_every_s * 1e3 < 2.0 * self.master_down_ms as f64 {
+            return Err("--master-kill-every-s must be at least twice --master-down-ms".into());
         }
         if self.partition_every_s > 0.0 && self.partition_max_s < 0.5 {
             return Err("--partition-max-s must be at least 0.5".into());

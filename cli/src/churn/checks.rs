@@ -288,6 +288,8 @@ pub(crate) struct Summary {
     pub max_stall_ms: u64,
     pub recovery_ms: Vec<u64>,
     pub unrecovered: usize,
+    /// From each master kill to the next step any peer completed.
+    pub master_recovery_ms: Vec<u64>,
     pub join_ms: Vec<u64>,
     pub spurious_removals: usize,
     pub interrupted: bool,
@@ -352,6 +354,28 @@ pub(super) fn final_checks(h: &mut Harness, t0: u64, t_end: u64, elapsed_s: f64,
         }
     }
 
+    // Master kills: some peer must complete a step within the bound after each, through
+    // a restarted master or the standby.
+    let mut master_recovery_ms = Vec::new();
+    let bound = args.master_down_ms + args.wait_bound_ms();
+    for &k in &h.master_kills.clone() {
+        match h.steps.iter().filter(|s| s.t >= k).map(|s| s.t).min() {
+            Some(t) => {
+                master_recovery_ms.push(t - k);
+                if t - k > bound && !cut_short {
+                    h.violate(
+                        "master-recovery",
+                        format!("no step for {} ms after a master kill (bound {bound} ms)", t - k),
+                    );
+                }
+            }
+            None if t_end.saturating_sub(k) > bound && !cut_short => {
+                h.violate("master-recovery", format!("no step in the {} ms after a master kill", t_end - k));
+            }
+            None => {}
+        }
+    }
+
     // Joiners: each one the churn left alone for --join-bound-s must have reached a model
     // some other peer also reported for the same step.
     let bound_ms = (args.join_bound_s * 1e3) as u64;
@@ -395,6 +419,7 @@ pub(super) fn final_checks(h: &mut Harness, t0: u64, t_end: u64, elapsed_s: f64,
         max_stall_ms,
         recovery_ms,
         unrecovered,
+        master_recovery_ms,
         join_ms,
         spurious_removals,
         interrupted,

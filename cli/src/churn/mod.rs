@@ -20,7 +20,9 @@
 //! - `progress`: distinct steps per second of the churn phase stay above a floor, and no
 //!   stretch without a completed step is longer than a bound;
 //! - `unexpected-exit`: neither the master nor a worker the churn left alone exits on
-//!   its own (a worker's `Removed` exit, a falsely suspected peer, is allowed and counted).
+//!   its own (a worker's `Removed` exit, a falsely suspected peer, is allowed and counted);
+//! - `master-recovery`: after each master kill (`--master-kill-every-s`), some peer
+//!   completes a step within the master's down time plus the wait bound.
 //!
 //! The schedule is a function of the seed and the options alone (splitmix64), including
 //! every target, so the same seed gives the same churn (`--dry-run` prints it).
@@ -31,6 +33,7 @@
 
 mod args;
 mod checks;
+mod masters;
 mod procs;
 mod report;
 mod schedule;
@@ -45,16 +48,16 @@ use serde_json::{json, Value};
 
 pub use self::args::ChurnArgs;
 use self::checks::{final_checks, spawn_verifier};
-use self::procs::sys;
+use self::procs::{sys, Src};
 use self::schedule::{schedule, Thaw};
 use crate::now_ms;
 
 /// A message to the harness's loop.
 enum Msg {
-    /// A stdout line of a process (`None`: the master).
-    Line(Option<usize>, Value),
+    /// A stdout line of a process.
+    Line(Src, Value),
     /// A process closed its stdout (it exited, most likely).
-    Eof(Option<usize>),
+    Eof(Src),
     /// The verifier recomputed a sum.
     Sum { w: usize, step: u64, members: Vec<u64>, got: String, want: String },
     /// SIGINT or SIGTERM.
@@ -168,13 +171,17 @@ struct Harness {
     verifier: Sender<(usize, u64, Vec<u64>, String)>,
     /// Sums sent to the verifier and not back yet.
     sums_pending: usize,
-    master: Option<Child>,
-    master_addr: Option<String>,
+    /// Every master process started, killed ones included.
+    masters: Vec<masters::MasterProc>,
+    /// The primary's and the standby's addresses and processes.
+    slots: Vec<masters::Slot>,
+    /// The slot whose master the group follows.
+    active: usize,
+    /// When each master kill happened (unix ms).
+    master_kills: Vec<u64>,
     /// The test relay every packet crosses, with network faults on (`--loss`,
-    /// `--partition-every-s`, ...), and the master's real address behind it.
-    relay: Option<(phalanx::relay::Relay, std::net::SocketAddr)>,
-    master_stderr: Option<Arc<Mutex<VecDeque<String>>>>,
-    master_eof: bool,
+    /// `--partition-every-s`, ...).
+    relay: Option<phalanx::relay::Relay>,
     workers: Vec<Worker>,
     /// step -> (model hash, first reporter).
     models: HashMap<u64, (String, usize)>,
@@ -216,11 +223,11 @@ impl Harness {
             rx,
             verifier,
             sums_pending: 0,
-            master: None,
-            master_addr: None,
+            masters: Vec::new(),
+            slots: Vec::new(),
+            active: 0,
+            master_kills: Vec::new(),
             relay: None,
-            master_stderr: None,
-            master_eof: false,
             workers: Vec::new(),
             models: HashMap::new(),
             first_commit: HashMap::new(),
@@ -269,20 +276,10 @@ impl Harness {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Line(None, v) => {
-                if v["event"] == "listening" {
-                    self.master_addr = v["addr"].as_str().map(String::from);
-                }
-            }
-            Msg::Eof(None) => {
-                self.master_eof = true;
-                if self.t0.is_some() && !self.draining {
-                    let tail = self.master_stderr.as_ref().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).clone());
-                    self.violate("unexpected-exit", format!("the master exited; its stderr: {tail:?}"));
-                }
-            }
-            Msg::Line(Some(w), v) => self.on_event(w, v),
-            Msg::Eof(Some(w)) => {
+            Msg::Line(Src::Master(g), v) => self.on_master_line(g, v),
+            Msg::Eof(Src::Master(g)) => self.on_master_eof(g),
+            Msg::Line(Src::Worker(w), v) => self.on_event(w, v),
+            Msg::Eof(Src::Worker(w)) => {
                 self.workers[w].eof = true;
                 self.reap(w);
             }
@@ -309,7 +306,7 @@ impl Harness {
         let count = |a: &str| self.done.iter().filter(|d| d.action == a).count();
         eprintln!(
             "churn +{el:>5.1}s: step {}, {steps} steps ({:.1}/s), {members} members, {alive} workers running, \
-             kills {}, freezes {}, joins {}, leaves {}, partitions {}, aborted {}, violations {}",
+             kills {}, freezes {}, joins {}, leaves {}, partitions {}, master kills {}, aborted {}, violations {}",
             self.last_step().map_or("-".to_string(), |s| s.to_string()),
             steps as f64 / el.max(1e-3),
             count("kill"),
@@ -317,6 +314,7 @@ impl Harness {
             count("join"),
             count("leave"),
             count("partition"),
+            self.master_kills.len(),
             self.aborted,
             self.violation_count,
         );
@@ -338,9 +336,7 @@ impl Harness {
                 tail
             );
         }
-        if let Some(m) = &self.master_stderr {
-            s += &format!("  master stderr {:?}\n", m.lock().unwrap_or_else(|p| p.into_inner()));
-        }
+        s += &self.master_tails();
         s
     }
 }
@@ -400,14 +396,11 @@ fn run_churn(args: ChurnArgs) -> Result<i32, String> {
             130
         })
     };
-    h.start_master()?;
-    h.pump(Instant::now() + Duration::from_secs(30), &|h| h.master_addr.is_some() || h.master_eof);
+    let started_masters = h.start_masters();
     if let Some(code) = interrupted(&h) {
         return Ok(code);
     }
-    if h.master_addr.is_none() {
-        return Err(setup(&h, "the master did not report its address within 30 s"));
-    }
+    started_masters.map_err(|e| setup(&h, &e))?;
     if args.uses_relay() {
         h.start_relay()?;
     }
@@ -481,7 +474,10 @@ fn run_churn(args: ChurnArgs) -> Result<i32, String> {
         thaws.sort_by_key(|&(at, _, _)| at);
         while thaws.first().is_some_and(|&(at, _, _)| at <= now) {
             let (_, w, thaw) = thaws.remove(0);
-            h.thaw(w, thaw);
+            match thaw {
+                Thaw::Restart => h.restart_masters()?,
+                _ => h.thaw(w, thaw),
+            }
         }
         if now >= tick {
             h.check_open_waits();

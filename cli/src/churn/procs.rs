@@ -14,7 +14,6 @@ use super::schedule::{Action, Planned, Thaw};
 use super::{Done, Fate, Harness, Msg, Role, Worker};
 use crate::now_ms;
 use phalanx::relay::{free_udp_addr, Relay};
-use std::net::SocketAddr;
 
 /// Signals and process control: Linux/Unix system calls, declared here (no libc crate).
 #[cfg(unix)]
@@ -108,8 +107,17 @@ pub(super) mod sys {
     }
 }
 
+/// Which process a line comes from.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Src {
+    /// A master, by generation (every start is a new one).
+    Master(usize),
+    /// A worker, by index.
+    Worker(usize),
+}
+
 /// A stdout reader that sends each JSON line (anything else as `{"event": "?"}`).
-pub(super) fn read_lines(src: Option<usize>, out: impl std::io::Read + Send + 'static, tx: Sender<Msg>) {
+pub(super) fn read_lines(src: Src, out: impl std::io::Read + Send + 'static, tx: Sender<Msg>) {
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
@@ -161,37 +169,33 @@ pub(super) fn spawn_child(args: &[String]) -> Result<Child, String> {
 }
 
 impl Harness {
-    pub(super) fn start_master(&mut self) -> Result<(), String> {
-        let args = ["master", "--listen", "127.0.0.1:0", "--peer-timeout-ms", &self.args.peer_timeout_ms.to_string()];
-        let mut child = spawn_child(&args.map(String::from))?;
-        read_lines(None, child.stdout.take().expect("piped"), self.tx.clone()); // ok: spawned with Stdio::piped()
-        self.master_stderr = Some(keep_tail(child.stderr.take().expect("piped"))); // ok: spawned with Stdio::piped()
-        self.master = Some(child);
-        Ok(())
-    }
-
     /// Puts the relay between the master and every worker to come: they dial its front
     /// for the master, and each advertises a front of its own for its peers.
     pub(super) fn start_relay(&mut self) -> Result<(), String> {
-        let real: SocketAddr = self.master_addr.as_deref().and_then(|a| a.parse().ok()).ok_or("no master address")?;
         let relay = Relay::start(self.args.seed, self.args.shaping()).map_err(|e| format!("relay: {e}"))?;
-        let front = relay.front(real).map_err(|e| format!("relay front for the master: {e}"))?;
+        for slot in &mut self.slots {
+            let real = slot.real.ok_or("no master address")?;
+            let front = relay.front(real).map_err(|e| format!("relay front for a master: {e}"))?;
+            slot.dial = Some(front.to_string());
+        }
         self.timeline.push(json!({
-            "t": now_ms(), "source": "harness", "event": "relay", "master": real.to_string(), "front": front.to_string(),
+            "t": now_ms(), "source": "harness", "event": "relay", "masters": self.master_reals().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "delay_ms": self.args.delay_ms, "jitter_ms": self.args.jitter_ms, "reorder": self.args.reorder,
             "loss": self.args.loss,
         }));
-        self.master_addr = Some(front.to_string());
-        self.relay = Some((relay, real));
+        self.relay = Some(relay);
         Ok(())
     }
 
     pub(super) fn start_worker(&mut self, role: Role, perturb_at: Option<u64>) -> Result<usize, String> {
         let w = self.workers.len();
-        let master = self.master_addr.clone().ok_or("no master address")?;
+        let (master, standby) = self.master_dials()?;
         let mut args: Vec<String> = vec!["worker".into(), "--master".into(), master];
+        if let Some(standby) = standby {
+            args.extend(["--standby-master".into(), standby]);
+        }
         let mut addr = None;
-        if let Some((relay, _)) = &self.relay {
+        if let Some(relay) = &self.relay {
             let bind = free_udp_addr().map_err(|e| format!("a port for a worker: {e}"))?;
             let front = relay.front(bind).map_err(|e| format!("relay front for a worker: {e}"))?;
             args.extend(["--bind".into(), bind.to_string(), "--advertise".into(), front.to_string()]);
@@ -216,7 +220,7 @@ impl Harness {
             args.extend(["--perturb-at-step".into(), s.to_string()]);
         }
         let mut child = spawn_child(&args)?;
-        read_lines(Some(w), child.stdout.take().expect("piped"), self.tx.clone()); // ok: spawned with Stdio::piped()
+        read_lines(Src::Worker(w), child.stdout.take().expect("piped"), self.tx.clone()); // ok: spawned with Stdio::piped()
         let stderr = keep_tail(child.stderr.take().expect("piped")); // ok: spawned with Stdio::piped()
         let name = if role == Role::Planted { "fault".to_string() } else { format!("w{w}") };
         let pid = child.id();
@@ -267,15 +271,16 @@ impl Harness {
                 }
             }
         }
-        if let Some(m) = &mut self.master {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
+        self.kill_masters();
     }
 
     /// Carries out one planned action.
     pub(super) fn act(&mut self, p: &Planned) -> Result<(), String> {
         let t = now_ms();
+        if p.action == Action::MasterKill {
+            self.kill_master();
+            return Ok(());
+        }
         if p.action == Action::Join {
             let w = self.start_worker(Role::Joiner, None)?;
             debug_assert_eq!(self.workers[w].name, format!("w{}", p.target));
@@ -311,12 +316,14 @@ impl Harness {
                 wk.fate = Fate::Leaving;
             }
             Action::Partition => {
-                if let (Some((relay, master)), Some(addr)) = (&self.relay, wk.addr) {
-                    relay.cut_between(addr, *master);
+                if let (Some(relay), Some(addr)) = (&self.relay, wk.addr) {
+                    for master in self.slots.iter().filter_map(|s| s.real) {
+                        relay.cut_between(addr, master);
+                    }
                 }
                 wk.fate = Fate::Partitioned;
             }
-            Action::Join => unreachable!(),
+            Action::Join | Action::MasterKill => unreachable!("handled above"),
         }
         let name = wk.name.clone();
         self.done.push(Done { t, action: p.action.name(), w, id, resumed: None });
@@ -337,8 +344,10 @@ impl Harness {
         let t = now_ms();
         if thaw == Thaw::Heal {
             // Healed whether or not the worker is still there: its address is free again.
-            if let (Some((relay, master)), Some(addr)) = (&self.relay, self.workers[w].addr) {
-                relay.heal_between(addr, *master);
+            if let (Some(relay), Some(addr)) = (&self.relay, self.workers[w].addr) {
+                for master in self.slots.iter().filter_map(|s| s.real) {
+                    relay.heal_between(addr, master);
+                }
             }
             let name = self.workers[w].name.clone();
             self.timeline.push(json!({ "t": t, "source": "harness", "event": "heal", "target": name }));
@@ -356,7 +365,7 @@ impl Harness {
                 let _ = wk.child.kill();
                 wk.fate = Fate::FrozenKilled;
             }
-            Thaw::Heal => unreachable!("handled above"),
+            Thaw::Heal | Thaw::Restart => unreachable!("handled above and by the run loop"),
             Thaw::Cont => {
                 sys::send(wk.pid, sys::SIGCONT);
                 wk.fate = Fate::Resumed;

@@ -11,13 +11,14 @@ use super::schedule::Planned;
 use super::{Fate, Harness, Role};
 
 /// Every invariant the harness checks, in report order, with what it means.
-pub(crate) const INVARIANTS: [(&str, &str); 6] = [
+pub(crate) const INVARIANTS: [(&str, &str); 7] = [
     ("model-agreement", "every peer that completed a step holds a bitwise identical model"),
     ("exact-sum", "every all-reduce equals the exact sum of its members' gradients"),
     ("wait-bound", "no all-reduce waits longer than the peer timeout plus the slack"),
     ("joiner-sync", "every joiner reaches the group's model hash"),
     ("progress", "steps/s above the floor, no stall longer than the bound"),
     ("unexpected-exit", "neither the master nor an untouched worker exits (Removed excepted)"),
+    ("master-recovery", "after a master kill, a step completes within the down time plus the wait bound"),
 ];
 
 fn count(h: &Harness, action: &str) -> usize {
@@ -53,6 +54,7 @@ fn figures(h: &Harness, s: &Summary) -> Value {
         "steps_completed": s.steps_completed,
         "peer_steps": s.peer_steps,
         "aborted_collectives": h.aborted,
+        "master_recovery_ms": s.master_recovery_ms,
         "recovery_ms": {
             "p50": percentile(&s.recovery_ms, 50.0),
             "p99": percentile(&s.recovery_ms, 99.0),
@@ -139,7 +141,8 @@ pub(crate) fn build(h: &Harness, plan: &[Planned], s: &Summary) -> Value {
         "churn_start_t": s.t0,
         "churn_end_t": s.t_end,
         "schedule": plan.iter().map(Planned::to_json).collect::<Vec<_>>(),
-        "master_pid": h.master.as_ref().map(|m| m.id()),
+        "master_pids": h.masters.iter().map(|m| m.child.id()).collect::<Vec<_>>(),
+        "master_kills": h.master_kills,
         "workers": workers,
         "series": series(h, s).iter().map(|b| json!({ "t_s": b.0, "members": b.1, "steps": b.2 })).collect::<Vec<_>>(),
         "steps": steps.into_values().collect::<Vec<_>>(),
@@ -195,6 +198,17 @@ pub(crate) fn table(h: &Harness, s: &Summary) -> String {
         fmt_ms(percentile(&s.join_ms, 50.0)),
         s.spurious_removals,
     );
+    if !h.master_kills.is_empty() {
+        let _ = writeln!(
+            out,
+            "master kills: {} (restarted after {} ms{}); first step after a kill p50 {}, max {}",
+            h.master_kills.len(),
+            h.args.master_down_ms,
+            if h.args.standby { ", a standby taking over meanwhile" } else { "" },
+            fmt_ms(percentile(&s.master_recovery_ms, 50.0)),
+            fmt_ms(s.master_recovery_ms.iter().max().copied()),
+        );
+    }
     let _ = writeln!(out, "invariants:");
     for (name, what) in INVARIANTS {
         let v = violations_of(h, name);

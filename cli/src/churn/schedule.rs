@@ -13,6 +13,8 @@ pub(super) enum Action {
     Leave,
     /// Cut a worker off from the master through the relay.
     Partition,
+    /// SIGKILL the master the group follows (restarted after --master-down-ms).
+    MasterKill,
 }
 
 impl Action {
@@ -23,6 +25,7 @@ impl Action {
             Action::Join => "join",
             Action::Leave => "leave",
             Action::Partition => "partition",
+            Action::MasterKill => "master_kill",
         }
     }
 }
@@ -34,6 +37,8 @@ pub(super) enum Thaw {
     Cont,
     /// The partition heals.
     Heal,
+    /// The killed master starts again.
+    Restart,
 }
 
 impl Thaw {
@@ -42,6 +47,7 @@ impl Thaw {
             Thaw::Kill => "kill",
             Thaw::Cont => "cont",
             Thaw::Heal => "heal",
+            Thaw::Restart => "restart",
         }
     }
 }
@@ -68,12 +74,17 @@ impl Planned {
     }
 
     pub(super) fn describe(&self) -> String {
-        let mut s = format!("+{:>7.3}s {:<6} w{}", self.at_ms as f64 / 1e3, self.action.name(), self.target);
+        let target = match self.action {
+            Action::MasterKill => "master".to_string(),
+            _ => format!("w{}", self.target),
+        };
+        let mut s = format!("+{:>7.3}s {:<6} {target}", self.at_ms as f64 / 1e3, self.action.name());
         if let Some((ms, thaw)) = self.freeze {
             let then = match thaw {
                 Thaw::Kill => "SIGKILL",
                 Thaw::Cont => "SIGCONT",
                 Thaw::Heal => "heal",
+                Thaw::Restart => "restart",
             };
             s += &format!(" for {ms} ms, then {then}");
         }
@@ -93,6 +104,7 @@ pub(super) fn schedule(args: &ChurnArgs, horizon_s: f64) -> Vec<Planned> {
         (args.join_every_s, Action::Join),
         (args.leave_every_s, Action::Leave),
         (args.partition_every_s, Action::Partition),
+        (args.master_kill_every_s, Action::MasterKill),
     ]
     .into_iter()
     .enumerate()
@@ -120,6 +132,10 @@ pub(super) fn schedule(args: &ChurnArgs, horizon_s: f64) -> Vec<Planned> {
     let mut next = args.peers;
     let mut plan = Vec::new();
     for (at_ms, action) in times {
+        if action == Action::MasterKill {
+            plan.push(Planned { at_ms, action, target: 0, freeze: Some((args.master_down_ms, Thaw::Restart)) });
+            continue;
+        }
         if action == Action::Join {
             if untouched.len() < args.max_peers() {
                 plan.push(Planned { at_ms, action, target: next, freeze: None });

@@ -72,6 +72,11 @@ pub struct MasterConfig {
     /// waits this long after the first peer rejoined for the rest of the last view;
     /// then a majority of it suffices, and the others are removed.
     pub takeover_grace: Duration,
+    /// A standby (or a master restarted in place of a lost one): it forms no group of
+    /// its own from joiners, who wait until it took a group over from its peers. This
+    /// keeps a newcomer that reaches it first from starting a second group beside the
+    /// one about to rejoin.
+    pub standby: bool,
 }
 
 impl Default for MasterConfig {
@@ -83,6 +88,7 @@ impl Default for MasterConfig {
             initial_peers: 1,
             liveness: true,
             takeover_grace: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS),
+            standby: false,
         }
     }
 }
@@ -371,7 +377,7 @@ impl MasterState {
         let mut arrivals = silence::Arrivals::default();
         arrivals.heard(now);
         self.pending.push(Peer { id, addr, conn, last_seen: now, arrivals });
-        let forming = self.epoch > 0 || self.pending.len() >= self.config.initial_peers;
+        let forming = self.epoch > 0 || (self.pending.len() >= self.config.initial_peers && !self.config.standby);
         if self.members.is_empty() && self.takeover.is_none() && forming {
             self.admit_pending(out);
         } else {

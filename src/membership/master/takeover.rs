@@ -125,7 +125,11 @@ impl MasterState {
             // The peer comes from a newer group than this master's (one that a fresh
             // restart formed of newcomers, or a master a newer one replaced): this one
             // steps down and takes the newer group over.
-            self.step_down(out);
+            if self.epoch > 0 {
+                self.step_down(out);
+            }
+            // (A master with no group yet keeps its waiting newcomers for the group it
+            // takes over.)
             self.takeover = Some(Takeover::default());
         }
         let Some(takeover) = self.takeover.as_mut() else { return };
