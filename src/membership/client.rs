@@ -105,6 +105,17 @@ impl Shared {
     }
 }
 
+/// Why a try at joining failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failed {
+    /// No master answered (or one refused the handshake: a wrong secret).
+    Unreachable,
+    /// The master answered, then was lost before it admitted this peer.
+    Lost,
+    /// The master refused this peer.
+    Refused,
+}
+
 /// A peer's live connection to the master.
 pub struct ControlClient {
     id: PeerId,
@@ -143,11 +154,15 @@ impl ControlClient {
             // A master lost before it admitted this peer: try again, here (a restart) or
             // at the next master, for as long as a member would look for one.
             let give_up = now() + config.rejoin_within.unwrap_or_default();
-            let mut start = 0;
+            let (mut start, mut again) = (0, false);
             loop {
                 match Self::join_once(endpoint.clone(), masters, start, id, data_addr, config, peer).await {
                     Ok(client) => return Ok(client),
-                    Err((e, true)) if now() < give_up => {
+                    // Once a master was lost, one that is down for a restart is worth waiting for.
+                    Err((e, why))
+                        if (why == Failed::Lost || again && why == Failed::Unreachable) && now() < give_up =>
+                    {
+                        again = true;
                         tracing::debug!(peer = id, "master lost before admission ({e}); joining again");
                         start = (start + 1) % masters.len();
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -164,8 +179,7 @@ impl ControlClient {
         }
     }
 
-    /// One try at joining, from the master `start` on; on failure, the error and whether
-    /// the master was lost (rather than refusing this peer).
+    /// One try at joining, from the master `start` on; on failure, the error and why.
     async fn join_once(
         endpoint: Arc<dyn Endpoint>,
         masters: &[SocketAddr],
@@ -174,9 +188,11 @@ impl ControlClient {
         data_addr: SocketAddr,
         config: ControlConfig,
         peer: PeerConfig,
-    ) -> std::result::Result<ControlClient, (Error, bool)> {
+    ) -> std::result::Result<ControlClient, (Error, Failed)> {
         let order: Vec<SocketAddr> = masters.iter().cycle().skip(start).take(masters.len()).copied().collect();
-        let (link, current) = driver::first_reachable(&*endpoint, &order).await.map_err(|e| (e, true))?;
+        // No master reachable, or one that refused the handshake (a wrong secret): no retry.
+        let (link, current) =
+            driver::first_reachable(&*endpoint, &order).await.map_err(|e| (e, Failed::Unreachable))?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core { peer: PeerState::new(id, peer, now()), signals: HashMap::new() }),
             changed: watch::channel(()).0,
@@ -206,12 +222,12 @@ impl ControlClient {
             Ok(_) => Ok(client),
             Err(e) => {
                 client.stop.send_replace(true);
-                let lost = !client.shared.lock().peer.refused();
+                let why = if client.shared.lock().peer.refused() { Failed::Refused } else { Failed::Lost };
                 let reason = match e {
                     Error::Removed { reason } => reason,
                     other => other.to_string(),
                 };
-                Err((Error::JoinFailed { reason }, lost))
+                Err((Error::JoinFailed { reason }, why))
             }
         }
     }
