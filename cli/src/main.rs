@@ -2,6 +2,7 @@
 
 mod bench;
 mod churn;
+mod mix;
 mod relay;
 mod worker;
 

@@ -21,6 +21,7 @@ use phalanx::workload::{gradient, hash_f32};
 use phalanx::{Communicator, Error, ReduceOp};
 use serde_json::json;
 
+use crate::mix::{self, Extra};
 use crate::{emit, now_ms, quic_config};
 
 /// Options of `phalanx worker`.
@@ -69,6 +70,12 @@ pub struct WorkerArgs {
     /// aborted is redone (with the ones after it) once the group has settled.
     #[arg(long)]
     overlap: bool,
+    /// After each step's all-reduce, run one more collective of another kind, in turn
+    /// all-gather, reduce-scatter, all-scan, sparse all-reduce and a sub-group
+    /// all-reduce, and report its result's hash (`extra` events) for the churn to check
+    /// (see `mix`). Blocking steps only.
+    #[arg(long, conflicts_with = "overlap")]
+    mix: bool,
     /// Leave gracefully after the last step instead of just exiting.
     #[arg(long)]
     leave: bool,
@@ -293,5 +300,24 @@ fn step(comm: &mut Communicator, state: &mut SharedState, args: &WorkerArgs, id:
         }));
         return Err(e);
     }
-    apply(state, args, (step, epoch), &members, &mut buf, started.elapsed().as_secs_f64() * 1e3)
+    apply(state, args, (step, epoch), &members, &mut buf, started.elapsed().as_secs_f64() * 1e3)?;
+    if args.mix {
+        run_extra(comm, id, step)?;
+    }
+    Ok(())
+}
+
+/// The mix's collective after the all-reduce of `step`, reported for the churn's check.
+/// A retryable failure is the loop's to handle, as any other: the step is done, and the
+/// next one settles the view first.
+fn run_extra(comm: &mut Communicator, id: u64, step: u64) -> Result<(), Error> {
+    let extra = Extra::for_step(step);
+    let (members, rank) = (comm.members(), comm.rank());
+    if let Some(result) = extra.run(comm, id, step)? {
+        emit(json!({
+            "event": "extra", "kind": extra.name(), "step": step, "rank": rank,
+            "members": members.iter().map(u64::to_string).collect::<Vec<_>>(), "hash": mix::hash(&result), "t": now_ms(),
+        }));
+    }
+    Ok(())
 }

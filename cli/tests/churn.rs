@@ -246,6 +246,26 @@ fn master_kills_churn_passes_with_a_restart_and_with_a_standby() {
     }
 }
 
+/// The workload mix: after every all-reduce one more collective of another kind, each
+/// result recomputed and compared by the harness, through kills and joins.
+#[test]
+fn workload_mix_churn_passes() {
+    let _serial = serial();
+    let started = Instant::now();
+    let args = ["--mix", "--peers", "4", "--duration-s", "12", "--seed", "4", "--kill-every-s", "5"];
+    let args: Vec<&str> = args.into_iter().chain(["--join-every-s", "4", "--len", "4096"]).collect();
+    let mut run = Churn::start("mix", &args);
+    let out = run.finish(started, Duration::from_secs(120));
+    assert!(out.status.success(), "the mix churn failed: {}\n{}", out.status, out.stderr);
+    let r = run.report();
+    assert_eq!(r["ok"], true, "{}", r["violations"]);
+    let checked = r["summary"]["mix_checked"].as_object().expect("mix results checked");
+    for kind in ["all_gather", "reduce_scatter", "all_scan", "sparse_all_reduce", "sub_group_all_reduce"] {
+        assert!(checked.get(kind).and_then(Value::as_u64) > Some(3), "too few {kind} results checked: {checked:?}");
+    }
+    assert_no_leftovers(&r);
+}
+
 #[test]
 fn network_faults_churn_passes() {
     let _serial = serial();

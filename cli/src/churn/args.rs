@@ -66,6 +66,11 @@ pub struct ChurnArgs {
     /// How long a killed master stays down before it is started again.
     #[arg(long, default_value_t = 500)]
     pub(super) master_down_ms: u64,
+    /// Workers run a workload mix: after each step's all-reduce one more collective (in
+    /// turn all-gather, reduce-scatter, all-scan, sparse all-reduce, a sub-group
+    /// all-reduce), each result checked against its exact recomputation (`exact-sum`).
+    #[arg(long, conflicts_with = "async_mode")]
+    pub(super) mix: bool,
     /// Also run a standby master, which the workers list after the primary: a master
     /// kill then makes the other one take the group over.
     #[arg(long)]

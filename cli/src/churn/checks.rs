@@ -13,6 +13,7 @@ use phalanx::{DType, ReduceOp};
 use serde_json::{json, Value};
 
 use super::{Fate, Harness, Msg, Role, StepRec, Violation};
+use crate::mix::Extra;
 use crate::now_ms;
 
 /// The hash of the quantized ring all-reduce of `members`' gradients (in rank order) as
@@ -103,6 +104,29 @@ impl Harness {
         }
     }
 
+    /// A collective of the workload mix (`--mix`): recomputed here from its members
+    /// (small, exact), for `exact-sum`.
+    fn on_extra(&mut self, w: usize, v: &Value) {
+        let kind = v["kind"].as_str().unwrap_or_default();
+        let members: Vec<u64> =
+            v["members"].as_array().into_iter().flatten().filter_map(|m| m.as_str()?.parse().ok()).collect();
+        let (Some(extra), Some(step), Some(rank)) = (Extra::from_name(kind), v["step"].as_u64(), v["rank"].as_u64())
+        else {
+            return self
+                .violate("exact-sum", format!("{} reported an unreadable mix result: {v}", self.workers[w].name));
+        };
+        *self.extras_checked.entry(kind.to_string()).or_default() += 1;
+        let want = extra.expected(step, &members, rank as usize).map(|r| crate::mix::hash(&r));
+        if want.as_deref() != v["hash"].as_str() {
+            let name = self.workers[w].name.clone();
+            let got = v["hash"].clone();
+            self.violate(
+                "exact-sum",
+                format!("{name}'s {kind} of step {step} as rank {rank} of {members:?} gave {got}, recomputed {want:?}"),
+            );
+        }
+    }
+
     /// Notes the exit of worker `w` if it has exited; a closed stdout comes just before.
     pub(super) fn reap(&mut self, w: usize) {
         let wk = &mut self.workers[w];
@@ -161,6 +185,7 @@ impl Harness {
                 self.close_wait(w, u("step"), t, "step");
                 self.on_step(w, &v, t);
             }
+            "extra" => self.on_extra(w, &v),
             "error" => self.workers[w].error = Some(v.clone()),
             _ => {}
         }
@@ -182,26 +207,42 @@ impl Harness {
             return; // its own freeze: not a wait
         }
         self.waits_ms.push(waited);
-        let bound = self.args.wait_bound_ms();
+        let bound = self.bound_for(w, t);
         if waited > bound && !self.workers[w].open_wait_reported {
             let name = self.workers[w].name.clone();
             self.violate(
                 "wait-bound",
                 format!(
                     "{name} waited {waited} ms in its all-reduce of step {step} (from allreduce_start to {how}), \
-                     more than the bound of {bound} ms (peer timeout {} ms + slack {} ms)",
-                    self.args.peer_timeout_ms, self.args.slack_ms
+                     more than the bound of {bound} ms (peer timeout {} ms + slack {} ms{})",
+                    self.args.peer_timeout_ms,
+                    self.args.slack_ms,
+                    if self.workers[w].cut_before(t) { ", + its search for a master after a partition" } else { "" },
                 ),
             );
         }
+    }
+
+    /// The wait bound of worker `w` for a wait that ended (or is checked) at `t`: the
+    /// peer timeout plus the slack; for a worker a partition cut off from the masters,
+    /// also its master timeout and the time it looks for a master to rejoin (its
+    /// collective waits for a verdict meanwhile, and ends when it is told it was removed).
+    fn bound_for(&self, w: usize, t: u64) -> u64 {
+        let bound = self.args.wait_bound_ms();
+        if !self.workers[w].cut_before(t) {
+            return bound;
+        }
+        let control = phalanx::comm::ControlConfig::default();
+        let rejoin = control.rejoin_within.unwrap_or_default();
+        bound + (control.master_timeout + rejoin).as_millis() as u64
     }
 
     /// Reports any all-reduce still open longer than the bound (and a second to deliver its
     /// end) on a running, unfrozen worker: a hang.
     pub(super) fn check_open_waits(&mut self) {
         let now = now_ms();
-        let bound = self.args.wait_bound_ms();
         for w in 0..self.workers.len() {
+            let bound = self.bound_for(w, now);
             let wk = &self.workers[w];
             let Some(&(step, start)) = wk.open_waits.first() else { continue };
             // A worker the harness has SIGKILLed is not hanging, even before its exit is

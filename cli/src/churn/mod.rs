@@ -106,6 +106,8 @@ struct Worker {
     fate: Fate,
     /// SIGSTOP and SIGCONT times (unix ms); the last may be open.
     frozen: Vec<(u64, Option<u64>)>,
+    /// When a partition cut it off from the masters (unix ms).
+    cut_at: Option<u64>,
     /// The all-reduces in progress, oldest first: step and start time (two at once
     /// with `--async`).
     open_waits: Vec<(u64, u64)>,
@@ -126,6 +128,12 @@ struct Worker {
 impl Worker {
     fn frozen_during(&self, from: u64, to: u64) -> bool {
         self.frozen.iter().any(|&(stop, cont)| stop <= to && cont.is_none_or(|c| c >= from))
+    }
+
+    /// Whether a partition cut it off from the masters at some point up to `to`: a
+    /// cut-off peer's collective waits for a master to rejoin (see `bound_for`).
+    fn cut_before(&self, to: u64) -> bool {
+        self.cut_at.is_some_and(|t| t <= to)
     }
 
     fn is_frozen(&self) -> bool {
@@ -179,6 +187,8 @@ struct Harness {
     active: usize,
     /// When each master kill happened (unix ms).
     master_kills: Vec<u64>,
+    /// Results of the workload mix checked, by collective (`--mix`).
+    extras_checked: std::collections::BTreeMap<String, u64>,
     /// The test relay every packet crosses, with network faults on (`--loss`,
     /// `--partition-every-s`, ...).
     relay: Option<phalanx::relay::Relay>,
@@ -227,6 +237,7 @@ impl Harness {
             slots: Vec::new(),
             active: 0,
             master_kills: Vec::new(),
+            extras_checked: Default::default(),
             relay: None,
             workers: Vec::new(),
             models: HashMap::new(),

@@ -212,6 +212,9 @@ impl Harness {
         if self.args.async_mode {
             args.push("--overlap".into());
         }
+        if self.args.mix {
+            args.push("--mix".into());
+        }
         if let Some(q) = self.args.quantize {
             args.extend(["--quantize".into(), q.to_string()]);
         }
@@ -238,6 +241,7 @@ impl Harness {
             joined_t: None,
             fate: Fate::Untouched,
             frozen: Vec::new(),
+            cut_at: None,
             open_waits: Vec::new(),
             open_wait_reported: false,
             steps: 0,
@@ -322,6 +326,7 @@ impl Harness {
                     }
                 }
                 wk.fate = Fate::Partitioned;
+                wk.cut_at = Some(t);
             }
             Action::Join | Action::MasterKill => unreachable!("handled above"),
         }

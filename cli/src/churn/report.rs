@@ -55,6 +55,7 @@ fn figures(h: &Harness, s: &Summary) -> Value {
         "peer_steps": s.peer_steps,
         "aborted_collectives": h.aborted,
         "master_recovery_ms": s.master_recovery_ms,
+        "mix_checked": h.extras_checked,
         "recovery_ms": {
             "p50": percentile(&s.recovery_ms, 50.0),
             "p99": percentile(&s.recovery_ms, 99.0),
@@ -198,6 +199,10 @@ pub(crate) fn table(h: &Harness, s: &Summary) -> String {
         fmt_ms(percentile(&s.join_ms, 50.0)),
         s.spurious_removals,
     );
+    if !h.extras_checked.is_empty() {
+        let each: Vec<String> = h.extras_checked.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(out, "workload mix: results recomputed and compared: {}", each.join(", "));
+    }
     if !h.master_kills.is_empty() {
         let _ = writeln!(
             out,
