@@ -241,3 +241,93 @@ fn a_split_group_goes_on_on_the_majority_side_only() {
         assert!(!committed_by_the_lone_one.load(Ordering::Relaxed), "the lone member committed after the cut");
     });
 }
+
+/// A primary cut off from two of its three peers (not from the third), with a standby
+/// running: the primary fences itself (`MasterConfig::fence`: most of its view went
+/// silent at once) instead of going on with the one peer it still hears; the two rejoin
+/// the standby, which takes the group over, and the third follows them there (or, if it
+/// comes too late, is told it was removed). The primary never decides alone for the peer
+/// it kept: no two masters decide for the group.
+#[test]
+fn a_primary_cut_off_from_most_of_its_peers_steps_down_for_the_standby() {
+    with_timeout(120, || {
+        let relay = Relay::start(10, Shaping::default()).unwrap();
+        let base =
+            MasterConfig { peer_timeout: Duration::from_millis(750), initial_peers: 3, ..MasterConfig::default() };
+        let primary = Master::start(
+            "127.0.0.1:0".parse().unwrap(),
+            QuicConfig::with_secret(SECRET),
+            MasterConfig { fence: true, ..base },
+        )
+        .unwrap();
+        let standby = Master::start(
+            "127.0.0.1:0".parse().unwrap(),
+            QuicConfig::with_secret(SECRET),
+            MasterConfig { standby: true, fence: true, ..base },
+        )
+        .unwrap();
+        let (primary_front, standby_front) =
+            (relay.front(primary.addr()).unwrap(), relay.front(standby.addr()).unwrap());
+        let mut peers: Vec<(Communicator, SocketAddr)> = std::thread::scope(|s| {
+            let joins: Vec<_> = [1u64, 2, 3]
+                .iter()
+                .map(|&id| {
+                    let bind = free_udp_addr().unwrap();
+                    let options = ConnectOptions::new()
+                        .secret(SECRET)
+                        .peer_id(id)
+                        .bind(bind)
+                        .advertise(relay.front(bind).unwrap())
+                        .heartbeat(Duration::from_millis(100))
+                        .master_timeout(Duration::from_secs(2))
+                        .standby_master(standby_front)
+                        .rejoin_within(Some(Duration::from_secs(15)));
+                    s.spawn(move || (Communicator::connect(primary_front, options).expect("connect"), bind))
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        peers.sort_by_key(|(c, _)| c.rank());
+        // Peers of rank 1 and 2 lose the primary; rank 0 still hears it.
+        for (_, bind) in &peers[1..] {
+            relay.cut_between(*bind, primary.addr());
+        }
+        let epoch_before = peers[0].0.epoch();
+        let committed_alone = AtomicBool::new(false);
+        let results = std::thread::scope(|s| {
+            let alone = &committed_alone;
+            let handles: Vec<_> = peers
+                .iter_mut()
+                .map(|(comm, _)| {
+                    // Until a collective commits in a view after the cut.
+                    s.spawn(move || loop {
+                        let mut x = vec![1f32; 1000];
+                        match comm.all_reduce(&mut x, ReduceOp::Sum) {
+                            Ok(()) if comm.size() < 2 => {
+                                alone.store(true, Ordering::Relaxed);
+                                return Ok((1, x[0]));
+                            }
+                            Ok(()) if comm.epoch() > epoch_before => return Ok((comm.size(), x[0])),
+                            Ok(()) => std::thread::sleep(Duration::from_millis(20)),
+                            Err(e) if e.is_retryable() => {
+                                let _ = comm.update_topology();
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        });
+        eprintln!("fenced primary: {results:?}");
+        assert!(!committed_alone.load(Ordering::Relaxed), "the primary went on with the one peer it heard");
+        for r in &results[1..] {
+            assert!(matches!(r, Ok((n, sum)) if *n >= 2 && *sum == *n as f32), "the standby's side goes on: {r:?}");
+        }
+        match &results[0] {
+            Ok((3, sum)) => assert_eq!(*sum, 3.0, "the kept peer followed the group to the standby"),
+            Err(Error::Removed { .. }) => {}
+            other => panic!("the peer the primary kept neither followed nor was told: {other:?}"),
+        }
+    });
+}

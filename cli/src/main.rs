@@ -64,6 +64,12 @@ struct MasterArgs {
     /// one, with it.
     #[arg(long)]
     standby: bool,
+    /// Step down when most of the group goes silent at once (this master may be the one
+    /// cut off while the others rejoin a standby): no group is then decided by two
+    /// masters. Turn it on where standbys run; it costs availability when a majority
+    /// freezes at once.
+    #[arg(long)]
+    fence: bool,
 }
 
 /// QUIC settings with the cluster secret, if any.
@@ -93,6 +99,7 @@ fn run_master(args: MasterArgs) -> Result<(), String> {
         max_peer_timeout: Duration::from_millis(args.max_peer_timeout_ms),
         takeover_grace: Duration::from_millis(args.takeover_grace_ms.unwrap_or(args.peer_timeout_ms)),
         standby: args.standby,
+        fence: args.fence,
         ..MasterConfig::default()
     };
     // Master::start also listens for the peers' liveness connections (TCP, same port).

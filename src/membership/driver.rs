@@ -27,6 +27,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The pause after every known master failed once, before trying them again.
 const ROUND_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long to wait at one master for its takeover before trying the next: a master
+/// that cannot gather a majority (one that fenced itself off, see
+/// `MasterConfig::fence`) must not hold a peer that a standby would take.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+
 /// Everything the driver owns.
 pub(super) struct Driver {
     pub endpoint: Arc<dyn Endpoint>,
@@ -241,12 +246,14 @@ async fn heartbeats(link: Arc<dyn Link>, every: Duration) {
 
 /// Feeds a rejoined master's messages to the state until it is no longer rejoining.
 async fn await_takeover(link: &dyn Link, shared: &Shared) -> std::result::Result<(), String> {
+    let wait_until = now() + TAKEOVER_WAIT;
     loop {
         let Some(deadline) = shared.lock().peer.next_deadline() else { return Err("gone".into()) };
+        let deadline = deadline.min(wait_until);
         let frame = match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), link.recv()).await {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("no takeover before the deadline".into()),
+            Err(_) => return Err("no takeover in time: trying the next master".into()),
         };
         let msg = frame_body(&frame).and_then(ToPeer::decode).map_err(|e| e.to_string())?;
         let refused = matches!(msg, ToPeer::Refused { .. });

@@ -551,3 +551,32 @@ fn a_standby_forms_no_group_of_its_own_and_admits_newcomers_after_its_takeover()
     }
     assert_eq!(p.peers[newcomer].view().unwrap().members.len(), 3);
 }
+
+#[test]
+fn a_fencing_master_that_loses_most_of_its_view_at_once_stops_deciding() {
+    let timeout = MasterConfig::default().peer_timeout;
+    for fence in [false, true] {
+        let mut p = Pair::new(MasterConfig { initial_peers: 3, fence, ..MasterConfig::default() });
+        for id in 0..3 {
+            p.join(id, rejoining());
+        }
+        // Peers 1 and 2 fall silent together (a partition between them and the master).
+        p.now += timeout;
+        p.send(0, ToMaster::Heartbeat);
+        let out = p.advance(Duration::ZERO);
+        if !fence {
+            assert_eq!(p.master.view().members.len(), 1, "without fencing the master goes on with peer 0");
+            continue;
+        }
+        assert_eq!(out.iter().filter(|o| matches!(o, Output::Release(_))).count(), 3, "{out:?}");
+        assert!(p.master.taking_over());
+        // Peer 0 alone is no majority of the view: nothing is decided for it.
+        assert!(p.rejoin(0).is_empty());
+        assert!(matches!(p.peers[0].begin(OpKind::Whole { call: 1 }), Err(Error::Aborted { .. })));
+        // The partition heals: the majority comes back, and the group goes on in a new term.
+        p.rejoin(1);
+        p.rejoin(2);
+        assert_eq!(p.peers[0].view().unwrap(), view(2, &[0, 1, 2]));
+        assert!((0..3).all(|i| p.peers[i].term() == 2));
+    }
+}

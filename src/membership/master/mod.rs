@@ -77,6 +77,14 @@ pub struct MasterConfig {
     /// keeps a newcomer that reaches it first from starting a second group beside the
     /// one about to rejoin.
     pub standby: bool,
+    /// Step down when most of the view goes silent at once: more than half of the
+    /// members unheard for half the peer timeout when one of them reaches it. This
+    /// master may then be the one cut off, while the others rejoin a standby; so it
+    /// stops deciding, releases its peers and waits, as a takeover, for a majority of
+    /// its view to come back (see the `takeover` module). Off by default: it trades
+    /// availability (a majority frozen at once stops the group) for never letting a
+    /// cut-off primary and a standby both decide. Turn it on where standbys run.
+    pub fence: bool,
 }
 
 impl Default for MasterConfig {
@@ -89,6 +97,7 @@ impl Default for MasterConfig {
             liveness: true,
             takeover_grace: Duration::from_millis(DEFAULT_PEER_TIMEOUT_MS),
             standby: false,
+            fence: false,
         }
     }
 }
@@ -355,6 +364,10 @@ impl MasterState {
             .map(|(p, timeout)| (p.id, timeout))
             .collect();
         let mut out = Vec::new();
+        if self.config.fence && !silent.is_empty() && self.majority_unheard(now) {
+            self.fence(&mut out);
+            return out;
+        }
         if let Some(&(_, longest)) = silent.iter().max_by_key(|(_, t)| *t) {
             // One removal (one new epoch) for all of them.
             let detail = format!("no heartbeat for {} ms", longest.as_millis());

@@ -133,9 +133,11 @@ impl MasterState {
             self.takeover = Some(Takeover::default());
         }
         let Some(takeover) = self.takeover.as_mut() else { return };
-        if takeover.rejoined.iter().any(|r| r.state.id == state.id) {
-            out.push(Output::Close(conn, format!("peer id {:#x} rejoined twice", state.id)));
-            return;
+        // A peer that rejoins again (it gave up waiting here, then came back) replaces
+        // its earlier try, whose connection it abandoned.
+        if let Some(i) = takeover.rejoined.iter().position(|r| r.state.id == state.id) {
+            let old = takeover.rejoined.remove(i);
+            out.push(Output::Release(old.conn));
         }
         takeover.started.get_or_insert(now);
         takeover.rejoined.push(Rejoined { conn, last_seen: now, state });
@@ -158,6 +160,24 @@ impl MasterState {
                 !self.admitted.contains(&state.id) && theirs > (self.epoch, self.members.len())
             }
         }
+    }
+
+    /// Whether more than half of a view of three or more went unheard for half the
+    /// peer timeout (see [`MasterConfig::fence`](super::MasterConfig::fence)).
+    pub(super) fn majority_unheard(&self, now: Instant) -> bool {
+        let n = self.members.len();
+        let half = self.config.peer_timeout / 2;
+        let heard = self.members.iter().filter(|p| now.saturating_duration_since(p.last_seen) < half).count();
+        n >= 3 && heard * 2 <= n
+    }
+
+    /// Stops deciding: this master lost most of its view at once and may be the one cut
+    /// off. Its peers are released to rejoin, and it waits, as a takeover, for a
+    /// majority of its own view (which a standby elsewhere cannot also have).
+    pub(super) fn fence(&mut self, out: &mut Vec<Output>) {
+        tracing::warn!(term = self.term, epoch = self.epoch, "most of the group went silent at once: stepping down");
+        self.step_down(out);
+        self.takeover = Some(Takeover::default());
     }
 
     /// Gives up this master's group: every peer is released to rejoin (here or at a
