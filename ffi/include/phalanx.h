@@ -328,9 +328,20 @@ typedef struct phx_connect_options {
     uint32_t join_timeout_ms;
     /**
      * With no message from the master for this many milliseconds the peer considers
-     * itself removed; 0 means 2000.
+     * the master lost; 0 means 2000.
      */
     uint32_t master_timeout_ms;
+    /**
+     * Standby masters, tried in order after `master_addr` when it is lost (or cannot be
+     * reached at join): "HOST:PORT" entries separated by commas; NULL means none.
+     */
+    const char *standby_masters;
+    /**
+     * When the master is lost, look this many milliseconds for a master to rejoin (the
+     * same address restarted, or a standby) before calls fail with `PHX_ERR_REMOVED`;
+     * 0 means 10000. Meanwhile calls fail with `PHX_ERR_ABORTED` (retryable).
+     */
+    uint32_t rejoin_ms;
 } phx_connect_options;
 
 /**

@@ -47,8 +47,15 @@ pub struct phx_connect_options {
     /// until admitted.
     pub join_timeout_ms: u32,
     /// With no message from the master for this many milliseconds the peer considers
-    /// itself removed; 0 means 2000.
+    /// the master lost; 0 means 2000.
     pub master_timeout_ms: u32,
+    /// Standby masters, tried in order after `master_addr` when it is lost (or cannot be
+    /// reached at join): "HOST:PORT" entries separated by commas; NULL means none.
+    pub standby_masters: *const c_char,
+    /// When the master is lost, look this many milliseconds for a master to rejoin (the
+    /// same address restarted, or a standby) before calls fail with `PHX_ERR_REMOVED`;
+    /// 0 means 10000. Meanwhile calls fail with `PHX_ERR_ABORTED` (retryable).
+    pub rejoin_ms: u32,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -71,6 +78,8 @@ pub unsafe extern "C" fn phx_connect_options_init(options: *mut phx_connect_opti
             heartbeat_ms: 0,
             join_timeout_ms: 0,
             master_timeout_ms: 0,
+            standby_masters: std::ptr::null(),
+            rejoin_ms: 0,
         };
         // SAFETY: checked non-NULL; valid for a write (the caller's contract).
         unsafe { write_out(options, defaults) };
@@ -126,8 +135,18 @@ pub unsafe extern "C" fn phx_comm_connect_with(
             heartbeat_interval: ms(o.heartbeat_ms, defaults.heartbeat_interval),
             join_timeout: (o.join_timeout_ms > 0).then(|| Duration::from_millis(o.join_timeout_ms.into())),
             master_timeout: ms(o.master_timeout_ms, defaults.master_timeout),
-            ..defaults
+            rejoin_within: match o.rejoin_ms {
+                0 => defaults.rejoin_within,
+                v => Some(Duration::from_millis(v.into())),
+            },
         };
+        if !o.standby_masters.is_null() {
+            // SAFETY: non-NULL and NUL-terminated (the caller's contract).
+            let list = unsafe { c_str(o.standby_masters, "options.standby_masters") }?;
+            for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                opts.standby_masters.push(socket_addr(entry, "options.standby_masters")?);
+            }
+        }
         let comm = Communicator::connect(master, opts)?;
         let handle = Box::into_raw(Box::new(phx_comm { inner: comm }));
         // SAFETY: checked non-NULL; valid for a write (the caller's contract).

@@ -67,8 +67,13 @@ impl Communicator {
     ///         waits forever.
     ///     heartbeat_ms: heartbeat interval; keep it well below the master's peer timeout.
     ///     peer_id: this peer's id (random when None); ids must be unique in the group.
+    ///     standby_masters: "HOST:PORT" of standby masters, tried in order after
+    ///         master_addr when it is lost (or cannot be reached at join).
+    ///     rejoin_ms: when the master is lost, look this long for a master to rejoin (the
+    ///         same address restarted, or a standby) before calls raise RemovedError;
+    ///         meanwhile they raise AbortedError (retryable).
     #[staticmethod]
-    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None))]
+    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -79,8 +84,12 @@ impl Communicator {
         join_timeout_ms: Option<u64>,
         heartbeat_ms: u64,
         peer_id: Option<u64>,
+        standby_masters: Vec<String>,
+        rejoin_ms: u64,
     ) -> PyResult<Self> {
         let master = resolve(master_addr, "master_addr")?;
+        let standby_masters =
+            standby_masters.iter().map(|a| resolve(a, "standby_masters")).collect::<PyResult<Vec<_>>>()?;
         let bind = resolve(bind, "bind")?;
         if retry_attempts == 0 {
             return Err(PyValueError::new_err("retry_attempts must be at least 1"));
@@ -94,8 +103,10 @@ impl Communicator {
             control: ControlConfig {
                 heartbeat_interval: Duration::from_millis(heartbeat_ms),
                 join_timeout: join_timeout_ms.map(Duration::from_millis),
+                rejoin_within: Some(Duration::from_millis(rejoin_ms)),
                 ..ControlConfig::default()
             },
+            standby_masters,
             retry: if retry_attempts > 1 {
                 RetryPolicy::OnPeerLost { max_attempts: retry_attempts }
             } else {

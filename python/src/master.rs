@@ -22,6 +22,10 @@ use crate::errors::to_py;
 ///     peer_timeout_ms: a peer silent for this long is removed (peers heartbeat every
 ///         150 ms by default).
 ///     max_pending: at most this many joiners wait for admission; more are refused.
+///     standby: form no group of its own; take over the group of peers that lost their
+///         master (start standbys, and a master restarted in place of a lost one, so).
+///     fence: step down when most of the group goes silent at once, so that a master
+///         cut off from the majority never decides beside a standby.
 #[pyclass(frozen, module = "phalanx")]
 pub(crate) struct Master {
     inner: Mutex<Option<CoreMaster>>,
@@ -31,13 +35,15 @@ pub(crate) struct Master {
 #[pymethods]
 impl Master {
     #[new]
-    #[pyo3(signature = (listen = "127.0.0.1:0", secret = None, peer_timeout_ms = 750, max_pending = 256))]
+    #[pyo3(signature = (listen = "127.0.0.1:0", secret = None, peer_timeout_ms = 750, max_pending = 256, *, standby = false, fence = false))]
     fn new(
         py: Python<'_>,
         listen: &str,
         secret: Option<&Bound<'_, PyAny>>,
         peer_timeout_ms: u64,
         max_pending: usize,
+        standby: bool,
+        fence: bool,
     ) -> PyResult<Self> {
         let listen = resolve(listen, "listen")?;
         let quic = quic_config(secret)?;
@@ -47,6 +53,8 @@ impl Master {
         let config = MasterConfig {
             peer_timeout: Duration::from_millis(peer_timeout_ms),
             max_pending,
+            standby,
+            fence,
             ..MasterConfig::default()
         };
         let master = py.detach(move || CoreMaster::start(listen, quic, config)).map_err(|e| to_py(py, e))?;
@@ -62,7 +70,9 @@ impl Master {
         self.addr.to_string()
     }
 
-    /// Stops the master: its peers' calls then fail with RemovedError. Idempotent.
+    /// Stops the master. Its peers look for a master to rejoin (this address restarted,
+    /// or a standby; see `Communicator.connect(rejoin_ms=...)`), and raise RemovedError
+    /// if none takes over in time. Idempotent.
     fn close(&self, py: Python<'_>) {
         let master = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
         py.detach(move || drop(master));

@@ -68,6 +68,17 @@ static void check_argument_errors(phx_comm *comm, size_t n) {
                   PHX_ERR_INVALID_ARGUMENT);
     EXPECT(strstr(phx_last_error(), "overlap") != NULL);
     EXPECT_STATUS(phx_comm_sync_shared_state(comm, NULL, PHX_SYNC_ENFORCE_POPULAR, NULL), PHX_ERR_NULL);
+    /* A standby list that does not parse is refused before any connection is made. */
+    {
+        phx_connect_options options;
+        phx_comm *other = NULL;
+        CHECK(phx_connect_options_init(&options));
+        EXPECT(options.standby_masters == NULL && options.rejoin_ms == 0);
+        options.standby_masters = "127.0.0.1:7001, not-an-address";
+        EXPECT_STATUS(phx_comm_connect_with("127.0.0.1:9", &options, &other), PHX_ERR_INVALID_ARGUMENT);
+        EXPECT(strstr(phx_last_error(), "standby_masters") != NULL);
+        EXPECT(other == NULL);
+    }
     /* A success clears the last error. */
     CHECK(phx_comm_size(comm, &size));
     EXPECT(strcmp(phx_last_error(), "") == 0);
