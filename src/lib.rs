@@ -48,6 +48,7 @@ pub mod relay;
 pub mod rng;
 #[cfg(not(any(test, feature = "testing")))]
 pub(crate) mod rng;
+pub mod sched;
 /// Test support behind the `testing` feature: the deterministic plan simulator, for the
 /// churn harness and the tests. Not part of the stable API.
 #[cfg(any(test, feature = "testing"))]

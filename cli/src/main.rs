@@ -3,6 +3,7 @@
 mod bench;
 mod churn;
 mod mix;
+mod pipeline;
 mod relay;
 mod worker;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Forwards UDP between fronts and targets on this host, adding delay, jitter,
     /// reordering, a rate limit and loss: a shaped network for trying phalanx locally.
     Relay(relay::RelayArgs),
+    /// Generates a pipeline schedule (1F1B, ZB-H1), checks it, and prints its simulated
+    /// timeline, bubble and peak memory per stage.
+    Pipeline(pipeline::PipelineArgs),
     /// One peer process of `bench` (internal).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -117,6 +121,7 @@ fn main() {
         Command::Worker(args) => worker::run(args),
         Command::Churn(args) => churn::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Pipeline(args) => pipeline::run(args),
         Command::BenchPeer(args) => bench::run_peer(args),
         Command::Relay(args) => relay::run(args),
     };

@@ -1,0 +1,90 @@
+//! Schedule generators, each following the reference's per-stage order exactly
+//! (`../shared/reference/pipeline-schedules.md`, 1.2 and 1.3).
+
+use super::{Action, Pass, Schedule, ScheduleError};
+
+fn check(p: usize, m: usize) -> Result<(), ScheduleError> {
+    if p < 2 {
+        return Err(ScheduleError::Invalid(format!("a pipeline needs at least 2 stages, got {p}")));
+    }
+    if m < 1 {
+        return Err(ScheduleError::Invalid("a pipeline needs at least 1 micro-batch".into()));
+    }
+    Ok(())
+}
+
+/// 1F1B over `p` stages and `m` micro-batches: stage `s` warms up with
+/// `w = min(p-1-s, m)` forwards, then alternates one forward and one fused backward,
+/// then drains its backwards. Bubble `(p-1)(T_F+T_B+T_W)`; stage `s` holds up to
+/// `min(p-s, m)` micro-batches of activations.
+pub fn one_f_one_b(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
+    check(p, m)?;
+    let stages = (0..p)
+        .map(|s| {
+            let w = (p - 1 - s).min(m);
+            let mut order: Vec<Action> = (0..w).map(|j| Action::new(Pass::F, j)).collect();
+            for k in 0..m - w {
+                order.push(Action::new(Pass::F, w + k));
+                order.push(Action::new(Pass::BW, k));
+            }
+            order.extend((m - w..m).map(|k| Action::new(Pass::BW, k)));
+            order
+        })
+        .collect();
+    Ok(Schedule { name: "1F1B", microbatches: m, stages })
+}
+
+/// ZB-H1: 1F1B's warm-up, with the backward split into `B` and `W` and stage `s`'s `W`
+/// passes delayed by `s` slots to fill the bubbles. Bubble `(p-1)(T_F+T_B-T_W)` (a
+/// third of 1F1B's at equal costs) at 1F1B's memory.
+pub fn zb_h1(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
+    check(p, m)?;
+    let stages = (0..p)
+        .map(|s| {
+            let w = (p - 1 - s).min(m);
+            let mut order: Vec<Action> = (0..w).map(|j| Action::new(Pass::F, j)).collect();
+            let mut next_w = 0;
+            let mut backward = |order: &mut Vec<Action>, k: usize| {
+                order.push(Action::new(Pass::B, k));
+                if k >= s {
+                    order.push(Action::new(Pass::W, k - s));
+                    next_w = k - s + 1;
+                }
+            };
+            for k in 0..m - w {
+                order.push(Action::new(Pass::F, w + k));
+                backward(&mut order, k);
+            }
+            for k in m - w..m {
+                backward(&mut order, k);
+            }
+            order.extend((next_w..m).map(|k| Action::new(Pass::W, k)));
+            order
+        })
+        .collect();
+    Ok(Schedule { name: "ZB-H1", microbatches: m, stages })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference's worked example (p = 4, m = 8), order by order.
+    #[test]
+    fn the_worked_example_orders() {
+        let s = one_f_one_b(4, 8).unwrap();
+        assert_eq!(s.order(0), "F0 F1 F2 F3 BW0 F4 BW1 F5 BW2 F6 BW3 F7 BW4 BW5 BW6 BW7");
+        assert_eq!(s.order(3), "F0 BW0 F1 BW1 F2 BW2 F3 BW3 F4 BW4 F5 BW5 F6 BW6 F7 BW7");
+        let z = zb_h1(4, 8).unwrap();
+        assert_eq!(z.order(0), "F0 F1 F2 F3 B0 W0 F4 B1 W1 F5 B2 W2 F6 B3 W3 F7 B4 W4 B5 W5 B6 W6 B7 W7");
+        assert_eq!(z.order(1), "F0 F1 F2 B0 F3 B1 W0 F4 B2 W1 F5 B3 W2 F6 B4 W3 F7 B5 W4 B6 W5 B7 W6 W7");
+        assert_eq!(z.order(2), "F0 F1 B0 F2 B1 F3 B2 W0 F4 B3 W1 F5 B4 W2 F6 B5 W3 F7 B6 W4 B7 W5 W6 W7");
+        assert_eq!(z.order(3), "F0 B0 F1 B1 F2 B2 F3 B3 W0 F4 B4 W1 F5 B5 W2 F6 B6 W3 F7 B7 W4 W5 W6 W7");
+    }
+
+    #[test]
+    fn bad_parameters_name_the_limit() {
+        assert!(matches!(one_f_one_b(1, 8), Err(ScheduleError::Invalid(why)) if why.contains("2 stages")));
+        assert!(matches!(zb_h1(4, 0), Err(ScheduleError::Invalid(why)) if why.contains("micro-batch")));
+    }
+}

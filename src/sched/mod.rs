@@ -1,0 +1,160 @@
+//! Pipeline schedules as plans: per stage, the ordered passes of every micro-batch.
+//!
+//! A schedule is pure data, like the collective plans: [`Schedule`] lists, for each of
+//! `p` stages, the forward (`F`), input-gradient (`B`), weight-gradient (`W`) or fused
+//! (`BW`) passes it runs, in order, each naming a micro-batch and a chunk. Generators
+//! build them ([`one_f_one_b`], [`zb_h1`]), [`validate`] checks one against the
+//! dependency rules and a memory limit, and [`simulate`] replays it under pass and
+//! communication costs to give each stage's timeline, span, bubble and peak memory.
+//!
+//! The operation model is the zero-bubble paper's (`../shared/reference/
+//! pipeline-schedules.md`, 1.1): `F(s,j)` needs `F(s-1,j)`; the last stage's `B` needs
+//! its own `F`; `B(s,j)` needs `B(s+1,j)`; `W(s,j)` needs `B(s,j)` on the same stage; a
+//! fused `BW` is a `B` and its `W` in one pass.
+//!
+//! ```
+//! use phalanx::sched::{one_f_one_b, simulate, Costs};
+//! let s = one_f_one_b(4, 8).unwrap();
+//! let t = simulate(&s, &Costs::unit()).unwrap();
+//! assert_eq!(t.bubble(), 9.0); // (p - 1)(T_F + T_B + T_W)
+//! assert_eq!(t.peak_memory, vec![4.0, 3.0, 2.0, 1.0]); // units of one micro-batch's activations
+//! ```
+//!
+//! Built so far: 1F1B and ZB-H1 on one chunk per stage. The V schedules, the automatic
+//! scheduler and the runner are still to come (issue 12).
+
+mod generate;
+mod simulate;
+mod validate;
+
+pub use generate::{one_f_one_b, zb_h1};
+pub use simulate::{simulate, Timeline};
+pub use validate::validate;
+
+/// The kind of a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pass {
+    /// Forward.
+    F,
+    /// Backward for the input gradient only.
+    B,
+    /// Backward for the weight gradient only.
+    W,
+    /// `B` and `W` fused into one pass.
+    BW,
+}
+
+/// One pass of one micro-batch on one chunk of a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Action {
+    /// What runs.
+    pub pass: Pass,
+    /// The micro-batch, from 0.
+    pub mb: usize,
+    /// The stage's chunk (0 for schedules with one chunk per stage).
+    pub chunk: usize,
+}
+
+impl Action {
+    /// `pass` of micro-batch `mb` on chunk 0.
+    pub fn new(pass: Pass, mb: usize) -> Action {
+        Action { pass, mb, chunk: 0 }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}{}", self.pass, self.mb)?;
+        if self.chunk > 0 {
+            write!(f, "c{}", self.chunk)?;
+        }
+        Ok(())
+    }
+}
+
+/// A pipeline schedule: `stages[s]` is stage `s`'s passes in the order it runs them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// The generator's name ("1F1B", "ZB-H1").
+    pub name: &'static str,
+    /// Micro-batches per iteration.
+    pub microbatches: usize,
+    /// Each stage's passes, in order.
+    pub stages: Vec<Vec<Action>>,
+}
+
+impl Schedule {
+    /// The number of stages.
+    pub fn stages(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Stage `s`'s order as text, e.g. `F0 F1 B0 W0`.
+    pub fn order(&self, s: usize) -> String {
+        self.stages[s].iter().map(Action::to_string).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// The costs a simulation charges, in any time unit, and the memory model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Costs {
+    /// A forward pass.
+    pub f: f64,
+    /// An input-gradient pass.
+    pub b: f64,
+    /// A weight-gradient pass.
+    pub w: f64,
+    /// Moving an activation or a gradient to the next stage.
+    pub comm: f64,
+    /// The share of a micro-batch's activations (1 unit per `F`) that its `W` frees; its
+    /// `B` frees the rest.
+    pub w_memory: f64,
+}
+
+impl Costs {
+    /// Every pass costs 1, communication 0, and `W` frees nothing (the reference's
+    /// worked example).
+    pub fn unit() -> Costs {
+        Costs { f: 1.0, b: 1.0, w: 1.0, comm: 0.0, w_memory: 0.0 }
+    }
+
+    fn of(&self, pass: Pass) -> f64 {
+        match pass {
+            Pass::F => self.f,
+            Pass::B => self.b,
+            Pass::W => self.w,
+            Pass::BW => self.b + self.w,
+        }
+    }
+}
+
+/// Why a schedule cannot be built, or is wrong.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ScheduleError {
+    /// A parameter is outside what the generator supports.
+    #[error("invalid schedule parameters: {0}")]
+    Invalid(String),
+    /// A pass is missing, repeated or out of range.
+    #[error("stage {stage}: {detail}")]
+    Passes {
+        /// The stage.
+        stage: usize,
+        /// What is wrong.
+        detail: String,
+    },
+    /// No stage can run its next pass: the order contradicts a dependency.
+    #[error("deadlock: {0}")]
+    Deadlock(String),
+    /// A stage holds more activations than the limit.
+    #[error("stage {stage} holds {peak} units of activation memory after {action}, above the limit {limit}")]
+    Memory {
+        /// The stage.
+        stage: usize,
+        /// The pass after which the peak was reached.
+        action: String,
+        /// Its memory then.
+        peak: f64,
+        /// The limit.
+        limit: f64,
+    },
+}
