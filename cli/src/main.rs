@@ -35,7 +35,7 @@ enum Command {
     /// Forwards UDP between fronts and targets on this host, adding delay, jitter,
     /// reordering, a rate limit and loss: a shaped network for trying phalanx locally.
     Relay(relay::RelayArgs),
-    /// Generates a pipeline schedule (1F1B, ZB-H1), checks it, and prints its simulated
+    /// Generates a pipeline schedule (1F1B, ZB-H1, ZB-V), checks it, and prints its simulated
     /// timeline, bubble and peak memory per stage.
     Pipeline(pipeline::PipelineArgs),
     /// One peer process of `bench` (internal).

@@ -2,13 +2,13 @@
 //! timeline, bubble and peak memory per stage.
 
 use clap::Parser;
-use phalanx::sched::{one_f_one_b, simulate, validate, zb_h1, Costs, Schedule};
+use phalanx::sched::{one_f_one_b, simulate, validate, zb_h1, zb_v, Costs, Schedule};
 
 /// Options of `phalanx pipeline`.
 #[derive(Parser)]
 pub struct PipelineArgs {
-    /// The schedule: 1f1b or zbh1 (the V schedules and the automatic scheduler are still
-    /// to come).
+    /// The schedule: 1f1b, zbh1 or zbv (V-Half, V-Min and the automatic scheduler are
+    /// still to come).
     #[arg(long, default_value = "zbh1")]
     schedule: String,
     /// Pipeline stages.
@@ -46,7 +46,8 @@ pub fn run(args: PipelineArgs) -> Result<(), String> {
     let schedule: Schedule = match args.schedule.to_ascii_lowercase().as_str() {
         "1f1b" => one_f_one_b(p, m),
         "zbh1" | "zb-h1" => zb_h1(p, m),
-        other => return Err(format!("--schedule {other:?}: this build has 1f1b and zbh1")),
+        "zbv" | "zb-v" => zb_v(p, m),
+        other => return Err(format!("--schedule {other:?}: this build has 1f1b, zbh1 and zbv")),
     }
     .map_err(|e| e.to_string())?;
     validate(&schedule, &costs, args.memory_limit).map_err(|e| e.to_string())?;
@@ -58,7 +59,7 @@ pub fn run(args: PipelineArgs) -> Result<(), String> {
     for s in 0..p {
         println!("s{s}: {}", schedule.order(s));
     }
-    let unit = [costs.f, costs.b, costs.w].into_iter().fold(f64::INFINITY, f64::min);
+    let unit = [costs.f, costs.b, costs.w].into_iter().fold(f64::INFINITY, f64::min) / schedule.chunks as f64;
     for s in 0..p {
         println!("|{}|", t.draw(s, unit));
     }

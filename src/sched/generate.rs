@@ -31,7 +31,7 @@ pub fn one_f_one_b(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
             order
         })
         .collect();
-    Ok(Schedule { name: "1F1B", microbatches: m, stages })
+    Ok(Schedule { name: "1F1B", microbatches: m, chunks: 1, stages })
 }
 
 /// ZB-H1: 1F1B's warm-up, with the backward split into `B` and `W` and stage `s`'s `W`
@@ -62,7 +62,70 @@ pub fn zb_h1(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
             order
         })
         .collect();
-    Ok(Schedule { name: "ZB-H1", microbatches: m, stages })
+    Ok(Schedule { name: "ZB-H1", microbatches: m, chunks: 1, stages })
+}
+
+/// ZB-V: two chunks per stage in a V (stage `r` holds virtual stages `r` and `2p-1-r`),
+/// the reference's handcrafted order (1.5): zero bubble at equal costs once `m >= 2p-1`,
+/// and `p` micro-batches of activations on every stage, balanced.
+pub fn zb_v(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
+    check(p, m)?;
+    let slots = (2 * p - 1).max(m);
+    let stages = (0..p)
+        .map(|r| {
+            let mut order = Vec::new();
+            // Next micro-batch of each (pass, chunk).
+            let mut next = [[0usize; 2]; 3];
+            let mut put = |order: &mut Vec<Action>, pass: Pass, chunk: usize| {
+                let i = match pass {
+                    Pass::F => 0,
+                    Pass::B => 1,
+                    _ => 2,
+                };
+                order.push(Action { pass, mb: next[i][chunk], chunk });
+                next[i][chunk] += 1;
+            };
+            for _ in 0..2 * (p - r) - 1 {
+                put(&mut order, Pass::F, 0);
+            }
+            for _ in 0..r {
+                put(&mut order, Pass::F, 1);
+                put(&mut order, Pass::F, 0);
+            }
+            for _ in 0..p - r {
+                put(&mut order, Pass::F, 1);
+                put(&mut order, Pass::B, 1);
+                put(&mut order, Pass::W, 1);
+            }
+            // Forwards of chunk 0 so far, and of chunk 1, as the loop goes.
+            let count = |order: &Vec<Action>, chunk: usize| {
+                order.iter().filter(|a| a.pass == Pass::F && a.chunk == chunk).count()
+            };
+            while count(&order, 1) < count(&order, 0) || count(&order, 0) < slots {
+                if count(&order, 0) < slots {
+                    put(&mut order, Pass::F, 0);
+                }
+                for (pass, chunk) in [(Pass::B, 0), (Pass::W, 0), (Pass::F, 1), (Pass::B, 1), (Pass::W, 1)] {
+                    put(&mut order, pass, chunk);
+                }
+            }
+            for _ in 0..r {
+                put(&mut order, Pass::B, 0);
+                put(&mut order, Pass::B, 1);
+            }
+            for _ in 0..p - r {
+                put(&mut order, Pass::B, 0);
+                put(&mut order, Pass::W, 0);
+            }
+            let (w1, w0) = (next[2][1], next[2][0]);
+            order.extend((w1..slots).map(|mb| Action { pass: Pass::W, mb, chunk: 1 }));
+            order.extend((w0..slots).map(|mb| Action { pass: Pass::W, mb, chunk: 0 }));
+            // Slots past the micro-batches are idle.
+            order.retain(|a| a.mb < m);
+            order
+        })
+        .collect();
+    Ok(Schedule { name: "ZB-V", microbatches: m, chunks: 2, stages })
 }
 
 #[cfg(test)]
@@ -80,6 +143,27 @@ mod tests {
         assert_eq!(z.order(1), "F0 F1 F2 B0 F3 B1 W0 F4 B2 W1 F5 B3 W2 F6 B4 W3 F7 B5 W4 B6 W5 B7 W6 W7");
         assert_eq!(z.order(2), "F0 F1 B0 F2 B1 F3 B2 W0 F4 B3 W1 F5 B4 W2 F6 B5 W3 F7 B6 W4 B7 W5 W6 W7");
         assert_eq!(z.order(3), "F0 B0 F1 B1 F2 B2 F3 B3 W0 F4 B4 W1 F5 B5 W2 F6 B6 W3 F7 B7 W4 W5 W6 W7");
+    }
+
+    /// ZB-V's worked-example orders (upper case chunk 0, lower case chunk 1 there).
+    #[test]
+    fn the_worked_example_zb_v_orders() {
+        let z = zb_v(4, 8).unwrap();
+        let text = |s: usize| {
+            z.stages[s]
+                .iter()
+                .map(|a| {
+                    let letter = format!("{:?}", a.pass);
+                    let letter = if a.chunk == 1 { letter.to_lowercase() } else { letter };
+                    format!("{letter}{}", a.mb)
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(text(0), "F0 F1 F2 F3 F4 F5 F6 f0 b0 w0 f1 b1 w1 f2 b2 w2 f3 b3 w3 F7 B0 W0 f4 b4 w4 B1 W1 f5 b5 w5 B2 W2 f6 b6 w6 B3 W3 f7 b7 w7 B4 W4 B5 W5 B6 W6 B7 W7");
+        assert_eq!(text(1), "F0 F1 F2 F3 F4 f0 F5 f1 b0 w0 f2 b1 w1 f3 b2 w2 F6 B0 W0 f4 b3 w3 F7 B1 W1 f5 b4 w4 B2 W2 f6 b5 w5 B3 W3 f7 b6 w6 B4 b7 B5 W4 B6 W5 B7 W6 w7 W7");
+        assert_eq!(text(2), "F0 F1 F2 f0 F3 f1 F4 f2 b0 w0 f3 b1 w1 F5 B0 W0 f4 b2 w2 F6 B1 W1 f5 b3 w3 F7 B2 W2 f6 b4 w4 B3 W3 f7 b5 w5 B4 b6 B5 b7 B6 W4 B7 W5 w6 w7 W6 W7");
+        assert_eq!(text(3), "F0 f0 F1 f1 F2 f2 F3 f3 b0 w0 F4 B0 W0 f4 b1 w1 F5 B1 W1 f5 b2 w2 F6 B2 W2 f6 b3 w3 F7 B3 W3 f7 b4 w4 B4 b5 B5 b6 B6 b7 B7 W4 w5 w6 w7 W5 W6 W7");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! A schedule is pure data, like the collective plans: [`Schedule`] lists, for each of
 //! `p` stages, the forward (`F`), input-gradient (`B`), weight-gradient (`W`) or fused
 //! (`BW`) passes it runs, in order, each naming a micro-batch and a chunk. Generators
-//! build them ([`one_f_one_b`], [`zb_h1`]), [`validate`] checks one against the
+//! build them ([`one_f_one_b`], [`zb_h1`], [`zb_v`]), [`validate`] checks one against the
 //! dependency rules and a memory limit, and [`simulate`] replays it under pass and
 //! communication costs to give each stage's timeline, span, bubble and peak memory.
 //!
@@ -20,14 +20,14 @@
 //! assert_eq!(t.peak_memory, vec![4.0, 3.0, 2.0, 1.0]); // units of one micro-batch's activations
 //! ```
 //!
-//! Built so far: 1F1B and ZB-H1 on one chunk per stage. The V schedules, the automatic
-//! scheduler and the runner are still to come (issue 12).
+//! Built so far: 1F1B and ZB-H1 on one chunk per stage, and ZB-V on two. V-Half, V-Min,
+//! ZB-2p with the automatic scheduler, and the runner are still to come (issue 12).
 
 mod generate;
 mod simulate;
 mod validate;
 
-pub use generate::{one_f_one_b, zb_h1};
+pub use generate::{one_f_one_b, zb_h1, zb_v};
 pub use simulate::{simulate, Timeline};
 pub use validate::validate;
 
@@ -79,14 +79,36 @@ pub struct Schedule {
     pub name: &'static str,
     /// Micro-batches per iteration.
     pub microbatches: usize,
+    /// Model chunks per stage: 1, or 2 for the V schedules, where stage (device) `r`
+    /// holds virtual stages `r` (chunk 0) and `2p-1-r` (chunk 1), so that the forward
+    /// runs down the devices and back up.
+    pub chunks: usize,
     /// Each stage's passes, in order.
     pub stages: Vec<Vec<Action>>,
 }
 
 impl Schedule {
-    /// The number of stages.
+    /// The number of stages (devices).
     pub fn stages(&self) -> usize {
         self.stages.len()
+    }
+
+    /// The virtual stage that chunk `chunk` of stage `stage` holds.
+    pub fn virtual_stage(&self, stage: usize, chunk: usize) -> usize {
+        match chunk {
+            0 => stage,
+            _ => 2 * self.stages() - 1 - stage,
+        }
+    }
+
+    /// The stage (device) that holds virtual stage `v`, and the chunk.
+    pub fn place(&self, v: usize) -> (usize, usize) {
+        let p = self.stages();
+        if v < p {
+            (v, 0)
+        } else {
+            (2 * p - 1 - v, 1)
+        }
     }
 
     /// Stage `s`'s order as text, e.g. `F0 F1 B0 W0`.

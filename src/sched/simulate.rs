@@ -54,9 +54,12 @@ impl Timeline {
 }
 
 /// Runs every stage's passes in order, each as soon as the stage is free and its
-/// dependencies are done; [`ScheduleError::Deadlock`] if the orders contradict them.
+/// dependencies are done; [`ScheduleError::Deadlock`] if the orders contradict them. A
+/// pass of a schedule with `chunks` chunks per stage costs `1/chunks` of the stage's.
 pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError> {
     let p = schedule.stages();
+    let share = 1.0 / schedule.chunks.max(1) as f64;
+    // End of each (virtual stage, pass, micro-batch).
     let mut ends: HashMap<(usize, Pass, usize), f64> = HashMap::new();
     let mut next = vec![0usize; p];
     let mut free = vec![0f64; p];
@@ -67,14 +70,15 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, Schedule
         let mut progressed = false;
         for s in 0..p {
             while let Some(&a) = schedule.stages[s].get(next[s]) {
-                let Some(ready) = ready_at(&ends, s, p, a, costs) else { break };
+                let Some(ready) = ready_at(schedule, &ends, s, a, costs) else { break };
                 let start = ready.max(free[s]);
-                let end = start + costs.of(a.pass);
-                ends.insert((s, a.pass, a.mb), end);
+                let end = start + costs.of(a.pass) * share;
+                let v = schedule.virtual_stage(s, a.chunk);
+                ends.insert((v, a.pass, a.mb), end);
                 if a.pass == Pass::BW {
                     // A fused backward is both the input gradient and the weight gradient.
-                    ends.insert((s, Pass::B, a.mb), end);
-                    ends.insert((s, Pass::W, a.mb), end);
+                    ends.insert((v, Pass::B, a.mb), end);
+                    ends.insert((v, Pass::W, a.mb), end);
                 }
                 passes[s].push((a, start, end));
                 free[s] = end;
@@ -96,46 +100,58 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, Schedule
             _ => 0.0,
         })
         .collect();
-    let peak_memory = schedule.stages.iter().map(|order| peak(order, costs)).collect();
+    let peak_memory = schedule.stages.iter().map(|order| peak(order, costs, share)).collect();
     let work = schedule.microbatches as f64 * (costs.f + costs.b + costs.w);
     Ok(Timeline { passes, spans, peak_memory, work })
 }
 
-/// When pass `a` of stage `s` may start, or `None` while a dependency has not run.
-fn ready_at(ends: &HashMap<(usize, Pass, usize), f64>, s: usize, p: usize, a: Action, costs: &Costs) -> Option<f64> {
-    let end = |stage: usize, pass: Pass| ends.get(&(stage, pass, a.mb)).copied();
+/// When pass `a` of stage `s` may start, or `None` while a dependency has not run. The
+/// dependencies follow the virtual stages; moving between stages costs `comm`.
+fn ready_at(
+    schedule: &Schedule,
+    ends: &HashMap<(usize, Pass, usize), f64>,
+    s: usize,
+    a: Action,
+    costs: &Costs,
+) -> Option<f64> {
+    let v = schedule.virtual_stage(s, a.chunk);
+    let last = schedule.stages() * schedule.chunks.max(1) - 1;
+    let end = |at: usize, pass: Pass| ends.get(&(at, pass, a.mb)).copied();
+    let hop = |from: usize| if schedule.place(from).0 == s { 0.0 } else { costs.comm };
     match a.pass {
-        Pass::F if s == 0 => Some(0.0),
-        Pass::F => end(s - 1, Pass::F).map(|t| t + costs.comm),
+        Pass::F if v == 0 => Some(0.0),
+        Pass::F => end(v - 1, Pass::F).map(|t| t + hop(v - 1)),
         Pass::B | Pass::BW => {
-            let own = end(s, Pass::F)?;
-            if s + 1 == p {
+            let own = end(v, Pass::F)?;
+            if v == last {
                 Some(own)
             } else {
-                end(s + 1, Pass::B).map(|t| (t + costs.comm).max(own))
+                end(v + 1, Pass::B).map(|t| (t + hop(v + 1)).max(own))
             }
         }
-        Pass::W => end(s, Pass::B),
+        Pass::W => end(v, Pass::B),
     }
 }
 
-/// The most activation memory `order` holds at once: `F` takes one unit, `B` frees all
-/// but the `W` share, `W` frees that share, a fused `BW` frees it all.
-pub(super) fn peak(order: &[Action], costs: &Costs) -> f64 {
-    peak_after(order, costs).map_or(0.0, |(_, m)| m)
+/// The most activation memory `order` holds at once: `F` takes one unit (times `share`,
+/// the chunk's part of the stage), `B` frees all but the `W` share, `W` frees that share,
+/// a fused `BW` frees it all.
+pub(super) fn peak(order: &[Action], costs: &Costs, share: f64) -> f64 {
+    peak_after(order, costs, share).map_or(0.0, |(_, m)| m)
 }
 
 /// The pass after which `order` holds the most memory, and that memory.
-pub(super) fn peak_after(order: &[Action], costs: &Costs) -> Option<(Action, f64)> {
+pub(super) fn peak_after(order: &[Action], costs: &Costs, share: f64) -> Option<(Action, f64)> {
     let mut held = 0.0;
     let mut best: Option<(Action, f64)> = None;
     for &a in order {
-        held += match a.pass {
-            Pass::F => 1.0,
-            Pass::B => -(1.0 - costs.w_memory),
-            Pass::W => -costs.w_memory,
-            Pass::BW => -1.0,
-        };
+        held += share
+            * match a.pass {
+                Pass::F => 1.0,
+                Pass::B => -(1.0 - costs.w_memory),
+                Pass::W => -costs.w_memory,
+                Pass::BW => -1.0,
+            };
         if best.is_none_or(|(_, m)| held > m) {
             best = Some((a, held));
         }
@@ -145,8 +161,23 @@ pub(super) fn peak_after(order: &[Action], costs: &Costs) -> Option<(Action, f64
 
 #[cfg(test)]
 mod tests {
-    use super::super::{one_f_one_b, zb_h1};
+    use super::super::{one_f_one_b, zb_h1, zb_v};
     use super::*;
+
+    /// ZB-V in the worked example: zero bubble, p units of memory on every stage, and the
+    /// reference's chunk-unit timeline of stage 0.
+    #[test]
+    fn zb_v_has_no_bubble_and_balanced_memory() {
+        let t = simulate(&zb_v(4, 8).unwrap(), &Costs::unit()).unwrap();
+        assert_eq!((t.iteration(), t.bubble()), (24.0, 0.0));
+        assert_eq!(t.peak_memory, vec![4.0, 4.0, 4.0, 4.0]);
+        assert_eq!(t.draw(0, 0.5).to_uppercase(), "FFFFFFFFBWFBWFBWFBWFBWFBWBWFBWBWFBWBWFBWBWBWBWBW");
+        // Fewer micro-batches than the V's 2p - 1 slots leave bubbles (reference: 2 and 6
+        // chunk-units for m = 6 and m = 4).
+        for (m, bubble) in [(7, 0.0), (6, 1.0), (4, 3.0)] {
+            assert_eq!(simulate(&zb_v(4, m).unwrap(), &Costs::unit()).unwrap().bubble(), bubble, "m = {m}");
+        }
+    }
 
     /// The reference's worked example: p = 4, m = 8, unit costs.
     #[test]
@@ -178,7 +209,7 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
-    use super::super::{one_f_one_b, validate, zb_h1};
+    use super::super::{one_f_one_b, validate, zb_h1, zb_v};
     use super::*;
     use proptest::prelude::*;
 
@@ -189,8 +220,8 @@ mod properties {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
 
-        /// Over random sizes and positive costs (integers, so that sums are exact), both
-        /// generators validate; 1F1B's bubble is `(p-1)(F+B+W)` and ZB-H1's is
+        /// Over random sizes and positive costs (integers, so that sums are exact), every
+        /// generator validates (ZB-V within p units of memory); 1F1B's bubble is `(p-1)(F+B+W)` and ZB-H1's is
         /// `(p-1)(F+B-W)` once every stage reaches its steady state (`m >= p`) and a
         /// `W` is no longer than an `F` or a `B` (the delayed `W` then fits the slot it
         /// fills; the reference's `W <= F + B` is not enough: p = 2, m = 2, F = 3, B = 1,
@@ -203,6 +234,8 @@ mod properties {
             let zb = zb_h1(p, m).unwrap();
             validate(&one, &costs, Some(p as f64)).unwrap();
             validate(&zb, &costs, Some(p as f64)).unwrap();
+            // ZB-V's two chunks hold at most p micro-batches of activations on any stage.
+            validate(&zb_v(p, m).unwrap(), &costs, Some(p as f64)).unwrap();
             let t1 = simulate(&one, &costs).unwrap();
             let tz = simulate(&zb, &costs).unwrap();
             for (s, &peak) in t1.peak_memory.iter().enumerate() {

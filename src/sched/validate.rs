@@ -13,23 +13,24 @@ use super::{Costs, Pass, Schedule, ScheduleError};
 /// The error names the stage and the pass.
 pub fn validate(schedule: &Schedule, costs: &Costs, memory_limit: Option<f64>) -> Result<(), ScheduleError> {
     let m = schedule.microbatches;
+    let share = 1.0 / schedule.chunks.max(1) as f64;
     for (s, order) in schedule.stages.iter().enumerate() {
-        let mut seen: HashMap<(Pass, usize), usize> = HashMap::new();
+        let mut seen: HashMap<(Pass, usize, usize), usize> = HashMap::new();
         for a in order {
-            if a.mb >= m {
-                let detail = format!("{a} names micro-batch {} of {m}", a.mb);
+            if a.mb >= m || a.chunk >= schedule.chunks.max(1) {
+                let detail = format!("{a} names micro-batch {} of {m}, chunk {} of {}", a.mb, a.chunk, schedule.chunks);
                 return Err(ScheduleError::Passes { stage: s, detail });
             }
-            *seen.entry((a.pass, a.mb)).or_default() += 1;
+            *seen.entry((a.pass, a.mb, a.chunk)).or_default() += 1;
         }
-        for j in 0..m {
-            let n = |pass| seen.get(&(pass, j)).copied().unwrap_or(0);
+        for (j, c) in (0..m).flat_map(|j| (0..schedule.chunks.max(1)).map(move |c| (j, c))) {
+            let n = |pass| seen.get(&(pass, j, c)).copied().unwrap_or(0);
             let complete = n(Pass::F) == 1
                 && ((n(Pass::BW) == 1 && n(Pass::B) == 0 && n(Pass::W) == 0)
                     || (n(Pass::BW) == 0 && n(Pass::B) == 1 && n(Pass::W) == 1));
             if !complete {
                 let detail = format!(
-                    "micro-batch {j} runs F {} times, B {}, W {}, BW {} (want F once and BW once, or B and W once each)",
+                    "micro-batch {j} (chunk {c}) runs F {} times, B {}, W {}, BW {} (want F once and BW once, or B and W once each)",
                     n(Pass::F),
                     n(Pass::B),
                     n(Pass::W),
@@ -38,7 +39,7 @@ pub fn validate(schedule: &Schedule, costs: &Costs, memory_limit: Option<f64>) -
                 return Err(ScheduleError::Passes { stage: s, detail });
             }
         }
-        if let (Some(limit), Some((action, peak))) = (memory_limit, peak_after(order, costs)) {
+        if let (Some(limit), Some((action, peak))) = (memory_limit, peak_after(order, costs, share)) {
             if peak > limit + 1e-9 {
                 return Err(ScheduleError::Memory { stage: s, action: action.to_string(), peak, limit });
             }
@@ -49,13 +50,13 @@ pub fn validate(schedule: &Schedule, costs: &Costs, memory_limit: Option<f64>) -
 
 #[cfg(test)]
 mod tests {
-    use super::super::{one_f_one_b, zb_h1, Action};
+    use super::super::{one_f_one_b, zb_h1, zb_v, Action};
     use super::*;
 
     #[test]
     fn generated_schedules_pass_and_broken_ones_name_the_pass() {
         for (p, m) in [(2, 1), (2, 5), (4, 8), (5, 3), (8, 32)] {
-            for s in [one_f_one_b(p, m).unwrap(), zb_h1(p, m).unwrap()] {
+            for s in [one_f_one_b(p, m).unwrap(), zb_h1(p, m).unwrap(), zb_v(p, m).unwrap()] {
                 validate(&s, &Costs::unit(), Some(p as f64)).unwrap_or_else(|e| panic!("{} p={p} m={m}: {e}", s.name));
             }
         }
