@@ -175,9 +175,11 @@ pub trait Element: bytemuck::Pod + PartialEq + fmt::Debug + Send + Sync + 'stati
     fn add(a: Self, b: Self) -> Self;
     /// `a * b` (wrapping for integers).
     fn mul(a: Self, b: Self) -> Self;
-    /// The smaller of `a` and `b`; `b` when they are unordered or equal.
+    /// The smaller of `a` and `b`; `b` when they are equal. For floats a NaN on either
+    /// side wins (the left one when both are), as in numpy and torch: a NaN in any
+    /// rank's input makes the result NaN, which inf/NaN checks rely on.
     fn min(a: Self, b: Self) -> Self;
-    /// The larger of `a` and `b`; `b` when they are unordered or equal.
+    /// The larger of `a` and `b`; `b` when they are equal; NaN wins as for [`Element::min`].
     fn max(a: Self, b: Self) -> Self;
     /// `self / n`, truncated toward zero for integers.
     fn div_count(self, n: usize) -> Self;
@@ -245,7 +247,8 @@ macro_rules! float_element {
             }
             #[inline(always)]
             fn min(a: Self, b: Self) -> Self {
-                if a < b {
+                // A NaN on the left wins here; one on the right fails the comparison.
+                if a < b || a.is_nan() {
                     a
                 } else {
                     b
@@ -253,7 +256,7 @@ macro_rules! float_element {
             }
             #[inline(always)]
             fn max(a: Self, b: Self) -> Self {
-                if a > b {
+                if a > b || a.is_nan() {
                     a
                 } else {
                     b
@@ -284,7 +287,8 @@ macro_rules! half_element {
             }
             #[inline(always)]
             fn min(a: Self, b: Self) -> Self {
-                if a.to_f32() < b.to_f32() {
+                // A NaN on the left wins here; one on the right fails the comparison.
+                if a.to_f32() < b.to_f32() || a.is_nan() {
                     a
                 } else {
                     b
@@ -292,7 +296,7 @@ macro_rules! half_element {
             }
             #[inline(always)]
             fn max(a: Self, b: Self) -> Self {
-                if a.to_f32() > b.to_f32() {
+                if a.to_f32() > b.to_f32() || a.is_nan() {
                     a
                 } else {
                     b
@@ -471,6 +475,31 @@ mod tests {
         let mut acc = [0.0f32];
         reduce_slice(ReduceOp::Min, &mut acc, &[-0.0], Order::IncomingLeft);
         assert!(acc[0].is_sign_positive(), "min(-0, +0) takes the right operand");
+    }
+
+    /// A NaN on either side, in either order, makes `Min` and `Max` NaN, for every float
+    /// type (numpy and torch do the same; 1.0 came out when the NaN was on the left).
+    #[test]
+    fn min_and_max_propagate_nan_from_either_side() {
+        for op in [ReduceOp::Min, ReduceOp::Max] {
+            for order in [Order::IncomingRight, Order::IncomingLeft] {
+                for (mine, theirs) in [(f32::NAN, 1.0), (1.0, f32::NAN), (f32::NAN, f32::NAN)] {
+                    let mut acc = [mine, 2.0];
+                    reduce_slice(op, &mut acc, &[theirs, 3.0], order);
+                    assert!(acc[0].is_nan(), "{op:?} {order:?} of {mine} and {theirs}");
+                    assert!(!acc[1].is_nan());
+                    let mut acc = [mine as f64];
+                    reduce_slice(op, &mut acc, &[theirs as f64], order);
+                    assert!(acc[0].is_nan());
+                    let mut acc = [half::bf16::from_f32(mine)];
+                    reduce_slice(op, &mut acc, &[half::bf16::from_f32(theirs)], order);
+                    assert!(acc[0].is_nan());
+                    let mut acc = [half::f16::from_f32(mine)];
+                    reduce_slice(op, &mut acc, &[half::f16::from_f32(theirs)], order);
+                    assert!(acc[0].is_nan());
+                }
+            }
+        }
     }
 
     #[test]

@@ -584,3 +584,38 @@ fn uneven_segments_cover_the_buffer() {
         }
     }
 }
+
+/// `Max` and `Min` propagate a NaN that one rank holds, on every algorithm's path
+/// (ring and recursive doubling all-reduce, reduce-scatter, scan), as numpy and torch do;
+/// an inf/NaN check across ranks relies on it.
+#[test]
+fn max_and_min_propagate_a_nan_from_any_rank() {
+    for n in [2usize, 3, 5] {
+        for nan_rank in 0..n {
+            for op in [ReduceOp::Max, ReduceOp::Min] {
+                let outs = run_group(n, Config::default(), move |c| {
+                    let r = c.rank();
+                    let value = if r == nan_rank { f32::NAN } else { r as f32 + 1.0 };
+                    // Short (recursive doubling) and long (ring) buffers.
+                    let mut short = vec![value; 3];
+                    c.all_reduce(&mut short, op).unwrap();
+                    let mut long = vec![value; 40_000];
+                    c.all_reduce(&mut long, op).unwrap();
+                    let mut scanned = vec![value; 5];
+                    c.all_scan(&mut scanned, op, phalanx::comm::ScanOptions::default()).unwrap();
+                    let input = vec![value; 2 * c.size()];
+                    let mut piece = vec![0f32; 2];
+                    c.reduce_scatter(&input, &mut piece, op).unwrap();
+                    (short, long, scanned, piece)
+                })
+                .unwrap();
+                for (r, (short, long, scanned, piece)) in outs.iter().enumerate() {
+                    let what = format!("{op:?} n={n} NaN at rank {nan_rank}, rank {r}");
+                    assert!(short.iter().chain(long).chain(piece).all(|x| x.is_nan()), "{what}");
+                    // An inclusive scan has the NaN from its rank on.
+                    assert_eq!(scanned.iter().all(|x| x.is_nan()), r >= nan_rank, "{what}: scan");
+                }
+            }
+        }
+    }
+}

@@ -119,3 +119,12 @@ def test_shared_state_roundtrip():
         s["missing"]
     with pytest.raises(TypeError):
         s["c"] = np.zeros(2, dtype=np.complex64)
+
+
+def test_max_and_min_propagate_nan(pair):
+    # As numpy and torch do: a NaN on any rank makes Max and Min NaN.
+    for op in ("max", "min"):
+        x = [np.array([np.nan, 1.0], dtype=np.float32), np.array([1.0, 2.0], dtype=np.float32)]
+        both(pair, lambda c: c.all_reduce(x[0], op=op), lambda c: c.all_reduce(x[1], op=op))
+        assert np.isnan(x[0][0]) and np.isnan(x[1][0]), op
+        assert x[0][1] == x[1][1] == (2.0 if op == "max" else 1.0)
