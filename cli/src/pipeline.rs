@@ -2,13 +2,13 @@
 //! timeline, bubble and peak memory per stage.
 
 use clap::Parser;
-use phalanx::sched::{one_f_one_b, simulate, validate, zb_h1, zb_v, Costs, Schedule};
+use phalanx::sched::{interleaved_1f1b, one_f_one_b, simulate, validate, zb_h1, zb_v, Costs, Schedule};
 
 /// Options of `phalanx pipeline`.
 #[derive(Parser)]
 pub struct PipelineArgs {
-    /// The schedule: 1f1b, zbh1 or zbv (V-Half, V-Min and the automatic scheduler are
-    /// still to come).
+    /// The schedule: 1f1b, interleaved (with --chunks), zbh1 or zbv (V-Half, V-Min and
+    /// the automatic scheduler are still to come).
     #[arg(long, default_value = "zbh1")]
     schedule: String,
     /// Pipeline stages.
@@ -17,6 +17,9 @@ pub struct PipelineArgs {
     /// Micro-batches per iteration.
     #[arg(long, default_value_t = 8)]
     microbatches: usize,
+    /// Model chunks per stage, for the interleaved schedule.
+    #[arg(long, default_value_t = 2)]
+    chunks: usize,
     /// Costs of a forward, an input-gradient and a weight-gradient pass, and of moving one
     /// activation or gradient between stages: F,B,W,COMM.
     #[arg(long, default_value = "1,1,1,0")]
@@ -47,7 +50,8 @@ pub fn run(args: PipelineArgs) -> Result<(), String> {
         "1f1b" => one_f_one_b(p, m),
         "zbh1" | "zb-h1" => zb_h1(p, m),
         "zbv" | "zb-v" => zb_v(p, m),
-        other => return Err(format!("--schedule {other:?}: this build has 1f1b, zbh1 and zbv")),
+        "interleaved" => interleaved_1f1b(p, m, args.chunks),
+        other => return Err(format!("--schedule {other:?}: this build has 1f1b, interleaved, zbh1 and zbv")),
     }
     .map_err(|e| e.to_string())?;
     validate(&schedule, &costs, args.memory_limit).map_err(|e| e.to_string())?;

@@ -1,7 +1,7 @@
 //! Schedule generators, each following the reference's per-stage order exactly
 //! (`../shared/reference/pipeline-schedules.md`, 1.2 and 1.3).
 
-use super::{Action, Pass, Schedule, ScheduleError};
+use super::{Action, Pass, Placement, Schedule, ScheduleError};
 
 fn check(p: usize, m: usize) -> Result<(), ScheduleError> {
     if p < 2 {
@@ -31,7 +31,41 @@ pub fn one_f_one_b(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
             order
         })
         .collect();
-    Ok(Schedule { name: "1F1B", microbatches: m, chunks: 1, stages })
+    Ok(Schedule { name: "1F1B", microbatches: m, chunks: 1, placement: Placement::Interleaved, stages })
+}
+
+/// Interleaved 1F1B (Megatron-LM's, PyTorch's `ScheduleInterleaved1F1B`): each stage
+/// holds `v` chunks, virtual stages `s, s+p, …`, and runs micro-batches in groups of `p`
+/// through one chunk after the other. Stage `s` warms up with `2(p-1-s) + (v-1)p`
+/// forwards, then alternates one forward and one fused backward. `m` must be a multiple
+/// of `p`; the bubble shrinks to `(p-1)(T_F+T_B+T_W)/v` for more activation memory.
+pub fn interleaved_1f1b(p: usize, m: usize, v: usize) -> Result<Schedule, ScheduleError> {
+    check(p, m)?;
+    if v < 1 {
+        return Err(ScheduleError::Invalid("interleaving needs at least 1 chunk per stage".into()));
+    }
+    if m % p != 0 {
+        return Err(ScheduleError::Invalid(format!(
+            "interleaved 1F1B runs micro-batches in groups of p = {p}: m = {m} is not a multiple"
+        )));
+    }
+    let total = m * v;
+    // The k-th forward (or backward) of a stage: its micro-batch and chunk.
+    let forward = |k: usize| Action { pass: Pass::F, mb: (k / (p * v)) * p + k % p, chunk: (k / p) % v };
+    let backward = |k: usize| Action { pass: Pass::BW, mb: (k / (p * v)) * p + k % p, chunk: v - 1 - (k / p) % v };
+    let stages = (0..p)
+        .map(|s| {
+            let warmup = if v == 1 { p - 1 - s } else { 2 * (p - 1 - s) + (v - 1) * p }.min(total);
+            let mut order: Vec<Action> = (0..warmup).map(forward).collect();
+            for k in 0..total - warmup {
+                order.push(forward(warmup + k));
+                order.push(backward(k));
+            }
+            order.extend((total - warmup..total).map(backward));
+            order
+        })
+        .collect();
+    Ok(Schedule { name: "interleaved 1F1B", microbatches: m, chunks: v, placement: Placement::Interleaved, stages })
 }
 
 /// ZB-H1: 1F1B's warm-up, with the backward split into `B` and `W` and stage `s`'s `W`
@@ -62,7 +96,7 @@ pub fn zb_h1(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
             order
         })
         .collect();
-    Ok(Schedule { name: "ZB-H1", microbatches: m, chunks: 1, stages })
+    Ok(Schedule { name: "ZB-H1", microbatches: m, chunks: 1, placement: Placement::Interleaved, stages })
 }
 
 /// ZB-V: two chunks per stage in a V (stage `r` holds virtual stages `r` and `2p-1-r`),
@@ -125,7 +159,7 @@ pub fn zb_v(p: usize, m: usize) -> Result<Schedule, ScheduleError> {
             order
         })
         .collect();
-    Ok(Schedule { name: "ZB-V", microbatches: m, chunks: 2, stages })
+    Ok(Schedule { name: "ZB-V", microbatches: m, chunks: 2, placement: Placement::V, stages })
 }
 
 #[cfg(test)]
@@ -170,5 +204,24 @@ mod tests {
     fn bad_parameters_name_the_limit() {
         assert!(matches!(one_f_one_b(1, 8), Err(ScheduleError::Invalid(why)) if why.contains("2 stages")));
         assert!(matches!(zb_h1(4, 0), Err(ScheduleError::Invalid(why)) if why.contains("micro-batch")));
+    }
+}
+
+#[cfg(test)]
+mod interleaved_tests {
+    use super::super::{simulate, validate, Costs};
+    use super::*;
+
+    #[test]
+    fn one_chunk_is_plain_1f1b_and_more_chunks_shrink_the_bubble() {
+        assert_eq!(interleaved_1f1b(4, 8, 1).unwrap().stages, one_f_one_b(4, 8).unwrap().stages);
+        for (p, m, v) in [(4, 8, 2), (4, 16, 2), (4, 8, 4), (2, 4, 3), (8, 16, 2)] {
+            let s = interleaved_1f1b(p, m, v).unwrap();
+            validate(&s, &Costs::unit(), None).unwrap_or_else(|e| panic!("p={p} m={m} v={v}: {e}"));
+            let t = simulate(&s, &Costs::unit()).unwrap();
+            let want = (p - 1) as f64 * 3.0 / v as f64;
+            assert!((t.bubble() - want).abs() < 1e-9, "p={p} m={m} v={v}: bubble {} want {want}", t.bubble());
+        }
+        assert!(matches!(interleaved_1f1b(4, 6, 2), Err(ScheduleError::Invalid(why)) if why.contains("multiple")));
     }
 }

@@ -3,7 +3,7 @@
 //! A schedule is pure data, like the collective plans: [`Schedule`] lists, for each of
 //! `p` stages, the forward (`F`), input-gradient (`B`), weight-gradient (`W`) or fused
 //! (`BW`) passes it runs, in order, each naming a micro-batch and a chunk. Generators
-//! build them ([`one_f_one_b`], [`zb_h1`], [`zb_v`]), [`validate`] checks one against the
+//! build them ([`one_f_one_b`], [`interleaved_1f1b`], [`zb_h1`], [`zb_v`]), [`validate`] checks one against the
 //! dependency rules and a memory limit, and [`simulate`] replays it under pass and
 //! communication costs to give each stage's timeline, span, bubble and peak memory.
 //!
@@ -20,14 +20,15 @@
 //! assert_eq!(t.peak_memory, vec![4.0, 3.0, 2.0, 1.0]); // units of one micro-batch's activations
 //! ```
 //!
-//! Built so far: 1F1B and ZB-H1 on one chunk per stage, and ZB-V on two. V-Half, V-Min,
+//! Built so far: 1F1B and ZB-H1 on one chunk per stage, interleaved 1F1B on `v`, and
+//! ZB-V on two. V-Half, V-Min,
 //! ZB-2p with the automatic scheduler, and the runner are still to come (issue 12).
 
 mod generate;
 mod simulate;
 mod validate;
 
-pub use generate::{one_f_one_b, zb_h1, zb_v};
+pub use generate::{interleaved_1f1b, one_f_one_b, zb_h1, zb_v};
 pub use simulate::{simulate, Timeline};
 pub use validate::validate;
 
@@ -79,10 +80,10 @@ pub struct Schedule {
     pub name: &'static str,
     /// Micro-batches per iteration.
     pub microbatches: usize,
-    /// Model chunks per stage: 1, or 2 for the V schedules, where stage (device) `r`
-    /// holds virtual stages `r` (chunk 0) and `2p-1-r` (chunk 1), so that the forward
-    /// runs down the devices and back up.
+    /// Model chunks per stage (1 for the plain schedules).
     pub chunks: usize,
+    /// Where the chunks' virtual stages lie.
+    pub placement: Placement,
     /// Each stage's passes, in order.
     pub stages: Vec<Vec<Action>>,
 }
@@ -95,19 +96,20 @@ impl Schedule {
 
     /// The virtual stage that chunk `chunk` of stage `stage` holds.
     pub fn virtual_stage(&self, stage: usize, chunk: usize) -> usize {
-        match chunk {
-            0 => stage,
-            _ => 2 * self.stages() - 1 - stage,
+        let p = self.stages();
+        match self.placement {
+            Placement::V if chunk % 2 == 1 => (chunk + 1) * p - 1 - stage,
+            _ => chunk * p + stage,
         }
     }
 
     /// The stage (device) that holds virtual stage `v`, and the chunk.
     pub fn place(&self, v: usize) -> (usize, usize) {
         let p = self.stages();
-        if v < p {
-            (v, 0)
-        } else {
-            (2 * p - 1 - v, 1)
+        let (chunk, at) = (v / p, v % p);
+        match self.placement {
+            Placement::V if chunk % 2 == 1 => (p - 1 - at, chunk),
+            _ => (at, chunk),
         }
     }
 
@@ -115,6 +117,17 @@ impl Schedule {
     pub fn order(&self, s: usize) -> String {
         self.stages[s].iter().map(Action::to_string).collect::<Vec<_>>().join(" ")
     }
+}
+
+/// Where the `v` chunks of each of `p` stages lie in the model's `v·p` virtual stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Chunk `c` of stage `s` is virtual stage `c·p + s`: the forward passes every
+    /// stage `v` times in the same direction (interleaved 1F1B; `v = 1`: plain).
+    Interleaved,
+    /// Two chunks in a V: stage `s` holds `s` and `2p-1-s`, so the forward runs down
+    /// the stages and back up, and the turn stays on the last stage (ZB-V).
+    V,
 }
 
 /// The costs a simulation charges, in any time unit, and the memory model.

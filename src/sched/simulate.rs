@@ -209,7 +209,7 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
-    use super::super::{one_f_one_b, validate, zb_h1, zb_v};
+    use super::super::{interleaved_1f1b, one_f_one_b, validate, zb_h1, zb_v};
     use super::*;
     use proptest::prelude::*;
 
@@ -248,6 +248,12 @@ mod properties {
                 }
             }
             prop_assert!(tz.iteration() <= t1.iteration() + 1e-9);
+            // Interleaved 1F1B with v chunks over whole groups of p micro-batches: its
+            // bubble is 1F1B's divided by v.
+            let (v, mi) = (1 + m % 3, p * (1 + m % 4));
+            let ti = simulate(&interleaved_1f1b(p, mi, v).unwrap(), &costs).unwrap();
+            let want = (p - 1) as f64 * (f + b + w) / v as f64;
+            prop_assert!(close(ti.bubble(), want), "interleaved p={p} m={mi} v={v}: {} vs {want}", ti.bubble());
         }
     }
 }
