@@ -2,7 +2,7 @@
 //! timeline, bubble and peak memory per stage.
 
 use clap::Parser;
-use phalanx::sched::{interleaved_1f1b, one_f_one_b, simulate, validate, zb_h1, zb_v, Costs, Schedule};
+use phalanx::sched::{interleaved_1f1b, one_f_one_b, simulate, validate, zb_h1, zb_v, Costs, Pass, Schedule, Timeline};
 
 /// Options of `phalanx pipeline`.
 #[derive(Parser)]
@@ -28,6 +28,49 @@ pub struct PipelineArgs {
     /// micro-batches' worth.
     #[arg(long)]
     memory_limit: Option<f64>,
+    /// Also draw the timeline as SVG here, in the style of the zero-bubble paper's
+    /// figures (one row per stage; F, B, W and fused BW in their own colours, each pass
+    /// labelled with its micro-batch).
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+}
+
+/// The timeline `t` of `schedule` as SVG.
+fn svg(schedule: &Schedule, t: &Timeline) -> String {
+    let (scale, row) = (40.0, 28.0);
+    let width = t.passes.iter().flatten().map(|&(_, _, end)| end).fold(0.0, f64::max) * scale + 80.0;
+    let height = row * t.passes.len() as f64 + 40.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" font-family=\"sans-serif\" font-size=\"11\">\n"
+    );
+    out += &format!("<text x=\"4\" y=\"{:.0}\">{}: bubble {}</text>\n", height - 8.0, schedule.name, t.bubble());
+    for (s, passes) in t.passes.iter().enumerate() {
+        let y = 8.0 + row * s as f64;
+        out += &format!("<text x=\"4\" y=\"{:.0}\">s{s}</text>\n", y + 17.0);
+        for &(a, start, end) in passes {
+            let colour = match a.pass {
+                Pass::F => "#8ecae6",
+                Pass::B => "#ffb703",
+                Pass::W => "#90be6d",
+                Pass::BW => "#f4a261",
+            };
+            let x = 40.0 + start * scale;
+            let w = (end - start) * scale;
+            // Later chunks are lighter, as in the papers' V figures.
+            let opacity = 1.0 / (1.0 + a.chunk as f64);
+            out += &format!(
+                "<rect x=\"{x:.1}\" y=\"{y:.0}\" width=\"{w:.1}\" height=\"{:.0}\" fill=\"{colour}\" fill-opacity=\"{opacity:.2}\" stroke=\"#333\" stroke-width=\"0.5\"/>",
+                row - 4.0
+            );
+            out += &format!(
+                "<text x=\"{:.1}\" y=\"{:.0}\" text-anchor=\"middle\">{}</text>\n",
+                x + w / 2.0,
+                y + 16.0,
+                a.mb
+            );
+        }
+    }
+    out + "</svg>\n"
 }
 
 fn costs(text: &str) -> Result<Costs, String> {
@@ -75,5 +118,9 @@ pub fn run(args: PipelineArgs) -> Result<(), String> {
         100.0 * t.bubble() / t.iteration(),
         t.peak_memory
     );
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg(&schedule, &t)).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("timeline drawn in {}", path.display());
+    }
     Ok(())
 }
