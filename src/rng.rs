@@ -29,6 +29,8 @@ impl SplitMix64 {
     }
 
     /// Uniform in `[0, 1)`.
+    // Only the relay and the churn, both behind `testing`, draw floats.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }

@@ -31,6 +31,7 @@ from ._native import (
     SyncReport,
     TransportError,
     __version__,
+    pipeline_schedule,
 )
 from ._native import SparseReduced
 
@@ -44,6 +45,7 @@ sparse_all_gather = Communicator.sparse_all_gather
 sparse_reduce_scatter = Communicator.sparse_reduce_scatter
 
 __all__ = [
+    "pipeline_schedule",
     "AbortedError",
     "AllReduceHandle",
     "Communicator",

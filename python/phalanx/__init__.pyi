@@ -66,6 +66,9 @@ class Master:
         secret: the cluster secret peers must prove; None accepts everyone.
         peer_timeout_ms: a peer silent this long is removed.
         max_pending: the most joiners that may wait for admission.
+        standby: form no group of its own; take over the group of peers that lost
+            their master (standbys, and a master restarted in place of a lost one).
+        fence: step down when most of the group goes silent at once.
     """
 
     def __init__(
@@ -74,6 +77,9 @@ class Master:
         secret: Secret = None,
         peer_timeout_ms: int = 750,
         max_pending: int = 256,
+        *,
+        standby: bool = False,
+        fence: bool = False,
     ) -> None: ...
     @property
     def addr(self) -> str:
@@ -147,10 +153,13 @@ class Communicator:
         join_timeout_ms: Optional[int] = None,
         heartbeat_ms: int = 150,
         peer_id: Optional[int] = None,
+        standby_masters: Sequence[str] = (),
+        rejoin_ms: int = 10_000,
     ) -> "Communicator":
         """Joins the group of the master at `master_addr` and waits until admitted.
         `retry_attempts > 1` reruns a collective over the survivors when a peer is
-        lost."""
+        lost. When the master is lost, the peer looks for one to rejoin (the same
+        address restarted, then `standby_masters`) for `rejoin_ms`."""
     @property
     def rank(self) -> int: ...
     @property
@@ -301,3 +310,17 @@ all_to_all_v = Communicator.all_to_all_v
 sparse_all_reduce = Communicator.sparse_all_reduce
 sparse_all_gather = Communicator.sparse_all_gather
 sparse_reduce_scatter = Communicator.sparse_reduce_scatter
+
+def pipeline_schedule(
+    schedule: Literal["1f1b", "interleaved", "zbh1", "zbv"],
+    stages: int,
+    microbatches: int,
+    *,
+    chunks: int = 2,
+    costs: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0),
+    memory_limit: Optional[float] = None,
+) -> dict:
+    """Generates a pipeline schedule, checks it and simulates one iteration: a dict with
+    `name`, `orders` (per stage, (pass, micro-batch, chunk)), `timeline` (per stage,
+    (start, end)), `spans`, `iteration`, `bubble` and `peak_memory`. ValueError for
+    unsupported parameters or an exceeded memory limit."""

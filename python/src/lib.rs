@@ -8,7 +8,8 @@
 //! One file per class or family: `errors` (exceptions), `args`, `master`,
 //! `communicator` (with `AllReduceHandle`), `state` (with `SyncReport`), `array` (the
 //! zero-copy view of Python arrays), and the collective families `scan`, `group`,
-//! `quant` and `sparse` that `Communicator`'s methods delegate to.
+//! `quant` and `sparse` that `Communicator`'s methods delegate to; `sched`, pipeline
+//! schedules.
 
 mod args;
 mod array;
@@ -18,6 +19,7 @@ mod group;
 mod master;
 mod quant;
 mod scan;
+mod sched;
 mod sparse;
 mod state;
 
@@ -62,6 +64,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SyncReport>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
+    m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;
     sparse::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
