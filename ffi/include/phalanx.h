@@ -362,6 +362,25 @@ typedef struct phx_sync_report {
     size_t tensors_sent;
 } phx_sync_report;
 
+/**
+ * What `phx_pipeline_simulate` measured: times in the unit of the costs given, memory
+ * in micro-batches' worth of one stage's activations.
+ */
+typedef struct phx_pipeline_result {
+    /**
+     * The longest stage span (first pass's start to last pass's end).
+     */
+    double iteration;
+    /**
+     * `iteration` minus one stage's work, `m (F + B + W)`.
+     */
+    double bubble;
+    /**
+     * The most activation memory any stage holds at once.
+     */
+    double peak_memory;
+} phx_pipeline_result;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1113,6 +1132,26 @@ int phx_comm_all_scan_linear_attention(struct phx_comm *comm,
                                        size_t d_v,
                                        int flags,
                                        size_t blocks);
+
+/**
+ * Generates the pipeline schedule `schedule` ("1f1b", "interleaved", "zbh1" or "zbv")
+ * for `stages` stages and `microbatches` micro-batches (`chunks` chunks per stage for
+ * "interleaved"), checks it (every pass once, no deadlock, at most `memory_limit`
+ * micro-batches of activations per stage unless `memory_limit <= 0`), and simulates
+ * one iteration with `costs` = {F, B, W, COMM}. Writes `*out`; on error names the limit
+ * (`PHX_ERR_INVALID_ARGUMENT`). Thread-safe.
+ *
+ * # Safety
+ * `schedule` is a NUL-terminated string, `costs` points to 4 doubles, `out` is valid
+ * for a write of a `phx_pipeline_result` (each may be NULL: an error).
+ */
+int phx_pipeline_simulate(const char *schedule,
+                          size_t stages,
+                          size_t microbatches,
+                          size_t chunks,
+                          const double *costs,
+                          double memory_limit,
+                          struct phx_pipeline_result *out);
 
 #ifdef __cplusplus
 }  // extern "C"

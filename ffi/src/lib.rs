@@ -42,6 +42,8 @@ mod group;
 mod quant;
 // Scans.
 pub mod scan;
+// Pipeline schedules.
+mod sched;
 
 pub use args::*;
 pub use collectives::*;
@@ -49,6 +51,7 @@ pub use comm::*;
 pub use master::*;
 pub use pending::*;
 pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
+pub use sched::{phx_pipeline_result, phx_pipeline_simulate};
 pub use state::*;
 pub use status::*;
 

@@ -79,6 +79,18 @@ static void check_argument_errors(phx_comm *comm, size_t n) {
         EXPECT(strstr(phx_last_error(), "standby_masters") != NULL);
         EXPECT(other == NULL);
     }
+    /* Pipeline schedules: the reference's worked example, and a typed refusal. */
+    {
+        const double unit[4] = {1, 1, 1, 0};
+        phx_pipeline_result r;
+        CHECK(phx_pipeline_simulate("zbh1", 4, 8, 0, unit, 0, &r));
+        EXPECT(r.iteration == 27 && r.bubble == 3 && r.peak_memory == 4);
+        CHECK(phx_pipeline_simulate("zbv", 4, 8, 0, unit, 4, &r));
+        EXPECT(r.bubble == 0 && r.peak_memory == 4);
+        EXPECT_STATUS(phx_pipeline_simulate("1f1b", 4, 8, 0, unit, 3, &r), PHX_ERR_INVALID_ARGUMENT);
+        EXPECT(strstr(phx_last_error(), "stage 0 holds 4") != NULL);
+        EXPECT_STATUS(phx_pipeline_simulate("zbh1", 4, 8, 0, NULL, 0, &r), PHX_ERR_NULL);
+    }
     /* A success clears the last error. */
     CHECK(phx_comm_size(comm, &size));
     EXPECT(strcmp(phx_last_error(), "") == 0);

@@ -1,0 +1,77 @@
+//! Pipeline schedules from C: generate, validate and simulate one iteration.
+
+use std::ffi::{c_char, c_int};
+
+use phalanx::sched::{interleaved_1f1b, one_f_one_b, simulate, validate, zb_h1, zb_v, Costs};
+
+use crate::args::{c_str, out_ptr, write_out};
+use crate::status::{guard, invalid, null, Fail};
+
+/// What `phx_pipeline_simulate` measured: times in the unit of the costs given, memory
+/// in micro-batches' worth of one stage's activations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct phx_pipeline_result {
+    /// The longest stage span (first pass's start to last pass's end).
+    pub iteration: f64,
+    /// `iteration` minus one stage's work, `m (F + B + W)`.
+    pub bubble: f64,
+    /// The most activation memory any stage holds at once.
+    pub peak_memory: f64,
+}
+
+/// Generates the pipeline schedule `schedule` ("1f1b", "interleaved", "zbh1" or "zbv")
+/// for `stages` stages and `microbatches` micro-batches (`chunks` chunks per stage for
+/// "interleaved"), checks it (every pass once, no deadlock, at most `memory_limit`
+/// micro-batches of activations per stage unless `memory_limit <= 0`), and simulates
+/// one iteration with `costs` = {F, B, W, COMM}. Writes `*out`; on error names the limit
+/// (`PHX_ERR_INVALID_ARGUMENT`). Thread-safe.
+///
+/// # Safety
+/// `schedule` is a NUL-terminated string, `costs` points to 4 doubles, `out` is valid
+/// for a write of a `phx_pipeline_result` (each may be NULL: an error).
+#[no_mangle]
+pub unsafe extern "C" fn phx_pipeline_simulate(
+    schedule: *const c_char,
+    stages: usize,
+    microbatches: usize,
+    chunks: usize,
+    costs: *const f64,
+    memory_limit: f64,
+    out: *mut phx_pipeline_result,
+) -> c_int {
+    guard(|| {
+        let out = out_ptr(out, "out")?;
+        // SAFETY: NUL-terminated or NULL (the caller's contract).
+        let name = unsafe { c_str(schedule, "schedule") }?;
+        if costs.is_null() {
+            return Err(null("costs"));
+        }
+        // SAFETY: non-NULL and pointing to 4 doubles (the caller's contract).
+        let c = unsafe { std::slice::from_raw_parts(costs, 4) };
+        if !c[..3].iter().all(|x| x.is_finite() && *x > 0.0) || !(c[3].is_finite() && c[3] >= 0.0) {
+            return Err(invalid("costs must be {F, B, W, COMM}: passes positive, COMM at least 0"));
+        }
+        let costs = Costs { f: c[0], b: c[1], w: c[2], comm: c[3], w_memory: 0.0 };
+        let (p, m) = (stages, microbatches);
+        let s = match name {
+            "1f1b" => one_f_one_b(p, m),
+            "interleaved" => interleaved_1f1b(p, m, chunks),
+            "zbh1" => zb_h1(p, m),
+            "zbv" => zb_v(p, m),
+            other => return Err(invalid(format!("unknown schedule {other:?}: 1f1b, interleaved, zbh1 or zbv"))),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
+        let limit = (memory_limit > 0.0).then_some(memory_limit);
+        validate(&s, &costs, limit).map_err(|e: phalanx::sched::ScheduleError| invalid(e.to_string()))?;
+        let t = simulate(&s, &costs).map_err(|e| invalid(e.to_string()))?;
+        let result = phx_pipeline_result {
+            iteration: t.iteration(),
+            bubble: t.bubble(),
+            peak_memory: t.peak_memory.iter().copied().fold(0.0, f64::max),
+        };
+        // SAFETY: checked non-NULL; valid for a write (the caller's contract).
+        unsafe { write_out(out, result) };
+        Ok::<(), Fail>(())
+    })
+}
