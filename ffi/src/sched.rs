@@ -49,7 +49,8 @@ pub unsafe extern "C" fn phx_pipeline_simulate(
         }
         // SAFETY: non-NULL and pointing to 4 doubles (the caller's contract).
         let c = unsafe { std::slice::from_raw_parts(costs, 4) };
-        if !c[..3].iter().all(|x| x.is_finite() && *x > 0.0) || !(c[3].is_finite() && c[3] >= 0.0) {
+        let passes_ok = c[..3].iter().all(|x| x.is_finite() && *x > 0.0);
+        if !(passes_ok && c[3].is_finite() && c[3] >= 0.0) {
             return Err(invalid("costs must be {F, B, W, COMM}: passes positive, COMM at least 0"));
         }
         let costs = Costs { f: c[0], b: c[1], w: c[2], comm: c[3], w_memory: 0.0 };
