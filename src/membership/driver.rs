@@ -55,20 +55,29 @@ pub(super) struct Driver {
 pub(super) async fn first_reachable(endpoint: &dyn Endpoint, masters: &[SocketAddr]) -> Result<(Arc<dyn Link>, usize)> {
     let mut failures = Vec::new();
     for (i, &addr) in masters.iter().enumerate() {
-        let connect = endpoint.connect(addr, Bytes::from_static(CONTROL_HELLO));
-        let result = match masters.len() {
-            1 => connect.await.map_err(|e| e.to_string()),
-            _ => match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
-            },
-        };
-        match result {
+        let limit = (masters.len() > 1).then_some(CONNECT_TIMEOUT);
+        match connect(endpoint, addr, limit).await {
             Ok(link) => return Ok((link, i)),
             Err(e) => failures.push(format!("{addr}: {e}")),
         }
     }
     Err(Error::JoinFailed { reason: format!("cannot reach a master ({})", failures.join("; ")) })
+}
+
+/// Opens a control connection to the master at `addr`, within `limit` if given.
+async fn connect(
+    endpoint: &dyn Endpoint,
+    addr: SocketAddr,
+    limit: Option<Duration>,
+) -> std::result::Result<Arc<dyn Link>, String> {
+    let connecting = endpoint.connect(addr, Bytes::from_static(CONTROL_HELLO));
+    match limit {
+        None => connecting.await.map_err(|e| e.to_string()),
+        Some(limit) => match tokio::time::timeout(limit, connecting).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        },
+    }
 }
 
 /// Runs connections until this peer is gone or the client stops.
@@ -206,12 +215,7 @@ async fn rejoin(d: &Driver) -> Option<(Arc<dyn Link>, usize)> {
 /// for the rest of the group, and feed its answers to the state until the takeover's
 /// view arrives.
 async fn try_rejoin(d: &Driver, addr: SocketAddr) -> std::result::Result<Arc<dyn Link>, String> {
-    let connect = d.endpoint.connect(addr, Bytes::from_static(CONTROL_HELLO));
-    let link = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(link)) => link,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
-    };
+    let link = connect(&*d.endpoint, addr, Some(CONNECT_TIMEOUT)).await?;
     let Some(msg) = d.shared.lock().peer.rejoin(d.data_addr) else { return Err("nothing to rejoin with".into()) };
     // (A vote made from here on is deferred, and sent below once the takeover is done.)
     if let Err(e) = link.send(to_frame(msg.encode())).await {

@@ -99,7 +99,7 @@ impl Takeover {
     }
 
     /// The rejoined peers silent for `timeout` at `now`.
-    pub(super) fn silent(&self, now: Instant, timeout: std::time::Duration) -> Vec<ConnId> {
+    fn silent(&self, now: Instant, timeout: std::time::Duration) -> Vec<ConnId> {
         self.rejoined.iter().filter(|r| now.saturating_duration_since(r.last_seen) >= timeout).map(|r| r.conn).collect()
     }
 

@@ -30,7 +30,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::protocol::{AbortReason, Decision, OpResult, Rejoin, ToMaster, ToPeer, Transfer};
+mod rejoin;
+mod subgroup;
+
+use self::subgroup::sub_members;
+pub use self::subgroup::{set_hash, sub_fingerprint, sub_key};
+use super::protocol::{AbortReason, Decision, OpResult, ToMaster, ToPeer, Transfer};
 use super::view::{PeerId, View};
 use crate::error::{Error, Result};
 use crate::plan::Rank;
@@ -286,66 +291,6 @@ impl PeerState {
     /// lost).
     pub fn refused(&self) -> bool {
         self.refused
-    }
-
-    /// The term of the master this peer follows (0 before admission).
-    pub fn term(&self) -> u64 {
-        self.term
-    }
-
-    /// Whether the master was lost and this peer is looking for one to rejoin.
-    pub fn rejoining(&self) -> bool {
-        self.rejoining.is_some() && self.gone.is_none()
-    }
-
-    /// What to tell a master this peer rejoins (see [`Rejoin`]); `None` if it has no
-    /// view to bring.
-    pub fn rejoin(&mut self, data_addr: std::net::SocketAddr) -> Option<ToMaster> {
-        self.vote_deferred = false; // the rejoin carries the vote
-        let view = self.view.clone()?;
-        let (mut committed, mut undecided) = (Vec::from(self.recent_commits.clone()), Vec::new());
-        for (&key, rec) in &self.ops {
-            match (&rec.decision, &rec.abort) {
-                (Some(Decision::Commit), _) => committed.push(key),
-                (None, None) if rec.active => undecided.push(key),
-                _ => {}
-            }
-        }
-        let voting = self.voting;
-        Some(ToMaster::Rejoin(Box::new(Rejoin {
-            id: self.id,
-            data_addr,
-            term: self.term,
-            view,
-            voting,
-            committed,
-            undecided,
-        })))
-    }
-
-    /// A vote made while rejoining is held (a vote queued for the lost master could
-    /// reach the new one after the takeover and count in the round after).
-    pub fn defer_vote(&mut self) {
-        self.vote_deferred = true;
-    }
-
-    /// The vote to send once the takeover is done, if one was made after the rejoin.
-    pub fn take_deferred_vote(&mut self) -> Option<ToMaster> {
-        let due = std::mem::take(&mut self.vote_deferred) && self.voting && self.rejoining.is_none();
-        let epoch = self.view.as_ref().map(|v| v.epoch)?;
-        due.then_some(ToMaster::UpdateTopology { epoch })
-    }
-
-    /// The master was lost for `reason`: with [`PeerConfig::rejoin_within`], this peer
-    /// looks for one to rejoin and its collectives wait; otherwise it is cut off.
-    pub fn master_lost(&mut self, reason: String, now: Instant) -> Vec<(OpKey, Error)> {
-        match self.config.rejoin_within {
-            Some(within) if self.gone.is_none() && self.view.is_some() && !self.config.closed => {
-                self.rejoining.get_or_insert(now + within);
-                Vec::new()
-            }
-            _ => self.disconnected(reason),
-        }
     }
 
     /// A message from the master arrived. Returns the collectives that must stop now,
@@ -658,40 +603,4 @@ pub fn abort_error(reason: AbortReason) -> Error {
         AbortReason::Invalid { rank, detail } => Error::InvalidArgument(format!("rank {rank}: {detail}")),
         AbortReason::MasterLost { detail } => Error::Aborted { reason: detail },
     }
-}
-
-/// The view ranks of the members with ids `ids`, ascending; `PeerLost` if one left,
-/// `InvalidArgument` if one is named twice.
-fn sub_members(view: &View, ids: &[PeerId]) -> Result<Vec<Rank>> {
-    let mut ranked = Vec::with_capacity(ids.len());
-    for &id in ids {
-        let rank = view.rank_of(id).ok_or_else(|| Error::PeerLost {
-            rank: usize::MAX,
-            reason: format!("sub-group member {id:#x} is not in the view of epoch {}", view.epoch),
-        })?;
-        ranked.push(rank);
-    }
-    ranked.sort_unstable();
-    if let Some(w) = ranked.windows(2).find(|w| w[0] == w[1]) {
-        return Err(Error::InvalidArgument(format!("sub-group names rank {} twice", w[0])));
-    }
-    Ok(ranked)
-}
-
-/// The key of the `counter`-th collective (from 1) of the member set with peer ids
-/// `ids` (in sub-rank order) in an epoch: `1 << 63 | hash << 32 | counter` (see
-/// `comm::subgroup` for why collisions are harmless).
-pub fn sub_key(ids: &[u64], counter: u32) -> u64 {
-    SUB_KEY_BIT | (set_hash(ids) & 0x7fff_ffff) << 32 | counter as u64
-}
-
-/// FNV-1a of the members' ids, stable across processes.
-pub fn set_hash(ids: &[u64]) -> u64 {
-    crate::collective::fnv1a(ids.iter().flat_map(|id| id.to_le_bytes()))
-}
-
-/// A call's fingerprint with the member set mixed in, so that frames of two sub-groups
-/// sharing a key are told apart.
-pub fn sub_fingerprint(call: u64, ids: &[u64]) -> u64 {
-    (call ^ set_hash(ids).rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5ab5_ab5a
 }
