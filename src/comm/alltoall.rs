@@ -31,7 +31,7 @@ impl Communicator {
 
     /// [`Communicator::all_to_all`] on the bytes of elements of type `dtype`.
     pub fn all_to_all_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
-        let n = self.size();
+        let n = self.call_group()?.1;
         let (len, out_len) = (elements(input.len(), dtype, "input")?, elements(output.len(), dtype, "output")?);
         if len % n != 0 || out_len != len {
             return Err(Error::InvalidArgument(format!(
@@ -65,14 +65,13 @@ impl Communicator {
         send_counts: &[usize],
         dtype: DType,
     ) -> Result<(Vec<u8>, Vec<usize>)> {
-        let n = self.size();
-        self.check_counts(send_counts, elements(input.len(), dtype, "input")?, "input")?;
+        let rank = self.check_counts(send_counts, elements(input.len(), dtype, "input")?, "input")?;
+        let n = send_counts.len();
         let mine: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
         let mut all = vec![0u64; n * n];
         self.all_gather(&mine, &mut all)?;
         let counts: Vec<Vec<usize>> =
             all.chunks(n.max(1)).map(|row| row.iter().map(|&c| c as usize).collect()).collect();
-        let rank = self.rank();
         // Counts come from peers: refuse what no buffer could hold (every rank sees the
         // same matrix, so every rank refuses alike).
         let size = dtype.size();
@@ -90,7 +89,7 @@ impl Communicator {
     /// Runs the all-to-all plan with this rank's `input` as send area; returns the
     /// receive area.
     fn run_all_to_all(&mut self, input: &[u8], counts: Vec<Vec<usize>>, dtype: DType) -> Result<Vec<u8>> {
-        let rank = self.rank();
+        let rank = self.call_group()?.0;
         let recv_len: usize = counts.iter().map(|row| row[rank]).sum();
         let mut work = Vec::with_capacity(input.len() + recv_len * dtype.size());
         work.extend_from_slice(input);

@@ -166,6 +166,14 @@ impl Communicator {
         self.peer.as_mut().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })
     }
 
+    /// This rank and the group's size as a collective begun now would see them: the
+    /// argument checks use these, so that a view that moved since the caller's last
+    /// `update_topology` (and so since it sized its buffers) fails with the retryable
+    /// [`Error::Aborted`] every collective would give, not an `InvalidArgument`.
+    fn call_group(&self) -> Result<(Rank, usize)> {
+        self.peer().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })?.call_group()
+    }
+
     /// Runs `f` on the peer, blocking this thread on the communicator's runtime.
     fn block<R>(&mut self, f: impl AsyncFnOnce(&mut AsyncPeer) -> R) -> Result<R> {
         not_in_runtime("call")?;
@@ -269,7 +277,7 @@ impl Communicator {
     /// Reduces `input` (`size() * output.len()` elements on every rank) and leaves
     /// segment `rank()` of the result in `output`.
     pub fn reduce_scatter<T: Element>(&mut self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()> {
-        let counts = vec![output.len(); self.size()];
+        let counts = vec![output.len(); self.call_group()?.1];
         self.reduce_scatter_v(input, output, &counts, op)
     }
 
@@ -287,7 +295,7 @@ impl Communicator {
 
     /// Concatenates every rank's `input` (equal lengths) into `output`, in rank order.
     pub fn all_gather<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
-        let counts = vec![input.len(); self.size()];
+        let counts = vec![input.len(); self.call_group()?.1];
         self.all_gather_v(input, output, &counts)
     }
 
@@ -330,8 +338,7 @@ impl Communicator {
     ) -> Result<()> {
         let (input_len, output_len) =
             (elements(input.len(), dtype, "input")?, elements(output.len(), dtype, "output")?);
-        self.check_counts(counts, input_len, "input")?;
-        let rank = self.rank();
+        let rank = self.check_counts(counts, input_len, "input")?;
         if counts[rank] != output_len {
             return Err(Error::InvalidArgument(format!(
                 "output holds {output_len} elements, counts[{rank}] = {}",
@@ -350,8 +357,7 @@ impl Communicator {
     pub fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], counts: &[usize], dtype: DType) -> Result<()> {
         let (input_len, output_len) =
             (elements(input.len(), dtype, "input")?, elements(output.len(), dtype, "output")?);
-        self.check_counts(counts, output_len, "output")?;
-        let rank = self.rank();
+        let rank = self.check_counts(counts, output_len, "output")?;
         if counts[rank] != input_len {
             return Err(Error::InvalidArgument(format!(
                 "input holds {input_len} elements, counts[{rank}] = {}",
@@ -378,7 +384,7 @@ impl Communicator {
     pub fn reduce_raw(&mut self, buf: &mut [u8], dtype: DType, root: Rank, op: ReduceOp) -> Result<()> {
         self.check_root(root)?;
         let coll = Collective::Reduce { root, len: elements(buf.len(), dtype, "buffer")? };
-        if self.rank() == root {
+        if self.call_group()?.0 == root {
             self.run(&coll, dtype, op, buf)
         } else {
             let mut scratch = buf.to_vec();
@@ -386,9 +392,12 @@ impl Communicator {
         }
     }
 
-    fn check_counts(&self, counts: &[usize], total: usize, what: &str) -> Result<()> {
-        if counts.len() != self.size() {
-            return Err(Error::InvalidArgument(format!("{} counts for a group of {}", counts.len(), self.size())));
+    /// Checks per-rank `counts` against the group and their sum against `total`;
+    /// returns this rank.
+    fn check_counts(&self, counts: &[usize], total: usize, what: &str) -> Result<Rank> {
+        let (rank, size) = self.call_group()?;
+        if counts.len() != size {
+            return Err(Error::InvalidArgument(format!("{} counts for a group of {size}", counts.len())));
         }
         if counts.iter().sum::<usize>() != total {
             return Err(Error::InvalidArgument(format!(
@@ -396,12 +405,13 @@ impl Communicator {
                 counts.iter().sum::<usize>()
             )));
         }
-        Ok(())
+        Ok(rank)
     }
 
     fn check_root(&self, root: Rank) -> Result<()> {
-        if root >= self.size() {
-            return Err(Error::InvalidArgument(format!("root {root} outside a group of {}", self.size())));
+        let size = self.call_group()?.1;
+        if root >= size {
+            return Err(Error::InvalidArgument(format!("root {root} outside a group of {size}")));
         }
         Ok(())
     }

@@ -293,11 +293,9 @@ impl Communicator {
     }
 
     fn check_peer(&self, peer: Rank) -> Result<()> {
-        if peer >= self.size() || peer == self.rank() {
-            return Err(Error::InvalidArgument(format!(
-                "peer rank {peer} is this rank or outside a group of {}",
-                self.size()
-            )));
+        let (rank, size) = self.call_group()?;
+        if peer >= size || peer == rank {
+            return Err(Error::InvalidArgument(format!("peer rank {peer} is this rank or outside a group of {size}")));
         }
         Ok(())
     }

@@ -158,6 +158,13 @@ impl AsyncPeer {
         self.ops.control.view()
     }
 
+    /// This peer's rank and the group's size in the view a collective begun now would
+    /// run in; see [`crate::membership::PeerState::call_view`].
+    pub(crate) fn call_group(&self) -> Result<(Rank, usize)> {
+        let view = self.ops.control.call_view()?;
+        Ok((view.rank_of(self.id()).unwrap_or(0), view.size()))
+    }
+
     fn view_or_empty(&self) -> View {
         self.view().unwrap_or_default()
     }

@@ -127,11 +127,11 @@ impl Communicator {
     }
 
     fn check_placement(&self, placement: &Placement, len: usize) -> Result<()> {
-        if placement.size() != self.size() {
+        let size = self.call_group()?.1;
+        if placement.size() != size {
             return Err(Error::InvalidArgument(format!(
-                "placement for {} ranks in a group of {}",
-                placement.size(),
-                self.size()
+                "placement for {} ranks in a group of {size}",
+                placement.size()
             )));
         }
         if placement.total_len() != len {
@@ -226,7 +226,7 @@ impl Communicator {
         values: &[u8],
         dtype: DType,
     ) -> Result<SparseReduced<u8>> {
-        let (n, size) = (self.size(), dtype.size());
+        let (n, size) = (self.call_group()?.1, dtype.size());
         // The dimension must agree too: it decides the path and the dense length.
         let mut counts = vec![0u64; 2 * n];
         self.all_gather(&[indices.len() as u64, dim as u64], &mut counts)?;

@@ -87,6 +87,13 @@ pub(crate) fn plan_in_view(mut plan: Plan, members: &[Rank]) -> Plan {
 }
 
 impl Communicator {
+    /// `members` sorted and checked against the view a collective begun now runs in,
+    /// and this rank's place among them.
+    fn sub_canonical(&self, members: &[Rank]) -> Result<(Vec<Rank>, Rank)> {
+        let (rank, size) = self.call_group()?;
+        canonical(members, rank, size)
+    }
+
     /// The NoLoCo pairing of ranks `0..n` at `step`: a permutation drawn from
     /// `(seed, step)` split into consecutive pairs, each pair in ascending order, pairs
     /// in permutation order. With `n` odd the permutation's last rank is left out. Every
@@ -139,7 +146,7 @@ impl Communicator {
 
     /// [`Communicator::sub_broadcast`] on bytes.
     pub fn sub_broadcast_raw(&mut self, members: &[Rank], buf: &mut [u8], dtype: DType, root: Rank) -> Result<()> {
-        let (sorted, _) = canonical(members, self.rank(), self.size())?;
+        let (sorted, _) = self.sub_canonical(members)?;
         let root = sorted
             .iter()
             .position(|&r| r == root)
@@ -162,7 +169,7 @@ impl Communicator {
         output: &mut [u8],
         dtype: DType,
     ) -> Result<()> {
-        let (sorted, me) = canonical(members, self.rank(), self.size())?;
+        let (sorted, me) = self.sub_canonical(members)?;
         let k = sorted.len();
         if output.len() != input.len() * k {
             return Err(Error::InvalidArgument(format!(
@@ -203,7 +210,7 @@ impl Communicator {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
-        let (sorted, me) = canonical(members, self.rank(), self.size())?;
+        let (sorted, me) = self.sub_canonical(members)?;
         let k = sorted.len();
         if input.len() != output.len() * k {
             return Err(Error::InvalidArgument(format!(
@@ -234,7 +241,7 @@ impl Communicator {
         op: ReduceOp,
         buf: &mut [u8],
     ) -> Result<()> {
-        let (sorted, _) = canonical(members, self.rank(), self.size())?;
+        let (sorted, _) = self.sub_canonical(members)?;
         let spec = CallSpec::new(coll, dtype, op);
         self.block(async |p| {
             let ids = p.ids_of(&sorted)?;

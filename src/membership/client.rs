@@ -254,6 +254,11 @@ impl ControlClient {
         self.shared.lock().peer.view()
     }
 
+    /// See [`PeerState::call_view`].
+    pub fn call_view(&self) -> Result<View> {
+        self.shared.lock().peer.call_view()
+    }
+
     /// Joiners waiting for admission, as last announced by the master.
     pub fn pending_joiners(&self) -> u32 {
         self.shared.lock().peer.pending_joiners()
@@ -273,7 +278,7 @@ impl ControlClient {
             if let Some(n) = ranks {
                 let size = match &kind {
                     OpKind::Sub { members, .. } => members.len(),
-                    _ => core.peer.view()?.size(),
+                    _ => core.peer.call_view()?.size(),
                 };
                 if n != size {
                     return Err(Error::InvalidArgument(format!("per-rank counts for {n} ranks in a group of {size}")));

@@ -345,7 +345,12 @@ fn a_view_change_sends_every_member_to_update_topology() {
         .begin(OpKind::Sync { strategy: crate::state::SyncStrategy::EnforcePopular, tensors: vec![] })
         .is_err());
     assert!(p.peers[1].begin(OpKind::Sub { call: 7, members: &[0, 1] }).is_err());
+    // The view a caller sizes its arguments against fails alike (the churn's second
+    // race: counts sized for 3 checked against a view of 2 gave a false InvalidArgument).
+    assert!(matches!(p.peers[1].call_view(), Err(Error::Aborted { .. })));
+    assert_eq!(p.peers[1].view().unwrap().size(), 2, "the live view moved");
     vote_all(&mut p, &[0, 1]);
+    assert_eq!(p.peers[1].call_view().unwrap().size(), 2, "settled again");
     let keys: Vec<_> = (0..2)
         .map(|i| {
             let b = p.peers[i].begin(OpKind::Whole { call: 7 }).unwrap();
