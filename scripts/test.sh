@@ -24,9 +24,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== python: pip install ./python, pytest python/tests"
+echo "== python: pip install ./python[torch], pytest python/tests"
 # The Python package (crate phalanx-py, excluded from the workspace) built by maturin
-# through pip, in a venv of its own; its cargo target directory is python/target.
+# through pip, in a venv of its own; its cargo target directory is python/target. The
+# torch extra (CPU use; about a minute to install) runs the torch.distributed backend's
+# tests against Gloo.
 python3 -m venv target/py-test-venv
-target/py-test-venv/bin/python -m pip install --quiet ./python pytest numpy
+target/py-test-venv/bin/python -m pip install --quiet "./python[torch]" pytest numpy
 target/py-test-venv/bin/python -m pytest python/tests -q

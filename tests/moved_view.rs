@@ -19,8 +19,11 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 fn join(net: &MemNetwork, port: u16) -> Communicator {
+    join_with(net, port, ConnectOptions { retry: RetryPolicy::Never, ..ConnectOptions::default() })
+}
+
+fn join_with(net: &MemNetwork, port: u16, options: ConnectOptions) -> Communicator {
     let net = net.clone();
-    let options = ConnectOptions { retry: RetryPolicy::Never, ..ConnectOptions::default() };
     Communicator::connect_with(move || Ok(net.endpoint(addr(port)) as Arc<dyn Endpoint>), addr(1), options).unwrap()
 }
 
@@ -110,4 +113,47 @@ fn a_view_that_moved_since_the_last_round_fails_retryably_not_as_a_bad_argument(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(results, vec![vec![2.0, 4.0], vec![6.0, 8.0]]);
+}
+
+#[test]
+fn a_closed_group_fails_every_call_after_a_loss_and_never_shrinks() {
+    // torch.distributed's contract (ConnectOptions::closed): the world formed once and
+    // never moves; a loss fails every later call with PeerLost.
+    let net = MemNetwork::new(16);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let config = MasterConfig { initial_peers: 3, ..MasterConfig::default() };
+    let _master = rt.block_on(async { MasterServer::spawn(net.endpoint(addr(1)), config) });
+    let mut comms: Vec<Communicator> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3u16)
+            .map(|i| {
+                let net = &net;
+                s.spawn(move || join_with(net, 100 + i, ConnectOptions::new().peer_id(u64::from(i)).closed(true)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Ranks follow the ids the peers chose, whatever their arrival order.
+    assert_eq!(comms.iter().map(Communicator::rank).collect::<Vec<_>>(), vec![0, 1, 2]);
+    barrier(&mut comms);
+
+    let epoch = comms[0].epoch();
+    drop(comms.pop());
+    let lost = |c: &mut Communicator| {
+        let mut x = [1f32; 4];
+        let err = c.all_reduce(&mut x, ReduceOp::Sum).unwrap_err();
+        assert_eq!(x, [1.0; 4], "buffer restored");
+        err
+    };
+    wait_until("the loss is seen", || {
+        let mut x = [1f32; 4];
+        comms[0].all_reduce(&mut x, ReduceOp::Sum).is_err()
+    });
+    for c in &mut comms {
+        let err = lost(c);
+        assert!(matches!(err, Error::PeerLost { rank: 2, .. }), "{err:?}");
+        assert_eq!((c.size(), c.epoch()), (3, epoch), "the formed view stays");
+    }
+    // update_topology does not shrink it either: it reports the loss too.
+    assert!(matches!(comms[1].update_topology(), Err(Error::PeerLost { rank: 2, .. })));
+    assert!(matches!(lost(&mut comms[1]), Error::PeerLost { .. }));
 }

@@ -69,6 +69,8 @@ class Master:
         standby: form no group of its own; take over the group of peers that lost
             their master (standbys, and a master restarted in place of a lost one).
         fence: step down when most of the group goes silent at once.
+        initial_peers: the first view forms once this many peers joined, ranked by
+            peer id.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class Master:
         *,
         standby: bool = False,
         fence: bool = False,
+        initial_peers: int = 1,
     ) -> None: ...
     @property
     def addr(self) -> str:
@@ -155,11 +158,14 @@ class Communicator:
         peer_id: Optional[int] = None,
         standby_masters: Sequence[str] = (),
         rejoin_ms: int = 10_000,
+        closed: bool = False,
     ) -> "Communicator":
         """Joins the group of the master at `master_addr` and waits until admitted.
         `retry_attempts > 1` reruns a collective over the survivors when a peer is
         lost. When the master is lost, the peer looks for one to rejoin (the same
-        address restarted, then `standby_masters`) for `rejoin_ms`."""
+        address restarted, then `standby_masters`) for `rejoin_ms`. `closed`: a fixed
+        group (torch.distributed's contract): after the first loss every call raises
+        PeerLostError."""
     @property
     def rank(self) -> int: ...
     @property

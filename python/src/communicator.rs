@@ -72,8 +72,11 @@ impl Communicator {
     ///     rejoin_ms: when the master is lost, look this long for a master to rejoin (the
     ///         same address restarted, or a standby) before calls raise RemovedError;
     ///         meanwhile they raise AbortedError (retryable).
+    ///     closed: a fixed group, as torch.distributed has: the first loss of a member
+    ///         makes this and every later call raise PeerLostError (nothing runs over
+    ///         fewer ranks than the caller sized it for); update_topology returns at once.
     #[staticmethod]
-    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000))]
+    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000, closed = false))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -86,6 +89,7 @@ impl Communicator {
         peer_id: Option<u64>,
         standby_masters: Vec<String>,
         rejoin_ms: u64,
+        closed: bool,
     ) -> PyResult<Self> {
         let master = resolve(master_addr, "master_addr")?;
         let standby_masters =
@@ -113,6 +117,7 @@ impl Communicator {
                 RetryPolicy::Never
             },
             quic: quic_config(secret)?,
+            closed,
             ..ConnectOptions::default()
         };
         let comm = py.detach(move || CoreComm::connect(master, options)).map_err(|e| to_py(py, e))?;

@@ -26,6 +26,8 @@ use crate::errors::to_py;
 ///         master (start standbys, and a master restarted in place of a lost one, so).
 ///     fence: step down when most of the group goes silent at once, so that a master
 ///         cut off from the majority never decides beside a standby.
+///     initial_peers: the first view forms once this many peers have joined, ranked by
+///         peer id (so peers that join with ids 0..n get ranks 0..n).
 #[pyclass(frozen, module = "phalanx")]
 pub(crate) struct Master {
     inner: Mutex<Option<CoreMaster>>,
@@ -35,7 +37,8 @@ pub(crate) struct Master {
 #[pymethods]
 impl Master {
     #[new]
-    #[pyo3(signature = (listen = "127.0.0.1:0", secret = None, peer_timeout_ms = 750, max_pending = 256, *, standby = false, fence = false))]
+    #[pyo3(signature = (listen = "127.0.0.1:0", secret = None, peer_timeout_ms = 750, max_pending = 256, *, standby = false, fence = false, initial_peers = 1))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments, one per setting
     fn new(
         py: Python<'_>,
         listen: &str,
@@ -44,17 +47,22 @@ impl Master {
         max_pending: usize,
         standby: bool,
         fence: bool,
+        initial_peers: usize,
     ) -> PyResult<Self> {
         let listen = resolve(listen, "listen")?;
         let quic = quic_config(secret)?;
         if peer_timeout_ms == 0 {
             return Err(PyValueError::new_err("peer_timeout_ms must be positive"));
         }
+        if initial_peers == 0 {
+            return Err(PyValueError::new_err("initial_peers must be at least 1"));
+        }
         let config = MasterConfig {
             peer_timeout: Duration::from_millis(peer_timeout_ms),
             max_pending,
             standby,
             fence,
+            initial_peers,
             ..MasterConfig::default()
         };
         let master = py.detach(move || CoreMaster::start(listen, quic, config)).map_err(|e| to_py(py, e))?;

@@ -82,6 +82,12 @@ pub struct ConnectOptions {
     /// Empty by default: a lost master is looked for again at its own address (a
     /// restart) for [`ControlConfig::rejoin_within`](crate::comm::ControlConfig::rejoin_within).
     pub standby_masters: Vec<SocketAddr>,
+    /// A fixed group, as `torch.distributed` and MPI have: the first loss of a member
+    /// ends the group for this peer, and every later call fails with that
+    /// [`Error::PeerLost`](crate::Error::PeerLost) (the view and ranks never move under
+    /// the caller, and nothing runs over fewer ranks than the caller sized it for).
+    /// Off by default: a dynamic group settles losses and joins with `update_topology`.
+    pub closed: bool,
 }
 
 impl Default for ConnectOptions {
@@ -97,6 +103,7 @@ impl Default for ConnectOptions {
             queue_frames: crate::transport::demux::DEFAULT_QUEUE_FRAMES,
             liveness: true,
             standby_masters: Vec::new(),
+            closed: false,
         }
     }
 }
@@ -180,6 +187,12 @@ impl ConnectOptions {
     /// [`ConnectOptions::liveness`](ConnectOptions#structfield.liveness)).
     pub fn liveness(mut self, on: bool) -> ConnectOptions {
         self.liveness = on;
+        self
+    }
+
+    /// A fixed group (see [`ConnectOptions::closed`](ConnectOptions#structfield.closed)).
+    pub fn closed(mut self, closed: bool) -> ConnectOptions {
+        self.closed = closed;
         self
     }
 

@@ -104,7 +104,11 @@ impl AsyncPeer {
         let accept_task = tokio::spawn(links.clone().accept_loop());
         let data_addr = options.advertise.unwrap_or_else(|| endpoint.local_addr());
         // A caller that retries by hand settles every view change with update_topology.
-        let peer = PeerConfig { settle_view_changes: options.retry == RetryPolicy::Never, ..peer };
+        let peer = PeerConfig {
+            settle_view_changes: options.retry == RetryPolicy::Never,
+            closed: peer.closed || options.closed,
+            ..peer
+        };
         let masters: Vec<SocketAddr> = std::iter::once(master).chain(options.standby_masters.iter().copied()).collect();
         let control = ControlClient::join(endpoint.clone(), &masters, id, data_addr, options.control, peer).await;
         let control = match control {
