@@ -74,6 +74,11 @@ struct MasterArgs {
     /// freezes at once.
     #[arg(long)]
     fence: bool,
+    /// Form the first view once this many peers have joined, ranked by peer id (for
+    /// torch.distributed: `--initial-peers WORLD_SIZE`, and ranks join with their rank
+    /// as id, so phalanx's ranks are torch's).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    initial_peers: u64,
 }
 
 /// QUIC settings with the cluster secret, if any.
@@ -104,6 +109,7 @@ fn run_master(args: MasterArgs) -> Result<(), String> {
         takeover_grace: Duration::from_millis(args.takeover_grace_ms.unwrap_or(args.peer_timeout_ms)),
         standby: args.standby,
         fence: args.fence,
+        initial_peers: args.initial_peers as usize,
         ..MasterConfig::default()
     };
     // Master::start also listens for the peers' liveness connections (TCP, same port).

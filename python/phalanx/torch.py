@@ -51,6 +51,7 @@ __all__ = ["ProcessGroupPhalanx", "BACKEND"]
 BACKEND = "phalanx"
 
 _STORE_KEY = "phalanx/master"
+_LEFT_KEY = "phalanx/left"
 
 _OPS = [
     (dist.ReduceOp.SUM, "sum"),
@@ -192,6 +193,7 @@ class ProcessGroupPhalanx(dist.ProcessGroup):
 
     def __init__(self, store, rank: int, size: int, timeout: datetime.timedelta, master: Optional[str] = None):
         super().__init__(rank, size)
+        self._store = store
         secret = os.environ.get("PHALANX_SECRET")
         self._master: Optional[Master] = None
         if master is None:
@@ -229,10 +231,18 @@ class ProcessGroupPhalanx(dist.ProcessGroup):
         return BACKEND
 
     def shutdown(self) -> None:
-        """Leaves the group and stops the op thread (and the embedded master, on rank 0)."""
+        """Leaves the group and stops the op thread (and the embedded master, on rank 0,
+        once every rank has left or 10 s passed: closing it earlier could cut off a rank
+        whose last op's outcome is still on its way)."""
         self._runner.stop()
         self.communicator.leave()
+        self._store.set(f"{_LEFT_KEY}/{self.rank()}", "1")
         if self._master is not None:
+            keys = [f"{_LEFT_KEY}/{r}" for r in range(self.size())]
+            try:
+                self._store.wait(keys, datetime.timedelta(seconds=10))
+            except Exception:  # noqa: BLE001 - a rank that died never says it left
+                pass
             self._master.close()
             self._master = None
 

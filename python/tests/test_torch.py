@@ -88,3 +88,51 @@ def test_killed_rank_raises_in_the_survivors(spawn):
         assert e["kind"] == "PeerLostError" and e["restored"], e
         # The master's peer timeout (750 ms by default) plus the wait before the call.
         assert e["seconds"] < 10, e
+
+
+@pytest.mark.parametrize("external_master", [False, True])
+def test_torchrun_launch(external_master, tmp_path):
+    """torchrun sets MASTER_ADDR/PORT, RANK, WORLD_SIZE; rank 0 embeds a master, or
+    every rank joins the one PHALANX_MASTER names (started for WORLD_SIZE peers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import phalanx
+
+    env = {k: v for k, v in os.environ.items() if k != "PHALANX_MASTER"}
+    env["TORCH_RUN_OUT"] = str(tmp_path)
+    master = phalanx.Master("127.0.0.1:0", initial_peers=2) if external_master else None
+    if master is not None:
+        env["PHALANX_MASTER"] = master.addr
+    script = Path(__file__).parent / "peers" / "torch_run.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        if master is not None:
+            master.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(e["rank"], e["size"], e["backend"], e["value"]) for e in seen] == [
+        (r, 2, "phalanx", [3.0] * 4) for r in range(2)
+    ]
+
+
+def test_readme_torch_example_runs_under_torchrun(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## From PyTorch\n", 1)[1].split("\n## ", 1)[0]
+    script = tmp_path / "train.py"
+    script.write_text(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
