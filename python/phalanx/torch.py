@@ -44,8 +44,9 @@ import torch.distributed as dist
 from torch.futures import Future
 
 from . import Communicator, Master
+from .diloco import DiLoCo, RoundReport
 
-__all__ = ["ProcessGroupPhalanx", "BACKEND"]
+__all__ = ["ProcessGroupPhalanx", "BACKEND", "DiLoCo", "RoundReport"]
 
 #: The name to pass to ``torch.distributed.init_process_group``.
 BACKEND = "phalanx"

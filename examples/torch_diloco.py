@@ -1,0 +1,159 @@
+"""DiLoCo on a small transformer language model, through a kill and a join.
+
+    python examples/torch_diloco.py            # master + 4 workers; one is SIGKILLed
+                                               # mid-run, a joiner arrives later
+    python examples/torch_diloco.py --worker MASTER_ADDR SEED   # one worker by hand
+
+Every worker trains the same tiny transformer on its own synthetic token stream (a
+noisy arithmetic sequence, so there is something to learn) with H local SGD steps per
+round, then the DiLoCo outer step through phalanx (`phalanx.torch.DiLoCo`). The driver
+prints each worker's loss per round, checks that all workers that report a round hold
+bit-identical weights after it, and that the loss fell.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+VOCAB, DIM, SEQ, BATCH, INNER, ROUNDS = 32, 32, 16, 8, 10, 10
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, DIM)
+        self.block = torch.nn.TransformerEncoderLayer(DIM, 2, 2 * DIM, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(DIM, VOCAB)
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x)))
+
+
+def batch(gen):
+    """Sequences x_{t+1} = x_t + step (mod VOCAB), one token in ten replaced by noise."""
+    start = torch.randint(0, VOCAB, (BATCH, 1), generator=gen)
+    step = torch.randint(1, 4, (BATCH, 1), generator=gen)
+    seq = (start + step * torch.arange(SEQ + 1)) % VOCAB
+    noise = torch.rand(seq.shape, generator=gen) < 0.1
+    return torch.where(noise, torch.randint(0, VOCAB, seq.shape, generator=gen), seq)
+
+
+def worker(master_addr, seed, wait_go=False):
+    import phalanx
+    import phalanx.torch
+
+    if wait_go:  # started early (importing torch takes seconds); joins when told
+        sys.stdin.readline()
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same initial model everywhere (joiners fetch it anyway)
+    model = TinyLM()
+    comm = phalanx.Communicator.connect(master_addr, join_timeout_ms=60_000)
+    loop = phalanx.torch.DiLoCo(comm, model, inner_steps=INNER)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+
+    def inner_step(_):
+        tokens = batch(gen)
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        inner.zero_grad()
+        loss.backward()
+        inner.step()
+        return loss.item()
+
+    while True:
+        r = loop.round(inner_step)
+        print(json.dumps({"seed": seed, **r.__dict__}), flush=True)
+        if r.round >= ROUNDS:
+            break
+    time.sleep(1.0)  # let the last round's outcome reach every worker before leaving
+    comm.leave()
+
+
+def drive():
+    import phalanx
+
+    master = phalanx.Master("127.0.0.1:0", initial_peers=4)  # the first view: all four
+    reports, procs, lock = [], {}, threading.Lock()
+
+    def start(seed, wait_go=False):
+        p = subprocess.Popen(
+            [sys.executable, "-u", __file__, "--worker", master.addr, str(seed)] + (["--wait-go"] if wait_go else []),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs[seed] = p
+
+        def read():
+            for line in p.stdout:
+                with lock:
+                    reports.append(json.loads(line))
+                    r = reports[-1]
+                    print(f"worker {r['seed']} rank {r['rank']}/{r['size']} round {r['round']}: loss {r['loss']:.4f} "
+                          f"retries {r['retries']} weights {r['digest'][:16]}", flush=True)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def rounds_seen():
+        with lock:
+            return max((r["round"] for r in reports), default=0)
+
+    def wait_round(k, timeout=300):
+        deadline = time.monotonic() + timeout
+        while rounds_seen() < k:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no round {k} within {timeout} s")
+            time.sleep(0.05)
+
+    for seed in range(4):
+        start(seed)
+    start(4, wait_go=True)
+    wait_round(3)
+    print("driver: SIGKILL worker 3", flush=True)
+    os.kill(procs[3].pid, signal.SIGKILL)
+    wait_round(5)
+    print("driver: a joiner (worker 4) arrives", flush=True)
+    procs[4].stdin.write("go\n")
+    procs[4].stdin.flush()
+    codes = {seed: p.wait(timeout=300) for seed, p in procs.items()}
+    master.close()
+
+    by_round = {}
+    for r in reports:
+        by_round.setdefault(r["round"], []).append(r)
+    ok = True
+    for k, rs in sorted(by_round.items()):
+        digests = {r["digest"] for r in rs}
+        if len(digests) != 1:
+            print(f"driver: round {k}: workers disagree: {digests}")
+            ok = False
+    first = sum(r["loss"] for r in by_round[1]) / len(by_round[1])
+    last = sum(r["loss"] for r in by_round[ROUNDS]) / len(by_round[ROUNDS])
+    joined = any(r["seed"] == 4 for r in by_round[ROUNDS])
+    finishing = sorted(r["seed"] for r in by_round[ROUNDS])
+    print(f"driver: loss {first:.4f} -> {last:.4f}; workers at the last round: {finishing}; "
+          f"exit codes {codes}", flush=True)
+    ok = ok and last < first and joined and 3 not in finishing
+    ok = ok and all(c == 0 for s, c in codes.items() if s != 3)
+    print("driver: OK" if ok else "driver: FAILED", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", nargs=2, metavar=("MASTER_ADDR", "SEED"))
+    ap.add_argument("--wait-go", action="store_true", help="join once a line arrives on stdin")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), args.wait_go)
+    else:
+        sys.exit(drive())
