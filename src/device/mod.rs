@@ -5,8 +5,8 @@
 //!   from failures (abort, revoke, shrink, grow, the asynchronous error state).
 //! - [`standin`]: an in-process CPU implementation (always compiled) so that the
 //!   membership protocol and the hierarchical plan are tested with no GPU.
-//! - [`discovery`] and [`gating`]: where libnccl is looked for, and the symbol and
-//!   version checks a library must pass before any call into it.
+//! - `nccl` (feature `nccl`): the real implementation over a libnccl loaded at run time,
+//!   found by [`discovery`] and checked by [`gating`] before any call into it.
 //! - [`membership`]: the sans-IO decisions (unique id per epoch, abort/revoke, shrink
 //!   or fresh init, grow or fresh init); [`hier`]: the hierarchical all-reduce plan.
 
@@ -19,6 +19,8 @@ pub mod error;
 pub mod gating;
 pub mod hier;
 pub mod membership;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod standin;
 
 pub use error::{Attempt, DeviceError};
