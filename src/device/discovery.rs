@@ -44,14 +44,17 @@ pub fn discover() -> Vec<Candidate> {
     candidates(std::env::var_os(ENV_VAR), || wheel_libraries("python3", PYTHON_TIMEOUT))
 }
 
-/// Lists the files every directory of the interpreter's `sys.path` holds at the places
-/// NVIDIA's NCCL wheels install libnccl (`nvidia/nccl/lib`, and `nvidia/cu12/lib` or
-/// `nvidia/cu13/lib`).
+/// Lists the files every directory of the interpreter's `sys.path` (site-packages of a
+/// venv or conda env, the user's site, `PYTHONPATH`; not the current directory) holds at
+/// the places NVIDIA's NCCL wheels install libnccl (`nvidia/nccl/lib`, and
+/// `nvidia/cu12/lib` or `nvidia/cu13/lib`).
 const WHEEL_SCRIPT: &str = r#"
 import os, sys
 for d in sys.path:
+    if not d:
+        continue
     for sub in ('nccl', 'cu13', 'cu12'):
-        p = os.path.join(d or '.', 'nvidia', sub, 'lib', 'libnccl.so.2')
+        p = os.path.join(d, 'nvidia', sub, 'lib', 'libnccl.so.2')
         if os.path.isfile(p):
             print(os.path.abspath(p))
 "#;
@@ -61,7 +64,7 @@ for d in sys.path:
 /// (it is killed) yields none: discovery goes on to the system library.
 pub fn wheel_libraries(python: &str, timeout: Duration) -> Vec<PathBuf> {
     let Ok(mut child) = Command::new(python)
-        .args(["-I", "-c", WHEEL_SCRIPT])
+        .args(["-c", WHEEL_SCRIPT])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -137,29 +140,22 @@ mod tests {
 
     #[test]
     fn a_wheel_layout_on_the_python_path_is_found() {
-        // `-I` ignores PYTHONPATH, so the fake site-packages goes in through a wrapper
-        // script that adds it to sys.path the way site-packages are.
-        let dir = std::env::temp_dir().join(format!("phalanx-wheel-{}", std::process::id()));
-        let lib = dir.join("site/nvidia/nccl/lib");
-        std::fs::create_dir_all(&lib).unwrap();
-        std::fs::write(lib.join("libnccl.so.2"), b"not a library").unwrap();
-        let wrapper = dir.join("python");
-        let site = dir.join("site");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nexec python3 -c \"import sys; sys.path.insert(0, '{}'); exec(sys.argv[1])\" \"$3\"\n",
-                site.display()
-            ),
-        )
-        .unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let found = wheel_libraries(wrapper.to_str().unwrap(), PYTHON_TIMEOUT);
-        let _ = std::fs::remove_dir_all(&dir);
         if Command::new("python3").arg("-V").output().is_err() {
             return; // no Python on this machine: nothing to find
         }
+        // A fake site-packages reached through PYTHONPATH, set by a wrapper so that the
+        // test's own environment is left alone.
+        let dir = std::env::temp_dir().join(format!("phalanx-wheel-{}", std::process::id()));
+        let site = dir.join("site");
+        let lib = site.join("nvidia/nccl/lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("libnccl.so.2"), b"not a library").unwrap();
+        let wrapper = dir.join("python");
+        std::fs::write(&wrapper, format!("#!/bin/sh\nPYTHONPATH='{}' exec python3 \"$@\"\n", site.display())).unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let found = wheel_libraries(wrapper.to_str().unwrap(), PYTHON_TIMEOUT);
+        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(found, vec![lib.join("libnccl.so.2")]);
     }
 

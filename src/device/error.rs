@@ -95,7 +95,7 @@ pub enum DeviceError {
         hint: String,
     },
     /// An NCCL (or stand-in) call returned an error.
-    #[error("{call} failed with {code}: {message}; abort the communicator and re-create it over the survivors")]
+    #[error("{call} failed with NCCL error {code}: {message}")]
     Call {
         /// The function that failed.
         call: &'static str,

@@ -127,7 +127,7 @@ impl NcclLibrary {
         // SAFETY: loading a shared library runs its initialisers. The candidates are the
         // user's explicit choice, an NCCL wheel, or the system's libnccl: libraries meant
         // to be loaded into this process.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| OpenError::Open(e.to_string()))?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| OpenError::Open(chain(&e)))?;
         let has = |name: &str| {
             // SAFETY: only the symbol's presence is read, as an untyped address.
             unsafe { symbol::<*const c_void>(&lib, name) }.is_some()
@@ -225,6 +225,18 @@ impl NcclLibrary {
     }
 }
 
+/// An error and its sources, `a: b: c` (libloading keeps dlerror's text in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
 enum OpenError {
     /// The file could not be opened (missing, wrong architecture, unresolved deps).
     Open(String),
@@ -248,6 +260,7 @@ mod tests {
         assert_eq!(tried.len(), 1);
         assert_eq!(tried[0].path, PathBuf::from("/nonexistent/libnccl.so.2"));
         assert_eq!(tried[0].source, ENV_VAR);
+        assert!(tried[0].reason.contains("No such file"), "dlerror's reason is kept: {}", tried[0].reason);
         let msg = crate::Error::from(e.clone()).to_string();
         assert!(msg.contains("/nonexistent/libnccl.so.2") && msg.contains("PHALANX_NCCL_LIBRARY"), "{msg}");
     }
@@ -310,5 +323,40 @@ mod tests {
             Ok(lib) => assert!(lib.version() >= gating::MIN_VERSION),
             Err(e) => assert!(!e.to_string().is_empty()),
         }
+    }
+
+    /// A real libnccl, opt-in: `PHALANX_TEST_NCCL=/path/to/libnccl.so.2` (2.28 or newer,
+    /// e.g. from the nvidia-nccl-cu12 wheel). It loads through the gating, its version
+    /// is read, a unique id is made; a 1-rank init runs where there is a GPU and is a
+    /// typed error (never a panic) where there is none. Skipped when unset.
+    #[test]
+    fn a_real_nccl_loads_and_fails_typed_without_a_gpu() {
+        use crate::device::{DeviceBackend, DeviceComm};
+        let Some(path) = std::env::var_os("PHALANX_TEST_NCCL") else { return };
+        let lib = NcclLibrary::load_from(&[Candidate { source: ENV_VAR, path: path.into() }]).unwrap();
+        assert!(lib.version() >= gating::MIN_VERSION, "{lib:?}");
+        let caps = lib.capabilities();
+        assert!(caps.init_config && caps.abort && caps.async_error, "every 2.28 has these: {caps:?}");
+        // SAFETY: the legacy default stream.
+        let backend = unsafe { comm::NcclBackend::new(std::sync::Arc::new(lib), std::ptr::null_mut()) };
+        let id = backend.unique_id().unwrap();
+        assert_ne!(id.0, [0; 128], "NCCL filled the id");
+        match backend.init(&id, 0, 1) {
+            Ok(mut c) => {
+                assert_eq!((c.rank(), c.size()), (0, 1));
+                c.abort().unwrap();
+            }
+            Err(e) => assert!(matches!(e, DeviceError::Call { call: "ncclCommInitRankConfig", .. }), "{e:?}"),
+        }
+    }
+
+    /// A real NCCL older than 2.28, opt-in: `PHALANX_TEST_NCCL_OLD=/path/to/libnccl.so.2`
+    /// (e.g. from nvidia-nccl-cu11 2.21.5). Refused as too old with the version it reads.
+    #[test]
+    fn a_real_old_nccl_is_refused_with_its_version() {
+        let Some(path) = std::env::var_os("PHALANX_TEST_NCCL_OLD") else { return };
+        let e = NcclLibrary::load_from(&[Candidate { source: ENV_VAR, path: path.into() }]).unwrap_err();
+        let DeviceError::TooOld { found, minimum, .. } = e else { panic!("{e:?}") };
+        assert!(found < minimum && found.major == 2, "{found}");
     }
 }
