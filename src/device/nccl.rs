@@ -1,6 +1,6 @@
 //! The NCCL library, loaded at run time (feature `nccl`): [`NcclLibrary::load`] tries
-//! the [`discovery`](super::discovery) candidates in order, checks each one's symbols and
-//! version through [`gating`](super::gating) before calling into it, and keeps the typed
+//! the [`discovery`] candidates in order, checks each one's symbols and
+//! version through [`gating`] before calling into it, and keeps the typed
 //! function pointers. No CUDA toolkit or GPU is needed to build this, and a missing or
 //! unusable library is a [`DeviceError`], never a panic.
 //!
