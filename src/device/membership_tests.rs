@@ -1,17 +1,12 @@
 //! The device membership machine driven for several peers with the master's
 //! [`IdRelay`] between them: no runtime, no sockets, no GPU, every decision asserted.
-//! The last tests carry the decisions out on the CPU stand-in and run collectives on
-//! the communicators they make.
+//! `driver::tests` carries the decisions out on the CPU stand-in.
 
 // Peers are numbered: an index names the same peer in `g.peers` and in each decision list.
 #![allow(clippy::needless_range_loop)]
 
-use std::time::Duration;
-
 use super::membership::{Decision, DeviceMembership, Event, IdRelay, FIRST_POLL, MAX_POLL};
-use super::standin::{StandIn, StandInComm};
-use super::{AsyncState, Capabilities, DeviceBackend, DeviceComm, DeviceError, UniqueId};
-use crate::dtype::ReduceOp;
+use super::{AsyncState, Capabilities, DeviceError, UniqueId};
 
 /// The NCCL of the lent GPU machine's system: shrink, no revoke, no grow.
 const NCCL_2_28_3: Capabilities =
@@ -236,106 +231,4 @@ fn a_grow_id_on_a_peer_without_grow_is_a_typed_error() {
         matches!(d.as_slice(), [Decision::GiveUp(DeviceError::Unsupported { operation: "ncclCommGrow", .. })]),
         "{d:?}"
     );
-}
-
-// ---------------------------------------------------------------------------------------
-// The decisions carried out on the CPU stand-in.
-
-/// Carries out `decisions` for one peer on `backend`; returns the ids it published.
-fn apply(backend: &StandIn, comm: &mut Option<StandInComm>, decisions: Vec<Decision>) -> Vec<(u64, UniqueId, bool)> {
-    let mut published = Vec::new();
-    for d in decisions {
-        match d {
-            Decision::CreateAndPublishId { epoch, grow } => published.push((epoch, backend.unique_id().unwrap(), grow)),
-            Decision::Init { id, rank, size, .. } => *comm = Some(backend.init(&id, rank, size).unwrap()),
-            Decision::JoinGrown { id, rank, size, .. } => *comm = Some(backend.join_grown(&id, rank, size).unwrap()),
-            Decision::Grow { id, size, .. } => *comm = Some(comm.as_mut().unwrap().grow(&id, size).unwrap()),
-            Decision::Shrink { exclude, .. } => *comm = Some(comm.as_mut().unwrap().shrink(&exclude).unwrap()),
-            Decision::Revoke => comm.as_mut().unwrap().revoke().unwrap(),
-            Decision::Abort => {
-                if let Some(mut c) = comm.take() {
-                    c.abort().unwrap();
-                }
-            }
-            Decision::Destroy => *comm = None,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    published
-}
-
-/// All-reduces `rank + 1` over `comms` (one thread each); returns each result.
-fn all_reduce(comms: &mut [&mut StandInComm]) -> Vec<Result<Vec<f32>, DeviceError>> {
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter_mut()
-            .map(|c| {
-                s.spawn(move || {
-                    let mut buf = vec![c.rank() as f32 + 1.0; 4];
-                    c.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
-/// Through a whole life on the stand-in: init, a loss (the collective fails on the
-/// survivors), then shrink or fresh init as the capabilities say, a collective over the
-/// survivors, a join (grow or fresh), a collective over everyone.
-#[test]
-fn decisions_carried_out_on_the_stand_in_keep_collectives_exact() {
-    for caps in [Capabilities::ALL, NCCL_2_28_3, BARE] {
-        let backend = StandIn::new(caps, Duration::from_secs(20));
-        let mut g = Group::new(4, caps);
-        let mut comms: Vec<Option<StandInComm>> = (0..4).map(|_| None).collect();
-        let run =
-            |g: &mut Group, comms: &mut [Option<StandInComm>], epoch: u64, members: &[u64], d: Vec<Vec<Decision>>| {
-                let mut ids = Vec::new();
-                for (p, d) in d.into_iter().enumerate() {
-                    ids.extend(apply(&backend, &mut comms[p], d));
-                }
-                for (e, id, grow) in ids {
-                    assert_eq!(e, epoch);
-                    let d = g.publish(members[0], epoch, id, grow);
-                    for (p, d) in d.into_iter().enumerate() {
-                        apply(&backend, &mut comms[p], d);
-                    }
-                }
-                for &p in members {
-                    let d = g.peers[p as usize].handle(Event::Polled(AsyncState::Ready));
-                    assert_eq!(d, vec![Decision::Ready { epoch }], "{caps:?}");
-                }
-            };
-        let d = g.view(1, &[0, 1, 2], &[]);
-        run(&mut g, &mut comms, 1, &[0, 1, 2], d);
-        let mut live: Vec<&mut StandInComm> = comms.iter_mut().flatten().collect();
-        assert!(all_reduce(&mut live).into_iter().all(|r| r == Ok(vec![6.0; 4])), "{caps:?}");
-
-        // Peer 1 is lost: NCCL reports a remote error on the communicator.
-        backend.fail(&comms[0].as_ref().unwrap().id(), "rank 1 lost");
-        comms[1] = None;
-        let mut survivors: Vec<&mut StandInComm> = comms.iter_mut().flatten().collect();
-        for r in all_reduce(&mut survivors) {
-            let e = r.unwrap_err();
-            assert!(matches!(e, DeviceError::Call { code: 6, .. }), "{e:?}");
-        }
-        for p in [0, 2] {
-            let e = DeviceError::Call { call: "ncclAllReduce", code: 6, message: "remote".into() };
-            let d = g.peers[p].handle(Event::Failed(e));
-            apply(&backend, &mut comms[p], d);
-        }
-        let d = g.view(2, &[0, 2], &[]);
-        run(&mut g, &mut comms, 2, &[0, 2], d);
-        let mut live: Vec<&mut StandInComm> = comms.iter_mut().flatten().collect();
-        assert_eq!(live.iter().map(|c| c.rank()).collect::<Vec<_>>(), vec![0, 1]);
-        assert!(all_reduce(&mut live).into_iter().all(|r| r == Ok(vec![3.0; 4])), "{caps:?}");
-
-        // Peer 3 joins at update_topology.
-        let d = g.view(3, &[0, 2, 3], &[]);
-        run(&mut g, &mut comms, 3, &[0, 2, 3], d);
-        let mut live: Vec<&mut StandInComm> = comms.iter_mut().flatten().collect();
-        assert_eq!(live.iter().map(|c| c.size()).collect::<Vec<_>>(), vec![3, 3, 3]);
-        assert!(all_reduce(&mut live).into_iter().all(|r| r == Ok(vec![6.0; 4])), "{caps:?}");
-    }
 }

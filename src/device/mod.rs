@@ -8,13 +8,15 @@
 //! - `nccl` (feature `nccl`): the real implementation over a libnccl loaded at run time,
 //!   found by [`discovery`] and checked by [`gating`] before any call into it.
 //! - [`membership`]: the sans-IO decisions (unique id per epoch, abort/revoke, shrink
-//!   or fresh init, grow or fresh init); [`hier`]: the hierarchical all-reduce plan.
+//!   or fresh init, grow or fresh init); [`driver`] carries them out on a backend;
+//!   [`hier`]: the hierarchical all-reduce plan.
 
 use std::time::{Duration, Instant};
 
 use crate::dtype::ReduceOp;
 
 pub mod discovery;
+pub mod driver;
 pub mod error;
 pub mod gating;
 pub mod hier;
