@@ -262,8 +262,16 @@ impl NcclComm {
         self.lib.check(call, code)?;
         if code == IN_PROGRESS {
             match wait_settled(|| self.async_state(), self.poll, self.timeout)? {
+                AsyncState::Ready => {}
                 AsyncState::Failed(e) => return Err(e),
-                AsyncState::Ready | AsyncState::InProgress => {}
+                AsyncState::InProgress => {
+                    return Err(DeviceError::Aborted {
+                        reason: format!(
+                            "{call} was still in progress after {:?}; abort the communicator",
+                            self.timeout
+                        ),
+                    })
+                }
             }
         }
         Ok(())
@@ -292,9 +300,22 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if !self.dead && !self.comm.is_null() {
-            // SAFETY: a live communicator, destroyed once.
-            let _ = unsafe { (self.lib.fns.comm_destroy)(self.comm) };
+        if self.dead || self.comm.is_null() {
+            return;
+        }
+        // A communicator in error (or whose state cannot be read) is aborted where NCCL
+        // can: destroying it would wait for work that never finishes.
+        let healthy = matches!(self.async_state(), Ok(AsyncState::Ready));
+        self.dead = true;
+        match self.lib.fns.abort {
+            // SAFETY: a live communicator, torn down once (`dead` is set).
+            Some(abort) if !healthy => {
+                let _ = unsafe { abort(self.comm) };
+            }
+            // SAFETY: a live communicator, destroyed once (`dead` is set).
+            _ => {
+                let _ = unsafe { (self.lib.fns.comm_destroy)(self.comm) };
+            }
         }
     }
 }
