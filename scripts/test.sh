@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: Rust unit, integration (in-process, simulated and
-# multi-process over QUIC on 127.0.0.1), C programs, doc tests, a 45 s churn run, lints,
-# and the Python package's pytest suite. Exits non-zero on any
-# failure. Usage: scripts/test.sh
+# multi-process over QUIC on 127.0.0.1), the device path with feature `nccl` (no GPU),
+# C programs, doc tests, a 45 s churn run, lints, and the Python package's pytest
+# suite. Exits non-zero on any failure. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,13 @@ cargo build --workspace --all-targets --locked
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads=2
 
+echo "== feature nccl: the workspace builds with it; the device path's tests run with it"
+# No GPU and no NCCL here: what runs is the loader's errors (PHALANX_NCCL_LIBRARY at
+# nothing, at a library that is not NCCL), the symbol/version gating, the CPU stand-in,
+# the membership decisions and the hierarchical plan. scripts/gpu-check.sh is the GPU run.
+cargo build --workspace --locked --features phalanx/nccl
+cargo test -p phalanx --locked --features nccl --lib device -- --test-threads=2
+
 echo "== churn: 6 peer processes for 45 s through kills, freezes, joins and leaves"
 # Exits non-zero if any invariant breaks (bit-identical models, exact sums, bounded
 # waits, joiners in sync, progress). The debug binary was built above.
@@ -20,6 +27,7 @@ target/debug/phalanx churn --peers 6 --duration-s 45 --kill-every-s 6 --join-eve
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p phalanx --all-targets --locked --features nccl -- -D warnings
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

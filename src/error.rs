@@ -15,9 +15,11 @@
 //! | `InvalidArgument` | `PHX_ERR_INVALID_ARGUMENT` | `ValueError`          |
 //! | `Transport`       | `PHX_ERR_TRANSPORT`        | `TransportError`      |
 //! | `Runtime`         | `PHX_ERR_RUNTIME`          | `PhalanxRuntimeError` |
+//! | `Device`          | `PHX_ERR_DEVICE`           | `PhalanxError`        |
 //!
 //! Every Python class but `ValueError` derives from `phalanx.PhalanxError`.
 
+use crate::device::DeviceError;
 use crate::plan::Rank;
 use crate::transport::LinkError;
 
@@ -87,6 +89,11 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The device (GPU) path failed: the NCCL library could not be found or loaded, it
+    /// lacks a required symbol, it is older than supported, or an NCCL call failed. The
+    /// [`DeviceError`] says which path(s) were tried, the version found and what to do.
+    #[error("device error: {0}")]
+    Device(#[from] DeviceError),
 }
 
 /// The kind of an [`Error`], without its details: what the C ABI's status codes and
@@ -114,11 +121,13 @@ pub enum ErrorKind {
     Transport,
     /// [`Error::Runtime`].
     Runtime,
+    /// [`Error::Device`].
+    Device,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::PeerLost,
         ErrorKind::Aborted,
         ErrorKind::Mismatch,
@@ -128,6 +137,7 @@ impl ErrorKind {
         ErrorKind::InvalidArgument,
         ErrorKind::Transport,
         ErrorKind::Runtime,
+        ErrorKind::Device,
     ];
 
     /// The kind's name as written in Rust, e.g. `"PeerLost"` (stable: logs and the CLI's
@@ -143,6 +153,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => "InvalidArgument",
             ErrorKind::Transport => "Transport",
             ErrorKind::Runtime => "Runtime",
+            ErrorKind::Device => "Device",
         }
     }
 
@@ -170,6 +181,8 @@ impl ErrorKind {
     ///   nothing in the group's view changes that.
     /// - `Runtime`: no. The library could not start its runtime, or was called from
     ///   inside an async runtime; the same call from the same place fails again.
+    /// - `Device`: no. The NCCL library is missing, unusable or failed; the same call
+    ///   fails the same way until the library (or the GPU) is fixed.
     pub fn is_retryable(self) -> bool {
         matches!(self, ErrorKind::PeerLost | ErrorKind::Aborted)
     }
@@ -194,6 +207,7 @@ impl Error {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Transport(_) => ErrorKind::Transport,
             Error::Runtime { .. } => ErrorKind::Runtime,
+            Error::Device(_) => ErrorKind::Device,
         }
     }
 
@@ -226,6 +240,7 @@ mod tests {
             Error::InvalidArgument(reason()),
             Error::Transport(LinkError::Closed(reason())),
             Error::Runtime { reason: reason() },
+            Error::Device(DeviceError::Unsupported { operation: "why", hint: reason() }),
         ]
     }
 
@@ -245,7 +260,8 @@ mod tests {
                 "JoinFailed",
                 "InvalidArgument",
                 "Transport",
-                "Runtime"
+                "Runtime",
+                "Device"
             ]
         );
         for kind in ErrorKind::ALL {

@@ -31,6 +31,7 @@
 
 pub mod collective;
 pub mod comm;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub(crate) mod exec;

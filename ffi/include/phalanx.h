@@ -124,6 +124,13 @@
 #define PHX_ERR_RUNTIME 13
 
 /**
+ * The device (GPU) path failed: the NCCL library is missing, is not NCCL, lacks a
+ * required symbol or is too old, or an NCCL call failed. `phx_last_error` says which
+ * path(s) were tried, the version found and what to do.
+ */
+#define PHX_ERR_DEVICE 14
+
+/**
  * IEEE 754 binary32 (`float`).
  */
 #define PHX_DTYPE_F32 0

@@ -54,6 +54,10 @@ pub const PHX_ERR_NOT_FOUND: c_int = 12;
 /// thread that runs an async (tokio) runtime. Nothing was sent; retrying from the same
 /// place fails the same way.
 pub const PHX_ERR_RUNTIME: c_int = 13;
+/// The device (GPU) path failed: the NCCL library is missing, is not NCCL, lacks a
+/// required symbol or is too old, or an NCCL call failed. `phx_last_error` says which
+/// path(s) were tried, the version found and what to do.
+pub const PHX_ERR_DEVICE: c_int = 14;
 
 /// The status code of each kind of phalanx error: the one place where the C ABI maps
 /// them (`phalanx::ErrorKind` is one-to-one with these codes).
@@ -68,6 +72,7 @@ pub(crate) fn status_of(kind: ErrorKind) -> c_int {
         ErrorKind::InvalidArgument => PHX_ERR_INVALID_ARGUMENT,
         ErrorKind::Transport => PHX_ERR_TRANSPORT,
         ErrorKind::Runtime => PHX_ERR_RUNTIME,
+        ErrorKind::Device => PHX_ERR_DEVICE,
         // A kind this library does not map yet is a bug here (the `every_kind_has_a_code`
         // test catches it): report it as one.
         _ => PHX_ERR_PANIC,
@@ -170,6 +175,7 @@ pub extern "C" fn phx_status_name(status: c_int) -> *const c_char {
         PHX_ERR_BUFFER_TOO_SMALL => c"PHX_ERR_BUFFER_TOO_SMALL",
         PHX_ERR_NOT_FOUND => c"PHX_ERR_NOT_FOUND",
         PHX_ERR_RUNTIME => c"PHX_ERR_RUNTIME",
+        PHX_ERR_DEVICE => c"PHX_ERR_DEVICE",
         _ => c"PHX_UNKNOWN",
     };
     name.as_ptr()

@@ -1,0 +1,234 @@
+//! The device membership machine driven for several peers with the master's
+//! [`IdRelay`] between them: no runtime, no sockets, no GPU, every decision asserted.
+//! `driver::tests` carries the decisions out on the CPU stand-in.
+
+// Peers are numbered: an index names the same peer in `g.peers` and in each decision list.
+#![allow(clippy::needless_range_loop)]
+
+use super::membership::{Decision, DeviceMembership, Event, IdRelay, FIRST_POLL, MAX_POLL};
+use super::{AsyncState, Capabilities, DeviceError, UniqueId};
+
+/// The NCCL of the lent GPU machine's system: shrink, no revoke, no grow.
+const NCCL_2_28_3: Capabilities =
+    Capabilities { init_config: true, abort: true, async_error: true, shrink: true, revoke: false, grow: false };
+/// An NCCL with nothing optional: every change is a fresh init.
+const BARE: Capabilities =
+    Capabilities { init_config: false, abort: false, async_error: false, shrink: false, revoke: false, grow: false };
+
+fn id(n: u8) -> UniqueId {
+    UniqueId([n; 128])
+}
+
+/// Peers numbered 0..n with one machine each, and the master's relay.
+struct Group {
+    peers: Vec<DeviceMembership>,
+    relay: IdRelay,
+}
+
+impl Group {
+    fn new(n: u64, caps: Capabilities) -> Group {
+        Group { peers: (0..n).map(|p| DeviceMembership::new(p, caps)).collect(), relay: IdRelay::default() }
+    }
+
+    /// The master announces a view to its members (and to `also`, peers it removed).
+    fn view(&mut self, epoch: u64, members: &[u64], also: &[u64]) -> Vec<Vec<Decision>> {
+        self.relay.view(epoch, members.to_vec());
+        let mut out = vec![Vec::new(); self.peers.len()];
+        for &p in members.iter().chain(also) {
+            out[p as usize] = self.peers[p as usize].handle(Event::View { epoch, members: members.to_vec() });
+        }
+        out
+    }
+
+    /// `from` publishes `id`; the relayed events are fed to their peers.
+    fn publish(&mut self, from: u64, epoch: u64, id: UniqueId, grow: bool) -> Vec<Vec<Decision>> {
+        let mut out = vec![Vec::new(); self.peers.len()];
+        for (to, event) in self.relay.publish(from, epoch, id, grow) {
+            out[to as usize] = self.peers[to as usize].handle(event);
+        }
+        out
+    }
+
+    /// Every peer in `who` sees its communicator ready.
+    fn ready(&mut self, who: &[u64], epoch: u64) {
+        for &p in who {
+            assert_eq!(
+                self.peers[p as usize].handle(Event::Polled(AsyncState::Ready)),
+                vec![Decision::Ready { epoch }]
+            );
+        }
+    }
+
+    /// A group of `members` with communicators ready in epoch 1.
+    fn active(n: u64, caps: Capabilities) -> Group {
+        let mut g = Group::new(n, caps);
+        let all: Vec<u64> = (0..n).collect();
+        g.view(1, &all, &[]);
+        g.publish(0, 1, id(1), false);
+        g.ready(&all, 1);
+        g
+    }
+}
+
+#[test]
+fn the_first_member_makes_the_id_and_everyone_inits_from_the_relayed_one() {
+    let mut g = Group::new(3, Capabilities::ALL);
+    let d = g.view(1, &[0, 1, 2], &[]);
+    assert_eq!(d, vec![vec![Decision::CreateAndPublishId { epoch: 1, grow: false }], vec![], vec![]]);
+    let d = g.publish(0, 1, id(7), false);
+    for r in 0..3 {
+        assert_eq!(d[r], vec![Decision::Init { epoch: 1, id: id(7), rank: r, size: 3 }]);
+    }
+    // A second id for the same epoch (a maker that retried) reaches nobody.
+    assert!(g.relay.publish(0, 1, id(8), false).is_empty());
+    assert_eq!(g.relay.current(), Some((id(7), false)));
+    // Neither do ids from a non-member or for another epoch.
+    assert!(g.relay.publish(9, 1, id(9), false).is_empty());
+    assert!(g.relay.publish(0, 2, id(9), false).is_empty());
+    g.ready(&[0, 1, 2], 1);
+    assert_eq!(g.peers[1].ready_epoch(), Some(1));
+}
+
+#[test]
+fn creation_in_progress_sleeps_with_a_growing_pause_never_zero() {
+    let mut g = Group::new(1, Capabilities::ALL);
+    g.view(1, &[0], &[]);
+    g.publish(0, 1, id(1), false);
+    let mut pauses = Vec::new();
+    for _ in 0..10 {
+        let d = g.peers[0].handle(Event::Polled(AsyncState::InProgress));
+        let [Decision::PollAfter(p)] = d.as_slice() else { panic!("{d:?}") };
+        pauses.push(*p);
+    }
+    assert_eq!(pauses[0], FIRST_POLL);
+    assert!(pauses.iter().all(|p| *p >= FIRST_POLL && *p <= MAX_POLL), "{pauses:?}");
+    assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "{pauses:?}");
+    assert_eq!(*pauses.last().unwrap(), MAX_POLL);
+    assert_eq!(g.peers[0].ready_epoch(), None, "not ready while in progress");
+    let e = DeviceError::Call { call: "ncclCommInitRankConfig", code: 6, message: "remote".into() };
+    assert_eq!(
+        g.peers[0].handle(Event::Polled(AsyncState::Failed(e.clone()))),
+        vec![Decision::Abort, Decision::GiveUp(e)]
+    );
+}
+
+#[test]
+fn a_loss_revokes_then_shrinks_where_both_exist() {
+    let mut g = Group::active(3, Capabilities::ALL);
+    let d = g.view(2, &[0, 2], &[]);
+    let expect = vec![Decision::Revoke, Decision::Shrink { epoch: 2, exclude: vec![1], abort_pending: false }];
+    assert_eq!(d[0], expect);
+    assert_eq!(d[2], expect);
+    assert!(g.relay.current().is_none(), "a shrink needs no new id");
+    g.ready(&[0, 2], 2);
+}
+
+#[test]
+fn a_loss_on_nccl_2_28_3_shrinks_with_abort_and_no_revoke() {
+    let mut g = Group::active(3, NCCL_2_28_3);
+    // The failed collective: nothing to revoke with, the shrink will abort it.
+    let e = DeviceError::Call { call: "ncclAllReduce", code: 6, message: "remote error".into() };
+    assert_eq!(g.peers[0].handle(Event::Failed(e.clone())), vec![]);
+    assert_eq!(g.peers[0].ready_epoch(), None, "broken");
+    let d = g.view(2, &[0, 1], &[]);
+    let expect = vec![Decision::Shrink { epoch: 2, exclude: vec![2], abort_pending: true }];
+    assert_eq!(d[0], expect);
+    assert_eq!(d[1], expect);
+}
+
+#[test]
+fn a_loss_without_shrink_aborts_then_inits_afresh() {
+    let mut g = Group::active(3, BARE);
+    let e = DeviceError::Call { call: "ncclAllReduce", code: 6, message: "remote error".into() };
+    assert_eq!(g.peers[1].handle(Event::Failed(e.clone())), vec![Decision::Abort]);
+    assert_eq!(g.peers[1].handle(Event::Failed(e)), vec![], "one abort per failure");
+    let d = g.view(2, &[1, 2], &[]);
+    assert_eq!(d[1], vec![Decision::CreateAndPublishId { epoch: 2, grow: false }]);
+    assert_eq!(d[2], vec![]);
+    let d = g.publish(1, 2, id(2), false);
+    // Peer 1 aborted already when its collective failed; the view's abort is the
+    // communicator's own (an aborted handle is dropped, the driver ignores a second).
+    assert_eq!(d[1], vec![Decision::Abort, Decision::Init { epoch: 2, id: id(2), rank: 0, size: 2 }]);
+    assert_eq!(d[2], vec![Decision::Destroy, Decision::Init { epoch: 2, id: id(2), rank: 1, size: 2 }]);
+}
+
+#[test]
+fn revoke_frees_the_stuck_ranks_at_the_failure() {
+    let mut g = Group::active(2, Capabilities::ALL);
+    let e = DeviceError::Call { call: "ncclAllReduce", code: 6, message: "remote error".into() };
+    assert_eq!(g.peers[0].handle(Event::Failed(e)), vec![Decision::Revoke]);
+    // Revoked already: the shrink does not revoke again.
+    let d = g.view(2, &[0], &[]);
+    assert_eq!(d[0], vec![Decision::Shrink { epoch: 2, exclude: vec![1], abort_pending: false }]);
+}
+
+#[test]
+fn joiners_are_grown_in_where_grow_exists() {
+    let mut g = Group::active(3, Capabilities::ALL);
+    g.peers.push(DeviceMembership::new(3, Capabilities::ALL));
+    let d = g.view(2, &[0, 1, 2, 3], &[]);
+    assert_eq!(d, vec![vec![Decision::CreateAndPublishId { epoch: 2, grow: true }], vec![], vec![], vec![]]);
+    let d = g.publish(0, 2, id(2), true);
+    for r in 0..3 {
+        assert_eq!(d[r], vec![Decision::Grow { epoch: 2, id: id(2), size: 4 }]);
+    }
+    assert_eq!(d[3], vec![Decision::JoinGrown { epoch: 2, id: id(2), rank: 3, size: 4 }]);
+    g.ready(&[0, 1, 2, 3], 2);
+}
+
+#[test]
+fn joiners_without_grow_get_a_fresh_communicator() {
+    for (caps, broken) in [(NCCL_2_28_3, false), (Capabilities::ALL, true)] {
+        let mut g = Group::active(2, caps);
+        if broken {
+            // A member whose communicator failed cannot grow it: the maker chooses afresh.
+            let e = DeviceError::Call { call: "ncclAllReduce", code: 6, message: "remote".into() };
+            g.peers[0].handle(Event::Failed(e));
+        }
+        g.peers.push(DeviceMembership::new(2, caps));
+        let d = g.view(2, &[0, 1, 2], &[]);
+        assert_eq!(d[0], vec![Decision::CreateAndPublishId { epoch: 2, grow: false }], "{caps:?}");
+        let d = g.publish(0, 2, id(2), false);
+        let old = if broken { Decision::Abort } else { Decision::Destroy };
+        assert_eq!(d[0], vec![old, Decision::Init { epoch: 2, id: id(2), rank: 0, size: 3 }]);
+        assert_eq!(d[1], vec![Decision::Destroy, Decision::Init { epoch: 2, id: id(2), rank: 1, size: 3 }]);
+        assert_eq!(d[2], vec![Decision::Init { epoch: 2, id: id(2), rank: 2, size: 3 }]);
+    }
+}
+
+#[test]
+fn a_loss_and_a_join_together_make_a_fresh_communicator() {
+    let mut g = Group::active(3, Capabilities::ALL);
+    g.peers.push(DeviceMembership::new(3, Capabilities::ALL));
+    let d = g.view(2, &[0, 2, 3], &[]);
+    assert_eq!(d[0], vec![Decision::CreateAndPublishId { epoch: 2, grow: false }]);
+    let d = g.publish(0, 2, id(2), false);
+    assert_eq!(d[2], vec![Decision::Destroy, Decision::Init { epoch: 2, id: id(2), rank: 1, size: 3 }]);
+    assert_eq!(d[3], vec![Decision::Init { epoch: 2, id: id(2), rank: 2, size: 3 }]);
+}
+
+#[test]
+fn a_removed_peer_aborts_and_stale_events_are_ignored() {
+    let mut g = Group::active(3, Capabilities::ALL);
+    let d = g.view(2, &[0, 1], &[2]);
+    assert_eq!(d[2], vec![Decision::Abort]);
+    assert_eq!(g.peers[2].ready_epoch(), None);
+    // The same view again, an older one, and an id of another epoch: nothing.
+    assert_eq!(g.peers[0].handle(Event::View { epoch: 2, members: vec![0, 1] }), vec![]);
+    assert_eq!(g.peers[0].handle(Event::View { epoch: 1, members: vec![0, 1, 2] }), vec![]);
+    assert_eq!(g.peers[0].handle(Event::UniqueId { epoch: 1, id: id(9), grow: false }), vec![]);
+    // A newer view while the shrink is still in progress: the half-made one is aborted.
+    let d = g.peers[0].handle(Event::View { epoch: 3, members: vec![0] });
+    assert_eq!(d, vec![Decision::Abort, Decision::CreateAndPublishId { epoch: 3, grow: false }]);
+}
+
+#[test]
+fn a_grow_id_on_a_peer_without_grow_is_a_typed_error() {
+    let mut p = DeviceMembership::new(1, NCCL_2_28_3);
+    p.handle(Event::View { epoch: 4, members: vec![0, 1] });
+    let d = p.handle(Event::UniqueId { epoch: 4, id: id(4), grow: true });
+    assert!(
+        matches!(d.as_slice(), [Decision::GiveUp(DeviceError::Unsupported { operation: "ncclCommGrow", .. })]),
+        "{d:?}"
+    );
+}
