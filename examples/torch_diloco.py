@@ -2,13 +2,16 @@
 
     python examples/torch_diloco.py            # master + 4 workers; one is SIGKILLed
                                                # mid-run, a joiner arrives later
+    python examples/torch_diloco.py --streaming   # the same with streaming DiLoCo
     python examples/torch_diloco.py --worker MASTER_ADDR SEED   # one worker by hand
 
 Every worker trains the same tiny transformer on its own synthetic token stream (a
 noisy arithmetic sequence, so there is something to learn) with H local SGD steps per
-round, then the DiLoCo outer step through phalanx (`phalanx.torch.DiLoCo`). The driver
-prints each worker's loss per round, checks that all workers that report a round hold
-bit-identical weights after it, and that the loss fell.
+round, then the DiLoCo outer step through phalanx (`phalanx.torch.DiLoCo`; with
+--streaming, `phalanx.torch.StreamingDiLoCo`: two fragments, each synchronised every H/2
+steps with its all-reduce overlapping the next inner step, so a "round" is a sync point).
+The driver prints each worker's loss per round, checks that all workers that report a
+round hold bit-identical outer weights after it, and that the loss fell.
 """
 
 import argparse
@@ -45,7 +48,7 @@ def batch(gen):
     return torch.where(noise, torch.randint(0, VOCAB, seq.shape, generator=gen), seq)
 
 
-def worker(master_addr, seed, wait_go=False):
+def worker(master_addr, seed, wait_go=False, streaming=False):
     import phalanx
     import phalanx.torch
 
@@ -56,7 +59,12 @@ def worker(master_addr, seed, wait_go=False):
     torch.manual_seed(0)  # the same initial model everywhere (joiners fetch it anyway)
     model = TinyLM()
     comm = phalanx.Communicator.connect(master_addr, join_timeout_ms=60_000)
-    loop = phalanx.torch.DiLoCo(comm, model, inner_steps=INNER)
+    if streaming:
+        loop = phalanx.torch.StreamingDiLoCo(comm, model, inner_steps=INNER, fragments=2, overlap=1)
+        run, end = loop.sync_point, 2 * ROUNDS
+    else:
+        loop = phalanx.torch.DiLoCo(comm, model, inner_steps=INNER)
+        run, end = loop.round, ROUNDS
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(seed)
 
@@ -70,23 +78,28 @@ def worker(master_addr, seed, wait_go=False):
         return loss.item()
 
     while True:
-        r = loop.round(inner_step)
-        print(json.dumps({"seed": seed, **r.__dict__}), flush=True)
-        if r.round >= ROUNDS:
+        r = run(inner_step).__dict__
+        r["round"] = r.pop("syncs", r.get("round"))
+        print(json.dumps({"seed": seed, **r}), flush=True)
+        if r["round"] >= end:
             break
     time.sleep(1.0)  # let the last round's outcome reach every worker before leaving
     comm.leave()
 
 
-def drive():
+def drive(streaming=False):
     import phalanx
+
+    end = 2 * ROUNDS if streaming else ROUNDS
 
     master = phalanx.Master("127.0.0.1:0", initial_peers=4)  # the first view: all four
     reports, procs, lock = [], {}, threading.Lock()
 
     def start(seed, wait_go=False):
         p = subprocess.Popen(
-            [sys.executable, "-u", __file__, "--worker", master.addr, str(seed)] + (["--wait-go"] if wait_go else []),
+            [sys.executable, "-u", __file__, "--worker", master.addr, str(seed)]
+            + (["--wait-go"] if wait_go else [])
+            + (["--streaming"] if streaming else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -117,10 +130,10 @@ def drive():
     for seed in range(4):
         start(seed)
     start(4, wait_go=True)
-    wait_round(3)
+    wait_round(3 * end // 10)
     print("driver: SIGKILL worker 3", flush=True)
     os.kill(procs[3].pid, signal.SIGKILL)
-    wait_round(5)
+    wait_round(end // 2)
     print("driver: a joiner (worker 4) arrives", flush=True)
     procs[4].stdin.write("go\n")
     procs[4].stdin.flush()
@@ -137,9 +150,9 @@ def drive():
             print(f"driver: round {k}: workers disagree: {digests}")
             ok = False
     first = sum(r["loss"] for r in by_round[1]) / len(by_round[1])
-    last = sum(r["loss"] for r in by_round[ROUNDS]) / len(by_round[ROUNDS])
-    joined = any(r["seed"] == 4 for r in by_round[ROUNDS])
-    finishing = sorted(r["seed"] for r in by_round[ROUNDS])
+    last = sum(r["loss"] for r in by_round[end]) / len(by_round[end])
+    joined = any(r["seed"] == 4 for r in by_round[end])
+    finishing = sorted(r["seed"] for r in by_round[end])
     print(f"driver: loss {first:.4f} -> {last:.4f}; workers at the last round: {finishing}; "
           f"exit codes {codes}", flush=True)
     ok = ok and last < first and joined and 3 not in finishing
@@ -152,8 +165,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", nargs=2, metavar=("MASTER_ADDR", "SEED"))
     ap.add_argument("--wait-go", action="store_true", help="join once a line arrives on stdin")
+    ap.add_argument("--streaming", action="store_true", help="streaming DiLoCo (two fragments, overlapped)")
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.wait_go)
+        worker(args.worker[0], int(args.worker[1]), args.wait_go, args.streaming)
     else:
-        sys.exit(drive())
+        sys.exit(drive(args.streaming))

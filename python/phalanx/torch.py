@@ -45,8 +45,9 @@ from torch.futures import Future
 
 from . import Communicator, Master
 from .diloco import DiLoCo, RoundReport
+from .streaming import StreamingDiLoCo, SyncPointReport
 
-__all__ = ["ProcessGroupPhalanx", "BACKEND", "DiLoCo", "RoundReport"]
+__all__ = ["ProcessGroupPhalanx", "BACKEND", "DiLoCo", "RoundReport", "StreamingDiLoCo", "SyncPointReport"]
 
 #: The name to pass to ``torch.distributed.init_process_group``.
 BACKEND = "phalanx"
