@@ -3,6 +3,7 @@
     python examples/torch_diloco.py            # master + 4 workers; one is SIGKILLed
                                                # mid-run, a joiner arrives later
     python examples/torch_diloco.py --streaming   # the same with streaming DiLoCo
+    python examples/torch_diloco.py --async       # the same with async DiLoCo
     python examples/torch_diloco.py --worker MASTER_ADDR SEED   # one worker by hand
 
 Every worker trains the same tiny transformer on its own synthetic token stream (a
@@ -10,6 +11,8 @@ noisy arithmetic sequence, so there is something to learn) with H local SGD step
 round, then the DiLoCo outer step through phalanx (`phalanx.torch.DiLoCo`; with
 --streaming, `phalanx.torch.StreamingDiLoCo`: two fragments, each synchronised every H/2
 steps with its all-reduce overlapping the next inner step, so a "round" is a sync point).
+With --async, `phalanx.torch.AsyncDiLoCo`: each round's all-reduce runs through the
+next round's inner steps and its outer step lands one round late.
 The driver prints each worker's loss per round, checks that all workers that report a
 round hold bit-identical outer weights after it, and that the loss fell.
 """
@@ -48,7 +51,7 @@ def batch(gen):
     return torch.where(noise, torch.randint(0, VOCAB, seq.shape, generator=gen), seq)
 
 
-def worker(master_addr, seed, wait_go=False, streaming=False):
+def worker(master_addr, seed, wait_go=False, variant=None):
     import phalanx
     import phalanx.torch
 
@@ -59,9 +62,12 @@ def worker(master_addr, seed, wait_go=False, streaming=False):
     torch.manual_seed(0)  # the same initial model everywhere (joiners fetch it anyway)
     model = TinyLM()
     comm = phalanx.Communicator.connect(master_addr, join_timeout_ms=60_000)
-    if streaming:
+    if variant == "streaming":
         loop = phalanx.torch.StreamingDiLoCo(comm, model, inner_steps=INNER, fragments=2, overlap=1)
         run, end = loop.sync_point, 2 * ROUNDS
+    elif variant == "async":
+        loop = phalanx.torch.AsyncDiLoCo(comm, model, inner_steps=INNER)
+        run, end = loop.round, ROUNDS
     else:
         loop = phalanx.torch.DiLoCo(comm, model, inner_steps=INNER)
         run, end = loop.round, ROUNDS
@@ -83,14 +89,16 @@ def worker(master_addr, seed, wait_go=False, streaming=False):
         print(json.dumps({"seed": seed, **r}), flush=True)
         if r["round"] >= end:
             break
+    if variant == "async":
+        loop.finish()  # the last round's all-reduce, on every worker alike
     time.sleep(1.0)  # let the last round's outcome reach every worker before leaving
     comm.leave()
 
 
-def drive(streaming=False):
+def drive(variant=None):
     import phalanx
 
-    end = 2 * ROUNDS if streaming else ROUNDS
+    end = 2 * ROUNDS if variant == "streaming" else ROUNDS
 
     master = phalanx.Master("127.0.0.1:0", initial_peers=4)  # the first view: all four
     reports, procs, lock = [], {}, threading.Lock()
@@ -99,7 +107,7 @@ def drive(streaming=False):
         p = subprocess.Popen(
             [sys.executable, "-u", __file__, "--worker", master.addr, str(seed)]
             + (["--wait-go"] if wait_go else [])
-            + (["--streaming"] if streaming else []),
+            + ([f"--{variant}"] if variant else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -166,8 +174,10 @@ if __name__ == "__main__":
     ap.add_argument("--worker", nargs=2, metavar=("MASTER_ADDR", "SEED"))
     ap.add_argument("--wait-go", action="store_true", help="join once a line arrives on stdin")
     ap.add_argument("--streaming", action="store_true", help="streaming DiLoCo (two fragments, overlapped)")
+    ap.add_argument("--async", dest="async_", action="store_true", help="async DiLoCo (one round behind)")
     args = ap.parse_args()
+    variant = "streaming" if args.streaming else "async" if args.async_ else None
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.wait_go, args.streaming)
+        worker(args.worker[0], int(args.worker[1]), args.wait_go, variant)
     else:
-        sys.exit(drive(args.streaming))
+        sys.exit(drive(variant))

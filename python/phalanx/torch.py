@@ -44,10 +44,19 @@ import torch.distributed as dist
 from torch.futures import Future
 
 from . import Communicator, Master
+from .async_diloco import AsyncDiLoCo
 from .diloco import DiLoCo, RoundReport
 from .streaming import StreamingDiLoCo, SyncPointReport
 
-__all__ = ["ProcessGroupPhalanx", "BACKEND", "DiLoCo", "RoundReport", "StreamingDiLoCo", "SyncPointReport"]
+__all__ = [
+    "ProcessGroupPhalanx",
+    "BACKEND",
+    "AsyncDiLoCo",
+    "DiLoCo",
+    "RoundReport",
+    "StreamingDiLoCo",
+    "SyncPointReport",
+]
 
 #: The name to pass to ``torch.distributed.init_process_group``.
 BACKEND = "phalanx"

@@ -138,7 +138,7 @@ def test_readme_torch_example_runs_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("variant", [[], ["--streaming"]])
+@pytest.mark.parametrize("variant", [[], ["--streaming"], ["--async"]])
 def test_diloco_example_survives_a_kill_and_a_join(variant):
     """examples/torch_diloco.py: 4 workers, one SIGKILLed 30% into the run, a joiner at
     half; the driver checks that every worker reporting a round (a sync point, streaming)
@@ -152,3 +152,18 @@ def test_diloco_example_survives_a_kill_and_a_join(variant):
     done = subprocess.run([sys.executable, str(example), *variant], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "driver: OK" in done.stdout, done.stdout[-4000:] + done.stderr[-3000:]
     assert "rank 3/4" in done.stdout, "the joiner took part"
+
+
+def test_ddp_example_runs_under_torchrun():
+    """examples/torch_ddp.py: DDP on a small transformer under torchrun, 2 ranks; it fails
+    unless the loss fell and the replicas' weights are bitwise identical."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "torch_ddp.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(example), "--steps", "20"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "replicas identical: True" in done.stdout, done.stdout
