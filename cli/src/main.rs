@@ -1,8 +1,10 @@
-//! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`.
+//! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`, `pipeline`,
+//! `moe-sim`.
 
 mod bench;
 mod churn;
 mod mix;
+mod moe_sim;
 mod pipeline;
 mod relay;
 mod worker;
@@ -38,6 +40,9 @@ enum Command {
     /// Generates a pipeline schedule (1F1B, ZB-H1, ZB-V), checks it, and prints its simulated
     /// timeline, bubble and peak memory per stage.
     Pipeline(pipeline::PipelineArgs),
+    /// Simulates FSSDP's expert placement against static expert parallelism (EP) and FSDP
+    /// on a Zipf-skewed gate trace: straggler load, traffic and memory.
+    MoeSim(moe_sim::MoeSimArgs),
     /// One peer process of `bench` (internal).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -122,6 +127,7 @@ fn main() {
         Command::Churn(args) => churn::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Pipeline(args) => pipeline::run(args),
+        Command::MoeSim(args) => moe_sim::run(args),
         Command::BenchPeer(args) => bench::run_peer(args),
         Command::Relay(args) => relay::run(args),
     };
