@@ -19,9 +19,9 @@
 //!   load trace ([`zipf_trace`]) for FSSDP, for expert parallelism with a static owner
 //!   (EP), and for FSDP (all-gather everything).
 //!
-//! [`ExpertPlacement::to_sparse`] turns a P′ into the [`crate::plan::sparse::Placement`]
-//! that [`crate::Communicator::sparse_all_gather`] (spAG) and
-//! [`crate::Communicator::sparse_reduce_scatter`] (spRS) run.
+//! - [`ExpertLayer`]: one layer's iteration over a [`crate::Communicator`]:
+//!   `materialize` (spAG P → P′), `dispatch` and `combine` (all-to-all(v) of the
+//!   tokens there and back) and `reduce_gradients` (spRS P′ → P).
 //!
 //! The reference's worked example (`../shared/reference/fssdp.md`, 2.6): 4 devices, 8
 //! experts, two per device, loads 40, 5, 10, 5, 20, 5, 10, 5 and `t = m = 2`: e0 and e4,
@@ -40,11 +40,14 @@
 //! # Ok::<(), phalanx::moe::MoeError>(())
 //! ```
 //!
-//! Built so far (issue 13): the planners and the simulator. Not yet: the layer that runs
-//! them across processes (materialize, dispatch, combine, reduce_gradients), re-sharding
-//! every K iterations, backup owners for a lost device, and the C and Python faces.
+//! Built so far (issue 13): the planners, the simulator and the layer's collectives as
+//! blocking calls, tested over in-process peers. Not yet: non-blocking steps (to overlap
+//! attention), re-materialisation, calibration with a second spAG, re-sharding every K
+//! iterations, backup owners for a lost device, runs across processes, and the C and
+//! Python faces.
 
 mod dispatch;
+mod layer;
 mod placement;
 mod shard;
 mod simulate;
@@ -52,6 +55,7 @@ mod simulate;
 mod tests;
 
 pub use dispatch::{dispatch, Dispatch, Route};
+pub use layer::{Dispatched, ExpertLayer};
 pub use placement::{place, proportional_slots, ExpertPlacement, LoadPredictor, PlaceParams, WINDOW};
 pub use shard::{plan_sharding, MoeLayer, Sharding};
 pub use simulate::{simulate, zipf_trace, SimConfig, SimReport, StrategyStats};
