@@ -26,8 +26,14 @@ use crate::Communicator;
 /// collective; on error the caller's buffers hold what they held before and, as a
 /// placement names devices, the caller plans again for the survivors.
 ///
-/// Tested across 4 in-process peers in `tests/moe_layer.rs` (the reference's worked
-/// example).
+/// Top-k routing: give [`dispatch`](Self::dispatch) one row per token and choice (the
+/// token repeated, each row with its expert), and mix the rows [`combine`](Self::combine)
+/// returns with the gate's weights. The backward's output gradients travel the same way:
+/// dispatching them with the same experts delivers them in the order the tokens arrived.
+///
+/// Tested across 4 in-process peers in `tests/moe_layer.rs`: the reference's worked
+/// example, and an MoE layer of MLP experts (top-1 and top-2) whose outputs, input
+/// gradients and expert gradients equal a dense single-process reference bitwise.
 #[derive(Clone, Debug)]
 pub struct ExpertLayer {
     placement: ExpertPlacement,
