@@ -2,7 +2,9 @@
 //! against expert parallelism with a static owner (EP) and FSDP.
 
 use clap::Parser;
-use phalanx::moe::{plan_sharding, simulate, zipf_trace, Hosts, MoeLayer, PlaceParams, SimConfig, StrategyStats};
+use phalanx::moe::{
+    plan_backups, plan_sharding, simulate, zipf_trace, Hosts, MoeLayer, PlaceParams, SimConfig, StrategyStats,
+};
 
 /// Options of `phalanx moe-sim`.
 #[derive(Parser)]
@@ -44,6 +46,10 @@ pub struct MoeSimArgs {
     /// Also print each device's tokens, traffic and memory.
     #[arg(long)]
     per_device: bool,
+    /// Also plan a backup owner per expert (another host first) and print what keeping
+    /// them in step costs.
+    #[arg(long)]
+    backups: bool,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -78,6 +84,8 @@ pub fn run(args: MoeSimArgs) -> Result<(), String> {
     let sharding =
         plan_sharding(&vec![capacity; d], &[MoeLayer::new(e, args.expert_bytes)]).map_err(|x| x.to_string())?;
     let trace = zipf_trace(d, e, args.zipf, args.tokens, args.iterations, args.seed).map_err(|x| x.to_string())?;
+    let backups =
+        if args.backups { Some(plan_backups(&sharding, hosts.as_ref()).map_err(|x| x.to_string())?) } else { None };
     let config = SimConfig {
         params: PlaceParams { overlap: args.overlap, slots: args.slots },
         expert_bytes: args.expert_bytes,
@@ -119,5 +127,17 @@ pub fn run(args: MoeSimArgs) -> Result<(), String> {
         r.unused_slots,
         d * args.slots.min(args.overlap).min(e)
     );
+    if let Some(b) = &backups {
+        let sync = b.sync_bytes(&sharding);
+        let total = sync.iter().sum::<u64>() as f64;
+        let at_rest =
+            (0..d).map(|dev| b.backed_up_by(dev, 0).len()).max().unwrap_or(0) as f64 * args.expert_bytes as f64;
+        println!(
+            "backups: {:.1} MiB per iteration to keep them in step ({:.3} of FSSDP's traffic), {:.1} MiB more at rest on the fullest device",
+            total / MIB,
+            total / r.fssdp.total_traffic(),
+            at_rest / MIB
+        );
+    }
     Ok(())
 }

@@ -43,6 +43,7 @@ fn the_table_is_consistent() {
         "--expert-bytes",
         "1048576",
         "--per-device",
+        "--backups",
     ];
     let (ok, out, err) = phalanx(&args);
     assert!(ok, "{err}");
@@ -75,6 +76,11 @@ fn the_table_is_consistent() {
     assert!(close(straggler[0], fssdp[0] / ep[0], 0.002), "{straggler:?}\n{out}");
     let traffic = numbers(&out, "FSSDP/FSDP traffic:");
     assert!(close(traffic[0], fssdp[4] / fsdp[4], 0.005), "{traffic:?}\n{out}");
+    // Backups: every expert's reduced gradient to its backup, 8 experts of 1 MiB; two
+    // backed-up experts on each device.
+    let backups = numbers(&out, "backups:");
+    assert_eq!(backups[0], experts, "{out}");
+    assert!(close(backups[1], experts / fssdp[4], 0.002) && backups[2] == 2.0, "{backups:?}\n{out}");
     // The same seed, the same table.
     let (_, again, _) = phalanx(&args);
     assert_eq!(out, again);

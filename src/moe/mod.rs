@@ -19,6 +19,9 @@
 //!   load trace ([`zipf_trace`]) for FSSDP, for expert parallelism with a static owner
 //!   (EP), and for FSDP (all-gather everything).
 //!
+//! - [`Sharding::moves_to`], [`plan_backups`] and [`Sharding::after_loss`]: what
+//!   re-sharding moves, a backup owner per expert (another host first), and the
+//!   sharding the survivors take up from the backups when a device is lost.
 //! - [`ExpertLayer`]: one layer's iteration over a [`crate::Communicator`]:
 //!   `materialize` (spAG P → P′), `dispatch` and `combine` (all-to-all(v) of the
 //!   tokens there and back) and `reduce_gradients` (spRS P′ → P).
@@ -42,13 +45,14 @@
 //!
 //! Built so far (issue 13): the planners, the simulator and the layer's collectives as
 //! blocking calls, tested over in-process peers. Not yet: non-blocking steps (to overlap
-//! attention), re-materialisation, calibration with a second spAG, re-sharding every K
-//! iterations, backup owners for a lost device, runs across processes, and the C and
-//! Python faces.
+//! attention), re-materialisation, calibration with a second spAG, moving the state when
+//! re-sharding and keeping backups in step (the plans exist, the transfers do not),
+//! runs across processes, and the C and Python faces.
 
 mod dispatch;
 mod layer;
 mod placement;
+mod reshard;
 mod shard;
 mod simulate;
 #[cfg(test)]
@@ -57,6 +61,7 @@ mod tests;
 pub use dispatch::{dispatch, Dispatch, Route};
 pub use layer::{Dispatched, ExpertLayer};
 pub use placement::{place, proportional_slots, ExpertPlacement, LoadPredictor, PlaceParams, WINDOW};
+pub use reshard::{plan_backups, Backups, Move};
 pub use shard::{plan_sharding, MoeLayer, Sharding};
 pub use simulate::{simulate, zipf_trace, SimConfig, SimReport, StrategyStats};
 

@@ -170,6 +170,45 @@ fn heterogeneous_and_load_aware_sharding() {
     assert_eq!(s.owners(1), &[2, 0, 1, 2, 0, 0, 1, 0]);
 }
 
+#[test]
+fn resharding_moves_and_backups() {
+    let cold = plan_sharding(&[2; 4], &[MoeLayer::new(8, 1)]).expect("sharding");
+    let hot = plan_sharding(&[2; 4], &[MoeLayer::new(8, 1).with_loads(LOADS.to_vec())]).expect("sharding");
+    let moves = cold.moves_to(&hot).expect("moves");
+    for m in &moves {
+        assert_eq!((cold.owners(0)[m.expert], hot.owners(0)[m.expert]), (m.from, m.to));
+    }
+    let changed = (0..8).filter(|&e| cold.owners(0)[e] != hot.owners(0)[e]).count();
+    assert_eq!(moves.len(), changed);
+    assert!(cold.moves_to(&cold).expect("no moves").is_empty());
+    let other = plan_sharding(&[4; 2], &[MoeLayer::new(8, 1)]).expect("sharding");
+    assert!(matches!(cold.moves_to(&other), Err(MoeError::Invalid(_))));
+
+    // Backups on the other host, spread: each device backs up two experts.
+    let hosts = Hosts(vec![0, 0, 1, 1]);
+    let b = plan_backups(&cold, Some(&hosts)).expect("backups");
+    for e in 0..8 {
+        assert_ne!(hosts.of(b.of(0, e)), hosts.of(cold.owners(0)[e]), "expert {e}");
+    }
+    assert!((0..4).all(|d| b.backed_up_by(d, 0).len() == 2), "{b:?}");
+    assert_eq!(b.sync_bytes(&cold), vec![2, 2, 2, 2]);
+    // Device 2 lost: its experts e4, e5 go to their backups on host 0; d3 becomes d2.
+    let after = cold.after_loss(2, &b).expect("survivors' sharding");
+    assert_eq!(after.devices(), 3);
+    for e in 0..8 {
+        let want = match cold.owners(0)[e] {
+            2 => b.of(0, e),
+            3 => 2,
+            o => o,
+        };
+        assert_eq!(after.owners(0)[e], want, "expert {e}");
+    }
+    assert_eq!((0..3).map(|d| after.memory(d)).sum::<u64>(), 8);
+    assert!(plan_backups(&Sharding::from_owners(1, vec![vec![0]], vec![1]).expect("one device"), None).is_err());
+    assert!(matches!(cold.after_loss(4, &b), Err(MoeError::Device { device: 4, .. })));
+    assert!(after.after_loss(0, &b).is_err()); // backups of another sharding
+}
+
 /// Devices, owners, loads, `t`, `m` and maybe hosts.
 type Case = (usize, Vec<usize>, Vec<f64>, usize, usize, Option<Vec<usize>>);
 
@@ -337,5 +376,32 @@ proptest! {
             Err(MoeError::Capacity { bytes, largest_free, .. }) => prop_assert!(need <= have && largest_free < bytes),
             Err(e) => prop_assert!(false, "{e}"),
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn backups_cover_a_lost_device((devices, owners, _, _, _, hosts) in case(), lost in any::<usize>()) {
+        prop_assume!(devices >= 2);
+        let hosts = hosts.map(Hosts);
+        let s = Sharding::from_owners(devices, vec![owners.clone()], vec![3]).expect("sharding");
+        let b = plan_backups(&s, hosts.as_ref()).expect("backups");
+        let host = |d: usize| hosts.as_ref().map_or(d, |h| h.of(d));
+        for (e, &o) in owners.iter().enumerate() {
+            prop_assert_ne!(b.of(0, e), o);
+            if (0..devices).any(|d| host(d) != host(o)) {
+                prop_assert_ne!(host(b.of(0, e)), host(o), "expert {} kept on its owner's host", e);
+            }
+        }
+        let lost = lost % devices;
+        let after = s.after_loss(lost, &b).expect("survivors");
+        let renumber = |d: usize| if d > lost { d - 1 } else { d };
+        for (e, &o) in owners.iter().enumerate() {
+            let want = if o == lost { renumber(b.of(0, e)) } else { renumber(o) };
+            prop_assert_eq!(after.owners(0)[e], want);
+        }
+        prop_assert_eq!((0..devices - 1).map(|d| after.memory(d)).sum::<u64>(), 3 * owners.len() as u64);
     }
 }
