@@ -7,7 +7,7 @@
 //! top-1 and top-2 routing against a dense single-process reference, bitwise.
 
 use phalanx::moe::{place, plan_sharding, ExpertLayer, MoeLayer, PlaceParams};
-use phalanx::{Communicator, Config};
+use phalanx::{Communicator, Config, Error};
 
 mod common;
 use common::with_timeout;
@@ -397,4 +397,41 @@ fn moe_layer_top1_matches_a_dense_reference_bitwise() {
 #[test]
 fn moe_layer_top2_matches_a_dense_reference_bitwise() {
     moe_layer_matches_dense(2);
+}
+
+/// A device that leaves mid-iteration (drops its communicator instead of calling, or
+/// after the dispatch's count exchange): every survivor's step fails with the loss or
+/// an abort, a typed error, and its buffers hold what they held before.
+#[test]
+fn a_lost_device_fails_every_step_cleanly() {
+    let loads = [40.0, 5.0, 10.0, 5.0, 20.0, 5.0, 10.0, 5.0];
+    let p = place(&[0, 0, 1, 1, 2, 2, 3, 3], 4, &loads, PlaceParams { overlap: 2, slots: 2 }, None).expect("placement");
+    let layer = ExpertLayer::new(p, 2, 2, None).expect("layer");
+    for step in 0..4 {
+        let out = on_group(4, |c| {
+            let d = c.rank();
+            let experts = routing(d);
+            let tokens: Vec<f32> = (0..experts.len()).flat_map(|i| token(d, i)).collect();
+            if d == 2 {
+                if step == 3 {
+                    // The count exchange of dispatch, then gone.
+                    let mut all = vec![0u64; 32];
+                    c.all_gather(&[10u64, 0, 0, 0, 5, 5, 0, 5], &mut all).expect("count exchange");
+                }
+                return None;
+            }
+            let orig: Vec<f32> = (0..16).map(|k| k as f32 + 0.25 * d as f32).collect();
+            let mut buf = orig.clone();
+            let err = match step {
+                0 => layer.materialize(c, &mut buf).expect_err("spAG without d2"),
+                1 => layer.reduce_gradients(c, &mut buf).expect_err("spRS without d2"),
+                _ => layer.dispatch(c, &tokens, &experts).expect_err("dispatch without d2"),
+            };
+            Some((err, buf == orig))
+        });
+        for (err, restored) in out.into_iter().flatten() {
+            assert!(matches!(err, Error::PeerLost { .. } | Error::Aborted { .. }), "step {step}: {err:?}");
+            assert!(restored, "step {step}: buffer changed");
+        }
+    }
 }
