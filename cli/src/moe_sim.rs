@@ -46,6 +46,10 @@ pub struct MoeSimArgs {
     /// Also print each device's tokens, traffic and memory.
     #[arg(long)]
     per_device: bool,
+    /// Calibrate with the gate's output when it pays, one expert's transfer costing this
+    /// many tokens of compute (expert size / bandwidth over one token's expert time).
+    #[arg(long)]
+    calibrate: Option<f64>,
     /// Also plan a backup owner per expert (another host first) and print what keeping
     /// them in step costs.
     #[arg(long)]
@@ -92,6 +96,7 @@ pub fn run(args: MoeSimArgs) -> Result<(), String> {
         token_bytes: args.token_bytes,
         window: phalanx::moe::WINDOW,
         hosts,
+        calibrate: args.calibrate,
     };
     let r = simulate(&trace, sharding.owners(0), &config).map_err(|x| x.to_string())?;
     println!(
@@ -127,6 +132,12 @@ pub fn run(args: MoeSimArgs) -> Result<(), String> {
         r.unused_slots,
         d * args.slots.min(args.overlap).min(e)
     );
+    if let Some(cost) = args.calibrate {
+        println!(
+            "calibration (an expert transfer = {cost} tokens): ran in {} of {} iterations",
+            r.calibrated, r.iterations
+        );
+    }
     if let Some(b) = &backups {
         let sync = b.sync_bytes(&sharding);
         let total = sync.iter().sum::<u64>() as f64;

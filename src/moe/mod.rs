@@ -12,7 +12,8 @@
 //! - [`LoadPredictor`] and [`place`]: the per-iteration placement P′ ⊇ P from the
 //!   predicted loads (the mean of the last 5 iterations' gate counts), the overlap degree
 //!   `t` and the memory slots `m` (the reference's Algorithm 1), spreading replicas over
-//!   hosts when the [`Hosts`] are known.
+//!   hosts when the [`Hosts`] are known; [`calibrate`] re-plans from the gate's real
+//!   output and says whether one more spAG on the critical path pays for itself.
 //! - [`dispatch`]: every token routed to a device holding its expert, a local replica
 //!   first, an expert's tokens split evenly across its replicas.
 //! - [`simulate`]: per-device compute load (the straggler), traffic and memory over a
@@ -45,10 +46,11 @@
 //!
 //! Built so far (issue 13): the planners, the simulator and the layer's collectives as
 //! blocking calls, tested over in-process peers. Not yet: non-blocking steps (to overlap
-//! attention), re-materialisation, calibration with a second spAG, moving the state when
+//! attention), re-materialisation, moving the state when
 //! re-sharding and keeping backups in step (the plans exist, the transfers do not),
 //! runs across processes, and the C and Python faces.
 
+mod calibrate;
 mod dispatch;
 mod layer;
 mod placement;
@@ -58,6 +60,7 @@ mod simulate;
 #[cfg(test)]
 mod tests;
 
+pub use calibrate::{calibrate, Calibration};
 pub use dispatch::{dispatch, Dispatch, Route};
 pub use layer::{Dispatched, ExpertLayer};
 pub use placement::{place, proportional_slots, ExpertPlacement, LoadPredictor, PlaceParams, WINDOW};

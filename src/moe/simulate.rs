@@ -1,7 +1,7 @@
 //! The simulator: compute load, traffic and memory per device over a load trace, for
 //! FSSDP, for expert parallelism with a static owner (EP) and for FSDP.
 
-use super::{dispatch, place, Dispatch, ExpertPlacement, Hosts, LoadPredictor, MoeError, PlaceParams};
+use super::{calibrate, dispatch, place, Dispatch, ExpertPlacement, Hosts, LoadPredictor, MoeError, PlaceParams};
 use crate::rng::SplitMix64;
 
 /// A synthetic gate trace of one layer: `trace[i][d][e]` tokens of device `d` chose
@@ -76,6 +76,9 @@ pub struct SimConfig {
     /// Device → host, if known: FSSDP's placement and dispatch prefer a host's own
     /// replicas.
     pub hosts: Option<Hosts>,
+    /// Calibrate with the gate's output ([`calibrate`]), one expert's transfer costing
+    /// this many tokens of compute; `None`: never.
+    pub calibrate: Option<f64>,
 }
 
 /// One strategy's figures, each a mean per iteration over the trace.
@@ -172,6 +175,8 @@ pub struct SimReport {
     pub fssdp: StrategyStats,
     /// FSSDP's replica slots left unused, per iteration.
     pub unused_slots: f64,
+    /// Iterations in which calibration paid and ran its extra spAG.
+    pub calibrated: usize,
 }
 
 impl SimReport {
@@ -217,6 +222,7 @@ fn token_traffic(plan: &Dispatch, devices: usize, token_bytes: u64) -> Vec<u64> 
 ///     token_bytes: 1 << 10,
 ///     window: 5,
 ///     hosts: None,
+///     calibrate: None,
 /// };
 /// let r = simulate(&trace, &[0, 0, 1, 1, 2, 2, 3, 3], &config)?;
 /// assert!(r.fssdp.straggler < r.ep.straggler);
@@ -235,6 +241,7 @@ pub fn simulate(trace: &[Vec<Vec<u64>>], owners: &[usize], config: &SimConfig) -
     let eb = config.expert_bytes;
     let owned: Vec<u64> = (0..devices).map(|d| owners.iter().filter(|&&o| o == d).count() as u64).collect();
     let mut unused = 0usize;
+    let mut calibrated = 0usize;
     for (i, routed) in trace.iter().enumerate() {
         if routed.len() != devices {
             return Err(MoeError::Shape {
@@ -256,16 +263,30 @@ pub fn simulate(trace: &[Vec<Vec<u64>>], owners: &[usize], config: &SimConfig) -
         fsdp.add(&local, &params, &none, &vec![experts as u64 * eb; devices]);
 
         let gate: Vec<f64> = (0..experts).map(|e| routed.iter().map(|row| row[e]).sum::<u64>() as f64).collect();
-        let p = place(owners, devices, &predictor.predict_or(&gate), config.params, config.hosts.as_ref())?;
-        let plan = dispatch(&p, routed, config.hosts.as_ref())?;
+        let predicted = place(owners, devices, &predictor.predict_or(&gate), config.params, config.hosts.as_ref())?;
         let mut params = vec![0u64; devices];
         for (d, bytes) in params.iter_mut().enumerate() {
-            *bytes += p.replicas(d).len() as u64 * eb; // spAG
+            *bytes += predicted.replicas(d).len() as u64 * eb; // spAG
         }
+        // Held at the peak: the predicted replicas, and a calibration's new ones with them.
+        let mut held: Vec<u64> = (0..devices).map(|d| predicted.held(d).len() as u64 * eb).collect();
+        let mut p = predicted.clone();
+        if let Some(cost) = config.calibrate {
+            let c = calibrate(&predicted, routed, config.params, config.hosts.as_ref(), cost)?;
+            if c.worth_it() {
+                for d in 0..devices {
+                    let new = c.placement.held(d).into_iter().filter(|&e| !predicted.holds(d, e)).count() as u64;
+                    params[d] += new * eb; // the extra spAG
+                    held[d] += new * eb;
+                }
+                calibrated += 1;
+                p = c.placement;
+            }
+        }
+        let plan = dispatch(&p, routed, config.hosts.as_ref())?;
         for e in 0..experts {
             params[owners[e]] += (p.holders(e).len() as u64 - 1) * eb; // spRS
         }
-        let held: Vec<u64> = (0..devices).map(|d| p.held(d).len() as u64 * eb).collect();
         fssdp.add(&plan.compute(), &params, &token_traffic(&plan, devices, config.token_bytes), &held);
         unused += p.unused_slots();
         predictor.observe(&gate)?;
@@ -273,5 +294,12 @@ pub fn simulate(trace: &[Vec<Vec<u64>>], owners: &[usize], config: &SimConfig) -
     for s in [&mut ep, &mut fsdp, &mut fssdp] {
         s.average(trace.len());
     }
-    Ok(SimReport { iterations: trace.len(), ep, fsdp, fssdp, unused_slots: unused as f64 / trace.len().max(1) as f64 })
+    Ok(SimReport {
+        iterations: trace.len(),
+        ep,
+        fsdp,
+        fssdp,
+        unused_slots: unused as f64 / trace.len().max(1) as f64,
+        calibrated,
+    })
 }

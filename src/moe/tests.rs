@@ -209,6 +209,39 @@ fn resharding_moves_and_backups() {
     assert!(after.after_loss(0, &b).is_err()); // backups of another sharding
 }
 
+#[test]
+fn calibration_only_runs_when_it_pays() {
+    let trace = zipf_trace(4, 16, 1.2, 400, 12, 3).expect("trace");
+    let owners: Vec<usize> = (0..16).map(|e| e / 4).collect();
+    let config = |calibrate| SimConfig {
+        params: PlaceParams { overlap: 4, slots: 2 },
+        expert_bytes: 1000,
+        token_bytes: 10,
+        window: WINDOW,
+        hosts: None,
+        calibrate,
+    };
+    let plain = simulate(&trace, &owners, &config(None)).expect("simulation");
+    assert_eq!(plain.calibrated, 0);
+    // Priced out: the same run.
+    let dear = simulate(&trace, &owners, &config(Some(1e9))).expect("simulation");
+    assert_eq!((dear.calibrated, &dear.fssdp), (0, &plain.fssdp));
+    // Free: it runs whenever it saves anything, so the straggler can only drop, and
+    // the extra spAG shows in the traffic.
+    let free = simulate(&trace, &owners, &config(Some(0.0))).expect("simulation");
+    assert!(free.calibrated > 0);
+    assert!(free.fssdp.straggler < plain.fssdp.straggler, "{} vs {}", free.fssdp.straggler, plain.fssdp.straggler);
+    assert!(free.fssdp.param_bytes >= plain.fssdp.param_bytes);
+    assert!(calibrate(
+        &ExpertPlacement::sharded(&[0], 1).expect("P"),
+        &[vec![1]],
+        PlaceParams { overlap: 1, slots: 1 },
+        None,
+        -1.0
+    )
+    .is_err());
+}
+
 /// Devices, owners, loads, `t`, `m` and maybe hosts.
 type Case = (usize, Vec<usize>, Vec<f64>, usize, usize, Option<Vec<usize>>);
 
