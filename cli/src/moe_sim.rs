@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use phalanx::moe::{
-    plan_backups, plan_sharding, simulate, zipf_trace, Hosts, MoeLayer, PlaceParams, SimConfig, StrategyStats,
+    plan_backups, plan_sharding, simulate, zipf_trace_shifting, Hosts, MoeLayer, PlaceParams, SimConfig, StrategyStats,
 };
 
 /// Options of `phalanx moe-sim`.
@@ -30,6 +30,9 @@ pub struct MoeSimArgs {
     /// FSSDP's memory slots m: extra experts a device may hold.
     #[arg(long, short = 'm', default_value_t = 2)]
     slots: usize,
+    /// Draw which experts are hot afresh every this many iterations (0: never).
+    #[arg(long, default_value_t = 0)]
+    shift_every: usize,
     /// Seed of the trace (which expert is hot, and the draws).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -87,7 +90,8 @@ pub fn run(args: MoeSimArgs) -> Result<(), String> {
     let capacity = (e as u64).div_ceil(d as u64).saturating_mul(args.expert_bytes);
     let sharding =
         plan_sharding(&vec![capacity; d], &[MoeLayer::new(e, args.expert_bytes)]).map_err(|x| x.to_string())?;
-    let trace = zipf_trace(d, e, args.zipf, args.tokens, args.iterations, args.seed).map_err(|x| x.to_string())?;
+    let trace = zipf_trace_shifting(d, e, args.zipf, args.tokens, args.iterations, args.seed, args.shift_every)
+        .map_err(|x| x.to_string())?;
     let backups =
         if args.backups { Some(plan_backups(&sharding, hosts.as_ref()).map_err(|x| x.to_string())?) } else { None };
     let config = SimConfig {

@@ -93,3 +93,19 @@ fn bad_flags_are_refused() {
     let (ok, _, err) = phalanx(&["moe-sim", "--zipf=-1"]);
     assert!(!ok && err.contains("Zipf exponent"), "{err}");
 }
+
+#[test]
+fn calibration_catches_a_shifting_router() {
+    let base =
+        ["moe-sim", "--devices", "4", "--experts", "8", "--tokens", "500", "--iterations", "8", "--shift-every", "2"];
+    let (ok, plain, err) = phalanx(&base);
+    assert!(ok, "{err}");
+    let (ok, calibrated, err) = phalanx(&[&base[..], &["--calibrate", "0"]].concat());
+    assert!(ok, "{err}");
+    // Free transfers: it runs whenever it saves tokens, so FSSDP's straggler only drops.
+    let ran = numbers(&calibrated, "calibration");
+    assert!(ran.len() == 3 && ran[1] >= 1.0 && ran[2] == 8.0, "{ran:?}\n{calibrated}");
+    assert!(numbers(&calibrated, "FSSDP ")[0] < numbers(&plain, "FSSDP ")[0], "{plain}\n{calibrated}");
+    // EP and FSDP do not calibrate.
+    assert_eq!(numbers(&calibrated, "EP "), numbers(&plain, "EP "));
+}

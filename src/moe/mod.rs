@@ -66,7 +66,7 @@ pub use layer::{Dispatched, ExpertLayer};
 pub use placement::{place, proportional_slots, ExpertPlacement, LoadPredictor, PlaceParams, WINDOW};
 pub use reshard::{plan_backups, Backups, Move};
 pub use shard::{plan_sharding, MoeLayer, Sharding};
-pub use simulate::{simulate, zipf_trace, SimConfig, SimReport, StrategyStats};
+pub use simulate::{simulate, zipf_trace, zipf_trace_shifting, SimConfig, SimReport, StrategyStats};
 
 /// Device → host, for topology-aware placement and dispatch: `Hosts(vec![0, 0, 1, 1])`
 /// says devices 0 and 1 share host 0 and devices 2 and 3 share host 1.

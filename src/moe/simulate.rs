@@ -26,6 +26,27 @@ pub fn zipf_trace(
     iterations: usize,
     seed: u64,
 ) -> Result<Vec<Vec<Vec<u64>>>, MoeError> {
+    zipf_trace_shifting(devices, experts, s, tokens, iterations, seed, 0)
+}
+
+/// [`zipf_trace`] whose popularity order is drawn afresh every `every` iterations (never
+/// when 0): a router whose hot experts change, which the window predictor follows only
+/// after a lag, and which [`calibrate`] can catch.
+///
+/// ```
+/// use phalanx::moe::{zipf_trace, zipf_trace_shifting};
+/// assert_eq!(zipf_trace_shifting(2, 4, 1.2, 100, 3, 7, 0)?, zipf_trace(2, 4, 1.2, 100, 3, 7)?);
+/// # Ok::<(), phalanx::moe::MoeError>(())
+/// ```
+pub fn zipf_trace_shifting(
+    devices: usize,
+    experts: usize,
+    s: f64,
+    tokens: u64,
+    iterations: usize,
+    seed: u64,
+    every: usize,
+) -> Result<Vec<Vec<Vec<u64>>>, MoeError> {
     if devices == 0 || experts == 0 {
         return Err(MoeError::Invalid(format!("a trace needs devices and experts, got {devices} and {experts}")));
     }
@@ -34,17 +55,24 @@ pub fn zipf_trace(
     }
     let mut rng = SplitMix64(seed);
     // Fisher-Yates: perm[k] is the expert of rank k + 1.
-    let mut perm: Vec<usize> = (0..experts).collect();
-    for i in (1..experts).rev() {
-        perm.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    let shuffle = |rng: &mut SplitMix64| {
+        let mut perm: Vec<usize> = (0..experts).collect();
+        for i in (1..experts).rev() {
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        perm
+    };
+    let mut perm = shuffle(&mut rng);
     let mut cdf: Vec<f64> = (1..=experts).map(|k| (k as f64).powf(-s)).collect();
     for k in 1..experts {
         cdf[k] += cdf[k - 1];
     }
     let norm = cdf[experts - 1];
     Ok((0..iterations)
-        .map(|_| {
+        .map(|i| {
+            if every > 0 && i > 0 && i % every == 0 {
+                perm = shuffle(&mut rng);
+            }
             (0..devices)
                 .map(|_| {
                     let mut counts = vec![0u64; experts];

@@ -138,6 +138,23 @@ fn typed_errors_for_impossible_inputs() {
     let p = ExpertPlacement::sharded(&[0, 1], 2).expect("P");
     assert!(matches!(dispatch(&p, &[vec![1, 1]], None), Err(MoeError::Shape { expected: 2, got: 1, .. })));
     assert!(LoadPredictor::with_window(2, 0).is_err());
+    assert!(matches!(zipf_trace(2, 4, -1.0, 10, 1, 0), Err(MoeError::Invalid(_))));
+    assert!(matches!(zipf_trace_shifting(0, 4, 1.0, 10, 1, 0, 2), Err(MoeError::Invalid(_))));
+    assert!(matches!(
+        simulate(
+            &[],
+            &[0],
+            &SimConfig {
+                params: PlaceParams { overlap: 1, slots: 1 },
+                expert_bytes: 1,
+                token_bytes: 1,
+                window: 5,
+                hosts: None,
+                calibrate: None,
+            }
+        ),
+        Err(MoeError::Invalid(_))
+    ));
     assert!(LoadPredictor::new(2).observe(&[1.0]).is_err());
     let e: crate::Error = MoeError::TotalCapacity { need: 8, have: 6 }.into();
     assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
