@@ -97,15 +97,18 @@ impl ExpertLayer {
         e * self.expert_len..(e + 1) * self.expert_len
     }
 
+    /// This device's rank in the group a collective begun now runs in. A view that
+    /// moved since the caller's last `update_topology` gives the retryable
+    /// [`Error::Aborted`] the collectives give, not a false `InvalidArgument`.
     fn check_group(&self, comm: &Communicator) -> Result<usize> {
-        if comm.size() != self.placement.devices() {
+        let (rank, size) = comm.call_group()?;
+        if size != self.placement.devices() {
             return Err(Error::InvalidArgument(format!(
-                "the placement is for {} devices but the group has {}: plan it for this group",
+                "the placement is for {} devices but the group has {size}: plan it for this group",
                 self.placement.devices(),
-                comm.size()
             )));
         }
-        Ok(comm.rank())
+        Ok(rank)
     }
 
     /// spAG(P, P′): every holder's slot of an expert receives its owner's parameters.
