@@ -45,9 +45,10 @@
 //! ```
 //!
 //! Built so far (issue 13): the planners, the simulator and the layer's collectives as
-//! blocking calls, tested over in-process peers. Not yet: non-blocking steps (to overlap
-//! attention), re-materialisation, moving the state when
-//! re-sharding and keeping backups in step (the plans exist, the transfers do not),
+//! blocking calls, tested over in-process peers, and backups kept in step by a spAG
+//! ([`Backups::to_sparse`]) so that training goes on through a lost device
+//! (`tests/moe_backup.rs`). Not yet: non-blocking steps (to overlap attention),
+//! re-materialisation, moving the state of a planned re-sharding ([`Sharding::moves_to`]),
 //! runs across processes, and the C and Python faces.
 
 mod calibrate;

@@ -3,6 +3,7 @@
 //! sharding the survivors take up when a device is lost.
 
 use super::{Hosts, MoeError, Sharding};
+use crate::plan::sparse::Placement;
 
 /// One expert changing owner: its parameters and optimizer state go from `from` to `to`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +130,18 @@ impl Backups {
             }
         }
         bytes
+    }
+
+    /// The chunk placement of layer `layer` that copies each owner's slot of an expert
+    /// (`expert_len` elements, experts in order) to its backup: a spAG over it keeps the
+    /// backups in step (of the reduced gradient after spRS, from which the backup takes
+    /// the owner's optimizer step) or gives new backups the state (parameters, optimizer
+    /// state) after a re-sharding.
+    pub fn to_sparse(&self, sharding: &Sharding, layer: usize, expert_len: usize) -> crate::Result<Placement> {
+        self.check(sharding)?;
+        let owners = sharding.owners(layer).to_vec();
+        let extra: Vec<Vec<usize>> = self.backups[layer].iter().map(|&b| vec![b]).collect();
+        Placement::new(self.devices, vec![expert_len; owners.len()], owners)?.widen(&extra)
     }
 
     fn check(&self, sharding: &Sharding) -> Result<(), MoeError> {
