@@ -435,3 +435,29 @@ fn a_lost_device_fails_every_step_cleanly() {
         }
     }
 }
+
+/// Re-sharding moves state: from the block sharding to a load-aware one, a spAG over
+/// `transfer_placement` leaves every new owner holding its experts' bytes, and the
+/// moves it makes are exactly `moves_to`'s.
+#[test]
+fn resharding_moves_the_state_to_the_new_owners() {
+    let loads = vec![40.0, 5.0, 10.0, 5.0, 20.0, 5.0, 10.0, 5.0];
+    let now = plan_sharding(&[2; 4], &[MoeLayer::new(8, 1)]).expect("sharding");
+    let next = plan_sharding(&[2; 4], &[MoeLayer::new(8, 1).with_loads(loads)]).expect("sharding");
+    let moves = now.moves_to(&next).expect("moves");
+    assert!(!moves.is_empty());
+    let p = now.transfer_placement(&next, 0, 2).expect("placement");
+    assert_eq!(p.transfers(), moves.len());
+    let out = on_group(4, |c| {
+        let d = c.rank();
+        let mut state: Vec<f32> =
+            (0..8).flat_map(|e| if now.owners(0)[e] == d { weights(e) } else { [f32::NAN; 2] }).collect();
+        c.sparse_all_gather(&p, &mut state).expect("spAG");
+        state
+    });
+    for (d, state) in out.iter().enumerate() {
+        for e in next.owned(d, 0) {
+            assert_eq!(state[2 * e..2 * e + 2], weights(e), "device {d}, expert {e}");
+        }
+    }
+}

@@ -20,8 +20,9 @@
 //!   load trace ([`zipf_trace`]) for FSSDP, for expert parallelism with a static owner
 //!   (EP), and for FSDP (all-gather everything).
 //!
-//! - [`Sharding::moves_to`], [`plan_backups`] and [`Sharding::after_loss`]: what
-//!   re-sharding moves, a backup owner per expert (another host first), and the
+//! - [`Sharding::moves_to`] and [`Sharding::transfer_placement`], [`plan_backups`] and
+//!   [`Sharding::after_loss`]: what re-sharding moves and the spAG that moves it, a
+//!   backup owner per expert (another host first), and the
 //!   sharding the survivors take up from the backups when a device is lost.
 //! - [`ExpertLayer`]: one layer's iteration over a [`crate::Communicator`]:
 //!   `materialize` (spAG P → P′), `dispatch` and `combine` (all-to-all(v) of the
@@ -48,8 +49,7 @@
 //! blocking calls, tested over in-process peers, and backups kept in step by a spAG
 //! ([`Backups::to_sparse`]) so that training goes on through a lost device
 //! (`tests/moe_backup.rs`). Not yet: non-blocking steps (to overlap attention),
-//! re-materialisation, moving the state of a planned re-sharding ([`Sharding::moves_to`]),
-//! runs across processes, and the C and Python faces.
+//! re-materialisation, runs across processes, and the C and Python faces.
 
 mod calibrate;
 mod dispatch;

@@ -59,6 +59,32 @@ impl Sharding {
         Ok(moves)
     }
 
+    /// The chunk placement of layer `layer` that re-sharding to `next` runs: each expert
+    /// (`expert_len` elements, experts in order) owned by its current owner and, where
+    /// it moves, also held by its next owner. A spAG over it (of the parameters, then of
+    /// each optimizer-state buffer) leaves every next owner holding its experts' state;
+    /// experts that stay move nothing.
+    ///
+    /// ```
+    /// use phalanx::moe::Sharding;
+    /// let now = Sharding::from_owners(2, vec![vec![0, 0, 1]], vec![8])?;
+    /// let next = Sharding::from_owners(2, vec![vec![0, 1, 1]], vec![8])?;
+    /// let p = now.transfer_placement(&next, 0, 4).expect("placement");
+    /// assert_eq!((p.transfers(), p.holders(1)), (1, &[0, 1][..]));
+    /// # Ok::<(), phalanx::moe::MoeError>(())
+    /// ```
+    pub fn transfer_placement(&self, next: &Sharding, layer: usize, expert_len: usize) -> crate::Result<Placement> {
+        let moves = self.moves_to(next)?;
+        if layer >= self.layers() {
+            return Err(MoeError::Invalid(format!("layer {layer} of a sharding of {}", self.layers())).into());
+        }
+        let mut extra = vec![Vec::new(); self.owners(layer).len()];
+        for m in moves.iter().filter(|m| m.layer == layer) {
+            extra[m.expert].push(m.to);
+        }
+        Placement::new(self.devices(), vec![expert_len; extra.len()], self.owners(layer).to_vec())?.widen(&extra)
+    }
+
     /// The sharding the survivors take up when device `lost` is gone: each of its
     /// experts is owned by its backup, and the devices after `lost` move down by one (as
     /// the ranks of a view do when a peer leaves). Plan new backups for the result.
