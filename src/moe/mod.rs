@@ -49,8 +49,9 @@
 //! blocking calls, tested over in-process peers, and backups kept in step by a spAG
 //! ([`Backups::to_sparse`]) so that training goes on through a lost device
 //! (`tests/moe_backup.rs`). Not yet: non-blocking steps (to overlap attention),
-//! re-materialisation, runs across processes, the layer from C (the placement and the
-//! simulator are there: `phx_moe_place`, `phx_moe_simulate`), and the Python face.
+//! re-materialisation, runs across processes, and the layer from C and Python (the
+//! placement and the simulator are there: `phx_moe_place`, `phx_moe_simulate`,
+//! `phalanx.moe_place`, `phalanx.moe_simulate`).
 
 mod calibrate;
 mod dispatch;
