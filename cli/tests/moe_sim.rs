@@ -1,6 +1,7 @@
-//! `phalanx moe-sim` from the command line: the table's figures agree with each other
-//! and with what FSDP and EP must move and hold, the ratios are the table's, the run
-//! repeats from its seed, and bad flags get a typed refusal.
+//! `phalanx moe-sim` and `moe-bench` from the command line: the table's figures agree
+//! with each other and with what FSDP and EP must move and hold, the ratios are the
+//! table's, the run repeats from its seed, calibration catches a shifting router, the
+//! bench runs both strategies, and bad flags get a typed refusal.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -15,7 +16,7 @@ fn numbers(out: &str, prefix: &str) -> Vec<f64> {
     let line = out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line {prefix:?} in\n{out}"));
     line[prefix.len()..]
         .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
-        .filter_map(|w| w.parse::<f64>().ok())
+        .filter_map(|w| w.trim_end_matches('x').parse::<f64>().ok())
         .collect()
 }
 
@@ -108,4 +109,21 @@ fn calibration_catches_a_shifting_router() {
     assert!(numbers(&calibrated, "FSSDP ")[0] < numbers(&plain, "FSSDP ")[0], "{plain}\n{calibrated}");
     // EP and FSDP do not calibrate.
     assert_eq!(numbers(&calibrated, "EP "), numbers(&plain, "EP "));
+}
+
+/// `phalanx moe-bench` runs both strategies through the layer on an in-process group:
+/// its straggler figures are the planners' (FSSDP's below EP's) and its speed-up is its
+/// own columns' ratio. Times are not asserted (this machine is shared).
+#[test]
+fn the_bench_runs_both_strategies() {
+    let args = ["moe-bench", "--tokens", "64", "--iterations", "2", "--us-per-token", "10"];
+    let (ok, out, err) = phalanx(&args);
+    assert!(ok, "{err}");
+    let (ep, fssdp) = (numbers(&out, "EP "), numbers(&out, "FSSDP "));
+    assert!(ep.len() == 2 && fssdp.len() == 2, "{out}");
+    assert!(fssdp[1] < ep[1], "FSSDP's straggler below EP's\n{out}");
+    let speedup = numbers(&out, "FSSDP speed-up over EP:");
+    assert!(close(speedup[0], ep[0] / fssdp[0], 0.02 * speedup[0]), "{speedup:?}\n{out}");
+    let (ok, _, err) = phalanx(&["moe-bench", "--hidden", "0"]);
+    assert!(!ok && err.contains("at least 1"), "{err}");
 }
