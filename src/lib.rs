@@ -36,6 +36,7 @@ pub mod dtype;
 pub mod error;
 pub(crate) mod exec;
 pub mod membership;
+pub mod moe;
 pub mod op;
 pub mod plan;
 pub mod quant;

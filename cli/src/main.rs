@@ -1,8 +1,11 @@
-//! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`.
+//! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`, `pipeline`,
+//! `moe-sim`, `moe-bench`.
 
 mod bench;
 mod churn;
 mod mix;
+mod moe_bench;
+mod moe_sim;
 mod pipeline;
 mod relay;
 mod worker;
@@ -38,6 +41,12 @@ enum Command {
     /// Generates a pipeline schedule (1F1B, ZB-H1, ZB-V), checks it, and prints its simulated
     /// timeline, bubble and peak memory per stage.
     Pipeline(pipeline::PipelineArgs),
+    /// Simulates FSSDP's expert placement against static expert parallelism (EP) and FSDP
+    /// on a Zipf-skewed gate trace: straggler load, traffic and memory.
+    MoeSim(moe_sim::MoeSimArgs),
+    /// Times the FSSDP layer against static expert parallelism on an in-process group,
+    /// compute proportional to tokens (a sleep per token).
+    MoeBench(moe_bench::MoeBenchArgs),
     /// One peer process of `bench` (internal).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -128,6 +137,8 @@ fn main() {
         Command::Churn(args) => churn::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Pipeline(args) => pipeline::run(args),
+        Command::MoeSim(args) => moe_sim::run(args),
+        Command::MoeBench(args) => moe_bench::run(args),
         Command::BenchPeer(args) => bench::run_peer(args),
         Command::Relay(args) => relay::run(args),
     };

@@ -388,6 +388,46 @@ typedef struct phx_pipeline_result {
     double peak_memory;
 } phx_pipeline_result;
 
+/**
+ * One strategy's figures per iteration, averaged over the trace.
+ */
+typedef struct phx_moe_strategy {
+    /**
+     * The most tokens one device computes (the straggler).
+     */
+    double straggler;
+    /**
+     * Bytes of parameters and their gradients received, all devices together.
+     */
+    double param_bytes;
+    /**
+     * Bytes of tokens and their gradients received, all devices together.
+     */
+    double token_bytes;
+    /**
+     * The most expert bytes one device holds at once.
+     */
+    double max_memory;
+} phx_moe_strategy;
+
+/**
+ * What `phx_moe_simulate` measured, for each strategy.
+ */
+typedef struct phx_moe_sim_result {
+    /**
+     * Expert parallelism with a static owner.
+     */
+    struct phx_moe_strategy ep;
+    /**
+     * FSDP: every expert all-gathered, every gradient reduce-scattered.
+     */
+    struct phx_moe_strategy fsdp;
+    /**
+     * FSSDP: the hot experts' replicas by spAG and spRS.
+     */
+    struct phx_moe_strategy fssdp;
+} phx_moe_sim_result;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1159,6 +1199,51 @@ int phx_pipeline_simulate(const char *schedule,
                           const double *costs,
                           double memory_limit,
                           struct phx_pipeline_result *out);
+
+/**
+ * Plans P′ of one MoE layer for one iteration (the reference's Algorithm 1): expert `e`
+ * is owned by device `owners[e]` and predicted to get `loads[e]` tokens; `overlap` is
+ * the overlap degree t, `slots` the extra expert slots per device m. `hosts` is NULL or
+ * gives each of the `n_devices` devices its host (replicas then spread over hosts).
+ * Writes `holds[e * n_devices + d]` = 1 where device `d` holds expert `e` (its owner
+ * included), 0 elsewhere: the `holds` matrix of the sparse collectives. On error
+ * (`PHX_ERR_INVALID_ARGUMENT`, `PHX_ERR_NULL`) `holds` is unchanged. Thread-safe.
+ *
+ * # Safety
+ * `owners` and `loads` are readable for `n_experts` entries, `hosts` is NULL or
+ * readable for `n_devices`, and `holds` is writable for `n_experts * n_devices` bytes.
+ */
+int phx_moe_place(size_t n_devices,
+                  size_t n_experts,
+                  const size_t *owners,
+                  const double *loads,
+                  size_t overlap,
+                  size_t slots,
+                  const size_t *hosts,
+                  uint8_t *holds);
+
+/**
+ * Simulates one MoE layer of `n_experts` experts (each `expert_bytes`) over `n_devices`
+ * equal devices (contiguous blocks of owners) for `iterations` iterations of `tokens`
+ * tokens per device (each `token_bytes`), routed top-1 with Zipf(`zipf`) popularity
+ * drawn from `seed`, under EP, FSDP and FSSDP with overlap degree `overlap` and
+ * `slots` extra slots per device: what `phalanx moe-sim` prints. Writes `*out`; on
+ * error names the bad argument (`PHX_ERR_INVALID_ARGUMENT`). Thread-safe.
+ *
+ * # Safety
+ * `out` is NULL (an error) or valid for a write of a `phx_moe_sim_result`.
+ */
+int phx_moe_simulate(size_t n_devices,
+                     size_t n_experts,
+                     double zipf,
+                     uint64_t tokens,
+                     size_t iterations,
+                     size_t overlap,
+                     size_t slots,
+                     uint64_t seed,
+                     uint64_t expert_bytes,
+                     uint64_t token_bytes,
+                     struct phx_moe_sim_result *out);
 
 #ifdef __cplusplus
 }  // extern "C"

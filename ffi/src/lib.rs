@@ -44,11 +44,14 @@ mod quant;
 pub mod scan;
 // Pipeline schedules.
 mod sched;
+// Expert parallelism (FSSDP): placement and simulator.
+mod moe;
 
 pub use args::*;
 pub use collectives::*;
 pub use comm::*;
 pub use master::*;
+pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use pending::*;
 pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
 pub use sched::{phx_pipeline_result, phx_pipeline_simulate};

@@ -16,7 +16,7 @@ use crate::status::{guard, invalid, null, Fail, PHX_ERR_BUFFER_TOO_SMALL};
 /// # Safety
 /// When `count` is not zero, `p` is NULL or valid for reads of `count` `T`s, not written
 /// meanwhile.
-unsafe fn slice<'a, T>(p: *const T, count: usize, what: &str) -> Result<&'a [T], Fail> {
+pub(crate) unsafe fn slice<'a, T>(p: *const T, count: usize, what: &str) -> Result<&'a [T], Fail> {
     if count == 0 {
         return Ok(&[]);
     }

@@ -31,6 +31,8 @@ from ._native import (
     SyncReport,
     TransportError,
     __version__,
+    moe_place,
+    moe_simulate,
     pipeline_schedule,
 )
 from ._native import SparseReduced
@@ -45,6 +47,8 @@ sparse_all_gather = Communicator.sparse_all_gather
 sparse_reduce_scatter = Communicator.sparse_reduce_scatter
 
 __all__ = [
+    "moe_place",
+    "moe_simulate",
     "pipeline_schedule",
     "AbortedError",
     "AllReduceHandle",

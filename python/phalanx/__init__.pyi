@@ -317,6 +317,36 @@ sparse_all_reduce = Communicator.sparse_all_reduce
 sparse_all_gather = Communicator.sparse_all_gather
 sparse_reduce_scatter = Communicator.sparse_reduce_scatter
 
+def moe_place(
+    owners: Sequence[int],
+    loads: Sequence[float],
+    overlap: int,
+    slots: int,
+    *,
+    devices: Optional[int] = None,
+    hosts: Optional[Sequence[int]] = None,
+) -> List[List[int]]:
+    """Plans P' of one MoE layer for one iteration (FSSDP, the reference's Algorithm 1):
+    per expert, the devices holding it, ascending, its owner included (the `holders` of
+    `Communicator.sparse_all_gather`). ValueError for inputs no placement fits."""
+
+def moe_simulate(
+    *,
+    devices: int = 8,
+    experts: int = 32,
+    zipf: float = 1.2,
+    tokens: int = 4096,
+    iterations: int = 20,
+    overlap: int = 2,
+    slots: int = 2,
+    seed: int = 1,
+    expert_bytes: int = 16 << 20,
+    token_bytes: int = 2048,
+) -> dict:
+    """Simulates one MoE layer under EP, FSDP and FSSDP on a Zipf trace: a dict with
+    `ep`, `fsdp`, `fssdp` (each `straggler`, `param_bytes`, `token_bytes`, and per device
+    `compute`, `traffic`, `memory`), `straggler_ratio` and `traffic_ratio`."""
+
 def pipeline_schedule(
     schedule: Literal["1f1b", "interleaved", "zbh1", "zbv"],
     stages: int,

@@ -9,7 +9,7 @@
 //! `communicator` (with `AllReduceHandle`), `state` (with `SyncReport`), `array` (the
 //! zero-copy view of Python arrays), and the collective families `scan`, `group`,
 //! `quant` and `sparse` that `Communicator`'s methods delegate to; `sched`, pipeline
-//! schedules.
+//! schedules; `moe`, expert placement and the FSSDP simulator.
 
 mod args;
 mod array;
@@ -17,6 +17,7 @@ mod communicator;
 mod errors;
 mod group;
 mod master;
+mod moe;
 mod quant;
 mod scan;
 mod sched;
@@ -65,6 +66,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
     m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;
+    m.add_function(wrap_pyfunction!(moe::moe_place, m)?)?;
+    m.add_function(wrap_pyfunction!(moe::moe_simulate, m)?)?;
     sparse::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -170,7 +170,7 @@ impl Communicator {
     /// argument checks use these, so that a view that moved since the caller's last
     /// `update_topology` (and so since it sized its buffers) fails with the retryable
     /// [`Error::Aborted`] every collective would give, not an `InvalidArgument`.
-    fn call_group(&self) -> Result<(Rank, usize)> {
+    pub(crate) fn call_group(&self) -> Result<(Rank, usize)> {
         self.peer().ok_or_else(|| Error::Removed { reason: "the communicator left".into() })?.call_group()
     }
 
