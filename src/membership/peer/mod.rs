@@ -263,16 +263,13 @@ impl PeerState {
     }
 
     /// The view a collective begun now would run in: [`PeerState::view`], failing as
-    /// [`PeerState::begin`] would when the group ended (a closed group's loss) or the
-    /// view moved since this peer's last topology round (with
-    /// [`PeerConfig::settle_view_changes`]). Arguments sized from the group (counts,
-    /// roots, sub-groups) are checked against this, so a view that moves under a caller
-    /// gives the retryable `Aborted` that `begin` gives, never a false
-    /// `InvalidArgument`.
+    /// [`PeerState::begin`] would when the view moved since this peer's last topology
+    /// round (with [`PeerConfig::settle_view_changes`]). Arguments sized from the group
+    /// (counts, roots, sub-groups) are checked against this, so a view that moves under
+    /// a caller gives the retryable `Aborted` that `begin` gives, never a false
+    /// `InvalidArgument`. A closed group's loss is left to `begin`: its formed view
+    /// never moves, so a bad argument is still reported as one.
     pub fn call_view(&self) -> Result<View> {
-        if let Some(e) = &self.lost {
-            return Err(e.clone());
-        }
         let view = self.view()?;
         self.check_settled()?;
         Ok(view)
