@@ -3,8 +3,9 @@
 //! A schedule is pure data, like the collective plans: [`Schedule`] lists, for each of
 //! `p` stages, the forward (`F`), input-gradient (`B`), weight-gradient (`W`) or fused
 //! (`BW`) passes it runs, in order, each naming a micro-batch and a chunk. Generators
-//! build them ([`one_f_one_b`], [`interleaved_1f1b`], [`zb_h1`], [`zb_v`], and the
-//! automatic scheduler [`auto_schedule`] with [`zb_2p`]), [`validate`] checks one against the
+//! build them ([`one_f_one_b`], [`interleaved_1f1b`], [`zb_h1`], [`zb_v`], [`v_half`],
+//! [`v_min`], and the automatic scheduler [`auto_schedule`] with [`zb_2p`]), [`validate`]
+//! checks one against the
 //! dependency rules and a memory limit, and [`simulate`] replays it under pass and
 //! communication costs to give each stage's timeline, span, bubble and peak memory.
 //!
@@ -22,18 +23,20 @@
 //! ```
 //!
 //! Built so far: 1F1B, ZB-H1 and the automatic scheduler (ZB-2p at a limit of `2p`) on
-//! one chunk per stage, interleaved 1F1B on `v`, and ZB-V on two. V-Half, V-Min and the
-//! runner are still to come (issue 12).
+//! one chunk per stage, interleaved 1F1B on `v`, and ZB-V, V-Half and V-Min on two. The
+//! runner across processes is still to come (issue 12).
 
 mod auto;
 mod generate;
 mod simulate;
 mod validate;
+mod vshape;
 
 pub use auto::{auto_schedule, zb_2p};
 pub use generate::{interleaved_1f1b, one_f_one_b, zb_h1, zb_v};
 pub use simulate::{simulate, Timeline};
 pub use validate::validate;
+pub use vshape::{v_half, v_min};
 
 /// The kind of a pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

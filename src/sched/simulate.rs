@@ -209,7 +209,7 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
-    use super::super::{auto_schedule, interleaved_1f1b, one_f_one_b, validate, zb_2p, zb_h1, zb_v};
+    use super::super::{auto_schedule, interleaved_1f1b, one_f_one_b, v_half, v_min, validate, zb_2p, zb_h1, zb_v};
     use super::*;
     use proptest::prelude::*;
 
@@ -273,6 +273,17 @@ mod properties {
             let limit = f64::from(limit).min(2.0 * p as f64);
             let auto = auto_schedule(p, m, &costs, limit).unwrap();
             validate(&auto, &costs, Some(limit)).unwrap();
+        }
+
+        /// V-Half and V-Min over random sizes and costs: they validate within the
+        /// paper's memory, `(p+2)/2` and `(p+4)/3` micro-batches (rounded down) per stage.
+        #[test]
+        fn the_v_schedules_stay_within_their_memory(
+            p in 2usize..9, m in 1usize..33, f in 1u32..5, b in 1u32..5, w in 1u32..5, comm in 0u32..3,
+        ) {
+            let costs = Costs { f: f.into(), b: b.into(), w: w.into(), comm: comm.into(), w_memory: 0.0 };
+            validate(&v_half(p, m).unwrap(), &costs, Some(((p + 2) / 2) as f64)).unwrap();
+            validate(&v_min(p, m).unwrap(), &costs, Some(((p + 4) / 3) as f64)).unwrap();
         }
     }
 }
