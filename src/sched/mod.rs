@@ -28,12 +28,14 @@
 
 mod auto;
 mod generate;
+mod named;
 mod simulate;
 mod validate;
 mod vshape;
 
 pub use auto::{auto_schedule, zb_2p};
 pub use generate::{interleaved_1f1b, one_f_one_b, zb_h1, zb_v};
+pub use named::{by_name, SCHEDULE_NAMES};
 pub use simulate::{simulate, Timeline};
 pub use validate::validate;
 pub use vshape::{v_half, v_min};
