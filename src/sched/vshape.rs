@@ -90,34 +90,59 @@ fn put_w(lists: &mut Slots, split: bool) {
 }
 
 /// A stage's peak memory in the block model: F and f hold one unit each until a `W`
-/// frees it; without `W` lists, each idle slot after a backward frees one.
+/// frees it; without `W` lists, each idle slot after a backward frees one. Every pass
+/// of a stage has a slot of its own, so a table of slots replays the stage in one sweep
+/// (the squeeze calls this for every slot it tries).
 fn memory(lists: &Slots) -> i64 {
     let has_w = lists.len() > 4;
-    let bound = lists.iter().filter_map(|l| l.last()).copied().max().unwrap_or(0);
-    let mut at = vec![0usize; lists.len()];
-    let (mut pending, mut held, mut peak) = (0, 0i64, 0i64);
-    for i in 0..=bound {
-        match head(lists, &at, lists.len()) {
-            Some((t, k)) if t == i => {
-                at[k] += 1;
-                held += match k {
-                    0 | 1 => 1,
-                    2 | 3 => 0,
-                    _ => -1,
-                };
-                if k == 2 || k == 3 {
-                    pending += 1;
-                }
+    let bound = lists.iter().filter_map(|l| l.last()).copied().max().unwrap_or(0).max(0) as usize;
+    let mut kind = vec![u8::MAX; bound + 1];
+    for (k, list) in lists.iter().enumerate() {
+        for &t in list {
+            if let Some(slot) = usize::try_from(t).ok().and_then(|t| kind.get_mut(t)) {
+                *slot = k as u8;
             }
-            _ if !has_w && pending > 0 => {
+        }
+    }
+    let (mut pending, mut held, mut peak) = (0, 0i64, 0i64);
+    for k in kind {
+        match k {
+            0 | 1 => held += 1,
+            2 | 3 => pending += 1,
+            u8::MAX if !has_w && pending > 0 => {
                 held -= 1;
                 pending -= 1;
             }
-            _ => {}
+            u8::MAX => {}
+            _ => held -= 1,
         }
         peak = peak.max(held);
     }
     peak
+}
+
+/// The `j`-th smallest slot of two sorted lists together (-1 past their end).
+fn nth_merged(a: &[i64], b: &[i64], j: usize) -> i64 {
+    let (mut x, mut y) = (0, 0);
+    let mut last = -1;
+    for _ in 0..=j {
+        last = match (a.get(x), b.get(y)) {
+            (Some(&u), Some(&v)) if u <= v => {
+                x += 1;
+                u
+            }
+            (_, Some(&v)) => {
+                y += 1;
+                v
+            }
+            (Some(&u), None) => {
+                x += 1;
+                u
+            }
+            (None, None) => return -1,
+        };
+    }
+    last
 }
 
 /// The next pass in slot order over all stages, ties to the lower stage, kind, and
@@ -219,9 +244,7 @@ fn squeeze(mut stages: Vec<Slots>, with_w: bool) -> Result<Vec<Slots>, ScheduleE
         }
         if k == 4 {
             // The j-th `W` follows the j-th backward of either chunk.
-            let mut backs: Vec<i64> = stages[s][2].iter().chain(&stages[s][3]).copied().collect();
-            backs.sort_unstable();
-            deps = deps.max(backs[j]);
+            deps = deps.max(nth_merged(&stages[s][2], &stages[s][3], j));
         }
         if j > 0 {
             deps = deps.max(stages[s][k][j - 1]);
