@@ -2,13 +2,16 @@
 //! timeline, bubble and peak memory per stage.
 
 use clap::Parser;
-use phalanx::sched::{interleaved_1f1b, one_f_one_b, simulate, validate, zb_h1, zb_v, Costs, Pass, Schedule, Timeline};
+use std::time::Instant;
+
+use phalanx::sched::{by_name, simulate, validate, Costs, Pass, Schedule, Timeline};
 
 /// Options of `phalanx pipeline`.
 #[derive(Parser)]
 pub struct PipelineArgs {
-    /// The schedule: 1f1b, interleaved (with --chunks), zbh1 or zbv (V-Half, V-Min and
-    /// the automatic scheduler are still to come).
+    /// The schedule: 1f1b, interleaved (with --chunks), zbh1, zb2p (the automatic
+    /// scheduler at 2p micro-batches of memory), auto (the automatic scheduler under
+    /// --memory-limit), zbv, vhalf or vmin.
     #[arg(long, default_value = "zbh1")]
     schedule: String,
     /// Pipeline stages.
@@ -25,9 +28,14 @@ pub struct PipelineArgs {
     #[arg(long, default_value = "1,1,1,0")]
     costs: String,
     /// Refuse a schedule that holds more activation memory on a stage than this many
-    /// micro-batches' worth.
+    /// micro-batches' worth; the automatic scheduler (auto) schedules under it.
     #[arg(long)]
     memory_limit: Option<f64>,
+    /// Print how long generating, validating and simulating the schedule took instead of
+    /// the orders and the timeline (for large pipelines, e.g. 64 stages, 512
+    /// micro-batches).
+    #[arg(long)]
+    time: bool,
     /// Also draw the timeline as SVG here, in the style of the zero-bubble paper's
     /// figures (one row per stage; F, B, W and fused BW in their own colours, each pass
     /// labelled with its micro-batch).
@@ -89,26 +97,35 @@ fn costs(text: &str) -> Result<Costs, String> {
 pub fn run(args: PipelineArgs) -> Result<(), String> {
     let costs = costs(&args.costs)?;
     let (p, m) = (args.stages, args.microbatches);
-    let schedule: Schedule = match args.schedule.to_ascii_lowercase().as_str() {
-        "1f1b" => one_f_one_b(p, m),
-        "zbh1" | "zb-h1" => zb_h1(p, m),
-        "zbv" | "zb-v" => zb_v(p, m),
-        "interleaved" => interleaved_1f1b(p, m, args.chunks),
-        other => return Err(format!("--schedule {other:?}: this build has 1f1b, interleaved, zbh1 and zbv")),
-    }
-    .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let schedule: Schedule = by_name(&args.schedule, p, m, args.chunks, &costs, args.memory_limit)
+        .map_err(|e| format!("--schedule: {e}"))?;
+    let generated = started.elapsed();
     validate(&schedule, &costs, args.memory_limit).map_err(|e| e.to_string())?;
+    let validated = started.elapsed();
     let t = simulate(&schedule, &costs).map_err(|e| e.to_string())?;
+    let simulated = started.elapsed();
     println!(
         "{}: {p} stages, {m} micro-batches, costs F {} B {} W {} comm {}",
         schedule.name, costs.f, costs.b, costs.w, costs.comm
     );
-    for s in 0..p {
-        println!("s{s}: {}", schedule.order(s));
-    }
-    let unit = [costs.f, costs.b, costs.w].into_iter().fold(f64::INFINITY, f64::min) / schedule.chunks as f64;
-    for s in 0..p {
-        println!("|{}|", t.draw(s, unit));
+    if args.time {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "generated in {:.1} ms, validated in {:.1} ms, simulated in {:.1} ms: {:.1} ms in all",
+            ms(generated),
+            ms(validated - generated),
+            ms(simulated - validated),
+            ms(simulated)
+        );
+    } else {
+        for s in 0..p {
+            println!("s{s}: {}", schedule.order(s));
+        }
+        let unit = [costs.f, costs.b, costs.w].into_iter().fold(f64::INFINITY, f64::min) / schedule.chunks as f64;
+        for s in 0..p {
+            println!("|{}|", t.draw(s, unit));
+        }
     }
     println!(
         "iteration {} (longest stage span), work per stage {}, bubble {} ({:.1} %); peak activation memory per stage {:?}",

@@ -30,3 +30,33 @@ fn the_worked_example_from_the_command_line() {
     let (ok, _, err) = phalanx(&["pipeline", "--stages", "1"]);
     assert!(!ok && err.contains("at least 2 stages"), "{err}");
 }
+
+/// The automatic scheduler and the V schedules from the command line: ZB-2p's zero
+/// bubble at 7 micro-batches on the first stage, auto under a limit, V-Half and V-Min
+/// with their bubbles and balanced peaks, and the timing mode.
+#[test]
+fn the_new_schedules_from_the_command_line() {
+    let (ok, out, err) = phalanx(&["pipeline", "--schedule", "zb2p"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ZB-2p:") && out.contains("s0: F0 F1 F2 F3 F4 F5 F6 B0 F7 W0 B1"), "{out}");
+    assert!(out.contains("bubble 0 ") && out.contains("[7.0, 5.0, 3.0, 1.0]"), "{out}");
+    let (ok, out, err) = phalanx(&["pipeline", "--schedule", "auto", "--memory-limit", "4"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("auto:") && out.contains("[4.0, 3.0, 2.0, 1.0]"), "{out}");
+    let (ok, out, err) = phalanx(&["pipeline", "--schedule", "vhalf"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("bubble 2.5 ") && out.contains("[3.0, 3.0, 3.0, 3.0]"), "{out}");
+    let (ok, out, err) = phalanx(&["pipeline", "--schedule", "v-min", "--costs", "1,1,1,0"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("bubble 5.5 ") && out.contains("[2.0, 2.0, 2.0, 2.0]"), "{out}");
+    let (ok, out, err) =
+        phalanx(&["pipeline", "--schedule", "zb2p", "--stages", "8", "--microbatches", "32", "--time"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("generated in ") && out.contains(" ms in all") && !out.contains("s0: F0"), "{out}");
+    let (ok, _, err) = phalanx(&["pipeline", "--schedule", "auto"]);
+    assert!(!ok && err.contains("needs a memory limit"), "{err}");
+    let (ok, _, err) = phalanx(&["pipeline", "--schedule", "auto", "--memory-limit", "0.5"]);
+    assert!(!ok && err.contains("memory limit 0.5 is below"), "{err}");
+    let (ok, _, err) = phalanx(&["pipeline", "--schedule", "gpipe"]);
+    assert!(!ok && err.contains("vhalf"), "{err}");
+}

@@ -1181,12 +1181,14 @@ int phx_comm_all_scan_linear_attention(struct phx_comm *comm,
                                        size_t blocks);
 
 /**
- * Generates the pipeline schedule `schedule` ("1f1b", "interleaved", "zbh1" or "zbv")
- * for `stages` stages and `microbatches` micro-batches (`chunks` chunks per stage for
- * "interleaved"), checks it (every pass once, no deadlock, at most `memory_limit`
- * micro-batches of activations per stage unless `memory_limit <= 0`), and simulates
- * one iteration with `costs` = {F, B, W, COMM}. Writes `*out`; on error names the limit
- * (`PHX_ERR_INVALID_ARGUMENT`). Thread-safe.
+ * Generates the pipeline schedule `schedule` ("1f1b", "interleaved", "zbh1", "zb2p",
+ * "auto", "zbv", "vhalf" or "vmin") for `stages` stages and `microbatches`
+ * micro-batches (`chunks` chunks per stage for "interleaved"), checks it (every pass
+ * once, no deadlock, at most `memory_limit` micro-batches of activations per stage
+ * unless `memory_limit <= 0`), and simulates one iteration with `costs` = {F, B, W,
+ * COMM}. "zb2p" is the automatic scheduler at `2 * stages` micro-batches of memory;
+ * "auto" schedules under `memory_limit`, which it needs (> 0). Writes `*out`; on error
+ * names the limit (`PHX_ERR_INVALID_ARGUMENT`). Thread-safe.
  *
  * # Safety
  * `schedule` is a NUL-terminated string, `costs` points to 4 doubles, `out` is valid

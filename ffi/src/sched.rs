@@ -2,7 +2,7 @@
 
 use std::ffi::{c_char, c_int};
 
-use phalanx::sched::{interleaved_1f1b, one_f_one_b, simulate, validate, zb_h1, zb_v, Costs};
+use phalanx::sched::{by_name, simulate, validate, Costs};
 
 use crate::args::{c_str, out_ptr, write_out};
 use crate::status::{guard, invalid, null, Fail};
@@ -20,12 +20,14 @@ pub struct phx_pipeline_result {
     pub peak_memory: f64,
 }
 
-/// Generates the pipeline schedule `schedule` ("1f1b", "interleaved", "zbh1" or "zbv")
-/// for `stages` stages and `microbatches` micro-batches (`chunks` chunks per stage for
-/// "interleaved"), checks it (every pass once, no deadlock, at most `memory_limit`
-/// micro-batches of activations per stage unless `memory_limit <= 0`), and simulates
-/// one iteration with `costs` = {F, B, W, COMM}. Writes `*out`; on error names the limit
-/// (`PHX_ERR_INVALID_ARGUMENT`). Thread-safe.
+/// Generates the pipeline schedule `schedule` ("1f1b", "interleaved", "zbh1", "zb2p",
+/// "auto", "zbv", "vhalf" or "vmin") for `stages` stages and `microbatches`
+/// micro-batches (`chunks` chunks per stage for "interleaved"), checks it (every pass
+/// once, no deadlock, at most `memory_limit` micro-batches of activations per stage
+/// unless `memory_limit <= 0`), and simulates one iteration with `costs` = {F, B, W,
+/// COMM}. "zb2p" is the automatic scheduler at `2 * stages` micro-batches of memory;
+/// "auto" schedules under `memory_limit`, which it needs (> 0). Writes `*out`; on error
+/// names the limit (`PHX_ERR_INVALID_ARGUMENT`). Thread-safe.
 ///
 /// # Safety
 /// `schedule` is a NUL-terminated string, `costs` points to 4 doubles, `out` is valid
@@ -54,16 +56,8 @@ pub unsafe extern "C" fn phx_pipeline_simulate(
             return Err(invalid("costs must be {F, B, W, COMM}: passes positive, COMM at least 0"));
         }
         let costs = Costs { f: c[0], b: c[1], w: c[2], comm: c[3], w_memory: 0.0 };
-        let (p, m) = (stages, microbatches);
-        let s = match name {
-            "1f1b" => one_f_one_b(p, m),
-            "interleaved" => interleaved_1f1b(p, m, chunks),
-            "zbh1" => zb_h1(p, m),
-            "zbv" => zb_v(p, m),
-            other => return Err(invalid(format!("unknown schedule {other:?}: 1f1b, interleaved, zbh1 or zbv"))),
-        }
-        .map_err(|e| invalid(e.to_string()))?;
         let limit = (memory_limit > 0.0).then_some(memory_limit);
+        let s = by_name(name, stages, microbatches, chunks, &costs, limit).map_err(|e| invalid(e.to_string()))?;
         validate(&s, &costs, limit).map_err(|e: phalanx::sched::ScheduleError| invalid(e.to_string()))?;
         let t = simulate(&s, &costs).map_err(|e| invalid(e.to_string()))?;
         let result = phx_pipeline_result {

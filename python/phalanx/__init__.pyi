@@ -348,7 +348,7 @@ def moe_simulate(
     `compute`, `traffic`, `memory`), `straggler_ratio` and `traffic_ratio`."""
 
 def pipeline_schedule(
-    schedule: Literal["1f1b", "interleaved", "zbh1", "zbv"],
+    schedule: Literal["1f1b", "interleaved", "zbh1", "zb2p", "auto", "zbv", "vhalf", "vmin"],
     stages: int,
     microbatches: int,
     *,
@@ -358,5 +358,7 @@ def pipeline_schedule(
 ) -> dict:
     """Generates a pipeline schedule, checks it and simulates one iteration: a dict with
     `name`, `orders` (per stage, (pass, micro-batch, chunk)), `timeline` (per stage,
-    (start, end)), `spans`, `iteration`, `bubble` and `peak_memory`. ValueError for
-    unsupported parameters or an exceeded memory limit."""
+    (start, end)), `spans`, `iteration`, `bubble` and `peak_memory`. "zb2p" is the
+    automatic zero-bubble scheduler at 2 * stages micro-batches of memory, "auto" the same
+    scheduler under `memory_limit` (which it needs). ValueError for unsupported
+    parameters or an exceeded memory limit."""

@@ -1,7 +1,7 @@
 //! Pipeline schedules from Python: `phalanx.pipeline_schedule`, the generators, the
 //! validator and the simulator of `phalanx::sched` in one call.
 
-use phalanx::sched::{interleaved_1f1b, one_f_one_b, simulate, validate, zb_h1, zb_v, Costs, Pass, Schedule};
+use phalanx::sched::{by_name, simulate, validate, Costs, Pass};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -9,7 +9,9 @@ use pyo3::types::PyDict;
 /// Generates a pipeline schedule, checks it and simulates one iteration.
 ///
 /// Args:
-///     schedule: "1f1b", "interleaved" (with `chunks`), "zbh1" or "zbv".
+///     schedule: "1f1b", "interleaved" (with `chunks`), "zbh1", "zb2p" (the automatic
+///         scheduler at 2 * stages micro-batches of memory), "auto" (the automatic
+///         scheduler under `memory_limit`, which it needs), "zbv", "vhalf" or "vmin".
 ///     stages: pipeline stages (at least 2).
 ///     microbatches: micro-batches per iteration.
 ///     chunks: model chunks per stage for "interleaved".
@@ -39,18 +41,8 @@ pub(crate) fn pipeline_schedule<'py>(
         return Err(PyValueError::new_err("costs must be (F, B, W, COMM): passes positive, COMM at least 0"));
     }
     let costs = Costs { f, b, w, comm, w_memory: 0.0 };
-    let (p, m) = (stages, microbatches);
-    let generated: Result<Schedule, _> = match schedule.to_ascii_lowercase().as_str() {
-        "1f1b" => one_f_one_b(p, m),
-        "interleaved" => interleaved_1f1b(p, m, chunks),
-        "zbh1" | "zb-h1" => zb_h1(p, m),
-        "zbv" | "zb-v" => zb_v(p, m),
-        other => {
-            return Err(PyValueError::new_err(format!("unknown schedule {other:?}: 1f1b, interleaved, zbh1 or zbv")))
-        }
-    };
     let bad = |e: phalanx::sched::ScheduleError| PyValueError::new_err(e.to_string());
-    let s = generated.map_err(bad)?;
+    let s = by_name(schedule, stages, microbatches, chunks, &costs, memory_limit).map_err(bad)?;
     validate(&s, &costs, memory_limit).map_err(bad)?;
     let t = simulate(&s, &costs).map_err(bad)?;
     let name = |pass: Pass| match pass {

@@ -3,7 +3,7 @@
 
 use super::{Action, Pass, Placement, Schedule, ScheduleError};
 
-fn check(p: usize, m: usize) -> Result<(), ScheduleError> {
+pub(super) fn check(p: usize, m: usize) -> Result<(), ScheduleError> {
     if p < 2 {
         return Err(ScheduleError::Invalid(format!("a pipeline needs at least 2 stages, got {p}")));
     }

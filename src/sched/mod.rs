@@ -3,7 +3,9 @@
 //! A schedule is pure data, like the collective plans: [`Schedule`] lists, for each of
 //! `p` stages, the forward (`F`), input-gradient (`B`), weight-gradient (`W`) or fused
 //! (`BW`) passes it runs, in order, each naming a micro-batch and a chunk. Generators
-//! build them ([`one_f_one_b`], [`interleaved_1f1b`], [`zb_h1`], [`zb_v`]), [`validate`] checks one against the
+//! build them ([`one_f_one_b`], [`interleaved_1f1b`], [`zb_h1`], [`zb_v`], [`v_half`],
+//! [`v_min`], and the automatic scheduler [`auto_schedule`] with [`zb_2p`]), [`validate`]
+//! checks one against the
 //! dependency rules and a memory limit, and [`simulate`] replays it under pass and
 //! communication costs to give each stage's timeline, span, bubble and peak memory.
 //!
@@ -20,17 +22,23 @@
 //! assert_eq!(t.peak_memory, vec![4.0, 3.0, 2.0, 1.0]); // units of one micro-batch's activations
 //! ```
 //!
-//! Built so far: 1F1B and ZB-H1 on one chunk per stage, interleaved 1F1B on `v`, and
-//! ZB-V on two. V-Half, V-Min,
-//! ZB-2p with the automatic scheduler, and the runner are still to come (issue 12).
+//! Built so far: 1F1B, ZB-H1 and the automatic scheduler (ZB-2p at a limit of `2p`) on
+//! one chunk per stage, interleaved 1F1B on `v`, and ZB-V, V-Half and V-Min on two. The
+//! runner across processes is still to come (issue 12).
 
+mod auto;
 mod generate;
+mod named;
 mod simulate;
 mod validate;
+mod vshape;
 
+pub use auto::{auto_schedule, zb_2p};
 pub use generate::{interleaved_1f1b, one_f_one_b, zb_h1, zb_v};
+pub use named::{by_name, SCHEDULE_NAMES};
 pub use simulate::{simulate, Timeline};
 pub use validate::validate;
+pub use vshape::{v_half, v_min};
 
 /// The kind of a pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -191,5 +199,15 @@ pub enum ScheduleError {
         peak: f64,
         /// The limit.
         limit: f64,
+    },
+    /// A memory limit below what a generator can meet: raise the limit.
+    #[error("memory limit {limit} is below what the schedule needs ({need} micro-batches of activations on a stage): {detail}; raise the limit")]
+    MemoryLimit {
+        /// The limit asked for, in micro-batches of one stage's activations.
+        limit: f64,
+        /// What the schedule needed at the point it failed.
+        need: f64,
+        /// Where and why.
+        detail: String,
     },
 }

@@ -209,7 +209,7 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
-    use super::super::{interleaved_1f1b, one_f_one_b, validate, zb_h1, zb_v};
+    use super::super::{auto_schedule, interleaved_1f1b, one_f_one_b, v_half, v_min, validate, zb_2p, zb_h1, zb_v};
     use super::*;
     use proptest::prelude::*;
 
@@ -254,6 +254,36 @@ mod properties {
             let ti = simulate(&interleaved_1f1b(p, mi, v).unwrap(), &costs).unwrap();
             let want = (p - 1) as f64 * (f + b + w) / v as f64;
             prop_assert!(close(ti.bubble(), want), "interleaved p={p} m={mi} v={v}: {} vs {want}", ti.bubble());
+        }
+
+        /// The automatic scheduler over random sizes, costs (with communication and a `W`
+        /// memory share) and limits: its order validates under its limit; ZB-2p's
+        /// bubble is at most ZB-H1's, and within 2p micro-batches of memory.
+        #[test]
+        fn the_auto_scheduler_stays_under_its_limit(
+            p in 2usize..9, m in 1usize..33, f in 1u32..5, b in 1u32..5, w in 1u32..5, comm in 0u32..3,
+            share in 0u32..3, limit in 1u32..20,
+        ) {
+            let costs = Costs { f: f.into(), b: b.into(), w: w.into(), comm: comm.into(), w_memory: f64::from(share) / 2.0 };
+            let zb = zb_2p(p, m, &costs).unwrap();
+            validate(&zb, &costs, Some(2.0 * p as f64)).unwrap();
+            let t2 = simulate(&zb, &costs).unwrap();
+            let th = simulate(&zb_h1(p, m).unwrap(), &costs).unwrap();
+            prop_assert!(t2.bubble() <= th.bubble() + 1e-9, "ZB-2p {} vs ZB-H1 {}", t2.bubble(), th.bubble());
+            let limit = f64::from(limit).min(2.0 * p as f64);
+            let auto = auto_schedule(p, m, &costs, limit).unwrap();
+            validate(&auto, &costs, Some(limit)).unwrap();
+        }
+
+        /// V-Half and V-Min over random sizes and costs: they validate within the
+        /// paper's memory, `(p+2)/2` and `(p+4)/3` micro-batches (rounded down) per stage.
+        #[test]
+        fn the_v_schedules_stay_within_their_memory(
+            p in 2usize..9, m in 1usize..33, f in 1u32..5, b in 1u32..5, w in 1u32..5, comm in 0u32..3,
+        ) {
+            let costs = Costs { f: f.into(), b: b.into(), w: w.into(), comm: comm.into(), w_memory: 0.0 };
+            validate(&v_half(p, m).unwrap(), &costs, Some(((p + 2) / 2) as f64)).unwrap();
+            validate(&v_min(p, m).unwrap(), &costs, Some(((p + 4) / 3) as f64)).unwrap();
         }
     }
 }

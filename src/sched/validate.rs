@@ -50,7 +50,7 @@ pub fn validate(schedule: &Schedule, costs: &Costs, memory_limit: Option<f64>) -
 
 #[cfg(test)]
 mod tests {
-    use super::super::{one_f_one_b, zb_h1, zb_v, Action};
+    use super::super::{one_f_one_b, v_half, v_min, zb_2p, zb_h1, zb_v, Action};
     use super::*;
 
     #[test]
@@ -58,6 +58,12 @@ mod tests {
         for (p, m) in [(2, 1), (2, 5), (4, 8), (5, 3), (8, 32)] {
             for s in [one_f_one_b(p, m).unwrap(), zb_h1(p, m).unwrap(), zb_v(p, m).unwrap()] {
                 validate(&s, &Costs::unit(), Some(p as f64)).unwrap_or_else(|e| panic!("{} p={p} m={m}: {e}", s.name));
+            }
+            let zb = zb_2p(p, m, &Costs::unit()).unwrap();
+            validate(&zb, &Costs::unit(), Some(2.0 * p as f64)).unwrap_or_else(|e| panic!("ZB-2p p={p} m={m}: {e}"));
+            for (s, limit) in [(v_half(p, m).unwrap(), (p + 2) / 2), (v_min(p, m).unwrap(), (p + 4) / 3)] {
+                validate(&s, &Costs::unit(), Some(limit as f64))
+                    .unwrap_or_else(|e| panic!("{} p={p} m={m}: {e}", s.name));
             }
         }
         let mut s = zb_h1(4, 8).unwrap();
@@ -67,5 +73,27 @@ mod tests {
         let e = validate(&one_f_one_b(4, 8).unwrap(), &Costs::unit(), Some(3.0)).unwrap_err();
         assert!(matches!(&e, ScheduleError::Memory { stage: 0, .. }), "{e}");
         assert!(e.to_string().contains("F3"), "{e}");
+    }
+
+    /// The new generators broken by hand: a lost pass, a backward before its forward,
+    /// and a memory limit below the schedule's, each named.
+    #[test]
+    fn broken_new_schedules_name_the_action() {
+        let mut s = v_half(4, 8).unwrap();
+        s.stages[1].retain(|a| *a != Action { pass: Pass::W, mb: 3, chunk: 1 });
+        let e = validate(&s, &Costs::unit(), None).unwrap_err();
+        assert!(
+            matches!(&e, ScheduleError::Passes { stage: 1, detail } if detail.contains("micro-batch 3 (chunk 1)")),
+            "{e}"
+        );
+        let mut s = zb_2p(4, 8, &Costs::unit()).unwrap();
+        // Stage 2 runs B6 where it ran F6.
+        let at = s.stages[2].iter().position(|a| *a == Action::new(Pass::F, 6)).unwrap();
+        let b6 = s.stages[2].iter().position(|a| *a == Action::new(Pass::B, 6)).unwrap();
+        s.stages[2].swap(at, b6);
+        let e = validate(&s, &Costs::unit(), None).unwrap_err();
+        assert!(matches!(&e, ScheduleError::Deadlock(why) if why.contains("stage 2 at B6")), "{e}");
+        let e = validate(&v_min(4, 8).unwrap(), &Costs::unit(), Some(1.5)).unwrap_err();
+        assert!(matches!(&e, ScheduleError::Memory { peak, .. } if *peak == 2.0), "{e}");
     }
 }

@@ -87,6 +87,17 @@ static void check_argument_errors(phx_comm *comm, size_t n) {
         EXPECT(r.iteration == 27 && r.bubble == 3 && r.peak_memory == 4);
         CHECK(phx_pipeline_simulate("zbv", 4, 8, 0, unit, 4, &r));
         EXPECT(r.bubble == 0 && r.peak_memory == 4);
+        /* ZB-2p: the automatic scheduler at 2p; V-Half and V-Min with less memory. */
+        CHECK(phx_pipeline_simulate("zb2p", 4, 8, 0, unit, 0, &r));
+        EXPECT(r.iteration == 24 && r.bubble == 0 && r.peak_memory == 7);
+        CHECK(phx_pipeline_simulate("vhalf", 4, 8, 0, unit, 3, &r));
+        EXPECT(r.bubble == 2.5 && r.peak_memory == 3);
+        CHECK(phx_pipeline_simulate("vmin", 4, 8, 0, unit, 0, &r));
+        EXPECT(r.bubble == 5.5 && r.peak_memory == 2);
+        CHECK(phx_pipeline_simulate("auto", 4, 8, 0, unit, 4, &r));
+        EXPECT(r.peak_memory <= 4);
+        EXPECT_STATUS(phx_pipeline_simulate("auto", 4, 8, 0, unit, 0, &r), PHX_ERR_INVALID_ARGUMENT);
+        EXPECT(strstr(phx_last_error(), "needs a memory limit") != NULL);
         EXPECT_STATUS(phx_pipeline_simulate("1f1b", 4, 8, 0, unit, 3, &r), PHX_ERR_INVALID_ARGUMENT);
         EXPECT(strstr(phx_last_error(), "stage 0 holds 4") != NULL);
         EXPECT_STATUS(phx_pipeline_simulate("zbh1", 4, 8, 0, NULL, 0, &r), PHX_ERR_NULL);
