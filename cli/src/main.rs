@@ -1,11 +1,13 @@
 //! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`, `pipeline`,
-//! `moe-sim`, `moe-bench`.
+//! `moe-sim`, `moe-bench`, `moe-worker`.
 
 mod bench;
 mod churn;
 mod mix;
 mod moe_bench;
+mod moe_data;
 mod moe_sim;
+mod moe_worker;
 mod pipeline;
 mod relay;
 mod worker;
@@ -47,6 +49,9 @@ enum Command {
     /// Times the FSSDP layer against static expert parallelism on an in-process group,
     /// compute proportional to tokens (a sleep per token).
     MoeBench(moe_bench::MoeBenchArgs),
+    /// One device of the FSSDP layer as its own process joined to a master: the worked
+    /// example, the timed FSSDP-vs-EP comparison, or training with backups through a loss.
+    MoeWorker(moe_worker::MoeWorkerArgs),
     /// One peer process of `bench` (internal).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -139,6 +144,7 @@ fn main() {
         Command::Pipeline(args) => pipeline::run(args),
         Command::MoeSim(args) => moe_sim::run(args),
         Command::MoeBench(args) => moe_bench::run(args),
+        Command::MoeWorker(args) => moe_worker::run(args),
         Command::BenchPeer(args) => bench::run_peer(args),
         Command::Relay(args) => relay::run(args),
     };

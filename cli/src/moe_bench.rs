@@ -14,9 +14,10 @@ use phalanx::Communicator;
 /// Options of `phalanx moe-bench`.
 #[derive(Parser)]
 pub struct MoeBenchArgs {
-    /// Devices (peers of one in-process group, a thread each).
+    /// Devices (peers of one in-process group, a thread each; with `moe-worker`, the
+    /// processes of the group).
     #[arg(long, default_value_t = 4)]
-    devices: usize,
+    pub devices: usize,
     /// Experts of the layer.
     #[arg(long, default_value_t = 8)]
     experts: usize,
@@ -50,7 +51,7 @@ pub struct MoeBenchArgs {
 }
 
 /// One device's iterations under `placements[i]`; returns the seconds each took.
-fn run_device(
+pub(crate) fn run_device(
     comm: &mut Communicator,
     placements: &[ExpertPlacement],
     routing: &[Vec<usize>],
@@ -105,7 +106,19 @@ fn run_group(
     Ok((0..placements.len()).map(|i| per_device.iter().map(|t| t[i]).fold(0.0, f64::max)).collect())
 }
 
-pub fn run(args: MoeBenchArgs) -> Result<(), String> {
+/// What both strategies run: the placements of every iteration (after the predictor's
+/// warm-up window), each device's tokens' experts per iteration, and the trace.
+pub(crate) struct Plans {
+    pub ep: Vec<ExpertPlacement>,
+    pub fssdp: Vec<ExpertPlacement>,
+    /// `routing[i][d]`: device `d`'s tokens' experts in iteration `i`.
+    pub routing: Vec<Vec<Vec<usize>>>,
+    /// The gate's counts of the planned iterations: `trace[i][d][e]`.
+    trace: Vec<Vec<Vec<u64>>>,
+}
+
+/// Plans the benchmark's iterations; every process computes the same plans.
+pub(crate) fn plans(args: &MoeBenchArgs) -> Result<Plans, String> {
     let (d, e) = (args.devices, args.experts);
     if d == 0 || e == 0 || args.iterations == 0 || args.hidden == 0 {
         return Err("--devices, --experts, --iterations and --hidden must be at least 1".into());
@@ -142,24 +155,40 @@ pub fn run(args: MoeBenchArgs) -> Result<(), String> {
         predictor.observe(&gate(i)).map_err(|x| x.to_string())?;
     }
     let ep = vec![ExpertPlacement::sharded(&owners, d).map_err(|x| x.to_string())?; fssdp.len()];
+    Ok(Plans { ep, fssdp, routing, trace: trace[warm..].to_vec() })
+}
 
-    let mean = |t: &[f64]| t[1..].iter().sum::<f64>() / (t.len() - 1) as f64 * 1e3;
-    let t_ep = run_group(&ep, &routing, &args)?;
-    let t_fssdp = run_group(&fssdp, &routing, &args)?;
+/// Prints the comparison: `t_ep` and `t_fssdp` are the per-iteration times of the
+/// slowest device (the first, a warm-up, is left out); `how` says where the devices ran.
+pub(crate) fn report(
+    args: &MoeBenchArgs,
+    plans: &Plans,
+    t_ep: &[f64],
+    t_fssdp: &[f64],
+    how: &str,
+) -> Result<(), String> {
+    let mean = |t: &[f64]| t[1..].iter().sum::<f64>() / (t.len() - 1).max(1) as f64 * 1e3;
     let straggler = |ps: &[ExpertPlacement]| -> Result<f64, String> {
         let mut total = 0u64;
-        for (p, it) in ps.iter().zip(&trace[warm..]).skip(1) {
+        for (p, it) in ps.iter().zip(&plans.trace).skip(1) {
             total += phalanx::moe::dispatch(p, it, None).map_err(|x| x.to_string())?.straggler();
         }
         Ok(total as f64 / args.iterations as f64)
     };
     println!(
-        "moe-bench: {d} in-process devices, {e} experts, Zipf s = {}, {} tokens per device, {} us per token (forward and backward), t = {}, m = {}",
-        args.zipf, args.tokens, args.us_per_token, args.overlap, args.slots
+        "moe-bench: {} {how} devices, {} experts, Zipf s = {}, {} tokens per device, {} us per token (forward and backward), t = {}, m = {}",
+        args.devices, args.experts, args.zipf, args.tokens, args.us_per_token, args.overlap, args.slots
     );
     println!("strategy  ms/iteration  straggler tokens");
-    println!("EP        {:>12.2}  {:>16.1}", mean(&t_ep), straggler(&ep)?);
-    println!("FSSDP     {:>12.2}  {:>16.1}", mean(&t_fssdp), straggler(&fssdp)?);
-    println!("FSSDP speed-up over EP: {:.2}x (target >= 1.5)", mean(&t_ep) / mean(&t_fssdp));
+    println!("EP        {:>12.2}  {:>16.1}", mean(t_ep), straggler(&plans.ep)?);
+    println!("FSSDP     {:>12.2}  {:>16.1}", mean(t_fssdp), straggler(&plans.fssdp)?);
+    println!("FSSDP speed-up over EP: {:.2}x (target >= 1.5)", mean(t_ep) / mean(t_fssdp));
     Ok(())
+}
+
+pub fn run(args: MoeBenchArgs) -> Result<(), String> {
+    let plans = plans(&args)?;
+    let t_ep = run_group(&plans.ep, &plans.routing, &args)?;
+    let t_fssdp = run_group(&plans.fssdp, &plans.routing, &args)?;
+    report(&args, &plans, &t_ep, &t_fssdp, "in-process")
 }
