@@ -11,6 +11,7 @@
 //!   go on, and every expert's parameters and momentum at the end equal, bitwise, a
 //!   single-process run over the same data (all four devices' before the loss, the
 //!   survivors' after it).
+//! - The timed FSSDP-vs-EP comparison (`--mode bench`) runs to its table.
 //!
 //! Every wait is bounded, and the processes are SIGKILLed and reaped when a test ends.
 
@@ -173,4 +174,28 @@ fn training_survives_a_sigkilled_device_from_the_backups() {
     }
     // Every expert lives on its owner and its backup among the survivors.
     assert_eq!(covered, [2; EXPERTS], "owner and backup of every expert");
+}
+
+/// The timed comparison with each device a process: device 0 prints the table (each
+/// iteration timed by its slowest device), every device finishes. Timing itself is not
+/// asserted (a shared 2-core machine); the README reports a measured run.
+#[test]
+fn timed_comparison_across_four_processes() {
+    let _serial = serial();
+    let short = ["--tokens", "64", "--iterations", "2", "--us-per-token", "10", "--expert-len", "256"];
+    let (mut c, ws) = devices("bench", |_| short.iter().map(|s| s.to_string()).collect());
+    c.wait(Duration::from_secs(45), "every device to finish the comparison", |c| {
+        ws.iter().all(|&w| c.find(w, 0, |e| e.is("done")).is_some()).then_some(())
+    });
+    c.stop();
+    // Lines that are not JSON are logged as `?` events with their text.
+    let lines = |w: usize| -> Vec<String> {
+        c.log(w).iter().filter(|e| e.is("?")).map(|e| e.str("line").to_string()).collect()
+    };
+    let table = lines(ws[0]);
+    assert!(table.first().is_some_and(|l| l.starts_with("moe-bench: 4 process devices")), "{table:?}");
+    for row in ["EP ", "FSSDP ", "FSSDP speed-up over EP: "] {
+        assert!(table.iter().any(|l| l.starts_with(row)), "no {row:?} line in {table:?}");
+    }
+    assert!(ws[1..].iter().all(|&w| lines(w).is_empty()), "only device 0 prints the table");
 }
