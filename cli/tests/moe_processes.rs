@@ -127,6 +127,7 @@ fn training_survives_a_sigkilled_device_from_the_backups() {
     c.wait(Duration::from_secs(45), "the victim to stop mid-iteration", |c| {
         c.find(ws[VICTIM], 0, |e| e.is("hanging")).map(|_| ())
     });
+    let killed = std::time::Instant::now();
     c.procs[ws[VICTIM]].child.kill().expect("SIGKILL the victim");
     let survivors: Vec<usize> = ws.iter().copied().filter(|&w| w != ws[VICTIM]).collect();
     let trained = c.wait(Duration::from_secs(45), "every survivor's final state", |c| {
@@ -137,6 +138,14 @@ fn training_survives_a_sigkilled_device_from_the_backups() {
     });
     let logs: Vec<Vec<serde_json::Value>> =
         survivors.iter().map(|&w| c.log(w).iter().map(|e| e.v.clone()).collect()).collect();
+    // The survivors notice the loss within the harness's bound (the kernel closes the
+    // victim's liveness connection; the peer timeout is the fallback).
+    for &w in &survivors {
+        let (_, failed) = c.find(w, 0, |e| e.is("iteration_failed")).expect("a failed iteration");
+        let detected = failed.at.saturating_duration_since(killed);
+        eprintln!("moe training: {} failed {} ms after the SIGKILL", c.procs[w].name, detected.as_millis());
+        assert!(detected <= DETECTION_BOUND, "{} noticed the loss after {detected:?}", c.procs[w].name);
+    }
     c.stop();
 
     // Every survivor's iteration LOST_AT failed once, typed, with its buffers restored.
