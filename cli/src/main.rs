@@ -6,6 +6,7 @@ mod churn;
 mod mix;
 mod moe_bench;
 mod moe_data;
+mod moe_mlp;
 mod moe_sim;
 mod moe_worker;
 mod pipeline;

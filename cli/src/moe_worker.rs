@@ -6,7 +6,8 @@
 //! as `moe-bench` does, each device a process; `train` trains 8 experts with momentum
 //! SGD, each expert's state on its owner and a backup, and goes on through the loss of
 //! a device by re-sharding from the backups (`--hang-at` makes this device stop
-//! mid-iteration, for a harness to SIGKILL it).
+//! mid-iteration, for a harness to SIGKILL it); `mlp` runs one forward and backward of
+//! an MoE layer of 8 MLP experts (`moe_mlp.rs`) with top-1 or top-2 routing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use serde_json::json;
 
 use crate::moe_bench::{self, MoeBenchArgs};
 use crate::moe_data::{self as data, BETA, EXPERTS, LEN, LR};
+use crate::moe_mlp::{self as mlp, H};
 use crate::{emit, now_ms, quic_config};
 
 /// What a `moe-worker` runs.
@@ -32,6 +34,8 @@ pub enum Mode {
     Bench,
     /// Momentum SGD of 8 experts with backup owners, through the loss of a device.
     Train,
+    /// One forward and backward of an MoE layer of 8 MLP experts (`--top-k` 1 or 2).
+    Mlp,
 }
 
 /// Options of `phalanx moe-worker`.
@@ -56,6 +60,9 @@ pub struct MoeWorkerArgs {
     /// killed (announced by a `hanging` event).
     #[arg(long)]
     hang_at: Option<usize>,
+    /// Experts per token in `mlp` (1 or 2).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=2))]
+    top_k: u64,
     /// Heartbeat interval.
     #[arg(long, default_value_t = phalanx::comm::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
@@ -86,6 +93,7 @@ pub fn run(args: MoeWorkerArgs) -> Result<(), String> {
     let want = match args.mode {
         Mode::Example => 4,
         Mode::Train => 4,
+        Mode::Mlp => mlp::DEVICES,
         Mode::Bench => args.bench.devices,
     };
     // The master forms the first view once all devices joined; ranks follow the ids.
@@ -102,6 +110,7 @@ pub fn run(args: MoeWorkerArgs) -> Result<(), String> {
         Mode::Example => example(&mut comm),
         Mode::Bench => bench(&mut comm, &args.bench),
         Mode::Train => train(&mut comm, args.train_iterations, args.hang_at),
+        Mode::Mlp => mlp_layer(&mut comm, args.top_k as usize),
     }?;
     emit(json!({ "event": "done", "t": now_ms() }));
     comm.leave();
@@ -172,6 +181,60 @@ fn bench(comm: &mut Communicator, args: &MoeBenchArgs) -> Result<(), String> {
     if d == 0 {
         moe_bench::report(args, &plans, &t_ep, &t_fssdp, "process")?;
     }
+    Ok(())
+}
+
+/// One forward and backward of the MLP experts' layer on this device: spAG, dispatch,
+/// the experts, combine and the gate's mix; then the output gradients dispatched the
+/// same way, each expert's weight gradient summed over the rows here in arrival order,
+/// the input gradients combined back, and spRS. Reports the outputs, the input
+/// gradients and the gradients of the experts this device owns.
+fn mlp_layer(comm: &mut Communicator, k: usize) -> Result<(), String> {
+    let d = comm.rank();
+    let (owners, _, p) = mlp::plan(k)?;
+    let layer = ExpertLayer::new(p, mlp::W, H, None).map_err(|e| err("layer", e))?;
+    let slot = |v: &[f32], e: usize| -> Result<Vec<f32>, String> {
+        v.get(layer.expert_range(e)).map(<[f32]>::to_vec).ok_or_else(|| format!("expert {e} out of range"))
+    };
+    let mut params = vec![0.0f32; layer.params_len()];
+    for e in (0..mlp::EXPERTS).filter(|&e| owners[e] == d) {
+        params[layer.expert_range(e)].copy_from_slice(&mlp::expert_weights(e));
+    }
+    layer.materialize(comm, &mut params).map_err(|e| err("spAG", e))?;
+    let (picks, experts) = mlp::rows(d, k);
+    let xs: Vec<f32> = picks.iter().flat_map(|&(i, _)| mlp::x_of(d, i)).collect();
+    let arrived = layer.dispatch(comm, &xs, &experts).map_err(|e| err("dispatch", e))?;
+    let mut ys = Vec::with_capacity(arrived.tokens.len());
+    for (x, &e) in arrived.tokens.chunks(H).zip(&arrived.experts) {
+        ys.extend(mlp::mlp(&slot(&params, e)?, x).0);
+    }
+    let y = mlp::mix(&picks, &layer.combine(comm, &arrived, &ys).map_err(|e| err("combine", e))?);
+
+    // Backward: each row's output gradient g_k·c_i goes where its token went.
+    let dys: Vec<f32> = picks.iter().flat_map(|&(i, g)| mlp::c_of(d, i).into_iter().map(move |v| g * v)).collect();
+    let dy_arrived = layer.dispatch(comm, &dys, &experts).map_err(|e| err("dispatch of dy", e))?;
+    if dy_arrived.experts != arrived.experts {
+        return Err("the output gradients arrived in another order than the tokens".into());
+    }
+    let mut grads = vec![0.0f32; layer.params_len()];
+    let mut dxs = Vec::with_capacity(arrived.tokens.len());
+    for ((x, dy), &e) in arrived.tokens.chunks(H).zip(dy_arrived.tokens.chunks(H)).zip(&arrived.experts) {
+        let (dw, dx) = mlp::mlp_backward(&slot(&params, e)?, x, dy);
+        for (g, v) in grads[layer.expert_range(e)].iter_mut().zip(dw) {
+            *g += v;
+        }
+        dxs.extend(dx);
+    }
+    let dx_rows = layer.combine(comm, &dy_arrived, &dxs).map_err(|e| err("combine of dx", e))?;
+    let dx = mlp::mix(&picks.iter().map(|&(i, _)| (i, 1.0)).collect::<Vec<_>>(), &dx_rows);
+    layer.reduce_gradients(comm, &mut grads).map_err(|e| err("spRS", e))?;
+    let owned: Vec<usize> = (0..mlp::EXPERTS).filter(|&e| owners[e] == d).collect();
+    let owned_grads: Vec<Vec<u32>> =
+        owned.iter().map(|&e| slot(&grads, e).map(|g| bits(&g))).collect::<Result<_, _>>()?;
+    emit(json!({
+        "event": "mlp", "device": d, "top_k": k, "y": bits(&y), "dx": bits(&dx),
+        "owned": owned, "grads": owned_grads, "t": now_ms(),
+    }));
     Ok(())
 }
 

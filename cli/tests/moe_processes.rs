@@ -11,6 +11,10 @@
 //!   go on, and every expert's parameters and momentum at the end equal, bitwise, a
 //!   single-process run over the same data (all four devices' before the loss, the
 //!   survivors' after it).
+//! - An MoE layer of 8 MLP experts, top-1 and top-2 Zipf-skewed routing: every device's
+//!   outputs, input gradients and, after spRS, its experts' gradients equal a dense
+//!   single-process reference bitwise (each expert's gradient summed per holder in
+//!   arrival order, holders ascending, as the layer adds them).
 //! - The timed FSSDP-vs-EP comparison (`--mode bench`) runs to its table.
 //!
 //! Every wait is bounded, and the processes are SIGKILLed and reaped when a test ends.
@@ -20,6 +24,8 @@ mod common;
 #[path = "../src/moe_data.rs"]
 #[allow(dead_code)]
 mod moe_data;
+#[path = "../src/moe_mlp.rs"]
+mod moe_mlp;
 
 use std::time::Duration;
 
@@ -207,4 +213,90 @@ fn timed_comparison_across_four_processes() {
         assert!(table.iter().any(|l| l.starts_with(row)), "no {row:?} line in {table:?}");
     }
     assert!(ws[1..].iter().all(|&w| lines(w).is_empty()), "only device 0 prints the table");
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The MLP experts' layer across 4 processes against the dense reference.
+fn mlp_layer_matches_dense(k: usize) {
+    use moe_mlp::{c_of, expert_weights, mix, mlp, mlp_backward, rows, x_of, DEVICES, EXPERTS, W};
+    let _serial = serial();
+    let (mut c, ws) = devices("mlp", |_| vec!["--top-k".to_string(), k.to_string()]);
+    c.wait(Duration::from_secs(45), "every device to finish the layer", |c| {
+        ws.iter().all(|&w| c.find(w, 0, |e| e.is("done")).is_some()).then_some(())
+    });
+    c.stop();
+    let reports: Vec<serde_json::Value> =
+        ws.iter().map(|&w| c.find(w, 0, |e| e.is("mlp")).map(|(_, e)| e.v.clone()).expect("a report")).collect();
+
+    // The dense reference, one process: each expert's gradient summed per holder in
+    // arrival order (by source device, then by expert, then in order), holders ascending.
+    let (owners, routed, p) = moe_mlp::plan(k).expect("plan");
+    assert!(p.transfers() > 0, "the skew replicates something: {p:?}");
+    let plan = phalanx::moe::dispatch(&p, &routed, None).expect("dispatch plan");
+    let mut per_holder: Vec<Vec<Vec<f32>>> = vec![vec![vec![0.0; W]; DEVICES]; EXPERTS];
+    let mut arrivals: Vec<Vec<(usize, usize)>> = vec![Vec::new(); DEVICES]; // (device, row)
+    for src in 0..DEVICES {
+        let (_, experts) = rows(src, k);
+        let mut taken = [0usize; EXPERTS];
+        for r in plan.routes().iter().filter(|r| r.from == src) {
+            let mine: Vec<usize> = (0..experts.len()).filter(|&row| experts[row] == r.expert).collect();
+            let cut = &mine[taken[r.expert]..taken[r.expert] + r.tokens as usize];
+            taken[r.expert] += r.tokens as usize;
+            arrivals[r.to].extend(cut.iter().map(|&row| (src, row)));
+        }
+    }
+    for (h, list) in arrivals.iter_mut().enumerate() {
+        list.sort_by_key(|&(src, row)| (src, rows(src, k).1[row], row));
+        for &(src, row) in list.iter() {
+            let (picks, experts) = rows(src, k);
+            let (i, g) = picks[row];
+            let dy: Vec<f32> = c_of(src, i).into_iter().map(|v| g * v).collect();
+            let (dw, _) = mlp_backward(&expert_weights(experts[row]), &x_of(src, i), &dy);
+            for (a, v) in per_holder[experts[row]][h].iter_mut().zip(dw) {
+                *a += v;
+            }
+        }
+    }
+    for (d, r) in reports.iter().enumerate() {
+        assert_eq!((r["device"].as_u64(), r["top_k"].as_u64()), (Some(d as u64), Some(k as u64)));
+        let (picks, experts) = rows(d, k);
+        let ys: Vec<f32> =
+            picks.iter().zip(&experts).flat_map(|(&(i, _), &e)| mlp(&expert_weights(e), &x_of(d, i)).0).collect();
+        assert_eq!(u32s(&r["y"]), bits(&mix(&picks, &ys)), "forward, device {d}, top-{k}");
+        let dxs: Vec<f32> = picks
+            .iter()
+            .zip(&experts)
+            .flat_map(|(&(i, g), &e)| {
+                let dy: Vec<f32> = c_of(d, i).into_iter().map(|v| g * v).collect();
+                mlp_backward(&expert_weights(e), &x_of(d, i), &dy).1
+            })
+            .collect();
+        let ones: Vec<(usize, f32)> = picks.iter().map(|&(i, _)| (i, 1.0)).collect();
+        assert_eq!(u32s(&r["dx"]), bits(&mix(&ones, &dxs)), "dx, device {d}, top-{k}");
+        let owned: Vec<usize> = (0..EXPERTS).filter(|&e| owners[e] == d).collect();
+        assert_eq!(r["owned"], serde_json::json!(owned));
+        let grads = r["grads"].as_array().expect("grads");
+        assert_eq!(grads.len(), owned.len());
+        for (&e, got) in owned.iter().zip(grads) {
+            let want = p
+                .holders(e)
+                .iter()
+                .map(|&h| per_holder[e][h].clone())
+                .reduce(|a, g| a.iter().zip(&g).map(|(x, y)| x + y).collect());
+            assert_eq!(u32s(got), bits(&want.expect("a holder")), "gradient of expert {e}, top-{k}");
+        }
+    }
+}
+
+#[test]
+fn mlp_layer_top1_across_four_processes_matches_a_dense_reference_bitwise() {
+    mlp_layer_matches_dense(1);
+}
+
+#[test]
+fn mlp_layer_top2_across_four_processes_matches_a_dense_reference_bitwise() {
+    mlp_layer_matches_dense(2);
 }
