@@ -195,8 +195,8 @@ pub struct PeerState {
     sub_seq: HashMap<Vec<PeerId>, u32>,
     /// Admitted by the members' topology round, and no round or collective since.
     fresh: bool,
-    /// The epoch this peer's last topology round ended in (or the round that admitted
-    /// it); `None` before any.
+    /// The epoch this peer's last topology round ended in, or the view it was admitted
+    /// into; `None` before admission.
     settled: Option<u64>,
     /// In a closed group ([`PeerConfig::closed`]): the first loss seen.
     lost: Option<Error>,
@@ -327,9 +327,12 @@ impl PeerState {
                     // round admitted us; admitted alone, or in the first view (epoch 1,
                     // formed from the first joiners), means no round happened.
                     self.fresh = view.size() > 1 && view.epoch > 1;
-                    if self.fresh {
-                        self.settled = Some(view.epoch);
-                    }
+                    // The view a peer is admitted into is the one its caller sizes its
+                    // first calls for, round or no round: a view that moves before its
+                    // first update_topology must send it there too (else a collective
+                    // sized for the old view runs in the new one, or meets a member's
+                    // vote as a mismatch).
+                    self.settled = Some(view.epoch);
                 }
                 let epoch = view.epoch;
                 let ended = self.config.closed && self.view.is_some() && !removed.is_empty();
