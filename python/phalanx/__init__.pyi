@@ -52,6 +52,10 @@ class ProtocolError(PhalanxError):
 class TransportError(PhalanxError):
     """A transport failed in a way not attributable to one peer."""
 
+class DeviceError(PhalanxError):
+    """The GPU path failed: no usable NCCL (the paths tried, the version found), or a
+    device call failed. Not retryable."""
+
 class PhalanxRuntimeError(PhalanxError):
     """The call cannot run where it was made, though its arguments are fine: phalanx
     could not start its threads, or a blocking call came from a thread running an async

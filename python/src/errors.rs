@@ -48,6 +48,12 @@ create_exception!(phalanx, ProtocolError, PhalanxError, "A peer broke the protoc
 create_exception!(phalanx, TransportError, PhalanxError, "A transport failed in a way not attributable to one peer.");
 create_exception!(
     phalanx,
+    DeviceError,
+    PhalanxError,
+    "The GPU path failed: no usable NCCL (the paths tried, the version found), or a device call failed."
+);
+create_exception!(
+    phalanx,
     PhalanxRuntimeError,
     PhalanxError,
     "The call cannot run where it was made, though its arguments are fine: phalanx could not start its \
@@ -79,6 +85,7 @@ pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
         },
         ErrorKind::Transport => TransportError::new_err(msg),
         ErrorKind::Runtime => PhalanxRuntimeError::new_err(msg),
+        ErrorKind::Device => DeviceError::new_err(msg),
         // A kind newer than this mapping still raises a phalanx error.
         _ => PhalanxError::new_err(msg),
     }
@@ -109,6 +116,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RemovedError", py.get_type::<RemovedError>())?;
     m.add("JoinFailedError", py.get_type::<JoinFailedError>())?;
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
+    m.add("DeviceError", py.get_type::<DeviceError>())?;
     m.add("TransportError", py.get_type::<TransportError>())?;
     m.add("PhalanxRuntimeError", py.get_type::<PhalanxRuntimeError>())?;
     Ok(())

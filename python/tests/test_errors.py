@@ -25,6 +25,7 @@ def test_exception_hierarchy():
         phalanx.ProtocolError,
         phalanx.TransportError,
         phalanx.PhalanxRuntimeError,
+        phalanx.DeviceError,
     ]:
         assert issubclass(cls, phalanx.PhalanxError)
         assert cls.__module__ == "phalanx"
