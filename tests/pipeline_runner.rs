@@ -15,8 +15,8 @@ use common::with_timeout;
 use phalanx::comm::ConnectOptions;
 use phalanx::membership::master::MasterConfig;
 use phalanx::sched::{
-    by_name, Costs, Executed, Pass, RunError, Runner, Schedule, Stage, StageError, Step, DEFAULT_MESSAGE_LIMIT,
-    RUNNER_TAG_BIT,
+    by_name, simulate, Costs, Executed, Pass, RunError, Runner, Schedule, Stage, StageError, Step,
+    DEFAULT_MESSAGE_LIMIT, RUNNER_TAG_BIT,
 };
 use phalanx::transport::endpoint::Endpoint;
 use phalanx::transport::memnet::MemNetwork;
@@ -385,6 +385,85 @@ fn executed_timelines_follow_the_schedule_and_compare_with_the_simulator() {
         other.stages[1].swap(0, 1);
         let e = results[1].0.check_order(&other).unwrap_err();
         assert!(e.contains("stage 1: pass 0"), "{e}");
+    });
+}
+
+/// Calibrated passes: each sleeps its cost (one unit per full-stage pass, half for a
+/// chunk of a V schedule), nothing else.
+struct Sleeper {
+    unit: Duration,
+    share: u32,
+}
+
+impl Sleeper {
+    fn pass(&self, units: u32) -> Vec<f32> {
+        std::thread::sleep(self.unit * units / self.share);
+        vec![0.0; 4]
+    }
+}
+
+impl Stage for Sleeper {
+    type Elem = f32;
+    fn input_len(&self, _: &Step) -> usize {
+        4
+    }
+    fn output_len(&self, _: &Step) -> usize {
+        4
+    }
+    fn forward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
+        Ok(self.pass(1))
+    }
+    fn backward_input(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
+        Ok(self.pass(1))
+    }
+    fn backward_weight(&mut self, _: &Step) -> Result<(), StageError> {
+        self.pass(1);
+        Ok(())
+    }
+    fn backward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
+        Ok(self.pass(2))
+    }
+}
+
+/// With calibrated passes the executed per-stage spans follow the simulator's (within
+/// a loose bound: the test machine is shared), and ZB-V beats 1F1B as simulated.
+#[test]
+fn calibrated_passes_take_about_the_simulated_time() {
+    with_timeout(120, || {
+        let unit = Duration::from_millis(20);
+        let mut comms = Communicator::local_group(P, Default::default()).unwrap();
+        let mut measured = HashMap::new();
+        for name in ["1f1b", "zbh1", "zbv"] {
+            let schedule = by_name(name, P, M, 2, &Costs::unit(), None).unwrap();
+            let simulated = simulate(&schedule, &Costs::unit()).unwrap();
+            let executed: Vec<Executed> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(r, comm)| {
+                        let schedule = &schedule;
+                        s.spawn(move || {
+                            let mut stage = Sleeper { unit, share: schedule.chunks as u32 };
+                            Runner::new(schedule.clone(), r).unwrap().run(comm, &mut stage).unwrap()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for e in &executed {
+                let (span, sim) = (e.span().as_secs_f64(), simulated.spans[e.stage] * unit.as_secs_f64());
+                assert!(
+                    span >= sim * 0.95 && span <= sim * 1.6,
+                    "{name} stage {}: ran {span:.3} s, simulated {sim:.3} s",
+                    e.stage
+                );
+            }
+            let iteration = executed.iter().map(|e| e.span()).max().unwrap();
+            let sim = simulated.iteration() * unit.as_secs_f64();
+            eprintln!("{name}: iteration {:.3} s, simulated {sim:.3} s", iteration.as_secs_f64());
+            measured.insert(name, iteration);
+        }
+        assert!(measured["zbv"] < measured["zbh1"] && measured["zbh1"] < measured["1f1b"], "{measured:?}");
     });
 }
 
