@@ -9,11 +9,11 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::with_timeout;
 use phalanx::comm::ConnectOptions;
-use phalanx::membership::master::MasterConfig;
+use phalanx::membership::master::{MasterConfig, DEFAULT_MAX_PEER_TIMEOUT_MS};
 use phalanx::sched::{
     by_name, simulate, Costs, Executed, Pass, RunError, Runner, Schedule, Stage, StageError, Step,
     DEFAULT_MESSAGE_LIMIT, RUNNER_TAG_BIT,
@@ -150,6 +150,8 @@ struct Mlp {
     losses: HashMap<usize, f32>,
     /// Fail with an injected error at this pass (the fault tests).
     fail_at: Option<(Pass, usize)>,
+    /// Runs at the failure, before the error returns (a freeze).
+    on_fail: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Mlp {
@@ -168,7 +170,7 @@ impl Mlp {
                 (v, part)
             })
             .collect();
-        Mlp { parts, losses: HashMap::new(), fail_at: None }
+        Mlp { parts, losses: HashMap::new(), fail_at: None, on_fail: None }
     }
 
     fn part(&mut self, step: &Step) -> Result<&mut Part, StageError> {
@@ -177,6 +179,9 @@ impl Mlp {
 
     fn check(&self, pass: Pass, step: &Step) -> Result<(), StageError> {
         if self.fail_at == Some((pass, step.mb)) {
+            if let Some(hook) = &self.on_fail {
+                hook();
+            }
             return Err(format!("injected failure at {pass:?}{}", step.mb).into());
         }
         Ok(())
@@ -470,6 +475,40 @@ fn calibrated_passes_take_about_the_simulated_time() {
     });
 }
 
+/// Every stage leaves the group right after its last iteration: with `finish` first,
+/// no stage fails (without it, the last stage's leaving could void the gradients the
+/// first stages still receive).
+#[test]
+fn stages_that_finish_then_leave_fail_no_one() {
+    with_timeout(60, || {
+        for name in ["1f1b", "zbv"] {
+            let comms = Communicator::local_group(P, Default::default()).unwrap();
+            let schedule = by_name(name, P, M, 2, &Costs::unit(), None).unwrap();
+            std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, mut comm)| {
+                        let schedule = &schedule;
+                        s.spawn(move || -> Result<(), RunError> {
+                            let runner = Runner::new(schedule.clone(), r)?;
+                            for _ in 0..2 {
+                                runner.run(&mut comm, &mut Mlp::new(schedule, r))?;
+                            }
+                            runner.finish(&mut comm)?;
+                            comm.leave();
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                for (r, h) in hs.into_iter().enumerate() {
+                    h.join().unwrap().unwrap_or_else(|e| panic!("{name} stage {r}: {e}"));
+                }
+            });
+        }
+    });
+}
+
 /// The runner's deadlock-freedom rests on this: a `send` of up to the runner's message
 /// limit returns before the receiver has called `recv`.
 #[test]
@@ -528,32 +567,39 @@ fn a_message_over_the_limit_is_refused_on_both_sides() {
     });
 }
 
-/// Stage 2 fails at its `pass` of micro-batch 3 and leaves (drops its communicator);
-/// every other stage's runner must return a communication error naming its pass.
-fn a_lost_stage(comms: Vec<Communicator>, name: &str, pass: Pass) {
+/// Stage 2 fails at its `pass` of micro-batch 3 (after `on_fail`, if any) and leaves
+/// (drops its communicator); every other stage's runner must return a communication
+/// error naming its pass. Returns when each stage's runner returned.
+fn a_lost_stage(
+    comms: Vec<Communicator>,
+    name: &str,
+    pass: Pass,
+    on_fail: Option<Arc<dyn Fn() + Send + Sync>>,
+) -> Vec<Instant> {
     let schedule = by_name(name, P, M, 2, &Costs::unit(), None).unwrap();
-    let results: Vec<(RunError, Option<Communicator>)> = std::thread::scope(|s| {
+    let results: Vec<(RunError, Instant, Option<Communicator>)> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .into_iter()
             .enumerate()
             .map(|(r, mut comm)| {
-                let schedule = &schedule;
+                let (schedule, on_fail) = (&schedule, on_fail.clone());
                 s.spawn(move || {
                     let runner = Runner::new(schedule.clone(), r).unwrap();
                     let mut mlp = Mlp::new(schedule, r);
                     if r == 2 {
                         mlp.fail_at = Some((pass, 3));
+                        mlp.on_fail = on_fail;
                     }
                     let e = runner.run(&mut comm, &mut mlp).expect_err("the iteration cannot complete");
                     // The failed stage leaves; the others keep their communicators until
                     // every runner returned, so no error is a knock-on of a later drop.
-                    (e, (r != 2).then_some(comm))
+                    (e, Instant::now(), (r != 2).then_some(comm))
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (r, (e, _)) in results.iter().enumerate() {
+    for (r, (e, _, _)) in results.iter().enumerate() {
         if r == 2 {
             assert!(matches!(e, RunError::Stage { .. }), "{name} stage 2: {e}");
             let at = e.at().unwrap();
@@ -565,13 +611,14 @@ fn a_lost_stage(comms: Vec<Communicator>, name: &str, pass: Pass) {
             assert!(e.at().is_some(), "{name} stage {r} names its pass: {e}");
         }
     }
+    results.into_iter().map(|(_, t, _)| t).collect()
 }
 
 #[test]
 fn a_stage_lost_mid_iteration_fails_every_other_stage_in_a_local_group() {
     with_timeout(60, || {
-        a_lost_stage(Communicator::local_group(P, Default::default()).unwrap(), "1f1b", Pass::F);
-        a_lost_stage(Communicator::local_group(P, Default::default()).unwrap(), "zbv", Pass::B);
+        a_lost_stage(Communicator::local_group(P, Default::default()).unwrap(), "1f1b", Pass::F, None);
+        a_lost_stage(Communicator::local_group(P, Default::default()).unwrap(), "zbv", Pass::B, None);
     });
 }
 
@@ -579,27 +626,69 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A networked group of `P` peers (ranks by peer id) on `net`, its master on a runtime
+/// of its own.
+fn networked(net: &MemNetwork) -> (tokio::runtime::Runtime, MasterServer, Vec<Communicator>) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let config = MasterConfig { initial_peers: P, ..MasterConfig::default() };
+    let master = rt.block_on(async { MasterServer::spawn(net.endpoint(addr(1)), config) });
+    let comms: Vec<Communicator> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..P as u16)
+            .map(|i| {
+                let net = net.clone();
+                s.spawn(move || {
+                    let options = ConnectOptions::new().peer_id(u64::from(i));
+                    let make = move || Ok(net.endpoint(addr(100 + i)) as Arc<dyn Endpoint>);
+                    Communicator::connect_with(make, addr(1), options).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(comms.iter().map(Communicator::rank).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    (rt, master, comms)
+}
+
 #[test]
 fn a_stage_lost_mid_iteration_fails_every_other_stage_in_a_networked_group() {
     with_timeout(60, || {
         let net = MemNetwork::new(16);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let config = MasterConfig { initial_peers: P, ..MasterConfig::default() };
-        let _master = rt.block_on(async { MasterServer::spawn(net.endpoint(addr(1)), config) });
-        let comms: Vec<Communicator> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..P as u16)
-                .map(|i| {
-                    let net = net.clone();
-                    s.spawn(move || {
-                        let options = ConnectOptions::new().peer_id(u64::from(i));
-                        let make = move || Ok(net.endpoint(addr(100 + i)) as Arc<dyn Endpoint>);
-                        Communicator::connect_with(make, addr(1), options).unwrap()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        assert_eq!(comms.iter().map(Communicator::rank).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-        a_lost_stage(comms, "zbh1", Pass::W);
+        let (_rt, _master, comms) = networked(&net);
+        a_lost_stage(comms, "zbh1", Pass::W, None);
     });
 }
+
+/// Stage 2 freezes at F3 (the network stops carrying its frames, heartbeats included,
+/// as under SIGSTOP) for longer than the peer timeout: every other stage's runner
+/// returns a typed error within the master's largest peer timeout plus a slack, while
+/// the frozen stage is still asleep.
+#[test]
+fn a_frozen_stage_fails_every_other_stage_within_the_peer_timeout() {
+    with_timeout(60, || {
+        let net = MemNetwork::with_faults(16, 7, Duration::ZERO);
+        let (_rt, _master, comms) = networked(&net);
+        let frozen_at = Arc::new(std::sync::Mutex::new(None));
+        let freeze = {
+            let (net, frozen_at) = (net.clone(), frozen_at.clone());
+            Arc::new(move || {
+                net.cut(addr(102));
+                *frozen_at.lock().unwrap() = Some(Instant::now());
+                std::thread::sleep(FROZEN_FOR);
+            })
+        };
+        let returned = a_lost_stage(comms, "1f1b", Pass::F, Some(freeze));
+        let frozen_at = frozen_at.lock().unwrap().expect("stage 2 froze");
+        let bound = Duration::from_millis(DEFAULT_MAX_PEER_TIMEOUT_MS) + SLACK;
+        for (r, t) in returned.iter().enumerate().filter(|&(r, _)| r != 2) {
+            let after = t.saturating_duration_since(frozen_at);
+            eprintln!("stage {r} returned {after:?} after the freeze");
+            assert!(after <= bound, "stage {r} returned {after:?} after the freeze; bound {bound:?}");
+        }
+    });
+}
+
+/// How long the frozen stage sleeps: well past the bound the others must meet.
+const FROZEN_FOR: Duration = Duration::from_secs(5);
+/// What the bound allows beyond the peer timeout: the master's check interval, the
+/// view's way to the peers, a loaded test machine.
+const SLACK: Duration = Duration::from_secs(2);

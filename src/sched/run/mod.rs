@@ -41,11 +41,23 @@
 //! Every error names the stage and the action that failed ([`RunError`]). When a peer
 //! is lost mid-iteration, each other stage's pending `send` or `recv` fails with the
 //! communicator's `PeerLost` or `Aborted` and its runner returns
-//! [`RunError::Comm`]. A stage whose own compute fails returns [`RunError::Stage`]; the
+//! [`RunError::Comm`]. The iteration's messages travel in the view it began in: a
+//! send or receive that would begin after the view changed fails with `Aborted` too
+//! (ranks may name other peers in the new view, and a message there would never come).
+//! A stage whose own compute fails returns [`RunError::Stage`]; the
 //! others are then waiting for it, so the caller must leave the group (drop or
 //! [`Communicator::leave`] the communicator) or they wait until it does. The runner
 //! does not roll anything back: the weights a stage's `W` passes touched are the
 //! caller's to discard.
+//!
+//! # Leaving
+//!
+//! A stage's run returns as soon as its own list is done, so that it can step its
+//! optimizer while the others finish (the zero-bubble papers' per-stage span). Its last
+//! messages may then still wait in a neighbour's queue, and a peer that leaves the group
+//! voids the messages of its view: a neighbour still receiving them would fail with
+//! `PeerLost`. So after the last iteration every stage calls [`Runner::finish`] (a
+//! barrier of the pipeline's ranks) before it drops or leaves its communicator.
 //!
 //! Runner messages use tags with the top bit set ([`RUNNER_TAG_BIT`]); keep other
 //! point-to-point tags below it while a runner runs on the communicator.
@@ -58,7 +70,7 @@ use std::time::Instant;
 pub use trace::{Executed, ExecutedPass};
 
 use super::{validate, Action, Costs, Pass, Schedule, ScheduleError};
-use crate::dtype::Element;
+use crate::dtype::{Element, ReduceOp};
 use crate::error::Error;
 use crate::plan::Rank;
 use crate::Communicator;
@@ -212,6 +224,12 @@ pub enum RunError {
         /// What was expected and what came.
         detail: String,
     },
+    /// Waiting for the other stages in [`Runner::finish`] failed (a peer was lost).
+    #[error("finishing the pipeline (waiting until every stage ran its list) failed: {source}")]
+    Finish {
+        /// The communicator's error.
+        source: Box<Error>,
+    },
     /// A message larger than the receiver's queue for one tag holds: its `send` could
     /// wait for the `recv`, which the runner's order does not allow for. Raise
     /// `ConnectOptions::queue_frames` (or the chunk size) on every peer and
@@ -243,7 +261,7 @@ impl RunError {
     /// The communicator's error, if sending or receiving failed.
     pub fn comm_error(&self) -> Option<&Error> {
         match self {
-            RunError::Comm { source, .. } => Some(source),
+            RunError::Comm { source, .. } | RunError::Finish { source } => Some(source),
             _ => None,
         }
     }
@@ -253,8 +271,24 @@ impl RunError {
         match self {
             RunError::Comm { at, .. } => *at,
             RunError::Stage { at, .. } | RunError::Shape { at, .. } | RunError::MessageTooLarge { at, .. } => Some(*at),
-            RunError::Schedule(_) | RunError::Invalid(_) => None,
+            RunError::Schedule(_) | RunError::Invalid(_) | RunError::Finish { .. } => None,
         }
+    }
+}
+
+/// A communicator whose messages travel in one view only (see [`Runner::run`]).
+struct Pinned<'c> {
+    comm: &'c mut Communicator,
+    epoch: u64,
+}
+
+impl Pinned<'_> {
+    fn send<T: Element>(&mut self, to: Rank, tag: u32, data: &[T]) -> Result<(), Error> {
+        self.comm.send_in(self.epoch, to, tag, data)
+    }
+
+    fn recv<T: Element>(&mut self, from: Rank, tag: u32, buf: &mut [T]) -> Result<(), Error> {
+        self.comm.recv_in(self.epoch, from, tag, buf)
     }
 }
 
@@ -330,6 +364,12 @@ impl Runner {
             )));
         }
         let start = Instant::now();
+        // Every message of the iteration travels in this view: ranks name other peers
+        // in the next one, so a call that would begin in it fails instead (a neighbour
+        // that will never send there would hang it).
+        let epoch = comm.epoch();
+        let mut comm = Pinned { comm, epoch };
+        let comm = &mut comm;
         self.greet(comm)?;
         let mut local: HashMap<(Direction, usize, usize), Vec<S::Elem>> = HashMap::new();
         let mut passes = Vec::with_capacity(self.schedule.stages[self.stage].len());
@@ -340,9 +380,25 @@ impl Runner {
         Ok(Executed { stage: self.stage, start, passes })
     }
 
+    /// Waits until every stage of the pipeline has run its list (a barrier of its
+    /// ranks; the whole group's when the pipeline spans it). Call it after the last
+    /// iteration, before dropping or leaving the communicator: a stage that leaves while
+    /// a neighbour still receives its last messages makes that neighbour fail (see the
+    /// module docs, "Leaving"). Not needed between iterations.
+    pub fn finish(&self, comm: &mut Communicator) -> Result<(), RunError> {
+        let mut members = self.ranks.clone();
+        members.sort_unstable();
+        let done = if members.len() == comm.size() {
+            comm.barrier()
+        } else {
+            comm.sub_all_reduce(&members, &mut [0u8], ReduceOp::Sum)
+        };
+        done.map_err(|source| RunError::Finish { source: Box::new(source) })
+    }
+
     /// Opens the links to the neighbour stages (see the module docs).
-    fn greet(&self, comm: &mut Communicator) -> Result<(), RunError> {
-        let ids = comm.members();
+    fn greet(&self, comm: &mut Pinned<'_>) -> Result<(), RunError> {
+        let ids = comm.comm.members();
         let me = self.ranks[self.stage];
         let mut neighbours: Vec<Rank> = self.neighbours().into_iter().map(|s| self.ranks[s]).collect();
         neighbours.sort_unstable();
@@ -378,7 +434,7 @@ impl Runner {
     /// Runs one action: its input in, the compute, its output on.
     fn pass<S: Stage + ?Sized>(
         &self,
-        comm: &mut Communicator,
+        comm: &mut Pinned<'_>,
         stage: &mut S,
         local: &mut HashMap<(Direction, usize, usize), Vec<S::Elem>>,
         at: At,
@@ -449,7 +505,7 @@ impl Runner {
     /// `from`: kept here if this stage holds `from`, received otherwise.
     fn take<T: Element>(
         &self,
-        comm: &mut Communicator,
+        comm: &mut Pinned<'_>,
         local: &mut HashMap<(Direction, usize, usize), Vec<T>>,
         at: At,
         (dir, to): (Direction, usize),
@@ -482,7 +538,7 @@ impl Runner {
     /// Hands `data` to virtual stage `to`: kept if this stage holds it, sent otherwise.
     fn give<T: Element>(
         &self,
-        comm: &mut Communicator,
+        comm: &mut Pinned<'_>,
         local: &mut HashMap<(Direction, usize, usize), Vec<T>>,
         at: At,
         (dir, to): (Direction, usize),
