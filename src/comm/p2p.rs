@@ -158,14 +158,26 @@ pub(crate) struct Queues {
 
 impl Queues {
     /// The current view; a new epoch drops the old one's queues (and their messages).
-    fn view(&mut self, control: &ControlClient, links: &DataLinks) -> Result<View> {
+    /// With `pinned`, a view of another epoch fails with [`Error::Aborted`]: the
+    /// caller's ranks belong to that epoch, and the same rank may name another peer in
+    /// the next (checked here, on the view the call then runs in, so no change slips in
+    /// between the check and the call).
+    fn view(&mut self, control: &ControlClient, links: &DataLinks, pinned: Option<u64>) -> Result<View> {
         let view = control.view()?;
         if view.epoch != self.epoch {
             self.epoch = view.epoch;
             self.links.clear();
             links.enter(&view);
         }
-        Ok(view)
+        match pinned {
+            Some(epoch) if epoch != view.epoch => Err(Error::Aborted {
+                reason: format!(
+                    "the view changed from epoch {epoch} to {} during a point-to-point exchange pinned to it",
+                    view.epoch
+                ),
+            }),
+            _ => Ok(view),
+        }
     }
 
     /// The link of `tag`'s messages with `peer` in `view`, opened on first use.
@@ -194,13 +206,13 @@ impl Queues {
         &mut self,
         control: &ControlClient,
         links: &DataLinks,
-        to: Rank,
+        (to, pinned): (Rank, Option<u64>),
         tag: u32,
         dtype: DType,
         data: &[u8],
         chunk: usize,
     ) -> Result<()> {
-        let view = self.view(control, links)?;
+        let view = self.view(control, links, pinned)?;
         let (me, peer) = p2p_peer(&view, to, control.id())?;
         let link = self.link(control, links, &view, (to, &peer), tag).await?;
         let plan = transfer::send(me, view.size(), data.len() / dtype.size(), to);
@@ -214,13 +226,13 @@ impl Queues {
         &mut self,
         control: &ControlClient,
         links: &DataLinks,
-        from: Rank,
+        (from, pinned): (Rank, Option<u64>),
         tag: u32,
         dtype: DType,
         out: &mut [u8],
         chunk: usize,
     ) -> Result<()> {
-        let view = self.view(control, links)?;
+        let view = self.view(control, links, pinned)?;
         let (me, peer) = p2p_peer(&view, from, control.id())?;
         let link = self.link(control, links, &view, (from, &peer), tag).await?;
         let plan = transfer::recv(me, view.size(), out.len() / dtype.size(), from);
@@ -281,7 +293,7 @@ impl Communicator {
     pub fn send_raw(&mut self, to: Rank, tag: u32, data: &[u8], dtype: DType) -> Result<()> {
         self.check_peer(to)?;
         elements(data.len(), dtype, "message")?;
-        self.block(async |p| p.send_p2p(to, tag, dtype, data).await)?
+        self.block(async |p| p.send_p2p(to, tag, dtype, data, None).await)?
     }
 
     /// [`Communicator::recv`] on the bytes of elements of type `dtype`. On error `buf`
@@ -289,7 +301,23 @@ impl Communicator {
     pub fn recv_raw(&mut self, from: Rank, tag: u32, buf: &mut [u8], dtype: DType) -> Result<()> {
         self.check_peer(from)?;
         elements(buf.len(), dtype, "buffer")?;
-        self.block(async |p| p.recv_p2p(from, tag, dtype, buf).await)?
+        self.block(async |p| p.recv_p2p(from, tag, dtype, buf, None).await)?
+    }
+
+    /// [`Communicator::send`] in view `epoch` only: [`Error::Aborted`] if the view has
+    /// moved on, whose ranks may name other peers (the pipeline runner pins its
+    /// iteration's view this way).
+    pub(crate) fn send_in<T: Element>(&mut self, epoch: u64, to: Rank, tag: u32, data: &[T]) -> Result<()> {
+        let data: &[u8] = bytemuck::cast_slice(data);
+        self.check_peer(to)?;
+        self.block(async |p| p.send_p2p(to, tag, T::DTYPE, data, Some(epoch)).await)?
+    }
+
+    /// [`Communicator::recv`] in view `epoch` only, as [`Communicator::send_in`].
+    pub(crate) fn recv_in<T: Element>(&mut self, epoch: u64, from: Rank, tag: u32, buf: &mut [T]) -> Result<()> {
+        let buf: &mut [u8] = bytemuck::cast_slice_mut(buf);
+        self.check_peer(from)?;
+        self.block(async |p| p.recv_p2p(from, tag, T::DTYPE, buf, Some(epoch)).await)?
     }
 
     fn check_peer(&self, peer: Rank) -> Result<()> {

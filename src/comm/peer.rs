@@ -264,15 +264,29 @@ impl AsyncPeer {
     }
 
     /// See [`crate::Communicator::send`].
-    pub(crate) async fn send_p2p(&mut self, to: Rank, tag: u32, dtype: DType, data: &[u8]) -> Result<()> {
+    pub(crate) async fn send_p2p(
+        &mut self,
+        to: Rank,
+        tag: u32,
+        dtype: DType,
+        data: &[u8],
+        epoch: Option<u64>,
+    ) -> Result<()> {
         let chunk = self.ops.tuning.chunk_bytes;
-        self.p2p.send(&self.ops.control, &self.ops.links, to, tag, dtype, data, chunk).await
+        self.p2p.send(&self.ops.control, &self.ops.links, (to, epoch), tag, dtype, data, chunk).await
     }
 
     /// See [`crate::Communicator::recv`].
-    pub(crate) async fn recv_p2p(&mut self, from: Rank, tag: u32, dtype: DType, out: &mut [u8]) -> Result<()> {
+    pub(crate) async fn recv_p2p(
+        &mut self,
+        from: Rank,
+        tag: u32,
+        dtype: DType,
+        out: &mut [u8],
+        epoch: Option<u64>,
+    ) -> Result<()> {
         let chunk = self.ops.tuning.chunk_bytes;
-        self.p2p.recv(&self.ops.control, &self.ops.links, from, tag, dtype, out, chunk).await
+        self.p2p.recv(&self.ops.control, &self.ops.links, (from, epoch), tag, dtype, out, chunk).await
     }
 
     /// Leaves the group gracefully.

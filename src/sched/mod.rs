@@ -23,12 +23,17 @@
 //! ```
 //!
 //! Built so far: 1F1B, ZB-H1 and the automatic scheduler (ZB-2p at a limit of `2p`) on
-//! one chunk per stage, interleaved 1F1B on `v`, and ZB-V, V-Half and V-Min on two. The
-//! runner across processes is still to come (issue 12).
+//! one chunk per stage, interleaved 1F1B on `v`, and ZB-V, V-Half and V-Min on two.
+//! [`Runner`] executes one stage's list on a [`crate::Communicator`], calling the user's
+//! [`Stage`] for each pass and moving activations and gradients with tagged send and
+//! receive. Still to come (issue 12): non-blocking transfers overlapped with compute,
+//! a pp × dp grid, optimizer post-validation, recovery with a replacement stage, and
+//! the C and Python faces of the runner.
 
 mod auto;
 mod generate;
 mod named;
+mod run;
 mod simulate;
 mod validate;
 mod vshape;
@@ -36,6 +41,10 @@ mod vshape;
 pub use auto::{auto_schedule, zb_2p};
 pub use generate::{interleaved_1f1b, one_f_one_b, zb_h1, zb_v};
 pub use named::{by_name, SCHEDULE_NAMES};
+pub use run::{
+    tag, At, Direction, Executed, ExecutedPass, RunError, Runner, Stage, StageError, Step, DEFAULT_MESSAGE_LIMIT,
+    RUNNER_TAG_BIT,
+};
 pub use simulate::{simulate, Timeline};
 pub use validate::validate;
 pub use vshape::{v_half, v_min};
