@@ -284,17 +284,12 @@ impl NcclComm {
         Ok(())
     }
 
+    /// A communicator split from this one (shrink, grow), on the same library, stream
+    /// and waits.
     fn child(&self, raw: ffi::ncclComm_t, rank: usize, size: usize) -> NcclComm {
-        NcclComm {
-            lib: self.lib.clone(),
-            comm: raw,
-            stream: self.stream,
-            rank,
-            size,
-            poll: self.poll,
-            timeout: self.timeout,
-            dead: false,
-        }
+        let backend =
+            NcclBackend { lib: self.lib.clone(), stream: self.stream, poll: self.poll, timeout: self.timeout };
+        backend.wrap(raw, rank, size)
     }
 }
 
