@@ -32,7 +32,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from . import AbortedError, Communicator, PeerLostError, SharedState
-from .diloco import RoundReport
+from .diloco import RoundReport, assign_params, nesterov_step
 
 __all__ = ["AsyncDiLoCo"]
 
@@ -59,12 +59,7 @@ class AsyncDiLoCo:
         self._started = False
 
     def _load(self) -> None:
-        outer = torch.from_numpy(self.state["params"])
-        offset = 0
-        with torch.no_grad():
-            for p in self._params:
-                p.copy_(outer[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+        assign_params(self._params, torch.from_numpy(self.state["params"]))
 
     def _settle(self) -> None:
         """Admits joiners, settles losses and syncs the outer state (nothing in flight)."""
@@ -100,10 +95,7 @@ class AsyncDiLoCo:
         outer = torch.from_numpy(self.state["params"])
         pseudo = outer - parameters_to_vector(self._params).detach()
         if averaged is not None:
-            m = torch.from_numpy(self.state["momentum"])
-            m.mul_(self.momentum).add_(averaged)
-            self.state["params"] = (outer - self.outer_lr * (averaged + self.momentum * m)).numpy()
-            self.state["momentum"] = m.numpy()
+            nesterov_step(self.state, outer, averaged, self.outer_lr, self.momentum)
             self.state.revision += 1
         self._settle()
         rank, size = self.comm.rank, self.comm.size
@@ -126,10 +118,6 @@ class AsyncDiLoCo:
         handle, buf = self._pending
         self._pending = None
         handle.wait()
-        m = torch.from_numpy(self.state["momentum"])
-        m.mul_(self.momentum).add_(buf)
-        outer = torch.from_numpy(self.state["params"])
-        self.state["params"] = (outer - self.outer_lr * (buf + self.momentum * m)).numpy()
-        self.state["momentum"] = m.numpy()
+        nesterov_step(self.state, torch.from_numpy(self.state["params"]), buf, self.outer_lr, self.momentum)
         self.state.revision += 1
         self._load()

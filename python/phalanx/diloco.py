@@ -59,6 +59,30 @@ class RoundReport:
     digest: str
 
 
+def assign_params(params: List[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    """Copies ``flat`` into ``params`` in order, each into its own storage
+    (``vector_to_parameters`` would make them views of ``flat``, and inner steps would
+    then move the outer model too)."""
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def nesterov_step(state: SharedState, outer: torch.Tensor, averaged: torch.Tensor, lr: float, momentum: float, suffix: str = "") -> torch.Tensor:
+    """The outer Nesterov step on ``state["params" + suffix]`` (given as ``outer``) and
+    ``state["momentum" + suffix]`` with the averaged pseudo-gradient; stores both and
+    returns the new outer parameters. Elementwise: the same bits in, the same bits out
+    on every peer."""
+    m = torch.from_numpy(state["momentum" + suffix])
+    m.mul_(momentum).add_(averaged)
+    new = outer - lr * (averaged + momentum * m)
+    state["params" + suffix] = new.numpy()
+    state["momentum" + suffix] = m.numpy()
+    return new
+
+
 class DiLoCo:
     """The DiLoCo outer loop (Douillard et al. 2023) on ``model`` over ``comm``.
 
@@ -87,15 +111,9 @@ class DiLoCo:
         self.state["momentum"] = torch.zeros_like(flat).numpy()
 
     def _load(self) -> torch.Tensor:
-        """The agreed outer model, copied into the module's parameters (their own
-        storage: ``vector_to_parameters`` would make them views of ``outer``, and the
-        inner steps would then move the outer model too); returns it."""
+        """The agreed outer model, copied into the module's parameters; returns it."""
         outer = torch.from_numpy(self.state["params"])
-        offset = 0
-        with torch.no_grad():
-            for p in self._params:
-                p.copy_(outer[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+        assign_params(self._params, outer)
         return outer
 
     def round(self, inner_step: Callable[[int], float]) -> RoundReport:
@@ -118,12 +136,7 @@ class DiLoCo:
                 retries += 1  # nothing applied: the round again, over the new view
                 continue
             rank, size = self.comm.rank, self.comm.size
-            # Nesterov outer step, elementwise: the same bits in, the same bits out.
-            m = torch.from_numpy(self.state["momentum"])
-            m.mul_(self.momentum).add_(pseudo)
-            outer = outer - self.outer_lr * (pseudo + self.momentum * m)
-            self.state["params"] = outer.numpy()
-            self.state["momentum"] = m.numpy()
+            nesterov_step(self.state, outer, pseudo, self.outer_lr, self.momentum)
             self.state.revision += 1
             self._load()
             return RoundReport(

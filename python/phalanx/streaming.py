@@ -27,6 +27,7 @@ from typing import Callable, List
 import torch
 
 from . import AbortedError, Communicator, PeerLostError, SharedState
+from .diloco import assign_params, nesterov_step
 
 __all__ = ["StreamingDiLoCo", "SyncPointReport"]
 
@@ -65,14 +66,6 @@ def _split(params: List[torch.nn.Parameter], fragments: int) -> List[List[torch.
 
 def _flat(group: List[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in group])
-
-
-def _assign(group: List[torch.nn.Parameter], flat: torch.Tensor) -> None:
-    offset = 0
-    with torch.no_grad():
-        for p in group:
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
 
 
 class StreamingDiLoCo:
@@ -136,7 +129,7 @@ class StreamingDiLoCo:
                 continue
             if not self._synced:
                 for f, group in enumerate(self.groups):
-                    _assign(group, torch.from_numpy(self.state[f"params/{f}"]))
+                    assign_params(group, torch.from_numpy(self.state[f"params/{f}"]))
                 self._synced = True
             f = self.state.revision % len(self.groups)
             group = self.groups[f]
@@ -151,13 +144,9 @@ class StreamingDiLoCo:
                 retries += 1  # nothing applied: this sync point again, over the new view
                 continue
             rank, size = self.comm.rank, self.comm.size
-            m = torch.from_numpy(self.state[f"momentum/{f}"])
-            m.mul_(self.momentum).add_(pseudo)
-            outer = outer - self.outer_lr * (pseudo + self.momentum * m)
-            self.state[f"params/{f}"] = outer.numpy()
-            self.state[f"momentum/{f}"] = m.numpy()
+            outer = nesterov_step(self.state, outer, pseudo, self.outer_lr, self.momentum, suffix=f"/{f}")
             self.state.revision += 1
-            _assign(group, self.mix * _flat(group) + (1.0 - self.mix) * outer)
+            assign_params(group, self.mix * _flat(group) + (1.0 - self.mix) * outer)
             return SyncPointReport(
                 syncs=self.state.revision,
                 fragment=f,

@@ -92,6 +92,11 @@ def _op_name(op) -> str:
     raise ValueError(f"phalanx backend: reduce op {op} is not supported (use SUM, PRODUCT, MIN, MAX or AVG)")
 
 
+def _op_of(opts) -> str:
+    """The phalanx op named by torch's options (SUM when torch passes none)."""
+    return _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+
+
 def _check(t: torch.Tensor, what: str = "tensor") -> None:
     if t.device.type != "cpu":
         raise ValueError(
@@ -263,7 +268,7 @@ class ProcessGroupPhalanx(dist.ProcessGroup):
     # -- collectives ---------------------------------------------------------------
 
     def allreduce(self, tensors, opts=None):
-        op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        op = _op_of(opts)
         bufs = [_InPlace(t) for t in tensors]
 
         def run():
@@ -289,7 +294,7 @@ class ProcessGroupPhalanx(dist.ProcessGroup):
 
     def reduce(self, tensors, opts=None):
         root = opts.rootRank if opts is not None else 0
-        op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        op = _op_of(opts)
         bufs = [_InPlace(t) for t in tensors]
 
         def run():
@@ -329,7 +334,7 @@ class ProcessGroupPhalanx(dist.ProcessGroup):
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``output_tensors[i]`` gets the reduction over ranks of their ``input_tensors[i][rank]``."""
-        op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        op = _op_of(opts)
         outs = [_InPlace(o, "output") for o in output_tensors]
         for ins in input_tensors:
             if len(ins) != self.size():
@@ -345,7 +350,7 @@ class ProcessGroupPhalanx(dist.ProcessGroup):
         return self._submit(run, list(output_tensors))
 
     def _reduce_scatter_base(self, output, input, opts=None):
-        op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        op = _op_of(opts)
         out = _InPlace(output, "output")
         _check(input, "input")
 
