@@ -6,12 +6,30 @@ use std::path::PathBuf;
 use clap::Parser;
 use phalanx::quant::Quantization;
 
+use super::collectives::Coll;
+use super::compare::Anchor;
+
 /// Options of `phalanx bench`.
 #[derive(Parser)]
 pub struct BenchArgs {
     /// Buffer sizes per rank, comma-separated (K, M, G suffixes are binary: 64M = 64 MiB).
     #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "1M,4M,16M,64M,256M")]
     pub(super) sizes: Vec<usize>,
+    /// Collectives to time, comma-separated: all-reduce, reduce-scatter, all-gather,
+    /// broadcast, all-to-all, all-scan (f32, sum, root 0), or `all`. Each gets an
+    /// nccl-tests-style table; all-reduce also the detailed one.
+    #[arg(long, value_parser = parse_collectives, default_value = "all-reduce")]
+    pub(super) collectives: Collectives,
+    /// Also run our harnesses on these anchors in the same run, with the same
+    /// collectives, sizes and group sizes, and print phalanx busbw / anchor busbw:
+    /// `mpi` (Open MPI's mpirun, over shared memory and over TCP), `gloo` (torch's Gloo
+    /// backend). Installs nothing: benches/install-anchors.sh does.
+    #[arg(long, value_delimiter = ',')]
+    pub(super) compare: Vec<Anchor>,
+    /// The Python interpreter with torch for `--compare gloo` (default:
+    /// target/anchors-venv/bin/python if it exists, else python3 on PATH).
+    #[arg(long)]
+    pub(super) python: Option<PathBuf>,
     /// Group sizes (peer processes) to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2,4")]
     pub(super) peers: Vec<usize>,
@@ -108,6 +126,9 @@ pub struct PeerArgs {
     /// Buffer sizes in bytes.
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub(super) sizes: Vec<usize>,
+    /// Collectives to time, in this order (each over every size).
+    #[arg(long, value_parser = parse_collectives, default_value = "all-reduce")]
+    pub(super) collectives: Collectives,
     /// Timed iterations per size from 64 MiB up (more below, see `--iters` of `bench`).
     #[arg(long, default_value_t = 5)]
     pub(super) iters: usize,
@@ -141,6 +162,30 @@ pub struct PeerArgs {
     /// Raw mode: frame size in KiB.
     #[arg(long, default_value_t = 1024)]
     pub(super) raw_frame_kib: usize,
+}
+
+/// A list of collectives, each once, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Collectives(pub(crate) Vec<Coll>);
+
+/// Comma-separated collective names (`all` for every one), e.g. `all-reduce,all-gather`.
+fn parse_collectives(s: &str) -> Result<Collectives, String> {
+    let mut out: Vec<Coll> = Vec::new();
+    for name in s.split(',').filter(|t| !t.trim().is_empty()) {
+        let more = if name.trim() == "all" { Coll::ALL.to_vec() } else { vec![name.parse()?] };
+        out.extend(more.into_iter().filter(|c| !out.contains(c)).collect::<Vec<_>>());
+    }
+    if out.is_empty() {
+        return Err("no collective named".into());
+    }
+    Ok(Collectives(out))
+}
+
+impl Collectives {
+    /// The names, comma-separated: the form `parse_collectives` reads.
+    pub(crate) fn arg(&self) -> String {
+        self.0.iter().map(|c| c.name()).collect::<Vec<_>>().join(",")
+    }
 }
 
 /// `64K`, `4M`, `1G` (binary), `65536`, optionally followed by `B`/`iB`.

@@ -1,5 +1,5 @@
-//! `phalanx bench`: QUIC throughput, all-reduce bandwidth and recovery time, in one run
-//! on 127.0.0.1.
+//! `phalanx bench`: QUIC throughput, the collectives' bandwidth and recovery time, in one
+//! run on 127.0.0.1, optionally beside Open MPI and torch's Gloo (`--compare`).
 //!
 //! 1. **Raw QUIC.** Two `bench-peer` processes hold one [`QuicLink`] pair (one
 //!    connection) and send frames one way (the baseline), then both ways at once, for a
@@ -9,6 +9,11 @@
 //!    peer processes (this executable's hidden `bench-peer` subcommand) join it over
 //!    QUIC, form the group with `update_topology`, and time `all_reduce` of f32 `Sum` for
 //!    each buffer size. `algbw = S / t` and `busbw = algbw · 2(n-1)/n` (nccl-tests).
+//!    `--collectives` times others too (reduce-scatter, all-gather, broadcast,
+//!    all-to-all, all-scan), each call's result checked first; every collective gets an
+//!    nccl-tests-style table (busbw factors in [`collectives`]). With `--compare`, our
+//!    harnesses on Open MPI and Gloo run the same collectives and sizes after each group
+//!    size ([`compare`]), and a table gives phalanx busbw / anchor busbw.
 //! 3. **Recovery.** `n` peers run back-to-back all-reduces of a small buffer with
 //!    [`RetryPolicy::OnPeerLost`]; one is killed with SIGKILL, and the recovery time is
 //!    from the kill to each survivor's first successful all-reduce in the view without
@@ -16,21 +21,27 @@
 //!    recovery runs once per timeout given.
 
 mod args;
+mod collectives;
+mod compare;
 mod peer;
 mod pool;
+mod ratios;
 mod raw;
 mod recovery;
 mod rows;
+mod table;
 
 use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
 pub use self::args::{BenchArgs, PeerArgs};
+use self::collectives::Coll;
+use self::compare::Anchors;
 pub use self::peer::run_peer;
 use self::raw::{measure_raw, Raw};
 use self::recovery::run_recovery;
-use self::rows::run_allreduce;
+use self::rows::run_collectives;
 
 const MIB: usize = 1 << 20;
 
@@ -120,6 +131,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if args.recovery_peers == 1 {
         return Err("--recovery-peers must be 0 (skip) or at least 2".into());
     }
+    // The anchors' tools are found and their harness built before anything is measured.
+    let anchors = if args.compare.is_empty() { None } else { Some(Anchors::prepare(&args)?) };
     let secret = random_secret();
     let machine = machine();
     let load_before = load_average();
@@ -133,6 +146,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "settings: chunk {} KiB, {} connection(s) per link, iters {} (x up to 16 below 64 MiB), warm-up {}",
         args.chunk_kib, args.connections_per_link, args.iters, args.warmup
     );
+    println!("collectives: {}", args.collectives.arg().replace(',', ", "));
+    for (anchor, version) in anchors.iter().flat_map(Anchors::versions) {
+        println!("compare: {anchor} ({version})");
+    }
     if args.relay()?.is_some() {
         println!(
             "relay: all-reduce groups through the test relay, {} ms one way, {}, loss {}{}",
@@ -147,15 +164,20 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     // all-reduce figure has a raw figure measured just before and just after it.
     let mut raws = Vec::new();
     let mut rows = Vec::new();
+    let mut anchor_rows = Vec::new();
     for &n in &args.peers {
         if !args.no_raw {
             raws.push(measure_raw(&args, &secret)?);
         }
         match args.quantize {
             Some(q) => println!("quantized ({q}) all-reduce, {n} peer processes:"),
-            None => println!("all-reduce, {n} peer processes:"),
+            None => println!("{}, {n} peer processes:", args.collectives.arg().replace(',', ", ")),
         }
-        rows.extend(run_allreduce(&args, n, &secret)?);
+        rows.extend(run_collectives(&args, n, &secret)?);
+        if let Some(anchors) = &anchors {
+            println!("anchors, {n} ranks:");
+            anchor_rows.extend(anchors.run(&args, n)?);
+        }
     }
     if !args.no_raw {
         raws.push(measure_raw(&args, &secret)?);
@@ -196,14 +218,27 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             raw_both_cpu.unwrap_or(0.0),
         );
     }
-    println!();
-    println!(
-        "| n | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
-         | busbw / raw both ways | cores | waiting | CPU s/GB sent | busbw / raw one way, equal CPU |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    rows.sort_by_key(|r| (r.coll, r.n, r.size));
+    let allreduce: Vec<&rows::Row> = rows.iter().filter(|r| r.coll == Coll::AllReduce).collect();
+    table::print_tables(&rows);
+    if !anchor_rows.is_empty() {
+        println!();
+        println!("phalanx busbw / anchor busbw (time: median over the iterations of the slowest rank, both):");
+        for line in ratios::table(&rows, &anchor_rows) {
+            println!("{line}");
+        }
+    }
+    if !allreduce.is_empty() {
+        println!();
+        println!("all-reduce in detail (time: the slowest rank's mean):");
+        println!(
+            "| n | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
+             | busbw / raw both ways | cores | waiting | CPU s/GB sent | busbw / raw one way, equal CPU |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    }
     let ratio = |bw: f64, raw: Option<f64>| raw.map_or("-".to_string(), |r| format!("{:.2}", bw / r));
-    for r in &rows {
+    for r in &allreduce {
         println!(
             "| {} | {} | {} | {:.2} ms | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |{}",
             r.n,
@@ -244,6 +279,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
 
     if let Some(path) = &args.json {
+        let (anchor_json, ratio_json) = ratios::json(&rows, &anchor_rows);
         let report = json!({
             "machine": machine,
             "load_before": load_before,
@@ -255,6 +291,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "connections_per_link": args.connections_per_link,
                 "iters": args.iters,
                 "warmup": args.warmup,
+                "collectives": args.collectives.arg(),
                 "raw_frame_kib": args.raw_frame_kib,
                 "raw_secs": args.raw_secs,
             },
@@ -267,7 +304,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "raw_both_ways_gbps": raw_both,
             "raw_one_way_cpu_secs_per_gb": raw_one_cpu,
             "raw_both_ways_cpu_secs_per_gb": raw_both_cpu,
-            "allreduce": rows.iter().map(|r| json!({
+            "collectives": table::rows_json(&rows),
+            "anchors": anchor_json,
+            "anchor_versions": anchors.iter().flat_map(Anchors::versions).collect::<Vec<_>>(),
+            "ratios": ratio_json,
+            "allreduce": allreduce.iter().map(|r| json!({
                 "n": r.n, "bytes": r.bytes, "iters": r.iters, "secs": r.secs, "best_secs": r.best,
                 "algbw_gbps": r.algbw(r.secs), "busbw_gbps": r.busbw(r.secs), "best_busbw_gbps": r.busbw(r.best),
                 "ratio_raw_one_way": raw_one.map(|v| r.busbw(r.secs) / v),
@@ -284,8 +325,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
-    if rows.iter().any(|r| !r.checked) {
-        return Err("an all-reduce returned a wrong result".into());
+    if let Some(r) = rows.iter().find(|r| !r.checked) {
+        return Err(format!("{} with {} peers returned a wrong result ({} B)", r.coll, r.n, r.bytes));
+    }
+    if let Some(a) = anchor_rows.iter().find(|a| !a.checked && a.unsupported.is_none()) {
+        return Err(format!("the {} harness's {} with {} ranks returned a wrong result", a.system, a.coll, a.n));
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, Error, ReduceOp};
 use serde_json::json;
 
+use super::collectives::{Buffers, Coll};
 use super::raw::raw_end;
 use super::{iters_for, now_us, sched_secs, PeerArgs};
 use crate::emit;
@@ -68,8 +69,10 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
     match args.recovery_size {
         Some(bytes) => recovery_loop(&mut comm, bytes),
         None => {
-            for &bytes in &args.sizes {
-                throughput(&mut comm, &args, bytes).map_err(|e| fail("all_reduce", &e))?;
+            for &coll in &args.collectives.0 {
+                for &bytes in &args.sizes {
+                    throughput(&mut comm, &args, coll, bytes).map_err(|e| fail(coll.name(), &e))?;
+                }
             }
             emit(json!({ "event": "done" }));
             Ok(())
@@ -77,35 +80,42 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
     }
 }
 
-fn throughput(comm: &mut Communicator, args: &PeerArgs, bytes: usize) -> Result<(), Error> {
+fn throughput(comm: &mut Communicator, args: &PeerArgs, coll: Coll, size: usize) -> Result<(), Error> {
     let n = comm.size();
-    let mut buf = vec![1f32; bytes / 4];
-    let quantize = args.quantize;
-    let all_reduce = |comm: &mut Communicator, buf: &mut [f32]| match quantize {
-        Some(q) => comm.all_reduce_quantized(buf, ReduceOp::Sum, q),
-        None => comm.all_reduce(buf, ReduceOp::Sum),
+    let mut bufs = Buffers::new(coll, size, comm.rank(), n);
+    let quantize = args.quantize.filter(|_| coll == Coll::AllReduce);
+    let call = |comm: &mut Communicator, bufs: &mut Buffers| match quantize {
+        Some(q) => comm.all_reduce_quantized(&mut bufs.input, ReduceOp::Sum, q),
+        None => bufs.call(comm),
     };
-    // A checked call (constant chunks quantize exactly); then zeros, which stay zeros (no overflow, no denormals).
-    all_reduce(comm, &mut buf)?;
-    let checked = buf.iter().all(|&v| v == n as f32);
-    buf.fill(0.0);
+    // A checked call (the values of `Buffers::new`, or ones for the quantized all-reduce:
+    // constant chunks quantize exactly); then zeros for the timed calls.
+    if quantize.is_some() {
+        bufs.input.fill(1.0);
+    }
+    call(comm, &mut bufs)?;
+    let checked = match quantize {
+        Some(_) => bufs.input.iter().all(|&v| v == n as f32),
+        None => bufs.check(),
+    };
+    bufs.zero();
     for _ in 0..args.warmup {
-        all_reduce(comm, &mut buf)?;
+        call(comm, &mut bufs)?;
     }
     comm.barrier()?;
-    let iters = iters_for(args.iters, bytes);
+    let iters = iters_for(args.iters, size);
     let mut secs = Vec::with_capacity(iters);
     let before = sched_secs();
     for _ in 0..iters {
         let t = Instant::now();
-        all_reduce(comm, &mut buf)?;
+        call(comm, &mut bufs)?;
         secs.push(t.elapsed().as_secs_f64());
     }
     let after = sched_secs();
     emit(json!({
-        "event": "result", "rank": comm.rank(), "n": n, "bytes": bytes, "secs": secs,
-        "cpu_secs": after.0 - before.0, "runq_secs": after.1 - before.1, "checked": checked,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "event": "result", "rank": comm.rank(), "n": n, "collective": coll.name(), "size": size,
+        "bytes": bufs.bytes(), "secs": secs, "cpu_secs": after.0 - before.0, "runq_secs": after.1 - before.1,
+        "checked": checked, "peak_rss_bytes": peak_rss_bytes(),
     }));
     Ok(())
 }

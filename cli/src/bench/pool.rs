@@ -120,6 +120,7 @@ pub(super) fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbea
             format!("--master={master}"),
             format!("--expect={n}"),
             format!("--sizes={sizes}"),
+            format!("--collectives={}", args.collectives.arg()),
             format!("--iters={}", args.iters),
             format!("--warmup={}", args.warmup),
             format!("--connections-per-link={}", args.connections_per_link),

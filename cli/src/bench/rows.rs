@@ -1,28 +1,39 @@
-//! Step 2 of the bench, all-reduce: one row per group size and buffer size.
+//! Step 2 of the bench, the collectives: one row per collective, group size and buffer
+//! size.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::collectives::Coll;
 use super::pool::{heartbeat_for, peer_args, start_master, Peers};
 use super::{gbps, load_average, show_size, BenchArgs};
 use phalanx::relay::free_udp_addr;
 
 #[derive(Clone, Debug)]
 pub(super) struct Row {
+    pub(super) coll: Coll,
     pub(super) n: usize,
+    /// The size asked for (`--sizes`).
+    pub(super) size: usize,
+    /// The size measured: the larger buffer, rounded down to `n` parts where it is split
+    /// (see [`Coll::counts`]).
     pub(super) bytes: usize,
     pub(super) iters: usize,
-    /// Mean seconds per all-reduce: per rank the mean, then the slowest rank.
+    /// Mean seconds per call: per rank the mean, then the slowest rank.
     pub(super) secs: f64,
+    /// Median over the iterations of the slowest rank's time: the time of the
+    /// nccl-tests-style tables and of the comparisons (the anchors report the same).
+    pub(super) median: f64,
     /// Fastest iteration (slowest rank in it).
     pub(super) best: f64,
     /// CPU cores the peer processes used together while timed.
     pub(super) cores: f64,
     /// Threads of the peer processes waiting for a CPU, on average, while timed.
     pub(super) runq: f64,
-    /// CPU seconds of all peers per GB sent over the links (`2(n-1)·S` per call).
+    /// CPU seconds of all peers per GB sent over the links (`n · factor · S` per call,
+    /// `2(n-1)·S` for all-reduce).
     pub(super) cpu_per_gb: f64,
     pub(super) checked: bool,
     /// The largest peak resident memory of a peer process, in bytes.
@@ -31,6 +42,7 @@ pub(super) struct Row {
 
 /// One rank's report for one size.
 pub(super) struct RankResult {
+    bytes: usize,
     secs: Vec<f64>,
     cpu_secs: f64,
     runq_secs: f64,
@@ -44,7 +56,7 @@ impl Row {
     }
 
     pub(super) fn busbw(&self, secs: f64) -> f64 {
-        self.algbw(secs) * 2.0 * (self.n - 1) as f64 / self.n as f64
+        self.algbw(secs) * self.coll.bus_factor(self.n)
     }
 
     /// busbw / raw one-way GB/s if both got the same CPU time: a call sends
@@ -55,7 +67,7 @@ impl Row {
     }
 }
 
-pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<Vec<Row>, String> {
+pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Result<Vec<Row>, String> {
     let master = start_master(secret, args.peer_timeout_ms, true)?;
     let relay = args.relay()?;
     let (master_addr, fronts) = match &relay {
@@ -75,25 +87,27 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<
     let pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
     let mut peers = Peers::spawn_each(n, &pargs, secret, |i| fronts.get(i).cloned().unwrap_or_default())?;
     // Per size: per rank the iteration times.
-    let mut results: HashMap<usize, Vec<RankResult>> = HashMap::new();
+    let mut results: HashMap<(Coll, usize), Vec<RankResult>> = HashMap::new();
     let mut done = 0;
     while done < n {
         let (_, v) = peers.next(Duration::from_secs(300))?;
         match v["event"].as_str() {
             Some("result") => {
                 let bytes = v["bytes"].as_u64().unwrap_or(0) as usize;
+                let size = v["size"].as_u64().unwrap_or(0) as usize;
+                let coll: Coll = v["collective"].as_str().unwrap_or_default().parse()?;
                 let secs: Vec<f64> =
                     v["secs"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
                 let checked = v["checked"].as_bool().unwrap_or(false);
                 let cpu_secs = v["cpu_secs"].as_f64().unwrap_or(0.0);
                 let runq_secs = v["runq_secs"].as_f64().unwrap_or(0.0);
                 let peak_rss = v["peak_rss_bytes"].as_u64().unwrap_or(0);
-                let per_rank = results.entry(bytes).or_default();
-                per_rank.push(RankResult { secs, cpu_secs, runq_secs, checked, peak_rss });
+                let per_rank = results.entry((coll, size)).or_default();
+                per_rank.push(RankResult { bytes, secs, cpu_secs, runq_secs, checked, peak_rss });
                 if per_rank.len() == n {
-                    let row = summarize(n, bytes, per_rank);
+                    let row = summarize(coll, n, size, per_rank);
                     println!(
-                        "  n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB, peak RSS {:.2}x the buffer{}  (load {})",
+                        "  {coll} n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB, peak RSS {:.2}x the buffer{}  (load {})",
                         show_size(bytes),
                         row.secs * 1e3,
                         row.busbw(row.secs),
@@ -113,32 +127,49 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<
     }
     drop(peers);
     drop(master);
-    let mut rows: Vec<Row> = results.iter().map(|(&bytes, per_rank)| summarize(n, bytes, per_rank)).collect();
-    rows.sort_by_key(|r| r.bytes);
+    let mut rows: Vec<Row> =
+        results.iter().map(|(&(coll, size), per_rank)| summarize(coll, n, size, per_rank)).collect();
+    rows.sort_by_key(|r| (r.coll, r.size));
     Ok(rows)
 }
 
-pub(super) fn summarize(n: usize, bytes: usize, per_rank: &[RankResult]) -> Row {
+pub(super) fn summarize(coll: Coll, n: usize, size: usize, per_rank: &[RankResult]) -> Row {
+    let bytes = per_rank.iter().map(|r| r.bytes).max().unwrap_or(0);
     let iters = per_rank.iter().map(|r| r.secs.len()).min().unwrap_or(0);
     let total = |r: &RankResult| r.secs.iter().sum::<f64>();
     let wall = per_rank.iter().map(total).fold(0.0, f64::max);
     let secs = wall / iters.max(1) as f64;
-    let best = (0..iters).map(|i| per_rank.iter().map(|r| r.secs[i]).fold(0.0, f64::max)).fold(f64::MAX, f64::min);
+    let mut slowest: Vec<f64> = (0..iters).map(|i| per_rank.iter().map(|r| r.secs[i]).fold(0.0, f64::max)).collect();
+    slowest.sort_by(f64::total_cmp);
+    let best = slowest.first().copied().unwrap_or(f64::NAN);
+    let median = median_sorted(&slowest);
     let cpu: f64 = per_rank.iter().map(|r| r.cpu_secs).sum();
     let runq: f64 = per_rank.iter().map(|r| r.runq_secs).sum();
-    let sent_gb = (iters * 2 * (n - 1) * bytes) as f64 / 1e9;
+    let sent_gb = iters as f64 * n as f64 * coll.bus_factor(n) * bytes as f64 / 1e9;
     let checked = per_rank.iter().all(|r| r.checked);
     let peak_rss = per_rank.iter().map(|r| r.peak_rss).max().unwrap_or(0);
     Row {
+        coll,
         n,
+        size,
         bytes,
         iters,
         secs,
+        median,
         best,
         cores: cpu / wall,
         runq: runq / wall,
         cpu_per_gb: cpu / sent_gb,
         checked,
         peak_rss,
+    }
+}
+
+/// The median of sorted values (the mean of the middle two for an even count); NaN for none.
+pub(super) fn median_sorted(v: &[f64]) -> f64 {
+    match v.len() {
+        0 => f64::NAN,
+        k if k % 2 == 1 => v[k / 2],
+        k => (v[k / 2 - 1] + v[k / 2]) / 2.0,
     }
 }
