@@ -126,7 +126,7 @@ pub struct PeerArgs {
     /// Buffer sizes in bytes.
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub(super) sizes: Vec<usize>,
-    /// Collectives to time, in this order (each over every size).
+    /// Collectives to time, in [`Coll::ALL`]'s order (each over every size).
     #[arg(long, value_parser = parse_collectives, default_value = "all-reduce")]
     pub(super) collectives: Collectives,
     /// Timed iterations per size from 64 MiB up (more below, see `--iters` of `bench`).
@@ -164,7 +164,7 @@ pub struct PeerArgs {
     pub(super) raw_frame_kib: usize,
 }
 
-/// A list of collectives, each once, in the order given.
+/// A list of collectives, each once, in [`Coll::ALL`]'s order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Collectives(pub(crate) Vec<Coll>);
 
@@ -178,6 +178,9 @@ fn parse_collectives(s: &str) -> Result<Collectives, String> {
     if out.is_empty() {
         return Err("no collective named".into());
     }
+    // Always in the tables' order: all-reduce first, so that its peak RSS (the process's
+    // peak so far, sizes growing) is its own.
+    out.sort();
     Ok(Collectives(out))
 }
 
@@ -222,5 +225,28 @@ impl BenchArgs {
             shaping = shaping.rate_mbit(mbit);
         }
         phalanx::relay::Relay::start(1, shaping).map(Some).map_err(|e| format!("relay: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collectives_parse_once_each_in_table_order() {
+        let c = parse_collectives("all-scan,all-reduce,all-scan").unwrap();
+        assert_eq!(c.0, [Coll::AllReduce, Coll::AllScan]);
+        assert_eq!(c.arg(), "all-reduce,all-scan");
+        assert_eq!(parse_collectives("all").unwrap().0, Coll::ALL);
+        assert_eq!(parse_collectives("broadcast,all").unwrap().0.len(), 6);
+        assert!(parse_collectives("all-reduce,gather").unwrap_err().contains("\"gather\""));
+        assert!(parse_collectives(",").is_err());
+        // The default of `phalanx bench` stays all-reduce alone.
+        let args = BenchArgs::try_parse_from(["bench"]).unwrap();
+        assert_eq!(args.collectives.0, [Coll::AllReduce]);
+        assert!(args.compare.is_empty());
+        let args = BenchArgs::try_parse_from(["bench", "--compare", "mpi,gloo"]).unwrap();
+        assert_eq!(args.compare, [Anchor::Mpi, Anchor::Gloo]);
+        assert!(BenchArgs::try_parse_from(["bench", "--compare", "nccl"]).is_err());
     }
 }

@@ -107,7 +107,7 @@ pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Resul
                 if per_rank.len() == n {
                     let row = summarize(coll, n, size, per_rank);
                     println!(
-                        "  {coll} n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB, peak RSS {:.2}x the buffer{}  (load {})",
+                        "  {coll} n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB{}{}  (load {})",
                         show_size(bytes),
                         row.secs * 1e3,
                         row.busbw(row.secs),
@@ -115,7 +115,13 @@ pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Resul
                         row.cores,
                         row.runq,
                         row.cpu_per_gb,
-                        row.peak_rss as f64 / bytes.max(1) as f64,
+                        // The peak is the process's so far: a size's own only while the
+                        // sizes grow, that is for the first collective, all-reduce.
+                        if coll == Coll::AllReduce {
+                            format!(", peak RSS {:.2}x the buffer", row.peak_rss as f64 / bytes.max(1) as f64)
+                        } else {
+                            String::new()
+                        },
                         if row.checked { "" } else { "  RESULT WRONG" },
                         load_average()
                     );

@@ -60,7 +60,9 @@ pub(super) fn rows_json(rows: &[Row]) -> Vec<Value> {
                 "type": "float", "redop": r.coll.redop(), "root": r.coll.root(),
                 "median_secs": r.median, "mean_secs": r.secs, "best_secs": r.best,
                 "algbw_gbps": r.algbw(r.median), "busbw_gbps": r.busbw(r.median), "bus_factor": r.coll.bus_factor(r.n),
-                "cores": r.cores, "waiting": r.runq, "checked": r.checked, "peak_rss_bytes": r.peak_rss,
+                "cores": r.cores, "waiting": r.runq, "checked": r.checked,
+                // A process's peak so far: the size's own only for all-reduce, which runs first.
+                "peak_rss_bytes": (r.coll == Coll::AllReduce).then_some(r.peak_rss),
             })
         })
         .collect()
