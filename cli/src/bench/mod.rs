@@ -131,6 +131,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if args.recovery_peers == 1 {
         return Err("--recovery-peers must be 0 (skip) or at least 2".into());
     }
+    if args.quantize.is_some() && !args.compare.is_empty() {
+        return Err("--compare times the anchors' f32 collectives: not with --quantize".into());
+    }
     // The anchors' tools are found and their harness built before anything is measured.
     let anchors = if args.compare.is_empty() { None } else { Some(Anchors::prepare(&args)?) };
     let secret = random_secret();
