@@ -6,6 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Open MPI (Debian's openmpi-bin, libopenmpi-dev): cli/tests/bench.rs runs `phalanx bench
+# --compare mpi` against it (a few seconds). Installed here, not only in CI, so that this
+# one command runs every test on a fresh machine (apt-get needs root or sudo). torch for
+# the Gloo anchor is a manual benchmark (benches/install-anchors.sh gloo).
+if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
+  benches/install-anchors.sh mpi
+fi
+
 echo "== cargo build (all targets)"
 cargo build --workspace --all-targets --locked
 
