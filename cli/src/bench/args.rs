@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use phalanx::quant::Quantization;
 
+use crate::quic_args::QuicArgs;
+
 /// Options of `phalanx bench`.
 #[derive(Parser)]
 pub struct BenchArgs {
@@ -22,9 +24,9 @@ pub struct BenchArgs {
     /// Untimed iterations per size before the timed ones (after one checked call).
     #[arg(long, default_value_t = 1)]
     pub(super) warmup: usize,
-    /// QUIC connections per data link (`QuicConfig::connections_per_link`).
-    #[arg(long, default_value_t = 1)]
-    pub(super) connections_per_link: usize,
+    /// QUIC settings of the data links.
+    #[command(flatten)]
+    pub(super) quic: QuicArgs,
     /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
     #[arg(long, default_value_t = (phalanx::collective::DEFAULT_CHUNK_BYTES >> 10) as u64)]
     pub(super) chunk_kib: u64,
@@ -114,9 +116,9 @@ pub struct PeerArgs {
     /// Untimed iterations per size after the checked one.
     #[arg(long, default_value_t = 1)]
     pub(super) warmup: usize,
-    /// QUIC connections per link.
-    #[arg(long, default_value_t = 1)]
-    pub(super) connections_per_link: usize,
+    /// QUIC settings of the data links.
+    #[command(flatten)]
+    pub(super) quic: QuicArgs,
     /// The executor's chunk size in KiB; must be equal on every peer.
     #[arg(long, default_value_t = 256)]
     pub(super) chunk_kib: u64,

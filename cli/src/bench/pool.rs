@@ -116,13 +116,13 @@ pub(super) fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbea
     let quantize = args.quantize.map(|q| format!("--quantize={q}"));
     quantize
         .into_iter()
+        .chain(args.quic.to_args())
         .chain([
             format!("--master={master}"),
             format!("--expect={n}"),
             format!("--sizes={sizes}"),
             format!("--iters={}", args.iters),
             format!("--warmup={}", args.warmup),
-            format!("--connections-per-link={}", args.connections_per_link),
             format!("--chunk-kib={}", args.chunk_kib),
             format!("--heartbeat-ms={heartbeat_ms}"),
         ])

@@ -87,6 +87,7 @@
 mod auth;
 mod config;
 mod link;
+mod sizing;
 mod stripes;
 #[cfg(test)]
 mod tests;
@@ -105,9 +106,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use self::auth::SecretAuthenticated;
+pub use self::config::Congestion;
 pub use self::config::{QuicConfig, QuicError};
 pub use self::link::QuicLink;
-use self::stripes::{accept_loop, Stripe, StripeSetup};
+pub use self::sizing::{
+    LinkSizing, AUTO_MAX_CONNECTIONS, AUTO_RATE_PER_CONNECTION, AUTO_RTT_PER_CONNECTION, AUTO_WAN_RTT, WINDOW_RTTS,
+};
+use self::stripes::{accept_loop, link, Stripe, StripeSetup};
 use super::endpoint::Endpoint;
 use super::{Link, LinkError};
 
@@ -239,22 +244,39 @@ impl QuicEndpoint {
             .secure_random
             .fill(&mut link_id)
             .map_err(|_| QuicError::Setup("no system randomness for a link id".into()))?;
-        let count = cfg.connections_per_link;
-        let mut set = JoinSet::new();
-        for index in 0..count {
-            let setup = StripeSetup {
-                endpoint: self.endpoint.clone(),
-                client_config: self.client_config.clone(),
-                config: cfg.clone(),
-                peer,
-                link_id,
-                index: index as u16,
-                count: count as u16,
-                hello: if index == 0 { hello.clone() } else { Bytes::new() },
-            };
-            set.spawn(setup.run());
-        }
+        let setup = |index: usize, count: usize| StripeSetup {
+            endpoint: self.endpoint.clone(),
+            client_config: self.client_config.clone(),
+            config: cfg.clone(),
+            peer,
+            link_id,
+            index: index as u16,
+            count: count as u16,
+            hello: if index == 0 { hello.clone() } else { Bytes::new() },
+        };
         let collect = async {
+            let mut set = JoinSet::new();
+            let count = match cfg.connections_per_link {
+                Some(count) => {
+                    for index in 0..count {
+                        set.spawn(setup(index, count).run());
+                    }
+                    count
+                }
+                None => {
+                    // The first connection's handshake measures the round trip, which
+                    // chooses the count its link header announces; the others follow.
+                    let mut first = setup(0, 1);
+                    let authenticated = first.authenticate().await?;
+                    let count = cfg.connections_for(authenticated.conn.rtt());
+                    first.count = count as u16;
+                    set.spawn(first.finish(authenticated));
+                    for index in 1..count {
+                        set.spawn(setup(index, count).run());
+                    }
+                    count
+                }
+            };
             let mut stripes: Vec<Option<Stripe>> = (0..count).map(|_| None).collect();
             while let Some(joined) = set.join_next().await {
                 let (index, stripe) = joined
@@ -267,7 +289,7 @@ impl QuicEndpoint {
         // dropping their connections closes them.
         let stripes =
             tokio::time::timeout(cfg.handshake_timeout, collect).await.map_err(|_| QuicError::Timeout(peer))??;
-        Ok(QuicLink::new(stripes, cfg.max_frame_bytes, peer))
+        Ok(link(stripes, cfg, peer))
     }
 
     /// Waits for the next authenticated link and returns it with the peer's hello.
