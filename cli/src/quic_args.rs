@@ -20,7 +20,7 @@ pub struct QuicArgs {
     #[arg(long, default_value_t = 1000)]
     pub window_rate_mbit: u64,
     /// Ceiling of each connection's stream, receive and send windows, in MiB.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub window_mib: u64,
 }
 

@@ -215,10 +215,10 @@ mod tests {
         assert_eq!(c.sizing(rtt, 2).receive_window, (link / 2).max(floor));
         assert_eq!(c.sizing(rtt, 1).send_window, link.min(c.send_window));
         // A long fat pipe: the ceiling.
-        let wan = c.sizing(ms(50), 1);
+        let wan = c.sizing(ms(100), 1);
         assert_eq!(wan.receive_window, ceiling.min(c.stream_receive_window));
         assert_eq!(wan.send_window, c.send_window);
-        assert_eq!((wan.rtt, wan.connections), (ms(50), 1));
+        assert_eq!((wan.rtt, wan.connections), (ms(100), 1));
         // The window of 400 Mbit/s at 50 ms (2.5 MB) fits, with room for recovery, in
         // each of the automatic connections at that round trip.
         let n = c.connections_for(ms(50));
