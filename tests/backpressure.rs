@@ -87,8 +87,7 @@ async fn slow_receiver_bounds_sender(a: &dyn Link, b: &dyn Link, bound: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_receiver_bounds_sender_memory_quic() {
-    let config = QuicConfig::with_secret(SECRET);
-    let bound = quic_link_bound(&config);
+    let config = quic_config();
     tokio::time::timeout(LIMIT, async {
         let localhost = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let server = QuicEndpoint::bind(localhost, config.clone()).unwrap();
@@ -96,6 +95,12 @@ async fn slow_receiver_bounds_sender_memory_quic() {
         let addr = server.local_addr().unwrap();
         let (a, accepted) = tokio::join!(client.connect(addr, Bytes::from_static(b"sender")), server.accept());
         let (a, (b, _)) = (a.unwrap(), accepted.unwrap());
+        // The receiver's windows as it sized them from the round trip it measured: the
+        // 2 MiB floor on loopback, up to the configured ceiling on a slow machine.
+        let sizing = b.sizing();
+        assert!(sizing.receive_window >= config.min_window && sizing.receive_window <= config.receive_window);
+        let bound = quic_link_bound(b.stripes(), sizing.receive_window);
+        eprintln!("QUIC link: {sizing:?}, at most {bound} bytes held");
         slow_receiver_bounds_sender(&a, &b, bound).await;
     })
     .await
@@ -116,17 +121,26 @@ async fn slow_receiver_bounds_sender_memory_mem() {
 
 const SECRET: &str = "test secret: 32 random bytes in real life";
 
-/// Payload bytes a QUIC link with `config` holds for a receiver that reads nothing.
-fn quic_link_bound(config: &QuicConfig) -> usize {
+/// The QUIC settings of these tests: the defaults (windows sized from the round trip,
+/// BBR), with one connection per link and a ceiling of 8 MiB per window, so that the
+/// bound stays far below [`UNBOUNDED`] however slowly a loaded machine answers the
+/// handshake (a slow answer looks like a long path, which would mean more connections
+/// and larger windows).
+fn quic_config() -> QuicConfig {
+    QuicConfig { connections_per_link: Some(1), receive_window: 8 << 20, ..QuicConfig::with_secret(SECRET) }
+}
+
+/// Payload bytes a QUIC link of `stripes` connections, each with a receive window of
+/// `window` bytes, holds for a receiver that reads nothing.
+fn quic_link_bound(stripes: usize, window: u64) -> usize {
     // A QUIC link buffers per stripe (see `transport::quic`, "Flow control and
-    // buffering"): the receiver's stream window of unread bytes (the connection window
-    // caps it too), plus one frame queued in the one-frame channel and one being written
-    // on the sending side, and one queued and one being read on the receiving side. One
-    // more frame of slack: the window's edge may cut a frame in two.
+    // buffering"): the receiver's connection window of unread bytes, plus one frame
+    // queued in the one-frame channel and one being written on the sending side, and one
+    // queued and one being read on the receiving side. One more frame of slack: the
+    // window's edge may cut a frame in two.
     const CHANNEL_FRAMES: usize = 1;
-    let per_stripe = config.stream_receive_window.min(config.receive_window) as usize
-        + 2 * (CHANNEL_FRAMES + 1) * (Header::LEN + 8 + FRAME);
-    config.connections_per_link * per_stripe + FRAME
+    let per_stripe = window as usize + 2 * (CHANNEL_FRAMES + 1) * (Header::LEN + 8 + FRAME);
+    stripes * per_stripe + FRAME
 }
 
 /// Point-to-point messages the end-to-end tests send: [`MESSAGES`] of [`MESSAGE`] bytes.
@@ -206,7 +220,7 @@ fn slow_peer_bounds_sender_memory_mem() {
 fn slow_peer_bounds_sender_memory_quic() {
     with_timeout(120, || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let config = QuicConfig::with_secret(SECRET);
+        let config = quic_config();
         let master = rt.block_on(async {
             let ep = QuicEndpoint::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config.clone()).unwrap();
             MasterServer::spawn(Arc::new(ep), MasterConfig { initial_peers: 2, ..MasterConfig::default() })
@@ -215,14 +229,15 @@ fn slow_peer_bounds_sender_memory_quic() {
         let mut comms: Vec<Communicator> = std::thread::scope(|s| {
             let joins: Vec<_> = (1..=2u64)
                 .map(|id| {
-                    let options = ConnectOptions::new().secret(SECRET).peer_id(id);
+                    let options = ConnectOptions::new().secret(SECRET).peer_id(id).quic(config.clone());
                     s.spawn(move || Communicator::connect(addr, options).expect("connect"))
                 })
                 .collect();
             joins.into_iter().map(|j| j.join().expect("join thread")).collect()
         });
         comms.sort_by_key(|c| c.rank());
-        let bound = quic_link_bound(&config) + QUEUED;
+        // The windows' ceiling: the peers' links are out of reach here.
+        let bound = quic_link_bound(1, config.receive_window) + QUEUED;
         let out = slow_peer_bounds_sender(&mut comms, bound);
         eprintln!("QUIC group: {out} messages of {MESSAGE} bytes went out before the sender blocked");
     });

@@ -10,6 +10,7 @@ mod moe_mlp;
 mod moe_sim;
 mod moe_worker;
 mod pipeline;
+mod quic_args;
 mod relay;
 mod worker;
 

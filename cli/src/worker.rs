@@ -22,6 +22,7 @@ use phalanx::{Communicator, Error, ReduceOp};
 use serde_json::json;
 
 use crate::mix::{self, Extra};
+use crate::quic_args::QuicArgs;
 use crate::{emit, now_ms, quic_config};
 
 /// Options of `phalanx worker`.
@@ -39,6 +40,9 @@ pub struct WorkerArgs {
     /// Where this peer accepts data links.
     #[arg(long, default_value = "127.0.0.1:0")]
     bind: SocketAddr,
+    /// QUIC settings of the links.
+    #[command(flatten)]
+    quic: QuicArgs,
     /// The data address other peers dial (behind a NAT or a relay); default: the bound one.
     #[arg(long)]
     advertise: Option<SocketAddr>,
@@ -129,7 +133,7 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     let options = ConnectOptions {
         bind: args.bind,
         advertise: args.advertise,
-        quic: quic_config(args.secret.as_deref()),
+        quic: args.quic.apply(quic_config(args.secret.as_deref()))?,
         control: ControlConfig {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
             ..ControlConfig::default()

@@ -46,6 +46,27 @@ pub use self::path::{Drop, PathStats, Shaping};
 /// The largest datagram the relay carries (UDP's own limit).
 const MAX_DATAGRAM: usize = 65_535;
 
+/// Receive and send buffer sizes asked for every relay socket (the OS may cap them:
+/// Linux's `net.core.rmem_max`). With the default of about 208 KiB a relay thread that
+/// waits 4 ms for a CPU at 400 Mbit/s overflows its socket, and the kernel drops
+/// datagrams that no path's [`Shaping`] decided to drop and no [`PathStats`] counts.
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// A non-blocking UDP socket bound at `addr` with [`SOCKET_BUFFER_BYTES`] of buffers
+/// (best effort), as a tokio socket of the current runtime.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    // Best effort, as for QUIC endpoints: smaller buffers still work. Not through
+    // quinn-udp's socket state, which would also turn on UDP GRO: the relay would then
+    // read several coalesced datagrams as one and forward them as one, which no QUIC
+    // receiver can parse.
+    let sock = socket2::SockRef::from(&socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    UdpSocket::from_std(socket)
+}
+
 /// A running relay. Dropping it stops every front and forgets every flow.
 pub struct Relay {
     shared: Arc<Shared>,
@@ -130,12 +151,10 @@ impl Relay {
 
     /// Opens a front at `listen` for `target` and returns its address.
     pub fn front_at(&self, listen: SocketAddr, target: SocketAddr) -> std::io::Result<SocketAddr> {
-        let std_socket = std::net::UdpSocket::bind(listen)?;
-        std_socket.set_nonblocking(true)?;
         let runtime = self.runtime.as_ref().expect("the runtime lives as long as the relay"); // ok: only Drop takes it
         let socket = {
             let _in_runtime = runtime.enter();
-            Arc::new(UdpSocket::from_std(std_socket)?)
+            Arc::new(bind_udp(listen)?)
         };
         let addr = socket.local_addr()?;
         runtime.spawn(front_loop(self.shared.clone(), socket, target));
@@ -218,7 +237,7 @@ async fn front_loop(shared: Arc<Shared>, front: Arc<UdpSocket>, target: SocketAd
         let upstream = match upstreams.get(&from) {
             Some(u) => u.clone(),
             None => {
-                let Ok(u) = UdpSocket::bind((target.ip(), 0)).await.map(Arc::new) else { continue };
+                let Ok(u) = bind_udp(SocketAddr::new(target.ip(), 0)).map(Arc::new) else { continue };
                 tokio::spawn(back_loop(shared.clone(), u.clone(), front.clone(), target, from));
                 upstreams.insert(from, u.clone());
                 u

@@ -8,6 +8,7 @@ use phalanx::quant::Quantization;
 
 use super::collectives::Coll;
 use super::compare::Anchor;
+use crate::quic_args::QuicArgs;
 
 /// Options of `phalanx bench`.
 #[derive(Parser)]
@@ -40,9 +41,9 @@ pub struct BenchArgs {
     /// Untimed iterations per size before the timed ones (after one checked call).
     #[arg(long, default_value_t = 1)]
     pub(super) warmup: usize,
-    /// QUIC connections per data link (`QuicConfig::connections_per_link`).
-    #[arg(long, default_value_t = 1)]
-    pub(super) connections_per_link: usize,
+    /// QUIC settings of the data links.
+    #[command(flatten)]
+    pub(super) quic: QuicArgs,
     /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
     #[arg(long, default_value_t = (phalanx::collective::DEFAULT_CHUNK_BYTES >> 10) as u64)]
     pub(super) chunk_kib: u64,
@@ -135,9 +136,9 @@ pub struct PeerArgs {
     /// Untimed iterations per size after the checked one.
     #[arg(long, default_value_t = 1)]
     pub(super) warmup: usize,
-    /// QUIC connections per link.
-    #[arg(long, default_value_t = 1)]
-    pub(super) connections_per_link: usize,
+    /// QUIC settings of the data links.
+    #[command(flatten)]
+    pub(super) quic: QuicArgs,
     /// The executor's chunk size in KiB; must be equal on every peer.
     #[arg(long, default_value_t = 256)]
     pub(super) chunk_kib: u64,

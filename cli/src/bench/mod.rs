@@ -146,8 +146,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         machine["mem_gib"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "settings: chunk {} KiB, {} connection(s) per link, iters {} (x up to 16 below 64 MiB), warm-up {}",
-        args.chunk_kib, args.connections_per_link, args.iters, args.warmup
+        "settings: chunk {} KiB, {}, iters {} (x up to 16 below 64 MiB), warm-up {}",
+        args.chunk_kib,
+        args.quic.describe(),
+        args.iters,
+        args.warmup
     );
     println!("collectives: {}", args.collectives.arg().replace(',', ", "));
     for (anchor, version) in anchors.iter().flat_map(Anchors::versions) {
@@ -291,7 +294,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "settings": {
                 "chunk_kib": args.chunk_kib,
                 "quantize": args.quantize.map(|q| q.to_string()),
-                "connections_per_link": args.connections_per_link,
+                "connections_per_link": args.quic.connections_per_link.to_string(),
+                "congestion": args.quic.congestion.to_string(),
+                "window_rate_mbit": args.quic.window_rate_mbit,
+                "window_mib": args.quic.window_mib,
                 "iters": args.iters,
                 "warmup": args.warmup,
                 "collectives": args.collectives.arg(),

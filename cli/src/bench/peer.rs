@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 use phalanx::collective::Tuning;
 use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, RetryPolicy};
-use phalanx::transport::quic::QuicConfig;
 use phalanx::{Communicator, Error, ReduceOp};
 use serde_json::json;
 
@@ -34,10 +33,7 @@ fn form_group(comm: &mut Communicator, n: usize) -> Result<(), Error> {
 
 pub fn run_peer(args: PeerArgs) -> Result<(), String> {
     if args.raw_secs > 0.0 {
-        let config = QuicConfig {
-            connections_per_link: args.connections_per_link,
-            ..crate::quic_config(args.secret.as_deref())
-        };
+        let config = args.quic.apply(crate::quic_config(args.secret.as_deref())).map_err(|e| fail("arguments", &e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -47,11 +43,9 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
     }
     let master = args.master.ok_or_else(|| fail("arguments", &"--master is required"))?;
     let recovery = args.recovery_size.is_some();
+    let quic = args.quic.apply(crate::quic_config(args.secret.as_deref())).map_err(|e| fail("arguments", &e))?;
     let options = ConnectOptions {
-        quic: QuicConfig {
-            connections_per_link: args.connections_per_link,
-            ..crate::quic_config(args.secret.as_deref())
-        },
+        quic,
         control: ControlConfig {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
             ..ControlConfig::default()

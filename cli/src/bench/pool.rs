@@ -116,6 +116,7 @@ pub(super) fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbea
     let quantize = args.quantize.map(|q| format!("--quantize={q}"));
     quantize
         .into_iter()
+        .chain(args.quic.to_args())
         .chain([
             format!("--master={master}"),
             format!("--expect={n}"),
@@ -123,7 +124,6 @@ pub(super) fn peer_args(args: &BenchArgs, master: SocketAddr, n: usize, heartbea
             format!("--collectives={}", args.collectives.arg()),
             format!("--iters={}", args.iters),
             format!("--warmup={}", args.warmup),
-            format!("--connections-per-link={}", args.connections_per_link),
             format!("--chunk-kib={}", args.chunk_kib),
             format!("--heartbeat-ms={heartbeat_ms}"),
         ])

@@ -106,6 +106,7 @@ pub(super) fn raw_pair(args: &BenchArgs, secret: &str, both: bool) -> Result<(f6
         // The baseline is one connection, whatever --connections-per-link says.
         "--connections-per-link=1".to_string(),
     ];
+    common.extend(args.quic.to_args().into_iter().filter(|a| !a.starts_with("--connections-per-link")));
     if both {
         common.push("--raw-both".into());
     }

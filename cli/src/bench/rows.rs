@@ -132,6 +132,29 @@ pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Resul
         }
     }
     drop(peers);
+    if let Some(relay) = &relay {
+        let total = relay.stats().into_iter().fold(phalanx::relay::PathStats::default(), |mut t, (_, s)| {
+            t.delivered += s.delivered;
+            t.bytes += s.bytes;
+            t.lost += s.lost;
+            t.queue_drops += s.queue_drops;
+            t
+        });
+        let all = (total.delivered + total.lost + total.queue_drops).max(1) as f64;
+        println!(
+            "  relay, all paths: {} packets delivered ({:.1} MB, {:.0} B each), {} lost at random ({:.3} %), \
+             {} dropped by a full queue ({:.3} %); the kernel dropped {} datagrams on the sockets of the \
+             relay (and of the master)",
+            total.delivered,
+            total.bytes as f64 / 1e6,
+            total.bytes as f64 / total.delivered.max(1) as f64,
+            total.lost,
+            100.0 * total.lost as f64 / all,
+            total.queue_drops,
+            100.0 * total.queue_drops as f64 / all,
+            udp_socket_drops(),
+        );
+    }
     drop(master);
     let mut rows: Vec<Row> =
         results.iter().map(|(&(coll, size), per_rank)| summarize(coll, n, size, per_rank)).collect();
@@ -178,4 +201,27 @@ pub(super) fn median_sorted(v: &[f64]) -> f64 {
         k if k % 2 == 1 => v[k / 2],
         k => (v[k / 2 - 1] + v[k / 2]) / 2.0,
     }
+}
+
+/// UDP datagrams the kernel dropped so far on this process's sockets (the relay's and
+/// the master's), for full receive buffers or the like: the `drops` column of
+/// `/proc/net/udp` for the socket inodes among `/proc/self/fd`; 0 where unreadable.
+fn udp_socket_drops() -> u64 {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            (f.len() >= 13 && inodes.contains(f[9])).then(|| f[12].parse::<u64>().unwrap_or(0))
+        })
+        .sum()
 }

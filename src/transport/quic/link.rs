@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, ReadError, ReadExactError, VarInt};
 use tokio::sync::{mpsc, watch};
 
+use super::sizing::LinkSizing;
 use super::stripes::Stripe;
 use super::{CODE_CLOSED, CODE_FRAME_TOO_LARGE, CODE_PROTOCOL};
 use crate::transport::{Frame, Header, Link, LinkError};
@@ -30,6 +31,7 @@ pub struct QuicLink {
     closed: watch::Sender<bool>,
     max_frame_bytes: usize,
     peer: SocketAddr,
+    sizing: LinkSizing,
 }
 
 struct RecvState {
@@ -51,7 +53,7 @@ impl fmt::Debug for QuicLink {
 }
 
 impl QuicLink {
-    pub(super) fn new(stripes: Vec<Stripe>, max_frame_bytes: usize, peer: SocketAddr) -> QuicLink {
+    pub(super) fn new(stripes: Vec<Stripe>, max_frame_bytes: usize, peer: SocketAddr, sizing: LinkSizing) -> QuicLink {
         let closed = watch::channel(false).0;
         let conns: Vec<quinn::Connection> = stripes.iter().map(|s| s.conn.clone()).collect();
         let mut senders = Vec::with_capacity(stripes.len());
@@ -72,6 +74,7 @@ impl QuicLink {
             closed,
             max_frame_bytes,
             peer,
+            sizing,
         }
     }
 
@@ -83,6 +86,17 @@ impl QuicLink {
     /// Number of QUIC connections the link stripes its frames over.
     pub fn stripes(&self) -> usize {
         self.conns.len()
+    }
+
+    /// How this end sized the link at setup: the round trip it measured, and each
+    /// connection's windows (see [`QuicConfig::window_rate_bps`](super::QuicConfig)).
+    pub fn sizing(&self) -> LinkSizing {
+        self.sizing
+    }
+
+    /// The round trip of the link now, as its first connection estimates it.
+    pub fn rtt(&self) -> std::time::Duration {
+        self.conns.first().map_or(std::time::Duration::ZERO, quinn::Connection::rtt)
     }
 
     /// Why the link is closed, from the first connection that knows.
@@ -335,8 +349,11 @@ mod tests {
     async fn conformance_bounded_default_windows() {
         bounded(async {
             let (a, b, _) = pair(secret_config(), secret_config()).await;
-            // 8 MiB of stream window is 8 frames of 1 MiB, plus 4 queued or in hand.
-            conformance::bounded(&a, &b, 14, 1 << 20).await;
+            // Per connection, the window the receiver sized (2 MiB on loopback, more if
+            // the machine was slow to answer the handshake) in frames of 1 MiB, one more
+            // where the window's edge cuts a frame, and 4 queued or in hand.
+            let window = b.sizing().receive_window as usize;
+            conformance::bounded(&a, &b, b.stripes() * (window.div_ceil(1 << 20) + 1 + 4), 1 << 20).await;
         })
         .await;
     }

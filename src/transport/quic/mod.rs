@@ -53,26 +53,31 @@
 //!
 //! # Wire format
 //!
-//! A link is `connections_per_link` QUIC connections (1 by default), each with one
+//! A link is one or more QUIC connections ([`QuicConfig::connections_per_link`]; the
+//! connecting side chooses, by default from the round trip its first connection's
+//! handshake measured, see [`QuicConfig::connections_for`]), each with one
 //! bidirectional stream opened by the client. On each stream, after the exchange above
 //! (client: `PHX1` + proof; server: `PHX1` + proof; client: link id (16 bytes), stripe
 //! index and count (u16 each), hello length (u32) and hello; server: one byte `1`),
 //! each direction carries frames: [`Header::encode`] (32 bytes), the payload length
 //! (u64, little-endian) and the payload. Frame `i` of a link travels on stripe
-//! `i % connections_per_link` and the receiver reads the stripes round-robin, so order
-//! is kept; several connections let quinn encrypt and send on several cores.
+//! `i % count` and the receiver reads the stripes round-robin, so order is kept;
+//! several connections let quinn encrypt and send on several cores.
 //!
 //! # Flow control and buffering
 //!
-//! The link's buffer is QUIC flow control: a sender blocks once the receiver's stream
-//! window ([`QuicConfig::stream_receive_window`]) is full of unread data, plus one
-//! frame queued and one being written on the sending side and one queued and one being
-//! read on the receiving side, per stripe. The defaults size the windows to the
-//! bandwidth-delay product of a 1 Gbit/s path with 50 ms round trips (6.25 MB): 8 MiB
-//! per stream, 16 MiB per connection, so memory per link stays bounded by a few tens of
-//! MiB while a long fat pipe stays full. Below QUIC, the endpoint asks for 4 MiB UDP
-//! socket buffers ([`QuicConfig::socket_buffer_bytes`]), so that datagrams are not
-//! dropped while the receiving process waits for a CPU.
+//! The link's buffer is QUIC flow control: a sender blocks once the receiver's
+//! connection window is full of unread data, plus one frame queued and one being
+//! written on the sending side and one queued and one being read on the receiving side,
+//! per stripe. Each end sizes its windows once the link is set up, from the round trip
+//! it measured ([`LinkSizing`], [`QuicConfig::window_rate_bps`]): [`WINDOW_RTTS`] round
+//! trips at 1 Gbit/s by default, at least 2 MiB (loopback) and at most 32 MiB per
+//! connection (a long fat pipe), so a link on one host holds little memory and one over
+//! a WAN stays full while lost packets are resent. Congestion control is BBR by default
+//! ([`Congestion`]): random loss of a fraction of a percent caps CUBIC near 1 MB/s at
+//! 50 ms, not BBR. Below QUIC, the endpoint asks for 4 MiB UDP socket buffers
+//! ([`QuicConfig::socket_buffer_bytes`]), so that datagrams are not dropped while the
+//! receiving process waits for a CPU.
 //!
 //! # Closing
 //!
@@ -87,6 +92,7 @@
 mod auth;
 mod config;
 mod link;
+mod sizing;
 mod stripes;
 #[cfg(test)]
 mod tests;
@@ -105,9 +111,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use self::auth::SecretAuthenticated;
+pub use self::config::Congestion;
 pub use self::config::{QuicConfig, QuicError};
 pub use self::link::QuicLink;
-use self::stripes::{accept_loop, Stripe, StripeSetup};
+pub use self::sizing::{
+    LinkSizing, AUTO_MAX_CONNECTIONS, AUTO_RATE_PER_CONNECTION, AUTO_RTT_PER_CONNECTION, AUTO_WAN_RTT, WINDOW_RTTS,
+};
+use self::stripes::{accept_loop, link, Stripe, StripeSetup};
 use super::endpoint::Endpoint;
 use super::{Link, LinkError};
 
@@ -239,22 +249,39 @@ impl QuicEndpoint {
             .secure_random
             .fill(&mut link_id)
             .map_err(|_| QuicError::Setup("no system randomness for a link id".into()))?;
-        let count = cfg.connections_per_link;
-        let mut set = JoinSet::new();
-        for index in 0..count {
-            let setup = StripeSetup {
-                endpoint: self.endpoint.clone(),
-                client_config: self.client_config.clone(),
-                config: cfg.clone(),
-                peer,
-                link_id,
-                index: index as u16,
-                count: count as u16,
-                hello: if index == 0 { hello.clone() } else { Bytes::new() },
-            };
-            set.spawn(setup.run());
-        }
+        let setup = |index: usize, count: usize| StripeSetup {
+            endpoint: self.endpoint.clone(),
+            client_config: self.client_config.clone(),
+            config: cfg.clone(),
+            peer,
+            link_id,
+            index: index as u16,
+            count: count as u16,
+            hello: if index == 0 { hello.clone() } else { Bytes::new() },
+        };
         let collect = async {
+            let mut set = JoinSet::new();
+            let count = match cfg.connections_per_link {
+                Some(count) => {
+                    for index in 0..count {
+                        set.spawn(setup(index, count).run());
+                    }
+                    count
+                }
+                None => {
+                    // The first connection's handshake measures the round trip, which
+                    // chooses the count its link header announces; the others follow.
+                    let mut first = setup(0, 1);
+                    let authenticated = first.authenticate().await?;
+                    let count = cfg.connections_for(authenticated.conn.rtt());
+                    first.count = count as u16;
+                    set.spawn(first.finish(authenticated));
+                    for index in 1..count {
+                        set.spawn(setup(index, count).run());
+                    }
+                    count
+                }
+            };
             let mut stripes: Vec<Option<Stripe>> = (0..count).map(|_| None).collect();
             while let Some(joined) = set.join_next().await {
                 let (index, stripe) = joined
@@ -267,7 +294,7 @@ impl QuicEndpoint {
         // dropping their connections closes them.
         let stripes =
             tokio::time::timeout(cfg.handshake_timeout, collect).await.map_err(|_| QuicError::Timeout(peer))??;
-        Ok(QuicLink::new(stripes, cfg.max_frame_bytes, peer))
+        Ok(link(stripes, cfg, peer))
     }
 
     /// Waits for the next authenticated link and returns it with the peer's hello.

@@ -66,7 +66,7 @@ fn assemble(
     let peer = stripe.conn.remote_address();
     if stripe.count == 1 {
         let hello = stripe.hello.clone();
-        return Some((QuicLink::new(vec![stripe], config.max_frame_bytes, peer), hello));
+        return Some((link(vec![stripe], config, peer), hello));
     }
     let id = stripe.link_id;
     let mut map = groups.lock().unwrap_or_else(|p| p.into_inner());
@@ -108,7 +108,17 @@ fn assemble(
     }
     let group = map.remove(&id)?;
     let stripes: Vec<Stripe> = group.stripes.into_iter().flatten().collect();
-    Some((QuicLink::new(stripes, config.max_frame_bytes, peer), group.hello))
+    Some((link(stripes, config, peer), group.hello))
+}
+
+/// The link made of `stripes` (all set up, in order), its windows sized from the round
+/// trip the first one measured during its setup.
+pub(super) fn link(stripes: Vec<Stripe>, config: &QuicConfig, peer: SocketAddr) -> QuicLink {
+    let rtt = stripes.first().map_or(std::time::Duration::ZERO, |s| s.conn.rtt());
+    let sizing = config.sizing(rtt, stripes.len());
+    let conns: Vec<quinn::Connection> = stripes.iter().map(|s| s.conn.clone()).collect();
+    sizing.apply(&conns);
+    QuicLink::new(stripes, config.max_frame_bytes, peer, sizing)
 }
 
 /// One authenticated connection of a link and its stream.
@@ -174,8 +184,22 @@ pub(super) struct StripeSetup {
     pub(super) hello: Bytes,
 }
 
+/// A client connection whose TLS handshake and secret proofs are done, waiting for its
+/// link header.
+pub(super) struct Authenticated {
+    pub(super) conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
 impl StripeSetup {
     pub(super) async fn run(self) -> Result<(usize, Stripe), QuicError> {
+        let authenticated = self.authenticate().await?;
+        self.finish(authenticated).await
+    }
+
+    /// Connects and exchanges the secret proofs: the round trips that measure the path.
+    pub(super) async fn authenticate(&self) -> Result<Authenticated, QuicError> {
         let peer = self.peer;
         let lost = |e: ConnectionError| setup_error(peer, e);
         let connecting = self
@@ -194,7 +218,14 @@ impl StripeSetup {
             conn.close(CODE_AUTH_FAILED, b"authentication failed: server did not prove the secret");
             return Err(QuicError::Auth(format!("{peer} could not prove it knows the cluster secret")));
         }
+        Ok(Authenticated { conn, send, recv })
+    }
 
+    /// Sends the link header (with [`count`](Self::count)) and the hello on an
+    /// authenticated connection and waits for the server's acknowledgement.
+    pub(super) async fn finish(self, authenticated: Authenticated) -> Result<(usize, Stripe), QuicError> {
+        let peer = self.peer;
+        let Authenticated { conn, mut send, mut recv } = authenticated;
         let mut head = Vec::with_capacity(LINK_HEADER_LEN + self.hello.len());
         head.extend_from_slice(&self.link_id);
         head.extend_from_slice(&self.index.to_le_bytes());
@@ -257,7 +288,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance_ordered_both_ways_striped() {
         bounded(async {
-            let cfg = QuicConfig { connections_per_link: 3, ..secret_config() };
+            let cfg = QuicConfig { connections_per_link: Some(3), ..secret_config() };
             let (a, b, hello) = pair(cfg.clone(), cfg).await;
             assert_eq!(a.stripes(), 3);
             assert_eq!(b.stripes(), 3);
