@@ -31,7 +31,7 @@ use crate::transport::quic::QuicEndpoint;
 
 pub use crate::membership::client::{ControlConfig, DEFAULT_HEARTBEAT_MS};
 pub use crate::transport::demux::DEFAULT_QUEUE_FRAMES;
-pub use options::{ConnectOptions, RetryPolicy, SyncReport};
+pub use options::{ConnectOptions, DataTransport, RetryPolicy, SyncReport};
 pub use peer::AsyncPeer;
 pub use scan::{builtin_identity, ScanOptions};
 pub use sparse::{crossover_density, takes_dense_path, SparseReduced};
@@ -111,7 +111,8 @@ impl Communicator {
     }
 
     /// Joins the group whose master listens at `master`, over QUIC, and waits until
-    /// admitted (the first peer at once; later ones when the members next call
+    /// admitted. Data links to the other peers run over TCP+TLS beside the QUIC endpoint,
+    /// or as [`ConnectOptions::data_transport`] says (the first peer at once; later ones when the members next call
     /// [`Communicator::update_topology`]).
     ///
     /// `master` is anything that resolves to a socket address (`"host:7000"`, a
@@ -123,6 +124,8 @@ impl Communicator {
             .next()
             .ok_or_else(|| Error::JoinFailed { reason: "the master's address resolves to nothing".into() })?;
         let (bind, quic) = (options.bind, options.quic.clone());
+        let data_transport = options.data_transport.resolve(options.advertise.is_some());
+        let options = ConnectOptions { data_transport, ..options };
         Communicator::start(
             move || {
                 let ep = QuicEndpoint::bind(bind, quic).map_err(|e| Error::JoinFailed { reason: e.to_string() })?;

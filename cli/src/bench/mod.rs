@@ -130,8 +130,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         machine["mem_gib"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "settings: chunk {} KiB, {} connection(s) per link, iters {} (x up to 16 below 64 MiB), warm-up {}",
-        args.chunk_kib, args.connections_per_link, args.iters, args.warmup
+        "settings: chunk {} KiB, data transports {}, {} QUIC connection(s) per link, iters {} (x up to 16 below 64 MiB), warm-up {}",
+        args.chunk_kib,
+        args.data_transport.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        args.connections_per_link,
+        args.iters,
+        args.warmup
     );
     if args.relay()?.is_some() {
         println!(
@@ -155,7 +159,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Some(q) => println!("quantized ({q}) all-reduce, {n} peer processes:"),
             None => println!("all-reduce, {n} peer processes:"),
         }
-        rows.extend(run_allreduce(&args, n, &secret)?);
+        for &transport in &args.data_transport {
+            rows.extend(run_allreduce(&args, n, transport, &secret)?);
+        }
     }
     if !args.no_raw {
         raws.push(measure_raw(&args, &secret)?);
@@ -198,15 +204,16 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
     println!();
     println!(
-        "| n | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
+        "| n | data transport | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
          | busbw / raw both ways | cores | waiting | CPU s/GB sent | busbw / raw one way, equal CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let ratio = |bw: f64, raw: Option<f64>| raw.map_or("-".to_string(), |r| format!("{:.2}", bw / r));
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.2} ms | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |{}",
+            "| {} | {} | {} | {} | {:.2} ms | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |{}",
             r.n,
+            r.transport,
             show_size(r.bytes),
             r.iters,
             r.secs * 1e3,
@@ -253,6 +260,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "chunk_kib": args.chunk_kib,
                 "quantize": args.quantize.map(|q| q.to_string()),
                 "connections_per_link": args.connections_per_link,
+                "data_transports": args.data_transport.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "iters": args.iters,
                 "warmup": args.warmup,
                 "raw_frame_kib": args.raw_frame_kib,
@@ -268,7 +276,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "raw_one_way_cpu_secs_per_gb": raw_one_cpu,
             "raw_both_ways_cpu_secs_per_gb": raw_both_cpu,
             "allreduce": rows.iter().map(|r| json!({
-                "n": r.n, "bytes": r.bytes, "iters": r.iters, "secs": r.secs, "best_secs": r.best,
+                "n": r.n, "data_transport": r.transport.to_string(), "bytes": r.bytes, "iters": r.iters, "secs": r.secs, "best_secs": r.best,
                 "algbw_gbps": r.algbw(r.secs), "busbw_gbps": r.busbw(r.secs), "best_busbw_gbps": r.busbw(r.best),
                 "ratio_raw_one_way": raw_one.map(|v| r.busbw(r.secs) / v),
                 "ratio_raw_both_ways": raw_both.map(|v| r.busbw(r.secs) / v),
