@@ -126,9 +126,24 @@ impl Communicator {
         let (bind, quic) = (options.bind, options.quic.clone());
         let data_transport = options.data_transport.resolve(options.advertise.is_some());
         let options = ConnectOptions { data_transport, ..options };
+        let tcp_beside = matches!(data_transport, DataTransport::Tcp | DataTransport::TcpPlaintext);
         Communicator::start(
             move || {
-                let ep = QuicEndpoint::bind(bind, quic).map_err(|e| Error::JoinFailed { reason: e.to_string() })?;
+                let bind_quic =
+                    || QuicEndpoint::bind(bind, quic.clone()).map_err(|e| Error::JoinFailed { reason: e.to_string() });
+                let mut ep = bind_quic()?;
+                // TCP data links listen on the TCP port with the QUIC port's number. A port
+                // the OS picked for UDP may be taken on the TCP side (another process's
+                // connection, say): pick again rather than fail.
+                let mut tries = 0;
+                while tcp_beside && bind.port() == 0 && tries < 16 {
+                    let addr = ep.local_addr().map_err(|e| Error::JoinFailed { reason: e.to_string() })?;
+                    if std::net::TcpListener::bind(addr).is_ok() {
+                        break;
+                    }
+                    ep = bind_quic()?;
+                    tries += 1;
+                }
                 Ok(Arc::new(ep) as Arc<dyn Endpoint>)
             },
             master,
