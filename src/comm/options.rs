@@ -42,6 +42,17 @@ pub enum DataTransport {
 impl DataTransport {
     /// What [`DataTransport::Auto`] means for [`Communicator::connect`](crate::Communicator::connect)
     /// with these options; other values stay as they are.
+    ///
+    /// ```
+    /// use phalanx::comm::DataTransport;
+    /// assert_eq!(DataTransport::Auto.resolve(false), DataTransport::Tcp);
+    /// assert_eq!(DataTransport::Auto.resolve(true), DataTransport::Quic);
+    /// assert_eq!(DataTransport::TcpPlaintext.resolve(true), DataTransport::TcpPlaintext);
+    /// for t in ["auto", "quic", "tcp", "tcp-plain"] {
+    ///     assert_eq!(t.parse::<DataTransport>().unwrap().to_string(), t);
+    /// }
+    /// assert!("udp".parse::<DataTransport>().is_err());
+    /// ```
     pub fn resolve(self, advertised: bool) -> DataTransport {
         match self {
             DataTransport::Auto if advertised => DataTransport::Quic,
