@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,6 +24,12 @@ fn all_reduce_over_tcp_data_links_survives_a_kill() {
     c.wait(Duration::from_secs(30), "workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));
     let three = c.ids(&ws);
     steps_over(&mut c, Duration::from_secs(30), &ws, &[0, 0, 0], &three, 3);
+    // The links really are TCP (no silent fallback to QUIC): each worker holds its
+    // liveness connection to the master and one data connection per other worker.
+    for &w in &ws {
+        let open = established_tcp(&c.pid(w));
+        assert!(open >= 3, "{} holds {open} established TCP connections, not 1 + 2", c.procs[w].name);
+    }
 
     let (victim, survivors) = (ws[2], [ws[0], ws[1]]);
     let marks: Vec<usize> = survivors.iter().map(|&w| c.log(w).len()).collect();
@@ -53,6 +60,15 @@ fn members_with_different_data_transports_reduce_together() {
     c.wait(Duration::from_secs(30), "workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));
     let all = c.ids(&ws);
     steps_over(&mut c, Duration::from_secs(40), &ws, &[0; 4], &all, 3);
+    // The two TCP+TLS members reach each other over TCP; the others only hold their
+    // liveness connection to the master (their data links run over QUIC).
+    for (&w, t) in ws.iter().zip(transports) {
+        let open = established_tcp(&c.pid(w));
+        match t {
+            "tcp" => assert!(open >= 2, "{} holds {open} established TCP connections", c.procs[w].name),
+            _ => assert_eq!(open, 1, "{} holds {open} established TCP connections", c.procs[w].name),
+        }
+    }
     c.check_steps(&ws);
 }
 
@@ -66,5 +82,35 @@ fn all_reduce_over_plaintext_tcp() {
     c.wait(Duration::from_secs(30), "workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));
     let both = c.ids(&ws);
     steps_over(&mut c, Duration::from_secs(30), &ws, &[0, 0], &both, 3);
+    for &w in &ws {
+        let open = established_tcp(&c.pid(w));
+        assert!(open >= 2, "{} holds {open} established TCP connections, not 1 + 1", c.procs[w].name);
+    }
     c.check_steps(&ws);
+}
+
+/// Established TCP connections of process `pid`: its socket inodes (`/proc/PID/fd`)
+/// found in state 01 in `/proc/net/tcp` and `tcp6`.
+fn established_tcp(pid: &str) -> usize {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|table| {
+            std::fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_string).collect::<Vec<_>>()
+        })
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 9 && fields[3] == "01" && inodes.contains(fields[9])
+        })
+        .count()
 }
