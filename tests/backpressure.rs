@@ -16,7 +16,7 @@ use bytes::Bytes;
 use common::{cluster, net_group, with_timeout};
 use phalanx::collective::DEFAULT_CHUNK_BYTES;
 use phalanx::comm::DEFAULT_QUEUE_FRAMES;
-use phalanx::comm::{ConnectOptions, RetryPolicy};
+use phalanx::comm::{ConnectOptions, DataTransport, RetryPolicy};
 use phalanx::membership::master::MasterConfig;
 use phalanx::transport::quic::{QuicConfig, QuicEndpoint};
 use phalanx::transport::{mem, Frame, Header, Link};
@@ -229,7 +229,13 @@ fn slow_peer_bounds_sender_memory_quic() {
         let mut comms: Vec<Communicator> = std::thread::scope(|s| {
             let joins: Vec<_> = (1..=2u64)
                 .map(|id| {
-                    let options = ConnectOptions::new().secret(SECRET).peer_id(id).quic(config.clone());
+                    // The bound below is QUIC's: data links over QUIC (TCP's are bounded by
+                    // the kernel's buffers; see `transport::tcp`'s conformance tests).
+                    let options = ConnectOptions::new()
+                        .secret(SECRET)
+                        .peer_id(id)
+                        .quic(config.clone())
+                        .data_transport(DataTransport::Quic);
                     s.spawn(move || Communicator::connect(addr, options).expect("connect"))
                 })
                 .collect();

@@ -46,6 +46,11 @@ pub struct WorkerArgs {
     /// The data address other peers dial (behind a NAT or a relay); default: the bound one.
     #[arg(long)]
     advertise: Option<SocketAddr>,
+    /// What carries the data links: `auto` (TCP+TLS, or QUIC with --advertise), `quic`,
+    /// `tcp` (TCP+TLS) or `tcp-plain` (plaintext TCP: trusted networks only, no
+    /// encryption). The control connection to the master is QUIC whatever this says.
+    #[arg(long, default_value = "auto")]
+    data_transport: phalanx::comm::DataTransport,
     /// Steps to complete before leaving (0: run until killed).
     #[arg(long, default_value_t = 0)]
     steps: u64,
@@ -133,6 +138,7 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
     let options = ConnectOptions {
         bind: args.bind,
         advertise: args.advertise,
+        data_transport: args.data_transport,
         quic: args.quic.apply(quic_config(args.secret.as_deref()))?,
         control: ControlConfig {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),

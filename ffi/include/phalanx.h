@@ -237,6 +237,28 @@
 #define PHX_ADDR_BUF_LEN 64
 
 /**
+ * `phx_connect_options.data_transport`: TCP+TLS (QUIC when peers are reached through
+ * an advertised address).
+ */
+#define PHX_DATA_AUTO 0
+
+/**
+ * `phx_connect_options.data_transport`: QUIC, over the control connection's endpoint.
+ */
+#define PHX_DATA_QUIC 1
+
+/**
+ * `phx_connect_options.data_transport`: TCP with TLS 1.3 and the cluster secret.
+ */
+#define PHX_DATA_TCP 2
+
+/**
+ * `phx_connect_options.data_transport`: plaintext TCP, for trusted networks only (no
+ * encryption, no integrity protection; the secret still keeps strangers out).
+ */
+#define PHX_DATA_TCP_PLAINTEXT 3
+
+/**
  * Bytes of a shared-state digest (BLAKE3).
  */
 #define PHX_DIGEST_LEN 32
@@ -349,6 +371,12 @@ typedef struct phx_connect_options {
      * 0 means 10000. Meanwhile calls fail with `PHX_ERR_ABORTED` (retryable).
      */
     uint32_t rejoin_ms;
+    /**
+     * What carries the data links to the other peers: `PHX_DATA_AUTO` (0, TCP+TLS),
+     * `PHX_DATA_QUIC`, `PHX_DATA_TCP` (TCP+TLS) or `PHX_DATA_TCP_PLAINTEXT` (no
+     * encryption: trusted networks only). The control connection is QUIC regardless.
+     */
+    int data_transport;
 } phx_connect_options;
 
 /**

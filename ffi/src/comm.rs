@@ -6,7 +6,7 @@ use std::ffi::{c_char, c_int};
 use std::time::Duration;
 
 use phalanx::comm::ControlConfig;
-use phalanx::comm::{ConnectOptions, RetryPolicy};
+use phalanx::comm::{ConnectOptions, DataTransport, RetryPolicy};
 use phalanx::Communicator;
 
 use crate::args::{c_str, get_into, handle, handle_mut, out_ptr, secret, socket_addr, write_out};
@@ -56,7 +56,22 @@ pub struct phx_connect_options {
     /// same address restarted, or a standby) before calls fail with `PHX_ERR_REMOVED`;
     /// 0 means 10000. Meanwhile calls fail with `PHX_ERR_ABORTED` (retryable).
     pub rejoin_ms: u32,
+    /// What carries the data links to the other peers: `PHX_DATA_AUTO` (0, TCP+TLS),
+    /// `PHX_DATA_QUIC`, `PHX_DATA_TCP` (TCP+TLS) or `PHX_DATA_TCP_PLAINTEXT` (no
+    /// encryption: trusted networks only). The control connection is QUIC regardless.
+    pub data_transport: c_int,
 }
+
+/// `phx_connect_options.data_transport`: TCP+TLS (QUIC when peers are reached through
+/// an advertised address).
+pub const PHX_DATA_AUTO: c_int = 0;
+/// `phx_connect_options.data_transport`: QUIC, over the control connection's endpoint.
+pub const PHX_DATA_QUIC: c_int = 1;
+/// `phx_connect_options.data_transport`: TCP with TLS 1.3 and the cluster secret.
+pub const PHX_DATA_TCP: c_int = 2;
+/// `phx_connect_options.data_transport`: plaintext TCP, for trusted networks only (no
+/// encryption, no integrity protection; the secret still keeps strangers out).
+pub const PHX_DATA_TCP_PLAINTEXT: c_int = 3;
 
 // ---------------------------------------------------------------------------------------
 // Connecting.
@@ -80,6 +95,7 @@ pub unsafe extern "C" fn phx_connect_options_init(options: *mut phx_connect_opti
             master_timeout_ms: 0,
             standby_masters: std::ptr::null(),
             rejoin_ms: 0,
+            data_transport: PHX_DATA_AUTO,
         };
         // SAFETY: checked non-NULL; valid for a write (the caller's contract).
         unsafe { write_out(options, defaults) };
@@ -126,6 +142,13 @@ pub unsafe extern "C" fn phx_comm_connect_with(
         }
         // SAFETY: a NUL-terminated string or NULL (the caller's contract).
         opts.quic = unsafe { secret(o.secret) }?;
+        opts.data_transport = match o.data_transport {
+            PHX_DATA_AUTO => DataTransport::Auto,
+            PHX_DATA_QUIC => DataTransport::Quic,
+            PHX_DATA_TCP => DataTransport::Tcp,
+            PHX_DATA_TCP_PLAINTEXT => DataTransport::TcpPlaintext,
+            other => return Err(invalid(format!("options.data_transport {other} is not a PHX_DATA_* value"))),
+        };
         if o.retry_attempts > 1 {
             opts.retry = RetryPolicy::OnPeerLost { max_attempts: o.retry_attempts };
         }

@@ -163,8 +163,11 @@ class Communicator:
         standby_masters: Sequence[str] = (),
         rejoin_ms: int = 10_000,
         closed: bool = False,
+        data_transport: str = "auto",
     ) -> "Communicator":
         """Joins the group of the master at `master_addr` and waits until admitted.
+        `data_transport`: "auto" or "tcp" (TCP+TLS), "quic", or "tcp-plain"
+        (plaintext TCP, no encryption: trusted networks only).
         `retry_attempts > 1` reruns a collective over the survivors when a peer is
         lost. When the master is lost, the peer looks for one to rejoin (the same
         address restarted, then `standby_masters`) for `rejoin_ms`. `closed`: a fixed

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use phalanx::comm::ControlConfig;
-use phalanx::comm::{ConnectOptions, PendingRaw, RetryPolicy};
+use phalanx::comm::{ConnectOptions, DataTransport, PendingRaw, RetryPolicy};
 use phalanx::Communicator as CoreComm;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -75,8 +75,11 @@ impl Communicator {
     ///     closed: a fixed group, as torch.distributed has: the first loss of a member
     ///         makes this and every later call raise PeerLostError (nothing runs over
     ///         fewer ranks than the caller sized it for); update_topology returns at once.
+    ///     data_transport: what carries the data links: "auto" (TCP+TLS), "quic", "tcp"
+    ///         (TCP+TLS) or "tcp-plain" (plaintext TCP: no encryption, trusted networks
+    ///         only). The connection to the master is QUIC regardless.
     #[staticmethod]
-    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000, closed = false))]
+    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000, closed = false, data_transport = "auto"))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -90,7 +93,9 @@ impl Communicator {
         standby_masters: Vec<String>,
         rejoin_ms: u64,
         closed: bool,
+        data_transport: &str,
     ) -> PyResult<Self> {
+        let data_transport: DataTransport = data_transport.parse().map_err(PyValueError::new_err)?;
         let master = resolve(master_addr, "master_addr")?;
         let standby_masters =
             standby_masters.iter().map(|a| resolve(a, "standby_masters")).collect::<PyResult<Vec<_>>>()?;
@@ -117,6 +122,7 @@ impl Communicator {
                 RetryPolicy::Never
             },
             quic: quic_config(secret)?,
+            data_transport,
             closed,
             ..ConnectOptions::default()
         };

@@ -31,7 +31,7 @@ use crate::transport::quic::QuicEndpoint;
 
 pub use crate::membership::client::{ControlConfig, DEFAULT_HEARTBEAT_MS};
 pub use crate::transport::demux::DEFAULT_QUEUE_FRAMES;
-pub use options::{ConnectOptions, RetryPolicy, SyncReport};
+pub use options::{ConnectOptions, DataTransport, RetryPolicy, SyncReport};
 pub use peer::AsyncPeer;
 pub use scan::{builtin_identity, ScanOptions};
 pub use sparse::{crossover_density, takes_dense_path, SparseReduced};
@@ -111,7 +111,8 @@ impl Communicator {
     }
 
     /// Joins the group whose master listens at `master`, over QUIC, and waits until
-    /// admitted (the first peer at once; later ones when the members next call
+    /// admitted. Data links to the other peers run over TCP+TLS beside the QUIC endpoint,
+    /// or as [`ConnectOptions::data_transport`] says (the first peer at once; later ones when the members next call
     /// [`Communicator::update_topology`]).
     ///
     /// `master` is anything that resolves to a socket address (`"host:7000"`, a
@@ -123,9 +124,26 @@ impl Communicator {
             .next()
             .ok_or_else(|| Error::JoinFailed { reason: "the master's address resolves to nothing".into() })?;
         let (bind, quic) = (options.bind, options.quic.clone());
+        let data_transport = options.data_transport.resolve(options.advertise.is_some());
+        let options = ConnectOptions { data_transport, ..options };
+        let tcp_beside = matches!(data_transport, DataTransport::Tcp | DataTransport::TcpPlaintext);
         Communicator::start(
             move || {
-                let ep = QuicEndpoint::bind(bind, quic).map_err(|e| Error::JoinFailed { reason: e.to_string() })?;
+                let bind_quic =
+                    || QuicEndpoint::bind(bind, quic.clone()).map_err(|e| Error::JoinFailed { reason: e.to_string() });
+                let mut ep = bind_quic()?;
+                // TCP data links listen on the TCP port with the QUIC port's number. A port
+                // the OS picked for UDP may be taken on the TCP side (another process's
+                // connection, say): pick again rather than fail.
+                let mut tries = 0;
+                while tcp_beside && bind.port() == 0 && tries < 16 {
+                    let addr = ep.local_addr().map_err(|e| Error::JoinFailed { reason: e.to_string() })?;
+                    if std::net::TcpListener::bind(addr).is_ok() {
+                        break;
+                    }
+                    ep = bind_quic()?;
+                    tries += 1;
+                }
                 Ok(Arc::new(ep) as Arc<dyn Endpoint>)
             },
             master,

@@ -9,6 +9,85 @@ use crate::membership::client::ControlConfig;
 use crate::membership::PeerId;
 use crate::transport::quic::QuicConfig;
 
+/// Which transport carries a peer's data links (the links between peers that
+/// collectives run over). The control connection to the master is QUIC whatever this
+/// says.
+///
+/// Members may disagree: a member on TCP opens its links over TCP and falls back to QUIC
+/// for a peer that offers no TCP path in its own mode (a QUIC member, a plaintext
+/// member, a UDP-only relay in between), and every member accepts links over QUIC, so
+/// links between members that chose differently run over QUIC (encrypted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DataTransport {
+    /// [`Communicator::connect`](crate::Communicator::connect) picks TCP+TLS
+    /// ([`DataTransport::Tcp`]), or QUIC when [`ConnectOptions::advertise`] is set
+    /// (peers reached through a NAT, a port forward or a relay, which may pass UDP
+    /// only). Over an endpoint given by the caller
+    /// ([`Communicator::connect_with`](crate::Communicator::connect_with),
+    /// [`AsyncPeer::connect`](crate::comm::AsyncPeer::connect)), that endpoint.
+    #[default]
+    Auto,
+    /// QUIC, over the same endpoint (UDP socket) as the control connection.
+    Quic,
+    /// TCP with TLS 1.3 and the cluster secret (see `transport::tcp`), listening on the
+    /// TCP port with the number of the peer's QUIC port, so the advertised data address
+    /// stays the same. Far less CPU per byte than QUIC on fast networks.
+    Tcp,
+    /// **Plaintext** TCP, for trusted networks only: no encryption and no integrity
+    /// protection (the cluster secret still keeps strangers from opening links). The
+    /// fastest data path; choose it explicitly.
+    TcpPlaintext,
+}
+
+impl DataTransport {
+    /// What [`DataTransport::Auto`] means for [`Communicator::connect`](crate::Communicator::connect)
+    /// with these options; other values stay as they are.
+    ///
+    /// ```
+    /// use phalanx::comm::DataTransport;
+    /// assert_eq!(DataTransport::Auto.resolve(false), DataTransport::Tcp);
+    /// assert_eq!(DataTransport::Auto.resolve(true), DataTransport::Quic);
+    /// assert_eq!(DataTransport::TcpPlaintext.resolve(true), DataTransport::TcpPlaintext);
+    /// for t in ["auto", "quic", "tcp", "tcp-plain"] {
+    ///     assert_eq!(t.parse::<DataTransport>().unwrap().to_string(), t);
+    /// }
+    /// assert!("udp".parse::<DataTransport>().is_err());
+    /// ```
+    pub fn resolve(self, advertised: bool) -> DataTransport {
+        match self {
+            DataTransport::Auto if advertised => DataTransport::Quic,
+            DataTransport::Auto => DataTransport::Tcp,
+            other => other,
+        }
+    }
+}
+
+impl std::fmt::Display for DataTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataTransport::Auto => "auto",
+            DataTransport::Quic => "quic",
+            DataTransport::Tcp => "tcp",
+            DataTransport::TcpPlaintext => "tcp-plain",
+        })
+    }
+}
+
+impl std::str::FromStr for DataTransport {
+    type Err = String;
+
+    /// `auto`, `quic`, `tcp` (TCP+TLS) or `tcp-plain` (plaintext TCP).
+    fn from_str(s: &str) -> Result<DataTransport, String> {
+        match s {
+            "auto" => Ok(DataTransport::Auto),
+            "quic" => Ok(DataTransport::Quic),
+            "tcp" | "tcp-tls" => Ok(DataTransport::Tcp),
+            "tcp-plain" | "tcp-plaintext" => Ok(DataTransport::TcpPlaintext),
+            other => Err(format!("unknown data transport {other:?} (auto, quic, tcp or tcp-plain)")),
+        }
+    }
+}
+
 /// What a collective does when a peer is lost while it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryPolicy {
@@ -62,8 +141,11 @@ pub struct ConnectOptions {
     pub tuning: Tuning,
     /// Behaviour when a peer is lost mid-collective.
     pub retry: RetryPolicy,
-    /// QUIC settings, the cluster secret among them.
+    /// QUIC settings, the cluster secret among them (TCP data links take the secret,
+    /// limits and timeouts from here too).
     pub quic: QuicConfig,
+    /// Which transport carries the data links (default [`DataTransport::Auto`]).
+    pub data_transport: DataTransport,
     /// How many frames of one collective or point-to-point tag this peer holds per
     /// link before it stops reading the link and so pushes back on the sender (see
     /// `transport::demux`, "Backpressure"); default
@@ -100,6 +182,7 @@ impl Default for ConnectOptions {
             tuning: Tuning::default(),
             retry: RetryPolicy::Never,
             quic: QuicConfig::default(),
+            data_transport: DataTransport::Auto,
             queue_frames: crate::transport::demux::DEFAULT_QUEUE_FRAMES,
             liveness: true,
             standby_masters: Vec::new(),
@@ -193,6 +276,12 @@ impl ConnectOptions {
     /// A fixed group (see [`ConnectOptions::closed`](ConnectOptions#structfield.closed)).
     pub fn closed(mut self, closed: bool) -> ConnectOptions {
         self.closed = closed;
+        self
+    }
+
+    /// Which transport carries the data links (see [`DataTransport`]).
+    pub fn data_transport(mut self, transport: DataTransport) -> ConnectOptions {
+        self.data_transport = transport;
         self
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::datalinks::DataLinks;
-use super::options::{ConnectOptions, RetryPolicy, SyncReport};
+use super::options::{ConnectOptions, DataTransport, RetryPolicy, SyncReport};
 use super::{subgroup, sync};
 use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, ReduceOp};
@@ -31,6 +31,31 @@ use crate::op::CustomOp;
 use crate::plan::Rank;
 use crate::state::{SharedState, SyncStrategy};
 use crate::transport::endpoint::Endpoint;
+use crate::transport::tcp::{TcpConfig, TcpEndpoint, TcpOrQuic, TcpSecurity};
+
+/// The endpoint this peer's data links run over, beside `control` (the endpoint of its
+/// control connection): `control` itself for [`DataTransport::Quic`] and
+/// [`DataTransport::Auto`] (the caller's endpoint; `Communicator::connect` resolves
+/// `Auto` before it gets here), or a [`TcpEndpoint`] listening at the same address on
+/// the TCP side, which falls back to `control` for peers with no TCP path
+/// ([`TcpOrQuic`]).
+pub(crate) fn data_endpoint(control: &Arc<dyn Endpoint>, options: &ConnectOptions) -> Result<Arc<dyn Endpoint>> {
+    let security = match options.data_transport {
+        DataTransport::Auto | DataTransport::Quic => return Ok(control.clone()),
+        DataTransport::Tcp => TcpSecurity::Tls,
+        DataTransport::TcpPlaintext => TcpSecurity::Plaintext,
+    };
+    let addr = control.local_addr();
+    let tcp =
+        TcpEndpoint::bind(addr, TcpConfig::from_quic(&options.quic, security)).map_err(|e| Error::JoinFailed {
+            reason: format!(
+                "{security} data links need TCP port {} beside the QUIC one: {e} (another process may hold it; \
+             bind another port, or choose the QUIC data transport)",
+                addr.port()
+            ),
+        })?;
+    Ok(Arc::new(TcpOrQuic::new(tcp, control.clone())))
+}
 
 /// One call as the front hands it down: what to run, on which elements, with which
 /// operator (a user-defined one replaces `op`).
@@ -100,7 +125,7 @@ impl AsyncPeer {
         peer: PeerConfig,
     ) -> Result<AsyncPeer> {
         let id = options.peer_id.unwrap_or_else(random_id);
-        let links = DataLinks::new(id, endpoint.clone(), options.queue_frames);
+        let links = DataLinks::new(id, data_endpoint(&endpoint, &options)?, options.queue_frames);
         let accept_task = tokio::spawn(links.clone().accept_loop());
         let data_addr = options.advertise.unwrap_or_else(|| endpoint.local_addr());
         // A caller that retries by hand settles every view change with update_topology.

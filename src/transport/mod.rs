@@ -6,12 +6,14 @@
 //! fast sender waits for a slow receiver instead of filling memory. Every transport
 //! passes the same [`conformance`] tests.
 
+pub(crate) mod auth;
 pub mod conformance;
 pub(crate) mod demux;
 pub mod endpoint;
 pub mod mem;
 pub mod memnet;
 pub mod quic;
+pub mod tcp;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use phalanx::comm::DataTransport;
 use phalanx::quant::Quantization;
 
 use super::collectives::Coll;
@@ -44,6 +45,11 @@ pub struct BenchArgs {
     /// QUIC settings of the data links.
     #[command(flatten)]
     pub(super) quic: QuicArgs,
+    /// Data transports to measure over, comma-separated, side by side for each group
+    /// size: `quic`, `tcp` (TCP+TLS), `tcp-plain` (plaintext TCP, trusted networks only)
+    /// or `auto` (what `Communicator::connect` picks).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub(super) data_transport: Vec<DataTransport>,
     /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
     #[arg(long, default_value_t = (phalanx::collective::DEFAULT_CHUNK_BYTES >> 10) as u64)]
     pub(super) chunk_kib: u64,
@@ -139,6 +145,9 @@ pub struct PeerArgs {
     /// QUIC settings of the data links.
     #[command(flatten)]
     pub(super) quic: QuicArgs,
+    /// The data transport: `auto`, `quic`, `tcp` (TCP+TLS) or `tcp-plain`.
+    #[arg(long, default_value = "auto")]
+    pub(super) data_transport: DataTransport,
     /// The executor's chunk size in KiB; must be equal on every peer.
     #[arg(long, default_value_t = 256)]
     pub(super) chunk_kib: u64,

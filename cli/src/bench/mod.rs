@@ -146,8 +146,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         machine["mem_gib"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "settings: chunk {} KiB, {}, iters {} (x up to 16 below 64 MiB), warm-up {}",
+        "settings: chunk {} KiB, data transports {}, {}, iters {} (x up to 16 below 64 MiB), warm-up {}",
         args.chunk_kib,
+        args.data_transport.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         args.quic.describe(),
         args.iters,
         args.warmup
@@ -179,7 +180,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Some(q) => println!("quantized ({q}) all-reduce, {n} peer processes:"),
             None => println!("{}, {n} peer processes:", args.collectives.arg().replace(',', ", ")),
         }
-        rows.extend(run_collectives(&args, n, &secret)?);
+        for &transport in &args.data_transport {
+            rows.extend(run_collectives(&args, n, transport, &secret)?);
+        }
         if let Some(anchors) = &anchors {
             println!("anchors, {n} ranks:");
             anchor_rows.extend(anchors.run(&args, n)?);
@@ -238,16 +241,17 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         println!();
         println!("all-reduce in detail (time: the slowest rank's mean):");
         println!(
-            "| n | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
+            "| n | data transport | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
              | busbw / raw both ways | cores | waiting | CPU s/GB sent | busbw / raw one way, equal CPU |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     }
     let ratio = |bw: f64, raw: Option<f64>| raw.map_or("-".to_string(), |r| format!("{:.2}", bw / r));
     for r in &allreduce {
         println!(
-            "| {} | {} | {} | {:.2} ms | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |{}",
+            "| {} | {} | {} | {} | {:.2} ms | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |{}",
             r.n,
+            r.transport,
             show_size(r.bytes),
             r.iters,
             r.secs * 1e3,
@@ -295,6 +299,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "chunk_kib": args.chunk_kib,
                 "quantize": args.quantize.map(|q| q.to_string()),
                 "connections_per_link": args.quic.connections_per_link.to_string(),
+                "data_transports": args.data_transport.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "congestion": args.quic.congestion.to_string(),
                 "window_rate_mbit": args.quic.window_rate_mbit,
                 "window_mib": args.quic.window_mib,
@@ -318,7 +323,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "anchor_versions": anchors.iter().flat_map(Anchors::versions).collect::<Vec<_>>(),
             "ratios": ratio_json,
             "allreduce": allreduce.iter().map(|r| json!({
-                "n": r.n, "bytes": r.bytes, "iters": r.iters, "secs": r.secs, "best_secs": r.best,
+                "n": r.n, "data_transport": r.transport.to_string(), "bytes": r.bytes, "iters": r.iters, "secs": r.secs, "best_secs": r.best,
                 "algbw_gbps": r.algbw(r.secs), "busbw_gbps": r.busbw(r.secs), "best_busbw_gbps": r.busbw(r.best),
                 "ratio_raw_one_way": raw_one.map(|v| r.busbw(r.secs) / v),
                 "ratio_raw_both_ways": raw_both.map(|v| r.busbw(r.secs) / v),

@@ -54,6 +54,7 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
         retry: if recovery { RetryPolicy::OnPeerLost { max_attempts: 3 } } else { RetryPolicy::Never },
         bind: args.bind,
         advertise: args.advertise,
+        data_transport: args.data_transport,
         ..ConnectOptions::default()
     };
     let mut comm = Communicator::connect(master, options).map_err(|e| fail("join", &e))?;

@@ -47,17 +47,18 @@ fn show_ratio(r: f64) -> String {
 /// The comparison table as Markdown lines.
 pub(super) fn table(rows: &[Row], anchors: &[AnchorRow]) -> Vec<String> {
     let systems = systems(anchors);
-    let mut head = "| collective | n | size | phalanx busbw GB/s |".to_string();
-    let mut rule = "|---|---|---|---|".to_string();
+    let mut head = "| collective | n | data transport | size | phalanx busbw GB/s |".to_string();
+    let mut rule = "|---|---|---|---|---|".to_string();
     for s in &systems {
         head += &format!(" {s} busbw GB/s | phalanx / {s} |");
         rule += "---|---|";
     }
     let mut out = vec![head, rule];
     for r in rows {
-        let mut line = format!("| {} | {} | {} | {:.3} |", r.coll, r.n, show_size(r.bytes), r.busbw(r.median));
+        let mut line =
+            format!("| {} | {} | {} | {} | {:.3} |", r.coll, r.n, r.transport, show_size(r.bytes), r.busbw(r.median));
         if !r.checked {
-            line = format!("| {} | {} | {} | WRONG |", r.coll, r.n, show_size(r.bytes));
+            line = format!("| {} | {} | {} | {} | WRONG |", r.coll, r.n, r.transport, show_size(r.bytes));
         }
         for s in &systems {
             let (bw, ratio) = cell(r, anchor_for(anchors, s, r));
@@ -86,7 +87,7 @@ pub(super) fn json(rows: &[Row], anchors: &[AnchorRow]) -> (Vec<Value>, Vec<Valu
         for s in systems(anchors) {
             if let Some(a) = anchor_for(anchors, s, r).filter(|a| a.unsupported.is_none() && a.checked && r.checked) {
                 ratios.push(json!({
-                    "collective": r.coll.name(), "n": r.n, "size": r.size, "anchor": s,
+                    "collective": r.coll.name(), "n": r.n, "data_transport": r.transport.to_string(), "size": r.size, "anchor": s,
                     "phalanx_busbw_gbps": r.busbw(r.median), "anchor_busbw_gbps": a.busbw(),
                     "ratio": r.busbw(r.median) / a.busbw(),
                 }));
@@ -105,6 +106,7 @@ mod tests {
         Row {
             coll,
             n,
+            transport: phalanx::comm::DataTransport::Auto,
             size: bytes,
             bytes,
             iters: 1,

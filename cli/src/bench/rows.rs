@@ -9,12 +9,15 @@ use serde_json::Value;
 use super::collectives::Coll;
 use super::pool::{heartbeat_for, peer_args, start_master, Peers};
 use super::{gbps, load_average, show_size, BenchArgs};
+use phalanx::comm::DataTransport;
 use phalanx::relay::free_udp_addr;
 
 #[derive(Clone, Debug)]
 pub(super) struct Row {
     pub(super) coll: Coll,
     pub(super) n: usize,
+    /// The data transport the peers asked for (`--data-transport`).
+    pub(super) transport: DataTransport,
     /// The size asked for (`--sizes`).
     pub(super) size: usize,
     /// The size measured: the larger buffer, rounded down to `n` parts where it is split
@@ -67,7 +70,12 @@ impl Row {
     }
 }
 
-pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Result<Vec<Row>, String> {
+pub(super) fn run_collectives(
+    args: &BenchArgs,
+    n: usize,
+    transport: DataTransport,
+    secret: &str,
+) -> Result<Vec<Row>, String> {
     let master = start_master(secret, args.peer_timeout_ms, true)?;
     let relay = args.relay()?;
     let (master_addr, fronts) = match &relay {
@@ -84,7 +92,8 @@ pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Resul
             (front, fronts)
         }
     };
-    let pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
+    let mut pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
+    pargs.push(format!("--data-transport={transport}"));
     let mut peers = Peers::spawn_each(n, &pargs, secret, |i| fronts.get(i).cloned().unwrap_or_default())?;
     // Per size: per rank the iteration times.
     let mut results: HashMap<(Coll, usize), Vec<RankResult>> = HashMap::new();
@@ -105,9 +114,9 @@ pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Resul
                 let per_rank = results.entry((coll, size)).or_default();
                 per_rank.push(RankResult { bytes, secs, cpu_secs, runq_secs, checked, peak_rss });
                 if per_rank.len() == n {
-                    let row = summarize(coll, n, size, per_rank);
+                    let row = summarize(coll, n, transport, size, per_rank);
                     println!(
-                        "  {coll} n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB{}{}  (load {})",
+                        "  {coll} n={n} {transport:>9} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB{}{}  (load {})",
                         show_size(bytes),
                         row.secs * 1e3,
                         row.busbw(row.secs),
@@ -157,12 +166,12 @@ pub(super) fn run_collectives(args: &BenchArgs, n: usize, secret: &str) -> Resul
     }
     drop(master);
     let mut rows: Vec<Row> =
-        results.iter().map(|(&(coll, size), per_rank)| summarize(coll, n, size, per_rank)).collect();
+        results.iter().map(|(&(coll, size), per_rank)| summarize(coll, n, transport, size, per_rank)).collect();
     rows.sort_by_key(|r| (r.coll, r.size));
     Ok(rows)
 }
 
-pub(super) fn summarize(coll: Coll, n: usize, size: usize, per_rank: &[RankResult]) -> Row {
+pub(super) fn summarize(coll: Coll, n: usize, transport: DataTransport, size: usize, per_rank: &[RankResult]) -> Row {
     let bytes = per_rank.iter().map(|r| r.bytes).max().unwrap_or(0);
     let iters = per_rank.iter().map(|r| r.secs.len()).min().unwrap_or(0);
     let total = |r: &RankResult| r.secs.iter().sum::<f64>();
@@ -180,6 +189,7 @@ pub(super) fn summarize(coll: Coll, n: usize, size: usize, per_rank: &[RankResul
     Row {
         coll,
         n,
+        transport,
         size,
         bytes,
         iters,

@@ -38,14 +38,16 @@ pub(super) fn line(coll: Coll, n: usize, bytes: usize, secs: f64, checked: bool)
 
 /// Every collective's table, one per collective and group size, in `rows`' order.
 pub(super) fn print_tables(rows: &[Row]) {
-    let mut groups: Vec<(Coll, usize)> = rows.iter().map(|r| (r.coll, r.n)).collect();
+    let mut groups: Vec<(Coll, usize, String)> = rows.iter().map(|r| (r.coll, r.n, r.transport.to_string())).collect();
     groups.sort();
     groups.dedup();
-    for (coll, n) in groups {
+    for (coll, n, transport) in groups {
         println!();
-        println!("# {coll}, {n} peer processes, f32; time: median over the iterations of the slowest rank");
+        println!(
+            "# {coll}, {n} peer processes, data transport {transport}, f32; time: median over the iterations of the slowest rank"
+        );
         println!("{}", header());
-        for r in rows.iter().filter(|r| r.coll == coll && r.n == n) {
+        for r in rows.iter().filter(|r| r.coll == coll && r.n == n && r.transport.to_string() == transport) {
             println!("{}", line(coll, n, r.bytes, r.median, r.checked));
         }
     }
@@ -56,7 +58,7 @@ pub(super) fn rows_json(rows: &[Row]) -> Vec<Value> {
     rows.iter()
         .map(|r| {
             json!({
-                "collective": r.coll.name(), "n": r.n, "size": r.size, "bytes": r.bytes, "iters": r.iters,
+                "collective": r.coll.name(), "n": r.n, "data_transport": r.transport.to_string(), "size": r.size, "bytes": r.bytes, "iters": r.iters,
                 "type": "float", "redop": r.coll.redop(), "root": r.coll.root(),
                 "median_secs": r.median, "mean_secs": r.secs, "best_secs": r.best,
                 "algbw_gbps": r.algbw(r.median), "busbw_gbps": r.busbw(r.median), "bus_factor": r.coll.bus_factor(r.n),
@@ -76,6 +78,7 @@ mod tests {
         Row {
             coll,
             n,
+            transport: phalanx::comm::DataTransport::Auto,
             size: bytes,
             bytes,
             iters: 3,

@@ -1,29 +1,22 @@
 //! Authentication by the cluster secret (see the module docs of [`super`]): the TLS
-//! exporter of a connection, the HMAC proofs both ends exchange over it, and the
-//! server-certificate verifier that leaves authentication to those proofs.
+//! exporter of a QUIC connection; the HMAC proofs both ends exchange over it and the
+//! server-certificate verifier live in [`crate::transport::auth`], shared with TCP.
 
-use std::sync::Arc;
-
-use hmac::{Hmac, Mac};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use hmac::Hmac;
 use sha2::Sha256;
 
-use super::{QuicConfig, QuicError};
+use crate::transport::auth::EXPORTER_LABEL;
+pub(super) use crate::transport::auth::{
+    proof, verify_proof, SecretAuthenticated, CLIENT_LABEL, PROOF_LEN, SERVER_LABEL,
+};
 
-const MAGIC: &[u8; 4] = b"PHX1";
-const EXPORTER_LABEL: &[u8] = b"EXPORTER-phalanx-auth-v1";
-pub(super) const CLIENT_LABEL: &[u8] = b"phalanx/1 client";
-pub(super) const SERVER_LABEL: &[u8] = b"phalanx/1 server";
-pub(super) const PROOF_LEN: usize = 32;
+use super::{QuicConfig, QuicError};
 
 impl QuicConfig {
     /// HMAC-SHA256 keyed with the secret (the empty key without one).
     pub(super) fn mac(&self) -> Result<Hmac<Sha256>, QuicError> {
-        let secret: &[u8] = self.secret.as_deref().unwrap_or(&[]);
-        Hmac::<Sha256>::new_from_slice(secret).map_err(|_| QuicError::Setup("HMAC rejected the secret".into()))
+        crate::transport::auth::mac(self.secret.as_deref())
+            .ok_or_else(|| QuicError::Setup("HMAC rejected the secret".into()))
     }
 }
 
@@ -33,66 +26,6 @@ pub(super) fn exporter(conn: &quinn::Connection) -> Result<[u8; 32], QuicError> 
     conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
         .map_err(|_| QuicError::Setup("TLS exporter unavailable".into()))?;
     Ok(out)
-}
-
-pub(super) fn proof(mut mac: Hmac<Sha256>, role: &[u8], exported: &[u8; 32]) -> [u8; 4 + PROOF_LEN] {
-    mac.update(role);
-    mac.update(exported);
-    let mut out = [0u8; 4 + PROOF_LEN];
-    out[..4].copy_from_slice(MAGIC);
-    out[4..].copy_from_slice(&mac.finalize().into_bytes());
-    out
-}
-
-/// Checks a peer's `PHX1` + proof in constant time (the magic is public).
-pub(super) fn verify_proof(mut mac: Hmac<Sha256>, role: &[u8], exported: &[u8; 32], got: &[u8; 4 + PROOF_LEN]) -> bool {
-    mac.update(role);
-    mac.update(exported);
-    &got[..4] == MAGIC && mac.verify_slice(&got[4..]).is_ok()
-}
-
-/// Accepts any server certificate, but still checks the TLS 1.3 handshake signature
-/// with the certificate's key. Sound only together with the secret proof over the TLS
-/// exporter, which authenticates both ends (see the [module docs](super)).
-#[derive(Debug)]
-pub(super) struct SecretAuthenticated {
-    pub(super) provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SecretAuthenticated {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is offered.
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
