@@ -218,3 +218,30 @@ fn a_failed_member_means_nobody_returned_and_everyone_aborts_at_once() {
     assert!(!p.peers[0].returned_eagerly(keys[0]), "the abort stands");
     assert!(p.peers[0].outcome(keys[0]).is_some_and(|o| o.is_err()));
 }
+
+#[test]
+fn a_far_master_that_hears_of_a_collective_only_after_a_loss_still_commits_it() {
+    let mut p = Pair::group(3, PeerConfig::default());
+    clear(&mut p);
+    // Every member begins and completes; their messages are still on the way to a far
+    // master when peer 2 dies (its own never arrive). Peer 0 had every done: it returned.
+    let begins: Vec<ToMaster> =
+        (0..3).map(|i| p.peers[i].begin_as(OpKind::Whole { call: 6 }, true).unwrap().msg).collect();
+    let key = (1, 1);
+    for i in 0..3 {
+        assert_eq!(p.peers[i].end(key, &Ok(())), ok(key));
+    }
+    assert!(p.peers[0].returned_eagerly(key));
+    p.peers[0].finish(key);
+    let loss = p.master.disconnected(Pair::conn(2));
+    assert!(!loss.iter().any(|o| matches!(o, Output::Send(_, ToPeer::Outcome { .. }))), "{loss:?}");
+    // What was in flight arrives (before the survivors' ViewSeen, which follows it).
+    assert_eq!(p.send(0, begins[0].clone()), vec![]);
+    assert_eq!(p.send(1, begins[1].clone()), vec![]);
+    assert_eq!(p.send(0, ok(key)), vec![]);
+    let commit = ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit };
+    assert_eq!(p.send(1, ok(key)), vec![Output::Send(1, commit.clone()), Output::Send(2, commit)]);
+    p.deliver(&loss);
+    assert_eq!(p.peers[1].outcome(key), Some(Ok(())), "peer 1 keeps what peer 0 kept");
+    assert!(p.aborts[1].is_empty());
+}

@@ -18,11 +18,14 @@
 //!   result is gone with it, and the survivors all hold theirs).
 //!
 //! A survivor that began it and has not reported yet will: its executor completes, or
-//! the new view stops it. Another loss shrinks the set it waits for.
+//! the new view stops it. Another loss shrinks the set it waits for. A begin that
+//! reaches the master only after the loss (a master far from peers that are close to
+//! each other may hear of a collective first when it is over) starts the wait then,
+//! over the epoch's survivors.
 //!
 //! [`ToMaster::ViewSeen`]: crate::membership::protocol::ToMaster::ViewSeen
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::membership::peer::OpKey;
 use crate::membership::protocol::{AbortReason, Decision, OpResult};
@@ -50,20 +53,49 @@ pub(super) struct CarriedOps {
     ops: BTreeMap<OpKey, Carried>,
     /// Members that moved to a view newer than a carried collective's epoch.
     moved: BTreeMap<PeerId, u64>,
+    /// The recent epochs that ended with a loss: their surviving members and the loss.
+    /// A begin of such an epoch that reaches the master only after the loss (a master
+    /// far from peers that are close to each other) starts a carried collective then.
+    ended: BTreeMap<u64, (BTreeSet<PeerId>, AbortReason)>,
+    /// Keys decided here lately, so that a late begin does not start one again.
+    settled: VecDeque<OpKey>,
 }
 
+/// How many ended epochs and settled keys [`CarriedOps`] remembers.
+const REMEMBERED: usize = 256;
+
 impl CarriedOps {
+    /// The epoch `epoch` ended with the loss `reason`; `survivors` remain.
+    pub(super) fn epoch_lost(&mut self, epoch: u64, survivors: &BTreeSet<PeerId>, reason: &AbortReason) {
+        self.ended.insert(epoch, (survivors.clone(), reason.clone()));
+        while self.ended.len() > REMEMBERED {
+            self.ended.pop_first();
+        }
+    }
+
     /// Carries `op` of key `key`; returns its decision if it needs no more reports.
     pub(super) fn carry(&mut self, key: OpKey, op: Carried) -> Vec<Settled> {
         self.ops.insert(key, op);
         self.settle()
     }
 
-    /// Member `id` began `key` (a begin of an old epoch that arrived late).
-    pub(super) fn begun(&mut self, id: PeerId, key: OpKey) {
+    /// Member `id` began eager collective `key` of an ended epoch (among `members` for
+    /// a sub-group): a begin that arrived after the loss that ended its epoch.
+    pub(super) fn begun(&mut self, id: PeerId, key: OpKey, members: Option<&[PeerId]>) -> Vec<Settled> {
         if let Some(op) = self.ops.get_mut(&key) {
             op.begun.insert(id);
+            return Vec::new();
         }
+        let Some((survivors, reason)) = self.ended.get(&key.0) else { return Vec::new() };
+        if self.settled.contains(&key) || !survivors.contains(&id) {
+            return Vec::new();
+        }
+        let members = match members {
+            Some(ids) => ids.iter().filter(|m| survivors.contains(m)).copied().collect(),
+            None => survivors.clone(),
+        };
+        let op = Carried { members, begun: BTreeSet::from([id]), ok: BTreeSet::new(), reason: reason.clone() };
+        self.carry(key, op)
     }
 
     /// Member `id` reported `result` for `key`.
@@ -78,14 +110,12 @@ impl CarriedOps {
             return self.settle();
         }
         let Some(op) = self.ops.remove(&key) else { return Vec::new() };
+        self.remember(key);
         vec![(op.members, key, Decision::Abort(op.reason))]
     }
 
     /// Member `id` moved to the view of `epoch`: it begins nothing older any more.
     pub(super) fn view_seen(&mut self, id: PeerId, epoch: u64) -> Vec<Settled> {
-        if self.ops.is_empty() {
-            return Vec::new();
-        }
         let seen = self.moved.entry(id).or_default();
         *seen = (*seen).max(epoch);
         self.settle()
@@ -93,11 +123,11 @@ impl CarriedOps {
 
     /// The members now are `survivors`: the others are lost.
     pub(super) fn lost(&mut self, survivors: &BTreeSet<PeerId>) -> Vec<Settled> {
-        if self.ops.is_empty() {
-            return Vec::new();
-        }
         for op in self.ops.values_mut() {
             op.members.retain(|m| survivors.contains(m));
+        }
+        for (ended, _) in self.ended.values_mut() {
+            ended.retain(|m| survivors.contains(m));
         }
         self.moved.retain(|m, _| survivors.contains(m));
         self.settle()
@@ -121,10 +151,17 @@ impl CarriedOps {
             settled.push((op.members.clone(), key, decision));
             false
         });
-        if self.ops.is_empty() {
-            self.moved.clear();
+        for &(_, key, _) in &settled {
+            self.remember(key);
         }
         settled
+    }
+
+    fn remember(&mut self, key: OpKey) {
+        if self.settled.len() == REMEMBERED {
+            self.settled.pop_front();
+        }
+        self.settled.push_back(key);
     }
 }
 
@@ -171,10 +208,33 @@ mod tests {
     }
 
     #[test]
+    fn a_begin_heard_only_after_the_loss_starts_the_wait_then() {
+        let mut c = CarriedOps::default();
+        let survivors = BTreeSet::from([0, 1, 3]);
+        c.epoch_lost(2, &survivors, &lost());
+        assert!(c.view_seen(3, 3).is_empty(), "a member that moved on with nothing carried yet");
+        // Member 3 never began it and moved to the new view: abort, at the first begin.
+        let out = c.begun(0, (2, 5), None);
+        assert_eq!(out, vec![(survivors.clone(), (2, 5), Decision::Abort(lost()))]);
+        assert!(c.begun(1, (2, 5), None).is_empty(), "decided: a later begin starts nothing");
+        assert!(c.end(1, (2, 5), &OpResult::Ok).is_empty());
+        // A sub-group of the survivors commits among them; a late repeat starts nothing.
+        assert!(c.begun(0, (2, 6), Some(&[0, 1, 2])).is_empty());
+        assert!(c.begun(1, (2, 6), Some(&[0, 1, 2])).is_empty());
+        assert!(c.end(0, (2, 6), &OpResult::Ok).is_empty());
+        let out = c.end(1, (2, 6), &OpResult::Ok);
+        assert_eq!(out, vec![(BTreeSet::from([0, 1]), (2, 6), Decision::Commit)]);
+        assert!(c.begun(1, (2, 6), Some(&[0, 1, 2])).is_empty());
+        assert!(c.ops.is_empty());
+        assert!(c.begun(0, (9, 1), None).is_empty(), "an epoch that ended with no loss carries nothing");
+        assert!(c.ops.is_empty());
+    }
+
+    #[test]
     fn a_late_begin_then_a_loss_of_the_last_waited_for_member_commits() {
         let mut c = CarriedOps::default();
         c.carry((3, 1), op(&[0, 1, 2], &[0, 1], &[0, 1]));
-        c.begun(2, (3, 1));
+        assert!(c.begun(2, (3, 1), None).is_empty());
         assert!(c.view_seen(2, 4).is_empty());
         let out = c.lost(&BTreeSet::from([0, 1]));
         assert_eq!(out, vec![(BTreeSet::from([0, 1]), (3, 1), Decision::Commit)]);

@@ -279,8 +279,14 @@ impl MasterState {
                 self.tallies.begin_sub(id, seq, call, members, true, &roster)
             }
             // An ended epoch's eager collectives wait for their survivors (`carried`).
-            ToMaster::EagerOpBegin { epoch, seq, .. } | ToMaster::EagerSubOpBegin { epoch, seq, .. } => {
-                self.carried.begun(id, (epoch, seq));
+            ToMaster::EagerOpBegin { epoch, seq, .. } => {
+                let settled = self.carried.begun(id, (epoch, seq), None);
+                self.tell_settled(settled, out);
+                Vec::new()
+            }
+            ToMaster::EagerSubOpBegin { epoch, seq, members, .. } => {
+                let settled = self.carried.begun(id, (epoch, seq), Some(&members));
+                self.tell_settled(settled, out);
                 Vec::new()
             }
             ToMaster::OpEnd { epoch, seq, result } => {
@@ -452,10 +458,13 @@ impl MasterState {
     fn new_epoch(&mut self, removed: Vec<Removal>, out: &mut Vec<Output>) {
         let lost = removed.first().map(|r| AbortReason::PeerLost { rank: r.rank, detail: r.detail.clone() });
         let survivors: BTreeSet<PeerId> = self.members.iter().map(|p| p.id).collect();
-        let (voided, carried) = self.tallies.epoch_ended(lost, self.epoch, &survivors);
+        let (voided, carried) = self.tallies.epoch_ended(lost.clone(), self.epoch, &survivors);
         self.tell(voided, out);
         let settled = self.carried.lost(&survivors);
         self.tell_settled(settled, out);
+        if let Some(reason) = &lost {
+            self.carried.epoch_lost(self.epoch, &survivors, reason);
+        }
         for (key, op) in carried {
             let settled = self.carried.carry(key, op);
             self.tell_settled(settled, out);
