@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use phalanx::comm::{AsyncPeer, ConnectOptions};
@@ -23,6 +24,8 @@ use phalanx::{Error, ReduceOp};
 const LEN: usize = 257;
 const STEPS: u64 = 8;
 const SEEDS: u64 = 120;
+/// Seeds of faults aimed at eager collectives' window ([`Trigger`]).
+const AFTER_RETURN_SEEDS: u64 = 100;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -73,7 +76,25 @@ async fn step(peer: &mut AsyncPeer, state: &mut SharedState) -> Result<(u64, Rec
     Ok((step, Record { epoch, members, sum: hash_f32(&sum), model }))
 }
 
+/// A fault aimed at eager collectives' window: as soon as the all-reduce of `step`
+/// returned on one peer (so every member's "done" reached it), `victim` crashes or is
+/// cut off from everyone. The victim sends its "done"s one after another, so some other
+/// member may still miss it: that member then waits for the master, which must commit
+/// what the first peer kept.
+#[derive(Clone)]
+struct Trigger {
+    step: u64,
+    victim: u64,
+    cut: bool,
+    /// The victim's task, aborted to crash it.
+    kill: Arc<Mutex<Option<tokio::task::AbortHandle>>>,
+}
+
 async fn run_peer(net: MemNetwork, id: u64) -> PeerRun {
+    run_peer_with(net, id, None).await
+}
+
+async fn run_peer_with(net: MemNetwork, id: u64, trigger: Option<Trigger>) -> PeerRun {
     let options = ConnectOptions { peer_id: Some(id), liveness: false, ..ConnectOptions::default() };
     let mut run = PeerRun { id, records: BTreeMap::new(), end: Ok(()) };
     let mut peer = match AsyncPeer::connect(net.endpoint(addr(100 + id as u16)), addr(1), options).await {
@@ -89,8 +110,22 @@ async fn run_peer(net: MemNetwork, id: u64) -> PeerRun {
     while state.revision < STEPS {
         match step(&mut peer, &mut state).await {
             Ok((s, rec)) => {
-                run.records.insert(s, rec);
+                if let Some(first) = run.records.insert(s, rec.clone()) {
+                    // The shared-state sync took this peer back to a step it had kept:
+                    // the group discarded a result this peer kept.
+                    run.end = Err(Error::Aborted { reason: format!("step {s} kept twice: {first:?}, then {rec:?}") });
+                    return run;
+                }
                 failures = 0;
+                match &trigger {
+                    Some(t) if t.step == s && t.cut => net.cut(addr(100 + t.victim as u16)),
+                    Some(t) if t.step == s => {
+                        if let Some(kill) = t.kill.lock().expect("kill").take() {
+                            kill.abort(); // as when a process dies: its links close
+                        }
+                    }
+                    _ => {}
+                }
             }
             Err(e @ (Error::PeerLost { .. } | Error::Aborted { .. })) if failures < 20 => {
                 let _ = e;
@@ -170,6 +205,44 @@ async fn simulate(seed: u64) -> Result<String, String> {
     check(&runs, &victims).map(|()| format!("{peers} peers, faults {faults:?}"))
 }
 
+/// One seed of [`Trigger`] faults: the peers, the trigger, the victim, its fault and
+/// the network's delays, from the seed.
+async fn simulate_after_return(seed: u64) -> Result<String, String> {
+    let mut rng = Rng(seed ^ 0xEA6E);
+    let peers = 3 + rng.below(3);
+    let net = MemNetwork::with_faults(8, seed, Duration::from_micros(1 + rng.below(3000)));
+    // The master is farther than the peers are from each other (as eager collectives
+    // are for): reports reach it after the members returned, and a loss may be the
+    // first it hears of a collective's end.
+    net.far(addr(1), Duration::from_micros(rng.below(8000)));
+    let _master = MasterServer::spawn(net.endpoint(addr(1)), MasterConfig::default());
+    let victim = rng.below(peers);
+    let trigger_peer = (victim + 1 + rng.below(peers - 1)) % peers;
+    let trigger =
+        Trigger { step: rng.below(STEPS - 1), victim, cut: rng.below(2) == 0, kill: Arc::new(Mutex::new(None)) };
+    let mut tasks = Vec::new();
+    for id in 0..peers {
+        let t = (id == trigger_peer).then(|| trigger.clone());
+        let task = tokio::spawn(run_peer_with(net.clone(), id, t));
+        if id == victim {
+            *trigger.kill.lock().expect("kill") = Some(task.abort_handle());
+        }
+        tasks.push(task);
+    }
+    let kind = if trigger.cut { "cut" } else { "crash" };
+    let what = format!("{peers} peers, peer {trigger_peer} returns step {}, then {victim} is {kind}", trigger.step);
+    let mut runs = Vec::new();
+    for (id, task) in tasks.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(600), task).await {
+            Ok(Ok(run)) => runs.push(run),
+            Ok(Err(e)) if e.is_cancelled() && id as u64 == victim => {}
+            Ok(Err(e)) => return Err(format!("peer {id} panicked: {e}")),
+            Err(_) => return Err(format!("peer {id} hung ({what})")),
+        }
+    }
+    check(&runs, &BTreeMap::from([(victim, kind)])).map(|()| what)
+}
+
 fn check(runs: &[PeerRun], victims: &BTreeMap<u64, &str>) -> Result<(), String> {
     let mut agreed: BTreeMap<u64, (u64, Record)> = BTreeMap::new();
     for run in runs {
@@ -227,6 +300,33 @@ fn seeded_crashes_partitions_and_delays() {
             }
             Err(why) => {
                 eprintln!("seed {seed} FAILED: {why}\n  replay: PHALANX_SIM_SEED={seed} cargo test --test sim_group -- --nocapture");
+                failed.push(seed);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} seeds failed: {failed:?}", failed.len(), seeds.len());
+}
+
+#[test]
+fn a_member_lost_right_after_another_returned_eagerly_changes_no_outcome() {
+    let seeds: Vec<u64> = match std::env::var("PHALANX_SIM_SEED") {
+        Ok(s) => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("phalanx=debug"));
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+            vec![s.parse().expect("PHALANX_SIM_SEED must be a number")]
+        }
+        Err(_) => (0..AFTER_RETURN_SEEDS).collect(),
+    };
+    let mut failed = Vec::new();
+    for &seed in &seeds {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("runtime");
+        match rt.block_on(simulate_after_return(seed)) {
+            Ok(what) if seeds.len() == 1 => eprintln!("seed {seed}: ok, {what}"),
+            Ok(_) => {}
+            Err(why) => {
+                eprintln!("after-return seed {seed} FAILED: {why}");
                 failed.push(seed);
             }
         }

@@ -7,6 +7,7 @@
 
 mod alltoall;
 mod datalinks;
+mod eager;
 mod local;
 mod options;
 mod p2p;

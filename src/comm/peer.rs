@@ -4,7 +4,8 @@
 //! way: the peer state machine numbers it and the master hears of it (`OpBegin`, so
 //! mismatched calls are caught even when they would never exchange a frame); the
 //! executor runs its plan over the data links; the local result is reported (`OpEnd`)
-//! and kept only when the master commits. On any failure the buffer is restored from
+//! and kept only when the master commits, or, for an eager collective (see
+//! [`super::eager`]), once every member said over the data links that it completed. On any failure the buffer is restored from
 //! one backup, and [`RetryPolicy`] (through [`PeerState::retry`]) decides whether to
 //! run again over the survivors once the master has published the new view.
 //!
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use super::datalinks::DataLinks;
 use super::options::{ConnectOptions, DataTransport, RetryPolicy, SyncReport};
-use super::{subgroup, sync};
+use super::{eager, subgroup, sync};
 use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
@@ -269,7 +270,7 @@ impl AsyncPeer {
         // Numbered now, in the caller's order: every peer must number its started
         // collectives alike, whatever order their tasks run in.
         let call = coll.fingerprint(dtype, op);
-        let begun = ops.control.begin(OpKind::Whole { call }, coll_size(&coll));
+        let begun = ops.control.begin_as(OpKind::Whole { call }, coll_size(&coll), eager::is_eager(&coll));
         tokio::spawn(async move {
             let backup = buf.clone();
             let result = match begun {
@@ -395,7 +396,8 @@ impl Ops {
             Scope::Whole => OpKind::Whole { call },
             Scope::Sub(members) => OpKind::Sub { call, members },
         };
-        let begun = self.control.begin(kind, coll_size(spec.coll)).map_err(|e| (e, None))?;
+        let eager = eager::is_eager(spec.coll);
+        let begun = self.control.begin_as(kind, coll_size(spec.coll), eager).map_err(|e| (e, None))?;
         let epoch = begun.0.key.0;
         self.run_begun(spec, scope, begun, buf).await.map_err(|e| (e, Some(epoch)))
     }
@@ -432,7 +434,12 @@ impl Ops {
         tracing::debug!(peer = self.control.id(), ?key, rank = begun.rank, size = plan.size, "collective begins");
         let local = execute(&call, buf, &links, &signal, 0..plan.steps.len()).await;
         tracing::debug!(peer = self.control.id(), ?key, ok = local.is_ok(), "collective ran locally");
-        let result = self.control.conclude(key, local).await;
+        let result = match local {
+            Ok(()) if eager::is_eager(spec.coll) => {
+                eager::conclude(&self.control, &begun, &links, &signal, self.tuning.chunk_bytes).await
+            }
+            local => self.control.conclude(key, local).await,
+        };
         tracing::debug!(peer = self.control.id(), ?key, ?result, "collective decided");
         self.links.finish(key);
         self.control.finish(key);

@@ -66,6 +66,9 @@ pub(super) struct Core {
 
 pub(super) struct Shared {
     core: Mutex<Core>,
+    /// The writer's queue: what the state decides to send goes there under the lock,
+    /// so it keeps its place among the caller's messages.
+    out: mpsc::UnboundedSender<ToMaster>,
     /// Bumped after every change of `core`; waiters re-check on it.
     changed: watch::Sender<()>,
 }
@@ -80,6 +83,9 @@ impl Shared {
         let value = {
             let mut core = self.lock();
             let (value, aborts) = f(&mut core.peer);
+            for msg in core.peer.take_outbox() {
+                let _ = self.out.send(msg); // if the writer is gone, the reader reports removal
+            }
             for (key, e) in aborts {
                 if let Some(signal) = core.signals.get(&key) {
                     signal.fire(e);
@@ -193,13 +199,14 @@ impl ControlClient {
         // No master reachable, or one that refused the handshake (a wrong secret): no retry.
         let (link, current) =
             driver::first_reachable(&*endpoint, &order).await.map_err(|e| (e, Failed::Unreachable))?;
-        let shared = Arc::new(Shared {
-            core: Mutex::new(Core { peer: PeerState::new(id, peer, now()), signals: HashMap::new() }),
-            changed: watch::channel(()).0,
-        });
         // Control messages are few and small (one or two per collective); the writer
         // drains them as fast as the connection takes them.
         let (out, out_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core { peer: PeerState::new(id, peer, now()), signals: HashMap::new() }),
+            out: out.clone(),
+            changed: watch::channel(()).0,
+        });
         let _ = out.send(ToMaster::Join { id, data_addr });
         let (stop, stopped) = watch::channel(false);
         let (master_tx, master) = watch::channel(order[current]);
@@ -273,27 +280,56 @@ impl ControlClient {
     /// signal that stops it. With `ranks`, a collective whose per-rank counts assume
     /// that many ranks is refused (nothing numbered) unless it runs among that many.
     pub fn begin(&self, kind: OpKind<'_>, ranks: Option<usize>) -> Result<(Begun, AbortSignal)> {
-        let begun = {
-            let mut core = self.shared.lock();
-            if let Some(n) = ranks {
-                let size = match &kind {
-                    OpKind::Sub { members, .. } => members.len(),
-                    _ => core.peer.call_view()?.size(),
-                };
-                if n != size {
-                    return Err(Error::InvalidArgument(format!("per-rank counts for {n} ranks in a group of {size}")));
-                }
+        self.begin_as(kind, ranks, false)
+    }
+
+    /// [`ControlClient::begin`], as an eager collective with `eager` (see
+    /// [`PeerState::begin_as`] and `comm::eager`).
+    pub fn begin_as(&self, kind: OpKind<'_>, ranks: Option<usize>, eager: bool) -> Result<(Begun, AbortSignal)> {
+        let mut core = self.shared.lock();
+        if let Some(n) = ranks {
+            let size = match &kind {
+                OpKind::Sub { members, .. } => members.len(),
+                _ => core.peer.call_view()?.size(),
+            };
+            if n != size {
+                return Err(Error::InvalidArgument(format!("per-rank counts for {n} ranks in a group of {size}")));
             }
-            let begun = core.peer.begin(kind)?;
-            let signal = AbortSignal::new();
-            if let Some(e) = &begun.doomed {
-                signal.fire(e.clone());
-            }
-            core.signals.insert(begun.key, signal.clone());
-            (begun, signal)
-        };
-        self.send(begun.0.msg.clone());
-        Ok(begun)
+        }
+        let begun = core.peer.begin_as(kind, eager)?;
+        let signal = AbortSignal::new();
+        if let Some(e) = &begun.doomed {
+            signal.fire(e.clone());
+        }
+        core.signals.insert(begun.key, signal.clone());
+        // Sent under the lock: a new view handled after this begin is announced
+        // (`ToMaster::ViewSeen`) after it, which the master relies on.
+        self.send(begun.msg.clone());
+        Ok((begun, signal))
+    }
+
+    /// Reports that the eager collective `key` completed locally, without waiting;
+    /// returns whether it counts as this peer's success (`false` when something
+    /// stopped it first: then [`ControlClient::conclude`] is the way out).
+    pub fn report_success(&self, key: OpKey) -> bool {
+        let mut core = self.shared.lock();
+        let end = core.peer.end(key, &Ok(()));
+        let counted = end == ToMaster::OpEnd { epoch: key.0, seq: key.1, result: super::protocol::OpResult::Ok };
+        self.send(end);
+        counted && core.peer.outcome(key).is_none_or(|o| o.is_ok())
+    }
+
+    /// Waits for the decision on `key` (the master's, or a stop).
+    pub async fn decision(&self, key: OpKey) -> Result<()> {
+        self.shared.wait(|p| p.outcome(key)).await
+    }
+
+    /// Every member of eager collective `key` completed: see
+    /// [`PeerState::returned_eagerly`].
+    pub fn returned_eagerly(&self, key: OpKey) -> bool {
+        let known = self.shared.lock().peer.returned_eagerly(key);
+        self.shared.changed.send_replace(());
+        known
     }
 
     /// Reports the local result of `key` and waits for the master's decision.

@@ -10,6 +10,8 @@
 pub(crate) mod client;
 pub mod codec;
 mod driver;
+#[cfg(test)]
+mod eager_tests;
 pub(crate) mod liveness;
 pub mod master;
 #[cfg(any(test, feature = "testing"))]

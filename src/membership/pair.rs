@@ -130,6 +130,11 @@ impl Pair {
             if let Some(p) = self.peers.get_mut(i) {
                 self.inbox[i].push(msg.clone());
                 self.aborts[i].extend(p.handle(msg, self.now));
+                // What the peer's state sends on its own (a `ViewSeen`) goes out now,
+                // after the message that caused it, as the driver sends it.
+                for reply in p.take_outbox() {
+                    self.send(i, reply);
+                }
             }
         }
     }

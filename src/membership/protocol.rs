@@ -185,6 +185,37 @@ pub enum ToMaster {
     /// A member that lost its master asks this one to take over (first message of a
     /// control connection, instead of a join).
     Rejoin(Box<Rejoin>),
+    /// [`ToMaster::OpBegin`] of an eager collective: one whose members may return before
+    /// the master's decision, once every member told them over the data links that it
+    /// completed locally (see `comm::eager`). The master never aborts such a collective
+    /// while a surviving member that began it may still report success: a loss leaves
+    /// it waiting for the survivors' reports (see `membership::master::carried`).
+    EagerOpBegin {
+        /// View epoch.
+        epoch: u64,
+        /// Collective sequence number in the epoch.
+        seq: u64,
+        /// Fingerprint of the call.
+        call: u64,
+    },
+    /// [`ToMaster::SubOpBegin`] of an eager collective (see [`ToMaster::EagerOpBegin`]).
+    EagerSubOpBegin {
+        /// View epoch.
+        epoch: u64,
+        /// Sub-group collective key.
+        seq: u64,
+        /// Fingerprint of the call, the member set included.
+        call: u64,
+        /// The sub-group's members.
+        members: Vec<PeerId>,
+    },
+    /// The member moved to the view of `epoch`: it begins no collective of an older
+    /// epoch from now on. (Messages of one connection arrive in order, so every begin
+    /// it sent in an older epoch is in by now.)
+    ViewSeen {
+        /// The view it moved to.
+        epoch: u64,
+    },
     /// The member could not open, or lost, its data link to member `peer` in `epoch`
     /// (a failed handshake, a link that timed out): a witness statement the master
     /// counts to settle a split group (see `MasterState`).

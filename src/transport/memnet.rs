@@ -37,6 +37,8 @@ struct Faults {
     rng: SplitMix64,
     max_delay: Duration,
     cut: HashSet<SocketAddr>,
+    /// Extra delay of every frame from or to an address (see [`MemNetwork::far`]).
+    far: HashMap<SocketAddr, Duration>,
 }
 
 impl MemNetwork {
@@ -47,7 +49,7 @@ impl MemNetwork {
 
     /// A network whose frames are each delayed by up to `max_delay`, drawn from `seed`.
     pub fn with_faults(capacity: usize, seed: u64, max_delay: Duration) -> MemNetwork {
-        let faults = Faults { rng: SplitMix64(seed), max_delay, cut: HashSet::new() };
+        let faults = Faults { rng: SplitMix64(seed), max_delay, cut: HashSet::new(), far: HashMap::new() };
         MemNetwork { listeners: Default::default(), capacity, faults: Some(Arc::new(Mutex::new(faults))) }
     }
 
@@ -56,6 +58,15 @@ impl MemNetwork {
     pub fn cut(&self, addr: SocketAddr) {
         if let Some(f) = &self.faults {
             lock(f).cut.insert(addr);
+        }
+    }
+
+    /// Puts `addr` farther away: every frame from or to it takes `extra` more (a master
+    /// across a WAN from peers that are close to each other). Only for networks made by
+    /// [`MemNetwork::with_faults`].
+    pub fn far(&self, addr: SocketAddr, extra: Duration) {
+        if let Some(f) = &self.faults {
+            lock(f).far.insert(addr, extra);
         }
     }
 
@@ -104,7 +115,9 @@ impl Link for FaultyLink {
                 None
             } else {
                 let max = f.max_delay.as_micros().max(1) as u64;
-                Some(Duration::from_micros(f.rng.next_u64() % max))
+                let far = |a: &SocketAddr| f.far.get(a).copied().unwrap_or_default();
+                let extra = far(&self.from) + far(&self.to);
+                Some(Duration::from_micros(f.rng.next_u64() % max) + extra)
             }
         };
         match delay {

@@ -478,6 +478,23 @@ impl Codec for ToMaster {
                 10u8.encode(bytes);
                 rejoin.encode(bytes);
             }
+            ToMaster::EagerOpBegin { epoch, seq, call } => {
+                11u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                call.encode(bytes);
+            }
+            ToMaster::EagerSubOpBegin { epoch, seq, call, members } => {
+                12u8.encode(bytes);
+                epoch.encode(bytes);
+                seq.encode(bytes);
+                call.encode(bytes);
+                encode_vec(members, bytes);
+            }
+            ToMaster::ViewSeen { epoch } => {
+                13u8.encode(bytes);
+                epoch.encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -502,6 +519,14 @@ impl Codec for ToMaster {
             },
             9 => ToMaster::Unreachable { epoch: u64::read(r)?, peer: u64::read(r)? },
             10 => ToMaster::Rejoin(Box::new(Rejoin::read(r)?)),
+            11 => ToMaster::EagerOpBegin { epoch: u64::read(r)?, seq: u64::read(r)?, call: u64::read(r)? },
+            12 => ToMaster::EagerSubOpBegin {
+                epoch: u64::read(r)?,
+                seq: u64::read(r)?,
+                call: u64::read(r)?,
+                members: r.read_vec("members")?,
+            },
+            13 => ToMaster::ViewSeen { epoch: u64::read(r)? },
             code => return Err(WireError::UnknownCode { what: "message to master", code }),
         })
     }

@@ -158,6 +158,28 @@ fn a_lost_link_report_round_trips_under_a_new_code() {
 }
 
 #[test]
+fn eager_messages_have_new_codes_and_fixed_bytes() {
+    let msgs = [
+        ToMaster::EagerOpBegin { epoch: 1, seq: 2, call: 3 },
+        ToMaster::EagerSubOpBegin { epoch: 2, seq: 1 << 63 | 5, call: 11, members: vec![3, 0] },
+        ToMaster::ViewSeen { epoch: 9 },
+    ];
+    let golden = [
+        "190000000b010000000000000002000000000000000300000000000000",
+        "2d0000000c020000000000000005000000000000800b000000000000000200000003000000000000000000000000000000",
+        "090000000d0900000000000000",
+    ];
+    for (m, g) in msgs.iter().zip(golden) {
+        let enc = m.encode();
+        assert_eq!(hex(&enc), g, "{m:?}");
+        assert_eq!(ToMaster::decode(body(&enc)), Ok(m.clone()));
+        for cut in 0..enc.len() - 4 {
+            assert!(ToMaster::decode(&enc[4..4 + cut]).is_err(), "{m:?} cut at {cut}");
+        }
+    }
+}
+
+#[test]
 fn every_message_round_trips() {
     for m in samples_to_master() {
         assert_eq!(ToMaster::decode(body(&m.encode())), Ok(m));

@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use super::protocol::{AbortReason, OpResult, Removal, ToMaster, ToPeer};
 use super::view::{Member, PeerId, View};
+use carried::{CarriedOps, Settled};
 use tally::{Begin, Recipients, Roster, Said, Tallies, Word};
 
+mod carried;
 mod silence;
 mod sync_plan;
 mod takeover;
@@ -142,6 +144,8 @@ pub struct MasterState {
     conns: HashMap<ConnId, PeerId>,
     topo_votes: BTreeSet<PeerId>,
     tallies: Tallies,
+    /// Eager collectives of ended epochs, still undecided.
+    carried: CarriedOps,
     /// This epoch's reports of broken links: suspect -> the members that lost it.
     suspicions: HashMap<PeerId, BTreeSet<PeerId>>,
     /// A takeover of a group whose master was lost, while peers rejoin.
@@ -163,6 +167,7 @@ impl MasterState {
             conns: HashMap::new(),
             topo_votes: BTreeSet::new(),
             tallies: Tallies::default(),
+            carried: CarriedOps::default(),
             suspicions: HashMap::new(),
             takeover: None,
             admitted: Default::default(),
@@ -253,10 +258,13 @@ impl MasterState {
         let mut lost_link = None;
         let said = match msg {
             ToMaster::OpBegin { epoch, seq, call } if current(epoch) => {
-                self.tallies.begin(id, seq, Begin::Collective(call), &roster)
+                self.tallies.begin(id, seq, Begin::Collective(call), false, &roster)
+            }
+            ToMaster::EagerOpBegin { epoch, seq, call } if current(epoch) => {
+                self.tallies.begin(id, seq, Begin::Collective(call), true, &roster)
             }
             ToMaster::SyncState { epoch, seq, strategy, tensors } if current(epoch) => {
-                self.tallies.begin(id, seq, Begin::Sync(strategy, tensors), &roster)
+                self.tallies.begin(id, seq, Begin::Sync(strategy, tensors), false, &roster)
             }
             ToMaster::OpEnd { epoch, seq, result } if current(epoch) => {
                 if let OpResult::Lost { rank, .. } = &result {
@@ -265,7 +273,31 @@ impl MasterState {
                 self.tallies.end(id, seq, result, &roster)
             }
             ToMaster::SubOpBegin { epoch, seq, call, members } if current(epoch) => {
-                self.tallies.begin_sub(id, seq, call, members, &roster)
+                self.tallies.begin_sub(id, seq, call, members, false, &roster)
+            }
+            ToMaster::EagerSubOpBegin { epoch, seq, call, members } if current(epoch) => {
+                self.tallies.begin_sub(id, seq, call, members, true, &roster)
+            }
+            // An ended epoch's eager collectives wait for their survivors (`carried`).
+            ToMaster::EagerOpBegin { epoch, seq, .. } => {
+                let settled = self.carried.begun(id, (epoch, seq), None);
+                self.tell_settled(settled, out);
+                Vec::new()
+            }
+            ToMaster::EagerSubOpBegin { epoch, seq, members, .. } => {
+                let settled = self.carried.begun(id, (epoch, seq), Some(&members));
+                self.tell_settled(settled, out);
+                Vec::new()
+            }
+            ToMaster::OpEnd { epoch, seq, result } => {
+                let settled = self.carried.end(id, (epoch, seq), &result);
+                self.tell_settled(settled, out);
+                Vec::new()
+            }
+            ToMaster::ViewSeen { epoch } => {
+                let settled = self.carried.view_seen(id, epoch);
+                self.tell_settled(settled, out);
+                Vec::new()
             }
             _ => Vec::new(),
         };
@@ -311,6 +343,14 @@ impl MasterState {
                 Word::SyncPlan((agreed, transfers)) => ToPeer::SyncPlan { epoch: self.epoch, seq, agreed, transfers },
             };
             self.send(&to, msg, out);
+        }
+    }
+
+    /// Tells the surviving members of carried collectives their decisions (in the
+    /// collectives' own epochs).
+    fn tell_settled(&self, settled: Vec<Settled>, out: &mut Vec<Output>) {
+        for (to, (epoch, seq), decision) in settled {
+            self.send(&Some(to), ToPeer::Outcome { epoch, seq, decision }, out);
         }
     }
 
@@ -417,8 +457,18 @@ impl MasterState {
     /// Starts a new epoch with `removed` gone: voids the old epoch's collectives.
     fn new_epoch(&mut self, removed: Vec<Removal>, out: &mut Vec<Output>) {
         let lost = removed.first().map(|r| AbortReason::PeerLost { rank: r.rank, detail: r.detail.clone() });
-        let voided = self.tallies.epoch_ended(lost);
+        let survivors: BTreeSet<PeerId> = self.members.iter().map(|p| p.id).collect();
+        let (voided, carried) = self.tallies.epoch_ended(lost.clone(), self.epoch, &survivors);
         self.tell(voided, out);
+        let settled = self.carried.lost(&survivors);
+        self.tell_settled(settled, out);
+        if let Some(reason) = &lost {
+            self.carried.epoch_lost(self.epoch, &survivors, reason);
+        }
+        for (key, op) in carried {
+            let settled = self.carried.carry(key, op);
+            self.tell_settled(settled, out);
+        }
         self.epoch += 1;
         self.suspicions.clear();
         // A topology round in progress goes on among the members that remain.

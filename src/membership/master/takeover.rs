@@ -188,7 +188,8 @@ impl MasterState {
         }
         self.conns.clear();
         self.topo_votes.clear();
-        self.tallies.epoch_ended(None);
+        self.tallies.epoch_ended(None, self.epoch, &BTreeSet::new());
+        self.carried = Default::default();
         self.suspicions.clear();
     }
 
@@ -234,7 +235,8 @@ impl MasterState {
         }
         self.term = term;
         self.epoch = self.epoch.max(newest.epoch) + 1;
-        self.tallies.epoch_ended(None);
+        self.tallies.epoch_ended(None, self.epoch, &BTreeSet::new());
+        self.carried = Default::default();
         self.suspicions.clear();
         self.topo_votes.clear();
         self.members = members

@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::carried::Carried;
 use super::sync_plan::{sync_plan, PlannedSync};
+use crate::membership::peer::OpKey;
 use crate::membership::protocol::{AbortReason, Decision, OpResult};
 use crate::membership::view::PeerId;
 use crate::state::{SyncStrategy, TensorDigest};
@@ -61,6 +63,9 @@ struct Tally {
     members: Option<BTreeSet<PeerId>>,
     /// For a sub-group collective: the decision, kept for members that begin late.
     decision: Option<Decision>,
+    /// Begun as an eager collective: a loss carries it instead of voiding it (see
+    /// [`super::carried`]).
+    eager: bool,
 }
 
 /// The records of the current epoch's collectives, by sequence number.
@@ -72,7 +77,7 @@ pub(super) struct Tallies {
 
 impl Tallies {
     /// Member `id` began collective `seq` (or a sync) as a whole-group call.
-    pub(super) fn begin(&mut self, id: PeerId, seq: u64, begin: Begin, roster: &Roster<'_>) -> Said {
+    pub(super) fn begin(&mut self, id: PeerId, seq: u64, begin: Begin, eager: bool, roster: &Roster<'_>) -> Said {
         if self.decided.contains(&seq) {
             return Vec::new(); // already aborted: the peer knows
         }
@@ -88,6 +93,7 @@ impl Tallies {
             return self.mismatch(seq, detail);
         }
         tally.begun.insert(id, begin);
+        tally.eager |= eager;
         if let Some(detail) = first_mismatch(&tally.begun) {
             return self.mismatch(seq, detail);
         }
@@ -145,6 +151,7 @@ impl Tallies {
         seq: u64,
         call: u64,
         members: Vec<PeerId>,
+        eager: bool,
         roster: &Roster<'_>,
     ) -> Said {
         let set: BTreeSet<PeerId> = members.iter().copied().collect();
@@ -163,6 +170,7 @@ impl Tallies {
             return Vec::new();
         }
         tally.begun.insert(id, Begin::Collective(call));
+        tally.eager |= eager;
         let detail = if tally.members.as_ref() != Some(&set) {
             Some(format!(
                 "sub-group collective key {seq:#x} was used by different member sets (members disagree on the set, \
@@ -203,17 +211,35 @@ impl Tallies {
         said
     }
 
-    /// The epoch ended: its collectives are void. With `lost`, a member was lost, and
-    /// every undecided collective aborts for all members with that reason.
-    pub(super) fn epoch_ended(&mut self, lost: Option<AbortReason>) -> Said {
-        let undecided = self.ops.keys().copied().filter(|s| !self.decided.contains(s));
-        let said = match lost {
-            Some(reason) => undecided.map(|seq| (None, seq, Word::Outcome(Decision::Abort(reason.clone())))).collect(),
-            None => Vec::new(),
-        };
+    /// The epoch `epoch` ended: its collectives are void. With `lost`, a member was
+    /// lost, and every undecided collective aborts for all members with that reason,
+    /// except an eager one, which is returned to be carried into the new epoch over the
+    /// members that remain, `survivors` (see [`super::carried`]).
+    pub(super) fn epoch_ended(
+        &mut self,
+        lost: Option<AbortReason>,
+        epoch: u64,
+        survivors: &BTreeSet<PeerId>,
+    ) -> (Said, Vec<(OpKey, Carried)>) {
+        let (mut said, mut carried) = (Vec::new(), Vec::new());
+        if let Some(reason) = lost {
+            for (&seq, tally) in self.ops.iter().filter(|(s, _)| !self.decided.contains(s)) {
+                if !tally.eager {
+                    said.push((None, seq, Word::Outcome(Decision::Abort(reason.clone()))));
+                    continue;
+                }
+                let members: BTreeSet<PeerId> = match &tally.members {
+                    Some(set) => set.intersection(survivors).copied().collect(),
+                    None => survivors.clone(),
+                };
+                let begun = tally.begun.keys().filter(|m| members.contains(m)).copied().collect();
+                let ok = tally.ok.intersection(&members).copied().collect();
+                carried.push(((epoch, seq), Carried { members, begun, ok, reason: reason.clone() }));
+            }
+        }
         self.ops.clear();
         self.decided.clear();
-        said
+        (said, carried)
     }
 
     /// Decides collective `seq` once: a whole-group decision goes to every member, a
@@ -460,26 +486,35 @@ mod tests {
         let roster = Roster { members: &members, in_round: &none };
         let mut t = Tallies::default();
         for id in members {
-            assert!(t.begin(id, 1, Begin::Collective(9), &roster).is_empty());
+            assert!(t.begin(id, 1, Begin::Collective(9), false, &roster).is_empty());
         }
         assert!(t.end(1, 1, OpResult::Ok, &roster).is_empty());
         assert!(t.end(2, 1, OpResult::Ok, &roster).is_empty());
         assert_eq!(t.end(3, 1, OpResult::Ok, &roster), vec![(None, 1, Word::Outcome(Decision::Commit))]);
         // A sub-group's decision names its recipients; a failure names the failing rank.
-        assert!(t.begin_sub(2, S | 1, 7, vec![2, 3], &roster).is_empty());
+        assert!(t.begin_sub(2, S | 1, 7, vec![2, 3], false, &roster).is_empty());
         let said = t.end(3, S | 1, OpResult::Failed("x".into()), &roster);
         let failed = Decision::Abort(AbortReason::Failed { rank: 2, detail: "x".into() });
         assert_eq!(said, vec![(Some(BTreeSet::from([2, 3])), S | 1, Word::Outcome(failed))]);
         // A member whose link broke reports the loss: everyone hears a loss, not a failure.
-        assert!(t.begin(1, 3, Begin::Collective(9), &roster).is_empty());
+        assert!(t.begin(1, 3, Begin::Collective(9), false, &roster).is_empty());
         let said = t.end(2, 3, OpResult::Lost { rank: 2, detail: "reset".into() }, &roster);
         let lost = AbortReason::PeerLost { rank: 2, detail: "rank 1 lost its link to it: reset".into() };
         assert_eq!(said, vec![(None, 3, Word::Outcome(Decision::Abort(lost)))]);
         // The epoch ends with a loss: what is undecided aborts for everyone, then all is void.
-        assert!(t.begin(1, 2, Begin::Collective(9), &roster).is_empty());
+        assert!(t.begin(1, 2, Begin::Collective(9), false, &roster).is_empty());
+        // An eager one is carried over the survivors instead, with what they reported.
+        for id in members {
+            assert!(t.begin(id, 4, Begin::Collective(9), true, &roster).is_empty());
+        }
+        assert!(t.end(2, 4, OpResult::Ok, &roster).is_empty());
         let lost = AbortReason::PeerLost { rank: 0, detail: "gone".into() };
-        let said = t.epoch_ended(Some(lost.clone()));
-        assert_eq!(said, vec![(None, 2, Word::Outcome(Decision::Abort(lost)))]);
-        assert!(t.epoch_ended(None).is_empty());
+        let survivors = BTreeSet::from([2, 3]);
+        let (said, carried) = t.epoch_ended(Some(lost.clone()), 5, &survivors);
+        assert_eq!(said, vec![(None, 2, Word::Outcome(Decision::Abort(lost.clone())))]);
+        let expect = Carried { members: survivors.clone(), begun: survivors, ok: BTreeSet::from([2]), reason: lost };
+        assert_eq!(carried, vec![((5, 4), expect)]);
+        let (said, carried) = t.epoch_ended(None, 6, &BTreeSet::new());
+        assert!(said.is_empty() && carried.is_empty());
     }
 }

@@ -30,8 +30,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+mod eager;
 mod rejoin;
 mod subgroup;
+mod topology;
 
 use self::subgroup::sub_members;
 pub use self::subgroup::{set_hash, sub_fingerprint, sub_key};
@@ -173,6 +175,11 @@ struct OpRecord {
     plan: Option<SyncPlan>,
     /// Why it must stop, once it must.
     abort: Option<Error>,
+    /// Begun as an eager collective (see [`PeerState::begin_as`]).
+    eager: bool,
+    /// Eager, and this peer reported success: a new view no longer stops it (the master
+    /// decides it from the survivors, see `membership::master::carried`).
+    voted_ok: bool,
 }
 
 /// A peer's whole protocol state.
@@ -215,6 +222,9 @@ pub struct PeerState {
     /// that takes over must hear of them, or it would abort them on the members that
     /// had no decision yet while this one kept the result.
     recent_commits: std::collections::VecDeque<OpKey>,
+    /// Messages for the master that the state itself decided to send
+    /// ([`PeerState::take_outbox`]).
+    outbox: Vec<ToMaster>,
 }
 
 /// How many finished commits a peer remembers for a takeover: far more than the
@@ -245,6 +255,7 @@ impl PeerState {
             refused: false,
             vote_deferred: false,
             recent_commits: Default::default(),
+            outbox: Vec::new(),
         }
     }
 
@@ -317,7 +328,9 @@ impl PeerState {
             ToPeer::View { view, removed, term } => {
                 self.term = self.term.max(term);
                 self.rejoining = None;
-                self.recent_commits.retain(|key| key.0 >= view.epoch);
+                // Commits of older epochs stay (the deque is bounded): a master that takes
+                // over must hear of an eager collective this peer returned from even
+                // when others still wait for it in the next epoch.
                 let reason = match removed.first() {
                     Some(r) => Error::PeerLost { rank: r.rank as usize, reason: r.detail.clone() },
                     None => Error::Aborted { reason: format!("the view changed to epoch {}", view.epoch) },
@@ -335,6 +348,7 @@ impl PeerState {
                     self.settled = Some(view.epoch);
                 }
                 let epoch = view.epoch;
+                self.outbox.push(ToMaster::ViewSeen { epoch });
                 let ended = self.config.closed && self.view.is_some() && !removed.is_empty();
                 if ended {
                     // A closed group keeps its formed view: ranks never move under the
@@ -350,12 +364,15 @@ impl PeerState {
                     }
                     // A decided collective keeps its decision: the master decides every
                     // collective of an epoch before it announces the next view.
-                    if rec.active && rec.abort.is_none() && rec.decision.is_none() {
+                    if rec.active && rec.abort.is_none() && rec.decision.is_none() && !rec.voted_ok {
                         rec.abort = Some(reason.clone());
                         aborts.push((key, reason.clone()));
                     }
                     rec.active // kept until the caller finishes it
                 });
+            }
+            ToPeer::Outcome { epoch, seq, decision: Decision::Commit } if !self.ops.contains_key(&(epoch, seq)) => {
+                // A collective this peer already returned from (eagerly) and finished.
             }
             ToPeer::Outcome { epoch, seq, decision } => {
                 let rec = self.ops.entry((epoch, seq)).or_default();
@@ -451,6 +468,14 @@ impl PeerState {
     /// sub-group names a peer outside the view ([`Error::PeerLost`]), or in a closed
     /// group once a member was lost.
     pub fn begin(&mut self, kind: OpKind<'_>) -> Result<Begun> {
+        self.begin_as(kind, false)
+    }
+
+    /// [`PeerState::begin`], as an eager collective with `eager` (one whose members may
+    /// return before the master's decision; see [`PeerState::returned_eagerly`]): the
+    /// master hears of it with [`ToMaster::EagerOpBegin`] or
+    /// [`ToMaster::EagerSubOpBegin`]. A shared-state sync is never eager.
+    pub fn begin_as(&mut self, kind: OpKind<'_>, eager: bool) -> Result<Begun> {
         if let Some(e) = &self.lost {
             return Err(e.clone());
         }
@@ -491,8 +516,17 @@ impl PeerState {
                 ((epoch, seq), ranks, fingerprint, ToMaster::SubOpBegin { epoch, seq, call: fingerprint, members: set })
             }
         };
+        let eager = eager && !matches!(msg, ToMaster::SyncState { .. });
+        let msg = match msg {
+            ToMaster::OpBegin { epoch, seq, call } if eager => ToMaster::EagerOpBegin { epoch, seq, call },
+            ToMaster::SubOpBegin { epoch, seq, call, members } if eager => {
+                ToMaster::EagerSubOpBegin { epoch, seq, call, members }
+            }
+            msg => msg,
+        };
         let rec = self.ops.entry(key).or_default();
         rec.active = true;
+        rec.eager = eager;
         Ok(Begun { key, view, rank, members, fingerprint, msg, doomed: rec.abort.clone() })
     }
 
@@ -503,7 +537,20 @@ impl PeerState {
         // a relayed loss back as a broken link would make every member a witness.
         let stopped = self.ops.get(&key).is_some_and(|r| r.abort.is_some() || r.decision.is_some());
         let result = match local {
-            Ok(()) => OpResult::Ok,
+            Ok(()) => match self.ops.get_mut(&key) {
+                // An eager collective a new view stopped is no success, even if its
+                // executor got to the end first: the master may commit it from the
+                // survivors' reports, and this peer returns the abort.
+                Some(rec @ OpRecord { eager: true, decision: None, abort: Some(_), .. }) => OpResult::Failed(format!(
+                    "stopped: {}",
+                    rec.abort.as_ref().map(|e| e.to_string()).unwrap_or_default()
+                )),
+                Some(rec) if rec.eager && !stopped => {
+                    rec.voted_ok = true;
+                    OpResult::Ok
+                }
+                _ => OpResult::Ok,
+            },
             Err(Error::Mismatch { detail }) => OpResult::Mismatch(detail.clone()),
             Err(Error::InvalidArgument(detail)) => OpResult::Invalid(detail.clone()),
             Err(Error::PeerLost { rank, reason }) if !stopped => {
@@ -555,41 +602,6 @@ impl PeerState {
     /// Collectives this peer knows of (begun, or decided before it began them).
     pub fn known_ops(&self) -> usize {
         self.ops.len()
-    }
-
-    /// Enters `update_topology`.
-    pub fn update_topology(&mut self) -> Result<Topology> {
-        if let Some(e) = &self.lost {
-            return Err(e.clone());
-        }
-        let epoch = self.view()?.epoch;
-        // The round that admitted this peer is its own, as long as no view came since.
-        let admitted_now = std::mem::take(&mut self.fresh) && self.settled == Some(epoch);
-        if admitted_now || self.config.closed {
-            return Ok(Topology::Done);
-        }
-        self.voting = true;
-        Ok(Topology::Wait { msg: ToMaster::UpdateTopology { epoch }, seen: self.rounds })
-    }
-
-    /// `None` until more than `seen` topology rounds have ended; then the view, or why
-    /// this peer was removed.
-    pub fn round_after(&self, seen: u64) -> Option<Result<View>> {
-        (self.rounds > seen || self.gone.is_some() || self.lost.is_some()).then(|| self.view_or_loss())
-    }
-
-    /// The view, or in an ended closed group the loss that ended it.
-    fn view_or_loss(&self) -> Result<View> {
-        match &self.lost {
-            Some(e) if self.gone.is_none() => Err(e.clone()),
-            _ => self.view(),
-        }
-    }
-
-    /// `None` until a view of an epoch above `epoch` arrived; then it, or removal.
-    pub fn view_after(&self, epoch: u64) -> Option<Result<View>> {
-        let moved = self.view.as_ref().is_some_and(|v| v.epoch > epoch);
-        (moved || self.gone.is_some() || self.lost.is_some()).then(|| self.view_or_loss())
     }
 
     /// Whether a collective begun in view `epoch` that failed with `e` on its
