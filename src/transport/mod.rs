@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod mem;
 pub mod memnet;
 pub mod quic;
+pub mod shm;
 
 use async_trait::async_trait;
 use bytes::Bytes;
