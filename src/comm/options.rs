@@ -8,6 +8,7 @@ use crate::collective::Tuning;
 use crate::membership::client::ControlConfig;
 use crate::membership::PeerId;
 use crate::transport::quic::QuicConfig;
+use crate::transport::shm::{SharedMemory, ShmConfig};
 
 /// What a collective does when a peer is lost while it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +89,11 @@ pub struct ConnectOptions {
     /// the caller, and nothing runs over fewer ranks than the caller sized it for).
     /// Off by default: a dynamic group settles losses and joins with `update_topology`.
     pub closed: bool,
+    /// Whether data links to peers on this host run over shared memory
+    /// ([`SharedMemory::Auto`], the default) or always over the network
+    /// ([`SharedMemory::Off`]); see [`crate::transport::shm`]. Either end saying `Off`
+    /// keeps a link on the network. Links of an in-memory network never use it.
+    pub shared_memory: SharedMemory,
 }
 
 impl Default for ConnectOptions {
@@ -104,6 +110,7 @@ impl Default for ConnectOptions {
             liveness: true,
             standby_masters: Vec::new(),
             closed: false,
+            shared_memory: SharedMemory::Auto,
         }
     }
 }
@@ -194,6 +201,24 @@ impl ConnectOptions {
     pub fn closed(mut self, closed: bool) -> ConnectOptions {
         self.closed = closed;
         self
+    }
+
+    /// Shared memory for data links to peers on this host, or never (see
+    /// [`ConnectOptions::shared_memory`](ConnectOptions#structfield.shared_memory)).
+    pub fn shared_memory(mut self, mode: SharedMemory) -> ConnectOptions {
+        self.shared_memory = mode;
+        self
+    }
+
+    /// The shared-memory layer's settings: the mode, and the QUIC frame limit and
+    /// handshake timeout.
+    pub(crate) fn shm_config(&self) -> ShmConfig {
+        ShmConfig {
+            mode: self.shared_memory,
+            max_frame_bytes: self.quic.max_frame_bytes,
+            handshake_timeout: self.quic.handshake_timeout,
+            ..ShmConfig::default()
+        }
     }
 
     /// All QUIC settings at once.

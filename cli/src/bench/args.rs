@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use phalanx::quant::Quantization;
+use phalanx::transport::shm::SharedMemory;
 
 /// Options of `phalanx bench`.
 #[derive(Parser)]
@@ -25,6 +26,10 @@ pub struct BenchArgs {
     /// QUIC connections per data link (`QuicConfig::connections_per_link`).
     #[arg(long, default_value_t = 1)]
     pub(super) connections_per_link: usize,
+    /// Shared memory between the peer processes (`auto`) or QUIC only (`off`); several,
+    /// comma-separated (`auto,off`), measure each group size with each, side by side.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub(super) shm: Vec<SharedMemory>,
     /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
     #[arg(long, default_value_t = (phalanx::collective::DEFAULT_CHUNK_BYTES >> 10) as u64)]
     pub(super) chunk_kib: u64,
@@ -117,6 +122,9 @@ pub struct PeerArgs {
     /// QUIC connections per link.
     #[arg(long, default_value_t = 1)]
     pub(super) connections_per_link: usize,
+    /// Shared memory for data links to peers on this host (`auto`) or QUIC only (`off`).
+    #[arg(long, default_value_t = SharedMemory::Auto)]
+    pub(super) shm: SharedMemory,
     /// The executor's chunk size in KiB; must be equal on every peer.
     #[arg(long, default_value_t = 256)]
     pub(super) chunk_kib: u64,

@@ -9,6 +9,8 @@
 //!    peer processes (this executable's hidden `bench-peer` subcommand) join it over
 //!    QUIC, form the group with `update_topology`, and time `all_reduce` of f32 `Sum` for
 //!    each buffer size. `algbw = S / t` and `busbw = algbw · 2(n-1)/n` (nccl-tests).
+//!    With `--shm auto,off` each group size runs twice, one right after the other: data
+//!    links over shared memory, then over QUIC only.
 //! 3. **Recovery.** `n` peers run back-to-back all-reduces of a small buffer with
 //!    [`RetryPolicy::OnPeerLost`]; one is killed with SIGKILL, and the recovery time is
 //!    from the kill to each survivor's first successful all-reduce in the view without
@@ -130,8 +132,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         machine["mem_gib"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "settings: chunk {} KiB, {} connection(s) per link, iters {} (x up to 16 below 64 MiB), warm-up {}",
-        args.chunk_kib, args.connections_per_link, args.iters, args.warmup
+        "settings: chunk {} KiB, {} connection(s) per link, shared memory {}, iters {} (x up to 16 below 64 MiB), warm-up {}",
+        args.chunk_kib,
+        args.connections_per_link,
+        args.shm.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
+        args.iters,
+        args.warmup
     );
     if args.relay()?.is_some() {
         println!(
@@ -155,7 +161,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Some(q) => println!("quantized ({q}) all-reduce, {n} peer processes:"),
             None => println!("all-reduce, {n} peer processes:"),
         }
-        rows.extend(run_allreduce(&args, n, &secret)?);
+        // Each transport in turn, right after one another: their ratios mean something.
+        for &shm in &args.shm {
+            rows.extend(run_allreduce(&args, n, shm, &secret)?);
+        }
     }
     if !args.no_raw {
         raws.push(measure_raw(&args, &secret)?);
@@ -198,15 +207,16 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
     println!();
     println!(
-        "| n | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
+        "| n | shm | size | iters | time | algbw GB/s | busbw GB/s | best busbw | raw one way GB/s | busbw / raw one way \
          | busbw / raw both ways | cores | waiting | CPU s/GB sent | busbw / raw one way, equal CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let ratio = |bw: f64, raw: Option<f64>| raw.map_or("-".to_string(), |r| format!("{:.2}", bw / r));
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.2} ms | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |{}",
+            "| {} | {} | {} | {} | {:.2} ms | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |{}",
             r.n,
+            r.shm,
             show_size(r.bytes),
             r.iters,
             r.secs * 1e3,
@@ -253,6 +263,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "chunk_kib": args.chunk_kib,
                 "quantize": args.quantize.map(|q| q.to_string()),
                 "connections_per_link": args.connections_per_link,
+                "shm": args.shm.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
                 "iters": args.iters,
                 "warmup": args.warmup,
                 "raw_frame_kib": args.raw_frame_kib,
@@ -268,7 +279,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "raw_one_way_cpu_secs_per_gb": raw_one_cpu,
             "raw_both_ways_cpu_secs_per_gb": raw_both_cpu,
             "allreduce": rows.iter().map(|r| json!({
-                "n": r.n, "bytes": r.bytes, "iters": r.iters, "secs": r.secs, "best_secs": r.best,
+                "n": r.n, "shm": r.shm.to_string(), "bytes": r.bytes, "iters": r.iters, "secs": r.secs, "best_secs": r.best,
                 "algbw_gbps": r.algbw(r.secs), "busbw_gbps": r.busbw(r.secs), "best_busbw_gbps": r.busbw(r.best),
                 "ratio_raw_one_way": raw_one.map(|v| r.busbw(r.secs) / v),
                 "ratio_raw_both_ways": raw_both.map(|v| r.busbw(r.secs) / v),

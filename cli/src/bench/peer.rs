@@ -59,6 +59,7 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
         retry: if recovery { RetryPolicy::OnPeerLost { max_attempts: 3 } } else { RetryPolicy::Never },
         bind: args.bind,
         advertise: args.advertise,
+        shared_memory: args.shm,
         ..ConnectOptions::default()
     };
     let mut comm = Communicator::connect(master, options).map_err(|e| fail("join", &e))?;

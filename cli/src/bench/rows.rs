@@ -8,10 +8,13 @@ use serde_json::Value;
 use super::pool::{heartbeat_for, peer_args, start_master, Peers};
 use super::{gbps, load_average, show_size, BenchArgs};
 use phalanx::relay::free_udp_addr;
+use phalanx::transport::shm::SharedMemory;
 
 #[derive(Clone, Debug)]
 pub(super) struct Row {
     pub(super) n: usize,
+    /// Shared memory between the peers (`auto`) or QUIC only (`off`).
+    pub(super) shm: SharedMemory,
     pub(super) bytes: usize,
     pub(super) iters: usize,
     /// Mean seconds per all-reduce: per rank the mean, then the slowest rank.
@@ -55,7 +58,7 @@ impl Row {
     }
 }
 
-pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<Vec<Row>, String> {
+pub(super) fn run_allreduce(args: &BenchArgs, n: usize, shm: SharedMemory, secret: &str) -> Result<Vec<Row>, String> {
     let master = start_master(secret, args.peer_timeout_ms, true)?;
     let relay = args.relay()?;
     let (master_addr, fronts) = match &relay {
@@ -72,7 +75,8 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<
             (front, fronts)
         }
     };
-    let pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
+    let mut pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
+    pargs.push(format!("--shm={shm}"));
     let mut peers = Peers::spawn_each(n, &pargs, secret, |i| fronts.get(i).cloned().unwrap_or_default())?;
     // Per size: per rank the iteration times.
     let mut results: HashMap<usize, Vec<RankResult>> = HashMap::new();
@@ -91,9 +95,9 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<
                 let per_rank = results.entry(bytes).or_default();
                 per_rank.push(RankResult { secs, cpu_secs, runq_secs, checked, peak_rss });
                 if per_rank.len() == n {
-                    let row = summarize(n, bytes, per_rank);
+                    let row = summarize(n, shm, bytes, per_rank);
                     println!(
-                        "  n={n} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB, peak RSS {:.2}x the buffer{}  (load {})",
+                        "  n={n} shm {shm:<4} {:>8}: {:>9.3} ms  busbw {:.3} GB/s (best {:.3}), {:.2} cores, {:.2} waiting, {:.2} CPU s/GB, peak RSS {:.2}x the buffer{}  (load {})",
                         show_size(bytes),
                         row.secs * 1e3,
                         row.busbw(row.secs),
@@ -113,12 +117,12 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, secret: &str) -> Result<
     }
     drop(peers);
     drop(master);
-    let mut rows: Vec<Row> = results.iter().map(|(&bytes, per_rank)| summarize(n, bytes, per_rank)).collect();
+    let mut rows: Vec<Row> = results.iter().map(|(&bytes, per_rank)| summarize(n, shm, bytes, per_rank)).collect();
     rows.sort_by_key(|r| r.bytes);
     Ok(rows)
 }
 
-pub(super) fn summarize(n: usize, bytes: usize, per_rank: &[RankResult]) -> Row {
+pub(super) fn summarize(n: usize, shm: SharedMemory, bytes: usize, per_rank: &[RankResult]) -> Row {
     let iters = per_rank.iter().map(|r| r.secs.len()).min().unwrap_or(0);
     let total = |r: &RankResult| r.secs.iter().sum::<f64>();
     let wall = per_rank.iter().map(total).fold(0.0, f64::max);
@@ -131,6 +135,7 @@ pub(super) fn summarize(n: usize, bytes: usize, per_rank: &[RankResult]) -> Row 
     let peak_rss = per_rank.iter().map(|r| r.peak_rss).max().unwrap_or(0);
     Row {
         n,
+        shm,
         bytes,
         iters,
         secs,
