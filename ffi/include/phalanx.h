@@ -237,6 +237,16 @@
 #define PHX_ADDR_BUF_LEN 64
 
 /**
+ * `phx_connect_options.shared_memory`: shared memory for peers on this host.
+ */
+#define PHX_SHM_AUTO 0
+
+/**
+ * `phx_connect_options.shared_memory`: always the network.
+ */
+#define PHX_SHM_OFF 1
+
+/**
  * Bytes of a shared-state digest (BLAKE3).
  */
 #define PHX_DIGEST_LEN 32
@@ -349,6 +359,11 @@ typedef struct phx_connect_options {
      * 0 means 10000. Meanwhile calls fail with `PHX_ERR_ABORTED` (retryable).
      */
     uint32_t rejoin_ms;
+    /**
+     * Data links to peers on this host: `PHX_SHM_AUTO` (0, the default) moves them to
+     * shared memory when both ends allow it; `PHX_SHM_OFF` keeps them on the network.
+     */
+    uint32_t shared_memory;
 } phx_connect_options;
 
 /**

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, RetryPolicy};
+use phalanx::transport::shm::SharedMemory;
 use phalanx::Communicator;
 
 use crate::args::{c_str, get_into, handle, handle_mut, out_ptr, secret, socket_addr, write_out};
@@ -56,7 +57,15 @@ pub struct phx_connect_options {
     /// same address restarted, or a standby) before calls fail with `PHX_ERR_REMOVED`;
     /// 0 means 10000. Meanwhile calls fail with `PHX_ERR_ABORTED` (retryable).
     pub rejoin_ms: u32,
+    /// Data links to peers on this host: `PHX_SHM_AUTO` (0, the default) moves them to
+    /// shared memory when both ends allow it; `PHX_SHM_OFF` keeps them on the network.
+    pub shared_memory: u32,
 }
+
+/// `phx_connect_options.shared_memory`: shared memory for peers on this host.
+pub const PHX_SHM_AUTO: u32 = 0;
+/// `phx_connect_options.shared_memory`: always the network.
+pub const PHX_SHM_OFF: u32 = 1;
 
 // ---------------------------------------------------------------------------------------
 // Connecting.
@@ -80,6 +89,7 @@ pub unsafe extern "C" fn phx_connect_options_init(options: *mut phx_connect_opti
             master_timeout_ms: 0,
             standby_masters: std::ptr::null(),
             rejoin_ms: 0,
+            shared_memory: PHX_SHM_AUTO,
         };
         // SAFETY: checked non-NULL; valid for a write (the caller's contract).
         unsafe { write_out(options, defaults) };
@@ -139,6 +149,11 @@ pub unsafe extern "C" fn phx_comm_connect_with(
                 0 => defaults.rejoin_within,
                 v => Some(Duration::from_millis(v.into())),
             },
+        };
+        opts.shared_memory = match o.shared_memory {
+            PHX_SHM_AUTO => SharedMemory::Auto,
+            PHX_SHM_OFF => SharedMemory::Off,
+            other => return Err(invalid(format!("options.shared_memory is {other}, not PHX_SHM_AUTO or PHX_SHM_OFF"))),
         };
         if !o.standby_masters.is_null() {
             // SAFETY: non-NULL and NUL-terminated (the caller's contract).

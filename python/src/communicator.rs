@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, PendingRaw, RetryPolicy};
+use phalanx::transport::shm::SharedMemory;
 use phalanx::Communicator as CoreComm;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -75,8 +76,10 @@ impl Communicator {
     ///     closed: a fixed group, as torch.distributed has: the first loss of a member
     ///         makes this and every later call raise PeerLostError (nothing runs over
     ///         fewer ranks than the caller sized it for); update_topology returns at once.
+    ///     shared_memory: "auto" moves data links to peers on this host to shared memory
+    ///         (when they allow it too); "off" keeps every link on QUIC.
     #[staticmethod]
-    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000, closed = false))]
+    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000, closed = false, shared_memory = "auto"))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -90,7 +93,9 @@ impl Communicator {
         standby_masters: Vec<String>,
         rejoin_ms: u64,
         closed: bool,
+        shared_memory: &str,
     ) -> PyResult<Self> {
+        let shared_memory: SharedMemory = shared_memory.parse().map_err(PyValueError::new_err)?;
         let master = resolve(master_addr, "master_addr")?;
         let standby_masters =
             standby_masters.iter().map(|a| resolve(a, "standby_masters")).collect::<PyResult<Vec<_>>>()?;
@@ -118,6 +123,7 @@ impl Communicator {
             },
             quic: quic_config(secret)?,
             closed,
+            shared_memory,
             ..ConnectOptions::default()
         };
         let comm = py.detach(move || CoreComm::connect(master, options)).map_err(|e| to_py(py, e))?;
