@@ -47,8 +47,9 @@ pub(crate) struct InFrame {
     prefix: [u8; PREFIX_LEN],
     /// Prefix bytes read so far.
     have: usize,
-    /// Once the prefix is in: the header, the payload buffer and bytes of it read.
-    body: Option<(Header, Vec<u8>, usize)>,
+    /// Once the prefix is in: the header, the payload length and the bytes read so far
+    /// (in a buffer of that capacity).
+    body: Option<(Header, usize, Vec<u8>)>,
     max_frame_bytes: usize,
 }
 
@@ -86,17 +87,19 @@ impl InFrame {
                         limit: self.max_frame_bytes,
                     });
                 }
-                // Within the limit, so it fits in usize.
-                self.body = Some((header, vec![0u8; len as usize], 0));
+                // Within the limit, so it fits in usize. Filled by copies, never zeroed.
+                let len = len as usize;
+                self.body = Some((header, len, Vec::with_capacity(len)));
             }
-            let Some((_, payload, got)) = self.body.as_mut() else {
+            let Some((_, len, payload)) = self.body.as_mut() else {
                 return Err(LinkError::Malformed("frame body missing".into()));
             };
-            *got += ring.read(&mut payload[*got..], &mut pending).map_err(corrupt)?;
-            if *got < payload.len() {
+            let want = *len - payload.len();
+            ring.read_append(payload, want, &mut pending).map_err(corrupt)?;
+            if payload.len() < *len {
                 return Ok(None);
             }
-            let (header, payload, _) = self.body.take().ok_or_else(|| LinkError::Malformed("frame body".into()))?;
+            let (header, _, payload) = self.body.take().ok_or_else(|| LinkError::Malformed("frame body".into()))?;
             self.have = 0;
             Ok(Some(Frame { header, payload: Bytes::from(payload) }))
         })();

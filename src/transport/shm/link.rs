@@ -1,13 +1,17 @@
 //! [`ShmLink`]: one end of a shared-memory link, its [`Link`] implementation, and the
 //! two threads per link that wait on the rings.
 //!
-//! Waiting on a futex blocks a thread, so no runtime worker does it: per link, a writer
-//! thread takes frames from `send` through a one-frame channel and copies them into the
-//! outgoing ring, sleeping while it is full; a reader thread copies whole frames out of
-//! the incoming ring and hands them to `recv` through a one-frame channel, sleeping
-//! while it is empty. Both sleep on futex words with a bounded timeout, so they also
-//! notice a close nobody woke them for. `send` and `recv` are cancel-safe: a cancelled
-//! call has handed over a whole frame or none.
+//! `send` copies a frame into the outgoing ring and `recv` copies one out of the
+//! incoming ring themselves, on the caller's task, whenever the ring has room or data:
+//! the common case costs no thread hand-off. Waiting is what an async task must not do
+//! on a futex, so each link has two threads that only wait: when a frame does not fit,
+//! `send` leaves its rest with the writer thread, which copies it in as room appears
+//! (sleeping on the ring's futex word meanwhile) and then tells the next `send` it may
+//! go; when the ring is empty, `recv` asks the reader thread to wake it once the peer
+//! publishes. Both threads sleep on futex words with a bounded timeout, so they also
+//! notice a close nobody woke them for, and otherwise sleep until asked.
+//! `send` and `recv` are cancel-safe: a cancelled `send` has handed over a whole frame
+//! or none, and a frame `recv` has partly read stays in the link for the next call.
 //!
 //! The link is closed when either end closes it (a flag in the segment, and the
 //! futex words bumped so every waiter looks), when the peer process exits (see
@@ -16,20 +20,33 @@
 //! [`LinkError::Closed`]. A frame the peer had not finished writing is never delivered.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 
 use super::frames::{InFrame, OutFrame};
-use super::ring::{ends, RingReader, RingWriter};
+use super::futex;
+use super::ring::{ends, watch as ring_watch, RingReader, RingWatch, RingWriter};
 use super::segment::{Mapping, Side};
 use crate::transport::{Frame, Header, Link, LinkError};
 
 /// Longest a ring thread sleeps before it looks at the flags again.
 const WAIT: Duration = Duration::from_millis(200);
+
+/// The sending side: the ring and the rest of a frame the writer thread still copies.
+struct Tx {
+    ring: RingWriter,
+    pending: Option<OutFrame>,
+}
+
+/// The receiving side: the ring and the frame read so far.
+struct Rx {
+    ring: RingReader,
+    frame: InFrame,
+}
 
 /// What the link's threads and its owner share.
 pub(crate) struct Shared {
@@ -41,12 +58,27 @@ pub(crate) struct Shared {
     failed: Mutex<Option<String>>,
     /// Tells `recv` that this end closed.
     closed: watch::Sender<bool>,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
+    /// Bumped (and woken) when `send` leaves a frame to the writer thread, and on close.
+    tx_asked: AtomicU32,
+    /// Set by `recv` when it waits for the peer; bumped (and woken) with it, and on close.
+    rx_wanted: AtomicBool,
+    rx_asked: AtomicU32,
+    /// The writer thread finished a pending frame: the next `send` may go.
+    tx_done: Notify,
+    /// The reader thread saw data (or the end of the link) that `recv` waits for.
+    rx_ready: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
     /// Why the peer's side is done, if it is: it closed, exited, or broke the ring.
     fn peer_stopped(&self) -> Option<String> {
-        if let Some(why) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(why) = lock(&self.failed).clone() {
             return Some(why);
         }
         (self.map.closed_flag(self.side.peer()).load(Ordering::Acquire) != 0).then(|| "closed by the peer".into())
@@ -66,13 +98,17 @@ impl Shared {
 
     /// Marks the link failed for `why` (the first reason wins) and wakes every waiter.
     pub(crate) fn fail(&self, why: String) {
-        self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+        lock(&self.failed).get_or_insert(why);
         self.wake_all();
     }
 
     fn wake_all(&self) {
         self.map.ring_ctl(0).wake_all();
         self.map.ring_ctl(1).wake_all();
+        futex::bump_and_wake(&self.tx_asked);
+        futex::bump_and_wake(&self.rx_asked);
+        self.tx_done.notify_one();
+        self.rx_ready.notify_one();
     }
 
     /// Closes this end: a flag the peer sees, every waiter on both sides woken.
@@ -87,23 +123,57 @@ impl Shared {
     pub(crate) fn closed_here_changes(&self) -> watch::Receiver<bool> {
         self.closed.subscribe()
     }
+
+    /// Writes as much of `out` as fits; `Ok(true)` once it is all in the ring.
+    fn write(&self, tx: &mut Tx, out: &mut OutFrame) -> Result<bool, LinkError> {
+        out.write_to(&mut tx.ring).map(|(_, done)| done).map_err(|corrupt| {
+            let why = format!("shared-memory ring corrupt: {}", corrupt.0);
+            self.fail(why.clone());
+            LinkError::Closed(why)
+        })
+    }
+
+    /// Reads what is there of the next frame: `Ok(Some)` once it is whole, `Ok(None)`
+    /// when the ring holds no more of it; `Err` when the link is closed or broken.
+    fn read(&self) -> Result<Option<Frame>, LinkError> {
+        let mut rx = lock(&self.rx);
+        let rx = &mut *rx;
+        loop {
+            if self.closed_here() {
+                return Err(LinkError::Closed("closed locally".into()));
+            }
+            // Looked at before the ring: whatever the peer published before it stopped
+            // is then visible below, and read before the link counts as closed.
+            let stopped = self.peer_stopped();
+            match rx.frame.read_from(&mut rx.ring) {
+                Ok((_, Some(frame))) => return Ok(Some(frame)),
+                Ok((0, None)) => {
+                    return match stopped {
+                        Some(why) if rx.frame.is_partial() => Err(LinkError::Closed(format!("{why} (mid-frame)"))),
+                        Some(why) => Err(LinkError::Closed(why)),
+                        None => Ok(None),
+                    }
+                }
+                Ok((_, None)) => {}
+                Err(e) => {
+                    self.fail(format!("the peer broke the shared-memory link: {e}"));
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// One end of a shared-memory link; see the [module docs](self).
 pub struct ShmLink {
     shared: Arc<Shared>,
-    frames: mpsc::Sender<Frame>,
-    received: tokio::sync::Mutex<Received>,
+    /// Serialises `recv` (the trait allows one at a time; this keeps a second one from
+    /// stealing the first one's wake-up).
+    receiving: tokio::sync::Mutex<Option<LinkError>>,
     max_frame_bytes: usize,
     /// The network link the shared memory was set up over, kept open as a side
     /// channel whose close also closes this link; closed with it.
     net: Option<Arc<dyn Link>>,
-}
-
-struct Received {
-    frames: mpsc::Receiver<Result<Frame, LinkError>>,
-    /// Once set, every later `recv` returns it.
-    failed: Option<LinkError>,
 }
 
 impl fmt::Debug for ShmLink {
@@ -117,7 +187,7 @@ impl fmt::Debug for ShmLink {
 }
 
 impl ShmLink {
-    /// Starts `side`'s end of the link over `map`: its two ring threads. Frames above
+    /// Starts `side`'s end of the link over `map`: its two waiting threads. Frames above
     /// `max_frame_bytes` (header included) are refused both ways.
     pub(crate) fn start(
         map: Arc<Mapping>,
@@ -125,45 +195,38 @@ impl ShmLink {
         max_frame_bytes: usize,
         net: Option<Arc<dyn Link>>,
     ) -> std::io::Result<ShmLink> {
+        let (out_index, in_index) = match side {
+            Side::Connector => (0, 1),
+            Side::Acceptor => (1, 0),
+        };
         let shared = Arc::new(Shared {
             map: map.clone(),
             side,
             closed_here: AtomicBool::new(false),
             failed: Mutex::new(None),
             closed: watch::channel(false).0,
+            tx: Mutex::new(Tx { ring: ends(&map, out_index).0, pending: None }),
+            rx: Mutex::new(Rx { ring: ends(&map, in_index).1, frame: InFrame::new(max_frame_bytes) }),
+            tx_asked: AtomicU32::new(0),
+            rx_wanted: AtomicBool::new(false),
+            rx_asked: AtomicU32::new(0),
+            tx_done: Notify::new(),
+            rx_ready: Notify::new(),
         });
-        let (out_ring, in_ring) = match side {
-            Side::Connector => (ends(&map, 0).0, ends(&map, 1).1),
-            Side::Acceptor => (ends(&map, 1).0, ends(&map, 0).1),
-        };
-        let (frames, to_write) = mpsc::channel(1);
-        let (got, received) = mpsc::channel(1);
-        let s = shared.clone();
-        std::thread::Builder::new().name("phalanx-shm-tx".into()).spawn(move || write_loop(&s, out_ring, to_write))?;
-        let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("phalanx-shm-rx".into())
-            .spawn(move || read_loop(&s, in_ring, got, max_frame_bytes));
+        let (s, outgoing) = (shared.clone(), ring_watch(&map, out_index));
+        std::thread::Builder::new().name("phalanx-shm-tx".into()).spawn(move || write_loop(&s, outgoing))?;
+        let (s, incoming) = (shared.clone(), ring_watch(&map, in_index));
+        let spawned = std::thread::Builder::new().name("phalanx-shm-rx".into()).spawn(move || read_loop(&s, incoming));
         if let Err(e) = spawned {
-            // The writer thread ends when `frames` drops with this error.
+            // The writer thread ends on the close.
             shared.close();
             return Err(e);
         }
-        Ok(ShmLink {
-            shared,
-            frames,
-            received: tokio::sync::Mutex::new(Received { frames: received, failed: None }),
-            max_frame_bytes,
-            net,
-        })
+        Ok(ShmLink { shared, receiving: tokio::sync::Mutex::new(None), max_frame_bytes, net })
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
-    }
-
-    fn closed_error(&self) -> LinkError {
-        self.shared.closed_error().unwrap_or_else(|| LinkError::Closed("shared-memory link stopped".into()))
     }
 }
 
@@ -180,36 +243,66 @@ impl Link for ShmLink {
         if len > self.max_frame_bytes {
             return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
         }
-        if let Some(e) = self.shared.closed_error() {
-            return Err(e);
+        let shared = &self.shared;
+        let mut closed = shared.closed.subscribe();
+        loop {
+            if let Some(e) = shared.closed_error() {
+                return Err(e);
+            }
+            // Registered before looking, so the writer thread's notice is not missed.
+            let done = shared.tx_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut tx = lock(&shared.tx);
+                if tx.pending.is_none() {
+                    // Cancel-safe from here on: nothing below awaits.
+                    let mut out = OutFrame::new(frame);
+                    if !shared.write(&mut tx, &mut out)? {
+                        tx.pending = Some(out);
+                        drop(tx);
+                        futex::bump_and_wake(&shared.tx_asked);
+                    }
+                    return Ok(());
+                }
+            }
+            // The writer thread still copies the previous frame: wait for it.
+            tokio::select! {
+                _ = &mut done => {}
+                _ = closed.changed() => {}
+            }
         }
-        // Cancel-safe: a cancelled send hands over nothing.
-        self.frames.send(frame).await.map_err(|_| self.closed_error())
     }
 
     async fn recv(&self) -> Result<Frame, LinkError> {
-        let mut closed = self.shared.closed.subscribe();
+        let shared = &self.shared;
+        let mut closed = shared.closed.subscribe();
         if *closed.borrow_and_update() {
             return Err(LinkError::Closed("closed locally".into()));
         }
-        let mut state = self.received.lock().await;
-        if let Some(e) = &state.failed {
+        let mut failed = self.receiving.lock().await;
+        if let Some(e) = &*failed {
             return Err(e.clone());
         }
-        let got = tokio::select! {
-            got = state.frames.recv() => got,
-            _ = closed.changed() => return Err(LinkError::Closed("closed locally".into())),
-        };
-        match got {
-            Some(Ok(frame)) => Ok(frame),
-            Some(Err(e)) => {
-                state.failed = Some(e.clone());
-                Err(e)
+        loop {
+            let ready = shared.rx_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            match shared.read() {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(e) => {
+                    *failed = Some(e.clone());
+                    return Err(e);
+                }
             }
-            None => {
-                let e = self.closed_error();
-                state.failed = Some(e.clone());
-                Err(e)
+            // Nothing more yet: ask the reader thread to wake us once the peer publishes
+            // (it looks at the ring after this, so a publish in between is not missed).
+            shared.rx_wanted.store(true, Ordering::SeqCst);
+            futex::bump_and_wake(&shared.rx_asked);
+            tokio::select! {
+                _ = &mut ready => {}
+                _ = closed.changed() => return Err(LinkError::Closed("closed locally".into())),
             }
         }
     }
@@ -222,66 +315,53 @@ impl Link for ShmLink {
     }
 }
 
-/// The writer thread: frames from `send` into the outgoing ring.
-fn write_loop(shared: &Shared, mut ring: RingWriter, mut frames: mpsc::Receiver<Frame>) {
-    while let Some(frame) = frames.blocking_recv() {
-        let mut out = OutFrame::new(frame);
-        loop {
-            if shared.closed_error().is_some() {
-                // Dropping `frames` fails the next `send`.
-                return;
-            }
-            let seen = ring.room_word();
-            match out.write_to(&mut ring) {
-                Ok((_, true)) => break,
-                Ok((0, false)) => ring.wait_for_room(seen, WAIT),
-                Ok((_, false)) => {}
-                Err(corrupt) => {
-                    shared.fail(format!("shared-memory ring corrupt: {}", corrupt.0));
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// The reader thread: whole frames from the incoming ring to `recv`.
-fn read_loop(
-    shared: &Shared,
-    mut ring: RingReader,
-    got: mpsc::Sender<Result<Frame, LinkError>>,
-    max_frame_bytes: usize,
-) {
-    let mut frame = InFrame::new(max_frame_bytes);
+/// The writer thread: copies the rest of a frame `send` left behind as room appears.
+fn write_loop(shared: &Shared, outgoing: RingWatch) {
     loop {
         if shared.closed_here() {
             return;
         }
-        // Looked at before the ring: whatever the peer published before it stopped is
-        // then visible below, and read before the link counts as closed.
-        let stopped = shared.peer_stopped();
-        let seen = ring.data_word();
-        match frame.read_from(&mut ring) {
-            Ok((_, Some(whole))) => {
-                if got.blocking_send(Ok(whole)).is_err() {
-                    return;
-                }
-            }
-            Ok((0, None)) => match stopped {
-                Some(why) => {
-                    let why = if frame.is_partial() { format!("{why} (mid-frame)") } else { why };
-                    let _ = got.blocking_send(Err(LinkError::Closed(why)));
-                    return;
-                }
-                None => ring.wait_for_data(seen, WAIT),
-            },
-            Ok((_, None)) => {}
-            Err(e) => {
-                shared.fail(format!("the peer broke the shared-memory link: {e}"));
-                let _ = got.blocking_send(Err(e));
-                return;
-            }
+        let asked = shared.tx_asked.load(Ordering::SeqCst);
+        let room = outgoing.room_word();
+        let mut guard = lock(&shared.tx);
+        let tx = &mut *guard;
+        let Some(mut out) = tx.pending.take() else {
+            drop(guard);
+            futex::wait(&shared.tx_asked, asked, WAIT);
+            continue;
+        };
+        // A stopped link drops the frame: `send` fails from now on.
+        let done = shared.peer_stopped().is_some() || shared.write(tx, &mut out).unwrap_or(true);
+        if done {
+            drop(guard);
+            shared.tx_done.notify_one();
+        } else {
+            // The ring is full: sleep without the lock until the reader makes room.
+            tx.pending = Some(out);
+            drop(guard);
+            outgoing.wait_for_room(room, WAIT);
         }
+    }
+}
+
+/// The reader thread: wakes `recv` once the peer has published what it waits for.
+fn read_loop(shared: &Shared, incoming: RingWatch) {
+    loop {
+        if shared.closed_here() {
+            return;
+        }
+        let asked = shared.rx_asked.load(Ordering::SeqCst);
+        if !shared.rx_wanted.load(Ordering::SeqCst) {
+            futex::wait(&shared.rx_asked, asked, WAIT);
+            continue;
+        }
+        let seen = incoming.data_word();
+        if incoming.has_data() || shared.peer_stopped().is_some() {
+            shared.rx_wanted.store(false, Ordering::SeqCst);
+            shared.rx_ready.notify_one();
+            continue;
+        }
+        incoming.wait_for_data(seen, WAIT);
     }
 }
 
@@ -347,16 +427,27 @@ mod tests {
     fn a_full_ring_blocks_the_sender_until_the_receiver_reads() {
         let (a, b) = heap_pair(4096, 1 << 20);
         rt().block_on(async {
-            // A 100 KiB frame through a 4 KiB ring: the sender's thread waits for room
-            // 25 times; nothing is lost or reordered.
-            for i in 0..4 {
-                a.send(frame(i, 100 << 10)).await.unwrap();
-            }
+            // A 100 KiB frame through a 4 KiB ring: `send` leaves most of it to the
+            // writer thread, which waits for room 25 times while the receiver reads.
+            a.send(frame(0, 100 << 10)).await.unwrap();
+            // The next frame has to wait for the first: a cancelled send hands over
+            // nothing.
             let blocked = tokio::time::timeout(Duration::from_millis(300), a.send(frame(9, 100 << 10))).await;
             assert!(blocked.is_err(), "a full link must block the sender");
-            for i in 0..4 {
-                assert_eq!(b.recv().await.unwrap(), frame(i, 100 << 10));
-            }
+            assert_eq!(b.recv().await.unwrap(), frame(0, 100 << 10));
+            assert!(tokio::time::timeout(Duration::from_millis(100), b.recv()).await.is_err(), "frame 9 was sent");
+            // Both ways at once, many frames larger than the ring.
+            let sending = async {
+                for i in 1..20 {
+                    a.send(frame(i, 10_000 + i as usize)).await.unwrap();
+                }
+            };
+            let receiving = async {
+                for i in 1..20 {
+                    assert_eq!(b.recv().await.unwrap(), frame(i, 10_000 + i as usize));
+                }
+            };
+            tokio::join!(sending, receiving);
         });
     }
 

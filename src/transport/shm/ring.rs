@@ -99,6 +99,24 @@ impl RingMem {
     }
 }
 
+impl RingMem {
+    /// [`RingMem::copy_out`] into memory not initialised yet; every byte of `dst` is
+    /// written.
+    fn copy_out_uninit(&self, at: u64, dst: &mut [std::mem::MaybeUninit<u8>]) {
+        assert!(dst.len() <= self.cap);
+        let start = (at % self.cap as u64) as usize;
+        let first = dst.len().min(self.cap - start);
+        let data = self.map.ring_data(self.index);
+        let out = dst.as_mut_ptr().cast::<u8>();
+        // SAFETY: as in `copy_out`; writing plain bytes into `MaybeUninit<u8>` memory
+        // of `dst` is always allowed, and the two copies cover it exactly.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.add(start), out, first);
+            std::ptr::copy_nonoverlapping(data, out.add(first), dst.len() - first);
+        }
+    }
+}
+
 /// The writing side of a ring.
 pub(crate) struct RingWriter {
     mem: RingMem,
@@ -153,18 +171,6 @@ impl RingWriter {
         ctl.write.store(self.written, Ordering::Release);
         futex::bump_and_wake(&ctl.written);
     }
-
-    /// The futex word that changes when the reader makes room, read *before* looking
-    /// for room (see [`super::futex`]).
-    pub(crate) fn room_word(&self) -> u32 {
-        self.mem.ctl().consumed.load(Ordering::Acquire)
-    }
-
-    /// Sleeps until the reader makes room (or `timeout`), unless the word moved past
-    /// `seen` already.
-    pub(crate) fn wait_for_room(&self, seen: u32, timeout: Duration) {
-        futex::wait(&self.mem.ctl().consumed, seen, timeout);
-    }
 }
 
 impl RingReader {
@@ -187,6 +193,26 @@ impl RingReader {
         Ok(n)
     }
 
+    /// Appends up to `want` published bytes to `dst` (which must have room for them:
+    /// its spare capacity is filled, so nothing is zeroed first), without giving their
+    /// room back yet; returns how many.
+    pub(crate) fn read_append(
+        &mut self,
+        dst: &mut Vec<u8>,
+        want: usize,
+        unconsumed: &mut usize,
+    ) -> Result<usize, Corrupt> {
+        let n = (self.available()? - *unconsumed).min(want).min(dst.capacity() - dst.len());
+        let at = self.read + *unconsumed as u64;
+        let spare = &mut dst.spare_capacity_mut()[..n];
+        self.mem.copy_out_uninit(at, spare);
+        // SAFETY: `copy_out_uninit` initialised all `n` bytes of the spare capacity just
+        // after the vector's length.
+        unsafe { dst.set_len(dst.len() + n) };
+        *unconsumed += n;
+        Ok(n)
+    }
+
     /// Gives the room of `bytes` read by [`RingReader::read`] back to the writer and
     /// wakes it.
     pub(crate) fn consume(&mut self, bytes: usize) {
@@ -198,17 +224,44 @@ impl RingReader {
         ctl.read.store(self.read, Ordering::Release);
         futex::bump_and_wake(&ctl.consumed);
     }
+}
 
-    /// The futex word that changes when the writer publishes, read *before* looking
-    /// for bytes.
+/// A read-only view of a ring for a thread that only waits on it: whether published
+/// bytes are waiting to be consumed, and the futex word to sleep on until they are.
+pub(crate) struct RingWatch {
+    mem: RingMem,
+}
+
+/// A watch of ring `index` of `map`.
+pub(crate) fn watch(map: &Arc<Mapping>, index: usize) -> RingWatch {
+    RingWatch { mem: RingMem { map: map.clone(), index, cap: map.ring_bytes() } }
+}
+
+impl RingWatch {
+    /// The futex word the writer bumps after publishing, read before [`Self::has_data`].
     pub(crate) fn data_word(&self) -> u32 {
         self.mem.ctl().written.load(Ordering::Acquire)
     }
 
-    /// Sleeps until the writer publishes (or `timeout`), unless the word moved past
-    /// `seen` already.
+    /// Whether the writer has published bytes the reader has not consumed.
+    pub(crate) fn has_data(&self) -> bool {
+        let ctl = self.mem.ctl();
+        ctl.write.load(Ordering::Acquire) != ctl.read.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until the writer publishes (or `timeout`), unless the word moved past `seen`.
     pub(crate) fn wait_for_data(&self, seen: u32, timeout: Duration) {
         futex::wait(&self.mem.ctl().written, seen, timeout);
+    }
+
+    /// The futex word the reader bumps after consuming, read before trying to write.
+    pub(crate) fn room_word(&self) -> u32 {
+        self.mem.ctl().consumed.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until the reader makes room (or `timeout`), unless the word moved past `seen`.
+    pub(crate) fn wait_for_room(&self, seen: u32, timeout: Duration) {
+        futex::wait(&self.mem.ctl().consumed, seen, timeout);
     }
 }
 
@@ -276,6 +329,22 @@ mod tests {
     }
 
     #[test]
+    fn read_append_fills_spare_capacity_across_the_wrap() {
+        let (mut w, mut r, _map) = ring(4096);
+        write_all(&mut w, &[1u8; 3000]);
+        assert_eq!(read_all(&mut r, 3000).len(), 3000);
+        let piece: Vec<u8> = (0..2000u32).map(|b| b as u8).collect();
+        write_all(&mut w, &piece);
+        let mut out = Vec::with_capacity(2000);
+        let mut pending = 0;
+        assert_eq!(r.read_append(&mut out, 1500, &mut pending).unwrap(), 1500);
+        assert_eq!(r.read_append(&mut out, 1500, &mut pending).unwrap(), 500, "capacity bounds it");
+        r.consume(pending);
+        assert_eq!(out, piece);
+        assert_eq!(r.available().unwrap(), 0);
+    }
+
+    #[test]
     fn impossible_indices_are_corrupt() {
         let (w, r, map) = ring(4096);
         map.ring_ctl(0).write.store(5000, Ordering::SeqCst);
@@ -285,15 +354,21 @@ mod tests {
     }
 
     #[test]
-    fn room_word_moves_when_the_reader_consumes() {
-        let (mut w, mut r, _map) = ring(4096);
+    fn watched_words_move_when_the_other_side_acts() {
+        let (mut w, mut r, map) = ring(4096);
+        let watch = watch(&map, 0);
+        let (data, room) = (watch.data_word(), watch.room_word());
+        assert!(!watch.has_data());
         write_all(&mut w, &[0u8; 64]);
-        let seen = w.room_word();
+        assert!(watch.has_data());
+        assert_ne!(watch.data_word(), data);
         read_all(&mut r, 64);
-        assert_ne!(w.room_word(), seen);
-        // So a wait on the old value returns at once.
+        assert!(!watch.has_data());
+        assert_ne!(watch.room_word(), room);
+        // So waits on the old values return at once.
         let t = std::time::Instant::now();
-        w.wait_for_room(seen, Duration::from_secs(10));
+        watch.wait_for_room(room, Duration::from_secs(10));
+        watch.wait_for_data(data, Duration::from_secs(10));
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 }
