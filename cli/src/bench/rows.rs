@@ -76,6 +76,8 @@ pub(super) fn run_allreduce(args: &BenchArgs, n: usize, shm: SharedMemory, secre
         }
     };
     let mut pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
+    // Through the relay the data links stand for a network between hosts: never shm.
+    let shm = if relay.is_some() && !args.relay_master_only { SharedMemory::Off } else { shm };
     pargs.push(format!("--shm={shm}"));
     let mut peers = Peers::spawn_each(n, &pargs, secret, |i| fronts.get(i).cloned().unwrap_or_default())?;
     // Per size: per rank the iteration times.

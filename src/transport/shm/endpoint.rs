@@ -43,6 +43,9 @@ impl ShmEndpoint {
         if identity.is_none() && config.mode == SharedMemory::Auto {
             tracing::debug!("no host identity from the kernel: links stay on the network");
         }
+        if config.mode == SharedMemory::Auto {
+            segment::sweep_stale();
+        }
         ShmEndpoint { inner, config, identity, shm_links: AtomicU64::new(0) }
     }
 

@@ -9,7 +9,10 @@
 //! takes the offer when it is on the same host, willing ([`SharedMemory::Auto`]) and
 //! the segment it opens is the one described (a random token); it then unlinks the
 //! file, so that nothing is left in `/dev/shm` once both ends exit, by SIGKILL too,
-//! and answers on the network link. From then on both ends carry the link's frames
+//! and answers on the network link. (A connector killed in the moment between creating
+//! its file and the acceptor unlinking it leaves the file behind; every shared-memory
+//! endpoint started later removes such files of processes that are gone, see
+//! `segment::sweep_stale`.) From then on both ends carry the link's frames
 //! through two rings in the segment, one per direction ([`ring`]), each frame the
 //! 32-byte [`Header`](super::Header), its length and its payload ([`frames`]). Any
 //! other answer (declined, another host, `/dev/shm` full or absent) leaves the link on

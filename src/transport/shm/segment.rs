@@ -249,6 +249,11 @@ impl SegmentName {
         &self.0
     }
 
+    /// The pid of the process that created the segment.
+    fn pid(&self) -> Option<u32> {
+        self.0.strip_prefix(PREFIX)?.split_once('-')?.0.parse().ok()
+    }
+
     fn path(&self) -> std::path::PathBuf {
         std::path::Path::new(DIR).join(&self.0)
     }
@@ -261,6 +266,37 @@ impl SegmentName {
             Err(e) => tracing::debug!(segment = %self.0, "could not unlink a shared-memory segment: {e}"),
         }
     }
+}
+
+/// Segment files older than this whose process is gone are left over (a connector killed
+/// between creating its segment and the acceptor unlinking it): set-up takes at most the
+/// handshake timeout, 10 s by default.
+pub(crate) const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes segment files of this user in `/dev/shm` that a process now gone created more
+/// than [`STALE_AFTER`] ago; returns how many. A connector SIGKILLed while setting a
+/// link up leaves its file behind (nobody else knows it); the next peer started on the
+/// host clears it.
+pub(crate) fn sweep_stale() -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(DIR) else { return 0 };
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str().and_then(SegmentName::parse) else { continue };
+        let Some(pid) = name.pid() else { continue };
+        let Ok(meta) = entry.metadata() else { continue };
+        let old = meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > STALE_AFTER);
+        let alive = std::path::Path::new("/proc").join(pid.to_string()).exists();
+        if meta.uid() == uid && old && !alive {
+            tracing::debug!(segment = name.as_str(), "removing a segment its creator left behind");
+            name.unlink();
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Removes a segment file when dropped, unless disarmed: a connector that fails or is
@@ -400,6 +436,30 @@ mod tests {
         let _a = create(&name, 4096, [0, 0]).unwrap();
         drop(UnlinkGuard(Some(name.clone())));
         assert!(!name.path().exists());
+    }
+
+    #[test]
+    fn stale_segments_of_dead_processes_are_swept() {
+        let _files = files_lock();
+        // A pid that is not running: a child that has exited and been reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = SegmentName(format!("{PREFIX}{dead}-00000000000000aa"));
+        let fresh = SegmentName(format!("{PREFIX}{dead}-00000000000000bb"));
+        let mine = SegmentName::fresh(0x00000000000000cc);
+        let old = std::time::SystemTime::now() - STALE_AFTER * 2;
+        for (name, when) in [(&stale, old), (&fresh, std::time::SystemTime::now()), (&mine, old)] {
+            let f = std::fs::File::create(name.path()).unwrap();
+            f.set_modified(when).unwrap();
+        }
+        let removed = sweep_stale();
+        assert!(removed >= 1);
+        assert!(!stale.path().exists(), "an old file of a dead process is removed");
+        assert!(fresh.path().exists(), "a recent one may still be in set-up (another PID namespace)");
+        assert!(mine.path().exists(), "a live process's file stays");
+        fresh.unlink();
+        mine.unlink();
     }
 
     #[test]
