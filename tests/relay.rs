@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::with_timeout;
 use phalanx::comm::ConnectOptions;
 use phalanx::relay::{free_udp_addr, Relay, Shaping};
+use phalanx::transport::shm::SharedMemory;
 use phalanx::{Communicator, Error, Master, MasterConfig, QuicConfig, ReduceOp};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -46,7 +47,9 @@ impl Net {
             .heartbeat(Duration::from_millis(100))
             .master_timeout(Duration::from_secs(2))
             // A peer cut off from the master looks for it this long before it is told.
-            .rejoin_within(Some(Duration::from_secs(3)));
+            .rejoin_within(Some(Duration::from_secs(3)))
+            // The relay stands in for a network between hosts: keep data on it.
+            .shared_memory(SharedMemory::Off);
         (options, bind)
     }
 
@@ -284,7 +287,8 @@ fn a_primary_cut_off_from_most_of_its_peers_steps_down_for_the_standby() {
                         .heartbeat(Duration::from_millis(100))
                         .master_timeout(Duration::from_secs(2))
                         .standby_master(standby_front)
-                        .rejoin_within(Some(Duration::from_secs(15)));
+                        .rejoin_within(Some(Duration::from_secs(15)))
+                        .shared_memory(SharedMemory::Off);
                     s.spawn(move || (Communicator::connect(primary_front, options).expect("connect"), bind))
                 })
                 .collect();

@@ -17,6 +17,7 @@ use phalanx::comm::ControlConfig;
 use phalanx::quant::Quantization;
 use phalanx::state::SharedState;
 use phalanx::state::SyncStrategy;
+use phalanx::transport::shm::SharedMemory;
 use phalanx::workload::{gradient, hash_f32};
 use phalanx::{Communicator, Error, ReduceOp};
 use serde_json::json;
@@ -51,6 +52,13 @@ pub struct WorkerArgs {
     /// encryption). The control connection to the master is QUIC whatever this says.
     #[arg(long, default_value = "auto")]
     data_transport: phalanx::comm::DataTransport,
+    /// Data links to workers on this host over shared memory (`auto`) or always over
+    /// QUIC (`off`).
+    #[arg(long, default_value_t = SharedMemory::Auto)]
+    shm: SharedMemory,
+    /// This peer's id (unique in the group; random by default).
+    #[arg(long)]
+    peer_id: Option<u64>,
     /// Steps to complete before leaving (0: run until killed).
     #[arg(long, default_value_t = 0)]
     steps: u64,
@@ -145,6 +153,8 @@ pub fn run(args: WorkerArgs) -> Result<(), String> {
             ..ControlConfig::default()
         },
         standby_masters: args.standby_master.clone(),
+        shared_memory: args.shm,
+        peer_id: args.peer_id,
         ..ConnectOptions::default()
     };
     let mut comm = Communicator::connect(args.master, options).map_err(|e| fail(&e, "join"))?;

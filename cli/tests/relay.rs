@@ -41,7 +41,11 @@ fn workers_through_a_lossy_relay_compute_exact_sums() {
         .enumerate()
         .map(|(k, (bind, front))| {
             let (bind, front) = (bind.to_string(), front.to_string());
-            c.worker(&format!("w{k}"), LEN, &["--bind", &bind, "--advertise", &front, "--step-delay-ms", "10"])
+            c.worker(
+                &format!("w{k}"),
+                LEN,
+                &["--bind", &bind, "--advertise", &front, "--step-delay-ms", "10", "--shm", "off"],
+            )
         })
         .collect();
     c.wait(Duration::from_secs(30), "both workers to join", |c| ws.iter().all(|&w| c.id(w).is_some()).then_some(()));

@@ -259,6 +259,16 @@
 #define PHX_DATA_TCP_PLAINTEXT 3
 
 /**
+ * `phx_connect_options.shared_memory`: shared memory for peers on this host.
+ */
+#define PHX_SHM_AUTO 0
+
+/**
+ * `phx_connect_options.shared_memory`: always the network.
+ */
+#define PHX_SHM_OFF 1
+
+/**
  * Bytes of a shared-state digest (BLAKE3).
  */
 #define PHX_DIGEST_LEN 32
@@ -377,6 +387,11 @@ typedef struct phx_connect_options {
      * encryption: trusted networks only). The control connection is QUIC regardless.
      */
     int data_transport;
+    /**
+     * Data links to peers on this host: `PHX_SHM_AUTO` (0, the default) moves them to
+     * shared memory when both ends allow it; `PHX_SHM_OFF` keeps them on the network.
+     */
+    uint32_t shared_memory;
 } phx_connect_options;
 
 /**

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, DataTransport, RetryPolicy};
+use phalanx::transport::shm::SharedMemory;
 use phalanx::Communicator;
 
 use crate::args::{c_str, get_into, handle, handle_mut, out_ptr, secret, socket_addr, write_out};
@@ -60,6 +61,9 @@ pub struct phx_connect_options {
     /// `PHX_DATA_QUIC`, `PHX_DATA_TCP` (TCP+TLS) or `PHX_DATA_TCP_PLAINTEXT` (no
     /// encryption: trusted networks only). The control connection is QUIC regardless.
     pub data_transport: c_int,
+    /// Data links to peers on this host: `PHX_SHM_AUTO` (0, the default) moves them to
+    /// shared memory when both ends allow it; `PHX_SHM_OFF` keeps them on the network.
+    pub shared_memory: u32,
 }
 
 /// `phx_connect_options.data_transport`: TCP+TLS (QUIC when peers are reached through
@@ -72,6 +76,11 @@ pub const PHX_DATA_TCP: c_int = 2;
 /// `phx_connect_options.data_transport`: plaintext TCP, for trusted networks only (no
 /// encryption, no integrity protection; the secret still keeps strangers out).
 pub const PHX_DATA_TCP_PLAINTEXT: c_int = 3;
+
+/// `phx_connect_options.shared_memory`: shared memory for peers on this host.
+pub const PHX_SHM_AUTO: u32 = 0;
+/// `phx_connect_options.shared_memory`: always the network.
+pub const PHX_SHM_OFF: u32 = 1;
 
 // ---------------------------------------------------------------------------------------
 // Connecting.
@@ -96,6 +105,7 @@ pub unsafe extern "C" fn phx_connect_options_init(options: *mut phx_connect_opti
             standby_masters: std::ptr::null(),
             rejoin_ms: 0,
             data_transport: PHX_DATA_AUTO,
+            shared_memory: PHX_SHM_AUTO,
         };
         // SAFETY: checked non-NULL; valid for a write (the caller's contract).
         unsafe { write_out(options, defaults) };
@@ -162,6 +172,11 @@ pub unsafe extern "C" fn phx_comm_connect_with(
                 0 => defaults.rejoin_within,
                 v => Some(Duration::from_millis(v.into())),
             },
+        };
+        opts.shared_memory = match o.shared_memory {
+            PHX_SHM_AUTO => SharedMemory::Auto,
+            PHX_SHM_OFF => SharedMemory::Off,
+            other => return Err(invalid(format!("options.shared_memory is {other}, not PHX_SHM_AUTO or PHX_SHM_OFF"))),
         };
         if !o.standby_masters.is_null() {
             // SAFETY: non-NULL and NUL-terminated (the caller's contract).

@@ -164,6 +164,7 @@ class Communicator:
         rejoin_ms: int = 10_000,
         closed: bool = False,
         data_transport: str = "auto",
+        shared_memory: Literal["auto", "off"] = "auto",
     ) -> "Communicator":
         """Joins the group of the master at `master_addr` and waits until admitted.
         `data_transport`: "auto" or "tcp" (TCP+TLS), "quic", or "tcp-plain"
@@ -172,7 +173,8 @@ class Communicator:
         lost. When the master is lost, the peer looks for one to rejoin (the same
         address restarted, then `standby_masters`) for `rejoin_ms`. `closed`: a fixed
         group (torch.distributed's contract): after the first loss every call raises
-        PeerLostError."""
+        PeerLostError. `shared_memory`: "auto" carries data links to peers on this host
+        over shared memory, "off" keeps them on QUIC."""
     @property
     def rank(self) -> int: ...
     @property

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, DataTransport, PendingRaw, RetryPolicy};
+use phalanx::transport::shm::SharedMemory;
 use phalanx::Communicator as CoreComm;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -78,8 +79,10 @@ impl Communicator {
     ///     data_transport: what carries the data links: "auto" (TCP+TLS), "quic", "tcp"
     ///         (TCP+TLS) or "tcp-plain" (plaintext TCP: no encryption, trusted networks
     ///         only). The connection to the master is QUIC regardless.
+    ///     shared_memory: "auto" moves data links to peers on this host to shared memory
+    ///         (when they allow it too); "off" keeps every link on QUIC.
     #[staticmethod]
-    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000, closed = false, data_transport = "auto"))]
+    #[pyo3(signature = (master_addr, secret = None, retry_attempts = 1, *, bind = "127.0.0.1:0", join_timeout_ms = None, heartbeat_ms = 150, peer_id = None, standby_masters = Vec::new(), rejoin_ms = 10_000, closed = false, data_transport = "auto", shared_memory = "auto"))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -94,8 +97,10 @@ impl Communicator {
         rejoin_ms: u64,
         closed: bool,
         data_transport: &str,
+        shared_memory: &str,
     ) -> PyResult<Self> {
         let data_transport: DataTransport = data_transport.parse().map_err(PyValueError::new_err)?;
+        let shared_memory: SharedMemory = shared_memory.parse().map_err(PyValueError::new_err)?;
         let master = resolve(master_addr, "master_addr")?;
         let standby_masters =
             standby_masters.iter().map(|a| resolve(a, "standby_masters")).collect::<PyResult<Vec<_>>>()?;
@@ -124,6 +129,7 @@ impl Communicator {
             quic: quic_config(secret)?,
             data_transport,
             closed,
+            shared_memory,
             ..ConnectOptions::default()
         };
         let comm = py.detach(move || CoreComm::connect(master, options)).map_err(|e| to_py(py, e))?;

@@ -8,6 +8,7 @@ use crate::collective::Tuning;
 use crate::membership::client::ControlConfig;
 use crate::membership::PeerId;
 use crate::transport::quic::QuicConfig;
+use crate::transport::shm::{SharedMemory, ShmConfig};
 
 /// Which transport carries a peer's data links (the links between peers that
 /// collectives run over). The control connection to the master is QUIC whatever this
@@ -170,6 +171,11 @@ pub struct ConnectOptions {
     /// the caller, and nothing runs over fewer ranks than the caller sized it for).
     /// Off by default: a dynamic group settles losses and joins with `update_topology`.
     pub closed: bool,
+    /// Whether data links to peers on this host run over shared memory
+    /// ([`SharedMemory::Auto`], the default) or always over the network
+    /// ([`SharedMemory::Off`]); see [`crate::transport::shm`]. Either end saying `Off`
+    /// keeps a link on the network. Links of an in-memory network never use it.
+    pub shared_memory: SharedMemory,
 }
 
 impl Default for ConnectOptions {
@@ -187,6 +193,7 @@ impl Default for ConnectOptions {
             liveness: true,
             standby_masters: Vec::new(),
             closed: false,
+            shared_memory: SharedMemory::Auto,
         }
     }
 }
@@ -283,6 +290,24 @@ impl ConnectOptions {
     pub fn data_transport(mut self, transport: DataTransport) -> ConnectOptions {
         self.data_transport = transport;
         self
+    }
+
+    /// Shared memory for data links to peers on this host, or never (see
+    /// [`ConnectOptions::shared_memory`](ConnectOptions#structfield.shared_memory)).
+    pub fn shared_memory(mut self, mode: SharedMemory) -> ConnectOptions {
+        self.shared_memory = mode;
+        self
+    }
+
+    /// The shared-memory layer's settings: the mode, and the QUIC frame limit and
+    /// handshake timeout.
+    pub(crate) fn shm_config(&self) -> ShmConfig {
+        ShmConfig {
+            mode: self.shared_memory,
+            max_frame_bytes: self.quic.max_frame_bytes,
+            handshake_timeout: self.quic.handshake_timeout,
+            ..ShmConfig::default()
+        }
     }
 
     /// All QUIC settings at once.

@@ -126,7 +126,11 @@ impl AsyncPeer {
         peer: PeerConfig,
     ) -> Result<AsyncPeer> {
         let id = options.peer_id.unwrap_or_else(random_id);
-        let links = DataLinks::new(id, data_endpoint(&endpoint, &options)?, options.queue_frames);
+        // Data links to peers on this host move to shared memory (transport::shm); the
+        // others use the chosen network transport.
+        let network = data_endpoint(&endpoint, &options)?;
+        let data_endpoint = crate::transport::shm::ShmEndpoint::wrap(network, options.shm_config());
+        let links = DataLinks::new(id, data_endpoint, options.queue_frames);
         let accept_task = tokio::spawn(links.clone().accept_loop());
         let data_addr = options.advertise.unwrap_or_else(|| endpoint.local_addr());
         // A caller that retries by hand settles every view change with update_topology.

@@ -25,4 +25,12 @@ pub trait Endpoint: Send + Sync {
     async fn connect(&self, addr: SocketAddr, hello: Bytes) -> Result<Arc<dyn Link>, LinkError>;
     /// Waits for the next incoming link and its hello.
     async fn accept(&self) -> Result<(Arc<dyn Link>, Bytes), LinkError>;
+    /// Whether [`ShmEndpoint::wrap`](super::shm::ShmEndpoint::wrap) puts a
+    /// shared-memory layer over this endpoint: yes for endpoints whose links reach
+    /// other processes (the default). The in-memory network says no (its peers are
+    /// tasks of one process, under one clock that tests may pause), and so does a
+    /// shared-memory endpoint itself.
+    fn may_use_shared_memory(&self) -> bool {
+        true
+    }
 }

@@ -165,4 +165,9 @@ impl Endpoint for MemEndpoint {
         let mut rx = self.incoming.lock().await;
         rx.recv().await.ok_or_else(|| LinkError::Closed("endpoint unbound".into()))
     }
+
+    fn may_use_shared_memory(&self) -> bool {
+        // Peers of one process, under one clock the simulation tests pause.
+        false
+    }
 }

@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod mem;
 pub mod memnet;
 pub mod quic;
+pub mod shm;
 pub mod tcp;
 
 use async_trait::async_trait;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use phalanx::comm::DataTransport;
 use phalanx::quant::Quantization;
+use phalanx::transport::shm::SharedMemory;
 
 use super::collectives::Coll;
 use super::compare::Anchor;
@@ -50,6 +51,11 @@ pub struct BenchArgs {
     /// or `auto` (what `Communicator::connect` picks).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub(super) data_transport: Vec<DataTransport>,
+    /// Shared memory between the peer processes (`auto`) or the network only (`off`);
+    /// several, comma-separated (`auto,off`), measure each group size with each, side by
+    /// side (with every `--data-transport`).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub(super) shm: Vec<SharedMemory>,
     /// Chunk size of the executor in KiB (`Tuning::chunk_bytes`).
     #[arg(long, default_value_t = (phalanx::collective::DEFAULT_CHUNK_BYTES >> 10) as u64)]
     pub(super) chunk_kib: u64,
@@ -148,6 +154,10 @@ pub struct PeerArgs {
     /// The data transport: `auto`, `quic`, `tcp` (TCP+TLS) or `tcp-plain`.
     #[arg(long, default_value = "auto")]
     pub(super) data_transport: DataTransport,
+    /// Shared memory for data links to peers on this host (`auto`) or the network only
+    /// (`off`).
+    #[arg(long, default_value_t = SharedMemory::Auto)]
+    pub(super) shm: SharedMemory,
     /// The executor's chunk size in KiB; must be equal on every peer.
     #[arg(long, default_value_t = 256)]
     pub(super) chunk_kib: u64,
@@ -258,5 +268,35 @@ mod tests {
         let args = BenchArgs::try_parse_from(["bench", "--compare", "mpi,gloo"]).unwrap();
         assert_eq!(args.compare, [Anchor::Mpi, Anchor::Gloo]);
         assert!(BenchArgs::try_parse_from(["bench", "--compare", "nccl"]).is_err());
+    }
+}
+
+/// What carried a measured group's data links: the data transport asked for, and whether
+/// shared memory was allowed (it replaces the transport between peers on one host).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Via {
+    pub(super) transport: DataTransport,
+    pub(super) shm: SharedMemory,
+}
+
+impl BenchArgs {
+    /// Every data path to measure, in order: each data transport with each shm setting.
+    pub(super) fn vias(&self) -> Vec<Via> {
+        let mut out = Vec::new();
+        for &transport in &self.data_transport {
+            for &shm in &self.shm {
+                out.push(Via { transport, shm });
+            }
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.shm {
+            SharedMemory::Off => write!(f, "{}", self.transport),
+            _ => write!(f, "shm|{}", self.transport),
+        }
     }
 }

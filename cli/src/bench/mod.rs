@@ -11,7 +11,8 @@
 //!    each buffer size. `algbw = S / t` and `busbw = algbw · 2(n-1)/n` (nccl-tests).
 //!    `--collectives` times others too (reduce-scatter, all-gather, broadcast,
 //!    all-to-all, all-scan), each call's result checked first; every collective gets an
-//!    nccl-tests-style table (busbw factors in [`collectives`]). With `--compare`, our
+//!    nccl-tests-style table (busbw factors in [`collectives`]). `--data-transport` and
+//!    `--shm` lists measure each data path in turn, side by side. With `--compare`, our
 //!    harnesses on Open MPI and Gloo run the same collectives and sizes after each group
 //!    size ([`compare`]), and a table gives phalanx busbw / anchor busbw.
 //! 3. **Recovery.** `n` peers run back-to-back all-reduces of a small buffer with
@@ -146,9 +147,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         machine["mem_gib"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "settings: chunk {} KiB, data transports {}, {}, iters {} (x up to 16 below 64 MiB), warm-up {}",
+        "settings: chunk {} KiB, data paths {}, {}, iters {} (x up to 16 below 64 MiB), warm-up {}",
         args.chunk_kib,
-        args.data_transport.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        args.vias().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         args.quic.describe(),
         args.iters,
         args.warmup
@@ -180,8 +181,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Some(q) => println!("quantized ({q}) all-reduce, {n} peer processes:"),
             None => println!("{}, {n} peer processes:", args.collectives.arg().replace(',', ", ")),
         }
-        for &transport in &args.data_transport {
-            rows.extend(run_collectives(&args, n, transport, &secret)?);
+        // Each data path in turn, right after one another: their ratios mean something.
+        for via in args.vias() {
+            rows.extend(run_collectives(&args, n, via, &secret)?);
         }
         if let Some(anchors) = &anchors {
             println!("anchors, {n} ranks:");
@@ -300,6 +302,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 "quantize": args.quantize.map(|q| q.to_string()),
                 "connections_per_link": args.quic.connections_per_link.to_string(),
                 "data_transports": args.data_transport.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "shm": args.shm.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "congestion": args.quic.congestion.to_string(),
                 "window_rate_mbit": args.quic.window_rate_mbit,
                 "window_mib": args.quic.window_mib,

@@ -55,6 +55,7 @@ pub fn run_peer(args: PeerArgs) -> Result<(), String> {
         bind: args.bind,
         advertise: args.advertise,
         data_transport: args.data_transport,
+        shared_memory: args.shm,
         ..ConnectOptions::default()
     };
     let mut comm = Communicator::connect(master, options).map_err(|e| fail("join", &e))?;

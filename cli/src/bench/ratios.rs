@@ -106,7 +106,7 @@ mod tests {
         Row {
             coll,
             n,
-            transport: phalanx::comm::DataTransport::Auto,
+            transport: super::super::args::Via::default(),
             size: bytes,
             bytes,
             iters: 1,

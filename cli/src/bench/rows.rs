@@ -6,18 +6,19 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::args::Via;
 use super::collectives::Coll;
 use super::pool::{heartbeat_for, peer_args, start_master, Peers};
 use super::{gbps, load_average, show_size, BenchArgs};
-use phalanx::comm::DataTransport;
 use phalanx::relay::free_udp_addr;
+use phalanx::transport::shm::SharedMemory;
 
 #[derive(Clone, Debug)]
 pub(super) struct Row {
     pub(super) coll: Coll,
     pub(super) n: usize,
-    /// The data transport the peers asked for (`--data-transport`).
-    pub(super) transport: DataTransport,
+    /// What carried the data links (`--data-transport` and `--shm`).
+    pub(super) transport: Via,
     /// The size asked for (`--sizes`).
     pub(super) size: usize,
     /// The size measured: the larger buffer, rounded down to `n` parts where it is split
@@ -70,12 +71,7 @@ impl Row {
     }
 }
 
-pub(super) fn run_collectives(
-    args: &BenchArgs,
-    n: usize,
-    transport: DataTransport,
-    secret: &str,
-) -> Result<Vec<Row>, String> {
+pub(super) fn run_collectives(args: &BenchArgs, n: usize, transport: Via, secret: &str) -> Result<Vec<Row>, String> {
     let master = start_master(secret, args.peer_timeout_ms, true)?;
     let relay = args.relay()?;
     let (master_addr, fronts) = match &relay {
@@ -93,7 +89,11 @@ pub(super) fn run_collectives(
         }
     };
     let mut pargs = peer_args(args, master_addr, n, heartbeat_for(args.peer_timeout_ms));
-    pargs.push(format!("--data-transport={transport}"));
+    // Through the relay the data links stand for a network between hosts: never shm.
+    let shm = if relay.is_some() && !args.relay_master_only { SharedMemory::Off } else { transport.shm };
+    let transport = Via { shm, ..transport };
+    pargs.push(format!("--data-transport={}", transport.transport));
+    pargs.push(format!("--shm={shm}"));
     let mut peers = Peers::spawn_each(n, &pargs, secret, |i| fronts.get(i).cloned().unwrap_or_default())?;
     // Per size: per rank the iteration times.
     let mut results: HashMap<(Coll, usize), Vec<RankResult>> = HashMap::new();
@@ -171,7 +171,7 @@ pub(super) fn run_collectives(
     Ok(rows)
 }
 
-pub(super) fn summarize(coll: Coll, n: usize, transport: DataTransport, size: usize, per_rank: &[RankResult]) -> Row {
+pub(super) fn summarize(coll: Coll, n: usize, transport: Via, size: usize, per_rank: &[RankResult]) -> Row {
     let bytes = per_rank.iter().map(|r| r.bytes).max().unwrap_or(0);
     let iters = per_rank.iter().map(|r| r.secs.len()).min().unwrap_or(0);
     let total = |r: &RankResult| r.secs.iter().sum::<f64>();

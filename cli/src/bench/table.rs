@@ -78,7 +78,7 @@ mod tests {
         Row {
             coll,
             n,
-            transport: phalanx::comm::DataTransport::Auto,
+            transport: super::super::args::Via::default(),
             size: bytes,
             bytes,
             iters: 3,

@@ -199,6 +199,9 @@ impl Harness {
             let bind = free_udp_addr().map_err(|e| format!("a port for a worker: {e}"))?;
             let front = relay.front(bind).map_err(|e| format!("relay front for a worker: {e}"))?;
             args.extend(["--bind".into(), bind.to_string(), "--advertise".into(), front.to_string()]);
+            // The relay stands in for a network between hosts, whose faults it injects:
+            // data links stay on it instead of moving to shared memory.
+            args.extend(["--shm".into(), "off".into()]);
             addr = Some(bind);
         }
         for (k, v) in [

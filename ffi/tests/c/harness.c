@@ -74,9 +74,16 @@ static void check_argument_errors(phx_comm *comm, size_t n) {
         phx_comm *other = NULL;
         CHECK(phx_connect_options_init(&options));
         EXPECT(options.standby_masters == NULL && options.rejoin_ms == 0);
+        EXPECT(options.shared_memory == PHX_SHM_AUTO);
         options.standby_masters = "127.0.0.1:7001, not-an-address";
         EXPECT_STATUS(phx_comm_connect_with("127.0.0.1:9", &options, &other), PHX_ERR_INVALID_ARGUMENT);
         EXPECT(strstr(phx_last_error(), "standby_masters") != NULL);
+        EXPECT(other == NULL);
+        /* An unknown shared-memory mode is refused the same way. */
+        options.standby_masters = NULL;
+        options.shared_memory = 7;
+        EXPECT_STATUS(phx_comm_connect_with("127.0.0.1:9", &options, &other), PHX_ERR_INVALID_ARGUMENT);
+        EXPECT(strstr(phx_last_error(), "shared_memory") != NULL);
         EXPECT(other == NULL);
     }
     /* Pipeline schedules: the reference's worked example, and a typed refusal. */

@@ -1,0 +1,183 @@
+//! Frames on a ring: [`Header::encode`] (32 bytes), the payload length (u64,
+//! little-endian), the payload; written and read piece by piece, so a frame of any size
+//! (up to the receiver's limit) crosses a ring of any size, and only a whole frame is
+//! ever handed on.
+
+use bytes::Bytes;
+
+use super::ring::{Corrupt, RingReader, RingWriter};
+use crate::transport::{Frame, Header, LinkError};
+
+/// Header plus payload length.
+pub(crate) const PREFIX_LEN: usize = Header::LEN + 8;
+
+/// A frame being written into a ring.
+pub(crate) struct OutFrame {
+    prefix: [u8; PREFIX_LEN],
+    payload: Bytes,
+    /// Bytes of prefix and payload in the ring so far.
+    pos: usize,
+}
+
+impl OutFrame {
+    pub(crate) fn new(frame: Frame) -> OutFrame {
+        let mut prefix = [0u8; PREFIX_LEN];
+        prefix[..Header::LEN].copy_from_slice(&frame.header.encode());
+        prefix[Header::LEN..].copy_from_slice(&(frame.payload.len() as u64).to_le_bytes());
+        OutFrame { prefix, payload: frame.payload, pos: 0 }
+    }
+
+    /// Writes as much of the rest of the frame as fits and publishes it. Returns the
+    /// bytes written and whether the whole frame is now in the ring.
+    pub(crate) fn write_to(&mut self, ring: &mut RingWriter) -> Result<(usize, bool), Corrupt> {
+        let mut pending = 0;
+        if self.pos < PREFIX_LEN {
+            self.pos += ring.write(&self.prefix[self.pos..], &mut pending)?;
+        }
+        if self.pos >= PREFIX_LEN {
+            self.pos += ring.write(&self.payload[self.pos - PREFIX_LEN..], &mut pending)?;
+        }
+        ring.publish(pending);
+        Ok((pending, self.pos == PREFIX_LEN + self.payload.len()))
+    }
+}
+
+/// A frame being read out of a ring.
+pub(crate) struct InFrame {
+    prefix: [u8; PREFIX_LEN],
+    /// Prefix bytes read so far.
+    have: usize,
+    /// Once the prefix is in: the header, the payload length and the bytes read so far
+    /// (in a buffer of that capacity).
+    body: Option<(Header, usize, Vec<u8>)>,
+    max_frame_bytes: usize,
+}
+
+impl InFrame {
+    /// Reads frames of at most `max_frame_bytes` (header included).
+    pub(crate) fn new(max_frame_bytes: usize) -> InFrame {
+        InFrame { prefix: [0; PREFIX_LEN], have: 0, body: None, max_frame_bytes }
+    }
+
+    /// Whether part of a frame has been read.
+    pub(crate) fn is_partial(&self) -> bool {
+        self.have > 0
+    }
+
+    /// Reads what is published of the current frame and gives its room back. Returns
+    /// the bytes read and the frame once it is whole; a length above the limit fails.
+    pub(crate) fn read_from(&mut self, ring: &mut RingReader) -> Result<(usize, Option<Frame>), LinkError> {
+        let corrupt = |c: Corrupt| LinkError::Malformed(format!("shared-memory ring: {}", c.0));
+        let mut pending = 0;
+        let result = (|| {
+            if self.have < PREFIX_LEN {
+                self.have += ring.read(&mut self.prefix[self.have..], &mut pending).map_err(corrupt)?;
+                if self.have < PREFIX_LEN {
+                    return Ok(None);
+                }
+                let header = Header::decode(&self.prefix[..Header::LEN])
+                    .ok_or_else(|| LinkError::Malformed("bad frame header".into()))?;
+                let mut len = [0u8; 8];
+                len.copy_from_slice(&self.prefix[Header::LEN..]);
+                let len = u64::from_le_bytes(len);
+                let total = len.saturating_add(Header::LEN as u64);
+                if total > self.max_frame_bytes as u64 {
+                    return Err(LinkError::FrameTooLarge {
+                        len: usize::try_from(total).unwrap_or(usize::MAX),
+                        limit: self.max_frame_bytes,
+                    });
+                }
+                // Within the limit, so it fits in usize. Filled by copies, never zeroed.
+                let len = len as usize;
+                self.body = Some((header, len, Vec::with_capacity(len)));
+            }
+            let Some((_, len, payload)) = self.body.as_mut() else {
+                return Err(LinkError::Malformed("frame body missing".into()));
+            };
+            let want = *len - payload.len();
+            ring.read_append(payload, want, &mut pending).map_err(corrupt)?;
+            if payload.len() < *len {
+                return Ok(None);
+            }
+            let (header, _, payload) = self.body.take().ok_or_else(|| LinkError::Malformed("frame body".into()))?;
+            self.have = 0;
+            Ok(Some(Frame { header, payload: Bytes::from(payload) }))
+        })();
+        ring.consume(pending);
+        result.map(|frame| (pending, frame))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::transport::shm::ring::ends;
+    use crate::transport::shm::segment::Mapping;
+
+    fn frame(i: u64, len: usize) -> Frame {
+        let payload: Vec<u8> = (0..len).map(|b| (b as u64 * 13 + i) as u8).collect();
+        Frame { header: Header { epoch: i, seq: 2 * i, call: 3, index: i }, payload: Bytes::from(payload) }
+    }
+
+    /// Pushes `frames` through a ring of `cap` bytes, alternating writer and reader on
+    /// one thread, and returns what came out.
+    fn through(cap: usize, frames: &[Frame], max: usize) -> Result<Vec<Frame>, LinkError> {
+        let map = Arc::new(Mapping::heap(cap, [0, 0]).unwrap());
+        let (mut w, _) = ends(&map, 0);
+        let (_, mut r) = ends(&map, 0);
+        let mut out = Vec::new();
+        let mut reading = InFrame::new(max);
+        for f in frames {
+            let mut sending = OutFrame::new(f.clone());
+            loop {
+                let (_, done) = sending.write_to(&mut w).unwrap();
+                loop {
+                    let (n, got) = reading.read_from(&mut r)?;
+                    out.extend(got);
+                    if n == 0 {
+                        break;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        assert!(!reading.is_partial());
+        Ok(out)
+    }
+
+    #[test]
+    fn frames_larger_than_the_ring_are_split() {
+        let frames: Vec<Frame> = [0usize, 1, 40, 4095, 4096, 100_000, 7].iter().map(|&l| frame(l as u64, l)).collect();
+        assert_eq!(through(4096, &frames, 1 << 20).unwrap(), frames);
+    }
+
+    #[test]
+    fn many_small_frames_wrap() {
+        let frames: Vec<Frame> = (0..500).map(|i| frame(i, (i as usize * 37) % 300)).collect();
+        assert_eq!(through(4096, &frames, 1 << 20).unwrap(), frames);
+    }
+
+    #[test]
+    fn a_length_over_the_limit_is_refused() {
+        let err = through(4096, &[frame(1, 200)], Header::LEN + 100).unwrap_err();
+        assert_eq!(err, LinkError::FrameTooLarge { len: Header::LEN + 200, limit: Header::LEN + 100 });
+    }
+
+    #[test]
+    fn a_half_written_frame_is_never_handed_on() {
+        let map = Arc::new(Mapping::heap(4096, [0, 0]).unwrap());
+        let (mut w, mut r) = ends(&map, 0);
+        // The writer "dies" after 3000 of the frame's bytes are published.
+        let mut sending = OutFrame::new(frame(1, 10_000));
+        let (n, done) = sending.write_to(&mut w).unwrap();
+        assert!(!done && n == 4096);
+        let mut reading = InFrame::new(1 << 20);
+        assert_eq!(reading.read_from(&mut r).unwrap(), (4096, None));
+        assert_eq!(reading.read_from(&mut r).unwrap(), (0, None));
+        assert!(reading.is_partial());
+    }
+}

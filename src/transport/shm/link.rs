@@ -1,0 +1,484 @@
+//! [`ShmLink`]: one end of a shared-memory link, its [`Link`] implementation, and the
+//! two threads per link that wait on the rings.
+//!
+//! `send` copies a frame into the outgoing ring and `recv` copies one out of the
+//! incoming ring themselves, on the caller's task, whenever the ring has room or data:
+//! the common case costs no thread hand-off. Waiting is what an async task must not do
+//! on a futex, so each link has two threads that only wait: when a frame does not fit,
+//! `send` leaves its rest with the writer thread, which copies it in as room appears
+//! (sleeping on the ring's futex word meanwhile) and then tells the next `send` it may
+//! go; when the ring is empty, `recv` asks the reader thread to wake it once the peer
+//! publishes. Both threads sleep on futex words with a bounded timeout, so they also
+//! notice a close nobody woke them for, and otherwise sleep until asked.
+//! `send` and `recv` are cancel-safe: a cancelled `send` has handed over a whole frame
+//! or none, and a frame `recv` has partly read stays in the link for the next call.
+//!
+//! The link is closed when either end closes it (a flag in the segment, and the
+//! futex words bumped so every waiter looks), when the peer process exits (see
+//! [`super::liveness`]), or when the ring is found corrupt. Frames the peer published
+//! before it closed are still delivered; then `recv` fails with
+//! [`LinkError::Closed`]. A frame the peer had not finished writing is never delivered.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{watch, Notify};
+
+use super::frames::{InFrame, OutFrame};
+use super::futex;
+use super::ring::{ends, watch as ring_watch, RingReader, RingWatch, RingWriter};
+use super::segment::{Mapping, Side};
+use crate::transport::{Frame, Header, Link, LinkError};
+
+/// Longest a ring thread sleeps before it looks at the flags again.
+const WAIT: Duration = Duration::from_millis(200);
+
+/// The sending side: the ring and the rest of a frame the writer thread still copies.
+struct Tx {
+    ring: RingWriter,
+    pending: Option<OutFrame>,
+}
+
+/// The receiving side: the ring and the frame read so far.
+struct Rx {
+    ring: RingReader,
+    frame: InFrame,
+}
+
+/// What the link's threads and its owner share.
+pub(crate) struct Shared {
+    map: Arc<Mapping>,
+    side: Side,
+    /// Closed by this end.
+    closed_here: AtomicBool,
+    /// Why the link failed other than by this end's close (peer exit, corrupt ring).
+    failed: Mutex<Option<String>>,
+    /// Tells `recv` that this end closed.
+    closed: watch::Sender<bool>,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
+    /// Bumped (and woken) when `send` leaves a frame to the writer thread, and on close.
+    tx_asked: AtomicU32,
+    /// Set by `recv` when it waits for the peer; bumped (and woken) with it, and on close.
+    rx_wanted: AtomicBool,
+    rx_asked: AtomicU32,
+    /// The writer thread finished a pending frame: the next `send` may go.
+    tx_done: Notify,
+    /// The reader thread saw data (or the end of the link) that `recv` waits for.
+    rx_ready: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Why the peer's side is done, if it is: it closed, exited, or broke the ring.
+    fn peer_stopped(&self) -> Option<String> {
+        if let Some(why) = lock(&self.failed).clone() {
+            return Some(why);
+        }
+        (self.map.closed_flag(self.side.peer()).load(Ordering::Acquire) != 0).then(|| "closed by the peer".into())
+    }
+
+    fn closed_here(&self) -> bool {
+        self.closed_here.load(Ordering::Acquire)
+    }
+
+    /// Why the link is closed: `None` while it is open.
+    fn closed_error(&self) -> Option<LinkError> {
+        if self.closed_here() {
+            return Some(LinkError::Closed("closed locally".into()));
+        }
+        self.peer_stopped().map(LinkError::Closed)
+    }
+
+    /// Marks the link failed for `why` (the first reason wins) and wakes every waiter.
+    pub(crate) fn fail(&self, why: String) {
+        lock(&self.failed).get_or_insert(why);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        self.map.ring_ctl(0).wake_all();
+        self.map.ring_ctl(1).wake_all();
+        futex::bump_and_wake(&self.tx_asked);
+        futex::bump_and_wake(&self.rx_asked);
+        self.tx_done.notify_one();
+        self.rx_ready.notify_one();
+    }
+
+    /// Closes this end: a flag the peer sees, every waiter on both sides woken.
+    pub(crate) fn close(&self) {
+        self.closed_here.store(true, Ordering::Release);
+        self.map.closed_flag(self.side).store(1, Ordering::Release);
+        self.closed.send_replace(true);
+        self.wake_all();
+    }
+
+    /// Resolves once this end is closed.
+    pub(crate) fn closed_here_changes(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Writes as much of `out` as fits; `Ok(true)` once it is all in the ring.
+    fn write(&self, tx: &mut Tx, out: &mut OutFrame) -> Result<bool, LinkError> {
+        out.write_to(&mut tx.ring).map(|(_, done)| done).map_err(|corrupt| {
+            let why = format!("shared-memory ring corrupt: {}", corrupt.0);
+            self.fail(why.clone());
+            LinkError::Closed(why)
+        })
+    }
+
+    /// Reads what is there of the next frame: `Ok(Some)` once it is whole, `Ok(None)`
+    /// when the ring holds no more of it; `Err` when the link is closed or broken.
+    fn read(&self) -> Result<Option<Frame>, LinkError> {
+        let mut rx = lock(&self.rx);
+        let rx = &mut *rx;
+        loop {
+            if self.closed_here() {
+                return Err(LinkError::Closed("closed locally".into()));
+            }
+            // Looked at before the ring: whatever the peer published before it stopped
+            // is then visible below, and read before the link counts as closed.
+            let stopped = self.peer_stopped();
+            match rx.frame.read_from(&mut rx.ring) {
+                Ok((_, Some(frame))) => return Ok(Some(frame)),
+                Ok((0, None)) => {
+                    return match stopped {
+                        Some(why) if rx.frame.is_partial() => Err(LinkError::Closed(format!("{why} (mid-frame)"))),
+                        Some(why) => Err(LinkError::Closed(why)),
+                        None => Ok(None),
+                    }
+                }
+                Ok((_, None)) => {}
+                Err(e) => {
+                    self.fail(format!("the peer broke the shared-memory link: {e}"));
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// One end of a shared-memory link; see the [module docs](self).
+pub struct ShmLink {
+    shared: Arc<Shared>,
+    /// Serialises `recv` (the trait allows one at a time; this keeps a second one from
+    /// stealing the first one's wake-up).
+    receiving: tokio::sync::Mutex<Option<LinkError>>,
+    max_frame_bytes: usize,
+    /// The network link the shared memory was set up over, kept open as a side
+    /// channel whose close also closes this link; closed with it.
+    net: Option<Arc<dyn Link>>,
+}
+
+impl fmt::Debug for ShmLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShmLink")
+            .field("side", &self.shared.side)
+            .field("ring_bytes", &self.shared.map.ring_bytes())
+            .field("closed", &self.shared.closed_error())
+            .finish()
+    }
+}
+
+impl ShmLink {
+    /// Starts `side`'s end of the link over `map`: its two waiting threads. Frames above
+    /// `max_frame_bytes` (header included) are refused both ways.
+    pub(crate) fn start(
+        map: Arc<Mapping>,
+        side: Side,
+        max_frame_bytes: usize,
+        net: Option<Arc<dyn Link>>,
+    ) -> std::io::Result<ShmLink> {
+        let (out_index, in_index) = match side {
+            Side::Connector => (0, 1),
+            Side::Acceptor => (1, 0),
+        };
+        let shared = Arc::new(Shared {
+            map: map.clone(),
+            side,
+            closed_here: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            closed: watch::channel(false).0,
+            tx: Mutex::new(Tx { ring: ends(&map, out_index).0, pending: None }),
+            rx: Mutex::new(Rx { ring: ends(&map, in_index).1, frame: InFrame::new(max_frame_bytes) }),
+            tx_asked: AtomicU32::new(0),
+            rx_wanted: AtomicBool::new(false),
+            rx_asked: AtomicU32::new(0),
+            tx_done: Notify::new(),
+            rx_ready: Notify::new(),
+        });
+        let (s, outgoing) = (shared.clone(), ring_watch(&map, out_index));
+        std::thread::Builder::new().name("phalanx-shm-tx".into()).spawn(move || write_loop(&s, outgoing))?;
+        let (s, incoming) = (shared.clone(), ring_watch(&map, in_index));
+        let spawned = std::thread::Builder::new().name("phalanx-shm-rx".into()).spawn(move || read_loop(&s, incoming));
+        if let Err(e) = spawned {
+            // The writer thread ends on the close.
+            shared.close();
+            return Err(e);
+        }
+        Ok(ShmLink { shared, receiving: tokio::sync::Mutex::new(None), max_frame_bytes, net })
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for ShmLink {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[async_trait]
+impl Link for ShmLink {
+    async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        let len = Header::LEN.saturating_add(frame.payload.len());
+        if len > self.max_frame_bytes {
+            return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
+        }
+        let shared = &self.shared;
+        let mut closed = shared.closed.subscribe();
+        loop {
+            if let Some(e) = shared.closed_error() {
+                return Err(e);
+            }
+            // Registered before looking, so the writer thread's notice is not missed.
+            let done = shared.tx_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut tx = lock(&shared.tx);
+                if tx.pending.is_none() {
+                    // Cancel-safe from here on: nothing below awaits.
+                    let mut out = OutFrame::new(frame);
+                    if !shared.write(&mut tx, &mut out)? {
+                        tx.pending = Some(out);
+                        drop(tx);
+                        futex::bump_and_wake(&shared.tx_asked);
+                    }
+                    return Ok(());
+                }
+            }
+            // The writer thread still copies the previous frame: wait for it.
+            tokio::select! {
+                _ = &mut done => {}
+                _ = closed.changed() => {}
+            }
+        }
+    }
+
+    async fn recv(&self) -> Result<Frame, LinkError> {
+        let shared = &self.shared;
+        let mut closed = shared.closed.subscribe();
+        if *closed.borrow_and_update() {
+            return Err(LinkError::Closed("closed locally".into()));
+        }
+        let mut failed = self.receiving.lock().await;
+        if let Some(e) = &*failed {
+            return Err(e.clone());
+        }
+        loop {
+            let ready = shared.rx_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            match shared.read() {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(e) => {
+                    *failed = Some(e.clone());
+                    return Err(e);
+                }
+            }
+            // Nothing more yet: ask the reader thread to wake us once the peer publishes
+            // (it looks at the ring after this, so a publish in between is not missed).
+            shared.rx_wanted.store(true, Ordering::SeqCst);
+            futex::bump_and_wake(&shared.rx_asked);
+            tokio::select! {
+                _ = &mut ready => {}
+                _ = closed.changed() => return Err(LinkError::Closed("closed locally".into())),
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.shared.close();
+        if let Some(net) = &self.net {
+            net.close();
+        }
+    }
+}
+
+/// The writer thread: copies the rest of a frame `send` left behind as room appears.
+fn write_loop(shared: &Shared, outgoing: RingWatch) {
+    loop {
+        if shared.closed_here() {
+            return;
+        }
+        let asked = shared.tx_asked.load(Ordering::SeqCst);
+        let room = outgoing.room_word();
+        let mut guard = lock(&shared.tx);
+        let tx = &mut *guard;
+        let Some(mut out) = tx.pending.take() else {
+            drop(guard);
+            futex::wait(&shared.tx_asked, asked, WAIT);
+            continue;
+        };
+        // A stopped link drops the frame: `send` fails from now on.
+        let done = shared.peer_stopped().is_some() || shared.write(tx, &mut out).unwrap_or(true);
+        if done {
+            drop(guard);
+            shared.tx_done.notify_one();
+        } else {
+            // The ring is full: sleep without the lock until the reader makes room.
+            tx.pending = Some(out);
+            drop(guard);
+            outgoing.wait_for_room(room, WAIT);
+        }
+    }
+}
+
+/// The reader thread: wakes `recv` once the peer has published what it waits for.
+fn read_loop(shared: &Shared, incoming: RingWatch) {
+    loop {
+        if shared.closed_here() {
+            return;
+        }
+        let asked = shared.rx_asked.load(Ordering::SeqCst);
+        if !shared.rx_wanted.load(Ordering::SeqCst) {
+            futex::wait(&shared.rx_asked, asked, WAIT);
+            continue;
+        }
+        let seen = incoming.data_word();
+        if incoming.has_data() || shared.peer_stopped().is_some() {
+            shared.rx_wanted.store(false, Ordering::SeqCst);
+            shared.rx_ready.notify_one();
+            continue;
+        }
+        incoming.wait_for_data(seen, WAIT);
+    }
+}
+
+/// Two connected ends over heap memory of this process (tests of the link logic).
+#[cfg(test)]
+pub(crate) fn heap_pair(ring_bytes: usize, max_frame_bytes: usize) -> (ShmLink, ShmLink) {
+    let map = Arc::new(Mapping::heap(ring_bytes, [0, 0]).expect("heap segment")); // ok: test helper
+    let a = ShmLink::start(map.clone(), Side::Connector, max_frame_bytes, None).expect("threads"); // ok: test helper
+    let b = ShmLink::start(map, Side::Acceptor, max_frame_bytes, None).expect("threads"); // ok: test helper
+    (a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::transport::conformance;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
+    fn frame(i: u64, len: usize) -> Frame {
+        Frame { header: Header { index: i, ..Header::default() }, payload: Bytes::from(vec![i as u8; len]) }
+    }
+
+    #[test]
+    fn conformance_ordered_both_ways() {
+        let (a, b) = heap_pair(64 << 10, 8 << 20);
+        rt().block_on(conformance::ordered_both_ways(&a, &b, 1 << 20));
+    }
+
+    #[test]
+    fn conformance_bounded() {
+        let (a, b) = heap_pair(64 << 10, 8 << 20);
+        // 64 KiB of ring holds 3 frames of 16 KiB (with their prefixes) and part of a
+        // fourth; one more waits in the writer thread and one in the channel, and the
+        // reader thread holds one and the receive channel another.
+        rt().block_on(conformance::bounded(&a, &b, 8, 16 << 10));
+    }
+
+    #[test]
+    fn conformance_close_is_seen() {
+        let (a, b) = heap_pair(64 << 10, 8 << 20);
+        rt().block_on(conformance::close_is_seen(&a, &b));
+        let (a, b) = heap_pair(64 << 10, 8 << 20);
+        rt().block_on(conformance::close_is_seen(&b, &a));
+    }
+
+    #[test]
+    fn frames_over_the_limit_are_refused_on_send() {
+        let (a, b) = heap_pair(4096, Header::LEN + 100);
+        rt().block_on(async {
+            let err = a.send(frame(0, 101)).await.unwrap_err();
+            assert_eq!(err, LinkError::FrameTooLarge { len: Header::LEN + 101, limit: Header::LEN + 100 });
+            a.send(frame(1, 100)).await.unwrap();
+            assert_eq!(b.recv().await.unwrap(), frame(1, 100));
+        });
+    }
+
+    #[test]
+    fn a_full_ring_blocks_the_sender_until_the_receiver_reads() {
+        let (a, b) = heap_pair(4096, 1 << 20);
+        rt().block_on(async {
+            // A 100 KiB frame through a 4 KiB ring: `send` leaves most of it to the
+            // writer thread, which waits for room 25 times while the receiver reads.
+            a.send(frame(0, 100 << 10)).await.unwrap();
+            // The next frame has to wait for the first: a cancelled send hands over
+            // nothing.
+            let blocked = tokio::time::timeout(Duration::from_millis(300), a.send(frame(9, 100 << 10))).await;
+            assert!(blocked.is_err(), "a full link must block the sender");
+            assert_eq!(b.recv().await.unwrap(), frame(0, 100 << 10));
+            assert!(tokio::time::timeout(Duration::from_millis(100), b.recv()).await.is_err(), "frame 9 was sent");
+            // Both ways at once, many frames larger than the ring.
+            let sending = async {
+                for i in 1..20 {
+                    a.send(frame(i, 10_000 + i as usize)).await.unwrap();
+                }
+            };
+            let receiving = async {
+                for i in 1..20 {
+                    assert_eq!(b.recv().await.unwrap(), frame(i, 10_000 + i as usize));
+                }
+            };
+            tokio::join!(sending, receiving);
+        });
+    }
+
+    #[test]
+    fn frames_published_before_a_close_are_delivered() {
+        let (a, b) = heap_pair(64 << 10, 1 << 20);
+        rt().block_on(async {
+            a.send(frame(1, 10)).await.unwrap();
+            // The frame is in the ring once the writer thread has taken the next one.
+            a.send(frame(2, 10)).await.unwrap();
+            assert_eq!(b.recv().await.unwrap(), frame(1, 10));
+            a.close();
+            // Frame 2 may or may not have made it before the close; then Closed.
+            let next = b.recv().await;
+            let next = if next.is_ok() { b.recv().await } else { next };
+            assert!(matches!(next, Err(LinkError::Closed(ref why)) if why.contains("peer")), "{next:?}");
+        });
+    }
+
+    #[test]
+    fn a_failure_ends_a_pending_recv_and_later_sends() {
+        let (a, _b) = heap_pair(4096, 1 << 20);
+        let a = Arc::new(a);
+        rt().block_on(async {
+            let waiting = a.clone();
+            let pending = tokio::spawn(async move { waiting.recv().await });
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            a.shared().fail("the peer process exited".into());
+            let r = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap();
+            assert!(matches!(r, Err(LinkError::Closed(ref why)) if why.contains("exited")), "{r:?}");
+            assert!(a.send(frame(0, 1)).await.is_err(), "a failed link refuses sends");
+        });
+    }
+}
