@@ -11,7 +11,7 @@
 //! sockets (see [`super::pair`]).
 //!
 //! ```
-//! use std::time::{Duration, Instant};
+//! use std::time::Instant;
 //! use phalanx::membership::peer::{OpKind, PeerConfig, PeerState};
 //! use phalanx::membership::protocol::{Decision, ToMaster, ToPeer};
 //! use phalanx::membership::{Member, View};
@@ -28,143 +28,26 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod eager;
 mod rejoin;
 mod subgroup;
 mod topology;
+mod types;
 
 use self::subgroup::sub_members;
 pub use self::subgroup::{set_hash, sub_fingerprint, sub_key};
-use super::protocol::{AbortReason, Decision, OpResult, ToMaster, ToPeer, Transfer};
+pub use self::types::{Begun, OpKind, PeerConfig, Retry, SyncPlan, Topology};
+use super::protocol::{AbortReason, Decision, OpResult, ToMaster, ToPeer};
 use super::view::{PeerId, View};
 use crate::error::{Error, Result};
-use crate::plan::Rank;
-use crate::state::{Digest, SyncStrategy, TensorDigest};
 
 /// A collective's key: `(epoch, seq)`. Frames and the master's records carry it.
 pub type OpKey = (u64, u64);
 
 /// The bit that marks a sub-group collective's key.
 pub const SUB_KEY_BIT: u64 = 1 << 63;
-
-/// Settings of a peer's protocol state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerConfig {
-    /// With no message from the master for this long (it sends a heartbeat every
-    /// 250 ms), the peer considers itself cut off: its collectives fail with
-    /// [`Error::Removed`].
-    pub master_timeout: Duration,
-    /// A closed group: formed once, never joined, ended by its first loss. The view
-    /// (ranks and size) stays as it was formed; once a member is lost, every later
-    /// call of this peer fails with that loss ([`Error::PeerLost`]) instead of running
-    /// over the survivors; `update_topology` has nothing to wait for. In-process groups
-    /// are closed: their ranks are threads of one program that cannot rejoin.
-    pub closed: bool,
-    /// Calls wait for `update_topology` after a view change. Once this peer has taken
-    /// part in a topology round, a collective begun in a view other than the one its
-    /// last round settled fails at once with a retryable [`Error::Aborted`], and nothing
-    /// reaches the master. Without it, a view change (a loss) splits the members by
-    /// timing: those whose call it aborted go on to `update_topology`, while those that
-    /// had not begun theirs yet would begin it in the new view, and the master would
-    /// abort both as a mismatch. With it, every member calls `update_topology` next.
-    /// Off for callers that run a failed call again inside it (a retry policy), which
-    /// all run the call again in the new view instead.
-    pub settle_view_changes: bool,
-    /// When the master is lost (its connection breaks, or it stays silent for
-    /// `master_timeout`), look for one to rejoin (the same address restarted, or a
-    /// standby) for this long before giving up with [`Error::Removed`]; `None` gives up
-    /// at once. Collectives in flight wait for the new master's verdict meanwhile, and
-    /// new ones fail with a retryable [`Error::Aborted`].
-    pub rejoin_within: Option<Duration>,
-}
-
-impl Default for PeerConfig {
-    fn default() -> Self {
-        PeerConfig {
-            master_timeout: Duration::from_millis(2000),
-            closed: false,
-            settle_view_changes: false,
-            rejoin_within: None,
-        }
-    }
-}
-
-/// What the caller starts, as the master must hear of it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OpKind<'a> {
-    /// A collective of the whole view with this call fingerprint.
-    Whole {
-        /// Fingerprint of the call (collective, sizes, type, operator).
-        call: u64,
-    },
-    /// A collective of some members only (ids in any order, this peer among them).
-    Sub {
-        /// Fingerprint of the call, before the member set is mixed in.
-        call: u64,
-        /// The members' peer ids.
-        members: &'a [PeerId],
-    },
-    /// A shared-state sync.
-    Sync {
-        /// How this peer takes part.
-        strategy: SyncStrategy,
-        /// Its tensors' names, revisions and digests.
-        tensors: Vec<TensorDigest>,
-    },
-}
-
-/// A collective begun by [`PeerState::begin`]: what to run and what to tell the master.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Begun {
-    /// Its key.
-    pub key: OpKey,
-    /// The view it runs in.
-    pub view: View,
-    /// This peer's rank in `view`.
-    pub rank: Rank,
-    /// For a sub-group: its members' view ranks, ascending; otherwise every rank.
-    pub members: Vec<Rank>,
-    /// The call fingerprint frames carry (the member set mixed in for a sub-group).
-    pub fingerprint: u64,
-    /// The message announcing it to the master.
-    pub msg: ToMaster,
-    /// Set when the master already aborted it (its decision arrived first).
-    pub doomed: Option<Error>,
-}
-
-/// What to do after a collective failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Retry {
-    /// Return the error.
-    GiveUp,
-    /// Wait (a bounded time) for a view of an epoch above this one, then run again.
-    AfterViewAbove(u64),
-}
-
-/// What `update_topology` does.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Topology {
-    /// Nothing to wait for: the members' round that admitted this peer was its own.
-    Done,
-    /// Send `msg`, then wait until more than `seen` rounds have ended.
-    Wait {
-        /// The vote for the master.
-        msg: ToMaster,
-        /// Rounds ended so far.
-        seen: u64,
-    },
-}
-
-/// A sync plan as received: the agreed content of each tensor and the transfers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SyncPlan {
-    /// Agreed `(revision, digest)` per tensor.
-    pub agreed: Vec<(u64, Digest)>,
-    /// Who sends what to whom.
-    pub transfers: Vec<Transfer>,
-}
 
 /// What the peer knows of one collective.
 #[derive(Clone, Debug, Default)]
