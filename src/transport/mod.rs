@@ -60,6 +60,40 @@ impl Header {
     }
 }
 
+/// What precedes a frame's payload on a byte stream (QUIC stream, TCP, a shared-memory
+/// ring): its header, then the payload's length (u64 LE).
+pub(crate) const PREFIX_LEN: usize = Header::LEN + 8;
+
+/// The stream prefix of `frame` (see [`PREFIX_LEN`]).
+pub(crate) fn encode_prefix(frame: &Frame) -> [u8; PREFIX_LEN] {
+    let mut prefix = [0u8; PREFIX_LEN];
+    prefix[..Header::LEN].copy_from_slice(&frame.header.encode());
+    prefix[Header::LEN..].copy_from_slice(&(frame.payload.len() as u64).to_le_bytes());
+    prefix
+}
+
+/// Reads a stream prefix: the header and the payload's length, refusing a frame over
+/// `max_frame_bytes` (header included) before anything is allocated for it.
+pub(crate) fn decode_prefix(prefix: &[u8], max_frame_bytes: usize) -> Result<(Header, usize), LinkError> {
+    if prefix.len() != PREFIX_LEN {
+        return Err(LinkError::Malformed(format!("a frame prefix of {} bytes, not {PREFIX_LEN}", prefix.len())));
+    }
+    let header =
+        Header::decode(&prefix[..Header::LEN]).ok_or_else(|| LinkError::Malformed("bad frame header".into()))?;
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&prefix[Header::LEN..]);
+    let len = u64::from_le_bytes(len_bytes);
+    let total = len.saturating_add(Header::LEN as u64);
+    if total > max_frame_bytes as u64 {
+        return Err(LinkError::FrameTooLarge {
+            len: usize::try_from(total).unwrap_or(usize::MAX),
+            limit: max_frame_bytes,
+        });
+    }
+    // Within the limit, which is a usize, so the length fits one.
+    Ok((header, len as usize))
+}
+
 /// One message on a link: a header and the bytes of one chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {

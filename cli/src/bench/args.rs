@@ -296,7 +296,7 @@ impl std::fmt::Display for Via {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.shm {
             SharedMemory::Off => write!(f, "{}", self.transport),
-            _ => write!(f, "shm|{}", self.transport),
+            _ => write!(f, "{}+shm", self.transport),
         }
     }
 }

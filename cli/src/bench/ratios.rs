@@ -145,10 +145,10 @@ mod tests {
         let t = table(&rows, &anchors);
         assert_eq!(
             t[0],
-            "| collective | n | size | phalanx busbw GB/s | mpi-shm busbw GB/s | phalanx / mpi-shm | gloo busbw GB/s | phalanx / gloo |"
+            "| collective | n | data transport | size | phalanx busbw GB/s | mpi-shm busbw GB/s | phalanx / mpi-shm | gloo busbw GB/s | phalanx / gloo |"
         );
-        assert_eq!(t[2], "| all-reduce | 2 | 1 MiB | 0.524 | 0.262 | 2.00 | 1.049 | 0.50 |");
-        assert_eq!(t[3], "| all-scan | 2 | 1 MiB | 1.049 | - | - | n/a | n/a |");
+        assert_eq!(t[2], "| all-reduce | 2 | auto+shm | 1 MiB | 0.524 | 0.262 | 2.00 | 1.049 | 0.50 |");
+        assert_eq!(t[3], "| all-scan | 2 | auto+shm | 1 MiB | 1.049 | - | - | n/a | n/a |");
         let (anchor_rows, ratios) = json(&rows, &anchors);
         assert_eq!(anchor_rows.len(), 3);
         assert_eq!(anchor_rows[2]["busbw_gbps"], Value::Null);

@@ -12,10 +12,7 @@ use tokio::sync::{mpsc, watch};
 use super::sizing::LinkSizing;
 use super::stripes::Stripe;
 use super::{CODE_CLOSED, CODE_FRAME_TOO_LARGE, CODE_PROTOCOL};
-use crate::transport::{Frame, Header, Link, LinkError};
-
-/// Header plus payload length.
-const PREFIX_LEN: usize = Header::LEN + 8;
+use crate::transport::{decode_prefix, encode_prefix, Frame, Header, Link, LinkError, PREFIX_LEN};
 
 /// One end of a QUIC link; see the [module docs](super).
 ///
@@ -220,9 +217,7 @@ async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, mut fr
             let _ = send.finish();
             return;
         };
-        let mut prefix = [0u8; PREFIX_LEN];
-        prefix[..Header::LEN].copy_from_slice(&frame.header.encode());
-        prefix[Header::LEN..].copy_from_slice(&(frame.payload.len() as u64).to_le_bytes());
+        let prefix = encode_prefix(&frame);
         let mut chunks = [Bytes::copy_from_slice(&prefix), frame.payload];
         if send.write_all_chunks(&mut chunks).await.is_err() {
             return;
@@ -276,20 +271,7 @@ async fn read_frame(recv: &mut quinn::RecvStream, max_frame_bytes: usize) -> Res
         }
         Err(ReadExactError::ReadError(e)) => return Err(stream_closed(e)),
     }
-    let header =
-        Header::decode(&prefix[..Header::LEN]).ok_or_else(|| LinkError::Malformed("bad frame header".into()))?;
-    let mut len_bytes = [0u8; 8];
-    len_bytes.copy_from_slice(&prefix[Header::LEN..]);
-    let len = u64::from_le_bytes(len_bytes);
-    let total = len.saturating_add(Header::LEN as u64);
-    if total > max_frame_bytes as u64 {
-        return Err(LinkError::FrameTooLarge {
-            len: usize::try_from(total).unwrap_or(usize::MAX),
-            limit: max_frame_bytes,
-        });
-    }
-    // Within the limit, so it fits in usize.
-    let len = len as usize;
+    let (header, len) = decode_prefix(&prefix, max_frame_bytes)?;
     let mut payload = BytesMut::with_capacity(len);
     while payload.len() < len {
         match recv.read_chunk(len - payload.len(), true).await {

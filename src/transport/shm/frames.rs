@@ -6,10 +6,7 @@
 use bytes::Bytes;
 
 use super::ring::{Corrupt, RingReader, RingWriter};
-use crate::transport::{Frame, Header, LinkError};
-
-/// Header plus payload length.
-pub(crate) const PREFIX_LEN: usize = Header::LEN + 8;
+use crate::transport::{decode_prefix, encode_prefix, Frame, Header, LinkError, PREFIX_LEN};
 
 /// A frame being written into a ring.
 pub(crate) struct OutFrame {
@@ -21,10 +18,7 @@ pub(crate) struct OutFrame {
 
 impl OutFrame {
     pub(crate) fn new(frame: Frame) -> OutFrame {
-        let mut prefix = [0u8; PREFIX_LEN];
-        prefix[..Header::LEN].copy_from_slice(&frame.header.encode());
-        prefix[Header::LEN..].copy_from_slice(&(frame.payload.len() as u64).to_le_bytes());
-        OutFrame { prefix, payload: frame.payload, pos: 0 }
+        OutFrame { prefix: encode_prefix(&frame), payload: frame.payload, pos: 0 }
     }
 
     /// Writes as much of the rest of the frame as fits and publishes it. Returns the
@@ -75,20 +69,8 @@ impl InFrame {
                 if self.have < PREFIX_LEN {
                     return Ok(None);
                 }
-                let header = Header::decode(&self.prefix[..Header::LEN])
-                    .ok_or_else(|| LinkError::Malformed("bad frame header".into()))?;
-                let mut len = [0u8; 8];
-                len.copy_from_slice(&self.prefix[Header::LEN..]);
-                let len = u64::from_le_bytes(len);
-                let total = len.saturating_add(Header::LEN as u64);
-                if total > self.max_frame_bytes as u64 {
-                    return Err(LinkError::FrameTooLarge {
-                        len: usize::try_from(total).unwrap_or(usize::MAX),
-                        limit: self.max_frame_bytes,
-                    });
-                }
-                // Within the limit, so it fits in usize. Filled by copies, never zeroed.
-                let len = len as usize;
+                let (header, len) = decode_prefix(&self.prefix, self.max_frame_bytes)?;
+                // Filled by copies, never zeroed.
                 self.body = Some((header, len, Vec::with_capacity(len)));
             }
             let Some((_, len, payload)) = self.body.as_mut() else {

@@ -12,10 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use super::TcpSecurity;
-use crate::transport::{Frame, Header, Link, LinkError};
+use crate::transport::{decode_prefix, encode_prefix, Frame, Header, Link, LinkError, PREFIX_LEN};
 
-/// Header plus payload length.
-pub(super) const PREFIX_LEN: usize = Header::LEN + 8;
 /// The reader asks the socket for at least this much at a time.
 const READ_CHUNK: usize = 256 << 10;
 /// Payloads up to this size are read into the shared read buffer and sliced out of it;
@@ -174,9 +172,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut frames: mpsc::Recei
             down.fail("the link was dropped".into());
             return;
         };
-        let mut prefix = [0u8; PREFIX_LEN];
-        prefix[..Header::LEN].copy_from_slice(&frame.header.encode());
-        prefix[Header::LEN..].copy_from_slice(&(frame.payload.len() as u64).to_le_bytes());
+        let prefix = encode_prefix(&frame);
         let mut bytes = Buf::chain(&prefix[..], frame.payload);
         let written = tokio::select! {
             r = async {
@@ -251,20 +247,7 @@ pub(super) async fn read_frame<R: AsyncRead + Unpin>(
 ) -> Result<Frame, LinkError> {
     fill(read, buf, PREFIX_LEN).await?;
     let prefix = buf.split_to(PREFIX_LEN);
-    let header =
-        Header::decode(&prefix[..Header::LEN]).ok_or_else(|| LinkError::Malformed("bad frame header".into()))?;
-    let mut len_bytes = [0u8; 8];
-    len_bytes.copy_from_slice(&prefix[Header::LEN..]);
-    let len = u64::from_le_bytes(len_bytes);
-    let total = len.saturating_add(Header::LEN as u64);
-    if total > max_frame_bytes as u64 {
-        return Err(LinkError::FrameTooLarge {
-            len: usize::try_from(total).unwrap_or(usize::MAX),
-            limit: max_frame_bytes,
-        });
-    }
-    // Within the limit, so it fits in usize.
-    let len = len as usize;
+    let (header, len) = decode_prefix(&prefix, max_frame_bytes)?;
     if buf.len() >= len || len <= SMALL_PAYLOAD {
         fill(read, buf, len).await.map_err(mid_frame)?;
         return Ok(Frame { header, payload: buf.split_to(len).freeze() });
