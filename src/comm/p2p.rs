@@ -40,6 +40,14 @@
 //! A link that breaks gives `PeerLost` at once. After an error the receive buffer holds
 //! what it held before the call. Both sides must use
 //! the same chunk size (the `Tuning` every rank shares).
+//!
+//! # Non-blocking
+//!
+//! [`Communicator::isend`] and [`Communicator::irecv`] (`comm::p2p_pending`) start a
+//! message as a task and return a handle; they share these queues with the blocking
+//! calls. Every call takes its place in the line of its `(peer, tag, direction)` when
+//! it is made (`Queues::turn`) and starts once the calls before it there have ended,
+//! so blocking and non-blocking calls on one tag keep call order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,26 +156,84 @@ async fn recv_message(msg: &Message, rx: &OpLink, tag: u32, out: &mut [u8], from
     execute(&msg.call(Delivery::OnSuccess), out, &msg.links, &AbortSignal::new(), 0..1).await
 }
 
+/// Which way a message goes, for ordering (see [`Queues::turn`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Dir {
+    Send,
+    Recv,
+}
+
 /// A peer's point-to-point links of the current epoch, by `(peer, tag)`: each the view
 /// of one tag's messages on the shared link to that peer (sent on it, queued from it).
+/// Shared by the blocking calls and the tasks of non-blocking ones.
 #[derive(Default)]
 pub(crate) struct Queues {
+    state: std::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
     epoch: u64,
     links: HashMap<(PeerId, u32), (Arc<Demux>, Arc<OpLink>)>,
+    /// Per `(rank, tag, direction)`, the signal that the last call begun on it ended
+    /// (its sender dropped): the next call waits for it, so calls run in call order.
+    turns: HashMap<(Rank, u32, Dir), tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// Past this many `turns` entries, those of calls that ended are pruned.
+const TURNS_PRUNE: usize = 256;
+
+/// A call's place in its `(rank, tag, direction)` line: wait for `before` (if any)
+/// before starting; the call's own end is signalled when `mine` drops.
+pub(crate) struct Turn {
+    before: Option<tokio::sync::oneshot::Receiver<()>>,
+    _mine: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Turn {
+    /// Waits until every earlier call on the same `(rank, tag, direction)` has ended.
+    pub(crate) async fn wait(&mut self) {
+        if let Some(before) = self.before.take() {
+            // Err means the earlier call ended (its sender dropped): that is the signal.
+            let _ = before.await;
+        }
+    }
 }
 
 impl Queues {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent across a panic (each update is a single map
+        // operation), so a poisoned lock is taken over.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the next place in the line of calls on `(rank, tag, dir)`. Called
+    /// synchronously when a call begins, so that the line follows the caller's order
+    /// whatever order the calls' tasks then run in.
+    pub(crate) fn turn(&self, rank: Rank, tag: u32, dir: Dir) -> Turn {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut st = self.lock();
+        if st.turns.len() >= TURNS_PRUNE {
+            st.turns.retain(|_, rx| matches!(rx.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)));
+        }
+        let before = st.turns.insert((rank, tag, dir), rx);
+        Turn { before, _mine: tx }
+    }
+
     /// The current view; a new epoch drops the old one's queues (and their messages).
     /// With `pinned`, a view of another epoch fails with [`Error::Aborted`]: the
     /// caller's ranks belong to that epoch, and the same rank may name another peer in
     /// the next (checked here, on the view the call then runs in, so no change slips in
     /// between the check and the call).
-    fn view(&mut self, control: &ControlClient, links: &DataLinks, pinned: Option<u64>) -> Result<View> {
+    fn view(&self, control: &ControlClient, links: &DataLinks, pinned: Option<u64>) -> Result<View> {
         let view = control.view()?;
-        if view.epoch != self.epoch {
-            self.epoch = view.epoch;
-            self.links.clear();
-            links.enter(&view);
+        {
+            let mut st = self.lock();
+            if view.epoch != st.epoch {
+                st.epoch = view.epoch;
+                st.links.clear();
+                links.enter(&view);
+            }
         }
         match pinned {
             Some(epoch) if epoch != view.epoch => Err(Error::Aborted {
@@ -182,7 +248,7 @@ impl Queues {
 
     /// The link of `tag`'s messages with `peer` in `view`, opened on first use.
     async fn link(
-        &mut self,
+        &self,
         control: &ControlClient,
         links: &DataLinks,
         view: &View,
@@ -192,7 +258,8 @@ impl Queues {
         let get = async { links.get(peer).await.map_err(|e| link_error(rank, e)) };
         let demux = until_view_changes(control, view, rank, peer.id, get).await?;
         let key = p2p_key(view.epoch, tag);
-        let entry = self.links.entry((peer.id, tag)).or_insert_with(|| (demux.clone(), Arc::new(demux.op(key))));
+        let mut st = self.lock();
+        let entry = st.links.entry((peer.id, tag)).or_insert_with(|| (demux.clone(), Arc::new(demux.op(key))));
         if !Arc::ptr_eq(&entry.0, &demux) {
             // The link was opened anew: the old queue is gone with the old link.
             *entry = (demux.clone(), Arc::new(demux.op(key)));
@@ -203,7 +270,7 @@ impl Queues {
     /// See [`crate::Communicator::send`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send(
-        &mut self,
+        &self,
         control: &ControlClient,
         links: &DataLinks,
         (to, pinned): (Rank, Option<u64>),
@@ -223,7 +290,7 @@ impl Queues {
     /// See [`crate::Communicator::recv`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn recv(
-        &mut self,
+        &self,
         control: &ControlClient,
         links: &DataLinks,
         (from, pinned): (Rank, Option<u64>),
@@ -320,7 +387,7 @@ impl Communicator {
         self.block(async |p| p.recv_p2p(from, tag, T::DTYPE, buf, Some(epoch)).await)?
     }
 
-    fn check_peer(&self, peer: Rank) -> Result<()> {
+    pub(super) fn check_peer(&self, peer: Rank) -> Result<()> {
         let (rank, size) = self.call_group()?;
         if peer >= size || peer == rank {
             return Err(Error::InvalidArgument(format!("peer rank {peer} is this rank or outside a group of {size}")));

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use super::datalinks::DataLinks;
 use super::options::{ConnectOptions, DataTransport, RetryPolicy, SyncReport};
+use super::p2p::Dir;
 use super::{eager, subgroup, sync};
 use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, ReduceOp};
@@ -93,7 +94,7 @@ pub struct AsyncPeer {
     wait_for_view: Duration,
     accept_task: tokio::task::JoinHandle<()>,
     backup: Backup,
-    p2p: super::p2p::Queues,
+    p2p: Arc<super::p2p::Queues>,
     /// The liveness connection to the master, held open while this peer lives.
     /// Holds a liveness connection to the master followed now (see `membership::liveness`).
     liveness: Option<tokio::task::JoinHandle<()>>,
@@ -303,6 +304,8 @@ impl AsyncPeer {
         epoch: Option<u64>,
     ) -> Result<()> {
         let chunk = self.ops.tuning.chunk_bytes;
+        let mut turn = self.p2p.turn(to, tag, Dir::Send);
+        turn.wait().await;
         self.p2p.send(&self.ops.control, &self.ops.links, (to, epoch), tag, dtype, data, chunk).await
     }
 
@@ -316,7 +319,37 @@ impl AsyncPeer {
         epoch: Option<u64>,
     ) -> Result<()> {
         let chunk = self.ops.tuning.chunk_bytes;
+        let mut turn = self.p2p.turn(from, tag, Dir::Recv);
+        turn.wait().await;
         self.p2p.recv(&self.ops.control, &self.ops.links, (from, epoch), tag, dtype, out, chunk).await
+    }
+
+    /// Starts one point-to-point message with rank `peer` (a send of `buf`, or a
+    /// receive into it) and returns at once; it runs as a task, after every call begun
+    /// earlier on the same `(peer, tag, direction)`. The task gives the buffer back:
+    /// received into on success, as passed otherwise. Needs the runtime entered.
+    pub(crate) fn start_p2p(
+        &mut self,
+        dir: Dir,
+        (peer, epoch): (Rank, Option<u64>),
+        tag: u32,
+        dtype: DType,
+        mut buf: Vec<u8>,
+    ) -> Started {
+        let (queues, control, links) = (self.p2p.clone(), self.ops.control.clone(), self.ops.links.clone());
+        let chunk = self.ops.tuning.chunk_bytes;
+        // Taken now, in the caller's order (see `Queues::turn`).
+        let mut turn = self.p2p.turn(peer, tag, dir);
+        tokio::spawn(async move {
+            turn.wait().await;
+            let result = match dir {
+                Dir::Send => queues.send(&control, &links, (peer, epoch), tag, dtype, &buf, chunk).await,
+                // Written only once the whole message is in: untouched on error.
+                Dir::Recv => queues.recv(&control, &links, (peer, epoch), tag, dtype, &mut buf, chunk).await,
+            };
+            drop(turn); // the next call on this line may start
+            (result, buf)
+        })
     }
 
     /// Leaves the group gracefully.
