@@ -322,6 +322,13 @@ typedef struct phx_master phx_master;
 typedef struct phx_pending phx_pending;
 
 /**
+ * A message started by `phx_comm_isend` or `phx_comm_irecv`. Consumed by
+ * `phx_request_wait` or `phx_request_free`. It may be waited on from any thread,
+ * including while its communicator runs other calls on another thread.
+ */
+typedef struct phx_request phx_request;
+
+/**
  * Named tensors plus a revision, kept bit-identical across peers by
  * `phx_comm_sync_shared_state`. Created by `phx_state_new`, freed by `phx_state_free`.
  * Not internally synchronised: calls on one state must not overlap.
@@ -811,6 +818,89 @@ int phx_pending_wait(struct phx_pending *pending, void *out_buf, size_t count);
  * afterwards.
  */
 int phx_pending_free(struct phx_pending *pending);
+
+/**
+ * Starts sending a copy of the `count` elements of type `dtype` in `buf` to rank `to`
+ * as one message with `tag`, and returns at once with the request in `*out`; `buf` may
+ * be reused as soon as this returns. Matches a `phx_comm_recv` or `phx_comm_irecv`.
+ * Any number of requests may be in flight, in both directions; calls on one
+ * `(peer, tag, direction)`, blocking or not, run in the order they were made. A view
+ * change while the message is in flight fails it (`PHX_ERR_PEER_LOST` if the peer
+ * left, `PHX_ERR_ABORTED` otherwise) at `phx_request_wait`.
+ *
+ * Ownership: the caller owns `*out` and must pass it to `phx_request_wait` or
+ * `phx_request_free` exactly once. Must not run concurrently with other calls on
+ * `comm`.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or
+ * readable for `count` elements of `dtype`; `out` is NULL or valid for a write of a
+ * pointer.
+ */
+int phx_comm_isend(struct phx_comm *comm,
+                   size_t to,
+                   uint32_t tag,
+                   const void *buf,
+                   size_t count,
+                   int dtype_code,
+                   struct phx_request **out);
+
+/**
+ * Starts receiving the next message with `tag` from rank `from`, which must hold
+ * exactly `count` elements of type `dtype` (`PHX_ERR_MISMATCH` at wait otherwise),
+ * and returns at once with the request in `*out`. The message is written into `buf`
+ * by `phx_request_wait`, only on success: on any error, and if the request is freed
+ * instead, `buf` is never written. The ordering and failure rules are
+ * `phx_comm_isend`'s.
+ *
+ * Ownership: as `phx_comm_isend`; `buf` must stay valid, and unused by others, until
+ * the request is waited on or freed.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `buf` is NULL or valid
+ * for writes of `count` elements of `dtype` until the request ends; `out` is NULL or
+ * valid for a write of a pointer.
+ */
+int phx_comm_irecv(struct phx_comm *comm,
+                   size_t from,
+                   uint32_t tag,
+                   void *buf,
+                   size_t count,
+                   int dtype_code,
+                   struct phx_request **out);
+
+/**
+ * Whether the message has ended (`phx_request_wait` would not block): 1 or 0 in
+ * `*out`. Thread-safe with respect to other `phx_request_test` calls.
+ *
+ * # Safety
+ * `request` is NULL or a live handle; `out` is NULL or valid for a write of an `int`.
+ */
+int phx_request_test(const struct phx_request *request, int *out);
+
+/**
+ * Waits for the message and returns its status; for a receive, on `PHX_OK` the message
+ * is in the buffer passed to `phx_comm_irecv` (untouched on any error).
+ *
+ * Ownership: always consumes and frees `request`, whatever the status (except
+ * `PHX_ERR_NULL` for a NULL `request`). May run on any thread.
+ *
+ * # Safety
+ * `request` is NULL or a live handle from `phx_comm_isend`/`phx_comm_irecv`, not used
+ * afterwards; a receive's buffer is still valid for writes (`phx_comm_irecv`).
+ */
+int phx_request_wait(struct phx_request *request);
+
+/**
+ * Frees `request` without waiting: the message goes on in the background and its
+ * outcome is discarded (a receive still takes its message off the queue, and never
+ * writes the caller's buffer). NULL is a no-op.
+ *
+ * # Safety
+ * `request` is NULL or a live handle from `phx_comm_isend`/`phx_comm_irecv`, not used
+ * afterwards.
+ */
+int phx_request_free(struct phx_request *request);
 
 /**
  * Creates an empty shared state at revision 0 in `*out`.

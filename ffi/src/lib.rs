@@ -32,6 +32,8 @@ mod comm;
 mod collectives;
 // The non-blocking all-reduce (`phx_pending`).
 mod pending;
+// Non-blocking point-to-point messages (`phx_request`).
+mod request;
 // Shared state (`phx_state`) and its sync.
 mod state;
 // Sparse collectives and all-to-all.
@@ -54,6 +56,7 @@ pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use pending::*;
 pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
+pub use request::*;
 pub use sched::{phx_pipeline_result, phx_pipeline_simulate};
 pub use state::*;
 pub use status::*;
@@ -69,6 +72,7 @@ mod tests {
         send::<phx_master>();
         send::<phx_comm>();
         send::<phx_pending>();
+        send::<phx_request>();
         send::<phx_state>();
     }
 }

@@ -7,7 +7,10 @@
  *   - ranks (0,1,2) all-reduce while rank 3 calls nothing, then everyone all-reduces;
  *   - a NoLoCo step: every rank averages with phx_noloco_partner's choice;
  *   - rank 0 sends tags 1 and 2 (several chunks), rank 1 receives 2 then 1, and a
- *     receive of the wrong length fails with PHX_ERR_MISMATCH, buffer untouched.
+ *     receive of the wrong length fails with PHX_ERR_MISMATCH, buffer untouched;
+ *   - ranks 0 and 1 each phx_comm_isend a large message to the other, then
+ *     phx_comm_irecv; a freed receive request still takes its message; a wrong-length
+ *     irecv fails at phx_request_wait with PHX_ERR_MISMATCH, buffer untouched.
  *       Prints "subgroup ok rank=R" per peer.
  *   subgroup master
  *       runs a master, prints "addr HOST:PORT", serves until stdin closes.
@@ -114,6 +117,46 @@ static void *peer(void *arg) {
         for (i = 0; i < 3; i++) EXPECT(small[i] == (int32_t)(7 * i + 1));
         EXPECT(phx_comm_recv(comm, 0, 1, wrong, 2, PHX_DTYPE_I32) == PHX_ERR_MISMATCH);
         EXPECT(wrong[0] == -5 && wrong[1] == -6);
+    }
+    /* Non-blocking: 0 and 1 both send a large message to each other first, then
+     * receive; a freed receive still takes its message; a wrong-length receive fails
+     * at wait with its buffer untouched. */
+    if (r < 2) {
+        size_t peer = 1 - r;
+        float *mine = malloc(sizeof(float) * BIG);
+        phx_request *send_req = NULL, *recv_req = NULL, *dropped = NULL;
+        int done = -1;
+        EXPECT(mine != NULL);
+        for (i = 0; i < BIG; i++) mine[i] = (float)(r * 3 + 1) * (float)i;
+        memset(big, 0, sizeof(float) * BIG);
+        CHECK(phx_comm_isend(comm, peer, 5, mine, BIG, PHX_DTYPE_F32, &send_req));
+        CHECK(phx_comm_irecv(comm, peer, 5, big, BIG, PHX_DTYPE_F32, &recv_req));
+        CHECK(phx_request_test(recv_req, &done));
+        EXPECT(done == 0 || done == 1);
+        CHECK(phx_request_wait(send_req));
+        CHECK(phx_request_wait(recv_req));
+        for (i = 0; i < BIG; i++) EXPECT(big[i] == (float)(peer * 3 + 1) * (float)i);
+        free(mine);
+        if (r == 0) {
+            int32_t one[3] = {1, 2, 3}, two[3] = {4, 5, 6};
+            CHECK(phx_comm_isend(comm, 1, 6, one, 3, PHX_DTYPE_I32, &send_req));
+            CHECK(phx_request_wait(send_req));
+            CHECK(phx_comm_send(comm, 1, 6, two, 3, PHX_DTYPE_I32));
+            CHECK(phx_comm_send(comm, 1, 7, two, 3, PHX_DTYPE_I32));
+        } else {
+            int32_t got[3] = {0, 0, 0}, bad[2] = {-1, -2};
+            CHECK(phx_comm_irecv(comm, 0, 6, got, 3, PHX_DTYPE_I32, &dropped));
+            CHECK(phx_request_free(dropped));
+            CHECK(phx_comm_irecv(comm, 0, 6, got, 3, PHX_DTYPE_I32, &recv_req));
+            CHECK(phx_request_wait(recv_req));
+            EXPECT(got[0] == 4 && got[2] == 6);
+            CHECK(phx_comm_irecv(comm, 0, 7, bad, 2, PHX_DTYPE_I32, &recv_req));
+            EXPECT(phx_request_wait(recv_req) == PHX_ERR_MISMATCH);
+            EXPECT(bad[0] == -1 && bad[1] == -2);
+        }
+        EXPECT(phx_comm_isend(comm, r, 1, small, 3, PHX_DTYPE_I32, &send_req) == PHX_ERR_INVALID_ARGUMENT);
+        EXPECT(phx_request_wait(NULL) == PHX_ERR_NULL);
+        CHECK(phx_request_free(NULL));
     }
     free(big);
     EXPECT(phx_comm_send(comm, r, 1, small, 3, PHX_DTYPE_I32) == PHX_ERR_INVALID_ARGUMENT);
