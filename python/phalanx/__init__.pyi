@@ -121,6 +121,17 @@ class AllReduceHandle:
     def done(self) -> bool:
         """Whether the collective has finished (`wait()` would not block)."""
 
+class P2pRequest:
+    """A message started by `Communicator.isend` or `Communicator.irecv`. Dropping it
+    does not cancel the message (a dropped receive still takes its message)."""
+
+    def wait(self) -> None:
+        """Waits (GIL released); for a receive writes the message into the array.
+        Raises the message's error (PeerLostError, MismatchError, ...), leaving the
+        array untouched. Repeated calls repeat the outcome."""
+    def done(self) -> bool:
+        """Whether the message has ended (`wait()` would not block)."""
+
 class SharedState:
     """Named arrays plus a revision, kept bit-identical across peers by
     `Communicator.sync_shared_state`. `state[name] = array` copies in; `state[name]`
@@ -284,6 +295,12 @@ class Communicator:
     def recv(self, from_: int, tag: int, array: ArrayLike) -> None:
         """Receives the next message with `tag` from rank `from_` into `array` (same size
         and element type as sent, else MismatchError)."""
+    def isend(self, to: int, tag: int, array: ArrayLike) -> P2pRequest:
+        """Starts sending a copy of `array` to rank `to` with `tag`; returns at once.
+        Calls on one (peer, tag, direction) run in the order they were made."""
+    def irecv(self, from_: int, tag: int, array: ArrayLike) -> P2pRequest:
+        """Starts receiving the next message with `tag` from rank `from_`; `wait()`
+        writes it into `array` (untouched on any error)."""
     @staticmethod
     def noloco_partner(seed: int, step: int, n: int, rank: int) -> Optional[int]:
         """`rank`'s NoLoCo partner among `n` ranks at `step`; None if left out (odd `n`)."""

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use crate::args::{parse_op, parse_strategy, quic_config, resolve};
 use crate::array::{self, array, check_pair};
 use crate::errors::{to_py, Failure};
+use crate::p2p::{self, P2pRequest};
 use crate::state::{SharedState, SyncReport};
 use crate::{group, quant, scan, sparse};
 
@@ -472,6 +473,20 @@ impl Communicator {
     /// have the message's size and element type (MismatchError otherwise).
     fn recv(&self, py: Python<'_>, from_: usize, tag: u32, array: &Bound<'_, PyAny>) -> PyResult<()> {
         group::recv(self, py, from_, tag, array)
+    }
+
+    /// Starts sending a copy of `array` to rank `to` as one message with `tag`; returns
+    /// a `P2pRequest` at once (`wait()` raises the send's error). Calls on one
+    /// (peer, tag, direction), blocking or not, run in the order they were made.
+    fn isend(&self, py: Python<'_>, to: usize, tag: u32, array: &Bound<'_, PyAny>) -> PyResult<P2pRequest> {
+        p2p::isend(self, py, to, tag, array)
+    }
+
+    /// Starts receiving the next message with `tag` from rank `from_`; returns a
+    /// `P2pRequest` at once whose `wait()` writes the message into `array` (same size
+    /// and element type, MismatchError otherwise; untouched on any error).
+    fn irecv(&self, py: Python<'_>, from_: usize, tag: u32, array: &Bound<'_, PyAny>) -> PyResult<P2pRequest> {
+        p2p::irecv(self, py, from_, tag, array)
     }
 
     /// The NoLoCo partner of `rank` among `n` ranks at `step` for `seed`, the same on

@@ -8,8 +8,8 @@
 //! One file per class or family: `errors` (exceptions), `args`, `master`,
 //! `communicator` (with `AllReduceHandle`), `state` (with `SyncReport`), `array` (the
 //! zero-copy view of Python arrays), and the collective families `scan`, `group`,
-//! `quant` and `sparse` that `Communicator`'s methods delegate to; `sched`, pipeline
-//! schedules; `moe`, expert placement and the FSSDP simulator.
+//! `quant`, `sparse` and `p2p` (with `P2pRequest`) that `Communicator`'s methods delegate
+//! to; `sched`, pipeline schedules; `moe`, expert placement and the FSSDP simulator.
 
 mod args;
 mod array;
@@ -18,6 +18,7 @@ mod errors;
 mod group;
 mod master;
 mod moe;
+mod p2p;
 mod quant;
 mod scan;
 mod sched;
@@ -61,6 +62,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Master>()?;
     m.add_class::<Communicator>()?;
     m.add_class::<AllReduceHandle>()?;
+    m.add_class::<p2p::P2pRequest>()?;
     m.add_class::<SharedState>()?;
     m.add_class::<SyncReport>()?;
     errors::register(m)?;

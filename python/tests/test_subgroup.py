@@ -110,6 +110,45 @@ def test_send_recv_tags_out_of_order_and_mismatch(four):
     np.testing.assert_array_equal(first, [1, 2, 3])
 
 
+def test_isend_irecv_both_ways_at_once_out_of_order_and_mismatch(four):
+    n = 1 << 20  # 4 MiB each way: more than the transport buffers
+
+    def step(r, c):
+        if r > 1:
+            return None
+        peer = 1 - r
+        mine = np.arange(n, dtype=np.float32) * (r + 1)
+        send = c.isend(peer, 5, mine)
+        got = np.zeros(n, dtype=np.float32)
+        recv = c.irecv(peer, 5, got)
+        # Many tags in flight; received in reverse order.
+        if r == 0:
+            sends = [c.isend(1, 100 + t, np.full(8, t, dtype=np.int64)) for t in range(16)]
+            for s in sends:
+                s.wait()
+            c.isend(1, 7, np.arange(4, dtype=np.int16)).wait()
+        else:
+            small = [np.zeros(8, dtype=np.int64) for _ in range(16)]
+            recvs = [c.irecv(0, 100 + t, small[t]) for t in reversed(range(16))]
+            for q in reversed(recvs):
+                q.wait()
+                assert q.done()
+            for t in range(16):
+                assert (small[t] == t).all()
+            wrong = np.full(3, 9, dtype=np.int16)
+            q = c.irecv(0, 7, wrong)
+            with pytest.raises(phalanx.MismatchError):
+                q.wait()
+            assert (wrong == 9).all()
+        send.wait()
+        recv.wait()
+        return got
+
+    out = run_all(four, step)
+    np.testing.assert_array_equal(out[0], np.arange(n, dtype=np.float32) * 2)
+    np.testing.assert_array_equal(out[1], np.arange(n, dtype=np.float32))
+
+
 def test_bad_members_and_peers_are_value_errors(four):
     c = four[0]
     x = np.zeros(4, dtype=np.float32)
