@@ -299,3 +299,25 @@ fn net_dropped_handles() {
         drop(comms);
     });
 }
+
+/// A peer that drops its communicator while one of its sends still waits for the other
+/// end to open their link (the larger id waits to be connected to) is lost to the
+/// others at once: the waiting task gives up with the data links instead of keeping the
+/// peer's control connection, and so the peer, alive. The pipeline runner's overlapped
+/// sends found this: a failed stage's neighbours waited forever.
+fn a_dropped_peer_with_a_send_waiting_for_its_link(mut comms: Vec<Communicator>) {
+    let mut c2 = comms.pop().unwrap();
+    // Rank 1 never calls anything with rank 2, so their link is never opened.
+    drop(c2.isend(1, 5, vec![7u8; 64]).unwrap());
+    drop(c2);
+    let out = each(&mut comms, |_, c| c.barrier());
+    for (r, res) in out.into_iter().enumerate() {
+        let e = res.expect_err("a member is gone");
+        assert!(matches!(e, Error::PeerLost { .. } | Error::Aborted { .. }), "rank {r}: {e}");
+    }
+}
+
+#[test]
+fn local_dropped_peer_with_a_send_waiting_for_its_link() {
+    with_timeout(60, || a_dropped_peer_with_a_send_waiting_for_its_link(group(false, 3).1));
+}

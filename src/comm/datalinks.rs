@@ -37,6 +37,10 @@ pub(crate) struct DataLinks {
     /// Told `(epoch, peer)` when a link to `peer` cannot be opened: a witness
     /// statement for the master (see [`DataLinks::on_unreachable`]).
     witness: Mutex<Option<Witness>>,
+    /// Set by [`DataLinks::close_all`]: callers waiting for a peer to connect give up,
+    /// so a task still running after its communicator was dropped (a non-blocking send
+    /// or receive) ends instead of keeping the peer's control connection alive.
+    shut: watch::Sender<bool>,
 }
 
 type Witness = Arc<dyn Fn(u64, PeerId) + Send + Sync>;
@@ -50,6 +54,7 @@ impl DataLinks {
             epoch: Default::default(),
             queue_frames,
             witness: Mutex::new(None),
+            shut: watch::Sender::new(false),
         })
     }
 
@@ -112,8 +117,12 @@ impl DataLinks {
             connecting.await.map_err(|e| LinkError::Closed(format!("connecting to peer {}: {e}", peer.id)))?
         } else {
             let mut rx = slot.demux.subscribe();
-            let d = rx.wait_for(usable).await.map_err(|_| LinkError::Closed("data links shut down".into()))?;
-            d.clone().ok_or_else(|| LinkError::Closed("no link".into()))
+            let mut shut = self.shut.subscribe();
+            let shut_down = || LinkError::Closed("data links shut down".into());
+            tokio::select! {
+                d = rx.wait_for(usable) => d.map_err(|_| shut_down())?.clone().ok_or_else(|| LinkError::Closed("no link".into())),
+                _ = shut.wait_for(|s| *s) => Err(shut_down()),
+            }
         }
     }
 
@@ -153,6 +162,7 @@ impl DataLinks {
 
     /// Closes every link.
     pub(crate) fn close_all(&self) {
+        self.shut.send_replace(true);
         for slot in self.slots().drain().map(|(_, s)| s) {
             if let Some(d) = slot.demux.borrow().as_ref() {
                 d.close();
