@@ -141,6 +141,19 @@ impl Communicator {
         self.start_p2p(Dir::Recv, (from, None), tag, buf, dtype)
     }
 
+    /// [`Communicator::isend_raw`] in view `epoch` only, as [`Communicator::send_in`]:
+    /// the pipeline runner's sends, which overlap the stage's compute.
+    pub(crate) fn isend_raw_in(
+        &mut self,
+        epoch: u64,
+        to: Rank,
+        tag: u32,
+        data: Vec<u8>,
+        dtype: DType,
+    ) -> Result<PendingP2pRaw> {
+        self.start_p2p(Dir::Send, (to, Some(epoch)), tag, data, dtype)
+    }
+
     fn start_p2p(
         &mut self,
         dir: Dir,

@@ -174,11 +174,43 @@ pub trait Stage {
 struct Pinned<'c> {
     comm: &'c mut Communicator,
     epoch: u64,
+    /// Sends started and not yet waited for: each pass's output leaves while the next
+    /// passes compute, and the iteration waits for all of them before it returns.
+    sending: Vec<Sending>,
+}
+
+/// An activation or gradient on its way to a neighbour stage.
+struct Sending {
+    at: At,
+    dir: Direction,
+    peer: Rank,
+    pending: crate::comm::PendingP2pRaw,
 }
 
 impl Pinned<'_> {
     fn send<T: Element>(&mut self, to: Rank, tag: u32, data: &[T]) -> Result<(), Error> {
         self.comm.send_in(self.epoch, to, tag, data)
+    }
+
+    /// Starts sending `data` and returns at once (see [`Pinned::sending`]).
+    fn isend<T: Element>(&mut self, (at, dir): (At, Direction), to: Rank, tag: u32, data: &[T]) -> Result<(), Error> {
+        let bytes = bytemuck::cast_slice(data).to_vec();
+        let pending = self.comm.isend_raw_in(self.epoch, to, tag, bytes, T::DTYPE)?;
+        self.sending.push(Sending { at, dir, peer: to, pending });
+        Ok(())
+    }
+
+    /// Waits for every started send; the first failure, in the order they were started.
+    fn sent(&mut self) -> Result<(), RunError> {
+        let mut first = Ok(());
+        for s in self.sending.drain(..) {
+            if let (Err(source), _) = s.pending.wait() {
+                if first.is_ok() {
+                    first = Err(send_error(s.at, s.dir, s.peer, source));
+                }
+            }
+        }
+        first
     }
 
     fn recv<T: Element>(&mut self, from: Rank, tag: u32, buf: &mut [T]) -> Result<(), Error> {
@@ -262,7 +294,7 @@ impl Runner {
         // in the next one, so a call that would begin in it fails instead (a neighbour
         // that will never send there would hang it).
         let epoch = comm.epoch();
-        let mut comm = Pinned { comm, epoch };
+        let mut comm = Pinned { comm, epoch, sending: Vec::new() };
         let comm = &mut comm;
         self.greet(comm)?;
         let mut local: HashMap<(Direction, usize, usize), Vec<S::Elem>> = HashMap::new();
@@ -271,6 +303,7 @@ impl Runner {
             let at = At { stage: self.stage, index, action };
             passes.push(self.pass(comm, stage, &mut local, at)?);
         }
+        comm.sent()?;
         Ok(Executed { stage: self.stage, start, passes })
     }
 
@@ -445,15 +478,8 @@ impl Runner {
         }
         let peer = self.ranks[holder];
         self.fits(at, std::mem::size_of_val(data.as_slice()))?;
-        comm.send(peer, self.tag(at.action.mb, to, dir), &data).map_err(|source| RunError::Comm {
-            at: Some(at),
-            what: match dir {
-                Direction::Activation => "sending the activation to",
-                Direction::Gradient => "sending the gradient to",
-            },
-            peer,
-            source: Box::new(source),
-        })
+        comm.isend((at, dir), peer, self.tag(at.action.mb, to, dir), &data)
+            .map_err(|source| send_error(at, dir, peer, source))
     }
 
     fn fits(&self, at: At, bytes: usize) -> Result<(), RunError> {
@@ -532,5 +558,18 @@ mod tests {
         // Interleaved: the last stage's chunk 0 feeds the first stage's chunk 1.
         let il = by_name("interleaved", 4, 8, 2, &Costs::unit(), None).unwrap();
         assert_eq!(Runner::new(il, 3).unwrap().neighbours(), vec![2, 0, 2]);
+    }
+}
+
+/// A failed send of pass `at` to `peer`.
+fn send_error(at: At, dir: Direction, peer: Rank, source: Error) -> RunError {
+    RunError::Comm {
+        at: Some(at),
+        what: match dir {
+            Direction::Activation => "sending the activation to",
+            Direction::Gradient => "sending the gradient to",
+        },
+        peer,
+        source: Box::new(source),
     }
 }
