@@ -496,6 +496,19 @@ impl Runner {
     }
 }
 
+/// A failed send of pass `at` to `peer`.
+fn send_error(at: At, dir: Direction, peer: Rank, source: Error) -> RunError {
+    RunError::Comm {
+        at: Some(at),
+        what: match dir {
+            Direction::Activation => "sending the activation to",
+            Direction::Gradient => "sending the gradient to",
+        },
+        peer,
+        source: Box::new(source),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{by_name, one_f_one_b, Action, Costs};
@@ -558,18 +571,5 @@ mod tests {
         // Interleaved: the last stage's chunk 0 feeds the first stage's chunk 1.
         let il = by_name("interleaved", 4, 8, 2, &Costs::unit(), None).unwrap();
         assert_eq!(Runner::new(il, 3).unwrap().neighbours(), vec![2, 0, 2]);
-    }
-}
-
-/// A failed send of pass `at` to `peer`.
-fn send_error(at: At, dir: Direction, peer: Rank, source: Error) -> RunError {
-    RunError::Comm {
-        at: Some(at),
-        what: match dir {
-            Direction::Activation => "sending the activation to",
-            Direction::Gradient => "sending the gradient to",
-        },
-        peer,
-        source: Box::new(source),
     }
 }
