@@ -9,12 +9,13 @@ use phalanx::comm::ControlConfig;
 use phalanx::comm::{ConnectOptions, DataTransport, PendingRaw, RetryPolicy};
 use phalanx::transport::shm::SharedMemory;
 use phalanx::Communicator as CoreComm;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::args::{parse_op, parse_strategy, quic_config, resolve};
-use crate::array::{self, array, check_pair};
+use crate::array::{self, check_pair};
 use crate::errors::{to_py, Failure};
+use crate::handle::Handle;
 use crate::p2p::{self, P2pRequest};
 use crate::state::{SharedState, SyncReport};
 use crate::{group, quant, scan, sparse};
@@ -403,11 +404,7 @@ impl Communicator {
         // SAFETY: `a` keeps the memory alive during the copy.
         let pending = self.with(py, move |c| c.all_reduce_start_raw(unsafe { raw.as_slice() }.to_vec(), dtype, op))?;
         drop(a);
-        Ok(AllReduceHandle {
-            state: Mutex::new(HandleState::Running(Box::new(pending))),
-            target: array.clone().unbind(),
-            len,
-        })
+        Ok(AllReduceHandle { inner: Handle::new(pending, Some(array.clone().unbind()), len, "all-reduce") })
     }
 
     /// Makes `state` bit-identical on every member: tensors whose content differs from
@@ -512,19 +509,10 @@ impl Communicator {
     }
 }
 
-enum HandleState {
-    Running(Box<PendingRaw>),
-    Waiting,
-    Done,
-    Failed(PyErr),
-}
-
 /// An all-reduce started by `Communicator.all_reduce_async`.
 #[pyclass(frozen, module = "phalanx")]
 pub(crate) struct AllReduceHandle {
-    state: Mutex<HandleState>,
-    target: Py<PyAny>,
-    len: usize,
+    inner: Handle<PendingRaw>,
 }
 
 #[pymethods]
@@ -533,60 +521,15 @@ impl AllReduceHandle {
     /// given to `all_reduce_async`. Raises the collective's error (the array is then
     /// untouched). Calling it again returns (or raises) the same outcome.
     fn wait(&self, py: Python<'_>) -> PyResult<()> {
-        let pending = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            match std::mem::replace(&mut *state, HandleState::Waiting) {
-                HandleState::Running(p) => p,
-                HandleState::Waiting => {
-                    return Err(PyRuntimeError::new_err("another thread is already waiting on this handle"))
-                }
-                HandleState::Done => {
-                    *state = HandleState::Done;
-                    return Ok(());
-                }
-                HandleState::Failed(e) => {
-                    *state = HandleState::Failed(e.clone_ref(py));
-                    return Err(e);
-                }
-            }
-        };
-        let (result, bytes) = py.detach(move || pending.wait());
-        let outcome = match result {
-            Err(e) => Err(to_py(py, e)),
-            Ok(()) => self.write_back(py, &bytes),
-        };
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        *state = match &outcome {
-            Ok(()) => HandleState::Done,
-            Err(e) => HandleState::Failed(e.clone_ref(py)),
-        };
-        outcome
+        self.inner.wait(py)
     }
 
     /// Whether the collective has finished (`wait()` would not block).
     fn done(&self) -> bool {
-        match &*self.state.lock().unwrap_or_else(|p| p.into_inner()) {
-            HandleState::Running(p) => p.is_finished(),
-            HandleState::Waiting => false,
-            HandleState::Done | HandleState::Failed(_) => true,
-        }
+        self.inner.done()
     }
 
     fn __repr__(&self) -> String {
         format!("phalanx.AllReduceHandle(done={})", self.done())
-    }
-}
-
-impl AllReduceHandle {
-    fn write_back(&self, py: Python<'_>, bytes: &[u8]) -> PyResult<()> {
-        let a = array(self.target.bind(py), "array", true)?;
-        if a.len != self.len || bytes.len() != self.len {
-            return Err(PyValueError::new_err("the array changed size while its all-reduce ran"));
-        }
-        let raw = a.raw();
-        // SAFETY: `a` keeps the memory alive during the copy.
-        py.detach(move || unsafe { raw.as_mut_slice() }.copy_from_slice(bytes));
-        drop(a);
-        Ok(())
     }
 }

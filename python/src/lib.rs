@@ -16,6 +16,7 @@ mod array;
 mod communicator;
 mod errors;
 mod group;
+mod handle;
 mod master;
 mod moe;
 mod p2p;
