@@ -92,6 +92,40 @@ impl ServerCertVerifier for SecretAuthenticated {
     }
 }
 
+/// The TLS 1.3 server and client configurations of an endpoint: a fresh self-signed
+/// certificate for `server_name` (TLS needs one; the cluster-secret proofs over the
+/// exporter authenticate), the [`SecretAuthenticated`] verifier, `alpn`, and no session
+/// resumption (every connection does a full handshake, so every one is proven). On
+/// failure, what could not be set up and why.
+pub(crate) fn tls_configs(
+    provider: Arc<CryptoProvider>,
+    server_name: &str,
+    alpn: &[u8],
+) -> Result<(rustls::ServerConfig, rustls::ClientConfig), (&'static str, String)> {
+    let certified = rcgen::generate_simple_self_signed(vec![server_name.to_string()])
+        .map_err(|e| ("certificate generation", e.to_string()))?;
+    let cert = certified.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        certified.key_pair.serialize_der(),
+    ));
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ("TLS server config", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| ("TLS server certificate", e.to_string()))?;
+    server.alpn_protocols = vec![alpn.to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ("TLS client config", e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SecretAuthenticated { provider }))
+        .with_no_client_auth();
+    client.alpn_protocols = vec![alpn.to_vec()];
+    client.resumption = rustls::client::Resumption::disabled();
+    Ok((server, client))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

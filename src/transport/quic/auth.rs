@@ -6,9 +6,7 @@ use hmac::Hmac;
 use sha2::Sha256;
 
 use crate::transport::auth::EXPORTER_LABEL;
-pub(super) use crate::transport::auth::{
-    proof, verify_proof, SecretAuthenticated, CLIENT_LABEL, PROOF_LEN, SERVER_LABEL,
-};
+pub(super) use crate::transport::auth::{proof, verify_proof, CLIENT_LABEL, PROOF_LEN, SERVER_LABEL};
 
 use super::{QuicConfig, QuicError};
 

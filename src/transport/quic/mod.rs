@@ -106,11 +106,9 @@ use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::VarInt;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use self::auth::SecretAuthenticated;
 pub use self::config::Congestion;
 pub use self::config::{QuicConfig, QuicError};
 pub use self::link::QuicLink;
@@ -118,6 +116,7 @@ pub use self::sizing::{
     LinkSizing, AUTO_MAX_CONNECTIONS, AUTO_RATE_PER_CONNECTION, AUTO_RTT_PER_CONNECTION, AUTO_WAN_RTT, WINDOW_RTTS,
 };
 use self::stripes::{accept_loop, link, Stripe, StripeSetup};
+use super::auth::tls_configs;
 use super::endpoint::Endpoint;
 use super::{Link, LinkError};
 
@@ -176,30 +175,12 @@ impl QuicEndpoint {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let setup = |what: &str, e: &dyn fmt::Display| QuicError::Setup(format!("{what}: {e}"));
 
-        let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
-            .map_err(|e| setup("certificate generation", &e))?;
-        let cert = certified.cert.der().clone();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| setup("TLS server config", &e))?
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .map_err(|e| setup("TLS server certificate", &e))?;
-        server_tls.alpn_protocols = vec![ALPN.to_vec()];
+        let (server_tls, client_tls) =
+            tls_configs(provider.clone(), SERVER_NAME, ALPN).map_err(|(what, e)| setup(what, &e))?;
         let server_quic = QuicServerConfig::try_from(server_tls).map_err(|e| setup("QUIC server config", &e))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_quic));
         server_config.transport_config(config.transport(1)?);
 
-        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| setup("TLS client config", &e))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SecretAuthenticated { provider: provider.clone() }))
-            .with_no_client_auth();
-        client_tls.alpn_protocols = vec![ALPN.to_vec()];
-        // Every connection does a full handshake; the secret proof authenticates it.
-        client_tls.resumption = rustls::client::Resumption::disabled();
         let client_quic = QuicClientConfig::try_from(client_tls).map_err(|e| setup("QUIC client config", &e))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_quic));
         client_config.transport_config(config.transport(0)?);

@@ -63,7 +63,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -71,7 +70,7 @@ pub use self::config::{TcpConfig, TcpError, TcpSecurity};
 pub use self::fallback::TcpOrQuic;
 pub use self::link::TcpLink;
 use self::setup::Context;
-use super::auth::SecretAuthenticated;
+use super::auth::tls_configs;
 use super::endpoint::Endpoint;
 use super::{Link, LinkError};
 
@@ -117,27 +116,10 @@ impl TcpEndpoint {
         provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         let provider = Arc::new(provider);
 
-        let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
-            .map_err(|e| setup("certificate generation", &e))?;
-        let cert = certified.cert.der().clone();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| setup("TLS server config", &e))?
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .map_err(|e| setup("TLS server certificate", &e))?;
-        server_tls.alpn_protocols = vec![ALPN.to_vec()];
+        let (mut server_tls, client_tls) =
+            tls_configs(provider.clone(), SERVER_NAME, ALPN).map_err(|(what, e)| setup(what, &e))?;
         // Every connection does a full handshake; the secret proof authenticates it.
         server_tls.send_tls13_tickets = 0;
-        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| setup("TLS client config", &e))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SecretAuthenticated { provider: provider.clone() }))
-            .with_no_client_auth();
-        client_tls.alpn_protocols = vec![ALPN.to_vec()];
-        client_tls.resumption = rustls::client::Resumption::disabled();
 
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
