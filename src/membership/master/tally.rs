@@ -82,9 +82,17 @@ impl Tallies {
             return Vec::new(); // already aborted: the peer knows
         }
         if !roster.in_round.is_empty() && !roster.in_round.contains(&id) {
+            // Eager collectives return without the master, so a member can begin its
+            // next call before the master's PendingJoiners reaches it while the others
+            // already wait in update_topology. That is a race, not a program error: the
+            // call fails retryably (Aborted), and the member's next update_topology joins
+            // the round.
             self.ops.entry(seq).or_default();
-            return self
-                .mismatch(seq, format!("member {id:#x} called a collective while others called update_topology"));
+            let rank = roster.members.iter().position(|m| *m == id).unwrap_or(0) as u32;
+            let detail = format!(
+                "member {id:#x} began a collective while a membership round was open; call update_topology and retry"
+            );
+            return self.decide(seq, Decision::Abort(AbortReason::Failed { rank, detail }));
         }
         let tally = self.ops.entry(seq).or_default();
         if tally.members.is_some() {
@@ -378,13 +386,23 @@ mod tests {
     }
 
     #[test]
-    fn a_collective_during_a_topology_round_is_a_mismatch() {
+    fn a_collective_during_a_topology_round_aborts_retryably() {
+        // With eager collectives a member may begin its next call before it hears of
+        // the round the others already wait in: a race, so the call is aborted with a
+        // retryable error (the member's update_topology then joins the round), not a
+        // mismatch, which no caller could recover from.
         let (mut m, now) = group(2);
         let e = m.view().epoch;
         m.handle(1, ToMaster::UpdateTopology { epoch: e }, now);
         let out = m.handle(2, ToMaster::OpBegin { epoch: e, seq: 1, call: 9 }, now);
         let d = outcomes(&out);
-        assert!(!d.is_empty() && d.iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+        assert!(!d.is_empty());
+        for (_, d) in d {
+            let Decision::Abort(reason) = d else { panic!("{d:?}") };
+            assert!(matches!(reason, AbortReason::Failed { .. }), "{reason:?}");
+            let e = crate::membership::peer::abort_error(reason);
+            assert!(e.is_retryable() && e.to_string().contains("update_topology"), "{e}");
+        }
     }
 
     #[test]
