@@ -81,3 +81,21 @@ pub async fn close_is_seen(a: &dyn Link, b: &dyn Link) {
     assert!(failed, "sends to a closed peer kept succeeding");
     assert!(a.recv().await.is_err(), "the closed end's own recv fails");
 }
+
+/// Cancelled calls lose nothing: receives cancelled on an idle link, then sends of
+/// `frame(i, 16 KiB)` until one blocks and is cancelled; every frame sent arrives whole
+/// and in order, and the link still carries a frame after.
+pub async fn cancel_safe(a: &dyn Link, b: &dyn Link, frame: impl Fn(u64, usize) -> Frame) {
+    for _ in 0..3 {
+        assert!(tokio::time::timeout(Duration::from_millis(20), b.recv()).await.is_err());
+    }
+    let mut sent = 0u64;
+    while tokio::time::timeout(Duration::from_millis(200), a.send(frame(sent, 16 << 10))).await.is_ok() {
+        sent += 1;
+    }
+    for i in 0..sent {
+        assert_eq!(b.recv().await.unwrap(), frame(i, 16 << 10));
+    }
+    a.send(frame(sent, 3)).await.unwrap();
+    assert_eq!(b.recv().await.unwrap(), frame(sent, 3));
+}
