@@ -65,7 +65,8 @@ pub(crate) struct Shared {
     /// Set by `recv` when it waits for the peer; bumped (and woken) with it, and on close.
     rx_wanted: AtomicBool,
     rx_asked: AtomicU32,
-    /// The writer thread finished a pending frame: the next `send` may go.
+    /// The writer thread finished a pending frame: the waiting `send`s may go (all are
+    /// woken; one gets the ring, the others wait again).
     tx_done: Notify,
     /// The reader thread saw data (or the end of the link) that `recv` waits for.
     rx_ready: Notify,
@@ -107,7 +108,7 @@ impl Shared {
         self.map.ring_ctl(1).wake_all();
         futex::bump_and_wake(&self.tx_asked);
         futex::bump_and_wake(&self.rx_asked);
-        self.tx_done.notify_one();
+        self.tx_done.notify_waiters();
         self.rx_ready.notify_one();
     }
 
@@ -334,7 +335,10 @@ fn write_loop(shared: &Shared, outgoing: RingWatch) {
         let done = shared.peer_stopped().is_some() || shared.write(tx, &mut out).unwrap_or(true);
         if done {
             drop(guard);
-            shared.tx_done.notify_one();
+            // Every waiting `send` looks (each registered before it looked at `pending`):
+            // more than one may wait, and the first woken may write its frame at once
+            // and never leave one for this thread to finish and wake the next.
+            shared.tx_done.notify_waiters();
         } else {
             // The ring is full: sleep without the lock until the reader makes room.
             tx.pending = Some(out);
@@ -448,6 +452,43 @@ mod tests {
                 }
             };
             tokio::join!(sending, receiving);
+        });
+    }
+
+    #[test]
+    fn many_senders_at_once_all_get_through() {
+        // Non-blocking sends on many tags share one link: several `send`s wait at once
+        // for the writer thread to finish a large frame, and every one of them must be
+        // woken (one wake-up per finished frame left all but the first waiting forever
+        // once that one's small frame fitted in the ring at once).
+        let (a, b) = heap_pair(4096, 1 << 20);
+        let a = Arc::new(a);
+        rt().block_on(async {
+            a.send(frame(999, 100 << 10)).await.unwrap(); // left to the writer thread
+            let senders: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let a = a.clone();
+                    tokio::spawn(async move {
+                        for i in 0..5 {
+                            a.send(frame(t * 100 + i, if i % 2 == 0 { 64 } else { 10_000 })).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            // Let every sender wait behind the large frame before reading.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(b.recv().await.unwrap().header.index, 999);
+            let mut next = [0u64; 8];
+            for _ in 0..8 * 5 {
+                let f = tokio::time::timeout(Duration::from_secs(5), b.recv()).await.expect("a sender was never woken");
+                let i = f.unwrap().header.index;
+                // Each sender's frames arrive in its order.
+                assert_eq!(i % 100, next[(i / 100) as usize]);
+                next[(i / 100) as usize] += 1;
+            }
+            for s in senders {
+                s.await.unwrap();
+            }
         });
     }
 
