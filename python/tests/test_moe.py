@@ -157,6 +157,11 @@ def test_the_worked_example_through_the_layer(group):
         with pytest.raises(TypeError, match="element type"):
             layer.combine(got, outputs.astype(np.float64))
         combined = layer.combine(got, outputs)
+        # 2-byte elements through identity experts: every token back in its place.
+        ints = np.arange(2 * len(experts), dtype=np.int16).reshape(-1, 2) * (d + 1)
+        narrow = layer.dispatch(ints, experts)
+        assert narrow.tokens.dtype == np.int16 and narrow.experts.tolist() == got.experts.tolist()
+        assert layer.combine(narrow, narrow.tokens).tolist() == ints.tolist()
 
         k = np.float32(d + 1)
         grads = np.repeat(np.arange(8, dtype=np.float32), 2)

@@ -1,19 +1,21 @@
 /*
  * Expert parallelism (FSSDP) from C, one process: run by tests/c_moe.rs.
  *
- * Without a group: phx_moe_place on the reference's worked example (4 devices, 8 experts, t = m = 2)
- * gives the `holds` matrix of the sparse collectives: e0 and e4 on every device, the
- * others on their owners only, 6 transfers; a bad owner is refused. phx_moe_simulate on
- * 8 devices, 32 experts, Zipf s = 1.2 meets the issue's targets (FSSDP's straggler at
- * most 0.6 of EP's, its traffic at most 0.5 of FSDP's) and FSDP's figures are exact.
+ * Without a group: phx_moe_place on the reference's worked example (4 devices, 8
+ * experts, t = m = 2) gives the `holds` matrix of the sparse collectives: e0 and e4 on
+ * every device, the others on their owners only, 6 transfers; a bad owner is refused.
+ * phx_moe_simulate on 8 devices, 32 experts, Zipf s = 1.2 meets the issue's targets
+ * (FSSDP's straggler at most 0.6 of EP's, its traffic at most 0.5 of FSDP's) and FSDP's
+ * figures are exact.
  *
  * Then the layer (phx_moe_layer) on a group of four peers on threads (a master in this
  * process, QUIC on 127.0.0.1), the worked example again: after materialize every
  * holder's bytes equal the owner's; dispatch sends every token to a holder of its expert
  * and the devices compute 20, 30, 20 and 30 tokens (EP: 45, 15, 25, 15); combine brings
- * back exactly what one device computes alone; after reduce_gradients d0 holds [10, 10]
- * for e0 and d2 [50, 10] for e4, every other slot unchanged. Argument errors are refused
- * before anything is sent.
+ * back exactly what one device computes alone (and 8-byte tokens unchanged through
+ * identity experts); after reduce_gradients d0 holds [10, 10] for e0 and d2 [50, 10]
+ * for e4, every other slot unchanged. Argument errors are refused before anything is
+ * sent.
  *
  * Prints "moe ok ...", one "layer ok rank=R" per peer and "all ok" on success; failures
  * print "FAIL ..." and exit 1.
@@ -124,6 +126,22 @@ static void *layer_peer(void *arg) {
         EXPECT(same_bits(&combined[2 * i], want, 2));
     }
     CHECK(phx_moe_dispatched_free(got));
+
+    /* The same routing with 8-byte elements (double tokens), through identity experts:
+     * every token comes back bit for bit, in its place. */
+    {
+        double wide[128], wide_back[128];
+        const double *wide_arrived;
+        size_t wide_count = 0;
+        for (i = 0; i < 2 * n; i++) wide[i] = 1.0 / (double)(1 + i + 1000 * d);
+        CHECK(phx_moe_layer_dispatch(layer, comm, wide, experts, n, PHX_DTYPE_F64, &got));
+        CHECK(phx_moe_dispatched_count(got, &wide_count));
+        EXPECT(wide_count == count);
+        CHECK(phx_moe_dispatched_tokens(got, (const void **)&wide_arrived));
+        CHECK(phx_moe_layer_combine(layer, comm, got, wide_arrived, 2 * wide_count, wide_back, 2 * n));
+        EXPECT(memcmp(wide, wide_back, 2 * n * sizeof(double)) == 0);
+        CHECK(phx_moe_dispatched_free(got));
+    }
 
     /* spRS: g_{d,e0} = (d+1)[1,1], g_{d,e4} = (d+1)[5,1], every other slot e. */
     kf = (float)(d + 1);
