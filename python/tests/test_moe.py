@@ -1,6 +1,8 @@
 """Expert parallelism (FSSDP) from Python: the reference's worked example placed by
-`phalanx.moe_place` and run through the sparse collectives on four peers of one group
-(threads of this process), and the simulator's figures against the issue's targets."""
+`phalanx.moe_place` and run through the sparse collectives and through
+`phalanx.ExpertLayer` on four peers of one group (threads of this process); an MoE layer
+of MLP experts in numpy through the layer against a dense reference, bitwise; a device
+that leaves mid-step; and the simulator's figures against the issue's targets."""
 
 import threading
 import time
@@ -352,3 +354,25 @@ def test_an_moe_layer_matches_a_dense_reference_bitwise(group, k):
                 for h in holders[e][1:]:
                     want = want + per_holder[e, h]
                 assert grads[e * W : (e + 1) * W].tobytes() == want.tobytes(), f"gradient of expert {e}, top-{k}"
+
+
+def test_a_device_that_leaves_fails_the_step_with_arrays_restored(group):
+    """Device 2 (the owner of e4, which every device holds) leaves instead of calling
+    materialize: every survivor gets a typed error, its array as it was."""
+    holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
+
+    def run(c):
+        d = c.rank
+        layer = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
+        if d == 2:
+            c.leave()  # gone instead of calling
+            return None
+        params = np.arange(16, dtype=np.float32) + 0.25 * d
+        if d == 1:
+            params = unaligned(params)  # the copy is not written back on error either
+        before = params.copy()
+        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
+            layer.materialize(params)
+        return params.tobytes() == before.tobytes()
+
+    assert on_all(group, run) == [True, True, None, True]
