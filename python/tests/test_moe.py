@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import phalanx
-from conftest import on_all
+from conftest import TIMEOUT, on_all
 
 N = 4
 LOADS = [40, 5, 10, 5, 20, 5, 10, 5]
@@ -360,10 +360,14 @@ def test_a_device_that_leaves_fails_the_step_with_arrays_restored(group):
     """Device 2 (the owner of e4, which every device holds) leaves instead of calling
     materialize: every survivor gets a typed error, its array as it was."""
     holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
+    # Every layer is built for the group of 4 before device 2 leaves: a layer built
+    # after that sees a group of 3, which its placement does not fit (a ValueError).
+    built = threading.Barrier(len(group))
 
     def run(c):
         d = c.rank
         layer = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
+        built.wait(TIMEOUT)
         if d == 2:
             c.leave()  # gone instead of calling
             return None
