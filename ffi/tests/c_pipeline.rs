@@ -1,4 +1,4 @@
-//! `tests/c/pipeline.c`: the pipeline runner from C (`phx_pipeline_runner_*`,
+//! `tests/c/pipeline.c` and README's example: the pipeline runner from C (`phx_pipeline_runner_*`,
 //! `phx_pipeline_run`), compiled with the system C compiler against the static library
 //! and run as one process (a master and four peers on threads, over QUIC on
 //! 127.0.0.1): four schedules train an exact model bitwise equal to a serial run, the
@@ -28,13 +28,14 @@ fn out_dir() -> PathBuf {
     dir
 }
 
-fn compile() -> PathBuf {
-    let source = ffi_dir().join("tests/c/pipeline.c");
-    let exe = out_dir().join("pipeline");
+fn compile(source: &Path, name: &str) -> PathBuf {
+    let exe = out_dir().join(name);
     let cc = Command::new("cc")
         .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-pthread", "-I"])
         .arg(ffi_dir().join("include"))
-        .arg(&source)
+        .arg("-I")
+        .arg(ffi_dir().join("tests/c"))
+        .arg(source)
         .arg(static_lib())
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
@@ -49,10 +50,10 @@ fn compile() -> PathBuf {
     exe
 }
 
-#[test]
-fn pipeline_runner_from_c() {
-    let out_path = out_dir().join("stdout.txt");
-    let mut child = Command::new(compile())
+/// Runs `exe` to its end (killed after [`LIMIT`]); its output.
+fn run(exe: &Path) -> String {
+    let out_path = out_dir().join(format!("{}.txt", exe.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
+    let mut child = Command::new(exe)
         .stdout(std::fs::File::create(&out_path).expect("create the output file"))
         .stderr(std::process::Stdio::inherit())
         .spawn()
@@ -72,8 +73,58 @@ fn pipeline_runner_from_c() {
     let output = std::fs::read_to_string(&out_path).unwrap_or_default();
     let status = status.unwrap_or_else(|| panic!("the program hung; killed after {LIMIT:?}:\n{output}"));
     assert!(status.success(), "the program failed ({status}):\n{output}");
+    output
+}
+
+#[test]
+fn pipeline_runner_from_c() {
+    let output = run(&compile(&ffi_dir().join("tests/c/pipeline.c"), "pipeline"));
     let mut ranks: Vec<&str> = output.lines().filter_map(|l| l.strip_prefix("pipeline ok rank=")).collect();
     ranks.sort_unstable();
     assert_eq!(ranks, ["0", "1", "2", "3"], "{output}");
     assert!(output.lines().any(|l| l == "all ok"), "{output}");
+}
+
+/// Around README's C example (`run_stage`): a master and two peers on threads; each
+/// runs its stage and the forwards saw 0..3 plus one, then plus two.
+const README_MAIN: &str = r#"
+static const char *SECRET = "phalanx-ffi-pipeline-readme-0123456789";
+static char ADDR[PHX_ADDR_BUF_LEN];
+static double SEEN[2][4];
+
+static void *peer(void *arg) {
+    phx_comm *comm = join_group(ADDR, SECRET, 2);
+    size_t r = comm_rank(comm);
+    (void)arg;
+    EXPECT(run_stage(comm, r, SEEN[r]) == PHX_OK);
+    CHECK(phx_comm_leave(comm));
+    return 0;
+}
+
+int main(void) {
+    phx_master *master = master_start(SECRET);
+    pthread_t threads[2];
+    int i, mb;
+    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
+    for (i = 0; i < 2; i++) EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
+    for (i = 0; i < 2; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
+    CHECK(phx_master_free(master));
+    for (mb = 0; mb < 4; mb++) EXPECT(SEEN[0][mb] == mb + 1 && SEEN[1][mb] == mb + 2);
+    printf("readme ok\n");
+    return 0;
+}
+"#;
+
+/// README's "Running a schedule" C example compiles as written and runs in a group of two.
+#[test]
+fn readme_c_example_runs() {
+    let readme = std::fs::read_to_string(ffi_dir().join("../README.md")).expect("read README.md");
+    let section = readme.split("\n### Running a schedule\n").nth(1).expect("a 'Running a schedule' section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let block = section.split("```c\n").nth(1).and_then(|b| b.split("\n```").next()).expect("a ```c block");
+    let source = out_dir().join("readme.c");
+    let program = format!("#include \"peer_common.h\"\n#include <pthread.h>\n{block}\n{README_MAIN}");
+    std::fs::write(&source, program).expect("write the program");
+    let output = run(&compile(&source, "readme"));
+    assert!(output.lines().any(|l| l == "readme ok"), "{output}");
 }

@@ -265,3 +265,23 @@ def test_runner_argument_errors():
     r = phalanx.PipelineRunner("zbv", 4, 8, 3, dtype="float64")
     assert r.stage == 3 and len(r.order) == 3 * 8 * 2 and r.order[0] == ("F", 0, 0)
     assert "ZB-V" in repr(r) and "f64" in repr(r)
+
+
+def test_readme_runner_example_runs(tmp_path):
+    """README's "Running a schedule" Python example, as written."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import TIMEOUT
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("\n### Running a schedule\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "one python block in README's 'Running a schedule'"
+    script = tmp_path / "pipeline_example.py"
+    script.write_text(blocks[0])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "pipeline ok [[1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]]" in out.stdout, out.stdout
