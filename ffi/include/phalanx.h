@@ -1586,10 +1586,25 @@ int phx_pipeline_runner_new(const char *schedule,
                             struct phx_pipeline_runner **out);
 
 /**
- * Runs this stage's passes of one iteration on `comm` (rank `stage` of the group),
- * calling `stage`'s callbacks for each pass in the schedule's order and moving
- * activations and gradients to and from the neighbour stages, which run the same
- * schedule at the same time. Returns when this stage's list is done (its neighbours
+ * Runs stage `s` of `runner`'s pipeline on rank `ranks[s]` of the communicator
+ * instead of rank `s`: `count` (the number of stages) distinct ranks, so that several
+ * pipelines share a group (pipelines × data-parallel replicas). Every stage's runner
+ * must be given the same ranks. Distinct ranks of the wrong count are
+ * `PHX_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `runner` is NULL or a live runner not used concurrently; `ranks` is NULL or valid for
+ * reads of `count` elements.
+ */
+int phx_pipeline_runner_set_ranks(struct phx_pipeline_runner *runner,
+                                  const size_t *ranks,
+                                  size_t count);
+
+/**
+ * Runs this stage's passes of one iteration on `comm` (rank `stage` of the group, or
+ * as `phx_pipeline_runner_set_ranks` says), calling `stage`'s callbacks for each pass
+ * in the schedule's order and moving activations and gradients to and from the
+ * neighbour stages, which run the same schedule at the same time. Returns when this stage's list is done (its neighbours
  * may still finish theirs: step the optimizer meanwhile, and call
  * `phx_pipeline_finish` after the last iteration, before leaving the group).
  *

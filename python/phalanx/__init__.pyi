@@ -529,10 +529,13 @@ class PipelineRunner:
         costs: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0),
         memory_limit: Optional[float] = None,
         dtype: Any = None,
+        ranks: Optional[Sequence[int]] = None,
     ) -> None:
         """`chunks` is for "interleaved"; `costs` (F, B, W, COMM) and `memory_limit` guide
         the automatic schedulers (and refuse a schedule over the limit); `dtype` is
-        float32 (default) or float64. ValueError for parameters no schedule supports."""
+        float32 (default) or float64; stage s runs on rank `ranks[s]` (default s; one
+        distinct rank per stage, so that several pipelines share a group). ValueError
+        for parameters no schedule supports."""
     @property
     def order(self) -> List[Tuple[str, int, int]]:
         """This stage's passes in order: (pass, micro-batch, chunk), pass "F", "B", "W" or "BW"."""

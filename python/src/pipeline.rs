@@ -265,10 +265,12 @@ impl PipelineRunner {
     /// The runner of stage `stage` of the schedule `schedule` ("1f1b", "interleaved",
     /// "zbh1", "zb2p", "auto", "zbv", "vhalf", "vmin", as for `pipeline_schedule`) for
     /// `stages` stages and `microbatches` micro-batches, moving activations and
-    /// gradients of `dtype` ("float32" or "float64"). ValueError for parameters no
+    /// gradients of `dtype` ("float32" or "float64"). Stage `s` runs on rank `ranks[s]`
+    /// (default: rank `s`), one distinct rank per stage, so that several pipelines can
+    /// share a group (pipelines × data-parallel replicas). ValueError for parameters no
     /// schedule supports, or a memory limit the schedule exceeds.
     #[new]
-    #[pyo3(signature = (schedule, stages, microbatches, stage, *, chunks = 2, costs = (1.0, 1.0, 1.0, 0.0), memory_limit = None, dtype = None))]
+    #[pyo3(signature = (schedule, stages, microbatches, stage, *, chunks = 2, costs = (1.0, 1.0, 1.0, 0.0), memory_limit = None, dtype = None, ranks = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -280,6 +282,7 @@ impl PipelineRunner {
         costs: (f64, f64, f64, f64),
         memory_limit: Option<f64>,
         dtype: Option<&Bound<'_, PyAny>>,
+        ranks: Option<Vec<usize>>,
     ) -> PyResult<Self> {
         let dtype = match dtype {
             None => DType::F32,
@@ -295,7 +298,11 @@ impl PipelineRunner {
             }
         };
         let (s, _) = named_schedule(schedule, stages, microbatches, chunks, costs, memory_limit)?;
-        let inner = Runner::new(s, stage).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let bad = |e: RunError| PyValueError::new_err(e.to_string());
+        let mut inner = Runner::new(s, stage).map_err(bad)?;
+        if let Some(ranks) = ranks {
+            inner = inner.ranks(ranks).map_err(bad)?;
+        }
         Ok(PipelineRunner { inner, stage, dtype })
     }
 

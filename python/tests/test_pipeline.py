@@ -255,6 +255,52 @@ def test_runner_raises_a_callback_exception_with_the_pass_named(four):
     assert out[1] == "raised"
 
 
+def test_two_pipelines_share_a_group(four):
+    """Two 2-stage pipelines at once, stages on ranks (3, 1) and (0, 2), in float64."""
+    pipes = [[3, 1], [0, 2]]
+
+    class Affine:
+        """y = (stage + 2) x; the last stage keeps its output."""
+
+        def __init__(self, me):
+            self.me, self.last = me, {}
+
+        def input_len(self, step):
+            return 2
+
+        def output_len(self, step):
+            return 2
+
+        def forward(self, step, x):
+            assert x.dtype == np.float64
+            x = np.array([step.mb, 1.0]) if step.is_first else x
+            y = (self.me + 2) * x
+            if step.is_last:
+                self.last[step.mb] = y
+            return y
+
+        def backward_input(self, step, grad):
+            return np.ones(2) if step.is_last else grad
+
+        def backward_weight(self, step):
+            pass
+
+    def run(rank, comm):
+        ranks = next(p for p in pipes if rank in p)
+        me = ranks.index(rank)
+        runner = phalanx.PipelineRunner("zbh1", 2, 4, me, dtype=np.float64, ranks=ranks)
+        stage = Affine(me)
+        runner.run(comm, stage)
+        runner.finish(comm)
+        return stage.last
+
+    out = on_all(list(enumerate(four)), lambda rc: run(*rc))
+    for rank in (1, 2):  # the last stage of each pipeline
+        assert sorted(out[rank]) == [0, 1, 2, 3]
+        for mb, y in out[rank].items():
+            np.testing.assert_array_equal(y, [6.0 * mb, 6.0])
+
+
 def test_runner_argument_errors():
     with pytest.raises(ValueError, match="unknown schedule"):
         phalanx.PipelineRunner("gpipe", 4, 8, 0)
@@ -265,6 +311,8 @@ def test_runner_argument_errors():
     r = phalanx.PipelineRunner("zbv", 4, 8, 3, dtype="float64")
     assert r.stage == 3 and len(r.order) == 3 * 8 * 2 and r.order[0] == ("F", 0, 0)
     assert "ZB-V" in repr(r) and "f64" in repr(r)
+    with pytest.raises(ValueError, match="distinct ranks"):
+        phalanx.PipelineRunner("1f1b", 4, 8, 0, ranks=[0, 1, 1, 2])
 
 
 def test_readme_runner_example_runs(tmp_path):

@@ -11,7 +11,9 @@
  *
  * Each peer runs two iterations of 1F1B (fused backward callback), interleaved 1F1B
  * (2 chunks, fused passes without a fused callback: B then W), ZB-H1 and ZB-V, checks its gradients, the
- * outcome and the timeline after each, and phx_pipeline_finish after each schedule.
+ * outcome and the timeline after each, and phx_pipeline_finish after each schedule;
+ * then two ZB-H1 pipelines of two stages at once, on ranks {3, 1} and {0, 2}
+ * (phx_pipeline_runner_set_ranks).
  * Rank 0 checks the argument errors. Then a 1F1B iteration in which stage 1's forward
  * of micro-batch 2 returns 7: stage 1 gets PHX_ERR_STAGE with callback_status 7 and
  * the pass named, and leaves; every other stage gets PEER_LOST or ABORTED.
@@ -186,6 +188,26 @@ static void train(phx_comm *comm, stage_state *s, const char *name, size_t chunk
     CHECK(phx_pipeline_runner_free(runner));
 }
 
+/* Two pipelines of two stages share the group: stages on ranks {3, 1} and {0, 2}. */
+static void two_pipelines(phx_comm *comm, stage_state *s) {
+    static const size_t pipes[2][2] = {{3, 1}, {0, 2}};
+    size_t pipe = s->rank == 3 || s->rank == 1 ? 0 : 1, me = pipes[pipe][0] == s->rank ? 0 : 1;
+    phx_pipeline_runner *runner = NULL;
+    phx_pipeline_stage cb = callbacks(s, 0);
+    double loss, ga[MAXV], gb[MAXV];
+    expected(2, &loss, ga, gb);
+    CHECK(phx_pipeline_runner_new("zbh1", 2, M, 1, NULL, 0.0, me, &runner));
+    CHECK(phx_pipeline_runner_set_ranks(runner, pipes[pipe], 2));
+    memset(s->ga, 0, sizeof s->ga);
+    memset(s->gb, 0, sizeof s->gb);
+    s->loss = 0;
+    CHECK(phx_pipeline_run(comm, runner, &cb, NULL));
+    EXPECT(s->ga[me] == ga[me] && s->gb[me] == gb[me]);
+    EXPECT(s->loss == (me == 1 ? loss : 0));
+    CHECK(phx_pipeline_finish(comm, runner));
+    CHECK(phx_pipeline_runner_free(runner));
+}
+
 /* Errors found before anything is sent. */
 static void argument_errors(phx_comm *comm, stage_state *s) {
     phx_pipeline_runner *runner = NULL;
@@ -203,6 +225,13 @@ static void argument_errors(phx_comm *comm, stage_state *s) {
     EXPECT_STATUS(phx_pipeline_runner_new("1f1b", N, M, 1, NULL, 0.0, 0, NULL), PHX_ERR_NULL);
     EXPECT(runner == NULL);
     CHECK(phx_pipeline_runner_new("1f1b", N, M, 1, NULL, 0.0, s->rank, &runner));
+    {
+        size_t twice[N] = {0, 1, 1, 2};
+        EXPECT_STATUS(phx_pipeline_runner_set_ranks(runner, twice, N), PHX_ERR_INVALID_ARGUMENT);
+        EXPECT(strstr(phx_last_error(), "distinct ranks") != NULL);
+        EXPECT_STATUS(phx_pipeline_runner_set_ranks(runner, twice, 2), PHX_ERR_INVALID_ARGUMENT);
+        EXPECT_STATUS(phx_pipeline_runner_set_ranks(runner, NULL, 0), PHX_ERR_NULL);
+    }
     CHECK(phx_pipeline_runner_timeline(runner, NULL, 0, &count));
     EXPECT(count == 0);
     cb.forward = NULL;
@@ -252,6 +281,7 @@ static void *peer(void *arg) {
     train(comm, s, "interleaved", 2, 2, 0); /* BW passes without a fused callback */
     train(comm, s, "zbh1", 1, 3, 0);
     train(comm, s, "zbv", 2, 3, 0);
+    two_pipelines(comm, s);
     failing_iteration(comm, s);
     printf("pipeline ok rank=%zu\n", s->rank);
     CHECK(phx_comm_leave(comm));
