@@ -236,13 +236,25 @@ def test_runner_trains_an_mlp_bitwise_equal_to_one_process(four):
             assert [fused for _, fused in out] == [M * ITERS] * P  # the fused callback ran the BW passes
 
 
-def test_runner_raises_a_callback_exception_with_the_pass_named(four):
+@pytest.mark.parametrize(
+    "kind, error, message",
+    [
+        ("raise", ValueError, "bad micro-batch 2"),
+        ("dtype", TypeError, "forward returned f64 elements; this runner's dtype is f32"),
+    ],
+)
+def test_runner_raises_a_callback_exception_with_the_pass_named(four, kind, error, message):
+    class WrongDtype(MlpStage):
+        def forward(self, step, x):
+            y = super().forward(step, x)
+            return y.astype(np.float64) if step.mb == 2 else y
+
     def run(rank, comm):
         runner = phalanx.PipelineRunner("zbh1", P, M, rank, dtype=np.float32)
-        stage = MlpStage()
+        stage = WrongDtype() if kind == "dtype" and rank == 1 else MlpStage()
         if rank == 1:
-            stage.fail_forward_of = 2
-            with pytest.raises(ValueError, match="bad micro-batch 2") as e:
+            stage.fail_forward_of = 2 if kind == "raise" else None
+            with pytest.raises(error, match=message) as e:
                 runner.run(comm, stage)
             assert any("stage 1, pass 2 (F2)" in n for n in getattr(e.value, "__notes__", ["stage 1, pass 2 (F2)"]))
             comm.leave()  # the others wait for this stage: it leaves, they fail
