@@ -125,7 +125,6 @@ class MlpStage:
         self.weights = W0.copy()  # every layer; this stage touches only its own
         self.cache, self.dz, self.out, self.grads = {}, {}, {}, {}
         self.seen = set()
-        self.fail_forward_of = None
 
     def layers(self, step):
         per = LAYERS // step.virtual_stages
@@ -138,8 +137,6 @@ class MlpStage:
         return ROWS * D
 
     def forward(self, step, x):
-        if step.mb == self.fail_forward_of:
-            raise ValueError(f"bad micro-batch {step.mb}")
         assert x.dtype == np.float32 and x.shape == ((0,) if step.is_first else (ROWS * D,))
         self.seen.update(self.layers(step))
         x = X[step.mb] if step.is_first else x.reshape(ROWS, D)
@@ -244,22 +241,39 @@ def test_runner_trains_an_mlp_bitwise_equal_to_one_process(four):
     ],
 )
 def test_runner_raises_a_callback_exception_with_the_pass_named(four, kind, error, message):
-    class WrongDtype(MlpStage):
+    # Stage 1 fails only once every stage is inside its run: a stage that began after
+    # stage 1 left would find another view and refuse to start (ValueError).
+    started = [threading.Event() for _ in range(P)]
+
+    class Probe(MlpStage):
+        def __init__(self, rank):
+            super().__init__()
+            self.rank = rank
+
+        def input_len(self, step):
+            started[self.rank].set()
+            return super().input_len(step)
+
         def forward(self, step, x):
+            started[self.rank].set()
             y = super().forward(step, x)
-            return y.astype(np.float64) if step.mb == 2 else y
+            if self.rank == 1 and step.mb == 2:
+                assert all(e.wait(30) for e in started)
+                if kind == "raise":
+                    raise ValueError(f"bad micro-batch {step.mb}")
+                return y.astype(np.float64)
+            return y
 
     def run(rank, comm):
         runner = phalanx.PipelineRunner("zbh1", P, M, rank, dtype=np.float32)
-        stage = WrongDtype() if kind == "dtype" and rank == 1 else MlpStage()
+        stage = Probe(rank)
         if rank == 1:
-            stage.fail_forward_of = 2 if kind == "raise" else None
             with pytest.raises(error, match=message) as e:
                 runner.run(comm, stage)
             assert any("stage 1, pass 2 (F2)" in n for n in getattr(e.value, "__notes__", ["stage 1, pass 2 (F2)"]))
             comm.leave()  # the others wait for this stage: it leaves, they fail
             return "raised"
-        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError), match="stage |pipeline links"):
+        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError), match=r"stage \d, pass \d+ \("):
             runner.run(comm, stage)
         return "failed"
 

@@ -38,15 +38,37 @@ typedef struct {
     double ga[MAXV], gb[MAXV];
     double loss;
     int fail_mb; /* forward of this micro-batch returns 7 (-1: never) */
+    int probe;   /* the callbacks report that this stage's run has begun */
     int fused_calls;
 } stage_state;
+
+/* The failing iteration: stage 1 fails only once every stage is inside its run (a
+ * stage that began after stage 1 left would find another view and refuse to start). */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+static int started = 0;
+
+static void mark_started(stage_state *s) {
+    if (!s->probe) return;
+    s->probe = 0;
+    pthread_mutex_lock(&lock);
+    started++;
+    pthread_cond_broadcast(&cond);
+    pthread_mutex_unlock(&lock);
+}
+
+static void wait_all_started(void) {
+    pthread_mutex_lock(&lock);
+    while (started < N) pthread_cond_wait(&cond, &lock);
+    pthread_mutex_unlock(&lock);
+}
 
 static double coef_a(size_t v) { return (double)(1 + v % 2); }
 static double coef_b(size_t v) { return (double)v; }
 
 static size_t len_k(void *user, const phx_pipeline_step *step) {
-    (void)user;
     (void)step;
+    mark_started((stage_state *)user);
     return K;
 }
 
@@ -56,7 +78,11 @@ static int forward(void *user, const phx_pipeline_step *step, const void *input,
     const double *in = (const double *)input;
     size_t v = step->virtual_stage, i;
     double y;
-    if (s->fail_mb == (int)step->mb) return 7;
+    mark_started(s);
+    if (s->fail_mb == (int)step->mb) {
+        wait_all_started();
+        return 7;
+    }
     if (step->is_first ? (input != NULL || input_len != 0) : input_len != K) return 1;
     if (step->is_last ? (output != NULL || output_len != 0) : output_len != K) return 2;
     for (i = 0; i < K; i++) {
@@ -252,6 +278,7 @@ static void failing_iteration(phx_comm *comm, stage_state *s) {
     phx_pipeline_outcome outcome;
     int status;
     s->fail_mb = s->rank == 1 ? 2 : -1;
+    s->probe = 1;
     CHECK(phx_pipeline_runner_new("1f1b", N, M, 1, NULL, 0.0, s->rank, &runner));
     status = phx_pipeline_run(comm, runner, &cb, &outcome);
     if (s->rank == 1) {
