@@ -131,6 +131,14 @@
 #define PHX_ERR_DEVICE 14
 
 /**
+ * A pipeline stage's callback returned non-zero (`phx_pipeline_run`): its code is in
+ * the run's `phx_pipeline_outcome.callback_status`, and `phx_last_error` names the
+ * stage, the pass and the callback. The other stages wait for this one: leave the
+ * group (`phx_comm_leave`) or they wait until the peer timeout.
+ */
+#define PHX_ERR_STAGE 15
+
+/**
  * IEEE 754 binary32 (`float`).
  */
 #define PHX_DTYPE_F32 0
@@ -300,6 +308,26 @@
 #define PHX_SCAN_RECURSIVE_DOUBLING 4
 
 /**
+ * `phx_pipeline_pass.pass`, `phx_pipeline_outcome.failed_pass`: a forward.
+ */
+#define PHX_PASS_F 0
+
+/**
+ * A backward for the input gradient only.
+ */
+#define PHX_PASS_B 1
+
+/**
+ * A backward for the weight gradient only.
+ */
+#define PHX_PASS_W 2
+
+/**
+ * A fused backward (input and weight gradients).
+ */
+#define PHX_PASS_BW 3
+
+/**
  * One peer's membership in a group. Created by `phx_comm_connect`, ended by
  * `phx_comm_leave` or `phx_comm_free`.
  *
@@ -337,6 +365,13 @@ typedef struct phx_moe_layer phx_moe_layer;
  * thread, including while its communicator runs other calls on another thread.
  */
 typedef struct phx_pending phx_pending;
+
+/**
+ * One stage of a pipeline schedule, ready to run iteration after iteration (made by
+ * `phx_pipeline_runner_new`, freed by `phx_pipeline_runner_free`). It keeps the
+ * timeline of its last successful run (`phx_pipeline_runner_timeline`).
+ */
+typedef struct phx_pipeline_runner phx_pipeline_runner;
 
 /**
  * A message started by `phx_comm_isend` or `phx_comm_irecv`. Consumed by
@@ -454,6 +489,179 @@ typedef struct phx_pipeline_result {
      */
     double peak_memory;
 } phx_pipeline_result;
+
+/**
+ * Where a pass sits in the model, as the callbacks see it.
+ */
+typedef struct phx_pipeline_step {
+    /**
+     * The micro-batch, from 0.
+     */
+    size_t mb;
+    /**
+     * The chunk of this stage, from 0.
+     */
+    size_t chunk;
+    /**
+     * The virtual stage (part of the model) this chunk holds, from 0.
+     */
+    size_t virtual_stage;
+    /**
+     * How many virtual stages the model has (stages × chunks).
+     */
+    size_t virtual_stages;
+    /**
+     * 1 on the model's first part: its forward reads the micro-batch itself.
+     */
+    int is_first;
+    /**
+     * 1 on the model's last part: its forward computes the loss, its backward starts
+     * from it.
+     */
+    int is_last;
+} phx_pipeline_step;
+
+/**
+ * The user's compute for the chunks one stage holds: function pointers called by
+ * `phx_pipeline_run` in the schedule's order, on the thread that called it, one at a
+ * time, each with `user` and the pass's `phx_pipeline_step`. Buffers hold elements of
+ * `dtype` (aligned for it); the library owns them, valid during the call only.
+ *
+ * The pass callbacks return 0, or a non-zero code that fails the run with
+ * `PHX_ERR_STAGE`. A callback must return: it must not `longjmp` out or throw a C++
+ * exception through the library (undefined behaviour), and must not call `phx_`
+ * functions on the communicator being run.
+ */
+typedef struct phx_pipeline_stage {
+    /**
+     * The element type of activations and gradients (`PHX_DTYPE_*`).
+     */
+    int dtype;
+    /**
+     * Passed to every callback as is.
+     */
+    void *user;
+    /**
+     * The element count of the activation `step`'s forward receives (not asked on the
+     * first virtual stage); must equal the previous virtual stage's `output_len`.
+     */
+    size_t (*input_len)(void *user, const struct phx_pipeline_step *step);
+    /**
+     * The element count of `step`'s forward output (not asked on the last virtual stage).
+     */
+    size_t (*output_len)(void *user, const struct phx_pipeline_step *step);
+    /**
+     * Forward: writes `output` (`output_len` elements) from `input` (`input_len`). On
+     * the first virtual stage `input` is NULL with length 0 (read the micro-batch
+     * yourself); on the last, `output` is NULL with length 0 (keep the loss yourself).
+     */
+    int (*forward)(void *user,
+                   const struct phx_pipeline_step *step,
+                   const void *input,
+                   size_t input_len,
+                   void *output,
+                   size_t output_len);
+    /**
+     * Input gradient (`B`): writes the gradient of the input (`output`, `input_len`
+     * elements) from that of the output (`input`, `output_len` elements). On the last
+     * virtual stage the incoming gradient is NULL with length 0 (start from the loss);
+     * on the first, `output` is NULL with length 0.
+     */
+    int (*backward_input)(void *user,
+                          const struct phx_pipeline_step *step,
+                          const void *input,
+                          size_t input_len,
+                          void *output,
+                          size_t output_len);
+    /**
+     * Weight gradient (`W`), after this micro-batch's `backward_input` on this chunk.
+     */
+    int (*backward_weight)(void *user, const struct phx_pipeline_step *step);
+    /**
+     * Fused backward (`BW`, as 1F1B runs it), with `backward_input`'s buffers; NULL:
+     * `backward_input` then `backward_weight`.
+     */
+    int (*backward)(void *user,
+                    const struct phx_pipeline_step *step,
+                    const void *input,
+                    size_t input_len,
+                    void *output,
+                    size_t output_len);
+} phx_pipeline_stage;
+
+/**
+ * What one `phx_pipeline_run` did, success or not.
+ */
+typedef struct phx_pipeline_outcome {
+    /**
+     * Passes of this stage that completed.
+     */
+    size_t passes;
+    /**
+     * Seconds from the call's start to its end.
+     */
+    double seconds;
+    /**
+     * The stage's span, seconds from its first pass's compute to its last's (0 on an
+     * error), as the simulator measures it.
+     */
+    double span;
+    /**
+     * On `PHX_ERR_STAGE`: the callback's non-zero return; otherwise 0.
+     */
+    int callback_status;
+    /**
+     * The position in this stage's list of the pass that failed; `SIZE_MAX` when none
+     * did (success, or a failure while opening the links).
+     */
+    size_t failed_index;
+    /**
+     * That pass's kind (`PHX_PASS_*`), -1 when none.
+     */
+    int failed_pass;
+    /**
+     * That pass's micro-batch (0 when none).
+     */
+    size_t failed_mb;
+    /**
+     * That pass's chunk (0 when none).
+     */
+    size_t failed_chunk;
+} phx_pipeline_outcome;
+
+/**
+ * One pass of a run's timeline, times in seconds since the run began.
+ */
+typedef struct phx_pipeline_pass {
+    /**
+     * `PHX_PASS_*`.
+     */
+    int pass;
+    /**
+     * The micro-batch.
+     */
+    size_t mb;
+    /**
+     * The chunk.
+     */
+    size_t chunk;
+    /**
+     * When the runner began it (then waited for its input, if any).
+     */
+    double begin;
+    /**
+     * When its input was in and the callback was called.
+     */
+    double ready;
+    /**
+     * When the callback returned.
+     */
+    double computed;
+    /**
+     * When its output was handed on.
+     */
+    double end;
+} phx_pipeline_pass;
 
 /**
  * One strategy's figures per iteration, averaged over the trace.
@@ -1351,6 +1559,110 @@ int phx_pipeline_simulate(const char *schedule,
                           const double *costs,
                           double memory_limit,
                           struct phx_pipeline_result *out);
+
+/**
+ * Builds the runner of stage `stage` of the pipeline schedule `schedule` (a name as
+ * for `phx_pipeline_simulate`: "1f1b", "interleaved" with `chunks`, "zbh1", "zb2p",
+ * "auto", "zbv", "vhalf", "vmin") for `stages` stages and `microbatches`
+ * micro-batches, and stores it in `*out`. `costs` = {F, B, W, COMM} guides the
+ * automatic schedulers (NULL: all passes 1, COMM 0); a schedule over `memory_limit`
+ * micro-batches of activations per stage is refused unless `memory_limit <= 0`.
+ * Stage `s` runs on rank `s` of the communicator. Invalid parameters are
+ * `PHX_ERR_INVALID_ARGUMENT` with the limit named. Thread-safe.
+ *
+ * Ownership: the caller owns `*out` and frees it with `phx_pipeline_runner_free`.
+ *
+ * # Safety
+ * `schedule` is NULL or NUL-terminated; `costs` is NULL or points to 4 doubles; `out`
+ * is NULL or valid for a write of a pointer.
+ */
+int phx_pipeline_runner_new(const char *schedule,
+                            size_t stages,
+                            size_t microbatches,
+                            size_t chunks,
+                            const double *costs,
+                            double memory_limit,
+                            size_t stage,
+                            struct phx_pipeline_runner **out);
+
+/**
+ * Runs stage `s` of `runner`'s pipeline on rank `ranks[s]` of the communicator
+ * instead of rank `s`: `count` (the number of stages) distinct ranks, so that several
+ * pipelines share a group (pipelines × data-parallel replicas). Every stage's runner
+ * must be given the same ranks. Distinct ranks of the wrong count are
+ * `PHX_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `runner` is NULL or a live runner not used concurrently; `ranks` is NULL or valid for
+ * reads of `count` elements.
+ */
+int phx_pipeline_runner_set_ranks(struct phx_pipeline_runner *runner,
+                                  const size_t *ranks,
+                                  size_t count);
+
+/**
+ * Runs this stage's passes of one iteration on `comm` (rank `stage` of the group, or
+ * as `phx_pipeline_runner_set_ranks` says), calling `stage`'s callbacks for each pass
+ * in the schedule's order and moving activations and gradients to and from the
+ * neighbour stages, which run the same schedule at the same time. Returns when this stage's list is done (its neighbours
+ * may still finish theirs: step the optimizer meanwhile, and call
+ * `phx_pipeline_finish` after the last iteration, before leaving the group).
+ *
+ * Fills `*outcome_or_null` in every case (success or not) unless NULL. A callback's
+ * non-zero return ends the run with `PHX_ERR_STAGE`, its code in `callback_status`;
+ * the other stages then wait for this one, so leave the group (`phx_comm_leave`). A
+ * lost neighbour gives `PHX_ERR_PEER_LOST` or `PHX_ERR_ABORTED` (the iteration is
+ * lost on every stage); a callback output of a length other than its `*_len` or a
+ * message over the receiver's queue is `PHX_ERR_INVALID_ARGUMENT`. `phx_last_error`
+ * names the stage and the pass. Nothing is rolled back: weights the callbacks changed
+ * are the caller's to discard.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently (the callbacks must not
+ * use it); `runner` is NULL or a live runner not used concurrently; `stage` is NULL or
+ * points to callbacks that follow `phx_pipeline_stage`'s contract; `outcome_or_null` is
+ * NULL or valid for a write of a `phx_pipeline_outcome`.
+ */
+int phx_pipeline_run(struct phx_comm *comm,
+                     struct phx_pipeline_runner *runner,
+                     const struct phx_pipeline_stage *stage,
+                     struct phx_pipeline_outcome *outcome_or_null);
+
+/**
+ * Waits until every stage of the pipeline has run its list (a barrier of the
+ * pipeline's ranks). Call it on every stage after the last iteration, before leaving
+ * the group: a stage that leaves while a neighbour still receives its last messages
+ * makes that neighbour fail. A lost peer gives its status (`PHX_ERR_PEER_LOST`, ...).
+ *
+ * # Safety
+ * `comm` and `runner` are NULL or live handles not used concurrently.
+ */
+int phx_pipeline_finish(struct phx_comm *comm, const struct phx_pipeline_runner *runner);
+
+/**
+ * The timeline of the runner's last successful `phx_pipeline_run`: its passes in the
+ * order they ran, times in seconds since that run began. Writes the count to `*count`
+ * and, if `capacity` suffices, the passes to `passes` (NULL with capacity 0 asks for
+ * the count only); a smaller capacity is `PHX_ERR_BUFFER_TOO_SMALL` (count written).
+ * No run yet: count 0.
+ *
+ * # Safety
+ * `runner` is NULL or a live runner; `passes` is NULL or valid for writes of
+ * `capacity` elements; `count` is NULL or valid for a write of a `size_t`.
+ */
+int phx_pipeline_runner_timeline(const struct phx_pipeline_runner *runner,
+                                 struct phx_pipeline_pass *passes,
+                                 size_t capacity,
+                                 size_t *count);
+
+/**
+ * Frees a runner (NULL is ignored). Thread-safe for distinct runners.
+ *
+ * # Safety
+ * `runner` is NULL or a runner from `phx_pipeline_runner_new` not freed before and not
+ * in use.
+ */
+int phx_pipeline_runner_free(struct phx_pipeline_runner *runner);
 
 /**
  * Plans P′ of one MoE layer for one iteration (the reference's Algorithm 1): expert `e`

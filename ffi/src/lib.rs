@@ -46,6 +46,8 @@ mod quant;
 pub mod scan;
 // Pipeline schedules.
 mod sched;
+// The pipeline runner (`phx_pipeline_runner`) with C callbacks.
+mod pipeline;
 // Expert parallelism (FSSDP): placement and simulator.
 mod moe;
 // The FSSDP layer (`phx_moe_layer`, `phx_moe_dispatched`).
@@ -58,6 +60,7 @@ pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use moe_layer::*;
 pub use pending::*;
+pub use pipeline::*;
 pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
 pub use request::*;
 pub use sched::{phx_pipeline_result, phx_pipeline_simulate};
@@ -79,5 +82,6 @@ mod tests {
         send::<phx_state>();
         send::<phx_moe_layer>();
         send::<phx_moe_dispatched>();
+        send::<phx_pipeline_runner>();
     }
 }

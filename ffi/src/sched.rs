@@ -2,7 +2,7 @@
 
 use std::ffi::{c_char, c_int};
 
-use phalanx::sched::{by_name, simulate, validate, Costs};
+use phalanx::sched::{by_name, simulate, validate, Costs, Schedule};
 
 use crate::args::{c_str, out_ptr, write_out};
 use crate::status::{guard, invalid, null, Fail};
@@ -44,21 +44,8 @@ pub unsafe extern "C" fn phx_pipeline_simulate(
 ) -> c_int {
     guard(|| {
         let out = out_ptr(out, "out")?;
-        // SAFETY: NUL-terminated or NULL (the caller's contract).
-        let name = unsafe { c_str(schedule, "schedule") }?;
-        if costs.is_null() {
-            return Err(null("costs"));
-        }
-        // SAFETY: non-NULL and pointing to 4 doubles (the caller's contract).
-        let c = unsafe { std::slice::from_raw_parts(costs, 4) };
-        let passes_ok = c[..3].iter().all(|x| x.is_finite() && *x > 0.0);
-        if !(passes_ok && c[3].is_finite() && c[3] >= 0.0) {
-            return Err(invalid("costs must be {F, B, W, COMM}: passes positive, COMM at least 0"));
-        }
-        let costs = Costs { f: c[0], b: c[1], w: c[2], comm: c[3], w_memory: 0.0 };
-        let limit = (memory_limit > 0.0).then_some(memory_limit);
-        let s = by_name(name, stages, microbatches, chunks, &costs, limit).map_err(|e| invalid(e.to_string()))?;
-        validate(&s, &costs, limit).map_err(|e: phalanx::sched::ScheduleError| invalid(e.to_string()))?;
+        // SAFETY: the caller's contract, as `named_schedule` needs it.
+        let (s, costs) = unsafe { named_schedule(schedule, stages, microbatches, chunks, costs, memory_limit, false) }?;
         let t = simulate(&s, &costs).map_err(|e| invalid(e.to_string()))?;
         let result = phx_pipeline_result {
             iteration: t.iteration(),
@@ -69,4 +56,42 @@ pub unsafe extern "C" fn phx_pipeline_simulate(
         unsafe { write_out(out, result) };
         Ok::<(), Fail>(())
     })
+}
+
+/// The schedule `schedule` names, generated for `stages`, `microbatches` and `chunks`
+/// under `costs` = {F, B, W, COMM} (NULL: unit costs, when `costs_optional`) and checked
+/// against `memory_limit` (none when `<= 0`): what `phx_pipeline_simulate` and
+/// `phx_pipeline_runner_new` share.
+///
+/// # Safety
+/// `schedule` is NULL or NUL-terminated; `costs` is NULL or points to 4 doubles.
+pub(crate) unsafe fn named_schedule(
+    schedule: *const c_char,
+    stages: usize,
+    microbatches: usize,
+    chunks: usize,
+    costs: *const f64,
+    memory_limit: f64,
+    costs_optional: bool,
+) -> Result<(Schedule, Costs), Fail> {
+    // SAFETY: NUL-terminated or NULL (the caller's contract).
+    let name = unsafe { c_str(schedule, "schedule") }?;
+    let costs = if costs.is_null() {
+        if !costs_optional {
+            return Err(null("costs"));
+        }
+        Costs::unit()
+    } else {
+        // SAFETY: non-NULL and pointing to 4 doubles (the caller's contract).
+        let c = unsafe { std::slice::from_raw_parts(costs, 4) };
+        let passes_ok = c[..3].iter().all(|x| x.is_finite() && *x > 0.0);
+        if !(passes_ok && c[3].is_finite() && c[3] >= 0.0) {
+            return Err(invalid("costs must be {F, B, W, COMM}: passes positive, COMM at least 0"));
+        }
+        Costs { f: c[0], b: c[1], w: c[2], comm: c[3], w_memory: 0.0 }
+    };
+    let limit = (memory_limit > 0.0).then_some(memory_limit);
+    let s = by_name(name, stages, microbatches, chunks, &costs, limit).map_err(|e| invalid(e.to_string()))?;
+    validate(&s, &costs, limit).map_err(|e: phalanx::sched::ScheduleError| invalid(e.to_string()))?;
+    Ok((s, costs))
 }

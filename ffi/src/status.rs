@@ -58,6 +58,11 @@ pub const PHX_ERR_RUNTIME: c_int = 13;
 /// required symbol or is too old, or an NCCL call failed. `phx_last_error` says which
 /// path(s) were tried, the version found and what to do.
 pub const PHX_ERR_DEVICE: c_int = 14;
+/// A pipeline stage's callback returned non-zero (`phx_pipeline_run`): its code is in
+/// the run's `phx_pipeline_outcome.callback_status`, and `phx_last_error` names the
+/// stage, the pass and the callback. The other stages wait for this one: leave the
+/// group (`phx_comm_leave`) or they wait until the peer timeout.
+pub const PHX_ERR_STAGE: c_int = 15;
 
 /// The status code of each kind of phalanx error: the one place where the C ABI maps
 /// them (`phalanx::ErrorKind` is one-to-one with these codes).
@@ -176,6 +181,7 @@ pub extern "C" fn phx_status_name(status: c_int) -> *const c_char {
         PHX_ERR_NOT_FOUND => c"PHX_ERR_NOT_FOUND",
         PHX_ERR_RUNTIME => c"PHX_ERR_RUNTIME",
         PHX_ERR_DEVICE => c"PHX_ERR_DEVICE",
+        PHX_ERR_STAGE => c"PHX_ERR_STAGE",
         _ => c"PHX_UNKNOWN",
     };
     name.as_ptr()

@@ -8,7 +8,7 @@ array in place, without copying it, with the GIL released.
 """
 
 from types import TracebackType
-from typing import Any, Iterator, List, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple, Type, Union
 
 import numpy as np
 
@@ -468,3 +468,87 @@ def pipeline_schedule(
     automatic zero-bubble scheduler at 2 * stages micro-batches of memory, "auto" the same
     scheduler under `memory_limit` (which it needs). ValueError for unsupported
     parameters or an exceeded memory limit."""
+
+ScheduleName = Literal["1f1b", "interleaved", "zbh1", "zb2p", "auto", "zbv", "vhalf", "vmin"]
+
+ExecutedPass = Tuple[str, int, int, float, float, float, float]
+"""(pass, micro-batch, chunk, begin, ready, computed, end): a pass as it ran, times in
+seconds since the run began (ready: its input was in; computed: its callback returned)."""
+
+class PipelineStep:
+    """Where a pass sits in the model, as `PipelineRunner.run` passes it to each callback."""
+
+    mb: int
+    """The micro-batch, from 0."""
+    chunk: int
+    """The chunk of this stage, from 0."""
+    virtual_stage: int
+    """The virtual stage (part of the model) this chunk holds, from 0."""
+    virtual_stages: int
+    """How many virtual stages the model has (stages * chunks)."""
+    is_first: bool
+    """The model's first part: its forward gets an empty input (read the micro-batch)."""
+    is_last: bool
+    """The model's last part: its forward keeps the loss (return None), its backward
+    gets an empty gradient (start from the loss)."""
+
+class PipelineStage(Protocol):
+    """What `PipelineRunner.run` calls, one method per pass, in the schedule's order.
+    Arrays are 1-D numpy copies of the runner's dtype; results must have that dtype and
+    the lengths `input_len` / `output_len` give. The object may also define `backward(step,
+    grad)` (fused input and weight gradient, for the BW passes of 1F1B and interleaved
+    1F1B); without it those passes call `backward_input` then `backward_weight`. For
+    type checkers only (not importable)."""
+
+    def input_len(self, step: PipelineStep) -> int:
+        """Elements of the activation `step`'s forward receives (equal to the previous
+        virtual stage's `output_len`)."""
+    def output_len(self, step: PipelineStep) -> int:
+        """Elements of `step`'s forward output."""
+    def forward(self, step: PipelineStep, x: np.ndarray) -> Optional[np.ndarray]:
+        """The output activation (None on the last virtual stage)."""
+    def backward_input(self, step: PipelineStep, grad: np.ndarray) -> Optional[np.ndarray]:
+        """B: the gradient of the input from that of the output (None on the first
+        virtual stage)."""
+    def backward_weight(self, step: PipelineStep) -> None:
+        """W: the weight gradient, after this micro-batch's `backward_input`."""
+
+class PipelineRunner:
+    """One stage of a pipeline schedule, run iteration after iteration on a
+    `Communicator` (stage s on rank s): activations and gradients move between the
+    stages' ranks with tagged point-to-point messages while the stage object computes."""
+
+    def __init__(
+        self,
+        schedule: ScheduleName,
+        stages: int,
+        microbatches: int,
+        stage: int,
+        *,
+        chunks: int = 2,
+        costs: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0),
+        memory_limit: Optional[float] = None,
+        dtype: Any = None,
+        ranks: Optional[Sequence[int]] = None,
+    ) -> None:
+        """`chunks` is for "interleaved"; `costs` (F, B, W, COMM) and `memory_limit` guide
+        the automatic schedulers (and refuse a schedule over the limit); `dtype` is
+        float32 (default) or float64; stage s runs on rank `ranks[s]` (default s; one
+        distinct rank per stage, so that several pipelines share a group). ValueError
+        for parameters no schedule supports."""
+    @property
+    def order(self) -> List[Tuple[str, int, int]]:
+        """This stage's passes in order: (pass, micro-batch, chunk), pass "F", "B", "W" or "BW"."""
+    @property
+    def stage(self) -> int:
+        """The stage this runner runs."""
+    def run(self, comm: Communicator, stage: PipelineStage) -> List[ExecutedPass]:
+        """Runs this stage's passes of one iteration: the GIL is released while the runner
+        waits on the network and held in each callback (which must not use `comm`).
+        Returns the executed timeline. A callback's exception is raised again, with a
+        note naming the stage and the pass (then leave the group: the other stages wait
+        for this one); a lost neighbour raises PeerLostError or AbortedError naming the
+        pass. Returns when this stage's list is done; the others may still run theirs."""
+    def finish(self, comm: Communicator) -> None:
+        """Waits until every stage has run its list; call it after the last iteration,
+        before leaving the group."""

@@ -9,8 +9,9 @@
 //! `communicator` (with `AllReduceHandle`), `state` (with `SyncReport`), `array` (the
 //! zero-copy view of Python arrays), and the collective families `scan`, `group`,
 //! `quant`, `sparse` and `p2p` (with `P2pRequest`) that `Communicator`'s methods delegate
-//! to; `sched`, pipeline schedules; `moe`, expert placement and the FSSDP simulator;
-//! `moe_layer`, the FSSDP layer (`ExpertLayer`, `Dispatched`).
+//! to; `sched`, pipeline schedules; `pipeline`, the pipeline runner (`PipelineRunner`,
+//! `PipelineStep`); `moe`, expert placement and the FSSDP simulator; `moe_layer`, the
+//! FSSDP layer (`ExpertLayer`, `Dispatched`).
 
 mod args;
 mod array;
@@ -22,6 +23,7 @@ mod master;
 mod moe;
 mod moe_layer;
 mod p2p;
+mod pipeline;
 mod quant;
 mod scan;
 mod sched;
@@ -70,6 +72,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SyncReport>()?;
     m.add_class::<moe_layer::ExpertLayer>()?;
     m.add_class::<moe_layer::Dispatched>()?;
+    m.add_class::<pipeline::PipelineRunner>()?;
+    m.add_class::<pipeline::PipelineStep>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
     m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;

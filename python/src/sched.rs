@@ -1,7 +1,7 @@
 //! Pipeline schedules from Python: `phalanx.pipeline_schedule`, the generators, the
 //! validator and the simulator of `phalanx::sched` in one call.
 
-use phalanx::sched::{by_name, simulate, validate, Costs, Pass};
+use phalanx::sched::{by_name, simulate, validate, Costs, Pass, Schedule};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -35,24 +35,10 @@ pub(crate) fn pipeline_schedule<'py>(
     costs: (f64, f64, f64, f64),
     memory_limit: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (f, b, w, comm) = costs;
-    let passes_ok = [f, b, w].iter().all(|c| c.is_finite() && *c > 0.0);
-    if !(passes_ok && comm.is_finite() && comm >= 0.0) {
-        return Err(PyValueError::new_err("costs must be (F, B, W, COMM): passes positive, COMM at least 0"));
-    }
-    let costs = Costs { f, b, w, comm, w_memory: 0.0 };
-    let bad = |e: phalanx::sched::ScheduleError| PyValueError::new_err(e.to_string());
-    let s = by_name(schedule, stages, microbatches, chunks, &costs, memory_limit).map_err(bad)?;
-    validate(&s, &costs, memory_limit).map_err(bad)?;
-    let t = simulate(&s, &costs).map_err(bad)?;
-    let name = |pass: Pass| match pass {
-        Pass::F => "F",
-        Pass::B => "B",
-        Pass::W => "W",
-        Pass::BW => "BW",
-    };
+    let (s, costs) = named_schedule(schedule, stages, microbatches, chunks, costs, memory_limit)?;
+    let t = simulate(&s, &costs).map_err(|e| PyValueError::new_err(e.to_string()))?;
     let orders: Vec<Vec<(&str, usize, usize)>> =
-        s.stages.iter().map(|order| order.iter().map(|a| (name(a.pass), a.mb, a.chunk)).collect()).collect();
+        s.stages.iter().map(|order| order.iter().map(|a| (pass_name(a.pass), a.mb, a.chunk)).collect()).collect();
     let timeline: Vec<Vec<(f64, f64)>> =
         t.passes.iter().map(|ps| ps.iter().map(|&(_, start, end)| (start, end)).collect()).collect();
     let out = PyDict::new(py);
@@ -64,4 +50,35 @@ pub(crate) fn pipeline_schedule<'py>(
     out.set_item("bubble", t.bubble())?;
     out.set_item("peak_memory", t.peak_memory.clone())?;
     Ok(out)
+}
+
+/// The schedule `schedule` names, generated under `costs` = (F, B, W, COMM) and checked
+/// against `memory_limit`: what `pipeline_schedule` and `PipelineRunner` share.
+pub(crate) fn named_schedule(
+    schedule: &str,
+    stages: usize,
+    microbatches: usize,
+    chunks: usize,
+    (f, b, w, comm): (f64, f64, f64, f64),
+    memory_limit: Option<f64>,
+) -> PyResult<(Schedule, Costs)> {
+    let passes_ok = [f, b, w].iter().all(|c| c.is_finite() && *c > 0.0);
+    if !(passes_ok && comm.is_finite() && comm >= 0.0) {
+        return Err(PyValueError::new_err("costs must be (F, B, W, COMM): passes positive, COMM at least 0"));
+    }
+    let costs = Costs { f, b, w, comm, w_memory: 0.0 };
+    let bad = |e: phalanx::sched::ScheduleError| PyValueError::new_err(e.to_string());
+    let s = by_name(schedule, stages, microbatches, chunks, &costs, memory_limit).map_err(bad)?;
+    validate(&s, &costs, memory_limit).map_err(bad)?;
+    Ok((s, costs))
+}
+
+/// A pass's name: "F", "B", "W" or "BW".
+pub(crate) fn pass_name(pass: Pass) -> &'static str {
+    match pass {
+        Pass::F => "F",
+        Pass::B => "B",
+        Pass::W => "W",
+        Pass::BW => "BW",
+    }
 }
