@@ -273,42 +273,49 @@ fn timed(
     let (origin, unix) = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default());
     let ns = |t: Instant| (unix + t.saturating_duration_since(origin)).as_nanos() as u64;
     let mut sleeper = Sleeper { unit, share: schedule.chunks.max(1) as u32 };
-    let (mut iters, mut spans) = (Vec::new(), Vec::new());
+    // A stage's sleeps add up to its work, m(F+B+W) units; what they overran by is the
+    // machine's wake-up latency, reported to tell it from the pipeline's own waits.
+    let work_ns = sim.work * unit.as_secs_f64() * 1e9;
+    let (mut iters, mut spans, mut lates) = (Vec::new(), Vec::new(), Vec::new());
     for it in 0..iterations {
         let executed = iteration(comm, (runner, me), &mut sleeper, it)?;
         let (first, last) = match (executed.passes.first(), executed.passes.last()) {
             (Some(f), Some(l)) => (ns(f.ready), ns(l.computed)),
             _ => (0, 0),
         };
-        let mine = [executed.span().as_nanos() as u64, first, last];
-        let mut all = vec![0u64; 3 * comm.size()];
+        let compute: Duration = executed.passes.iter().map(|p| p.compute()).sum();
+        let mine = [executed.span().as_nanos() as u64, first, last, compute.as_nanos() as u64];
+        let mut all = vec![0u64; 4 * comm.size()];
         comm.all_gather(&mine, &mut all).map_err(|e| format!("gathering the times of iteration {it}: {e}"))?;
         if me != 0 {
             continue;
         }
-        let stage_spans: Vec<f64> = all.chunks(3).map(|c| c[0] as f64 / 1e6).collect();
+        let stage_spans: Vec<f64> = all.chunks(4).map(|c| c[0] as f64 / 1e6).collect();
+        let late: Vec<f64> = all.chunks(4).map(|c| (c[3] as f64 - work_ns) / 1e6).collect();
         let measured = stage_spans.iter().copied().fold(0.0, f64::max);
-        let start = all.chunks(3).map(|c| c[1]).min().unwrap_or(0);
-        let end = all.chunks(3).map(|c| c[2]).max().unwrap_or(0);
+        let start = all.chunks(4).map(|c| c[1]).min().unwrap_or(0);
+        let end = all.chunks(4).map(|c| c[2]).max().unwrap_or(0);
         let span = end.saturating_sub(start) as f64 / 1e6;
         emit(json!({
             "event": "timed", "iteration": it, "schedule": schedule.name,
             "measured_ms": measured, "simulated_ms": sim_iteration,
             "makespan_ms": span, "simulated_makespan_ms": sim_makespan,
-            "spans_ms": stage_spans, "t": now_ms(),
+            "spans_ms": stage_spans, "sleeps_late_ms": late, "t": now_ms(),
         }));
         iters.push(measured);
         spans.push(span);
+        lates.push(late.iter().copied().fold(0.0, f64::max));
     }
     if me == 0 {
-        let (measured, span) = (median(iters), median(spans));
+        let (measured, span, late) = (median(iters), median(spans), median(lates));
         emit(json!({
             "event": "timed_summary", "schedule": schedule.name, "iterations": iterations, "unit_ms": u,
             "measured_ms": measured, "simulated_ms": sim_iteration, "simulated_units": sim.iteration(),
             "makespan_ms": span, "simulated_makespan_ms": sim_makespan, "simulated_makespan_units": makespan(&sim),
+            "sleeps_late_ms": late,
         }));
         println!(
-            "{:<8} iteration {measured:8.1} ms, simulated {sim_iteration:8.1} ms ({} units): {:.3}x; makespan {span:8.1} ms, simulated {sim_makespan:8.1} ms: {:.3}x",
+            "{:<8} iteration {measured:8.1} ms, simulated {sim_iteration:8.1} ms ({} units): {:.3}x; makespan {span:8.1} ms, simulated {sim_makespan:8.1} ms: {:.3}x; sleeps late by {late:.1} ms",
             schedule.name,
             sim.iteration(),
             measured / sim_iteration,

@@ -214,6 +214,10 @@ fn timed_passes_across_four_processes_report_measured_against_simulated() {
     // The simulator's numbers: ZB-V at unit costs, 24 units a stage span.
     assert_eq!(summary.v["simulated_units"], 24.0);
     assert!(summary.v["measured_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{}", summary.v);
+    assert!(summary.v["sleeps_late_ms"].as_f64().is_some(), "{}", summary.v);
+    for e in c.log(ws[0]).iter().filter(|e| e.is("timed")) {
+        assert_eq!(e.v["spans_ms"].as_array().map(Vec::len), Some(STAGES), "a span per stage: {}", e.v);
+    }
     let timed: Vec<u64> = c.log(ws[0]).iter().filter(|e| e.is("timed")).map(|e| e.u64("iteration")).collect();
     assert_eq!(timed, vec![0, 1]);
     assert!(ws[1..].iter().all(|&w| c.find(w, 0, |e| e.is("timed") || e.is("timed_summary")).is_none()));
