@@ -14,8 +14,9 @@
 //! every iteration; `timed` runs passes that sleep their cost (`--unit-ms` per unit, a
 //! chunk's pass of a 2-chunk schedule half of it) and stage 0 prints each iteration's
 //! measured time (the longest stage span, and the makespan over all stages) against the
-//! simulator's. `--hang-at IT` makes this stage stop in iteration `IT` at the forward of
-//! micro-batch `m/2` and wait to be killed or stopped (announced by a `hanging` event).
+//! simulator's. `--hang-at IT` makes this stage stop in iteration `IT` before a pass
+//! (`--hang-pass`, `--hang-mb`; the forward of micro-batch `m/2` by default) and wait to
+//! be killed or stopped (announced by a `hanging` event).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,6 +39,30 @@ pub enum Mode {
     Mlp,
     /// Passes that sleep their cost; stage 0 prints measured against simulated times.
     Timed,
+}
+
+/// A pass to stop before (`--hang-pass`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HangPass {
+    /// A forward.
+    F,
+    /// An input gradient.
+    B,
+    /// A weight gradient.
+    W,
+    /// A fused backward.
+    Bw,
+}
+
+impl HangPass {
+    fn pass(self) -> Pass {
+        match self {
+            HangPass::F => Pass::F,
+            HangPass::B => Pass::B,
+            HangPass::W => Pass::W,
+            HangPass::Bw => Pass::BW,
+        }
+    }
 }
 
 /// Options of `phalanx pipeline-worker`.
@@ -73,10 +98,17 @@ pub struct PipelineWorkerArgs {
     /// In `timed`, the milliseconds one unit of cost sleeps (every pass costs 1).
     #[arg(long, default_value_t = 20)]
     unit_ms: u64,
-    /// In `mlp`, stop in this iteration at the forward of micro-batch m/2 and wait to be
-    /// killed (announced by a `hanging` event).
+    /// In `mlp`, stop in this iteration before the pass `--hang-pass` of micro-batch
+    /// `--hang-mb` (on its first chunk) and wait to be killed (announced by a `hanging`
+    /// event).
     #[arg(long)]
     hang_at: Option<usize>,
+    /// The pass `--hang-at` stops before.
+    #[arg(long, value_enum, default_value = "f")]
+    hang_pass: HangPass,
+    /// The micro-batch `--hang-at` stops at [default: half the micro-batches].
+    #[arg(long)]
+    hang_mb: Option<usize>,
     /// Heartbeat interval.
     #[arg(long, default_value_t = phalanx::comm::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
@@ -118,7 +150,12 @@ pub fn run(args: PipelineWorkerArgs) -> Result<(), String> {
     }
     emit(json!({ "event": "joined", "stage": stage, "schedule": schedule.name, "epoch": comm.epoch(), "t": now_ms() }));
     match args.mode {
-        Mode::Mlp => train(&mut comm, (&runner, stage), args.iterations, args.hang_at),
+        Mode::Mlp => {
+            let hang = args
+                .hang_at
+                .map(|it| (it, args.hang_pass.pass(), args.hang_mb.unwrap_or(runner.schedule().microbatches / 2)));
+            train(&mut comm, (&runner, stage), args.iterations, hang)
+        }
         Mode::Timed => timed(&mut comm, (&runner, stage), args.iterations, Duration::from_millis(args.unit_ms)),
     }?;
     emit(json!({ "event": "done", "stage": stage, "t": now_ms() }));
@@ -167,16 +204,17 @@ fn train(
     comm: &mut Communicator,
     (runner, me): (&Runner, usize),
     iterations: usize,
-    hang_at: Option<usize>,
+    hang: Option<(usize, Pass, usize)>,
 ) -> Result<(), String> {
     let schedule = runner.schedule();
     let current = Arc::new(AtomicUsize::new(0));
     let mut mlp = Mlp::initial(schedule, me);
-    if let Some(hang) = hang_at {
-        let (current, mb) = (current.clone(), schedule.microbatches / 2);
+    if let Some((it, at, mb)) = hang {
+        let current = current.clone();
         mlp = mlp.with_hook(Box::new(move |pass, step: &Step| {
-            if current.load(Ordering::Relaxed) == hang && pass == Pass::F && step.mb == mb && step.chunk == 0 {
-                emit(json!({ "event": "hanging", "iteration": hang, "mb": mb, "t": now_ms() }));
+            if current.load(Ordering::Relaxed) == it && pass == at && step.mb == mb && step.chunk == 0 {
+                let pass = format!("{pass:?}");
+                emit(json!({ "event": "hanging", "iteration": it, "pass": pass, "mb": mb, "t": now_ms() }));
                 loop {
                     std::thread::park();
                 }

@@ -5,8 +5,9 @@
 //!   ZB-H1, ZB-2p, ZB-V, V-Half, V-Min): after every iteration each
 //!   stage's weights equal, bitwise, a single-process run computed here with the same
 //!   micro-batch accumulation order (`phalanx::pipeline_mlp::reference_training`).
-//! - A middle stage SIGKILLed mid-iteration, and in another run a stage SIGSTOPped
-//!   mid-iteration: every other stage prints a typed error (`PeerLost` or `Aborted`)
+//! - A middle stage SIGKILLed mid-iteration (before its last pass, when the last stage
+//!   has run its whole list and waits in the commit), and in another run a stage
+//!   SIGSTOPped mid-iteration: every other stage prints a typed error (`PeerLost` or `Aborted`)
 //!   and exits within the master's largest peer timeout plus [`SLACK`], and no stage
 //!   reports a step for the failed iteration (every stage did for the one before).
 //! - The timed mode runs to its summary (timing is not asserted: the machine is shared;
@@ -130,17 +131,19 @@ fn interleaved_zb_2p_v_half_and_v_min_across_four_processes_train_bitwise_like_o
     }
 }
 
-/// Stage `victim` stops in iteration 1 (at the forward of micro-batch 4); `fault`
-/// SIGKILLs or SIGSTOPs it. Every other stage must print a typed error for iteration 1
-/// and exit with an error within the largest peer timeout plus [`SLACK`]; no stage
-/// steps iteration 1, every stage stepped iteration 0.
-fn a_lost_stage_fails_every_other(name: &str, victim: usize, fault: &str) {
+/// Stage `victim` stops in iteration 1 before `hang` (`--hang-pass`, `--hang-mb`);
+/// `fault` SIGKILLs or SIGSTOPs it. Every other stage must print a typed error for
+/// iteration 1 and exit with an error within the largest peer timeout plus [`SLACK`];
+/// no stage steps iteration 1, every stage stepped iteration 0. Returns each other
+/// stage's error by stage.
+fn a_lost_stage_fails_every_other(name: &str, victim: usize, hang: [&str; 2], fault: &str) -> Vec<(usize, String)> {
     let _serial = serial();
     const FAILED_AT: u64 = 1;
     let (mut c, ws) = stages(name, "mlp", |s| {
         let mut a = iterations(ITERATIONS);
         if s == victim {
-            a.extend(["--hang-at".to_string(), FAILED_AT.to_string()]);
+            let [pass, mb] = hang;
+            a.extend(["--hang-at", &FAILED_AT.to_string(), "--hang-pass", pass, "--hang-mb", mb].map(String::from));
         }
         a
     });
@@ -184,16 +187,29 @@ fn a_lost_stage_fails_every_other(name: &str, victim: usize, fault: &str) {
         let late = c.find(w, 0, |e| e.is("step") && e.u64("iteration") >= FAILED_AT);
         assert!(late.is_none(), "stage {s} applied a step of the failed iteration: {:?}", late.map(|(_, e)| &e.v));
     }
+    others
+        .iter()
+        .map(|&w| {
+            let (_, failed) = c.find(w, 0, |e| e.is("failed")).expect("a failed event");
+            (failed.u64("stage") as usize, failed.str("error").to_string())
+        })
+        .collect()
 }
 
+/// 1F1B, stage 2 killed before its last pass (`BW7`): stage 3 has then run its whole
+/// list (its last `F` and `BW` need nothing more from stage 2), so it is the commit
+/// that fails there, and it does not step either.
 #[test]
 fn a_sigkilled_middle_stage_fails_every_other_stage_with_a_typed_error() {
-    a_lost_stage_fails_every_other("1f1b", 2, "KILL");
+    let errors = a_lost_stage_fails_every_other("1f1b", 2, ["bw", "7"], "KILL");
+    let last = errors.iter().find(|(s, _)| *s == 3).expect("stage 3's error");
+    assert!(last.1.contains("finishing the pipeline"), "stage 3 fails in the commit: {}", last.1);
 }
 
+/// ZB-V, stage 1 stopped mid-iteration (before the forward of micro-batch 4).
 #[test]
 fn a_sigstopped_stage_fails_every_other_stage_within_the_peer_timeout() {
-    a_lost_stage_fails_every_other("zbv", 1, "STOP");
+    a_lost_stage_fails_every_other("zbv", 1, ["f", "4"], "STOP");
 }
 
 /// The timed mode runs to its summary on stage 0 (numbers are not asserted).
