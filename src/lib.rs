@@ -38,6 +38,10 @@ pub(crate) mod exec;
 pub mod membership;
 pub mod moe;
 pub mod op;
+/// Test support behind the `testing` feature: the small MLP the pipeline tests train
+/// across stages, with its single-process reference. Not part of the stable API.
+#[cfg(any(test, feature = "testing"))]
+pub mod pipeline_mlp;
 pub mod plan;
 pub mod quant;
 /// Test support behind the `testing` feature: a UDP relay that adds delay, jitter,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::with_timeout;
 use phalanx::comm::ConnectOptions;
 use phalanx::membership::master::{MasterConfig, DEFAULT_MAX_PEER_TIMEOUT_MS};
+use phalanx::pipeline_mlp::{initial_weights, reference_gradients, Mlp, LAYERS};
 use phalanx::sched::{
     by_name, simulate, Costs, Executed, Pass, RunError, Runner, Schedule, Stage, StageError, Step,
     DEFAULT_MESSAGE_LIMIT, RUNNER_TAG_BIT,
@@ -24,286 +25,32 @@ use phalanx::{Communicator, Error, MasterServer};
 
 const P: usize = 4;
 const M: usize = 8;
-const LAYERS: usize = 8;
-const D: usize = 6; // hidden width
-const ROWS: usize = 3; // rows of one micro-batch
 
-/// Deterministic values in [-1, 1).
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn input(mb: usize) -> Vec<f32> {
-    values(1000 + mb as u64, ROWS * D)
-}
-
-fn target(mb: usize) -> Vec<f32> {
-    values(2000 + mb as u64, ROWS * D)
-}
-
-fn weights(layer: usize) -> Vec<f32> {
-    values(3000 + layer as u64, D * D).iter().map(|w| w * 0.5).collect()
-}
-
-/// `a` (n×k) times `b` (k×m).
-fn matmul(a: &[f32], b: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * m];
-    for i in 0..n {
-        for j in 0..m {
-            let mut s = 0f32;
-            for t in 0..k {
-                s += a[i * k + t] * b[t * m + j];
-            }
-            out[i * m + j] = s;
-        }
-    }
-    out
-}
-
-fn transpose(a: &[f32], n: usize, m: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * m];
-    for i in 0..n {
-        for j in 0..m {
-            out[j * n + i] = a[i * m + j];
-        }
-    }
-    out
-}
-
-/// Leaky ReLU on every layer but the last.
-fn act(layer: usize, z: f32) -> f32 {
-    if layer + 1 == LAYERS || z > 0.0 {
-        z
-    } else {
-        0.01 * z
-    }
-}
-
-fn act_grad(layer: usize, z: f32) -> f32 {
-    if layer + 1 == LAYERS || z > 0.0 {
-        1.0
-    } else {
-        0.01
-    }
-}
-
-/// Forward through `layer`: `(y, z)` with `z = x·W`, `y = act(z)`.
-fn layer_forward(layer: usize, w: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let z = matmul(x, w, ROWS, D, D);
-    (z.iter().map(|&v| act(layer, v)).collect(), z)
-}
-
-/// Input gradient through `layer` (B): `(dx, dz)`, `dz = dy ⊙ act'(z)`, `dx = dz·Wᵀ`.
-fn layer_backward_input(layer: usize, w: &[f32], z: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let dz: Vec<f32> = dy.iter().zip(z).map(|(&g, &v)| g * act_grad(layer, v)).collect();
-    (matmul(&dz, &transpose(w, D, D), ROWS, D, D), dz)
-}
-
-/// Weight gradient of `layer` (W): `acc += xᵀ·dz`.
-fn accumulate_weight(acc: &mut [f32], x: &[f32], dz: &[f32]) {
-    let g = matmul(&transpose(x, ROWS, D), dz, D, ROWS, D);
-    for (a, g) in acc.iter_mut().zip(g) {
-        *a += g;
-    }
-}
-
-/// Loss `½‖y − t‖²` and its gradient `y − t`.
-fn loss(y: &[f32], t: &[f32]) -> (f32, Vec<f32>) {
-    let d: Vec<f32> = y.iter().zip(t).map(|(a, b)| a - b).collect();
-    (0.5 * d.iter().map(|v| v * v).sum::<f32>(), d)
-}
-
-/// The layers of virtual stage `v` of `vs`.
-fn layers_of(v: usize, vs: usize) -> std::ops::Range<usize> {
-    let per = LAYERS / vs;
-    v * per..(v + 1) * per
-}
-
-/// A layer's input `x` and pre-activation `z` for one micro-batch.
-type LayerCache = (Vec<f32>, Vec<f32>);
-
-/// One virtual stage's state on its stage.
-#[derive(Default)]
-struct Part {
-    layers: Vec<usize>,
-    weights: Vec<Vec<f32>>,
-    grads: Vec<Vec<f32>>,
-    /// Per micro-batch, each layer's input and pre-activation.
-    cache: HashMap<usize, Vec<LayerCache>>,
-    /// Per micro-batch, each layer's `dz` (from B, for W).
-    dz: HashMap<usize, Vec<Vec<f32>>>,
-    /// The last virtual stage's outputs, for the loss gradient.
-    out: HashMap<usize, Vec<f32>>,
-}
-
-/// The chunks of one stage of the MLP.
-struct Mlp {
-    parts: HashMap<usize, Part>,
-    losses: HashMap<usize, f32>,
-    /// Fail with an injected error at this pass (the fault tests).
+/// Stage `stage` of `schedule` at the initial weights, failing with an injected error
+/// at `fail_at` (after running `on_fail`, e.g. a freeze), if any.
+fn mlp(
+    schedule: &Schedule,
+    stage: usize,
     fail_at: Option<(Pass, usize)>,
-    /// Runs at the failure, before the error returns (a freeze).
     on_fail: Option<Arc<dyn Fn() + Send + Sync>>,
+) -> Mlp {
+    let m = Mlp::initial(schedule, stage);
+    let Some(at) = fail_at else { return m };
+    m.with_hook(Box::new(move |pass, step| {
+        if (pass, step.mb) != at {
+            return Ok(());
+        }
+        if let Some(hook) = &on_fail {
+            hook();
+        }
+        Err(format!("injected failure at {pass:?}{}", step.mb).into())
+    }))
 }
 
-impl Mlp {
-    fn new(schedule: &Schedule, stage: usize) -> Mlp {
-        let vs = schedule.stages() * schedule.chunks;
-        let parts = (0..schedule.chunks)
-            .map(|c| {
-                let v = schedule.virtual_stage(stage, c);
-                let layers: Vec<usize> = layers_of(v, vs).collect();
-                let part = Part {
-                    weights: layers.iter().map(|&l| weights(l)).collect(),
-                    grads: vec![vec![0f32; D * D]; layers.len()],
-                    layers,
-                    ..Part::default()
-                };
-                (v, part)
-            })
-            .collect();
-        Mlp { parts, losses: HashMap::new(), fail_at: None, on_fail: None }
-    }
-
-    fn part(&mut self, step: &Step) -> Result<&mut Part, StageError> {
-        self.parts.get_mut(&step.virtual_stage).ok_or_else(|| format!("no virtual stage {}", step.virtual_stage).into())
-    }
-
-    fn check(&self, pass: Pass, step: &Step) -> Result<(), StageError> {
-        if self.fail_at == Some((pass, step.mb)) {
-            if let Some(hook) = &self.on_fail {
-                hook();
-            }
-            return Err(format!("injected failure at {pass:?}{}", step.mb).into());
-        }
-        Ok(())
-    }
-
-    fn backward_input_of(&mut self, step: &Step, grad_out: &[f32]) -> Result<Vec<f32>, StageError> {
-        let last = step.is_last();
-        let part = self.part(step)?;
-        let mut dy = if last {
-            let y = part.out.remove(&step.mb).ok_or("no output kept")?;
-            loss(&y, &target(step.mb)).1
-        } else {
-            grad_out.to_vec()
-        };
-        let cache = part.cache.remove(&step.mb).ok_or("backward before forward")?;
-        let mut dzs = vec![Vec::new(); part.layers.len()];
-        for i in (0..part.layers.len()).rev() {
-            let (dx, dz) = layer_backward_input(part.layers[i], &part.weights[i], &cache[i].1, &dy);
-            dzs[i] = dz;
-            dy = dx;
-        }
-        // Keep the layers' inputs for W.
-        part.cache.insert(step.mb, cache);
-        part.dz.insert(step.mb, dzs);
-        Ok(dy)
-    }
-}
-
-impl Stage for Mlp {
-    type Elem = f32;
-
-    fn input_len(&self, _: &Step) -> usize {
-        ROWS * D
-    }
-
-    fn output_len(&self, _: &Step) -> usize {
-        ROWS * D
-    }
-
-    fn forward(&mut self, step: &Step, x: &[f32]) -> Result<Vec<f32>, StageError> {
-        self.check(Pass::F, step)?;
-        let (first, last) = (step.is_first(), step.is_last());
-        let part = self.part(step)?;
-        let mut x = if first { input(step.mb) } else { x.to_vec() };
-        let mut cache = Vec::new();
-        for (i, &l) in part.layers.iter().enumerate() {
-            let (y, z) = layer_forward(l, &part.weights[i], &x);
-            cache.push((x, z));
-            x = y;
-        }
-        part.cache.insert(step.mb, cache);
-        if last {
-            let (l, _) = loss(&x, &target(step.mb));
-            part.out.insert(step.mb, x);
-            self.losses.insert(step.mb, l);
-            return Ok(vec![l]);
-        }
-        Ok(x)
-    }
-
-    fn backward_input(&mut self, step: &Step, grad_out: &[f32]) -> Result<Vec<f32>, StageError> {
-        self.check(Pass::B, step)?;
-        self.backward_input_of(step, grad_out)
-    }
-
-    fn backward_weight(&mut self, step: &Step) -> Result<(), StageError> {
-        self.check(Pass::W, step)?;
-        let part = self.part(step)?;
-        let cache = part.cache.remove(&step.mb).ok_or("W before forward")?;
-        let dz = part.dz.remove(&step.mb).ok_or("W before B")?;
-        for i in 0..part.layers.len() {
-            accumulate_weight(&mut part.grads[i], &cache[i].0, &dz[i]);
-        }
-        Ok(())
-    }
-
-    fn backward(&mut self, step: &Step, grad_out: &[f32]) -> Result<Vec<f32>, StageError> {
-        self.check(Pass::BW, step)?;
-        let g = self.backward_input_of(step, grad_out)?;
-        self.backward_weight(step)?;
-        Ok(g)
-    }
-}
-
-/// The single-process reference: every micro-batch through all layers, then each
-/// virtual stage's weight gradients accumulated over the micro-batches in the order
-/// `schedule` runs that stage's `W` (or `BW`) passes. Returns per layer its gradient,
-/// and the loss summed in micro-batch order.
+/// The single-process reference of one iteration at the initial weights.
 fn reference(schedule: &Schedule) -> (Vec<Vec<f32>>, f32) {
-    let vs = schedule.stages() * schedule.chunks;
-    let ws: Vec<Vec<f32>> = (0..LAYERS).map(weights).collect();
-    let mut total = 0f32;
-    let mut per_mb = Vec::new(); // per mb, per layer (x, dz)
-    for mb in 0..M {
-        let mut x = input(mb);
-        let mut cache = Vec::new();
-        for (l, w) in ws.iter().enumerate() {
-            let (y, z) = layer_forward(l, w, &x);
-            cache.push((x, z));
-            x = y;
-        }
-        let (lv, mut dy) = loss(&x, &target(mb));
-        total += lv;
-        let mut dzs = vec![Vec::new(); LAYERS];
-        for l in (0..LAYERS).rev() {
-            let (dx, dz) = layer_backward_input(l, &ws[l], &cache[l].1, &dy);
-            dzs[l] = dz;
-            dy = dx;
-        }
-        per_mb.push(cache.into_iter().map(|(x, _)| x).zip(dzs).collect::<Vec<_>>());
-    }
-    let mut grads = vec![vec![0f32; D * D]; LAYERS];
-    for v in 0..vs {
-        let (stage, chunk) = schedule.place(v);
-        let order = schedule.stages[stage].iter().filter(|a| a.chunk == chunk && matches!(a.pass, Pass::W | Pass::BW));
-        for a in order {
-            for l in layers_of(v, vs) {
-                accumulate_weight(&mut grads[l], &per_mb[a.mb][l].0, &per_mb[a.mb][l].1);
-            }
-        }
-    }
-    (grads, total)
+    let weights: Vec<Vec<f32>> = (0..LAYERS).map(initial_weights).collect();
+    reference_gradients(schedule, 0, &weights)
 }
 
 /// One iteration of `schedule` on `comms`: per stage, its executed timeline, its
@@ -318,14 +65,11 @@ fn iteration(comms: &mut [Communicator], schedule: &Schedule) -> Vec<StageResult
             .map(|(r, comm)| {
                 s.spawn(move || {
                     let runner = Runner::new(schedule.clone(), r).unwrap();
-                    let mut mlp = Mlp::new(schedule, r);
+                    let mut mlp = Mlp::initial(schedule, r);
                     let executed = runner
                         .run(comm, &mut mlp as &mut dyn Stage<Elem = f32>)
                         .unwrap_or_else(|e| panic!("{} stage {r}: {e}", schedule.name));
-                    let mut grads: Vec<(usize, Vec<f32>)> =
-                        mlp.parts.into_values().flat_map(|p| p.layers.into_iter().zip(p.grads)).collect();
-                    grads.sort_by_key(|g| g.0);
-                    (executed, grads, mlp.losses)
+                    (executed, mlp.grads(), mlp.losses)
                 })
             })
             .collect();
@@ -493,7 +237,7 @@ fn stages_that_finish_then_leave_fail_no_one() {
                         s.spawn(move || -> Result<(), RunError> {
                             let runner = Runner::new(schedule.clone(), r)?;
                             for _ in 0..2 {
-                                runner.run(&mut comm, &mut Mlp::new(schedule, r))?;
+                                runner.run(&mut comm, &mut Mlp::initial(schedule, r))?;
                             }
                             runner.finish(&mut comm)?;
                             comm.leave();
@@ -554,7 +298,7 @@ fn a_message_over_the_limit_is_refused_on_both_sides() {
                     let schedule = &schedule;
                     s.spawn(move || {
                         let runner = Runner::new(schedule.clone(), r).unwrap().message_limit(16);
-                        runner.run(comm, &mut Mlp::new(schedule, r)).unwrap_err()
+                        runner.run(comm, &mut Mlp::initial(schedule, r)).unwrap_err()
                     })
                 })
                 .collect();
@@ -585,11 +329,8 @@ fn a_lost_stage(
                 let (schedule, on_fail) = (&schedule, on_fail.clone());
                 s.spawn(move || {
                     let runner = Runner::new(schedule.clone(), r).unwrap();
-                    let mut mlp = Mlp::new(schedule, r);
-                    if r == 2 {
-                        mlp.fail_at = Some((pass, 3));
-                        mlp.on_fail = on_fail;
-                    }
+                    let (fail_at, on_fail) = if r == 2 { (Some((pass, 3)), on_fail) } else { (None, None) };
+                    let mut mlp = mlp(schedule, r, fail_at, on_fail);
                     let e = runner.run(&mut comm, &mut mlp).expect_err("the iteration cannot complete");
                     // The failed stage leaves; the others keep their communicators until
                     // every runner returned, so no error is a knock-on of a later drop.

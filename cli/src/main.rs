@@ -1,5 +1,5 @@
 //! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`, `pipeline`,
-//! `moe-sim`, `moe-bench`, `moe-worker`.
+//! `moe-sim`, `moe-bench`, `moe-worker`, `pipeline-worker`.
 
 mod bench;
 mod churn;
@@ -10,6 +10,7 @@ mod moe_mlp;
 mod moe_sim;
 mod moe_worker;
 mod pipeline;
+mod pipeline_worker;
 mod quic_args;
 mod relay;
 mod worker;
@@ -54,6 +55,10 @@ enum Command {
     /// One device of the FSSDP layer as its own process joined to a master: the worked
     /// example, the timed FSSDP-vs-EP comparison, or training with backups through a loss.
     MoeWorker(moe_worker::MoeWorkerArgs),
+    /// One stage of a pipeline schedule as its own process joined to a master: trains the
+    /// 8-layer MLP (weights printed after every iteration) or runs timed passes against
+    /// the simulator.
+    PipelineWorker(pipeline_worker::PipelineWorkerArgs),
     /// One peer process of `bench` (internal).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -147,6 +152,7 @@ fn main() {
         Command::MoeSim(args) => moe_sim::run(args),
         Command::MoeBench(args) => moe_bench::run(args),
         Command::MoeWorker(args) => moe_worker::run(args),
+        Command::PipelineWorker(args) => pipeline_worker::run(args),
         Command::BenchPeer(args) => bench::run_peer(args),
         Command::Relay(args) => relay::run(args),
     };
