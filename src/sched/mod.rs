@@ -31,16 +31,22 @@
 //! the C and Python faces of the runner.
 
 mod auto;
+mod commit;
 mod generate;
+mod grid;
 mod named;
+mod postval;
 mod run;
 mod simulate;
 mod validate;
 mod vshape;
 
 pub use auto::{auto_schedule, zb_2p};
+pub use commit::{Committed, Committer};
 pub use generate::{interleaved_1f1b, one_f_one_b, zb_h1, zb_v};
+pub use grid::{Grid, GridMap, Position};
 pub use named::{by_name, SCHEDULE_NAMES};
+pub use postval::{GradStats, Optimistic, PostValidation, Stepped, Verdict, PARTIAL_TAG, VERDICT_TAG};
 pub use run::{
     tag, At, Direction, Executed, ExecutedPass, RunError, Runner, Stage, StageError, Step, DEFAULT_MESSAGE_LIMIT,
     RUNNER_TAG_BIT,
