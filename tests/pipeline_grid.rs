@@ -147,6 +147,8 @@ struct Faults {
     fail_at: Option<(Pass, usize)>,
     /// Runs inside the optimistic step (a loss after stepping).
     in_step: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The optimizer fails to step.
+    refuse_step: bool,
     on_fail: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
@@ -306,6 +308,9 @@ impl Stage for Mlp {
 
 impl Optimistic for Mlp {
     fn step(&mut self, scale: f32) -> Result<(), StageError> {
+        if self.faults.refuse_step {
+            return Err("injected optimizer failure".into());
+        }
         self.saved = Some(self.params.clone());
         let grads = self.grads.clone();
         self.params.step(&grads, scale);
@@ -648,96 +653,154 @@ fn iterate_counting(
 /// equal a run with no fault, bitwise.
 #[test]
 fn a_replacement_catches_up_from_its_replica_and_the_run_goes_on() {
-    with_timeout(60, || {
-        let net = MemNetwork::with_faults(16, 11, Duration::ZERO);
-        let (_rt, _master, comms) = networked(&net, 4);
-        let grid = Grid::new(2, 2).unwrap();
-        let schedule = by_name("zbh1", 2, M, 1, &Costs::unit(), None).unwrap();
-        let (want, _) = reference(&schedule, 2, 4, None, None);
-        let (settled, joiner_go) = std::sync::mpsc::channel::<()>();
-        let cut: Arc<dyn Fn() + Send + Sync> = {
-            let net = net.clone();
-            Arc::new(move || net.cut(addr(101)))
-        };
-        std::thread::scope(|s| {
-            let (schedule, want) = (&schedule, &want);
-            let joiner = s.spawn(move || {
-                joiner_go.recv_timeout(Duration::from_secs(30)).expect("the survivors settled the loss");
-                let mut comm = connect(&net, 200);
-                comm.update_topology().unwrap();
-                let map = grid.place(&mut comm, None).unwrap();
-                assert_eq!(map.me(), Position { stage: 1, replica: 0 });
-                assert_eq!(map.newcomers(), &[Position { stage: 1, replica: 0 }]);
-                let mut mlp = Mlp::new(1, 2, 0);
-                let mut state = mlp.state();
+    with_timeout(60, || lose_and_replace(Grid::new(2, 2).unwrap()));
+}
+
+/// pp = 2 × dp = 1: the same loss, but no replica holds stage 1. Every stage saves its
+/// state at each commit (here to a map standing for a disk); the newcomer restarts from
+/// the lost stage's last committed save, the survivor from its own committed weights
+/// (the failed iteration was undone), and the run equals one with no fault.
+#[test]
+fn with_one_replica_the_run_restarts_from_the_last_commit() {
+    with_timeout(60, || lose_and_replace(Grid::new(2, 1).unwrap()));
+}
+
+/// Stage states saved at each commit, by stage and replica.
+type Saved = std::sync::Mutex<HashMap<Position, SharedState>>;
+
+fn lose_and_replace(grid: Grid) {
+    let net = MemNetwork::with_faults(16, 11, Duration::ZERO);
+    let (_rt, _master, comms) = networked(&net, grid.size());
+    let schedule = by_name("zbh1", 2, M, 1, &Costs::unit(), None).unwrap();
+    let (want, _) = reference(&schedule, grid.dp, 4, None, None);
+    let saved: Saved = Default::default();
+    let save = |mlp: &Mlp, at: Position| saved.lock().unwrap().insert(at, mlp.state());
+    let (settled, joiner_go) = std::sync::mpsc::channel::<()>();
+    let cut: Arc<dyn Fn() + Send + Sync> = {
+        let net = net.clone();
+        Arc::new(move || net.cut(addr(101)))
+    };
+    let lost_at = Position { stage: 1, replica: 0 };
+    std::thread::scope(|s| {
+        let (schedule, want, save, saved) = (&schedule, &want, &save, &saved);
+        let joiner = s.spawn(move || {
+            joiner_go.recv_timeout(Duration::from_secs(30)).expect("the survivors settled the loss");
+            let mut comm = connect(&net, 200);
+            comm.update_topology().unwrap();
+            let map = grid.place(&mut comm, None).unwrap();
+            assert_eq!(map.me(), lost_at);
+            assert_eq!(map.newcomers(), &[lost_at]);
+            let mut mlp = Mlp::new(1, 2, 0);
+            let mut state = mlp.state();
+            if grid.dp > 1 {
                 assert!(map.sync_stage_state(&mut comm, &mut state).unwrap(), "the newcomer receives");
-                mlp.load(&state);
-                assert_eq!(mlp.iteration, 2);
-                assert!(same(&mlp, &want[1]), "the newcomer holds the committed weights and momentum");
-                let runner = map.runner(schedule.clone()).unwrap();
-                for want in &want[2..] {
-                    iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
-                    assert!(same(&mlp, want), "the newcomer's weights");
-                }
-                runner.finish(&mut comm).unwrap();
-            });
-            let hs: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(rank, mut comm)| {
-                    let (cut, settled) = (cut.clone(), settled.clone());
-                    s.spawn(move || {
-                        let map = grid.in_order(rank).unwrap();
-                        let me = map.me();
-                        let runner = map.runner(schedule.clone()).unwrap();
-                        let mut mlp = Mlp::new(me.stage, 2, me.replica);
-                        for want in &want[..2] {
-                            iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
-                            assert!(same(&mlp, want));
-                        }
-                        if rank == 1 {
-                            mlp.faults.fail_at = Some((Pass::F, 1));
-                            mlp.faults.on_fail = Some(cut);
-                            let e = iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap_err();
-                            assert!(matches!(e, RunError::Stage { .. }), "{e}");
-                            return; // the lost process: its communicator goes with it
-                        }
-                        let e = iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap_err();
-                        assert!(lost(&e), "rank {rank}: {e}");
-                        assert!(same(&mlp, &want[1]), "rank {rank} is at the last commit");
-                        // Discard the failed iteration's gradients and activations.
-                        mlp.grads.iter_mut().for_each(|g| g.fill(0.0));
-                        mlp.cache.clear();
-                        mlp.dz.clear();
-                        mlp.out.clear();
-                        comm.update_topology().unwrap();
-                        if comm.rank() == 0 {
-                            settled.send(()).unwrap();
-                        }
-                        while comm.size() < 4 {
-                            if comm.peers_pending() > 0 {
-                                comm.update_topology().unwrap();
-                            } else {
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                        }
-                        let map = grid.place(&mut comm, Some(me)).unwrap();
-                        assert_eq!(map.me(), me);
-                        let mut state = mlp.state();
-                        assert!(!map.sync_stage_state(&mut comm, &mut state).unwrap());
-                        let runner = map.runner(schedule.clone()).unwrap();
-                        for want in &want[2..] {
-                            iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
-                            assert!(same(&mlp, want), "rank {rank}'s weights after the replacement");
-                        }
-                        runner.finish(&mut comm).unwrap();
-                    })
-                })
-                .collect();
-            for h in hs {
-                h.join().unwrap();
+            } else {
+                let e = map.sync_stage_state(&mut comm, &mut state).unwrap_err();
+                assert!(e.to_string().contains("no one holds its state"), "{e}");
+                state = saved.lock().unwrap()[&lost_at].clone();
             }
-            joiner.join().unwrap();
+            mlp.load(&state);
+            assert_eq!(mlp.iteration, 2);
+            assert!(same(&mlp, &want[1]), "the newcomer holds the committed weights and momentum");
+            let runner = map.runner(schedule.clone()).unwrap();
+            for want in &want[2..] {
+                iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
+                assert!(same(&mlp, want), "the newcomer's weights");
+            }
+            runner.finish(&mut comm).unwrap();
         });
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut comm)| {
+                let (cut, settled) = (cut.clone(), settled.clone());
+                s.spawn(move || {
+                    let map = grid.in_order(rank).unwrap();
+                    let me = map.me();
+                    let runner = map.runner(schedule.clone()).unwrap();
+                    let mut mlp = Mlp::new(me.stage, 2, me.replica);
+                    for want in &want[..2] {
+                        iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
+                        assert!(same(&mlp, want));
+                        save(&mlp, me);
+                    }
+                    if me == lost_at {
+                        mlp.faults.fail_at = Some((Pass::F, 1));
+                        mlp.faults.on_fail = Some(cut);
+                        let e = iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap_err();
+                        assert!(matches!(e, RunError::Stage { .. }), "{e}");
+                        return; // the lost process: its communicator goes with it
+                    }
+                    let e = iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap_err();
+                    assert!(lost(&e), "rank {rank}: {e}");
+                    assert!(same(&mlp, &want[1]), "rank {rank} is at the last commit");
+                    assert_eq!(mlp.state(), saved.lock().unwrap()[&me], "rank {rank}: as saved at the last commit");
+                    // Discard the failed iteration's gradients and activations.
+                    mlp.grads.iter_mut().for_each(|g| g.fill(0.0));
+                    mlp.cache.clear();
+                    mlp.dz.clear();
+                    mlp.out.clear();
+                    comm.update_topology().unwrap();
+                    if comm.rank() == 0 {
+                        settled.send(()).unwrap();
+                    }
+                    while comm.size() < grid.size() {
+                        if comm.peers_pending() > 0 {
+                            comm.update_topology().unwrap();
+                        } else {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                    let map = grid.place(&mut comm, Some(me)).unwrap();
+                    assert_eq!(map.me(), me);
+                    let mut state = mlp.state();
+                    if me.stage != lost_at.stage || grid.dp > 1 {
+                        assert!(!map.sync_stage_state(&mut comm, &mut state).unwrap());
+                    }
+                    let runner = map.runner(schedule.clone()).unwrap();
+                    for want in &want[2..] {
+                        iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
+                        assert!(same(&mlp, want), "rank {rank}'s weights after the replacement");
+                    }
+                    runner.finish(&mut comm).unwrap();
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        joiner.join().unwrap();
+    });
+}
+
+/// Stage 1's optimizer fails to step in iteration 1 (a local error, no peer lost): it
+/// marks the post-validation broken, so no stage waits for it, every stage returns an
+/// error and every stage's weights are those of iteration 0.
+#[test]
+fn a_stage_that_cannot_step_makes_every_stage_undo() {
+    with_timeout(60, || {
+        let mut comms = Communicator::local_group(6, Default::default()).unwrap();
+        let grid = Grid::new(3, 2).unwrap();
+        let schedule = by_name("1f1b", 3, M, 1, &Costs::unit(), None).unwrap();
+        let (want, _) = reference(&schedule, 2, 1, None, None);
+        let errors = common::each(&mut comms, |rank, comm| {
+            let map = grid.in_order(rank).unwrap();
+            let runner = map.runner(schedule.clone()).unwrap();
+            let mut mlp = Mlp::new(map.me().stage, 3, map.me().replica);
+            iterate(comm, &map, &runner, &mut mlp, None).unwrap();
+            mlp.faults.refuse_step = rank == 1;
+            let e = iterate(comm, &map, &runner, &mut mlp, None).unwrap_err();
+            assert!(same(&mlp, &want[0]), "rank {rank} kept a step");
+            runner.finish(comm).unwrap();
+            e
+        });
+        assert!(matches!(errors[1], RunError::Optimizer { .. }), "{}", errors[1]);
+        for (rank, e) in errors.iter().enumerate().filter(|(r, _)| *r != 1) {
+            assert!(matches!(e, RunError::Uncommitted { .. }), "rank {rank}: {e}");
+        }
+        for (rank, e) in errors.iter().enumerate() {
+            assert!(e.comm_error().is_none(), "rank {rank}: no peer was lost: {e}");
+            eprintln!("rank {rank}: {e}");
+        }
     });
 }

@@ -8,8 +8,8 @@
 //!
 //! - the vote succeeds and every rank voted yes: the step is committed;
 //! - the vote succeeds with a "no" (a stage whose post-validation or optimizer failed):
-//!   every rank undoes its step and returns [`RunError::Invalid`] naming the refusal
-//!   (the failed stage returns its own error);
+//!   every rank undoes its step and returns [`RunError::Uncommitted`] (the failed stage
+//!   returns its own error);
 //! - the vote fails (a peer was lost, or the view moved): every survivor undoes its step
 //!   and returns [`RunError::Collective`] with the communicator's `PeerLost` or
 //!   `Aborted`, within the peer timeout.
@@ -119,7 +119,7 @@ impl Committer {
                 if applied {
                     undo(opt)?;
                 }
-                Err(RunError::Invalid("another stage could not step: the iteration's step is undone everywhere".into()))
+                Err(RunError::Uncommitted { detail: "a rank of the grid could not step".into() })
             }
             (Err(source), Ok(_)) => {
                 if applied {

@@ -263,9 +263,9 @@ fn to_wire(s: &Result<GradStats, RunError>) -> [f64; 3] {
 
 fn from_wire(w: [f64; 3], from_stage: usize) -> Result<GradStats, RunError> {
     if w[2] != 0.0 {
-        return Err(RunError::Invalid(format!(
-            "stage {from_stage} (or one beyond it) could not take part in the post-validation"
-        )));
+        return Err(RunError::Uncommitted {
+            detail: format!("stage {from_stage} (or one beyond it) could not take part in the post-validation"),
+        });
     }
     Ok(GradStats { sum_squares: w[0], non_finite: w[1] != 0.0 })
 }

@@ -79,6 +79,13 @@ pub enum RunError {
         /// The communicator's error.
         source: Box<Error>,
     },
+    /// Another stage could not step (its optimizer or its post-validation failed, no
+    /// peer lost): this stage's step of the iteration was undone, as on every stage.
+    #[error("the iteration's step was not committed: {detail}")]
+    Uncommitted {
+        /// Which stage could not take part, as far as this one knows.
+        detail: String,
+    },
     /// The user's optimizer failed to step or to undo a step.
     #[error("the optimizer failed {what}: {source}")]
     Optimizer {
@@ -134,6 +141,7 @@ impl RunError {
             | RunError::Invalid(_)
             | RunError::Finish { .. }
             | RunError::Collective { .. }
+            | RunError::Uncommitted { .. }
             | RunError::Optimizer { .. } => None,
         }
     }
