@@ -482,7 +482,7 @@ fn train(
             assert!(same(&mlp, want), "{name} {grid:?} rank {rank} ({me:?}) iteration {it}: weights differ");
             seen.push(v);
         }
-        runner.finish(comm).unwrap();
+        map.finish(comm).unwrap();
         seen
     });
     for s in &seen {
@@ -707,7 +707,7 @@ fn lose_and_replace(grid: Grid) {
                 iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
                 assert!(same(&mlp, want), "the newcomer's weights");
             }
-            runner.finish(&mut comm).unwrap();
+            map.finish(&mut comm).unwrap();
         });
         let hs: Vec<_> = comms
             .into_iter()
@@ -762,7 +762,7 @@ fn lose_and_replace(grid: Grid) {
                         iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
                         assert!(same(&mlp, want), "rank {rank}'s weights after the replacement");
                     }
-                    runner.finish(&mut comm).unwrap();
+                    map.finish(&mut comm).unwrap();
                 })
             })
             .collect();
@@ -791,7 +791,7 @@ fn a_stage_that_cannot_step_makes_every_stage_undo() {
             mlp.faults.refuse_step = rank == 1;
             let e = iterate(comm, &map, &runner, &mut mlp, None).unwrap_err();
             assert!(same(&mlp, &want[0]), "rank {rank} kept a step");
-            runner.finish(comm).unwrap();
+            map.finish(comm).unwrap();
             e
         });
         assert!(matches!(errors[1], RunError::Optimizer { .. }), "{}", errors[1]);

@@ -45,6 +45,7 @@
 //!         let committer = Committer::new(&runner, vec![0, 1], Some(1.0));
 //!         let done = committer.step(&mut comm, GradStats::of(&[sgd.g]), &mut sgd).unwrap();
 //!         assert_eq!(done.stats.norm(), 5.0); // clipped to norm 1: scale about 1/5
+//!         comm.barrier().unwrap(); // no rank leaves while another still votes
 //!         sgd.w
 //!     })).collect();
 //!     hs.into_iter().map(|h| h.join().unwrap()).collect()

@@ -213,6 +213,17 @@ impl GridMap {
         })
     }
 
+    /// Waits until every rank of the grid is done (a barrier of the grid's ranks). Call
+    /// it after the last iteration, before a rank drops or leaves its communicator:
+    /// [`Runner::finish`] waits for one pipeline only, and a replica that leaves while
+    /// another still all-reduces or votes with it would fail that one.
+    pub fn finish(&self, comm: &mut Communicator) -> Result<(), RunError> {
+        let mut members = self.ranks.clone();
+        members.sort_unstable();
+        let done = if members.len() == comm.size() { comm.barrier() } else { comm.sub_barrier(&members) };
+        done.map_err(|source| RunError::Finish { source: Box::new(source) })
+    }
+
     /// Brings the newcomers of [`Grid::place`] up to date: in every stage that a newcomer
     /// joined, the replica of lowest rank that held it before sends its `state` (the
     /// stage's weights, optimizer state and revision, as a [`SharedState`]; every member

@@ -48,7 +48,8 @@
 //! others are then waiting for it, so the caller must leave the group (drop or
 //! [`Communicator::leave`] the communicator) or they wait until it does. The runner
 //! does not roll anything back: the weights a stage's `W` passes touched are the
-//! caller's to discard.
+//! caller's to discard. The optimizer step that follows a run is made to commit on
+//! every stage or none by [`Committer`](super::Committer).
 //!
 //! # Leaving
 //!
