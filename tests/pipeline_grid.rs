@@ -804,3 +804,31 @@ fn a_stage_that_cannot_step_makes_every_stage_undo() {
         }
     });
 }
+
+/// Positions follow what each rank held; newcomers fill the free ones in rank order;
+/// two ranks claiming one position get the same error everywhere.
+#[test]
+fn placing_ranks_by_the_positions_they_held() {
+    with_timeout(60, || {
+        let grid = Grid::new(2, 2).unwrap();
+        let mut comms = Communicator::local_group(4, Default::default()).unwrap();
+        let at = |stage, replica| Position { stage, replica };
+        let held = [Some(at(1, 1)), None, Some(at(0, 0)), None];
+        let maps = common::each(&mut comms, |rank, comm| grid.place(comm, held[rank]).unwrap());
+        let mes: Vec<Position> = maps.iter().map(GridMap::me).collect();
+        assert_eq!(mes, vec![at(1, 1), at(1, 0), at(0, 0), at(0, 1)]);
+        for m in &maps {
+            assert_eq!(m.newcomers(), &[at(1, 0), at(0, 1)]);
+            assert_eq!((m.pipeline(0), m.pipeline(1)), (vec![2, 1], vec![3, 0]));
+            assert_eq!((m.dp_group(0), m.dp_group(1)), (vec![2, 3], vec![0, 1]));
+        }
+        let clash = [Some(at(0, 0)), Some(at(0, 0)), None, None];
+        let errors = common::each(&mut comms, |rank, comm| grid.place(comm, clash[rank]).unwrap_err());
+        for (rank, e) in errors.iter().enumerate() {
+            assert!(matches!(e, RunError::Invalid(_)) && e.to_string().contains("held by rank 0"), "rank {rank}: {e}");
+        }
+        let e = grid.place(&mut comms[0], Some(at(2, 0))).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+        common::each(&mut comms, |_, comm| comm.barrier().unwrap());
+    });
+}

@@ -228,7 +228,8 @@ impl GridMap {
     /// joined, the replica of lowest rank that held it before sends its `state` (the
     /// stage's weights, optimizer state and revision, as a [`SharedState`]; every member
     /// lists the same tensors, names, types and sizes) to the newcomers, which take it
-    /// with its revision. Members of stages no newcomer joined return at once. Returns
+    /// with its revision, checked against the sender's digest of the whole state (BLAKE3,
+    /// as `sync_shared_state` checks). Members of stages no newcomer joined return at once. Returns
     /// whether this rank received. With `dp = 1` a lost stage has no replica: the run
     /// restarts from the last committed iteration instead (see the README).
     pub fn sync_stage_state(&self, comm: &mut Communicator, state: &mut SharedState) -> Result<bool, RunError> {
@@ -245,8 +246,12 @@ impl GridMap {
             what: "sending the stage's state to the newcomers",
             source: Box::new(source),
         };
-        let mut revision = [state.revision];
-        comm.sub_broadcast(&members, &mut revision, root).map_err(fail)?;
+        // The revision and the root's digest of the whole state first: a newcomer
+        // checks what it received against it.
+        let mut head = [0u8; 40];
+        head[..8].copy_from_slice(&state.revision.to_le_bytes());
+        head[8..].copy_from_slice(&state.digest());
+        comm.sub_broadcast(&members, &mut head, root).map_err(fail)?;
         let names: Vec<String> = state.names().map(str::to_string).collect();
         for name in &names {
             let (dtype, bytes) = state
@@ -257,7 +262,14 @@ impl GridMap {
             comm.sub_broadcast_raw(&members, &mut buf, dtype, root).map_err(fail)?;
             state.insert_raw(name, dtype, &buf);
         }
-        state.revision = revision[0];
+        let mut revision = [0u8; 8];
+        revision.copy_from_slice(&head[..8]);
+        state.revision = u64::from_le_bytes(revision);
+        if state.digest()[..] != head[8..] {
+            return Err(RunError::Invalid(format!(
+                "stage {stage}'s state from rank {root} does not match its digest (do all replicas list the same tensors?)"
+            )));
+        }
         Ok(new.contains(&comm.rank()))
     }
 }
