@@ -273,3 +273,38 @@ fn from_wire(w: [f64; 3], from_stage: usize) -> Result<GradStats, RunError> {
 fn fail(what: &'static str, peer: Rank, source: Error) -> RunError {
     RunError::Comm { at: None, what, peer, source: Box::new(source) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_follow_the_flags_and_the_limit() {
+        let s = GradStats::of(&[3.0, 4.0]);
+        assert_eq!(s.sum_squares, 25.0);
+        assert_eq!(s.verdict(None), Verdict::Keep);
+        assert_eq!(s.verdict(Some(5.0)), Verdict::Clip { scale: (5.0 / (5.0 + 1e-6)) as f32 });
+        assert_eq!(s.verdict(Some(6.0)), Verdict::Keep);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let with = s.combine(GradStats::of(&[bad]));
+            assert!(with.non_finite);
+            assert_eq!(with.verdict(None), Verdict::Skip, "{bad}");
+        }
+        // Finite elements whose squares overflow f64 are not a clean step either.
+        let huge = GradStats { sum_squares: f64::INFINITY, non_finite: false };
+        assert_eq!(huge.verdict(Some(1.0)), Verdict::Skip);
+        let mut acc = GradStats::ZERO;
+        acc.add(&[3.0]);
+        acc.add(&[4.0]);
+        assert_eq!(acc, s);
+    }
+
+    #[test]
+    fn the_wire_carries_the_stats_and_the_broken_mark() {
+        let s = GradStats { sum_squares: 2.5, non_finite: true };
+        assert_eq!(from_wire(to_wire(&Ok(s)), 1).unwrap(), s);
+        let broken = to_wire(&Err(RunError::Invalid("x".into())));
+        let e = from_wire(broken, 3).unwrap_err();
+        assert!(matches!(e, RunError::Uncommitted { .. }) && e.to_string().contains("stage 3"), "{e}");
+    }
+}
