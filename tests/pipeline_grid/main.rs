@@ -11,7 +11,7 @@
 mod common;
 mod mlp;
 
-use mlp::{layers_of, reference, same, Mlp, M};
+use mlp::{reference, same, stage_layers, Mlp, M};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -86,14 +86,14 @@ fn train(
     max_norm: Option<f64>,
     nan: Option<(usize, usize, usize)>, // (iteration, global mb, stage)
 ) -> Vec<Verdict> {
-    let schedule = by_name(name, grid.pp, M, 1, &Costs::unit(), None).unwrap();
-    let ref_nan = nan.map(|(it, g, s)| (it, g, layers_of(s, grid.pp).start));
+    let schedule = by_name(name, grid.pp, M, 2, &Costs::unit(), None).unwrap();
+    let ref_nan = nan.map(|(it, g, s)| (it, g, stage_layers(&schedule, s)[0]));
     let (want, verdicts) = reference(&schedule, grid.dp, iterations, max_norm, ref_nan);
     let seen = common::each(comms, |rank, comm| {
         let map = grid.in_order(rank).unwrap();
         let me = map.me();
         let runner = map.runner(schedule.clone()).unwrap();
-        let mut mlp = Mlp::new(me.stage, grid.pp, me.replica);
+        let mut mlp = Mlp::new(&schedule, me.stage, me.replica);
         if let Some((it, g, s)) = nan {
             if s == me.stage {
                 mlp.faults.nan = Some((it, g));
@@ -122,6 +122,7 @@ fn a_grid_of_two_stages_by_two_replicas_equals_one_process() {
         let grid = Grid::new(2, 2).unwrap();
         train(&mut comms, "zbh1", grid, 3, None, None);
         train(&mut comms, "1f1b", grid, 2, None, None);
+        train(&mut comms, "zbv", grid, 2, None, None);
     });
 }
 
@@ -131,6 +132,7 @@ fn a_grid_of_four_stages_by_two_replicas_equals_one_process() {
         let net = MemNetwork::new(16);
         let (_rt, _master, mut comms) = networked(&net, 8);
         train(&mut comms, "1f1b", Grid::new(4, 2).unwrap(), 3, None, None);
+        train(&mut comms, "vhalf", Grid::new(4, 2).unwrap(), 2, None, None);
     });
 }
 
@@ -140,7 +142,7 @@ fn a_grid_of_four_stages_by_two_replicas_equals_one_process() {
 fn clipping_after_the_optimistic_step_equals_the_synchronous_check() {
     with_timeout(60, || {
         let mut comms = Communicator::local_group(4, Default::default()).unwrap();
-        let verdicts = train(&mut comms, "zbh1", Grid::new(4, 1).unwrap(), 3, Some(1e-3), None);
+        let verdicts = train(&mut comms, "interleaved", Grid::new(4, 1).unwrap(), 3, Some(1e-3), None);
         assert!(verdicts.iter().all(|v| matches!(v, Verdict::Clip { .. })), "{verdicts:?}");
         // A limit the norm stays under keeps every step.
         let verdicts = train(&mut comms, "1f1b", Grid::new(4, 1).unwrap(), 2, Some(1e9), None);
@@ -155,7 +157,7 @@ fn a_nan_on_one_stage_skips_the_step_on_every_stage() {
     with_timeout(60, || {
         let net = MemNetwork::new(16);
         let (_rt, _master, mut comms) = networked(&net, 8);
-        let verdicts = train(&mut comms, "zbh1", Grid::new(4, 2).unwrap(), 3, Some(100.0), Some((1, M + 2, 2)));
+        let verdicts = train(&mut comms, "zbv", Grid::new(4, 2).unwrap(), 3, Some(100.0), Some((1, M + 2, 2)));
         assert_eq!(verdicts, vec![Verdict::Keep, Verdict::Skip, Verdict::Keep]);
     });
 }
@@ -205,7 +207,7 @@ fn a_stage_lost_after_stepping_leaves_every_survivor_at_the_last_commit() {
                     s.spawn(move || {
                         let map = grid.in_order(rank).unwrap();
                         let runner = map.runner(schedule.clone()).unwrap();
-                        let mut mlp = Mlp::new(map.me().stage, 2, map.me().replica);
+                        let mut mlp = Mlp::new(schedule, map.me().stage, map.me().replica);
                         iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
                         assert!(same(&mlp, &want[0]));
                         if rank == 1 {
@@ -313,7 +315,7 @@ fn lose_and_replace(grid: Grid) {
             let map = grid.place(&mut comm, None).unwrap();
             assert_eq!(map.me(), lost_at);
             assert_eq!(map.newcomers(), &[lost_at]);
-            let mut mlp = Mlp::new(1, 2, 0);
+            let mut mlp = Mlp::new(schedule, 1, 0);
             let mut state = mlp.state();
             if grid.dp > 1 {
                 assert!(map.sync_stage_state(&mut comm, &mut state).unwrap(), "the newcomer receives");
@@ -341,7 +343,7 @@ fn lose_and_replace(grid: Grid) {
                     let map = grid.in_order(rank).unwrap();
                     let me = map.me();
                     let runner = map.runner(schedule.clone()).unwrap();
-                    let mut mlp = Mlp::new(me.stage, 2, me.replica);
+                    let mut mlp = Mlp::new(schedule, me.stage, me.replica);
                     for want in &want[..2] {
                         iterate(&mut comm, &map, &runner, &mut mlp, None).unwrap();
                         assert!(same(&mlp, want));
@@ -409,7 +411,7 @@ fn a_stage_that_cannot_step_makes_every_stage_undo() {
         let errors = common::each(&mut comms, |rank, comm| {
             let map = grid.in_order(rank).unwrap();
             let runner = map.runner(schedule.clone()).unwrap();
-            let mut mlp = Mlp::new(map.me().stage, 3, map.me().replica);
+            let mut mlp = Mlp::new(&schedule, map.me().stage, map.me().replica);
             iterate(comm, &map, &runner, &mut mlp, None).unwrap();
             mlp.faults.refuse_step = rank == 1;
             let e = iterate(comm, &map, &runner, &mut mlp, None).unwrap_err();

@@ -94,8 +94,19 @@ pub fn loss_grad(y: &[f32], t: &[f32]) -> Vec<f32> {
     y.iter().zip(t).map(|(a, b)| a - b).collect()
 }
 
-pub fn layers_of(stage: usize, pp: usize) -> std::ops::Range<usize> {
-    stage * LAYERS / pp..(stage + 1) * LAYERS / pp
+/// The layers of virtual stage `v` of `vs`.
+pub fn layers_of(v: usize, vs: usize) -> std::ops::Range<usize> {
+    v * LAYERS / vs..(v + 1) * LAYERS / vs
+}
+
+/// The layers stage `stage` holds (all its chunks), in layer order: the order of its
+/// flattened gradients.
+pub fn stage_layers(schedule: &Schedule, stage: usize) -> Vec<usize> {
+    let vs = schedule.stages() * schedule.chunks;
+    let mut layers: Vec<usize> =
+        (0..schedule.chunks).flat_map(|c| layers_of(schedule.virtual_stage(stage, c), vs)).collect();
+    layers.sort_unstable();
+    layers
 }
 
 /// SGD with momentum over some layers: `v = μ·v + s·g`, `w -= η·v`.
@@ -106,7 +117,7 @@ pub struct Params {
 }
 
 impl Params {
-    pub fn initial(layers: std::ops::Range<usize>) -> Params {
+    pub fn initial(layers: impl Iterator<Item = usize> + Clone) -> Params {
         Params { v: layers.clone().map(|_| vec![0f32; D * D]).collect(), w: layers.map(initial).collect() }
     }
 
@@ -139,26 +150,37 @@ pub type LayerCache = (Vec<f32>, Vec<f32>);
 
 /// One stage of one replica.
 pub struct Mlp {
-    pub layers: std::ops::Range<usize>,
+    /// The layers this stage holds, in layer order.
+    pub layers: Vec<usize>,
+    /// Per virtual stage, the positions of its layers in `layers`.
+    pub parts: HashMap<usize, Vec<usize>>,
     pub replica: usize,
     pub iteration: usize,
     pub params: Params,
     pub saved: Option<Params>,
     pub grads: Vec<Vec<f32>>,
-    /// Per micro-batch, each layer's input and pre-activation.
-    pub cache: HashMap<usize, Vec<LayerCache>>,
-    pub dz: HashMap<usize, Vec<Vec<f32>>>,
+    /// Per (micro-batch, virtual stage), each layer's input and pre-activation.
+    pub cache: HashMap<(usize, usize), Vec<LayerCache>>,
+    pub dz: HashMap<(usize, usize), Vec<Vec<f32>>>,
     pub out: HashMap<usize, Vec<f32>>,
     pub faults: Faults,
 }
 
 impl Mlp {
-    pub fn new(stage: usize, pp: usize, replica: usize) -> Mlp {
-        let layers = layers_of(stage, pp);
+    pub fn new(schedule: &Schedule, stage: usize, replica: usize) -> Mlp {
+        let layers = stage_layers(schedule, stage);
+        let vs = schedule.stages() * schedule.chunks;
+        let parts = (0..schedule.chunks)
+            .map(|c| {
+                let v = schedule.virtual_stage(stage, c);
+                (v, layers_of(v, vs).map(|l| layers.iter().position(|&x| x == l).unwrap()).collect())
+            })
+            .collect();
         Mlp {
-            grads: layers.clone().map(|_| vec![0f32; D * D]).collect(),
-            params: Params::initial(layers.clone()),
+            grads: layers.iter().map(|_| vec![0f32; D * D]).collect(),
+            params: Params::initial(layers.iter().copied()),
             layers,
+            parts,
             replica,
             iteration: 0,
             saved: None,
@@ -204,7 +226,7 @@ impl Mlp {
 
     pub fn state(&self) -> SharedState {
         let mut s = SharedState::new();
-        for (i, l) in self.layers.clone().enumerate() {
+        for (i, &l) in self.layers.iter().enumerate() {
             s.insert(&format!("w{l}"), self.params.w[i].clone());
             s.insert(&format!("v{l}"), self.params.v[i].clone());
         }
@@ -213,7 +235,7 @@ impl Mlp {
     }
 
     pub fn load(&mut self, s: &SharedState) {
-        for (i, l) in self.layers.clone().enumerate() {
+        for (i, &l) in self.layers.clone().iter().enumerate() {
             self.params.w[i].copy_from_slice(s.get::<f32>(&format!("w{l}")).unwrap());
             self.params.v[i].copy_from_slice(s.get::<f32>(&format!("v{l}")).unwrap());
         }
@@ -234,16 +256,17 @@ impl Stage for Mlp {
         self.check(Pass::F, step.mb)?;
         let g = self.global(step.mb);
         let mut x = if step.is_first() { input(self.iteration, g) } else { x.to_vec() };
-        if self.faults.nan == Some((self.iteration, g)) {
+        if step.chunk == 0 && self.faults.nan == Some((self.iteration, g)) {
             x[0] = f32::NAN;
         }
+        let part = self.parts.get(&step.virtual_stage).ok_or("no such virtual stage")?;
         let mut cache = Vec::new();
-        for (i, l) in self.layers.clone().enumerate() {
-            let (y, z) = forward(l, &self.params.w[i], &x);
+        for &i in part {
+            let (y, z) = forward(self.layers[i], &self.params.w[i], &x);
             cache.push((x, z));
             x = y;
         }
-        self.cache.insert(step.mb, cache);
+        self.cache.insert((step.mb, step.virtual_stage), cache);
         if step.is_last() {
             self.out.insert(step.mb, x);
             return Ok(vec![0.0]);
@@ -259,23 +282,27 @@ impl Stage for Mlp {
         } else {
             grad_out.to_vec()
         };
-        let cache = self.cache.get(&step.mb).ok_or("B before F")?;
+        let key = (step.mb, step.virtual_stage);
+        let cache = self.cache.get(&key).ok_or("B before F")?;
+        let part = self.parts.get(&step.virtual_stage).ok_or("no such virtual stage")?;
         let mut dzs = vec![Vec::new(); cache.len()];
-        for (i, l) in self.layers.clone().enumerate().rev() {
-            let (dx, dz) = backward(l, &self.params.w[i], &cache[i].1, &dy);
-            dzs[i] = dz;
+        for (k, &i) in part.iter().enumerate().rev() {
+            let (dx, dz) = backward(self.layers[i], &self.params.w[i], &cache[k].1, &dy);
+            dzs[k] = dz;
             dy = dx;
         }
-        self.dz.insert(step.mb, dzs);
+        self.dz.insert(key, dzs);
         Ok(dy)
     }
 
     fn backward_weight(&mut self, step: &Step) -> Result<(), StageError> {
         self.check(Pass::W, step.mb)?;
-        let cache = self.cache.remove(&step.mb).ok_or("W before F")?;
-        let dz = self.dz.remove(&step.mb).ok_or("W before B")?;
-        for (i, g) in self.grads.iter_mut().enumerate() {
-            accumulate(g, &cache[i].0, &dz[i]);
+        let key = (step.mb, step.virtual_stage);
+        let cache = self.cache.remove(&key).ok_or("W before F")?;
+        let dz = self.dz.remove(&key).ok_or("W before B")?;
+        let part = self.parts.get(&step.virtual_stage).ok_or("no such virtual stage")?;
+        for (k, &i) in part.iter().enumerate() {
+            accumulate(&mut self.grads[i], &cache[k].0, &dz[k]);
         }
         Ok(())
     }
@@ -322,6 +349,7 @@ pub fn reference(
 ) -> (Vec<Params>, Vec<Verdict>) {
     let pp = schedule.stages();
     let mut params = Params::initial(0..LAYERS);
+    let vs = pp * schedule.chunks;
     let (mut out, mut verdicts) = (Vec::new(), Vec::new());
     for it in 0..iterations {
         let mut total = vec![vec![0f32; D * D]; LAYERS];
@@ -349,9 +377,12 @@ pub fn reference(
                 per_mb.push(cache.into_iter().map(|(x, _)| x).zip(dzs).collect::<Vec<_>>());
             }
             let mut grads = vec![vec![0f32; D * D]; LAYERS];
-            for s in 0..pp {
-                for a in schedule.stages[s].iter().filter(|a| matches!(a.pass, Pass::W | Pass::BW)) {
-                    for l in layers_of(s, pp) {
+            for v in 0..vs {
+                let (s, chunk) = schedule.place(v);
+                let order =
+                    schedule.stages[s].iter().filter(|a| a.chunk == chunk && matches!(a.pass, Pass::W | Pass::BW));
+                for a in order {
+                    for l in layers_of(v, vs) {
                         accumulate(&mut grads[l], &per_mb[a.mb][l].0, &per_mb[a.mb][l].1);
                     }
                 }
@@ -367,7 +398,8 @@ pub fn reference(
             }
         }
         let stats = (0..pp).rev().fold(None, |acc: Option<GradStats>, s| {
-            let own = GradStats::of(&total[layers_of(s, pp)].concat());
+            let own =
+                GradStats::of(&stage_layers(schedule, s).iter().flat_map(|&l| total[l].clone()).collect::<Vec<_>>());
             Some(acc.map_or(own, |a| a.combine(own)))
         });
         let verdict = stats.unwrap().verdict(max_norm);
@@ -385,6 +417,6 @@ pub fn reference(
 /// Whether `mlp`'s parameters are those of the reference's layers, bitwise.
 pub fn same(mlp: &Mlp, want: &Params) -> bool {
     let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let range = mlp.layers.clone();
-    bits(&mlp.params.w) == bits(&want.w[range.clone()]) && bits(&mlp.params.v) == bits(&want.v[range])
+    let pick = |all: &[Vec<f32>]| mlp.layers.iter().map(|&l| all[l].clone()).collect::<Vec<_>>();
+    bits(&mlp.params.w) == bits(&pick(&want.w)) && bits(&mlp.params.v) == bits(&pick(&want.v))
 }
