@@ -119,14 +119,16 @@ impl Grid {
         let mut ranks = vec![usize::MAX; self.size()];
         for (rank, &c) in all.iter().enumerate().filter(|(_, &c)| c != 0) {
             let index = c as usize - 1;
-            if index >= self.size() || ranks[index] != usize::MAX {
-                return Err(RunError::Invalid(format!(
-                    "rank {rank} claims position {:?}, held by rank {} too (or outside the grid)",
-                    self.position(index.min(self.size() - 1)),
-                    ranks.get(index).copied().unwrap_or(usize::MAX)
-                )));
+            match ranks.get(index) {
+                None => return Err(RunError::Invalid(format!("rank {rank} claims a position outside the grid"))),
+                Some(&other) if other != usize::MAX => {
+                    return Err(RunError::Invalid(format!(
+                        "rank {rank} claims position {:?}, held by rank {other} too",
+                        self.position(index)
+                    )))
+                }
+                Some(_) => ranks[index] = rank,
             }
-            ranks[index] = rank;
         }
         let free: Vec<usize> = (0..self.size()).filter(|&i| ranks[i] == usize::MAX).collect();
         let new: Vec<Rank> = (0..all.len()).filter(|&r| all[r] == 0).collect();
