@@ -26,7 +26,7 @@
 //! ```
 
 use super::{RunError, Runner, Schedule};
-use crate::dtype::{Element, ReduceOp};
+use crate::dtype::{DType, Element, ReduceOp};
 use crate::error::Error;
 use crate::plan::Rank;
 use crate::state::SharedState;
@@ -210,6 +210,25 @@ impl GridMap {
         }
         let members = self.dp_group(self.me.stage);
         comm.sub_all_reduce(&members, grads, op).map_err(|source| RunError::Collective {
+            what: "all-reducing the gradients among the replicas",
+            source: Box::new(source),
+        })
+    }
+
+    /// [`GridMap::all_reduce_gradients`] on the bytes of elements of type `dtype` (for
+    /// bindings that know the type at run time).
+    pub fn all_reduce_gradients_raw(
+        &self,
+        comm: &mut Communicator,
+        grads: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<(), RunError> {
+        if self.grid.dp == 1 {
+            return Ok(());
+        }
+        let members = self.dp_group(self.me.stage);
+        comm.sub_all_reduce_raw(&members, grads, dtype, op).map_err(|source| RunError::Collective {
             what: "all-reducing the gradients among the replicas",
             source: Box::new(source),
         })

@@ -472,3 +472,28 @@ fn placing_ranks_by_the_positions_they_held() {
         common::each(&mut comms, |_, comm| comm.barrier().unwrap());
     });
 }
+
+/// The byte variant of the replicas' all-reduce sums like the typed one.
+#[test]
+fn the_raw_gradient_all_reduce_matches_the_typed_one() {
+    with_timeout(60, || {
+        let grid = Grid::new(2, 2).unwrap();
+        let mut comms = Communicator::local_group(4, Default::default()).unwrap();
+        let got = common::each(&mut comms, |rank, comm| {
+            let map = grid.in_order(rank).unwrap();
+            let mut typed = vec![rank as f32 + 0.5; 3];
+            map.all_reduce_gradients(comm, &mut typed, ReduceOp::Sum).unwrap();
+            let mut raw: Vec<u8> = [rank as f32 + 0.5; 3].iter().flat_map(|x| x.to_le_bytes()).collect();
+            map.all_reduce_gradients_raw(comm, &mut raw, phalanx::DType::F32, ReduceOp::Sum).unwrap();
+            let raw: Vec<f32> = raw.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            map.finish(comm).unwrap();
+            (typed, raw)
+        });
+        for (rank, (typed, raw)) in got.iter().enumerate() {
+            // Stage 0 is on ranks 0 and 2, stage 1 on ranks 1 and 3.
+            let want = if rank % 2 == 0 { 0.5 + 2.5 } else { 1.5 + 3.5 };
+            assert_eq!(typed, &vec![want; 3], "rank {rank}");
+            assert_eq!(raw, typed, "rank {rank}");
+        }
+    });
+}
