@@ -300,6 +300,16 @@ mod tests {
     }
 
     #[test]
+    fn runner_tags_never_take_the_post_validation_tags() {
+        use super::super::{tag, Direction};
+        let edge = (RUNNER_TAG_BIT as usize - 4) / 2; // the last micro-batch whose tags fit, on one stage
+        let last = tag(edge, 0, 1, Direction::Activation).unwrap();
+        assert!(last < VERDICT_TAG && VERDICT_TAG < PARTIAL_TAG);
+        assert_eq!(tag(edge, 0, 1, Direction::Gradient), None);
+        assert_eq!(tag(edge + 1, 0, 1, Direction::Activation), None);
+    }
+
+    #[test]
     fn the_wire_carries_the_stats_and_the_broken_mark() {
         let s = GradStats { sum_squares: 2.5, non_finite: true };
         assert_eq!(from_wire(to_wire(&Ok(s)), 1).unwrap(), s);
