@@ -175,7 +175,9 @@ fn kind(e: &RunError) -> &'static str {
         RunError::Stage { .. } => "Stage",
         RunError::Shape { .. } => "Shape",
         RunError::MessageTooLarge { .. } => "MessageTooLarge",
-        RunError::Comm { .. } | RunError::Finish { .. } => "Comm",
+        RunError::Comm { .. } | RunError::Finish { .. } | RunError::Collective { .. } => "Comm",
+        RunError::Uncommitted { .. } => "Uncommitted",
+        RunError::Optimizer { .. } => "Optimizer",
     }
 }
 

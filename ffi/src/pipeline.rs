@@ -320,9 +320,9 @@ fn run_as<T: Element>(
 /// The status and message of a failed run.
 fn run_fail(e: &RunError) -> Fail {
     let message = e.to_string();
-    match e {
-        RunError::Stage { .. } => Fail { code: PHX_ERR_STAGE, message },
-        RunError::Comm { source, .. } | RunError::Finish { source } => Fail { code: status_of(source.kind()), message },
+    match (e, e.comm_error()) {
+        (RunError::Stage { .. }, _) => Fail { code: PHX_ERR_STAGE, message },
+        (_, Some(source)) => Fail { code: status_of(source.kind()), message },
         _ => invalid(message),
     }
 }

@@ -234,9 +234,9 @@ impl PipelineRunner {
 /// message (naming the stage and the pass), or ValueError.
 fn run_error(py: Python<'_>, e: RunError) -> PyResult<PyErr> {
     let message = e.to_string();
-    match e {
-        RunError::Comm { source, .. } | RunError::Finish { source } => {
-            let base = to_py(py, *source);
+    match e.comm_error() {
+        Some(source) => {
+            let base = to_py(py, source.clone());
             let ty = base.get_type(py);
             let err = PyErr::from_value(ty.call1((message,))?);
             if let Ok(rank) = base.value(py).getattr("rank") {
@@ -244,7 +244,7 @@ fn run_error(py: Python<'_>, e: RunError) -> PyResult<PyErr> {
             }
             Ok(err)
         }
-        _ => Ok(PyValueError::new_err(message)),
+        None => Ok(PyValueError::new_err(message)),
     }
 }
 

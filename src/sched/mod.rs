@@ -26,21 +26,30 @@
 //! one chunk per stage, interleaved 1F1B on `v`, and ZB-V, V-Half and V-Min on two.
 //! [`Runner`] executes one stage's list on a [`crate::Communicator`], calling the user's
 //! [`Stage`] for each pass and moving activations and gradients with tagged send and
-//! receive. Still to come (issue 12): non-blocking transfers overlapped with compute,
-//! a pp × dp grid, optimizer post-validation, recovery with a replacement stage, and
-//! the C and Python faces of the runner.
+//! receive. A [`Grid`] of `pp` stages × `dp` replicas places pipelines on a group and
+//! all-reduces each stage's gradients among its replicas ([`GridMap`]); the optimizer
+//! post-validation ([`PostValidation`]) carries the gradient norm and inf/NaN flag along
+//! the pipeline while every stage steps optimistically, and a [`Committer`] makes each
+//! iteration's step commit on every rank or on none; a newcomer takes a lost position
+//! and fetches its stage's state from a replica ([`GridMap::sync_stage_state`]).
 
 mod auto;
+mod commit;
 mod generate;
+mod grid;
 mod named;
+mod postval;
 mod run;
 mod simulate;
 mod validate;
 mod vshape;
 
 pub use auto::{auto_schedule, zb_2p};
+pub use commit::{Committed, Committer};
 pub use generate::{interleaved_1f1b, one_f_one_b, zb_h1, zb_v};
+pub use grid::{Grid, GridMap, Position};
 pub use named::{by_name, SCHEDULE_NAMES};
+pub use postval::{GradStats, Optimistic, PostValidation, Stepped, Verdict, PARTIAL_TAG, VERDICT_TAG};
 pub use run::{
     tag, At, Direction, Executed, ExecutedPass, RunError, Runner, Stage, StageError, Step, DEFAULT_MESSAGE_LIMIT,
     RUNNER_TAG_BIT,

@@ -37,7 +37,8 @@ pub enum RunError {
     /// settle the group (`update_topology`) and run it again.
     #[error("{}: {what} rank {peer} failed: {source}", OptAt(.at))]
     Comm {
-        /// The action that was moving data, or `None` while opening the links.
+        /// The action that was moving data, or `None` while opening the links or in the
+        /// optimizer post-validation.
         at: Option<At>,
         /// What it was doing ("receiving the activation from").
         what: &'static str,
@@ -68,6 +69,31 @@ pub enum RunError {
         /// The communicator's error.
         source: Box<Error>,
     },
+    /// A collective of the grid or of the iteration's commit failed (a lost peer gives
+    /// the communicator's `PeerLost` or `Aborted`): see
+    /// [`GridMap`](super::super::GridMap) and [`Committer`](super::super::Committer).
+    #[error("{what} failed: {source}")]
+    Collective {
+        /// What it was doing ("all-reducing the gradients among the replicas").
+        what: &'static str,
+        /// The communicator's error.
+        source: Box<Error>,
+    },
+    /// Another stage could not step (its optimizer or its post-validation failed, no
+    /// peer lost): this stage's step of the iteration was undone, as on every stage.
+    #[error("the iteration's step was not committed: {detail}")]
+    Uncommitted {
+        /// Which stage could not take part, as far as this one knows.
+        detail: String,
+    },
+    /// The user's optimizer failed to step or to undo a step.
+    #[error("the optimizer failed {what}: {source}")]
+    Optimizer {
+        /// What it was doing ("stepping", "undoing the step").
+        what: &'static str,
+        /// The optimizer's error.
+        source: StageError,
+    },
     /// A message larger than the receiver's queue for one tag holds: its `send` could
     /// wait for the `recv`, which the runner's order does not allow for. Raise
     /// `ConnectOptions::queue_frames` (or the chunk size) on every peer and
@@ -87,7 +113,7 @@ impl std::fmt::Display for OptAt<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(at) => at.fmt(f),
-            None => f.write_str("opening the pipeline links"),
+            None => f.write_str("outside the passes (opening the links, or the optimizer's post-validation)"),
         }
     }
 }
@@ -99,7 +125,9 @@ impl RunError {
     /// The communicator's error, if sending or receiving failed.
     pub fn comm_error(&self) -> Option<&Error> {
         match self {
-            RunError::Comm { source, .. } | RunError::Finish { source } => Some(source),
+            RunError::Comm { source, .. } | RunError::Finish { source } | RunError::Collective { source, .. } => {
+                Some(source)
+            }
             _ => None,
         }
     }
@@ -109,7 +137,12 @@ impl RunError {
         match self {
             RunError::Comm { at, .. } => *at,
             RunError::Stage { at, .. } | RunError::Shape { at, .. } | RunError::MessageTooLarge { at, .. } => Some(*at),
-            RunError::Schedule(_) | RunError::Invalid(_) | RunError::Finish { .. } => None,
+            RunError::Schedule(_)
+            | RunError::Invalid(_)
+            | RunError::Finish { .. }
+            | RunError::Collective { .. }
+            | RunError::Uncommitted { .. }
+            | RunError::Optimizer { .. } => None,
         }
     }
 }

@@ -48,7 +48,8 @@
 //! others are then waiting for it, so the caller must leave the group (drop or
 //! [`Communicator::leave`] the communicator) or they wait until it does. The runner
 //! does not roll anything back: the weights a stage's `W` passes touched are the
-//! caller's to discard.
+//! caller's to discard. The optimizer step that follows a run is made to commit on
+//! every stage or none by [`Committer`](super::Committer).
 //!
 //! # Leaving
 //!
@@ -104,8 +105,9 @@ pub enum Direction {
 /// when the triple does not fit the tag space (about a billion micro-batch stages).
 pub fn tag(mb: usize, v: usize, virtual_stages: usize, dir: Direction) -> Option<u32> {
     let slot = mb.checked_mul(virtual_stages)?.checked_add(v)?.checked_mul(2)? + (dir == Direction::Gradient) as usize;
-    // The greeting takes the last value below the bit.
-    (slot < (RUNNER_TAG_BIT - 1) as usize).then_some(RUNNER_TAG_BIT | slot as u32)
+    // The greeting takes the last value below the bit, the optimizer post-validation
+    // (`sched::postval`) the two before it.
+    (slot < (RUNNER_TAG_BIT - 3) as usize).then_some(RUNNER_TAG_BIT | slot as u32)
 }
 
 /// Where a pass sits in the model: the micro-batch, the stage's chunk and the virtual
@@ -274,6 +276,16 @@ impl Runner {
     /// The schedule.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
+    }
+
+    /// The stage this runner runs.
+    pub fn stage(&self) -> usize {
+        self.stage
+    }
+
+    /// The rank of every stage of the pipeline, by stage (see [`Runner::ranks`]).
+    pub fn pipeline_ranks(&self) -> &[Rank] {
+        &self.ranks
     }
 
     /// Runs this stage's passes of one iteration: `stage` computes, `comm` moves the
