@@ -18,6 +18,7 @@ mod scan;
 mod sparse;
 mod subgroup;
 mod sync;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub use p2p_pending::{PendingP2p, PendingP2pRaw};
 pub use peer::AsyncPeer;
 pub use scan::{builtin_identity, ScanOptions};
 pub use sparse::{crossover_density, takes_dense_path, SparseReduced};
+pub use traffic::{PeerTraffic, Traffic};
 
 use peer::{CallSpec, Scope};
 

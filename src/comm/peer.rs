@@ -352,6 +352,12 @@ impl AsyncPeer {
         })
     }
 
+    /// Each peer's data-link traffic so far (see [`crate::comm::Traffic`]): `(peer,
+    /// (frames sent, bytes sent, frames received, bytes received))`, ascending.
+    pub(crate) fn traffic(&self) -> Vec<(PeerId, (u64, u64, u64, u64))> {
+        self.ops.links.traffic()
+    }
+
     /// Leaves the group gracefully.
     pub async fn leave(self) {
         self.ops.control.leave().await;
