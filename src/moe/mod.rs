@@ -56,6 +56,7 @@
 mod calibrate;
 mod dispatch;
 mod layer;
+mod pending;
 mod placement;
 mod reshard;
 mod shard;
@@ -66,6 +67,7 @@ mod tests;
 pub use calibrate::{calibrate, Calibration};
 pub use dispatch::{dispatch, Dispatch, Route};
 pub use layer::{Dispatched, ExpertLayer};
+pub use pending::{PendingCombine, PendingDispatch, PendingStep};
 pub use placement::{place, proportional_slots, ExpertPlacement, LoadPredictor, PlaceParams, WINDOW};
 pub use reshard::{plan_backups, Backups, Move};
 pub use shard::{plan_sharding, MoeLayer, Sharding};

@@ -1,0 +1,159 @@
+//! Non-blocking starts of the sparse collectives and of the all-to-all with a known
+//! count matrix: [`Communicator::sparse_all_gather_start`],
+//! [`Communicator::sparse_reduce_scatter_start`] and [`Communicator::all_to_all_start`].
+//!
+//! Like [`Communicator::all_reduce_start`]: the buffers are moved in, the collective
+//! runs as a task of the communicator's runtime while the caller computes, and `wait`
+//! gives the outcome with the buffers back, exactly as they were passed on error.
+//! Started collectives are numbered when started: every rank starts them (and calls
+//! its blocking collectives) in the same order. They are not retried.
+
+use std::marker::PhantomData;
+
+use super::{elements, peer, Communicator, PendingRaw};
+use crate::collective::Collective;
+use crate::dtype::{DType, Element, ReduceOp};
+use crate::error::{Error, Result};
+use crate::plan::sparse::Placement;
+
+/// A collective on one owned buffer started by
+/// [`Communicator::sparse_all_gather_start`] or
+/// [`Communicator::sparse_reduce_scatter_start`].
+pub struct Pending<T: Element> {
+    raw: PendingRaw,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Element> Pending<T> {
+    /// Waits for the collective: its outcome and the buffer, its result on success,
+    /// exactly as passed on error.
+    pub fn wait(self) -> (Result<()>, Vec<T>) {
+        let (result, bytes) = self.raw.wait();
+        (result, bytemuck::allocation::pod_collect_to_vec(&bytes))
+    }
+
+    /// Whether the collective has finished (`wait` would not block).
+    pub fn is_finished(&self) -> bool {
+        self.raw.is_finished()
+    }
+}
+
+/// An all-to-all started by [`Communicator::all_to_all_start`].
+pub struct PendingAllToAll<T: Element> {
+    raw: PendingRaw,
+    input_len: usize,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Element> PendingAllToAll<T> {
+    /// Waits for the all-to-all: what this rank received (parts in rank order) or the
+    /// error, and the input as it was passed.
+    pub fn wait(self) -> (Result<Vec<T>>, Vec<T>) {
+        let (result, mut bytes) = self.raw.wait();
+        let received = bytes.split_off(self.input_len.min(bytes.len()));
+        let input = bytemuck::allocation::pod_collect_to_vec(&bytes);
+        (result.map(|()| bytemuck::allocation::pod_collect_to_vec(&received)), input)
+    }
+
+    /// Whether the all-to-all has finished (`wait` would not block).
+    pub fn is_finished(&self) -> bool {
+        self.raw.is_finished()
+    }
+}
+
+impl Communicator {
+    /// Starts [`Communicator::sparse_all_gather`] of `buf` and returns at once.
+    pub fn sparse_all_gather_start<T: Element>(&mut self, placement: &Placement, buf: Vec<T>) -> Result<Pending<T>> {
+        self.check_placement(placement, buf.len())?;
+        let coll = Collective::SparseAllGather { placement: placement.clone() };
+        let raw = self.start_mapped(coll, T::DTYPE, ReduceOp::Sum, bytemuck::cast_slice(&buf).to_vec(), None)?;
+        Ok(Pending { raw, _t: PhantomData })
+    }
+
+    /// Starts [`Communicator::sparse_reduce_scatter`] of `buf` and returns at once.
+    pub fn sparse_reduce_scatter_start<T: Element>(
+        &mut self,
+        placement: &Placement,
+        buf: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Pending<T>> {
+        if op == ReduceOp::Avg {
+            return Err(Error::InvalidArgument("sparse reduce-scatter does not average; use Sum and divide".into()));
+        }
+        self.check_placement(placement, buf.len())?;
+        let len = std::mem::size_of_val(buf.as_slice());
+        let mut work = Vec::with_capacity(len + placement.scratch_len() * T::DTYPE.size());
+        work.extend_from_slice(bytemuck::cast_slice(&buf));
+        work.resize(len + placement.scratch_len() * T::DTYPE.size(), 0);
+        let coll = Collective::SparseReduceScatter { placement: placement.clone() };
+        let raw = self.start_mapped(coll, T::DTYPE, op, work, Some(len))?;
+        Ok(Pending { raw, _t: PhantomData })
+    }
+
+    /// Starts an all-to-all whose whole count matrix every rank knows: rank `i` sends
+    /// `counts[i][j]` elements to rank `j`, this rank's parts in `input` in rank order.
+    /// Unlike [`Communicator::all_to_all_v`] no counts are exchanged first, so it
+    /// starts at once; every rank must pass the same matrix (a different one is a
+    /// [`Error::Mismatch`]).
+    pub fn all_to_all_start<T: Element>(
+        &mut self,
+        input: Vec<T>,
+        counts: Vec<Vec<usize>>,
+    ) -> Result<PendingAllToAll<T>> {
+        let (rank, size) = self.call_group()?;
+        if counts.len() != size || counts.iter().any(|row| row.len() != size) {
+            return Err(Error::InvalidArgument(format!(
+                "an all-to-all count matrix of a group of {size} is {size}×{size}"
+            )));
+        }
+        let send = counts[rank].iter().try_fold(0usize, |a, &c| a.checked_add(c));
+        let recv = counts.iter().try_fold(0usize, |a, row| a.checked_add(row[rank]));
+        let (Some(send), Some(recv)) = (send, recv) else {
+            return Err(Error::InvalidArgument("all-to-all counts overflow".into()));
+        };
+        if send != input.len() {
+            return Err(Error::InvalidArgument(format!(
+                "input holds {} elements, row {rank} of the counts sums to {send}",
+                input.len()
+            )));
+        }
+        let size_of = T::DTYPE.size();
+        let input_len = std::mem::size_of_val(input.as_slice());
+        let total = recv.checked_mul(size_of).and_then(|r| r.checked_add(input_len));
+        let total = total.ok_or_else(|| Error::InvalidArgument("all-to-all receive area overflows".into()))?;
+        let mut work = Vec::with_capacity(total);
+        work.extend_from_slice(bytemuck::cast_slice(&input));
+        work.resize(total, 0);
+        let raw = self.start_mapped(Collective::AllToAll { counts }, T::DTYPE, ReduceOp::Sum, work, None)?;
+        Ok(PendingAllToAll { raw, input_len, _t: PhantomData })
+    }
+
+    /// Starts `coll` on `work`; with `keep`, the buffer handed back (on success and
+    /// on error alike) is cut to its first `keep` bytes.
+    fn start_mapped(
+        &mut self,
+        coll: Collective,
+        dtype: DType,
+        op: ReduceOp,
+        work: Vec<u8>,
+        keep: Option<usize>,
+    ) -> Result<PendingRaw> {
+        elements(work.len(), dtype, "buffer")?;
+        let runtime = self.runtime.clone();
+        let _guard = runtime.enter();
+        let task: peer::Started = self.peer_mut()?.start(coll, dtype, op, work);
+        let task = match keep {
+            None => task,
+            Some(keep) => tokio::spawn(async move {
+                match task.await {
+                    Ok((result, mut buf)) => {
+                        buf.truncate(keep);
+                        (result, buf)
+                    }
+                    Err(e) => (Err(Error::Aborted { reason: format!("collective task failed: {e}") }), Vec::new()),
+                }
+            }),
+        };
+        Ok(PendingRaw { task, runtime: runtime.clone() })
+    }
+}
