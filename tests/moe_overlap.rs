@@ -195,3 +195,66 @@ fn a_lost_device_while_a_step_is_pending() {
         }
     }
 }
+
+/// One forward and backward of the layer with elementwise experts `y = x ∘ w`: the
+/// outputs, the input gradients and, after spRS, the weight gradients. With `remat`,
+/// the replicas are freed after the forward and materialised again before the
+/// backward; returns also the elements freed.
+fn forward_backward(layer: &ExpertLayer, c: &mut Communicator, remat: bool) -> (Vec<u32>, Vec<u32>, Vec<u32>, usize) {
+    let d = c.rank();
+    let (tokens, experts) = routing(d);
+    let mut p = params(layer.placement(), d);
+    layer.materialize(c, &mut p).expect("spAG");
+    let arrived = layer.dispatch(c, &tokens, &experts).expect("dispatch");
+    let y = compute(layer, &p, &arrived.tokens, &arrived.experts);
+    let out = layer.combine(c, &arrived, &y).expect("combine");
+    let mut freed = 0;
+    if remat {
+        let before = bits(&p);
+        let released = layer.release_replicas(c, p).expect("release");
+        freed = released.freed_elements();
+        assert_eq!(released.owned().len(), layer.params_len() - freed);
+        let (done, again) = layer.rematerialize_start(c, released).expect("start spAG").wait();
+        done.expect("spAG again");
+        // Every slot this device holds is back, bitwise.
+        for e in layer.placement().held(d) {
+            let r = layer.expert_range(e);
+            assert_eq!(bits(&again[r.clone()]), before[r], "device {d}, expert {e}");
+        }
+        p = again;
+    }
+    // The backward: dy = out ∘ out, sent the way the tokens went.
+    let dy: Vec<f32> = out.iter().map(|y| y * y).collect();
+    let back = layer.dispatch(c, &dy, &experts).expect("dispatch dy");
+    let dx = compute(layer, &p, &back.tokens, &back.experts);
+    let mut g = vec![0.0f32; layer.params_len()];
+    for ((x, dy), &e) in arrived.tokens.chunks(HIDDEN).zip(back.tokens.chunks(HIDDEN)).zip(&arrived.experts) {
+        for (k, slot) in g[layer.expert_range(e)].iter_mut().enumerate() {
+            *slot += x[k] * dy[k];
+        }
+    }
+    let dx = layer.combine(c, &back, &dx).expect("combine dx");
+    layer.reduce_gradients(c, &mut g).expect("spRS");
+    let owned: Vec<f32> = (0..8)
+        .filter(|&e| layer.placement().owners()[e] == d)
+        .flat_map(|e| g[layer.expert_range(e)].to_vec())
+        .collect();
+    (bits(&out), bits(&dx), bits(&owned), freed)
+}
+
+#[test]
+fn rematerialisation_gives_the_same_bits_and_frees_the_replicas() {
+    let layer = ExpertLayer::new(example(), EXPERT, HIDDEN, None).expect("layer");
+    let out = on_group(4, |c| (forward_backward(&layer, c, false), forward_backward(&layer, c, true)));
+    let mut replicas = 0;
+    for (d, (plain, remat)) in out.iter().enumerate() {
+        assert_eq!(plain.0, remat.0, "device {d}: outputs");
+        assert_eq!(plain.1, remat.1, "device {d}: input gradients");
+        assert_eq!(plain.2, remat.2, "device {d}: owned experts' gradients");
+        // Only the owned experts stay: 2 of 8 slots.
+        assert_eq!(remat.3, 6 * EXPERT, "device {d}");
+        replicas += layer.replica_len(d);
+    }
+    // The worked example's 6 replicas (e0 on d1..d3, e4 on d0, d1, d3) were freed.
+    assert_eq!(replicas, 6 * EXPERT);
+}

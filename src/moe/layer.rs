@@ -91,6 +91,11 @@ impl ExpertLayer {
         &self.sparse
     }
 
+    /// Elements of one expert's parameters.
+    pub fn expert_len(&self) -> usize {
+        self.expert_len
+    }
+
     /// Elements of the parameter (and gradient) buffer: every expert's slot.
     pub fn params_len(&self) -> usize {
         self.sparse.total_len()
