@@ -24,7 +24,12 @@ use crate::Communicator;
 /// on what arrived, [`combine`](Self::combine) the outputs back, and after the backward
 /// [`reduce_gradients`](Self::reduce_gradients) (spRS P′ → P). Each step is a blocking
 /// collective; on error the caller's buffers hold what they held before and, as a
-/// placement names devices, the caller plans again for the survivors.
+/// placement names devices, the caller plans again for the survivors. Each also has a
+/// start form that returns a handle at once so that it overlaps compute
+/// ([`materialize_start`](Self::materialize_start) and the others, `moe::pending`),
+/// and [`release_replicas`](Self::release_replicas) with
+/// [`rematerialize_start`](Self::rematerialize_start) free the replicas between the
+/// forward and the backward (re-materialisation).
 ///
 /// Top-k routing: give [`dispatch`](Self::dispatch) one row per token and choice (the
 /// token repeated, each row with its expert), and mix the rows [`combine`](Self::combine)
