@@ -145,6 +145,38 @@ fn two_layers_steps_in_flight_together() {
     assert!(out.iter().all(|&(p, g)| p && g), "{out:?}");
 }
 
+/// A dispatch started (its count exchange and all-to-all both in the background), then
+/// a spAG started and a blocking spRS run before either is waited for: all three
+/// complete, each equal to its blocking form.
+#[test]
+fn a_started_dispatch_lets_other_collectives_run_before_its_wait() {
+    let layer = ExpertLayer::new(example(), EXPERT, HIDDEN, None).expect("layer");
+    let out = on_group(4, |c| {
+        let d = c.rank();
+        let (tokens, experts) = routing(d);
+        let dispatch = layer.dispatch_start(c, tokens.clone(), &experts).expect("start dispatch");
+        let spag = layer.materialize_start(c, params(layer.placement(), d)).expect("start spAG");
+        let mut g = grads(d);
+        layer.reduce_gradients(c, &mut g).expect("spRS");
+        let (arrived, _) = dispatch.wait();
+        let arrived = arrived.expect("dispatch");
+        let (done, p) = spag.wait();
+        done.expect("spAG");
+
+        let want = layer.dispatch(c, &tokens, &experts).expect("dispatch");
+        let mut want_p = params(layer.placement(), d);
+        layer.materialize(c, &mut want_p).expect("spAG");
+        let mut want_g = grads(d);
+        layer.reduce_gradients(c, &mut want_g).expect("spRS");
+        (
+            bits(&arrived.tokens) == bits(&want.tokens) && arrived.experts == want.experts,
+            bits(&p) == bits(&want_p),
+            bits(&g) == bits(&want_g),
+        )
+    });
+    assert!(out.iter().all(|&(a, p, g)| a && p && g), "{out:?}");
+}
+
 /// Device 2 leaves while the others' step is pending (it drops its communicator
 /// instead of starting it): every survivor's `wait` gives `PeerLost` or `Aborted` and
 /// its buffer exactly as it was passed.

@@ -16,7 +16,7 @@ mod peer;
 mod quant;
 mod scan;
 mod sparse;
-mod started;
+pub(crate) mod started;
 mod subgroup;
 mod sync;
 mod traffic;

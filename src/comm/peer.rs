@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod chain;
+
 use super::datalinks::DataLinks;
 use super::options::{ConnectOptions, DataTransport, RetryPolicy, SyncReport};
 use super::p2p::Dir;

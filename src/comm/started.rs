@@ -157,3 +157,79 @@ impl Communicator {
         Ok(PendingRaw { task, runtime: runtime.clone() })
     }
 }
+
+/// What a planned all-to-all's planner gives: the count matrix (elements,
+/// `matrix[from][to]`), this rank's send area, and a value handed back with the result.
+pub(crate) type Planned<X> = (Vec<Vec<usize>>, Vec<u8>, X);
+
+/// The planner's value and the bytes of the send area at the front of the buffer.
+type Sent<X> = (X, usize);
+
+/// An all-to-all started by [`Communicator::all_to_all_planned_start`].
+pub(crate) struct PendingPlanned<X> {
+    /// The all-to-all's buffer, with the planner's value and the send area's length.
+    task: tokio::task::JoinHandle<Result<(Vec<u8>, Sent<X>)>>,
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+}
+
+impl<X> PendingPlanned<X> {
+    /// Waits for both collectives: the bytes this rank received (parts in rank order)
+    /// and the planner's value, or the error.
+    pub(crate) fn wait(self) -> Result<(Vec<u8>, X)> {
+        super::not_in_runtime("wait")?;
+        let (mut buf, (value, send_len)) = self
+            .runtime
+            .block_on(self.task)
+            .map_err(|e| Error::Aborted { reason: format!("collective task failed: {e}") })??;
+        Ok((buf.split_off(send_len.min(buf.len())), value))
+    }
+
+    /// Whether both have finished (`wait` would not block).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Communicator {
+    /// Starts an all-gather of `mine` (equal lengths on every rank) and, numbered right
+    /// after it, an all-to-all of `dtype` elements that `plan` builds from the gathered
+    /// counts (every rank's `mine`, rank after rank): both run in the background, so
+    /// the caller goes on at once. Every rank's `plan` must give the same matrix from
+    /// the same counts (a refusal too: then every rank's all-to-all fails with it).
+    pub(crate) fn all_to_all_planned_start<X: Send + 'static>(
+        &mut self,
+        mine: &[u64],
+        dtype: DType,
+        plan: impl FnOnce(&[u64]) -> Result<Planned<X>> + Send + 'static,
+    ) -> Result<PendingPlanned<X>> {
+        let (rank, size) = self.call_group()?;
+        let len = mine.len();
+        let mut work = vec![0u8; size * len * 8];
+        work[rank * len * 8..(rank + 1) * len * 8].copy_from_slice(bytemuck::cast_slice(mine));
+        let first = (Collective::AllGather { counts: vec![len; size] }, DType::U64, work);
+        // Every rank begins the all-to-all under this fingerprint, its counts not known
+        // yet; every rank derives the same matrix from the same gathered counts.
+        let second_call = Collective::AllToAll { counts: Vec::new() }.fingerprint(dtype, ReduceOp::Sum);
+        let then = move |gathered: Vec<u8>| {
+            let all: Vec<u64> = bytemuck::allocation::pod_collect_to_vec(&gathered);
+            let (matrix, send, value) = plan(&all)?;
+            if matrix.len() != size || matrix.iter().any(|row| row.len() != size) {
+                return Err(Error::InvalidArgument(format!(
+                    "an all-to-all count matrix of a group of {size} is {size}×{size}"
+                )));
+            }
+            let recv = matrix.iter().try_fold(0usize, |a, row| a.checked_add(row[rank]));
+            let total = recv.and_then(|r| r.checked_mul(dtype.size())).and_then(|r| r.checked_add(send.len()));
+            let total =
+                total.ok_or_else(|| Error::Mismatch { detail: "all-to-all counts overflow a buffer".into() })?;
+            let send_len = send.len();
+            let mut work = send;
+            work.resize(total, 0);
+            Ok((Collective::AllToAll { counts: matrix }, work, (value, send_len)))
+        };
+        let runtime = self.runtime.clone();
+        let _guard = runtime.enter();
+        let task = self.peer_mut()?.start_then(first, second_call, dtype, then);
+        Ok(PendingPlanned { task, runtime: runtime.clone() })
+    }
+}

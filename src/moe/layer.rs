@@ -166,7 +166,15 @@ impl ExpertLayer {
         experts: &[usize],
     ) -> Result<(Routed, Vec<T>)> {
         let rank = self.check_group(comm)?;
-        let (devices, n_experts, hidden) = (self.placement.devices(), self.placement.experts(), self.hidden);
+        let mine = self.counts_of(tokens, experts)?;
+        let mut all = vec![0u64; self.placement.devices() * mine.len()];
+        comm.all_gather(&mine, &mut all)?;
+        self.plan_from(rank, &all, tokens, experts)
+    }
+
+    /// Checks this device's tokens and counts them by expert.
+    pub(super) fn counts_of<T: Element>(&self, tokens: &[T], experts: &[usize]) -> Result<Vec<u64>> {
+        let (n_experts, hidden) = (self.placement.experts(), self.hidden);
         if tokens.len() != experts.len().saturating_mul(hidden) {
             return Err(Error::InvalidArgument(format!(
                 "{} token elements for {} routed tokens of {hidden}",
@@ -181,8 +189,19 @@ impl ExpertLayer {
         for &e in experts {
             mine[e] += 1;
         }
-        let mut all = vec![0u64; devices * n_experts];
-        comm.all_gather(&mine, &mut all)?;
+        Ok(mine)
+    }
+
+    /// The plan from every device's counts (`all`, device after device), and this
+    /// device's tokens in the order they are sent.
+    pub(super) fn plan_from<T: Element>(
+        &self,
+        rank: usize,
+        all: &[u64],
+        tokens: &[T],
+        experts: &[usize],
+    ) -> Result<(Routed, Vec<T>)> {
+        let (devices, n_experts, hidden) = (self.placement.devices(), self.placement.experts(), self.hidden);
         // The counts come from peers: a sum that overflows, or a matrix no buffer could
         // hold, is theirs to answer for (every device sees the same counts and refuses
         // alike).

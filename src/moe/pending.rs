@@ -11,6 +11,9 @@
 
 use super::layer::Routed;
 use super::{Dispatched, ExpertLayer};
+use std::sync::Arc;
+
+use crate::comm::started::{PendingPlanned, Planned};
 use crate::comm::{Pending, PendingAllToAll};
 use crate::dtype::{Element, ReduceOp};
 use crate::error::{Error, Result};
@@ -38,20 +41,24 @@ impl<T: Element> PendingStep<T> {
 /// A dispatch started by [`ExpertLayer::dispatch_start`].
 pub struct PendingDispatch<'l, T: Element> {
     layer: &'l ExpertLayer,
-    routed: Routed,
-    inner: PendingAllToAll<T>,
-    tokens: Vec<T>,
+    inner: PendingPlanned<Routed>,
+    tokens: Arc<Vec<T>>,
 }
 
 impl<T: Element> PendingDispatch<'_, T> {
-    /// Waits for the tokens' all-to-all: what arrived (as
+    /// Waits for the count exchange and the tokens' all-to-all: what arrived (as
     /// [`ExpertLayer::dispatch`] returns it) or the error, and the tokens as passed.
     pub fn wait(self) -> (Result<Dispatched<T>>, Vec<T>) {
-        let (received, _) = self.inner.wait();
-        (received.and_then(|r| self.layer.arrive(self.routed, r)), self.tokens)
+        let arrived = self.inner.wait().and_then(|(bytes, routed)| {
+            let received: Vec<T> = bytemuck::allocation::pod_collect_to_vec(&bytes);
+            self.layer.arrive(routed, received)
+        });
+        // The task has ended, and its planner with it: the tokens are ours alone.
+        let tokens = Arc::try_unwrap(self.tokens).unwrap_or_else(|shared| shared.as_ref().clone());
+        (arrived, tokens)
     }
 
-    /// Whether the all-to-all has finished (`wait` would not block).
+    /// Whether the exchange has finished (`wait` would not block).
     pub fn is_finished(&self) -> bool {
         self.inner.is_finished()
     }
@@ -116,18 +123,25 @@ impl ExpertLayer {
         Ok(PendingStep { inner: comm.sparse_reduce_scatter_start(self.sparse(), grads, ReduceOp::Sum)? })
     }
 
-    /// Starts [`dispatch`](Self::dispatch). The count exchange (one all-gather of a
-    /// count per expert and device, which every device needs to plan) runs before this
-    /// returns; the tokens' all-to-all runs in the background.
+    /// Starts [`dispatch`](Self::dispatch) and returns at once: the count exchange (an
+    /// all-gather of a count per expert and device, which every device needs to plan)
+    /// and, numbered right after it, the tokens' all-to-all run in the background.
     pub fn dispatch_start<'l, T: Element>(
         &'l self,
         comm: &mut Communicator,
         tokens: Vec<T>,
         experts: &[usize],
     ) -> Result<PendingDispatch<'l, T>> {
-        let (routed, send) = self.route(comm, &tokens, experts)?;
-        let inner = comm.all_to_all_start(send, routed.matrix.clone())?;
-        Ok(PendingDispatch { layer: self, routed, inner, tokens })
+        let rank = self.check_group(comm)?;
+        let mine = self.counts_of(&tokens, experts)?;
+        let tokens = Arc::new(tokens);
+        let (layer, theirs, experts) = (self.clone(), tokens.clone(), experts.to_vec());
+        let plan = move |all: &[u64]| -> Result<Planned<Routed>> {
+            let (routed, send) = layer.plan_from(rank, all, &theirs, &experts)?;
+            Ok((routed.matrix.clone(), bytemuck::cast_slice(&send).to_vec(), routed))
+        };
+        let inner = comm.all_to_all_planned_start(&mine, T::DTYPE, plan)?;
+        Ok(PendingDispatch { layer: self, inner, tokens })
     }
 
     /// Starts [`combine`](Self::combine) of `outputs` (one row per token of
