@@ -390,6 +390,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn counters_see_every_frame_both_ways() {
+        let (a, b) = mem::pair(16);
+        let counters = Arc::new(LinkCounters::default());
+        let (a, b) = (Demux::counted(Arc::new(a), 4, Arc::default()), Demux::counted(Arc::new(b), 4, counters.clone()));
+        let payload = |n: usize| Frame {
+            header: Header { epoch: 1, seq: 1, call: 0, index: 0 },
+            payload: Bytes::from(vec![7u8; n]),
+        };
+        let op = b.op((1, 1));
+        op.send(payload(10)).await.expect("send");
+        b.op((1, 2)).send(payload(0)).await.expect("send");
+        a.op((1, 1)).send(payload(5)).await.expect("send");
+        assert_eq!(op.recv().await.expect("recv").payload.len(), 5);
+        assert_eq!(counters.load(), (2, 10, 1, 5));
+    }
+
+    #[tokio::test]
     async fn closure_reaches_every_collective() {
         let (a, b) = mem::pair(16);
         let demux = Demux::new(Arc::new(b));
