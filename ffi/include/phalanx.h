@@ -315,6 +315,23 @@ typedef struct phx_comm phx_comm;
 typedef struct phx_master phx_master;
 
 /**
+ * What `phx_moe_layer_dispatch` delivered to this device: the tokens to run through
+ * their experts, each token's expert and source device, and what
+ * `phx_moe_layer_combine` needs to send the outputs back. Owned by the caller, freed
+ * with `phx_moe_dispatched_free`; the arrays its accessors return live as long as it.
+ */
+typedef struct phx_moe_dispatched phx_moe_dispatched;
+
+/**
+ * One MoE layer's communication for one iteration: the placement P′ (owners and
+ * holders of every expert), the experts' length and the tokens' width. Every device of
+ * the group makes one from the same placement and calls its steps in the same order.
+ * Immutable once made: it may be used by several threads at once (each with its own
+ * communicator).
+ */
+typedef struct phx_moe_layer phx_moe_layer;
+
+/**
  * An all-reduce started by `phx_comm_all_reduce_start`, owning a copy of its buffer.
  * Consumed by `phx_pending_wait` or `phx_pending_free`. It may be waited on from any
  * thread, including while its communicator runs other calls on another thread.
@@ -1379,6 +1396,197 @@ int phx_moe_simulate(size_t n_devices,
                      uint64_t expert_bytes,
                      uint64_t token_bytes,
                      struct phx_moe_sim_result *out);
+
+/**
+ * Makes the layer for placement P′: expert `e` (of `n_experts`) is owned by device
+ * `owners[e]` (of `n_devices`, the group's size) and held by device `d` when
+ * `holds_or_null[e * n_devices + d]` is not zero (the matrix `phx_moe_place` writes;
+ * the owner always holds; NULL: every expert on its owner only, the sharded P). The
+ * experts' parameters and gradients are buffers of `n_experts * expert_len` elements,
+ * expert `e` at offset `e * expert_len` on every device; tokens are rows of `hidden`
+ * elements. `hosts_or_null` gives each device's host, or is NULL: with it, dispatch
+ * prefers a replica on a token's host. Writes the new layer to `*out`, which the
+ * caller frees with `phx_moe_layer_free`. `PHX_ERR_INVALID_ARGUMENT` for an owner or
+ * host outside the group or `hidden` 0. Thread-safe.
+ *
+ * # Safety
+ * `owners` is readable for `n_experts` entries, `holds_or_null` NULL or readable for
+ * `n_experts * n_devices` bytes, `hosts_or_null` NULL or readable for `n_devices`
+ * entries, `out` valid for a write of a pointer.
+ */
+int phx_moe_layer_new(size_t n_devices,
+                      size_t n_experts,
+                      const size_t *owners,
+                      const uint8_t *holds_or_null,
+                      size_t expert_len,
+                      size_t hidden,
+                      const size_t *hosts_or_null,
+                      struct phx_moe_layer **out);
+
+/**
+ * Elements of the layer's parameter (and gradient) buffer in `*out`:
+ * `n_experts * expert_len`. Thread-safe.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `out` NULL or valid for a write of a `size_t`.
+ */
+int phx_moe_layer_params_len(const struct phx_moe_layer *layer, size_t *out);
+
+/**
+ * spAG(P, P′): every holder's slot of an expert in `params` (`count` =
+ * `phx_moe_layer_params_len` elements of `dtype`) receives its owner's bytes; slots
+ * this device does not hold are unchanged. A collective: every device of the group
+ * calls it. On error `params` is unchanged (`PHX_ERR_PEER_LOST`/`PHX_ERR_ABORTED`:
+ * plan again for the survivors). Must not run concurrently with other calls on `comm`.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `comm` NULL or a live communicator not used
+ * concurrently; `params` NULL or readable and writable for `count` elements.
+ */
+int phx_moe_layer_materialize(const struct phx_moe_layer *layer,
+                              struct phx_comm *comm,
+                              void *params,
+                              size_t count,
+                              int dtype_code);
+
+/**
+ * spRS(P′, P): each owner's slot of an expert in `grads` (as `params` of
+ * `phx_moe_layer_materialize`) becomes the sum of all its holders' slots, added in
+ * ascending device order (every run gives the same bits); other slots are unchanged,
+ * and the replicas may then be dropped. A collective; on error `grads` is unchanged.
+ * Must not run concurrently with other calls on `comm`.
+ *
+ * # Safety
+ * As `phx_moe_layer_materialize`, for `grads`.
+ */
+int phx_moe_layer_reduce_gradients(const struct phx_moe_layer *layer,
+                                   struct phx_comm *comm,
+                                   void *grads,
+                                   size_t count,
+                                   int dtype_code);
+
+/**
+ * Sends this device's `n_tokens` tokens (`tokens`: `n_tokens * hidden` elements of
+ * `dtype`, token `i` routed to expert `experts[i]`) to devices holding their experts:
+ * a replica on this device first, then on its host, an expert's tokens split evenly
+ * over its holders (the plan every device computes alike from the token counts, which
+ * the devices all-gather first). Writes to `*out` what arrived here, to run through the
+ * experts (see the `phx_moe_dispatched_*` accessors) and to pass to
+ * `phx_moe_layer_combine`; the caller frees it with `phx_moe_dispatched_free`.
+ *
+ * Top-k routing: give one row per token and choice (the token repeated, each row with
+ * its expert). The backward's output gradients travel the same way: dispatching them
+ * with the same experts delivers them in the order the tokens arrived.
+ *
+ * A collective; on error nothing is written to `*out`. `PHX_ERR_INVALID_ARGUMENT` for
+ * an expert outside the layer. Must not run concurrently with other calls on `comm`.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `comm` NULL or a live communicator not used
+ * concurrently; `tokens` NULL or readable for `n_tokens * hidden` elements, `experts`
+ * for `n_tokens` entries; `out` NULL or valid for a write of a pointer.
+ */
+int phx_moe_layer_dispatch(const struct phx_moe_layer *layer,
+                           struct phx_comm *comm,
+                           const void *tokens,
+                           const size_t *experts,
+                           size_t n_tokens,
+                           int dtype_code,
+                           struct phx_moe_dispatched **out);
+
+/**
+ * Sends the experts' outputs back where their tokens came from: `outputs` holds one
+ * row of `hidden` elements per token of `dispatched`, in its order (`outputs_count` =
+ * `phx_moe_dispatched_count * hidden` elements, of the dispatch's element type).
+ * Writes this device's rows, in the order of its tokens as given to
+ * `phx_moe_layer_dispatch`, to `combined` (`combined_count` = that dispatch's
+ * `n_tokens * hidden` elements). A collective; on error `combined` is unchanged.
+ * `dispatched` stays valid (free it with `phx_moe_dispatched_free`). Must not run
+ * concurrently with other calls on `comm`.
+ *
+ * # Safety
+ * `layer` and `dispatched` are NULL or live handles; `comm` NULL or a live
+ * communicator not used concurrently; `outputs` NULL or readable for `outputs_count`
+ * elements and `combined` NULL or writable for `combined_count` elements, the two not
+ * overlapping.
+ */
+int phx_moe_layer_combine(const struct phx_moe_layer *layer,
+                          struct phx_comm *comm,
+                          const struct phx_moe_dispatched *dispatched,
+                          const void *outputs,
+                          size_t outputs_count,
+                          void *combined,
+                          size_t combined_count);
+
+/**
+ * The number of tokens this device computes (rows of `phx_moe_dispatched_tokens`) in
+ * `*out`.
+ *
+ * # Safety
+ * `dispatched` is NULL or a live handle; `out` NULL or valid for a write of a `size_t`.
+ */
+int phx_moe_dispatched_count(const struct phx_moe_dispatched *dispatched, size_t *out);
+
+/**
+ * The tokens this device computes, in `*out`: `phx_moe_dispatched_count * hidden`
+ * elements of the dispatch's element type, grouped by the device they came from
+ * (ascending), then by expert (ascending), then in their order there. The array
+ * belongs to `dispatched` and lives until `phx_moe_dispatched_free`; NULL when there
+ * are none.
+ *
+ * # Safety
+ * `dispatched` is NULL or a live handle; `out` NULL or valid for a write of a pointer.
+ */
+int phx_moe_dispatched_tokens(const struct phx_moe_dispatched *dispatched, const void **out);
+
+/**
+ * The expert of each token of `phx_moe_dispatched_tokens`, in `*out`
+ * (`phx_moe_dispatched_count` entries, owned by `dispatched` as the tokens are; NULL
+ * when there are none).
+ *
+ * # Safety
+ * As `phx_moe_dispatched_tokens`.
+ */
+int phx_moe_dispatched_experts(const struct phx_moe_dispatched *dispatched, const size_t **out);
+
+/**
+ * The device each token of `phx_moe_dispatched_tokens` came from, in `*out` (as
+ * `phx_moe_dispatched_experts`).
+ *
+ * # Safety
+ * As `phx_moe_dispatched_tokens`.
+ */
+int phx_moe_dispatched_sources(const struct phx_moe_dispatched *dispatched, const size_t **out);
+
+/**
+ * The tokens each device computes under the group's dispatch plan (the same on every
+ * device; the largest is the straggler's), written to `out[0..n_devices]`;
+ * `n_devices` must be the layer's.
+ *
+ * # Safety
+ * `dispatched` is NULL or a live handle; `out` NULL or writable for `n_devices`
+ * entries.
+ */
+int phx_moe_dispatched_compute(const struct phx_moe_dispatched *dispatched,
+                               uint64_t *out,
+                               size_t n_devices);
+
+/**
+ * Frees `dispatched` (and the arrays its accessors returned). NULL is a no-op.
+ *
+ * # Safety
+ * `dispatched` is NULL or a live handle from `phx_moe_layer_dispatch`, not used
+ * afterwards.
+ */
+int phx_moe_dispatched_free(struct phx_moe_dispatched *dispatched);
+
+/**
+ * Frees `layer`. NULL is a no-op.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle from `phx_moe_layer_new`, not used afterwards.
+ */
+int phx_moe_layer_free(struct phx_moe_layer *layer);
 
 #ifdef __cplusplus
 }  // extern "C"

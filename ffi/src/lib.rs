@@ -48,12 +48,15 @@ pub mod scan;
 mod sched;
 // Expert parallelism (FSSDP): placement and simulator.
 mod moe;
+// The FSSDP layer (`phx_moe_layer`, `phx_moe_dispatched`).
+mod moe_layer;
 
 pub use args::*;
 pub use collectives::*;
 pub use comm::*;
 pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
+pub use moe_layer::*;
 pub use pending::*;
 pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
 pub use request::*;
@@ -74,5 +77,7 @@ mod tests {
         send::<phx_pending>();
         send::<phx_request>();
         send::<phx_state>();
+        send::<phx_moe_layer>();
+        send::<phx_moe_dispatched>();
     }
 }

@@ -356,6 +356,86 @@ def moe_place(
     per expert, the devices holding it, ascending, its owner included (the `holders` of
     `Communicator.sparse_all_gather`). ValueError for inputs no placement fits."""
 
+class Dispatched:
+    """What `ExpertLayer.dispatch` delivered to this device; pass it to
+    `ExpertLayer.combine` with the experts' outputs. `len()` is the number of tokens."""
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The tokens this device computes, shape (len(self), hidden), of the dispatched
+        element type: grouped by the device they came from (ascending), then by expert
+        (ascending), then in their order there."""
+    @property
+    def experts(self) -> np.ndarray:
+        """The expert of each token (int64)."""
+    @property
+    def sources(self) -> np.ndarray:
+        """The device each token came from (int64)."""
+    @property
+    def compute(self) -> List[int]:
+        """Tokens each device computes under the group's plan (the same on every device;
+        the largest is the straggler's)."""
+    @property
+    def routes(self) -> List[Tuple[int, int, int, int]]:
+        """The group's plan as (from, expert, to, tokens): device `from`'s next `tokens`
+        tokens of `expert`, in its order, go to device `to`."""
+    def __len__(self) -> int: ...
+
+class ExpertLayer:
+    """One MoE layer's communication for one iteration over `comm`'s group (FSSDP): every
+    device makes one from the same placement P' and calls its steps in the same order.
+
+    Expert `e` is owned by `owners[e]` and held by the devices in `holders[e]` (what
+    `moe_place` returns; the owner always holds; None: every expert on its owner only).
+    Parameters and gradients are arrays of `params_len` elements, expert `e` at
+    `expert_slice(e)` (`expert_len` elements) on every device; tokens are rows of
+    `hidden` elements. With `hosts`, dispatch prefers a replica on a token's host.
+
+    An iteration: `materialize(params)` (spAG P -> P'), the attention forward,
+    `dispatch(tokens, experts)`, the experts on what arrived, `combine(dispatched,
+    outputs)`, and after the backward `reduce_gradients(grads)` (spRS P' -> P). Each
+    step blocks with the GIL released; after an error the arrays hold what they held
+    before (PeerLostError / AbortedError: plan again for the survivors). ValueError for
+    an owner or holder outside the group.
+
+    Top-k routing: one row per token and choice; the backward's output gradients,
+    dispatched with the same experts, arrive in the same order as the tokens did.
+    """
+
+    def __init__(
+        self,
+        comm: Communicator,
+        owners: Sequence[int],
+        holders: Optional[Sequence[Sequence[int]]],
+        expert_len: int,
+        hidden: int,
+        *,
+        hosts: Optional[Sequence[int]] = None,
+    ) -> None: ...
+    @property
+    def params_len(self) -> int:
+        """Elements of the parameter (and gradient) array: experts * expert_len."""
+    @property
+    def holders(self) -> List[List[int]]:
+        """The devices holding each expert, ascending, the owner included."""
+    def expert_slice(self, e: int) -> slice:
+        """Expert `e`'s slot in the parameter array."""
+    def materialize(self, params: ArrayLike) -> None:
+        """spAG, in place: every slot this device holds receives its owner's bytes;
+        other slots are unchanged."""
+    def dispatch(self, tokens: ArrayLike, experts: Union[Sequence[int], np.ndarray]) -> Dispatched:
+        """Sends this device's tokens (rows of `hidden`, one expert each) to devices
+        holding their experts (a local replica first, an expert's tokens split evenly
+        over its holders); returns what arrived here. ValueError for an expert outside
+        the layer, before anything is sent."""
+    def combine(self, dispatched: Dispatched, outputs: ArrayLike) -> np.ndarray:
+        """Sends the outputs (one row per token of `dispatched`, in its order, of its
+        element type) back; returns this device's rows in the order of its tokens as
+        given to `dispatch`, shape (len(experts), hidden)."""
+    def reduce_gradients(self, grads: ArrayLike) -> None:
+        """spRS, in place: each owner's slot becomes the sum of its holders' slots, added
+        in ascending device order (the same bits every run); other slots unchanged."""
+
 def moe_simulate(
     *,
     devices: int = 8,

@@ -9,7 +9,8 @@
 //! `communicator` (with `AllReduceHandle`), `state` (with `SyncReport`), `array` (the
 //! zero-copy view of Python arrays), and the collective families `scan`, `group`,
 //! `quant`, `sparse` and `p2p` (with `P2pRequest`) that `Communicator`'s methods delegate
-//! to; `sched`, pipeline schedules; `moe`, expert placement and the FSSDP simulator.
+//! to; `sched`, pipeline schedules; `moe`, expert placement and the FSSDP simulator;
+//! `moe_layer`, the FSSDP layer (`ExpertLayer`, `Dispatched`).
 
 mod args;
 mod array;
@@ -19,6 +20,7 @@ mod group;
 mod handle;
 mod master;
 mod moe;
+mod moe_layer;
 mod p2p;
 mod quant;
 mod scan;
@@ -66,6 +68,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<p2p::P2pRequest>()?;
     m.add_class::<SharedState>()?;
     m.add_class::<SyncReport>()?;
+    m.add_class::<moe_layer::ExpertLayer>()?;
+    m.add_class::<moe_layer::Dispatched>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
     m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;

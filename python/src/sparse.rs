@@ -17,7 +17,7 @@ use crate::array::{check_pair, numpy_dtype};
 use crate::communicator::Communicator;
 
 /// A numpy array of `dtype` holding a copy of `bytes`.
-fn to_numpy<'py>(py: Python<'py>, bytes: &[u8], dtype: DType) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn to_numpy<'py>(py: Python<'py>, bytes: &[u8], dtype: DType) -> PyResult<Bound<'py, PyAny>> {
     let np = py.import("numpy")?;
     let dt = numpy_dtype(py, dtype)?;
     np.call_method1("frombuffer", (PyBytes::new(py, bytes), dt))?.call_method0("copy")

@@ -1,6 +1,8 @@
 """Expert parallelism (FSSDP) from Python: the reference's worked example placed by
-`phalanx.moe_place` and run through the sparse collectives on four peers of one group
-(threads of this process), and the simulator's figures against the issue's targets."""
+`phalanx.moe_place` and run through the sparse collectives and through
+`phalanx.ExpertLayer` on four peers of one group (threads of this process); an MoE layer
+of MLP experts in numpy through the layer against a dense reference, bitwise; a device
+that leaves mid-step; and the simulator's figures against the issue's targets."""
 
 import threading
 import time
@@ -93,3 +95,284 @@ def test_the_worked_example_through_the_sparse_collectives(group):
                 assert params[2 * e : 2 * e + 2].tolist() == [10 * e + 1, 10 * e + 2]
     assert out[0][1][0:2].tolist() == [10, 10]
     assert out[2][1][8:10].tolist() == [50, 10]
+
+
+# The layer: phalanx.ExpertLayer over the group's communicators.
+
+# Tokens of each expert on each device: a quarter of e0's 40 and e4's 20 on every
+# device, the others on one device each, some away from their owner.
+ROUTED = [
+    [10, 0, 0, 5, 5, 0, 10, 0],
+    [10, 5, 10, 0, 5, 0, 0, 0],
+    [10, 0, 0, 0, 5, 5, 0, 5],
+    [10, 0, 0, 0, 5, 0, 0, 0],
+]
+
+
+def interleaved(counts):
+    """The experts of a device's tokens, one of each expert in turn, so that the layer
+    must regroup them."""
+    left, out = list(counts), []
+    while any(left):
+        for e, c in enumerate(left):
+            if c:
+                left[e] -= 1
+                out.append(e)
+    return out
+
+
+def unaligned(a):
+    """A copy of `a` at an address not aligned for its element type (the layer then
+    works on an aligned copy and writes it back)."""
+    view = np.zeros(a.nbytes + 1, dtype=np.uint8)[1:].view(a.dtype)
+    view[:] = a
+    assert not view.flags.aligned
+    return view
+
+
+def test_the_worked_example_through_the_layer(group):
+    holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
+    weights = np.array([[10 * e + 1, 10 * e + 2] for e in range(8)], dtype=np.float32)
+
+    def run(c):
+        d = c.rank
+        layer = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
+        assert layer.params_len == 16 and layer.holders == holders
+        with pytest.raises(ValueError, match="device 4"):
+            phalanx.ExpertLayer(c, OWNERS[:7] + [4], None, 2, 2)
+        # Owned slots hold the weights, the others garbage.
+        params = np.full(16, -1.0 - d, dtype=np.float32)
+        for e in range(8):
+            if OWNERS[e] == d:
+                params[layer.expert_slice(e)] = weights[e]
+        if d % 2:
+            params = unaligned(params)
+        layer.materialize(params)
+
+        experts = interleaved(ROUTED[d])
+        x = np.array([[100 * d + i, -0.5 * (100 * d + i)] for i in range(len(experts))], dtype=np.float32)
+        with pytest.raises(ValueError, match="expert 8"):
+            layer.dispatch(x, [8] + experts[1:])  # refused before anything is sent
+        got = layer.dispatch(x, experts)
+        # The expert: elementwise product with the materialised weights.
+        outputs = got.tokens * params.reshape(8, 2)[got.experts]
+        with pytest.raises(TypeError, match="element type"):
+            layer.combine(got, outputs.astype(np.float64))
+        combined = layer.combine(got, outputs)
+        # 2-byte elements through identity experts: every token back in its place.
+        ints = np.arange(2 * len(experts), dtype=np.int16).reshape(-1, 2) * (d + 1)
+        narrow = layer.dispatch(ints, experts)
+        assert narrow.tokens.dtype == np.int16 and narrow.experts.tolist() == got.experts.tolist()
+        assert layer.combine(narrow, narrow.tokens).tolist() == ints.tolist()
+
+        k = np.float32(d + 1)
+        grads = np.repeat(np.arange(8, dtype=np.float32), 2)
+        grads[0:2] = [k, k]
+        grads[8:10] = [5 * k, k]
+        if d % 2 == 0:
+            grads = unaligned(grads)
+        layer.reduce_gradients(grads)
+        return params, got, x, experts, combined, grads
+
+    out = on_all(group, run)
+    for d, (params, got, x, experts, combined, grads) in enumerate(out):
+        for e in range(8):
+            if d in holders[e]:  # spAG: the owner's bytes
+                assert params[2 * e : 2 * e + 2].tobytes() == weights[e].tobytes()
+            else:
+                assert params[2 * e] == -1.0 - d
+        assert got.compute == [20, 30, 20, 30]  # EP: 45, 15, 25, 15
+        assert len(got) == 20 + 10 * (d % 2) and got.tokens.shape == (len(got), 2)
+        assert all(d in holders[e] for e in got.experts)
+        assert list(got.sources) == sorted(got.sources)
+        # Combine: each token's output is what one device computes alone, bitwise.
+        assert combined.tobytes() == (x * weights[experts]).tobytes()
+        k = d + 1
+        want = np.repeat(np.arange(8, dtype=np.float32), 2)
+        want[0:2] = [10, 10] if d == 0 else [k, k]
+        want[8:10] = [50, 10] if d == 2 else [5 * k, k]
+        assert grads.tolist() == want.tolist()
+
+
+# An MoE layer in numpy: a gate and 8 experts, each a small MLP y = W2 relu(W1 x), top-1
+# and top-2 routing with a Zipf-skewed gate, on four peers. Forward outputs, input
+# gradients and, after reduce_gradients, every expert's gradient equal a single-process
+# dense reference bitwise: every sum runs in one fixed order on both sides (each
+# expert's per-token gradients added on each holder in arrival order, tokens by source
+# device, then expert, then their order there; the holders' sums added in ascending
+# device order by spRS), as tests/moe_layer.rs does.
+
+H, F, E, T = 4, 8, 8, 24  # hidden, the experts' inner width, experts, tokens per device
+W = 2 * H * F  # W1 (F x H) then W2 (H x F)
+ZIPF_ORDER = [5, 2, 7, 0, 3, 6, 1, 4]  # the expert of popularity rank 1, 2, ...
+
+
+def expert_weights(e):
+    return np.random.default_rng(100 + e).standard_normal(W).astype(np.float32)
+
+
+def inputs(d):
+    """Device d's tokens x (T x H) and the loss's upstream gradients c (T x H)."""
+    rng = np.random.default_rng(200 + d)
+    return rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, H)).astype(np.float32)
+
+
+def gate(d, k):
+    """Each token's k experts and weights: logits x Wg plus a Zipf(1.2) prior, top-k,
+    weights the softmax over the chosen logits."""
+    x, _ = inputs(d)
+    wg = (2.0 * np.random.default_rng(7).standard_normal((H, E))).astype(np.float32)
+    prior = np.zeros(E, dtype=np.float32)
+    for rank, e in enumerate(ZIPF_ORDER):
+        prior[e] = -1.2 * np.log(rank + 1.0)
+    logits = x @ wg + prior
+    chosen = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(logits, chosen, axis=1)
+    g = np.exp(top - top.max(axis=1, keepdims=True))
+    return chosen, (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def rows(d, k):
+    """Device d's rows, one per token and choice (token-major): (token, gate weight)
+    pairs and the rows' experts."""
+    chosen, g = gate(d, k)
+    picks = [(i, g[i, j]) for i in range(T) for j in range(k)]
+    return picks, [int(chosen[i, j]) for i in range(T) for j in range(k)]
+
+
+def mlp(w, x):
+    """(y, z) with z = W1 x and y = W2 relu(z), each dot product summed in index order."""
+    w1, w2 = w[: F * H].reshape(F, H), w[F * H :].reshape(H, F)
+    z = np.zeros(F, dtype=np.float32)
+    for j in range(H):
+        z = z + w1[:, j] * x[j]
+    a = np.maximum(z, np.float32(0))
+    y = np.zeros(H, dtype=np.float32)
+    for j in range(F):
+        y = y + w2[:, j] * a[j]
+    return y, z
+
+
+def mlp_backward(w, x, dy):
+    """(dW, dx) of one token given dy."""
+    _, z = mlp(w, x)
+    w1, w2 = w[: F * H].reshape(F, H), w[F * H :].reshape(H, F)
+    dw2 = np.outer(dy, np.maximum(z, np.float32(0)))
+    dz = np.zeros(F, dtype=np.float32)
+    for r in range(H):
+        dz = dz + w2[r, :] * dy[r]
+    dz = np.where(z > 0, dz, np.float32(0))
+    dx = np.zeros(H, dtype=np.float32)
+    for r in range(F):
+        dx = dx + w1[r, :] * dz[r]
+    return np.concatenate([np.outer(dz, x).ravel(), dw2.ravel()]), dx
+
+
+def mix(picks, per_row, weighted=True):
+    """Each token's sum over its rows of g * row (g = 1 unweighted), in row order."""
+    out = np.zeros((T, H), dtype=np.float32)
+    for row, (i, g) in enumerate(picks):
+        out[i] = out[i] + (g * per_row[row] if weighted else per_row[row])
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_an_moe_layer_matches_a_dense_reference_bitwise(group, k):
+    routed = np.zeros((N, E), dtype=np.int64)
+    for d in range(N):
+        for e in rows(d, k)[1]:
+            routed[d, e] += 1
+    loads = routed.sum(axis=0)
+    assert loads.max() >= 3 * loads.mean() / 2, f"the gate is skewed: {loads}"
+    owners = [e // 2 for e in range(E)]
+    holders = phalanx.moe_place(owners, loads.tolist(), overlap=2, slots=2)
+    assert sum(len(h) - 1 for h in holders) > 0, "the skew replicates something"
+
+    def run(c):
+        d = c.rank
+        layer = phalanx.ExpertLayer(c, owners, holders, W, H)
+        params = np.zeros(layer.params_len, dtype=np.float32)
+        for e in range(E):
+            if owners[e] == d:
+                params[layer.expert_slice(e)] = expert_weights(e)
+        layer.materialize(params)
+        picks, experts = rows(d, k)
+        x, cs = inputs(d)
+        got = layer.dispatch(np.stack([x[i] for i, _ in picks]), experts)
+        w = params.reshape(E, W)
+        ys = np.stack([mlp(w[e], t)[0] for t, e in zip(got.tokens, got.experts)] or [np.zeros(H, np.float32)])
+        y = mix(picks, layer.combine(got, ys[: len(got)]))
+
+        # Backward: each row's output gradient g * c_i goes where its token went.
+        dys = np.stack([g * cs[i] for i, g in picks])
+        dy_got = layer.dispatch(dys, experts)
+        assert dy_got.experts.tolist() == got.experts.tolist()
+        grads = np.zeros(layer.params_len, dtype=np.float32)
+        gw = grads.reshape(E, W)  # a view: the rows are the experts' slots
+        dxs = []
+        for t, dy, e in zip(got.tokens, dy_got.tokens, got.experts):
+            dw, dx = mlp_backward(w[e], t, dy)
+            gw[e] = gw[e] + dw
+            dxs.append(dx)
+        dx_rows = layer.combine(dy_got, np.stack(dxs) if dxs else np.zeros((0, H), np.float32))
+        layer.reduce_gradients(grads)
+        return y, mix(picks, dx_rows, weighted=False), grads, got.routes
+
+    out = on_all(group, run)
+
+    # The dense reference, one process, from the plan's routes: which rows each holder
+    # computes, then each expert's gradient per holder in arrival order, holders ascending.
+    routes = out[0][3]
+    assert all(o[3] == routes for o in out), "every device has the same plan"
+    arrivals = [[] for _ in range(N)]  # per holder: (source, row)
+    for src in range(N):
+        _, experts = rows(src, k)
+        taken = [0] * E
+        for frm, e, to, n in routes:
+            if frm == src:
+                mine = [r for r in range(len(experts)) if experts[r] == e]
+                arrivals[to] += [(src, r) for r in mine[taken[e] : taken[e] + n]]
+                taken[e] += n
+    per_holder = np.zeros((E, N, W), dtype=np.float32)
+    for h in range(N):
+        for src, r in sorted(arrivals[h], key=lambda sr: (sr[0], rows(sr[0], k)[1][sr[1]], sr[1])):
+            picks, experts = rows(src, k)
+            (i, g), e = picks[r], experts[r]
+            x, cs = inputs(src)
+            per_holder[e, h] = per_holder[e, h] + mlp_backward(expert_weights(e), x[i], g * cs[i])[0]
+
+    for d, (y, dx, grads, _) in enumerate(out):
+        picks, experts = rows(d, k)
+        x, cs = inputs(d)
+        ys = [mlp(expert_weights(e), x[i])[0] for (i, _), e in zip(picks, experts)]
+        assert y.tobytes() == mix(picks, ys).tobytes(), f"forward, device {d}, top-{k}"
+        dxs = [mlp_backward(expert_weights(e), x[i], g * cs[i])[1] for (i, g), e in zip(picks, experts)]
+        assert dx.tobytes() == mix(picks, dxs, weighted=False).tobytes(), f"dx, device {d}, top-{k}"
+        for e in range(E):
+            if owners[e] == d:
+                want = per_holder[e, holders[e][0]]
+                for h in holders[e][1:]:
+                    want = want + per_holder[e, h]
+                assert grads[e * W : (e + 1) * W].tobytes() == want.tobytes(), f"gradient of expert {e}, top-{k}"
+
+
+def test_a_device_that_leaves_fails_the_step_with_arrays_restored(group):
+    """Device 2 (the owner of e4, which every device holds) leaves instead of calling
+    materialize: every survivor gets a typed error, its array as it was."""
+    holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
+
+    def run(c):
+        d = c.rank
+        layer = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
+        if d == 2:
+            c.leave()  # gone instead of calling
+            return None
+        params = np.arange(16, dtype=np.float32) + 0.25 * d
+        if d == 1:
+            params = unaligned(params)  # the copy is not written back on error either
+        before = params.copy()
+        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
+            layer.materialize(params)
+        return params.tobytes() == before.tobytes()
+
+    assert on_all(group, run) == [True, True, None, True]

@@ -1,16 +1,189 @@
 /*
- * Expert parallelism (FSSDP) from C, one process, no group: run by tests/c_moe.rs.
+ * Expert parallelism (FSSDP) from C, one process: run by tests/c_moe.rs.
  *
- * phx_moe_place on the reference's worked example (4 devices, 8 experts, t = m = 2)
- * gives the `holds` matrix of the sparse collectives: e0 and e4 on every device, the
- * others on their owners only, 6 transfers; a bad owner is refused. phx_moe_simulate on
- * 8 devices, 32 experts, Zipf s = 1.2 meets the issue's targets (FSSDP's straggler at
- * most 0.6 of EP's, its traffic at most 0.5 of FSDP's) and FSDP's figures are exact.
- * Prints "moe ok ..." on success; failures print "FAIL ..." and exit 1.
+ * Without a group: phx_moe_place on the reference's worked example (4 devices, 8
+ * experts, t = m = 2) gives the `holds` matrix of the sparse collectives: e0 and e4 on
+ * every device, the others on their owners only, 6 transfers; a bad owner is refused.
+ * phx_moe_simulate on 8 devices, 32 experts, Zipf s = 1.2 meets the issue's targets
+ * (FSSDP's straggler at most 0.6 of EP's, its traffic at most 0.5 of FSDP's) and FSDP's
+ * figures are exact.
+ *
+ * Then the layer (phx_moe_layer) on a group of four peers on threads (a master in this
+ * process, QUIC on 127.0.0.1), the worked example again: after materialize every
+ * holder's bytes equal the owner's; dispatch sends every token to a holder of its expert
+ * and the devices compute 20, 30, 20 and 30 tokens (EP: 45, 15, 25, 15); combine brings
+ * back exactly what one device computes alone (and 8-byte tokens unchanged through
+ * identity experts); after reduce_gradients d0 holds [10, 10] for e0 and d2 [50, 10]
+ * for e4, every other slot unchanged. Argument errors are refused before anything is
+ * sent.
+ *
+ * Prints "moe ok ...", one "layer ok rank=R" per peer and "all ok" on success; failures
+ * print "FAIL ..." and exit 1.
  */
 #include "peer_common.h"
 
+#include <pthread.h>
+
 enum { N = 4, EXPERTS = 8 };
+
+static const char *SECRET = "phalanx-ffi-moe-secret-0123456789";
+static char ADDR[PHX_ADDR_BUF_LEN];
+
+/* Tokens of each expert on each device: a quarter of e0's 40 and e4's 20 on every
+ * device, the others on one device each, some away from their owner. */
+static const size_t ROUTED[N][EXPERTS] = {
+    {10, 0, 0, 5, 5, 0, 10, 0}, {10, 5, 10, 0, 5, 0, 0, 0}, {10, 0, 0, 0, 5, 5, 0, 5}, {10, 0, 0, 0, 5, 0, 0, 0}};
+
+/* W_e = [10e + 1, 10e + 2]. */
+static float weight(size_t e, size_t k) {
+    return 10.0f * (float)e + 1.0f + (float)k;
+}
+
+static int same_bits(const float *a, const float *b, size_t n) {
+    return memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+static void *layer_peer(void *arg) {
+    phx_comm *comm = join_group(ADDR, SECRET, N);
+    phx_moe_layer *layer = NULL, *bad = NULL;
+    phx_moe_dispatched *got = NULL;
+    size_t owners[EXPERTS], experts[64], left[EXPERTS], d, e, i, k, n = 0, count = 0, params_len = 0, bad_owners[EXPERTS];
+    double loads[EXPERTS] = {40, 5, 10, 5, 20, 5, 10, 5};
+    uint8_t holds[EXPERTS * N];
+    float params[2 * EXPERTS], grads[2 * EXPERTS], tokens[128], outputs[128], combined[128], want[2], kf;
+    const float *arrived;
+    const size_t *arrived_experts, *sources;
+    uint64_t compute[N];
+    (void)arg;
+
+    d = comm_rank(comm);
+    for (e = 0; e < EXPERTS; e++) owners[e] = e / 2;
+    CHECK(phx_moe_place(N, EXPERTS, owners, loads, 2, 2, NULL, holds));
+    CHECK(phx_moe_layer_new(N, EXPERTS, owners, holds, 2, 2, NULL, &layer));
+    CHECK(phx_moe_layer_params_len(layer, &params_len));
+    EXPECT(params_len == 2 * EXPERTS);
+    memcpy(bad_owners, owners, sizeof owners);
+    bad_owners[7] = N;
+    EXPECT_STATUS(phx_moe_layer_new(N, EXPERTS, bad_owners, holds, 2, 2, NULL, &bad), PHX_ERR_INVALID_ARGUMENT);
+    EXPECT(bad == NULL);
+    EXPECT_STATUS(phx_moe_layer_new(N, EXPERTS, owners, holds, 2, 0, NULL, &bad), PHX_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(phx_moe_layer_new(N, EXPERTS, owners, holds, 2, 2, NULL, NULL), PHX_ERR_NULL);
+
+    /* spAG: owned slots hold the weights, the others garbage. */
+    for (e = 0; e < EXPERTS; e++)
+        for (k = 0; k < 2; k++) params[2 * e + k] = owners[e] == d ? weight(e, k) : -1.0f - (float)d;
+    CHECK(phx_moe_layer_materialize(layer, comm, params, 2 * EXPERTS, PHX_DTYPE_F32));
+    for (e = 0; e < EXPERTS; e++) {
+        want[0] = weight(e, 0);
+        want[1] = weight(e, 1);
+        if (holds[e * N + d]) EXPECT(same_bits(&params[2 * e], want, 2));
+        else EXPECT(params[2 * e] == -1.0f - (float)d);
+    }
+
+    /* Dispatch this device's tokens, interleaved by expert so the layer must regroup. */
+    memcpy(left, ROUTED[d], sizeof left);
+    for (;;) {
+        size_t before = n;
+        for (e = 0; e < EXPERTS; e++)
+            if (left[e] > 0) {
+                left[e]--;
+                experts[n++] = e;
+            }
+        if (n == before) break;
+    }
+    for (i = 0; i < n; i++) {
+        tokens[2 * i] = (float)(100 * d + i);
+        tokens[2 * i + 1] = -0.5f * (float)(100 * d + i);
+    }
+    experts[0] = EXPERTS; /* an expert the layer does not have: refused, nothing sent */
+    EXPECT_STATUS(phx_moe_layer_dispatch(layer, comm, tokens, experts, n, PHX_DTYPE_F32, &got),
+                  PHX_ERR_INVALID_ARGUMENT);
+    EXPECT(got == NULL);
+    experts[0] = 0;
+    CHECK(phx_moe_layer_dispatch(layer, comm, tokens, experts, n, PHX_DTYPE_F32, &got));
+    CHECK(phx_moe_dispatched_count(got, &count));
+    CHECK(phx_moe_dispatched_compute(got, compute, N));
+    EXPECT(compute[0] == 20 && compute[1] == 30 && compute[2] == 20 && compute[3] == 30);
+    EXPECT(count == compute[d]);
+    EXPECT_STATUS(phx_moe_dispatched_compute(got, compute, N - 1), PHX_ERR_INVALID_ARGUMENT);
+    CHECK(phx_moe_dispatched_tokens(got, (const void **)&arrived));
+    CHECK(phx_moe_dispatched_experts(got, &arrived_experts));
+    CHECK(phx_moe_dispatched_sources(got, &sources));
+    for (i = 0; i < count; i++) {
+        e = arrived_experts[i];
+        EXPECT(e < EXPERTS && holds[e * N + d]);
+        EXPECT(sources[i] < N && (i == 0 || sources[i - 1] <= sources[i]));
+        /* The expert: elementwise product with the materialised weights. */
+        outputs[2 * i] = arrived[2 * i] * params[2 * e];
+        outputs[2 * i + 1] = arrived[2 * i + 1] * params[2 * e + 1];
+    }
+    EXPECT_STATUS(phx_moe_layer_combine(layer, comm, got, outputs, 2 * count, combined, 2 * n - 2),
+                  PHX_ERR_INVALID_ARGUMENT);
+    CHECK(phx_moe_layer_combine(layer, comm, got, outputs, 2 * count, combined, 2 * n));
+    for (i = 0; i < n; i++) {
+        want[0] = tokens[2 * i] * weight(experts[i], 0);
+        want[1] = tokens[2 * i + 1] * weight(experts[i], 1);
+        EXPECT(same_bits(&combined[2 * i], want, 2));
+    }
+    CHECK(phx_moe_dispatched_free(got));
+
+    /* The same routing with 8-byte elements (double tokens), through identity experts:
+     * every token comes back bit for bit, in its place. */
+    {
+        double wide[128], wide_back[128];
+        const double *wide_arrived;
+        size_t wide_count = 0;
+        for (i = 0; i < 2 * n; i++) wide[i] = 1.0 / (double)(1 + i + 1000 * d);
+        CHECK(phx_moe_layer_dispatch(layer, comm, wide, experts, n, PHX_DTYPE_F64, &got));
+        CHECK(phx_moe_dispatched_count(got, &wide_count));
+        EXPECT(wide_count == count);
+        CHECK(phx_moe_dispatched_tokens(got, (const void **)&wide_arrived));
+        CHECK(phx_moe_layer_combine(layer, comm, got, wide_arrived, 2 * wide_count, wide_back, 2 * n));
+        EXPECT(memcmp(wide, wide_back, 2 * n * sizeof(double)) == 0);
+        CHECK(phx_moe_dispatched_free(got));
+    }
+
+    /* spRS: g_{d,e0} = (d+1)[1,1], g_{d,e4} = (d+1)[5,1], every other slot e. */
+    kf = (float)(d + 1);
+    for (e = 0; e < EXPERTS; e++) grads[2 * e] = grads[2 * e + 1] = (float)e;
+    grads[0] = grads[1] = kf;
+    grads[8] = 5.0f * kf;
+    grads[9] = kf;
+    /* A buffer of the wrong length is refused by every device alike, unchanged (before
+     * the last collective: once a peer has left, the view check would come first). */
+    EXPECT_STATUS(phx_moe_layer_reduce_gradients(layer, comm, grads, 2 * EXPERTS - 1, PHX_DTYPE_F32),
+                  PHX_ERR_INVALID_ARGUMENT);
+    EXPECT(grads[0] == kf && grads[8] == 5.0f * kf);
+    CHECK(phx_moe_layer_reduce_gradients(layer, comm, grads, 2 * EXPERTS, PHX_DTYPE_F32));
+    for (e = 0; e < EXPERTS; e++) {
+        if (e == 0) {
+            EXPECT(d == 0 ? grads[0] == 10.0f && grads[1] == 10.0f : grads[0] == kf && grads[1] == kf);
+        } else if (e == 4) {
+            EXPECT(d == 2 ? grads[8] == 50.0f && grads[9] == 10.0f : grads[8] == 5.0f * kf && grads[9] == kf);
+        } else {
+            EXPECT(grads[2 * e] == (float)e && grads[2 * e + 1] == (float)e);
+        }
+    }
+    CHECK(phx_moe_layer_free(layer));
+    CHECK(phx_moe_layer_free(NULL));
+    CHECK(phx_moe_dispatched_free(NULL));
+    printf("layer ok rank=%zu\n", d);
+    CHECK(phx_comm_leave(comm));
+    return NULL;
+}
+
+static void run_layer(void) {
+    phx_master *master = master_start(SECRET);
+    pthread_t threads[N];
+    int i;
+    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
+    for (i = 0; i < N; i++) {
+        EXPECT(pthread_create(&threads[i], NULL, layer_peer, NULL) == 0);
+        sleep_ms(50); /* join one at a time */
+    }
+    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
+    CHECK(phx_master_free(master));
+}
 
 int main(void) {
     size_t owners[EXPERTS], e, d, transfers = 0;
@@ -18,6 +191,7 @@ int main(void) {
     uint8_t holds[EXPERTS * N];
     phx_moe_sim_result r;
     double mib = 1024.0 * 1024.0, expert = 16.0 * mib, straggler, traffic;
+    setvbuf(stdout, NULL, _IOLBF, 0);
 
     for (e = 0; e < EXPERTS; e++) owners[e] = e / 2;
     CHECK(phx_moe_place(N, EXPERTS, owners, loads, 2, 2, NULL, holds));
@@ -46,5 +220,7 @@ int main(void) {
     EXPECT_STATUS(phx_moe_simulate(0, 32, 1.2, 4096, 20, 2, 2, 1, 1, 1, &r), PHX_ERR_INVALID_ARGUMENT);
     EXPECT_STATUS(phx_moe_simulate(8, 32, 1.2, 4096, 20, 2, 2, 1, 1, 1, NULL), PHX_ERR_NULL);
     printf("moe ok straggler=%.3f traffic=%.3f\n", straggler, traffic);
+    run_layer();
+    printf("all ok\n");
     return 0;
 }
