@@ -233,3 +233,73 @@ impl Communicator {
         Ok(PendingPlanned { task, runtime: runtime.clone() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` on every rank of a local group of 3, each on its own thread; aborts the
+    /// process if the group takes longer than 30 s.
+    fn on_group<R: Send>(f: impl Fn(&mut Communicator) -> R + Sync) -> Vec<R> {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let timeout = std::sync::mpsc::RecvTimeoutError::Timeout;
+            if wait.recv_timeout(std::time::Duration::from_secs(30)) == Err(timeout) {
+                eprintln!("test exceeded 30 s: aborting");
+                std::process::abort();
+            }
+        });
+        let comms = Communicator::local_group(3, Default::default()).expect("local group");
+        let out = std::thread::scope(|s| {
+            let f = &f;
+            let hs: Vec<_> = comms.into_iter().map(|mut c| s.spawn(move || f(&mut c))).collect();
+            hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        });
+        let _ = done.send(());
+        let _ = watchdog.join();
+        out
+    }
+
+    #[test]
+    fn a_planned_all_to_all_moves_what_the_counts_plan() {
+        let out = on_group(|c| {
+            let r = c.rank();
+            // Rank r sends r + 1 elements to every rank, each its own number.
+            let mine = vec![r as u64 + 1];
+            let pending = c
+                .all_to_all_planned_start(&mine, DType::U32, move |all: &[u64]| {
+                    let matrix: Vec<Vec<usize>> = all.iter().map(|&n| vec![n as usize; 3]).collect();
+                    let send: Vec<u32> = vec![r as u32; 3 * (r + 1)];
+                    Ok((matrix, bytemuck::cast_slice(&send).to_vec(), all.to_vec()))
+                })
+                .expect("start");
+            let (bytes, all) = pending.wait().expect("planned all-to-all");
+            (bytemuck::allocation::pod_collect_to_vec::<u8, u32>(&bytes), all)
+        });
+        for (received, all) in out {
+            assert_eq!(all, vec![1, 2, 3]);
+            assert_eq!(received, vec![0, 1, 1, 2, 2, 2]);
+        }
+    }
+
+    /// A planner that refuses on every rank fails every rank's exchange with its error
+    /// (the all-to-all begun for it is abandoned), and the group goes on.
+    #[test]
+    fn a_refused_plan_fails_alike_and_the_group_goes_on() {
+        let out = on_group(|c| {
+            let pending = c
+                .all_to_all_planned_start(&[1], DType::U8, |_: &[u64]| -> Result<Planned<()>> {
+                    Err(Error::Mismatch { detail: "refused by the planner".into() })
+                })
+                .expect("start");
+            let err = pending.wait().expect_err("refused");
+            let mut x = vec![1u32; 4];
+            c.all_reduce(&mut x, ReduceOp::Sum).expect("the next collective");
+            (err, x)
+        });
+        for (err, x) in out {
+            assert!(err.to_string().contains("refused by the planner"), "{err}");
+            assert_eq!(x, vec![3; 4]);
+        }
+    }
+}
