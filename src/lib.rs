@@ -69,8 +69,8 @@ pub mod workload;
 // The user's whole face: everything a program holds is here, one `use` line away.
 pub use collective::Tuning;
 pub use comm::{
-    AsyncPeer, Communicator, Config, ConnectOptions, PendingAllReduce, PendingP2p, PendingP2pRaw, PendingRaw,
-    RetryPolicy, ScanOptions, SparseReduced, SyncReport,
+    AsyncPeer, Communicator, Config, ConnectOptions, PeerTraffic, PendingAllReduce, PendingP2p, PendingP2pRaw,
+    PendingRaw, RetryPolicy, ScanOptions, SparseReduced, SyncReport, Traffic,
 };
 pub use membership::master::MasterConfig;
 pub use membership::server::{Master, MasterServer};

@@ -55,6 +55,15 @@ fn token(d: usize, i: usize) -> [f32; 2] {
     [x, -0.5 * x]
 }
 
+/// A snapshot of `c`'s traffic taken between two barriers (which carry no payload):
+/// every frame sent before the first has arrived, and none sent after the second has.
+fn quiet_traffic(c: &mut Communicator) -> phalanx::Traffic {
+    c.barrier().expect("barrier");
+    let t = c.traffic();
+    c.barrier().expect("barrier");
+    t
+}
+
 #[test]
 fn worked_example_through_the_layer() {
     let sharding = plan_sharding(&[2; 4], &[MoeLayer::new(8, 1)]).expect("sharding");
@@ -76,7 +85,9 @@ fn worked_example_through_the_layer() {
                 }
             })
             .collect();
+        let before = quiet_traffic(c);
         layer.materialize(c, &mut params).expect("spAG");
+        let spag = quiet_traffic(c).since(&before).total();
 
         let experts = routing(d);
         let tokens: Vec<f32> = (0..experts.len()).flat_map(|i| token(d, i)).collect();
@@ -98,10 +109,17 @@ fn worked_example_through_the_layer() {
         grads[0..2].copy_from_slice(&[k, k]);
         grads[8..10].copy_from_slice(&[5.0 * k, k]);
         layer.reduce_gradients(c, &mut grads).expect("spRS");
-        (params, arrived.experts.clone(), arrived.plan.compute(), combined, grads)
+        (params, arrived.experts.clone(), arrived.plan.compute(), combined, grads, spag)
     });
 
-    for (d, (params, experts, compute, combined, grads)) in out.iter().enumerate() {
+    // The links' counters: spAG moved exactly 6 experts of 8 bytes, each received once,
+    // by the devices that hold a replica (d0 e4; d1 e0 and e4; d2 e0; d3 e0 and e4).
+    const EXPERT_BYTES: u64 = 2 * 4;
+    let received: Vec<u64> = out.iter().map(|o| o.5.bytes_received).collect();
+    assert_eq!(received, [1, 2, 1, 2].map(|n| n * EXPERT_BYTES));
+    assert_eq!(out.iter().map(|o| o.5.bytes_sent).sum::<u64>(), 6 * EXPERT_BYTES);
+
+    for (d, (params, experts, compute, combined, grads, _)) in out.iter().enumerate() {
         // spAG: every slot this device holds is the owner's bytes.
         for e in p.held(d) {
             let got: Vec<u32> = params[2 * e..2 * e + 2].iter().map(|x| x.to_bits()).collect();

@@ -134,7 +134,17 @@ fn example(comm: &mut Communicator) -> Result<(), String> {
     let mut params: Vec<f32> = (0..8)
         .flat_map(|e| if p.owners()[e] == d { data::weights(e) } else { [f32::from_bits(0x7fc0_0000 | d as u32); 2] })
         .collect();
+    // The links' counters around the spAG, each snapshot between barriers (which carry
+    // no payload): every frame sent before is in, none sent after has come yet.
+    let quiet_traffic = |comm: &mut Communicator| -> Result<phalanx::Traffic, String> {
+        comm.barrier().map_err(|e| err("barrier", e))?;
+        let t = comm.traffic();
+        comm.barrier().map_err(|e| err("barrier", e))?;
+        Ok(t)
+    };
+    let before = quiet_traffic(comm)?;
     layer.materialize(comm, &mut params).map_err(|e| err("spAG", e))?;
+    let spag = quiet_traffic(comm)?.since(&before).total();
     let experts = data::routing(d);
     let tokens: Vec<f32> = (0..experts.len()).flat_map(|i| data::token(d, i)).collect();
     let arrived = layer.dispatch(comm, &tokens, &experts).map_err(|e| err("dispatch", e))?;
@@ -151,6 +161,8 @@ fn example(comm: &mut Communicator) -> Result<(), String> {
         "device": d,
         "held": p.held(d),
         "transfers": p.transfers(),
+        "spag_bytes_sent": spag.bytes_sent,
+        "spag_bytes_received": spag.bytes_received,
         "params": bits(&params),
         "experts": arrived.experts,
         "compute": arrived.plan.compute(),

@@ -66,9 +66,14 @@ fn worked_example_across_four_processes() {
         .iter()
         .map(|&w| c.find(w, 0, |e| e.is("example")).map(|(_, e)| e.v.clone()).expect("an example report"))
         .collect();
+    let sent: u64 = reports.iter().map(|r| r["spag_bytes_sent"].as_u64().expect("spag_bytes_sent")).sum();
+    assert_eq!(sent, 6 * 8, "the links saw 6 expert transfers of 8 bytes");
     for (d, r) in reports.iter().enumerate() {
         assert_eq!(r["device"], d as u64);
         assert_eq!(r["transfers"], 6, "device {d}: {r}");
+        // The links' counters: each replica's 8 bytes received once (d0 e4; d1 e0, e4;
+        // d2 e0; d3 e0, e4), sent by e0's owner d0 and e4's owner d2 (or relayed).
+        assert_eq!(r["spag_bytes_received"], [8, 16, 8, 16][d], "device {d}: {r}");
         // spAG: every slot this device holds is the owner's bytes.
         let params = u32s(&r["params"]);
         let held: Vec<usize> =

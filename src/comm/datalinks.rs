@@ -13,7 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{watch, OnceCell};
 
 use crate::membership::{Member, PeerId, View};
-use crate::transport::demux::{Demux, OpKey, OpLink};
+use crate::transport::demux::{Demux, LinkCounters, OpKey, OpLink};
 use crate::transport::endpoint::Endpoint;
 use crate::transport::{Frame, Link, LinkError};
 
@@ -41,6 +41,9 @@ pub(crate) struct DataLinks {
     /// so a task still running after its communicator was dropped (a non-blocking send
     /// or receive) ends instead of keeping the peer's control connection alive.
     shut: watch::Sender<bool>,
+    /// Each peer's traffic since this peer connected, over every link to it (kept when
+    /// a link closes or the peer leaves the view).
+    counters: Mutex<HashMap<PeerId, Arc<LinkCounters>>>,
 }
 
 type Witness = Arc<dyn Fn(u64, PeerId) + Send + Sync>;
@@ -55,6 +58,7 @@ impl DataLinks {
             queue_frames,
             witness: Mutex::new(None),
             shut: watch::Sender::new(false),
+            counters: Mutex::new(HashMap::new()),
         })
     }
 
@@ -74,12 +78,27 @@ impl DataLinks {
         self.slots().entry(id).or_default().clone()
     }
 
+    /// Where the links to `id` count their frames.
+    fn counters(&self, id: PeerId) -> Arc<LinkCounters> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone()
+    }
+
+    /// Every peer's traffic so far: `(peer, (frames sent, bytes sent, frames received,
+    /// bytes received))`, peers ascending.
+    pub(crate) fn traffic(&self) -> Vec<(PeerId, (u64, u64, u64, u64))> {
+        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = counters.iter().map(|(&id, c)| (id, c.load())).collect();
+        all.sort_unstable_by_key(|&(id, _)| id);
+        all
+    }
+
     /// Accepts data links forever (run as a task).
     pub(crate) async fn accept_loop(self: Arc<Self>) {
         while let Ok((link, hello)) = self.endpoint.accept().await {
             match parse_hello(&hello) {
                 Some(id) if id < self.me => {
-                    self.slot(id).demux.send_replace(Some(Demux::with_capacity(link, self.queue_frames)));
+                    let demux = Demux::counted(link, self.queue_frames, self.counters(id));
+                    self.slot(id).demux.send_replace(Some(demux));
                 }
                 _ => link.close(),
             }
@@ -97,7 +116,7 @@ impl DataLinks {
             // closes under its next collective ("closed by the peer (code 0)"). The
             // finished link is stored for whoever asks next.
             let (endpoint, hello, frames) = (self.endpoint.clone(), data_hello(self.me), self.queue_frames);
-            let (addr, id) = (peer.addr, peer.id);
+            let (addr, id, counters) = (peer.addr, peer.id, self.counters(peer.id));
             let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
             let witness = self.witness.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let connecting = tokio::spawn(async move {
@@ -110,7 +129,7 @@ impl DataLinks {
                         witness(epoch, id);
                     }
                 })?;
-                let demux = Demux::with_capacity(link, frames);
+                let demux = Demux::counted(link, frames, counters);
                 slot.demux.send_replace(Some(demux.clone()));
                 Ok(demux)
             });

@@ -16,8 +16,10 @@ mod peer;
 mod quant;
 mod scan;
 mod sparse;
+pub(crate) mod started;
 mod subgroup;
 mod sync;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub use p2p_pending::{PendingP2p, PendingP2pRaw};
 pub use peer::AsyncPeer;
 pub use scan::{builtin_identity, ScanOptions};
 pub use sparse::{crossover_density, takes_dense_path, SparseReduced};
+pub use started::{Pending, PendingAllToAll};
+pub use traffic::{PeerTraffic, Traffic};
 
 use peer::{CallSpec, Scope};
 

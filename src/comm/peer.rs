@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod chain;
+
 use super::datalinks::DataLinks;
 use super::options::{ConnectOptions, DataTransport, RetryPolicy, SyncReport};
 use super::p2p::Dir;
@@ -350,6 +352,12 @@ impl AsyncPeer {
             drop(turn); // the next call on this line may start
             (result, buf)
         })
+    }
+
+    /// Each peer's data-link traffic so far (see [`crate::comm::Traffic`]): `(peer,
+    /// (frames sent, bytes sent, frames received, bytes received))`, ascending.
+    pub(crate) fn traffic(&self) -> Vec<(PeerId, (u64, u64, u64, u64))> {
+        self.ops.links.traffic()
     }
 
     /// Leaves the group gracefully.

@@ -126,7 +126,7 @@ impl Communicator {
         Ok(())
     }
 
-    fn check_placement(&self, placement: &Placement, len: usize) -> Result<()> {
+    pub(super) fn check_placement(&self, placement: &Placement, len: usize) -> Result<()> {
         let size = self.call_group()?.1;
         if placement.size() != size {
             return Err(Error::InvalidArgument(format!(

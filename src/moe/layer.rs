@@ -24,7 +24,12 @@ use crate::Communicator;
 /// on what arrived, [`combine`](Self::combine) the outputs back, and after the backward
 /// [`reduce_gradients`](Self::reduce_gradients) (spRS P′ → P). Each step is a blocking
 /// collective; on error the caller's buffers hold what they held before and, as a
-/// placement names devices, the caller plans again for the survivors.
+/// placement names devices, the caller plans again for the survivors. Each also has a
+/// start form that returns a handle at once so that it overlaps compute
+/// ([`materialize_start`](Self::materialize_start) and the others, `moe::pending`),
+/// and [`release_replicas`](Self::release_replicas) with
+/// [`rematerialize_start`](Self::rematerialize_start) free the replicas between the
+/// forward and the backward (re-materialisation).
 ///
 /// Top-k routing: give [`dispatch`](Self::dispatch) one row per token and choice (the
 /// token repeated, each row with its expert), and mix the rows [`combine`](Self::combine)
@@ -57,10 +62,9 @@ pub struct Dispatched<T> {
     /// The group's dispatch plan (the same on every device).
     pub plan: Dispatch,
     /// This device's token indices in the order they were sent.
-    order: Vec<usize>,
-    /// Elements sent to and received from each device.
-    sent: Vec<usize>,
-    received: Vec<usize>,
+    pub(super) order: Vec<usize>,
+    /// Elements each device sent each device (`matrix[from][to]`).
+    pub(super) matrix: Vec<Vec<usize>>,
 }
 
 impl ExpertLayer {
@@ -87,6 +91,16 @@ impl ExpertLayer {
         &self.placement
     }
 
+    /// The chunk placement the sparse collectives run.
+    pub(super) fn sparse(&self) -> &Placement {
+        &self.sparse
+    }
+
+    /// Elements of one expert's parameters.
+    pub fn expert_len(&self) -> usize {
+        self.expert_len
+    }
+
     /// Elements of the parameter (and gradient) buffer: every expert's slot.
     pub fn params_len(&self) -> usize {
         self.sparse.total_len()
@@ -100,7 +114,7 @@ impl ExpertLayer {
     /// This device's rank in the group a collective begun now runs in. A view that
     /// moved since the caller's last `update_topology` gives the retryable
     /// [`Error::Aborted`] the collectives give, not a false `InvalidArgument`.
-    fn check_group(&self, comm: &Communicator) -> Result<usize> {
+    pub(super) fn check_group(&self, comm: &Communicator) -> Result<usize> {
         let (rank, size) = comm.call_group()?;
         if size != self.placement.devices() {
             return Err(Error::InvalidArgument(format!(
@@ -138,8 +152,29 @@ impl ExpertLayer {
         tokens: &[T],
         experts: &[usize],
     ) -> Result<Dispatched<T>> {
+        let (routed, send) = self.route(comm, tokens, experts)?;
+        let (received, _) = comm.all_to_all_start(send, routed.matrix.clone())?.wait();
+        self.arrive(routed, received?)
+    }
+
+    /// Dispatch's first half: the count exchange, the plan, and this device's tokens
+    /// in the order they are sent.
+    pub(super) fn route<T: Element>(
+        &self,
+        comm: &mut Communicator,
+        tokens: &[T],
+        experts: &[usize],
+    ) -> Result<(Routed, Vec<T>)> {
         let rank = self.check_group(comm)?;
-        let (devices, n_experts, hidden) = (self.placement.devices(), self.placement.experts(), self.hidden);
+        let mine = self.counts_of(tokens, experts)?;
+        let mut all = vec![0u64; self.placement.devices() * mine.len()];
+        comm.all_gather(&mine, &mut all)?;
+        self.plan_from(rank, &all, tokens, experts)
+    }
+
+    /// Checks this device's tokens and counts them by expert.
+    pub(super) fn counts_of<T: Element>(&self, tokens: &[T], experts: &[usize]) -> Result<Vec<u64>> {
+        let (n_experts, hidden) = (self.placement.experts(), self.hidden);
         if tokens.len() != experts.len().saturating_mul(hidden) {
             return Err(Error::InvalidArgument(format!(
                 "{} token elements for {} routed tokens of {hidden}",
@@ -154,14 +189,32 @@ impl ExpertLayer {
         for &e in experts {
             mine[e] += 1;
         }
-        let mut all = vec![0u64; devices * n_experts];
-        comm.all_gather(&mine, &mut all)?;
-        // The counts come from peers: a sum that overflows is theirs to answer for.
-        if all.iter().try_fold(0u64, |a, &c| a.checked_add(c)).is_none() {
+        Ok(mine)
+    }
+
+    /// The plan from every device's counts (`all`, device after device), and this
+    /// device's tokens in the order they are sent.
+    pub(super) fn plan_from<T: Element>(
+        &self,
+        rank: usize,
+        all: &[u64],
+        tokens: &[T],
+        experts: &[usize],
+    ) -> Result<(Routed, Vec<T>)> {
+        let (devices, n_experts, hidden) = (self.placement.devices(), self.placement.experts(), self.hidden);
+        // The counts come from peers: a sum that overflows, or a matrix no buffer could
+        // hold, is theirs to answer for (every device sees the same counts and refuses
+        // alike).
+        let total = all.iter().try_fold(0u64, |a, &c| a.checked_add(c));
+        if total.and_then(|t| usize::try_from(t).ok()?.checked_mul(hidden)).is_none() {
             return Err(Error::Mismatch { detail: "token counts of the group overflow".into() });
         }
         let routed: Vec<Vec<u64>> = all.chunks(n_experts.max(1)).map(<[u64]>::to_vec).collect();
         let plan = dispatch(&self.placement, &routed, self.hosts.as_ref())?;
+        let mut matrix = vec![vec![0usize; devices]; devices];
+        for r in plan.routes() {
+            matrix[r.from][r.to] += r.tokens as usize * hidden;
+        }
 
         // This device's tokens of each expert, in order, cut into the plan's routes.
         let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); n_experts];
@@ -173,38 +226,37 @@ impl ExpertLayer {
         for r in plan.routes().iter().filter(|r| r.from == rank) {
             let start = next[r.expert];
             next[r.expert] += r.tokens as usize;
-            to[r.to].extend_from_slice(&by_expert[r.expert][start..next[r.expert]]);
+            let mine = by_expert[r.expert].get(start..next[r.expert]).ok_or_else(|| Error::Mismatch {
+                detail: format!("the plan routes more of expert {}'s tokens than device {rank} has", r.expert),
+            })?;
+            to[r.to].extend_from_slice(mine);
         }
         let order: Vec<usize> = to.concat();
-        let sent: Vec<usize> = to.iter().map(|t| t.len() * hidden).collect();
         let mut send = Vec::with_capacity(order.len() * hidden);
         for &i in &order {
             send.extend_from_slice(&tokens[i * hidden..(i + 1) * hidden]);
         }
-        let (received_tokens, received) = comm.all_to_all_v(&send, &sent)?;
+        Ok((Routed { rank, plan, order, matrix }, send))
+    }
 
-        // What arrives, by the plan: from each device in turn, its routes to here, by
-        // expert. The plan comes from the peers' counts, so it is checked against what
-        // actually arrived before anything is built from it.
-        let here = |from: usize| plan.routes().iter().filter(move |r| r.from == from && r.to == rank);
-        let expected: Vec<Option<usize>> = (0..devices)
-            .map(|from| {
-                here(from).try_fold(0usize, |a, r| usize::try_from(r.tokens).ok()?.checked_mul(hidden)?.checked_add(a))
-            })
-            .collect();
-        if expected.iter().zip(&received).any(|(e, &r)| *e != Some(r)) {
+    /// Dispatch's second half: what arrived, by the plan: from each device in turn,
+    /// its routes to here, by expert.
+    pub(super) fn arrive<T: Element>(&self, routed: Routed, received: Vec<T>) -> Result<Dispatched<T>> {
+        let Routed { rank, plan, order, matrix } = routed;
+        let expected: usize = matrix.iter().map(|row| row[rank]).sum();
+        if received.len() != expected {
             return Err(Error::Mismatch {
-                detail: format!("dispatch received {received:?} elements from the devices, the plan says {expected:?}"),
+                detail: format!("dispatch received {} elements, the plan says {expected}", received.len()),
             });
         }
         let (mut exp, mut sources) = (Vec::new(), Vec::new());
-        for from in 0..devices {
-            for r in here(from) {
+        for from in 0..self.placement.devices() {
+            for r in plan.routes().iter().filter(|r| r.from == from && r.to == rank) {
                 exp.extend(std::iter::repeat_n(r.expert, r.tokens as usize));
                 sources.extend(std::iter::repeat_n(from, r.tokens as usize));
             }
         }
-        Ok(Dispatched { tokens: received_tokens, experts: exp, sources, plan, order, sent, received })
+        Ok(Dispatched { tokens: received, experts: exp, sources, plan, order, matrix })
     }
 
     /// Sends the experts' `outputs` (one row of `hidden` per token of `dispatched`, in its
@@ -216,25 +268,25 @@ impl ExpertLayer {
         dispatched: &Dispatched<T>,
         outputs: &[T],
     ) -> Result<Vec<T>> {
-        self.check_group(comm)?;
+        self.combine_start(comm, dispatched, outputs.to_vec())?.wait().0
+    }
+
+    /// Puts the outputs that came `back` in the order of this device's tokens.
+    pub(super) fn reorder<T: Element>(&self, order: &[usize], back: &[T]) -> Vec<T> {
         let hidden = self.hidden;
-        if outputs.len() != dispatched.tokens.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} output elements for {} dispatched token elements",
-                outputs.len(),
-                dispatched.tokens.len()
-            )));
-        }
-        let (back, counts) = comm.all_to_all_v(outputs, &dispatched.received)?;
-        if counts != dispatched.sent {
-            return Err(Error::Mismatch {
-                detail: format!("combine received {counts:?} elements, dispatch sent {:?}", dispatched.sent),
-            });
-        }
         let mut out = vec![T::zeroed(); back.len()];
-        for (k, &i) in dispatched.order.iter().enumerate() {
+        for (k, &i) in order.iter().enumerate() {
             out[i * hidden..(i + 1) * hidden].copy_from_slice(&back[k * hidden..(k + 1) * hidden]);
         }
-        Ok(out)
+        out
     }
+}
+
+/// What dispatch's count exchange settled: the plan, the order this device's tokens
+/// go in and the all-to-all's element counts (`matrix[from][to]`).
+pub(super) struct Routed {
+    pub(super) rank: usize,
+    pub(super) plan: Dispatch,
+    pub(super) order: Vec<usize>,
+    pub(super) matrix: Vec<Vec<usize>>,
 }

@@ -26,7 +26,13 @@
 //!   sharding the survivors take up from the backups when a device is lost.
 //! - [`ExpertLayer`]: one layer's iteration over a [`crate::Communicator`]:
 //!   `materialize` (spAG P → P′), `dispatch` and `combine` (all-to-all(v) of the
-//!   tokens there and back) and `reduce_gradients` (spRS P′ → P).
+//!   tokens there and back) and `reduce_gradients` (spRS P′ → P), each blocking or
+//!   started ([`ExpertLayer::materialize_start`] and the others: a handle whose `wait`
+//!   gives the outcome and the buffer back, so the step overlaps compute), and
+//!   re-materialisation ([`ExpertLayer::release_replicas`] after the forward,
+//!   [`ExpertLayer::rematerialize_start`] before the backward).
+//! - [`ReshardEvery`]: re-sharding every K iterations, from the predicted loads, with
+//!   the state moved to the new owners ([`ReshardEvery::move_state`]).
 //!
 //! The reference's worked example (`../shared/reference/fssdp.md`, 2.6): 4 devices, 8
 //! experts, two per device, loads 40, 5, 10, 5, 20, 5, 10, 5 and `t = m = 2`: e0 and e4,
@@ -45,18 +51,20 @@
 //! # Ok::<(), phalanx::moe::MoeError>(())
 //! ```
 //!
-//! Built so far (issue 13): the planners, the simulator and the layer's collectives as
-//! blocking calls, tested over in-process peers, and backups kept in step by a spAG
-//! ([`Backups::to_sparse`]) so that training goes on through a lost device
-//! (`tests/moe_backup.rs`). Not yet: non-blocking steps (to overlap attention),
-//! re-materialisation, runs across processes, and the layer from C and Python (the
-//! placement and the simulator are there: `phx_moe_place`, `phx_moe_simulate`,
-//! `phalanx.moe_place`, `phalanx.moe_simulate`).
+//! Built so far (issue 13): the planners, the simulator, the layer's collectives
+//! blocking and started, re-materialisation and re-sharding every K iterations, tested
+//! over in-process peers, and backups kept in step by a spAG ([`Backups::to_sparse`])
+//! so that training goes on through a lost device (`tests/moe_backup.rs`). The
+//! worked example's 6 expert transfers are checked on the links' traffic counters
+//! ([`crate::Communicator::traffic`]).
 
 mod calibrate;
 mod dispatch;
 mod layer;
+mod pending;
 mod placement;
+mod policy;
+mod remat;
 mod reshard;
 mod shard;
 mod simulate;
@@ -66,7 +74,10 @@ mod tests;
 pub use calibrate::{calibrate, Calibration};
 pub use dispatch::{dispatch, Dispatch, Route};
 pub use layer::{Dispatched, ExpertLayer};
+pub use pending::{PendingCombine, PendingDispatch, PendingStep};
 pub use placement::{place, proportional_slots, ExpertPlacement, LoadPredictor, PlaceParams, WINDOW};
+pub use policy::ReshardEvery;
+pub use remat::Released;
 pub use reshard::{plan_backups, Backups, Move};
 pub use shard::{plan_sharding, MoeLayer, Sharding};
 pub use simulate::{simulate, zipf_trace, zipf_trace_shifting, SimConfig, SimReport, StrategyStats};

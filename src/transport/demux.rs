@@ -35,6 +35,7 @@
 //! never stalls the link.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -49,6 +50,40 @@ pub type OpKey = (u64, u64);
 /// reading the link: 16 frames of the default 256 KiB chunk are 4 MiB per collective,
 /// enough to keep a pipeline of chunks flowing while its consumer reduces one.
 pub const DEFAULT_QUEUE_FRAMES: usize = 16;
+
+/// Frames and payload bytes that crossed one link in each direction: every data
+/// transport's frames pass through a [`Demux`], which counts them here (relaxed atomic
+/// adds, one per frame). Payload bytes only: each frame also carries a
+/// [`Header`](super::Header) of [`Header::LEN`](super::Header::LEN) bytes.
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    frames_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    frames_received: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+impl LinkCounters {
+    fn sent(&self, payload: u64) {
+        self.frames_sent.fetch_add(1, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(payload, Ordering::Relaxed);
+    }
+
+    fn received(&self, frame: &Frame) {
+        self.frames_received.fetch_add(1, Ordering::Relaxed);
+        self.bytes_received.fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
+    }
+
+    /// `(frames sent, payload bytes sent, frames received, payload bytes received)`.
+    pub fn load(&self) -> (u64, u64, u64, u64) {
+        (
+            self.frames_sent.load(Ordering::Relaxed),
+            self.bytes_sent.load(Ordering::Relaxed),
+            self.frames_received.load(Ordering::Relaxed),
+            self.bytes_received.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// One collective's queued frames.
 struct Queue {
@@ -96,6 +131,8 @@ struct Shared {
     /// Tells the read task that room was made: a frame was taken, or a queue ended.
     room: Notify,
     capacity: usize,
+    /// Where the link's frames are counted.
+    counters: Arc<LinkCounters>,
 }
 
 impl Shared {
@@ -121,9 +158,20 @@ impl Demux {
 
     /// Starts demultiplexing `link` with queues of `capacity` frames each (at least
     /// one); see the module docs, "Backpressure".
+    #[cfg(test)]
     pub fn with_capacity(link: Arc<dyn Link>, capacity: usize) -> Arc<Demux> {
-        let shared =
-            Arc::new(Shared { state: Mutex::new(State::default()), room: Notify::new(), capacity: capacity.max(1) });
+        Demux::counted(link, capacity, Arc::default())
+    }
+
+    /// [`Demux::with_capacity`], counting every frame sent and received in `counters`
+    /// (which may outlive this link: a peer's counters survive a reconnection).
+    pub fn counted(link: Arc<dyn Link>, capacity: usize, counters: Arc<LinkCounters>) -> Arc<Demux> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            room: Notify::new(),
+            capacity: capacity.max(1),
+            counters,
+        });
         let reader = tokio::spawn(read_loop(link.clone(), shared.clone()));
         Arc::new(Demux { link, shared, reader })
     }
@@ -215,6 +263,7 @@ async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
                 return;
             }
         };
+        shared.counters.received(&frame);
         let key = (frame.header.epoch, frame.header.seq);
         // Until the frame is queued or dropped, this task reads nothing more: that is
         // what pushes back on the sender.
@@ -294,7 +343,12 @@ impl OpLink {
 #[async_trait]
 impl Link for OpLink {
     async fn send(&self, frame: Frame) -> Result<(), LinkError> {
-        self.demux.link.send(frame).await
+        let payload = frame.payload.len() as u64;
+        let result = self.demux.link.send(frame).await;
+        if result.is_ok() {
+            self.demux.shared.counters.sent(payload);
+        }
+        result
     }
 
     async fn recv(&self) -> Result<Frame, LinkError> {
@@ -333,6 +387,23 @@ mod tests {
         a.send(frame(1, 3, 0)).await.expect("send");
         a.send(frame(2, 0, 0)).await.expect("send");
         assert_eq!(demux.op((2, 0)).recv().await.expect("recv").header.epoch, 2);
+    }
+
+    #[tokio::test]
+    async fn counters_see_every_frame_both_ways() {
+        let (a, b) = mem::pair(16);
+        let counters = Arc::new(LinkCounters::default());
+        let (a, b) = (Demux::counted(Arc::new(a), 4, Arc::default()), Demux::counted(Arc::new(b), 4, counters.clone()));
+        let payload = |n: usize| Frame {
+            header: Header { epoch: 1, seq: 1, call: 0, index: 0 },
+            payload: Bytes::from(vec![7u8; n]),
+        };
+        let op = b.op((1, 1));
+        op.send(payload(10)).await.expect("send");
+        b.op((1, 2)).send(payload(0)).await.expect("send");
+        a.op((1, 1)).send(payload(5)).await.expect("send");
+        assert_eq!(op.recv().await.expect("recv").payload.len(), 5);
+        assert_eq!(counters.load(), (2, 10, 1, 5));
     }
 
     #[tokio::test]
