@@ -360,6 +360,15 @@ typedef struct phx_moe_dispatched phx_moe_dispatched;
 typedef struct phx_moe_layer phx_moe_layer;
 
 /**
+ * A layer step (spAG or spRS) started by `phx_moe_layer_materialize_start`,
+ * `phx_moe_layer_reduce_gradients_start` or `phx_moe_layer_rematerialize_start`,
+ * owning a copy of its buffer. Consumed by `phx_moe_step_wait` or `phx_moe_step_free`.
+ * It may be waited on from any thread, including while its communicator runs other
+ * calls on another thread.
+ */
+typedef struct phx_moe_step phx_moe_step;
+
+/**
  * An all-reduce started by `phx_comm_all_reduce_start`, owning a copy of its buffer.
  * Consumed by `phx_pending_wait` or `phx_pending_free`. It may be waited on from any
  * thread, including while its communicator runs other calls on another thread.
@@ -702,6 +711,31 @@ typedef struct phx_moe_sim_result {
      */
     struct phx_moe_strategy fssdp;
 } phx_moe_sim_result;
+
+/**
+ * Frames and payload bytes exchanged with one peer (or with all of them), since the
+ * communicator connected. Payload bytes exclude the frame headers. Collectives,
+ * point-to-point messages and state synchronisation all count; the control
+ * connection to the master does not.
+ */
+typedef struct phx_traffic {
+    /**
+     * Frames sent to the peer.
+     */
+    uint64_t frames_sent;
+    /**
+     * Payload bytes sent to the peer.
+     */
+    uint64_t bytes_sent;
+    /**
+     * Frames received from the peer.
+     */
+    uint64_t frames_received;
+    /**
+     * Payload bytes received from the peer.
+     */
+    uint64_t bytes_received;
+} phx_traffic;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1899,6 +1933,163 @@ int phx_moe_dispatched_free(struct phx_moe_dispatched *dispatched);
  * `layer` is NULL or a live handle from `phx_moe_layer_new`, not used afterwards.
  */
 int phx_moe_layer_free(struct phx_moe_layer *layer);
+
+/**
+ * Starts `phx_moe_layer_materialize` (spAG P → P′) on a copy of `params` (`count` =
+ * `phx_moe_layer_params_len` elements of `dtype`) and returns at once with the handle
+ * in `*out`; `params` is not used after the call. `phx_moe_step_wait` writes the
+ * materialised buffer (or, on error, the values passed here) to a buffer of the
+ * caller's. Several steps may be in flight; every device starts them in the same order.
+ *
+ * Ownership: the caller owns `*out` and passes it to `phx_moe_step_wait` or
+ * `phx_moe_step_free` exactly once. `PHX_ERR_INVALID_ARGUMENT` (nothing started) for a
+ * buffer of another length. Must not run concurrently with other calls on `comm`.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `comm` NULL or a live communicator not used
+ * concurrently; `params` NULL or readable for `count` elements; `out` NULL or valid for
+ * a write of a pointer.
+ */
+int phx_moe_layer_materialize_start(const struct phx_moe_layer *layer,
+                                    struct phx_comm *comm,
+                                    const void *params,
+                                    size_t count,
+                                    int dtype_code,
+                                    struct phx_moe_step **out);
+
+/**
+ * Starts `phx_moe_layer_reduce_gradients` (spRS P′ → P) on a copy of `grads` (as
+ * `phx_moe_layer_materialize_start`) and returns at once with the handle in `*out`.
+ *
+ * # Safety
+ * As `phx_moe_layer_materialize_start`, for `grads`.
+ */
+int phx_moe_layer_reduce_gradients_start(const struct phx_moe_layer *layer,
+                                         struct phx_comm *comm,
+                                         const void *grads,
+                                         size_t count,
+                                         int dtype_code,
+                                         struct phx_moe_step **out);
+
+/**
+ * Elements of the experts `device` owns (`n_owned * expert_len`) in `*out`: the
+ * length of `phx_moe_layer_release_replicas`'s `owned` buffer. Thread-safe.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `out` NULL or valid for a write of a `size_t`.
+ */
+int phx_moe_layer_owned_len(const struct phx_moe_layer *layer, size_t device, size_t *out);
+
+/**
+ * Elements of the replicas `device` holds this iteration (the experts of P′ it holds
+ * but does not own) in `*out`: the memory re-materialisation frees between the forward
+ * and the backward. Thread-safe.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `out` NULL or valid for a write of a `size_t`.
+ */
+int phx_moe_layer_replica_len(const struct phx_moe_layer *layer, size_t device, size_t *out);
+
+/**
+ * Re-materialisation, after the layer's forward: copies the experts this device owns
+ * from `params` (`count` = `phx_moe_layer_params_len` elements of `dtype`), ascending
+ * by expert, to `owned` (`owned_count` = `phx_moe_layer_owned_len` of this device),
+ * so that the caller may free `params` until the backward; writes the bytes freed
+ * against the full buffer to `*freed_bytes_or_null` (when not NULL). Local: nothing
+ * is sent. `PHX_ERR_INVALID_ARGUMENT` for buffers of other lengths (nothing written).
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `comm` NULL or a live communicator not used
+ * concurrently; `params` NULL or readable for `count` elements; `owned` NULL or
+ * writable for `owned_count` elements, not overlapping `params`; `freed_bytes_or_null`
+ * NULL or valid for a write of a `size_t`.
+ */
+int phx_moe_layer_release_replicas(const struct phx_moe_layer *layer,
+                                   const struct phx_comm *comm,
+                                   const void *params,
+                                   size_t count,
+                                   int dtype_code,
+                                   void *owned,
+                                   size_t owned_count,
+                                   size_t *freed_bytes_or_null);
+
+/**
+ * Re-materialisation, before the layer's backward: makes the full buffer again from
+ * `owned` (as `phx_moe_layer_release_replicas` wrote it: the owned experts in their
+ * slots, zeros elsewhere) and starts the spAG that fills the replicas; returns at once
+ * with the handle in `*out`, whose `phx_moe_step_wait` writes the
+ * `phx_moe_layer_params_len` elements (on error: the owned experts in their slots,
+ * zeros elsewhere, from which the caller can start again). A collective, as
+ * `phx_moe_layer_materialize_start`.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle; `comm` NULL or a live communicator not used
+ * concurrently; `owned` NULL or readable for `owned_count` elements; `out` NULL or
+ * valid for a write of a pointer.
+ */
+int phx_moe_layer_rematerialize_start(const struct phx_moe_layer *layer,
+                                      struct phx_comm *comm,
+                                      const void *owned,
+                                      size_t owned_count,
+                                      int dtype_code,
+                                      struct phx_moe_step **out);
+
+/**
+ * Whether the step has finished (`phx_moe_step_wait` would not block): 1 or 0 in
+ * `*out`.
+ *
+ * # Safety
+ * `step` is NULL or a live handle; `out` NULL or valid for a write of an `int`.
+ */
+int phx_moe_step_is_finished(const struct phx_moe_step *step, int *out);
+
+/**
+ * Waits for the step and writes its `count` elements into `out_buf`: the materialised
+ * (or reduced) buffer on `PHX_OK`, the buffer as started on a collective error
+ * (`PHX_ERR_PEER_LOST`, `PHX_ERR_ABORTED`: plan again for the survivors). `count` must
+ * be the layer's `phx_moe_layer_params_len` (`PHX_ERR_INVALID_ARGUMENT` otherwise, and
+ * nothing is written).
+ *
+ * Ownership: always consumes and frees `step`, whatever the status (except
+ * `PHX_ERR_NULL` for a NULL `step`); the step is waited for even when `out_buf` is NULL
+ * or `count` is wrong. May run on any thread.
+ *
+ * # Safety
+ * `step` is NULL or a live handle, not used afterwards; `out_buf` NULL or writable for
+ * `count` elements of the started element type.
+ */
+int phx_moe_step_wait(struct phx_moe_step *step, void *out_buf, size_t count);
+
+/**
+ * Frees `step` without waiting: the step goes on in the background (the other devices
+ * still need this one's part) and its result is discarded. NULL is a no-op.
+ *
+ * # Safety
+ * `step` is NULL or a live handle, not used afterwards.
+ */
+int phx_moe_step_free(struct phx_moe_step *step);
+
+/**
+ * A snapshot of `comm`'s data-link traffic: the sum over all peers in `*total_or_null`
+ * (when not NULL); the number of peers it has exchanged frames with in
+ * `*n_peers_or_null` (when not NULL); and the first `capacity` of them, ascending by
+ * peer id, in `peer_ids_or_null[i]` and `per_peer_or_null[i]` (either may be NULL;
+ * with `capacity` 0 both are ignored). Cheap: a few atomic loads per peer, no call to
+ * the group. Frames of other peers' later collectives may arrive at any time, so the
+ * received counts are exact only where the group is quiet (between two barriers).
+ * Must not run concurrently with other calls on `comm`.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator; `total_or_null` and `n_peers_or_null` NULL or
+ * valid for one write; `peer_ids_or_null` and `per_peer_or_null` NULL or writable for
+ * `capacity` entries.
+ */
+int phx_comm_traffic(const struct phx_comm *comm,
+                     struct phx_traffic *total_or_null,
+                     size_t *n_peers_or_null,
+                     uint64_t *peer_ids_or_null,
+                     struct phx_traffic *per_peer_or_null,
+                     size_t capacity);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -52,6 +52,10 @@ mod pipeline;
 mod moe;
 // The FSSDP layer (`phx_moe_layer`, `phx_moe_dispatched`).
 mod moe_layer;
+// The layer's started steps and re-materialisation (`phx_moe_step`).
+mod moe_started;
+// Link traffic counters (`phx_comm_traffic`).
+mod traffic;
 
 pub use args::*;
 pub use collectives::*;
@@ -59,6 +63,7 @@ pub use comm::*;
 pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use moe_layer::*;
+pub use moe_started::*;
 pub use pending::*;
 pub use pipeline::*;
 pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
@@ -66,6 +71,7 @@ pub use request::*;
 pub use sched::{phx_pipeline_result, phx_pipeline_simulate};
 pub use state::*;
 pub use status::*;
+pub use traffic::*;
 
 #[cfg(test)]
 mod tests {

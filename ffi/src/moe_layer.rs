@@ -29,6 +29,13 @@ pub struct phx_moe_layer {
     hidden: usize,
 }
 
+impl phx_moe_layer {
+    /// The layer itself.
+    pub(crate) fn core(&self) -> &ExpertLayer {
+        &self.inner
+    }
+}
+
 /// The rows a dispatch delivered, typed by the element's width.
 enum Rows {
     W1(Dispatched<u8>),

@@ -15,7 +15,8 @@
  * back exactly what one device computes alone (and 8-byte tokens unchanged through
  * identity experts); after reduce_gradients d0 holds [10, 10] for e0 and d2 [50, 10]
  * for e4, every other slot unchanged. Argument errors are refused before anything is
- * sent.
+ * sent. Then the started steps (phx_moe_step), the link counters (phx_comm_traffic) and
+ * re-materialisation, and a device lost before a started step (see started_steps).
  *
  * Prints "moe ok ...", one "layer ok rank=R" per peer and "all ok" on success; failures
  * print "FAIL ..." and exit 1.
@@ -41,6 +42,110 @@ static float weight(size_t e, size_t k) {
 
 static int same_bits(const float *a, const float *b, size_t n) {
     return memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+/* The started steps, the link counters and re-materialisation, after the blocking
+ * steps: a started spAG and spRS, with compute meanwhile, equal the blocking ones bit
+ * for bit; the counters see the spAG receive exactly its experts (1 or 2 of 8 bytes per
+ * device, 6 in all); release keeps the owned experts (12 of 16 floats freed) and the
+ * re-materialising spAG gives the materialised bytes back. Last, device 3 leaves
+ * instead of starting a step: the survivors get PEER_LOST or ABORTED, and the buffer
+ * written at wait is exactly the one passed at start. */
+static void started_steps(phx_moe_layer *layer, phx_comm *comm, size_t d, const size_t *owners,
+                          const uint8_t *holds) {
+    float params[2 * EXPERTS], blocking[2 * EXPERTS], started[2 * EXPERTS], owned[2 * EXPERTS];
+    float again[2 * EXPERTS], before_loss[2 * EXPERTS];
+    phx_moe_step *step = NULL;
+    phx_traffic before, after, peers[N], sum;
+    uint64_t ids[N];
+    size_t e, i, k, n_peers = 0, owned_len = 0, replica_len = 0, freed = 0;
+    int finished = -1, status;
+    volatile double acc = 0.0;
+
+    for (e = 0; e < EXPERTS; e++)
+        for (k = 0; k < 2; k++) params[2 * e + k] = owners[e] == d ? weight(e, k) : -1.0f - (float)d;
+    memcpy(blocking, params, sizeof params);
+    CHECK(phx_moe_layer_materialize(layer, comm, blocking, 2 * EXPERTS, PHX_DTYPE_F32));
+
+    /* Snapshots between two barriers (which carry no payload): the group is quiet. */
+    CHECK(phx_comm_barrier(comm));
+    CHECK(phx_comm_traffic(comm, &before, NULL, NULL, NULL, 0));
+    CHECK(phx_comm_barrier(comm));
+    EXPECT_STATUS(phx_moe_layer_materialize_start(layer, comm, params, 2 * EXPERTS - 1, PHX_DTYPE_F32, &step),
+                  PHX_ERR_INVALID_ARGUMENT);
+    EXPECT(step == NULL);
+    CHECK(phx_moe_layer_materialize_start(layer, comm, params, 2 * EXPERTS, PHX_DTYPE_F32, &step));
+    params[0] = 12345.0f; /* the step owns a copy: the caller's buffer is free at once */
+    for (i = 0; i < 100000; i++) acc += (double)i * 0.5; /* the attention forward */
+    CHECK(phx_moe_step_is_finished(step, &finished));
+    EXPECT(finished == 0 || finished == 1);
+    CHECK(phx_moe_step_wait(step, started, 2 * EXPERTS));
+    EXPECT(same_bits(started, blocking, 2 * EXPERTS));
+    CHECK(phx_comm_barrier(comm));
+    CHECK(phx_comm_traffic(comm, &after, &n_peers, ids, peers, N));
+    CHECK(phx_comm_barrier(comm));
+    EXPECT(n_peers == N - 1);
+    memset(&sum, 0, sizeof sum);
+    for (i = 0; i < n_peers; i++) {
+        EXPECT(i == 0 || ids[i - 1] < ids[i]);
+        sum.frames_sent += peers[i].frames_sent;
+        sum.bytes_sent += peers[i].bytes_sent;
+        sum.frames_received += peers[i].frames_received;
+        sum.bytes_received += peers[i].bytes_received;
+    }
+    EXPECT(memcmp(&sum, &after, sizeof sum) == 0);
+    /* d0 receives e4, d1 e0 and e4, d2 e0, d3 e0 and e4: 8 bytes each. */
+    EXPECT(after.bytes_received - before.bytes_received == (d % 2 ? 2 : 1) * 2 * sizeof(float));
+    EXPECT(after.frames_received > before.frames_received);
+    CHECK(phx_comm_traffic(comm, NULL, NULL, NULL, NULL, 0));
+    EXPECT_STATUS(phx_comm_traffic(NULL, &after, NULL, NULL, NULL, 0), PHX_ERR_NULL);
+
+    /* spRS started against blocking: the same bits. */
+    for (e = 0; e < EXPERTS; e++) params[2 * e] = params[2 * e + 1] = (float)(e + 1) / (float)(d + 3);
+    memcpy(blocking, params, sizeof params);
+    CHECK(phx_moe_layer_reduce_gradients(layer, comm, blocking, 2 * EXPERTS, PHX_DTYPE_F32));
+    CHECK(phx_moe_layer_reduce_gradients_start(layer, comm, params, 2 * EXPERTS, PHX_DTYPE_F32, &step));
+    for (i = 0; i < 100000; i++) acc += (double)i * 0.25; /* the attention backward */
+    EXPECT_STATUS(phx_moe_step_wait(step, again, 2 * EXPERTS - 1), PHX_ERR_INVALID_ARGUMENT); /* consumed */
+    CHECK(phx_moe_layer_reduce_gradients_start(layer, comm, params, 2 * EXPERTS, PHX_DTYPE_F32, &step));
+    CHECK(phx_moe_step_wait(step, again, 2 * EXPERTS));
+    EXPECT(!same_bits(again, params, 2 * EXPERTS) || d % 2 == 1);
+    /* The second spRS started from the same gradients: the same bits as the blocking one. */
+    EXPECT(same_bits(again, blocking, 2 * EXPERTS));
+    CHECK(phx_moe_step_free(NULL));
+    EXPECT_STATUS(phx_moe_step_wait(NULL, again, 2 * EXPERTS), PHX_ERR_NULL);
+
+    /* Re-materialisation: release after the forward, spAG again before the backward. */
+    CHECK(phx_moe_layer_owned_len(layer, d, &owned_len));
+    CHECK(phx_moe_layer_replica_len(layer, d, &replica_len));
+    EXPECT(owned_len == 4 && replica_len == (d % 2 ? 4u : 2u));
+    EXPECT_STATUS(phx_moe_layer_release_replicas(layer, comm, started, 2 * EXPERTS, PHX_DTYPE_F32, owned, 3, &freed),
+                  PHX_ERR_INVALID_ARGUMENT);
+    CHECK(phx_moe_layer_release_replicas(layer, comm, started, 2 * EXPERTS, PHX_DTYPE_F32, owned, owned_len, &freed));
+    EXPECT(freed == (2 * EXPERTS - owned_len) * sizeof(float));
+    EXPECT(same_bits(owned, &started[4 * d], 4)); /* d owns experts 2d and 2d + 1 */
+    CHECK(phx_moe_layer_rematerialize_start(layer, comm, owned, owned_len, PHX_DTYPE_F32, &step));
+    CHECK(phx_moe_step_wait(step, again, 2 * EXPERTS));
+    for (e = 0; e < EXPERTS; e++) {
+        if (holds[e * N + d]) EXPECT(same_bits(&again[2 * e], &started[2 * e], 2));
+        else EXPECT(again[2 * e] == 0.0f && again[2 * e + 1] == 0.0f);
+    }
+
+    /* A lost device: 3 leaves instead of starting the spAG. */
+    if (d == 3) {
+        CHECK(phx_comm_leave(comm));
+        return;
+    }
+    for (i = 0; i < 2 * EXPERTS; i++) before_loss[i] = (float)i + 0.25f * (float)d;
+    memcpy(params, before_loss, sizeof params);
+    memset(again, 0, sizeof again);
+    status = phx_moe_layer_materialize_start(layer, comm, params, 2 * EXPERTS, PHX_DTYPE_F32, &step);
+    if (status == PHX_OK) status = phx_moe_step_wait(step, again, 2 * EXPERTS);
+    else memcpy(again, params, sizeof params); /* refused at start: nothing began */
+    EXPECT(status == PHX_ERR_PEER_LOST || status == PHX_ERR_ABORTED);
+    EXPECT(same_bits(again, before_loss, 2 * EXPERTS));
+    (void)acc;
+    CHECK(phx_comm_leave(comm));
 }
 
 static void *layer_peer(void *arg) {
@@ -164,11 +269,11 @@ static void *layer_peer(void *arg) {
             EXPECT(grads[2 * e] == (float)e && grads[2 * e + 1] == (float)e);
         }
     }
+    started_steps(layer, comm, d, owners, holds);
     CHECK(phx_moe_layer_free(layer));
     CHECK(phx_moe_layer_free(NULL));
     CHECK(phx_moe_dispatched_free(NULL));
     printf("layer ok rank=%zu\n", d);
-    CHECK(phx_comm_leave(comm));
     return NULL;
 }
 
