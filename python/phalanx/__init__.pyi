@@ -8,7 +8,7 @@ array in place, without copying it, with the GIL released.
 """
 
 from types import TracebackType
-from typing import Any, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple, Type, Union
 
 import numpy as np
 
@@ -281,6 +281,10 @@ class Communicator:
         its chunk, in ascending rank order. Other slots are unchanged."""
     def barrier(self) -> None:
         """Returns once every peer has called it."""
+    def traffic(self) -> Traffic:
+        """A snapshot of the frames and payload bytes this peer has sent to and received
+        from each other peer over its data links since it connected; cheap, no call to
+        the group. `later.since(earlier)` is what moved in between."""
     def all_reduce_async(self, array: ArrayLike, op: ReduceOpName = "sum") -> AllReduceHandle:
         """Starts an all-reduce in the background; copies the array in now and the
         result back at `wait()`."""
@@ -381,6 +385,50 @@ class Dispatched:
         tokens of `expert`, in its order, go to device `to`."""
     def __len__(self) -> int: ...
 
+class Traffic:
+    """A snapshot of a communicator's data-link traffic (`Communicator.traffic()`), per
+    peer id: frames and payload bytes (headers excluded) sent and received. Collectives,
+    point-to-point messages and state synchronisation count; the master's control
+    connection does not. Received counts are exact where the group is quiet (between two
+    barriers). Each peer's counters are a dict with the keys frames_sent, bytes_sent,
+    frames_received and bytes_received."""
+
+    @property
+    def peers(self) -> Dict[int, Dict[str, int]]:
+        """The counters of every peer this one has exchanged frames with, by peer id."""
+    @property
+    def total(self) -> Dict[str, int]:
+        """The counters summed over all peers."""
+    def peer(self, peer_id: int) -> Dict[str, int]:
+        """The counters of one peer (zeros if none)."""
+    def since(self, earlier: Traffic) -> Traffic:
+        """What moved after `earlier` (a snapshot of the same communicator)."""
+
+class MoeStepHandle:
+    """A layer step started by `ExpertLayer.materialize_start`, `reduce_gradients_start`
+    or `rematerialize_start`."""
+
+    def wait(self) -> None:
+        """Waits (GIL released) and writes the step's result into its array; raises the
+        step's error (PeerLostError, AbortedError), leaving the array as it was. Repeated
+        calls repeat the outcome."""
+    def done(self) -> bool:
+        """Whether the step has finished (`wait()` would not block)."""
+
+class ReleasedReplicas:
+    """A device's parameters with the replicas freed (`ExpertLayer.release_replicas`):
+    only the experts it owns. Stays usable after `rematerialize_start`."""
+
+    @property
+    def owned(self) -> np.ndarray:
+        """The owned experts' parameters, ascending by expert (a 1-D copy)."""
+    @property
+    def freed_elements(self) -> int:
+        """Elements freed against the full array (replicas and experts not held)."""
+    @property
+    def freed_bytes(self) -> int:
+        """Bytes freed."""
+
 class ExpertLayer:
     """One MoE layer's communication for one iteration over `comm`'s group (FSSDP): every
     device makes one from the same placement P' and calls its steps in the same order.
@@ -435,6 +483,22 @@ class ExpertLayer:
     def reduce_gradients(self, grads: ArrayLike) -> None:
         """spRS, in place: each owner's slot becomes the sum of its holders' slots, added
         in ascending device order (the same bits every run); other slots unchanged."""
+    def materialize_start(self, params: ArrayLike) -> MoeStepHandle:
+        """Starts `materialize` on a copy of `params` and returns at once (to overlap the
+        attention forward); `wait()` writes the result into `params`, or raises and
+        leaves it as it was."""
+    def reduce_gradients_start(self, grads: ArrayLike) -> MoeStepHandle:
+        """Starts `reduce_gradients` on a copy of `grads` and returns at once (to overlap
+        the attention backward); `wait()` writes the result into `grads`."""
+    def release_replicas(self, params: ArrayLike) -> ReleasedReplicas:
+        """Re-materialisation, after the forward: keeps only the experts this device
+        owns (a copy), so that `params` may be freed until the backward. Local."""
+    def rematerialize_start(self, released: ReleasedReplicas, params: ArrayLike) -> MoeStepHandle:
+        """Re-materialisation, before the backward: starts the spAG that makes the full
+        parameters again from `released`; `wait()` writes them into `params`
+        (`params_len` elements of the released type; zeros in slots not held)."""
+    def replica_len(self, device: int) -> int:
+        """Elements of the replicas `device` holds (held, not owned) this iteration."""
 
 def moe_simulate(
     *,

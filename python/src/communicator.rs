@@ -387,6 +387,13 @@ impl Communicator {
         self.with(py, |c| c.barrier())
     }
 
+    /// A snapshot of the frames and payload bytes this peer has sent to and received
+    /// from each other peer over its data links since it connected (`Traffic`; its
+    /// `since(earlier)` is what moved in between). Cheap: no call to the group.
+    fn traffic(&self, py: Python<'_>) -> PyResult<crate::traffic::Traffic> {
+        Ok(self.with(py, |c| Ok(c.traffic()))?.into())
+    }
+
     /// Starts an all-reduce of `array` and returns a handle at once; the collective runs
     /// in the background while Python computes, and `handle.wait()` writes the result
     /// into `array`. Several may be in flight; every peer starts them in the same order.

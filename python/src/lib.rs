@@ -11,7 +11,9 @@
 //! `quant`, `sparse` and `p2p` (with `P2pRequest`) that `Communicator`'s methods delegate
 //! to; `sched`, pipeline schedules; `pipeline`, the pipeline runner (`PipelineRunner`,
 //! `PipelineStep`); `moe`, expert placement and the FSSDP simulator; `moe_layer`, the
-//! FSSDP layer (`ExpertLayer`, `Dispatched`).
+//! FSSDP layer (`ExpertLayer`, `Dispatched`), with `moe_started` its started steps
+//! (`MoeStepHandle`) and re-materialisation (`ReleasedReplicas`); `traffic`, the link
+//! counters of `Communicator.traffic()` (`Traffic`).
 
 mod args;
 mod array;
@@ -22,6 +24,7 @@ mod handle;
 mod master;
 mod moe;
 mod moe_layer;
+mod moe_started;
 mod p2p;
 mod pipeline;
 mod quant;
@@ -29,6 +32,7 @@ mod scan;
 mod sched;
 mod sparse;
 mod state;
+mod traffic;
 
 use std::time::Instant;
 
@@ -72,6 +76,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SyncReport>()?;
     m.add_class::<moe_layer::ExpertLayer>()?;
     m.add_class::<moe_layer::Dispatched>()?;
+    m.add_class::<moe_started::MoeStepHandle>()?;
+    m.add_class::<moe_started::ReleasedReplicas>()?;
+    m.add_class::<traffic::Traffic>()?;
     m.add_class::<pipeline::PipelineRunner>()?;
     m.add_class::<pipeline::PipelineStep>()?;
     errors::register(m)?;

@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 
 use crate::array::array as array_ref;
 use crate::communicator::Communicator;
+use crate::moe_started::{self, Kind, MoeStepHandle, ReleasedReplicas};
 use crate::sparse::to_numpy;
 
 /// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.
@@ -363,6 +364,47 @@ impl ExpertLayer {
         })?;
         drop(o);
         to_numpy(py, &back, d.dtype)?.call_method1("reshape", (d.sent, self.hidden))
+    }
+
+    /// Starts `materialize` (spAG) on a copy of `params` and returns a `MoeStepHandle`
+    /// at once, so that the transfer runs under other compute (the attention forward);
+    /// `wait()` (GIL released) writes the materialised array into `params`, or raises
+    /// and leaves it as it was. Do not resize `params` meanwhile.
+    fn materialize_start(&self, py: Python<'_>, params: &Bound<'_, PyAny>) -> PyResult<MoeStepHandle> {
+        moe_started::start(py, self.comm(py), &self.inner, Kind::Materialize, params)
+    }
+
+    /// Starts `reduce_gradients` (spRS) on a copy of `grads` and returns a
+    /// `MoeStepHandle` at once (to run under the attention backward); `wait()` writes the
+    /// reduced array into `grads`, or raises and leaves it as it was.
+    fn reduce_gradients_start(&self, py: Python<'_>, grads: &Bound<'_, PyAny>) -> PyResult<MoeStepHandle> {
+        moe_started::start(py, self.comm(py), &self.inner, Kind::ReduceGradients, grads)
+    }
+
+    /// Re-materialisation, after the layer's forward: keeps only the experts this device
+    /// owns from `params` (a copy) as `ReleasedReplicas`, so that `params` may be freed
+    /// until the backward (`freed_bytes` says how much). Local: nothing is sent.
+    fn release_replicas(&self, py: Python<'_>, params: &Bound<'_, PyAny>) -> PyResult<ReleasedReplicas> {
+        moe_started::release(py, self.comm(py), &self.inner, params)
+    }
+
+    /// Re-materialisation, before the layer's backward: starts the spAG that makes the
+    /// full parameters again from `released` (the owned experts in their slots, the
+    /// replicas from their owners, zeros elsewhere) and returns a `MoeStepHandle` whose
+    /// `wait()` writes them into `params` (`params_len` elements of the released type).
+    fn rematerialize_start(
+        &self,
+        py: Python<'_>,
+        released: &Bound<'_, ReleasedReplicas>,
+        params: &Bound<'_, PyAny>,
+    ) -> PyResult<MoeStepHandle> {
+        moe_started::rematerialize(py, self.comm(py), &self.inner, released.get(), params)
+    }
+
+    /// Elements of the replicas `device` holds this iteration (experts it holds but does
+    /// not own): what re-materialisation frees between the forward and the backward.
+    fn replica_len(&self, device: usize) -> usize {
+        self.inner.replica_len(device)
     }
 
     fn __repr__(&self) -> String {

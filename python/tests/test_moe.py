@@ -380,3 +380,101 @@ def test_a_device_that_leaves_fails_the_step_with_arrays_restored(group):
         return params.tobytes() == before.tobytes()
 
     assert on_all(group, run) == [True, True, None, True]
+
+
+# The started steps, the link counters and re-materialisation.
+
+
+def quiet_traffic(c):
+    """A snapshot of c's traffic between two barriers (which carry no payload): every
+    frame sent before the first has arrived, and none sent after the second has."""
+    c.barrier()
+    t = c.traffic()
+    c.barrier()
+    return t
+
+
+def test_started_steps_equal_the_blocking_ones_and_the_counters_see_the_spag(group):
+    holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
+    weights = np.array([[10 * e + 1, 10 * e + 2] for e in range(8)], dtype=np.float32)
+
+    def run(c):
+        d = c.rank
+        layer = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
+        params = np.full(16, -1.0 - d, dtype=np.float32)
+        for e in range(8):
+            if OWNERS[e] == d:
+                params[layer.expert_slice(e)] = weights[e]
+        blocking = params.copy()
+        layer.materialize(blocking)
+        with pytest.raises(ValueError, match="15 elements"):
+            layer.materialize_start(params[:15])  # refused before anything is sent
+
+        before = quiet_traffic(c)
+        handle = layer.materialize_start(params)
+        acc = sum(i * 0.5 for i in range(20_000))  # the attention forward, meanwhile
+        assert handle.done() in (True, False)
+        handle.wait()
+        handle.wait()  # a second wait repeats the outcome
+        assert handle.done()
+        moved = quiet_traffic(c).since(before)
+        assert params.tobytes() == blocking.tobytes()
+
+        grads = (np.arange(16, dtype=np.float32) + 1) / np.float32(d + 3)
+        if d % 2:
+            grads = unaligned(grads)
+        reduced = grads.copy()
+        layer.reduce_gradients(reduced)
+        h = layer.reduce_gradients_start(grads)
+        acc += sum(i * 0.25 for i in range(20_000))  # the attention backward
+        h.wait()
+        assert grads.tobytes() == reduced.tobytes()
+
+        # Re-materialisation: release after the forward, spAG again before the backward.
+        released = layer.release_replicas(params)
+        assert released.owned.tobytes() == params[4 * d : 4 * d + 4].tobytes()  # e2d, e2d+1
+        assert released.freed_elements == 12 and released.freed_bytes == 48
+        assert layer.replica_len(d) == (4 if d % 2 else 2)
+        with pytest.raises(TypeError, match="element type"):
+            layer.rematerialize_start(released, np.zeros(16, dtype=np.int32))
+        again = np.full(16, np.nan, dtype=np.float32)
+        layer.rematerialize_start(released, again).wait()
+        return moved, params, again, acc > 0
+
+    out = on_all(group, run)
+    for d, (moved, params, again, _) in enumerate(out):
+        # spAG moved exactly 6 experts of 8 bytes, each received once, by the devices
+        # that hold a replica (d0 e4; d1 e0 and e4; d2 e0; d3 e0 and e4).
+        assert moved.total["bytes_received"] == (2 if d % 2 else 1) * 8
+        assert sum(p["bytes_received"] for p in moved.peers.values()) == moved.total["bytes_received"]
+        assert len(moved.peers) == N - 1 and moved.peer(2**63)["frames_sent"] == 0
+        for e in range(8):
+            if d in holders[e]:
+                assert again[2 * e : 2 * e + 2].tobytes() == weights[e].tobytes()
+                assert params[2 * e : 2 * e + 2].tobytes() == weights[e].tobytes()
+            else:
+                assert again[2 * e : 2 * e + 2].tolist() == [0.0, 0.0]
+    assert sum(o[0].total["bytes_sent"] for o in out) == 6 * 8
+
+
+def test_a_device_that_leaves_fails_a_started_step_with_the_array_as_it_was(group):
+    """Device 2 leaves instead of starting the spAG: every survivor's handle raises a
+    typed error (or the start does, if the view has already moved), the array as it
+    was."""
+    holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
+    built = threading.Barrier(len(group))
+
+    def run(c):
+        d = c.rank
+        layer = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
+        built.wait(TIMEOUT)
+        if d == 2:
+            c.leave()
+            return None
+        params = np.arange(16, dtype=np.float32) + 0.25 * d
+        before = params.copy()
+        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
+            layer.materialize_start(params).wait()
+        return params.tobytes() == before.tobytes()
+
+    assert on_all(group, run) == [True, True, None, True]
