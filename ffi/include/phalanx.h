@@ -343,6 +343,18 @@ typedef struct phx_comm phx_comm;
 typedef struct phx_master phx_master;
 
 /**
+ * A combine started by `phx_moe_layer_combine_start`, owning a copy of the outputs.
+ * Consumed by `phx_moe_combine_request_wait` or `phx_moe_combine_request_free`.
+ */
+typedef struct phx_moe_combine_request phx_moe_combine_request;
+
+/**
+ * A dispatch started by `phx_moe_layer_dispatch_start`, owning a copy of the tokens.
+ * Consumed by `phx_moe_dispatch_request_wait` or `phx_moe_dispatch_request_free`.
+ */
+typedef struct phx_moe_dispatch_request phx_moe_dispatch_request;
+
+/**
  * What `phx_moe_layer_dispatch` delivered to this device: the tokens to run through
  * their experts, each token's expert and source device, and what
  * `phx_moe_layer_combine` needs to send the outputs back. Owned by the caller, freed
@@ -2068,6 +2080,125 @@ int phx_moe_step_wait(struct phx_moe_step *step, void *out_buf, size_t count);
  * `step` is NULL or a live handle, not used afterwards.
  */
 int phx_moe_step_free(struct phx_moe_step *step);
+
+/**
+ * Starts `phx_moe_layer_dispatch` of a copy of `tokens` and returns at once with the
+ * request in `*out`: the token counts' all-gather and, numbered right after it, the
+ * tokens' all-to-all run in the background; `tokens` and `experts` are not used after
+ * the call. `phx_moe_dispatch_request_wait` gives the `phx_moe_dispatched`. Every
+ * device starts its steps in the same order; other collectives may run before the
+ * wait, in the same order on every device. `PHX_ERR_INVALID_ARGUMENT` (nothing
+ * started) for an expert outside the layer.
+ *
+ * Ownership: the caller owns `*out` and passes it to `phx_moe_dispatch_request_wait`
+ * or `phx_moe_dispatch_request_free` exactly once, and keeps `layer` alive until then.
+ * Must not run concurrently with other calls on `comm`.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle that outlives the request; `comm` NULL or a live
+ * communicator not used concurrently; `tokens` NULL or readable for `n_tokens *
+ * hidden` elements, `experts` for `n_tokens` entries; `out` NULL or valid for a write
+ * of a pointer.
+ */
+int phx_moe_layer_dispatch_start(const struct phx_moe_layer *layer,
+                                 struct phx_comm *comm,
+                                 const void *tokens,
+                                 const size_t *experts,
+                                 size_t n_tokens,
+                                 int dtype_code,
+                                 struct phx_moe_dispatch_request **out);
+
+/**
+ * Whether the dispatch has finished (`phx_moe_dispatch_request_wait` would not
+ * block): 1 or 0 in `*out`.
+ *
+ * # Safety
+ * `request` is NULL or a live handle; `out` NULL or valid for a write of an `int`.
+ */
+int phx_moe_dispatch_request_is_finished(const struct phx_moe_dispatch_request *request, int *out);
+
+/**
+ * Waits for the dispatch and, on `PHX_OK`, writes what arrived to `*out` (as
+ * `phx_moe_layer_dispatch` does; freed with `phx_moe_dispatched_free`). On error
+ * (`PHX_ERR_PEER_LOST`, `PHX_ERR_ABORTED`: plan again for the survivors) nothing is
+ * written.
+ *
+ * Ownership: always consumes and frees `request`, whatever the status (except
+ * `PHX_ERR_NULL` for a NULL `request`). May run on any thread.
+ *
+ * # Safety
+ * `request` is NULL or a live handle, not used afterwards; `out` NULL or valid for a
+ * write of a pointer.
+ */
+int phx_moe_dispatch_request_wait(struct phx_moe_dispatch_request *request,
+                                  struct phx_moe_dispatched **out);
+
+/**
+ * Frees `request` without waiting: the dispatch goes on in the background (the other
+ * devices still need this one's part) and what arrives is discarded. NULL is a no-op.
+ *
+ * # Safety
+ * `request` is NULL or a live handle, not used afterwards.
+ */
+int phx_moe_dispatch_request_free(struct phx_moe_dispatch_request *request);
+
+/**
+ * Starts `phx_moe_layer_combine` of a copy of `outputs` (one row of `hidden` per token
+ * of `dispatched`, `outputs_count` = `phx_moe_dispatched_count * hidden` elements of
+ * the dispatch's type) and returns at once with the request in `*out`: no count
+ * exchange first (the counts are the dispatch's). `outputs` and `dispatched` are not
+ * used after the call. `phx_moe_combine_request_wait` writes this device's rows.
+ *
+ * Ownership: as `phx_moe_layer_dispatch_start`, with
+ * `phx_moe_combine_request_wait`/`_free`.
+ *
+ * # Safety
+ * `layer` is NULL or a live handle that outlives the request; `dispatched` NULL or a
+ * live handle; `comm` NULL or a live communicator not used concurrently; `outputs`
+ * NULL or readable for `outputs_count` elements; `out` NULL or valid for a write of a
+ * pointer.
+ */
+int phx_moe_layer_combine_start(const struct phx_moe_layer *layer,
+                                struct phx_comm *comm,
+                                const struct phx_moe_dispatched *dispatched,
+                                const void *outputs,
+                                size_t outputs_count,
+                                struct phx_moe_combine_request **out);
+
+/**
+ * Whether the combine has finished (`phx_moe_combine_request_wait` would not block):
+ * 1 or 0 in `*out`.
+ *
+ * # Safety
+ * `request` is NULL or a live handle; `out` NULL or valid for a write of an `int`.
+ */
+int phx_moe_combine_request_is_finished(const struct phx_moe_combine_request *request, int *out);
+
+/**
+ * Waits for the combine and, on `PHX_OK`, writes this device's rows, in the order of
+ * its tokens as given to the dispatch, to `combined` (`combined_count` = that
+ * dispatch's `n_tokens * hidden` elements; `PHX_ERR_INVALID_ARGUMENT` otherwise). On
+ * any error `combined` is unchanged.
+ *
+ * Ownership: always consumes and frees `request`, whatever the status (except
+ * `PHX_ERR_NULL` for a NULL `request`). May run on any thread.
+ *
+ * # Safety
+ * `request` is NULL or a live handle, not used afterwards; `combined` NULL or writable
+ * for `combined_count` elements.
+ */
+int phx_moe_combine_request_wait(struct phx_moe_combine_request *request,
+                                 void *combined,
+                                 size_t combined_count);
+
+/**
+ * Frees `request` without waiting: the combine goes on in the background and its rows
+ * are discarded. NULL is a no-op.
+ *
+ * # Safety
+ * `request` is NULL or a live handle, not used afterwards.
+ */
+int phx_moe_combine_request_free(struct phx_moe_combine_request *request);
 
 /**
  * A snapshot of `comm`'s data-link traffic: the sum over all peers in `*total_or_null`

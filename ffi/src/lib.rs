@@ -54,6 +54,8 @@ mod moe;
 mod moe_layer;
 // The layer's started steps and re-materialisation (`phx_moe_step`).
 mod moe_started;
+// The layer's started token exchanges (`phx_moe_dispatch_request`, `phx_moe_combine_request`).
+mod moe_exchange;
 // Link traffic counters (`phx_comm_traffic`).
 mod traffic;
 
@@ -62,6 +64,7 @@ pub use collectives::*;
 pub use comm::*;
 pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
+pub use moe_exchange::*;
 pub use moe_layer::*;
 pub use moe_started::*;
 pub use pending::*;

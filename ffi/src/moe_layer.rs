@@ -34,10 +34,15 @@ impl phx_moe_layer {
     pub(crate) fn core(&self) -> &ExpertLayer {
         &self.inner
     }
+
+    /// Elements of a token.
+    pub(crate) fn hidden(&self) -> usize {
+        self.hidden
+    }
 }
 
 /// The rows a dispatch delivered, typed by the element's width.
-enum Rows {
+pub(crate) enum Rows {
     W1(Dispatched<u8>),
     W2(Dispatched<u16>),
     W4(Dispatched<u32>),
@@ -49,11 +54,11 @@ enum Rows {
 /// `phx_moe_layer_combine` needs to send the outputs back. Owned by the caller, freed
 /// with `phx_moe_dispatched_free`; the arrays its accessors return live as long as it.
 pub struct phx_moe_dispatched {
-    rows: Rows,
-    dtype: DType,
-    hidden: usize,
+    pub(crate) rows: Rows,
+    pub(crate) dtype: DType,
+    pub(crate) hidden: usize,
     /// Tokens this device gave to the dispatch (rows `phx_moe_layer_combine` returns).
-    sent: usize,
+    pub(crate) sent: usize,
 }
 
 /// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.

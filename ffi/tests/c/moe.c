@@ -131,6 +131,54 @@ static void started_steps(phx_moe_layer *layer, phx_comm *comm, size_t d, const 
         else EXPECT(again[2 * e] == 0.0f && again[2 * e + 1] == 0.0f);
     }
 
+    /* A started dispatch and combine against the blocking ones: the same rows. */
+    {
+        size_t experts[64], n = 0, count = 0, started_count = 0;
+        float tokens[128], back[128];
+        const float *rows, *started_rows;
+        const size_t *rows_experts, *started_experts;
+        phx_moe_dispatched *blocking_got = NULL, *got = NULL;
+        phx_moe_dispatch_request *dreq = NULL;
+        phx_moe_combine_request *creq = NULL;
+        for (e = 0; e < EXPERTS; e++)
+            for (k = 0; k < ROUTED[d][e]; k++) experts[n++] = e;
+        for (i = 0; i < 2 * n; i++) tokens[i] = (float)(1000 * d + i) / 7.0f;
+        CHECK(phx_moe_layer_dispatch(layer, comm, tokens, experts, n, PHX_DTYPE_F32, &blocking_got));
+        experts[0] = EXPERTS; /* refused before anything starts */
+        EXPECT_STATUS(phx_moe_layer_dispatch_start(layer, comm, tokens, experts, n, PHX_DTYPE_F32, &dreq),
+                      PHX_ERR_INVALID_ARGUMENT);
+        EXPECT(dreq == NULL);
+        experts[0] = 0;
+        CHECK(phx_moe_layer_dispatch_start(layer, comm, tokens, experts, n, PHX_DTYPE_F32, &dreq));
+        memset(tokens, 0, sizeof tokens); /* the request owns a copy */
+        for (i = 0; i < 100000; i++) acc += (double)i * 0.125; /* compute meanwhile */
+        CHECK(phx_moe_dispatch_request_is_finished(dreq, &finished));
+        EXPECT(finished == 0 || finished == 1);
+        CHECK(phx_moe_dispatch_request_wait(dreq, &got));
+        CHECK(phx_moe_dispatched_count(blocking_got, &count));
+        CHECK(phx_moe_dispatched_count(got, &started_count));
+        EXPECT(count == started_count);
+        CHECK(phx_moe_dispatched_tokens(blocking_got, (const void **)&rows));
+        CHECK(phx_moe_dispatched_tokens(got, (const void **)&started_rows));
+        CHECK(phx_moe_dispatched_experts(blocking_got, &rows_experts));
+        CHECK(phx_moe_dispatched_experts(got, &started_experts));
+        EXPECT(count == 0 || (same_bits(rows, started_rows, 2 * count) &&
+                              memcmp(rows_experts, started_experts, count * sizeof(size_t)) == 0));
+        /* Identity experts: every token comes back, in its place. */
+        CHECK(phx_moe_layer_combine_start(layer, comm, got, started_rows, 2 * count, &creq));
+        CHECK(phx_moe_dispatched_free(got));
+        for (i = 0; i < 100000; i++) acc += (double)i * 0.0625;
+        CHECK(phx_moe_combine_request_is_finished(creq, &finished));
+        EXPECT(finished == 0 || finished == 1);
+        CHECK(phx_moe_combine_request_wait(creq, back, 2 * n));
+        for (i = 0; i < 2 * n; i++) tokens[i] = (float)(1000 * d + i) / 7.0f;
+        EXPECT(same_bits(back, tokens, 2 * n));
+        CHECK(phx_moe_dispatched_free(blocking_got));
+        CHECK(phx_moe_dispatch_request_free(NULL));
+        CHECK(phx_moe_combine_request_free(NULL));
+        EXPECT_STATUS(phx_moe_dispatch_request_wait(NULL, &got), PHX_ERR_NULL);
+    }
+
     /* A lost device: 3 leaves instead of starting the spAG. */
     if (d == 3) {
         CHECK(phx_comm_leave(comm));
