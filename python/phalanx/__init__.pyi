@@ -415,6 +415,25 @@ class MoeStepHandle:
     def done(self) -> bool:
         """Whether the step has finished (`wait()` would not block)."""
 
+class DispatchHandle:
+    """A dispatch started by `ExpertLayer.dispatch_start`."""
+
+    def wait(self) -> Dispatched:
+        """Waits (GIL released) and returns what arrived here; raises the dispatch's
+        error. Repeated calls repeat the outcome."""
+    def done(self) -> bool:
+        """Whether the dispatch has finished (`wait()` would not block)."""
+
+class CombineHandle:
+    """A combine started by `ExpertLayer.combine_start`."""
+
+    def wait(self) -> np.ndarray:
+        """Waits (GIL released) and returns this device's rows in the order of its
+        tokens as given to the dispatch; raises the combine's error. Repeated calls
+        repeat the outcome."""
+    def done(self) -> bool:
+        """Whether the combine has finished (`wait()` would not block)."""
+
 class ReleasedReplicas:
     """A device's parameters with the replicas freed (`ExpertLayer.release_replicas`):
     only the experts it owns. Stays usable after `rematerialize_start`."""
@@ -444,7 +463,10 @@ class ExpertLayer:
     outputs)`, and after the backward `reduce_gradients(grads)` (spRS P' -> P). Each
     step blocks with the GIL released; after an error the arrays hold what they held
     before (PeerLostError / AbortedError: plan again for the survivors). ValueError for
-    an owner or holder outside the group.
+    an owner or holder outside the group. Each step also has a started form
+    (`materialize_start`, `dispatch_start`, `combine_start`, `reduce_gradients_start`)
+    returning a handle at once, so that it overlaps compute, and `release_replicas`
+    with `rematerialize_start` free the replicas between the forward and the backward.
 
     Top-k routing: one row per token and choice; the backward's output gradients,
     dispatched with the same experts, arrive in the same order as the tokens did.
@@ -497,6 +519,13 @@ class ExpertLayer:
         """Re-materialisation, before the backward: starts the spAG that makes the full
         parameters again from `released`; `wait()` writes them into `params`
         (`params_len` elements of the released type; zeros in slots not held)."""
+    def dispatch_start(self, tokens: ArrayLike, experts: Union[Sequence[int], np.ndarray]) -> DispatchHandle:
+        """Starts `dispatch` of a copy of `tokens` and returns at once: the count
+        exchange and the tokens' all-to-all run in the background. ValueError for an
+        expert outside the layer, before anything starts."""
+    def combine_start(self, dispatched: Dispatched, outputs: ArrayLike) -> CombineHandle:
+        """Starts `combine` of a copy of `outputs` and returns at once (no count exchange:
+        the counts are the dispatch's)."""
     def replica_len(self, device: int) -> int:
         """Elements of the replicas `device` holds (held, not owned) this iteration."""
 

@@ -12,7 +12,8 @@
 //! to; `sched`, pipeline schedules; `pipeline`, the pipeline runner (`PipelineRunner`,
 //! `PipelineStep`); `moe`, expert placement and the FSSDP simulator; `moe_layer`, the
 //! FSSDP layer (`ExpertLayer`, `Dispatched`), with `moe_started` its started steps
-//! (`MoeStepHandle`) and re-materialisation (`ReleasedReplicas`); `traffic`, the link
+//! (`MoeStepHandle`), `moe_exchange` its started token exchanges (`DispatchHandle`,
+//! `CombineHandle`) and re-materialisation (`ReleasedReplicas`); `traffic`, the link
 //! counters of `Communicator.traffic()` (`Traffic`).
 
 mod args;
@@ -23,6 +24,7 @@ mod group;
 mod handle;
 mod master;
 mod moe;
+mod moe_exchange;
 mod moe_layer;
 mod moe_started;
 mod p2p;
@@ -77,6 +79,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<moe_layer::ExpertLayer>()?;
     m.add_class::<moe_layer::Dispatched>()?;
     m.add_class::<moe_started::MoeStepHandle>()?;
+    m.add_class::<moe_exchange::DispatchHandle>()?;
+    m.add_class::<moe_exchange::CombineHandle>()?;
     m.add_class::<moe_started::ReleasedReplicas>()?;
     m.add_class::<traffic::Traffic>()?;
     m.add_class::<pipeline::PipelineRunner>()?;

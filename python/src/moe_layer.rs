@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 
 use crate::array::array as array_ref;
 use crate::communicator::Communicator;
+use crate::moe_exchange;
 use crate::moe_started::{self, Kind, MoeStepHandle, ReleasedReplicas};
 use crate::sparse::to_numpy;
 
@@ -66,7 +67,7 @@ fn with_typed_mut<T: Pod>(bytes: &mut [u8], f: impl FnOnce(&mut [T]) -> phalanx:
 }
 
 /// The rows a dispatch delivered, typed by the element's width.
-enum Rows {
+pub(crate) enum Rows {
     W1(CoreDispatched<u8>),
     W2(CoreDispatched<u16>),
     W4(CoreDispatched<u32>),
@@ -133,6 +134,43 @@ fn indices<'py>(py: Python<'py>, v: &[usize]) -> PyResult<Bound<'py, PyAny>> {
     to_numpy(py, bytemuck::cast_slice(&v), DType::I64)
 }
 
+/// The experts of `experts` (a sequence or array of non-negative integers).
+pub(crate) fn expert_list(py: Python<'_>, experts: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    let np = py.import("numpy")?;
+    let e = np.call_method1("ascontiguousarray", (experts, "int64"))?;
+    let e = array_ref(&e, "experts", false)?;
+    bytemuck::pod_collect_to_vec::<u8, i64>(e.bytes())
+        .into_iter()
+        .map(|x| usize::try_from(x).map_err(|_| PyValueError::new_err(format!("expert {x} is negative"))))
+        .collect()
+}
+
+impl Dispatched {
+    /// What a dispatch delivered, its arrays made for Python.
+    pub(crate) fn new(py: Python<'_>, rows: Rows, dtype: DType, hidden: usize, sent: usize) -> PyResult<Dispatched> {
+        let (exp, src, plan) = rows.parts();
+        let compute = plan.compute();
+        let routes = plan.routes().iter().map(|r| (r.from, r.expert, r.to, r.tokens)).collect();
+        let tokens = to_numpy(py, rows.token_bytes(), dtype)?.call_method1("reshape", (exp.len(), hidden))?;
+        Ok(Dispatched {
+            tokens: tokens.unbind(),
+            experts: indices(py, exp)?.unbind(),
+            sources: indices(py, src)?.unbind(),
+            compute,
+            routes,
+            rows,
+            dtype,
+            hidden,
+            sent,
+        })
+    }
+
+    /// The typed rows, their element type, the tokens' width and the tokens sent.
+    pub(crate) fn parts(&self) -> (&Rows, DType, usize, usize) {
+        (&self.rows, self.dtype, self.hidden, self.sent)
+    }
+}
+
 #[pymethods]
 impl Dispatched {
     /// The tokens this device computes, shape `(len(self), hidden)`.
@@ -188,8 +226,18 @@ pub(crate) struct ExpertLayer {
 }
 
 impl ExpertLayer {
-    fn comm<'a>(&'a self, py: Python<'a>) -> &'a Communicator {
+    pub(crate) fn comm<'a>(&'a self, py: Python<'a>) -> &'a Communicator {
         self.comm.bind(py).get()
+    }
+
+    /// The layer itself.
+    pub(crate) fn core(&self) -> &CoreLayer {
+        &self.inner
+    }
+
+    /// Elements of a token.
+    pub(crate) fn hidden(&self) -> usize {
+        self.hidden
     }
 }
 
@@ -298,13 +346,7 @@ impl ExpertLayer {
     /// first, an expert's tokens split evenly over its holders. Returns what arrived
     /// here as a `Dispatched`. Top-k routing: one row per token and choice.
     fn dispatch(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>, experts: &Bound<'_, PyAny>) -> PyResult<Dispatched> {
-        let np = py.import("numpy")?;
-        let e = np.call_method1("ascontiguousarray", (experts, "int64"))?;
-        let e = array_ref(&e, "experts", false)?;
-        let experts: Vec<usize> = bytemuck::pod_collect_to_vec::<u8, i64>(e.bytes())
-            .into_iter()
-            .map(|x| usize::try_from(x).map_err(|_| PyValueError::new_err(format!("expert {x} is negative"))))
-            .collect::<PyResult<_>>()?;
+        let experts = expert_list(py, experts)?;
         let t = array_ref(tokens, "tokens", false)?;
         let (raw, dtype, layer) = (t.raw(), t.dtype, &self.inner);
         let sent = experts.len();
@@ -314,21 +356,7 @@ impl ExpertLayer {
             by_width!(dtype.size(), T => Ok(Rows::from(layer.dispatch(c, &typed::<T>(bytes), &experts)?)))
         })?;
         drop(t);
-        let (exp, src, plan) = rows.parts();
-        let compute = plan.compute();
-        let routes = plan.routes().iter().map(|r| (r.from, r.expert, r.to, r.tokens)).collect();
-        let tokens = to_numpy(py, rows.token_bytes(), dtype)?.call_method1("reshape", (exp.len(), self.hidden))?;
-        Ok(Dispatched {
-            tokens: tokens.unbind(),
-            experts: indices(py, exp)?.unbind(),
-            sources: indices(py, src)?.unbind(),
-            compute,
-            routes,
-            rows,
-            dtype,
-            hidden: self.hidden,
-            sent,
-        })
+        Dispatched::new(py, rows, dtype, self.hidden, sent)
     }
 
     /// Sends the experts' `outputs` (one row per token of `dispatched`, in its order, of
@@ -399,6 +427,29 @@ impl ExpertLayer {
         params: &Bound<'_, PyAny>,
     ) -> PyResult<MoeStepHandle> {
         moe_started::rematerialize(py, self.comm(py), &self.inner, released.get(), params)
+    }
+
+    /// Starts `dispatch` of a copy of `tokens` and returns a `DispatchHandle` at once:
+    /// the token counts' all-gather and the tokens' all-to-all run in the background;
+    /// `wait()` (GIL released) returns the `Dispatched`. ValueError for an expert outside
+    /// the layer, before anything starts.
+    fn dispatch_start(
+        slf: &Bound<'_, Self>,
+        tokens: &Bound<'_, PyAny>,
+        experts: &Bound<'_, PyAny>,
+    ) -> PyResult<moe_exchange::DispatchHandle> {
+        moe_exchange::dispatch_start(slf, tokens, experts)
+    }
+
+    /// Starts `combine` of a copy of `outputs` (one row per token of `dispatched`) and
+    /// returns a `CombineHandle` at once; `wait()` returns this device's rows in the
+    /// order of its tokens as given to the dispatch.
+    fn combine_start(
+        slf: &Bound<'_, Self>,
+        dispatched: &Bound<'_, Dispatched>,
+        outputs: &Bound<'_, PyAny>,
+    ) -> PyResult<moe_exchange::CombineHandle> {
+        moe_exchange::combine_start(slf, dispatched, outputs)
     }
 
     /// Elements of the replicas `device` holds this iteration (experts it holds but does

@@ -395,6 +395,9 @@ def quiet_traffic(c):
 
 
 def test_started_steps_equal_the_blocking_ones_and_the_counters_see_the_spag(group):
+    """Every started step (materialize, reduce_gradients, rematerialize, dispatch,
+    combine), with compute before its wait, gives bitwise what the blocking step gives;
+    the links' counters see the spAG's 6 expert transfers exactly."""
     holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
     weights = np.array([[10 * e + 1, 10 * e + 2] for e in range(8)], dtype=np.float32)
 
@@ -439,6 +442,29 @@ def test_started_steps_equal_the_blocking_ones_and_the_counters_see_the_spag(gro
             layer.rematerialize_start(released, np.zeros(16, dtype=np.int32))
         again = np.full(16, np.nan, dtype=np.float32)
         layer.rematerialize_start(released, again).wait()
+
+        # A started dispatch and combine against the blocking ones: the same rows.
+        experts = interleaved(ROUTED[d])
+        x = np.array([[100 * d + i, -0.5 * (100 * d + i)] for i in range(len(experts))], dtype=np.float32)
+        blocking_got = layer.dispatch(x, experts)
+        with pytest.raises(ValueError, match="expert 8"):
+            layer.dispatch_start(x, [8] + experts[1:])  # refused before anything starts
+        h = layer.dispatch_start(x, experts)
+        x_sent = x.copy()
+        x[:] = 0  # the handle owns a copy
+        acc += sum(i * 0.125 for i in range(20_000))
+        got = h.wait()
+        assert h.wait() is got and h.done()
+        assert got.tokens.tobytes() == blocking_got.tokens.tobytes()
+        assert got.experts.tolist() == blocking_got.experts.tolist() and got.compute == [20, 30, 20, 30]
+        outputs = got.tokens * params.reshape(8, 2)[got.experts]
+        with pytest.raises(TypeError, match="element type"):
+            layer.combine_start(got, outputs.astype(np.float64))
+        c_handle = layer.combine_start(got, outputs)
+        del got  # the handle needs neither the Dispatched nor the outputs any more
+        combined = c_handle.wait()
+        assert combined.tobytes() == layer.combine(blocking_got, outputs).tobytes()
+        assert combined.tobytes() == (x_sent * weights[experts]).tobytes()
         return moved, params, again, acc > 0
 
     out = on_all(group, run)
