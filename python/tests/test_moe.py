@@ -4,6 +4,7 @@
 of MLP experts in numpy through the layer against a dense reference, bitwise; a device
 that leaves mid-step; and the simulator's figures against the issue's targets."""
 
+import gc
 import threading
 import time
 
@@ -465,6 +466,14 @@ def test_started_steps_equal_the_blocking_ones_and_the_counters_see_the_spag(gro
         combined = c_handle.wait()
         assert combined.tobytes() == layer.combine(blocking_got, outputs).tobytes()
         assert combined.tobytes() == (x_sent * weights[experts]).tobytes()
+
+        # A started dispatch keeps the layer it borrows alive: dropped by the caller
+        # before the wait, it still delivers.
+        other = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
+        h = other.dispatch_start(x_sent, experts)
+        del other
+        gc.collect()
+        assert h.wait().tokens.tobytes() == blocking_got.tokens.tobytes()
         return moved, params, again, acc > 0
 
     out = on_all(group, run)
@@ -501,6 +510,8 @@ def test_a_device_that_leaves_fails_a_started_step_with_the_array_as_it_was(grou
         before = params.copy()
         with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
             layer.materialize_start(params).wait()
+        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
+            layer.dispatch_start(np.ones((2, 2), np.float32), [0, 4]).wait()
         return params.tobytes() == before.tobytes()
 
     assert on_all(group, run) == [True, True, None, True]
