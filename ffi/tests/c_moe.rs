@@ -3,8 +3,10 @@
 //! example's placement as the sparse collectives' `holds` matrix, the simulator's
 //! figures against the targets, and the layer (`phx_moe_layer`) on four peers
 //! on threads (a master in the same process, QUIC on 127.0.0.1) through materialize,
-//! dispatch, combine and reduce_gradients. The program is killed if it outlives the
-//! limit.
+//! dispatch, combine and reduce_gradients, blocking and started (`phx_moe_step`, the
+//! dispatch and combine requests), re-materialisation, the link counters
+//! (`phx_comm_traffic`) and a device lost before a started step. The program is killed
+//! if it outlives the limit.
 
 use std::path::Path;
 use std::process::Command;
