@@ -290,7 +290,14 @@ pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), 
 /// survivor, which saw the loss first, already settles the view (`update_topology`). A
 /// mismatch with no loss behind it fails the recovery: no member leaves the view.
 fn after_loss(e: &RunError) -> bool {
-    e.comm_error().is_some_and(|c| c.is_retryable() || c.kind() == phalanx::ErrorKind::Mismatch)
+    e.comm_error().is_some_and(settling)
+}
+
+/// The errors of a view being settled: `PeerLost`, `Aborted`, or `Mismatch` (this rank
+/// in `update_topology` while another still ends a collective of the old view, or the
+/// reverse). Each is retried until the recovery's deadline.
+fn settling(e: &phalanx::Error) -> bool {
+    e.is_retryable() || e.kind() == phalanx::ErrorKind::Mismatch
 }
 
 /// After a loss: settles the view without the lost peer, waits for a newcomer, places
@@ -311,7 +318,7 @@ fn recover(
         match comm.update_topology() {
             Ok(()) if before.members.iter().any(|m| !comm.members().contains(m)) => break,
             Ok(()) => {}
-            Err(e) if e.is_retryable() => {}
+            Err(e) if settling(&e) => {}
             Err(e) => return Err(format!("settling the view after a loss: {e}")),
         }
         late("no member left the view")?;
@@ -327,7 +334,7 @@ fn recover(
         if comm.peers_pending() > 0 {
             match comm.update_topology() {
                 Ok(()) => {}
-                Err(e) if e.is_retryable() => {}
+                Err(e) if settling(&e) => {}
                 Err(e) => return Err(format!("admitting a newcomer: {e}")),
             }
         } else {

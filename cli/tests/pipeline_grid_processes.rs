@@ -111,6 +111,16 @@ fn grid(extra: impl Fn(usize, usize) -> Vec<String>) -> (Cluster, Vec<usize>) {
     (c, ws)
 }
 
+/// Whether every process of `ws` printed `done`; panics (with every process's events)
+/// as soon as one of them exits without it, instead of waiting out the timeout.
+fn all_done(c: &Cluster, ws: &[usize]) -> Option<()> {
+    for &w in ws {
+        let failed = c.exited(w).is_some_and(|s| !s.success());
+        assert!(!failed, "{} exited without finishing\n{}", c.procs[w].name, c.dump());
+    }
+    ws.iter().all(|&w| c.find(w, 0, |e| e.is("done")).is_some()).then_some(())
+}
+
 fn u32s(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("an array").iter().map(|x| x.as_u64().expect("a number") as u32).collect()
 }
@@ -145,9 +155,7 @@ fn check_step(c: &Cluster, w: usize, it: usize, (stage, replica): (usize, usize)
 fn a_two_by_two_grid_of_processes_trains_bitwise_like_one_process() {
     let _serial = serial();
     let (mut c, ws) = grid(|_, _| Vec::new());
-    c.wait(Duration::from_secs(45), "every position to finish training", |c| {
-        ws.iter().all(|&w| c.find(w, 0, |e| e.is("done")).is_some()).then_some(())
-    });
+    c.wait(Duration::from_secs(45), "every position to finish training", |c| all_done(c, &ws));
     c.stop();
     for (i, &w) in ws.iter().enumerate() {
         for it in 0..ITERATIONS {
@@ -205,9 +213,7 @@ fn a_replacement_process_catches_up_from_its_replica_and_the_run_equals_a_fault_
     };
     let mut all = survivors.clone();
     all.push(joiner);
-    c.wait(Duration::from_secs(30), "the survivors and the replacement to finish", |c| {
-        all.iter().all(|&w| c.find(w, 0, |e| e.is("done")).is_some()).then_some(())
-    });
+    c.wait(Duration::from_secs(30), "the survivors and the replacement to finish", |c| all_done(c, &all));
     c.stop();
     eprintln!("the run ended {} ms after the SIGKILL", killed.elapsed().as_millis());
     // The replacement took the lost position and the state of iteration FAILED_AT.
