@@ -44,6 +44,15 @@ pub enum Start {
     Join,
 }
 
+/// Where a stage stops for a harness to kill or stop it (`--hang-at`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HangAt {
+    /// Before this pass of this micro-batch (on the stage's first chunk).
+    Pass(Pass, usize),
+    /// Inside the optimistic optimizer step (the gradients all-reduced, the stats passed on).
+    Step,
+}
+
 /// What to train.
 pub struct Training {
     /// The schedule every pipeline runs.
@@ -56,8 +65,8 @@ pub struct Training {
     pub momentum: f32,
     /// The post-validation's clipping limit of the global gradient norm.
     pub max_norm: Option<f64>,
-    /// Stop in this iteration before this pass of this micro-batch (first attempt only).
-    pub hang: Option<(usize, Pass, usize)>,
+    /// Stop in this iteration there (its first attempt only).
+    pub hang: Option<(usize, HangAt)>,
 }
 
 /// The kind of a run's error: the communicator's (`PeerLost`, `Aborted`) where sending,
@@ -90,13 +99,17 @@ struct Params {
     g: Tensors,
     momentum: f32,
     saved: Option<(Tensors, Tensors)>,
+    /// Stop inside the next step (`HangAt::Step`), for iteration `.0`.
+    hang_in_step: Option<usize>,
+    /// Steps undone in this iteration (reported when it fails).
+    undone: usize,
 }
 
 impl Params {
     fn initial(schedule: &Schedule, stage: usize, momentum: f32) -> Params {
         let (layers, w): (Vec<usize>, Vec<Vec<f32>>) = Mlp::initial(schedule, stage).weights().into_iter().unzip();
         let zeros = || layers.iter().map(|_| vec![0f32; D * D]).collect::<Vec<_>>();
-        Params { v: zeros(), g: zeros(), layers, w, momentum, saved: None }
+        Params { v: zeros(), g: zeros(), layers, w, momentum, saved: None, hang_in_step: None, undone: 0 }
     }
 
     /// The stage's compute at these weights (a fresh one every iteration: nothing of a
@@ -147,12 +160,19 @@ impl Optimistic for Params {
                 *w -= LR * *v;
             }
         }
+        if let Some(it) = self.hang_in_step.take() {
+            emit(json!({ "event": "hanging", "iteration": it, "pass": "step", "t": now_ms() }));
+            loop {
+                std::thread::park();
+            }
+        }
         Ok(())
     }
 
     fn undo(&mut self) -> Result<(), StageError> {
         let (w, v) = self.saved.take().ok_or("no step to undo")?;
         (self.w, self.v) = (w, v);
+        self.undone += 1;
         Ok(())
     }
 }
@@ -207,8 +227,12 @@ fn iteration(
     let me = p.map.me();
     let mut mlp = params.mlp(&t.schedule, me.stage);
     mlp.set_iteration(it * t.grid.dp + me.replica);
-    if let Some((_, at, mb)) = t.hang.filter(|_| hang) {
-        mlp = mlp.with_hook(hang_hook(it, at, mb));
+    params.hang_in_step = None;
+    params.undone = 0;
+    match t.hang.filter(|_| hang) {
+        Some((_, HangAt::Pass(at, mb))) => mlp = mlp.with_hook(hang_hook(it, at, mb)),
+        Some((_, HangAt::Step)) => params.hang_in_step = Some(it),
+        None => {}
     }
     let executed = p.runner.run(comm, &mut mlp)?;
     executed
@@ -270,9 +294,11 @@ pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), 
                 it += 1;
             }
             Err(e) => {
+                // `params` holds the last committed state again: its digests say so.
                 emit(json!({
                     "event": "failed", "iteration": it, "stage": me.stage, "replica": me.replica,
-                    "kind": kind(&e), "error": e.to_string(), "t": now_ms(),
+                    "kind": kind(&e), "error": e.to_string(), "digest": digest(&params.w),
+                    "momentum_digest": digest(&params.v), "undone": params.undone, "t": now_ms(),
                 }));
                 if t.grid.dp == 1 || !after_loss(&e) || recoveries == 3 {
                     return Err(format!("iteration {it}: {e}"));

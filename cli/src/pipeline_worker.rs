@@ -25,7 +25,7 @@ use phalanx::sched::{
 use phalanx::{Communicator, RetryPolicy};
 use serde_json::json;
 
-use crate::pipeline_train::{self, kind, Start, Training, RECOVERY_WAIT};
+use crate::pipeline_train::{self, kind, HangAt, Start, Training, RECOVERY_WAIT};
 use crate::{emit, now_ms, quic_config};
 
 /// What a `pipeline-worker` runs.
@@ -49,15 +49,19 @@ pub enum HangPass {
     W,
     /// A fused backward.
     Bw,
+    /// Inside the optimistic optimizer step, after the replicas' all-reduce and after
+    /// passing the gradient stats on (`mlp` only).
+    Step,
 }
 
 impl HangPass {
-    fn pass(self) -> Pass {
+    fn at(self, mb: usize) -> HangAt {
         match self {
-            HangPass::F => Pass::F,
-            HangPass::B => Pass::B,
-            HangPass::W => Pass::W,
-            HangPass::Bw => Pass::BW,
+            HangPass::F => HangAt::Pass(Pass::F, mb),
+            HangPass::B => HangAt::Pass(Pass::B, mb),
+            HangPass::W => HangAt::Pass(Pass::W, mb),
+            HangPass::Bw => HangAt::Pass(Pass::BW, mb),
+            HangPass::Step => HangAt::Step,
         }
     }
 }
@@ -117,8 +121,8 @@ pub struct PipelineWorkerArgs {
     #[arg(long, default_value_t = 20)]
     unit_ms: u64,
     /// In `mlp`, stop in this iteration before the pass `--hang-pass` of micro-batch
-    /// `--hang-mb` (on its first chunk) and wait to be killed (announced by a `hanging`
-    /// event).
+    /// `--hang-mb` (on its first chunk), or inside the optimizer step, and wait to be
+    /// killed (announced by a `hanging` event).
     #[arg(long)]
     hang_at: Option<usize>,
     /// The pass `--hang-at` stops before.
@@ -180,7 +184,7 @@ pub fn run(args: PipelineWorkerArgs) -> Result<(), String> {
     if !args.join {
         comm.update_topology().map_err(|e| format!("settling the first view: {e}"))?;
     }
-    let hang = args.hang_at.map(|it| (it, args.hang_pass.pass(), args.hang_mb.unwrap_or(args.microbatches / 2)));
+    let hang = args.hang_at.map(|it| (it, args.hang_pass.at(args.hang_mb.unwrap_or(args.microbatches / 2))));
     let stage = held.map(|p| p.stage);
     emit(json!({
         "event": "joined", "stage": stage, "replica": held.map(|p| p.replica), "schedule": schedule.name,

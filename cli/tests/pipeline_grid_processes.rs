@@ -11,7 +11,10 @@
 //!   redo; a replacement process started with `--join` takes the lost position, fetches
 //!   stage 1's weights, momentum and iteration from replica 1, and the failed iteration
 //!   and the next run again: every position's weights and momentum after every
-//!   iteration equal the fault-free reference, bitwise.
+//!   iteration equal the fault-free reference, bitwise. Killed mid-run no survivor had
+//!   stepped; killed inside its optimistic step (after passing its gradient stats on),
+//!   the three survivors had stepped and each undoes it when the commit vote fails:
+//!   right after the failure each holds the last committed weights and momentum.
 //!
 //! Every wait is bounded, and the processes are SIGKILLed and reaped when a test ends.
 
@@ -23,6 +26,7 @@ use common::*;
 use phalanx::membership::master::DEFAULT_MAX_PEER_TIMEOUT_MS;
 use phalanx::pipeline_mlp::{initial_weights, reference_gradients, D, LAYERS, LR};
 use phalanx::sched::{by_name, Costs, Schedule};
+use phalanx::workload::hash_f32;
 
 const STAGES: usize = 2;
 const REPLICAS: usize = 2;
@@ -168,15 +172,37 @@ fn a_two_by_two_grid_of_processes_trains_bitwise_like_one_process() {
 }
 
 /// pp = 2 × dp = 2: stage 1 of replica 0 stops before the forward of micro-batch 2 in
-/// iteration 1 and is SIGKILLed; a replacement joins once the survivors settled.
+/// iteration 1 and is SIGKILLed; a replacement joins once the survivors settled. No
+/// survivor had stepped.
 #[test]
 fn a_replacement_process_catches_up_from_its_replica_and_the_run_equals_a_fault_free_one() {
+    let undone = lose_and_replace(&["--hang-pass", "f", "--hang-mb", "2"]);
+    assert_eq!(undone, vec![0; 3], "no survivor had stepped");
+}
+
+/// The same, stage 1 of replica 0 stopped inside its optimistic step of iteration 1:
+/// it had passed its gradient stats on, so stage 0 of its pipeline and both stages of
+/// replica 1 had stepped and wait in the commit vote; the vote fails and each undoes
+/// its step (the `failed` events' digests are those of iteration 0).
+#[test]
+fn a_position_lost_inside_its_step_leaves_no_survivor_with_a_partial_step() {
+    let undone = lose_and_replace(&["--hang-pass", "step"]);
+    assert_eq!(undone, vec![1; 3], "every survivor undid its optimistic step");
+}
+
+/// Kills stage 1 of replica 0 where `hang` stops it in iteration 1, starts a
+/// replacement, and checks the survivors' failure, the replacement's catch-up and every
+/// position's weights and momentum against the fault-free run. Returns how many steps
+/// each survivor undid in the failed iteration.
+fn lose_and_replace(hang: &[&str]) -> Vec<u64> {
     let _serial = serial();
     const FAILED_AT: usize = 1;
     let victim = (1, 0);
     let (mut c, ws) = grid(|s, r| {
         if (s, r) == victim {
-            ["--hang-at", &FAILED_AT.to_string(), "--hang-pass", "f", "--hang-mb", "2"].map(String::from).to_vec()
+            let mut a = vec!["--hang-at".to_string(), FAILED_AT.to_string()];
+            a.extend(hang.iter().map(|h| h.to_string()));
+            a
         } else {
             Vec::new()
         }
@@ -202,6 +228,13 @@ fn a_replacement_process_catches_up_from_its_replica_and_the_run_equals_a_fault_
         // began settling it gets `Mismatch` (the documented error of a collective against
         // `update_topology`); it settles the view all the same.
         assert!(["PeerLost", "Aborted", "Mismatch"].contains(&failed.str("kind")), "{name}: {}", failed.v);
+        // What it holds after the failure: the weights and momentum of the last commit.
+        let i = ws.iter().position(|&x| x == w).expect("a position");
+        let layers = (i % STAGES) * LAYERS / STAGES..(i % STAGES + 1) * LAYERS / STAGES;
+        let committed = &reference()[FAILED_AT - 1];
+        let of = |t: &[Vec<f32>]| hash_f32(&layers.clone().flat_map(|l| t[l].clone()).collect::<Vec<_>>());
+        assert_eq!(failed.str("digest"), of(&committed.0), "{name}: weights after the failure");
+        assert_eq!(failed.str("momentum_digest"), of(&committed.1), "{name}: momentum after the failure");
         let (_, settled) = c.find(w, 0, |e| e.is("settled")).expect("settled");
         assert_eq!(settled.u64("size"), (STAGES * REPLICAS - 1) as u64, "{name}: {}", settled.v);
         let early = c.find(w, 0, |e| e.is("step") && e.u64("iteration") >= FAILED_AT as u64);
@@ -243,4 +276,5 @@ fn a_replacement_process_catches_up_from_its_replica_and_the_run_equals_a_fault_
             }
         }
     }
+    survivors.iter().map(|&w| c.find(w, 0, |e| e.is("failed")).expect("failed").1.u64("undone")).collect()
 }
