@@ -16,9 +16,12 @@
 //! (`update_topology`), waits for a newcomer (a process started with `--join`), places
 //! every rank again by the position it held, and the newcomer fetches its stage's
 //! weights, momentum and iteration from a replica ([`GridMap::sync_stage_state`]); then
-//! the failed iteration runs again. With `dp = 1` no replica holds the lost stage: the
-//! worker exits with an error (the run restarts from the last committed iteration).
+//! the failed iteration runs again. With `dp = 1` no replica holds the lost stage: with
+//! `--checkpoint DIR` every position saves its state at each commit and the newcomer
+//! restarts from the lost position's save (every rank checks that they agree on the
+//! iteration); without, the worker exits with an error.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use phalanx::pipeline_mlp::{Mlp, D, LAYERS, LR};
@@ -67,6 +70,13 @@ pub struct Training {
     pub max_norm: Option<f64>,
     /// Stop in this iteration there (its first attempt only).
     pub hang: Option<(usize, HangAt)>,
+    /// Where each position saves its state at each commit (the restart of `dp = 1`).
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The file of `at`'s last committed state under `dir`.
+fn checkpoint_file(dir: &Path, at: Position) -> PathBuf {
+    dir.join(format!("stage{}-replica{}.state", at.stage, at.replica))
 }
 
 /// The kind of a run's error: the communicator's (`PeerLost`, `Aborted`) where sending,
@@ -138,6 +148,36 @@ impl Params {
         }
         s.revision = committed as u64;
         s
+    }
+
+    /// Writes the state after `committed` iterations to `file` (whole, or not at all:
+    /// written aside, then renamed): the count, then each layer's weights and momentum,
+    /// little-endian.
+    fn save(&self, file: &Path, committed: usize) -> Result<(), String> {
+        let mut bytes = (committed as u64).to_le_bytes().to_vec();
+        for (w, v) in self.w.iter().zip(&self.v) {
+            bytes.extend(w.iter().chain(v).flat_map(|x| x.to_le_bytes()));
+        }
+        let aside = file.with_extension("partial");
+        std::fs::write(&aside, &bytes)
+            .and_then(|()| std::fs::rename(&aside, file))
+            .map_err(|e| format!("saving {}: {e}", file.display()))
+    }
+
+    /// Reads what [`Params::save`] wrote; returns the committed iterations.
+    fn restore(&mut self, file: &Path) -> Result<usize, String> {
+        let bytes = std::fs::read(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+        let want = 8 + self.layers.len() * 2 * D * D * 4;
+        if bytes.len() != want {
+            return Err(format!("{}: {} bytes, expected {want}", file.display(), bytes.len()));
+        }
+        let mut f32s = bytes[8..].chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        for (w, v) in self.w.iter_mut().zip(&mut self.v) {
+            w.iter_mut().chain(v.iter_mut()).zip(&mut f32s).for_each(|(x, y)| *x = y);
+        }
+        let mut count = [0u8; 8];
+        count.copy_from_slice(&bytes[..8]);
+        usize::try_from(u64::from_le_bytes(count)).map_err(|e| format!("{}: {e}", file.display()))
     }
 
     fn load(&mut self, s: &SharedState) -> Result<usize, String> {
@@ -265,12 +305,21 @@ pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), 
             comm.update_topology().map_err(|e| format!("settling the view it joined: {e}"))?;
             let p = placed(comm, t, None)?;
             let mut params = Params::initial(&t.schedule, p.map.me().stage, t.momentum);
-            let mut state = params.state(0);
-            let received = p.map.sync_stage_state(comm, &mut state).map_err(|e| format!("catching up: {e}"))?;
-            if !received {
-                return Err("placed on the grid, but no replica's state came".into());
-            }
-            let it = params.load(&state)?;
+            let it = match (&t.checkpoint, t.grid.dp) {
+                (Some(dir), 1) => {
+                    let it = params.restore(&checkpoint_file(dir, p.map.me()))?;
+                    agree(comm, it)?;
+                    it
+                }
+                _ => {
+                    let mut state = params.state(0);
+                    let received = p.map.sync_stage_state(comm, &mut state).map_err(|e| format!("catching up: {e}"))?;
+                    if !received {
+                        return Err("placed on the grid, but no replica's state came".into());
+                    }
+                    params.load(&state)?
+                }
+            };
             emit(json!({
                 "event": "caught_up", "stage": p.map.me().stage, "replica": p.map.me().replica,
                 "iteration": it, "digest": digest(&params.w), "t": now_ms(),
@@ -278,6 +327,9 @@ pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), 
             (p, params, it)
         }
     };
+    if let Some(dir) = &t.checkpoint {
+        params.save(&checkpoint_file(dir, p.map.me()), it)?;
+    }
     let (mut hung, mut recoveries) = (false, 0);
     while it < t.iterations {
         let hang = !hung && t.hang.is_some_and(|(at, ..)| at == it);
@@ -292,6 +344,9 @@ pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), 
                     "digest": digest(&params.w), "momentum_digest": digest(&params.v), "t": now_ms(),
                 }));
                 it += 1;
+                if let Some(dir) = &t.checkpoint {
+                    params.save(&checkpoint_file(dir, me), it)?;
+                }
             }
             Err(e) => {
                 // `params` holds the last committed state again: its digests say so.
@@ -300,7 +355,8 @@ pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), 
                     "kind": kind(&e), "error": e.to_string(), "digest": digest(&params.w),
                     "momentum_digest": digest(&params.v), "undone": params.undone, "t": now_ms(),
                 }));
-                if t.grid.dp == 1 || !after_loss(&e) || recoveries == 3 {
+                let replaceable = t.grid.dp > 1 || t.checkpoint.is_some();
+                if !replaceable || !after_loss(&e) || recoveries == 3 {
                     return Err(format!("iteration {it}: {e}"));
                 }
                 recoveries += 1;
@@ -369,7 +425,24 @@ fn recover(
         late("no newcomer joined")?;
     }
     let p = placed(comm, t, Some(me))?;
-    let mut state = params.state(it);
-    p.map.sync_stage_state(comm, &mut state).map_err(|e| format!("sending the stage's state: {e}"))?;
+    if t.grid.dp == 1 {
+        // No replica: the newcomer restarts from the lost position's checkpoint.
+        agree(comm, it)?;
+    } else {
+        let mut state = params.state(it);
+        p.map.sync_stage_state(comm, &mut state).map_err(|e| format!("sending the stage's state: {e}"))?;
+    }
     Ok(p)
+}
+
+/// Checks that every rank goes on from iteration `it` (a whole-group all-gather): a
+/// newcomer's checkpoint behind the survivors' commits (its process lost between a
+/// commit and its save) fails every rank alike.
+fn agree(comm: &mut Communicator, it: usize) -> Result<(), String> {
+    let mut all = vec![0u64; comm.size()];
+    comm.all_gather(&[it as u64], &mut all).map_err(|e| format!("agreeing on the iteration to go on from: {e}"))?;
+    if all.iter().any(|&a| a != it as u64) {
+        return Err(format!("the ranks would go on from different iterations: {all:?}"));
+    }
+    Ok(())
 }

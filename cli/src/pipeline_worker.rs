@@ -87,7 +87,8 @@ pub struct PipelineWorkerArgs {
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// In `mlp`, join a running grid as the replacement of a lost position: take the
-    /// free position and fetch its stage's state from a replica (needs `--replicas` ≥ 2).
+    /// free position and fetch its stage's state from a replica (`--replicas` ≥ 2) or
+    /// from the lost position's `--checkpoint`.
     #[arg(long, conflicts_with_all = ["stage", "hang_at"])]
     join: bool,
     /// The peer id of a `--join`ing process (random by default).
@@ -99,6 +100,10 @@ pub struct PipelineWorkerArgs {
     /// In `mlp`, clip the global gradient norm at this (post-validated along the pipeline).
     #[arg(long)]
     max_norm: Option<f64>,
+    /// In `mlp`, save this position's state to this folder at each commit; with one
+    /// replica, a `--join`ing replacement restarts from the lost position's save.
+    #[arg(long)]
+    checkpoint: Option<std::path::PathBuf>,
     /// The schedule: 1f1b, interleaved (with --chunks), zbh1, zb2p, zbv, vhalf or vmin.
     #[arg(long, default_value = "1f1b")]
     schedule: String,
@@ -149,8 +154,8 @@ pub fn run(args: PipelineWorkerArgs) -> Result<(), String> {
     if args.mode == Mode::Timed && (args.replicas != 1 || args.join) {
         return Err("the timed mode runs one pipeline: no --replicas, no --join".into());
     }
-    if args.join && args.replicas < 2 {
-        return Err("a replacement fetches its stage from a replica: --join needs --replicas 2 or more".into());
+    if args.join && args.replicas < 2 && args.checkpoint.is_none() {
+        return Err("a replacement fetches its stage from a replica or a checkpoint: --join needs --replicas 2 or more, or --checkpoint".into());
     }
     let held = match args.stage {
         Some(stage) => {
@@ -199,6 +204,7 @@ pub fn run(args: PipelineWorkerArgs) -> Result<(), String> {
                 momentum: args.momentum,
                 max_norm: args.max_norm,
                 hang,
+                checkpoint: args.checkpoint.clone(),
             };
             pipeline_train::train(&mut comm, &t, held.map_or(Start::Join, Start::Holds))
         }

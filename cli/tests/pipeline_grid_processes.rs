@@ -12,9 +12,13 @@
 //!   stage 1's weights, momentum and iteration from replica 1, and the failed iteration
 //!   and the next run again: every position's weights and momentum after every
 //!   iteration equal the fault-free reference, bitwise. Killed mid-run no survivor had
-//!   stepped; killed inside its optimistic step (after passing its gradient stats on),
-//!   the three survivors had stepped and each undoes it when the commit vote fails:
-//!   right after the failure each holds the last committed weights and momentum.
+//!   stepped. Stage 0 of replica 0 killed inside its optimistic step (stage 1 of its
+//!   pipeline had passed the gradient stats to it and stepped, replica 1 had stepped):
+//!   every survivor's commit fails and each undoes its step: right after the failure
+//!   each holds the last committed weights and momentum; then the same replacement.
+//! - pp = 2 × dp = 1 with `--checkpoint`: stage 0 lost inside its step, the replacement
+//!   restarting from the killed process's save of its last commit; the run equals the
+//!   fault-free one.
 //!
 //! Every wait is bounded, and the processes are SIGKILLed and reaped when a test ends.
 
@@ -29,7 +33,6 @@ use phalanx::sched::{by_name, Costs, Schedule};
 use phalanx::workload::hash_f32;
 
 const STAGES: usize = 2;
-const REPLICAS: usize = 2;
 const MICROBATCHES: usize = 4;
 const ITERATIONS: usize = 4;
 const SCHEDULE: &str = "zbh1";
@@ -50,15 +53,15 @@ type Layers = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 /// replica `r`'s gradients of iteration `i` are `pipeline_mlp`'s for its iteration
 /// `i·dp + r` (accumulated in the schedule's order), summed over the replicas, then
 /// `v = μ·v + g`, `w -= lr·v`, as the workers step.
-fn reference() -> Vec<Layers> {
+fn reference(dp: usize) -> Vec<Layers> {
     let schedule = schedule();
     let mut w: Vec<Vec<f32>> = (0..LAYERS).map(initial_weights).collect();
     let mut v = vec![vec![0f32; D * D]; LAYERS];
     (0..ITERATIONS)
         .map(|it| {
-            let mut g = reference_gradients(&schedule, it * REPLICAS, &w).0;
-            for r in 1..REPLICAS {
-                let other = reference_gradients(&schedule, it * REPLICAS + r, &w).0;
+            let mut g = reference_gradients(&schedule, it * dp, &w).0;
+            for r in 1..dp {
+                let other = reference_gradients(&schedule, it * dp + r, &w).0;
                 g.iter_mut().zip(other).for_each(|(g, o)| g.iter_mut().zip(o).for_each(|(g, o)| *g += o));
             }
             for ((w, v), g) in w.iter_mut().zip(&mut v).zip(&g) {
@@ -72,7 +75,7 @@ fn reference() -> Vec<Layers> {
         .collect()
 }
 
-fn args(c: &Cluster, extra: &[String]) -> Vec<String> {
+fn args(c: &Cluster, dp: usize, extra: &[String]) -> Vec<String> {
     let mut a: Vec<String> = [
         "pipeline-worker",
         "--master",
@@ -84,7 +87,7 @@ fn args(c: &Cluster, extra: &[String]) -> Vec<String> {
         "--stages",
         &STAGES.to_string(),
         "--replicas",
-        &REPLICAS.to_string(),
+        &dp.to_string(),
         "--microbatches",
         &MICROBATCHES.to_string(),
         "--iterations",
@@ -99,16 +102,16 @@ fn args(c: &Cluster, extra: &[String]) -> Vec<String> {
     a
 }
 
-/// A master forming a first view of 4 and the 4 positions (stage, replica), in peer id
-/// order; `extra(stage, replica)` more arguments each.
-fn grid(extra: impl Fn(usize, usize) -> Vec<String>) -> (Cluster, Vec<usize>) {
-    let mut c = Cluster::start_with(None, &["--initial-peers", &(STAGES * REPLICAS).to_string()]);
-    let ws = (0..REPLICAS)
+/// A master forming a first view of `STAGES × dp` and the positions (stage, replica),
+/// in peer id order; `extra(stage, replica)` more arguments each.
+fn grid(dp: usize, extra: impl Fn(usize, usize) -> Vec<String>) -> (Cluster, Vec<usize>) {
+    let mut c = Cluster::start_with(None, &["--initial-peers", &(STAGES * dp).to_string()]);
+    let ws = (0..dp)
         .flat_map(|r| (0..STAGES).map(move |s| (s, r)))
         .map(|(s, r)| {
             let mut more = vec!["--stage".into(), s.to_string(), "--replica".into(), r.to_string()];
             more.extend(extra(s, r));
-            let a = args(&c, &more);
+            let a = args(&c, dp, &more);
             c.spawn(&format!("s{s}r{r}"), &a, 0)
         })
         .collect();
@@ -135,8 +138,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 /// Checks process `w`'s step of iteration `it` as position (`stage`, `replica`)
 /// against the reference; returns the index of the event in its log.
-fn check_step(c: &Cluster, w: usize, it: usize, (stage, replica): (usize, usize)) -> usize {
-    let want = reference();
+fn check_step(c: &Cluster, dp: usize, w: usize, it: usize, (stage, replica): (usize, usize)) -> usize {
+    let want = reference(dp);
     let (at, step) = c
         .find(w, 0, |e| e.is("step") && e.u64("iteration") == it as u64)
         .unwrap_or_else(|| panic!("{} reported no step {it}\n{}", c.procs[w].name, c.dump()));
@@ -158,16 +161,16 @@ fn check_step(c: &Cluster, w: usize, it: usize, (stage, replica): (usize, usize)
 #[test]
 fn a_two_by_two_grid_of_processes_trains_bitwise_like_one_process() {
     let _serial = serial();
-    let (mut c, ws) = grid(|_, _| Vec::new());
+    let (mut c, ws) = grid(2, |_, _| Vec::new());
     c.wait(Duration::from_secs(45), "every position to finish training", |c| all_done(c, &ws));
     c.stop();
     for (i, &w) in ws.iter().enumerate() {
         for it in 0..ITERATIONS {
-            check_step(&c, w, it, (i % STAGES, i / STAGES));
+            check_step(&c, 2, w, it, (i % STAGES, i / STAGES));
         }
     }
     // The momentum makes the weights differ from plain SGD's: μ matters.
-    let want = reference();
+    let want = reference(2);
     assert_ne!(want[1].1[0], want[1].0[0]);
 }
 
@@ -176,36 +179,56 @@ fn a_two_by_two_grid_of_processes_trains_bitwise_like_one_process() {
 /// survivor had stepped.
 #[test]
 fn a_replacement_process_catches_up_from_its_replica_and_the_run_equals_a_fault_free_one() {
-    let undone = lose_and_replace(&["--hang-pass", "f", "--hang-mb", "2"]);
+    let undone = lose_and_replace(2, (1, 0), &["--hang-pass", "f", "--hang-mb", "2"], &[]);
     assert_eq!(undone, vec![0; 3], "no survivor had stepped");
 }
 
-/// The same, stage 1 of replica 0 stopped inside its optimistic step of iteration 1:
-/// it had passed its gradient stats on, so stage 0 of its pipeline and both stages of
-/// replica 1 had stepped and wait in the commit vote; the vote fails and each undoes
-/// its step (the `failed` events' digests are those of iteration 0).
+/// The same, stage 0 of replica 0 stopped inside its optimistic step of iteration 1
+/// (stage 1 of its pipeline passed its gradient stats to it, then stepped, and waits
+/// for the verdict; both stages of replica 1 stepped and wait in the commit vote):
+/// every survivor's commit fails and each undoes its step (the `failed` events'
+/// digests are those of iteration 0).
 #[test]
 fn a_position_lost_inside_its_step_leaves_no_survivor_with_a_partial_step() {
-    let undone = lose_and_replace(&["--hang-pass", "step"]);
+    let undone = lose_and_replace(2, (0, 0), &["--hang-pass", "step"], &[]);
     assert_eq!(undone, vec![1; 3], "every survivor undid its optimistic step");
 }
 
-/// Kills stage 1 of replica 0 where `hang` stops it in iteration 1, starts a
-/// replacement, and checks the survivors' failure, the replacement's catch-up and every
-/// position's weights and momentum against the fault-free run. Returns how many steps
-/// each survivor undid in the failed iteration.
-fn lose_and_replace(hang: &[&str]) -> Vec<u64> {
+/// pp = 2 × dp = 1 with `--checkpoint`: stage 0 stopped inside its optimistic step and
+/// killed; no replica holds it, so the replacement restarts from the state the killed
+/// process saved at its last commit; stage 1 had stepped and undoes it.
+#[test]
+fn with_one_replica_a_replacement_restarts_from_the_lost_stage_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("phalanx-pipeline-checkpoint-{}-{}", std::process::id(), unix_ms()));
+    std::fs::create_dir_all(&dir).expect("a checkpoint folder");
+    let extra = ["--checkpoint".to_string(), dir.display().to_string()];
+    let undone = lose_and_replace(1, (0, 0), &["--hang-pass", "step"], &extra);
+    let saved: Vec<String> = std::fs::read_dir(&dir)
+        .expect("the checkpoint folder")
+        .map(|e| e.expect("an entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(undone, vec![1], "stage 1 undid its optimistic step");
+    let mut saved = saved;
+    saved.sort();
+    assert_eq!(saved, vec!["stage0-replica0.state", "stage1-replica0.state"]);
+}
+
+/// Kills the `victim` position (stage, replica) of a `STAGES × dp` grid where `hang`
+/// stops it in iteration 1, starts a replacement, and checks the survivors' failure, the
+/// replacement's catch-up and every position's weights and momentum against the
+/// fault-free run; `extra` goes to every worker. Returns how many steps each survivor
+/// undid in the failed iteration.
+fn lose_and_replace(dp: usize, victim: (usize, usize), hang: &[&str], extra: &[String]) -> Vec<u64> {
     let _serial = serial();
     const FAILED_AT: usize = 1;
-    let victim = (1, 0);
-    let (mut c, ws) = grid(|s, r| {
+    let (mut c, ws) = grid(dp, |s, r| {
+        let mut a = extra.to_vec();
         if (s, r) == victim {
-            let mut a = vec!["--hang-at".to_string(), FAILED_AT.to_string()];
+            a.extend(["--hang-at".to_string(), FAILED_AT.to_string()]);
             a.extend(hang.iter().map(|h| h.to_string()));
-            a
-        } else {
-            Vec::new()
         }
+        a
     });
     let v = ws[victim.1 * STAGES + victim.0];
     c.wait(Duration::from_secs(45), "the victim to stop mid-iteration", |c| {
@@ -231,17 +254,19 @@ fn lose_and_replace(hang: &[&str]) -> Vec<u64> {
         // What it holds after the failure: the weights and momentum of the last commit.
         let i = ws.iter().position(|&x| x == w).expect("a position");
         let layers = (i % STAGES) * LAYERS / STAGES..(i % STAGES + 1) * LAYERS / STAGES;
-        let committed = &reference()[FAILED_AT - 1];
+        let committed = &reference(dp)[FAILED_AT - 1];
         let of = |t: &[Vec<f32>]| hash_f32(&layers.clone().flat_map(|l| t[l].clone()).collect::<Vec<_>>());
         assert_eq!(failed.str("digest"), of(&committed.0), "{name}: weights after the failure");
         assert_eq!(failed.str("momentum_digest"), of(&committed.1), "{name}: momentum after the failure");
         let (_, settled) = c.find(w, 0, |e| e.is("settled")).expect("settled");
-        assert_eq!(settled.u64("size"), (STAGES * REPLICAS - 1) as u64, "{name}: {}", settled.v);
+        assert_eq!(settled.u64("size"), (STAGES * dp - 1) as u64, "{name}: {}", settled.v);
         let early = c.find(w, 0, |e| e.is("step") && e.u64("iteration") >= FAILED_AT as u64);
         assert!(early.is_none(), "{name} committed a step of the failed iteration: {:?}", early.map(|(_, e)| &e.v));
     }
     let joiner = {
-        let a = args(&c, &["--join".to_string()]);
+        let mut more = extra.to_vec();
+        more.push("--join".to_string());
+        let a = args(&c, dp, &more);
         c.spawn("replacement", &a, 0)
     };
     let mut all = survivors.clone();
@@ -257,11 +282,11 @@ fn lose_and_replace(hang: &[&str]) -> Vec<u64> {
     assert!(c.find(joiner, 0, |e| e.is("step") && e.u64("iteration") < FAILED_AT as u64).is_none());
     // Iterations before the fault on the victim, the failed one and after on the replacement.
     for it in 0..FAILED_AT {
-        check_step(&c, v, it, victim);
+        check_step(&c, dp, v, it, victim);
     }
     assert!(c.find(v, 0, |e| e.is("step") && e.u64("iteration") >= FAILED_AT as u64).is_none());
     for it in FAILED_AT..ITERATIONS {
-        check_step(&c, joiner, it, victim);
+        check_step(&c, dp, joiner, it, victim);
     }
     for (i, &w) in ws.iter().enumerate().filter(|&(_, &w)| w != v) {
         let position = (i % STAGES, i / STAGES);
@@ -270,7 +295,7 @@ fn lose_and_replace(hang: &[&str]) -> Vec<u64> {
         let (replaced, again) = c.find(w, failed, |e| e.is("placed")).expect("placed again after the loss");
         assert_eq!((again.u64("stage") as usize, again.u64("replica") as usize), position, "{}", again.v);
         for it in 0..ITERATIONS {
-            let at = check_step(&c, w, it, position);
+            let at = check_step(&c, dp, w, it, position);
             if it >= FAILED_AT {
                 assert!(at > replaced, "{}: step {it} committed only after the redo's placement", c.procs[w].name);
             }
