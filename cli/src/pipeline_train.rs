@@ -293,7 +293,7 @@ fn digest(v: &[Vec<f32>]) -> String {
 }
 
 /// Trains from `start` until the last iteration, through losses of other positions
-/// when `dp ≥ 2`.
+/// when `dp ≥ 2` or with a checkpoint (at most 3 recoveries).
 pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), String> {
     let (mut p, mut params, mut it) = match start {
         Start::Holds(at) => {
