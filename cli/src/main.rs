@@ -10,6 +10,7 @@ mod moe_mlp;
 mod moe_sim;
 mod moe_worker;
 mod pipeline;
+mod pipeline_train;
 mod pipeline_worker;
 mod quic_args;
 mod relay;
@@ -56,8 +57,9 @@ enum Command {
     /// example, the timed FSSDP-vs-EP comparison, or training with backups through a loss.
     MoeWorker(moe_worker::MoeWorkerArgs),
     /// One stage of a pipeline schedule as its own process joined to a master: trains the
-    /// 8-layer MLP (weights printed after every iteration) or runs timed passes against
-    /// the simulator.
+    /// 8-layer MLP on a grid of stages × replicas (each step committed on every position
+    /// or none, weights printed after every iteration; `--join` replaces a lost position)
+    /// or runs timed passes against the simulator.
     PipelineWorker(pipeline_worker::PipelineWorkerArgs),
     /// One peer process of `bench` (internal).
     #[command(hide = true)]

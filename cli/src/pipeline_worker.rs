@@ -1,41 +1,38 @@
 //! `phalanx pipeline-worker`: one stage of a pipeline schedule as its own process,
-//! joined to a `phalanx master` over QUIC (peer id = stage, so with the master's
-//! `--initial-peers` the ranks are the stages), printing one JSON event per line.
+//! joined to a `phalanx master` over QUIC, printing one JSON event per line.
 //!
-//! Each iteration runs this stage's list with [`Runner::run`], then commits with
-//! [`Runner::finish`] (a barrier of the stages: phalanx's collectives commit on every
-//! survivor or on none, so either every stage passes it or none does), and only then
-//! steps the optimizer and reports the step. A stage lost mid-iteration fails every
-//! other stage's run or commit with a typed error, which the worker prints (`failed`,
-//! with the error's kind) before it exits with status 2; no stage steps.
-//!
-//! Modes: `mlp` trains the small MLP of `phalanx::pipeline_mlp` (8 linear layers, `B`
-//! and `W` separate) with SGD and prints this stage's weights (bits and a digest) after
-//! every iteration; `timed` runs passes that sleep their cost (`--unit-ms` per unit, a
-//! chunk's pass of a 2-chunk schedule half of it) and stage 0 prints each iteration's
+//! `--mode mlp` trains the small MLP of `phalanx::pipeline_mlp` (8 linear layers, `B`
+//! and `W` separate) on a grid of `--stages` × `--replicas` processes, SGD with
+//! `--momentum`, each iteration committed on every position or none (see
+//! `pipeline_train`), and prints each committed step; `--join` starts a replacement for
+//! a lost position. `--mode timed` runs passes that sleep their cost (`--unit-ms` per
+//! unit, a chunk's pass of a 2-chunk schedule half of it) on one pipeline (peer id =
+//! stage, so with the master's `--initial-peers` the ranks are the stages), commits each
+//! iteration with [`Runner::finish`] (a barrier), and stage 0 prints each iteration's
 //! measured time (the longest stage span, and the makespan over all stages) against the
 //! simulator's. `--hang-at IT` makes this stage stop in iteration `IT` before a pass
 //! (`--hang-pass`, `--hang-mb`; the forward of micro-batch `m/2` by default) and wait to
 //! be killed or stopped (announced by a `hanging` event).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
 use phalanx::comm::{ConnectOptions, ControlConfig};
-use phalanx::pipeline_mlp::{Mlp, LAYERS};
-use phalanx::sched::{by_name, simulate, Costs, Pass, RunError, Runner, Schedule, Stage, StageError, Step, Timeline};
-use phalanx::workload::hash_f32;
+use phalanx::pipeline_mlp::LAYERS;
+use phalanx::sched::{
+    by_name, simulate, Costs, Grid, Pass, Position, Runner, Schedule, Stage, StageError, Step, Timeline,
+};
 use phalanx::{Communicator, RetryPolicy};
 use serde_json::json;
 
+use crate::pipeline_train::{self, kind, HangAt, Start, Training, RECOVERY_WAIT};
 use crate::{emit, now_ms, quic_config};
 
 /// What a `pipeline-worker` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// Trains the 8-layer MLP; prints this stage's weights after every iteration.
+    /// Trains the 8-layer MLP on a grid of stages × replicas; prints this position's
+    /// weights and momentum after every committed iteration.
     Mlp,
     /// Passes that sleep their cost; stage 0 prints measured against simulated times.
     Timed,
@@ -52,15 +49,19 @@ pub enum HangPass {
     W,
     /// A fused backward.
     Bw,
+    /// Inside the optimistic optimizer step, after the replicas' all-reduce and after
+    /// passing the gradient stats on (`mlp` only).
+    Step,
 }
 
 impl HangPass {
-    fn pass(self) -> Pass {
+    fn at(self, mb: usize) -> HangAt {
         match self {
-            HangPass::F => Pass::F,
-            HangPass::B => Pass::B,
-            HangPass::W => Pass::W,
-            HangPass::Bw => Pass::BW,
+            HangPass::F => HangAt::Pass(Pass::F, mb),
+            HangPass::B => HangAt::Pass(Pass::B, mb),
+            HangPass::W => HangAt::Pass(Pass::W, mb),
+            HangPass::Bw => HangAt::Pass(Pass::BW, mb),
+            HangPass::Step => HangAt::Step,
         }
     }
 }
@@ -68,15 +69,41 @@ impl HangPass {
 /// Options of `phalanx pipeline-worker`.
 #[derive(Parser)]
 pub struct PipelineWorkerArgs {
-    /// The master's address (start it with `--initial-peers` the number of stages).
+    /// The master's address (start it with `--initial-peers` stages × replicas).
     #[arg(long)]
     master: std::net::SocketAddr,
     /// Cluster secret; also read from PHALANX_SECRET.
     #[arg(long, env = "PHALANX_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// This process's stage: its peer id, and so its rank in the first view.
+    /// This process's stage. Its peer id is `replica × stages + stage`, and so its rank
+    /// in the first view.
+    #[arg(long, required_unless_present = "join")]
+    stage: Option<u64>,
+    /// In `mlp`, this process's replica (which pipeline of the grid).
+    #[arg(long, default_value_t = 0)]
+    replica: u64,
+    /// In `mlp`, the data-parallel replicas of the pipeline: the grid is `--stages` ×
+    /// `--replicas` processes.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// In `mlp`, join a running grid as the replacement of a lost position: take the
+    /// free position and fetch its stage's state from a replica (`--replicas` ≥ 2) or
+    /// from the lost position's `--checkpoint`.
+    #[arg(long, conflicts_with_all = ["stage", "hang_at"])]
+    join: bool,
+    /// The peer id of a `--join`ing process (random by default).
+    #[arg(long, requires = "join")]
+    peer_id: Option<u64>,
+    /// In `mlp`, the momentum of SGD (`v = μ·v + g`, `w -= lr·v`); 0 is plain SGD.
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f32,
+    /// In `mlp`, clip the global gradient norm at this (post-validated along the pipeline).
     #[arg(long)]
-    stage: u64,
+    max_norm: Option<f64>,
+    /// In `mlp`, save this position's state to this folder at each commit; with one
+    /// replica, a `--join`ing replacement restarts from the lost position's save.
+    #[arg(long)]
+    checkpoint: Option<std::path::PathBuf>,
     /// The schedule: 1f1b, interleaved (with --chunks), zbh1, zb2p, zbv, vhalf or vmin.
     #[arg(long, default_value = "1f1b")]
     schedule: String,
@@ -99,8 +126,8 @@ pub struct PipelineWorkerArgs {
     #[arg(long, default_value_t = 20)]
     unit_ms: u64,
     /// In `mlp`, stop in this iteration before the pass `--hang-pass` of micro-batch
-    /// `--hang-mb` (on its first chunk) and wait to be killed (announced by a `hanging`
-    /// event).
+    /// `--hang-mb` (on its first chunk), or inside the optimizer step, and wait to be
+    /// killed (announced by a `hanging` event).
     #[arg(long)]
     hang_at: Option<usize>,
     /// The pass `--hang-at` stops before.
@@ -119,70 +146,91 @@ pub fn run(args: PipelineWorkerArgs) -> Result<(), String> {
     let costs = Costs::unit();
     let schedule = by_name(&args.schedule, args.stages, args.microbatches, args.chunks, &costs, None)
         .map_err(|e| format!("schedule: {e}"))?;
-    let stage = usize::try_from(args.stage).map_err(|e| format!("stage {}: {e}", args.stage))?;
-    let runner = Runner::new(schedule.clone(), stage).map_err(|e| format!("runner: {e}"))?;
     let virtual_stages = schedule.stages() * schedule.chunks.max(1);
     if args.mode == Mode::Mlp && LAYERS % virtual_stages != 0 {
         return Err(format!("the MLP's {LAYERS} layers do not split over {virtual_stages} virtual stages"));
     }
-    let options = ConnectOptions {
-        peer_id: Some(args.stage),
+    let grid = Grid::new(args.stages, args.replicas).map_err(|e| format!("grid: {e}"))?;
+    if args.mode == Mode::Timed && (args.replicas != 1 || args.join) {
+        return Err("the timed mode runs one pipeline: no --replicas, no --join".into());
+    }
+    if args.join && args.replicas < 2 && args.checkpoint.is_none() {
+        return Err("a replacement fetches its stage from a replica or a checkpoint: --join needs --replicas 2 or more, or --checkpoint".into());
+    }
+    let held = match args.stage {
+        Some(stage) => {
+            let stage = usize::try_from(stage).map_err(|e| format!("stage {stage}: {e}"))?;
+            let replica = usize::try_from(args.replica).map_err(|e| format!("replica {}: {e}", args.replica))?;
+            if stage >= args.stages || replica >= args.replicas {
+                return Err(format!(
+                    "position ({stage}, {replica}) outside a grid of {} × {}",
+                    args.stages, args.replicas
+                ));
+            }
+            Some(Position { stage, replica })
+        }
+        None => None,
+    };
+    let mut options = ConnectOptions {
+        peer_id: held.map(|p| (p.replica * args.stages + p.stage) as u64).or(args.peer_id),
         quic: quic_config(args.secret.as_deref()),
         control: ControlConfig {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
             ..ControlConfig::default()
         },
-        // A lost stage fails the iteration everywhere; nothing retries in a smaller view.
+        // A loss fails the iteration everywhere; the worker settles the view itself.
         retry: RetryPolicy::Never,
         ..ConnectOptions::default()
     };
-    let mut comm = Communicator::connect(args.master, options).map_err(|e| format!("join: {e}"))?;
-    comm.update_topology().map_err(|e| format!("settling the first view: {e}"))?;
-    if comm.size() != args.stages || comm.rank() != stage {
-        return Err(format!(
-            "joined as rank {} of {}, expected rank {stage} of {}: start the master with --initial-peers {} and give the stages 0..{}",
-            comm.rank(),
-            comm.size(),
-            args.stages,
-            args.stages,
-            args.stages
-        ));
+    if args.join {
+        options = options.join_timeout(RECOVERY_WAIT);
     }
-    emit(json!({ "event": "joined", "stage": stage, "schedule": schedule.name, "epoch": comm.epoch(), "t": now_ms() }));
-    match args.mode {
-        Mode::Mlp => {
-            let hang = args
-                .hang_at
-                .map(|it| (it, args.hang_pass.pass(), args.hang_mb.unwrap_or(runner.schedule().microbatches / 2)));
-            train(&mut comm, (&runner, stage), args.iterations, hang)
+    let mut comm = Communicator::connect(args.master, options).map_err(|e| format!("join: {e}"))?;
+    if !args.join {
+        comm.update_topology().map_err(|e| format!("settling the first view: {e}"))?;
+    }
+    let hang = args.hang_at.map(|it| (it, args.hang_pass.at(args.hang_mb.unwrap_or(args.microbatches / 2))));
+    let stage = held.map(|p| p.stage);
+    emit(json!({
+        "event": "joined", "stage": stage, "replica": held.map(|p| p.replica), "schedule": schedule.name,
+        "epoch": comm.epoch(), "rank": comm.rank(), "t": now_ms(),
+    }));
+    match (args.mode, held) {
+        (Mode::Mlp, held) => {
+            let t = Training {
+                schedule,
+                grid,
+                iterations: args.iterations,
+                momentum: args.momentum,
+                max_norm: args.max_norm,
+                hang,
+                checkpoint: args.checkpoint.clone(),
+            };
+            pipeline_train::train(&mut comm, &t, held.map_or(Start::Join, Start::Holds))
         }
-        Mode::Timed => timed(&mut comm, (&runner, stage), args.iterations, Duration::from_millis(args.unit_ms)),
+        (Mode::Timed, Some(Position { stage, .. })) => {
+            if comm.size() != args.stages || comm.rank() != stage {
+                return Err(format!(
+                    "joined as rank {} of {}, expected rank {stage} of {}: start the master with --initial-peers {} and give the stages 0..{}",
+                    comm.rank(),
+                    comm.size(),
+                    args.stages,
+                    args.stages,
+                    args.stages
+                ));
+            }
+            let runner = Runner::new(schedule, stage).map_err(|e| format!("runner: {e}"))?;
+            timed(&mut comm, (&runner, stage), args.iterations, Duration::from_millis(args.unit_ms))
+        }
+        (Mode::Timed, None) => Err("the timed mode needs --stage".into()),
     }?;
     emit(json!({ "event": "done", "stage": stage, "t": now_ms() }));
     comm.leave();
     Ok(())
 }
 
-/// The kind of a run's error: the communicator's (`PeerLost`, `Aborted`) where sending,
-/// receiving or the commit failed, else the runner's own.
-fn kind(e: &RunError) -> &'static str {
-    if let Some(source) = e.comm_error() {
-        return source.kind().name();
-    }
-    match e {
-        RunError::Schedule(_) => "Schedule",
-        RunError::Invalid(_) => "Invalid",
-        RunError::Stage { .. } => "Stage",
-        RunError::Shape { .. } => "Shape",
-        RunError::MessageTooLarge { .. } => "MessageTooLarge",
-        RunError::Comm { .. } | RunError::Finish { .. } | RunError::Collective { .. } => "Comm",
-        RunError::Uncommitted { .. } => "Uncommitted",
-        RunError::Optimizer { .. } => "Optimizer",
-    }
-}
-
-/// One iteration of stage `me`: its list, then the commit. Prints a `failed` event on
-/// error. (The stage is not the communicator's rank once a finished stage left.)
+/// One timed iteration of stage `me`: its list, then the commit (a barrier of the
+/// stages). Prints a `failed` event on error.
 fn iteration<S: Stage + ?Sized>(
     comm: &mut Communicator,
     (runner, me): (&Runner, usize),
@@ -199,46 +247,6 @@ fn iteration<S: Stage + ?Sized>(
     })?;
     executed.check_order(runner.schedule()).map_err(|e| format!("iteration {it}: the executed order: {e}"))?;
     Ok(executed)
-}
-
-/// Trains the MLP: after each committed iteration, the SGD step and this stage's weights.
-fn train(
-    comm: &mut Communicator,
-    (runner, me): (&Runner, usize),
-    iterations: usize,
-    hang: Option<(usize, Pass, usize)>,
-) -> Result<(), String> {
-    let schedule = runner.schedule();
-    let current = Arc::new(AtomicUsize::new(0));
-    let mut mlp = Mlp::initial(schedule, me);
-    if let Some((it, at, mb)) = hang {
-        let current = current.clone();
-        mlp = mlp.with_hook(Box::new(move |pass, step: &Step| {
-            if current.load(Ordering::Relaxed) == it && pass == at && step.mb == mb && step.chunk == 0 {
-                let pass = format!("{pass:?}");
-                emit(json!({ "event": "hanging", "iteration": it, "pass": pass, "mb": mb, "t": now_ms() }));
-                loop {
-                    std::thread::park();
-                }
-            }
-            Ok(())
-        }));
-    }
-    for it in 0..iterations {
-        current.store(it, Ordering::Relaxed);
-        mlp.set_iteration(it);
-        iteration(comm, (runner, me), &mut mlp, it)?;
-        mlp.step();
-        let weights = mlp.weights();
-        let all: Vec<f32> = weights.iter().flat_map(|(_, w)| w.iter().copied()).collect();
-        let bits: Vec<Vec<u32>> = weights.iter().map(|(_, w)| w.iter().map(|x| x.to_bits()).collect()).collect();
-        emit(json!({
-            "event": "step", "iteration": it, "stage": me,
-            "layers": weights.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
-            "weights": bits, "digest": hash_f32(&all), "t": now_ms(),
-        }));
-    }
-    Ok(())
 }
 
 /// Calibrated passes: each sleeps its cost (a unit per pass of a full stage, its share
