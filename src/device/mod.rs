@@ -23,6 +23,7 @@ pub mod hier;
 pub mod membership;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod session;
 pub mod standin;
 
 pub use error::{Attempt, DeviceError};
