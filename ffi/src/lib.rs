@@ -50,10 +50,13 @@ mod sched;
 mod moe;
 // The FSSDP layer (`phx_moe_layer`, `phx_moe_dispatched`).
 mod moe_layer;
+// Device (GPU) communicators: NCCL, or the CPU stand-in (`phx_device_comm`).
+mod device;
 
 pub use args::*;
 pub use collectives::*;
 pub use comm::*;
+pub use device::*;
 pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use moe_layer::*;
@@ -78,6 +81,7 @@ mod tests {
         send::<phx_request>();
         send::<phx_state>();
         send::<phx_moe_layer>();
+        send::<phx_device_comm>();
         send::<phx_moe_dispatched>();
     }
 }
