@@ -15,6 +15,7 @@
 mod args;
 mod array;
 mod communicator;
+mod device;
 mod errors;
 mod group;
 mod handle;
@@ -70,6 +71,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SyncReport>()?;
     m.add_class::<moe_layer::ExpertLayer>()?;
     m.add_class::<moe_layer::Dispatched>()?;
+    m.add_class::<device::DeviceCommunicator>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
     m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;
