@@ -27,7 +27,10 @@ use crate::errors::to_py;
 
 enum Backend {
     StandIn(DeviceSession<StandIn>),
+    /// Held (the loaded library with it) for the collectives on CUDA tensors, which are
+    /// not built yet.
     #[cfg(feature = "nccl")]
+    #[allow(dead_code)]
     Nccl(DeviceSession<phalanx::device::nccl::NcclBackend>),
 }
 
