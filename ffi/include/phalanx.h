@@ -328,6 +328,19 @@
 #define PHX_PASS_BW 3
 
 /**
+ * The CPU stand-in backend: host buffers of `float` only, and only between ranks of
+ * this process (threads), for tests with no GPU.
+ */
+#define PHX_DEVICE_STANDIN 0
+
+/**
+ * The NCCL backend: device pointers and a `cudaStream_t`. The library is looked for at
+ * run time (`PHALANX_NCCL_LIBRARY`, an `nvidia-nccl-cu12`/`-cu13` wheel of the active
+ * `python3`, `libnccl.so.2`); a missing or unusable one is `PHX_ERR_DEVICE`.
+ */
+#define PHX_DEVICE_NCCL 1
+
+/**
  * One peer's membership in a group. Created by `phx_comm_connect`, ended by
  * `phx_comm_leave` or `phx_comm_free`.
  *
@@ -335,6 +348,15 @@
  * communicator must not overlap. Different communicators are independent.
  */
 typedef struct phx_comm phx_comm;
+
+/**
+ * A device communicator: the device side of one member of a `phx_comm`'s group. Made
+ * with `phx_device_comm_new`, freed with `phx_device_comm_free`. Each collective first
+ * brings it to the `phx_comm`'s current view (making, shrinking or growing the device
+ * communicator, every member together). Not internally synchronised: calls on one
+ * handle must not overlap; it may be moved between threads.
+ */
+typedef struct phx_device_comm phx_device_comm;
 
 /**
  * A master (the group's coordinator) running on threads of its own in this process.
@@ -2221,6 +2243,53 @@ int phx_comm_traffic(const struct phx_comm *comm,
                      uint64_t *peer_ids_or_null,
                      struct phx_traffic *per_peer_or_null,
                      size_t capacity);
+
+/**
+ * Makes a device communicator for the member `comm` on `backend` (`PHX_DEVICE_NCCL` or
+ * `PHX_DEVICE_STANDIN`) in `*out`. Not a collective: the device communicator itself is
+ * made by the first collective. `PHX_ERR_DEVICE` when NCCL is asked for and none can be
+ * loaded (the message lists every path tried), or this library was built without it.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator; `out` NULL or valid for a write of a pointer.
+ */
+int phx_device_comm_new(const struct phx_comm *comm, int backend, struct phx_device_comm **out);
+
+/**
+ * Reduces `count` elements of `dtype` at `buf` over every member of `comm`'s group with
+ * `op`, in place: a collective, every member calls it. `stream` is the `cudaStream_t`
+ * the NCCL call is enqueued on (NULL: the legacy default stream); synchronize it before
+ * reading `buf`. The stand-in ignores `stream` and reduces host `float` buffers only.
+ *
+ * Errors: `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL
+ * reports it): it is revoked or aborted, `buf` is unchanged on the stand-in (on NCCL its
+ * content is undefined: keep a copy); call `phx_comm_update_topology`, then again.
+ * `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
+ * communicator failed before: the same. Must not run concurrently with other calls on
+ * `dev` or `comm`.
+ *
+ * # Safety
+ * `dev` and `comm` are NULL or live handles used by no one else; `buf` NULL or, for the
+ * stand-in, host memory valid for `count` elements, for NCCL device memory of the
+ * communicator's GPU valid until `stream` has run the call; `stream` NULL or a valid
+ * stream of that GPU.
+ */
+int phx_device_comm_all_reduce(struct phx_device_comm *dev,
+                               struct phx_comm *comm,
+                               void *buf,
+                               size_t count,
+                               int dtype_code,
+                               int op_code,
+                               void *stream);
+
+/**
+ * Frees a device communicator (NULL is accepted). Its NCCL communicator, if any, is
+ * destroyed; the `phx_comm` is not touched.
+ *
+ * # Safety
+ * `dev` is NULL or a live handle, not used again.
+ */
+int phx_device_comm_free(struct phx_device_comm *dev);
 
 #ifdef __cplusplus
 }  // extern "C"

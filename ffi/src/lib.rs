@@ -58,10 +58,13 @@ mod moe_started;
 mod moe_exchange;
 // Link traffic counters (`phx_comm_traffic`).
 mod traffic;
+// Device (GPU) communicators: NCCL, or the CPU stand-in (`phx_device_comm`).
+mod device;
 
 pub use args::*;
 pub use collectives::*;
 pub use comm::*;
+pub use device::*;
 pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use moe_exchange::*;
@@ -90,6 +93,7 @@ mod tests {
         send::<phx_request>();
         send::<phx_state>();
         send::<phx_moe_layer>();
+        send::<phx_device_comm>();
         send::<phx_moe_dispatched>();
         send::<phx_pipeline_runner>();
     }

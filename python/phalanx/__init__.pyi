@@ -448,6 +448,25 @@ class ReleasedReplicas:
     def freed_bytes(self) -> int:
         """Bytes freed."""
 
+class DeviceCommunicator:
+    """The device side of one member of `comm`'s group: collectives on device buffers
+    that follow the communicator's views (each view's device communicator is made,
+    shrunk or grown by every member together, from a unique id the master relays).
+    After a `DeviceError` from a collective, call `comm.update_topology()` and retry.
+
+    `backend`: "standin" (CPU, float32 arrays, ranks of this process: for tests) or
+    "nccl" (raises `DeviceError` when no usable NCCL is found, or when the package was
+    built without its `nccl` feature; collectives on CUDA tensors are not built yet).
+    """
+
+    def __init__(self, comm: Communicator, backend: str = "standin") -> None: ...
+    @property
+    def backend(self) -> str: ...
+    def all_reduce(self, array: Any, op: str = "sum") -> None:
+        """Reduces `array` over every member in place (a collective). On the stand-in:
+        a writable C-contiguous float32 array (numpy, a CPU DLPack tensor, a buffer);
+        unchanged on error."""
+
 class ExpertLayer:
     """One MoE layer's communication for one iteration over `comm`'s group (FSSDP): every
     device makes one from the same placement P' and calls its steps in the same order.

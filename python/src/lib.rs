@@ -19,6 +19,7 @@
 mod args;
 mod array;
 mod communicator;
+mod device;
 mod errors;
 mod group;
 mod handle;
@@ -85,6 +86,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<traffic::Traffic>()?;
     m.add_class::<pipeline::PipelineRunner>()?;
     m.add_class::<pipeline::PipelineStep>()?;
+    m.add_class::<device::DeviceCommunicator>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
     m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;

@@ -7,6 +7,7 @@
 
 mod alltoall;
 mod datalinks;
+mod device_id;
 mod eager;
 mod local;
 mod options;

@@ -231,6 +231,11 @@ impl AsyncPeer {
         self.ops.control.pending_joiners() as usize
     }
 
+    /// See [`crate::Communicator::device_unique_id`].
+    pub async fn device_unique_id(&self, epoch: u64, offer: Option<([u8; 128], bool)>) -> Result<([u8; 128], bool)> {
+        self.ops.control.device_id(epoch, offer).await
+    }
+
     /// See [`crate::Communicator::update_topology`].
     pub async fn update_topology(&mut self) -> Result<()> {
         self.ops.control.update_topology().await

@@ -51,6 +51,11 @@ impl<B: DeviceBackend> DeviceDriver<B> {
         self.comm.as_mut()
     }
 
+    /// The epoch of the ready communicator, if one is ready and not broken.
+    pub fn ready_epoch(&self) -> Option<u64> {
+        self.machine.ready_epoch()
+    }
+
     /// Feeds `event` (a view, a relayed id, a failed collective) and carries out every
     /// decision that follows, including the sleeping polls of a communicator being made.
     pub fn handle(&mut self, event: Event) -> Vec<Outcome> {

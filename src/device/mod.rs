@@ -9,7 +9,8 @@
 //!   found by [`discovery`] and checked by [`gating`] before any call into it.
 //! - [`membership`]: the sans-IO decisions (unique id per epoch, abort/revoke, shrink
 //!   or fresh init, grow or fresh init); [`driver`] carries them out on a backend;
-//!   [`hier`]: the hierarchical all-reduce plan.
+//!   [`session`] keeps a driver in step with a [`crate::Communicator`]'s views, each
+//!   view's unique id carried by the master; [`hier`]: the hierarchical all-reduce plan.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ pub mod hier;
 pub mod membership;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod session;
 pub mod standin;
 
 pub use error::{Attempt, DeviceError};

@@ -393,6 +393,16 @@ impl ControlClient {
         self.shared.wait(|p| p.round_after(seen)).await.map(|_| ())
     }
 
+    /// Offers `offer` (a device unique id this peer made, and its grow flag) for view
+    /// `epoch`, if any, and waits for the id the master relays for it: the first one a
+    /// member offered. An error once the view moved past `epoch` or this peer was removed.
+    pub async fn device_id(&self, epoch: u64, offer: Option<([u8; 128], bool)>) -> Result<([u8; 128], bool)> {
+        if let Some((id, grow)) = offer {
+            self.send(ToMaster::DeviceId { epoch, id, grow });
+        }
+        self.shared.wait(|p| p.device_id(epoch)).await
+    }
+
     /// Waits for a view of an epoch above `epoch`, or removal.
     pub async fn view_after(&self, epoch: u64) -> Result<View> {
         self.shared.wait(|p| p.view_after(epoch)).await

@@ -9,6 +9,8 @@
 
 pub(crate) mod client;
 pub mod codec;
+#[cfg(test)]
+mod device_id_tests;
 mod driver;
 #[cfg(test)]
 mod eager_tests;

@@ -225,6 +225,18 @@ pub enum ToMaster {
         /// The member it cannot reach.
         peer: PeerId,
     },
+    /// The member made the device (NCCL) unique id of the communicator of view `epoch`
+    /// (see `device::membership`): the master relays the first one it gets for the
+    /// current epoch to every member ([`ToPeer::DeviceId`]), and the one it relayed to a
+    /// member that offers another. Offers for other epochs are dropped.
+    DeviceId {
+        /// The view it is for.
+        epoch: u64,
+        /// `ncclUniqueId`'s 128 opaque bytes.
+        id: [u8; 128],
+        /// Whether the members grow their communicator with it (else a fresh init).
+        grow: bool,
+    },
 }
 
 /// Messages from the master to a peer.
@@ -279,5 +291,15 @@ pub enum ToPeer {
     TopologyDone {
         /// The view the round ended in.
         epoch: u64,
+    },
+    /// The device (NCCL) unique id of view `epoch`'s communicator: the first one a member
+    /// offered ([`ToMaster::DeviceId`]); every member inits from it.
+    DeviceId {
+        /// The view it is for.
+        epoch: u64,
+        /// `ncclUniqueId`'s 128 opaque bytes.
+        id: [u8; 128],
+        /// Whether the members grow their communicator with it (else a fresh init).
+        grow: bool,
     },
 }

@@ -246,6 +246,16 @@ pub struct NcclComm {
 unsafe impl Send for NcclComm {}
 
 impl NcclComm {
+    /// Makes every later call enqueue on `stream` (a `cudaStream_t`; NULL for the legacy
+    /// default stream) instead of the one it was created with.
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream of the communicator's device for as long as calls
+    /// are enqueued on it.
+    pub unsafe fn set_stream(&mut self, stream: *mut c_void) {
+        self.stream = stream as usize;
+    }
+
     fn live(&self) -> Result<ffi::ncclComm_t, DeviceError> {
         if self.dead {
             return Err(DeviceError::Aborted { reason: "this communicator was aborted".into() });

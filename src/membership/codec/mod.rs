@@ -495,6 +495,12 @@ impl Codec for ToMaster {
                 13u8.encode(bytes);
                 epoch.encode(bytes);
             }
+            ToMaster::DeviceId { epoch, id, grow } => {
+                14u8.encode(bytes);
+                epoch.encode(bytes);
+                id.encode(bytes);
+                u8::from(*grow).encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -527,6 +533,7 @@ impl Codec for ToMaster {
                 members: r.read_vec("members")?,
             },
             13 => ToMaster::ViewSeen { epoch: u64::read(r)? },
+            14 => ToMaster::DeviceId { epoch: u64::read(r)?, id: r.array()?, grow: read_flag(r)? },
             code => return Err(WireError::UnknownCode { what: "message to master", code }),
         })
     }
@@ -569,6 +576,12 @@ impl Codec for ToPeer {
                 8u8.encode(bytes);
                 epoch.encode(bytes);
             }
+            ToPeer::DeviceId { epoch, id, grow } => {
+                9u8.encode(bytes);
+                epoch.encode(bytes);
+                id.encode(bytes);
+                u8::from(*grow).encode(bytes);
+            }
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -586,8 +599,18 @@ impl Codec for ToPeer {
             6 => ToPeer::Refused { reason: String::read(r)? },
             7 => ToPeer::Heartbeat,
             8 => ToPeer::TopologyDone { epoch: u64::read(r)? },
+            9 => ToPeer::DeviceId { epoch: u64::read(r)?, id: r.array()?, grow: read_flag(r)? },
             code => return Err(WireError::UnknownCode { what: "message to peer", code }),
         })
+    }
+}
+
+/// A flag byte: 0 or 1; anything else is a corrupt message, not a `true`.
+fn read_flag(r: &mut Reader<'_>) -> Result<bool, WireError> {
+    match u8::read(r)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        code => Err(WireError::UnknownCode { what: "flag", code }),
     }
 }
 

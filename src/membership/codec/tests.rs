@@ -259,3 +259,31 @@ proptest! {
         let _ = ToPeer::decode(&enc[4..]);
     }
 }
+
+#[test]
+fn device_ids_have_new_codes_and_fixed_bytes() {
+    let mut id = [0u8; 128];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let ids: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let to_master = ToMaster::DeviceId { epoch: 3, id, grow: true };
+    let enc = to_master.encode();
+    // 4 length bytes (1 + 8 + 128 + 1 = 138), code 14, the epoch, the id, the flag.
+    assert_eq!(hex(&enc), format!("8a0000000e0300000000000000{ids}01"));
+    assert_eq!(ToMaster::decode(body(&enc)), Ok(to_master.clone()));
+    for cut in 0..enc.len() - 4 {
+        assert!(ToMaster::decode(&enc[4..4 + cut]).is_err(), "cut at {cut}");
+    }
+    let to_peer = ToPeer::DeviceId { epoch: u64::MAX, id, grow: false };
+    let enc = to_peer.encode();
+    assert_eq!(hex(&enc), format!("8a00000009ffffffffffffffff{ids}00"));
+    assert_eq!(ToPeer::decode(body(&enc)), Ok(to_peer));
+    for cut in 0..enc.len() - 4 {
+        assert!(ToPeer::decode(&enc[4..4 + cut]).is_err(), "cut at {cut}");
+    }
+    // A flag byte other than 0 or 1 is corrupt, not "true".
+    let mut bad = to_master.encode();
+    *bad.last_mut().expect("flag") = 2;
+    assert!(ToMaster::decode(body(&bad)).is_err());
+}

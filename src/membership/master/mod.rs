@@ -29,6 +29,7 @@ use carried::{CarriedOps, Settled};
 use tally::{Begin, Recipients, Roster, Said, Tallies, Word};
 
 mod carried;
+mod device_ids;
 mod silence;
 mod sync_plan;
 mod takeover;
@@ -153,6 +154,8 @@ pub struct MasterState {
     /// Every peer this master has made a member: a rejoining peer it never admitted
     /// comes from another master's group (see the `takeover` module).
     admitted: std::collections::HashSet<PeerId>,
+    /// The device (NCCL) unique id of the current epoch (see the `device_ids` module).
+    device_ids: crate::device::membership::IdRelay,
 }
 
 impl MasterState {
@@ -171,6 +174,7 @@ impl MasterState {
             suspicions: HashMap::new(),
             takeover: None,
             admitted: Default::default(),
+            device_ids: Default::default(),
         }
     }
 
@@ -236,6 +240,7 @@ impl MasterState {
             ToMaster::Leave => self.remove(&[id], "left the group", &mut out),
             _ if !is_member => {} // a pending joiner has nothing else to say yet
             ToMaster::UpdateTopology { .. } => self.vote_topology(id, &mut out),
+            ToMaster::DeviceId { epoch, id: bytes, grow } => self.device_id(id, epoch, bytes, grow, &mut out),
             ToMaster::Unreachable { epoch, peer } => {
                 if epoch == self.epoch {
                     if let Some(rank) = self.members.iter().position(|p| p.id == peer) {

@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+mod device_id;
 mod eager;
 mod rejoin;
 mod subgroup;
@@ -108,6 +109,8 @@ pub struct PeerState {
     /// Messages for the master that the state itself decided to send
     /// ([`PeerState::take_outbox`]).
     outbox: Vec<ToMaster>,
+    /// The newest device (NCCL) unique id the master relayed: epoch, id, grow flag.
+    device_id: Option<(u64, [u8; 128], bool)>,
 }
 
 /// How many finished commits a peer remembers for a takeover: far more than the
@@ -139,6 +142,7 @@ impl PeerState {
             vote_deferred: false,
             recent_commits: Default::default(),
             outbox: Vec::new(),
+            device_id: None,
         }
     }
 
@@ -277,6 +281,7 @@ impl PeerState {
                 self.refused = true;
                 aborts = self.disconnected(reason);
             }
+            ToPeer::DeviceId { epoch, id, grow } => self.device_id_relayed(epoch, id, grow),
             ToPeer::TopologyDone { epoch } => {
                 self.voting = false;
                 self.rounds += 1;
