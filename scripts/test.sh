@@ -26,6 +26,8 @@ echo "== feature nccl: the workspace builds with it; the device path's tests run
 # the membership decisions and the hierarchical plan. scripts/gpu-check.sh is the GPU run.
 cargo build --workspace --locked --features phalanx/nccl
 cargo test -p phalanx --locked --features nccl --lib device -- --test-threads=2
+# The C face with NCCL asked for: the typed device error naming the path, not a crash.
+cargo test -p phalanx-ffi --locked --features nccl --test c_device
 
 echo "== churn: 6 peer processes for 45 s through kills, freezes, joins and leaves"
 # Exits non-zero if any invariant breaks (bit-identical models, exact sums, bounded

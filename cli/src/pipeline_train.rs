@@ -368,18 +368,17 @@ pub fn train(comm: &mut Communicator, t: &Training, start: Start) -> Result<(), 
 }
 
 /// Whether `e` is how a loss reaches this rank: the communicator's `PeerLost` or
-/// `Aborted`, or a `Mismatch` of a collective begun in the old view when another
-/// survivor, which saw the loss first, already settles the view (`update_topology`). A
-/// mismatch with no loss behind it fails the recovery: no member leaves the view.
+/// `Aborted` (also where another survivor, which saw the loss first, already settles
+/// the view in `update_topology` while this one still ran a collective of the old one:
+/// the master aborts that collective retryably).
 fn after_loss(e: &RunError) -> bool {
     e.comm_error().is_some_and(settling)
 }
 
-/// The errors of a view being settled: `PeerLost`, `Aborted`, or `Mismatch` (this rank
-/// in `update_topology` while another still ends a collective of the old view, or the
-/// reverse). Each is retried until the recovery's deadline.
+/// The errors of a view being settled: the retryable ones (`PeerLost`, `Aborted`).
+/// Each is retried until the recovery's deadline.
 fn settling(e: &phalanx::Error) -> bool {
-    e.is_retryable() || e.kind() == phalanx::ErrorKind::Mismatch
+    e.is_retryable()
 }
 
 /// After a loss: settles the view without the lost peer, waits for a newcomer, places

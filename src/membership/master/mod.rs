@@ -529,7 +529,8 @@ impl MasterState {
     /// informative).
     fn vote_topology(&mut self, id: PeerId, out: &mut Vec<Output>) {
         self.topo_votes.insert(id);
-        let aborted = self.tallies.topology_vote(id);
+        let rank = self.members.iter().position(|p| p.id == id).unwrap_or(0) as u32; // ok: only a rank for the message
+        let aborted = self.tallies.topology_vote(id, rank);
         self.tell(aborted, out);
         self.finish_round_if_complete(out);
     }

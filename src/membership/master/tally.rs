@@ -185,9 +185,12 @@ impl Tallies {
                  or two sets' keys collide)"
             ))
         } else if let Some(v) = set.iter().find(|m| **m != id && roster.in_round.contains(m)) {
-            Some(format!(
-                "member {v:#x} called update_topology while member {id:#x} began sub-group collective {seq:#x}"
-            ))
+            // A race of recovery, as in `topology_vote`: retryable.
+            let detail = format!(
+                "member {v:#x} called update_topology while member {id:#x} began sub-group collective {seq:#x}; call \
+                 update_topology and retry"
+            );
+            return self.decide(seq, Decision::Abort(AbortReason::Failed { rank: roster.rank(*v), detail }));
         } else {
             first_mismatch(&tally.begun)
         };
@@ -197,10 +200,17 @@ impl Tallies {
         }
     }
 
-    /// Member `id` entered `update_topology`: the collectives that wait for it, which it
-    /// will not begin now, abort with a mismatch. A sub-group collective waits only for
+    /// Member `id` (of rank `rank`) entered `update_topology`: the collectives that wait
+    /// for it, which it will not begin now, abort. A sub-group collective waits only for
     /// its own members.
-    pub(super) fn topology_vote(&mut self, id: PeerId) -> Said {
+    ///
+    /// The abort is retryable (`Aborted`), not a `Mismatch`: a member enters
+    /// `update_topology` after a failure it saw first (a broken link to a lost peer)
+    /// while the others may still wait in the collective the loss will fail, and eager
+    /// collectives return without the master, so one member may be a call ahead. Those
+    /// are races of recovery, not program errors; the others' retry (`update_topology`,
+    /// then the call again) joins the round.
+    pub(super) fn topology_vote(&mut self, id: PeerId, rank: u32) -> Said {
         let waiting: Vec<u64> = self
             .ops
             .iter()
@@ -213,8 +223,11 @@ impl Tallies {
             .collect();
         let mut said = Vec::new();
         for seq in waiting {
-            let detail = format!("member {id:#x} called update_topology while others ran collective {seq:#x}");
-            said.extend(self.mismatch(seq, detail));
+            let detail = format!(
+                "member {id:#x} called update_topology while others ran collective {seq:#x}; call update_topology \
+                 and retry"
+            );
+            said.extend(self.decide(seq, Decision::Abort(AbortReason::Failed { rank, detail })));
         }
         said
     }
@@ -445,15 +458,17 @@ mod tests {
         m.handle(1, ToMaster::UpdateTopology { epoch: e }, now);
         let out = m.handle(2, ToMaster::UpdateTopology { epoch: e }, now);
         assert!(out.iter().any(|o| matches!(o, Output::Send(_, ToPeer::TopologyDone { .. }))));
-        // Now a member votes while its partner waits in a sub-op: a mismatch for the pair.
+        // Now a member votes while its partner waits in a sub-op: the pair's op aborts,
+        // retryably (the member may have seen a loss its partner has not yet).
         m.handle(1, sub(e, S | 2, 7, &[1, 2]), now);
         let out = m.handle(2, ToMaster::UpdateTopology { epoch: e }, now);
         let d = outcomes(&out);
         assert_eq!(d.len(), 2);
-        assert!(d.iter().all(|(c, d)| *c != 3 && matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
-        // And a member beginning a sub-op while its partner is in the round: mismatch too.
+        let retryable = |d: &Decision| matches!(d, Decision::Abort(AbortReason::Failed { detail, .. }) if detail.contains("update_topology"));
+        assert!(d.iter().all(|(c, d)| *c != 3 && retryable(d)), "{d:?}");
+        // And a member beginning a sub-op while its partner is in the round: the same.
         let out = m.handle(3, sub(e, S | 3, 7, &[2, 3]), now);
-        assert!(outcomes(&out).iter().all(|(_, d)| matches!(d, Decision::Abort(AbortReason::Mismatch { .. }))));
+        assert!(outcomes(&out).iter().all(|(_, d)| retryable(d)), "{out:?}");
         assert_eq!(outcomes(&out).len(), 2);
     }
 
