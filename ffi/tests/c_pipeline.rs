@@ -87,6 +87,21 @@ fn pipeline_runner_from_c() {
 
 /// Around README's C example (`run_stage`): a master and two peers on threads; each
 /// runs its stage and the forwards saw 0..3 plus one, then plus two.
+/// A 2 × 2 grid from C: gradients all-reduced among the replicas, a committed step
+/// and a NaN-skipped one on every rank (`tests/c/pipeline_grid.c`).
+#[test]
+fn pipeline_grid_from_c() {
+    let output = run(&compile(&ffi_dir().join("tests/c/pipeline_grid.c"), "pipeline_grid"));
+    let mut ranks: Vec<&str> = output.lines().filter_map(|l| l.strip_prefix("grid ok rank=")).collect();
+    ranks.sort_unstable();
+    assert_eq!(
+        ranks,
+        ["0 stage=0 replica=0", "1 stage=1 replica=0", "2 stage=0 replica=1", "3 stage=1 replica=1"],
+        "{output}"
+    );
+    assert!(output.lines().any(|l| l == "all ok"), "{output}");
+}
+
 const README_MAIN: &str = r#"
 static const char *SECRET = "phalanx-ffi-pipeline-readme-0123456789";
 static char ADDR[PHX_ADDR_BUF_LEN];
