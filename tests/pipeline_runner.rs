@@ -433,3 +433,131 @@ const FROZEN_FOR: Duration = Duration::from_secs(5);
 /// What the bound allows beyond the peer timeout: the master's check interval, the
 /// view's way to the peers, a loaded test machine.
 const SLACK: Duration = Duration::from_secs(2);
+
+/// A stage of two: stage 0 signals `computed` from its forward of micro-batch 1;
+/// stage 1 waits in its forward of micro-batch 0 until then, and a while more for the
+/// activation to travel; stage 0 fails at the forward of `fail_mb`, if any.
+struct Signalling {
+    computed: Option<std::sync::mpsc::Sender<()>>,
+    awaited: Option<std::sync::mpsc::Receiver<()>>,
+    fail_mb: Option<usize>,
+}
+
+impl Stage for Signalling {
+    type Elem = f32;
+    fn input_len(&self, _: &Step) -> usize {
+        4
+    }
+    fn output_len(&self, _: &Step) -> usize {
+        4
+    }
+    fn forward(&mut self, step: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
+        if Some(step.mb) == self.fail_mb {
+            return Err("injected failure".into());
+        }
+        if step.mb == 1 {
+            if let Some(tx) = &self.computed {
+                tx.send(()).map_err(|e| e.to_string())?;
+            }
+        }
+        if step.mb == 0 {
+            if let Some(rx) = &self.awaited {
+                rx.recv_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+                // The activation of micro-batch 1 leaves stage 0 right after its
+                // forward: on the in-memory network it is in long before this (a
+                // second leaves room for a loaded CI machine; the assertion is on
+                // structure, `early`, not on a time).
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        Ok(vec![step.mb as f32; 4])
+    }
+    fn backward_input(&mut self, step: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
+        Ok(vec![step.mb as f32; 4])
+    }
+    fn backward_weight(&mut self, _: &Step) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// Runs 1F1B over 2 stages and 4 micro-batches with `Signalling` stages, stage 1
+/// keeping `ahead` receives posted; each stage's outcome.
+fn signalling_run(ahead: usize, fail_mb: Option<usize>) -> Vec<Result<Executed, RunError>> {
+    let mut comms = Communicator::local_group(2, Default::default()).unwrap();
+    let schedule = by_name("1f1b", 2, 4, 1, &Costs::unit(), None).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stages = [
+        Signalling { computed: Some(tx), awaited: None, fail_mb },
+        Signalling { computed: None, awaited: Some(rx), fail_mb: None },
+    ];
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .drain(..)
+            .zip(stages.iter_mut())
+            .enumerate()
+            .map(|(r, (mut comm, stage))| {
+                let schedule = &schedule;
+                s.spawn(move || {
+                    let runner =
+                        Runner::new(schedule.clone(), r).unwrap().receives_ahead(if r == 1 { ahead } else { 2 });
+                    let out = runner.run(&mut comm, stage);
+                    if out.is_ok() {
+                        runner.finish(&mut comm).unwrap();
+                    }
+                    // A failed stage 0 leaves here (drops its communicator).
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Stage 1 of 1F1B runs F0 BW0 F1 BW1 ...: with receives posted ahead, the receive of
+/// F1's activation is posted before F0 runs, and the activation, sent by stage 0 while
+/// stage 1 computes F0, is in when F1 begins. With none posted ahead, each receive is
+/// posted when its pass begins.
+#[test]
+fn receives_are_posted_ahead_of_their_pass() {
+    with_timeout(60, || {
+        let out = signalling_run(2, None);
+        let stage1 = out[1].as_ref().unwrap();
+        let order: Vec<String> = stage1.order().iter().map(|a| a.to_string()).collect();
+        assert_eq!(order, ["F0", "BW0", "F1", "BW1", "F2", "BW2", "F3", "BW3"]);
+        let p = &stage1.passes;
+        let f1 = &p[2];
+        assert!(f1.posted.expect("F1 received its activation") < p[0].begin.max(p[0].ready), "{f1:?}");
+        assert!(f1.posted.unwrap() <= p[1].begin, "posted before BW0");
+        assert!(f1.early, "F1's activation was in before F1 began: {f1:?}");
+        // Every forward of the last stage receives; its backwards (from the loss) do not.
+        for pass in p {
+            assert_eq!(pass.posted.is_some(), pass.action.pass == Pass::F, "{pass:?}");
+            assert!(pass.posted.unwrap_or(pass.begin) <= pass.begin);
+        }
+        assert!(out[0].as_ref().unwrap().passes.iter().all(|q| q.posted.is_some() == (q.action.pass != Pass::F)));
+
+        let out = signalling_run(0, None);
+        let stage1 = out[1].as_ref().unwrap();
+        for pass in stage1.passes.iter().filter(|q| q.posted.is_some()) {
+            assert!(pass.posted.unwrap() >= pass.begin, "posted when its pass began: {pass:?}");
+        }
+    });
+}
+
+/// Stage 0 fails at F2 and leaves while stage 1 has the receives of F2 and F3 posted:
+/// stage 1 returns the lost peer's error, naming F2 (the pass that needed the message),
+/// and does not hang.
+#[test]
+fn a_lost_peer_fails_the_posted_receives_with_their_pass_named() {
+    with_timeout(60, || {
+        let out = signalling_run(2, Some(2));
+        let e0 = out[0].as_ref().unwrap_err();
+        assert!(matches!(e0, RunError::Stage { .. }), "{e0}");
+        let e1 = out[1].as_ref().unwrap_err();
+        let source = e1.comm_error().unwrap_or_else(|| panic!("{e1}"));
+        assert!(matches!(source, Error::PeerLost { .. } | Error::Aborted { .. }), "{e1}");
+        let at = e1.at().unwrap();
+        assert_eq!((at.stage, at.index, at.action.to_string()), (1, 4, "F2".to_string()), "{e1}");
+        assert!(e1.to_string().contains("receiving the activation from rank 0"), "{e1}");
+    });
+}

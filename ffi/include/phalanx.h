@@ -328,6 +328,22 @@
 #define PHX_PASS_BW 3
 
 /**
+ * `phx_commit_outcome.verdict`: the step was kept as taken.
+ */
+#define PHX_VERDICT_KEEP 0
+
+/**
+ * The step was undone on every rank: an inf or NaN in some stage's gradients.
+ */
+#define PHX_VERDICT_SKIP 1
+
+/**
+ * The step was undone and taken again with the gradients scaled by `scale` (the
+ * global norm was over `max_norm`).
+ */
+#define PHX_VERDICT_CLIP 2
+
+/**
  * The CPU stand-in backend: host buffers of `float` only, and only between ranks of
  * this process (threads), for tests with no GPU.
  */
@@ -350,6 +366,12 @@
 typedef struct phx_comm phx_comm;
 
 /**
+ * The end of iteration of one stage of a grid (made by `phx_committer_new`, freed by
+ * `phx_committer_free`).
+ */
+typedef struct phx_committer phx_committer;
+
+/**
  * A device communicator: the device side of one member of a `phx_comm`'s group. Made
  * with `phx_device_comm_new`, freed with `phx_device_comm_free`. Each collective first
  * brings it to the `phx_comm`'s current view (making, shrinking or growing the device
@@ -357,6 +379,12 @@ typedef struct phx_comm phx_comm;
  * handle must not overlap; it may be moved between threads.
  */
 typedef struct phx_device_comm phx_device_comm;
+
+/**
+ * Where every position of a `pp × dp` grid runs (made by `phx_grid_in_order` or
+ * `phx_grid_place`, freed by `phx_grid_map_free`).
+ */
+typedef struct phx_grid_map phx_grid_map;
 
 /**
  * A master (the group's coordinator) running on threads of its own in this process.
@@ -705,6 +733,81 @@ typedef struct phx_pipeline_pass {
      */
     double end;
 } phx_pipeline_pass;
+
+/**
+ * A position in the grid: a stage of a replica's pipeline.
+ */
+typedef struct phx_grid_position {
+    /**
+     * The pipeline stage, from 0.
+     */
+    size_t stage;
+    /**
+     * The data-parallel replica, from 0.
+     */
+    size_t replica;
+} phx_grid_position;
+
+/**
+ * The sum of squares and inf/NaN flag of some gradients, as the post-validation needs
+ * them: start from `{0.0, 0}` and add every gradient tensor of the stage, in a fixed
+ * order, with `phx_grad_stats_add`.
+ */
+typedef struct phx_grad_stats {
+    /**
+     * The sum of the squared elements, in double.
+     */
+    double sum_squares;
+    /**
+     * 1 when an element is infinite or NaN.
+     */
+    int non_finite;
+} phx_grad_stats;
+
+/**
+ * The caller's optimizer, able to take a step back: `step(user, scale)` steps with
+ * the gradients multiplied by `scale` (1 for the optimistic step) keeping what `undo`
+ * needs; `undo(user)` restores the weights and optimizer state from before the last
+ * step, exactly. Each returns 0, or a non-zero code that fails the commit with
+ * `PHX_ERR_STAGE` (every rank then undoes its step). Called on the calling thread;
+ * a callback must return (no `longjmp`, no C++ exception).
+ */
+typedef struct phx_optimizer {
+    /**
+     * Passed to both callbacks as is.
+     */
+    void *user;
+    /**
+     * Steps with the gradients scaled by `scale`.
+     */
+    int (*step)(void *user, float scale);
+    /**
+     * Undoes the last step exactly.
+     */
+    int (*undo)(void *user);
+} phx_optimizer;
+
+/**
+ * What `phx_committer_step` decided.
+ */
+typedef struct phx_commit_outcome {
+    /**
+     * `PHX_VERDICT_KEEP`, `_SKIP` or `_CLIP` (set when the step committed).
+     */
+    int verdict;
+    /**
+     * The clipping factor of `PHX_VERDICT_CLIP` (1 otherwise).
+     */
+    float scale;
+    /**
+     * The whole pipeline's gradient stats (the sum over its stages).
+     */
+    struct phx_grad_stats stats;
+    /**
+     * The non-zero code of the optimizer callback that failed, or 0.
+     */
+    int callback_status;
+} phx_commit_outcome;
 
 /**
  * One strategy's figures per iteration, averaged over the trace.
@@ -1731,6 +1834,146 @@ int phx_pipeline_runner_timeline(const struct phx_pipeline_runner *runner,
  * in use.
  */
 int phx_pipeline_runner_free(struct phx_pipeline_runner *runner);
+
+/**
+ * The map of a `pp × dp` grid on a fresh group of `pp·dp` ranks: position
+ * `(stage, replica)` on rank `replica·pp + stage`. Writes a new map to `*out`.
+ *
+ * # Safety
+ * `out` is NULL or valid for a write of a pointer. The caller owns `*out` and frees it
+ * with `phx_grid_map_free`.
+ */
+int phx_grid_in_order(size_t pp, size_t dp, size_t rank, struct phx_grid_map **out);
+
+/**
+ * Places a `pp × dp` grid on the group after a view change (a collective: every rank
+ * of the group calls it): each rank passes the position it held (`held`), or NULL as a
+ * newcomer, which takes a free position in rank order. Writes a new map to `*out`.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `held` is NULL or valid
+ * for a read; `out` is NULL or valid for a write of a pointer (freed with
+ * `phx_grid_map_free`).
+ */
+int phx_grid_place(struct phx_comm *comm,
+                   size_t pp,
+                   size_t dp,
+                   const struct phx_grid_position *held,
+                   struct phx_grid_map **out);
+
+/**
+ * This rank's position in the grid.
+ *
+ * # Safety
+ * `map` is NULL or a live map; `out` is NULL or valid for a write.
+ */
+int phx_grid_me(const struct phx_grid_map *map, struct phx_grid_position *out);
+
+/**
+ * The runner of this rank's stage on its replica's pipeline, for the schedule named
+ * as `phx_pipeline_runner_new` names it (`pp` stages). Free it with
+ * `phx_pipeline_runner_free`.
+ *
+ * # Safety
+ * `map` is NULL or a live map; `schedule` is NULL or NUL-terminated; `costs` is NULL
+ * or points to 4 doubles; `out` is NULL or valid for a write of a pointer.
+ */
+int phx_grid_runner(const struct phx_grid_map *map,
+                    const char *schedule,
+                    size_t microbatches,
+                    size_t chunks,
+                    const double *costs,
+                    double memory_limit,
+                    struct phx_pipeline_runner **out);
+
+/**
+ * All-reduces this stage's `count` gradients of `dtype` (flattened in an order every
+ * replica shares), in place, among the replicas of the stage with `op`
+ * (`PHX_OP_SUM`): every rank of the grid calls it after its run. Nothing with `dp = 1`.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `map` is NULL or a live
+ * map; `grads` is valid for reads and writes of `count` elements of the dtype.
+ */
+int phx_grid_all_reduce_gradients(struct phx_comm *comm,
+                                  const struct phx_grid_map *map,
+                                  void *grads,
+                                  size_t count,
+                                  int dtype_code,
+                                  int op);
+
+/**
+ * Waits until every rank of the grid is done: call it after the last iteration,
+ * before leaving the group.
+ *
+ * # Safety
+ * `comm` and `map` are NULL or live handles not used concurrently.
+ */
+int phx_grid_finish(struct phx_comm *comm, const struct phx_grid_map *map);
+
+/**
+ * Frees a map (NULL is fine).
+ *
+ * # Safety
+ * `map` is NULL or a map not yet freed, not used after this call.
+ */
+int phx_grid_map_free(struct phx_grid_map *map);
+
+/**
+ * Adds `count` gradients of `dtype` (`PHX_DTYPE_F32` or `PHX_DTYPE_F64`) to `*stats`.
+ *
+ * # Safety
+ * `stats` is NULL or valid for reads and writes; `grads` is valid for reads of `count`
+ * elements of the dtype.
+ */
+int phx_grad_stats_add(struct phx_grad_stats *stats,
+                       const void *grads,
+                       size_t count,
+                       int dtype_code);
+
+/**
+ * The end of iteration of `runner`'s stage on `map`'s grid: its pipeline's
+ * post-validation, clipping the global gradient norm at `max_norm` (0, negative or
+ * NaN: no clipping), and a vote of every rank of the grid. Writes a new committer to
+ * `*out`.
+ *
+ * # Safety
+ * `map` and `runner` are NULL or live handles; `out` is NULL or valid for a write of a
+ * pointer (freed with `phx_committer_free`).
+ */
+int phx_committer_new(const struct phx_grid_map *map,
+                      const struct phx_pipeline_runner *runner,
+                      double max_norm,
+                      struct phx_committer **out);
+
+/**
+ * Steps `optimizer` for this iteration on every rank of the grid or on none: `stats`
+ * are this stage's gradient stats after `phx_grid_all_reduce_gradients`. Every rank
+ * of the grid calls it. On success the step is kept (`outcome.verdict` says whether as
+ * taken, skipped or clipped); on any error it was undone (a lost peer: `PEER_LOST` or
+ * `ABORTED`; a callback's non-zero code: `PHX_ERR_STAGE`, the code in
+ * `outcome.callback_status`; another rank's failed step: `PHX_ERR_ABORTED`), and the
+ * weights are the last committed ones.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently (the callbacks must not
+ * use it); `committer` is NULL or live; `stats` is NULL or valid for a read;
+ * `optimizer` is NULL or points to callbacks that follow `phx_optimizer`'s contract;
+ * `outcome_or_null` is NULL or valid for a write.
+ */
+int phx_committer_step(struct phx_comm *comm,
+                       const struct phx_committer *committer,
+                       const struct phx_grad_stats *stats,
+                       const struct phx_optimizer *optimizer,
+                       struct phx_commit_outcome *outcome_or_null);
+
+/**
+ * Frees a committer (NULL is fine).
+ *
+ * # Safety
+ * `committer` is NULL or a committer not yet freed, not used after this call.
+ */
+int phx_committer_free(struct phx_committer *committer);
 
 /**
  * Plans P′ of one MoE layer for one iteration (the reference's Algorithm 1): expert `e`

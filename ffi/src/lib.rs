@@ -48,6 +48,8 @@ pub mod scan;
 mod sched;
 // The pipeline runner (`phx_pipeline_runner`) with C callbacks.
 mod pipeline;
+// A grid of pipelines, post-validation and commit-or-none (`phx_grid_map`, `phx_committer`).
+mod pipeline_grid;
 // Expert parallelism (FSSDP): placement and simulator.
 mod moe;
 // The FSSDP layer (`phx_moe_layer`, `phx_moe_dispatched`).
@@ -72,6 +74,7 @@ pub use moe_layer::*;
 pub use moe_started::*;
 pub use pending::*;
 pub use pipeline::*;
+pub use pipeline_grid::*;
 pub use quant::{phx_comm_all_reduce_quantized, PHX_QUANT_U16, PHX_QUANT_U8};
 pub use request::*;
 pub use sched::{phx_pipeline_result, phx_pipeline_simulate};

@@ -36,8 +36,8 @@ fn pass_code(pass: Pass) -> c_int {
 /// `phx_pipeline_runner_new`, freed by `phx_pipeline_runner_free`). It keeps the
 /// timeline of its last successful run (`phx_pipeline_runner_timeline`).
 pub struct phx_pipeline_runner {
-    inner: Runner,
-    last: Option<Executed>,
+    pub(crate) inner: Runner,
+    pub(crate) last: Option<Executed>,
 }
 
 /// Where a pass sits in the model, as the callbacks see it.
@@ -318,7 +318,7 @@ fn run_as<T: Element>(
 }
 
 /// The status and message of a failed run.
-fn run_fail(e: &RunError) -> Fail {
+pub(crate) fn run_fail(e: &RunError) -> Fail {
     let message = e.to_string();
     match (e, e.comm_error()) {
         (RunError::Stage { .. }, _) => Fail { code: PHX_ERR_STAGE, message },

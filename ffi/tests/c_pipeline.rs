@@ -87,6 +87,21 @@ fn pipeline_runner_from_c() {
 
 /// Around README's C example (`run_stage`): a master and two peers on threads; each
 /// runs its stage and the forwards saw 0..3 plus one, then plus two.
+/// A 2 × 2 grid from C: gradients all-reduced among the replicas, a committed step
+/// and a NaN-skipped one on every rank (`tests/c/pipeline_grid.c`).
+#[test]
+fn pipeline_grid_from_c() {
+    let output = run(&compile(&ffi_dir().join("tests/c/pipeline_grid.c"), "pipeline_grid"));
+    let mut ranks: Vec<&str> = output.lines().filter_map(|l| l.strip_prefix("grid ok rank=")).collect();
+    ranks.sort_unstable();
+    assert_eq!(
+        ranks,
+        ["0 stage=0 replica=0", "1 stage=1 replica=0", "2 stage=0 replica=1", "3 stage=1 replica=1"],
+        "{output}"
+    );
+    assert!(output.lines().any(|l| l == "all ok"), "{output}");
+}
+
 const README_MAIN: &str = r#"
 static const char *SECRET = "phalanx-ffi-pipeline-readme-0123456789";
 static char ADDR[PHX_ADDR_BUF_LEN];
@@ -127,4 +142,52 @@ fn readme_c_example_runs() {
     std::fs::write(&source, program).expect("write the program");
     let output = run(&compile(&source, "readme"));
     assert!(output.lines().any(|l| l == "readme ok"), "{output}");
+}
+
+const README_GRID_MAIN: &str = r#"
+static const char *SECRET = "phalanx-ffi-pipeline-readme-grid-012345";
+static char ADDR[PHX_ADDR_BUF_LEN];
+static double W[4];
+
+static void *peer(void *arg) {
+    phx_comm *comm = join_group(ADDR, SECRET, 4);
+    size_t r = comm_rank(comm);
+    (void)arg;
+    EXPECT(train_grid(comm, r, &W[r]) == PHX_OK);
+    CHECK(phx_comm_leave(comm));
+    return 0;
+}
+
+int main(void) {
+    phx_master *master = master_start(SECRET);
+    pthread_t threads[4];
+    int i;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
+    for (i = 0; i < 4; i++) {
+        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
+        sleep_ms(50);
+    }
+    for (i = 0; i < 4; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
+    CHECK(phx_master_free(master));
+    /* The replicas agree, and every stage trained (its weight moved). */
+    EXPECT(W[0] == W[2] && W[1] == W[3] && W[0] != 1.0 && W[1] != 1.0);
+    printf("readme grid ok\n");
+    return 0;
+}
+"#;
+
+/// README's "Running a schedule" second C example (the grid) compiles as written and
+/// runs on a 2 × 2 grid of four peers.
+#[test]
+fn readme_c_grid_example_runs() {
+    let readme = std::fs::read_to_string(ffi_dir().join("../README.md")).expect("read README.md");
+    let section = readme.split("\n### Running a schedule\n").nth(1).expect("a 'Running a schedule' section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let block = section.split("```c\n").nth(2).and_then(|b| b.split("\n```").next()).expect("a second ```c block");
+    let source = out_dir().join("readme_grid.c");
+    let program = format!("#include \"peer_common.h\"\n#include <pthread.h>\n{block}\n{README_GRID_MAIN}");
+    std::fs::write(&source, program).expect("write the program");
+    let output = run(&compile(&source, "readme_grid"));
+    assert!(output.lines().any(|l| l == "readme grid ok"), "{output}");
 }

@@ -8,7 +8,7 @@ array in place, without copying it, with the GIL released.
 """
 
 from types import TracebackType
-from typing import Any, Dict, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple, Type, Union
 
 import numpy as np
 
@@ -664,3 +664,61 @@ class PipelineRunner:
     def finish(self, comm: Communicator) -> None:
         """Waits until every stage has run its list; call it after the last iteration,
         before leaving the group."""
+
+class PipelineGrid:
+    """Where the pp stages × dp replicas of a grid of pipelines run on a group: position
+    (stage, replica) on rank replica·pp + stage for a fresh group (`in_order`), or
+    placed by held positions after a view change (`place`)."""
+
+    @staticmethod
+    def in_order(pp: int, dp: int, rank: int) -> "PipelineGrid":
+        """The grid on a fresh group of pp·dp ranks, as seen by `rank`."""
+    @staticmethod
+    def place(comm: Communicator, pp: int, dp: int, held: Optional[Tuple[int, int]] = None) -> "PipelineGrid":
+        """Every rank says which (stage, replica) it held (None: a newcomer, which takes
+        a free position in rank order). A collective of the whole group."""
+    @property
+    def me(self) -> Tuple[int, int]:
+        """This rank's (stage, replica)."""
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(pp, dp)."""
+    def pipeline(self, replica: int) -> List[int]:
+        """The ranks of `replica`'s pipeline, by stage."""
+    def dp_group(self, stage: int) -> List[int]:
+        """The ranks holding `stage`, in rank order."""
+    def runner(
+        self,
+        schedule: ScheduleName,
+        microbatches: int,
+        *,
+        chunks: int = 2,
+        costs: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0),
+        memory_limit: Optional[float] = None,
+        dtype: Any = None,
+    ) -> PipelineRunner:
+        """The runner of this rank's stage on its replica's pipeline (pp stages)."""
+    def all_reduce_gradients(self, comm: Communicator, grads: np.ndarray, op: str = "sum") -> None:
+        """All-reduces this stage's gradients in place among its replicas (every rank of
+        the grid calls it after its run)."""
+    def finish(self, comm: Communicator) -> None:
+        """Waits until every rank of the grid is done; call it before leaving."""
+
+class PipelineCommitter:
+    """The end of an iteration on one rank of a grid: the optimizer post-validation
+    (global gradient norm and inf/NaN flags along the pipeline) and a vote of every rank,
+    so that the step is kept on every rank or on none."""
+
+    def __init__(self, grid: PipelineGrid, runner: PipelineRunner, max_norm: Optional[float] = None) -> None:
+        """Clips the global gradient norm at `max_norm` (None: no clipping)."""
+    def step(
+        self,
+        comm: Communicator,
+        grads: Union[np.ndarray, Sequence[np.ndarray]],
+        step: Callable[[float], Any],
+        undo: Callable[[], Any],
+    ) -> Tuple[str, float, float]:
+        """Steps the optimizer (`step(scale)`, then `undo()` if the step must not stand)
+        on every rank or none; `grads` are the stage's gradients after
+        `all_reduce_gradients`. Returns (verdict, scale, norm): "keep", "skip" (inf/NaN:
+        undone) or "clip" (redone with `scale`). On an exception the step was undone."""

@@ -10,7 +10,8 @@
 //! zero-copy view of Python arrays), and the collective families `scan`, `group`,
 //! `quant`, `sparse` and `p2p` (with `P2pRequest`) that `Communicator`'s methods delegate
 //! to; `sched`, pipeline schedules; `pipeline`, the pipeline runner (`PipelineRunner`,
-//! `PipelineStep`); `moe`, expert placement and the FSSDP simulator; `moe_layer`, the
+//! `PipelineStep`); `pipeline_grid`, a grid of pipelines and its commit-or-none step
+//! (`PipelineGrid`, `PipelineCommitter`); `moe`, expert placement and the FSSDP simulator; `moe_layer`, the
 //! FSSDP layer (`ExpertLayer`, `Dispatched`), with `moe_started` its started steps
 //! (`MoeStepHandle`), `moe_exchange` its started token exchanges (`DispatchHandle`,
 //! `CombineHandle`) and re-materialisation (`ReleasedReplicas`); `traffic`, the link
@@ -30,6 +31,7 @@ mod moe_layer;
 mod moe_started;
 mod p2p;
 mod pipeline;
+mod pipeline_grid;
 mod quant;
 mod scan;
 mod sched;
@@ -87,6 +89,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::PipelineRunner>()?;
     m.add_class::<pipeline::PipelineStep>()?;
     m.add_class::<device::DeviceCommunicator>()?;
+    m.add_class::<pipeline_grid::PipelineGrid>()?;
+    m.add_class::<pipeline_grid::PipelineCommitter>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
     m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;

@@ -186,9 +186,9 @@ fn to_numpy<'py, T: Element>(py: Python<'py>, data: &[T]) -> PyResult<Bound<'py,
 /// (stage `s` on rank `s`), calling a Python object's methods for each pass.
 #[pyclass(frozen, module = "phalanx")]
 pub(crate) struct PipelineRunner {
-    inner: Runner,
-    stage: usize,
-    dtype: DType,
+    pub(crate) inner: Runner,
+    pub(crate) stage: usize,
+    pub(crate) dtype: DType,
 }
 
 impl PipelineRunner {
@@ -230,9 +230,24 @@ impl PipelineRunner {
     }
 }
 
+/// The runner's element type from a numpy dtype-like (float32 when `None`).
+pub(crate) fn runner_dtype(py: Python<'_>, dtype: Option<&Bound<'_, PyAny>>) -> PyResult<DType> {
+    Ok(match dtype {
+        None => DType::F32,
+        Some(d) => {
+            let name: String = py.import("numpy")?.call_method1("dtype", (d,))?.getattr("name")?.extract()?;
+            match name.as_str() {
+                "float32" => DType::F32,
+                "float64" => DType::F64,
+                other => return Err(PyValueError::new_err(format!("dtype must be float32 or float64, not {other}"))),
+            }
+        }
+    })
+}
+
 /// The Python exception of a run's error: the communicator's class with the whole
 /// message (naming the stage and the pass), or ValueError.
-fn run_error(py: Python<'_>, e: RunError) -> PyResult<PyErr> {
+pub(crate) fn run_error(py: Python<'_>, e: RunError) -> PyResult<PyErr> {
     let message = e.to_string();
     match e.comm_error() {
         Some(source) => {
@@ -284,19 +299,7 @@ impl PipelineRunner {
         dtype: Option<&Bound<'_, PyAny>>,
         ranks: Option<Vec<usize>>,
     ) -> PyResult<Self> {
-        let dtype = match dtype {
-            None => DType::F32,
-            Some(d) => {
-                let name: String = py.import("numpy")?.call_method1("dtype", (d,))?.getattr("name")?.extract()?;
-                match name.as_str() {
-                    "float32" => DType::F32,
-                    "float64" => DType::F64,
-                    other => {
-                        return Err(PyValueError::new_err(format!("dtype must be float32 or float64, not {other}")))
-                    }
-                }
-            }
-        };
+        let dtype = runner_dtype(py, dtype)?;
         let (s, _) = named_schedule(schedule, stages, microbatches, chunks, costs, memory_limit)?;
         let bad = |e: RunError| PyValueError::new_err(e.to_string());
         let mut inner = Runner::new(s, stage).map_err(bad)?;

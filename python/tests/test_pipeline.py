@@ -121,8 +121,9 @@ def reference():
 class MlpStage:
     """The layers of one stage's chunks (virtual stage v of V holds layers v*8/V ...)."""
 
-    def __init__(self):
+    def __init__(self, x=X, t=T):
         self.weights = W0.copy()  # every layer; this stage touches only its own
+        self.x, self.t = x, t  # the micro-batches' inputs and targets
         self.cache, self.dz, self.out, self.grads = {}, {}, {}, {}
         self.seen = set()
 
@@ -139,7 +140,7 @@ class MlpStage:
     def forward(self, step, x):
         assert x.dtype == np.float32 and x.shape == ((0,) if step.is_first else (ROWS * D,))
         self.seen.update(self.layers(step))
-        x = X[step.mb] if step.is_first else x.reshape(ROWS, D)
+        x = self.x[step.mb] if step.is_first else x.reshape(ROWS, D)
         cache = []
         for layer in self.layers(step):
             y, z = layer_forward(layer, self.weights[layer], x)
@@ -152,7 +153,7 @@ class MlpStage:
         return x.ravel()
 
     def backward_input(self, step, grad):
-        dy = self.out.pop(step.mb) - T[step.mb] if step.is_last else grad.reshape(ROWS, D)
+        dy = self.out.pop(step.mb) - self.t[step.mb] if step.is_last else grad.reshape(ROWS, D)
         for layer, x, z in reversed(self.cache.pop((step.virtual_stage, step.mb))):
             dy, dz = layer_backward_input(layer, self.weights[layer], z, dy)
             self.dz[layer, step.mb] = (x, dz)
@@ -341,21 +342,142 @@ def test_runner_argument_errors():
         phalanx.PipelineRunner("1f1b", 4, 8, 0, ranks=[0, 1, 1, 2])
 
 
-def test_readme_runner_example_runs(tmp_path):
-    """README's "Running a schedule" Python example, as written."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
+# ---------------------------------------------------------------------------------------
+# A 2 × 2 grid (2 stages × 2 replicas) with the MLP: replica r trains micro-batches
+# r·MR .. r·MR + MR - 1 of X, the stages' gradients are summed over the replicas
+# (PipelineGrid.all_reduce_gradients) and the step commits on every rank or none
+# (PipelineCommitter). In iteration NAN_IT one micro-batch of replica 1 holds a NaN.
 
-    from conftest import TIMEOUT
+PP, DP, MR, NAN_IT = 2, 2, M // 2, 1
+
+
+def grid_data(it):
+    """Each replica's inputs in iteration `it` (a NaN in replica 1's micro-batch 2 in NAN_IT)."""
+    xs = [X[r * MR : (r + 1) * MR].copy() for r in range(DP)]
+    if it == NAN_IT:
+        xs[1][2, 0, 0] = np.nan
+    return xs, [T[r * MR : (r + 1) * MR] for r in range(DP)]
+
+
+def grid_reference():
+    """One process: each replica's gradients summed over its micro-batches in order, the
+    two replicas' sums added, SGD; the NaN iteration's step skipped. The weights after
+    every iteration."""
+    w, out = W0.copy(), []
+    for it in range(ITERS):
+        xs, ts = grid_data(it)
+        total = np.zeros((LAYERS, D, D), np.float32)
+        sums = []
+        for r in range(DP):
+            s = np.zeros((LAYERS, D, D), np.float32)
+            for mb in range(MR):
+                x, cache = xs[r][mb], []
+                for layer in range(LAYERS):
+                    y, z = layer_forward(layer, w[layer], x)
+                    cache.append((x, z))
+                    x = y
+                dy = x - ts[r][mb]
+                for layer in reversed(range(LAYERS)):
+                    xin, z = cache[layer]
+                    dy, dz = layer_backward_input(layer, w[layer], z, dy)
+                    s[layer] += weight_grad(xin, dz)
+            sums.append(s)
+        total = sums[0] + sums[1]
+        if np.isfinite(total).all():
+            w -= LR * total
+        out.append(w.copy())
+    return out
+
+
+def test_a_grid_trains_bitwise_like_one_process_and_skips_a_nan_step_everywhere(four):
+    want = grid_reference()
+
+    def train(rank, comm):
+        grid = phalanx.PipelineGrid.in_order(PP, DP, rank)
+        stage_index, replica = grid.me
+        assert (stage_index, replica) == (rank % PP, rank // PP)
+        assert grid.pipeline(replica) == [replica * PP, replica * PP + 1] and grid.dp_group(stage_index) == [
+            stage_index,
+            stage_index + PP,
+        ]
+        runner = grid.runner("1f1b", MR)
+        committer = phalanx.PipelineCommitter(grid, runner)
+        stage = FusedMlpStage()
+        mine = range(stage_index * LAYERS // PP, (stage_index + 1) * LAYERS // PP)
+        saved = {}
+
+        def step(scale):
+            saved["w"] = stage.weights[mine.start : mine.stop].copy()
+            stage.weights[mine.start : mine.stop] -= LR * np.float32(scale) * grads.reshape(-1, D, D)
+
+        def undo():
+            stage.weights[mine.start : mine.stop] = saved["w"]
+
+        verdicts = []
+        for it in range(ITERS):
+            xs, ts = grid_data(it)
+            stage.x, stage.t = xs[replica], ts[replica]
+            runner.run(comm, stage)
+            sums = np.zeros((len(mine), D, D), np.float32)
+            for i, layer in enumerate(mine):
+                for mb in range(MR):
+                    sums[i] += stage.grads.pop((layer, mb))
+            grads = sums.ravel()
+            grid.all_reduce_gradients(comm, grads)  # in place, summed over the replicas
+            verdict, scale, norm = committer.step(comm, grads, step, undo)
+            verdicts.append(verdict)
+            for layer in mine:
+                np.testing.assert_array_equal(stage.weights[layer], want[it][layer], f"iteration {it} layer {layer}")
+        grid.finish(comm)
+        return verdicts
+
+    out = on_all(list(enumerate(four)), lambda rc: train(*rc))
+    assert out == [["keep", "skip", "keep"]] * (PP * DP), out
+
+
+def test_grid_argument_errors():
+    with pytest.raises(ValueError, match="rank 4"):
+        phalanx.PipelineGrid.in_order(2, 2, 4)
+    grid = phalanx.PipelineGrid.in_order(2, 2, 3)
+    assert grid.me == (1, 1) and grid.shape == (2, 2) and "2 × 2" in repr(grid)
+    assert grid.runner("zbh1", 4).stage == 1  # the runner of the rank's stage
+    with pytest.raises(ValueError, match="unknown schedule"):
+        grid.runner("gpipe", 4)
+    with pytest.raises(ValueError):
+        grid.pipeline(2)
+
+
+def readme_python_blocks():
+    import re
+    from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text.split("\n### Running a schedule\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, "one python block in README's 'Running a schedule'"
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def run_script(tmp_path, code):
+    import subprocess
+    import sys
+
+    from conftest import TIMEOUT
+
     script = tmp_path / "pipeline_example.py"
-    script.write_text(blocks[0])
+    script.write_text(code)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "pipeline ok [[1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]]" in out.stdout, out.stdout
+    return out.stdout
+
+
+def test_readme_grid_example_runs(tmp_path):
+    """README's "Running a schedule" second Python example (the grid), as written."""
+    blocks = readme_python_blocks()
+    assert len(blocks) == 2, "two python blocks in README's 'Running a schedule'"
+    out = run_script(tmp_path, blocks[1])
+    assert "grid ok" in out, out
+
+
+def test_readme_runner_example_runs(tmp_path):
+    """README's "Running a schedule" first Python example (the runner), as written."""
+    out = run_script(tmp_path, readme_python_blocks()[0])
+    assert "pipeline ok [[1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]]" in out, out

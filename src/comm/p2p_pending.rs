@@ -154,6 +154,19 @@ impl Communicator {
         self.start_p2p(Dir::Send, (to, Some(epoch)), tag, data, dtype)
     }
 
+    /// [`Communicator::irecv_raw`] in view `epoch` only, as [`Communicator::recv_in`]:
+    /// the pipeline runner's receives, posted ahead of the passes that need them.
+    pub(crate) fn irecv_raw_in(
+        &mut self,
+        epoch: u64,
+        from: Rank,
+        tag: u32,
+        buf: Vec<u8>,
+        dtype: DType,
+    ) -> Result<PendingP2pRaw> {
+        self.start_p2p(Dir::Recv, (from, Some(epoch)), tag, buf, dtype)
+    }
+
     fn start_p2p(
         &mut self,
         dir: Dir,

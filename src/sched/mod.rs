@@ -52,7 +52,7 @@ pub use named::{by_name, SCHEDULE_NAMES};
 pub use postval::{GradStats, Optimistic, PostValidation, Stepped, Verdict, PARTIAL_TAG, VERDICT_TAG};
 pub use run::{
     tag, At, Direction, Executed, ExecutedPass, RunError, Runner, Stage, StageError, Step, DEFAULT_MESSAGE_LIMIT,
-    RUNNER_TAG_BIT,
+    DEFAULT_RECEIVES_AHEAD, RUNNER_TAG_BIT,
 };
 pub use simulate::{simulate, Timeline};
 pub use validate::validate;

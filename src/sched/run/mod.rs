@@ -36,6 +36,12 @@
 //! `send_returns_before_the_matching_recv` in `tests/pipeline_runner.rs` checks the
 //! eager-send assumption.)
 //!
+//! Sends are started non-blocking and waited for at the end of the iteration; receives
+//! are posted ahead of their passes, [`Runner::receives_ahead`] at a time (see
+//! `ahead.rs`), and a pass waits only for its own. Neither adds a wait: a posted
+//! receive blocks nothing, and a pass waits for the same message the blocking `recv`
+//! did.
+//!
 //! # Failures
 //!
 //! Every error names the stage and the action that failed ([`RunError`]). When a peer
@@ -63,18 +69,21 @@
 //! Runner messages use tags with the top bit set ([`RUNNER_TAG_BIT`]); keep other
 //! point-to-point tags below it while a runner runs on the communicator.
 
+mod ahead;
 mod error;
+mod pinned;
 mod trace;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
+use ahead::Ahead;
 pub use error::{At, RunError};
+use pinned::{send_error, Pinned};
 pub use trace::{Executed, ExecutedPass};
 
 use super::{validate, Costs, Pass, Schedule};
 use crate::dtype::{Element, ReduceOp};
-use crate::error::Error;
 use crate::plan::Rank;
 use crate::Communicator;
 
@@ -88,8 +97,17 @@ pub const RUNNER_TAG_BIT: u32 = 1 << 31;
 /// default `ConnectOptions::queue_frames` (16) and `Tuning::chunk_bytes` (256 KiB).
 pub const DEFAULT_MESSAGE_LIMIT: usize = 16 * (256 << 10);
 
+/// The default [`Runner::receives_ahead`]: the next two receives of a stage's list
+/// (in a 1F1B-like steady state, the next forward's activation and the next backward's
+/// gradient).
+pub const DEFAULT_RECEIVES_AHEAD: usize = 2;
+
 /// The tag of the greeting that opens a link (see the module docs).
 const GREETING_TAG: u32 = RUNNER_TAG_BIT | (RUNNER_TAG_BIT - 1);
+
+/// The hand-offs kept on this stage (the turn of a V placement), by direction,
+/// micro-batch and receiving virtual stage.
+type Local<T> = HashMap<(Direction, usize, usize), Vec<T>>;
 
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -172,54 +190,6 @@ pub trait Stage {
     }
 }
 
-/// A communicator whose messages travel in one view only (see [`Runner::run`]).
-struct Pinned<'c> {
-    comm: &'c mut Communicator,
-    epoch: u64,
-    /// Sends started and not yet waited for: each pass's output leaves while the next
-    /// passes compute, and the iteration waits for all of them before it returns.
-    sending: Vec<Sending>,
-}
-
-/// An activation or gradient on its way to a neighbour stage.
-struct Sending {
-    at: At,
-    dir: Direction,
-    peer: Rank,
-    pending: crate::comm::PendingP2pRaw,
-}
-
-impl Pinned<'_> {
-    fn send<T: Element>(&mut self, to: Rank, tag: u32, data: &[T]) -> Result<(), Error> {
-        self.comm.send_in(self.epoch, to, tag, data)
-    }
-
-    /// Starts sending `data` and returns at once (see [`Pinned::sending`]).
-    fn isend<T: Element>(&mut self, (at, dir): (At, Direction), to: Rank, tag: u32, data: &[T]) -> Result<(), Error> {
-        let bytes = bytemuck::cast_slice(data).to_vec();
-        let pending = self.comm.isend_raw_in(self.epoch, to, tag, bytes, T::DTYPE)?;
-        self.sending.push(Sending { at, dir, peer: to, pending });
-        Ok(())
-    }
-
-    /// Waits for every started send; the first failure, in the order they were started.
-    fn sent(&mut self) -> Result<(), RunError> {
-        let mut first = Ok(());
-        for s in self.sending.drain(..) {
-            if let (Err(source), _) = s.pending.wait() {
-                if first.is_ok() {
-                    first = Err(send_error(s.at, s.dir, s.peer, source));
-                }
-            }
-        }
-        first
-    }
-
-    fn recv<T: Element>(&mut self, from: Rank, tag: u32, buf: &mut [T]) -> Result<(), Error> {
-        self.comm.recv_in(self.epoch, from, tag, buf)
-    }
-}
-
 /// Executes one stage of a schedule, iteration after iteration.
 #[derive(Clone, Debug)]
 pub struct Runner {
@@ -227,6 +197,7 @@ pub struct Runner {
     stage: usize,
     ranks: Vec<Rank>,
     message_limit: usize,
+    receives_ahead: usize,
 }
 
 impl Runner {
@@ -246,7 +217,13 @@ impl Runner {
                 schedule.microbatches
             )));
         }
-        Ok(Runner { ranks: (0..p).collect(), schedule, stage, message_limit: DEFAULT_MESSAGE_LIMIT })
+        Ok(Runner {
+            ranks: (0..p).collect(),
+            schedule,
+            stage,
+            message_limit: DEFAULT_MESSAGE_LIMIT,
+            receives_ahead: DEFAULT_RECEIVES_AHEAD,
+        })
     }
 
     /// Runs stage `s` on rank `ranks[s]` of the communicator (one distinct rank per
@@ -270,6 +247,15 @@ impl Runner {
     /// Set it to that product when raising either on every peer.
     pub fn message_limit(mut self, bytes: usize) -> Runner {
         self.message_limit = bytes;
+        self
+    }
+
+    /// How many receives of the stage's list the runner keeps posted ahead of the
+    /// passes that need them ([`DEFAULT_RECEIVES_AHEAD`] by default; `0` receives each
+    /// message only when its pass begins). A stage then holds at most that many receive
+    /// buffers at once, each at most [`Runner::message_limit`] bytes.
+    pub fn receives_ahead(mut self, receives: usize) -> Runner {
+        self.receives_ahead = receives;
         self
     }
 
@@ -305,15 +291,16 @@ impl Runner {
         // Every message of the iteration travels in this view: ranks name other peers
         // in the next one, so a call that would begin in it fails instead (a neighbour
         // that will never send there would hang it).
-        let epoch = comm.epoch();
-        let mut comm = Pinned { comm, epoch, sending: Vec::new() };
+        let mut comm = Pinned::new(comm);
         let comm = &mut comm;
         self.greet(comm)?;
-        let mut local: HashMap<(Direction, usize, usize), Vec<S::Elem>> = HashMap::new();
+        let mut local: Local<S::Elem> = HashMap::new();
+        let mut ahead = Ahead::plan(self);
         let mut passes = Vec::with_capacity(self.schedule.stages[self.stage].len());
         for (index, &action) in self.schedule.stages[self.stage].iter().enumerate() {
             let at = At { stage: self.stage, index, action };
-            passes.push(self.pass(comm, stage, &mut local, at)?);
+            ahead.post(self, comm, stage);
+            passes.push(self.pass(comm, stage, (&mut local, &mut ahead), at)?);
         }
         comm.sent()?;
         Ok(Executed { stage: self.stage, start, passes })
@@ -375,24 +362,31 @@ impl Runner {
         &self,
         comm: &mut Pinned<'_>,
         stage: &mut S,
-        local: &mut HashMap<(Direction, usize, usize), Vec<S::Elem>>,
+        (local, ahead): (&mut Local<S::Elem>, &mut Ahead),
         at: At,
     ) -> Result<ExecutedPass, RunError> {
-        let s = &self.schedule;
         let a = at.action;
-        let virtual_stages = s.stages() * s.chunks.max(1);
-        let v = s.virtual_stage(self.stage, a.chunk);
-        let step = Step { mb: a.mb, chunk: a.chunk, virtual_stage: v, virtual_stages };
+        let step = self.step(a);
+        let v = step.virtual_stage;
         let begin = Instant::now();
+        let (mut posted, mut early) = (None, false);
+        // The pass's input: kept here from a chunk of this stage, or received.
+        let mut input = |stage: &mut S| -> Result<Vec<S::Elem>, RunError> {
+            let Some((dir, from)) = self.source(&step, a.pass) else { return Ok(Vec::new()) };
+            if self.schedule.place(from).0 == self.stage {
+                // A validated order ran `from`'s pass earlier on this stage.
+                return local.remove(&(dir, a.mb, v)).ok_or_else(|| {
+                    RunError::Invalid(format!("{at}: the hand-off from virtual stage {from} was not made before"))
+                });
+            }
+            let got = ahead.take(self, comm, stage, at.index)?;
+            (posted, early) = (Some(got.posted), got.early);
+            Ok(got.data)
+        };
         let compute_err = |source| RunError::Stage { at, source };
         let (ready, computed) = match a.pass {
             Pass::F => {
-                let input = if step.is_first() {
-                    Vec::new()
-                } else {
-                    let len = stage.input_len(&step);
-                    self.take(comm, local, at, (Direction::Activation, v), v - 1, len)?
-                };
+                let input = input(stage)?;
                 let ready = Instant::now();
                 let out = stage.forward(&step, &input).map_err(compute_err)?;
                 let computed = Instant::now();
@@ -407,12 +401,7 @@ impl Runner {
                 (ready, computed)
             }
             Pass::B | Pass::BW => {
-                let grad_out = if step.is_last() {
-                    Vec::new()
-                } else {
-                    let len = stage.output_len(&step);
-                    self.take(comm, local, at, (Direction::Gradient, v), v + 1, len)?
-                };
+                let grad_out = input(stage)?;
                 let ready = Instant::now();
                 let grad_in = if a.pass == Pass::B {
                     stage.backward_input(&step, &grad_out)
@@ -437,48 +426,38 @@ impl Runner {
                 (ready, Instant::now())
             }
         };
-        Ok(ExecutedPass { action: a, begin, ready, computed, end: Instant::now() })
+        Ok(ExecutedPass { action: a, begin, ready, computed, end: Instant::now(), posted, early })
     }
 
-    /// The input of `at` (virtual stage `to` of `(dir, to)`), made by virtual stage
-    /// `from`: kept here if this stage holds `from`, received otherwise.
-    fn take<T: Element>(
-        &self,
-        comm: &mut Pinned<'_>,
-        local: &mut HashMap<(Direction, usize, usize), Vec<T>>,
-        at: At,
-        (dir, to): (Direction, usize),
-        from: usize,
-        len: usize,
-    ) -> Result<Vec<T>, RunError> {
-        let (holder, _) = self.schedule.place(from);
-        if holder == self.stage {
-            // A validated order ran `from`'s pass earlier on this stage.
-            return local.remove(&(dir, at.action.mb, to)).ok_or_else(|| {
-                RunError::Invalid(format!("{at}: the hand-off from virtual stage {from} was not made before"))
-            });
+    /// Where `action` sits in the model.
+    fn step(&self, action: super::Action) -> Step {
+        let s = &self.schedule;
+        let virtual_stages = s.stages() * s.chunks.max(1);
+        Step {
+            mb: action.mb,
+            chunk: action.chunk,
+            virtual_stage: s.virtual_stage(self.stage, action.chunk),
+            virtual_stages,
         }
-        let peer = self.ranks[holder];
-        self.fits(at, len * std::mem::size_of::<T>())?;
-        let tag = self.tag(at.action.mb, to, dir);
-        let mut buf = vec![T::zeroed(); len];
-        comm.recv(peer, tag, &mut buf).map_err(|source| RunError::Comm {
-            at: Some(at),
-            what: match dir {
-                Direction::Activation => "receiving the activation from",
-                Direction::Gradient => "receiving the gradient from",
-            },
-            peer,
-            source: Box::new(source),
-        })?;
-        Ok(buf)
+    }
+
+    /// What the pass `pass` of `step` takes in, and from which virtual stage: a
+    /// forward the activation of the stage before, a backward the gradient of the
+    /// stage after; `None` for a `W` and at the model's ends.
+    fn source(&self, step: &Step, pass: Pass) -> Option<(Direction, usize)> {
+        let v = step.virtual_stage;
+        match pass {
+            Pass::F => (!step.is_first()).then(|| (Direction::Activation, v - 1)),
+            Pass::B | Pass::BW => (!step.is_last()).then(|| (Direction::Gradient, v + 1)),
+            Pass::W => None,
+        }
     }
 
     /// Hands `data` to virtual stage `to`: kept if this stage holds it, sent otherwise.
     fn give<T: Element>(
         &self,
         comm: &mut Pinned<'_>,
-        local: &mut HashMap<(Direction, usize, usize), Vec<T>>,
+        local: &mut Local<T>,
         at: At,
         (dir, to): (Direction, usize),
         data: Vec<T>,
@@ -505,19 +484,6 @@ impl Runner {
         let virtual_stages = self.schedule.stages() * self.schedule.chunks.max(1);
         // Runner::new checked that the largest triple fits; smaller ones do too.
         tag(mb, v, virtual_stages, dir).unwrap_or(GREETING_TAG)
-    }
-}
-
-/// A failed send of pass `at` to `peer`.
-fn send_error(at: At, dir: Direction, peer: Rank, source: Error) -> RunError {
-    RunError::Comm {
-        at: Some(at),
-        what: match dir {
-            Direction::Activation => "sending the activation to",
-            Direction::Gradient => "sending the gradient to",
-        },
-        peer,
-        source: Box::new(source),
     }
 }
 

@@ -18,6 +18,13 @@ pub struct ExecutedPass {
     pub computed: Instant,
     /// When its output was handed on (sent, or kept for a chunk of this stage).
     pub end: Instant,
+    /// When the receive of its input was posted (ahead of the pass, see
+    /// [`Runner::receives_ahead`](super::Runner::receives_ahead)); `None` when it
+    /// received nothing from a peer.
+    pub posted: Option<Instant>,
+    /// Whether its input had been received in full before the pass began (it then did
+    /// not wait for the network).
+    pub early: bool,
 }
 
 impl ExecutedPass {
