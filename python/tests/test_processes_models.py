@@ -6,10 +6,11 @@ with its stage or device index as peer id, so stage/device i is rank i. The mode
 is tests/models.py, shared by the peers and by the single-process references computed
 here; every comparison is on the float32 bytes.
 
-- Pipeline: the 8-layer MLP (B and W separate, a fused BW under 1F1B) under 1F1B, ZB-H1
-  and ZB-V, models.ITERS iterations each; after every iteration each stage's gradient sums
-  and weights of the layers it trains equal the single-process run with the same
-  micro-batch accumulation order, and the stages together train every layer once.
+- Pipeline: the 8-layer MLP (B and W separate, a fused BW under 1F1B) under 1F1B, ZB-H1,
+  ZB-V and interleaved 1F1B (2 chunks), models.ITERS iterations each; after every
+  iteration each stage's gradient sums and weights of the layers it trains equal the
+  single-process run with the same micro-batch accumulation order, and the stages
+  together train every layer once.
 - MoE: gate + 8 MLP experts, top-1 and top-2 Zipf-skewed routing, placement with
   replicas; each device's forward outputs and input gradients, and after spRS every
   expert's gradient on its owner, equal the dense single-process reference.
@@ -20,7 +21,7 @@ import pytest
 import models
 import phalanx
 
-SCHEDULES = ["1f1b", "zbh1", "zbv"]
+SCHEDULES = ["1f1b", "zbh1", "zbv", "interleaved"]
 
 
 @pytest.fixture
