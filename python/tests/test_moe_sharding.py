@@ -153,3 +153,28 @@ def test_reshard_every_moves_params_and_optimizer_state(group):
             policy.move_state(c, now, nxt, 0, [np.zeros(EXPERTS * LEN, np.float32), np.zeros(5, np.float32)])
 
     on_all(group, bad)
+
+
+def test_backups_kept_in_step_take_over_after_a_loss(group):
+    """The backups' spAG (`Backups.holders`) gives each backup its owner's bytes; after
+    losing device 2, every expert's new owner (`after_loss`, renumbered) holds them."""
+    now = phalanx.plan_sharding([64] * N, [(EXPERTS, 4 * LEN)])
+    b = phalanx.plan_backups(now)
+    holders = b.holders(now, 0)
+    params = state(3)
+
+    def run(c):
+        mine = np.repeat(np.array(now.owners(0)) == c.rank, LEN)
+        w = np.where(mine, params, np.nan).astype(np.float32)
+        c.sparse_all_gather(w, [LEN] * EXPERTS, now.owners(0), holders)
+        return w
+
+    out = on_all(group, run)
+    lost = 2
+    after = now.after_loss(lost, b)
+    for e in range(EXPERTS):
+        r = slice(e * LEN, (e + 1) * LEN)
+        assert out[b.of(0, e)][r].view(np.uint32).tolist() == params[r].view(np.uint32).tolist()
+        old = [d for d in range(N) if d != lost][after.owners(0)[e]]  # the survivor's old rank
+        assert old in (now.owners(0)[e], b.of(0, e))
+        assert out[old][r].view(np.uint32).tolist() == params[r].view(np.uint32).tolist()
