@@ -4,7 +4,7 @@
 //! (`phx_moe_plan_backups`), the sharding after a loss (`phx_moe_after_loss`), and a
 //! re-sharding's state move (`phx_moe_reshard_move`) on four peers on threads (a master
 //! in the same process, QUIC on 127.0.0.1). The program is killed if it outlives the
-//! limit.
+//! limit. README's example of these compiles against the header.
 
 use std::path::Path;
 use std::process::Command;
@@ -61,4 +61,39 @@ fn sharding_backups_and_resharding_from_c() {
     ranks.sort_unstable();
     assert_eq!(ranks, ["0", "1", "2", "3"], "{stdout}");
     assert!(stdout.lines().any(|l| l == "all ok"), "{stdout}");
+}
+
+/// README's C example of sharding and re-sharding (the FSSDP section's block that calls
+/// `phx_moe_reshard_move`) compiles as written against the header: its names, argument
+/// counts and types stay true.
+#[test]
+fn readme_sharding_example_compiles() {
+    let readme = std::fs::read_to_string(ffi_dir().join("../README.md")).expect("read README.md");
+    let section = readme.split("\n## Expert parallelism (FSSDP)\n").nth(1).expect("an FSSDP section");
+    let block = section
+        .split("```c\n")
+        .filter_map(|b| b.split("\n```").next())
+        .find(|b| b.contains("phx_moe_reshard_move"))
+        .expect("a ```c block with phx_moe_reshard_move");
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-programs");
+    std::fs::create_dir_all(&out_dir).expect("create the output directory");
+    let source = out_dir.join("readme_moe_shard.c");
+    let program = format!(
+        "#include \"peer_common.h\"\n\
+         void readme(phx_comm *comm, float *params, float *momentum, const double *loads, size_t expert_len);\n\
+         void readme(phx_comm *comm, float *params, float *momentum, const double *loads, size_t expert_len) {{\n\
+         {block}\n}}\n"
+    );
+    std::fs::write(&source, program).expect("write the program");
+    let out = Command::new("cc")
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-c", "-I"])
+        .arg(ffi_dir().join("include"))
+        .arg("-I")
+        .arg(ffi_dir().join("tests/c"))
+        .arg(&source)
+        .arg("-o")
+        .arg(out_dir.join("readme_moe_shard.o"))
+        .output()
+        .expect("run cc");
+    assert!(out.status.success(), "cc failed on README's example:\n{}", String::from_utf8_lossy(&out.stderr));
 }
