@@ -117,6 +117,7 @@ int main(void) {
     }
     EXPECT_STATUS(phx_moe_after_loss(N, 2, experts, bytes, owners, backups, N, after), PHX_ERR_INVALID_ARGUMENT);
     EXPECT_STATUS(phx_moe_after_loss(N, 2, experts, bytes, owners, owners, 0, after), PHX_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(phx_moe_reshard_move(NULL, EXPERTS, NOW, NEXT, 0, NULL, 0, PHX_DTYPE_F32, NULL), PHX_ERR_NULL);
     printf("shard ok\n");
 
     run_move();
