@@ -2466,6 +2466,96 @@ int phx_moe_combine_request_wait(struct phx_moe_combine_request *request,
 int phx_moe_combine_request_free(struct phx_moe_combine_request *request);
 
 /**
+ * Plans the sharded placement P: every expert of every layer one owner, each of the
+ * `n_devices` devices' share of the experts' bytes in proportion to `capacities[d]`
+ * (bytes). Layer `l` has `experts[l]` experts of `expert_bytes[l]` bytes; `loads` is
+ * NULL or gives every expert's expected load (flattened as `owners`), and the planner
+ * then spreads hot experts. Writes `owners_out`, `sum(experts)` entries, layer 0's
+ * experts first. On error (`PHX_ERR_INVALID_ARGUMENT`: the experts do not fit, a bad
+ * load, ...; `PHX_ERR_NULL`) `owners_out` is unchanged. Thread-safe.
+ *
+ * # Safety
+ * `capacities` is readable for `n_devices` entries; `experts` and `expert_bytes` for
+ * `n_layers`; `loads` is NULL or readable, and `owners_out` writable, for
+ * `sum(experts)`.
+ */
+int phx_moe_plan_sharding(size_t n_devices,
+                          const uint64_t *capacities,
+                          size_t n_layers,
+                          const size_t *experts,
+                          const uint64_t *expert_bytes,
+                          const double *loads,
+                          size_t *owners_out);
+
+/**
+ * Plans a backup for every expert of the sharding `owners` (flattened, see
+ * `phx_moe_plan_sharding`) over `n_devices` devices (at least 2): a device other than
+ * its owner, on another host when `hosts` (NULL, or each device's host) says there is
+ * one, the backups' bytes spread like the owners'. Writes `backups_out`, one entry per
+ * expert as `owners`. On error `backups_out` is unchanged. Thread-safe.
+ *
+ * # Safety
+ * `experts` and `expert_bytes` are readable for `n_layers` entries; `owners` readable
+ * and `backups_out` writable for `sum(experts)`; `hosts` NULL or readable for
+ * `n_devices`.
+ */
+int phx_moe_plan_backups(size_t n_devices,
+                         size_t n_layers,
+                         const size_t *experts,
+                         const uint64_t *expert_bytes,
+                         const size_t *owners,
+                         const size_t *hosts,
+                         size_t *backups_out);
+
+/**
+ * The sharding the survivors take up when device `lost` of the `n_devices` is gone:
+ * each of its experts is owned by its backup (`backups`, as `phx_moe_plan_backups`
+ * wrote them), and the devices after `lost` move down by one (as ranks do when a peer
+ * leaves). Writes `owners_out` (over `n_devices - 1` devices), one entry per expert.
+ * On error (`PHX_ERR_INVALID_ARGUMENT`: `lost` out of range, a backup on its owner,
+ * ...) `owners_out` is unchanged. Thread-safe.
+ *
+ * # Safety
+ * `experts` and `expert_bytes` are readable for `n_layers` entries; `owners` and
+ * `backups` readable, `owners_out` writable, for `sum(experts)`.
+ */
+int phx_moe_after_loss(size_t n_devices,
+                       size_t n_layers,
+                       const size_t *experts,
+                       const uint64_t *expert_bytes,
+                       const size_t *owners,
+                       const size_t *backups,
+                       size_t lost,
+                       size_t *owners_out);
+
+/**
+ * Moves one layer's state from its owners now to its next owners (a re-sharding):
+ * expert `e` of the `n_experts` is owned by `now_owners[e]` and next by
+ * `next_owners[e]` (ranks of `comm`'s group). Each of the `n_buffers` buffers
+ * (`buffers[i]`: the parameters, then each optimizer-state buffer) holds `count`
+ * elements of `dtype_code`, a slot of `count / n_experts` per expert, experts in order;
+ * one spAG per buffer leaves each expert's slot on its next owner holding its current
+ * owner's bytes. Every rank calls it alike. Writes `*n_moves` (NULL allowed), the
+ * experts that changed owner. On error the slots of the experts this rank owns now are
+ * unchanged (others may have been written): keep the current sharding.
+ *
+ * # Safety
+ * `comm` is NULL or a live communicator not used concurrently; `now_owners` and
+ * `next_owners` readable for `n_experts` entries; `buffers` readable for `n_buffers`
+ * pointers, each readable and writable for `count` elements, the buffers disjoint;
+ * `n_moves` NULL or writable.
+ */
+int phx_moe_reshard_move(struct phx_comm *comm,
+                         size_t n_experts,
+                         const size_t *now_owners,
+                         const size_t *next_owners,
+                         size_t n_buffers,
+                         void *const *buffers,
+                         size_t count,
+                         int dtype_code,
+                         size_t *n_moves);
+
+/**
  * A snapshot of `comm`'s data-link traffic: the sum over all peers in `*total_or_null`
  * (when not NULL); the number of peers it has exchanged frames with in
  * `*n_peers_or_null` (when not NULL); and the first `capacity` of them, ascending by

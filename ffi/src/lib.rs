@@ -58,6 +58,8 @@ mod moe_layer;
 mod moe_started;
 // The layer's started token exchanges (`phx_moe_dispatch_request`, `phx_moe_combine_request`).
 mod moe_exchange;
+// Sharding, backups, the sharding after a loss, and re-sharding's state move.
+mod moe_shard;
 // Link traffic counters (`phx_comm_traffic`).
 mod traffic;
 // Device (GPU) communicators: NCCL, or the CPU stand-in (`phx_device_comm`).
@@ -71,6 +73,7 @@ pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use moe_exchange::*;
 pub use moe_layer::*;
+pub use moe_shard::*;
 pub use moe_started::*;
 pub use pending::*;
 pub use pipeline::*;

@@ -50,6 +50,7 @@ from ._native import (
     pipeline_schedule,
 )
 from ._native import SparseReduced
+from ._native import Backups, LoadPredictor, ReshardEvery, Sharding, plan_backups, plan_sharding
 
 # The sparse collectives and all-to-all used to be module functions taking the
 # communicator first. They are Communicator methods now; these names stay for older
@@ -99,4 +100,10 @@ __all__ = [
     "sparse_all_gather",
     "sparse_all_reduce",
     "sparse_reduce_scatter",
+    "Backups",
+    "LoadPredictor",
+    "ReshardEvery",
+    "Sharding",
+    "plan_backups",
+    "plan_sharding",
 ]

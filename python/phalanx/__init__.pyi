@@ -565,6 +565,93 @@ def moe_simulate(
     `ep`, `fsdp`, `fssdp` (each `straggler`, `param_bytes`, `token_bytes`, and per device
     `compute`, `traffic`, `memory`), `straggler_ratio` and `traffic_ratio`."""
 
+Move = Tuple[int, int, int, int]
+"""One expert changing owner: (layer, expert, from, to)."""
+
+class Sharding:
+    """The sharded placement P of FSSDP: the owner of every expert of every MoE layer.
+    `Sharding(devices, owners, expert_bytes)` gives one outright (`owners[l][e]` owns
+    expert e of layer l, each `expert_bytes[l]` bytes); `plan_sharding` plans one."""
+    def __init__(self, devices: int, owners: Sequence[Sequence[int]], expert_bytes: Sequence[int]) -> None: ...
+    @property
+    def devices(self) -> int:
+        """The number of devices."""
+    @property
+    def layers(self) -> int:
+        """The number of MoE layers."""
+    def owners(self, layer: int) -> List[int]:
+        """The owner of each expert of layer `layer`."""
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one expert of layer `layer`."""
+    def owned(self, device: int, layer: int) -> List[int]:
+        """The experts of layer `layer` that `device` owns, ascending."""
+    def memory(self, device: int) -> int:
+        """Bytes `device` keeps at rest: its experts of every layer."""
+    def moves_to(self, next: "Sharding") -> List[Move]:
+        """The moves that turn this sharding into `next`, by layer then expert."""
+    def transfer_holders(self, next: "Sharding", layer: int) -> List[List[int]]:
+        """Per expert of `layer`, the holders of the spAG that re-sharding to `next`
+        runs (current owner, and next owner where it moves)."""
+    def after_loss(self, lost: int, backups: "Backups") -> "Sharding":
+        """The sharding of the survivors when device `lost` is gone: its experts go to
+        their backups, the devices after it move down by one."""
+
+def plan_sharding(
+    capacities: Sequence[int],
+    layers: Sequence[Union[Tuple[int, int], Tuple[int, int, Optional[Sequence[float]]]]],
+) -> Sharding:
+    """Plans P: every expert one owner, each device's share of the experts' bytes in
+    proportion to its capacity. `layers`: (experts, expert_bytes) or (experts,
+    expert_bytes, loads) per layer. ValueError when the experts do not fit."""
+
+class Backups:
+    """A backup owner for every expert (see `plan_backups`)."""
+    def of(self, layer: int, expert: int) -> int:
+        """The backup of expert `expert` of layer `layer`."""
+    def layer(self, layer: int) -> List[int]:
+        """The backups of layer `layer`'s experts, in order."""
+    def backed_up_by(self, device: int, layer: int) -> List[int]:
+        """The experts of layer `layer` that `device` backs up."""
+    def sync_bytes(self, sharding: Sharding) -> List[int]:
+        """Bytes each device sends per iteration to keep its backups in step."""
+    def holders(self, sharding: Sharding, layer: int) -> List[List[int]]:
+        """Per expert of `layer`, the holders (owner and backup) of the spAG that copies
+        each owner's slot to its backup."""
+
+def plan_backups(sharding: Sharding, *, hosts: Optional[Sequence[int]] = None) -> Backups:
+    """A backup for every expert: a device other than its owner (on another host when
+    `hosts` are given and there is one), the backups' bytes spread evenly. ValueError
+    with fewer than 2 devices."""
+
+class LoadPredictor:
+    """Each expert's predicted load: the mean of the gate's counts over the last
+    `window` iterations (default 5)."""
+    def __init__(self, experts: int, window: Optional[int] = None) -> None: ...
+    def observe(self, counts: Sequence[float]) -> None:
+        """Feeds one iteration's gate counts (tokens per expert, all devices summed)."""
+    def predict(self) -> Optional[List[float]]:
+        """The mean load per expert over the window; None before any observation."""
+
+class ReshardEvery:
+    """Re-shard every `k` iterations over devices of `capacities` bytes each."""
+    def __init__(self, k: int, capacities: Sequence[int]) -> None: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def capacities(self) -> List[int]: ...
+    def due(self, iteration: int) -> bool:
+        """Whether iteration `iteration` (from 0) starts with a re-sharding: every k-th,
+        never the first."""
+    def plan(self, now: Sharding, loads: Sequence[Optional[Sequence[float]]]) -> Sharding:
+        """The next sharding from each layer's predicted loads (None where unknown)."""
+    def move_state(
+        self, comm: Communicator, now: Sharding, next: Sharding, layer: int, buffers: Sequence[ArrayLike]
+    ) -> List[Move]:
+        """Moves layer `layer`'s state (parameters, then each optimizer-state buffer: a
+        slot per expert, all of one length) from `now`'s owners to `next`'s with one spAG
+        per buffer; every device calls it alike. Returns the layer's moves. On error the
+        slots this device owns under `now` are unchanged."""
+
 def pipeline_schedule(
     schedule: Literal["1f1b", "interleaved", "zbh1", "zb2p", "auto", "zbv", "vhalf", "vmin"],
     stages: int,

@@ -14,7 +14,8 @@
 //! (`PipelineGrid`, `PipelineCommitter`); `moe`, expert placement and the FSSDP simulator; `moe_layer`, the
 //! FSSDP layer (`ExpertLayer`, `Dispatched`), with `moe_started` its started steps
 //! (`MoeStepHandle`), `moe_exchange` its started token exchanges (`DispatchHandle`,
-//! `CombineHandle`) and re-materialisation (`ReleasedReplicas`); `traffic`, the link
+//! `CombineHandle`) and re-materialisation (`ReleasedReplicas`); `moe_shard`, sharding, re-sharding and
+//! backups (`Sharding`, `Backups`, `LoadPredictor`, `ReshardEvery`); `traffic`, the link
 //! counters of `Communicator.traffic()` (`Traffic`).
 
 mod args;
@@ -28,6 +29,7 @@ mod master;
 mod moe;
 mod moe_exchange;
 mod moe_layer;
+mod moe_shard;
 mod moe_started;
 mod p2p;
 mod pipeline;
@@ -97,6 +99,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(moe::moe_place, m)?)?;
     m.add_function(wrap_pyfunction!(moe::moe_simulate, m)?)?;
     sparse::register(m)?;
+    moe_shard::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -136,6 +136,34 @@ pub struct Backups {
 }
 
 impl Backups {
+    /// Backups given outright for `sharding`: `backups[l][e]` backs up expert `e` of
+    /// layer `l` (a device of the sharding other than the expert's owner), as
+    /// [`plan_backups`] planned them, say, on another process.
+    ///
+    /// ```
+    /// use phalanx::moe::{plan_backups, Backups, Sharding};
+    /// let s = Sharding::from_owners(2, vec![vec![0, 1]], vec![8])?;
+    /// assert_eq!(Backups::from_lists(&s, vec![vec![1, 0]])?, plan_backups(&s, None)?);
+    /// assert!(Backups::from_lists(&s, vec![vec![0, 0]]).is_err()); // expert 0 on its owner
+    /// # Ok::<(), phalanx::moe::MoeError>(())
+    /// ```
+    pub fn from_lists(sharding: &Sharding, backups: Vec<Vec<usize>>) -> Result<Backups, MoeError> {
+        let b = Backups { devices: sharding.devices(), backups };
+        b.check(sharding)?;
+        for (l, layer) in b.backups.iter().enumerate() {
+            for (e, &d) in layer.iter().enumerate() {
+                if d >= b.devices || d == sharding.owners(l)[e] {
+                    return Err(MoeError::Invalid(format!(
+                        "the backup of expert {e} of layer {l} is device {d}: give a device of the {} other than its owner {}",
+                        b.devices,
+                        sharding.owners(l)[e]
+                    )));
+                }
+            }
+        }
+        Ok(b)
+    }
+
     /// The backup of expert `expert` of layer `layer`.
     pub fn of(&self, layer: usize, expert: usize) -> usize {
         self.backups[layer][expert]
