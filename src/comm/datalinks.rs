@@ -109,6 +109,11 @@ impl DataLinks {
     pub(crate) async fn get(&self, peer: &Member) -> Result<Arc<Demux>, LinkError> {
         let slot = self.slot(peer.id);
         let usable = |d: &Option<Arc<Demux>>| d.as_ref().is_some_and(|d| !d.is_closed());
+        // The common case, a link already up: no task to spawn or wait for (a small
+        // collective would otherwise pay a task hand-off per peer per call).
+        if let Some(d) = slot.demux.borrow().as_ref().filter(|d| !d.is_closed()) {
+            return Ok(d.clone());
+        }
         if self.me < peer.id {
             // Connecting runs as a task of its own, so that a caller that gives up (its
             // collective was aborted, say by a mismatch) does not drop a connection the

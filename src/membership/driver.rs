@@ -150,8 +150,62 @@ async fn read_loop(link: &dyn Link, shared: &Shared) -> Option<String> {
     }
 }
 
+/// How long the writer may hold an eager collective's report of success (the `OpEnd`
+/// sent once every member's "done" came in) to send it with the next message: see
+/// [`write_loop`].
+pub(super) const EAGER_HOLD: Duration = Duration::from_millis(1);
+
+/// The most messages the writer holds before it sends them.
+const HOLD_MAX: usize = 64;
+
+/// Which queued messages may wait: an eager collective's report of success (the
+/// `OpEnd` with `Ok` of a key whose eager begin this writer sent). No caller waits for
+/// the master on it while things go well: an eager collective returns once every
+/// member's "done" came over the data links (see `comm::eager`), and the master's
+/// decision follows off the critical path.
+///
+/// Begins never wait: the master aborts a collective begun by a member that is not in
+/// an open membership round (`Tallies::begin`), so a begin held back while the other
+/// members finished the collective and voted would abort a collective they returned
+/// from. A report of success held back changes nothing the master decides: a vote of
+/// another member aborts only the collectives the voter never began
+/// (`Tallies::topology_vote`), and the reporting member's own vote or next begin sends
+/// the report first.
+#[derive(Default)]
+struct Lazy {
+    /// Keys of eager collectives begun and not yet reported.
+    eager: std::collections::HashSet<(u64, u64)>,
+}
+
+impl Lazy {
+    /// Whether `msg` may be held back for up to [`EAGER_HOLD`].
+    fn may_wait(&mut self, msg: &ToMaster) -> bool {
+        use super::protocol::OpResult;
+        match msg {
+            ToMaster::EagerOpBegin { epoch, seq, .. } | ToMaster::EagerSubOpBegin { epoch, seq, .. } => {
+                if self.eager.len() >= 4 * HOLD_MAX {
+                    self.eager.clear(); // keys never reported (a stopped call): only timing is lost
+                }
+                self.eager.insert((*epoch, *seq));
+                false
+            }
+            ToMaster::OpEnd { epoch, seq, result } => self.eager.remove(&(*epoch, *seq)) && *result == OpResult::Ok,
+            _ => false,
+        }
+    }
+}
+
 /// Sends the queued messages and a heartbeat every `heartbeat`, until the link fails or
 /// `stop` fires; hands the queue back for the next connection.
+///
+/// Messages go out in the order they were queued, always. An eager collective's
+/// report of success ([`Lazy`]) may wait up to [`EAGER_HOLD`] for the message that
+/// follows it, so that back-to-back small collectives send the report of one with the
+/// begin of the next: one QUIC packet (and its acknowledgement, on both ends) per
+/// collective instead of two; any other message sends what waits at once, itself
+/// included. Holding a message only delays it, as a slow network would, and the
+/// protocol is correct under any delay: a member that waits for the master's decision
+/// (a failed "done" exchange) gets it at most [`EAGER_HOLD`] later.
 async fn write_loop(
     link: Arc<dyn Link>,
     mut out: mpsc::UnboundedReceiver<ToMaster>,
@@ -161,22 +215,47 @@ async fn write_loop(
     // The first tick is one interval away, so the join always goes first.
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lazy = Lazy::default();
+    let mut batch: Vec<ToMaster> = Vec::new();
+    // When the held messages must go, if any are held.
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        let msg = tokio::select! {
+        let hold = async move {
+            match due {
+                Some(due) => tokio::time::sleep_until(due).await,
+                None => std::future::pending().await,
+            }
+        };
+        let (msg, flush) = tokio::select! {
             biased;
             _ = &mut stop => break,
-            m = out.recv() => match m { Some(m) => m, None => break },
-            _ = beat.tick() => ToMaster::Heartbeat,
+            m = out.recv() => match m {
+                Some(m) => {
+                    let wait = lazy.may_wait(&m);
+                    (Some(m), !wait)
+                }
+                None => break,
+            },
+            _ = beat.tick() => (Some(ToMaster::Heartbeat), true),
+            _ = hold => (None, true),
         };
-        // A send may wait on a connection that no longer moves (a partition): the stop
-        // must still get through.
-        let sent = tokio::select! {
-            biased;
-            _ = &mut stop => break,
-            sent = link.send(to_frame(msg.encode())) => sent,
-        };
-        if sent.is_err() {
-            break;
+        batch.extend(msg);
+        if !flush && batch.len() < HOLD_MAX {
+            due.get_or_insert_with(|| tokio::time::Instant::now() + EAGER_HOLD);
+            continue;
+        }
+        due = None;
+        for msg in batch.drain(..) {
+            // A send may wait on a connection that no longer moves (a partition): the
+            // stop must still get through.
+            let sent = tokio::select! {
+                biased;
+                _ = &mut stop => return out,
+                sent = link.send(to_frame(msg.encode())) => sent,
+            };
+            if sent.is_err() {
+                return out;
+            }
         }
     }
     out

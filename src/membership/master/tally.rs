@@ -81,7 +81,13 @@ impl Tallies {
         if self.decided.contains(&seq) {
             return Vec::new(); // already aborted: the peer knows
         }
-        if !roster.in_round.is_empty() && !roster.in_round.contains(&id) {
+        // A member in the round that began this collective ran it before it voted (its
+        // report precedes its vote): the others began it too, and an eager collective
+        // may already have returned on them, so it must not abort here. A slow control
+        // connection (or one whose messages wait behind others) brings a member's begin
+        // after another member's vote; it is the same call, not a race with the round.
+        let voters_ran_it = self.ops.get(&seq).is_some_and(|t| t.begun.keys().any(|m| roster.in_round.contains(m)));
+        if !roster.in_round.is_empty() && !roster.in_round.contains(&id) && !voters_ran_it {
             // Eager collectives return without the master, so a member can begin its
             // next call before the master's PendingJoiners reaches it while the others
             // already wait in update_topology. That is a race, not a program error: the
@@ -184,7 +190,10 @@ impl Tallies {
                 "sub-group collective key {seq:#x} was used by different member sets (members disagree on the set, \
                  or two sets' keys collide)"
             ))
-        } else if let Some(v) = set.iter().find(|m| **m != id && roster.in_round.contains(m)) {
+        } else if let Some(v) =
+            // A member that began it before it voted ran it (see `Tallies::begin`).
+            set.iter().find(|m| **m != id && roster.in_round.contains(m) && !tally.begun.contains_key(m))
+        {
             // A race of recovery, as in `topology_vote`: retryable.
             let detail = format!(
                 "member {v:#x} called update_topology while member {id:#x} began sub-group collective {seq:#x}; call \
@@ -470,6 +479,29 @@ mod tests {
         let out = m.handle(3, sub(e, S | 3, 7, &[2, 3]), now);
         assert!(outcomes(&out).iter().all(|(_, d)| retryable(d)), "{out:?}");
         assert_eq!(outcomes(&out).len(), 2);
+    }
+
+    #[test]
+    fn a_begin_that_comes_after_the_vote_of_a_member_that_ran_it_is_not_aborted() {
+        // Members 2 and 3 began eager collective 1, reported success and voted (an eager
+        // collective returns on the members' "done"s); member 1's begin and report come
+        // late on a slow control connection. The collective commits: 2 and 3 may have
+        // returned from it.
+        let (mut m, now) = group(3);
+        let e = m.view().epoch;
+        for i in [2, 3] {
+            m.handle(i, ToMaster::EagerOpBegin { epoch: e, seq: 1, call: 9 }, now);
+            m.handle(i, ok(e, 1), now);
+            assert!(outcomes(&m.handle(i, ToMaster::UpdateTopology { epoch: e }, now)).is_empty());
+        }
+        assert!(outcomes(&m.handle(1, ToMaster::EagerOpBegin { epoch: e, seq: 1, call: 9 }, now)).is_empty());
+        let out = m.handle(1, ok(e, 1), now);
+        assert_eq!(outcomes(&out).len(), 3);
+        assert!(outcomes(&out).iter().all(|(_, d)| *d == Decision::Commit), "{out:?}");
+        // A collective that no member in the round began still aborts (the round's rule).
+        let out = m.handle(1, ToMaster::EagerOpBegin { epoch: e, seq: 2, call: 9 }, now);
+        assert!(outcomes(&out).iter().all(|(_, d)| matches!(d, Decision::Abort(_))), "{out:?}");
+        assert_eq!(outcomes(&out).len(), 3);
     }
 
     #[test]
