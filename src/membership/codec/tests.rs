@@ -1,6 +1,7 @@
 //! The codec's tests: golden bytes, round trips, truncations, and decoders fuzzed
 //! with random and mutated input.
 use super::*;
+use crate::membership::protocol::{AbortReason, Decision, OpResult, Rejoin, Removal, ToMaster, ToPeer, Transfer};
 use crate::membership::view::{Member, View};
 use crate::state::{SyncStrategy, TensorDigest};
 use proptest::prelude::*;
