@@ -140,3 +140,54 @@ def on_all(items, f, timeout=TIMEOUT):
     if errors:
         raise errors[0]
     return results
+
+
+def join_group(master, n):
+    """n communicators of one group in this process, ranks 0..n-1 in list order: each
+    newcomer connects on a thread while the members run the round that admits it."""
+    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
+    for _ in range(n - 1):
+        box = {}
+        t = threading.Thread(
+            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
+            daemon=True,
+        )
+        t.start()
+        deadline = time.monotonic() + 30
+        while comms[0].peers_pending == 0:
+            assert time.monotonic() < deadline, "the joiner never showed up"
+            time.sleep(0.01)
+        on_all(comms, lambda c: c.update_topology())
+        t.join(timeout=60)
+        new = box["c"]
+        new.update_topology()  # the members' round counts as its own: returns at once
+        comms.append(new)
+    assert [c.rank for c in comms] == list(range(n))
+    return comms
+
+
+@pytest.fixture
+def make_group(master):
+    """`make_group(n)`: n communicators of one group in this process (`join_group`), all
+    left at the test's end; with `left_ok=True` one the test already left may refuse."""
+    made = []
+
+    def make(n, left_ok=False):
+        comms = join_group(master, n)
+        made.append((comms, left_ok))
+        return comms
+
+    yield make
+    for comms, left_ok in made:
+        for c in comms:
+            try:
+                c.leave()
+            except phalanx.PhalanxError:
+                if not left_ok:
+                    raise
+
+
+@pytest.fixture
+def four(make_group):
+    """Four communicators of one group on threads, ranks 0..3 in list order."""
+    return make_group(4)

@@ -5,13 +5,13 @@ very same code.
 
 Pipeline (issue 12): an MLP of 8 linear layers with a leaky ReLU, B (input gradient) and
 W (weight gradient) computed separately, trained by `phalanx.PipelineRunner`; `reference`
-is the single-process run with the same micro-batch accumulation order (a copy of the
-model of tests/test_pipeline.py).
+is the single-process run with the same micro-batch accumulation order (the
+model tests/test_pipeline.py trains).
 
 MoE (issue 13): a gate and 8 experts, each a small MLP y = W2 relu(W1 x), top-1 and top-2
 routing with a Zipf-skewed gate; `moe_device_step` is one device's forward and backward
 through `phalanx.ExpertLayer`, `moe_dense_reference` the single-process dense reference
-with the same fixed accumulation order (a copy of the model of tests/test_moe.py).
+with the same fixed accumulation order (the model tests/test_moe.py checks).
 """
 
 import numpy as np
@@ -63,6 +63,23 @@ def step_weights(weights, grads):
     return sums
 
 
+def backprop(w, x, target):
+    """One micro-batch x through every layer of weights w and back, in one process: each
+    layer's weight gradient, by layer."""
+    cache = []
+    for layer in range(LAYERS):
+        y, z = layer_forward(layer, w[layer], x)
+        cache.append((x, z))
+        x = y
+    dy = x - target
+    grads = [None] * LAYERS
+    for layer in reversed(range(LAYERS)):
+        xin, z = cache[layer]
+        dy, dz = layer_backward_input(layer, w[layer], z, dy)
+        grads[layer] = weight_grad(xin, dz)
+    return grads
+
+
 def reference(iterations=ITERS):
     """The single-process run: each iteration's gradient sums and the weights after it."""
     w = W0.copy()
@@ -70,16 +87,8 @@ def reference(iterations=ITERS):
     for _ in range(iterations):
         grads = {}
         for mb in range(M):
-            x, cache = X[mb], []
-            for layer in range(LAYERS):
-                y, z = layer_forward(layer, w[layer], x)
-                cache.append((x, z))
-                x = y
-            dy = x - TARGET[mb]
-            for layer in reversed(range(LAYERS)):
-                xin, z = cache[layer]
-                dy, dz = layer_backward_input(layer, w[layer], z, dy)
-                grads[layer, mb] = weight_grad(xin, dz)
+            for layer, g in enumerate(backprop(w, X[mb], TARGET[mb])):
+                grads[layer, mb] = g
         sums = step_weights(w, grads)
         out.append((sums, w.copy()))
     return out
@@ -88,8 +97,9 @@ def reference(iterations=ITERS):
 class MlpStage:
     """The layers of one stage's chunks (virtual stage v of V holds layers v*8/V ...)."""
 
-    def __init__(self):
+    def __init__(self, x=X, t=TARGET):
         self.weights = W0.copy()  # every layer; this stage touches only its own
+        self.x, self.t = x, t  # the micro-batches' inputs and targets
         self.cache, self.dz, self.out, self.grads = {}, {}, {}, {}
         self.seen = set()
 
@@ -106,7 +116,7 @@ class MlpStage:
     def forward(self, step, x):
         assert x.dtype == np.float32 and x.shape == ((0,) if step.is_first else (ROWS * D,))
         self.seen.update(self.layers(step))
-        x = X[step.mb] if step.is_first else x.reshape(ROWS, D)
+        x = self.x[step.mb] if step.is_first else x.reshape(ROWS, D)
         cache = []
         for layer in self.layers(step):
             y, z = layer_forward(layer, self.weights[layer], x)
@@ -119,7 +129,7 @@ class MlpStage:
         return x.ravel()
 
     def backward_input(self, step, grad):
-        dy = self.out.pop(step.mb) - TARGET[step.mb] if step.is_last else grad.reshape(ROWS, D)
+        dy = self.out.pop(step.mb) - self.t[step.mb] if step.is_last else grad.reshape(ROWS, D)
         for layer, x, z in reversed(self.cache.pop((step.virtual_stage, step.mb))):
             dy, dz = layer_backward_input(layer, self.weights[layer], z, dy)
             self.dz[layer, step.mb] = (x, dz)

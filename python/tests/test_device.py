@@ -4,8 +4,6 @@ master: exact sums, then a peer leaves and the survivors' next view has its own 
 communicator; refused arrays leave the array unchanged; asking for NCCL where none can be
 loaded raises DeviceError (the path tried, or the missing build feature), never a crash."""
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,33 +15,9 @@ N = 3
 
 
 @pytest.fixture
-def group(master):
+def group(make_group):
     """N communicators of one group, indexed by rank."""
-    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
-    for _ in range(N - 1):
-        box = {}
-        t = threading.Thread(
-            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
-            daemon=True,
-        )
-        t.start()
-        deadline = time.monotonic() + 30
-        while comms[0].peers_pending == 0:
-            assert time.monotonic() < deadline, "the joiner never showed up"
-            time.sleep(0.01)
-        on_all(comms, lambda c: c.update_topology())
-        t.join(timeout=60)
-        new = box["c"]
-        new.update_topology()  # the members' round counts as its own: returns at once
-        comms.append(new)
-    comms.sort(key=lambda c: c.rank)
-    assert [c.rank for c in comms] == list(range(N))
-    yield comms
-    for c in comms:
-        try:
-            c.leave()
-        except phalanx.PhalanxError:
-            pass  # already left
+    return make_group(N, left_ok=True)
 
 
 def test_stand_in_sums_are_exact_before_and_after_a_leave(group):

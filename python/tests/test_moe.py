@@ -6,17 +6,15 @@ that leaves mid-step; and the simulator's figures against the issue's targets.""
 
 import gc
 import threading
-import time
 
 import numpy as np
 import pytest
 
 import phalanx
 from conftest import TIMEOUT, on_all
+from models import OWNERS, E, N, W, moe_dense_reference, moe_device_step, moe_holders, moe_loads
 
-N = 4
 LOADS = [40, 5, 10, 5, 20, 5, 10, 5]
-OWNERS = [e // 2 for e in range(8)]
 
 
 def test_the_worked_example_placement():
@@ -46,30 +44,9 @@ def test_the_simulator_meets_the_targets():
 
 
 @pytest.fixture
-def group(master):
+def group(make_group):
     """N communicators of one group, indexed by rank."""
-    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
-    for _ in range(N - 1):
-        box = {}
-        t = threading.Thread(
-            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
-            daemon=True,
-        )
-        t.start()
-        deadline = time.monotonic() + 30
-        while comms[0].peers_pending == 0:
-            assert time.monotonic() < deadline, "the joiner never showed up"
-            time.sleep(0.01)
-        on_all(comms, lambda c: c.update_topology())
-        t.join(timeout=60)
-        new = box["c"]
-        new.update_topology()  # the members' round counts as its own: returns at once
-        comms.append(new)
-    comms.sort(key=lambda c: c.rank)
-    assert [c.rank for c in comms] == list(range(N))
-    yield comms
-    for c in comms:
-        c.leave()
+    return make_group(N)
 
 
 def test_the_worked_example_through_the_sparse_collectives(group):
@@ -201,165 +178,37 @@ def test_the_worked_example_through_the_layer(group):
 # dense reference bitwise: every sum runs in one fixed order on both sides (each
 # expert's per-token gradients added on each holder in arrival order, tokens by source
 # device, then expert, then their order there; the holders' sums added in ascending
-# device order by spRS), as tests/moe_layer.rs does.
-
-H, F, E, T = 4, 8, 8, 24  # hidden, the experts' inner width, experts, tokens per device
-W = 2 * H * F  # W1 (F x H) then W2 (H x F)
-ZIPF_ORDER = [5, 2, 7, 0, 3, 6, 1, 4]  # the expert of popularity rank 1, 2, ...
-
-
-def expert_weights(e):
-    return np.random.default_rng(100 + e).standard_normal(W).astype(np.float32)
-
-
-def inputs(d):
-    """Device d's tokens x (T x H) and the loss's upstream gradients c (T x H)."""
-    rng = np.random.default_rng(200 + d)
-    return rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, H)).astype(np.float32)
-
-
-def gate(d, k):
-    """Each token's k experts and weights: logits x Wg plus a Zipf(1.2) prior, top-k,
-    weights the softmax over the chosen logits."""
-    x, _ = inputs(d)
-    wg = (2.0 * np.random.default_rng(7).standard_normal((H, E))).astype(np.float32)
-    prior = np.zeros(E, dtype=np.float32)
-    for rank, e in enumerate(ZIPF_ORDER):
-        prior[e] = -1.2 * np.log(rank + 1.0)
-    logits = x @ wg + prior
-    chosen = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    top = np.take_along_axis(logits, chosen, axis=1)
-    g = np.exp(top - top.max(axis=1, keepdims=True))
-    return chosen, (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def rows(d, k):
-    """Device d's rows, one per token and choice (token-major): (token, gate weight)
-    pairs and the rows' experts."""
-    chosen, g = gate(d, k)
-    picks = [(i, g[i, j]) for i in range(T) for j in range(k)]
-    return picks, [int(chosen[i, j]) for i in range(T) for j in range(k)]
-
-
-def mlp(w, x):
-    """(y, z) with z = W1 x and y = W2 relu(z), each dot product summed in index order."""
-    w1, w2 = w[: F * H].reshape(F, H), w[F * H :].reshape(H, F)
-    z = np.zeros(F, dtype=np.float32)
-    for j in range(H):
-        z = z + w1[:, j] * x[j]
-    a = np.maximum(z, np.float32(0))
-    y = np.zeros(H, dtype=np.float32)
-    for j in range(F):
-        y = y + w2[:, j] * a[j]
-    return y, z
-
-
-def mlp_backward(w, x, dy):
-    """(dW, dx) of one token given dy."""
-    _, z = mlp(w, x)
-    w1, w2 = w[: F * H].reshape(F, H), w[F * H :].reshape(H, F)
-    dw2 = np.outer(dy, np.maximum(z, np.float32(0)))
-    dz = np.zeros(F, dtype=np.float32)
-    for r in range(H):
-        dz = dz + w2[r, :] * dy[r]
-    dz = np.where(z > 0, dz, np.float32(0))
-    dx = np.zeros(H, dtype=np.float32)
-    for r in range(F):
-        dx = dx + w1[r, :] * dz[r]
-    return np.concatenate([np.outer(dz, x).ravel(), dw2.ravel()]), dx
-
-
-def mix(picks, per_row, weighted=True):
-    """Each token's sum over its rows of g * row (g = 1 unweighted), in row order."""
-    out = np.zeros((T, H), dtype=np.float32)
-    for row, (i, g) in enumerate(picks):
-        out[i] = out[i] + (g * per_row[row] if weighted else per_row[row])
-    return out
+# device order by spRS), as tests/moe_layer.rs does. The model, the device's step and the
+# reference are tests/models.py's, which the peer processes of test_processes_models.py
+# run too.
 
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_an_moe_layer_matches_a_dense_reference_bitwise(group, k):
-    routed = np.zeros((N, E), dtype=np.int64)
-    for d in range(N):
-        for e in rows(d, k)[1]:
-            routed[d, e] += 1
-    loads = routed.sum(axis=0)
+    loads = moe_loads(k)[1]
     assert loads.max() >= 3 * loads.mean() / 2, f"the gate is skewed: {loads}"
-    owners = [e // 2 for e in range(E)]
-    holders = phalanx.moe_place(owners, loads.tolist(), overlap=2, slots=2)
+    holders = moe_holders(k)
     assert sum(len(h) - 1 for h in holders) > 0, "the skew replicates something"
 
-    def run(c):
-        d = c.rank
-        layer = phalanx.ExpertLayer(c, owners, holders, W, H)
-        params = np.zeros(layer.params_len, dtype=np.float32)
-        for e in range(E):
-            if owners[e] == d:
-                params[layer.expert_slice(e)] = expert_weights(e)
-        layer.materialize(params)
-        picks, experts = rows(d, k)
-        x, cs = inputs(d)
-        got = layer.dispatch(np.stack([x[i] for i, _ in picks]), experts)
-        w = params.reshape(E, W)
-        ys = np.stack([mlp(w[e], t)[0] for t, e in zip(got.tokens, got.experts)] or [np.zeros(H, np.float32)])
-        y = mix(picks, layer.combine(got, ys[: len(got)]))
-
-        # Backward: each row's output gradient g * c_i goes where its token went.
-        dys = np.stack([g * cs[i] for i, g in picks])
-        dy_got = layer.dispatch(dys, experts)
-        assert dy_got.experts.tolist() == got.experts.tolist()
-        grads = np.zeros(layer.params_len, dtype=np.float32)
-        gw = grads.reshape(E, W)  # a view: the rows are the experts' slots
-        dxs = []
-        for t, dy, e in zip(got.tokens, dy_got.tokens, got.experts):
-            dw, dx = mlp_backward(w[e], t, dy)
-            gw[e] = gw[e] + dw
-            dxs.append(dx)
-        dx_rows = layer.combine(dy_got, np.stack(dxs) if dxs else np.zeros((0, H), np.float32))
-        layer.reduce_gradients(grads)
-        return y, mix(picks, dx_rows, weighted=False), grads, got.routes
-
-    out = on_all(group, run)
+    out = on_all(group, lambda c: moe_device_step(c, k))
 
     # The dense reference, one process, from the plan's routes: which rows each holder
     # computes, then each expert's gradient per holder in arrival order, holders ascending.
     routes = out[0][3]
     assert all(o[3] == routes for o in out), "every device has the same plan"
-    arrivals = [[] for _ in range(N)]  # per holder: (source, row)
-    for src in range(N):
-        _, experts = rows(src, k)
-        taken = [0] * E
-        for frm, e, to, n in routes:
-            if frm == src:
-                mine = [r for r in range(len(experts)) if experts[r] == e]
-                arrivals[to] += [(src, r) for r in mine[taken[e] : taken[e] + n]]
-                taken[e] += n
-    per_holder = np.zeros((E, N, W), dtype=np.float32)
-    for h in range(N):
-        for src, r in sorted(arrivals[h], key=lambda sr: (sr[0], rows(sr[0], k)[1][sr[1]], sr[1])):
-            picks, experts = rows(src, k)
-            (i, g), e = picks[r], experts[r]
-            x, cs = inputs(src)
-            per_holder[e, h] = per_holder[e, h] + mlp_backward(expert_weights(e), x[i], g * cs[i])[0]
-
-    for d, (y, dx, grads, _) in enumerate(out):
-        picks, experts = rows(d, k)
-        x, cs = inputs(d)
-        ys = [mlp(expert_weights(e), x[i])[0] for (i, _), e in zip(picks, experts)]
-        assert y.tobytes() == mix(picks, ys).tobytes(), f"forward, device {d}, top-{k}"
-        dxs = [mlp_backward(expert_weights(e), x[i], g * cs[i])[1] for (i, g), e in zip(picks, experts)]
-        assert dx.tobytes() == mix(picks, dxs, weighted=False).tobytes(), f"dx, device {d}, top-{k}"
+    outputs, want = moe_dense_reference(k, holders, routes)
+    for d, (y, dx, grads, _, _) in enumerate(out):
+        assert y.tobytes() == outputs[d][0].tobytes(), f"forward, device {d}, top-{k}"
+        assert dx.tobytes() == outputs[d][1].tobytes(), f"dx, device {d}, top-{k}"
         for e in range(E):
-            if owners[e] == d:
-                want = per_holder[e, holders[e][0]]
-                for h in holders[e][1:]:
-                    want = want + per_holder[e, h]
-                assert grads[e * W : (e + 1) * W].tobytes() == want.tobytes(), f"gradient of expert {e}, top-{k}"
+            if OWNERS[e] == d:
+                assert grads[e * W : (e + 1) * W].tobytes() == want[e].tobytes(), f"gradient of expert {e}, top-{k}"
 
 
-def test_a_device_that_leaves_fails_the_step_with_arrays_restored(group):
-    """Device 2 (the owner of e4, which every device holds) leaves instead of calling
-    materialize: every survivor gets a typed error, its array as it was."""
+def device_2_leaves(group, fail):
+    """Device 2 (the owner of e4, which every device holds) leaves instead of calling;
+    `fail(d, layer, params)` makes each survivor d's step fail on its array (`np.arange(16)
+    + 0.25 d`) and returns the array it passed, which must be as it was."""
     holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
     # Every layer is built for the group of 4 before device 2 leaves: a layer built
     # after that sees a group of 3, which its placement does not fit (a ValueError).
@@ -373,14 +222,24 @@ def test_a_device_that_leaves_fails_the_step_with_arrays_restored(group):
             c.leave()  # gone instead of calling
             return None
         params = np.arange(16, dtype=np.float32) + 0.25 * d
-        if d == 1:
-            params = unaligned(params)  # the copy is not written back on error either
         before = params.copy()
-        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
-            layer.materialize(params)
-        return params.tobytes() == before.tobytes()
+        return fail(d, layer, params).tobytes() == before.tobytes()
 
     assert on_all(group, run) == [True, True, None, True]
+
+
+def test_a_device_that_leaves_fails_the_step_with_arrays_restored(group):
+    """Every survivor of device 2 gets a typed error from materialize, its array as it
+    was."""
+
+    def fail(d, layer, params):
+        if d == 1:
+            params = unaligned(params)  # the copy is not written back on error either
+        with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
+            layer.materialize(params)
+        return params
+
+    device_2_leaves(group, fail)
 
 
 # The started steps, the link counters and re-materialisation.
@@ -496,22 +355,12 @@ def test_a_device_that_leaves_fails_a_started_step_with_the_array_as_it_was(grou
     """Device 2 leaves instead of starting the spAG: every survivor's handle raises a
     typed error (or the start does, if the view has already moved), the array as it
     was."""
-    holders = phalanx.moe_place(OWNERS, LOADS, overlap=2, slots=2)
-    built = threading.Barrier(len(group))
 
-    def run(c):
-        d = c.rank
-        layer = phalanx.ExpertLayer(c, OWNERS, holders, expert_len=2, hidden=2)
-        built.wait(TIMEOUT)
-        if d == 2:
-            c.leave()
-            return None
-        params = np.arange(16, dtype=np.float32) + 0.25 * d
-        before = params.copy()
+    def fail(d, layer, params):
         with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
             layer.materialize_start(params).wait()
         with pytest.raises((phalanx.PeerLostError, phalanx.AbortedError)):
             layer.dispatch_start(np.ones((2, 2), np.float32), [0, 4]).wait()
-        return params.tobytes() == before.tobytes()
+        return params
 
-    assert on_all(group, run) == [True, True, None, True]
+    device_2_leaves(group, fail)

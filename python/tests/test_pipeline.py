@@ -9,6 +9,21 @@ import pytest
 
 import phalanx
 from conftest import on_all
+from models import (
+    D,
+    ITERS,
+    LAYERS,
+    LR,
+    M,
+    P,
+    TARGET,
+    W0,
+    X,
+    FusedMlpStage,
+    MlpStage,
+    backprop,
+    reference,
+)
 
 
 def test_the_worked_example():
@@ -52,156 +67,8 @@ def test_errors_name_the_limit():
 
 
 # ---------------------------------------------------------------------------------------
-# The runner: an MLP of 8 linear layers trained over four in-process stages.
-
-LAYERS, D, ROWS, M, P, ITERS, LR = 8, 6, 3, 8, 4, 3, np.float32(0.05)
-RNG = np.random.default_rng(12)
-X = RNG.uniform(-1, 1, (M, ROWS, D)).astype(np.float32)
-T = RNG.uniform(-1, 1, (M, ROWS, D)).astype(np.float32)
-W0 = (RNG.uniform(-1, 1, (LAYERS, D, D)) * 0.5).astype(np.float32)
-
-
-def act(layer, z):
-    """Leaky ReLU on every layer but the last."""
-    return z if layer + 1 == LAYERS else np.where(z > 0, z, np.float32(0.01) * z)
-
-
-def act_grad(layer, z):
-    return np.ones_like(z) if layer + 1 == LAYERS else np.where(z > 0, np.float32(1), np.float32(0.01))
-
-
-def layer_forward(layer, w, x):
-    z = x @ w
-    return act(layer, z), z
-
-
-def layer_backward_input(layer, w, z, dy):
-    """B: dz = dy * act'(z), dL/dx = dz @ W^T."""
-    dz = dy * act_grad(layer, z)
-    return dz @ w.T, dz
-
-
-def weight_grad(x, dz):
-    """W: dL/dW = x^T @ dz."""
-    return x.T @ dz
-
-
-def step_weights(weights, grads):
-    """SGD on the gradients summed over micro-batches in order 0..M-1; returns the sums."""
-    sums = np.zeros((LAYERS, D, D), dtype=np.float32)
-    for layer in range(LAYERS):
-        for mb in range(M):
-            sums[layer] += grads[layer, mb]
-        weights[layer] -= LR * sums[layer]
-    return sums
-
-
-def reference():
-    """The single-process run: each iteration's gradient sums and the weights after it."""
-    w = W0.copy()
-    out = []
-    for _ in range(ITERS):
-        grads = {}
-        for mb in range(M):
-            x, cache = X[mb], []
-            for layer in range(LAYERS):
-                y, z = layer_forward(layer, w[layer], x)
-                cache.append((x, z))
-                x = y
-            dy = x - T[mb]
-            for layer in reversed(range(LAYERS)):
-                xin, z = cache[layer]
-                dy, dz = layer_backward_input(layer, w[layer], z, dy)
-                grads[layer, mb] = weight_grad(xin, dz)
-        sums = step_weights(w, grads)
-        out.append((sums, w.copy()))
-    return out
-
-
-class MlpStage:
-    """The layers of one stage's chunks (virtual stage v of V holds layers v*8/V ...)."""
-
-    def __init__(self, x=X, t=T):
-        self.weights = W0.copy()  # every layer; this stage touches only its own
-        self.x, self.t = x, t  # the micro-batches' inputs and targets
-        self.cache, self.dz, self.out, self.grads = {}, {}, {}, {}
-        self.seen = set()
-
-    def layers(self, step):
-        per = LAYERS // step.virtual_stages
-        return range(step.virtual_stage * per, (step.virtual_stage + 1) * per)
-
-    def input_len(self, step):
-        return ROWS * D
-
-    def output_len(self, step):
-        return ROWS * D
-
-    def forward(self, step, x):
-        assert x.dtype == np.float32 and x.shape == ((0,) if step.is_first else (ROWS * D,))
-        self.seen.update(self.layers(step))
-        x = self.x[step.mb] if step.is_first else x.reshape(ROWS, D)
-        cache = []
-        for layer in self.layers(step):
-            y, z = layer_forward(layer, self.weights[layer], x)
-            cache.append((layer, x, z))
-            x = y
-        self.cache[step.virtual_stage, step.mb] = cache
-        if step.is_last:
-            self.out[step.mb] = x
-            return None
-        return x.ravel()
-
-    def backward_input(self, step, grad):
-        dy = self.out.pop(step.mb) - self.t[step.mb] if step.is_last else grad.reshape(ROWS, D)
-        for layer, x, z in reversed(self.cache.pop((step.virtual_stage, step.mb))):
-            dy, dz = layer_backward_input(layer, self.weights[layer], z, dy)
-            self.dz[layer, step.mb] = (x, dz)
-        return None if step.is_first else dy.ravel()
-
-    def backward_weight(self, step):
-        for layer in self.layers(step):
-            x, dz = self.dz.pop((layer, step.mb))
-            self.grads[layer, step.mb] = weight_grad(x, dz)
-
-
-class FusedMlpStage(MlpStage):
-    """With a fused backward (what 1F1B's BW passes call when it exists)."""
-
-    fused = 0
-
-    def backward(self, step, grad):
-        self.fused += 1
-        g = self.backward_input(step, grad)
-        self.backward_weight(step)
-        return g
-
-
-@pytest.fixture
-def four(master):
-    """Four communicators of one group on threads, ranks 0..3 in list order."""
-    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
-    for _ in range(3):
-        box = {}
-        t = threading.Thread(
-            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
-            daemon=True,
-        )
-        t.start()
-        while comms[0].peers_pending == 0:
-            t.join(0.01)
-        rounds = [threading.Thread(target=c.update_topology, daemon=True) for c in comms]
-        for r in rounds:
-            r.start()
-        for r in rounds:
-            r.join(60)
-        t.join(60)
-        comms.append(box["c"])
-        comms[-1].update_topology()  # the admitting round counts as its own
-    assert [c.rank for c in comms] == [0, 1, 2, 3]
-    yield comms
-    for c in comms:
-        c.leave()
+# The runner: an MLP of 8 linear layers trained over four in-process stages (the model
+# of tests/models.py, which the peer processes of test_processes_models.py train too).
 
 
 def test_runner_trains_an_mlp_bitwise_equal_to_one_process(four):
@@ -214,10 +81,8 @@ def test_runner_trains_an_mlp_bitwise_equal_to_one_process(four):
             timeline = runner.run(comm, stage)
             assert [t[:3] for t in timeline] == runner.order
             assert all(b <= r <= c <= e for _, _, _, b, r, c, e in timeline)
-            assert not stage.cache and not stage.dz and not stage.out
-            zero = np.zeros((D, D), np.float32)  # layers of other stages
-            sums = step_weights(stage.weights, {k: stage.grads.get(k, zero) for k in np.ndindex(LAYERS, M)})
-            stage.grads.clear()
+            assert stage.idle()
+            sums = stage.step()  # zeros for the layers of other stages
             want_sums, want_weights = want[it]
             for layer in stage.seen:
                 what = f"{name} iteration {it} layer {layer}"
@@ -356,7 +221,7 @@ def grid_data(it):
     xs = [X[r * MR : (r + 1) * MR].copy() for r in range(DP)]
     if it == NAN_IT:
         xs[1][2, 0, 0] = np.nan
-    return xs, [T[r * MR : (r + 1) * MR] for r in range(DP)]
+    return xs, [TARGET[r * MR : (r + 1) * MR] for r in range(DP)]
 
 
 def grid_reference():
@@ -371,16 +236,8 @@ def grid_reference():
         for r in range(DP):
             s = np.zeros((LAYERS, D, D), np.float32)
             for mb in range(MR):
-                x, cache = xs[r][mb], []
-                for layer in range(LAYERS):
-                    y, z = layer_forward(layer, w[layer], x)
-                    cache.append((x, z))
-                    x = y
-                dy = x - ts[r][mb]
-                for layer in reversed(range(LAYERS)):
-                    xin, z = cache[layer]
-                    dy, dz = layer_backward_input(layer, w[layer], z, dy)
-                    s[layer] += weight_grad(xin, dz)
+                for layer, g in enumerate(backprop(w, xs[r][mb], ts[r][mb])):
+                    s[layer] += g
             sums.append(s)
         total = sums[0] + sums[1]
         if np.isfinite(total).all():

@@ -3,8 +3,6 @@ this process (the GIL is released while a collective waits), checked against nai
 references: the FSSDP example (spAG, spRS), all-to-all with equal and uneven counts, and
 the sparse all-reduce on both sides of the dense crossover."""
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,32 +14,9 @@ N = 4
 
 
 @pytest.fixture
-def group(master):
+def group(make_group):
     """N communicators of one group, indexed by rank."""
-    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
-    for _ in range(N - 1):
-        box = {}
-        t = threading.Thread(
-            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
-            daemon=True,
-        )
-        t.start()
-        deadline = time.monotonic() + 30
-        while comms[0].peers_pending == 0:
-            assert time.monotonic() < deadline, "the joiner never showed up"
-            time.sleep(0.01)
-        on_all(comms, lambda c: c.update_topology())
-        t.join(timeout=60)
-        new = box["c"]
-        new.update_topology()  # the members' round counts as its own: returns at once
-        comms.append(new)
-    comms.sort(key=lambda c: c.rank)
-    assert [c.rank for c in comms] == list(range(N))
-    yield comms
-    for c in comms:
-        c.leave()
-
-
+    return make_group(N)
 
 
 def test_fssdp_example(group):

@@ -11,34 +11,6 @@ import phalanx
 from conftest import on_all
 
 
-@pytest.fixture
-def four(master):
-    """Four communicators of one group, ranks 0..3 in list order."""
-    comms = [phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)]
-    for _ in range(3):
-        box = {}
-        t = threading.Thread(
-            target=lambda: box.setdefault("c", phalanx.Communicator.connect(master.addr, join_timeout_ms=30_000)),
-            daemon=True,
-        )
-        t.start()
-        while comms[0].peers_pending == 0:
-            t.join(0.01)
-        rounds = [threading.Thread(target=c.update_topology, daemon=True) for c in comms]
-        for r in rounds:
-            r.start()
-        for r in rounds:
-            r.join(60)
-        t.join(60)
-        new = box["c"]
-        new.update_topology()  # the admitting round counts as its own
-        comms.append(new)
-    assert [c.rank for c in comms] == [0, 1, 2, 3]
-    yield comms
-    for c in comms:
-        c.leave()
-
-
 def run_all(comms, f, timeout=60):
     """Runs f(rank, comm) on one thread per communicator; returns results by rank."""
     return on_all(list(enumerate(comms)), lambda rc: f(*rc), timeout)
