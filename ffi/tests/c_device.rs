@@ -14,9 +14,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn stand_in_collectives_and_a_missing_nccl_from_c() {
-    let dir = common::out_dir("c-programs");
-    let program = common::compile(&common::ffi_dir().join("tests/c/device.c"), &dir, "device");
-    let stdout = common::run_to_end(&program, &dir.join("device-stdout.txt"), LIMIT);
+    let stdout = common::compile_and_run("device", LIMIT);
     assert_eq!(common::sorted_after(&stdout, "device ok rank="), ["0", "1", "2"], "{stdout}");
     let nccl = stdout.lines().find_map(|l| l.strip_prefix("nccl error: ")).unwrap_or_else(|| panic!("{stdout}"));
     if cfg!(feature = "nccl") {

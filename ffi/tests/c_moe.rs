@@ -16,9 +16,7 @@ const LIMIT: Duration = Duration::from_secs(90);
 
 #[test]
 fn placement_simulator_and_layer_from_c() {
-    let dir = common::out_dir("c-programs");
-    let program = common::compile(&common::ffi_dir().join("tests/c/moe.c"), &dir, "moe");
-    let stdout = common::run_to_end(&program, &dir.join("moe-stdout.txt"), LIMIT);
+    let stdout = common::compile_and_run("moe", LIMIT);
     assert!(stdout.starts_with("moe ok"), "{stdout}");
     assert_eq!(common::sorted_after(&stdout, "layer ok rank="), ["0", "1", "2", "3"], "{stdout}");
     assert!(stdout.lines().any(|l| l == "all ok"), "{stdout}");

@@ -14,9 +14,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn sharding_backups_and_resharding_from_c() {
-    let dir = common::out_dir("c-programs");
-    let program = common::compile(&common::ffi_dir().join("tests/c/moe_shard.c"), &dir, "moe_shard");
-    let stdout = common::run_to_end(&program, &dir.join("moe-shard-stdout.txt"), LIMIT);
+    let stdout = common::compile_and_run("moe_shard", LIMIT);
     assert!(stdout.starts_with("shard ok"), "{stdout}");
     assert_eq!(common::sorted_after(&stdout, "move ok rank="), ["0", "1", "2", "3"], "{stdout}");
     assert!(stdout.lines().any(|l| l == "all ok"), "{stdout}");

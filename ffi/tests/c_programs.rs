@@ -145,18 +145,25 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
 }
 
+/// Starts the C master and `n` peers of `exe` in `role` (`exe role ADDR SECRET n`): each
+/// exits 0 having printed "`role` ok rank=R", and the ranks are 0..n.
+fn peers_all_ok(exe: &Path, role: &str, n: usize) {
+    let mut p = Procs::new();
+    let addr = p.master();
+    let count = n.to_string();
+    let ws: Vec<usize> = (0..n).map(|i| p.spawn(&format!("peer{i}"), exe, &[role, &addr, SECRET, &count])).collect();
+    p.expect_success(&ws);
+    let ok = format!("{role} ok");
+    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, &ok), "rank").to_string()).collect();
+    ranks.sort();
+    let want: Vec<String> = (0..n).map(|r| r.to_string()).collect();
+    assert_eq!(ranks, want, "{}", p.dump());
+}
+
 #[test]
 fn collectives_from_c_are_exact() {
     let _serial = serial();
-    let mut p = Procs::new();
-    let addr = p.master();
-    let ws: Vec<usize> =
-        (0..3).map(|i| p.spawn(&format!("peer{i}"), harness(), &["collectives", &addr, SECRET, "3"])).collect();
-    p.expect_success(&ws);
-    let mut ranks: Vec<String> =
-        ws.iter().map(|&w| field(&p.wait_line(w, "collectives ok"), "rank").to_string()).collect();
-    ranks.sort();
-    assert_eq!(ranks, ["0", "1", "2"]);
+    peers_all_ok(harness(), "collectives", 3);
 }
 
 /// Three peers all-reduce every step; the one of weight 10 exits abruptly at the top of
@@ -271,15 +278,7 @@ fn readme_example_compiles_and_runs() {
 #[test]
 fn sparse_collectives_from_c_are_exact() {
     let _serial = serial();
-    let sparse = compile(&common::ffi_dir().join("tests/c/sparse.c"), "sparse");
-    let mut p = Procs::new();
-    let addr = p.master();
-    let ws: Vec<usize> =
-        (0..4).map(|i| p.spawn(&format!("peer{i}"), &sparse, &["sparse", &addr, SECRET, "4"])).collect();
-    p.expect_success(&ws);
-    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, "sparse ok"), "rank").to_string()).collect();
-    ranks.sort();
-    assert_eq!(ranks, ["0", "1", "2", "3"]);
+    peers_all_ok(&compile(&common::ffi_dir().join("tests/c/sparse.c"), "sparse"), "sparse", 4);
 }
 
 /// All-scan from C (`tests/c/scan.c`): four peers check built-in, linear-attention and
@@ -287,12 +286,5 @@ fn sparse_collectives_from_c_are_exact() {
 #[test]
 fn scan_from_c_is_exact() {
     let _serial = serial();
-    let exe = compile(&common::ffi_dir().join("tests/c/scan.c"), "scan");
-    let mut p = Procs::new();
-    let addr = p.master();
-    let ws: Vec<usize> = (0..4).map(|i| p.spawn(&format!("peer{i}"), &exe, &["scan", &addr, SECRET, "4"])).collect();
-    p.expect_success(&ws);
-    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, "scan ok"), "rank").to_string()).collect();
-    ranks.sort();
-    assert_eq!(ranks, ["0", "1", "2", "3"]);
+    peers_all_ok(&compile(&common::ffi_dir().join("tests/c/scan.c"), "scan"), "scan", 4);
 }

@@ -102,6 +102,14 @@ pub fn run_to_end(exe: &Path, out_path: &Path, limit: Duration) -> String {
     output
 }
 
+/// Compiles `tests/c/{name}.c` into the `c-programs` scratch folder and runs it to its
+/// end, its stdout into `{name}-stdout.txt` there (see [`run_to_end`]); its output.
+pub fn compile_and_run(name: &str, limit: Duration) -> String {
+    let dir = out_dir("c-programs");
+    let program = compile(&ffi_dir().join(format!("tests/c/{name}.c")), &dir, name);
+    run_to_end(&program, &dir.join(format!("{name}-stdout.txt")), limit)
+}
+
 /// The sorted values of the lines of `output` that start with `prefix` (e.g. the ranks of
 /// "... ok rank=R").
 pub fn sorted_after<'a>(output: &'a str, prefix: &str) -> Vec<&'a str> {
