@@ -42,6 +42,7 @@ fn cc() -> Command {
 }
 
 /// Runs `cc`; panics with its output if it fails on `source`.
+#[track_caller]
 fn expect_success(mut cc: Command, source: &Path) {
     let out = cc.output().expect("run cc");
     assert!(
@@ -54,6 +55,7 @@ fn expect_success(mut cc: Command, source: &Path) {
 }
 
 /// Compiles `source` and links it with the static library into `dir/name`; its path.
+#[track_caller]
 pub fn compile(source: &Path, dir: &Path, name: &str) -> PathBuf {
     let exe = dir.join(name);
     let mut cc = cc();
@@ -64,6 +66,7 @@ pub fn compile(source: &Path, dir: &Path, name: &str) -> PathBuf {
 
 /// Compiles `source` to an object file `dir/name` only (no link): it compiles as written
 /// against the header.
+#[track_caller]
 pub fn compile_only(source: &Path, dir: &Path, name: &str) {
     let mut cc = cc();
     cc.arg("-c").arg(source).arg("-o").arg(dir.join(name));
@@ -85,6 +88,7 @@ pub fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
 
 /// Runs `exe` to its end, its stdout into `out_path` (killed and reaped after `limit`);
 /// panics unless it exits with status 0; its output.
+#[track_caller]
 pub fn run_to_end(exe: &Path, out_path: &Path, limit: Duration) -> String {
     let mut child = Command::new(exe)
         .stdout(std::fs::File::create(out_path).expect("create the output file"))
@@ -104,6 +108,7 @@ pub fn run_to_end(exe: &Path, out_path: &Path, limit: Duration) -> String {
 
 /// Compiles `tests/c/{name}.c` into the `c-programs` scratch folder and runs it to its
 /// end, its stdout into `{name}-stdout.txt` there (see [`run_to_end`]); its output.
+#[track_caller]
 pub fn compile_and_run(name: &str, limit: Duration) -> String {
     let dir = out_dir("c-programs");
     let program = compile(&ffi_dir().join(format!("tests/c/{name}.c")), &dir, name);
