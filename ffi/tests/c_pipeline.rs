@@ -71,17 +71,23 @@ int main(void) {
 }
 "#;
 
-/// README's "Running a schedule" C example compiles as written and runs in a group of two.
-#[test]
-fn readme_c_example_runs() {
+/// The `nth` (from 1) ```c block of README's "Running a schedule" section, after
+/// `peer_common.h` and before `main`, compiled as `name` and run; its output.
+fn run_readme_block(nth: usize, main: &str, name: &str) -> String {
     let readme = std::fs::read_to_string(common::ffi_dir().join("../README.md")).expect("read README.md");
     let section = readme.split("\n### Running a schedule\n").nth(1).expect("a 'Running a schedule' section");
     let section = section.split("\n## ").next().unwrap_or(section);
-    let block = section.split("```c\n").nth(1).and_then(|b| b.split("\n```").next()).expect("a ```c block");
-    let source = out_dir().join("readme.c");
-    let program = format!("#include \"peer_common.h\"\n{block}\n{README_MAIN}");
-    std::fs::write(&source, program).expect("write the program");
-    let output = run(&compile(&source, "readme"));
+    let block = section.split("```c\n").nth(nth).and_then(|b| b.split("\n```").next());
+    let block = block.unwrap_or_else(|| panic!("a ```c block number {nth}"));
+    let source = out_dir().join(format!("{name}.c"));
+    std::fs::write(&source, format!("#include \"peer_common.h\"\n{block}\n{main}")).expect("write the program");
+    run(&compile(&source, name))
+}
+
+/// README's "Running a schedule" C example compiles as written and runs in a group of two.
+#[test]
+fn readme_c_example_runs() {
+    let output = run_readme_block(1, README_MAIN, "readme");
     assert!(output.lines().any(|l| l == "readme ok"), "{output}");
 }
 
@@ -113,13 +119,6 @@ int main(void) {
 /// runs on a 2 × 2 grid of four peers.
 #[test]
 fn readme_c_grid_example_runs() {
-    let readme = std::fs::read_to_string(common::ffi_dir().join("../README.md")).expect("read README.md");
-    let section = readme.split("\n### Running a schedule\n").nth(1).expect("a 'Running a schedule' section");
-    let section = section.split("\n## ").next().unwrap_or(section);
-    let block = section.split("```c\n").nth(2).and_then(|b| b.split("\n```").next()).expect("a second ```c block");
-    let source = out_dir().join("readme_grid.c");
-    let program = format!("#include \"peer_common.h\"\n{block}\n{README_GRID_MAIN}");
-    std::fs::write(&source, program).expect("write the program");
-    let output = run(&compile(&source, "readme_grid"));
+    let output = run_readme_block(2, README_GRID_MAIN, "readme_grid");
     assert!(output.lines().any(|l| l == "readme grid ok"), "{output}");
 }
