@@ -5,83 +5,31 @@
 //! argument errors, and a failing callback that every stage sees as an error. The
 //! process is killed and reaped if it outlives the limit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-fn ffi_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn static_lib() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let lib = exe.parent().expect("the test binary's directory").join("libphalanx_ffi.a");
-    assert!(lib.exists(), "{} is missing: run the tests with `cargo test -p phalanx-ffi`", lib.display());
-    lib
-}
-
 fn out_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-pipeline");
-    std::fs::create_dir_all(&dir).expect("create the output directory");
-    dir
+    common::out_dir("c-pipeline")
 }
 
 fn compile(source: &Path, name: &str) -> PathBuf {
-    let exe = out_dir().join(name);
-    let cc = Command::new("cc")
-        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-pthread", "-I"])
-        .arg(ffi_dir().join("include"))
-        .arg("-I")
-        .arg(ffi_dir().join("tests/c"))
-        .arg(source)
-        .arg(static_lib())
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("run cc");
-    assert!(
-        cc.status.success(),
-        "cc failed:\n{}{}",
-        String::from_utf8_lossy(&cc.stdout),
-        String::from_utf8_lossy(&cc.stderr)
-    );
-    exe
+    common::compile(source, &out_dir(), name)
 }
 
 /// Runs `exe` to its end (killed after [`LIMIT`]); its output.
 fn run(exe: &Path) -> String {
     let out_path = out_dir().join(format!("{}.txt", exe.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
-    let mut child = Command::new(exe)
-        .stdout(std::fs::File::create(&out_path).expect("create the output file"))
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("run the program");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if start.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| panic!("the program hung; killed after {LIMIT:?}:\n{output}"));
-    assert!(status.success(), "the program failed ({status}):\n{output}");
-    output
+    common::run_to_end(exe, &out_path, LIMIT)
 }
 
 #[test]
 fn pipeline_runner_from_c() {
-    let output = run(&compile(&ffi_dir().join("tests/c/pipeline.c"), "pipeline"));
-    let mut ranks: Vec<&str> = output.lines().filter_map(|l| l.strip_prefix("pipeline ok rank=")).collect();
-    ranks.sort_unstable();
-    assert_eq!(ranks, ["0", "1", "2", "3"], "{output}");
+    let output = run(&compile(&common::ffi_dir().join("tests/c/pipeline.c"), "pipeline"));
+    assert_eq!(common::sorted_after(&output, "pipeline ok rank="), ["0", "1", "2", "3"], "{output}");
     assert!(output.lines().any(|l| l == "all ok"), "{output}");
 }
 
@@ -91,11 +39,9 @@ fn pipeline_runner_from_c() {
 /// and a NaN-skipped one on every rank (`tests/c/pipeline_grid.c`).
 #[test]
 fn pipeline_grid_from_c() {
-    let output = run(&compile(&ffi_dir().join("tests/c/pipeline_grid.c"), "pipeline_grid"));
-    let mut ranks: Vec<&str> = output.lines().filter_map(|l| l.strip_prefix("grid ok rank=")).collect();
-    ranks.sort_unstable();
+    let output = run(&compile(&common::ffi_dir().join("tests/c/pipeline_grid.c"), "pipeline_grid"));
     assert_eq!(
-        ranks,
+        common::sorted_after(&output, "grid ok rank="),
         ["0 stage=0 replica=0", "1 stage=1 replica=0", "2 stage=0 replica=1", "3 stage=1 replica=1"],
         "{output}"
     );
@@ -117,30 +63,31 @@ static void *peer(void *arg) {
 }
 
 int main(void) {
-    phx_master *master = master_start(SECRET);
-    pthread_t threads[2];
-    int i, mb;
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < 2; i++) EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
-    for (i = 0; i < 2; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
+    int mb;
+    run_peer_threads(SECRET, ADDR, 2, peer);
     for (mb = 0; mb < 4; mb++) EXPECT(SEEN[0][mb] == mb + 1 && SEEN[1][mb] == mb + 2);
     printf("readme ok\n");
     return 0;
 }
 "#;
 
+/// The `nth` (from 1) ```c block of README's "Running a schedule" section, after
+/// `peer_common.h` and before `main`, compiled as `name` and run; its output.
+fn run_readme_block(nth: usize, main: &str, name: &str) -> String {
+    let readme = std::fs::read_to_string(common::ffi_dir().join("../README.md")).expect("read README.md");
+    let section = readme.split("\n### Running a schedule\n").nth(1).expect("a 'Running a schedule' section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let block = section.split("```c\n").nth(nth).and_then(|b| b.split("\n```").next());
+    let block = block.unwrap_or_else(|| panic!("a ```c block number {nth}"));
+    let source = out_dir().join(format!("{name}.c"));
+    std::fs::write(&source, format!("#include \"peer_common.h\"\n{block}\n{main}")).expect("write the program");
+    run(&compile(&source, name))
+}
+
 /// README's "Running a schedule" C example compiles as written and runs in a group of two.
 #[test]
 fn readme_c_example_runs() {
-    let readme = std::fs::read_to_string(ffi_dir().join("../README.md")).expect("read README.md");
-    let section = readme.split("\n### Running a schedule\n").nth(1).expect("a 'Running a schedule' section");
-    let section = section.split("\n## ").next().unwrap_or(section);
-    let block = section.split("```c\n").nth(1).and_then(|b| b.split("\n```").next()).expect("a ```c block");
-    let source = out_dir().join("readme.c");
-    let program = format!("#include \"peer_common.h\"\n#include <pthread.h>\n{block}\n{README_MAIN}");
-    std::fs::write(&source, program).expect("write the program");
-    let output = run(&compile(&source, "readme"));
+    let output = run_readme_block(1, README_MAIN, "readme");
     assert!(output.lines().any(|l| l == "readme ok"), "{output}");
 }
 
@@ -159,17 +106,8 @@ static void *peer(void *arg) {
 }
 
 int main(void) {
-    phx_master *master = master_start(SECRET);
-    pthread_t threads[4];
-    int i;
     setvbuf(stdout, NULL, _IOLBF, 0);
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < 4; i++) {
-        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
-        sleep_ms(50);
-    }
-    for (i = 0; i < 4; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
+    run_peer_threads(SECRET, ADDR, 4, peer);
     /* The replicas agree, and every stage trained (its weight moved). */
     EXPECT(W[0] == W[2] && W[1] == W[3] && W[0] != 1.0 && W[1] != 1.0);
     printf("readme grid ok\n");
@@ -181,13 +119,6 @@ int main(void) {
 /// runs on a 2 × 2 grid of four peers.
 #[test]
 fn readme_c_grid_example_runs() {
-    let readme = std::fs::read_to_string(ffi_dir().join("../README.md")).expect("read README.md");
-    let section = readme.split("\n### Running a schedule\n").nth(1).expect("a 'Running a schedule' section");
-    let section = section.split("\n## ").next().unwrap_or(section);
-    let block = section.split("```c\n").nth(2).and_then(|b| b.split("\n```").next()).expect("a second ```c block");
-    let source = out_dir().join("readme_grid.c");
-    let program = format!("#include \"peer_common.h\"\n#include <pthread.h>\n{block}\n{README_GRID_MAIN}");
-    std::fs::write(&source, program).expect("write the program");
-    let output = run(&compile(&source, "readme_grid"));
+    let output = run_readme_block(2, README_GRID_MAIN, "readme_grid");
     assert!(output.lines().any(|l| l == "readme grid ok"), "{output}");
 }

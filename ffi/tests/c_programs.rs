@@ -8,6 +8,8 @@
 //! wait is bounded, and the children are SIGKILLed and reaped when a test ends, passes
 //! or panics.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -23,47 +25,14 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn ffi_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The static library cargo built for this test run: integration tests live in
-/// `target/<profile>/deps`, next to the library's artifacts.
-fn static_lib() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let deps = exe.parent().expect("the test binary's directory");
-    let lib = deps.join("libphalanx_ffi.a");
-    assert!(lib.exists(), "{} is missing: run the tests with `cargo test -p phalanx-ffi`", lib.display());
-    lib
-}
-
 /// Compiles one C program with warnings as errors and links it statically.
 fn compile(source: &Path, name: &str) -> PathBuf {
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-programs");
-    std::fs::create_dir_all(&out_dir).expect("create the output directory");
-    let exe = out_dir.join(name);
-    let out = Command::new("cc")
-        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-I"])
-        .arg(ffi_dir().join("include"))
-        .arg(source)
-        .arg(static_lib())
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("run cc");
-    assert!(
-        out.status.success(),
-        "cc failed on {}:\n{}{}",
-        source.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
+    common::compile(source, &common::out_dir("c-programs"), name)
 }
 
 fn harness() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| compile(&ffi_dir().join("tests/c/harness.c"), "harness"))
+    EXE.get_or_init(|| compile(&common::ffi_dir().join("tests/c/harness.c"), "harness"))
 }
 
 /// The processes of one test, their output lines, and cleanup on drop.
@@ -146,16 +115,11 @@ impl Procs {
 
     /// Waits for process `i` to exit.
     fn wait_exit(&mut self, i: usize) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.children[i].1.try_wait().expect("try_wait") {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                return status;
-            }
-            assert!(start.elapsed() < LIMIT, "{} did not exit in time:\n{}", self.children[i].0, self.dump());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = common::wait_until(&mut self.children[i].1, Instant::now() + LIMIT);
+        let status = status.unwrap_or_else(|| panic!("{} did not exit in time:\n{}", self.children[i].0, self.dump()));
+        // Let the reader threads drain the pipes.
+        std::thread::sleep(Duration::from_millis(50));
+        status
     }
 
     /// Waits for processes `ws` to exit with status 0.
@@ -181,18 +145,25 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
 }
 
+/// Starts the C master and `n` peers of `exe` in `role` (`exe role ADDR SECRET n`): each
+/// exits 0 having printed "`role` ok rank=R", and the ranks are 0..n.
+fn peers_all_ok(exe: &Path, role: &str, n: usize) {
+    let mut p = Procs::new();
+    let addr = p.master();
+    let count = n.to_string();
+    let ws: Vec<usize> = (0..n).map(|i| p.spawn(&format!("peer{i}"), exe, &[role, &addr, SECRET, &count])).collect();
+    p.expect_success(&ws);
+    let ok = format!("{role} ok");
+    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, &ok), "rank").to_string()).collect();
+    ranks.sort();
+    let want: Vec<String> = (0..n).map(|r| r.to_string()).collect();
+    assert_eq!(ranks, want, "{}", p.dump());
+}
+
 #[test]
 fn collectives_from_c_are_exact() {
     let _serial = serial();
-    let mut p = Procs::new();
-    let addr = p.master();
-    let ws: Vec<usize> =
-        (0..3).map(|i| p.spawn(&format!("peer{i}"), harness(), &["collectives", &addr, SECRET, "3"])).collect();
-    p.expect_success(&ws);
-    let mut ranks: Vec<String> =
-        ws.iter().map(|&w| field(&p.wait_line(w, "collectives ok"), "rank").to_string()).collect();
-    ranks.sort();
-    assert_eq!(ranks, ["0", "1", "2"]);
+    peers_all_ok(harness(), "collectives", 3);
 }
 
 /// Three peers all-reduce every step; the one of weight 10 exits abruptly at the top of
@@ -286,9 +257,9 @@ fn joiner_gets_the_shared_state() {
 #[test]
 fn readme_example_compiles_and_runs() {
     let _serial = serial();
-    let source = ffi_dir().join("tests/c/readme_example.c");
+    let source = common::ffi_dir().join("tests/c/readme_example.c");
     let example = std::fs::read_to_string(&source).expect("read readme_example.c");
-    let readme = std::fs::read_to_string(ffi_dir().join("../README.md")).expect("read README.md");
+    let readme = std::fs::read_to_string(common::ffi_dir().join("../README.md")).expect("read README.md");
     let section = readme.split("\n## From C\n").nth(1).expect("README has a '## From C' section");
     let block = section.split("```c\n").nth(1).and_then(|b| b.split("\n```").next()).expect("a ```c block");
     assert_eq!(format!("{block}\n"), example, "README's C example differs from {}", source.display());
@@ -307,15 +278,7 @@ fn readme_example_compiles_and_runs() {
 #[test]
 fn sparse_collectives_from_c_are_exact() {
     let _serial = serial();
-    let sparse = compile(&ffi_dir().join("tests/c/sparse.c"), "sparse");
-    let mut p = Procs::new();
-    let addr = p.master();
-    let ws: Vec<usize> =
-        (0..4).map(|i| p.spawn(&format!("peer{i}"), &sparse, &["sparse", &addr, SECRET, "4"])).collect();
-    p.expect_success(&ws);
-    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, "sparse ok"), "rank").to_string()).collect();
-    ranks.sort();
-    assert_eq!(ranks, ["0", "1", "2", "3"]);
+    peers_all_ok(&compile(&common::ffi_dir().join("tests/c/sparse.c"), "sparse"), "sparse", 4);
 }
 
 /// All-scan from C (`tests/c/scan.c`): four peers check built-in, linear-attention and
@@ -323,12 +286,5 @@ fn sparse_collectives_from_c_are_exact() {
 #[test]
 fn scan_from_c_is_exact() {
     let _serial = serial();
-    let exe = compile(&ffi_dir().join("tests/c/scan.c"), "scan");
-    let mut p = Procs::new();
-    let addr = p.master();
-    let ws: Vec<usize> = (0..4).map(|i| p.spawn(&format!("peer{i}"), &exe, &["scan", &addr, SECRET, "4"])).collect();
-    p.expect_success(&ws);
-    let mut ranks: Vec<String> = ws.iter().map(|&w| field(&p.wait_line(w, "scan ok"), "rank").to_string()).collect();
-    ranks.sort();
-    assert_eq!(ranks, ["0", "1", "2", "3"]);
+    peers_all_ok(&compile(&common::ffi_dir().join("tests/c/scan.c"), "scan"), "scan", 4);
 }

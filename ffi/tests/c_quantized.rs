@@ -5,6 +5,8 @@
 //! far more accurate than 8-bit ones. Every wait is bounded; children are killed and
 //! reaped when the test ends.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,28 +16,8 @@ use std::time::{Duration, Instant};
 const LIMIT: Duration = Duration::from_secs(120);
 const SECRET: &str = "phalanx-ffi-quantized-secret-0123456789";
 
-fn ffi_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn compile() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let lib = exe.parent().expect("the test binary's directory").join("libphalanx_ffi.a");
-    assert!(lib.exists(), "{} is missing: run the tests with `cargo test -p phalanx-ffi`", lib.display());
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-programs");
-    std::fs::create_dir_all(&out_dir).expect("create the output directory");
-    let exe = out_dir.join("quantized");
-    let out = Command::new("cc")
-        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-I"])
-        .arg(ffi_dir().join("include"))
-        .arg(ffi_dir().join("tests/c/quantized.c"))
-        .arg(&lib)
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("run cc");
-    assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    exe
+    common::compile(&common::ffi_dir().join("tests/c/quantized.c"), &common::out_dir("c-programs"), "quantized")
 }
 
 /// Children killed and reaped on drop, whatever happens.
@@ -108,15 +90,9 @@ fn quantized_all_reduce_from_c_is_identical_everywhere() {
         }
     }
     for p in 1..=n {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = kids.0[p].try_wait().expect("try_wait") {
-                assert!(status.success(), "peer {p} exited with {status}");
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "peer {p} did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = common::wait_until(&mut kids.0[p], Instant::now() + Duration::from_secs(30));
+        let status = status.unwrap_or_else(|| panic!("peer {p} did not exit"));
+        assert!(status.success(), "peer {p} exited with {status}");
     }
     assert_eq!(calls.len(), 3 * n, "{calls:?}");
     for key in ["8/sum", "16/sum", "8/avg"] {

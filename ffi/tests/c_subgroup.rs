@@ -4,82 +4,28 @@
 //! threads), once as five processes of which one dies during a sub-group all-reduce.
 //! Every process is killed and reaped if it outlives the limit or the test fails.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-fn ffi_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn static_lib() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let lib = exe.parent().expect("the test binary's directory").join("libphalanx_ffi.a");
-    assert!(lib.exists(), "{} is missing: run the tests with `cargo test -p phalanx-ffi`", lib.display());
-    lib
-}
-
 fn out_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-subgroup");
-    std::fs::create_dir_all(&dir).expect("create the output directory");
-    dir
+    common::out_dir("c-subgroup")
 }
 
 /// Compiles `tests/c/subgroup.c` once per test binary run.
 fn program() -> &'static Path {
     static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    EXE.get_or_init(compile)
-}
-
-fn compile() -> PathBuf {
-    let source = ffi_dir().join("tests/c/subgroup.c");
-    let exe = out_dir().join("subgroup");
-    let cc = Command::new("cc")
-        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-pthread", "-I"])
-        .arg(ffi_dir().join("include"))
-        .arg(&source)
-        .arg(static_lib())
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("run cc");
-    assert!(
-        cc.status.success(),
-        "cc failed:\n{}{}",
-        String::from_utf8_lossy(&cc.stdout),
-        String::from_utf8_lossy(&cc.stderr)
-    );
-    exe
+    EXE.get_or_init(|| common::compile(&common::ffi_dir().join("tests/c/subgroup.c"), &out_dir(), "subgroup"))
 }
 
 #[test]
 fn sub_groups_and_point_to_point_from_c() {
-    let out_path = out_dir().join("stdout.txt");
-    let mut child = Command::new(program())
-        .stdout(std::fs::File::create(&out_path).expect("create the output file"))
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("run the program");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if start.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| panic!("the program hung; killed after {LIMIT:?}:\n{output}"));
-    assert!(status.success(), "the program failed ({status}):\n{output}");
-    let mut ranks: Vec<&str> = output.lines().filter_map(|l| l.strip_prefix("subgroup ok rank=")).collect();
-    ranks.sort_unstable();
-    assert_eq!(ranks, ["0", "1", "2", "3"], "{output}");
+    let output = common::run_to_end(program(), &out_dir().join("stdout.txt"), LIMIT);
+    assert_eq!(common::sorted_after(&output, "subgroup ok rank="), ["0", "1", "2", "3"], "{output}");
     assert!(output.lines().any(|l| l == "all ok"), "{output}");
 }
 
@@ -118,13 +64,8 @@ impl Procs {
     }
 
     fn wait_exit(&mut self, i: usize, start: Instant) -> std::process::ExitStatus {
-        loop {
-            if let Some(status) = self.0[i].0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(start.elapsed() < LIMIT, "process {i} hung:\n{}", self.dump());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = common::wait_until(&mut self.0[i].0, start + LIMIT);
+        status.unwrap_or_else(|| panic!("process {i} hung:\n{}", self.dump()))
     }
 }
 

@@ -16,8 +16,6 @@
  */
 #include "peer_common.h"
 
-#include <pthread.h>
-
 enum { N = 3, LEN = 16 };
 
 static const char *SECRET = "phalanx-ffi-device-secret-0123456789";
@@ -94,19 +92,8 @@ static void nccl_missing(void) {
 }
 
 int main(void) {
-    phx_master *master;
-    pthread_t threads[N];
-    int i;
     setvbuf(stdout, NULL, _IOLBF, 0);
-
-    master = master_start(SECRET);
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < N; i++) {
-        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
-        sleep_ms(50); /* join one at a time */
-    }
-    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
+    run_peer_threads(SECRET, ADDR, N, peer);
     nccl_missing();
     printf("all ok\n");
     return 0;

@@ -23,8 +23,6 @@
  */
 #include "peer_common.h"
 
-#include <pthread.h>
-
 enum { N = 4, EXPERTS = 8 };
 
 static const char *SECRET = "phalanx-ffi-moe-secret-0123456789";
@@ -325,19 +323,6 @@ static void *layer_peer(void *arg) {
     return NULL;
 }
 
-static void run_layer(void) {
-    phx_master *master = master_start(SECRET);
-    pthread_t threads[N];
-    int i;
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < N; i++) {
-        EXPECT(pthread_create(&threads[i], NULL, layer_peer, NULL) == 0);
-        sleep_ms(50); /* join one at a time */
-    }
-    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
-}
-
 int main(void) {
     size_t owners[EXPERTS], e, d, transfers = 0;
     double loads[EXPERTS] = {40, 5, 10, 5, 20, 5, 10, 5};
@@ -373,7 +358,7 @@ int main(void) {
     EXPECT_STATUS(phx_moe_simulate(0, 32, 1.2, 4096, 20, 2, 2, 1, 1, 1, &r), PHX_ERR_INVALID_ARGUMENT);
     EXPECT_STATUS(phx_moe_simulate(8, 32, 1.2, 4096, 20, 2, 2, 1, 1, 1, NULL), PHX_ERR_NULL);
     printf("moe ok straggler=%.3f traffic=%.3f\n", straggler, traffic);
-    run_layer();
+    run_peer_threads(SECRET, ADDR, N, layer_peer);
     printf("all ok\n");
     return 0;
 }

@@ -17,8 +17,6 @@
  */
 #include "peer_common.h"
 
-#include <pthread.h>
-
 enum { N = 4, EXPERTS = 8, LEN = 3 };
 
 static const char *SECRET = "phalanx-ffi-moe-shard-secret-012345";
@@ -66,19 +64,6 @@ static void *move_peer(void *arg) {
     return NULL;
 }
 
-static void run_move(void) {
-    phx_master *master = master_start(SECRET);
-    pthread_t threads[N];
-    int i;
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < N; i++) {
-        EXPECT(pthread_create(&threads[i], NULL, move_peer, NULL) == 0);
-        sleep_ms(50); /* join one at a time */
-    }
-    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
-}
-
 int main(void) {
     uint64_t capacities[N] = {64, 64, 64, 64}, bytes[2] = {8, 8}, small[N] = {8, 8, 8, 8};
     size_t experts[2] = {EXPERTS, EXPERTS}, owners[2 * EXPERTS], backups[2 * EXPERTS], after[2 * EXPERTS];
@@ -120,7 +105,7 @@ int main(void) {
     EXPECT_STATUS(phx_moe_reshard_move(NULL, EXPERTS, NOW, NEXT, 0, NULL, 0, PHX_DTYPE_F32, NULL), PHX_ERR_NULL);
     printf("shard ok\n");
 
-    run_move();
+    run_peer_threads(SECRET, ADDR, N, move_peer);
     printf("all ok\n");
     return 0;
 }

@@ -1,7 +1,7 @@
 /*
- * Helpers shared by the C test programs in this folder (harness.c, scan.c, sparse.c,
- * subgroup.c, quantized.c): failure reporting, the CHECK/EXPECT macros, connecting and
- * forming a group, and the master role.
+ * Helpers shared by the C test programs in this folder (and the README examples the
+ * Rust harnesses wrap): failure reporting, the CHECK/EXPECT macros, connecting and
+ * forming a group, the master role, and peers on threads beside an in-process master.
  *
  * Include it first, before any system header (it selects POSIX.1-2008 for nanosleep).
  * Everything here is `static inline`, so a program that leaves a helper unused still
@@ -14,6 +14,7 @@
 #define _POSIX_C_SOURCE 200809L
 #endif
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -127,6 +128,25 @@ static inline int master_serve(phx_master *master) {
 /* argv[1] is `role` and there are `argc_want` arguments in all. */
 static inline int is_role(int argc, char **argv, const char *role, int argc_want) {
     return argc == argc_want && strcmp(argv[1], role) == 0;
+}
+
+/* One process, a whole group: starts a master on 127.0.0.1, writes its address to `addr`
+ * (PHX_ADDR_BUF_LEN bytes, where `peer` reads it), starts `n` threads of `peer` 50 ms
+ * apart (they join one at a time: ranks follow thread order loosely), waits for them all
+ * and frees the master. */
+static inline void run_peer_threads(const char *secret, char *addr, int n, void *(*peer)(void *)) {
+    enum { MAX_THREADS = 16 };
+    pthread_t threads[MAX_THREADS];
+    phx_master *master = master_start(secret);
+    int i;
+    EXPECT(n > 0 && n <= MAX_THREADS);
+    CHECK(phx_master_addr(master, addr, PHX_ADDR_BUF_LEN));
+    for (i = 0; i < n; i++) {
+        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
+        sleep_ms(50);
+    }
+    for (i = 0; i < n; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
+    CHECK(phx_master_free(master));
 }
 
 #endif

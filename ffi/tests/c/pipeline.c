@@ -22,8 +22,6 @@
  */
 #include "peer_common.h"
 
-#include <pthread.h>
-
 enum { N = 4, M = 8, K = 3, MAXV = 8, ITERS = 2 };
 
 static const char *SECRET = "phalanx-ffi-pipeline-secret-0123456789";
@@ -317,18 +315,8 @@ static void *peer(void *arg) {
 }
 
 int main(void) {
-    phx_master *master;
-    pthread_t threads[N];
-    int i;
     setvbuf(stdout, NULL, _IOLBF, 0);
-    master = master_start(SECRET);
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < N; i++) {
-        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
-        sleep_ms(50);
-    }
-    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
+    run_peer_threads(SECRET, ADDR, N, peer);
     printf("all ok\n");
     return 0;
 }

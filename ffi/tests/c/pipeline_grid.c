@@ -21,7 +21,6 @@
 #include "peer_common.h"
 
 #include <math.h>
-#include <pthread.h>
 
 enum { PP = 2, DP = 2, N = PP * DP, M = 4, K = 3 };
 static const double LR = 1.0 / 1024;
@@ -194,18 +193,8 @@ static void *peer(void *arg) {
 }
 
 int main(void) {
-    phx_master *master;
-    pthread_t threads[N];
-    int i;
     setvbuf(stdout, NULL, _IOLBF, 0);
-    master = master_start(SECRET);
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < N; i++) {
-        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
-        sleep_ms(50);
-    }
-    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
+    run_peer_threads(SECRET, ADDR, N, peer);
     printf("all ok\n");
     return 0;
 }

@@ -25,7 +25,6 @@
  */
 #include "peer_common.h"
 
-#include <pthread.h>
 #include <unistd.h>
 
 enum { N = 4, M = 1000, BIG = 200000 };
@@ -212,20 +211,10 @@ static int run_peer(const char *addr) {
 }
 
 int main(int argc, char **argv) {
-    phx_master *master;
-    pthread_t threads[N];
-    int i;
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (is_role(argc, argv, "master", 2)) return master_serve(master_start(SECRET));
     if (is_role(argc, argv, "peer", 3)) return run_peer(argv[2]);
-    master = master_start(SECRET);
-    CHECK(phx_master_addr(master, ADDR, sizeof ADDR));
-    for (i = 0; i < N; i++) {
-        EXPECT(pthread_create(&threads[i], NULL, peer, NULL) == 0);
-        sleep_ms(50); /* join one at a time: ranks follow thread order loosely */
-    }
-    for (i = 0; i < N; i++) EXPECT(pthread_join(threads[i], NULL) == 0);
-    CHECK(phx_master_free(master));
+    run_peer_threads(SECRET, ADDR, N, peer);
     printf("all ok\n");
     return 0;
 }
