@@ -17,16 +17,15 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
-use phalanx::comm::{ConnectOptions, ControlConfig};
 use phalanx::pipeline_mlp::LAYERS;
 use phalanx::sched::{
     by_name, simulate, Costs, Grid, Pass, Position, Runner, Schedule, Stage, StageError, Step, Timeline,
 };
-use phalanx::{Communicator, RetryPolicy};
+use phalanx::Communicator;
 use serde_json::json;
 
 use crate::pipeline_train::{self, kind, HangAt, Start, Training, RECOVERY_WAIT};
-use crate::{emit, now_ms, quic_config};
+use crate::{emit, now_ms, settling_options};
 
 /// What a `pipeline-worker` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -171,17 +170,9 @@ pub fn run(args: PipelineWorkerArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let mut options = ConnectOptions {
-        peer_id: held.map(|p| (p.replica * args.stages + p.stage) as u64).or(args.peer_id),
-        quic: quic_config(args.secret.as_deref()),
-        control: ControlConfig {
-            heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
-            ..ControlConfig::default()
-        },
-        // A loss fails the iteration everywhere; the worker settles the view itself.
-        retry: RetryPolicy::Never,
-        ..ConnectOptions::default()
-    };
+    // A loss fails the iteration everywhere; the worker settles the view itself.
+    let peer_id = held.map(|p| (p.replica * args.stages + p.stage) as u64).or(args.peer_id);
+    let mut options = settling_options(peer_id, args.secret.as_deref(), args.heartbeat_ms);
     if args.join {
         options = options.join_timeout(RECOVERY_WAIT);
     }
