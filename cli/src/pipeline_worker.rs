@@ -18,9 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
 use phalanx::pipeline_mlp::LAYERS;
-use phalanx::sched::{
-    by_name, simulate, Costs, Grid, Pass, Position, Runner, Schedule, Stage, StageError, Step, Timeline,
-};
+use phalanx::sched::{by_name, simulate, Costs, Grid, Pass, Position, Runner, Schedule, Sleeper, Stage, Timeline};
 use phalanx::Communicator;
 use serde_json::json;
 
@@ -238,43 +236,6 @@ fn iteration<S: Stage + ?Sized>(
     })?;
     executed.check_order(runner.schedule()).map_err(|e| format!("iteration {it}: the executed order: {e}"))?;
     Ok(executed)
-}
-
-/// Calibrated passes: each sleeps its cost (a unit per pass of a full stage, its share
-/// for a chunk), nothing else.
-struct Sleeper {
-    unit: Duration,
-    share: u32,
-}
-
-impl Sleeper {
-    fn pass(&self, units: u32) -> Vec<f32> {
-        std::thread::sleep(self.unit * units / self.share);
-        vec![0.0; 4]
-    }
-}
-
-impl Stage for Sleeper {
-    type Elem = f32;
-    fn input_len(&self, _: &Step) -> usize {
-        4
-    }
-    fn output_len(&self, _: &Step) -> usize {
-        4
-    }
-    fn forward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(1))
-    }
-    fn backward_input(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(1))
-    }
-    fn backward_weight(&mut self, _: &Step) -> Result<(), StageError> {
-        self.pass(1);
-        Ok(())
-    }
-    fn backward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(2))
-    }
 }
 
 /// The simulated makespan: the last pass's end less the first pass's start, over all
