@@ -16,7 +16,7 @@ use phalanx::comm::ConnectOptions;
 use phalanx::membership::master::{MasterConfig, DEFAULT_MAX_PEER_TIMEOUT_MS};
 use phalanx::pipeline_mlp::{initial_weights, reference_gradients, Mlp, LAYERS};
 use phalanx::sched::{
-    by_name, simulate, Costs, Executed, Pass, RunError, Runner, Schedule, Stage, StageError, Step,
+    by_name, simulate, Costs, Executed, Pass, RunError, Runner, Schedule, Sleeper, Stage, StageError, Step,
     DEFAULT_MESSAGE_LIMIT, RUNNER_TAG_BIT,
 };
 use phalanx::transport::endpoint::Endpoint;
@@ -135,43 +135,6 @@ fn executed_timelines_follow_the_schedule_and_compare_with_the_simulator() {
         let e = results[1].0.check_order(&other).unwrap_err();
         assert!(e.contains("stage 1: pass 0"), "{e}");
     });
-}
-
-/// Calibrated passes: each sleeps its cost (one unit per full-stage pass, half for a
-/// chunk of a V schedule), nothing else.
-struct Sleeper {
-    unit: Duration,
-    share: u32,
-}
-
-impl Sleeper {
-    fn pass(&self, units: u32) -> Vec<f32> {
-        std::thread::sleep(self.unit * units / self.share);
-        vec![0.0; 4]
-    }
-}
-
-impl Stage for Sleeper {
-    type Elem = f32;
-    fn input_len(&self, _: &Step) -> usize {
-        4
-    }
-    fn output_len(&self, _: &Step) -> usize {
-        4
-    }
-    fn forward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(1))
-    }
-    fn backward_input(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(1))
-    }
-    fn backward_weight(&mut self, _: &Step) -> Result<(), StageError> {
-        self.pass(1);
-        Ok(())
-    }
-    fn backward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(2))
-    }
 }
 
 /// With calibrated passes the executed per-stage spans follow the simulator's (within

@@ -20,9 +20,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use phalanx::comm::{ConnectOptions, ControlConfig};
 use phalanx::membership::master::MasterConfig;
 use phalanx::transport::quic::QuicConfig;
-use phalanx::Master;
+use phalanx::{Master, RetryPolicy};
 
 #[derive(Parser)]
 #[command(name = "phalanx", version, about = "Fault-tolerant collective communication")]
@@ -109,6 +110,19 @@ pub(crate) fn quic_config(secret: Option<&str>) -> QuicConfig {
     match secret {
         Some(s) => QuicConfig::with_secret(s),
         None => QuicConfig::default(),
+    }
+}
+
+/// Connect options of a worker that settles the group itself after a loss (the MoE and
+/// pipeline workers): no retry, so that a loss fails the step everywhere; heartbeats
+/// every `heartbeat_ms`.
+pub(crate) fn settling_options(peer_id: Option<u64>, secret: Option<&str>, heartbeat_ms: u64) -> ConnectOptions {
+    ConnectOptions {
+        peer_id,
+        quic: quic_config(secret),
+        control: ControlConfig { heartbeat_interval: Duration::from_millis(heartbeat_ms), ..ControlConfig::default() },
+        retry: RetryPolicy::Never,
+        ..ConnectOptions::default()
     }
 }
 

@@ -13,17 +13,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use phalanx::comm::{ConnectOptions, ControlConfig};
 use phalanx::moe::{
     place, plan_backups, plan_sharding, Backups, ExpertLayer, ExpertPlacement, MoeLayer, PlaceParams, Sharding,
 };
-use phalanx::{Communicator, Error, RetryPolicy};
+use phalanx::{Communicator, Error};
 use serde_json::json;
 
 use crate::moe_bench::{self, MoeBenchArgs};
 use crate::moe_data::{self as data, BETA, EXPERTS, LEN, LR};
 use crate::moe_mlp::{self as mlp, H};
-use crate::{emit, now_ms, quic_config};
+use crate::{emit, now_ms, settling_options};
 
 /// What a `moe-worker` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -75,17 +74,8 @@ fn err(stage: &str, e: impl std::fmt::Display) -> String {
 }
 
 pub fn run(args: MoeWorkerArgs) -> Result<(), String> {
-    let options = ConnectOptions {
-        peer_id: Some(args.device),
-        quic: quic_config(args.secret.as_deref()),
-        control: ControlConfig {
-            heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
-            ..ControlConfig::default()
-        },
-        // A loss fails the step; this worker settles the group and plans again itself.
-        retry: RetryPolicy::Never,
-        ..ConnectOptions::default()
-    };
+    // A loss fails the step; this worker settles the group and plans again itself.
+    let options = settling_options(Some(args.device), args.secret.as_deref(), args.heartbeat_ms);
     let mut comm = Communicator::connect(args.master, options).map_err(|e| err("join", e))?;
     // One topology round settles the first view: from here on a view that moves under a
     // step fails it with the retryable `Aborted` (never a false `InvalidArgument`).

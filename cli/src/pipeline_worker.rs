@@ -17,16 +17,13 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
-use phalanx::comm::{ConnectOptions, ControlConfig};
 use phalanx::pipeline_mlp::LAYERS;
-use phalanx::sched::{
-    by_name, simulate, Costs, Grid, Pass, Position, Runner, Schedule, Stage, StageError, Step, Timeline,
-};
-use phalanx::{Communicator, RetryPolicy};
+use phalanx::sched::{by_name, simulate, Costs, Grid, Pass, Position, Runner, Schedule, Sleeper, Stage, Timeline};
+use phalanx::Communicator;
 use serde_json::json;
 
 use crate::pipeline_train::{self, kind, HangAt, Start, Training, RECOVERY_WAIT};
-use crate::{emit, now_ms, quic_config};
+use crate::{emit, now_ms, settling_options};
 
 /// What a `pipeline-worker` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -171,17 +168,9 @@ pub fn run(args: PipelineWorkerArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let mut options = ConnectOptions {
-        peer_id: held.map(|p| (p.replica * args.stages + p.stage) as u64).or(args.peer_id),
-        quic: quic_config(args.secret.as_deref()),
-        control: ControlConfig {
-            heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
-            ..ControlConfig::default()
-        },
-        // A loss fails the iteration everywhere; the worker settles the view itself.
-        retry: RetryPolicy::Never,
-        ..ConnectOptions::default()
-    };
+    // A loss fails the iteration everywhere; the worker settles the view itself.
+    let peer_id = held.map(|p| (p.replica * args.stages + p.stage) as u64).or(args.peer_id);
+    let mut options = settling_options(peer_id, args.secret.as_deref(), args.heartbeat_ms);
     if args.join {
         options = options.join_timeout(RECOVERY_WAIT);
     }
@@ -247,43 +236,6 @@ fn iteration<S: Stage + ?Sized>(
     })?;
     executed.check_order(runner.schedule()).map_err(|e| format!("iteration {it}: the executed order: {e}"))?;
     Ok(executed)
-}
-
-/// Calibrated passes: each sleeps its cost (a unit per pass of a full stage, its share
-/// for a chunk), nothing else.
-struct Sleeper {
-    unit: Duration,
-    share: u32,
-}
-
-impl Sleeper {
-    fn pass(&self, units: u32) -> Vec<f32> {
-        std::thread::sleep(self.unit * units / self.share);
-        vec![0.0; 4]
-    }
-}
-
-impl Stage for Sleeper {
-    type Elem = f32;
-    fn input_len(&self, _: &Step) -> usize {
-        4
-    }
-    fn output_len(&self, _: &Step) -> usize {
-        4
-    }
-    fn forward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(1))
-    }
-    fn backward_input(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(1))
-    }
-    fn backward_weight(&mut self, _: &Step) -> Result<(), StageError> {
-        self.pass(1);
-        Ok(())
-    }
-    fn backward(&mut self, _: &Step, _: &[f32]) -> Result<Vec<f32>, StageError> {
-        Ok(self.pass(2))
-    }
 }
 
 /// The simulated makespan: the last pass's end less the first pass's start, over all

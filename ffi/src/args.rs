@@ -231,6 +231,49 @@ pub(crate) unsafe fn get_into<H, T>(h: *const H, what: &str, out: *mut T, get: i
     })
 }
 
+/// The end of a started call's wait, for handles that own a copy of the caller's buffer
+/// (`phx_pending`, `phx_moe_step`): checks that `count` is the `expected` count the
+/// `started` call began with, writes `data` (the result, or the buffer as started after
+/// a collective error) to `out_buf` when it has that length, then returns `result`.
+///
+/// # Safety
+/// `out_buf` is NULL or writable for `count` elements of `dtype`.
+pub(crate) unsafe fn deliver_started(
+    (result, data): (phalanx::Result<()>, Vec<u8>),
+    out_buf: *mut c_void,
+    count: usize,
+    expected: usize,
+    dtype: DType,
+    started: &str,
+) -> Result<(), Fail> {
+    if count != expected {
+        return Err(invalid(format!("count is {count}, the {started} was started with {expected}")));
+    }
+    // SAFETY: NULL or writable for `count` elements of `dtype` (the caller's contract).
+    let out = unsafe { bytes_mut(out_buf, count, dtype, "out_buf") }?;
+    if data.len() == out.len() {
+        out.copy_from_slice(&data);
+    }
+    result?;
+    Ok(())
+}
+
+/// Frees a handle made by `Box::into_raw` without waiting on what it started: the body
+/// of the `*_free` functions. NULL is a no-op.
+///
+/// # Safety
+/// `p` is NULL or a live handle made by `Box::into_raw`, not used afterwards.
+pub(crate) unsafe fn free_handle<T>(p: *mut T) -> c_int {
+    guard(|| {
+        if !p.is_null() {
+            // SAFETY: a live handle made by `Box::into_raw`, given back for good (the
+            // caller's contract).
+            drop(unsafe { Box::from_raw(p) });
+        }
+        Ok(())
+    })
+}
+
 /// The size in bytes of one element of `dtype_code` in `*out`. Thread-safe.
 ///
 /// # Safety

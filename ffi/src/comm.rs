@@ -10,7 +10,7 @@ use phalanx::comm::{ConnectOptions, DataTransport, RetryPolicy};
 use phalanx::transport::shm::SharedMemory;
 use phalanx::Communicator;
 
-use crate::args::{c_str, get_into, handle, handle_mut, out_ptr, secret, socket_addr, write_out};
+use crate::args::{c_str, free_handle, get_into, handle, handle_mut, out_ptr, secret, socket_addr, write_out};
 use crate::status::{guard, invalid, Fail, PHX_ERR_BUFFER_TOO_SMALL, PHX_OK};
 
 /// One peer's membership in a group. Created by `phx_comm_connect`, ended by
@@ -247,13 +247,8 @@ pub unsafe extern "C" fn phx_comm_leave(comm: *mut phx_comm) -> c_int {
 /// `comm` is NULL or a live handle from `phx_comm_connect*`, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_comm_free(comm: *mut phx_comm) -> c_int {
-    guard(|| {
-        if !comm.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(comm) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(comm) }
 }
 
 // ---------------------------------------------------------------------------------------

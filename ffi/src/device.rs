@@ -14,7 +14,7 @@ use phalanx::device::standin::StandIn;
 use phalanx::device::{Capabilities, DeviceComm};
 use phalanx::{DType, Error};
 
-use crate::args::{bytes_mut, dtype, handle, handle_mut, out_ptr, reduce_op, write_out};
+use crate::args::{bytes_mut, dtype, free_handle, handle, handle_mut, out_ptr, reduce_op, write_out};
 use crate::comm::phx_comm;
 use crate::status::{guard, invalid, Fail};
 
@@ -180,11 +180,6 @@ pub unsafe extern "C" fn phx_device_comm_all_reduce(
 /// `dev` is NULL or a live handle, not used again.
 #[no_mangle]
 pub unsafe extern "C" fn phx_device_comm_free(dev: *mut phx_device_comm) -> c_int {
-    guard(|| {
-        if !dev.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(dev) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(dev) }
 }

@@ -62,6 +62,8 @@ mod moe_exchange;
 mod moe_shard;
 // Link traffic counters (`phx_comm_traffic`).
 mod traffic;
+// Byte buffers seen as typed slices, aligned or not (`by_width!`).
+mod typed;
 // Device (GPU) communicators: NCCL, or the CPU stand-in (`phx_device_comm`).
 mod device;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use phalanx::membership::master::MasterConfig;
 use phalanx::Master;
 
-use crate::args::{c_str, handle, out_ptr, secret, socket_addr, write_out};
+use crate::args::{c_str, free_handle, handle, out_ptr, secret, socket_addr, write_out};
 use crate::status::{guard, Fail, PHX_ERR_BUFFER_TOO_SMALL};
 
 /// Bytes of a buffer that always holds an address written by `phx_master_addr`,
@@ -96,12 +96,6 @@ pub unsafe extern "C" fn phx_master_addr(master: *const phx_master, buf: *mut c_
 /// `master` is NULL or a live handle from `phx_master_start`, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_master_free(master: *mut phx_master) -> c_int {
-    guard(|| {
-        if !master.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw` in `phx_master_start`, given
-            // back to us for good (the caller's contract).
-            drop(unsafe { Box::from_raw(master) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(master) }
 }

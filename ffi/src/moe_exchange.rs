@@ -12,7 +12,7 @@ use std::ffi::{c_int, c_void};
 use phalanx::moe::{Dispatched, PendingCombine, PendingDispatch};
 use phalanx::{DType, Element};
 
-use crate::args::{byte_len, bytes, bytes_mut, dtype, get_into, handle, handle_mut, out_ptr, write_out};
+use crate::args::{byte_len, bytes, bytes_mut, dtype, free_handle, get_into, handle, handle_mut, out_ptr, write_out};
 use crate::comm::phx_comm;
 use crate::moe_layer::{phx_moe_dispatched, phx_moe_layer, Rows};
 use crate::sparse::slice;
@@ -185,13 +185,8 @@ pub unsafe extern "C" fn phx_moe_dispatch_request_wait(
 /// `request` is NULL or a live handle, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_moe_dispatch_request_free(request: *mut phx_moe_dispatch_request) -> c_int {
-    guard(|| {
-        if !request.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(request) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(request) }
 }
 
 /// Starts `phx_moe_layer_combine` of a copy of `outputs` (one row of `hidden` per token
@@ -305,11 +300,6 @@ pub unsafe extern "C" fn phx_moe_combine_request_wait(
 /// `request` is NULL or a live handle, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_moe_combine_request_free(request: *mut phx_moe_combine_request) -> c_int {
-    guard(|| {
-        if !request.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(request) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(request) }
 }

@@ -8,15 +8,15 @@
 
 use std::ffi::{c_int, c_void};
 
-use bytemuck::Pod;
 use half::{bf16, f16};
-use phalanx::moe::{Dispatched, ExpertLayer, ExpertPlacement, Hosts};
+use phalanx::moe::{Dispatch, Dispatched, ExpertLayer, ExpertPlacement, Hosts};
 use phalanx::DType;
 
-use crate::args::{bytes, bytes_mut, dtype, get_into, handle, handle_mut, out_ptr, write_out};
+use crate::args::{bytes, bytes_mut, dtype, free_handle, get_into, handle, handle_mut, out_ptr, write_out};
 use crate::comm::phx_comm;
 use crate::sparse::slice;
-use crate::status::{guard, invalid, null, Fail};
+use crate::status::{guard, invalid, null};
+use crate::typed::{by_width, typed, with_typed_mut};
 
 /// One MoE layer's communication for one iteration: the placement P′ (owners and
 /// holders of every expert), the experts' length and the tokens' width. Every device of
@@ -59,53 +59,6 @@ pub struct phx_moe_dispatched {
     pub(crate) hidden: usize,
     /// Tokens this device gave to the dispatch (rows `phx_moe_layer_combine` returns).
     pub(crate) sent: usize,
-}
-
-/// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.
-macro_rules! by_width {
-    ($size:expr, $t:ident => $body:expr) => {
-        match $size {
-            1 => {
-                type $t = u8;
-                $body
-            }
-            2 => {
-                type $t = u16;
-                $body
-            }
-            4 => {
-                type $t = u32;
-                $body
-            }
-            8 => {
-                type $t = u64;
-                $body
-            }
-            other => Err(invalid(format!("no element type is {other} bytes wide"))),
-        }
-    };
-}
-
-/// `bytes` as a slice of `T`, copied when they are not aligned for `T`.
-fn typed<T: Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
-    match bytemuck::try_cast_slice::<u8, T>(bytes) {
-        Ok(t) => std::borrow::Cow::Borrowed(t),
-        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
-    }
-}
-
-/// Runs `f` on `bytes` as a slice of `T`; when they are not aligned for `T`, on an
-/// aligned copy that is written back only if `f` succeeds (so that an error leaves
-/// `bytes` as they were, like the collectives do).
-fn with_typed_mut<T: Pod>(bytes: &mut [u8], f: impl FnOnce(&mut [T]) -> phalanx::Result<()>) -> Result<(), Fail> {
-    let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
-    if aligned && bytes.len() % std::mem::size_of::<T>() == 0 {
-        return Ok(f(bytemuck::cast_slice_mut(bytes))?);
-    }
-    let mut copy: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
-    f(&mut copy)?;
-    bytes.copy_from_slice(bytemuck::cast_slice(&copy));
-    Ok(())
 }
 
 /// Makes the layer for placement P′: expert `e` (of `n_experts`) is owned by device
@@ -371,32 +324,27 @@ pub unsafe extern "C" fn phx_moe_layer_combine(
 }
 
 impl phx_moe_dispatched {
+    /// (experts, sources, the group's plan): the parts that do not depend on the width.
+    fn parts(&self) -> (&[usize], &[usize], &Dispatch) {
+        match &self.rows {
+            Rows::W1(r) => (&r.experts, &r.sources, &r.plan),
+            Rows::W2(r) => (&r.experts, &r.sources, &r.plan),
+            Rows::W4(r) => (&r.experts, &r.sources, &r.plan),
+            Rows::W8(r) => (&r.experts, &r.sources, &r.plan),
+        }
+    }
+
     /// Tokens this device computes.
     fn count(&self) -> usize {
-        match &self.rows {
-            Rows::W1(r) => r.experts.len(),
-            Rows::W2(r) => r.experts.len(),
-            Rows::W4(r) => r.experts.len(),
-            Rows::W8(r) => r.experts.len(),
-        }
+        self.experts().len()
     }
 
     fn experts(&self) -> &[usize] {
-        match &self.rows {
-            Rows::W1(r) => &r.experts,
-            Rows::W2(r) => &r.experts,
-            Rows::W4(r) => &r.experts,
-            Rows::W8(r) => &r.experts,
-        }
+        self.parts().0
     }
 
     fn sources(&self) -> &[usize] {
-        match &self.rows {
-            Rows::W1(r) => &r.sources,
-            Rows::W2(r) => &r.sources,
-            Rows::W4(r) => &r.sources,
-            Rows::W8(r) => &r.sources,
-        }
+        self.parts().1
     }
 
     fn token_bytes(&self) -> &[u8] {
@@ -409,12 +357,7 @@ impl phx_moe_dispatched {
     }
 
     fn compute(&self) -> Vec<u64> {
-        match &self.rows {
-            Rows::W1(r) => r.plan.compute(),
-            Rows::W2(r) => r.plan.compute(),
-            Rows::W4(r) => r.plan.compute(),
-            Rows::W8(r) => r.plan.compute(),
-        }
+        self.parts().2.compute()
     }
 }
 
@@ -550,13 +493,8 @@ pub unsafe extern "C" fn phx_moe_dispatched_compute(
 /// afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_moe_dispatched_free(dispatched: *mut phx_moe_dispatched) -> c_int {
-    guard(|| {
-        if !dispatched.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(dispatched) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(dispatched) }
 }
 
 /// Frees `layer`. NULL is a no-op.
@@ -565,40 +503,6 @@ pub unsafe extern "C" fn phx_moe_dispatched_free(dispatched: *mut phx_moe_dispat
 /// `layer` is NULL or a live handle from `phx_moe_layer_new`, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_moe_layer_free(layer: *mut phx_moe_layer) -> c_int {
-    guard(|| {
-        if !layer.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(layer) });
-        }
-        Ok(())
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Bytes at an odd address are viewed through an aligned copy, written back only
-    /// on success.
-    #[test]
-    fn unaligned_buffers_go_through_a_copy() {
-        let mut store = [0u32; 3];
-        // One byte past a 4-aligned address: never aligned for f32.
-        let odd = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut store)[1..9];
-        odd.copy_from_slice(bytemuck::cast_slice(&[1.5f32, -2.0]));
-        assert_eq!(typed::<f32>(odd).to_vec(), vec![1.5, -2.0]);
-        with_typed_mut::<f32>(odd, |v| {
-            v[1] = 7.0;
-            Ok(())
-        })
-        .ok()
-        .expect("no error");
-        assert_eq!(typed::<f32>(odd).to_vec(), vec![1.5, 7.0]);
-        let err = with_typed_mut::<f32>(odd, |v| {
-            v[0] = 9.0;
-            Err(phalanx::Error::InvalidArgument("refused".into()))
-        });
-        assert_eq!(err.err().map(|f| f.code), Some(crate::status::PHX_ERR_INVALID_ARGUMENT));
-        assert_eq!(typed::<f32>(odd).to_vec(), vec![1.5, 7.0], "unchanged after an error");
-    }
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(layer) }
 }

@@ -8,13 +8,16 @@
 use std::ffi::{c_int, c_void};
 
 use half::{bf16, f16};
-use phalanx::moe::PendingStep;
-use phalanx::{DType, Element};
+use phalanx::moe::{ExpertLayer, PendingStep};
+use phalanx::{Communicator, DType, Element};
 
-use crate::args::{bytes, bytes_mut, dtype, get_into, handle, handle_mut, out_ptr, write_out};
+use crate::args::{
+    bytes, bytes_mut, deliver_started, dtype, free_handle, get_into, handle, handle_mut, out_ptr, write_out,
+};
 use crate::comm::phx_comm;
 use crate::moe_layer::phx_moe_layer;
 use crate::status::{guard, invalid, null, Fail};
+use crate::typed::by_width;
 
 /// A started step as the handle sees it, whatever its element type.
 trait Step: Send {
@@ -46,31 +49,6 @@ pub struct phx_moe_step {
     dtype: DType,
 }
 
-/// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.
-macro_rules! by_width {
-    ($size:expr, $t:ident => $body:expr) => {
-        match $size {
-            1 => {
-                type $t = u8;
-                $body
-            }
-            2 => {
-                type $t = u16;
-                $body
-            }
-            4 => {
-                type $t = u32;
-                $body
-            }
-            8 => {
-                type $t = u64;
-                $body
-            }
-            other => Err(invalid(format!("no element type is {other} bytes wide"))),
-        }
-    };
-}
-
 /// Boxes a started step for C.
 fn step<T: Element>(pending: PendingStep<T>, count: usize, dtype: DType) -> Result<*mut phx_moe_step, Fail> {
     Ok(Box::into_raw(Box::new(phx_moe_step { inner: Box::new(pending), count, dtype })))
@@ -100,12 +78,8 @@ pub unsafe extern "C" fn phx_moe_layer_materialize_start(
     out: *mut *mut phx_moe_step,
 ) -> c_int {
     guard(|| {
-        // SAFETY: NULL or a live handle (the caller's contract).
-        let layer = unsafe { handle(layer, "layer") }?.core();
-        // SAFETY: NULL or a live handle used by no one else (the caller's contract).
-        let comm = &mut unsafe { handle_mut(comm, "comm") }?.inner;
-        let out = out_ptr(out, "out")?;
-        let dtype = dtype(dtype_code)?;
+        // SAFETY: the caller's contract, as `started_args` needs it.
+        let (layer, comm, out, dtype) = unsafe { started_args(layer, comm, out, dtype_code) }?;
         // SAFETY: NULL or readable for `count` elements (the caller's contract).
         let buf = unsafe { bytes(params, count, dtype, "params") }?;
         check_len(count, layer.params_len(), "params")?;
@@ -134,12 +108,8 @@ pub unsafe extern "C" fn phx_moe_layer_reduce_gradients_start(
     out: *mut *mut phx_moe_step,
 ) -> c_int {
     guard(|| {
-        // SAFETY: NULL or a live handle (the caller's contract).
-        let layer = unsafe { handle(layer, "layer") }?.core();
-        // SAFETY: NULL or a live handle used by no one else (the caller's contract).
-        let comm = &mut unsafe { handle_mut(comm, "comm") }?.inner;
-        let out = out_ptr(out, "out")?;
-        let dtype = dtype(dtype_code)?;
+        // SAFETY: the caller's contract, as `started_args` needs it.
+        let (layer, comm, out, dtype) = unsafe { started_args(layer, comm, out, dtype_code) }?;
         // SAFETY: NULL or readable for `count` elements (the caller's contract).
         let buf = unsafe { bytes(grads, count, dtype, "grads") }?;
         check_len(count, layer.params_len(), "grads")?;
@@ -166,6 +136,25 @@ pub unsafe extern "C" fn phx_moe_layer_reduce_gradients_start(
         unsafe { write_out(out, handle) };
         Ok(())
     })
+}
+
+/// The arguments every started step checks first, in this order: the layer, the
+/// communicator, the `out` pointer and the element type.
+///
+/// # Safety
+/// `layer` is NULL or a live handle; `comm` NULL or a live handle used by no one else
+/// during `'a`.
+unsafe fn started_args<'a>(
+    layer: *const phx_moe_layer,
+    comm: *mut phx_comm,
+    out: *mut *mut phx_moe_step,
+    dtype_code: c_int,
+) -> Result<(&'a ExpertLayer, &'a mut Communicator, *mut *mut phx_moe_step, DType), Fail> {
+    // SAFETY: NULL or a live handle (the caller's contract).
+    let layer = unsafe { handle(layer, "layer") }?.core();
+    // SAFETY: NULL or a live handle used by no one else (the caller's contract).
+    let comm = &mut unsafe { handle_mut(comm, "comm") }?.inner;
+    Ok((layer, comm, out_ptr(out, "out")?, dtype(dtype_code)?))
 }
 
 fn check_len(count: usize, want: usize, what: &str) -> Result<(), Fail> {
@@ -289,12 +278,8 @@ pub unsafe extern "C" fn phx_moe_layer_rematerialize_start(
     out: *mut *mut phx_moe_step,
 ) -> c_int {
     guard(|| {
-        // SAFETY: NULL or a live handle (the caller's contract).
-        let layer = unsafe { handle(layer, "layer") }?.core();
-        // SAFETY: NULL or a live handle used by no one else (the caller's contract).
-        let comm = &mut unsafe { handle_mut(comm, "comm") }?.inner;
-        let out = out_ptr(out, "out")?;
-        let dtype = dtype(dtype_code)?;
+        // SAFETY: the caller's contract, as `started_args` needs it.
+        let (layer, comm, out, dtype) = unsafe { started_args(layer, comm, out, dtype_code) }?;
         // SAFETY: NULL or readable for `owned_count` elements (the caller's contract).
         let owned = unsafe { bytes(owned, owned_count, dtype, "owned") }?;
         let device = comm.rank();
@@ -355,17 +340,8 @@ pub unsafe extern "C" fn phx_moe_step_wait(step: *mut phx_moe_step, out_buf: *mu
         // SAFETY: a live handle made by `Box::into_raw`, given back for good.
         let step = unsafe { Box::from_raw(step) };
         let (expected, dtype) = (step.count, step.dtype);
-        let (result, data) = step.inner.wait();
-        if count != expected {
-            return Err(invalid(format!("count is {count}, the step was started with {expected}")));
-        }
         // SAFETY: NULL or writable for `count` elements of `dtype` (the caller's contract).
-        let out = unsafe { bytes_mut(out_buf, count, dtype, "out_buf") }?;
-        if data.len() == out.len() {
-            out.copy_from_slice(&data);
-        }
-        result?;
-        Ok(())
+        unsafe { deliver_started(step.inner.wait(), out_buf, count, expected, dtype, "step") }
     })
 }
 
@@ -376,11 +352,6 @@ pub unsafe extern "C" fn phx_moe_step_wait(step: *mut phx_moe_step, out_buf: *mu
 /// `step` is NULL or a live handle, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_moe_step_free(step: *mut phx_moe_step) -> c_int {
-    guard(|| {
-        if !step.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(step) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(step) }
 }

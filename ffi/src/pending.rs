@@ -6,9 +6,9 @@ use std::ffi::{c_int, c_void};
 use phalanx::comm::PendingRaw;
 use phalanx::DType;
 
-use crate::args::{bytes, bytes_mut, dtype, get_into, handle_mut, out_ptr, reduce_op, write_out};
+use crate::args::{bytes, deliver_started, dtype, free_handle, get_into, handle_mut, out_ptr, reduce_op, write_out};
 use crate::comm::phx_comm;
-use crate::status::{guard, invalid, null};
+use crate::status::{guard, null};
 
 /// An all-reduce started by `phx_comm_all_reduce_start`, owning a copy of its buffer.
 /// Consumed by `phx_pending_wait` or `phx_pending_free`. It may be waited on from any
@@ -87,17 +87,8 @@ pub unsafe extern "C" fn phx_pending_wait(pending: *mut phx_pending, out_buf: *m
         // SAFETY: a live handle made by `Box::into_raw`, given back for good.
         let pending = unsafe { Box::from_raw(pending) };
         let (expected, dtype) = (pending.count, pending.dtype);
-        let (result, data) = pending.inner.wait();
-        if count != expected {
-            return Err(invalid(format!("count is {count}, the all-reduce was started with {expected}")));
-        }
         // SAFETY: NULL or writable for `count` elements of `dtype` (the caller's contract).
-        let out = unsafe { bytes_mut(out_buf, count, dtype, "out_buf") }?;
-        if data.len() == out.len() {
-            out.copy_from_slice(&data);
-        }
-        result?;
-        Ok(())
+        unsafe { deliver_started(pending.inner.wait(), out_buf, count, expected, dtype, "all-reduce") }
     })
 }
 
@@ -109,11 +100,6 @@ pub unsafe extern "C" fn phx_pending_wait(pending: *mut phx_pending, out_buf: *m
 /// afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_pending_free(pending: *mut phx_pending) -> c_int {
-    guard(|| {
-        if !pending.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(pending) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(pending) }
 }

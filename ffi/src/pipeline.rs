@@ -9,7 +9,7 @@ use std::time::Instant;
 use phalanx::sched::{Action, Executed, Pass, RunError, Runner, Stage, StageError, Step};
 use phalanx::{DType, Element};
 
-use crate::args::{dtype, handle, handle_mut, out_ptr, write_out};
+use crate::args::{dtype, free_handle, handle, handle_mut, out_ptr, write_out};
 use crate::comm::phx_comm;
 use crate::sched::named_schedule;
 use crate::status::{guard, invalid, null, status_of, Fail, PHX_ERR_BUFFER_TOO_SMALL, PHX_ERR_STAGE};
@@ -573,12 +573,6 @@ fn timeline(e: &Executed) -> Vec<phx_pipeline_pass> {
 /// in use.
 #[no_mangle]
 pub unsafe extern "C" fn phx_pipeline_runner_free(runner: *mut phx_pipeline_runner) -> c_int {
-    guard(|| {
-        if !runner.is_null() {
-            // SAFETY: made by Box::into_raw in phx_pipeline_runner_new, freed once (the
-            // caller's contract).
-            drop(unsafe { Box::from_raw(runner) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(runner) }
 }

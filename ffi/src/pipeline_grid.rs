@@ -11,7 +11,7 @@ use std::fmt;
 use phalanx::sched::{Committer, GradStats, Grid, GridMap, Optimistic, Position, RunError, StageError, Verdict};
 use phalanx::DType;
 
-use crate::args::{bytes, bytes_mut, dtype, handle, handle_mut, out_ptr, reduce_op, write_out};
+use crate::args::{bytes, bytes_mut, dtype, free_handle, handle, handle_mut, out_ptr, reduce_op, write_out};
 use crate::comm::phx_comm;
 use crate::pipeline::{phx_pipeline_runner, run_fail};
 use crate::sched::named_schedule;
@@ -289,14 +289,8 @@ pub unsafe extern "C" fn phx_grid_finish(comm: *mut phx_comm, map: *const phx_gr
 /// `map` is NULL or a map not yet freed, not used after this call.
 #[no_mangle]
 pub unsafe extern "C" fn phx_grid_map_free(map: *mut phx_grid_map) -> c_int {
-    guard(|| {
-        if !map.is_null() {
-            // SAFETY: made by Box::into_raw in phx_grid_in_order/place, freed once (the
-            // caller's contract).
-            drop(unsafe { Box::from_raw(map) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(map) }
 }
 
 /// Adds `count` gradients of `dtype` (`PHX_DTYPE_F32` or `PHX_DTYPE_F64`) to `*stats`.
@@ -433,12 +427,6 @@ pub unsafe extern "C" fn phx_committer_step(
 /// `committer` is NULL or a committer not yet freed, not used after this call.
 #[no_mangle]
 pub unsafe extern "C" fn phx_committer_free(committer: *mut phx_committer) -> c_int {
-    guard(|| {
-        if !committer.is_null() {
-            // SAFETY: made by Box::into_raw in phx_committer_new, freed once (the
-            // caller's contract).
-            drop(unsafe { Box::from_raw(committer) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(committer) }
 }

@@ -6,7 +6,7 @@ use std::ffi::{c_int, c_void};
 use phalanx::comm::PendingP2pRaw;
 use phalanx::DType;
 
-use crate::args::{byte_len, bytes, dtype, get_into, handle_mut, out_ptr, write_out};
+use crate::args::{byte_len, bytes, dtype, free_handle, get_into, handle_mut, out_ptr, write_out};
 use crate::comm::phx_comm;
 use crate::status::{guard, null};
 
@@ -161,11 +161,6 @@ pub unsafe extern "C" fn phx_request_wait(request: *mut phx_request) -> c_int {
 /// afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_request_free(request: *mut phx_request) -> c_int {
-    guard(|| {
-        if !request.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(request) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(request) }
 }

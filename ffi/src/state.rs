@@ -6,7 +6,9 @@ use std::ffi::{c_char, c_int, c_void};
 use phalanx::state::SharedState;
 use phalanx::DType;
 
-use crate::args::{bytes, bytes_mut, c_str, dtype, get_into, handle, handle_mut, out_ptr, strategy, write_out};
+use crate::args::{
+    bytes, bytes_mut, c_str, dtype, free_handle, get_into, handle, handle_mut, out_ptr, strategy, write_out,
+};
 use crate::comm::phx_comm;
 use crate::status::{guard, invalid, Fail, PHX_ERR_NOT_FOUND};
 
@@ -198,13 +200,8 @@ pub unsafe extern "C" fn phx_state_digest(state: *const phx_state, out: *mut u8)
 /// `state` is NULL or a live handle from `phx_state_new`, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phx_state_free(state: *mut phx_state) -> c_int {
-    guard(|| {
-        if !state.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`, given back for good.
-            drop(unsafe { Box::from_raw(state) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's contract, as documented.
+    unsafe { free_handle(state) }
 }
 
 /// Makes `state` bit-identical on every member: tensors whose content differs from the

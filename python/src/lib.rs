@@ -40,6 +40,7 @@ mod sched;
 mod sparse;
 mod state;
 mod traffic;
+mod typed;
 
 use std::time::Instant;
 

@@ -7,10 +7,9 @@
 //! `reduce_gradients` runs on the element type. Every step releases the GIL while it
 //! waits on the group.
 
-use bytemuck::Pod;
 use half::{bf16, f16};
 use phalanx::moe::{Dispatch, Dispatched as CoreDispatched, ExpertLayer as CoreLayer, ExpertPlacement, Hosts};
-use phalanx::{DType, Error};
+use phalanx::DType;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -19,52 +18,7 @@ use crate::communicator::Communicator;
 use crate::moe_exchange;
 use crate::moe_started::{self, Kind, MoeStepHandle, ReleasedReplicas};
 use crate::sparse::to_numpy;
-
-/// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.
-macro_rules! by_width {
-    ($size:expr, $t:ident => $body:expr) => {
-        match $size {
-            1 => {
-                type $t = u8;
-                $body
-            }
-            2 => {
-                type $t = u16;
-                $body
-            }
-            4 => {
-                type $t = u32;
-                $body
-            }
-            8 => {
-                type $t = u64;
-                $body
-            }
-            other => Err(Error::InvalidArgument(format!("no element type is {other} bytes wide"))),
-        }
-    };
-}
-
-/// `bytes` as a slice of `T`, copied when they are not aligned for `T`.
-fn typed<T: Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
-    match bytemuck::try_cast_slice::<u8, T>(bytes) {
-        Ok(t) => std::borrow::Cow::Borrowed(t),
-        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
-    }
-}
-
-/// Runs `f` on `bytes` as a slice of `T`; when they are not aligned for `T`, on an
-/// aligned copy written back only if `f` succeeds (an error leaves `bytes` as they were).
-fn with_typed_mut<T: Pod>(bytes: &mut [u8], f: impl FnOnce(&mut [T]) -> phalanx::Result<()>) -> phalanx::Result<()> {
-    let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
-    if aligned && bytes.len() % std::mem::size_of::<T>() == 0 {
-        return f(bytemuck::cast_slice_mut(bytes));
-    }
-    let mut copy: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
-    f(&mut copy)?;
-    bytes.copy_from_slice(bytemuck::cast_slice(&copy));
-    Ok(())
-}
+use crate::typed::{by_width, typed, with_typed_mut};
 
 /// The rows a dispatch delivered, typed by the element's width.
 pub(crate) enum Rows {

@@ -15,6 +15,7 @@ use crate::array::array as array_ref;
 use crate::communicator::Communicator;
 use crate::handle::{Handle, Started};
 use crate::sparse::to_numpy;
+use crate::typed::by_width;
 
 /// A started step, whatever its element type.
 trait Step: Send + 'static {
@@ -42,31 +43,6 @@ impl Started for AnyStep {
     fn ended(&self) -> bool {
         self.0.finished()
     }
-}
-
-/// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.
-macro_rules! by_width {
-    ($size:expr, $t:ident => $body:expr) => {
-        match $size {
-            1 => {
-                type $t = u8;
-                $body
-            }
-            2 => {
-                type $t = u16;
-                $body
-            }
-            4 => {
-                type $t = u32;
-                $body
-            }
-            8 => {
-                type $t = u64;
-                $body
-            }
-            other => Err(Error::InvalidArgument(format!("no element type is {other} bytes wide"))),
-        }
-    };
 }
 
 fn boxed<T: Element>(p: PendingStep<T>) -> AnyStep {

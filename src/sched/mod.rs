@@ -41,6 +41,7 @@ mod named;
 mod postval;
 mod run;
 mod simulate;
+mod sleeper;
 mod validate;
 mod vshape;
 
@@ -55,6 +56,7 @@ pub use run::{
     DEFAULT_RECEIVES_AHEAD, RUNNER_TAG_BIT,
 };
 pub use simulate::{simulate, Timeline};
+pub use sleeper::Sleeper;
 pub use validate::validate;
 pub use vshape::{v_half, v_min};
 

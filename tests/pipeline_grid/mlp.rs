@@ -5,6 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+// The model is `phalanx::pipeline_mlp`'s at another width (`D`, `ROWS`): its
+// deterministic values are shared; its layer math is fixed to its own width.
+use phalanx::pipeline_mlp::values;
 use phalanx::sched::{GradStats, Optimistic, Pass, Schedule, Stage, StageError, Step, Verdict};
 use phalanx::SharedState;
 
@@ -14,18 +17,6 @@ pub const D: usize = 4;
 pub const ROWS: usize = 2;
 pub const LR: f32 = 0.05;
 pub const MOMENTUM: f32 = 0.9;
-
-pub fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// The input and target of global micro-batch `g` of iteration `it`.
 pub fn input(it: usize, g: usize) -> Vec<f32> {

@@ -1,0 +1,88 @@
+//! Byte buffers from C seen as slices of an element type: `typed` and `with_typed_mut`
+//! (through an aligned copy when C's bytes are not aligned for it), and `by_width!`,
+//! which picks the unsigned integer of an element's width for steps that only move
+//! bits (dispatch, combine, materialize).
+
+use bytemuck::Pod;
+
+use crate::status::Fail;
+
+/// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.
+macro_rules! by_width {
+    ($size:expr, $t:ident => $body:expr) => {
+        match $size {
+            1 => {
+                type $t = u8;
+                $body
+            }
+            2 => {
+                type $t = u16;
+                $body
+            }
+            4 => {
+                type $t = u32;
+                $body
+            }
+            8 => {
+                type $t = u64;
+                $body
+            }
+            other => Err($crate::status::invalid(format!("no element type is {other} bytes wide"))),
+        }
+    };
+}
+pub(crate) use by_width;
+
+/// `bytes` as a slice of `T`, copied when they are not aligned for `T`.
+pub(crate) fn typed<T: Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
+
+/// Runs `f` on `bytes` as a slice of `T`; when they are not aligned for `T`, on an
+/// aligned copy that is written back only if `f` succeeds (so that an error leaves
+/// `bytes` as they were, like the collectives do).
+pub(crate) fn with_typed_mut<T: Pod>(
+    bytes: &mut [u8],
+    f: impl FnOnce(&mut [T]) -> phalanx::Result<()>,
+) -> Result<(), Fail> {
+    let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
+    if aligned && bytes.len() % std::mem::size_of::<T>() == 0 {
+        return Ok(f(bytemuck::cast_slice_mut(bytes))?);
+    }
+    let mut copy: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
+    f(&mut copy)?;
+    bytes.copy_from_slice(bytemuck::cast_slice(&copy));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes at an odd address are viewed through an aligned copy, written back only
+    /// on success.
+    #[test]
+    fn unaligned_buffers_go_through_a_copy() {
+        let mut store = [0u32; 3];
+        // One byte past a 4-aligned address: never aligned for f32.
+        let odd = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut store)[1..9];
+        odd.copy_from_slice(bytemuck::cast_slice(&[1.5f32, -2.0]));
+        assert_eq!(typed::<f32>(odd).to_vec(), vec![1.5, -2.0]);
+        with_typed_mut::<f32>(odd, |v| {
+            v[1] = 7.0;
+            Ok(())
+        })
+        .ok()
+        .expect("no error");
+        assert_eq!(typed::<f32>(odd).to_vec(), vec![1.5, 7.0]);
+        let err = with_typed_mut::<f32>(odd, |v| {
+            v[0] = 9.0;
+            Err(phalanx::Error::InvalidArgument("refused".into()))
+        });
+        assert_eq!(err.err().map(|f| f.code), Some(crate::status::PHX_ERR_INVALID_ARGUMENT));
+        assert_eq!(typed::<f32>(odd).to_vec(), vec![1.5, 7.0], "unchanged after an error");
+    }
+}
