@@ -321,3 +321,40 @@ fn a_dropped_peer_with_a_send_waiting_for_its_link(mut comms: Vec<Communicator>)
 fn local_dropped_peer_with_a_send_waiting_for_its_link() {
     with_timeout(60, || a_dropped_peer_with_a_send_waiting_for_its_link(group(false, 3).1));
 }
+
+/// A peer that drops its communicator while one of its receives, on a link already
+/// open, waits for a message that will not come (its handle dropped, as a failed
+/// pipeline stage leaves the receives it posted ahead) is lost to the others at once:
+/// a task still running must not keep the peer's control connection, and so the peer,
+/// alive (the communicator's drop stops the connection itself).
+fn a_dropped_peer_with_a_receive_waiting_on_an_open_link(mut comms: Vec<Communicator>) {
+    // Ranks 1 and 2 open their link with one message each way (the smaller id opens
+    // it; the pipeline runner's lost stage waited on the stage after it).
+    let out = each(&mut comms, |r, c| match r {
+        1 => c.send(2, 1, &[1u8; 8]).and_then(|()| c.recv(2, 1, &mut [0u8; 8])),
+        2 => c.recv(1, 1, &mut [0u8; 8]).and_then(|()| c.send(1, 1, &[2u8; 8])),
+        _ => Ok(()),
+    });
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    let mut c2 = comms.remove(2);
+    drop(c2.irecv(1, 9, vec![0u8; 8]).unwrap()); // never sent
+    drop(c2);
+    let out = each(&mut comms, |_, c| c.barrier());
+    for (r, res) in out.into_iter().enumerate() {
+        let e = res.expect_err("a member is gone");
+        assert!(matches!(e, Error::PeerLost { .. } | Error::Aborted { .. }), "rank {r}: {e}");
+    }
+}
+
+#[test]
+fn local_dropped_peer_with_a_receive_waiting_on_an_open_link() {
+    with_timeout(60, || a_dropped_peer_with_a_receive_waiting_on_an_open_link(group(false, 4).1));
+}
+
+#[test]
+fn net_dropped_peer_with_a_receive_waiting_on_an_open_link() {
+    with_timeout(60, || {
+        let (_cluster, comms) = group(true, 4);
+        a_dropped_peer_with_a_receive_waiting_on_an_open_link(comms)
+    });
+}

@@ -379,6 +379,11 @@ impl Drop for AsyncPeer {
             task.abort();
         }
         self.ops.links.close_all();
+        // The control client's own drop would stop its connection too, but a message
+        // task still running (a dropped `isend`/`irecv` handle, a receive the pipeline
+        // runner posted ahead) holds a clone of it: without this the master would never
+        // see this peer go, and the others would wait for it.
+        self.ops.control.shut();
     }
 }
 

@@ -418,6 +418,16 @@ impl ControlClient {
     }
 }
 
+impl ControlClient {
+    /// Stops the driver, which closes the connection: the master sees this peer gone at
+    /// once. For the owner's drop: tasks still running (a non-blocking message whose
+    /// handle was dropped) may hold clones of the client, and must not keep a dropped
+    /// peer in the group.
+    pub(crate) fn shut(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
 impl Drop for ControlClient {
     fn drop(&mut self) {
         self.stop.send_replace(true);

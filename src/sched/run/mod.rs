@@ -97,14 +97,10 @@ pub const RUNNER_TAG_BIT: u32 = 1 << 31;
 /// default `ConnectOptions::queue_frames` (16) and `Tuning::chunk_bytes` (256 KiB).
 pub const DEFAULT_MESSAGE_LIMIT: usize = 16 * (256 << 10);
 
-/// The default [`Runner::receives_ahead`]: none, each receive is posted when its pass
-/// begins. Posting ahead (2 receives: in a 1F1B-like steady state, the next forward's
-/// activation and the next backward's gradient) is opt-in while a hang is open: in a
-/// local group, a stage whose posted receives wait for a neighbour that returned an
-/// error but kept its communicator was seen, in about one run in four of
-/// `tests/pipeline_runner.rs::a_stage_lost_mid_iteration_…` with 2 posted, to miss the
-/// view change that the lost stage's departure makes (0 of 16 runs with none posted).
-pub const DEFAULT_RECEIVES_AHEAD: usize = 0;
+/// The default [`Runner::receives_ahead`]: the next two receives of a stage's list
+/// (in a 1F1B-like steady state, the next forward's activation and the next backward's
+/// gradient).
+pub const DEFAULT_RECEIVES_AHEAD: usize = 2;
 
 /// The tag of the greeting that opens a link (see the module docs).
 const GREETING_TAG: u32 = RUNNER_TAG_BIT | (RUNNER_TAG_BIT - 1);
