@@ -300,6 +300,16 @@ fn net_dropped_handles() {
     });
 }
 
+/// Every communicator of `comms` sees a member gone: its barrier fails with `PeerLost`
+/// or `Aborted`, with no hang.
+fn the_others_see_a_member_gone(comms: &mut [Communicator]) {
+    let out = each(comms, |_, c| c.barrier());
+    for (r, res) in out.into_iter().enumerate() {
+        let e = res.expect_err("a member is gone");
+        assert!(matches!(e, Error::PeerLost { .. } | Error::Aborted { .. }), "rank {r}: {e}");
+    }
+}
+
 /// A peer that drops its communicator while one of its sends still waits for the other
 /// end to open their link (the larger id waits to be connected to) is lost to the
 /// others at once: the waiting task gives up with the data links instead of keeping the
@@ -310,11 +320,7 @@ fn a_dropped_peer_with_a_send_waiting_for_its_link(mut comms: Vec<Communicator>)
     // Rank 1 never calls anything with rank 2, so their link is never opened.
     drop(c2.isend(1, 5, vec![7u8; 64]).unwrap());
     drop(c2);
-    let out = each(&mut comms, |_, c| c.barrier());
-    for (r, res) in out.into_iter().enumerate() {
-        let e = res.expect_err("a member is gone");
-        assert!(matches!(e, Error::PeerLost { .. } | Error::Aborted { .. }), "rank {r}: {e}");
-    }
+    the_others_see_a_member_gone(&mut comms);
 }
 
 #[test]
@@ -339,11 +345,7 @@ fn a_dropped_peer_with_a_receive_waiting_on_an_open_link(mut comms: Vec<Communic
     let mut c2 = comms.remove(2);
     drop(c2.irecv(1, 9, vec![0u8; 8]).unwrap()); // never sent
     drop(c2);
-    let out = each(&mut comms, |_, c| c.barrier());
-    for (r, res) in out.into_iter().enumerate() {
-        let e = res.expect_err("a member is gone");
-        assert!(matches!(e, Error::PeerLost { .. } | Error::Aborted { .. }), "rank {r}: {e}");
-    }
+    the_others_see_a_member_gone(&mut comms);
 }
 
 #[test]

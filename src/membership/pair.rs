@@ -88,7 +88,7 @@ impl Pair {
     /// Peer `i` rejoins the master with its own state; the master's outputs are returned.
     #[cfg(test)]
     pub fn rejoin(&mut self, i: usize) -> Vec<Output> {
-        let msg = self.peers[i].rejoin(([127, 0, 0, 1], 7000 + i as u16).into()).expect("a member has a view");
+        let msg = self.peers[i].rejoin(([127, 0, 0, 1], 7000 + i as u16).into()).expect("a member has a view"); // ok: test harness (cfg test/testing)
         self.send(i, msg)
     }
 
