@@ -3,6 +3,7 @@
 
 use super::Communicator;
 use crate::error::Result;
+use crate::membership::peer::GenerationId;
 
 impl Communicator {
     /// The device (NCCL) unique id of view `epoch`'s device communicator, through the
@@ -12,9 +13,32 @@ impl Communicator {
     ///
     /// Fails with a retryable [`crate::Error::Aborted`] once the view has moved past
     /// `epoch` (the next view has its own id), and with [`crate::Error::Removed`] once this
-    /// peer is no longer a member. `device::session::DeviceSession` calls it; a caller
-    /// driving its own device communicators may too.
+    /// peer is no longer a member. `device::session::DeviceSession` calls
+    /// [`Communicator::device_unique_id_at`]; a caller driving its own device
+    /// communicators may call either. This one asks for generation 0 and returns the
+    /// newest generation's id.
     pub fn device_unique_id(&mut self, epoch: u64, offer: Option<([u8; 128], bool)>) -> Result<([u8; 128], bool)> {
         self.block(async |p| p.device_unique_id(epoch, offer).await)?
+    }
+
+    /// [`Communicator::device_unique_id`] for the communicator of generation
+    /// `generation` of `epoch` (0 for the view's first; one more for each fresh
+    /// communicator after a device failure with no change of membership): returns the
+    /// relayed id of that generation or of a newer one, with its generation, the id and
+    /// its grow flag.
+    pub fn device_unique_id_at(
+        &mut self,
+        epoch: u64,
+        generation: u32,
+        offer: Option<([u8; 128], bool)>,
+    ) -> Result<GenerationId> {
+        self.block(async |p| p.device_unique_id_at(epoch, generation, offer).await)?
+    }
+
+    /// The newest device id the master relayed for `epoch` (generation, id, grow flag),
+    /// without waiting: how a member that did not see a device failure learns that the
+    /// others moved to a newer generation.
+    pub fn device_relayed(&self, epoch: u64) -> Option<GenerationId> {
+        self.peer().and_then(|p| p.device_relayed(epoch))
     }
 }

@@ -233,7 +233,23 @@ impl AsyncPeer {
 
     /// See [`crate::Communicator::device_unique_id`].
     pub async fn device_unique_id(&self, epoch: u64, offer: Option<([u8; 128], bool)>) -> Result<([u8; 128], bool)> {
-        self.ops.control.device_id(epoch, offer).await
+        let (_, id, grow) = self.ops.control.device_id(epoch, 0, offer).await?;
+        Ok((id, grow))
+    }
+
+    /// See [`crate::Communicator::device_unique_id_at`].
+    pub async fn device_unique_id_at(
+        &self,
+        epoch: u64,
+        generation: u32,
+        offer: Option<([u8; 128], bool)>,
+    ) -> Result<crate::membership::peer::GenerationId> {
+        self.ops.control.device_id(epoch, generation, offer).await
+    }
+
+    /// See [`crate::Communicator::device_relayed`].
+    pub fn device_relayed(&self, epoch: u64) -> Option<crate::membership::peer::GenerationId> {
+        self.ops.control.device_relayed(epoch)
     }
 
     /// See [`crate::Communicator::update_topology`].

@@ -11,10 +11,13 @@ use super::{AsyncState, DeviceBackend, DeviceComm, DeviceError, UniqueId};
 /// What the driver's caller must do or know after an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Send this id to the master for `epoch` (it relays the first one to every member).
+    /// Send this id to the master for `epoch`, `generation` (it relays the first one to
+    /// every member).
     Publish {
         /// The epoch it is for.
         epoch: u64,
+        /// The generation it is for.
+        generation: u32,
         /// The id this peer made.
         id: UniqueId,
         /// Whether the members grow their communicator with it.
@@ -56,6 +59,12 @@ impl<B: DeviceBackend> DeviceDriver<B> {
         self.machine.ready_epoch()
     }
 
+    /// The epoch and generation of the communicator aimed at (see
+    /// [`DeviceMembership::current`]).
+    pub fn current(&self) -> (u64, u32) {
+        self.machine.current()
+    }
+
     /// Feeds `event` (a view, a relayed id, a failed collective) and carries out every
     /// decision that follows, including the sleeping polls of a communicator being made.
     pub fn handle(&mut self, event: Event) -> Vec<Outcome> {
@@ -72,9 +81,9 @@ impl<B: DeviceBackend> DeviceDriver<B> {
     /// Carries out one decision; returns the event it leads to, if any.
     fn carry_out(&mut self, d: Decision, out: &mut Vec<Outcome>) -> Option<Event> {
         let made = match d {
-            Decision::CreateAndPublishId { epoch, grow } => {
+            Decision::CreateAndPublishId { epoch, generation, grow } => {
                 match self.backend.unique_id() {
-                    Ok(id) => out.push(Outcome::Publish { epoch, id, grow }),
+                    Ok(id) => out.push(Outcome::Publish { epoch, generation, id, grow }),
                     Err(e) => out.push(Outcome::GaveUp(e)),
                 }
                 return None;
@@ -172,14 +181,16 @@ mod tests {
             for &p in members {
                 for o in self.peers[p as usize].handle(Event::View { epoch, members: members.to_vec() }) {
                     match o {
-                        Outcome::Publish { epoch, id, grow } => published.push((p, epoch, id, grow)),
+                        Outcome::Publish { epoch, generation, id, grow } => {
+                            published.push((p, epoch, generation, id, grow))
+                        }
                         Outcome::Ready { epoch: e } => ready.push((p, e)),
                         Outcome::GaveUp(e) => panic!("peer {p}: {e}"),
                     }
                 }
             }
-            for (from, epoch, id, grow) in published {
-                for (to, event) in self.relay.publish(from, epoch, id, grow) {
+            for (from, epoch, generation, id, grow) in published {
+                for (to, event) in self.relay.publish(from, epoch, generation, id, grow) {
                     for o in self.peers[to as usize].handle(event) {
                         let Outcome::Ready { epoch: e } = o else { panic!("peer {to}: {o:?}") };
                         ready.push((to, e));
@@ -253,7 +264,7 @@ mod tests {
         // The group of that id is failed before this peer joins it.
         let _other = backend.init(id, 1, 2).unwrap();
         backend.fail(id, "the other rank died during creation");
-        let out = d.handle(Event::UniqueId { epoch: 1, id: *id, grow: false });
+        let out = d.handle(Event::UniqueId { epoch: 1, generation: 0, id: *id, grow: false });
         assert!(matches!(out.as_slice(), [Outcome::GaveUp(DeviceError::Call { .. })]), "{out:?}");
         assert!(d.comm().is_none());
     }

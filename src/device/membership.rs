@@ -16,8 +16,18 @@
 //!   with the id, so members and joiners never disagree.
 //! - Creation is non-blocking: while the communicator's async state reads "in progress"
 //!   the decision is to sleep and check again, with a growing pause (never a spin).
+//! - A device failure with no change of membership (an NCCL error while every peer
+//!   lives) is recovered within the epoch: the communicators of an epoch are numbered by
+//!   a *generation* (0 for the view's first). After a failure a member asks for the next
+//!   generation ([`Event::Renew`]): it drops its communicator and makes an id, which the
+//!   master relays to every member if it is the first for that generation. A member that
+//!   did not see the failure follows the newer generation when its id reaches it: it
+//!   aborts its communicator and inits from the relayed id.
+//! - After a master takeover with the view unchanged (a new epoch, the same members in
+//!   the same order), the new master relays again the id members held (see
+//!   `membership::master::device_ids`): a member whose communicator was made from that
+//!   very id keeps it (no second init from one id), the others init from it.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{AsyncState, Capabilities, DeviceError, UniqueId};
@@ -37,10 +47,12 @@ pub enum Event {
         /// Member peer ids, rank order.
         members: Vec<u64>,
     },
-    /// The master relayed the unique id of `epoch`.
+    /// The master relayed the unique id of `epoch`, generation `generation`.
     UniqueId {
         /// The epoch it belongs to.
         epoch: u64,
+        /// Its generation within the epoch.
+        generation: u32,
         /// The id.
         id: UniqueId,
         /// Whether the members grow their communicator with it (else a fresh init).
@@ -50,6 +62,16 @@ pub enum Event {
     Polled(AsyncState),
     /// A collective or an async check on the active communicator failed.
     Failed(DeviceError),
+    /// Make the communicator of generation `generation` of `epoch` over `members` (its
+    /// current view): the one before failed, or could not be made.
+    Renew {
+        /// The current epoch.
+        epoch: u64,
+        /// The generation to make: above the current one.
+        generation: u32,
+        /// Member peer ids, rank order.
+        members: Vec<u64>,
+    },
 }
 
 /// What the driver should do, in order.
@@ -61,6 +83,8 @@ pub enum Decision {
     CreateAndPublishId {
         /// The epoch it is for.
         epoch: u64,
+        /// The generation it is for.
+        generation: u32,
         /// Whether the members grow their communicator with it.
         grow: bool,
     },
@@ -129,19 +153,23 @@ pub enum Decision {
 struct Held {
     members: Vec<u64>,
     broken: bool,
+    /// The unique id it was made (or grown) from; `None` for a shrunk one.
+    id: Option<UniqueId>,
 }
 
+/// The state of the communicator of [`DeviceMembership`]'s (epoch, generation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// No communicator and none coming.
     Idle,
-    /// Waiting for the master to relay the id of `epoch`; `held` is the communicator
-    /// this peer has now, if any.
-    AwaitingId { epoch: u64, members: Vec<u64>, held: Option<Held> },
-    /// A communicator of `epoch` is being created; `pause` is the next sleep.
-    Creating { epoch: u64, members: Vec<u64>, pause: Duration },
-    /// The communicator of `epoch` is ready (`broken` after a failure).
-    Active { epoch: u64, members: Vec<u64>, broken: bool },
+    /// Waiting for the master to relay the id; `held` is the communicator this peer has
+    /// now, if any.
+    AwaitingId { members: Vec<u64>, held: Option<Held> },
+    /// A communicator is being created from `id` (`None`: a shrink); `pause` is the
+    /// next sleep.
+    Creating { members: Vec<u64>, pause: Duration, id: Option<UniqueId> },
+    /// The communicator is ready (`broken` after a failure).
+    Active { members: Vec<u64>, broken: bool, id: Option<UniqueId> },
     /// This peer is not in the view.
     Removed,
 }
@@ -151,6 +179,10 @@ enum State {
 pub struct DeviceMembership {
     me: u64,
     caps: Capabilities,
+    /// The epoch of the communicator aimed at (the last view's).
+    epoch: u64,
+    /// Its generation within the epoch.
+    generation: u32,
     state: State,
 }
 
@@ -158,36 +190,41 @@ impl DeviceMembership {
     /// The machine of peer `me` on a backend with `caps` (every peer of a group is
     /// expected to load the same NCCL, so the same capabilities).
     pub fn new(me: u64, caps: Capabilities) -> DeviceMembership {
-        DeviceMembership { me, caps, state: State::Idle }
+        DeviceMembership { me, caps, epoch: 0, generation: 0, state: State::Idle }
     }
 
     /// The epoch of the ready communicator, if one is ready and not broken.
     pub fn ready_epoch(&self) -> Option<u64> {
         match self.state {
-            State::Active { epoch, broken: false, .. } => Some(epoch),
+            State::Active { broken: false, .. } => Some(self.epoch),
             _ => None,
         }
+    }
+
+    /// The epoch and generation of the communicator aimed at: the ready one, the one
+    /// being made or awaited, or the one that failed.
+    pub fn current(&self) -> (u64, u32) {
+        (self.epoch, self.generation)
     }
 
     /// Feeds one event; returns what to do.
     pub fn handle(&mut self, event: Event) -> Vec<Decision> {
         match event {
             Event::View { epoch, members } => self.on_view(epoch, members),
-            Event::UniqueId { epoch, id, grow } => self.on_id(epoch, id, grow),
+            Event::UniqueId { epoch, generation, id, grow } => self.on_id(epoch, generation, id, grow),
             Event::Polled(state) => self.on_polled(state),
             Event::Failed(error) => self.on_failed(error),
+            Event::Renew { epoch, generation, members } => self.on_renew(epoch, generation, members),
         }
     }
 
     fn on_view(&mut self, epoch: u64, members: Vec<u64>) -> Vec<Decision> {
         let mut out = Vec::new();
         let held = match &self.state {
-            State::Active { epoch: e, .. } | State::AwaitingId { epoch: e, .. } | State::Creating { epoch: e, .. }
-                if *e >= epoch =>
-            {
+            State::Active { .. } | State::AwaitingId { .. } | State::Creating { .. } if self.epoch >= epoch => {
                 return out; // a stale or repeated view
             }
-            State::Active { members, broken, .. } => Some(Held { members: members.clone(), broken: *broken }),
+            State::Active { members, broken, id } => Some(Held { members: members.clone(), broken: *broken, id: *id }),
             State::AwaitingId { held, .. } => held.clone(),
             State::Creating { .. } => {
                 // A communicator half made for a view that is already outdated.
@@ -196,6 +233,7 @@ impl DeviceMembership {
             }
             State::Idle | State::Removed => None,
         };
+        (self.epoch, self.generation) = (epoch, 0);
         if !members.contains(&self.me) {
             if held.is_some() {
                 out.push(Decision::Abort);
@@ -213,7 +251,7 @@ impl DeviceMembership {
                     out.push(Decision::Revoke);
                 }
                 out.push(Decision::Shrink { epoch, exclude: lost, abort_pending: !self.caps.revoke });
-                self.state = State::Creating { epoch, members, pause: FIRST_POLL };
+                self.state = State::Creating { members, pause: FIRST_POLL, id: None };
                 return out;
             }
         }
@@ -223,19 +261,61 @@ impl DeviceMembership {
             let grow = held.as_ref().is_some_and(|old| {
                 self.caps.grow && !old.broken && members.len() > old.members.len() && members.starts_with(&old.members)
             });
-            out.push(Decision::CreateAndPublishId { epoch, grow });
+            out.push(Decision::CreateAndPublishId { epoch, generation: 0, grow });
         }
-        self.state = State::AwaitingId { epoch, members, held };
+        self.state = State::AwaitingId { members, held };
         out
     }
 
-    fn on_id(&mut self, epoch: u64, id: UniqueId, grow: bool) -> Vec<Decision> {
-        let State::AwaitingId { epoch: awaited, members, held } = &self.state else { return Vec::new() };
-        if *awaited != epoch {
-            return Vec::new(); // an id of another epoch: stale
+    /// The communicator of `generation` is wanted: whatever this peer holds is dropped
+    /// and it offers an id of its own (the master relays the first one).
+    fn on_renew(&mut self, epoch: u64, generation: u32, members: Vec<u64>) -> Vec<Decision> {
+        if epoch != self.epoch || generation <= self.generation || !members.contains(&self.me) {
+            return Vec::new(); // another epoch, or a generation already reached
         }
-        let (members, held) = (members.clone(), held.clone());
+        let mut out = Vec::new();
+        match &self.state {
+            State::Active { .. } | State::Creating { .. } | State::AwaitingId { held: Some(_), .. } => {
+                out.push(Decision::Abort)
+            }
+            State::AwaitingId { held: None, .. } | State::Idle | State::Removed => {}
+        }
+        self.generation = generation;
+        out.push(Decision::CreateAndPublishId { epoch, generation, grow: false });
+        self.state = State::AwaitingId { members, held: None };
+        out
+    }
+
+    fn on_id(&mut self, epoch: u64, generation: u32, id: UniqueId, grow: bool) -> Vec<Decision> {
+        if epoch != self.epoch || generation < self.generation {
+            return Vec::new(); // an id of another epoch or an older generation: stale
+        }
+        // A newer generation reaches a member that did not see the failure: it follows,
+        // dropping its communicator (aborted: the others left it).
+        let behind = generation > self.generation;
+        let (members, held) = match &self.state {
+            State::AwaitingId { members, held } => (members.clone(), held.clone()),
+            State::Active { members, broken, id } if behind => {
+                (members.clone(), Some(Held { members: members.clone(), broken: true, id: *id }))
+            }
+            _ => return Vec::new(),
+        };
+        let held = if behind { held.map(|h| Held { broken: true, ..h }) } else { held };
         let Some(rank) = members.iter().position(|p| *p == self.me) else { return Vec::new() };
+        self.generation = generation;
+        if let Some(old) = held.as_ref().filter(|h| h.id == Some(id)) {
+            // The communicator this peer holds was made from this very id (a new master
+            // relayed it again after a takeover): over these members and healthy, it is
+            // the one. Otherwise no second communicator can be made from the id (the
+            // others keep theirs): this one is dropped, and the next generation asked
+            // for ([`Event::Renew`]), which the others follow.
+            if !old.broken && old.members == members {
+                self.state = State::Active { members, broken: false, id: Some(id) };
+                return vec![Decision::Ready { epoch }];
+            }
+            self.state = State::Idle;
+            return vec![Decision::Abort];
+        }
         let size = members.len();
         let mut out = Vec::new();
         match (grow, &held) {
@@ -259,12 +339,13 @@ impl DeviceMembership {
             }
             (false, None) => out.push(Decision::Init { epoch, id, rank, size }),
         }
-        self.state = State::Creating { epoch, members, pause: FIRST_POLL };
+        self.state = State::Creating { members, pause: FIRST_POLL, id: Some(id) };
         out
     }
 
     fn on_polled(&mut self, state: AsyncState) -> Vec<Decision> {
-        let State::Creating { epoch, members, pause } = &mut self.state else { return Vec::new() };
+        let epoch = self.epoch;
+        let State::Creating { members, pause, id } = &mut self.state else { return Vec::new() };
         match state {
             AsyncState::InProgress => {
                 let now = *pause;
@@ -272,8 +353,7 @@ impl DeviceMembership {
                 vec![Decision::PollAfter(now)]
             }
             AsyncState::Ready => {
-                let epoch = *epoch;
-                self.state = State::Active { epoch, members: std::mem::take(members), broken: false };
+                self.state = State::Active { members: std::mem::take(members), broken: false, id: *id };
                 vec![Decision::Ready { epoch }]
             }
             AsyncState::Failed(e) => {
@@ -303,36 +383,51 @@ impl DeviceMembership {
 }
 
 /// The master's side of the id exchange: the first id published for the current epoch
-/// wins, and goes to every member; ids for other epochs and second ids are dropped.
+/// and a generation above the relayed one wins, and goes to every member; ids for other
+/// epochs, older or equal generations and from non-members are not relayed.
 #[derive(Debug, Default)]
 pub struct IdRelay {
     epoch: u64,
     members: Vec<u64>,
-    ids: HashMap<u64, (UniqueId, bool)>,
+    /// The relayed id of the current epoch: its generation, the id, the grow flag.
+    current: Option<(u32, UniqueId, bool)>,
 }
 
 impl IdRelay {
-    /// A new view: ids for earlier epochs are forgotten.
+    /// The view of `epoch`: a new epoch forgets the id of the one before.
     pub fn view(&mut self, epoch: u64, members: Vec<u64>) {
+        if epoch != self.epoch {
+            self.current = None;
+        }
         self.epoch = epoch;
         self.members = members;
-        self.ids.retain(|e, _| *e >= epoch);
     }
 
-    /// `from` published `id` (and its grow flag) for `epoch`: the [`Event::UniqueId`]
-    /// to send to each member, `(peer, event)`. Empty unless `from` is a member and this
-    /// is the first id of the current epoch.
-    pub fn publish(&mut self, from: u64, epoch: u64, id: UniqueId, grow: bool) -> Vec<(u64, Event)> {
-        if epoch != self.epoch || !self.members.contains(&from) || self.ids.contains_key(&epoch) {
+    /// `from` published `id` (and its grow flag) for `epoch`, `generation`: the
+    /// [`Event::UniqueId`] to send to each member, `(peer, event)`. Empty unless `from`
+    /// is a member and this is the first id of the current epoch for a generation above
+    /// the relayed one.
+    pub fn publish(&mut self, from: u64, epoch: u64, generation: u32, id: UniqueId, grow: bool) -> Vec<(u64, Event)> {
+        let newer = self.current.is_none_or(|(g, ..)| generation > g);
+        if epoch != self.epoch || !self.members.contains(&from) || !newer {
             return Vec::new();
         }
-        self.ids.insert(epoch, (id, grow));
-        self.members.iter().map(|&p| (p, Event::UniqueId { epoch, id, grow })).collect()
+        self.current = Some((generation, id, grow));
+        self.members.iter().map(|&p| (p, Event::UniqueId { epoch, generation, id, grow })).collect()
     }
 
-    /// The id of the current epoch and its grow flag, for a member that asks again
-    /// (after a reconnect).
-    pub fn current(&self) -> Option<(UniqueId, bool)> {
-        self.ids.get(&self.epoch).copied()
+    /// A master that took over with the view unchanged relays, as generation 0 of its
+    /// view `epoch`, the id the members held (see `membership::master::device_ids`):
+    /// the events for each member.
+    pub fn adopt(&mut self, epoch: u64, members: Vec<u64>, id: UniqueId, grow: bool) -> Vec<(u64, Event)> {
+        self.view(epoch, members);
+        self.current = Some((0, id, grow));
+        self.members.iter().map(|&p| (p, Event::UniqueId { epoch, generation: 0, id, grow })).collect()
+    }
+
+    /// The relayed id of the current epoch, its generation and grow flag, for a member
+    /// that asks again or offers for an older or equal generation.
+    pub fn current(&self) -> Option<(u32, UniqueId, bool)> {
+        self.current
     }
 }

@@ -43,7 +43,7 @@ impl Group {
     /// `from` publishes `id`; the relayed events are fed to their peers.
     fn publish(&mut self, from: u64, epoch: u64, id: UniqueId, grow: bool) -> Vec<Vec<Decision>> {
         let mut out = vec![Vec::new(); self.peers.len()];
-        for (to, event) in self.relay.publish(from, epoch, id, grow) {
+        for (to, event) in self.relay.publish(from, epoch, 0, id, grow) {
             out[to as usize] = self.peers[to as usize].handle(event);
         }
         out
@@ -74,17 +74,17 @@ impl Group {
 fn the_first_member_makes_the_id_and_everyone_inits_from_the_relayed_one() {
     let mut g = Group::new(3, Capabilities::ALL);
     let d = g.view(1, &[0, 1, 2], &[]);
-    assert_eq!(d, vec![vec![Decision::CreateAndPublishId { epoch: 1, grow: false }], vec![], vec![]]);
+    assert_eq!(d, vec![vec![Decision::CreateAndPublishId { epoch: 1, generation: 0, grow: false }], vec![], vec![]]);
     let d = g.publish(0, 1, id(7), false);
     for r in 0..3 {
         assert_eq!(d[r], vec![Decision::Init { epoch: 1, id: id(7), rank: r, size: 3 }]);
     }
     // A second id for the same epoch (a maker that retried) reaches nobody.
-    assert!(g.relay.publish(0, 1, id(8), false).is_empty());
-    assert_eq!(g.relay.current(), Some((id(7), false)));
+    assert!(g.relay.publish(0, 1, 0, id(8), false).is_empty());
+    assert_eq!(g.relay.current(), Some((0, id(7), false)));
     // Neither do ids from a non-member or for another epoch.
-    assert!(g.relay.publish(9, 1, id(9), false).is_empty());
-    assert!(g.relay.publish(0, 2, id(9), false).is_empty());
+    assert!(g.relay.publish(9, 1, 0, id(9), false).is_empty());
+    assert!(g.relay.publish(0, 2, 0, id(9), false).is_empty());
     g.ready(&[0, 1, 2], 1);
     assert_eq!(g.peers[1].ready_epoch(), Some(1));
 }
@@ -143,7 +143,7 @@ fn a_loss_without_shrink_aborts_then_inits_afresh() {
     assert_eq!(g.peers[1].handle(Event::Failed(e.clone())), vec![Decision::Abort]);
     assert_eq!(g.peers[1].handle(Event::Failed(e)), vec![], "one abort per failure");
     let d = g.view(2, &[1, 2], &[]);
-    assert_eq!(d[1], vec![Decision::CreateAndPublishId { epoch: 2, grow: false }]);
+    assert_eq!(d[1], vec![Decision::CreateAndPublishId { epoch: 2, generation: 0, grow: false }]);
     assert_eq!(d[2], vec![]);
     let d = g.publish(1, 2, id(2), false);
     // Peer 1 aborted already when its collective failed; the view's abort is the
@@ -167,7 +167,10 @@ fn joiners_are_grown_in_where_grow_exists() {
     let mut g = Group::active(3, Capabilities::ALL);
     g.peers.push(DeviceMembership::new(3, Capabilities::ALL));
     let d = g.view(2, &[0, 1, 2, 3], &[]);
-    assert_eq!(d, vec![vec![Decision::CreateAndPublishId { epoch: 2, grow: true }], vec![], vec![], vec![]]);
+    assert_eq!(
+        d,
+        vec![vec![Decision::CreateAndPublishId { epoch: 2, generation: 0, grow: true }], vec![], vec![], vec![]]
+    );
     let d = g.publish(0, 2, id(2), true);
     for r in 0..3 {
         assert_eq!(d[r], vec![Decision::Grow { epoch: 2, id: id(2), size: 4 }]);
@@ -187,7 +190,7 @@ fn joiners_without_grow_get_a_fresh_communicator() {
         }
         g.peers.push(DeviceMembership::new(2, caps));
         let d = g.view(2, &[0, 1, 2], &[]);
-        assert_eq!(d[0], vec![Decision::CreateAndPublishId { epoch: 2, grow: false }], "{caps:?}");
+        assert_eq!(d[0], vec![Decision::CreateAndPublishId { epoch: 2, generation: 0, grow: false }], "{caps:?}");
         let d = g.publish(0, 2, id(2), false);
         let old = if broken { Decision::Abort } else { Decision::Destroy };
         assert_eq!(d[0], vec![old, Decision::Init { epoch: 2, id: id(2), rank: 0, size: 3 }]);
@@ -201,7 +204,7 @@ fn a_loss_and_a_join_together_make_a_fresh_communicator() {
     let mut g = Group::active(3, Capabilities::ALL);
     g.peers.push(DeviceMembership::new(3, Capabilities::ALL));
     let d = g.view(2, &[0, 2, 3], &[]);
-    assert_eq!(d[0], vec![Decision::CreateAndPublishId { epoch: 2, grow: false }]);
+    assert_eq!(d[0], vec![Decision::CreateAndPublishId { epoch: 2, generation: 0, grow: false }]);
     let d = g.publish(0, 2, id(2), false);
     assert_eq!(d[2], vec![Decision::Destroy, Decision::Init { epoch: 2, id: id(2), rank: 1, size: 3 }]);
     assert_eq!(d[3], vec![Decision::Init { epoch: 2, id: id(2), rank: 2, size: 3 }]);
@@ -216,19 +219,109 @@ fn a_removed_peer_aborts_and_stale_events_are_ignored() {
     // The same view again, an older one, and an id of another epoch: nothing.
     assert_eq!(g.peers[0].handle(Event::View { epoch: 2, members: vec![0, 1] }), vec![]);
     assert_eq!(g.peers[0].handle(Event::View { epoch: 1, members: vec![0, 1, 2] }), vec![]);
-    assert_eq!(g.peers[0].handle(Event::UniqueId { epoch: 1, id: id(9), grow: false }), vec![]);
+    assert_eq!(g.peers[0].handle(Event::UniqueId { epoch: 1, generation: 0, id: id(9), grow: false }), vec![]);
     // A newer view while the shrink is still in progress: the half-made one is aborted.
     let d = g.peers[0].handle(Event::View { epoch: 3, members: vec![0] });
-    assert_eq!(d, vec![Decision::Abort, Decision::CreateAndPublishId { epoch: 3, grow: false }]);
+    assert_eq!(d, vec![Decision::Abort, Decision::CreateAndPublishId { epoch: 3, generation: 0, grow: false }]);
 }
 
 #[test]
 fn a_grow_id_on_a_peer_without_grow_is_a_typed_error() {
     let mut p = DeviceMembership::new(1, NCCL_2_28_3);
     p.handle(Event::View { epoch: 4, members: vec![0, 1] });
-    let d = p.handle(Event::UniqueId { epoch: 4, id: id(4), grow: true });
+    let d = p.handle(Event::UniqueId { epoch: 4, generation: 0, id: id(4), grow: true });
     assert!(
         matches!(d.as_slice(), [Decision::GiveUp(DeviceError::Unsupported { operation: "ncclCommGrow", .. })]),
         "{d:?}"
     );
+}
+
+/// A device failure while every peer lives: peers 0 and 1 see it, ask for generation 1
+/// and each make an id; the first relayed reaches every member, peer 2 (which did not
+/// see the failure) included, which drops its communicator and follows. No new view.
+#[test]
+fn a_failure_with_no_change_of_membership_makes_the_next_generation() {
+    for caps in [Capabilities::ALL, NCCL_2_28_3, BARE] {
+        let mut g = Group::active(3, caps);
+        let e = DeviceError::Call { call: "ncclAllReduce", code: 6, message: "remote".into() };
+        let members = vec![0, 1, 2];
+        for p in 0..2 {
+            g.peers[p].handle(Event::Failed(e.clone()));
+            let d = g.peers[p].handle(Event::Renew { epoch: 1, generation: 1, members: members.clone() });
+            let want = vec![Decision::CreateAndPublishId { epoch: 1, generation: 1, grow: false }];
+            // Whatever is still held (revoked, or broken awaiting a shrink) is aborted.
+            assert_eq!(d, [vec![Decision::Abort], want].concat(), "{caps:?}");
+            assert_eq!(g.peers[p].current(), (1, 1));
+        }
+        let mut d = vec![Vec::new(); 3];
+        for (to, event) in g.relay.publish(1, 1, 1, id(11), false) {
+            d[to as usize] = g.peers[to as usize].handle(event);
+        }
+        assert!(g.relay.publish(0, 1, 1, id(10), false).is_empty(), "the first offer wins");
+        assert!(g.relay.publish(2, 1, 0, id(12), false).is_empty(), "an older generation is not relayed");
+        assert_eq!(g.relay.current(), Some((1, id(11), false)));
+        for r in 0..2 {
+            assert_eq!(d[r], vec![Decision::Init { epoch: 1, id: id(11), rank: r, size: 3 }], "{caps:?}");
+        }
+        assert_eq!(d[2], vec![Decision::Abort, Decision::Init { epoch: 1, id: id(11), rank: 2, size: 3 }]);
+        g.ready(&[0, 1, 2], 1);
+        assert!(g.peers.iter().all(|p| p.current() == (1, 1) && p.ready_epoch() == Some(1)));
+        // Stale: the failed generation's id, a renew to a generation reached, another epoch.
+        assert_eq!(g.peers[2].handle(Event::UniqueId { epoch: 1, generation: 0, id: id(1), grow: false }), vec![]);
+        assert_eq!(g.peers[2].handle(Event::UniqueId { epoch: 1, generation: 1, id: id(11), grow: false }), vec![]);
+        assert_eq!(g.peers[0].handle(Event::Renew { epoch: 1, generation: 1, members: members.clone() }), vec![]);
+        assert_eq!(g.peers[0].handle(Event::Renew { epoch: 0, generation: 5, members: members.clone() }), vec![]);
+        // A new view starts again at generation 0.
+        g.view(2, &members, &[]);
+        assert_eq!(g.peers[1].current(), (2, 0));
+    }
+}
+
+/// A master replaced while peers 0 and 1 had made their communicator from the id of
+/// epoch 1 and peer 2 still waited for it: the takeover's view (epoch 2, the same
+/// members) and the same id relayed again. Peers 0 and 1 keep theirs (a second init from
+/// one id would never complete); peer 2 inits from it, as rank 2 of 3.
+#[test]
+fn a_communicator_made_from_the_id_a_new_master_relays_again_is_kept() {
+    let mut g = Group::new(3, NCCL_2_28_3);
+    let all = [0, 1, 2];
+    g.view(1, &all, &[]);
+    for p in 0..2 {
+        let d = g.peers[p].handle(Event::UniqueId { epoch: 1, generation: 0, id: id(1), grow: false });
+        assert_eq!(d, vec![Decision::Init { epoch: 1, id: id(1), rank: p, size: 3 }]);
+    }
+    g.ready(&[0, 1], 1);
+    let d = g.view(2, &all, &[]);
+    assert_eq!(d[0], vec![Decision::CreateAndPublishId { epoch: 2, generation: 0, grow: false }]);
+    let mut d = vec![Vec::new(); 3];
+    for (to, event) in g.relay.adopt(2, all.to_vec(), id(1), false) {
+        d[to as usize] = g.peers[to as usize].handle(event);
+    }
+    assert_eq!(d[0], vec![Decision::Ready { epoch: 2 }]);
+    assert_eq!(d[1], vec![Decision::Ready { epoch: 2 }]);
+    assert_eq!(d[2], vec![Decision::Init { epoch: 2, id: id(1), rank: 2, size: 3 }]);
+    assert!(g.relay.publish(0, 2, 0, id(2), false).is_empty(), "the maker's new id comes too late");
+    assert_eq!(g.peers[0].ready_epoch(), Some(2));
+    // A communicator that failed is not kept, even from the same id.
+    let mut p = Group::active(2, NCCL_2_28_3);
+    p.peers[1].handle(Event::Failed(DeviceError::Aborted { reason: "x".into() }));
+    p.view(2, &[0, 1], &[]);
+    let mut d = vec![Vec::new(); 2];
+    for (to, event) in p.relay.adopt(2, vec![0, 1], id(1), false) {
+        d[to as usize] = p.peers[to as usize].handle(event);
+    }
+    assert_eq!(d[0], vec![Decision::Ready { epoch: 2 }]);
+    // Peer 1 cannot init from the id of the communicator that failed (peer 0 holds it):
+    // it drops its own, and its next sync asks for the next generation, which peer 0
+    // follows.
+    assert_eq!(d[1], vec![Decision::Abort]);
+    assert_eq!(p.peers[1].ready_epoch(), None);
+    let d = p.peers[1].handle(Event::Renew { epoch: 2, generation: 1, members: vec![0, 1] });
+    assert_eq!(d, vec![Decision::CreateAndPublishId { epoch: 2, generation: 1, grow: false }]);
+    let mut d = vec![Vec::new(); 2];
+    for (to, event) in p.relay.publish(1, 2, 1, id(2), false) {
+        d[to as usize] = p.peers[to as usize].handle(event);
+    }
+    assert_eq!(d[0], vec![Decision::Abort, Decision::Init { epoch: 2, id: id(2), rank: 0, size: 2 }]);
+    assert_eq!(d[1], vec![Decision::Init { epoch: 2, id: id(2), rank: 1, size: 2 }]);
 }

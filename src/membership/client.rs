@@ -394,13 +394,26 @@ impl ControlClient {
     }
 
     /// Offers `offer` (a device unique id this peer made, and its grow flag) for view
-    /// `epoch`, if any, and waits for the id the master relays for it: the first one a
-    /// member offered. An error once the view moved past `epoch` or this peer was removed.
-    pub async fn device_id(&self, epoch: u64, offer: Option<([u8; 128], bool)>) -> Result<([u8; 128], bool)> {
+    /// `epoch`, generation `generation`, if any, and waits for the id the master relays
+    /// for that generation or a newer one: the first one a member offered. An error once
+    /// the view moved past `epoch` or this peer was removed.
+    pub async fn device_id(
+        &self,
+        epoch: u64,
+        generation: u32,
+        offer: Option<([u8; 128], bool)>,
+    ) -> Result<super::peer::GenerationId> {
         if let Some((id, grow)) = offer {
-            self.send(ToMaster::DeviceId { epoch, id, grow });
+            // Recorded under the lock, so that a rejoin brings it if the master is lost.
+            let core = &mut *self.shared.lock();
+            self.send(core.peer.offer_device_id(epoch, generation, id, grow));
         }
-        self.shared.wait(|p| p.device_id(epoch)).await
+        self.shared.wait(|p| p.device_id_at(epoch, generation)).await
+    }
+
+    /// The newest device id the master relayed for `epoch`, without waiting.
+    pub fn device_relayed(&self, epoch: u64) -> Option<super::peer::GenerationId> {
+        self.shared.lock().peer.device_relayed(epoch)
     }
 
     /// Waits for a view of an epoch above `epoch`, or removal.

@@ -119,6 +119,28 @@ pub struct Rejoin {
     pub committed: Vec<(u64, u64)>,
     /// Collectives (epoch, seq) it began and has no decision for.
     pub undecided: Vec<(u64, u64)>,
+    /// The device (NCCL) unique id it holds or offered for its view's epoch, if any: a
+    /// master that takes over with the view unchanged relays it again, so that members
+    /// that init from it and members still waiting end with the same id (see
+    /// `membership::master::device_ids`).
+    pub device: Option<HeldDeviceId>,
+}
+
+/// A device unique id a rejoining peer brings (see [`Rejoin::device`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldDeviceId {
+    /// The view it is for.
+    pub epoch: u64,
+    /// Its generation within the epoch (a fresh communicator after a device failure
+    /// is the next generation).
+    pub generation: u32,
+    /// `ncclUniqueId`'s 128 opaque bytes.
+    pub id: [u8; 128],
+    /// Whether the members grow their communicator with it.
+    pub grow: bool,
+    /// Whether the old master relayed it (members may have made their communicator
+    /// from it), rather than this peer only offering it.
+    pub relayed: bool,
 }
 
 /// Messages from a peer to the master.
@@ -225,13 +247,18 @@ pub enum ToMaster {
         /// The member it cannot reach.
         peer: PeerId,
     },
-    /// The member made the device (NCCL) unique id of the communicator of view `epoch`
-    /// (see `device::membership`): the master relays the first one it gets for the
-    /// current epoch to every member ([`ToPeer::DeviceId`]), and the one it relayed to a
-    /// member that offers another. Offers for other epochs are dropped.
+    /// The member made the device (NCCL) unique id of the communicator of view `epoch`,
+    /// generation `generation` (see `device::membership`): the master relays the first
+    /// one it gets for the current epoch and a generation above the one it relayed to
+    /// every member ([`ToPeer::DeviceId`]), and the one it relayed to a member that
+    /// offers another for the same or an older generation. Offers for other epochs are
+    /// dropped.
     DeviceId {
         /// The view it is for.
         epoch: u64,
+        /// The communicator's generation within the epoch: 0 for the view's first, one
+        /// more for each fresh communicator after a device failure.
+        generation: u32,
         /// `ncclUniqueId`'s 128 opaque bytes.
         id: [u8; 128],
         /// Whether the members grow their communicator with it (else a fresh init).
@@ -292,11 +319,15 @@ pub enum ToPeer {
         /// The view the round ended in.
         epoch: u64,
     },
-    /// The device (NCCL) unique id of view `epoch`'s communicator: the first one a member
-    /// offered ([`ToMaster::DeviceId`]); every member inits from it.
+    /// The device (NCCL) unique id of view `epoch`'s communicator of generation
+    /// `generation`: the first one a member offered ([`ToMaster::DeviceId`]); every
+    /// member inits from it (a member on an older generation drops its communicator
+    /// and follows).
     DeviceId {
         /// The view it is for.
         epoch: u64,
+        /// The communicator's generation within the epoch.
+        generation: u32,
         /// `ncclUniqueId`'s 128 opaque bytes.
         id: [u8; 128],
         /// Whether the members grow their communicator with it (else a fresh init).

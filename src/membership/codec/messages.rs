@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 
 use super::{encode_vec, read_code, read_flag, Codec, Reader, WireError};
-use crate::membership::protocol::{AbortReason, Decision, OpResult, Rejoin, Removal, ToMaster, ToPeer, Transfer};
+use crate::membership::protocol::{
+    AbortReason, Decision, HeldDeviceId, OpResult, Rejoin, Removal, ToMaster, ToPeer, Transfer,
+};
 use crate::membership::view::{Member, View};
 use crate::state::{SyncStrategy, TensorDigest};
 
@@ -158,7 +160,7 @@ impl Codec for Decision {
 }
 
 impl Codec for Rejoin {
-    const MIN_LEN: usize = 8 + SocketAddr::MIN_LEN + 8 + View::MIN_LEN + 1 + 4 + 4;
+    const MIN_LEN: usize = 8 + SocketAddr::MIN_LEN + 8 + View::MIN_LEN + 1 + 4 + 4 + 1;
     fn encode(&self, bytes: &mut Vec<u8>) {
         self.id.encode(bytes);
         self.data_addr.encode(bytes);
@@ -167,6 +169,15 @@ impl Codec for Rejoin {
         u8::from(self.voting).encode(bytes);
         encode_vec(&self.committed, bytes);
         encode_vec(&self.undecided, bytes);
+        // The device id: a presence flag, then epoch, generation, id, grow, relayed.
+        u8::from(self.device.is_some()).encode(bytes);
+        if let Some(d) = &self.device {
+            d.epoch.encode(bytes);
+            d.generation.encode(bytes);
+            d.id.encode(bytes);
+            u8::from(d.grow).encode(bytes);
+            u8::from(d.relayed).encode(bytes);
+        }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(Rejoin {
@@ -177,6 +188,16 @@ impl Codec for Rejoin {
             voting: u8::read(r)? != 0,
             committed: r.read_vec("committed")?,
             undecided: r.read_vec("undecided")?,
+            device: match read_flag(r)? {
+                false => None,
+                true => Some(HeldDeviceId {
+                    epoch: u64::read(r)?,
+                    generation: u32::read(r)?,
+                    id: r.array()?,
+                    grow: read_flag(r)?,
+                    relayed: read_flag(r)?,
+                }),
+            },
         })
     }
 }
@@ -248,9 +269,10 @@ impl Codec for ToMaster {
                 13u8.encode(bytes);
                 epoch.encode(bytes);
             }
-            ToMaster::DeviceId { epoch, id, grow } => {
+            ToMaster::DeviceId { epoch, generation, id, grow } => {
                 14u8.encode(bytes);
                 epoch.encode(bytes);
+                generation.encode(bytes);
                 id.encode(bytes);
                 u8::from(*grow).encode(bytes);
             }
@@ -286,7 +308,12 @@ impl Codec for ToMaster {
                 members: r.read_vec("members")?,
             },
             13 => ToMaster::ViewSeen { epoch: u64::read(r)? },
-            14 => ToMaster::DeviceId { epoch: u64::read(r)?, id: r.array()?, grow: read_flag(r)? },
+            14 => ToMaster::DeviceId {
+                epoch: u64::read(r)?,
+                generation: u32::read(r)?,
+                id: r.array()?,
+                grow: read_flag(r)?,
+            },
             code => return Err(WireError::UnknownCode { what: "message to master", code }),
         })
     }
@@ -329,9 +356,10 @@ impl Codec for ToPeer {
                 8u8.encode(bytes);
                 epoch.encode(bytes);
             }
-            ToPeer::DeviceId { epoch, id, grow } => {
+            ToPeer::DeviceId { epoch, generation, id, grow } => {
                 9u8.encode(bytes);
                 epoch.encode(bytes);
+                generation.encode(bytes);
                 id.encode(bytes);
                 u8::from(*grow).encode(bytes);
             }
@@ -352,7 +380,12 @@ impl Codec for ToPeer {
             6 => ToPeer::Refused { reason: String::read(r)? },
             7 => ToPeer::Heartbeat,
             8 => ToPeer::TopologyDone { epoch: u64::read(r)? },
-            9 => ToPeer::DeviceId { epoch: u64::read(r)?, id: r.array()?, grow: read_flag(r)? },
+            9 => ToPeer::DeviceId {
+                epoch: u64::read(r)?,
+                generation: u32::read(r)?,
+                id: r.array()?,
+                grow: read_flag(r)?,
+            },
             code => return Err(WireError::UnknownCode { what: "message to peer", code }),
         })
     }

@@ -1,7 +1,9 @@
 //! The codec's tests: golden bytes, round trips, truncations, and decoders fuzzed
 //! with random and mutated input.
 use super::*;
-use crate::membership::protocol::{AbortReason, Decision, OpResult, Rejoin, Removal, ToMaster, ToPeer, Transfer};
+use crate::membership::protocol::{
+    AbortReason, Decision, HeldDeviceId, OpResult, Rejoin, Removal, ToMaster, ToPeer, Transfer,
+};
 use crate::membership::view::{Member, View};
 use crate::state::{SyncStrategy, TensorDigest};
 use proptest::prelude::*;
@@ -130,12 +132,16 @@ fn takeover_messages_round_trip_under_new_codes() {
         voting: true,
         committed: vec![(7, 3)],
         undecided: vec![(7, 4), (7, 1 << 63 | 9)],
+        device: Some(HeldDeviceId { epoch: 7, generation: 2, id: [5; 128], grow: false, relayed: true }),
     };
-    let m = ToMaster::Rejoin(Box::new(rejoin));
-    let enc = m.encode();
-    assert_eq!(ToMaster::decode(body(&enc)), Ok(m));
-    for cut in 0..enc.len() - 4 {
-        assert!(ToMaster::decode(&enc[4..4 + cut]).is_err(), "cut at {cut}");
+    // With and without the device id it holds.
+    let without = Rejoin { device: None, ..rejoin.clone() };
+    for m in [ToMaster::Rejoin(Box::new(rejoin)), ToMaster::Rejoin(Box::new(without))] {
+        let enc = m.encode();
+        assert_eq!(ToMaster::decode(body(&enc)), Ok(m));
+        for cut in 0..enc.len() - 4 {
+            assert!(ToMaster::decode(&enc[4..4 + cut]).is_err(), "cut at {cut}");
+        }
     }
     let m =
         ToPeer::Outcome { epoch: 1, seq: 2, decision: Decision::Abort(AbortReason::MasterLost { detail: "x".into() }) };
@@ -268,17 +274,18 @@ fn device_ids_have_new_codes_and_fixed_bytes() {
         *b = i as u8;
     }
     let ids: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    let to_master = ToMaster::DeviceId { epoch: 3, id, grow: true };
+    let to_master = ToMaster::DeviceId { epoch: 3, generation: 2, id, grow: true };
     let enc = to_master.encode();
-    // 4 length bytes (1 + 8 + 128 + 1 = 138), code 14, the epoch, the id, the flag.
-    assert_eq!(hex(&enc), format!("8a0000000e0300000000000000{ids}01"));
+    // 4 length bytes (1 + 8 + 4 + 128 + 1 = 142), code 14, the epoch, the generation
+    // (u32, little-endian), the id, the flag.
+    assert_eq!(hex(&enc), format!("8e0000000e030000000000000002000000{ids}01"));
     assert_eq!(ToMaster::decode(body(&enc)), Ok(to_master.clone()));
     for cut in 0..enc.len() - 4 {
         assert!(ToMaster::decode(&enc[4..4 + cut]).is_err(), "cut at {cut}");
     }
-    let to_peer = ToPeer::DeviceId { epoch: u64::MAX, id, grow: false };
+    let to_peer = ToPeer::DeviceId { epoch: u64::MAX, generation: u32::MAX, id, grow: false };
     let enc = to_peer.encode();
-    assert_eq!(hex(&enc), format!("8a00000009ffffffffffffffff{ids}00"));
+    assert_eq!(hex(&enc), format!("8e00000009ffffffffffffffffffffffff{ids}00"));
     assert_eq!(ToPeer::decode(body(&enc)), Ok(to_peer));
     for cut in 0..enc.len() - 4 {
         assert!(ToPeer::decode(&enc[4..4 + cut]).is_err(), "cut at {cut}");

@@ -240,7 +240,9 @@ impl MasterState {
             ToMaster::Leave => self.remove(&[id], "left the group", &mut out),
             _ if !is_member => {} // a pending joiner has nothing else to say yet
             ToMaster::UpdateTopology { .. } => self.vote_topology(id, &mut out),
-            ToMaster::DeviceId { epoch, id: bytes, grow } => self.device_id(id, epoch, bytes, grow, &mut out),
+            ToMaster::DeviceId { epoch, generation, id: bytes, grow } => {
+                self.device_id(id, (epoch, generation), bytes, grow, &mut out)
+            }
             ToMaster::Unreachable { epoch, peer } => {
                 if epoch == self.epoch {
                     if let Some(rank) = self.members.iter().position(|p| p.id == peer) {

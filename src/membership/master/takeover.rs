@@ -250,7 +250,13 @@ impl MasterState {
             })
             .collect();
         tracing::info!(term, epoch = self.epoch, members = self.members.len(), "took over the group");
+        let unchanged = removed.is_empty();
         self.broadcast(ToPeer::View { view: self.view(), removed, term }, out);
+        if unchanged {
+            // The device communicator of the newest view may be half made from an id
+            // the old master relayed to some members only: relay it to all again.
+            self.adopt_device_id(newest.epoch, members.iter().filter_map(|r| r.state.device.as_ref()), out);
+        }
         self.topo_votes = members.iter().filter(|r| r.state.voting).map(|r| r.state.id).collect();
         self.finish_round_if_complete(out);
     }

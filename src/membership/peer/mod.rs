@@ -37,6 +37,7 @@ mod subgroup;
 mod topology;
 mod types;
 
+pub use self::device_id::{DeviceId, GenerationId};
 use self::subgroup::sub_members;
 pub use self::subgroup::{set_hash, sub_fingerprint, sub_key};
 pub use self::types::{Begun, OpKind, PeerConfig, Retry, SyncPlan, Topology};
@@ -109,8 +110,11 @@ pub struct PeerState {
     /// Messages for the master that the state itself decided to send
     /// ([`PeerState::take_outbox`]).
     outbox: Vec<ToMaster>,
-    /// The newest device (NCCL) unique id the master relayed: epoch, id, grow flag.
-    device_id: Option<(u64, [u8; 128], bool)>,
+    /// The newest device (NCCL) unique id the master relayed: epoch, generation, id,
+    /// grow flag.
+    device_id: Option<(u64, u32, [u8; 128], bool)>,
+    /// The last device id this peer offered: epoch, generation, id, grow flag.
+    device_offer: Option<(u64, u32, [u8; 128], bool)>,
 }
 
 /// How many finished commits a peer remembers for a takeover: far more than the
@@ -143,6 +147,7 @@ impl PeerState {
             recent_commits: Default::default(),
             outbox: Vec::new(),
             device_id: None,
+            device_offer: None,
         }
     }
 
@@ -281,7 +286,7 @@ impl PeerState {
                 self.refused = true;
                 aborts = self.disconnected(reason);
             }
-            ToPeer::DeviceId { epoch, id, grow } => self.device_id_relayed(epoch, id, grow),
+            ToPeer::DeviceId { epoch, generation, id, grow } => self.device_id_relayed(epoch, generation, id, grow),
             ToPeer::TopologyDone { epoch } => {
                 self.voting = false;
                 self.rounds += 1;

@@ -32,6 +32,7 @@ impl PeerState {
             }
         }
         let voting = self.voting;
+        let device = self.held_device_id(view.epoch);
         Some(ToMaster::Rejoin(Box::new(Rejoin {
             id: self.id,
             data_addr,
@@ -40,6 +41,7 @@ impl PeerState {
             voting,
             committed,
             undecided,
+            device,
         })))
     }
 
