@@ -181,6 +181,44 @@ fn a_device_failure_with_nobody_lost_recovers_in_the_same_epoch() {
     });
 }
 
+/// A peer dies while the others make their communicator (NCCL-like: creation waits for
+/// every rank, and this one never comes): the view moves on without it, the others give
+/// the creation up with a retryable `Aborted` instead of waiting forever, and recover
+/// over the next view.
+#[test]
+fn a_creation_waiting_for_a_lost_peer_is_given_up_when_the_view_moves() {
+    with_timeout(60, || {
+        let c = cluster();
+        let backend = StandIn::new(NCCL_2_28_3, Duration::from_secs(20)).with_collective_creation();
+        let mut comms = net_group(&c, 3, RetryPolicy::Never);
+        let mut sessions: Vec<Session> =
+            comms.iter().map(|c| DeviceSession::new(c.peer_id(), backend.clone())).collect();
+        let (dead, dead_session) = (comms.pop().expect("peer 2"), sessions.pop().expect("session 2"));
+        let epoch = comms[0].epoch();
+        let results = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .zip(sessions.iter_mut())
+                .map(|(c, d)| s.spawn(move || d.sync(c).map(|_| ()).map_err(|e| e.to_string())))
+                .collect();
+            // Both wait on the creation (peer 2 never makes its communicator); then it dies.
+            std::thread::sleep(Duration::from_millis(200));
+            drop(dead);
+            drop(dead_session);
+            hs.into_iter().map(|h| h.join().expect("thread")).collect::<Vec<_>>()
+        });
+        for r in results {
+            let e = r.expect_err("the creation cannot complete");
+            assert!(e.contains("moved"), "{e}");
+        }
+        each_update_topology(&mut comms);
+        assert!(comms.iter().all(|c| c.epoch() > epoch && c.size() == 2));
+        let got = sync_all(&mut comms, &mut sessions);
+        assert_eq!(got[0].0, got[1].0);
+        assert!(all_exact(&mut sessions, 3.0));
+    });
+}
+
 /// Syncs, then all-reduces `rank + 1`; a failed collective goes to `failed` and the step
 /// is tried again, 3 times at most. Returns the sum, or the last error.
 fn recovering_step(c: &mut Communicator, d: &mut Session) -> Result<Vec<f32>, String> {
@@ -317,14 +355,16 @@ fn three(net: &MemNetwork, at: SocketAddr, backend: &StandIn) -> (Vec<Communicat
 /// The master is killed and restarted while peers 1 and 2 wait in `sync` for the id
 /// (peer 0, the view's maker, had not offered it yet): the takeover moves the view with
 /// the members unchanged, the waiters follow it by themselves, and every member ends
-/// with the same id, made for the new epoch.
+/// with the same id, made for the new epoch (the stand-in's creation completes only once
+/// every rank made its communicator from that id, as NCCL's).
 #[test]
 fn members_waiting_for_the_id_when_the_master_is_replaced_end_with_one_id() {
     with_timeout(60, || {
         let net = MemNetwork::new(64);
         let at = addr(1);
         let first = master(&net, at);
-        let backend = StandIn::new(NCCL_2_28_3, Duration::from_secs(20));
+        // Creation completes once all three made their communicator from one id.
+        let backend = StandIn::new(NCCL_2_28_3, Duration::from_secs(20)).with_collective_creation();
         let (mut comms, mut sessions) = three(&net, at, &backend);
         let before = comms[0].epoch();
         let (c0, rest) = comms.split_first_mut().expect("3");

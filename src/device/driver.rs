@@ -68,9 +68,26 @@ impl<B: DeviceBackend> DeviceDriver<B> {
     /// Feeds `event` (a view, a relayed id, a failed collective) and carries out every
     /// decision that follows, including the sleeping polls of a communicator being made.
     pub fn handle(&mut self, event: Event) -> Vec<Outcome> {
+        self.handle_until(event, &mut || None)
+    }
+
+    /// [`DeviceDriver::handle`], asking `abandon` before each sleep of a communicator
+    /// being made whether to give it up: `Some(reason)` aborts it and gives up
+    /// ([`Outcome::GaveUp`]), so that a creation waiting for a rank that will never come
+    /// (the view moved on without it) does not wait forever.
+    pub fn handle_until(&mut self, event: Event, abandon: &mut dyn FnMut() -> Option<String>) -> Vec<Outcome> {
         let mut out = Vec::new();
         let mut todo: VecDeque<Decision> = self.machine.handle(event).into();
         while let Some(d) = todo.pop_front() {
+            let abandoned = match d {
+                Decision::PollAfter(_) => abandon(),
+                _ => None,
+            };
+            if let Some(reason) = abandoned {
+                todo.clear();
+                todo.extend(self.machine.handle(Event::Abandon { reason }));
+                continue;
+            }
             if let Some(next) = self.carry_out(d, &mut out) {
                 todo.extend(self.machine.handle(next));
             }

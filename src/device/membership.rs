@@ -62,6 +62,12 @@ pub enum Event {
     Polled(AsyncState),
     /// A collective or an async check on the active communicator failed.
     Failed(DeviceError),
+    /// The communicator being made will not complete (the view moved on without a rank
+    /// it waits for): give it up.
+    Abandon {
+        /// Why.
+        reason: String,
+    },
     /// Make the communicator of generation `generation` of `epoch` over `members` (its
     /// current view): the one before failed, or could not be made.
     Renew {
@@ -215,6 +221,13 @@ impl DeviceMembership {
             Event::Polled(state) => self.on_polled(state),
             Event::Failed(error) => self.on_failed(error),
             Event::Renew { epoch, generation, members } => self.on_renew(epoch, generation, members),
+            Event::Abandon { reason } => match self.state {
+                State::Creating { .. } => {
+                    self.state = State::Idle;
+                    vec![Decision::Abort, Decision::GiveUp(DeviceError::Aborted { reason })]
+                }
+                _ => Vec::new(),
+            },
         }
     }
 

@@ -325,3 +325,22 @@ fn a_communicator_made_from_the_id_a_new_master_relays_again_is_kept() {
     assert_eq!(d[0], vec![Decision::Abort, Decision::Init { epoch: 2, id: id(2), rank: 0, size: 2 }]);
     assert_eq!(d[1], vec![Decision::Init { epoch: 2, id: id(2), rank: 1, size: 2 }]);
 }
+
+/// A creation that waits for a rank that will never come is given up when the driver
+/// says so (the view moved on without it): aborted, with a typed error; nothing else is.
+#[test]
+fn an_abandoned_creation_is_aborted_and_given_up() {
+    let mut g = Group::new(2, NCCL_2_28_3);
+    g.view(1, &[0, 1], &[]);
+    let abandon = || Event::Abandon { reason: "the view moved".into() };
+    assert_eq!(g.peers[0].handle(abandon()), vec![], "nothing is being made yet");
+    g.publish(0, 1, id(1), false);
+    let d = g.peers[0].handle(abandon());
+    assert_eq!(d, vec![Decision::Abort, Decision::GiveUp(DeviceError::Aborted { reason: "the view moved".into() })]);
+    assert_eq!(g.peers[0].ready_epoch(), None);
+    g.ready(&[1], 1);
+    assert_eq!(g.peers[1].handle(abandon()), vec![], "a ready communicator is not abandoned");
+    // The next generation is made as after any failure.
+    let d = g.peers[0].handle(Event::Renew { epoch: 1, generation: 1, members: vec![0, 1] });
+    assert_eq!(d, vec![Decision::CreateAndPublishId { epoch: 1, generation: 1, grow: false }]);
+}

@@ -69,22 +69,23 @@ impl<B: DeviceBackend> DeviceSession<B> {
             let members = comm.members();
             let (_, generation) = self.driver.current();
             let newer = comm.device_relayed(epoch).filter(|(g, ..)| epoch == self.epoch && *g > generation);
-            let outcomes = if epoch > self.epoch {
+            let event = if epoch > self.epoch {
                 self.epoch = epoch;
-                self.driver.handle(Event::View { epoch, members: members.clone() })
+                Event::View { epoch, members: members.clone() }
             } else if let Some((generation, id, grow)) = newer {
                 // Other members saw the communicator fail and made the next generation.
-                self.driver.handle(Event::UniqueId { epoch, generation, id: UniqueId(id), grow })
+                Event::UniqueId { epoch, generation, id: UniqueId(id), grow }
             } else if self.driver.ready_epoch() == Some(epoch) {
                 return self.ready(epoch);
             } else if epoch == self.epoch {
                 // This view's communicator failed, or could not be made: the next one.
-                self.driver.handle(Event::Renew { epoch, generation: generation + 1, members: members.clone() })
+                Event::Renew { epoch, generation: generation + 1, members: members.clone() }
             } else {
                 return Err(Error::Aborted {
                     reason: format!("the view went back from epoch {} to {epoch}", self.epoch),
                 });
             };
+            let outcomes = self.driver.handle_until(event, &mut abandon(comm, epoch, &members));
             let settled = self.settle(comm, epoch, &members, outcomes)?;
             if settled && (self.driver.ready_epoch() == Some(epoch) || std::mem::replace(&mut renewed, true)) {
                 return self.ready(epoch);
@@ -102,7 +103,7 @@ impl<B: DeviceBackend> DeviceSession<B> {
                 Outcome::Publish { epoch: e, id, grow, .. } if e == epoch => offer = Some((id.0, grow)),
                 Outcome::Ready { epoch: e } if e == epoch => return Ok(true),
                 Outcome::Publish { .. } | Outcome::Ready { .. } => {}
-                Outcome::GaveUp(e) => return Err(Error::Device(e)),
+                Outcome::GaveUp(e) => return Err(gave_up(comm, epoch, e)),
             }
         }
         let (_, generation) = self.driver.current();
@@ -111,9 +112,10 @@ impl<B: DeviceBackend> DeviceSession<B> {
             Err(Error::Aborted { .. }) if comm.epoch() > epoch && comm.members() == members => return Ok(false),
             Err(e) => return Err(e),
         };
-        for o in self.driver.handle(Event::UniqueId { epoch, generation, id: UniqueId(id), grow }) {
+        let event = Event::UniqueId { epoch, generation, id: UniqueId(id), grow };
+        for o in self.driver.handle_until(event, &mut abandon(comm, epoch, members)) {
             match o {
-                Outcome::GaveUp(e) => return Err(Error::Device(e)),
+                Outcome::GaveUp(e) => return Err(gave_up(comm, epoch, e)),
                 Outcome::Ready { .. } | Outcome::Publish { .. } => {}
             }
         }
@@ -144,5 +146,26 @@ impl<B: DeviceBackend> DeviceSession<B> {
         self.driver.comm().ok_or_else(|| Error::Aborted {
             reason: format!("the device communicator of epoch {epoch} is not ready: call sync again"),
         })
+    }
+}
+
+/// Whether to give up a communicator of `epoch` over `members` being made: once the view
+/// moved on with other members, a rank it waits for may never come (a lost peer). A
+/// takeover's view with the same members keeps it: the new master relays the same id.
+fn abandon<'a>(comm: &'a Communicator, epoch: u64, members: &'a [u64]) -> impl FnMut() -> Option<String> + 'a {
+    move || {
+        let now = comm.epoch();
+        (now > epoch && comm.members() != members)
+            .then(|| format!("the view moved from epoch {epoch} to {now} while its device communicator was being made"))
+    }
+}
+
+/// The error of a communicator that could not be made: a retryable [`Error::Aborted`]
+/// when the view moved on meanwhile (call `update_topology`, then `sync`), else the
+/// device's error (the next `sync` makes the next generation).
+fn gave_up(comm: &Communicator, epoch: u64, e: DeviceError) -> Error {
+    match comm.epoch() > epoch {
+        true => Error::Aborted { reason: format!("the view moved on from epoch {epoch}: {e}") },
+        false => Error::Device(e),
     }
 }

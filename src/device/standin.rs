@@ -36,6 +36,8 @@ struct Group {
     size: usize,
     rounds: HashMap<u64, Round>,
     failed: Option<String>,
+    /// The ranks made so far (see [`StandIn::with_collective_creation`]).
+    created: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -60,13 +62,23 @@ pub struct StandIn {
     fabric: Arc<Fabric>,
     caps: Capabilities,
     hang_timeout: Duration,
+    /// Creation completes once every rank of the group was made.
+    collective_creation: bool,
 }
 
 impl StandIn {
     /// A fabric with these capabilities; a rank waiting longer than `hang_timeout` for
     /// the others fails with a remote error.
     pub fn new(caps: Capabilities, hang_timeout: Duration) -> StandIn {
-        StandIn { fabric: Arc::default(), caps, hang_timeout }
+        StandIn { fabric: Arc::default(), caps, hang_timeout, collective_creation: false }
+    }
+
+    /// This stand-in, with a communicator's creation in progress (its async state) until
+    /// every rank of its group was made, as NCCL's non-blocking init: a rank that never
+    /// comes keeps the others' creation waiting. (By default creation completes at once.)
+    pub fn with_collective_creation(mut self) -> StandIn {
+        self.collective_creation = true;
+        self
     }
 
     /// Marks the communicator of `id` failed (a lost peer, as NCCL reports it): every
@@ -83,10 +95,16 @@ impl StandIn {
             return Err(DeviceError::InvalidArgument(format!("rank {rank} of {size}")));
         }
         let mut groups = self.fabric.lock();
-        let g = groups.entry(id).or_insert_with(|| Group { size, rounds: HashMap::new(), failed: None });
+        let g = groups.entry(id).or_insert_with(|| Group {
+            size,
+            rounds: HashMap::new(),
+            failed: None,
+            created: vec![false; size],
+        });
         if g.size != size {
             return Err(DeviceError::InvalidArgument(format!("size {size}, but the group of this id has {}", g.size)));
         }
+        g.created[rank] = true;
         Ok(StandInComm { backend: self.clone(), id, rank, size, seq: 0, aborted: false })
     }
 }
@@ -378,12 +396,16 @@ impl DeviceComm for StandInComm {
 
     fn async_state(&self) -> Result<AsyncState, DeviceError> {
         let groups = self.backend.fabric.lock();
-        Ok(match groups.get(&self.id).and_then(|g| g.failed.clone()) {
+        let group = groups.get(&self.id);
+        Ok(match group.and_then(|g| g.failed.clone()) {
             Some(reason) => AsyncState::Failed(DeviceError::Call {
                 call: "ncclCommGetAsyncError",
                 code: REMOTE_ERROR,
                 message: reason,
             }),
+            None if self.backend.collective_creation && group.is_some_and(|g| g.created.contains(&false)) => {
+                AsyncState::InProgress
+            }
             None => AsyncState::Ready,
         })
     }
