@@ -189,6 +189,9 @@ pub struct DeviceMembership {
     epoch: u64,
     /// Its generation within the epoch.
     generation: u32,
+    /// The members of the last view or renewal (for a peer that gave up and follows a
+    /// newer generation).
+    members: Vec<u64>,
     state: State,
 }
 
@@ -196,7 +199,7 @@ impl DeviceMembership {
     /// The machine of peer `me` on a backend with `caps` (every peer of a group is
     /// expected to load the same NCCL, so the same capabilities).
     pub fn new(me: u64, caps: Capabilities) -> DeviceMembership {
-        DeviceMembership { me, caps, epoch: 0, generation: 0, state: State::Idle }
+        DeviceMembership { me, caps, epoch: 0, generation: 0, members: Vec::new(), state: State::Idle }
     }
 
     /// The epoch of the ready communicator, if one is ready and not broken.
@@ -246,7 +249,7 @@ impl DeviceMembership {
             }
             State::Idle | State::Removed => None,
         };
-        (self.epoch, self.generation) = (epoch, 0);
+        (self.epoch, self.generation, self.members) = (epoch, 0, members.clone());
         if !members.contains(&self.me) {
             if held.is_some() {
                 out.push(Decision::Abort);
@@ -293,7 +296,7 @@ impl DeviceMembership {
             }
             State::AwaitingId { held: None, .. } | State::Idle | State::Removed => {}
         }
-        self.generation = generation;
+        (self.generation, self.members) = (generation, members.clone());
         out.push(Decision::CreateAndPublishId { epoch, generation, grow: false });
         self.state = State::AwaitingId { members, held: None };
         out
@@ -311,6 +314,8 @@ impl DeviceMembership {
             State::Active { members, broken, id } if behind => {
                 (members.clone(), Some(Held { members: members.clone(), broken: true, id: *id }))
             }
+            // It could not make its communicator (gave up) while the others renewed.
+            State::Idle if behind => (self.members.clone(), None),
             _ => return Vec::new(),
         };
         let held = if behind { held.map(|h| Held { broken: true, ..h }) } else { held };

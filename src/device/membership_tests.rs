@@ -340,6 +340,11 @@ fn an_abandoned_creation_is_aborted_and_given_up() {
     assert_eq!(g.peers[0].ready_epoch(), None);
     g.ready(&[1], 1);
     assert_eq!(g.peers[1].handle(abandon()), vec![], "a ready communicator is not abandoned");
+    // Peer 0 gave up; the others' next generation reaches it: it follows, from nothing.
+    let follow = g.peers[0].clone().handle(Event::UniqueId { epoch: 1, generation: 1, id: id(5), grow: false });
+    assert_eq!(follow, vec![Decision::Init { epoch: 1, id: id(5), rank: 0, size: 2 }]);
+    let same = g.peers[0].clone().handle(Event::UniqueId { epoch: 1, generation: 0, id: id(1), grow: false });
+    assert_eq!(same, vec![], "the generation it gave up is not made again from its id");
     // The next generation is made as after any failure.
     let d = g.peers[0].handle(Event::Renew { epoch: 1, generation: 1, members: vec![0, 1] });
     assert_eq!(d, vec![Decision::CreateAndPublishId { epoch: 1, generation: 1, grow: false }]);
