@@ -336,12 +336,21 @@ fn restart(
 
 /// 3 peers of the master at `at`, formed into one view, each with a session.
 fn three(net: &MemNetwork, at: SocketAddr, backend: &StandIn) -> (Vec<Communicator>, Vec<Session>) {
+    three_with(net, at, backend, ConnectOptions::default())
+}
+
+fn three_with(
+    net: &MemNetwork,
+    at: SocketAddr,
+    backend: &StandIn,
+    options: ConnectOptions,
+) -> (Vec<Communicator>, Vec<Session>) {
     let handles: Vec<_> = (0..3u16)
         .map(|i| {
-            let net = net.clone();
+            let (net, options) = (net.clone(), options.clone());
             std::thread::spawn(move || {
                 let ep = move || Ok(net.endpoint(addr(100 + i)) as Arc<dyn Endpoint>);
-                Communicator::connect_with(ep, at, ConnectOptions::default()).expect("connect")
+                Communicator::connect_with(ep, at, options).expect("connect")
             })
         })
         .collect();
@@ -443,5 +452,38 @@ fn an_id_relayed_before_the_master_died_is_the_one_after_the_takeover() {
         assert!(comms.iter().all(|c| c.epoch() > before));
         assert!(sessions.iter().all(|s| s.generation() == (comms[0].epoch(), 0)));
         assert!(all_exact(&mut sessions, 6.0));
+    });
+}
+
+/// Peers 0 and 1 make their communicator (NCCL-like: creation waits for every rank) and
+/// peer 2 never does; the master dies and none takes over: once the peers are no longer
+/// members, they give the creation up with `Removed` instead of waiting forever.
+#[test]
+fn a_creation_is_given_up_once_the_peer_is_removed() {
+    with_timeout(60, || {
+        let net = MemNetwork::new(64);
+        let at = addr(1);
+        let first = master(&net, at);
+        let backend = StandIn::new(NCCL_2_28_3, Duration::from_secs(20)).with_collective_creation();
+        let options = ConnectOptions::default().rejoin_within(Some(Duration::from_millis(200)));
+        let (mut comms, mut sessions) = three_with(&net, at, &backend, options);
+        let results = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter_mut()
+                .zip(sessions.iter_mut())
+                .take(2)
+                .map(|(c, d)| s.spawn(move || d.sync(c).map(|_| ()).map_err(|e| e.to_string())))
+                .collect();
+            std::thread::sleep(Duration::from_millis(200));
+            let (rt, server) = first;
+            drop(server);
+            rt.shutdown_background();
+            net.unbind(at);
+            hs.into_iter().map(|h| h.join().expect("thread")).collect::<Vec<_>>()
+        });
+        for r in results {
+            let e = r.expect_err("nobody took over");
+            assert!(e.contains("removed") || e.contains("no longer a member"), "{e}");
+        }
     });
 }

@@ -150,20 +150,28 @@ impl<B: DeviceBackend> DeviceSession<B> {
 }
 
 /// Whether to give up a communicator of `epoch` over `members` being made: once the view
-/// moved on with other members, a rank it waits for may never come (a lost peer). A
+/// moved on with other members, a rank it waits for may never come (a lost peer), and
+/// once this peer is no longer a member (its view reads empty), nobody waits for it. A
 /// takeover's view with the same members keeps it: the new master relays the same id.
 fn abandon<'a>(comm: &'a Communicator, epoch: u64, members: &'a [u64]) -> impl FnMut() -> Option<String> + 'a {
     move || {
-        let now = comm.epoch();
-        (now > epoch && comm.members() != members)
+        let (now, current) = (comm.epoch(), comm.members());
+        if current.is_empty() {
+            return Some("this peer is no longer a member".into());
+        }
+        (now > epoch && current != members)
             .then(|| format!("the view moved from epoch {epoch} to {now} while its device communicator was being made"))
     }
 }
 
-/// The error of a communicator that could not be made: a retryable [`Error::Aborted`]
-/// when the view moved on meanwhile (call `update_topology`, then `sync`), else the
-/// device's error (the next `sync` makes the next generation).
+/// The error of a communicator that could not be made: [`Error::Removed`] once this peer
+/// is no longer a member; a retryable [`Error::Aborted`] when the view moved on
+/// meanwhile (call `update_topology`, then `sync`); else the device's error (the next
+/// `sync` makes the next generation).
 fn gave_up(comm: &Communicator, epoch: u64, e: DeviceError) -> Error {
+    if comm.members().is_empty() {
+        return Error::Removed { reason: format!("removed while the device communicator was being made: {e}") };
+    }
     match comm.epoch() > epoch {
         true => Error::Aborted { reason: format!("the view moved on from epoch {epoch}: {e}") },
         false => Error::Device(e),
