@@ -398,61 +398,81 @@ fn members_waiting_for_the_id_when_the_master_is_replaced_end_with_one_id() {
 }
 
 /// The master relayed the id of the view and peer 0 made its communicator from it; the
-/// master dies before peers 1 and 2 made theirs. The restarted master relays that id
-/// again for its view (the same members): peers 1 and 2 make theirs from it and the
-/// three all-reduce together, peer 0 still on the communicator it made before the
-/// takeover; at its next sync peer 0 keeps it (no second init from one id).
+/// master dies before peers 1 and 2 made theirs. The master restarted on its address
+/// (or, the second time, a standby) relays that id again for its view (the same
+/// members): peers 1 and 2 make theirs from it and the three all-reduce together, peer 0
+/// still on the communicator it made before the takeover; at its next sync peer 0 keeps
+/// it (no second init from one id).
 #[test]
 fn an_id_relayed_before_the_master_died_is_the_one_after_the_takeover() {
     with_timeout(60, || {
-        let net = MemNetwork::new(64);
-        let at = addr(1);
-        let first = master(&net, at);
-        let backend = StandIn::new(NCCL_2_28_3, Duration::from_secs(20));
-        let (mut comms, mut sessions) = three(&net, at, &backend);
-        let before = comms[0].epoch();
-        let made = sessions[0].sync(&mut comms[0]).expect("the maker's sync").id();
-        // The relay reached every member (each has it, none made its communicator yet).
-        for c in &comms {
-            while c.device_relayed(before).is_none() {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        let _restarted = restart(&net, first, at);
-        // The takeover is done everywhere before peers 1 and 2 ask for the id: only the
-        // new master can give it to them now.
-        for c in &comms {
-            while c.epoch() == before {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        let (_, rest) = comms.split_first_mut().expect("3");
-        let (d0, others) = sessions.split_first_mut().expect("3");
-        let sums = std::thread::scope(|s| {
-            let hs: Vec<_> = rest
-                .iter_mut()
-                .zip(others.iter_mut())
-                .map(|(c, d)| {
-                    s.spawn(move || {
-                        let dev = d.sync(c).map_err(|e| e.to_string())?;
-                        assert_eq!(dev.id(), made);
-                        let mut buf = vec![dev.rank() as f32 + 1.0; 8];
-                        dev.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf).map_err(|e| e.to_string())
-                    })
-                })
-                .collect();
-            let dev = d0.comm().expect("peer 0's communicator");
-            let mut buf = vec![1.0; 8];
-            let mine = dev.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf).map_err(|e| e.to_string());
-            std::iter::once(mine).chain(hs.into_iter().map(|h| h.join().expect("thread"))).collect::<Vec<_>>()
-        });
-        assert!(sums.iter().all(|r| r == &Ok(vec![6.0; 8])), "{sums:?}");
-        // Peer 0 moves to the new view: the same communicator, relabelled.
-        assert_eq!(sessions[0].sync(&mut comms[0]).expect("sync").id(), made);
-        assert!(comms.iter().all(|c| c.epoch() > before));
-        assert!(sessions.iter().all(|s| s.generation() == (comms[0].epoch(), 0)));
-        assert!(all_exact(&mut sessions, 6.0));
+        relayed_then_replaced(false);
+        relayed_then_replaced(true);
     });
+}
+
+fn relayed_then_replaced(standby: bool) {
+    let net = MemNetwork::new(64);
+    let (at, standby_at) = (addr(1), addr(2));
+    let first = master(&net, at);
+    let _standby = standby.then(|| master(&net, standby_at));
+    let backend = StandIn::new(NCCL_2_28_3, Duration::from_secs(20));
+    let options = match standby {
+        true => ConnectOptions::default().standby_master(standby_at),
+        false => ConnectOptions::default(),
+    };
+    let (mut comms, mut sessions) = three_with(&net, at, &backend, options);
+    let before = comms[0].epoch();
+    let made = sessions[0].sync(&mut comms[0]).expect("the maker's sync").id();
+    // The relay reached every member (each has it, none made its communicator yet).
+    for c in &comms {
+        while c.device_relayed(before).is_none() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let _restarted = match standby {
+        false => Some(restart(&net, first, at)),
+        true => {
+            let (rt, server) = first;
+            drop(server);
+            rt.shutdown_background();
+            net.unbind(at);
+            None
+        }
+    };
+    // The takeover is done everywhere before peers 1 and 2 ask for the id: only the
+    // new master can give it to them now.
+    for c in &comms {
+        while c.epoch() == before {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let (_, rest) = comms.split_first_mut().expect("3");
+    let (d0, others) = sessions.split_first_mut().expect("3");
+    let sums = std::thread::scope(|s| {
+        let hs: Vec<_> = rest
+            .iter_mut()
+            .zip(others.iter_mut())
+            .map(|(c, d)| {
+                s.spawn(move || {
+                    let dev = d.sync(c).map_err(|e| e.to_string())?;
+                    assert_eq!(dev.id(), made);
+                    let mut buf = vec![dev.rank() as f32 + 1.0; 8];
+                    dev.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        let dev = d0.comm().expect("peer 0's communicator");
+        let mut buf = vec![1.0; 8];
+        let mine = dev.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf).map_err(|e| e.to_string());
+        std::iter::once(mine).chain(hs.into_iter().map(|h| h.join().expect("thread"))).collect::<Vec<_>>()
+    });
+    assert!(sums.iter().all(|r| r == &Ok(vec![6.0; 8])), "{sums:?}");
+    // Peer 0 moves to the new view: the same communicator, relabelled.
+    assert_eq!(sessions[0].sync(&mut comms[0]).expect("sync").id(), made);
+    assert!(comms.iter().all(|c| c.epoch() > before));
+    assert!(sessions.iter().all(|s| s.generation() == (comms[0].epoch(), 0)));
+    assert!(all_exact(&mut sessions, 6.0));
 }
 
 /// Peers 0 and 1 make their communicator (NCCL-like: creation waits for every rank) and
