@@ -20,6 +20,8 @@ use super::error::{Attempt, DeviceError};
 use super::gating::{self, Capabilities, NcclVersion};
 
 pub mod comm;
+pub mod cuda;
+mod memory;
 
 pub use comm::{DeviceBuffer, NcclBackend, NcclComm};
 
