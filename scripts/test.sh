@@ -26,6 +26,8 @@ echo "== feature nccl: the workspace builds with it; the device path's tests run
 # the membership decisions and the hierarchical plan. scripts/gpu-check.sh is the GPU run.
 cargo build --workspace --locked --features phalanx/nccl,phalanx-cli/nccl,phalanx-ffi/nccl
 cargo test -p phalanx --locked --features nccl --lib device -- --test-threads=2
+# The device docs' examples (cudarc slices: compiled, not run).
+cargo test -p phalanx --locked --features nccl --doc device::
 # The C face with NCCL asked for: the typed device error naming the path, not a crash.
 cargo test -p phalanx-ffi --locked --features nccl --test c_device
 # The GPU check's protocol on the stand-in, and its NCCL backend failing typed here.

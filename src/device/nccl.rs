@@ -22,6 +22,7 @@ use super::gating::{self, Capabilities, NcclVersion};
 pub mod comm;
 pub mod cuda;
 mod memory;
+pub mod slices;
 
 pub use comm::{DeviceBuffer, NcclBackend, NcclComm};
 

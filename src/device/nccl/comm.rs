@@ -285,6 +285,11 @@ impl NcclComm {
         self.stream = stream as usize;
     }
 
+    /// The stream calls are enqueued on, as an address.
+    pub(super) fn raw_stream_value(&self) -> usize {
+        self.stream
+    }
+
     fn live(&self) -> Result<ffi::ncclComm_t, DeviceError> {
         if self.dead {
             return Err(DeviceError::Aborted { reason: "this communicator was aborted".into() });
