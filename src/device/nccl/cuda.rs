@@ -45,10 +45,11 @@ struct Fns {
     memcpy_dtod_async: unsafe extern "C" fn(CuPtr, CuPtr, usize, Handle) -> CuResult,
     stream_query: unsafe extern "C" fn(Handle) -> CuResult,
     get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
 }
 
 /// The symbols of [`Fns`], for the error that lists the missing ones.
-const SYMBOLS: [&str; 12] = [
+const SYMBOLS: [&str; 13] = [
     "cuInit",
     "cuDeviceGet",
     "cuDevicePrimaryCtxRetain",
@@ -61,6 +62,7 @@ const SYMBOLS: [&str; 12] = [
     "cuMemcpyDtoDAsync_v2",
     "cuStreamQuery",
     "cuGetErrorString",
+    "cuCtxGetDevice",
 ];
 
 /// One GPU through the CUDA driver: its primary context, retained while this lives.
@@ -90,6 +92,17 @@ impl CudaDevice {
     pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>, DeviceError> {
         let ordinal = c_int::try_from(ordinal)
             .map_err(|_| DeviceError::InvalidArgument(format!("GPU {ordinal} does not fit an int")))?;
+        Self::load(Some(ordinal))
+    }
+
+    /// The GPU of the calling thread's current CUDA context (the one `cudaSetDevice`,
+    /// torch or cupy made current), else GPU 0: what the C and Python faces use, so
+    /// that device memory lands on the GPU NCCL's communicator is made on.
+    pub fn of_this_thread() -> Result<Arc<CudaDevice>, DeviceError> {
+        Self::load(None)
+    }
+
+    fn load(ordinal: Option<c_int>) -> Result<Arc<CudaDevice>, DeviceError> {
         let mut tried = Vec::new();
         for name in CANDIDATES {
             // SAFETY: loading the system's CUDA driver runs its initialisers; it is meant
@@ -102,7 +115,7 @@ impl CudaDevice {
         Err(DeviceError::NoDriver { tried })
     }
 
-    fn start(lib: libloading::Library, name: &str, ordinal: c_int) -> Result<Arc<CudaDevice>, DeviceError> {
+    fn start(lib: libloading::Library, name: &str, ordinal: Option<c_int>) -> Result<Arc<CudaDevice>, DeviceError> {
         let fns = Self::resolve(&lib).ok_or_else(|| {
             let missing = SYMBOLS
                 .iter()
@@ -115,9 +128,18 @@ impl CudaDevice {
                 tried: vec![Attempt { source: "system", path: name.into(), reason: format!("lacks {missing}") }],
             }
         })?;
-        let mut dev = CudaDevice { fns, ordinal, ctx: std::ptr::null_mut(), _lib: lib };
+        let mut dev = CudaDevice { fns, ordinal: 0, ctx: std::ptr::null_mut(), _lib: lib };
         // SAFETY: flags must be 0.
         dev.check("cuInit", unsafe { (dev.fns.init)(0) })?;
+        let ordinal = ordinal.unwrap_or_else(|| {
+            let mut current: c_int = 0;
+            // SAFETY: a valid out-pointer; with no current context this fails and GPU 0
+            // is taken.
+            match unsafe { (dev.fns.ctx_get_device)(&mut current) } {
+                CUDA_SUCCESS => current,
+                _ => 0,
+            }
+        });
         let mut device: c_int = 0;
         // SAFETY: a valid out-pointer.
         dev.check("cuDeviceGet", unsafe { (dev.fns.device_get)(&mut device, ordinal) })?;
@@ -151,6 +173,7 @@ impl CudaDevice {
                 memcpy_dtod_async: sym(lib, "cuMemcpyDtoDAsync_v2")?,
                 stream_query: sym(lib, "cuStreamQuery")?,
                 get_error_string: sym(lib, "cuGetErrorString")?,
+                ctx_get_device: sym(lib, "cuCtxGetDevice")?,
             })
         }
     }
@@ -177,14 +200,14 @@ impl CudaDevice {
     }
 
     /// Makes this device's context current on the calling thread.
-    fn current(&self) -> Result<(), DeviceError> {
+    fn make_current(&self) -> Result<(), DeviceError> {
         // SAFETY: a context retained by this value.
         self.check("cuCtxSetCurrent", unsafe { (self.fns.ctx_set_current)(self.ctx) })
     }
 
     /// `bytes` of device memory, freed when the returned value drops.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<Allocation, DeviceError> {
-        self.current()?;
+        self.make_current()?;
         let mut ptr: CuPtr = 0;
         // cuMemAlloc refuses 0 bytes: an empty allocation is a NULL pointer never used.
         if bytes > 0 {
@@ -208,7 +231,7 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
-        self.current()?;
+        self.make_current()?;
         // SAFETY: the caller's contract.
         let r = unsafe { (self.fns.memcpy_dtod_async)(dst as CuPtr, src as CuPtr, bytes, stream) };
         self.check("cuMemcpyDtoDAsync_v2", r)
@@ -223,7 +246,7 @@ impl CudaDevice {
         if src.is_empty() {
             return Ok(());
         }
-        self.current()?;
+        self.make_current()?;
         // SAFETY: the caller's contract.
         let r = unsafe { (self.fns.memcpy_htod_async)(dst as CuPtr, src.as_ptr().cast(), src.len(), stream) };
         self.check("cuMemcpyHtoDAsync_v2", r)
@@ -238,7 +261,7 @@ impl CudaDevice {
         if dst.is_empty() {
             return Ok(());
         }
-        self.current()?;
+        self.make_current()?;
         // SAFETY: the caller's contract.
         let r = unsafe { (self.fns.memcpy_dtoh_async)(dst.as_mut_ptr().cast(), src as CuPtr, dst.len(), stream) };
         self.check("cuMemcpyDtoHAsync_v2", r)
@@ -258,7 +281,7 @@ impl CudaDevice {
         timeout: Duration,
         mut interrupt: impl FnMut() -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
-        self.current()?;
+        self.make_current()?;
         let start = Instant::now();
         let mut nap = Duration::from_micros(50).min(pause);
         loop {
@@ -316,7 +339,7 @@ impl Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        if self.ptr != 0 && self.device.current().is_ok() {
+        if self.ptr != 0 && self.device.make_current().is_ok() {
             // SAFETY: allocated by cuMemAlloc and freed once. Work still queued on it was
             // waited for or aborted by its user (a DeviceBuffer owning it).
             let _ = unsafe { (self.device.fns.mem_free)(self.ptr) };
