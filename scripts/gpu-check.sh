@@ -5,7 +5,8 @@
 #
 #   cargo build --release --example nccl_probe --features nccl
 #   cargo build --release -p phalanx-cli --features nccl
-#   scripts/gpu-check.sh target/release/examples/nccl_probe target/release/phalanx
+#   pip wheel ./python --no-deps -w target/wheels --config-settings=build-args="--features nccl"
+#   scripts/gpu-check.sh target/release/examples/nccl_probe target/release/phalanx target/wheels/phalanx-*.whl
 #
 # What it checks, each step printing PASS or FAIL (exit status: the number of FAILs),
 # in about a minute on an H100/H200 (each step is limited to 60 s, the device check to
@@ -28,10 +29,15 @@
 #      busbw of a 256 MiB all-reduce (16 MiB with the second NCCL); the second process
 #      SIGKILLed while the first is in an all-reduce: a retryable error, and its device
 #      buffer as it was. The same command runs in CI on the CPU stand-in.
+#   5. With the wheel (the third argument; installed with --no-deps into a directory of
+#      its own, nothing else touched), scripts/gpu_check_python.py: DeviceCommunicator
+#      on the NCCL backend, every collective on CUDA tensors through DLPack, from torch
+#      (its current stream and a stream of its own) and cupy when installed.
 set -uo pipefail
 
 probe=${1:-target/release/examples/nccl_probe}
 phalanx=${2:-target/release/phalanx}
+wheel=${3:-}
 for bin in "$probe" "$phalanx"; do
     if [[ ! -x $bin ]]; then
         echo "no binary at $bin: build both with" >&2
@@ -92,6 +98,18 @@ for lib in "$system_nccl" "$wheel_nccl"; do
         --timeout-s 240
     mib=16
 done
+
+if [[ -n $wheel ]]; then
+    site=$(mktemp -d)
+    if python3 -m pip install --quiet --no-deps --no-index --target "$site" "$wheel"; then
+        step "python: DeviceCommunicator on CUDA tensors (torch, cupy)" 0 \
+            env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" python3 "$(dirname "$0")/gpu_check_python.py"
+    else
+        echo "FAIL: installing $wheel"
+        fails=$((fails + 1))
+    fi
+    rm -rf "$site"
+fi
 
 echo "== $fails failed"
 exit "$fails"
