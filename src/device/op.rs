@@ -1,0 +1,224 @@
+//! [`DeviceOp`]: one device collective as data, run on any [`DeviceComm`] with its
+//! buffers in a fixed order. The C and Python faces describe a call with it once and run
+//! it on either backend (the stand-in's host vectors, NCCL's device buffers), so the
+//! dispatch is written once; [`DeviceOp::written`] says which buffers a call writes
+//! (the ones a device-side backup would keep).
+//!
+//! Buffer order:
+//!
+//! | op              | buffers                           | written        |
+//! |-----------------|-----------------------------------|----------------|
+//! | `AllReduce`     | `[buf]`                           | `buf`          |
+//! | `ReduceScatter` | `[send, recv]`                    | `recv`         |
+//! | `AllGather`     | `[send, recv]`                    | `recv`         |
+//! | `Broadcast`     | `[buf]`                           | `buf`          |
+//! | `Reduce`        | `[buf]`                           | `buf` (root's) |
+//! | `SendRecv`      | `[sends.., recvs..]`              | the receives   |
+
+use super::session::DeviceSession;
+use super::{DeviceBackend, DeviceComm, DeviceError};
+use crate::dtype::ReduceOp;
+use crate::error::Error;
+use crate::Communicator;
+
+/// A device collective and its arguments other than buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceOp {
+    /// [`DeviceComm::all_reduce`].
+    AllReduce(ReduceOp),
+    /// [`DeviceComm::reduce_scatter`].
+    ReduceScatter(ReduceOp),
+    /// [`DeviceComm::all_gather`].
+    AllGather,
+    /// [`DeviceComm::broadcast`] from `root`.
+    Broadcast {
+        /// The rank whose buffer is copied.
+        root: usize,
+    },
+    /// [`DeviceComm::reduce`] into `root`.
+    Reduce {
+        /// The rank that receives the result.
+        root: usize,
+        /// The reduction.
+        op: ReduceOp,
+    },
+    /// [`DeviceComm::send_recv`]: buffer `i` goes to `sends[i]`, buffer
+    /// `sends.len() + j` is filled from `recvs[j]`.
+    SendRecv {
+        /// The peer of each send, in buffer order.
+        sends: Vec<usize>,
+        /// The peer of each receive, in buffer order (after the sends).
+        recvs: Vec<usize>,
+    },
+}
+
+impl DeviceOp {
+    /// All-to-all on `size` ranks with equal chunks: one group that sends chunk `j` of
+    /// the send buffer to rank `j` and fills chunk `j` of the receive buffer from rank
+    /// `j`. Its buffers are the `size` send chunks, then the `size` receive chunks.
+    pub fn all_to_all(size: usize) -> DeviceOp {
+        DeviceOp::SendRecv { sends: (0..size).collect(), recvs: (0..size).collect() }
+    }
+
+    /// How many buffers the op takes.
+    pub fn buffers(&self) -> usize {
+        match self {
+            DeviceOp::AllReduce(_) | DeviceOp::Broadcast { .. } | DeviceOp::Reduce { .. } => 1,
+            DeviceOp::ReduceScatter(_) | DeviceOp::AllGather => 2,
+            DeviceOp::SendRecv { sends, recvs } => sends.len() + recvs.len(),
+        }
+    }
+
+    /// Whether the op writes its buffer `i` (on some rank).
+    pub fn written(&self, i: usize) -> bool {
+        match self {
+            DeviceOp::AllReduce(_) | DeviceOp::Broadcast { .. } | DeviceOp::Reduce { .. } => i == 0,
+            DeviceOp::ReduceScatter(_) | DeviceOp::AllGather => i == 1,
+            DeviceOp::SendRecv { sends, recvs } => i >= sends.len() && i < sends.len() + recvs.len(),
+        }
+    }
+
+    /// Whether the op reads its buffer `i` (a buffer only written may start
+    /// uninitialised).
+    pub fn reads(&self, i: usize) -> bool {
+        match self {
+            DeviceOp::SendRecv { sends, .. } => i < sends.len(),
+            _ => i == 0,
+        }
+    }
+
+    /// Checks the root or peers against a communicator of `size` ranks, before anything
+    /// is sent: a bad argument must not fail the communicator.
+    pub fn check(&self, size: usize) -> Result<(), DeviceError> {
+        let bad = |what: &str, r: usize| DeviceError::InvalidArgument(format!("{what} {r} of {size} ranks"));
+        match self {
+            DeviceOp::Broadcast { root } | DeviceOp::Reduce { root, .. } if *root >= size => Err(bad("root", *root)),
+            DeviceOp::SendRecv { sends, recvs } => match sends.iter().chain(recvs).find(|&&p| p >= size) {
+                Some(&p) => Err(bad("peer", p)),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs the op on `comm` with `bufs` in the order of the module's table.
+    pub fn run<C: DeviceComm>(&self, comm: &mut C, bufs: &mut [C::Buffer]) -> Result<(), DeviceError> {
+        if bufs.len() != self.buffers() {
+            return Err(DeviceError::InvalidArgument(format!(
+                "{self:?} takes {} buffers, {} given",
+                self.buffers(),
+                bufs.len()
+            )));
+        }
+        match (self, bufs) {
+            (DeviceOp::AllReduce(op), [buf]) => comm.all_reduce(buf, *op),
+            (DeviceOp::ReduceScatter(op), [send, recv]) => comm.reduce_scatter(send, recv, *op),
+            (DeviceOp::AllGather, [send, recv]) => comm.all_gather(send, recv),
+            (DeviceOp::Broadcast { root }, [buf]) => comm.broadcast(buf, *root),
+            (DeviceOp::Reduce { root, op }, [buf]) => comm.reduce(buf, *root, *op),
+            (DeviceOp::SendRecv { sends, recvs }, bufs) => {
+                let (s, r) = bufs.split_at_mut(sends.len());
+                let sends: Vec<(usize, &C::Buffer)> = sends.iter().copied().zip(s.iter()).collect();
+                let mut recvs: Vec<(usize, &mut C::Buffer)> = recvs.iter().copied().zip(r.iter_mut()).collect();
+                comm.send_recv(&sends, &mut recvs)
+            }
+            // Unreachable: the count was checked above and each op's arm takes any
+            // slice of its count.
+            (op, bufs) => Err(DeviceError::InvalidArgument(format!("{op:?} with {} buffers", bufs.len()))),
+        }
+    }
+}
+
+/// One collective of a face (C, Python) on `session`'s device communicator: brings it to
+/// `comm`'s view ([`DeviceSession::sync`]), asks `plan` for the op and its buffers for
+/// that view's size, checks the op's root or peers (an [`Error::InvalidArgument`] that
+/// leaves the communicator as it was), then `run`s it. A device error from `run` fails
+/// the session's communicator ([`DeviceSession::failed`]: revoked or aborted; the next
+/// view makes a new one) and is returned as [`Error::Device`].
+pub fn run_in_session<B: DeviceBackend, T, E: From<Error>>(
+    session: &mut DeviceSession<B>,
+    comm: &mut Communicator,
+    plan: impl FnOnce(usize) -> Result<(DeviceOp, T), E>,
+    run: impl FnOnce(&mut B::Comm, &DeviceOp, T) -> Result<(), DeviceError>,
+) -> Result<(), E> {
+    let d = session.sync(comm)?;
+    let (op, bufs) = plan(d.size())?;
+    op.check(d.size()).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    if let Err(e) = run(d, &op, bufs) {
+        session.failed(e.clone());
+        return Err(Error::Device(e).into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::device::standin::StandIn;
+    use crate::device::{Capabilities, DeviceBackend};
+
+    /// Runs `ops(rank)` on every rank of a 3-rank stand-in group, one thread each, and
+    /// returns each rank's buffers after it.
+    fn on_three(make: impl Fn(usize) -> (DeviceOp, Vec<Vec<f32>>) + Sync) -> Vec<Vec<Vec<f32>>> {
+        let backend = StandIn::new(Capabilities::ALL, Duration::from_secs(10));
+        let id = backend.unique_id().expect("id");
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    let (backend, make) = (backend.clone(), &make);
+                    s.spawn(move || {
+                        let mut comm = backend.init(&id, rank, 3).expect("init");
+                        let (op, mut bufs) = make(rank);
+                        op.check(3).expect("valid");
+                        op.run(&mut comm, &mut bufs).expect("run");
+                        bufs
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        })
+    }
+
+    #[test]
+    fn every_op_runs_in_table_order() {
+        let r =
+            on_three(|rank| (DeviceOp::ReduceScatter(ReduceOp::Sum), vec![vec![rank as f32 + 1.0; 6], vec![0.0; 2]]));
+        assert!(r.iter().all(|b| b[1] == [6.0, 6.0]));
+        let r = on_three(|rank| (DeviceOp::AllGather, vec![vec![rank as f32; 1], vec![9.0; 3]]));
+        assert!(r.iter().all(|b| b[1] == [0.0, 1.0, 2.0]));
+        let r = on_three(|rank| (DeviceOp::Broadcast { root: 2 }, vec![vec![rank as f32; 2]]));
+        assert!(r.iter().all(|b| b[0] == [2.0, 2.0]));
+        let r = on_three(|rank| (DeviceOp::Reduce { root: 1, op: ReduceOp::Max }, vec![vec![rank as f32; 2]]));
+        assert_eq!(r.iter().map(|b| b[0][0]).collect::<Vec<_>>(), [0.0, 2.0, 2.0]);
+        // All-to-all: rank r sends 10 r + j to rank j; rank j gets 10 r + j from r.
+        let r = on_three(|rank| {
+            let mut bufs: Vec<Vec<f32>> = (0..3).map(|j| vec![(10 * rank + j) as f32]).collect();
+            bufs.extend((0..3).map(|_| vec![-1.0]));
+            (DeviceOp::all_to_all(3), bufs)
+        });
+        for (rank, b) in r.iter().enumerate() {
+            let got: Vec<f32> = b[3..].iter().map(|c| c[0]).collect();
+            assert_eq!(got, (0..3).map(|src| (10 * src + rank) as f32).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn roots_peers_and_buffer_counts_are_checked() {
+        assert!(DeviceOp::Broadcast { root: 3 }.check(3).is_err());
+        assert!(DeviceOp::Reduce { root: 2, op: ReduceOp::Sum }.check(3).is_ok());
+        assert!(DeviceOp::SendRecv { sends: vec![0], recvs: vec![5] }.check(3).is_err());
+        assert!(DeviceOp::all_to_all(3).check(3).is_ok());
+        let op = DeviceOp::SendRecv { sends: vec![1, 2], recvs: vec![0] };
+        assert_eq!(op.buffers(), 3);
+        assert_eq!((0..4).map(|i| op.written(i)).collect::<Vec<_>>(), [false, false, true, false]);
+        assert!(DeviceOp::AllGather.written(1) && !DeviceOp::AllGather.written(0));
+        assert!(DeviceOp::AllGather.reads(0) && !DeviceOp::AllGather.reads(1));
+        assert!(DeviceOp::Broadcast { root: 0 }.reads(0) && op.reads(1) && !op.reads(2));
+        let backend = StandIn::new(Capabilities::ALL, Duration::from_secs(1));
+        let mut comm = backend.init(&backend.unique_id().expect("id"), 0, 1).expect("init");
+        let err = DeviceOp::AllGather.run(&mut comm, &mut [vec![1.0]]).expect_err("one buffer of two");
+        assert!(err.to_string().contains("takes 2 buffers"), "{err}");
+    }
+}
