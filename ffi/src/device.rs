@@ -104,7 +104,8 @@ pub unsafe extern "C" fn phx_device_comm_new(
 ///
 /// Errors (every device collective): `PHX_ERR_NULL` for a NULL handle, or a NULL buffer
 /// of more than zero elements; `PHX_ERR_INVALID_ARGUMENT` for an unknown dtype or op
-/// code, a dtype other than `PHX_DTYPE_F32` on the stand-in, a root or peer outside the
+/// code, a dtype other than `PHX_DTYPE_F32` on the stand-in (16-bit integers on NCCL,
+/// which lacks them), a root or peer outside the
 /// view, or counts that overflow (nothing is sent, the device communicator is kept).
 /// `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
 /// it): it is revoked or aborted, the buffers are unchanged on the stand-in (on NCCL
@@ -205,9 +206,9 @@ pub(crate) fn per_rank(count: usize, n: usize, what: &str) -> Result<usize, Fail
 pub(crate) type Plan = (DeviceOp, Vec<Buf>);
 
 /// The body of every device collective: resolves the handles and the dtype, refuses
-/// dtypes other than float32 on the stand-in, then on the chosen backend brings the
-/// device communicator to `comm`'s view, asks `plan` for the op and buffers for its size
-/// and runs it (`phalanx::device::op::run_in_session`: a device error fails the
+/// dtypes other than float32 on the stand-in (16-bit integers on NCCL), then on the
+/// chosen backend brings the device communicator to `comm`'s view, asks `plan` for the
+/// op and buffers for its size and runs it (`phalanx::device::op::run_in_session`: a device error fails the
 /// communicator and is `PHX_ERR_DEVICE`).
 ///
 /// # Safety
@@ -236,7 +237,12 @@ pub(crate) unsafe fn device_call(
                 on_standin(session, comm, plan)
             }
             #[cfg(feature = "nccl")]
-            Backend::Nccl(session) => on_nccl(session, comm, stream, plan),
+            Backend::Nccl(session) => {
+                if !phalanx::device::op::nccl_has(dt) {
+                    return Err(invalid(format!("NCCL has no {dt:?} element type")));
+                }
+                on_nccl(session, comm, stream, plan)
+            }
         }
     })
 }

@@ -17,7 +17,7 @@
 
 use super::session::DeviceSession;
 use super::{DeviceBackend, DeviceComm, DeviceError};
-use crate::dtype::ReduceOp;
+use crate::dtype::{DType, ReduceOp};
 use crate::error::Error;
 use crate::Communicator;
 
@@ -129,6 +129,13 @@ impl DeviceOp {
     }
 }
 
+/// Whether NCCL has the element type `dtype` (it has no 16-bit integers). The faces
+/// refuse the others before anything is sent, so that a bad argument does not fail the
+/// communicator.
+pub fn nccl_has(dtype: DType) -> bool {
+    !matches!(dtype, DType::I16 | DType::U16)
+}
+
 /// One collective of a face (C, Python) on `session`'s device communicator: brings it to
 /// `comm`'s view ([`DeviceSession::sync`]), asks `plan` for the op and its buffers for
 /// that view's size, checks the op's root or peers (an [`Error::InvalidArgument`] that
@@ -215,6 +222,7 @@ mod tests {
         assert_eq!((0..4).map(|i| op.written(i)).collect::<Vec<_>>(), [false, false, true, false]);
         assert!(DeviceOp::AllGather.written(1) && !DeviceOp::AllGather.written(0));
         assert!(DeviceOp::AllGather.reads(0) && !DeviceOp::AllGather.reads(1));
+        assert!(nccl_has(DType::BF16) && nccl_has(DType::U8) && !nccl_has(DType::I16) && !nccl_has(DType::U16));
         assert!(DeviceOp::Broadcast { root: 0 }.reads(0) && op.reads(1) && !op.reads(2));
         let backend = StandIn::new(Capabilities::ALL, Duration::from_secs(1));
         let mut comm = backend.init(&backend.unique_id().expect("id"), 0, 1).expect("init");
