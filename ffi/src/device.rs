@@ -9,13 +9,13 @@ use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use phalanx::device::op::{run_in_session, DeviceOp};
+use phalanx::device::op::{run_in_session, run_on_host, DeviceOp, RawBuf};
 use phalanx::device::session::DeviceSession;
 use phalanx::device::standin::StandIn;
 use phalanx::device::Capabilities;
 use phalanx::{Communicator, DType, Error};
 
-use crate::args::{byte_len, bytes, bytes_mut, dtype, free_handle, handle, handle_mut, out_ptr, reduce_op, write_out};
+use crate::args::{byte_len, dtype, free_handle, handle, handle_mut, out_ptr, reduce_op, write_out};
 use crate::comm::phx_comm;
 use crate::status::{guard, invalid, null, Fail};
 
@@ -133,67 +133,32 @@ pub unsafe extern "C" fn phx_device_comm_all_reduce(
     // caller's contract).
     unsafe {
         device_call(dev, comm, dtype_code, stream, |_, dt| {
-            Ok((DeviceOp::AllReduce(reduce_op(op_code)?), vec![Buf::new(buf, count, dt, "buf")?]))
+            Ok((DeviceOp::AllReduce(reduce_op(op_code)?), vec![raw_buf(buf, count, dt, "buf")?]))
         })
     }
 }
 
 /// One buffer of a device collective: `count` elements of `dtype` at `ptr` (host memory
 /// on the stand-in, device memory on NCCL), checked to be non-NULL unless empty and to
-/// fit in the address space. Its memory is not touched until the collective runs.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Buf {
-    ptr: *mut c_void,
-    count: usize,
-    dtype: DType,
+/// fit in the address space; `what` names it in errors. Its memory is not touched until
+/// the collective runs.
+pub(crate) fn raw_buf(ptr: *const c_void, count: usize, dtype: DType, what: &str) -> Result<RawBuf, Fail> {
+    if byte_len(count, dtype, what)? > 0 && ptr.is_null() {
+        return Err(null(what));
+    }
+    Ok(RawBuf { addr: ptr as usize, count, dtype })
 }
 
-impl Buf {
-    /// `count` elements of `dtype` at `ptr`; `what` names it in errors.
-    pub(crate) fn new(ptr: *const c_void, count: usize, dtype: DType, what: &str) -> Result<Buf, Fail> {
-        if byte_len(count, dtype, what)? > 0 && ptr.is_null() {
-            return Err(null(what));
-        }
-        Ok(Buf { ptr: ptr.cast_mut(), count, dtype })
-    }
-
-    /// `n` buffers of `count` elements each, back to back from `ptr` (all-to-all's
-    /// chunks, one per rank).
-    pub(crate) fn chunks(
-        ptr: *const c_void,
-        count: usize,
-        n: usize,
-        dtype: DType,
-        what: &str,
-    ) -> Result<Vec<Buf>, Fail> {
-        Buf::new(ptr, per_rank(count, n, what)?, dtype, what)?;
-        // In bounds: the n chunks make up the buffer checked above.
-        Ok((0..n)
-            .map(|j| Buf { ptr: ptr.cast_mut().wrapping_byte_add(j * count * dtype.size()), count, dtype })
-            .collect())
-    }
-
-    /// The stand-in's copy of a `float` buffer.
-    ///
-    /// # Safety
-    /// `ptr` is valid for reads of `count` floats (the collective's contract).
-    unsafe fn read_f32(&self) -> Vec<f32> {
-        // SAFETY: the caller's contract; NULL only when empty, which `bytes` allows.
-        let bytes = unsafe { bytes(self.ptr, self.count, self.dtype, "buf") }.unwrap_or_default();
-        bytes.chunks_exact(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-
-    /// Writes the stand-in's result back.
-    ///
-    /// # Safety
-    /// `ptr` is valid for writes of `count` floats, used by no one else meanwhile.
-    unsafe fn write_f32(&self, values: &[f32]) {
-        // SAFETY: the caller's contract; NULL only when empty, which `bytes_mut` allows.
-        let out = unsafe { bytes_mut(self.ptr, self.count, self.dtype, "buf") }.unwrap_or_default();
-        for (c, v) in out.chunks_exact_mut(4).zip(values) {
-            c.copy_from_slice(&v.to_ne_bytes());
-        }
-    }
+/// `n` buffers of `count` elements each, back to back from `ptr` (all-to-all's chunks,
+/// one per rank), checked as one buffer of `count × n` by [`raw_buf`].
+pub(crate) fn chunks(
+    ptr: *const c_void,
+    count: usize,
+    n: usize,
+    dtype: DType,
+    what: &str,
+) -> Result<Vec<RawBuf>, Fail> {
+    Ok(raw_buf(ptr, per_rank(count, n, what)?, dtype, what)?.chunks(n))
 }
 
 /// `count * n` (a buffer of one chunk per rank), or `PHX_ERR_INVALID_ARGUMENT`.
@@ -203,7 +168,7 @@ pub(crate) fn per_rank(count: usize, n: usize, what: &str) -> Result<usize, Fail
 
 /// What a device collective's `plan` returns for the view's size and the element type:
 /// the op and its buffers, in `DeviceOp`'s order.
-pub(crate) type Plan = (DeviceOp, Vec<Buf>);
+pub(crate) type Plan = (DeviceOp, Vec<RawBuf>);
 
 /// The body of every device collective: resolves the handles and the dtype, refuses
 /// dtypes other than float32 on the stand-in (16-bit integers on NCCL), then on the
@@ -247,33 +212,23 @@ pub(crate) unsafe fn device_call(
     })
 }
 
-/// Runs a planned collective on the stand-in: copies the buffers it reads into host
-/// vectors, runs it, writes back the buffers it writes (so a failed call changes none).
+/// Runs a planned collective on the stand-in (`run_on_host`: the buffers it writes are
+/// written back only when it succeeds).
 fn on_standin(
     session: &mut DeviceSession<StandIn>,
     comm: &mut Communicator,
     plan: impl FnOnce(usize) -> Result<Plan, Fail>,
 ) -> Result<(), Fail> {
     run_in_session(session, comm, plan, |d, op, bufs| {
-        let mut host: Vec<Vec<f32>> = (bufs.iter().enumerate())
-            // SAFETY: a buffer the op reads is valid for reads (the collective's contract).
-            .map(|(i, b)| if op.reads(i) { unsafe { b.read_f32() } } else { vec![0.0; b.count] })
-            .collect();
-        op.run(d, &mut host)?;
-        for (i, (b, h)) in bufs.iter().zip(&host).enumerate() {
-            if op.written(i) {
-                // SAFETY: a buffer the op writes is valid for writes, and no other slice
-                // of it is live (the collective's contract; each is written alone).
-                unsafe { b.write_f32(h) };
-            }
-        }
-        Ok(())
+        // SAFETY: host float buffers valid for the op's reads and writes, used by no one
+        // else (the collective's contract).
+        unsafe { run_on_host(op, d, &bufs) }
     })
 }
 
 /// Runs a planned collective on NCCL, enqueued on `stream`: the one path of every NCCL
-/// call of the C face (where a device-side backup of the buffers `op.written` names
-/// belongs).
+/// call of the C face (through `run_on_nccl`, where a device-side backup of the buffers
+/// `op.written` names belongs).
 #[cfg(feature = "nccl")]
 fn on_nccl(
     session: &mut DeviceSession<phalanx::device::nccl::NcclBackend>,
@@ -281,16 +236,10 @@ fn on_nccl(
     stream: *mut c_void,
     plan: impl FnOnce(usize) -> Result<Plan, Fail>,
 ) -> Result<(), Fail> {
-    use phalanx::device::nccl::DeviceBuffer;
     run_in_session(session, comm, plan, |d, op, bufs| {
-        // SAFETY: NULL or a valid stream of the communicator's GPU (the caller's contract).
-        unsafe { d.set_stream(stream) };
-        let mut device: Vec<DeviceBuffer> = (bufs.iter())
-            // SAFETY: device memory valid for `count` elements of `dtype` until the stream
-            // has run the call (the collective's contract).
-            .map(|b| unsafe { DeviceBuffer::from_raw(b.ptr, b.count, b.dtype) })
-            .collect();
-        op.run(d, &mut device)
+        // SAFETY: NULL or a valid stream of the communicator's GPU; device buffers valid
+        // until the stream has run the call (the collective's contract).
+        unsafe { phalanx::device::op::run_on_nccl(op, d, stream, &bufs) }
     })
 }
 

@@ -8,12 +8,12 @@
 
 use std::ffi::{c_int, c_void};
 
-use phalanx::device::op::DeviceOp;
+use phalanx::device::op::{DeviceOp, RawBuf};
 use phalanx::DType;
 
 use crate::args::reduce_op;
 use crate::comm::phx_comm;
-use crate::device::{device_call, per_rank, phx_device_comm, Buf};
+use crate::device::{chunks, device_call, per_rank, phx_device_comm, raw_buf};
 use crate::sparse::slice;
 use crate::status::Fail;
 
@@ -47,8 +47,8 @@ pub unsafe extern "C" fn phx_device_comm_reduce_scatter(
     // caller's contract).
     unsafe {
         device_call(dev, comm, dtype_code, stream, |size, dt| {
-            let send = Buf::new(send, per_rank(recv_count, size, "send")?, dt, "send")?;
-            Ok((DeviceOp::ReduceScatter(reduce_op(op_code)?), vec![send, Buf::new(recv, recv_count, dt, "recv")?]))
+            let send = raw_buf(send, per_rank(recv_count, size, "send")?, dt, "send")?;
+            Ok((DeviceOp::ReduceScatter(reduce_op(op_code)?), vec![send, raw_buf(recv, recv_count, dt, "recv")?]))
         })
     }
 }
@@ -76,8 +76,8 @@ pub unsafe extern "C" fn phx_device_comm_all_gather(
     // SAFETY: as in `phx_device_comm_reduce_scatter`.
     unsafe {
         device_call(dev, comm, dtype_code, stream, |size, dt| {
-            let recv = Buf::new(recv, per_rank(send_count, size, "recv")?, dt, "recv")?;
-            Ok((DeviceOp::AllGather, vec![Buf::new(send, send_count, dt, "send")?, recv]))
+            let recv = raw_buf(recv, per_rank(send_count, size, "recv")?, dt, "recv")?;
+            Ok((DeviceOp::AllGather, vec![raw_buf(send, send_count, dt, "send")?, recv]))
         })
     }
 }
@@ -104,7 +104,7 @@ pub unsafe extern "C" fn phx_device_comm_broadcast(
     // SAFETY: as in `phx_device_comm_all_reduce`.
     unsafe {
         device_call(dev, comm, dtype_code, stream, |_, dt| {
-            Ok((DeviceOp::Broadcast { root }, vec![Buf::new(buf, count, dt, "buf")?]))
+            Ok((DeviceOp::Broadcast { root }, vec![raw_buf(buf, count, dt, "buf")?]))
         })
     }
 }
@@ -131,7 +131,7 @@ pub unsafe extern "C" fn phx_device_comm_reduce(
     // SAFETY: as in `phx_device_comm_all_reduce`.
     unsafe {
         device_call(dev, comm, dtype_code, stream, |_, dt| {
-            Ok((DeviceOp::Reduce { root, op: reduce_op(op_code)? }, vec![Buf::new(buf, count, dt, "buf")?]))
+            Ok((DeviceOp::Reduce { root, op: reduce_op(op_code)? }, vec![raw_buf(buf, count, dt, "buf")?]))
         })
     }
 }
@@ -198,7 +198,7 @@ unsafe fn group_side(
     n: usize,
     dt: DType,
     what: &str,
-) -> Result<(Vec<usize>, Vec<Buf>), Fail> {
+) -> Result<(Vec<usize>, Vec<RawBuf>), Fail> {
     // SAFETY: NULL or valid for `n` entries (the caller's contract); each is checked.
     let (peers, bufs, counts) = unsafe {
         (
@@ -207,7 +207,7 @@ unsafe fn group_side(
             slice(counts, n, &format!("{what}_counts"))?,
         )
     };
-    let bufs = (0..n).map(|i| Buf::new(bufs[i], counts[i], dt, what)).collect::<Result<_, _>>()?;
+    let bufs = (0..n).map(|i| raw_buf(bufs[i], counts[i], dt, what)).collect::<Result<_, _>>()?;
     Ok((peers.to_vec(), bufs))
 }
 
@@ -236,8 +236,8 @@ pub unsafe extern "C" fn phx_device_comm_all_to_all(
     // SAFETY: as in `phx_device_comm_reduce_scatter`.
     unsafe {
         device_call(dev, comm, dtype_code, stream, |size, dt| {
-            let mut bufs = Buf::chunks(send, count, size, dt, "send")?;
-            bufs.extend(Buf::chunks(recv, count, size, dt, "recv")?);
+            let mut bufs = chunks(send, count, size, dt, "send")?;
+            bufs.extend(chunks(recv, count, size, dt, "recv")?);
             Ok((DeviceOp::all_to_all(size), bufs))
         })
     }

@@ -2,7 +2,10 @@
 //! buffers in a fixed order. The C and Python faces describe a call with it once and run
 //! it on either backend (the stand-in's host vectors, NCCL's device buffers), so the
 //! dispatch is written once; [`DeviceOp::written`] says which buffers a call writes
-//! (the ones a device-side backup would keep).
+//! (the ones a device-side backup would keep). The faces give buffers as addresses
+//! ([`RawBuf`]); [`run_on_host`] runs an op on the stand-in with host float32 memory and
+//! `run_on_nccl` (feature `nccl`) on NCCL with device memory and a stream: the one path
+//! of every NCCL call of the C and Python faces.
 //!
 //! Buffer order:
 //!
@@ -16,6 +19,7 @@
 //! | `SendRecv`      | `[sends.., recvs..]`              | the receives   |
 
 use super::session::DeviceSession;
+use super::standin::StandInComm;
 use super::{DeviceBackend, DeviceComm, DeviceError};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::Error;
@@ -129,6 +133,90 @@ impl DeviceOp {
     }
 }
 
+/// One buffer of a face's call, as an address: `count` elements of `dtype` at `addr`
+/// (host memory on the stand-in, device memory on NCCL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawBuf {
+    /// The address of the first element.
+    pub addr: usize,
+    /// Elements.
+    pub count: usize,
+    /// Element type.
+    pub dtype: DType,
+}
+
+impl RawBuf {
+    /// `n` buffers of `count / n` elements each, back to back from this one's start
+    /// (all-to-all's chunks, one per rank; a remainder is left out).
+    pub fn chunks(self, n: usize) -> Vec<RawBuf> {
+        let count = self.count / n.max(1);
+        (0..n).map(|j| RawBuf { addr: self.addr + j * count * self.dtype.size(), count, dtype: self.dtype }).collect()
+    }
+}
+
+/// Runs `op` on the stand-in with host float32 buffers: copies those it reads into
+/// vectors, runs it, and writes back those it writes only when it succeeded, so a failed
+/// call changes none. Another element type is an [`DeviceError::InvalidArgument`].
+///
+/// # Safety
+/// Each buffer is host memory of `count` `f32`s (any alignment), valid for reads if the op
+/// reads it ([`DeviceOp::reads`]) and for writes if it writes it, accessed by no one
+/// else during the call.
+pub unsafe fn run_on_host(op: &DeviceOp, comm: &mut StandInComm, bufs: &[RawBuf]) -> Result<(), DeviceError> {
+    if let Some(b) = bufs.iter().find(|b| b.dtype != DType::F32) {
+        return Err(DeviceError::InvalidArgument(format!("the stand-in works on f32 buffers only, not {}", b.dtype)));
+    }
+    let mut host: Vec<Vec<f32>> = Vec::with_capacity(bufs.len());
+    for (i, b) in bufs.iter().enumerate() {
+        host.push(if op.reads(i) && b.count > 0 {
+            // SAFETY: readable host memory of `count` f32s (the caller's contract), read
+            // as bytes (no alignment needed) and copied out at once.
+            let bytes = unsafe { std::slice::from_raw_parts(b.addr as *const u8, b.count * 4) };
+            bytes.chunks_exact(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
+        } else {
+            vec![0.0; b.count]
+        });
+    }
+    op.run(comm, &mut host)?;
+    for (i, (b, h)) in bufs.iter().zip(&host).enumerate() {
+        if op.written(i) && b.count > 0 && h.len() == b.count {
+            // SAFETY: writable host memory of `count` f32s that no one else accesses
+            // (the caller's contract), written as bytes; each buffer is written alone.
+            let out = unsafe { std::slice::from_raw_parts_mut(b.addr as *mut u8, b.count * 4) };
+            for (c, v) in out.chunks_exact_mut(4).zip(h) {
+                c.copy_from_slice(&v.to_ne_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `op` on NCCL, enqueued on `stream` (a `cudaStream_t`; NULL for the legacy
+/// default stream): the one path of every NCCL call of the C and Python faces, where a
+/// device-side backup of the buffers [`DeviceOp::written`] names belongs.
+///
+/// # Safety
+/// `stream` is NULL or a valid stream of the communicator's device; each buffer is
+/// device memory of that device valid for `count` elements of `dtype` until the stream
+/// has run the call.
+#[cfg(feature = "nccl")]
+pub unsafe fn run_on_nccl(
+    op: &DeviceOp,
+    comm: &mut super::nccl::NcclComm,
+    stream: *mut std::ffi::c_void,
+    bufs: &[RawBuf],
+) -> Result<(), DeviceError> {
+    use super::nccl::DeviceBuffer;
+    // SAFETY: NULL or a valid stream of the communicator's device (the caller's contract).
+    unsafe { comm.set_stream(stream) };
+    let mut device: Vec<DeviceBuffer> = (bufs.iter())
+        // SAFETY: device memory valid for `count` elements of `dtype` until the stream has
+        // run the call (the caller's contract).
+        .map(|b| unsafe { DeviceBuffer::from_raw(b.addr as *mut std::ffi::c_void, b.count, b.dtype) })
+        .collect();
+    op.run(comm, &mut device)
+}
+
 /// Whether NCCL has the element type `dtype` (it has no 16-bit integers). The faces
 /// refuse the others before anything is sent, so that a bad argument does not fail the
 /// communicator.
@@ -209,6 +297,28 @@ mod tests {
             let got: Vec<f32> = b[3..].iter().map(|c| c[0]).collect();
             assert_eq!(got, (0..3).map(|src| (10 * src + rank) as f32).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn host_buffers_are_written_back_only_on_success() {
+        let backend = StandIn::new(Capabilities::ALL, Duration::from_secs(1));
+        let mut comm = backend.init(&backend.unique_id().expect("id"), 0, 1).expect("init");
+        let (send, mut recv) = ([1.0f32, 2.0, 3.0, 4.0], [9.0f32; 4]);
+        let raw = |p: *const f32, count| RawBuf { addr: p as usize, count, dtype: DType::F32 };
+        let bufs = [raw(send.as_ptr(), 4), raw(recv.as_mut_ptr(), 4)];
+        let halves = raw(send.as_ptr(), 4).chunks(2);
+        assert_eq!(halves[1], raw(send[2..].as_ptr(), 2));
+        // SAFETY: live arrays of the given lengths, used by nothing else meanwhile.
+        unsafe { run_on_host(&DeviceOp::AllGather, &mut comm, &bufs) }.expect("all-gather of one rank");
+        assert_eq!(recv, send);
+        recv = [9.0; 4];
+        let bufs = [raw(send.as_ptr(), 4), raw(recv.as_mut_ptr(), 2)];
+        // SAFETY: as above (the receive buffer is shorter, which the stand-in refuses).
+        assert!(unsafe { run_on_host(&DeviceOp::AllGather, &mut comm, &bufs) }.is_err());
+        assert_eq!(recv, [9.0; 4]);
+        let wide = RawBuf { dtype: DType::F64, ..bufs[0] };
+        // SAFETY: refused before any memory is touched.
+        assert!(unsafe { run_on_host(&DeviceOp::AllReduce(ReduceOp::Sum), &mut comm, &[wide]) }.is_err());
     }
 
     #[test]
