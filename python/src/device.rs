@@ -14,7 +14,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use phalanx::device::op::DeviceOp;
+use phalanx::device::op::{DeviceOp, RawBuf};
 use phalanx::device::session::DeviceSession;
 use phalanx::device::standin::StandIn;
 use phalanx::device::Capabilities;
@@ -26,7 +26,7 @@ use pyo3::prelude::*;
 
 use crate::args::parse_op;
 use crate::communicator::Communicator;
-use crate::device_call::{device_call, invalid, Arg, Backend, Mem, Plan, Span};
+use crate::device_call::{device_call, invalid, Arg, Backend, Plan};
 use crate::errors::to_py;
 
 /// The process's stand-in fabric: every stand-in communicator of this process meets there.
@@ -102,7 +102,7 @@ impl DeviceCommunicator {
         py: Python<'_>,
         args: &[Arg<'_, '_>],
         stream: Option<i64>,
-        plan: impl FnOnce(usize, &[Mem]) -> phalanx::Result<Plan> + Send,
+        plan: impl FnOnce(usize, &[RawBuf]) -> phalanx::Result<Plan> + Send,
     ) -> PyResult<()> {
         device_call(py, self.comm.get(), &self.inner, args, stream, plan)
     }
@@ -138,9 +138,7 @@ impl DeviceCommunicator {
     #[pyo3(signature = (array, op = "sum", *, stream = None))]
     fn all_reduce(&self, py: Python<'_>, array: &Bound<'_, PyAny>, op: &str, stream: Option<i64>) -> PyResult<()> {
         let op = parse_op(op)?;
-        self.call(py, &[(array, "array", true)], stream, move |_, m| {
-            Ok((DeviceOp::AllReduce(op), vec![Span::whole(m, 0)]))
-        })
+        self.call(py, &[(array, "array", true)], stream, move |_, m| Ok((DeviceOp::AllReduce(op), vec![m[0]])))
     }
 
     /// Reduces every member's `send` (`size` equal shards) with `op`; shard `rank` of
@@ -157,7 +155,7 @@ impl DeviceCommunicator {
         let op = parse_op(op)?;
         self.call(py, &[(send, "send", false), (recv, "recv", true)], stream, move |size, m| {
             per_rank("reduce_scatter", ("send", m[0].count), ("recv", m[1].count), size)?;
-            Ok((DeviceOp::ReduceScatter(op), vec![Span::whole(m, 0), Span::whole(m, 1)]))
+            Ok((DeviceOp::ReduceScatter(op), vec![m[0], m[1]]))
         })
     }
 
@@ -173,7 +171,7 @@ impl DeviceCommunicator {
     ) -> PyResult<()> {
         self.call(py, &[(send, "send", false), (recv, "recv", true)], stream, move |size, m| {
             per_rank("all_gather", ("recv", m[1].count), ("send", m[0].count), size)?;
-            Ok((DeviceOp::AllGather, vec![Span::whole(m, 0), Span::whole(m, 1)]))
+            Ok((DeviceOp::AllGather, vec![m[0], m[1]]))
         })
     }
 
@@ -181,9 +179,7 @@ impl DeviceCommunicator {
     /// collective; `ValueError` for a root outside the view.
     #[pyo3(signature = (array, root, *, stream = None))]
     fn broadcast(&self, py: Python<'_>, array: &Bound<'_, PyAny>, root: usize, stream: Option<i64>) -> PyResult<()> {
-        self.call(py, &[(array, "array", true)], stream, move |_, m| {
-            Ok((DeviceOp::Broadcast { root }, vec![Span::whole(m, 0)]))
-        })
+        self.call(py, &[(array, "array", true)], stream, move |_, m| Ok((DeviceOp::Broadcast { root }, vec![m[0]])))
     }
 
     /// Reduces every member's `array` with `op` into rank `root`'s `array`, in place;
@@ -199,9 +195,7 @@ impl DeviceCommunicator {
         stream: Option<i64>,
     ) -> PyResult<()> {
         let op = parse_op(op)?;
-        self.call(py, &[(array, "array", true)], stream, move |_, m| {
-            Ok((DeviceOp::Reduce { root, op }, vec![Span::whole(m, 0)]))
-        })
+        self.call(py, &[(array, "array", true)], stream, move |_, m| Ok((DeviceOp::Reduce { root, op }, vec![m[0]])))
     }
 
     /// Sends and receives as one group (NCCL's grouped `ncclSend`/`ncclRecv`): each
@@ -226,7 +220,7 @@ impl DeviceCommunicator {
             sends: sends.iter().map(|(p, _)| *p).collect(),
             recvs: recvs.iter().map(|(p, _)| *p).collect(),
         };
-        self.call(py, &args, stream, move |_, m| Ok((op, (0..m.len()).map(|i| Span::whole(m, i)).collect())))
+        self.call(py, &args, stream, move |_, m| Ok((op, m.to_vec())))
     }
 
     /// All-to-all with equal chunks: chunk `j` of `send` goes to rank `j`, chunk `j` of
@@ -247,9 +241,9 @@ impl DeviceCommunicator {
                     m[0].count, m[1].count
                 )));
             }
-            let mut spans = Span::chunks(m, 0, size);
-            spans.extend(Span::chunks(m, 1, size));
-            Ok((DeviceOp::all_to_all(size), spans))
+            let mut bufs = m[0].chunks(size);
+            bufs.extend(m[1].chunks(size));
+            Ok((DeviceOp::all_to_all(size), bufs))
         })
     }
 }

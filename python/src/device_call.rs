@@ -6,10 +6,9 @@
 
 use std::sync::Mutex;
 
-use phalanx::device::op::{nccl_has, run_in_session, DeviceOp};
+use phalanx::device::op::{nccl_has, run_in_session, run_on_host, DeviceOp, RawBuf};
 use phalanx::device::session::DeviceSession;
 use phalanx::device::standin::StandIn;
-use phalanx::device::DeviceError;
 use phalanx::{Communicator as CoreComm, DType, Error};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -17,50 +16,16 @@ use pyo3::prelude::*;
 use crate::array::{array as host_array, ArrayRef};
 use crate::dlpack::{cuda_array, cuda_stream, CudaRef};
 
-/// The memory of one array of a call: address, length in elements, element type.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Mem {
-    addr: usize,
-    /// Elements.
-    pub(crate) count: usize,
-    dtype: DType,
+/// Whether two buffers share a byte.
+fn overlaps(a: &RawBuf, b: &RawBuf) -> bool {
+    let (x, y) = (a.addr, b.addr);
+    let (n, m) = (a.count * a.dtype.size(), b.count * b.dtype.size());
+    n > 0 && m > 0 && x < y + m && y < x + n
 }
 
-impl Mem {
-    fn bytes(&self) -> usize {
-        self.count * self.dtype.size()
-    }
-
-    fn overlaps(&self, other: &Mem) -> bool {
-        let (a, b) = (self.addr, other.addr);
-        self.bytes() > 0 && other.bytes() > 0 && a < b + other.bytes() && b < a + self.bytes()
-    }
-}
-
-/// `count` elements from element `offset` of the call's array `arr`: one buffer of the
-/// op, in [`DeviceOp`]'s order.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Span {
-    arr: usize,
-    offset: usize,
-    count: usize,
-}
-
-impl Span {
-    /// The whole of array `arr`.
-    pub(crate) fn whole(mems: &[Mem], arr: usize) -> Span {
-        Span { arr, offset: 0, count: mems[arr].count }
-    }
-
-    /// Array `arr` cut into `n` equal chunks (its length is a multiple of `n`).
-    pub(crate) fn chunks(mems: &[Mem], arr: usize, n: usize) -> Vec<Span> {
-        let count = mems[arr].count / n.max(1);
-        (0..n).map(|j| Span { arr, offset: j * count, count }).collect()
-    }
-}
-
-/// What a plan returns for the view's size: the op and its buffers.
-pub(crate) type Plan = (DeviceOp, Vec<Span>);
+/// What a plan returns for the view's size: the op and its buffers (the call's arrays,
+/// whole or cut with `RawBuf::chunks`).
+pub(crate) type Plan = (DeviceOp, Vec<RawBuf>);
 
 /// One array argument: the object, its name in errors, whether the call writes it.
 pub(crate) type Arg<'a, 'py> = (&'a Bound<'py, PyAny>, &'static str, bool);
@@ -81,7 +46,11 @@ enum Held<'py> {
 /// has on NCCL) and, for CUDA, one device. Returns what keeps them alive, their memory
 /// and the `cudaStream_t` to enqueue on.
 #[allow(clippy::type_complexity)]
-fn resolve<'py>(args: &[Arg<'_, 'py>], nccl: bool, stream: Option<i64>) -> PyResult<(Vec<Held<'py>>, Vec<Mem>, usize)> {
+fn resolve<'py>(
+    args: &[Arg<'_, 'py>],
+    nccl: bool,
+    stream: Option<i64>,
+) -> PyResult<(Vec<Held<'py>>, Vec<RawBuf>, usize)> {
     let (protocol, cuda) = cuda_stream(stream)?;
     let (mut held, mut mems, mut device) = (Vec::new(), Vec::new(), None);
     for &(obj, what, writable) in args {
@@ -94,11 +63,11 @@ fn resolve<'py>(args: &[Arg<'_, 'py>], nccl: bool, stream: Option<i64>) -> PyRes
                     device.unwrap_or_default()
                 )));
             }
-            (Mem { addr: a.addr, count: a.len / a.dtype.size(), dtype: a.dtype }, Held::Cuda(a))
+            (RawBuf { addr: a.addr, count: a.len / a.dtype.size(), dtype: a.dtype }, Held::Cuda(a))
         } else {
             let a = host_array(obj, what, writable)?;
             let addr = a.bytes().as_ptr() as usize;
-            (Mem { addr, count: a.len / a.dtype.size(), dtype: a.dtype }, Held::Host(a))
+            (RawBuf { addr, count: a.len / a.dtype.size(), dtype: a.dtype }, Held::Host(a))
         };
         mems.push(mem);
         held.push(h);
@@ -124,10 +93,10 @@ fn resolve<'py>(args: &[Arg<'_, 'py>], nccl: bool, stream: Option<i64>) -> PyRes
 }
 
 /// Refuses a written array that shares memory with another array of the call.
-fn disjoint(args: &[Arg<'_, '_>], mems: &[Mem]) -> PyResult<()> {
+fn disjoint(args: &[Arg<'_, '_>], mems: &[RawBuf]) -> PyResult<()> {
     for (i, (a, &(_, what, written))) in mems.iter().zip(args).enumerate() {
         for (j, (b, &(_, other, _))) in mems.iter().zip(args).enumerate() {
-            if written && i != j && a.overlaps(b) {
+            if written && i != j && overlaps(a, b) {
                 return Err(PyValueError::new_err(format!("{what} and {other} share memory; pass separate arrays")));
             }
         }
@@ -159,7 +128,7 @@ pub(crate) fn device_call(
     backend: &Mutex<Backend>,
     args: &[Arg<'_, '_>],
     stream: Option<i64>,
-    plan: impl FnOnce(usize, &[Mem]) -> phalanx::Result<Plan> + Send,
+    plan: impl FnOnce(usize, &[RawBuf]) -> phalanx::Result<Plan> + Send,
 ) -> PyResult<()> {
     let nccl = backend.lock().unwrap_or_else(|p| p.into_inner()).is_nccl();
     let (held, mems, cuda) = resolve(args, nccl, stream)?;
@@ -170,79 +139,45 @@ pub(crate) fn device_call(
         match &mut *backend.lock().unwrap_or_else(|p| p.into_inner()) {
             Backend::StandIn(session) => {
                 let _ = cuda; // no stream on the CPU
-                on_standin(session, c, mems, plan)
+                on_standin(session, c, plan)
             }
             #[cfg(feature = "nccl")]
-            Backend::Nccl(session) => on_nccl(session, c, cuda, mems, plan),
+            Backend::Nccl(session) => on_nccl(session, c, cuda, plan),
         }
     })?;
     drop(held);
     Ok(())
 }
 
-/// Runs a planned collective on the stand-in: copies the buffers it reads into host
-/// vectors, runs it, writes back the buffers it writes (so a failed call changes none).
+/// Runs a planned collective on the stand-in (`run_on_host`: the arrays it writes are
+/// written back only when it succeeds).
 fn on_standin(
     session: &mut DeviceSession<StandIn>,
     comm: &mut CoreComm,
-    mems: &[Mem],
     plan: impl FnOnce(usize) -> phalanx::Result<Plan>,
 ) -> phalanx::Result<()> {
-    run_in_session(session, comm, plan, |d, op, spans| {
-        let host = |s: &Span| -> (*mut f32, usize) {
-            // In bounds: plans cut spans inside their array.
-            ((mems[s.arr].addr as *mut f32).wrapping_add(s.offset), s.count)
-        };
-        let mut bufs: Vec<Vec<f32>> = Vec::with_capacity(spans.len());
-        for (i, s) in spans.iter().enumerate() {
-            let (p, n) = host(s);
-            bufs.push(if op.reads(i) && n > 0 {
-                // SAFETY: host memory of a float32 array alive for the call (the caller
-                // holds it), `n` elements from `p` within it; read as a copy.
-                unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
-            } else {
-                vec![0.0; n]
-            });
-        }
-        op.run(d, &mut bufs)?;
-        for (i, (s, b)) in spans.iter().zip(&bufs).enumerate() {
-            let (p, n) = host(s);
-            if op.written(i) && n > 0 && b.len() == n {
-                // SAFETY: as above, and writable (checked when resolved); no other slice
-                // of it is live.
-                unsafe { std::slice::from_raw_parts_mut(p, n) }.copy_from_slice(b);
-            }
-        }
-        Ok::<(), DeviceError>(())
+    run_in_session(session, comm, plan, |d, op, bufs| {
+        // SAFETY: host float32 memory of arrays the caller holds for the call (writable
+        // where written, checked when resolved), cut inside their bounds by the plans;
+        // with the GIL released no Python code touches them meanwhile.
+        unsafe { run_on_host(op, d, &bufs) }
     })
 }
 
 /// Runs a planned collective on NCCL, enqueued on `stream`: the one path of every NCCL
-/// call of the Python face (where a device-side backup of the buffers `op.written`
-/// names belongs).
+/// call of the Python face (through `run_on_nccl`, where a device-side backup of the
+/// buffers `op.written` names belongs).
 #[cfg(feature = "nccl")]
 fn on_nccl(
     session: &mut DeviceSession<phalanx::device::nccl::NcclBackend>,
     comm: &mut CoreComm,
     stream: usize,
-    mems: &[Mem],
     plan: impl FnOnce(usize) -> phalanx::Result<Plan>,
 ) -> phalanx::Result<()> {
-    use phalanx::device::nccl::DeviceBuffer;
-    run_in_session(session, comm, plan, |d, op, spans| {
+    run_in_session(session, comm, plan, |d, op, bufs| {
         // SAFETY: 0 (the legacy default stream) or the caller's stream of the tensors'
-        // GPU, given to their producer through DLPack.
-        unsafe { d.set_stream(stream as *mut std::ffi::c_void) };
-        let mut bufs: Vec<DeviceBuffer> = (spans.iter())
-            .map(|s| {
-                let m = mems[s.arr];
-                let ptr = (m.addr + s.offset * m.dtype.size()) as *mut std::ffi::c_void;
-                // SAFETY: device memory of a CUDA tensor (and its capsule) the caller
-                // holds for the call, `count` elements from `ptr` within it; NCCL works
-                // on it in the stream's order, as the producer was told.
-                unsafe { DeviceBuffer::from_raw(ptr, s.count, m.dtype) }
-            })
-            .collect();
-        op.run(d, &mut bufs)
+        // GPU, given to their producer through DLPack; device memory of CUDA tensors
+        // (and their capsules) the caller holds for the call, cut inside their bounds.
+        unsafe { phalanx::device::op::run_on_nccl(op, d, stream as *mut std::ffi::c_void, &bufs) }
     })
 }
