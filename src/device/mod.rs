@@ -23,11 +23,13 @@ pub mod error;
 pub mod gating;
 pub mod hier;
 pub mod membership;
+pub mod memory;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod op;
 pub mod session;
 pub mod standin;
+mod standin_memory;
 
 pub use error::{Attempt, DeviceError};
 pub use gating::{Capabilities, NcclVersion};
