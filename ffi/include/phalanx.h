@@ -2597,8 +2597,8 @@ int phx_device_comm_new(const struct phx_comm *comm, int backend, struct phx_dev
  * Errors (every device collective): `PHX_ERR_NULL` for a NULL handle, or a NULL buffer
  * of more than zero elements; `PHX_ERR_INVALID_ARGUMENT` for an unknown dtype or op
  * code, a dtype other than `PHX_DTYPE_F32` on the stand-in (16-bit integers on NCCL,
- * which lacks them), a root or peer outside the
- * view, or counts that overflow (nothing is sent, the device communicator is kept).
+ * which lacks them), a root or peer outside the view, or counts that overflow (nothing
+ * is sent, the device communicator is kept).
  * `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
  * it): it is revoked or aborted, the buffers are unchanged on the stand-in (on NCCL
  * their content is undefined: keep a copy); call `phx_comm_update_topology`, then

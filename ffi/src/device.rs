@@ -105,8 +105,8 @@ pub unsafe extern "C" fn phx_device_comm_new(
 /// Errors (every device collective): `PHX_ERR_NULL` for a NULL handle, or a NULL buffer
 /// of more than zero elements; `PHX_ERR_INVALID_ARGUMENT` for an unknown dtype or op
 /// code, a dtype other than `PHX_DTYPE_F32` on the stand-in (16-bit integers on NCCL,
-/// which lacks them), a root or peer outside the
-/// view, or counts that overflow (nothing is sent, the device communicator is kept).
+/// which lacks them), a root or peer outside the view, or counts that overflow (nothing
+/// is sent, the device communicator is kept).
 /// `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
 /// it): it is revoked or aborted, the buffers are unchanged on the stand-in (on NCCL
 /// their content is undefined: keep a copy); call `phx_comm_update_topology`, then
@@ -173,8 +173,8 @@ pub(crate) type Plan = (DeviceOp, Vec<RawBuf>);
 /// The body of every device collective: resolves the handles and the dtype, refuses
 /// dtypes other than float32 on the stand-in (16-bit integers on NCCL), then on the
 /// chosen backend brings the device communicator to `comm`'s view, asks `plan` for the
-/// op and buffers for its size and runs it (`phalanx::device::op::run_in_session`: a device error fails the
-/// communicator and is `PHX_ERR_DEVICE`).
+/// op and buffers for its size and runs it (`phalanx::device::op::run_in_session`: a
+/// device error fails the communicator and is `PHX_ERR_DEVICE`).
 ///
 /// # Safety
 /// `dev` and `comm` are NULL or live handles used by no one else; the buffers `plan`
