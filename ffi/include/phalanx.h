@@ -2591,8 +2591,10 @@ int phx_device_comm_new(const struct phx_comm *comm, int backend, struct phx_dev
 /**
  * Reduces `count` elements of `dtype` at `buf` over every member of `comm`'s group with
  * `op`, in place: a collective, every member calls it. `stream` is the `cudaStream_t`
- * the NCCL call is enqueued on (NULL: the legacy default stream); synchronize it before
- * reading `buf`. The stand-in ignores `stream` and reduces host `float` buffers only.
+ * the NCCL call is enqueued on (NULL: the legacy default stream), after a device-side
+ * copy of each buffer the call writes; it returns once the stream has run the call (the
+ * price of restoring the buffers when it fails). The stand-in ignores `stream` and
+ * reduces host `float` buffers only.
  *
  * Errors (every device collective): `PHX_ERR_NULL` for a NULL handle, or a NULL buffer
  * of more than zero elements; `PHX_ERR_INVALID_ARGUMENT` for an unknown dtype or op
@@ -2600,8 +2602,8 @@ int phx_device_comm_new(const struct phx_comm *comm, int backend, struct phx_dev
  * which lacks them), a root or peer outside the view, or counts that overflow (nothing
  * is sent, the device communicator is kept).
  * `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
- * it): it is revoked or aborted, the buffers are unchanged on the stand-in (on NCCL
- * their content is undefined: keep a copy); call `phx_comm_update_topology`, then
+ * it): it is revoked or aborted and the buffers it writes are as they were (put back
+ * from their device-side copies on NCCL); call `phx_comm_update_topology`, then
  * again. `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
  * communicator failed before: the same. Must not run concurrently with other calls on
  * `dev` or `comm`.

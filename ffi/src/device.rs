@@ -51,11 +51,7 @@ fn stand_in() -> StandIn {
 
 #[cfg(feature = "nccl")]
 fn nccl(me: u64) -> Result<Backend, Fail> {
-    use phalanx::device::nccl::{NcclBackend, NcclLibrary};
-    let lib = NcclLibrary::load().map_err(|e| Fail::from(Error::Device(e)))?;
-    // SAFETY: NULL is the legacy default stream, valid for as long as the process runs;
-    // each collective enqueues on the caller's stream instead (`set_stream`).
-    let backend = unsafe { NcclBackend::new(std::sync::Arc::new(lib), std::ptr::null_mut()) };
+    let backend = phalanx::device::nccl::NcclBackend::for_this_thread().map_err(|e| Fail::from(Error::Device(e)))?;
     Ok(Backend::Nccl(DeviceSession::new(me, backend)))
 }
 
@@ -99,8 +95,10 @@ pub unsafe extern "C" fn phx_device_comm_new(
 
 /// Reduces `count` elements of `dtype` at `buf` over every member of `comm`'s group with
 /// `op`, in place: a collective, every member calls it. `stream` is the `cudaStream_t`
-/// the NCCL call is enqueued on (NULL: the legacy default stream); synchronize it before
-/// reading `buf`. The stand-in ignores `stream` and reduces host `float` buffers only.
+/// the NCCL call is enqueued on (NULL: the legacy default stream), after a device-side
+/// copy of each buffer the call writes; it returns once the stream has run the call (the
+/// price of restoring the buffers when it fails). The stand-in ignores `stream` and
+/// reduces host `float` buffers only.
 ///
 /// Errors (every device collective): `PHX_ERR_NULL` for a NULL handle, or a NULL buffer
 /// of more than zero elements; `PHX_ERR_INVALID_ARGUMENT` for an unknown dtype or op
@@ -108,8 +106,8 @@ pub unsafe extern "C" fn phx_device_comm_new(
 /// which lacks them), a root or peer outside the view, or counts that overflow (nothing
 /// is sent, the device communicator is kept).
 /// `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
-/// it): it is revoked or aborted, the buffers are unchanged on the stand-in (on NCCL
-/// their content is undefined: keep a copy); call `phx_comm_update_topology`, then
+/// it): it is revoked or aborted and the buffers it writes are as they were (put back
+/// from their device-side copies on NCCL); call `phx_comm_update_topology`, then
 /// again. `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
 /// communicator failed before: the same. Must not run concurrently with other calls on
 /// `dev` or `comm`.
@@ -227,8 +225,8 @@ fn on_standin(
 }
 
 /// Runs a planned collective on NCCL, enqueued on `stream`: the one path of every NCCL
-/// call of the C face (through `run_on_nccl`, where a device-side backup of the buffers
-/// `op.written` names belongs).
+/// call of the C face (through `run_on_nccl`, which keeps a device-side backup of the
+/// buffers `op.written` names and waits for the stream).
 #[cfg(feature = "nccl")]
 fn on_nccl(
     session: &mut DeviceSession<phalanx::device::nccl::NcclBackend>,

@@ -464,9 +464,9 @@ class DeviceCommunicator:
     element type on the communicator's GPU; others raise `TypeError`. `stream`: the
     `cudaStream_t` to enqueue on, as an int (`torch.cuda.current_stream().cuda_stream`);
     None is the legacy default stream. It is passed to the producer's
-    `__dlpack__(stream=...)`; NCCL's work is enqueued when the call returns: synchronize
-    the stream before reading results and keep the tensors alive until then. The
-    stand-in ignores it. A root or peer outside the view, or mismatched lengths, raise
+    `__dlpack__(stream=...)`. Each tensor a call writes is first copied in device
+    memory, and the call returns once the stream has run it: a failed call
+    (`DeviceError`) leaves the tensors as they were. The stand-in ignores it. A root or peer outside the view, or mismatched lengths, raise
     `ValueError` before anything is sent (the device communicator is kept). Every method
     is a collective: every member calls it.
     """

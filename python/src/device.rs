@@ -38,10 +38,7 @@ fn stand_in() -> StandIn {
 
 #[cfg(feature = "nccl")]
 fn nccl(me: u64) -> Result<Backend, Error> {
-    use phalanx::device::nccl::{NcclBackend, NcclLibrary};
-    let lib = NcclLibrary::load()?;
-    // SAFETY: NULL is the legacy default stream, valid for as long as the process runs.
-    let backend = unsafe { NcclBackend::new(std::sync::Arc::new(lib), std::ptr::null_mut()) };
+    let backend = phalanx::device::nccl::NcclBackend::for_this_thread()?;
     Ok(Backend::Nccl(DeviceSession::new(me, backend)))
 }
 
@@ -72,9 +69,10 @@ fn nccl(_me: u64) -> Result<Backend, Error> {
 /// communicator's); anything else is refused (`TypeError`). `stream` (keyword): the
 /// `cudaStream_t` to enqueue on, as an int (`torch.cuda.current_stream().cuda_stream`);
 /// `None` is the legacy default stream. The producer is told the stream through
-/// `__dlpack__(stream=...)`, so its pending work on the tensors comes first; NCCL's
-/// work is only enqueued when the call returns: synchronize the stream before reading
-/// the results, and keep the tensors alive until then. The stand-in ignores `stream`.
+/// `__dlpack__(stream=...)`, so its pending work on the tensors comes first; the call
+/// copies each tensor it writes in device memory first and returns once the stream has
+/// run it, so that a failed call (`DeviceError`, a lost peer) leaves the tensors as
+/// they were. The stand-in ignores `stream`.
 /// Bad arguments (a root or peer outside the view, mismatched lengths) raise
 /// `ValueError` or `TypeError` before anything is sent, the device communicator kept.
 /// The GIL is released while a collective runs.

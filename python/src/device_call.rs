@@ -165,8 +165,8 @@ fn on_standin(
 }
 
 /// Runs a planned collective on NCCL, enqueued on `stream`: the one path of every NCCL
-/// call of the Python face (through `run_on_nccl`, where a device-side backup of the
-/// buffers `op.written` names belongs).
+/// call of the Python face (through `run_on_nccl`, which keeps a device-side backup of
+/// the buffers `op.written` names and waits for the stream).
 #[cfg(feature = "nccl")]
 fn on_nccl(
     session: &mut DeviceSession<phalanx::device::nccl::NcclBackend>,

@@ -272,3 +272,17 @@ def test_the_nccl_backend_reads_cuda_capsules_and_passes_the_stream():
     assert cpu.streams == []
     with pytest.raises(TypeError, match="__dlpack__"):
         view([1.0, 2.0])
+
+
+def test_the_gpu_check_script_runs_on_the_stand_in():
+    """scripts/gpu_check_python.py is what the GPU check runs on CUDA tensors; with
+    --standin it runs the same collectives here, so it cannot rot where no GPU is."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "gpu_check_python.py")
+    r = subprocess.run([sys.executable, script, "--standin"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    passes = [l for l in r.stdout.splitlines() if l.startswith("PASS: ")]
+    assert len(passes) == 7 and "FAIL" not in r.stdout, r.stdout

@@ -101,17 +101,33 @@ pub fn with_backup<C: DeviceMemory>(
     buf: &mut C::Buffer,
     collective: impl FnOnce(&mut C, &mut C::Buffer) -> Result<(), DeviceError>,
 ) -> Result<(), DeviceError> {
-    let backup = Backup::take(comm, buf)?;
-    let outcome = collective(comm, buf).and_then(|()| comm.finish());
-    let Err(error) = outcome else { return Ok(()) };
-    // Abort first: the restore is enqueued behind the collective's kernels.
-    let _ = comm.abort();
-    match backup.restore(comm, buf) {
-        Ok(()) => Err(error),
-        Err(r) => Err(DeviceError::Aborted {
-            reason: format!("{error}; and the buffer could not be restored from its backup: {r}"),
-        }),
+    with_backups(comm, std::slice::from_mut(buf), |_| true, |c, bufs| collective(c, &mut bufs[0]))
+}
+
+/// [`with_backup`] for a collective of several buffers (send/recv, all-to-all): a backup
+/// of each buffer `i` for which `written(i)` holds, all put back on failure.
+pub fn with_backups<C: DeviceMemory>(
+    comm: &mut C,
+    bufs: &mut [C::Buffer],
+    written: impl Fn(usize) -> bool,
+    collective: impl FnOnce(&mut C, &mut [C::Buffer]) -> Result<(), DeviceError>,
+) -> Result<(), DeviceError> {
+    let mut backups = Vec::new();
+    for (i, b) in bufs.iter().enumerate().filter(|(i, _)| written(*i)) {
+        backups.push((i, Backup::take(comm, b)?));
     }
+    let outcome = collective(comm, bufs).and_then(|()| comm.finish());
+    let Err(error) = outcome else { return Ok(()) };
+    // Abort first: the restores are enqueued behind the collective's kernels.
+    let _ = comm.abort();
+    for (i, backup) in &backups {
+        if let Err(r) = backup.restore(comm, &mut bufs[*i]) {
+            return Err(DeviceError::Aborted {
+                reason: format!("{error}; and buffer {i} could not be restored from its backup: {r}"),
+            });
+        }
+    }
+    Err(error)
 }
 
 #[cfg(test)]

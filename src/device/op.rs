@@ -192,8 +192,11 @@ pub unsafe fn run_on_host(op: &DeviceOp, comm: &mut StandInComm, bufs: &[RawBuf]
 }
 
 /// Runs `op` on NCCL, enqueued on `stream` (a `cudaStream_t`; NULL for the legacy
-/// default stream): the one path of every NCCL call of the C and Python faces, where a
-/// device-side backup of the buffers [`DeviceOp::written`] names belongs.
+/// default stream), and waits for it: the one path of every NCCL call of the C and
+/// Python faces. Each buffer the op writes ([`DeviceOp::written`]) is first copied in
+/// device memory; on failure the communicator is aborted and those buffers are put
+/// back ([`crate::device::memory::with_backups`]), so a failed call leaves them as they
+/// were, as on the CPU path. The call returns once the stream has run it.
 ///
 /// # Safety
 /// `stream` is NULL or a valid stream of the communicator's device; each buffer is
@@ -214,7 +217,7 @@ pub unsafe fn run_on_nccl(
         // run the call (the caller's contract).
         .map(|b| unsafe { DeviceBuffer::from_raw(b.addr as *mut std::ffi::c_void, b.count, b.dtype) })
         .collect();
-    op.run(comm, &mut device)
+    super::memory::with_backups(comm, &mut device, |i| op.written(i), |c, bufs| op.run(c, bufs))
 }
 
 /// Whether NCCL has the element type `dtype` (it has no 16-bit integers). The faces

@@ -160,6 +160,17 @@ impl NcclBackend {
         }
     }
 
+    /// The backend the C and Python faces use: the NCCL discovery finds
+    /// ([`NcclLibrary::load`]), the GPU of the calling thread's current CUDA context
+    /// (else GPU 0, [`super::cuda::CudaDevice::of_this_thread`]), the legacy default
+    /// stream until a call names its own.
+    pub fn for_this_thread() -> Result<NcclBackend, DeviceError> {
+        let lib = NcclLibrary::load()?;
+        let cuda = super::cuda::CudaDevice::of_this_thread()?;
+        // SAFETY: NULL is the legacy default stream, valid for as long as the process runs.
+        Ok(unsafe { NcclBackend::new(Arc::new(lib), std::ptr::null_mut()) }.with_device(cuda))
+    }
+
     /// The same backend with the CUDA driver of its GPU, which its communicators need for
     /// device memory: the device-side backup of a buffer, the hierarchical all-reduce's
     /// staging ([`crate::device::memory::DeviceMemory`]). Without it those calls are
