@@ -24,10 +24,14 @@ echo "== feature nccl: the workspace builds with it; the device path's tests run
 # No GPU and no NCCL here: what runs is the loader's errors (PHALANX_NCCL_LIBRARY at
 # nothing, at a library that is not NCCL), the symbol/version gating, the CPU stand-in,
 # the membership decisions and the hierarchical plan. scripts/gpu-check.sh is the GPU run.
-cargo build --workspace --locked --features phalanx/nccl
+cargo build --workspace --locked --features phalanx/nccl,phalanx-cli/nccl,phalanx-ffi/nccl
 cargo test -p phalanx --locked --features nccl --lib device -- --test-threads=2
+# The device docs' examples (cudarc slices: compiled, not run).
+cargo test -p phalanx --locked --features nccl --doc device::
 # The C face with NCCL asked for: the typed device error naming the path, not a crash.
 cargo test -p phalanx-ffi --locked --features nccl --test c_device
+# The GPU check's protocol on the stand-in, and its NCCL backend failing typed here.
+cargo test -p phalanx-cli --locked --features nccl --test device_check
 
 echo "== churn: 6 peer processes for 45 s through kills, freezes, joins and leaves"
 # Exits non-zero if any invariant breaks (bit-identical models, exact sums, bounded
@@ -37,7 +41,7 @@ target/debug/phalanx churn --peers 6 --duration-s 45 --kill-every-s 6 --join-eve
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy -p phalanx --all-targets --locked --features nccl -- -D warnings
+cargo clippy -p phalanx -p phalanx-cli --all-targets --locked --features phalanx/nccl,phalanx-cli/nccl -- -D warnings
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

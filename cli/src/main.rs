@@ -1,8 +1,10 @@
 //! The `phalanx` command line: `master`, `worker`, `churn`, `bench`, `relay`, `pipeline`,
-//! `moe-sim`, `moe-bench`, `moe-worker`, `pipeline-worker`.
+//! `moe-sim`, `moe-bench`, `moe-worker`, `pipeline-worker`, `device-check`.
 
 mod bench;
 mod churn;
+mod device_check;
+mod device_worker;
 mod mix;
 mod moe_bench;
 mod moe_data;
@@ -65,6 +67,13 @@ enum Command {
     /// One peer process of `bench` (internal).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
+    /// The GPU check (issue 17): worker processes, each a 1-rank device communicator
+    /// (NCCL, or the CPU stand-in) joined by QUIC through the hierarchical all-reduce;
+    /// every collective on device buffers, busbw, a killed worker. PASS/FAIL per check.
+    DeviceCheck(device_check::DeviceCheckArgs),
+    /// One worker process of `device-check` (internal).
+    #[command(hide = true)]
+    DeviceWorker(device_worker::DeviceWorkerArgs),
 }
 
 #[derive(Parser)]
@@ -170,6 +179,8 @@ fn main() {
         Command::MoeWorker(args) => moe_worker::run(args),
         Command::PipelineWorker(args) => pipeline_worker::run(args),
         Command::BenchPeer(args) => bench::run_peer(args),
+        Command::DeviceCheck(args) => device_check::run(args),
+        Command::DeviceWorker(args) => device_worker::run(args),
         Command::Relay(args) => relay::run(args),
     };
     if let Err(e) = result {

@@ -2591,13 +2591,20 @@ int phx_device_comm_new(const struct phx_comm *comm, int backend, struct phx_dev
 /**
  * Reduces `count` elements of `dtype` at `buf` over every member of `comm`'s group with
  * `op`, in place: a collective, every member calls it. `stream` is the `cudaStream_t`
- * the NCCL call is enqueued on (NULL: the legacy default stream); synchronize it before
- * reading `buf`. The stand-in ignores `stream` and reduces host `float` buffers only.
+ * the NCCL call is enqueued on (NULL: the legacy default stream), after a device-side
+ * copy of each buffer the call writes; it returns once the stream has run the call (the
+ * price of restoring the buffers when it fails). The stand-in ignores `stream` and
+ * reduces host `float` buffers only.
  *
- * Errors: `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL
- * reports it): it is revoked or aborted, `buf` is unchanged on the stand-in (on NCCL its
- * content is undefined: keep a copy); call `phx_comm_update_topology`, then again.
- * `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
+ * Errors (every device collective): `PHX_ERR_NULL` for a NULL handle, or a NULL buffer
+ * of more than zero elements; `PHX_ERR_INVALID_ARGUMENT` for an unknown dtype or op
+ * code, a dtype other than `PHX_DTYPE_F32` on the stand-in (16-bit integers on NCCL,
+ * which lacks them), a root or peer outside the view, or counts that overflow (nothing
+ * is sent, the device communicator is kept).
+ * `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
+ * it): it is revoked or aborted and the buffers it writes are as they were (put back
+ * from their device-side copies on NCCL); call `phx_comm_update_topology`, then
+ * again. `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
  * communicator failed before: the same. Must not run concurrently with other calls on
  * `dev` or `comm`.
  *
@@ -2623,6 +2630,150 @@ int phx_device_comm_all_reduce(struct phx_device_comm *dev,
  * `dev` is NULL or a live handle, not used again.
  */
 int phx_device_comm_free(struct phx_device_comm *dev);
+
+/**
+ * Reduces every member's `send` (`recv_count` elements per rank, `recv_count × size`
+ * in all, `size` the view's) with `op`; shard `rank` of the result lands in `recv`
+ * (`recv_count` elements), like `ncclReduceScatter`. A collective; `stream` as in
+ * `phx_device_comm_all_reduce` (the stand-in ignores it).
+ *
+ * Errors: as `phx_device_comm_all_reduce` (NULL handles or buffers, codes, float32 only
+ * on the stand-in, a failed device communicator, a view that moved on); `recv` is
+ * unchanged on the stand-in when it fails.
+ *
+ * # Safety
+ * `dev` and `comm` are NULL or live handles used by no one else; `send` NULL or valid
+ * for reads of `recv_count × size` elements and `recv` NULL or valid for writes of
+ * `recv_count` elements (host memory on the stand-in, device memory of the
+ * communicator's GPU valid until `stream` has run the call on NCCL); `stream` NULL or a
+ * valid stream of that GPU.
+ */
+int phx_device_comm_reduce_scatter(struct phx_device_comm *dev,
+                                   struct phx_comm *comm,
+                                   const void *send,
+                                   void *recv,
+                                   size_t recv_count,
+                                   int dtype_code,
+                                   int op_code,
+                                   void *stream);
+
+/**
+ * Concatenates every member's `send` (`send_count` elements), in rank order, into
+ * `recv` (`send_count × size` elements, `size` the view's), like `ncclAllGather`. A
+ * collective; `stream` as in `phx_device_comm_all_reduce`.
+ *
+ * Errors: as `phx_device_comm_all_reduce`; `recv` is unchanged on the stand-in when it
+ * fails.
+ *
+ * # Safety
+ * As `phx_device_comm_reduce_scatter`, with `send` valid for reads of `send_count`
+ * elements and `recv` for writes of `send_count × size`.
+ */
+int phx_device_comm_all_gather(struct phx_device_comm *dev,
+                               struct phx_comm *comm,
+                               const void *send,
+                               void *recv,
+                               size_t send_count,
+                               int dtype_code,
+                               void *stream);
+
+/**
+ * Copies `root`'s `count` elements at `buf` into every member's `buf`, in place, like
+ * `ncclBroadcast`. A collective; `stream` as in `phx_device_comm_all_reduce`.
+ *
+ * Errors: as `phx_device_comm_all_reduce`, and `PHX_ERR_INVALID_ARGUMENT` when `root`
+ * is not a rank of the view (nothing sent, the device communicator kept). On the
+ * stand-in a failed call leaves `buf` unchanged.
+ *
+ * # Safety
+ * As `phx_device_comm_all_reduce`.
+ */
+int phx_device_comm_broadcast(struct phx_device_comm *dev,
+                              struct phx_comm *comm,
+                              void *buf,
+                              size_t count,
+                              int dtype_code,
+                              size_t root,
+                              void *stream);
+
+/**
+ * Reduces every member's `count` elements at `buf` with `op` into `root`'s `buf`, in
+ * place; the others' `buf` is left as it was, like `ncclReduce`. A collective;
+ * `stream` as in `phx_device_comm_all_reduce`.
+ *
+ * Errors: as `phx_device_comm_broadcast`.
+ *
+ * # Safety
+ * As `phx_device_comm_all_reduce`.
+ */
+int phx_device_comm_reduce(struct phx_device_comm *dev,
+                           struct phx_comm *comm,
+                           void *buf,
+                           size_t count,
+                           int dtype_code,
+                           int op_code,
+                           size_t root,
+                           void *stream);
+
+/**
+ * Sends and receives as one group, like `ncclSend`/`ncclRecv` between
+ * `ncclGroupStart` and `ncclGroupEnd`: for each `i < n_sends`, `send_counts[i]`
+ * elements at `send_bufs[i]` go to rank `send_peers[i]`; for each `j < n_recvs`,
+ * `recv_counts[j]` elements are received from rank `recv_peers[j]` into
+ * `recv_bufs[j]`. A send and the receive it meets must have the same count and dtype;
+ * a rank may send to and receive from itself. Every member of the view calls it,
+ * possibly with nothing to send or receive (the stand-in's groups are collectives, and
+ * each call first brings the device communicator to the view). `stream` as in
+ * `phx_device_comm_all_reduce`.
+ *
+ * Errors: as `phx_device_comm_all_reduce`; `PHX_ERR_NULL` for a NULL array of more
+ * than zero entries; `PHX_ERR_INVALID_ARGUMENT` for a peer that is not a rank of the
+ * view (nothing sent, the device communicator kept). A receive that meets no send, or
+ * a count that differs from its send's, fails the group on the stand-in
+ * (`PHX_ERR_DEVICE`; on NCCL it is undefined: it may hang until the communicator is
+ * aborted). On the stand-in a failed call leaves every receive buffer unchanged.
+ *
+ * # Safety
+ * `dev` and `comm` are NULL or live handles used by no one else; each of the six
+ * arrays is NULL or valid for reads of its `n_sends` / `n_recvs` entries; each buffer
+ * is NULL or valid (reads for sends, writes for receives) for its count of elements,
+ * in host memory on the stand-in or device memory of the communicator's GPU valid until
+ * `stream` has run the call on NCCL; `stream` NULL or a valid stream of that GPU.
+ */
+int phx_device_comm_send_recv(struct phx_device_comm *dev,
+                              struct phx_comm *comm,
+                              const size_t *send_peers,
+                              const void *const *send_bufs,
+                              const size_t *send_counts,
+                              size_t n_sends,
+                              const size_t *recv_peers,
+                              void *const *recv_bufs,
+                              const size_t *recv_counts,
+                              size_t n_recvs,
+                              int dtype_code,
+                              void *stream);
+
+/**
+ * All-to-all with equal chunks: chunk `j` of `send` (`count` elements at `send + j ×
+ * count`) goes to rank `j`, and chunk `j` of `recv` is filled from rank `j`'s chunk
+ * for this rank; `send` and `recv` hold `count × size` elements (`size` the view's).
+ * One group of sends and receives (`ncclGroupStart`, a send and a receive per rank,
+ * `ncclGroupEnd`). A collective; `stream` as in `phx_device_comm_all_reduce`.
+ *
+ * Errors: as `phx_device_comm_all_reduce`; `recv` is unchanged on the stand-in when it
+ * fails.
+ *
+ * # Safety
+ * As `phx_device_comm_reduce_scatter`, with `send` valid for reads and `recv` for
+ * writes of `count × size` elements, not overlapping.
+ */
+int phx_device_comm_all_to_all(struct phx_device_comm *dev,
+                               struct phx_comm *comm,
+                               const void *send,
+                               void *recv,
+                               size_t count,
+                               int dtype_code,
+                               void *stream);
 
 #ifdef __cplusplus
 }  // extern "C"

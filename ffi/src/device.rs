@@ -9,14 +9,15 @@ use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use phalanx::device::op::{run_in_session, run_on_host, DeviceOp, RawBuf};
 use phalanx::device::session::DeviceSession;
 use phalanx::device::standin::StandIn;
-use phalanx::device::{Capabilities, DeviceComm};
-use phalanx::{DType, Error};
+use phalanx::device::Capabilities;
+use phalanx::{Communicator, DType, Error};
 
-use crate::args::{bytes_mut, dtype, free_handle, handle, handle_mut, out_ptr, reduce_op, write_out};
+use crate::args::{byte_len, dtype, free_handle, handle, handle_mut, out_ptr, reduce_op, write_out};
 use crate::comm::phx_comm;
-use crate::status::{guard, invalid, Fail};
+use crate::status::{guard, invalid, null, Fail};
 
 /// The CPU stand-in backend: host buffers of `float` only, and only between ranks of
 /// this process (threads), for tests with no GPU.
@@ -50,11 +51,7 @@ fn stand_in() -> StandIn {
 
 #[cfg(feature = "nccl")]
 fn nccl(me: u64) -> Result<Backend, Fail> {
-    use phalanx::device::nccl::{NcclBackend, NcclLibrary};
-    let lib = NcclLibrary::load().map_err(|e| Fail::from(Error::Device(e)))?;
-    // SAFETY: NULL is the legacy default stream, valid for as long as the process runs;
-    // each collective enqueues on the caller's stream instead (`set_stream`).
-    let backend = unsafe { NcclBackend::new(std::sync::Arc::new(lib), std::ptr::null_mut()) };
+    let backend = phalanx::device::nccl::NcclBackend::for_this_thread().map_err(|e| Fail::from(Error::Device(e)))?;
     Ok(Backend::Nccl(DeviceSession::new(me, backend)))
 }
 
@@ -98,13 +95,20 @@ pub unsafe extern "C" fn phx_device_comm_new(
 
 /// Reduces `count` elements of `dtype` at `buf` over every member of `comm`'s group with
 /// `op`, in place: a collective, every member calls it. `stream` is the `cudaStream_t`
-/// the NCCL call is enqueued on (NULL: the legacy default stream); synchronize it before
-/// reading `buf`. The stand-in ignores `stream` and reduces host `float` buffers only.
+/// the NCCL call is enqueued on (NULL: the legacy default stream), after a device-side
+/// copy of each buffer the call writes; it returns once the stream has run the call (the
+/// price of restoring the buffers when it fails). The stand-in ignores `stream` and
+/// reduces host `float` buffers only.
 ///
-/// Errors: `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL
-/// reports it): it is revoked or aborted, `buf` is unchanged on the stand-in (on NCCL its
-/// content is undefined: keep a copy); call `phx_comm_update_topology`, then again.
-/// `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
+/// Errors (every device collective): `PHX_ERR_NULL` for a NULL handle, or a NULL buffer
+/// of more than zero elements; `PHX_ERR_INVALID_ARGUMENT` for an unknown dtype or op
+/// code, a dtype other than `PHX_DTYPE_F32` on the stand-in (16-bit integers on NCCL,
+/// which lacks them), a root or peer outside the view, or counts that overflow (nothing
+/// is sent, the device communicator is kept).
+/// `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
+/// it): it is revoked or aborted and the buffers it writes are as they were (put back
+/// from their device-side copies on NCCL); call `phx_comm_update_topology`, then
+/// again. `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
 /// communicator failed before: the same. Must not run concurrently with other calls on
 /// `dev` or `comm`.
 ///
@@ -123,53 +127,117 @@ pub unsafe extern "C" fn phx_device_comm_all_reduce(
     op_code: c_int,
     stream: *mut c_void,
 ) -> c_int {
+    // SAFETY: the handles, `buf` and `stream` are as `device_call` requires (the
+    // caller's contract).
+    unsafe {
+        device_call(dev, comm, dtype_code, stream, |_, dt| {
+            Ok((DeviceOp::AllReduce(reduce_op(op_code)?), vec![raw_buf(buf, count, dt, "buf")?]))
+        })
+    }
+}
+
+/// One buffer of a device collective: `count` elements of `dtype` at `ptr` (host memory
+/// on the stand-in, device memory on NCCL), checked to be non-NULL unless empty and to
+/// fit in the address space; `what` names it in errors. Its memory is not touched until
+/// the collective runs.
+pub(crate) fn raw_buf(ptr: *const c_void, count: usize, dtype: DType, what: &str) -> Result<RawBuf, Fail> {
+    if byte_len(count, dtype, what)? > 0 && ptr.is_null() {
+        return Err(null(what));
+    }
+    Ok(RawBuf { addr: ptr as usize, count, dtype })
+}
+
+/// `n` buffers of `count` elements each, back to back from `ptr` (all-to-all's chunks,
+/// one per rank), checked as one buffer of `count × n` by [`raw_buf`].
+pub(crate) fn chunks(
+    ptr: *const c_void,
+    count: usize,
+    n: usize,
+    dtype: DType,
+    what: &str,
+) -> Result<Vec<RawBuf>, Fail> {
+    Ok(raw_buf(ptr, per_rank(count, n, what)?, dtype, what)?.chunks(n))
+}
+
+/// `count * n` (a buffer of one chunk per rank), or `PHX_ERR_INVALID_ARGUMENT`.
+pub(crate) fn per_rank(count: usize, n: usize, what: &str) -> Result<usize, Fail> {
+    count.checked_mul(n).ok_or_else(|| invalid(format!("{what}: {count} elements times {n} ranks overflow")))
+}
+
+/// What a device collective's `plan` returns for the view's size and the element type:
+/// the op and its buffers, in `DeviceOp`'s order.
+pub(crate) type Plan = (DeviceOp, Vec<RawBuf>);
+
+/// The body of every device collective: resolves the handles and the dtype, refuses
+/// dtypes other than float32 on the stand-in (16-bit integers on NCCL), then on the
+/// chosen backend brings the device communicator to `comm`'s view, asks `plan` for the
+/// op and buffers for its size and runs it (`phalanx::device::op::run_in_session`: a
+/// device error fails the communicator and is `PHX_ERR_DEVICE`).
+///
+/// # Safety
+/// `dev` and `comm` are NULL or live handles used by no one else; the buffers `plan`
+/// returns and `stream` are valid as the calling function documents.
+pub(crate) unsafe fn device_call(
+    dev: *mut phx_device_comm,
+    comm: *mut phx_comm,
+    dtype_code: c_int,
+    stream: *mut c_void,
+    plan: impl FnOnce(usize, DType) -> Result<Plan, Fail>,
+) -> c_int {
     guard(|| {
         // SAFETY: NULL or a live handle used by no one else (the caller's contract).
         let dev = unsafe { handle_mut(dev, "dev") }?;
         // SAFETY: as above.
         let comm = &mut unsafe { handle_mut(comm, "comm") }?.inner;
-        let dtype = dtype(dtype_code)?;
-        let op = reduce_op(op_code)?;
+        let dt = dtype(dtype_code)?;
+        let plan = move |size| plan(size, dt);
         match &mut dev.inner {
             Backend::StandIn(session) => {
-                if dtype != DType::F32 {
-                    return Err(invalid(format!("the stand-in reduces float32 buffers only, not {dtype:?}")));
+                if dt != DType::F32 {
+                    return Err(invalid(format!("the stand-in works on float32 buffers only, not {dt:?}")));
                 }
                 let _ = stream; // no stream on the CPU
-                                // SAFETY: NULL or valid for `count` elements (the caller's contract).
-                let bytes = unsafe { bytes_mut(buf, count, dtype, "buf") }?;
-                let mut values: Vec<f32> =
-                    bytes.chunks_exact(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
-                let d = session.sync(comm)?;
-                if let Err(e) = d.all_reduce(&mut values, op) {
-                    session.failed(e.clone());
-                    return Err(Error::Device(e).into());
-                }
-                for (c, v) in bytes.chunks_exact_mut(4).zip(&values) {
-                    c.copy_from_slice(&v.to_ne_bytes());
-                }
-                Ok(())
+                on_standin(session, comm, plan)
             }
             #[cfg(feature = "nccl")]
             Backend::Nccl(session) => {
-                use phalanx::device::nccl::DeviceBuffer;
-                if count > 0 && buf.is_null() {
-                    return Err(crate::status::null("buf"));
+                if !phalanx::device::op::nccl_has(dt) {
+                    return Err(invalid(format!("NCCL has no {dt:?} element type")));
                 }
-                let d = session.sync(comm)?;
-                // SAFETY: NULL or a valid stream of the communicator's GPU (the caller's
-                // contract).
-                unsafe { d.set_stream(stream) };
-                // SAFETY: device memory valid for `count` elements of `dtype` until the
-                // stream has run the call (the caller's contract).
-                let mut b = unsafe { DeviceBuffer::from_raw(buf, count, dtype) };
-                if let Err(e) = d.all_reduce(&mut b, op) {
-                    session.failed(e.clone());
-                    return Err(Error::Device(e).into());
-                }
-                Ok(())
+                on_nccl(session, comm, stream, plan)
             }
         }
+    })
+}
+
+/// Runs a planned collective on the stand-in (`run_on_host`: the buffers it writes are
+/// written back only when it succeeds).
+fn on_standin(
+    session: &mut DeviceSession<StandIn>,
+    comm: &mut Communicator,
+    plan: impl FnOnce(usize) -> Result<Plan, Fail>,
+) -> Result<(), Fail> {
+    run_in_session(session, comm, plan, |d, op, bufs| {
+        // SAFETY: host float buffers valid for the op's reads and writes, used by no one
+        // else (the collective's contract).
+        unsafe { run_on_host(op, d, &bufs) }
+    })
+}
+
+/// Runs a planned collective on NCCL, enqueued on `stream`: the one path of every NCCL
+/// call of the C face (through `run_on_nccl`, which keeps a device-side backup of the
+/// buffers `op.written` names and waits for the stream).
+#[cfg(feature = "nccl")]
+fn on_nccl(
+    session: &mut DeviceSession<phalanx::device::nccl::NcclBackend>,
+    comm: &mut Communicator,
+    stream: *mut c_void,
+    plan: impl FnOnce(usize) -> Result<Plan, Fail>,
+) -> Result<(), Fail> {
+    run_in_session(session, comm, plan, |d, op, bufs| {
+        // SAFETY: NULL or a valid stream of the communicator's GPU; device buffers valid
+        // until the stream has run the call (the collective's contract).
+        unsafe { phalanx::device::op::run_on_nccl(op, d, stream, &bufs) }
     })
 }
 

@@ -66,11 +66,15 @@ mod traffic;
 mod typed;
 // Device (GPU) communicators: NCCL, or the CPU stand-in (`phx_device_comm`).
 mod device;
+// The other device collectives (reduce-scatter, all-gather, broadcast, reduce,
+// send/recv, all-to-all) on `phx_device_comm`.
+mod device_collectives;
 
 pub use args::*;
 pub use collectives::*;
 pub use comm::*;
 pub use device::*;
+pub use device_collectives::*;
 pub use master::*;
 pub use moe::{phx_moe_place, phx_moe_sim_result, phx_moe_simulate, phx_moe_strategy};
 pub use moe_exchange::*;

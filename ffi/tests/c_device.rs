@@ -1,7 +1,10 @@
 //! Device communicators from C: `tests/c/device.c` is compiled with the system C
 //! compiler against the static library of this test build and run as one process:
-//! three peers on threads (a master in the same process, QUIC on 127.0.0.1) all-reduce
-//! on the CPU stand-in (`phx_device_comm`), exact sums before and after a peer leaves;
+//! three peers on threads (a master in the same process, QUIC on 127.0.0.1) run every
+//! device collective on the CPU stand-in (`phx_device_comm`: all-reduce, reduce-scatter,
+//! all-gather, broadcast, reduce, grouped send/recv, all-to-all) with exact values, are
+//! refused bad roots, peers, dtypes and NULLs with the communicator kept, and all-reduce
+//! and all-to-all again after a peer leaves;
 //! NCCL asked for with `PHALANX_NCCL_LIBRARY` at a missing file is `PHX_ERR_DEVICE`
 //! naming the path (built with the `nccl` feature) or the feature (built without).
 //! The program is killed if it outlives the limit.

@@ -455,17 +455,53 @@ class DeviceCommunicator:
     After a `DeviceError` from a collective, call `comm.update_topology()` and retry.
 
     `backend`: "standin" (CPU, float32 arrays, ranks of this process: for tests) or
-    "nccl" (raises `DeviceError` when no usable NCCL is found, or when the package was
-    built without its `nccl` feature; collectives on CUDA tensors are not built yet).
+    "nccl" (CUDA tensors through DLPack; raises `DeviceError` when no usable NCCL is
+    found, or when the package was built without its `nccl` feature).
+
+    Arrays: on the stand-in, C-contiguous float32 arrays (numpy, CPU DLPack tensors,
+    buffers), those written writable; CUDA tensors raise `TypeError`. On NCCL,
+    C-contiguous CUDA tensors with `__dlpack__`/`__dlpack_device__` (torch, cupy) of one
+    element type on the communicator's GPU; others raise `TypeError`. `stream`: the
+    `cudaStream_t` to enqueue on, as an int (`torch.cuda.current_stream().cuda_stream`);
+    None is the legacy default stream. It is passed to the producer's
+    `__dlpack__(stream=...)`. Each tensor a call writes is first copied in device
+    memory, and the call returns once the stream has run it: a failed call
+    (`DeviceError`) leaves the tensors as they were. The stand-in ignores it. A root or peer outside the view, or mismatched lengths, raise
+    `ValueError` before anything is sent (the device communicator is kept). Every method
+    is a collective: every member calls it.
     """
 
     def __init__(self, comm: Communicator, backend: str = "standin") -> None: ...
     @property
     def backend(self) -> str: ...
-    def all_reduce(self, array: Any, op: str = "sum") -> None:
-        """Reduces `array` over every member in place (a collective). On the stand-in:
-        a writable C-contiguous float32 array (numpy, a CPU DLPack tensor, a buffer);
-        unchanged on error."""
+    def all_reduce(self, array: Any, op: str = "sum", *, stream: Optional[int] = None) -> None:
+        """Reduces `array` over every member in place (op: sum, prod, min, max, avg);
+        unchanged on error on the stand-in."""
+    def reduce_scatter(self, send: Any, recv: Any, op: str = "sum", *, stream: Optional[int] = None) -> None:
+        """Reduces every member's `send` (size equal shards); shard `rank` lands in
+        `recv` (len(send) / size elements)."""
+    def all_gather(self, send: Any, recv: Any, *, stream: Optional[int] = None) -> None:
+        """Concatenates every member's `send`, in rank order, into `recv`
+        (size * len(send) elements)."""
+    def broadcast(self, array: Any, root: int, *, stream: Optional[int] = None) -> None:
+        """Copies rank `root`'s `array` into every member's `array`, in place."""
+    def reduce(self, array: Any, root: int, op: str = "sum", *, stream: Optional[int] = None) -> None:
+        """Reduces every member's `array` into rank `root`'s, in place; the others' are
+        left as they were."""
+    def send_recv(
+        self,
+        sends: Sequence[Tuple[int, Any]] = (),
+        recvs: Sequence[Tuple[int, Any]] = (),
+        *,
+        stream: Optional[int] = None,
+    ) -> None:
+        """One group of sends and receives: each (peer, array) of `sends` goes to rank
+        `peer`, each of `recvs` is filled from rank `peer` (same length and type as the
+        send it meets). On the stand-in a receive that meets no send raises
+        `DeviceError`, the receives unchanged."""
+    def all_to_all(self, send: Any, recv: Any, *, stream: Optional[int] = None) -> None:
+        """Chunk j of `send` goes to rank j, chunk j of `recv` comes from rank j; equal
+        lengths, a multiple of the view's size."""
 
 class ExpertLayer:
     """One MoE layer's communication for one iteration over `comm`'s group (FSSDP): every

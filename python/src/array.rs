@@ -2,7 +2,8 @@
 //!
 //! Three ways in, tried in this order:
 //! 1. numpy's array interface (`__array_interface__`): numpy arrays and array-likes;
-//! 2. DLPack (`__dlpack__` / `__dlpack_device__`): CPU torch tensors, JAX arrays, ...;
+//! 2. DLPack (`__dlpack__` / `__dlpack_device__`, read by [`crate::dlpack`]): CPU torch
+//!    tensors, JAX arrays, ...;
 //! 3. the buffer protocol (`memoryview(obj)`, viewed through `numpy.asarray`, which does
 //!    not copy): `bytearray`, `array.array`, `memoryview`, ...
 //!
@@ -11,12 +12,12 @@
 //! memory, never a copy. The memory stays valid while the returned [`ArrayRef`] (which
 //! holds references to the objects that own it) lives.
 
-use std::ffi::c_void;
-
 use phalanx::DType;
-use pyo3::exceptions::{PyAttributeError, PyBufferError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyCapsule, PyString};
+use pyo3::types::PyString;
+
+use crate::dlpack::{self, DL_CPU, DL_CUDA_HOST};
 
 /// The memory of one Python array: C-contiguous bytes of one element type.
 pub struct ArrayRef<'py> {
@@ -121,7 +122,7 @@ fn dtype_name(obj: &Bound<'_, PyAny>) -> Option<String> {
     obj.getattr("dtype").ok()?.getattr("name").ok()?.extract().ok()
 }
 
-fn unsupported(obj: &Bound<'_, PyAny>, what: &str, code: &str) -> PyErr {
+pub(crate) fn unsupported(obj: &Bound<'_, PyAny>, what: &str, code: &str) -> PyErr {
     let name = dtype_name(obj).unwrap_or_else(|| code.to_string());
     PyTypeError::new_err(format!(
         "{what} has element type {name}, which phalanx does not support; supported: {SUPPORTED}"
@@ -167,7 +168,12 @@ fn dtype_of_typestr(obj: &Bound<'_, PyAny>, what: &str, typestr: &str) -> PyResu
 
 /// Checks that `strides` (in bytes; `None` means C-contiguous) describe a C-contiguous
 /// layout of `shape`.
-fn check_c_contiguous(what: &str, shape: &[usize], strides: Option<&[isize]>, itemsize: usize) -> PyResult<()> {
+pub(crate) fn check_c_contiguous(
+    what: &str,
+    shape: &[usize],
+    strides: Option<&[isize]>,
+    itemsize: usize,
+) -> PyResult<()> {
     let Some(strides) = strides else { return Ok(()) };
     if shape.contains(&0) {
         return Ok(());
@@ -185,7 +191,7 @@ fn check_c_contiguous(what: &str, shape: &[usize], strides: Option<&[isize]>, it
     Ok(())
 }
 
-fn byte_len(what: &str, shape: &[usize], itemsize: usize) -> PyResult<usize> {
+pub(crate) fn byte_len(what: &str, shape: &[usize], itemsize: usize) -> PyResult<usize> {
     shape
         .iter()
         .try_fold(itemsize, |acc, &d| acc.checked_mul(d))
@@ -217,98 +223,28 @@ fn from_array_interface<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Op
     Ok(Some(ArrayRef { owners: vec![obj.clone()], ptr: addr as *mut u8, len, dtype, shape, readonly }))
 }
 
-// DLPack's C structures (dlpack.h, the unversioned "dltensor" capsule of DLPack < 1.0,
-// which every producer still exports when called without `max_version`).
-
-#[repr(C)]
-struct DLDevice {
-    device_type: i32,
-    device_id: i32,
-}
-
-#[repr(C)]
-struct DLDataType {
-    code: u8,
-    bits: u8,
-    lanes: u16,
-}
-
-#[repr(C)]
-struct DLTensor {
-    data: *mut c_void,
-    device: DLDevice,
-    ndim: i32,
-    dtype: DLDataType,
-    shape: *const i64,
-    strides: *const i64,
-    byte_offset: u64,
-}
-
-const DL_CPU: i32 = 1;
-const DL_CUDA_HOST: i32 = 3;
-
-/// Through DLPack: the capsule is kept (not consumed), so the producer frees the
-/// tensor's DLPack wrapper when the capsule dies, after we are done with the memory.
+/// Through DLPack (see [`crate::dlpack`]): CPU or pinned host memory only; the capsule
+/// is kept (not consumed), so the producer frees the tensor's DLPack wrapper when the
+/// capsule dies, after we are done with the memory.
 fn from_dlpack<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<ArrayRef<'py>> {
-    let py = obj.py();
-    let (device, _id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
-    if device != DL_CPU && device != DL_CUDA_HOST {
-        return Err(PyTypeError::new_err(format!(
-            "{what} lives on DLPack device type {device}, not in CPU memory; the Python binding reduces CPU \
-             memory: move it first (e.g. tensor.cpu())"
-        )));
+    let host = |t: i32| t == DL_CPU || t == DL_CUDA_HOST;
+    let not_host = |t: i32| {
+        PyTypeError::new_err(format!(
+            "{what} lives on DLPack device type {t} ({}), not in CPU memory; this call works on CPU memory: \
+             move it first (e.g. tensor.cpu())",
+            dlpack::device_name(t)
+        ))
+    };
+    let (device, _id) = dlpack::device_of(obj)?;
+    if !host(device) {
+        return Err(not_host(device));
     }
-    let capsule = match obj.call_method0("__dlpack__") {
-        Ok(c) => c,
-        Err(e) if e.is_instance_of::<PyBufferError>(py) => {
-            return Err(PyValueError::new_err(format!("{what} cannot be shared for in-place use: {e}")))
-        }
-        Err(e) => return Err(e),
-    };
-    let cap = capsule.cast::<PyCapsule>()?;
-    let managed = cap.pointer_checked(Some(c"dltensor"))?.cast::<DLTensor>();
-    // SAFETY: a "dltensor" capsule holds a DLManagedTensor, whose first field is the
-    // DLTensor; it stays valid while the (unconsumed) capsule lives, and we hold it.
-    let t = unsafe { managed.as_ref() };
-    if t.device.device_type != DL_CPU && t.device.device_type != DL_CUDA_HOST {
-        return Err(PyTypeError::new_err(format!("{what}: DLPack tensor not in CPU memory")));
+    let (capsule, v) = dlpack::export(obj, what, None).map_err(|r| dlpack::refused(obj, what, r))?;
+    if !host(v.device.0) {
+        return Err(not_host(v.device.0));
     }
-    let (code, bits, lanes) = (t.dtype.code, t.dtype.bits, t.dtype.lanes);
-    let dtype = match (code, bits, lanes) {
-        (0, 8, 1) => DType::I8,
-        (0, 16, 1) => DType::I16,
-        (0, 32, 1) => DType::I32,
-        (0, 64, 1) => DType::I64,
-        (1, 8, 1) => DType::U8,
-        (1, 16, 1) => DType::U16,
-        (1, 32, 1) => DType::U32,
-        (1, 64, 1) => DType::U64,
-        (2, 16, 1) => DType::F16,
-        (2, 32, 1) => DType::F32,
-        (2, 64, 1) => DType::F64,
-        (4, 16, 1) => DType::BF16,
-        _ => return Err(unsupported(obj, what, &format!("DLPack type code {code}, {bits} bits, {lanes} lanes"))),
-    };
-    let ndim = usize::try_from(t.ndim).map_err(|_| PyValueError::new_err(format!("{what}: negative ndim")))?;
-    let read = |p: *const i64| -> Vec<i64> {
-        if p.is_null() || ndim == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: DLPack promises `ndim` entries behind non-null shape and strides.
-            unsafe { std::slice::from_raw_parts(p, ndim) }.to_vec()
-        }
-    };
-    let shape: Vec<usize> = read(t.shape)
-        .into_iter()
-        .map(usize::try_from)
-        .collect::<Result<_, _>>()
-        .map_err(|_| PyValueError::new_err(format!("{what}: negative dimension")))?;
-    let strides: Option<Vec<isize>> = (!t.strides.is_null() && ndim > 0)
-        .then(|| read(t.strides).into_iter().map(|s| s as isize * dtype.size() as isize).collect());
-    check_c_contiguous(what, &shape, strides.as_deref(), dtype.size())?;
-    let len = byte_len(what, &shape, dtype.size())?;
-    let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize);
-    Ok(ArrayRef { owners: vec![obj.clone(), capsule.clone()], ptr, len, dtype, shape, readonly: false })
+    let owners = vec![obj.clone(), capsule];
+    Ok(ArrayRef { owners, ptr: v.ptr, len: v.len, dtype: v.dtype, shape: v.shape, readonly: v.readonly })
 }
 
 /// Through the buffer protocol: `numpy.asarray(memoryview(obj))` is a view, not a copy.

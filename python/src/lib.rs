@@ -7,7 +7,9 @@
 //!
 //! One file per class or family: `errors` (exceptions), `args`, `master`,
 //! `communicator` (with `AllReduceHandle`), `state` (with `SyncReport`), `array` (the
-//! zero-copy view of Python arrays), and the collective families `scan`, `group`,
+//! zero-copy view of Python arrays, with `dlpack` reading DLPack capsules of CPU and CUDA
+//! memory), `device` (`DeviceCommunicator`, with `device_call` the body of its
+//! collectives), and the collective families `scan`, `group`,
 //! `quant`, `sparse` and `p2p` (with `P2pRequest`) that `Communicator`'s methods delegate
 //! to; `sched`, pipeline schedules; `pipeline`, the pipeline runner (`PipelineRunner`,
 //! `PipelineStep`); `pipeline_grid`, a grid of pipelines and its commit-or-none step
@@ -22,6 +24,8 @@ mod args;
 mod array;
 mod communicator;
 mod device;
+mod device_call;
+mod dlpack;
 mod errors;
 mod group;
 mod handle;
@@ -96,6 +100,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline_grid::PipelineCommitter>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_bench_all_reduce_rust, m)?)?;
+    m.add_function(wrap_pyfunction!(dlpack::_dlpack_cuda_view, m)?)?;
     m.add_function(wrap_pyfunction!(sched::pipeline_schedule, m)?)?;
     m.add_function(wrap_pyfunction!(moe::moe_place, m)?)?;
     m.add_function(wrap_pyfunction!(moe::moe_simulate, m)?)?;

@@ -114,6 +114,27 @@ pub enum DeviceError {
     /// The arguments do not fit the communicator (lengths, ranks); nothing ran.
     #[error("invalid device argument: {0}")]
     InvalidArgument(String),
+    /// The CUDA driver (`libcuda.so.1`, for device memory and stream waits) could not be
+    /// loaded, or lacks a function phalanx calls.
+    #[error(
+        "no usable CUDA driver; tried: {}. Install the NVIDIA driver (it provides libcuda.so.1) \
+         on a machine with a GPU",
+        list(.tried)
+    )]
+    NoDriver {
+        /// Every library name tried, with why it failed.
+        tried: Vec<Attempt>,
+    },
+    /// A CUDA driver call failed.
+    #[error("{call} failed with CUDA error {code}: {message}")]
+    Cuda {
+        /// The function that failed.
+        call: &'static str,
+        /// The driver's result code (`CUresult`), 0 never.
+        code: i32,
+        /// The driver's string for the code.
+        message: String,
+    },
 }
 
 impl DeviceError {

@@ -5,12 +5,13 @@
 //! rather than once per GPU.
 //!
 //! [`HierPlan`] sizes the shards (padding the buffer to a multiple of the host's ranks);
-//! [`all_reduce_hierarchical`] runs the plan on host-memory buffers (the stand-in's).
-//! On the NCCL backend the cross-host step reads the shard through a host staging copy;
-//! that runner waits for a GPU run (see the README).
+//! [`all_reduce_hierarchical`] runs the plan on any backend with [`DeviceMemory`]: the
+//! stand-in's host buffers, or NCCL's device buffers with the shard staged through host
+//! memory for the cross-host step.
 
-use super::{DeviceComm, DeviceError};
-use crate::dtype::ReduceOp;
+use super::memory::{Backup, DeviceMemory};
+use super::DeviceError;
+use crate::dtype::{DType, ReduceOp};
 
 /// The shape of one hierarchical all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,48 +39,82 @@ impl HierPlan {
     }
 }
 
-/// The hierarchical all-reduce of `buf`: reduce-scatter over `local` (this host's
-/// ranks), `cross` all-reduces this rank's shard with the same local rank of every other
-/// host, all-gather over `local`. Every rank of every host ends with the same result as
-/// a flat all-reduce over all of them (bitwise for exact arithmetic, e.g. integers in
-/// floats; the order of additions differs, so rounding may differ otherwise).
+/// The hierarchical all-reduce of `buf` (f32): reduce-scatter over `local` (this host's
+/// ranks), `cross` all-reduces this rank's shard, staged in host memory, with the same
+/// local rank of every other host, all-gather over `local`. Every rank of every host
+/// ends with the same result as a flat all-reduce over all of them (bitwise for exact
+/// arithmetic, e.g. integers in floats; the order of additions differs, so rounding may
+/// differ otherwise).
 ///
 /// `op` is `Sum`, `Prod`, `Min` or `Max`: `Avg` would average averages, which is not the
 /// flat average when hosts differ in size, so it is refused (sum, then scale).
 ///
-/// On any error `buf` holds what it held before the call (it is restored from a copy)
-/// and the error is returned: a lost rank inside the host is a [`DeviceError`], one
-/// across hosts is the cross step's own error (`PeerLost`, `Aborted`).
-pub fn all_reduce_hierarchical<C>(
+/// On any error `buf` holds what it held before the call (restored from a device-side
+/// [`Backup`]) and the error is returned: a lost rank inside the host is a
+/// [`DeviceError`] (the local communicator is then aborted: re-create it), one across
+/// hosts is the cross step's own error (`PeerLost`, `Aborted`). Device memory used: a
+/// backup and a shard, plus a padded copy when the length is not a multiple of the
+/// host's ranks; host memory: the shard.
+pub fn all_reduce_hierarchical<C: DeviceMemory>(
     local: &mut C,
-    buf: &mut Vec<f32>,
+    buf: &mut C::Buffer,
     op: ReduceOp,
     cross: impl FnOnce(&mut [f32]) -> crate::Result<()>,
-) -> crate::Result<()>
-where
-    C: DeviceComm<Buffer = Vec<f32>>,
-{
+) -> crate::Result<()> {
     if op == ReduceOp::Avg {
         return Err(crate::Error::InvalidArgument(
             "the hierarchical all-reduce takes Sum, Prod, Min or Max: sum, then scale, for an average".into(),
         ));
     }
-    let plan = HierPlan::new(buf.len(), local.size())?;
-    let backup = buf.clone();
-    let result = (|| -> crate::Result<()> {
-        // The padding is reduced too, and dropped at the end: any value will do.
-        buf.resize(plan.padded_len(), 0.0);
-        let mut shard = vec![0.0; plan.shard_len];
-        local.reduce_scatter(buf, &mut shard, op)?;
-        cross(&mut shard)?;
-        local.all_gather(&shard, buf)?;
-        buf.truncate(plan.len);
-        Ok(())
-    })();
-    if result.is_err() {
-        *buf = backup;
+    if C::dtype_of(buf) != DType::F32 {
+        return Err(crate::Error::InvalidArgument(format!(
+            "the hierarchical all-reduce takes f32 buffers, not {:?}",
+            C::dtype_of(buf)
+        )));
+    }
+    let plan = HierPlan::new(C::len_of(buf), local.size())?;
+    let backup = Backup::take(local, buf)?;
+    let result = run(local, buf, plan, op, cross);
+    if let Err(e) = &result {
+        if matches!(e, crate::Error::Device(_)) {
+            // Its kernels may wait on a lost local rank: the restore would queue behind them.
+            let _ = local.abort();
+        }
+        backup.restore(local, buf)?;
     }
     result
+}
+
+fn run<C: DeviceMemory>(
+    local: &mut C,
+    buf: &mut C::Buffer,
+    plan: HierPlan,
+    op: ReduceOp,
+    cross: impl FnOnce(&mut [f32]) -> crate::Result<()>,
+) -> crate::Result<()> {
+    let mut shard = local.alloc(plan.shard_len, DType::F32)?;
+    // A length that does not divide among the host's ranks is padded in a copy; the
+    // padding is reduced too, and dropped at the end: any value will do.
+    let mut padded = match plan.padded_len() == plan.len {
+        true => None,
+        false => {
+            let mut p = local.alloc(plan.padded_len(), DType::F32)?;
+            local.copy_prefix(buf, &mut p, plan.len)?;
+            Some(p)
+        }
+    };
+    let whole = padded.as_mut().unwrap_or(buf);
+    local.reduce_scatter(whole, &mut shard, op)?;
+    let mut host = vec![0.0_f32; plan.shard_len];
+    local.download(&shard, bytemuck::cast_slice_mut(&mut host))?;
+    cross(&mut host)?;
+    local.upload(bytemuck::cast_slice(&host), &mut shard)?;
+    local.all_gather(&shard, whole)?;
+    if let Some(p) = &padded {
+        local.copy_prefix(p, buf, plan.len)?;
+    }
+    local.finish()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -88,7 +123,7 @@ mod tests {
 
     use super::*;
     use crate::device::standin::StandIn;
-    use crate::device::{Capabilities, DeviceBackend};
+    use crate::device::{Capabilities, DeviceBackend, DeviceComm};
     use crate::Communicator;
 
     const HOSTS: usize = 3;

@@ -10,7 +10,8 @@
 //! - [`membership`]: the sans-IO decisions (unique id per epoch, abort/revoke, shrink
 //!   or fresh init, grow or fresh init); [`driver`] carries them out on a backend;
 //!   [`session`] keeps a driver in step with a [`crate::Communicator`]'s views, each
-//!   view's unique id carried by the master; [`hier`]: the hierarchical all-reduce plan.
+//!   view's unique id carried by the master; [`hier`]: the hierarchical all-reduce plan;
+//!   [`op`]: a collective as data, run on either backend (the C and Python faces).
 
 use std::time::{Duration, Instant};
 
@@ -22,10 +23,13 @@ pub mod error;
 pub mod gating;
 pub mod hier;
 pub mod membership;
+pub mod memory;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod op;
 pub mod session;
 pub mod standin;
+mod standin_memory;
 
 pub use error::{Attempt, DeviceError};
 pub use gating::{Capabilities, NcclVersion};

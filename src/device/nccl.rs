@@ -20,6 +20,9 @@ use super::error::{Attempt, DeviceError};
 use super::gating::{self, Capabilities, NcclVersion};
 
 pub mod comm;
+pub mod cuda;
+mod memory;
+pub mod slices;
 
 pub use comm::{DeviceBuffer, NcclBackend, NcclComm};
 

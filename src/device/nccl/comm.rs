@@ -24,12 +24,16 @@ const SHRINK_ABORT: c_int = 1;
 /// `NCCL_SHRINK_DEFAULT`.
 const SHRINK_DEFAULT: c_int = 0;
 
-/// A buffer in device memory: a pointer, a length in elements and their type.
-#[derive(Debug, Clone, Copy)]
+/// A buffer in device memory: a pointer, a length in elements and their type; it owns
+/// the memory when it was allocated by phalanx ([`crate::device::memory::DeviceMemory::alloc`]).
+#[derive(Debug, Clone)]
 pub struct DeviceBuffer {
-    ptr: *mut c_void,
-    len: usize,
-    dtype: DType,
+    pub(super) ptr: *mut c_void,
+    pub(super) len: usize,
+    pub(super) dtype: DType,
+    /// The allocation this buffer frees when its last clone drops; `None` for the
+    /// caller's memory ([`DeviceBuffer::from_raw`]).
+    pub(super) _owner: Option<Arc<super::cuda::Allocation>>,
 }
 
 // SAFETY: a device address is not tied to the host thread that holds it.
@@ -43,7 +47,12 @@ impl DeviceBuffer {
     /// communicator's GPU, valid (and not used by others) until the stream has run every
     /// call given this buffer.
     pub unsafe fn from_raw(ptr: *mut c_void, len: usize, dtype: DType) -> DeviceBuffer {
-        DeviceBuffer { ptr, len, dtype }
+        DeviceBuffer { ptr, len, dtype, _owner: None }
+    }
+
+    /// Its device address.
+    pub fn as_ptr(&self) -> *mut c_void {
+        self.ptr
     }
 
     /// Elements.
@@ -124,6 +133,9 @@ fn int(what: &str, v: usize) -> Result<c_int, DeviceError> {
 pub struct NcclBackend {
     lib: Arc<NcclLibrary>,
     stream: usize,
+    /// The GPU's driver, for device memory (backups, staging); `None` until
+    /// [`NcclBackend::with_device`].
+    cuda: Option<Arc<super::cuda::CudaDevice>>,
     /// The pause between two checks of a non-blocking call.
     pub poll: Duration,
     /// How long creation, or a non-blocking collective, may stay in progress before it
@@ -139,7 +151,33 @@ impl NcclBackend {
     /// `stream` must be a valid stream of the current device for as long as the backend
     /// and its communicators live.
     pub unsafe fn new(lib: Arc<NcclLibrary>, stream: *mut c_void) -> NcclBackend {
-        NcclBackend { lib, stream: stream as usize, poll: Duration::from_millis(1), timeout: Duration::from_secs(120) }
+        NcclBackend {
+            lib,
+            stream: stream as usize,
+            cuda: None,
+            poll: Duration::from_millis(1),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// The backend the C and Python faces use: the NCCL discovery finds
+    /// ([`NcclLibrary::load`]), the GPU of the calling thread's current CUDA context
+    /// (else GPU 0, [`super::cuda::CudaDevice::of_this_thread`]), the legacy default
+    /// stream until a call names its own.
+    pub fn for_this_thread() -> Result<NcclBackend, DeviceError> {
+        let lib = NcclLibrary::load()?;
+        let cuda = super::cuda::CudaDevice::of_this_thread()?;
+        // SAFETY: NULL is the legacy default stream, valid for as long as the process runs.
+        Ok(unsafe { NcclBackend::new(Arc::new(lib), std::ptr::null_mut()) }.with_device(cuda))
+    }
+
+    /// The same backend with the CUDA driver of its GPU, which its communicators need for
+    /// device memory: the device-side backup of a buffer, the hierarchical all-reduce's
+    /// staging ([`crate::device::memory::DeviceMemory`]). Without it those calls are
+    /// [`DeviceError::NoDriver`].
+    pub fn with_device(mut self, cuda: Arc<super::cuda::CudaDevice>) -> NcclBackend {
+        self.cuda = Some(cuda);
+        self
     }
 
     /// Waits for a communicator just created (non-blocking) to be ready; aborts it on
@@ -165,6 +203,7 @@ impl NcclBackend {
             lib: self.lib.clone(),
             comm: raw,
             stream: self.stream,
+            cuda: self.cuda.clone(),
             rank,
             size,
             poll: self.poll,
@@ -233,12 +272,13 @@ pub struct NcclComm {
     lib: Arc<NcclLibrary>,
     comm: ffi::ncclComm_t,
     stream: usize,
+    pub(super) cuda: Option<Arc<super::cuda::CudaDevice>>,
     rank: usize,
     size: usize,
-    poll: Duration,
-    timeout: Duration,
+    pub(super) poll: Duration,
+    pub(super) timeout: Duration,
     /// Aborted or destroyed: the handle must not be used again.
-    dead: bool,
+    pub(super) dead: bool,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as no two calls on it
@@ -256,6 +296,11 @@ impl NcclComm {
         self.stream = stream as usize;
     }
 
+    /// The stream calls are enqueued on, as an address.
+    pub(super) fn raw_stream_value(&self) -> usize {
+        self.stream
+    }
+
     fn live(&self) -> Result<ffi::ncclComm_t, DeviceError> {
         if self.dead {
             return Err(DeviceError::Aborted { reason: "this communicator was aborted".into() });
@@ -263,7 +308,7 @@ impl NcclComm {
         Ok(self.comm)
     }
 
-    fn stream(&self) -> ffi::cudaStream_t {
+    pub(super) fn stream(&self) -> ffi::cudaStream_t {
         self.stream as ffi::cudaStream_t
     }
 
@@ -297,8 +342,13 @@ impl NcclComm {
     /// A communicator split from this one (shrink, grow), on the same library, stream
     /// and waits.
     fn child(&self, raw: ffi::ncclComm_t, rank: usize, size: usize) -> NcclComm {
-        let backend =
-            NcclBackend { lib: self.lib.clone(), stream: self.stream, poll: self.poll, timeout: self.timeout };
+        let backend = NcclBackend {
+            lib: self.lib.clone(),
+            stream: self.stream,
+            cuda: self.cuda.clone(),
+            poll: self.poll,
+            timeout: self.timeout,
+        };
         backend.wrap(raw, rank, size)
     }
 }
