@@ -2603,10 +2603,12 @@ int phx_device_comm_new(const struct phx_comm *comm, int backend, struct phx_dev
  * is sent, the device communicator is kept).
  * `PHX_ERR_DEVICE` when the device communicator failed (a lost peer, as NCCL reports
  * it): it is revoked or aborted and the buffers it writes are as they were (put back
- * from their device-side copies on NCCL); call `phx_comm_update_topology`, then
- * again. `PHX_ERR_ABORTED` (retryable) when the view moved on or this view's device
- * communicator failed before: the same. Must not run concurrently with other calls on
- * `dev` or `comm`.
+ * from their device-side copies on NCCL); call again: the next call makes a new device
+ * communicator (the same view's next generation when every peer lives, the next view's
+ * after `phx_comm_update_topology` when one was lost). `PHX_ERR_ABORTED` (retryable)
+ * when the view moved on while the device communicator was being made: call
+ * `phx_comm_update_topology`, then again. Must not run concurrently with other calls
+ * on `dev` or `comm`.
  *
  * # Safety
  * `dev` and `comm` are NULL or live handles used by no one else; `buf` NULL or, for the

@@ -452,7 +452,9 @@ class DeviceCommunicator:
     """The device side of one member of `comm`'s group: collectives on device buffers
     that follow the communicator's views (each view's device communicator is made,
     shrunk or grown by every member together, from a unique id the master relays).
-    After a `DeviceError` from a collective, call `comm.update_topology()` and retry.
+    After a `DeviceError` from a collective, retry: the next call makes a new device
+    communicator (the same view's next generation when every peer lives; call
+    `comm.update_topology()` first when a peer was lost).
 
     `backend`: "standin" (CPU, float32 arrays, ranks of this process: for tests) or
     "nccl" (CUDA tensors through DLPack; raises `DeviceError` when no usable NCCL is

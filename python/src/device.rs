@@ -55,8 +55,9 @@ fn nccl(_me: u64) -> Result<Backend, Error> {
 /// The device side of one member of a `Communicator`'s group: collectives on device
 /// buffers that follow the communicator's views. Each collective first brings the device
 /// communicator to the current view (made, shrunk or grown, every member together, with
-/// a unique id the master relays). After a `DeviceError` from a collective (a lost peer),
-/// call `comm.update_topology()` and retry: the next view has a new device communicator.
+/// a unique id the master relays). After a `DeviceError` from a collective, retry: the
+/// next call makes a new device communicator (the same view's next generation when every
+/// peer lives; after a lost peer, `comm.update_topology()` first for the next view).
 ///
 /// `backend`: `"standin"` (CPU, float32 arrays, ranks in this process: for tests) or
 /// `"nccl"` (CUDA tensors through DLPack; raises `DeviceError` when no usable NCCL is
