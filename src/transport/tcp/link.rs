@@ -7,18 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use async_trait::async_trait;
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
+use super::frames::{FrameReader, FrameWriter, StreamReader, StreamWriter};
 use super::TcpSecurity;
-use crate::transport::{decode_prefix, encode_prefix, Frame, Header, Link, LinkError, PREFIX_LEN};
-
-/// The reader asks the socket for at least this much at a time.
-const READ_CHUNK: usize = 256 << 10;
-/// Payloads up to this size are read into the shared read buffer and sliced out of it;
-/// larger ones get a buffer of their own that the socket fills directly.
-const SMALL_PAYLOAD: usize = 64 << 10;
+use crate::transport::{Frame, Header, Link, LinkError};
 
 /// What the two tasks and the link share: whether the link is down, and why.
 struct Down {
@@ -70,7 +64,8 @@ impl fmt::Debug for TcpLink {
 }
 
 impl TcpLink {
-    /// Starts the link's tasks on the two halves of an authenticated connection.
+    /// Starts the link's tasks on the two halves of an authenticated connection, frames
+    /// as they are (plaintext).
     pub(super) fn new<R, W>(
         read: R,
         write: W,
@@ -82,6 +77,17 @@ impl TcpLink {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        TcpLink::start(StreamReader::new(read), StreamWriter(write), max_frame_bytes, peer, security)
+    }
+
+    /// Starts the link's tasks on a frame reader and writer.
+    pub(super) fn start(
+        read: impl FrameReader,
+        write: impl FrameWriter,
+        max_frame_bytes: usize,
+        peer: SocketAddr,
+        security: TcpSecurity,
+    ) -> TcpLink {
         let down = Arc::new(Down {
             flag: watch::channel(false).0,
             reason: StdMutex::new(None),
@@ -158,9 +164,8 @@ impl Link for TcpLink {
     }
 }
 
-/// Writes frames (header, length, payload in one vectored write) until the link goes
-/// down; then drops its half of the connection.
-async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut frames: mpsc::Receiver<Frame>, down: Arc<Down>) {
+/// Writes frames until the link goes down; then drops its half of the connection.
+async fn write_loop(mut write: impl FrameWriter, mut frames: mpsc::Receiver<Frame>, down: Arc<Down>) {
     let mut stop = down.flag.subscribe();
     loop {
         let frame = tokio::select! {
@@ -172,13 +177,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut frames: mpsc::Recei
             down.fail("the link was dropped".into());
             return;
         };
-        let prefix = encode_prefix(&frame);
-        let mut bytes = Buf::chain(&prefix[..], frame.payload);
         let written = tokio::select! {
-            r = async {
-                write.write_all_buf(&mut bytes).await?;
-                write.flush().await
-            } => r,
+            r = write.write_frame(frame) => r,
             _ = stop.wait_for(|d| *d) => return,
         };
         if let Err(e) = written {
@@ -190,17 +190,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut frames: mpsc::Recei
 
 /// Reads frames and hands them to `recv` until the link goes down or the connection
 /// fails; a failure is handed over as the last item, and takes the link down.
-async fn read_loop<R: AsyncRead + Unpin>(
-    mut read: R,
+async fn read_loop(
+    mut read: impl FrameReader,
     frames: mpsc::Sender<Result<Frame, LinkError>>,
     max_frame_bytes: usize,
     down: Arc<Down>,
 ) {
     let mut stop = down.flag.subscribe();
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         let got = tokio::select! {
-            got = read_frame(&mut read, &mut buf, max_frame_bytes) => got,
+            got = read.read_frame(max_frame_bytes) => got,
             _ = stop.wait_for(|d| *d) => return,
         };
         let failed = got.as_ref().err().map(ToString::to_string);
@@ -215,74 +214,5 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if *down.flag.borrow() {
             return;
         }
-    }
-}
-
-/// Reads until `buf` holds at least `need` bytes.
-async fn fill<R: AsyncRead + Unpin>(read: &mut R, buf: &mut BytesMut, need: usize) -> Result<(), LinkError> {
-    while buf.len() < need {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK.max(need - buf.len()));
-        }
-        match read.read_buf(buf).await {
-            Ok(0) if buf.is_empty() => return Err(LinkError::Closed("closed by the peer".into())),
-            Ok(0) => return Err(torn()),
-            Ok(_) => {}
-            // TLS: the connection ended without a close_notify, as when a process dies.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && buf.is_empty() => {
-                return Err(LinkError::Closed("closed by the peer".into()))
-            }
-            Err(e) => return Err(lost(e)),
-        }
-    }
-    Ok(())
-}
-
-/// Reads one frame, refusing an oversized one before allocating for it. Small payloads
-/// are sliced out of `buf`; a large one is read straight into a buffer of its own.
-pub(super) async fn read_frame<R: AsyncRead + Unpin>(
-    read: &mut R,
-    buf: &mut BytesMut,
-    max_frame_bytes: usize,
-) -> Result<Frame, LinkError> {
-    fill(read, buf, PREFIX_LEN).await?;
-    let prefix = buf.split_to(PREFIX_LEN);
-    let (header, len) = decode_prefix(&prefix, max_frame_bytes)?;
-    if buf.len() >= len || len <= SMALL_PAYLOAD {
-        fill(read, buf, len).await.map_err(mid_frame)?;
-        return Ok(Frame { header, payload: buf.split_to(len).freeze() });
-    }
-    let mut payload = BytesMut::with_capacity(len);
-    payload.extend_from_slice(&buf.split());
-    let mut rest = (&mut *read).take((len - payload.len()) as u64);
-    while payload.len() < len {
-        match rest.read_buf(&mut payload).await {
-            Ok(0) => return Err(torn()),
-            Ok(_) => {}
-            Err(e) => return Err(lost(e)),
-        }
-    }
-    Ok(Frame { header, payload: payload.freeze() })
-}
-
-/// The connection ended inside a frame: TCP delivers everything that was sent, so the
-/// peer's process died or it dropped the link mid-frame.
-fn torn() -> LinkError {
-    LinkError::Closed("the connection ended inside a frame (the peer crashed or closed mid-send)".into())
-}
-
-/// A read error in words; an unexpected end inside a frame is a torn frame.
-fn lost(e: std::io::Error) -> LinkError {
-    match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => torn(),
-        _ => LinkError::Closed(format!("connection lost: {e}")),
-    }
-}
-
-/// An end of the connection inside a payload is a torn frame, not a clean close.
-fn mid_frame(e: LinkError) -> LinkError {
-    match e {
-        LinkError::Closed(why) if why == "closed by the peer" => torn(),
-        other => other,
     }
 }

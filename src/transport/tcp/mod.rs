@@ -7,7 +7,10 @@
 //! [`QuicEndpoint::connect`](super::quic::QuicEndpoint::connect) does. The kernel
 //! segments, acknowledges and paces the bytes, so a link costs the process only its
 //! encryption and one copy each way, where QUIC also builds, encrypts and parses every
-//! 1.2 KB packet in user space (see docs/PERF.md).
+//! 1.2 KB packet in user space (see docs/PERF.md). After the TLS handshake a link seals
+//! and opens its records itself with the session's keys, in place in its own buffers
+//! (`sealed`, the kernel-TLS route in user space), which saves rustls' extra copy on
+//! each side.
 //!
 //! # Security
 //!
@@ -33,7 +36,13 @@
 //! refused the client's), the hello (u32 length, little-endian, and the bytes) and the
 //! server's acknowledgement (one byte, 1). After that each direction carries frames:
 //! [`Header::encode`](super::Header::encode) (32 bytes), the payload length (u64,
-//! little-endian) and the payload.
+//! little-endian) and the payload. With TLS, once the client has sent its hello both
+//! ends take the session's traffic keys out of rustls, and everything after — the
+//! acknowledgement, then the frames — travels in sealed records: `u32` ciphertext
+//! length (little-endian, the AEAD's additional data), ciphertext, 16-byte tag; the
+//! suite the handshake chose, the nonce its IV XOR the record's sequence number
+//! continued from rustls'; a frame with a payload up to 64 KiB is one record, a larger
+//! one two (prefix, payload).
 //!
 //! # Flow control, buffering and failure
 //!
@@ -52,7 +61,9 @@
 
 mod config;
 mod fallback;
+mod frames;
 mod link;
+mod sealed;
 mod setup;
 #[cfg(test)]
 mod tests;
@@ -116,10 +127,13 @@ impl TcpEndpoint {
         provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         let provider = Arc::new(provider);
 
-        let (mut server_tls, client_tls) =
+        let (mut server_tls, mut client_tls) =
             tls_configs(provider.clone(), SERVER_NAME, ALPN).map_err(|(what, e)| setup(what, &e))?;
         // Every connection does a full handshake; the secret proof authenticates it.
         server_tls.send_tls13_tickets = 0;
+        // The links seal their records themselves once the session is made (`sealed`).
+        server_tls.enable_secret_extraction = true;
+        client_tls.enable_secret_extraction = true;
 
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),

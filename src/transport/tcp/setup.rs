@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::sealed::{self, SealedReader, SealedWriter};
 use super::{TcpConfig, TcpError, TcpLink, TcpSecurity, SERVER_NAME};
 use crate::transport::auth::{self, Proof, CLIENT_LABEL, EXPORTER_LABEL, PROOF_LEN, SERVER_LABEL};
 
@@ -92,8 +93,15 @@ impl Context {
                 let mut tls = self.connector.connect(name, tcp).await.map_err(io(peer))?;
                 let binding = exporter(&tls.get_ref().1.export_keying_material([0u8; 32], EXPORTER_LABEL, None))?;
                 self.client_auth(&mut tls, peer, &binding, hello).await?;
-                let (read, write) = tokio::io::split(tls);
-                Ok(TcpLink::new(read, write, cfg.max_frame_bytes, peer, cfg.security))
+                // The server sent nothing since its proof and sends nothing more through
+                // rustls: its records from here on are sealed by the link (`sealed`).
+                let (tcp, conn) = tls.into_inner();
+                let (sealer, opener) = sealed::keys(conn.dangerous_extract_secrets().map_err(extract)?)?;
+                let (read, write) = tcp.into_split();
+                let mut read = SealedReader::new(read, opener);
+                let ack = read.record(1).await.map_err(|e| TcpError::Protocol(format!("{peer}: {e}")))?;
+                check_ack(&ack, peer)?;
+                Ok(TcpLink::start(read, SealedWriter::new(write, sealer), cfg.max_frame_bytes, peer, cfg.security))
             }
             TcpSecurity::Plaintext => {
                 let ours = self.nonce()?;
@@ -102,6 +110,9 @@ impl Context {
                 tcp.read_exact(&mut server).await.map_err(io(peer))?;
                 let binding = plain_binding(&ours, &server);
                 self.client_auth(&mut tcp, peer, &binding, hello).await?;
+                let mut ack = [0u8; 1];
+                tcp.read_exact(&mut ack).await.map_err(io(peer))?;
+                check_ack(&ack, peer)?;
                 let (read, write) = tcp.into_split();
                 Ok(TcpLink::new(read, write, cfg.max_frame_bytes, peer, cfg.security))
             }
@@ -130,13 +141,7 @@ impl Context {
         head.extend_from_slice(&(hello.len() as u32).to_le_bytes());
         head.extend_from_slice(hello);
         s.write_all(&head).await.map_err(io(peer))?;
-        s.flush().await.map_err(io(peer))?;
-        let mut ack = [0u8; 1];
-        s.read_exact(&mut ack).await.map_err(io(peer))?;
-        if ack[0] != ACK {
-            return Err(TcpError::Protocol(format!("{peer} refused the hello (larger than its limit?)")));
-        }
-        Ok(())
+        s.flush().await.map_err(io(peer))
     }
 
     /// Server side: sets up the link a client opened over `tcp`; returns it with the
@@ -156,8 +161,15 @@ impl Context {
                 let mut tls = self.acceptor.accept(tcp).await.map_err(io(peer))?;
                 let binding = exporter(&tls.get_ref().1.export_keying_material([0u8; 32], EXPORTER_LABEL, None))?;
                 let hello = self.server_auth(&mut tls, peer, &binding).await?;
-                let (read, write) = tokio::io::split(tls);
-                Ok((TcpLink::new(read, write, cfg.max_frame_bytes, peer, cfg.security), hello))
+                // The client sent nothing after its hello and waits for the sealed answer.
+                let (tcp, conn) = tls.into_inner();
+                let (sealer, opener) = sealed::keys(conn.dangerous_extract_secrets().map_err(extract)?)?;
+                let (read, write) = tcp.into_split();
+                let mut write = SealedWriter::new(write, sealer);
+                let _ = write.send(&[if hello.is_ok() { ACK } else { NACK }]).await;
+                let hello = hello.map_err(|len| too_large(peer, len))?;
+                let read = SealedReader::new(read, opener);
+                Ok((TcpLink::start(read, write, cfg.max_frame_bytes, peer, cfg.security), hello))
             }
             TcpSecurity::Plaintext => {
                 let mut client = [0u8; NONCE_LEN];
@@ -166,18 +178,22 @@ impl Context {
                 tcp.write_all(&ours).await.map_err(io(peer))?;
                 let binding = plain_binding(&client, &ours);
                 let hello = self.server_auth(&mut tcp, peer, &binding).await?;
+                let _ = tcp.write_all(&[if hello.is_ok() { ACK } else { NACK }]).await;
+                let hello = hello.map_err(|len| too_large(peer, len))?;
                 let (read, write) = tcp.into_split();
                 Ok((TcpLink::new(read, write, cfg.max_frame_bytes, peer, cfg.security), hello))
             }
         }
     }
 
+    /// Checks the client's proof, sends ours and reads the hello: `Err(len)` inside when
+    /// the hello is larger than the limit (the caller answers NACK in its mode).
     async fn server_auth<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         s: &mut S,
         peer: SocketAddr,
         binding: &[u8; 32],
-    ) -> Result<Bytes, TcpError> {
+    ) -> Result<Result<Bytes, usize>, TcpError> {
         let mac = self.mac()?;
         let mut client_proof: Proof = [0u8; 4 + PROOF_LEN];
         s.read_exact(&mut client_proof).await.map_err(io(peer))?;
@@ -195,16 +211,28 @@ impl Context {
         s.read_exact(&mut len).await.map_err(io(peer))?;
         let len = u32::from_le_bytes(len) as usize;
         if len > self.config.max_hello_bytes {
-            let _ = s.write_all(&[NACK]).await;
-            let _ = s.flush().await;
-            return Err(TcpError::Protocol(format!("{peer}: hello of {len} bytes too large")));
+            return Ok(Err(len));
         }
         let mut hello = vec![0u8; len];
         s.read_exact(&mut hello).await.map_err(io(peer))?;
-        s.write_all(&[ACK]).await.map_err(io(peer))?;
-        s.flush().await.map_err(io(peer))?;
-        Ok(Bytes::from(hello))
+        Ok(Ok(Bytes::from(hello)))
     }
+}
+
+fn too_large(peer: SocketAddr, len: usize) -> TcpError {
+    TcpError::Protocol(format!("{peer}: hello of {len} bytes too large"))
+}
+
+/// The server's answer to the hello.
+fn check_ack(ack: &[u8], peer: SocketAddr) -> Result<(), TcpError> {
+    if ack != [ACK] {
+        return Err(TcpError::Protocol(format!("{peer} refused the hello (larger than its limit?)")));
+    }
+    Ok(())
+}
+
+fn extract(e: rustls::Error) -> TcpError {
+    TcpError::Setup(format!("the TLS session's keys could not be taken over: {e}"))
 }
 
 fn exporter(got: &Result<[u8; 32], rustls::Error>) -> Result<[u8; 32], TcpError> {

@@ -332,3 +332,28 @@ fn bad_configs_are_refused() {
     let shown = format!("{:?}", TcpConfig::with_secret("hunter2"));
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+/// TLS links seal a large payload in place when the frame holds it alone; a payload
+/// someone else still holds (a broadcast's one buffer sent to several peers) is copied
+/// first: the holder's bytes stay as they were, and both arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealing_in_place_never_touches_a_shared_payload() {
+    bounded(async {
+        let (a, b, _) = pair(tls(), tls()).await;
+        let shared = Bytes::from((0..(1u32 << 20)).map(|i| i as u8).collect::<Vec<u8>>());
+        let kept = shared.clone();
+        for i in 0..2 {
+            let f = Frame { header: Header { epoch: 1, seq: 2, call: 3, index: i }, payload: shared.clone() };
+            a.send(f).await.unwrap();
+        }
+        a.send(frame(9, 3 << 20)).await.unwrap(); // held by the frame alone
+        for i in 0..2 {
+            let got = b.recv().await.unwrap();
+            assert_eq!(got.header.index, i);
+            assert!(got.payload == kept, "frame {i} arrived intact");
+        }
+        assert_eq!(b.recv().await.unwrap(), frame(9, 3 << 20));
+        assert!(shared == kept && shared[..4] == [0, 1, 2, 3], "the sender's buffer is untouched");
+    })
+    .await;
+}

@@ -1,0 +1,130 @@
+//! How frames cross a TCP connection: [`FrameWriter`] and [`FrameReader`], the two ends
+//! a link's tasks drive. [`StreamWriter`]/[`StreamReader`] write and read them as they
+//! are (plaintext TCP); `sealed` seals each in AEAD records (TLS).
+
+use std::future::Future;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::transport::{decode_prefix, encode_prefix, Frame, LinkError, PREFIX_LEN};
+
+/// The reader asks the socket for at least this much at a time.
+pub(super) const READ_CHUNK: usize = 256 << 10;
+/// Payloads up to this size are read into the shared read buffer and sliced out of it;
+/// larger ones get a buffer of their own that the socket fills directly.
+pub(super) const SMALL_PAYLOAD: usize = 64 << 10;
+
+/// Writes whole frames on one connection.
+pub(super) trait FrameWriter: Send + 'static {
+    /// Writes `frame` and flushes it.
+    fn write_frame(&mut self, frame: Frame) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Reads whole frames from one connection.
+pub(super) trait FrameReader: Send + 'static {
+    /// Reads the next frame, refusing one above `max_frame_bytes` before allocating.
+    fn read_frame(&mut self, max_frame_bytes: usize) -> impl Future<Output = Result<Frame, LinkError>> + Send;
+}
+
+/// Frames as they are: header, length and payload in one vectored write.
+pub(super) struct StreamWriter<W>(pub(super) W);
+
+impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
+    async fn write_frame(&mut self, frame: Frame) -> std::io::Result<()> {
+        let prefix = encode_prefix(&frame);
+        let mut bytes = Buf::chain(&prefix[..], frame.payload);
+        self.0.write_all_buf(&mut bytes).await?;
+        self.0.flush().await
+    }
+}
+
+/// Frames as they are, read through a buffer of [`READ_CHUNK`].
+pub(super) struct StreamReader<R> {
+    read: R,
+    buf: BytesMut,
+}
+
+impl<R> StreamReader<R> {
+    pub(super) fn new(read: R) -> StreamReader<R> {
+        StreamReader { read, buf: BytesMut::with_capacity(READ_CHUNK) }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for StreamReader<R> {
+    async fn read_frame(&mut self, max_frame_bytes: usize) -> Result<Frame, LinkError> {
+        let (read, buf) = (&mut self.read, &mut self.buf);
+        fill(read, buf, PREFIX_LEN).await?;
+        let prefix = buf.split_to(PREFIX_LEN);
+        let (header, len) = decode_prefix(&prefix, max_frame_bytes)?;
+        let payload = read_exactly(read, buf, len).await.map_err(mid_frame)?;
+        Ok(Frame { header, payload: payload.freeze() })
+    }
+}
+
+/// Reads until `buf` holds at least `need` bytes.
+pub(super) async fn fill<R: AsyncRead + Unpin>(read: &mut R, buf: &mut BytesMut, need: usize) -> Result<(), LinkError> {
+    while buf.len() < need {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK.max(need - buf.len()));
+        }
+        match read.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Err(LinkError::Closed("closed by the peer".into())),
+            Ok(0) => return Err(torn()),
+            Ok(_) => {}
+            // TLS: the connection ended without a close_notify, as when a process dies.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && buf.is_empty() => {
+                return Err(LinkError::Closed("closed by the peer".into()))
+            }
+            Err(e) => return Err(lost(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The next `len` bytes of the connection (after what `buf` holds). Small ones are sliced
+/// out of `buf`; a large one is read straight into a buffer of its own, so that each
+/// byte is copied once from the kernel.
+pub(super) async fn read_exactly<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> Result<BytesMut, LinkError> {
+    if buf.len() >= len || len <= SMALL_PAYLOAD {
+        fill(read, buf, len).await?;
+        return Ok(buf.split_to(len));
+    }
+    let mut out = BytesMut::with_capacity(len);
+    out.extend_from_slice(&buf.split());
+    let mut rest = (&mut *read).take((len - out.len()) as u64);
+    while out.len() < len {
+        match rest.read_buf(&mut out).await {
+            Ok(0) => return Err(torn()),
+            Ok(_) => {}
+            Err(e) => return Err(lost(e)),
+        }
+    }
+    Ok(out)
+}
+
+/// The connection ended inside a frame: TCP delivers everything that was sent, so the
+/// peer's process died or it dropped the link mid-frame.
+pub(super) fn torn() -> LinkError {
+    LinkError::Closed("the connection ended inside a frame (the peer crashed or closed mid-send)".into())
+}
+
+/// A read error in words; an unexpected end inside a frame is a torn frame.
+fn lost(e: std::io::Error) -> LinkError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => torn(),
+        _ => LinkError::Closed(format!("connection lost: {e}")),
+    }
+}
+
+/// An end of the connection inside a payload is a torn frame, not a clean close.
+pub(super) fn mid_frame(e: LinkError) -> LinkError {
+    match e {
+        LinkError::Closed(why) if why == "closed by the peer" => torn(),
+        other => other,
+    }
+}
