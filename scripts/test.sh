@@ -54,3 +54,10 @@ echo "== python: pip install ./python[torch], pytest python/tests"
 python3 -m venv target/py-test-venv
 target/py-test-venv/bin/python -m pip install --quiet "./python[torch]" pytest numpy
 target/py-test-venv/bin/python -m pytest python/tests -q
+
+echo "== python crate's Rust unit tests (DLPack capsules read by hand-built tensors)"
+# They link libpython (pyo3 without the extension-module feature): the venv's interpreter
+# names it, and its LIBDIR is where the shared library is.
+libdir=$(target/py-test-venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
+(cd python && LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  PYO3_PYTHON="$PWD/../target/py-test-venv/bin/python" cargo test --locked --lib)
