@@ -340,30 +340,44 @@ pub fn divide_slice<T: Element>(buf: &mut [T], count: usize) {
     buf.iter_mut().for_each(|x| *x = x.div_count(count));
 }
 
-/// Applies `f` to `bytes` viewed as a `&mut [T]`, copying through an aligned temporary
-/// when the bytes are not aligned for `T` (received frames may not be).
-fn with_typed_mut<T: Element>(bytes: &mut [u8], f: impl FnOnce(&mut [T])) {
+/// Runs `f` on `bytes` viewed as a `&mut [T]`. Bytes not aligned for `T` (a received
+/// frame, a C or numpy buffer) go through an aligned copy, written back only if `f`
+/// succeeds, so that an error leaves `bytes` as they were.
+pub fn with_typed_mut<T: bytemuck::Pod, E>(
+    bytes: &mut [u8],
+    f: impl FnOnce(&mut [T]) -> Result<(), E>,
+) -> Result<(), E> {
     match bytemuck::try_cast_slice_mut::<u8, T>(bytes) {
         Ok(typed) => f(typed),
         Err(_) => {
             let mut tmp: Vec<T> = bytemuck::allocation::pod_collect_to_vec(bytes);
-            f(&mut tmp);
+            f(&mut tmp)?;
             bytes.copy_from_slice(bytemuck::cast_slice(&tmp));
+            Ok(())
         }
     }
 }
 
 /// Views `bytes` as `&[T]`, copying when they are not aligned for `T`.
-fn typed_ref<T: Element>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
+pub fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
     match bytemuck::try_cast_slice::<u8, T>(bytes) {
         Ok(typed) => std::borrow::Cow::Borrowed(typed),
         Err(_) => std::borrow::Cow::Owned(bytemuck::allocation::pod_collect_to_vec(bytes)),
     }
 }
 
+/// [`with_typed_mut`] for the kernels, which cannot fail.
+fn apply_typed<T: Element>(bytes: &mut [u8], f: impl FnOnce(&mut [T])) {
+    let done: Result<(), std::convert::Infallible> = with_typed_mut(bytes, |t| {
+        f(t);
+        Ok(())
+    });
+    let Ok(()) = done;
+}
+
 fn reduce_bytes_typed<T: Element>(op: ReduceOp, acc: &mut [u8], incoming: &[u8], order: Order) {
-    let inc = typed_ref::<T>(incoming);
-    with_typed_mut::<T>(acc, |acc| reduce_slice(op, acc, &inc, order));
+    let inc = typed::<T>(incoming);
+    apply_typed::<T>(acc, |acc| reduce_slice(op, acc, &inc, order));
 }
 
 /// Runs `$body` with `$t` bound to the Rust type of a [`DType`] value.
@@ -438,12 +452,32 @@ pub fn reduce_bytes(dtype: DType, op: ReduceOp, acc: &mut [u8], incoming: &[u8],
 /// Divides every element of `buf` (elements of `dtype`) by `count`.
 pub fn divide_bytes(dtype: DType, buf: &mut [u8], count: usize) {
     let len = buf.len() / dtype.size() * dtype.size();
-    with_dtype!(dtype, T => with_typed_mut::<T>(&mut buf[..len], |b| divide_slice(b, count)))
+    with_dtype!(dtype, T => apply_typed::<T>(&mut buf[..len], |b| divide_slice(b, count)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unaligned_bytes_go_through_a_copy_written_back_only_on_success() {
+        let mut store = [0u32; 3];
+        // One byte past a 4-aligned address: never aligned for f32.
+        let odd = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut store)[1..9];
+        odd.copy_from_slice(bytemuck::cast_slice(&[1.5f32, -2.0]));
+        assert!(matches!(typed::<f32>(odd), std::borrow::Cow::Owned(_)));
+        let failed: Result<(), &str> = with_typed_mut::<f32, _>(odd, |v| {
+            v[0] = 9.0;
+            Err("refused")
+        });
+        assert_eq!((failed, typed::<f32>(odd).to_vec()), (Err("refused"), vec![1.5, -2.0]));
+        with_typed_mut::<f32, ()>(odd, |v| {
+            v[1] = 7.0;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(typed::<f32>(odd).to_vec(), vec![1.5, 7.0]);
+    }
 
     /// The per-element function of `op` (`Avg` combines as `Sum`).
     fn op_fn<T: Element>(op: ReduceOp) -> fn(T, T) -> T {

@@ -33,29 +33,14 @@ macro_rules! by_width {
 }
 pub(crate) use by_width;
 
-/// `bytes` as a slice of `T`, copied when they are not aligned for `T`.
-pub(crate) fn typed<T: Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
-    match bytemuck::try_cast_slice::<u8, T>(bytes) {
-        Ok(t) => std::borrow::Cow::Borrowed(t),
-        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
-    }
-}
+pub(crate) use phalanx::dtype::typed;
 
-/// Runs `f` on `bytes` as a slice of `T`; when they are not aligned for `T`, on an
-/// aligned copy that is written back only if `f` succeeds (so that an error leaves
-/// `bytes` as they were, like the collectives do).
+/// [`phalanx::dtype::with_typed_mut`] with the C face's error.
 pub(crate) fn with_typed_mut<T: Pod>(
     bytes: &mut [u8],
     f: impl FnOnce(&mut [T]) -> phalanx::Result<()>,
 ) -> Result<(), Fail> {
-    let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
-    if aligned && bytes.len() % std::mem::size_of::<T>() == 0 {
-        return Ok(f(bytemuck::cast_slice_mut(bytes))?);
-    }
-    let mut copy: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
-    f(&mut copy)?;
-    bytes.copy_from_slice(bytemuck::cast_slice(&copy));
-    Ok(())
+    Ok(phalanx::dtype::with_typed_mut(bytes, f)?)
 }
 
 #[cfg(test)]

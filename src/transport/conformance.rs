@@ -22,8 +22,9 @@ pub async fn ordered_both_ways(a: &dyn Link, b: &dyn Link, big: usize) {
     let count = 64u32;
     async fn send_all(l: &dyn Link, sizes: &[usize], count: u32) {
         for i in 0..count {
+            // A conformance test panics on a violation.
             l.send(frame(i, sizes[i as usize % sizes.len()])).await.expect("send");
-            // ok: a conformance test panics on a violation
+            // ok: a test's check
         }
     }
     async fn recv_all(l: &dyn Link, sizes: &[usize], count: u32) {
