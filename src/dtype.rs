@@ -29,7 +29,7 @@
 
 use std::fmt;
 
-use half::{bf16, f16};
+pub use half::{bf16, f16};
 
 /// The element type of a buffer, as named on the wire and across the C ABI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -380,63 +380,69 @@ fn reduce_bytes_typed<T: Element>(op: ReduceOp, acc: &mut [u8], incoming: &[u8],
     apply_typed::<T>(acc, |acc| reduce_slice(op, acc, &inc, order));
 }
 
-/// Runs `$body` with `$t` bound to the Rust type of a [`DType`] value.
+/// Runs `$body` with `$t` bound to the Rust type of a [`DType`](crate::DType) value:
+/// one body for every element type, as the C and Python faces need for typed calls.
+///
+/// ```
+/// use phalanx::DType;
+/// let size = |d: DType| phalanx::with_dtype!(d, T => std::mem::size_of::<T>());
+/// assert_eq!((size(DType::BF16), size(DType::U64)), (2, 8));
+/// ```
+#[macro_export]
 macro_rules! with_dtype {
     ($dtype:expr, $t:ident => $body:expr) => {
         match $dtype {
-            DType::F32 => {
+            $crate::DType::F32 => {
                 type $t = f32;
                 $body
             }
-            DType::F64 => {
+            $crate::DType::F64 => {
                 type $t = f64;
                 $body
             }
-            DType::F16 => {
-                type $t = f16;
+            $crate::DType::F16 => {
+                type $t = $crate::dtype::f16;
                 $body
             }
-            DType::BF16 => {
-                type $t = bf16;
+            $crate::DType::BF16 => {
+                type $t = $crate::dtype::bf16;
                 $body
             }
-            DType::I8 => {
+            $crate::DType::I8 => {
                 type $t = i8;
                 $body
             }
-            DType::I16 => {
+            $crate::DType::I16 => {
                 type $t = i16;
                 $body
             }
-            DType::I32 => {
+            $crate::DType::I32 => {
                 type $t = i32;
                 $body
             }
-            DType::I64 => {
+            $crate::DType::I64 => {
                 type $t = i64;
                 $body
             }
-            DType::U8 => {
+            $crate::DType::U8 => {
                 type $t = u8;
                 $body
             }
-            DType::U16 => {
+            $crate::DType::U16 => {
                 type $t = u16;
                 $body
             }
-            DType::U32 => {
+            $crate::DType::U32 => {
                 type $t = u32;
                 $body
             }
-            DType::U64 => {
+            $crate::DType::U64 => {
                 type $t = u64;
                 $body
             }
         }
     };
 }
-#[allow(unused_imports)]
-pub(crate) use with_dtype;
 
 /// Combines the bytes of `incoming` into `acc`, both holding elements of `dtype`.
 ///

@@ -8,7 +8,6 @@
 
 use std::ffi::{c_int, c_void};
 
-use half::{bf16, f16};
 use phalanx::moe::{Dispatch, Dispatched, ExpertLayer, ExpertPlacement, Hosts};
 use phalanx::DType;
 
@@ -180,25 +179,7 @@ pub unsafe extern "C" fn phx_moe_layer_reduce_gradients(
         let dtype = dtype(dtype_code)?;
         // SAFETY: NULL or valid for `count` elements (the caller's contract).
         let buf = unsafe { bytes_mut(grads, count, dtype, "grads") }?;
-        macro_rules! sum {
-            ($t:ty) => {
-                with_typed_mut::<$t>(buf, |g| layer.reduce_gradients(comm, g))
-            };
-        }
-        match dtype {
-            DType::F32 => sum!(f32),
-            DType::F64 => sum!(f64),
-            DType::F16 => sum!(f16),
-            DType::BF16 => sum!(bf16),
-            DType::I8 => sum!(i8),
-            DType::I16 => sum!(i16),
-            DType::I32 => sum!(i32),
-            DType::I64 => sum!(i64),
-            DType::U8 => sum!(u8),
-            DType::U16 => sum!(u16),
-            DType::U32 => sum!(u32),
-            DType::U64 => sum!(u64),
-        }
+        phalanx::with_dtype!(dtype, T => with_typed_mut::<T>(buf, |g| layer.reduce_gradients(comm, g)))
     })
 }
 

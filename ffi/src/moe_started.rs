@@ -7,7 +7,6 @@
 
 use std::ffi::{c_int, c_void};
 
-use half::{bf16, f16};
 use phalanx::moe::{ExpertLayer, PendingStep};
 use phalanx::{Communicator, DType, Element};
 
@@ -113,25 +112,9 @@ pub unsafe extern "C" fn phx_moe_layer_reduce_gradients_start(
         // SAFETY: NULL or readable for `count` elements (the caller's contract).
         let buf = unsafe { bytes(grads, count, dtype, "grads") }?;
         check_len(count, layer.params_len(), "grads")?;
-        macro_rules! sum {
-            ($t:ty) => {
-                step(layer.reduce_gradients_start(comm, bytemuck::pod_collect_to_vec::<u8, $t>(buf))?, count, dtype)
-            };
-        }
-        let handle = match dtype {
-            DType::F32 => sum!(f32),
-            DType::F64 => sum!(f64),
-            DType::F16 => sum!(f16),
-            DType::BF16 => sum!(bf16),
-            DType::I8 => sum!(i8),
-            DType::I16 => sum!(i16),
-            DType::I32 => sum!(i32),
-            DType::I64 => sum!(i64),
-            DType::U8 => sum!(u8),
-            DType::U16 => sum!(u16),
-            DType::U32 => sum!(u32),
-            DType::U64 => sum!(u64),
-        }?;
+        let handle = phalanx::with_dtype!(dtype, T => {
+            step(layer.reduce_gradients_start(comm, bytemuck::pod_collect_to_vec::<u8, T>(buf))?, count, dtype)
+        })?;
         // SAFETY: checked non-NULL; valid for a write (the caller's contract).
         unsafe { write_out(out, handle) };
         Ok(())

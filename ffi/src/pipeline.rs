@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::Instant;
 
 use phalanx::sched::{Action, Executed, Pass, RunError, Runner, Stage, StageError, Step};
-use phalanx::{DType, Element};
+use phalanx::Element;
 
 use crate::args::{dtype, free_handle, handle, handle_mut, out_ptr, write_out};
 use crate::comm::phx_comm;
@@ -440,20 +440,7 @@ pub unsafe extern "C" fn phx_pipeline_run(
         // SAFETY: NULL or live callbacks (the caller's contract).
         let cb = unsafe { handle(stage, "stage") }?;
         let r = &runner.inner;
-        let result = match dtype(cb.dtype)? {
-            DType::F32 => run_as::<f32>(r, comm, cb),
-            DType::F64 => run_as::<f64>(r, comm, cb),
-            DType::F16 => run_as::<half::f16>(r, comm, cb),
-            DType::BF16 => run_as::<half::bf16>(r, comm, cb),
-            DType::I8 => run_as::<i8>(r, comm, cb),
-            DType::I16 => run_as::<i16>(r, comm, cb),
-            DType::I32 => run_as::<i32>(r, comm, cb),
-            DType::I64 => run_as::<i64>(r, comm, cb),
-            DType::U8 => run_as::<u8>(r, comm, cb),
-            DType::U16 => run_as::<u16>(r, comm, cb),
-            DType::U32 => run_as::<u32>(r, comm, cb),
-            DType::U64 => run_as::<u64>(r, comm, cb),
-        }?;
+        let result = phalanx::with_dtype!(dtype(cb.dtype)?, T => run_as::<T>(r, comm, cb))?;
         match result {
             Ok(executed) => {
                 outcome.passes = executed.passes.len();

@@ -7,7 +7,6 @@
 //! `reduce_gradients` runs on the element type. Every step releases the GIL while it
 //! waits on the group.
 
-use half::{bf16, f16};
 use phalanx::moe::{Dispatch, Dispatched as CoreDispatched, ExpertLayer as CoreLayer, ExpertPlacement, Hosts};
 use phalanx::DType;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -271,25 +270,7 @@ impl ExpertLayer {
         self.comm(py).with(py, move |c| {
             // SAFETY: `a` outlives the call; nothing else holds a slice of it.
             let buf = unsafe { raw.as_mut_slice() };
-            macro_rules! sum {
-                ($t:ty) => {
-                    with_typed_mut::<$t>(buf, |g| layer.reduce_gradients(c, g))
-                };
-            }
-            match dtype {
-                DType::F32 => sum!(f32),
-                DType::F64 => sum!(f64),
-                DType::F16 => sum!(f16),
-                DType::BF16 => sum!(bf16),
-                DType::I8 => sum!(i8),
-                DType::I16 => sum!(i16),
-                DType::I32 => sum!(i32),
-                DType::I64 => sum!(i64),
-                DType::U8 => sum!(u8),
-                DType::U16 => sum!(u16),
-                DType::U32 => sum!(u32),
-                DType::U64 => sum!(u64),
-            }
+            phalanx::with_dtype!(dtype, T => with_typed_mut::<T>(buf, |g| layer.reduce_gradients(c, g)))
         })?;
         drop(a);
         Ok(())

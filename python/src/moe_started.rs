@@ -5,7 +5,6 @@
 //! into the array); `ExpertLayer.release_replicas` returns `ReleasedReplicas`
 //! (re-materialisation, `phalanx::moe::Released`).
 
-use half::{bf16, f16};
 use phalanx::moe::{ExpertLayer as CoreLayer, PendingStep, Released};
 use phalanx::{DType, Element, Error};
 use pyo3::exceptions::PyTypeError;
@@ -114,27 +113,9 @@ pub(crate) fn start(
             Kind::Materialize => by_width!(dtype.size(), T => {
                 Ok(boxed(layer.materialize_start(c, bytemuck::pod_collect_to_vec::<u8, T>(&bytes))?))
             }),
-            Kind::ReduceGradients => {
-                macro_rules! sum {
-                    ($t:ty) => {
-                        Ok(boxed(layer.reduce_gradients_start(c, bytemuck::pod_collect_to_vec::<u8, $t>(&bytes))?))
-                    };
-                }
-                match dtype {
-                    DType::F32 => sum!(f32),
-                    DType::F64 => sum!(f64),
-                    DType::F16 => sum!(f16),
-                    DType::BF16 => sum!(bf16),
-                    DType::I8 => sum!(i8),
-                    DType::I16 => sum!(i16),
-                    DType::I32 => sum!(i32),
-                    DType::I64 => sum!(i64),
-                    DType::U8 => sum!(u8),
-                    DType::U16 => sum!(u16),
-                    DType::U32 => sum!(u32),
-                    DType::U64 => sum!(u64),
-                }
-            }
+            Kind::ReduceGradients => phalanx::with_dtype!(dtype, T => {
+                Ok(boxed(layer.reduce_gradients_start(c, bytemuck::pod_collect_to_vec::<u8, T>(&bytes))?))
+            }),
         }
     })?;
     let name = match kind {
