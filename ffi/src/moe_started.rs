@@ -7,7 +7,7 @@
 
 use std::ffi::{c_int, c_void};
 
-use phalanx::moe::{ExpertLayer, PendingStep};
+use phalanx::moe::{AnyPendingStep, ExpertLayer, PendingStep};
 use phalanx::{Communicator, DType, Element};
 
 use crate::args::{
@@ -18,31 +18,13 @@ use crate::moe_layer::phx_moe_layer;
 use crate::status::{guard, invalid, null, Fail};
 use crate::typed::by_width;
 
-/// A started step as the handle sees it, whatever its element type.
-trait Step: Send {
-    /// Whether it has ended (`wait` would not block).
-    fn finished(&self) -> bool;
-    /// Its outcome and its buffer's bytes: the result, or the buffer as started on error.
-    fn wait(self: Box<Self>) -> (phalanx::Result<()>, Vec<u8>);
-}
-
-impl<T: Element> Step for PendingStep<T> {
-    fn finished(&self) -> bool {
-        self.is_finished()
-    }
-    fn wait(self: Box<Self>) -> (phalanx::Result<()>, Vec<u8>) {
-        let (result, buf) = PendingStep::wait(*self);
-        (result, bytemuck::cast_slice(&buf).to_vec())
-    }
-}
-
 /// A layer step (spAG or spRS) started by `phx_moe_layer_materialize_start`,
 /// `phx_moe_layer_reduce_gradients_start` or `phx_moe_layer_rematerialize_start`,
 /// owning a copy of its buffer. Consumed by `phx_moe_step_wait` or `phx_moe_step_free`.
 /// It may be waited on from any thread, including while its communicator runs other
 /// calls on another thread.
 pub struct phx_moe_step {
-    inner: Box<dyn Step>,
+    inner: AnyPendingStep,
     /// Elements `phx_moe_step_wait` writes.
     count: usize,
     dtype: DType,
@@ -50,7 +32,7 @@ pub struct phx_moe_step {
 
 /// Boxes a started step for C.
 fn step<T: Element>(pending: PendingStep<T>, count: usize, dtype: DType) -> Result<*mut phx_moe_step, Fail> {
-    Ok(Box::into_raw(Box::new(phx_moe_step { inner: Box::new(pending), count, dtype })))
+    Ok(Box::into_raw(Box::new(phx_moe_step { inner: pending.into(), count, dtype })))
 }
 
 /// Starts `phx_moe_layer_materialize` (spAG P → P′) on a copy of `params` (`count` =
@@ -298,7 +280,7 @@ pub unsafe extern "C" fn phx_moe_layer_rematerialize_start(
 #[no_mangle]
 pub unsafe extern "C" fn phx_moe_step_is_finished(step: *const phx_moe_step, out: *mut c_int) -> c_int {
     // SAFETY: the caller's contract, as documented.
-    unsafe { get_into(step, "step", out, |s: &phx_moe_step| c_int::from(s.inner.finished())) }
+    unsafe { get_into(step, "step", out, |s: &phx_moe_step| c_int::from(s.inner.is_finished())) }
 }
 
 /// Waits for the step and writes its `count` elements into `out_buf`: the materialised

@@ -5,7 +5,7 @@
 //! into the array); `ExpertLayer.release_replicas` returns `ReleasedReplicas`
 //! (re-materialisation, `phalanx::moe::Released`).
 
-use phalanx::moe::{ExpertLayer as CoreLayer, PendingStep, Released};
+use phalanx::moe::{AnyPendingStep, ExpertLayer as CoreLayer, PendingStep, Released};
 use phalanx::{DType, Element, Error};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -16,43 +16,24 @@ use crate::handle::{Handle, Started};
 use crate::sparse::to_numpy;
 use crate::typed::by_width;
 
-/// A started step, whatever its element type.
-trait Step: Send + 'static {
-    fn finished(&self) -> bool;
-    fn wait_bytes(self: Box<Self>) -> (phalanx::Result<()>, Vec<u8>);
-}
-
-impl<T: Element> Step for PendingStep<T> {
-    fn finished(&self) -> bool {
-        self.is_finished()
-    }
-    fn wait_bytes(self: Box<Self>) -> (phalanx::Result<()>, Vec<u8>) {
-        let (result, buf) = PendingStep::wait(*self);
-        (result, bytemuck::cast_slice(&buf).to_vec())
-    }
-}
-
-/// A boxed started step, as `Handle` runs it.
-pub(crate) struct AnyStep(Box<dyn Step>);
-
-impl Started for AnyStep {
+impl Started for AnyPendingStep {
     fn wait(self) -> (phalanx::Result<()>, Vec<u8>) {
-        self.0.wait_bytes()
+        AnyPendingStep::wait(self)
     }
     fn ended(&self) -> bool {
-        self.0.finished()
+        self.is_finished()
     }
 }
 
-fn boxed<T: Element>(p: PendingStep<T>) -> AnyStep {
-    AnyStep(Box::new(p))
+fn boxed<T: Element>(p: PendingStep<T>) -> AnyPendingStep {
+    p.into()
 }
 
 /// A layer step started by `ExpertLayer.materialize_start`, `reduce_gradients_start`
 /// or `rematerialize_start`.
 #[pyclass(frozen, module = "phalanx")]
 pub(crate) struct MoeStepHandle {
-    inner: Handle<AnyStep>,
+    inner: Handle<AnyPendingStep>,
 }
 
 #[pymethods]

@@ -74,7 +74,7 @@ mod tests;
 pub use calibrate::{calibrate, Calibration};
 pub use dispatch::{dispatch, Dispatch, Route};
 pub use layer::{Dispatched, ExpertLayer};
-pub use pending::{PendingCombine, PendingDispatch, PendingStep};
+pub use pending::{AnyPendingStep, PendingCombine, PendingDispatch, PendingStep};
 pub use placement::{place, proportional_slots, ExpertPlacement, LoadPredictor, PlaceParams, WINDOW};
 pub use policy::ReshardEvery;
 pub use remat::Released;

@@ -38,6 +38,44 @@ impl<T: Element> PendingStep<T> {
     }
 }
 
+/// A [`PendingStep`] of any element type, its buffer handed back as bytes: what the C
+/// and Python faces hold, which learn the element type only at run time.
+pub struct AnyPendingStep(Box<dyn ErasedStep>);
+
+/// [`PendingStep`] with its element type erased.
+trait ErasedStep: Send {
+    fn finished(&self) -> bool;
+    fn wait_bytes(self: Box<Self>) -> (Result<()>, Vec<u8>);
+}
+
+impl<T: Element> ErasedStep for PendingStep<T> {
+    fn finished(&self) -> bool {
+        self.is_finished()
+    }
+    fn wait_bytes(self: Box<Self>) -> (Result<()>, Vec<u8>) {
+        let (result, buf) = PendingStep::wait(*self);
+        (result, bytemuck::cast_slice(&buf).to_vec())
+    }
+}
+
+impl<T: Element> From<PendingStep<T>> for AnyPendingStep {
+    fn from(step: PendingStep<T>) -> AnyPendingStep {
+        AnyPendingStep(Box::new(step))
+    }
+}
+
+impl AnyPendingStep {
+    /// [`PendingStep::wait`], the buffer as its bytes (native endianness).
+    pub fn wait(self) -> (Result<()>, Vec<u8>) {
+        self.0.wait_bytes()
+    }
+
+    /// Whether the step has finished (`wait` would not block).
+    pub fn is_finished(&self) -> bool {
+        self.0.finished()
+    }
+}
+
 /// A dispatch started by [`ExpertLayer::dispatch_start`].
 pub struct PendingDispatch<'l, T: Element> {
     layer: &'l ExpertLayer,
