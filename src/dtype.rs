@@ -380,6 +380,42 @@ fn reduce_bytes_typed<T: Element>(op: ReduceOp, acc: &mut [u8], incoming: &[u8],
     apply_typed::<T>(acc, |acc| reduce_slice(op, acc, &inc, order));
 }
 
+/// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes (1, 2, 4 or
+/// 8), for steps that only move elements' bits (dispatch, combine, materialize); any
+/// other width is an [`Error::InvalidArgument`](crate::Error::InvalidArgument),
+/// converted into the caller's error type.
+///
+/// ```
+/// let bits = |w: usize| -> phalanx::Result<u32> { phalanx::by_width!(w, T => Ok(T::BITS)) };
+/// assert_eq!(bits(2)?, 16);
+/// assert!(bits(3).is_err());
+/// # Ok::<(), phalanx::Error>(())
+/// ```
+#[macro_export]
+macro_rules! by_width {
+    ($size:expr, $t:ident => $body:expr) => {
+        match $size {
+            1 => {
+                type $t = u8;
+                $body
+            }
+            2 => {
+                type $t = u16;
+                $body
+            }
+            4 => {
+                type $t = u32;
+                $body
+            }
+            8 => {
+                type $t = u64;
+                $body
+            }
+            other => Err($crate::Error::InvalidArgument(format!("no element type is {other} bytes wide")).into()),
+        }
+    };
+}
+
 /// Runs `$body` with `$t` bound to the Rust type of a [`DType`](crate::DType) value:
 /// one body for every element type, as the C and Python faces need for typed calls.
 ///

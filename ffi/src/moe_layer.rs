@@ -228,7 +228,7 @@ pub unsafe extern "C" fn phx_moe_layer_dispatch(
         let experts = unsafe { slice(experts, n_tokens, "experts") }?;
         let rows = by_width!(dtype.size(), T => {
             let d = layer.dispatch(comm, &typed::<T>(tokens), experts)?;
-            Ok(Rows::from(d))
+            Ok::<_, crate::status::Fail>(Rows::from(d))
         })?;
         let d = phx_moe_dispatched { rows, dtype, hidden, sent: n_tokens };
         // SAFETY: checked non-NULL; valid for a write (the caller's contract).

@@ -211,7 +211,7 @@ pub unsafe extern "C" fn phx_moe_layer_release_replicas(
                 )));
             }
             owned.copy_from_slice(kept);
-            Ok(released.freed_bytes())
+            Ok::<_, Fail>(released.freed_bytes())
         })?;
         if !freed_bytes_or_null.is_null() {
             // SAFETY: non-NULL, valid for one write (the caller's contract).

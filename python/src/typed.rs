@@ -3,31 +3,7 @@
 //! `by_width!`, which picks the unsigned integer of an element's width for steps that
 //! only move bits (dispatch, combine, materialize).
 
-/// Runs `$body` with `$t` bound to the unsigned integer of `$size` bytes.
-macro_rules! by_width {
-    ($size:expr, $t:ident => $body:expr) => {
-        match $size {
-            1 => {
-                type $t = u8;
-                $body
-            }
-            2 => {
-                type $t = u16;
-                $body
-            }
-            4 => {
-                type $t = u32;
-                $body
-            }
-            8 => {
-                type $t = u64;
-                $body
-            }
-            other => Err(phalanx::Error::InvalidArgument(format!("no element type is {other} bytes wide"))),
-        }
-    };
-}
-pub(crate) use by_width;
+pub(crate) use phalanx::by_width;
 
 pub(crate) use phalanx::dtype::typed;
 
