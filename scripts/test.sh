@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A fresh run builds everything once: incremental caches would only cost disk (they were
+# half of target/ here), and pip's wheel cache would hold torch's wheels a second time.
+# CI's disk is shared with other jobs; one run ran out of space at the pip step.
+export CARGO_INCREMENTAL=0 PIP_NO_CACHE_DIR=1
+free_disk() { echo "   (disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target/ $(du -sh target 2>/dev/null | cut -f1))"; }
+free_disk
+
 # Open MPI (Debian's openmpi-bin, libopenmpi-dev): cli/tests/bench.rs runs `phalanx bench
 # --compare mpi` against it (a few seconds). Installed here, not only in CI, so that this
 # one command runs every test on a fresh machine (apt-get needs root or sudo). torch for
@@ -51,9 +58,11 @@ echo "== python: pip install ./python[torch], pytest python/tests"
 # through pip, in a venv of its own; its cargo target directory is python/target. The
 # torch extra (CPU use; about a minute to install) runs the torch.distributed backend's
 # tests against Gloo.
+free_disk
 python3 -m venv target/py-test-venv
 target/py-test-venv/bin/python -m pip install --quiet "./python[torch]" pytest numpy
 target/py-test-venv/bin/python -m pytest python/tests -q
+free_disk
 
 echo "== python crate's Rust unit tests (DLPack capsules read by hand-built tensors)"
 # They link libpython (pyo3 without the extension-module feature): the venv's interpreter
