@@ -32,8 +32,13 @@
 //! builder's `CopyKeep` receives say. So every rank ends with the decoding of the same
 //! frames: identical bytes. A coded call takes `f32` elements and `Sum` or `Avg` only,
 //! and exchanges with disjoint send and receive ranges; frame lengths are checked
-//! against the encoded length. Raw calls forward kept frames too: the same bytes,
-//! without a copy.
+//! against the encoded length.
+//!
+//! Raw calls keep nothing: a `CopyKeep` range is sent again from the buffer, copied into
+//! fresh frames. Keeping its frames would save that copy but hold a whole segment of
+//! received frames beside the buffer until the next step has sent it (a quarter of a
+//! 64 MiB buffer with 4 ranks), which put the ring all-reduce's peak memory above 2.5×
+//! the buffer (issue 14; `docs/PERF.md`, "Peak memory").
 
 mod protocol;
 mod signal;
@@ -177,8 +182,9 @@ struct Ctx<'a> {
     /// Frames sent to / received from each peer so far in this call.
     sent: Vec<AtomicU64>,
     received: Vec<AtomicU64>,
-    /// The frames of each range received by [`Action::CopyKeep`], by the range's bytes,
-    /// in chunk order: the plan's next send of that range forwards them unchanged.
+    /// The frames of each range received by [`Action::CopyKeep`] on a coded wire, by the
+    /// range's bytes, in chunk order: the plan's next send of that range forwards them
+    /// unchanged.
     kept: Mutex<HashMap<Range<usize>, Vec<Bytes>>>,
     /// Received frames not yet written, by byte range ([`Delivery::OnSuccess`]).
     held: Mutex<Vec<(Range<usize>, Bytes)>>,
@@ -346,8 +352,10 @@ impl<'a> Ctx<'a> {
 
     /// Sends `data` chunk by chunk as plain frames (its bytes as they are).
     async fn send_plain(&self, to: Rank, data: &[u8]) -> Result<()> {
+        let link = self.link(to)?;
         for chunk in self.chunks(data.len()) {
-            self.send_frame(to, Bytes::copy_from_slice(&data[chunk])).await?;
+            let header = self.header(Self::next(&self.sent, to));
+            link.send_slice(header, &data[chunk]).await.map_err(|e| link_error(to, e))?;
         }
         Ok(())
     }
@@ -370,14 +378,16 @@ impl<'a> Ctx<'a> {
             }
             return Ok(());
         }
+        // Only coded frames are kept (see the module docs): raw bytes are in the buffer.
+        let keep = action == Action::CopyKeep && self.wire != Wire::Raw;
         let mut frames = Vec::new();
         for chunk in self.chunks(region.len()) {
             let frame = self.recv_chunk(from, &mut region[chunk], action).await?;
-            if action == Action::CopyKeep {
+            if keep {
                 frames.push(frame);
             }
         }
-        if action == Action::CopyKeep {
+        if keep {
             self.kept.lock().unwrap_or_else(|e| e.into_inner()).insert(base..base + region.len(), frames);
         }
         Ok(())
