@@ -15,7 +15,7 @@ use tokio::sync::{watch, OnceCell};
 use crate::membership::{Member, PeerId, View};
 use crate::transport::demux::{Demux, LinkCounters, OpKey, OpLink};
 use crate::transport::endpoint::Endpoint;
-use crate::transport::{Frame, Link, LinkError};
+use crate::transport::{Frame, Header, Link, LinkError};
 
 /// The hello that opens a data link: this prefix, then the connector's id (8 bytes LE).
 pub(crate) const DATA_HELLO: &[u8] = b"phalanx-data/1:";
@@ -234,6 +234,10 @@ impl LazyOpLink {
 impl Link for LazyOpLink {
     async fn send(&self, frame: Frame) -> Result<(), LinkError> {
         self.op().await?.send(frame).await
+    }
+
+    async fn send_slice(&self, header: Header, payload: &[u8]) -> Result<(), LinkError> {
+        self.op().await?.send_slice(header, payload).await
     }
 
     async fn recv(&self) -> Result<Frame, LinkError> {

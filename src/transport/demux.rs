@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Frame, Link, LinkError};
+use super::{Frame, Header, Link, LinkError};
 
 /// Which collective a frame belongs to: `(epoch, seq)`.
 pub type OpKey = (u64, u64);
@@ -347,6 +347,14 @@ impl Link for OpLink {
         let result = self.demux.link.send(frame).await;
         if result.is_ok() {
             self.demux.shared.counters.sent(payload);
+        }
+        result
+    }
+
+    async fn send_slice(&self, header: Header, payload: &[u8]) -> Result<(), LinkError> {
+        let result = self.demux.link.send_slice(header, payload).await;
+        if result.is_ok() {
+            self.demux.shared.counters.sent(payload.len() as u64);
         }
         result
     }

@@ -66,9 +66,14 @@ pub(crate) const PREFIX_LEN: usize = Header::LEN + 8;
 
 /// The stream prefix of `frame` (see [`PREFIX_LEN`]).
 pub(crate) fn encode_prefix(frame: &Frame) -> [u8; PREFIX_LEN] {
+    prefix_of(&frame.header, frame.payload.len())
+}
+
+/// The stream prefix of a frame of `header` and a payload of `len` bytes.
+pub(crate) fn prefix_of(header: &Header, len: usize) -> [u8; PREFIX_LEN] {
     let mut prefix = [0u8; PREFIX_LEN];
-    prefix[..Header::LEN].copy_from_slice(&frame.header.encode());
-    prefix[Header::LEN..].copy_from_slice(&(frame.payload.len() as u64).to_le_bytes());
+    prefix[..Header::LEN].copy_from_slice(&header.encode());
+    prefix[Header::LEN..].copy_from_slice(&(len as u64).to_le_bytes());
     prefix
 }
 
@@ -130,6 +135,14 @@ pub enum LinkError {
 pub trait Link: Send + Sync {
     /// Queues `frame` for the peer, waiting while the link's buffer is full.
     async fn send(&self, frame: Frame) -> Result<(), LinkError>;
+    /// Sends a frame of `header` and a copy of `payload`, as [`Link::send`] does. A link
+    /// that copies frames into a buffer of its own (shared memory) copies straight from
+    /// `payload`, saving the frame's allocation and one copy; the others (this default)
+    /// copy it into a frame first. Cancel-safe like `send`: a cancelled call has handed
+    /// over the whole frame or none of it.
+    async fn send_slice(&self, header: Header, payload: &[u8]) -> Result<(), LinkError> {
+        self.send(Frame { header, payload: Bytes::copy_from_slice(payload) }).await
+    }
     /// Waits for the peer's next frame.
     async fn recv(&self) -> Result<Frame, LinkError>;
     /// Closes the link: the peer's pending and future calls fail with `Closed`.

@@ -6,12 +6,13 @@
 use bytes::Bytes;
 
 use super::ring::{Corrupt, RingReader, RingWriter};
-use crate::transport::{decode_prefix, encode_prefix, Frame, Header, LinkError, PREFIX_LEN};
+use crate::transport::{decode_prefix, encode_prefix, prefix_of, Frame, Header, LinkError, PREFIX_LEN};
 
-/// A frame being written into a ring.
-pub(crate) struct OutFrame {
+/// A frame being written into a ring: its payload owned ([`Bytes`], the default) or
+/// borrowed from the caller (`&[u8]`, see `Link::send_slice`).
+pub(crate) struct OutFrame<P = Bytes> {
     prefix: [u8; PREFIX_LEN],
-    payload: Bytes,
+    payload: P,
     /// Bytes of prefix and payload in the ring so far.
     pos: usize,
 }
@@ -19,6 +20,26 @@ pub(crate) struct OutFrame {
 impl OutFrame {
     pub(crate) fn new(frame: Frame) -> OutFrame {
         OutFrame { prefix: encode_prefix(&frame), payload: frame.payload, pos: 0 }
+    }
+}
+
+impl<'a> OutFrame<&'a [u8]> {
+    /// A frame whose payload is read from `payload` as it is written.
+    pub(crate) fn borrowed(header: &Header, payload: &'a [u8]) -> OutFrame<&'a [u8]> {
+        OutFrame { prefix: prefix_of(header, payload.len()), payload, pos: 0 }
+    }
+
+    /// The same frame, written as far as it is, with its payload copied: for a writer
+    /// that cannot finish it while the caller's bytes are lent.
+    pub(crate) fn into_owned(self) -> OutFrame {
+        OutFrame { prefix: self.prefix, payload: Bytes::copy_from_slice(self.payload), pos: self.pos }
+    }
+}
+
+impl<P: AsRef<[u8]>> OutFrame<P> {
+    /// Whether none of the frame is in the ring yet.
+    pub(crate) fn is_unstarted(&self) -> bool {
+        self.pos == 0
     }
 
     /// Writes as much of the rest of the frame as fits and publishes it. Returns the
@@ -29,10 +50,10 @@ impl OutFrame {
             self.pos += ring.write(&self.prefix[self.pos..], &mut pending)?;
         }
         if self.pos >= PREFIX_LEN {
-            self.pos += ring.write(&self.payload[self.pos - PREFIX_LEN..], &mut pending)?;
+            self.pos += ring.write(&self.payload.as_ref()[self.pos - PREFIX_LEN..], &mut pending)?;
         }
         ring.publish(pending);
-        Ok((pending, self.pos == PREFIX_LEN + self.payload.len()))
+        Ok((pending, self.pos == PREFIX_LEN + self.payload.as_ref().len()))
     }
 }
 

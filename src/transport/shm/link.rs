@@ -40,6 +40,8 @@ const WAIT: Duration = Duration::from_millis(200);
 struct Tx {
     ring: RingWriter,
     pending: Option<OutFrame>,
+    /// A `send_slice` is copying a frame from its caller's bytes (see [`Lent`]).
+    lent: bool,
 }
 
 /// The receiving side: the ring and the frame read so far.
@@ -60,8 +62,13 @@ pub(crate) struct Shared {
     closed: watch::Sender<bool>,
     tx: Mutex<Tx>,
     rx: Mutex<Rx>,
-    /// Bumped (and woken) when `send` leaves a frame to the writer thread, and on close.
+    /// Bumped (and woken) when `send` leaves a frame to the writer thread, when
+    /// `send_slice` waits for room, and on close.
     tx_asked: AtomicU32,
+    /// Set by `send_slice` when it waits for room in the ring.
+    tx_wanted: AtomicBool,
+    /// The writer thread saw room (or the end of the link) that `send_slice` waits for.
+    tx_room: Notify,
     /// Set by `recv` when it waits for the peer; bumped (and woken) with it, and on close.
     rx_wanted: AtomicBool,
     rx_asked: AtomicU32,
@@ -109,6 +116,7 @@ impl Shared {
         futex::bump_and_wake(&self.tx_asked);
         futex::bump_and_wake(&self.rx_asked);
         self.tx_done.notify_waiters();
+        self.tx_room.notify_one();
         self.rx_ready.notify_one();
     }
 
@@ -126,7 +134,7 @@ impl Shared {
     }
 
     /// Writes as much of `out` as fits; `Ok(true)` once it is all in the ring.
-    fn write(&self, tx: &mut Tx, out: &mut OutFrame) -> Result<bool, LinkError> {
+    fn write<P: AsRef<[u8]>>(&self, tx: &mut Tx, out: &mut OutFrame<P>) -> Result<bool, LinkError> {
         out.write_to(&mut tx.ring).map(|(_, done)| done).map_err(|corrupt| {
             let why = format!("shared-memory ring corrupt: {}", corrupt.0);
             self.fail(why.clone());
@@ -160,6 +168,35 @@ impl Shared {
                     self.fail(format!("the peer broke the shared-memory link: {e}"));
                     return Err(e);
                 }
+            }
+        }
+    }
+}
+
+/// A `send_slice` holding the ring's write end while it copies from its caller's bytes.
+/// Dropped with part of the frame written (the call was cancelled), it hands the rest,
+/// copied, to the writer thread: the frame is then sent whole, as `send` would have, and
+/// the ring never holds a torn frame. Dropped otherwise, it lets the next sender go.
+struct Lent<'a> {
+    shared: &'a Shared,
+    /// The frame while it is not all in the ring; `None` once done (or failed).
+    out: Option<OutFrame<&'a [u8]>>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let shared = self.shared;
+        let mut tx = lock(&shared.tx);
+        tx.lent = false;
+        match self.out.take() {
+            Some(out) if !out.is_unstarted() => {
+                tx.pending = Some(out.into_owned());
+                drop(tx);
+                futex::bump_and_wake(&shared.tx_asked);
+            }
+            _ => {
+                drop(tx);
+                shared.tx_done.notify_waiters();
             }
         }
     }
@@ -206,9 +243,11 @@ impl ShmLink {
             closed_here: AtomicBool::new(false),
             failed: Mutex::new(None),
             closed: watch::channel(false).0,
-            tx: Mutex::new(Tx { ring: ends(&map, out_index).0, pending: None }),
+            tx: Mutex::new(Tx { ring: ends(&map, out_index).0, pending: None, lent: false }),
             rx: Mutex::new(Rx { ring: ends(&map, in_index).1, frame: InFrame::new(max_frame_bytes) }),
             tx_asked: AtomicU32::new(0),
+            tx_wanted: AtomicBool::new(false),
+            tx_room: Notify::new(),
             rx_wanted: AtomicBool::new(false),
             rx_asked: AtomicU32::new(0),
             tx_done: Notify::new(),
@@ -256,7 +295,7 @@ impl Link for ShmLink {
             done.as_mut().enable();
             {
                 let mut tx = lock(&shared.tx);
-                if tx.pending.is_none() {
+                if tx.pending.is_none() && !tx.lent {
                     // Cancel-safe from here on: nothing below awaits.
                     let mut out = OutFrame::new(frame);
                     if !shared.write(&mut tx, &mut out)? {
@@ -267,9 +306,70 @@ impl Link for ShmLink {
                     return Ok(());
                 }
             }
-            // The writer thread still copies the previous frame: wait for it.
+            // The writer thread or a `send_slice` still copies the previous frame.
             tokio::select! {
                 _ = &mut done => {}
+                _ = closed.changed() => {}
+            }
+        }
+    }
+
+    /// Copies the payload straight from `payload` into the ring, on this task: no frame
+    /// allocated, one copy fewer than `send` after a copy into a frame. When the ring is
+    /// full it asks the writer thread to wake it once there is room, and goes on.
+    async fn send_slice(&self, header: Header, payload: &[u8]) -> Result<(), LinkError> {
+        let len = Header::LEN.saturating_add(payload.len());
+        if len > self.max_frame_bytes {
+            return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
+        }
+        let shared = &*self.shared;
+        let mut closed = shared.closed.subscribe();
+        let mut lent = loop {
+            if let Some(e) = shared.closed_error() {
+                return Err(e);
+            }
+            let done = shared.tx_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut tx = lock(&shared.tx);
+                if tx.pending.is_none() && !tx.lent {
+                    tx.lent = true;
+                    break Lent { shared, out: Some(OutFrame::borrowed(&header, payload)) };
+                }
+            }
+            tokio::select! {
+                _ = &mut done => {}
+                _ = closed.changed() => {}
+            }
+        };
+        loop {
+            // Registered before writing, so the writer thread's notice is not missed.
+            let room = shared.tx_room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let Some(out) = lent.out.as_mut() else { return Ok(()) };
+            let written = shared.write(&mut lock(&shared.tx), out);
+            match written {
+                Ok(false) => {}
+                Ok(true) => {
+                    lent.out = None;
+                    return Ok(());
+                }
+                Err(e) => {
+                    lent.out = None;
+                    return Err(e);
+                }
+            }
+            if let Some(e) = shared.closed_error() {
+                // The link is closed: nothing more is written or read on it.
+                lent.out = None;
+                return Err(e);
+            }
+            shared.tx_wanted.store(true, Ordering::SeqCst);
+            futex::bump_and_wake(&shared.tx_asked);
+            tokio::select! {
+                _ = &mut room => {}
                 _ = closed.changed() => {}
             }
         }
@@ -328,6 +428,17 @@ fn write_loop(shared: &Shared, outgoing: RingWatch) {
         let tx = &mut *guard;
         let Some(mut out) = tx.pending.take() else {
             drop(guard);
+            if shared.tx_wanted.load(Ordering::SeqCst) {
+                // A `send_slice` waits for room: wake it once a useful amount is free
+                // (an eighth of the ring, so it is not woken for every few bytes).
+                if outgoing.has_room(outgoing.capacity() / 8) || shared.peer_stopped().is_some() {
+                    shared.tx_wanted.store(false, Ordering::SeqCst);
+                    shared.tx_room.notify_one();
+                } else {
+                    outgoing.wait_for_room(room, WAIT);
+                }
+                continue;
+            }
             futex::wait(&shared.tx_asked, asked, WAIT);
             continue;
         };
@@ -397,6 +508,42 @@ mod tests {
     fn conformance_ordered_both_ways() {
         let (a, b) = heap_pair(64 << 10, 8 << 20);
         rt().block_on(conformance::ordered_both_ways(&a, &b, 1 << 20));
+    }
+
+    #[test]
+    fn a_cancelled_send_slice_still_sends_its_frame_whole() {
+        let (a, b) = heap_pair(64 << 10, 8 << 20);
+        rt().block_on(async {
+            // Larger than the ring: the call waits for room once part of it is written.
+            let big = frame(1, 200 << 10);
+            let cancelled =
+                tokio::time::timeout(Duration::from_millis(50), a.send_slice(big.header, &big.payload)).await;
+            assert!(cancelled.is_err(), "the ring cannot hold the frame before the peer reads");
+            let small = frame(2, 10);
+            let send = async { a.send_slice(small.header, &small.payload).await.unwrap() };
+            let recv = async { (b.recv().await.unwrap(), b.recv().await.unwrap()) };
+            let ((), got) =
+                tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(send, recv) }).await.unwrap();
+            assert_eq!(got, (big, small));
+        });
+    }
+
+    #[test]
+    fn a_send_slice_waiting_for_room_fails_when_the_peer_closes() {
+        let (a, b) = heap_pair(64 << 10, 8 << 20);
+        rt().block_on(async {
+            let big = frame(1, 200 << 10);
+            let closer = async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                b.close();
+            };
+            let (sent, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(a.send_slice(big.header, &big.payload), closer)
+            })
+            .await
+            .expect("a send_slice waiting for room must end when the peer closes");
+            assert!(matches!(sent, Err(LinkError::Closed(_))), "{sent:?}");
+        });
     }
 
     #[test]

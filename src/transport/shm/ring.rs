@@ -259,6 +259,19 @@ impl RingWatch {
         self.mem.ctl().consumed.load(Ordering::Acquire)
     }
 
+    /// Whether at least `bytes` of the ring are free for the writer (a corrupt index
+    /// counts as room: the writer then finds the corruption itself).
+    pub(crate) fn has_room(&self, bytes: usize) -> bool {
+        let ctl = self.mem.ctl();
+        let used = ctl.write.load(Ordering::Acquire).wrapping_sub(ctl.read.load(Ordering::Acquire));
+        used > self.mem.cap as u64 || self.mem.cap - used as usize >= bytes
+    }
+
+    /// The ring's size in bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        self.mem.cap
+    }
+
     /// Sleeps until the reader makes room (or `timeout`), unless the word moved past `seen`.
     pub(crate) fn wait_for_room(&self, seen: u32, timeout: Duration) {
         futex::wait(&self.mem.ctl().consumed, seen, timeout);
