@@ -33,12 +33,14 @@
 //! - **No spinning, no blocked runtime**: waits are futex waits with a bounded timeout
 //!   on two threads per link ([`link`]), never on the async runtime's workers.
 //!
-//! Frames are copied twice: into the ring by the sender, out of it by the receiver
-//! (into a buffer the executor reduces from), where QUIC copies, encrypts and passes
-//! them through the kernel. Reducing straight out of the peer's ring would save the
-//! second copy but pins ring space for as long as the executor holds a frame, which
-//! the demultiplexer's per-collective queues can make long enough to stall the
-//! sender; not done.
+//! A frame's bytes are copied twice: into the ring by the sender, straight from the
+//! caller's buffer when the executor sends them (`Link::send_slice`), and out of it by
+//! the receiver, into a buffer the executor reduces from; a large frame's buffer comes
+//! back to the link when the frame is dropped, so it is not a fresh mapping that faults
+//! in page by page. QUIC copies, encrypts and passes them through the kernel.
+//! Reducing straight out of the peer's ring would save the second copy but pins ring
+//! space for as long as the executor holds a frame, which the demultiplexer's
+//! per-collective queues can make long enough to stall the sender; not done.
 //!
 //! Caveats: a peer on the same host must be trusted with the memory it shares (it
 //! authenticated as a member over the network link first); a peer that shrank the
