@@ -7,6 +7,7 @@
 //! passes the same [`conformance`] tests.
 
 pub(crate) mod auth;
+pub(crate) mod buffers;
 pub mod conformance;
 pub(crate) mod demux;
 pub mod endpoint;

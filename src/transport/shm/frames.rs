@@ -3,11 +3,12 @@
 //! (up to the receiver's limit) crosses a ring of any size, and only a whole frame is
 //! ever handed on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::ring::{Corrupt, RingReader, RingWriter};
+use crate::transport::buffers::BufferPool;
 use crate::transport::{decode_prefix, encode_prefix, prefix_of, Frame, Header, LinkError, PREFIX_LEN};
 
 /// A frame being written into a ring: its payload owned ([`Bytes`], the default) or
@@ -59,64 +60,8 @@ impl<P: AsRef<[u8]>> OutFrame<P> {
     }
 }
 
-/// Payloads of at least this many bytes are read into buffers that come back to the link
-/// when their frame is dropped ([`Buffers`]); smaller ones come from the allocator.
-const POOLED_BYTES: usize = 64 << 10;
-
-/// How many free buffers a link keeps for its large payloads.
+/// How many free receive buffers a link keeps.
 const POOL_BUFFERS: usize = 4;
-
-/// Receive buffers that a link's large frames give back when they are dropped. A fresh
-/// allocation of a large payload is a fresh mapping, with a page fault per page on its
-/// first write: in `perf`, about a tenth of a shared-memory all-reduce's CPU went to
-/// such faults. A frame someone holds keeps its buffer; the pool only gets back what is
-/// let go, and keeps at most [`POOL_BUFFERS`] of them.
-#[derive(Default)]
-struct Buffers {
-    free: Mutex<Vec<Vec<u8>>>,
-}
-
-impl Buffers {
-    /// An empty buffer with room for `len` bytes: a free one that is large enough, or a
-    /// new one (a free one that is too small is let go, so the pool follows the sizes).
-    fn take(&self, len: usize) -> Vec<u8> {
-        if len >= POOLED_BYTES {
-            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(mut buf) = free.pop() {
-                if buf.capacity() >= len {
-                    buf.clear();
-                    return buf;
-                }
-            }
-        }
-        Vec::with_capacity(len)
-    }
-
-    fn give(&self, buf: Vec<u8>) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < POOL_BUFFERS {
-            free.push(buf);
-        }
-    }
-}
-
-/// A payload read into a buffer of [`Buffers`], given back when its last `Bytes` drops.
-struct Pooled {
-    buf: Vec<u8>,
-    pool: Arc<Buffers>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        self.pool.give(std::mem::take(&mut self.buf));
-    }
-}
 
 /// A frame being read out of a ring.
 pub(crate) struct InFrame {
@@ -127,13 +72,20 @@ pub(crate) struct InFrame {
     /// (in a buffer of that capacity).
     body: Option<(Header, usize, Vec<u8>)>,
     max_frame_bytes: usize,
-    buffers: Arc<Buffers>,
+    /// Large payloads are read into its buffers (see [`BufferPool`]).
+    buffers: Arc<BufferPool>,
 }
 
 impl InFrame {
     /// Reads frames of at most `max_frame_bytes` (header included).
     pub(crate) fn new(max_frame_bytes: usize) -> InFrame {
-        InFrame { prefix: [0; PREFIX_LEN], have: 0, body: None, max_frame_bytes, buffers: Arc::default() }
+        InFrame {
+            prefix: [0; PREFIX_LEN],
+            have: 0,
+            body: None,
+            max_frame_bytes,
+            buffers: BufferPool::new(POOL_BUFFERS),
+        }
     }
 
     /// Whether part of a frame has been read.
@@ -166,12 +118,7 @@ impl InFrame {
             }
             let (header, _, payload) = self.body.take().ok_or_else(|| LinkError::Malformed("frame body".into()))?;
             self.have = 0;
-            let payload = if payload.len() >= POOLED_BYTES {
-                Bytes::from_owner(Pooled { buf: payload, pool: self.buffers.clone() })
-            } else {
-                Bytes::from(payload)
-            };
-            Ok(Some(Frame { header, payload }))
+            Ok(Some(Frame { header, payload: self.buffers.bytes(payload) }))
         })();
         ring.consume(pending);
         result.map(|frame| (pending, frame))

@@ -3,10 +3,13 @@
 //! are (plaintext TCP); `sealed` seals each in AEAD records (TLS).
 
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::transport::buffers::BufferPool;
 use crate::transport::{decode_prefix, encode_prefix, Frame, LinkError, PREFIX_LEN};
 
 /// The reader asks the socket for at least this much at a time.
@@ -14,11 +17,15 @@ pub(super) const READ_CHUNK: usize = 256 << 10;
 /// Payloads up to this size are read into the shared read buffer and sliced out of it;
 /// larger ones get a buffer of their own that the socket fills directly.
 pub(super) const SMALL_PAYLOAD: usize = 64 << 10;
+/// How many free buffers a reader keeps for the large payloads it receives (see
+/// [`BufferPool`]).
+const RECV_POOL: usize = 4;
 
 /// Writes whole frames on one connection.
 pub(super) trait FrameWriter: Send + 'static {
-    /// Writes `frame` and flushes it.
-    fn write_frame(&mut self, frame: Frame) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Writes `frame` and flushes it. Returns the payload's buffer where this writer
+    /// ended up its only holder, for reuse.
+    fn write_frame(&mut self, frame: Frame) -> impl Future<Output = std::io::Result<Option<BytesMut>>> + Send;
 }
 
 /// Reads whole frames from one connection.
@@ -31,11 +38,12 @@ pub(super) trait FrameReader: Send + 'static {
 pub(super) struct StreamWriter<W>(pub(super) W);
 
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
-    async fn write_frame(&mut self, frame: Frame) -> std::io::Result<()> {
+    async fn write_frame(&mut self, frame: Frame) -> std::io::Result<Option<BytesMut>> {
         let prefix = encode_prefix(&frame);
-        let mut bytes = Buf::chain(&prefix[..], frame.payload);
+        let mut bytes = Buf::chain(&prefix[..], &frame.payload[..]);
         self.0.write_all_buf(&mut bytes).await?;
-        self.0.flush().await
+        self.0.flush().await?;
+        Ok(frame.payload.try_into_mut().ok())
     }
 }
 
@@ -43,11 +51,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
 pub(super) struct StreamReader<R> {
     read: R,
     buf: BytesMut,
+    pool: Arc<BufferPool>,
 }
 
 impl<R> StreamReader<R> {
     pub(super) fn new(read: R) -> StreamReader<R> {
-        StreamReader { read, buf: BytesMut::with_capacity(READ_CHUNK) }
+        StreamReader { read, buf: BytesMut::with_capacity(READ_CHUNK), pool: BufferPool::new(RECV_POOL) }
     }
 }
 
@@ -57,8 +66,8 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for StreamReader<R> {
         fill(read, buf, PREFIX_LEN).await?;
         let prefix = buf.split_to(PREFIX_LEN);
         let (header, len) = decode_prefix(&prefix, max_frame_bytes)?;
-        let payload = read_exactly(read, buf, len).await.map_err(mid_frame)?;
-        Ok(Frame { header, payload: payload.freeze() })
+        let payload = read_exactly(read, buf, len, &self.pool).await.map_err(mid_frame)?;
+        Ok(Frame { header, payload: payload.into_bytes(&self.pool) })
     }
 }
 
@@ -82,19 +91,73 @@ pub(super) async fn fill<R: AsyncRead + Unpin>(read: &mut R, buf: &mut BytesMut,
     Ok(())
 }
 
+/// Bytes read from the connection by [`read_exactly`]: sliced out of the read buffer,
+/// or a large payload in a buffer of its own from the reader's pool.
+#[derive(Clone, Debug)]
+pub(super) enum Chunk {
+    Sliced(BytesMut),
+    Own(Vec<u8>),
+}
+
+impl Chunk {
+    /// Keeps the first `len` bytes.
+    pub(super) fn truncate(&mut self, len: usize) {
+        match self {
+            Chunk::Sliced(b) => b.truncate(len),
+            Chunk::Own(v) => v.truncate(len),
+        }
+    }
+
+    /// The bytes as a frame payload: an own buffer goes back to `pool` when dropped.
+    pub(super) fn into_bytes(self, pool: &Arc<BufferPool>) -> Bytes {
+        match self {
+            Chunk::Sliced(b) => b.freeze(),
+            Chunk::Own(v) => pool.bytes(v),
+        }
+    }
+
+    /// The bytes as a buffer to cut further (no copy).
+    pub(super) fn into_bytes_mut(self) -> BytesMut {
+        match self {
+            Chunk::Sliced(b) => b,
+            Chunk::Own(v) => BytesMut::from(Bytes::from(v)),
+        }
+    }
+}
+
+impl Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Sliced(b) => b,
+            Chunk::Own(v) => v,
+        }
+    }
+}
+
+impl DerefMut for Chunk {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Chunk::Sliced(b) => b,
+            Chunk::Own(v) => v,
+        }
+    }
+}
+
 /// The next `len` bytes of the connection (after what `buf` holds). Small ones are sliced
-/// out of `buf`; a large one is read straight into a buffer of its own, so that each
-/// byte is copied once from the kernel.
+/// out of `buf`; a large one is read straight into a buffer of its own from `pool`, so
+/// that each byte is copied once from the kernel, into memory already mapped.
 pub(super) async fn read_exactly<R: AsyncRead + Unpin>(
     read: &mut R,
     buf: &mut BytesMut,
     len: usize,
-) -> Result<BytesMut, LinkError> {
+    pool: &BufferPool,
+) -> Result<Chunk, LinkError> {
     if buf.len() >= len || len <= SMALL_PAYLOAD {
         fill(read, buf, len).await?;
-        return Ok(buf.split_to(len));
+        return Ok(Chunk::Sliced(buf.split_to(len)));
     }
-    let mut out = BytesMut::with_capacity(len);
+    let mut out = pool.take(len);
     out.extend_from_slice(&buf.split());
     let mut rest = (&mut *read).take((len - out.len()) as u64);
     while out.len() < len {
@@ -104,7 +167,7 @@ pub(super) async fn read_exactly<R: AsyncRead + Unpin>(
             Err(e) => return Err(lost(e)),
         }
     }
-    Ok(out)
+    Ok(Chunk::Own(out))
 }
 
 /// The connection ended inside a frame: TCP delivers everything that was sent, so the

@@ -7,12 +7,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
 use super::frames::{FrameReader, FrameWriter, StreamReader, StreamWriter};
 use super::TcpSecurity;
+use crate::transport::buffers::BufferPool;
 use crate::transport::{Frame, Header, Link, LinkError};
+
+/// How many free buffers a link keeps for the chunks `send_slice` copies.
+pub(super) const SEND_POOL: usize = 4;
 
 /// What the two tasks and the link share: whether the link is down, and why.
 struct Down {
@@ -46,6 +51,8 @@ impl Down {
 /// and `recv` are cancel-safe: a cancelled call has handed over a whole frame or none.
 pub struct TcpLink {
     sender: mpsc::Sender<Frame>,
+    /// The buffers `send_slice` copies into, given back by the writer task.
+    pub(super) send_buffers: Arc<BufferPool>,
     receiver: tokio::sync::Mutex<mpsc::Receiver<Result<Frame, LinkError>>>,
     down: Arc<Down>,
     max_frame_bytes: usize,
@@ -95,9 +102,18 @@ impl TcpLink {
         });
         let (frame_tx, frame_rx) = mpsc::channel(1);
         let (got_tx, got_rx) = mpsc::channel(1);
-        tokio::spawn(write_loop(write, frame_rx, down.clone()));
+        let send_buffers = BufferPool::new(SEND_POOL);
+        tokio::spawn(write_loop(write, frame_rx, send_buffers.clone(), down.clone()));
         tokio::spawn(read_loop(read, got_tx, max_frame_bytes, down.clone()));
-        TcpLink { sender: frame_tx, receiver: tokio::sync::Mutex::new(got_rx), down, max_frame_bytes, peer, security }
+        TcpLink {
+            sender: frame_tx,
+            send_buffers,
+            receiver: tokio::sync::Mutex::new(got_rx),
+            down,
+            max_frame_bytes,
+            peer,
+            security,
+        }
     }
 
     /// The peer's address.
@@ -129,6 +145,14 @@ impl Link for TcpLink {
         }
         // Cancel-safe: a cancelled `send` queues nothing. Fails once the writer is gone.
         self.sender.send(frame).await.map_err(|_| self.down.error())
+    }
+
+    /// Copies `payload` into a buffer the writer task gives back once the frame is on the
+    /// socket (see [`BufferPool`]): the copy `send` needs, without a fresh mapping each time.
+    async fn send_slice(&self, header: Header, payload: &[u8]) -> Result<(), LinkError> {
+        let mut buf = self.send_buffers.take(payload.len());
+        buf.extend_from_slice(payload);
+        self.send(Frame { header, payload: Bytes::from(buf) }).await
     }
 
     async fn recv(&self) -> Result<Frame, LinkError> {
@@ -164,8 +188,14 @@ impl Link for TcpLink {
     }
 }
 
-/// Writes frames until the link goes down; then drops its half of the connection.
-async fn write_loop(mut write: impl FrameWriter, mut frames: mpsc::Receiver<Frame>, down: Arc<Down>) {
+/// Writes frames until the link goes down; then drops its half of the connection. The
+/// payload buffers it ends up holding alone go back to `buffers`.
+async fn write_loop(
+    mut write: impl FrameWriter,
+    mut frames: mpsc::Receiver<Frame>,
+    buffers: Arc<BufferPool>,
+    down: Arc<Down>,
+) {
     let mut stop = down.flag.subscribe();
     loop {
         let frame = tokio::select! {
@@ -181,9 +211,17 @@ async fn write_loop(mut write: impl FrameWriter, mut frames: mpsc::Receiver<Fram
             r = write.write_frame(frame) => r,
             _ = stop.wait_for(|d| *d) => return,
         };
-        if let Err(e) = written {
-            down.fail(format!("connection lost while sending: {e}"));
-            return;
+        match written {
+            Ok(Some(mut used)) => {
+                // Emptied first: the conversion to a `Vec` moves what is left to its front.
+                used.clear();
+                buffers.give(used.into());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                down.fail(format!("connection lost while sending: {e}"));
+                return;
+            }
         }
     }
 }

@@ -16,13 +16,16 @@
 //! no longer matches) and takes the link down. A frame is one record when its payload
 //! is small (prefix and payload together), else two (the prefix, then the payload).
 
-use bytes::{Buf, Bytes, BytesMut};
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::frames::{fill, mid_frame, read_exactly, FrameReader, FrameWriter, SMALL_PAYLOAD};
+use super::frames::{fill, mid_frame, read_exactly, Chunk, FrameReader, FrameWriter, SMALL_PAYLOAD};
 use super::TcpError;
+use crate::transport::buffers::BufferPool;
 use crate::transport::{decode_prefix, encode_prefix, Frame, LinkError, PREFIX_LEN};
 
 /// The AEAD tag after each record's ciphertext.
@@ -91,7 +94,7 @@ impl Sealer {
 impl Opener {
     /// Opens `record` (ciphertext and tag, after the length prefix `head`) in place and
     /// cuts it to its plaintext.
-    pub(super) fn open(&mut self, head: [u8; HEAD_LEN], record: &mut BytesMut) -> Result<(), LinkError> {
+    pub(super) fn open(&mut self, head: [u8; HEAD_LEN], record: &mut Chunk) -> Result<(), LinkError> {
         let nonce = self.0.nonce().map_err(|e| LinkError::Closed(e.into()))?;
         let plain = self.0.key.open_in_place(nonce, Aad::from(head), record).map_err(|_| {
             LinkError::Closed(
@@ -133,13 +136,14 @@ impl<W: AsyncWrite + Unpin + Send + 'static> SealedWriter<W> {
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for SealedWriter<W> {
-    async fn write_frame(&mut self, frame: Frame) -> std::io::Result<()> {
+    async fn write_frame(&mut self, frame: Frame) -> std::io::Result<Option<BytesMut>> {
         let prefix = encode_prefix(&frame);
-        if frame.payload.len() <= SMALL_PAYLOAD {
+        let used = if frame.payload.len() <= SMALL_PAYLOAD {
             let mut one = Vec::with_capacity(PREFIX_LEN + frame.payload.len());
             one.extend_from_slice(&prefix);
             one.extend_from_slice(&frame.payload);
             self.record(&mut one).await?;
+            None
         } else {
             let mut prefix = prefix;
             self.record(&mut prefix).await?;
@@ -147,8 +151,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for SealedWriter<W> {
             // one is copied first (the copy rustls would make).
             let mut payload = frame.payload.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
             self.record(&mut payload).await?;
-        }
-        self.write.flush().await
+            Some(payload)
+        };
+        self.write.flush().await?;
+        Ok(used)
     }
 }
 
@@ -157,15 +163,16 @@ pub(super) struct SealedReader<R> {
     read: R,
     opener: Opener,
     buf: BytesMut,
+    pool: Arc<BufferPool>,
 }
 
 impl<R: AsyncRead + Unpin + Send + 'static> SealedReader<R> {
     pub(super) fn new(read: R, opener: Opener) -> SealedReader<R> {
-        SealedReader { read, opener, buf: BytesMut::with_capacity(super::frames::READ_CHUNK) }
+        SealedReader { read, opener, buf: BytesMut::with_capacity(super::frames::READ_CHUNK), pool: BufferPool::new(4) }
     }
 
     /// Reads and opens the next record of at most `max` plaintext bytes.
-    pub(super) async fn record(&mut self, max: usize) -> Result<BytesMut, LinkError> {
+    pub(super) async fn record(&mut self, max: usize) -> Result<Chunk, LinkError> {
         fill(&mut self.read, &mut self.buf, HEAD_LEN).await?;
         let mut head = [0u8; HEAD_LEN];
         head.copy_from_slice(&self.buf.split_to(HEAD_LEN));
@@ -173,7 +180,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> SealedReader<R> {
         if !(TAG_LEN..=max.saturating_add(TAG_LEN)).contains(&len) {
             return Err(LinkError::Closed(format!("a record of {len} bytes (at most {} here)", max + TAG_LEN)));
         }
-        let mut record = read_exactly(&mut self.read, &mut self.buf, len).await.map_err(mid_frame)?;
+        let mut record = read_exactly(&mut self.read, &mut self.buf, len, &self.pool).await.map_err(mid_frame)?;
         self.opener.open(head, &mut record)?;
         Ok(record)
     }
@@ -181,17 +188,21 @@ impl<R: AsyncRead + Unpin + Send + 'static> SealedReader<R> {
 
 impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for SealedReader<R> {
     async fn read_frame(&mut self, max_frame_bytes: usize) -> Result<Frame, LinkError> {
-        let mut first = self.record(PREFIX_LEN + SMALL_PAYLOAD).await?;
+        let mut first = self.record(PREFIX_LEN + SMALL_PAYLOAD).await?.into_bytes_mut();
         if first.len() < PREFIX_LEN {
             return Err(LinkError::Closed(format!("a record of {} bytes where a frame begins", first.len())));
         }
         let prefix = first.split_to(PREFIX_LEN);
         let (header, len) = decode_prefix(&prefix, max_frame_bytes)?;
-        let payload = if !first.is_empty() || len == 0 { first } else { self.record(len).await.map_err(mid_frame)? };
+        let payload = if !first.is_empty() || len == 0 {
+            first.freeze()
+        } else {
+            self.record(len).await.map_err(mid_frame)?.into_bytes(&self.pool)
+        };
         if payload.len() != len {
             return Err(LinkError::Closed(format!("a frame of {len} bytes came with {}", payload.len())));
         }
-        Ok(Frame { header, payload: Bytes::from(payload) })
+        Ok(Frame { header, payload })
     }
 }
 
@@ -218,12 +229,11 @@ mod tests {
         ConnectionTrafficSecrets::Chacha20Poly1305 { key: key(k).into(), iv: [7u8; 12].into() }
     }
 
-    fn record(s: &mut Sealer, data: &[u8]) -> ([u8; HEAD_LEN], BytesMut) {
+    fn record(s: &mut Sealer, data: &[u8]) -> ([u8; HEAD_LEN], Chunk) {
         let mut d = data.to_vec();
         let (head, tag) = s.seal(&mut d).unwrap();
-        let mut r = BytesMut::from(&d[..]);
-        r.extend_from_slice(&tag);
-        (head, r)
+        d.extend_from_slice(&tag);
+        (head, Chunk::Own(d))
     }
 
     #[test]

@@ -357,3 +357,28 @@ async fn sealing_in_place_never_touches_a_shared_payload() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sent_slices_and_received_payloads_reuse_their_buffers() {
+    bounded(async {
+        for cfg in [tls(), plain()] {
+            let (a, b, _) = pair(cfg.clone(), cfg).await;
+            for i in 0..8 {
+                let f = frame(i, 256 << 10);
+                let (sent, got) = tokio::join!(a.send_slice(f.header, &f.payload), b.recv());
+                sent.unwrap();
+                assert_eq!(got.unwrap(), f);
+            }
+            // The writer task gives a buffer back once its frame is on the socket.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while a.send_buffers.free_count() == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the writer gives sent buffers back");
+            assert!(a.send_buffers.free_count() <= super::link::SEND_POOL);
+        }
+    })
+    .await;
+}
