@@ -268,6 +268,32 @@ impl ShmLink {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+
+    /// Waits until no frame is being copied into the ring (by the writer thread or a
+    /// `send_slice`) and returns the sending side, locked, for this call's frame.
+    async fn claim_tx(&self) -> Result<MutexGuard<'_, Tx>, LinkError> {
+        let shared = &*self.shared;
+        let mut closed = shared.closed.subscribe();
+        loop {
+            if let Some(e) = shared.closed_error() {
+                return Err(e);
+            }
+            // Registered before looking, so the notice that the ring is free is not missed.
+            let done = shared.tx_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let tx = lock(&shared.tx);
+                if tx.pending.is_none() && !tx.lent {
+                    return Ok(tx);
+                }
+            }
+            tokio::select! {
+                _ = &mut done => {}
+                _ = closed.changed() => {}
+            }
+        }
+    }
 }
 
 impl Drop for ShmLink {
@@ -284,34 +310,15 @@ impl Link for ShmLink {
             return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
         }
         let shared = &self.shared;
-        let mut closed = shared.closed.subscribe();
-        loop {
-            if let Some(e) = shared.closed_error() {
-                return Err(e);
-            }
-            // Registered before looking, so the writer thread's notice is not missed.
-            let done = shared.tx_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            {
-                let mut tx = lock(&shared.tx);
-                if tx.pending.is_none() && !tx.lent {
-                    // Cancel-safe from here on: nothing below awaits.
-                    let mut out = OutFrame::new(frame);
-                    if !shared.write(&mut tx, &mut out)? {
-                        tx.pending = Some(out);
-                        drop(tx);
-                        futex::bump_and_wake(&shared.tx_asked);
-                    }
-                    return Ok(());
-                }
-            }
-            // The writer thread or a `send_slice` still copies the previous frame.
-            tokio::select! {
-                _ = &mut done => {}
-                _ = closed.changed() => {}
-            }
+        let mut tx = self.claim_tx().await?;
+        // Cancel-safe from here on: nothing below awaits.
+        let mut out = OutFrame::new(frame);
+        if !shared.write(&mut tx, &mut out)? {
+            tx.pending = Some(out);
+            drop(tx);
+            futex::bump_and_wake(&shared.tx_asked);
         }
+        Ok(())
     }
 
     /// Copies the payload straight from `payload` into the ring, on this task: no frame
@@ -324,24 +331,10 @@ impl Link for ShmLink {
         }
         let shared = &*self.shared;
         let mut closed = shared.closed.subscribe();
-        let mut lent = loop {
-            if let Some(e) = shared.closed_error() {
-                return Err(e);
-            }
-            let done = shared.tx_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            {
-                let mut tx = lock(&shared.tx);
-                if tx.pending.is_none() && !tx.lent {
-                    tx.lent = true;
-                    break Lent { shared, out: Some(OutFrame::borrowed(&header, payload)) };
-                }
-            }
-            tokio::select! {
-                _ = &mut done => {}
-                _ = closed.changed() => {}
-            }
+        let mut lent = {
+            let mut tx = self.claim_tx().await?;
+            tx.lent = true;
+            Lent { shared, out: Some(OutFrame::borrowed(&header, payload)) }
         };
         loop {
             // Registered before writing, so the writer thread's notice is not missed.
