@@ -9,11 +9,11 @@ use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use phalanx::device::op::{run_in_session, run_on_host, DeviceOp, RawBuf};
+use phalanx::device::op::{run_planned_on_host, DeviceOp, RawBuf};
 use phalanx::device::session::DeviceSession;
 use phalanx::device::standin::StandIn;
 use phalanx::device::Capabilities;
-use phalanx::{Communicator, DType, Error};
+use phalanx::{DType, Error};
 
 use crate::args::{byte_len, dtype, free_handle, handle, handle_mut, out_ptr, reduce_op, write_out};
 use crate::comm::phx_comm;
@@ -199,47 +199,21 @@ pub(crate) unsafe fn device_call(
                     return Err(invalid(format!("the stand-in works on float32 buffers only, not {dt:?}")));
                 }
                 let _ = stream; // no stream on the CPU
-                on_standin(session, comm, plan)
+                                // SAFETY: host float buffers valid for the op's reads and writes, used by
+                                // no one else (the collective's contract); the written ones are written
+                                // back only on success.
+                unsafe { run_planned_on_host(session, comm, plan) }
             }
             #[cfg(feature = "nccl")]
             Backend::Nccl(session) => {
                 if !phalanx::device::op::nccl_has(dt) {
                     return Err(invalid(format!("NCCL has no {dt:?} element type")));
                 }
-                on_nccl(session, comm, stream, plan)
+                // SAFETY: NULL or a valid stream of the communicator's GPU; device buffers
+                // valid until the stream has run the call (the collective's contract).
+                unsafe { phalanx::device::op::run_planned_on_nccl(session, comm, stream, plan) }
             }
         }
-    })
-}
-
-/// Runs a planned collective on the stand-in (`run_on_host`: the buffers it writes are
-/// written back only when it succeeds).
-fn on_standin(
-    session: &mut DeviceSession<StandIn>,
-    comm: &mut Communicator,
-    plan: impl FnOnce(usize) -> Result<Plan, Fail>,
-) -> Result<(), Fail> {
-    run_in_session(session, comm, plan, |d, op, bufs| {
-        // SAFETY: host float buffers valid for the op's reads and writes, used by no one
-        // else (the collective's contract).
-        unsafe { run_on_host(op, d, &bufs) }
-    })
-}
-
-/// Runs a planned collective on NCCL, enqueued on `stream`: the one path of every NCCL
-/// call of the C face (through `run_on_nccl`, which keeps a device-side backup of the
-/// buffers `op.written` names and waits for the stream).
-#[cfg(feature = "nccl")]
-fn on_nccl(
-    session: &mut DeviceSession<phalanx::device::nccl::NcclBackend>,
-    comm: &mut Communicator,
-    stream: *mut c_void,
-    plan: impl FnOnce(usize) -> Result<Plan, Fail>,
-) -> Result<(), Fail> {
-    run_in_session(session, comm, plan, |d, op, bufs| {
-        // SAFETY: NULL or a valid stream of the communicator's GPU; device buffers valid
-        // until the stream has run the call (the collective's contract).
-        unsafe { phalanx::device::op::run_on_nccl(op, d, stream, &bufs) }
     })
 }
 

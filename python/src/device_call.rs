@@ -6,10 +6,10 @@
 
 use std::sync::Mutex;
 
-use phalanx::device::op::{nccl_has, run_in_session, run_on_host, DeviceOp, RawBuf};
+use phalanx::device::op::{nccl_has, run_planned_on_host, DeviceOp, RawBuf};
 use phalanx::device::session::DeviceSession;
 use phalanx::device::standin::StandIn;
-use phalanx::{Communicator as CoreComm, DType, Error};
+use phalanx::{DType, Error};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -139,45 +139,21 @@ pub(crate) fn device_call(
         match &mut *backend.lock().unwrap_or_else(|p| p.into_inner()) {
             Backend::StandIn(session) => {
                 let _ = cuda; // no stream on the CPU
-                on_standin(session, c, plan)
+                              // SAFETY: host float32 memory of arrays the caller holds for the call
+                              // (writable where written, checked when resolved), cut inside their
+                              // bounds by the plans; with the GIL released no Python code touches them
+                              // meanwhile.
+                unsafe { run_planned_on_host(session, c, plan) }
             }
             #[cfg(feature = "nccl")]
-            Backend::Nccl(session) => on_nccl(session, c, cuda, plan),
+            // SAFETY: 0 (the legacy default stream) or the caller's stream of the tensors'
+            // GPU, given to their producer through DLPack; device memory of CUDA tensors
+            // (and their capsules) the caller holds for the call, cut inside their bounds.
+            Backend::Nccl(session) => unsafe {
+                phalanx::device::op::run_planned_on_nccl(session, c, cuda as *mut std::ffi::c_void, plan)
+            },
         }
     })?;
     drop(held);
     Ok(())
-}
-
-/// Runs a planned collective on the stand-in (`run_on_host`: the arrays it writes are
-/// written back only when it succeeds).
-fn on_standin(
-    session: &mut DeviceSession<StandIn>,
-    comm: &mut CoreComm,
-    plan: impl FnOnce(usize) -> phalanx::Result<Plan>,
-) -> phalanx::Result<()> {
-    run_in_session(session, comm, plan, |d, op, bufs| {
-        // SAFETY: host float32 memory of arrays the caller holds for the call (writable
-        // where written, checked when resolved), cut inside their bounds by the plans;
-        // with the GIL released no Python code touches them meanwhile.
-        unsafe { run_on_host(op, d, &bufs) }
-    })
-}
-
-/// Runs a planned collective on NCCL, enqueued on `stream`: the one path of every NCCL
-/// call of the Python face (through `run_on_nccl`, which keeps a device-side backup of
-/// the buffers `op.written` names and waits for the stream).
-#[cfg(feature = "nccl")]
-fn on_nccl(
-    session: &mut DeviceSession<phalanx::device::nccl::NcclBackend>,
-    comm: &mut CoreComm,
-    stream: usize,
-    plan: impl FnOnce(usize) -> phalanx::Result<Plan>,
-) -> phalanx::Result<()> {
-    run_in_session(session, comm, plan, |d, op, bufs| {
-        // SAFETY: 0 (the legacy default stream) or the caller's stream of the tensors'
-        // GPU, given to their producer through DLPack; device memory of CUDA tensors
-        // (and their capsules) the caller holds for the call, cut inside their bounds.
-        unsafe { phalanx::device::op::run_on_nccl(op, d, stream as *mut std::ffi::c_void, &bufs) }
-    })
 }

@@ -19,7 +19,7 @@
 //! | `SendRecv`      | `[sends.., recvs..]`              | the receives   |
 
 use super::session::DeviceSession;
-use super::standin::StandInComm;
+use super::standin::{StandIn, StandInComm};
 use super::{DeviceBackend, DeviceComm, DeviceError};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::Error;
@@ -248,6 +248,43 @@ pub fn run_in_session<B: DeviceBackend, T, E: From<Error>>(
         return Err(Error::Device(e).into());
     }
     Ok(())
+}
+
+/// A planned collective on the stand-in: [`run_in_session`] with [`run_on_host`], so the
+/// buffers it writes are written back only when it succeeds. The one path of the C and
+/// Python faces' stand-in calls.
+///
+/// # Safety
+/// The buffers `plan` returns are as [`run_on_host`] requires.
+pub unsafe fn run_planned_on_host<E: From<Error>>(
+    session: &mut DeviceSession<StandIn>,
+    comm: &mut Communicator,
+    plan: impl FnOnce(usize) -> Result<(DeviceOp, Vec<RawBuf>), E>,
+) -> Result<(), E> {
+    run_in_session(session, comm, plan, |d, op, bufs| {
+        // SAFETY: the buffers are as `run_on_host` requires (the caller's contract).
+        unsafe { run_on_host(op, d, &bufs) }
+    })
+}
+
+/// A planned collective on NCCL, enqueued on `stream`: [`run_in_session`] with
+/// [`run_on_nccl`] (a device-side backup of the buffers the op writes; it waits for the
+/// stream). The one path of every NCCL call of the C and Python faces.
+///
+/// # Safety
+/// `stream` and the buffers `plan` returns are as [`run_on_nccl`] requires.
+#[cfg(feature = "nccl")]
+pub unsafe fn run_planned_on_nccl<E: From<Error>>(
+    session: &mut DeviceSession<super::nccl::NcclBackend>,
+    comm: &mut Communicator,
+    stream: *mut std::ffi::c_void,
+    plan: impl FnOnce(usize) -> Result<(DeviceOp, Vec<RawBuf>), E>,
+) -> Result<(), E> {
+    run_in_session(session, comm, plan, |d, op, bufs| {
+        // SAFETY: `stream` and the buffers are as `run_on_nccl` requires (the caller's
+        // contract).
+        unsafe { run_on_nccl(op, d, stream, &bufs) }
+    })
 }
 
 #[cfg(test)]
