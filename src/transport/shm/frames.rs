@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::ring::{Corrupt, RingReader, RingWriter};
-use crate::transport::buffers::BufferPool;
+use crate::transport::buffers::{BufferPool, RECEIVE_POOL_BYTES};
 use crate::transport::{decode_prefix, encode_prefix, prefix_of, Frame, Header, LinkError, PREFIX_LEN};
 
 /// A frame being written into a ring: its payload owned ([`Bytes`], the default) or
@@ -60,9 +60,6 @@ impl<P: AsRef<[u8]>> OutFrame<P> {
     }
 }
 
-/// How many free receive buffers a link keeps.
-const POOL_BUFFERS: usize = 4;
-
 /// A frame being read out of a ring.
 pub(crate) struct InFrame {
     prefix: [u8; PREFIX_LEN],
@@ -84,7 +81,7 @@ impl InFrame {
             have: 0,
             body: None,
             max_frame_bytes,
-            buffers: BufferPool::new(POOL_BUFFERS),
+            buffers: BufferPool::new(RECEIVE_POOL_BYTES),
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::transport::buffers::BufferPool;
+use crate::transport::buffers::{BufferPool, RECEIVE_POOL_BYTES};
 use crate::transport::{decode_prefix, encode_prefix, Frame, LinkError, PREFIX_LEN};
 
 /// The reader asks the socket for at least this much at a time.
@@ -17,9 +17,6 @@ pub(super) const READ_CHUNK: usize = 256 << 10;
 /// Payloads up to this size are read into the shared read buffer and sliced out of it;
 /// larger ones get a buffer of their own that the socket fills directly.
 pub(super) const SMALL_PAYLOAD: usize = 64 << 10;
-/// How many free buffers a reader keeps for the large payloads it receives (see
-/// [`BufferPool`]).
-const RECV_POOL: usize = 4;
 
 /// Writes whole frames on one connection.
 pub(super) trait FrameWriter: Send + 'static {
@@ -56,7 +53,7 @@ pub(super) struct StreamReader<R> {
 
 impl<R> StreamReader<R> {
     pub(super) fn new(read: R) -> StreamReader<R> {
-        StreamReader { read, buf: BytesMut::with_capacity(READ_CHUNK), pool: BufferPool::new(RECV_POOL) }
+        StreamReader { read, buf: BytesMut::with_capacity(READ_CHUNK), pool: BufferPool::new(RECEIVE_POOL_BYTES) }
     }
 }
 

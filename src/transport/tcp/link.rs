@@ -16,8 +16,9 @@ use super::TcpSecurity;
 use crate::transport::buffers::BufferPool;
 use crate::transport::{Frame, Header, Link, LinkError};
 
-/// How many free buffers a link keeps for the chunks `send_slice` copies.
-pub(super) const SEND_POOL: usize = 4;
+/// How many free bytes a link keeps for the chunks `send_slice` copies: four default
+/// chunks; at most two are out at once (one in the writer's channel, one on the socket).
+pub(super) const SEND_POOL_BYTES: usize = 1 << 20;
 
 /// What the two tasks and the link share: whether the link is down, and why.
 struct Down {
@@ -102,7 +103,7 @@ impl TcpLink {
         });
         let (frame_tx, frame_rx) = mpsc::channel(1);
         let (got_tx, got_rx) = mpsc::channel(1);
-        let send_buffers = BufferPool::new(SEND_POOL);
+        let send_buffers = BufferPool::new(SEND_POOL_BYTES);
         tokio::spawn(write_loop(write, frame_rx, send_buffers.clone(), down.clone()));
         tokio::spawn(read_loop(read, got_tx, max_frame_bytes, down.clone()));
         TcpLink {

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::frames::{fill, mid_frame, read_exactly, Chunk, FrameReader, FrameWriter, SMALL_PAYLOAD};
 use super::TcpError;
-use crate::transport::buffers::BufferPool;
+use crate::transport::buffers::{BufferPool, RECEIVE_POOL_BYTES};
 use crate::transport::{decode_prefix, encode_prefix, Frame, LinkError, PREFIX_LEN};
 
 /// The AEAD tag after each record's ciphertext.
@@ -168,7 +168,12 @@ pub(super) struct SealedReader<R> {
 
 impl<R: AsyncRead + Unpin + Send + 'static> SealedReader<R> {
     pub(super) fn new(read: R, opener: Opener) -> SealedReader<R> {
-        SealedReader { read, opener, buf: BytesMut::with_capacity(super::frames::READ_CHUNK), pool: BufferPool::new(4) }
+        SealedReader {
+            read,
+            opener,
+            buf: BytesMut::with_capacity(super::frames::READ_CHUNK),
+            pool: BufferPool::new(RECEIVE_POOL_BYTES),
+        }
     }
 
     /// Reads and opens the next record of at most `max` plaintext bytes.
