@@ -6,7 +6,7 @@
 //! executor runs its plan over the data links; the local result is reported (`OpEnd`)
 //! and kept only when the master commits, or, for an eager collective (see
 //! [`super::eager`]), once every member said over the data links that it completed. On any failure the buffer is restored from
-//! one backup, and [`RetryPolicy`] (through [`PeerState::retry`]) decides whether to
+//! what the executor saved before each write ([`Undo`](crate::exec::Undo)), and [`RetryPolicy`] (through [`PeerState::retry`]) decides whether to
 //! run again over the survivors once the master has published the new view.
 //!
 //! [`PeerState::retry`]: crate::membership::peer::PeerState::retry
@@ -25,7 +25,7 @@ use crate::collective::{Collective, Tuning};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::exec::AbortSignal;
-use crate::exec::{execute, Call};
+use crate::exec::{execute, execute_saving, Call, Undo};
 use crate::membership::client::ControlClient;
 use crate::membership::liveness;
 use crate::membership::peer::{Begun, OpKind, PeerConfig, Retry};
@@ -95,7 +95,8 @@ pub struct AsyncPeer {
     /// How long a retry waits for the master's next view.
     wait_for_view: Duration,
     accept_task: tokio::task::JoinHandle<()>,
-    backup: Backup,
+    /// What the current call overwrote, kept from call to call for its allocation.
+    undo: Undo,
     p2p: Arc<super::p2p::Queues>,
     /// The liveness connection to the master, held open while this peer lives.
     /// Holds a liveness connection to the master followed now (see `membership::liveness`).
@@ -180,7 +181,7 @@ impl AsyncPeer {
             retry: options.retry,
             wait_for_view: options.control.heartbeat_interval * 20,
             accept_task,
-            backup: Backup::default(),
+            undo: Undo::default(),
             p2p: Default::default(),
         })
     }
@@ -276,9 +277,11 @@ impl AsyncPeer {
     /// Runs one collective on `buf`, restoring it on error, with retries as the policy
     /// says.
     pub(crate) async fn run(&mut self, spec: CallSpec<'_>, scope: Scope<'_>, buf: &mut [u8]) -> Result<()> {
-        let backup = self.backup.fill(buf);
-        let result = self.ops.with_retry(spec, scope, buf, &backup, self.retry, self.wait_for_view).await;
-        self.backup.keep(backup);
+        // Taken out so that a cancelled call leaves no half-saved state behind.
+        let mut undo = std::mem::take(&mut self.undo);
+        undo.begin(buf.len());
+        let result = self.ops.with_retry(spec, scope, buf, &mut undo, self.retry, self.wait_for_view).await;
+        self.undo = undo;
         result
     }
 
@@ -300,15 +303,19 @@ impl AsyncPeer {
         let call = coll.fingerprint(dtype, op);
         let begun = ops.control.begin_as(OpKind::Whole { call }, coll_size(&coll), eager::is_eager(&coll));
         tokio::spawn(async move {
-            let backup = buf.clone();
+            let mut undo = Undo::default();
+            undo.begin(buf.len());
             let result = match begun {
-                Ok(begun) => ops.run_begun(CallSpec::new(&coll, dtype, op), Scope::Whole, begun, &mut buf).await,
+                Ok(begun) => {
+                    let spec = CallSpec::new(&coll, dtype, op);
+                    ops.run_begun(spec, Scope::Whole, begun, &mut buf, Some(&mut undo)).await
+                }
                 Err(e) => Err(e),
             };
-            match result {
-                Ok(()) => (Ok(()), buf),
-                Err(e) => (Err(e), backup),
+            if result.is_err() {
+                undo.restore(&mut buf);
             }
+            (result, buf)
         })
     }
 
@@ -408,24 +415,24 @@ pub(crate) type Started = tokio::task::JoinHandle<(Result<()>, Vec<u8>)>;
 
 impl Ops {
     /// Runs the collective until it commits, a failure is final, or the attempts run
-    /// out; `buf` holds `backup` again after every failed attempt.
+    /// out; `buf` is restored from `undo` after every failed attempt.
     async fn with_retry(
         &self,
         spec: CallSpec<'_>,
         scope: Scope<'_>,
         buf: &mut [u8],
-        backup: &[u8],
+        undo: &mut Undo,
         retry: RetryPolicy,
         wait_for_view: Duration,
     ) -> Result<()> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (e, epoch) = match self.attempt(spec, scope, buf).await {
+            let (e, epoch) = match self.attempt(spec, scope, buf, undo).await {
                 Ok(()) => return Ok(()),
                 Err(failed) => failed,
             };
-            buf.copy_from_slice(backup);
+            undo.restore(buf);
             // Not begun (nothing announced), or sized for the old view: never retried.
             let Some(epoch) = epoch.filter(|_| coll_size(spec.coll).is_none()) else { return Err(e) };
             match self.wait_to_retry(&e, attempt, retry.attempts(), epoch, wait_for_view).await? {
@@ -461,7 +468,13 @@ impl Ops {
 
     /// One attempt: begin, run the plan, report, await the decision. On failure, the
     /// error and the epoch it was begun in (`None` if it never began).
-    async fn attempt(&self, spec: CallSpec<'_>, scope: Scope<'_>, buf: &mut [u8]) -> Result<(), (Error, Option<u64>)> {
+    async fn attempt(
+        &self,
+        spec: CallSpec<'_>,
+        scope: Scope<'_>,
+        buf: &mut [u8],
+        undo: &mut Undo,
+    ) -> Result<(), (Error, Option<u64>)> {
         let call = spec.coll.fingerprint(spec.dtype, spec.op);
         let kind = match scope {
             Scope::Whole => OpKind::Whole { call },
@@ -470,17 +483,18 @@ impl Ops {
         let eager = eager::is_eager(spec.coll);
         let begun = self.control.begin_as(kind, coll_size(spec.coll), eager).map_err(|e| (e, None))?;
         let epoch = begun.0.key.0;
-        self.run_begun(spec, scope, begun, buf).await.map_err(|e| (e, Some(epoch)))
+        self.run_begun(spec, scope, begun, buf, Some(undo)).await.map_err(|e| (e, Some(epoch)))
     }
 
     /// Runs a begun collective: its plan over the data links, then the report and the
-    /// master's decision.
+    /// master's decision. With `undo`, every write first saves what it overwrites there.
     async fn run_begun(
         &self,
         spec: CallSpec<'_>,
         scope: Scope<'_>,
         (begun, signal): (Begun, AbortSignal),
         buf: &mut [u8],
+        undo: Option<&mut Undo>,
     ) -> Result<()> {
         let key = begun.key;
         self.links.enter(&begun.view);
@@ -503,7 +517,11 @@ impl Ops {
             delivery: Default::default(),
         };
         tracing::debug!(peer = self.control.id(), ?key, rank = begun.rank, size = plan.size, "collective begins");
-        let local = execute(&call, buf, &links, &signal, 0..plan.steps.len()).await;
+        let steps = 0..plan.steps.len();
+        let local = match undo {
+            Some(undo) => execute_saving(&call, buf, &links, &signal, steps, undo).await,
+            None => execute(&call, buf, &links, &signal, steps).await,
+        };
         tracing::debug!(peer = self.control.id(), ?key, ok = local.is_ok(), "collective ran locally");
         let result = match local {
             Ok(()) if eager::is_eager(spec.coll) => {
@@ -515,54 +533,6 @@ impl Ops {
         self.links.finish(key);
         self.control.finish(key);
         result
-    }
-}
-
-/// The copy of the caller's buffer that a failed attempt restores, kept across calls:
-/// a fresh allocation of a large buffer is a fresh mapping, which costs a page fault
-/// per page on every call (see `docs/PERF.md`).
-#[derive(Default)]
-struct Backup {
-    kept: Vec<u8>,
-    /// Calls in a row that did not use `kept`'s allocation.
-    idle: u32,
-}
-
-/// A kept backup allocation is freed after this many calls in a row too small to use it.
-const BACKUP_IDLE_CALLS: u32 = 64;
-
-impl Backup {
-    /// A copy of `buf`. It reuses the kept allocation when this call needs more than
-    /// half of it (growing it if needed); a smaller call copies into a temporary and
-    /// leaves the kept one alone, until [`BACKUP_IDLE_CALLS`] calls in a row did not use
-    /// it. So a peer holds one extra copy of its largest recent buffer, no more. (A
-    /// cancelled call drops the allocation; the next call allocates anew.)
-    fn fill(&mut self, buf: &[u8]) -> Vec<u8> {
-        let kept = std::mem::take(&mut self.kept);
-        let mut copy = if buf.len() > kept.capacity() / 2 {
-            self.idle = 0;
-            if buf.len() > kept.capacity() {
-                Vec::with_capacity(buf.len())
-            } else {
-                kept
-            }
-        } else {
-            self.idle += 1;
-            if self.idle < BACKUP_IDLE_CALLS {
-                self.kept = kept;
-            }
-            Vec::new()
-        };
-        copy.clear();
-        copy.extend_from_slice(buf);
-        copy
-    }
-
-    /// Hands back a copy from [`Backup::fill`] for reuse.
-    fn keep(&mut self, copy: Vec<u8>) {
-        if copy.capacity() > self.kept.capacity() {
-            self.kept = copy;
-        }
     }
 }
 

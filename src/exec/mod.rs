@@ -44,6 +44,7 @@ mod protocol;
 mod signal;
 #[cfg(test)]
 mod tests;
+mod undo;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -62,6 +63,7 @@ use crate::transport::{Frame, Header, Link, LinkError};
 
 use protocol::Wire;
 pub use signal::AbortSignal;
+pub(crate) use undo::Undo;
 
 /// Default chunk size: large enough to amortise per-frame costs, small enough that a
 /// pipelined chain starts forwarding early.
@@ -134,7 +136,25 @@ pub async fn execute(
     abort: &AbortSignal,
     steps: Range<usize>,
 ) -> Result<()> {
-    let ctx = Ctx::new(call, buf.len(), links)?;
+    run_steps(Ctx::new(call, buf.len(), links, None)?, buf, abort, steps).await
+}
+
+/// [`execute`], first saving into `undo` the bytes of `buf` that each write overwrites
+/// (see [`Undo`]): on error, [`Undo::restore`] puts `buf` back as it was. The caller
+/// starts `undo` on this buffer ([`Undo::begin`]).
+pub(crate) async fn execute_saving(
+    call: &Call<'_>,
+    buf: &mut [u8],
+    links: &Links,
+    abort: &AbortSignal,
+    steps: Range<usize>,
+    undo: &mut Undo,
+) -> Result<()> {
+    run_steps(Ctx::new(call, buf.len(), links, Some(undo))?, buf, abort, steps).await
+}
+
+async fn run_steps(ctx: Ctx<'_>, buf: &mut [u8], abort: &AbortSignal, steps: Range<usize>) -> Result<()> {
+    let call = ctx.call;
     let finishes = steps.end >= call.plan.steps.len();
     ctx.run(abort, async {
         for i in steps {
@@ -142,6 +162,7 @@ pub async fn execute(
         }
         ctx.deliver_held(buf);
         if finishes && call.op == ReduceOp::Avg && call.custom.is_none() {
+            ctx.save(0, buf);
             divide_bytes(call.dtype, buf, call.plan.size);
         }
         Ok(())
@@ -153,7 +174,7 @@ pub async fn execute(
 /// sending half of a point-to-point message or of a shared-state transfer, with no copy
 /// of the caller's bytes beyond the frames themselves. Plain frames only (no codec).
 pub async fn execute_send(call: &Call<'_>, data: &[u8], links: &Links, abort: &AbortSignal) -> Result<()> {
-    let ctx = Ctx::new(call, data.len(), links)?;
+    let ctx = Ctx::new(call, data.len(), links, None)?;
     let mut sends = Vec::with_capacity(call.plan.steps.len());
     for (i, step) in call.plan.steps.iter().enumerate() {
         match step {
@@ -188,11 +209,13 @@ struct Ctx<'a> {
     kept: Mutex<HashMap<Range<usize>, Vec<Bytes>>>,
     /// Received frames not yet written, by byte range ([`Delivery::OnSuccess`]).
     held: Mutex<Vec<(Range<usize>, Bytes)>>,
+    /// Where each write first saves what it overwrites ([`execute_saving`]).
+    undo: Option<Mutex<&'a mut Undo>>,
 }
 
 impl<'a> Ctx<'a> {
     /// Checks `call` against a buffer of `len` bytes and sets up its counters.
-    fn new(call: &'a Call<'a>, len: usize, links: &'a Links) -> Result<Ctx<'a>> {
+    fn new(call: &'a Call<'a>, len: usize, links: &'a Links, undo: Option<&'a mut Undo>) -> Result<Ctx<'a>> {
         let need = call.plan.len.checked_mul(call.element_bytes());
         if need != Some(len) {
             return Err(Error::InvalidArgument(format!(
@@ -220,7 +243,15 @@ impl<'a> Ctx<'a> {
             received: counters(),
             kept: Default::default(),
             held: Default::default(),
+            undo: undo.map(Mutex::new),
         })
+    }
+
+    /// Saves what is about to be overwritten: `current`, the buffer's bytes at `at`.
+    fn save(&self, at: usize, current: &[u8]) {
+        if let Some(undo) = &self.undo {
+            undo.lock().unwrap_or_else(|e| e.into_inner()).save(at, current);
+        }
     }
 
     /// Runs `body` unless `abort` fires first (or has fired already).
@@ -240,6 +271,7 @@ impl<'a> Ctx<'a> {
     /// Writes the frames held by [`Delivery::OnSuccess`] into `buf`.
     fn deliver_held(&self, buf: &mut [u8]) {
         for (range, payload) in std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner())) {
+            self.save(range.start, &buf[range.clone()]);
             buf[range].copy_from_slice(&payload);
         }
     }
@@ -306,8 +338,9 @@ impl<'a> Ctx<'a> {
                 let base = self.bytes(range);
                 let region = &mut buf[base.clone()];
                 for chunk in self.chunks(region.len()) {
+                    let at = base.start + chunk.start;
                     let c = &mut region[chunk];
-                    let frame = self.recv_chunk(*from, c, *action).await?;
+                    let frame = self.recv_chunk(*from, at, c, *action).await?;
                     // A copied chunk is the frame's content: forward the frame itself.
                     let payload = match action {
                         Action::Copy | Action::CopyKeep => frame,
@@ -318,7 +351,9 @@ impl<'a> Ctx<'a> {
                 Ok(())
             }
             Step::Local { src, dst, action } => {
+                let at = self.bytes(dst).start;
                 let (src, dst) = split_disjoint(buf, self.bytes(src), self.bytes(dst));
+                self.save(at, dst);
                 match action {
                     Action::Copy | Action::CopyKeep => {
                         dst.copy_from_slice(src);
@@ -344,6 +379,8 @@ impl<'a> Ctx<'a> {
             return self.send_plain(to, region).await;
         }
         for chunk in self.chunks(region.len()) {
+            // Encoding replaces the local values by the decoded ones.
+            self.save(base + chunk.start, &region[chunk.clone()]);
             let payload = self.wire.encode(&mut region[chunk])?;
             self.send_frame(to, payload).await?;
         }
@@ -382,7 +419,7 @@ impl<'a> Ctx<'a> {
         let keep = action == Action::CopyKeep && self.wire != Wire::Raw;
         let mut frames = Vec::new();
         for chunk in self.chunks(region.len()) {
-            let frame = self.recv_chunk(from, &mut region[chunk], action).await?;
+            let frame = self.recv_chunk(from, base + chunk.start, &mut region[chunk], action).await?;
             if keep {
                 frames.push(frame);
             }
@@ -393,10 +430,14 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// Receives one chunk, applies `action` to it and returns the frame's payload.
-    async fn recv_chunk(&self, from: Rank, chunk: &mut [u8], action: Action) -> Result<Bytes> {
+    /// Receives one chunk (at byte `at` of the buffer), applies `action` to it and
+    /// returns the frame's payload.
+    async fn recv_chunk(&self, from: Rank, at: usize, chunk: &mut [u8], action: Action) -> Result<Bytes> {
         let size = self.call.element_bytes();
         let frame = self.recv_frame(from, self.wire.frame_len(chunk.len() / size, size)).await?;
+        // Saved once the frame is here, just before the write: the chunk is then in cache
+        // for the copy or reduction that follows.
+        self.save(at, chunk);
         self.wire.decode(from, &frame.payload, chunk, action, |order, dst, src| self.reduce(order, dst, src))?;
         Ok(frame.payload)
     }

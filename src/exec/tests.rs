@@ -198,3 +198,66 @@ fn read_only_and_held_calls_refuse_plans_they_cannot_honour() {
     ));
     assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
 }
+
+/// The executor saves every byte it overwrites before the write: a ring all-reduce that
+/// fails in its all-gather, after reduce-scatter steps and all-gather copies wrote parts
+/// of the buffers, is put back exactly by `Undo::restore`, for raw and coded wires and
+/// for an average (whose final division writes the whole buffer).
+#[test]
+fn a_call_that_fails_after_writing_is_put_back_by_what_it_saved() {
+    use crate::quant::{Codec, Quantization};
+    let (n, len) = (3usize, 3 * 40);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    for (codec, op) in
+        [(None, ReduceOp::Sum), (Some(Codec::new(Quantization::U8)), ReduceOp::Sum), (None, ReduceOp::Avg)]
+    {
+        let results = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for (rank, links) in crate::transport::mem::mesh(n, 64).into_iter().enumerate() {
+                tasks.push(tokio::spawn(async move {
+                    let plan = crate::plan::allreduce::ring(rank, n, len);
+                    let call = Call {
+                        plan: &plan,
+                        dtype: DType::F32,
+                        op,
+                        epoch: 0,
+                        seq: 1,
+                        fingerprint: 0,
+                        chunk_bytes: 16 * 4,
+                        custom: None,
+                        codec,
+                        delivery: Default::default(),
+                    };
+                    let x: Vec<f32> = (0..len).map(|i| ((i * (rank + 3)) % 17) as f32 * 0.37 - 2.0).collect();
+                    let original: Vec<u8> = bytemuck::cast_slice(&x).to_vec();
+                    let mut buf = original.clone();
+                    let mut undo = Undo::default();
+                    undo.begin(buf.len());
+                    // Rank 2 runs the reduce-scatter and the first all-gather step, then
+                    // leaves: the others fail in the all-gather with written buffers.
+                    let steps = if rank == 2 { 0..plan.steps.len() - 1 } else { 0..plan.steps.len() };
+                    let result = execute_saving(&call, &mut buf, &links, &AbortSignal::new(), steps, &mut undo).await;
+                    for l in links.iter().flatten() {
+                        l.close();
+                    }
+                    let written = buf != original;
+                    // A rank that completed is put back too, as when the eager
+                    // conclusion fails after the plan ran (the average divided too).
+                    undo.restore(&mut buf);
+                    (rank, result.is_err(), written, undo.saved_bytes(), buf == original)
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        // The rank that receives rank 2's last all-gather step fails.
+        assert!(results.iter().any(|r| r.0 != 2 && r.1), "{codec:?} {op:?}: a rank must fail");
+        for (rank, _, written, saved, restored) in results {
+            assert!(written && saved > 0, "{codec:?} {op:?}: rank {rank} wrote before failing (not vacuous)");
+            assert!(restored, "{codec:?} {op:?}: rank {rank} put back exactly");
+        }
+    }
+}

@@ -38,7 +38,7 @@ impl AsyncPeer {
         tokio::spawn(async move {
             let first = first?;
             let spec = super::CallSpec::new(&coll, dtype, ReduceOp::Sum);
-            let ran = ops.run_begun(spec, super::Scope::Whole, first, &mut buf).await;
+            let ran = ops.run_begun(spec, super::Scope::Whole, first, &mut buf, None).await;
             let second = match second {
                 Some(Ok(second)) => second,
                 Some(Err(e)) => return Err(e),
@@ -50,7 +50,7 @@ impl AsyncPeer {
                 Err(e) => return Err(ops.abandon(second.0.key, e).await),
             };
             let spec = super::CallSpec::new(&coll2, second_dtype, ReduceOp::Sum);
-            ops.run_begun(spec, super::Scope::Whole, second, &mut buf2).await?;
+            ops.run_begun(spec, super::Scope::Whole, second, &mut buf2, None).await?;
             Ok((buf2, value))
         })
     }
