@@ -245,6 +245,11 @@ impl Link for LazyOpLink {
     }
 
     fn close(&self) {}
+
+    fn lends_frames(&self) -> bool {
+        // Not set up yet: nothing was received through it.
+        self.op.get().is_some_and(|op| op.lends_frames())
+    }
 }
 
 /// The hello that opens a data link from peer `id`.

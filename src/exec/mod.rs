@@ -408,20 +408,23 @@ impl<'a> Ctx<'a> {
     async fn recv_region(&self, from: Rank, base: usize, region: &mut [u8], action: Action) -> Result<()> {
         if self.call.delivery == Delivery::OnSuccess {
             // Checked in `Ctx::new`: plain frames that are copied, so a frame is the bytes.
+            let lends = self.link(from)?.lends_frames();
             for chunk in self.chunks(region.len()) {
                 let frame = self.recv_frame(from, chunk.len()).await?;
                 let at = base + chunk.start..base + chunk.end;
-                self.held.lock().unwrap_or_else(|e| e.into_inner()).push((at, frame.payload));
+                let payload = owned(frame.payload, lends);
+                self.held.lock().unwrap_or_else(|e| e.into_inner()).push((at, payload));
             }
             return Ok(());
         }
         // Only coded frames are kept (see the module docs): raw bytes are in the buffer.
         let keep = action == Action::CopyKeep && self.wire != Wire::Raw;
+        let lends = keep && self.link(from)?.lends_frames();
         let mut frames = Vec::new();
         for chunk in self.chunks(region.len()) {
             let frame = self.recv_chunk(from, base + chunk.start, &mut region[chunk], action).await?;
             if keep {
-                frames.push(frame);
+                frames.push(owned(frame, lends));
             }
         }
         if keep {
@@ -487,6 +490,17 @@ impl<'a> Ctx<'a> {
             }
             return Ok(frame);
         }
+    }
+}
+
+/// A received payload to keep beyond this chunk: copied when `lent` from the link's
+/// own buffer ([`Link::lends_frames`]), which the peer cannot reuse while it is held
+/// (a whole segment of kept frames would stall the sender).
+fn owned(payload: Bytes, lent: bool) -> Bytes {
+    if lent {
+        Bytes::copy_from_slice(&payload)
+    } else {
+        payload
     }
 }
 

@@ -261,3 +261,34 @@ fn a_call_that_fails_after_writing_is_put_back_by_what_it_saved() {
         }
     }
 }
+
+/// Payloads lent from a shared-memory ring keep the ring's room until dropped: a
+/// receiver that holds every frame until the message is whole (delivery on success)
+/// copies them first (as it does the coded frames an all-gather keeps to forward), or
+/// a message larger than the ring would stall its sender for ever.
+#[test]
+fn held_frames_from_a_lending_link_do_not_stall_the_sender() {
+    use crate::plan::transfer;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (a, b) = crate::transport::shm::link::heap_pair(256 << 10, 1 << 20);
+    let (a, b): (Arc<dyn Link>, Arc<dyn Link>) = (Arc::new(a), Arc::new(b));
+    assert!(b.lends_frames());
+    let len = 2 << 20; // eight times the ring
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let mut out = vec![0u8; len];
+    let call = |plan, delivery| Call { chunk_bytes: 96 << 10, ..transfer_call(plan, delivery) };
+    let (send, recv) = (transfer::send(0, 2, len, 1), transfer::recv(1, 2, len, 0));
+    let result = rt.block_on(async {
+        let sending = async {
+            let links: Vec<Option<Arc<dyn Link>>> = vec![None, Some(a.clone())];
+            execute_send(&call(&send, Delivery::InPlace), &data, &links, &AbortSignal::new()).await
+        };
+        let receiving = async {
+            let links: Vec<Option<Arc<dyn Link>>> = vec![Some(b.clone()), None];
+            execute(&call(&recv, Delivery::OnSuccess), &mut out, &links, &AbortSignal::new(), 0..1).await
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), async { tokio::try_join!(sending, receiving) }).await
+    });
+    assert!(matches!(result, Ok(Ok(_))), "the transfer completes: {result:?}");
+    assert_eq!(out, data);
+}

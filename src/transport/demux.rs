@@ -366,6 +366,10 @@ impl Link for OpLink {
     fn close(&self) {
         self.demux.finish(self.key);
     }
+
+    fn lends_frames(&self) -> bool {
+        self.demux.link.lends_frames()
+    }
 }
 #[cfg(test)]
 mod tests {

@@ -148,4 +148,12 @@ pub trait Link: Send + Sync {
     async fn recv(&self) -> Result<Frame, LinkError>;
     /// Closes the link: the peer's pending and future calls fail with `Closed`.
     fn close(&self);
+    /// Whether the payloads `recv` returns may be lent out of the link's own buffer
+    /// (shared memory: the peer's ring), which the peer cannot reuse while a payload is
+    /// held. Whoever keeps a received payload longer than it takes to consume it (and
+    /// then waits for more from the same link) copies it first when this is `true`;
+    /// this default says `false`.
+    fn lends_frames(&self) -> bool {
+        false
+    }
 }

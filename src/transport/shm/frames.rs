@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::ring::{Corrupt, RingReader, RingWriter};
-use crate::transport::buffers::{BufferPool, RECEIVE_POOL_BYTES};
+use crate::transport::buffers::{BufferPool, POOLED_BYTES, RECEIVE_POOL_BYTES};
 use crate::transport::{decode_prefix, encode_prefix, prefix_of, Frame, Header, LinkError, PREFIX_LEN};
 
 /// A frame being written into a ring: its payload owned ([`Bytes`], the default) or
@@ -95,6 +95,8 @@ impl InFrame {
     pub(crate) fn read_from(&mut self, ring: &mut RingReader) -> Result<(usize, Option<Frame>), LinkError> {
         let corrupt = |c: Corrupt| LinkError::Malformed(format!("shared-memory ring: {}", c.0));
         let mut pending = 0;
+        // Bytes of a frame whose payload was lent (its prefix consumed, its payload not).
+        let mut lent = 0;
         let result = (|| {
             if self.have < PREFIX_LEN {
                 self.have += ring.read(&mut self.prefix[self.have..], &mut pending).map_err(corrupt)?;
@@ -102,6 +104,15 @@ impl InFrame {
                     return Ok(None);
                 }
                 let (header, len) = decode_prefix(&self.prefix, self.max_frame_bytes)?;
+                // A large payload that is all there, in one piece, is lent straight
+                // out of the ring (see `super::loan`); anything else is copied.
+                if len >= POOLED_BYTES {
+                    if let Some(payload) = ring.lend(&mut pending, len).map_err(corrupt)? {
+                        self.have = 0;
+                        lent = PREFIX_LEN + len;
+                        return Ok(Some(Frame { header, payload }));
+                    }
+                }
                 // Filled by copies, never zeroed.
                 self.body = Some((header, len, self.buffers.take(len)));
             }
@@ -118,7 +129,7 @@ impl InFrame {
             Ok(Some(Frame { header, payload: self.buffers.bytes(payload) }))
         })();
         ring.consume(pending);
-        result.map(|frame| (pending, frame))
+        result.map(|frame| (pending + lent, frame))
     }
 }
 
@@ -127,7 +138,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::transport::shm::ring::ends;
+    use crate::transport::shm::ring::{ends, RingWriter};
     use crate::transport::shm::segment::Mapping;
 
     fn frame(i: u64, len: usize) -> Frame {
@@ -177,15 +188,21 @@ mod tests {
 
     #[test]
     fn large_payloads_reuse_the_buffers_of_dropped_frames_and_never_a_held_one() {
-        let map = Arc::new(Mapping::heap(1 << 20, [0, 0]).unwrap());
+        // Frames larger than the ring cross it in pieces: copied, into pooled buffers.
+        let map = Arc::new(Mapping::heap(128 << 10, [0, 0]).unwrap());
         let (mut w, mut r) = ends(&map, 0);
         let mut reading = InFrame::new(1 << 20);
         let mut next = |i: u64| {
-            let sent = frame(i, 300 << 10);
-            assert!(OutFrame::new(sent.clone()).write_to(&mut w).unwrap().1);
-            let got = reading.read_from(&mut r).unwrap().1.unwrap();
-            assert_eq!(got, sent);
-            got
+            let sent = frame(i, 200 << 10);
+            let mut sending = OutFrame::new(sent.clone());
+            loop {
+                let (_, done) = sending.write_to(&mut w).unwrap();
+                if let (_, Some(got)) = reading.read_from(&mut r).unwrap() {
+                    assert!(done);
+                    assert_eq!(got, sent);
+                    return got;
+                }
+            }
         };
         let held = next(1);
         let second = next(2);
@@ -194,7 +211,51 @@ mod tests {
         drop(second);
         let third = next(3);
         assert_eq!(third.payload.as_ptr(), at, "a dropped frame's buffer is reused");
-        assert_eq!(held, frame(1, 300 << 10), "the held frame is intact");
+        assert_eq!(held, frame(1, 200 << 10), "the held frame is intact");
+    }
+
+    /// Large payloads that are whole and in one piece are lent from the ring: the
+    /// writer gets their room back only when they are dropped, in ring order, and a
+    /// lent payload stays intact while the writer fills the rest of the ring.
+    #[test]
+    fn payloads_lent_from_the_ring_keep_their_room_until_dropped() {
+        let cap = 1 << 20;
+        let map = Arc::new(Mapping::heap(cap, [0, 0]).unwrap());
+        let (mut w, mut r) = ends(&map, 0);
+        let watch = crate::transport::shm::ring::watch_reading(&r);
+        let loans = r.loans();
+        let mut reading = InFrame::new(cap);
+        let data = map.ring_data(0) as usize..map.ring_data(0) as usize + cap;
+        let mut next = |w: &mut RingWriter, f: &Frame| {
+            assert!(OutFrame::new(f.clone()).write_to(w).unwrap().1);
+            reading.read_from(&mut r).unwrap().1.unwrap()
+        };
+        let (a, b, c) = (frame(1, 300 << 10), frame(2, 300 << 10), frame(3, 100));
+        let got_a = next(&mut w, &a);
+        let got_b = next(&mut w, &b);
+        let got_c = next(&mut w, &c);
+        assert!(data.contains(&(got_a.payload.as_ptr() as usize)), "a is lent from the ring");
+        assert!(data.contains(&(got_b.payload.as_ptr() as usize)), "b is lent from the ring");
+        assert!(!data.contains(&(got_c.payload.as_ptr() as usize)), "a small payload is copied");
+        assert_eq!((loans.out(), watch.has_data()), (2, false), "all read, two payloads out");
+        let used = |w: &RingWriter| cap - w.free().unwrap();
+        // a's prefix came back when it was read (no loan before it); from a's payload on,
+        // nothing while a is out.
+        let all = 2 * PREFIX_LEN + (600 << 10) + 100;
+        assert_eq!(used(&w), all, "nothing given back while a is out");
+        drop(got_b);
+        assert_eq!(used(&w), all, "b's room waits for a, which comes before it");
+        // The writer fills what is free; a's bytes do not move.
+        let filler = frame(4, cap - all - PREFIX_LEN);
+        assert!(OutFrame::new(filler.clone()).write_to(&mut w).unwrap().1);
+        assert_eq!(w.free().unwrap(), 0);
+        assert_eq!(got_a, a, "a lent payload is intact while the writer fills the ring");
+        drop(got_a);
+        assert_eq!(used(&w), PREFIX_LEN + filler.payload.len(), "a, b and c given back at once");
+        assert_eq!(loans.out(), 0);
+        assert!(watch.has_data(), "the filler is waiting");
+        assert_eq!(reading.read_from(&mut r).unwrap().1.unwrap(), filler);
+        assert_eq!(got_c, c);
     }
 
     #[test]

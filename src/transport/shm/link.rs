@@ -29,7 +29,7 @@ use tokio::sync::{watch, Notify};
 
 use super::frames::{InFrame, OutFrame};
 use super::futex;
-use super::ring::{ends, watch as ring_watch, RingReader, RingWatch, RingWriter};
+use super::ring::{ends, watch as ring_watch, watch_reading, RingReader, RingWatch, RingWriter};
 use super::segment::{Mapping, Side};
 use crate::transport::{Frame, Header, Link, LinkError};
 
@@ -237,6 +237,8 @@ impl ShmLink {
             Side::Connector => (0, 1),
             Side::Acceptor => (1, 0),
         };
+        let reader = ends(&map, in_index).1;
+        let incoming = watch_reading(&reader);
         let shared = Arc::new(Shared {
             map: map.clone(),
             side,
@@ -244,7 +246,7 @@ impl ShmLink {
             failed: Mutex::new(None),
             closed: watch::channel(false).0,
             tx: Mutex::new(Tx { ring: ends(&map, out_index).0, pending: None, lent: false }),
-            rx: Mutex::new(Rx { ring: ends(&map, in_index).1, frame: InFrame::new(max_frame_bytes) }),
+            rx: Mutex::new(Rx { ring: reader, frame: InFrame::new(max_frame_bytes) }),
             tx_asked: AtomicU32::new(0),
             tx_wanted: AtomicBool::new(false),
             tx_room: Notify::new(),
@@ -255,7 +257,7 @@ impl ShmLink {
         });
         let (s, outgoing) = (shared.clone(), ring_watch(&map, out_index));
         std::thread::Builder::new().name("phalanx-shm-tx".into()).spawn(move || write_loop(&s, outgoing))?;
-        let (s, incoming) = (shared.clone(), ring_watch(&map, in_index));
+        let s = shared.clone();
         let spawned = std::thread::Builder::new().name("phalanx-shm-rx".into()).spawn(move || read_loop(&s, incoming));
         if let Err(e) = spawned {
             // The writer thread ends on the close.
@@ -406,6 +408,10 @@ impl Link for ShmLink {
         if let Some(net) = &self.net {
             net.close();
         }
+    }
+
+    fn lends_frames(&self) -> bool {
+        true
     }
 }
 

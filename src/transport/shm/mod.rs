@@ -33,20 +33,25 @@
 //! - **No spinning, no blocked runtime**: waits are futex waits with a bounded timeout
 //!   on two threads per link ([`link`]), never on the async runtime's workers.
 //!
-//! A frame's bytes are copied twice: into the ring by the sender, straight from the
-//! caller's buffer when the executor sends them (`Link::send_slice`), and out of it by
-//! the receiver, into a buffer the executor reduces from; a large frame's buffer comes
-//! back to the link when the frame is dropped, so it is not a fresh mapping that faults
-//! in page by page. QUIC copies, encrypts and passes them through the kernel.
-//! Reducing straight out of the peer's ring would save the second copy but pins ring
-//! space for as long as the executor holds a frame, which the demultiplexer's
-//! per-collective queues can make long enough to stall the sender; not done.
+//! A frame's bytes are copied once on the way: into the ring by the sender, straight
+//! from the caller's buffer when the executor sends them (`Link::send_slice`). A large
+//! frame that the receiver finds whole and in one piece in its ring is not copied out:
+//! its payload is lent as a `Bytes` over the ring's memory, and the executor reduces or
+//! copies from the peer's ring into the caller's buffer; the ring's room comes back to
+//! the sender when the payload is dropped, in ring order ([`loan`]). Whoever holds a
+//! payload beyond the moment it consumes it copies it first
+//! ([`Link::lends_frames`](super::Link::lends_frames)), so a held frame never stalls
+//! the sender. Other frames (small ones, one that wraps around the ring's end, one larger
+//! than the ring) are copied out into a buffer that comes back to the link when the
+//! frame is dropped, so it is not a fresh mapping that faults in page by page. QUIC
+//! copies, encrypts and passes them through the kernel.
 //!
 //! Caveats: a peer on the same host must be trusted with the memory it shares (it
 //! authenticated as a member over the network link first); a peer that shrank the
-//! segment file could make this process fault on access, which the protocol cannot
-//! rule out. In one process (tests) both ends work as well, with the pidfd of the
-//! process itself never firing.
+//! segment file could make this process fault on access, and one that wrote into ring
+//! bytes it had published could change a lent payload while it is read, which the
+//! protocol cannot rule out. In one process (tests) both ends work as well, with the
+//! pidfd of the process itself never firing.
 
 pub mod endpoint;
 mod frames;
@@ -54,6 +59,7 @@ mod futex;
 mod hello;
 pub mod link;
 mod liveness;
+mod loan;
 mod ring;
 mod segment;
 #[cfg(test)]
@@ -97,9 +103,11 @@ impl std::str::FromStr for SharedMemory {
     }
 }
 
-/// Bytes of each ring (one per direction) by default: 16 frames of the default 256 KiB
-/// chunk, so a pipeline of chunks keeps flowing while the receiver reduces one.
-pub const DEFAULT_RING_BYTES: usize = 4 << 20;
+/// Bytes of each ring (one per direction) by default: 32 frames of the default 256 KiB
+/// chunk. Lent payloads keep their room until the executor has reduced them, and the
+/// demultiplexer may queue 16 (4 MiB); twice that keeps the sender writing meanwhile
+/// (4 MiB rings made the senders wait twice as often; `docs/PERF.md`).
+pub const DEFAULT_RING_BYTES: usize = 8 << 20;
 
 /// Settings of a [`ShmEndpoint`].
 #[derive(Clone, Debug)]

@@ -20,7 +20,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::futex;
+use super::loan::Loans;
 use super::segment::Mapping;
 
 /// The shared state of one ring: each index on its own cache line with the futex word
@@ -127,8 +130,10 @@ pub(crate) struct RingWriter {
 /// The reading side of a ring.
 pub(crate) struct RingReader {
     mem: RingMem,
-    /// Our read index.
+    /// Our read index: what we have read, copied or lent. The shared one is published
+    /// through `loans`, up to the first payload still lent.
     read: u64,
+    loans: Arc<Loans>,
 }
 
 /// The writer and the reader of ring `index` of `map`, starting at the indices the
@@ -137,7 +142,8 @@ pub(crate) fn ends(map: &Arc<Mapping>, index: usize) -> (RingWriter, RingReader)
     let mem = || RingMem { map: map.clone(), index, cap: map.ring_bytes() };
     let ctl = map.ring_ctl(index);
     let writer = RingWriter { written: ctl.write.load(Ordering::Acquire), mem: mem() };
-    let reader = RingReader { read: ctl.read.load(Ordering::Acquire), mem: mem() };
+    let read = ctl.read.load(Ordering::Acquire);
+    let reader = RingReader { read, mem: mem(), loans: Loans::new(map.clone(), index, read) };
     (writer, reader)
 }
 
@@ -213,16 +219,33 @@ impl RingReader {
         Ok(n)
     }
 
-    /// Gives the room of `bytes` read by [`RingReader::read`] back to the writer and
-    /// wakes it.
+    /// Gives the room of `bytes` read by [`RingReader::read`] back to the writer (once
+    /// no payload before them is lent) and wakes it.
     pub(crate) fn consume(&mut self, bytes: usize) {
         if bytes == 0 {
             return;
         }
         self.read += bytes as u64;
-        let ctl = self.mem.ctl();
-        ctl.read.store(self.read, Ordering::Release);
-        futex::bump_and_wake(&ctl.consumed);
+        self.loans.advance(self.read);
+    }
+
+    /// Consumes the `*unconsumed` bytes read so far and lends the next `len` published
+    /// bytes as a payload, when all of them are published and do not wrap around the
+    /// ring's end; `None` (nothing consumed) otherwise. See [`super::loan`].
+    pub(crate) fn lend(&mut self, unconsumed: &mut usize, len: usize) -> Result<Option<Bytes>, Corrupt> {
+        let at = self.read + *unconsumed as u64;
+        let start = (at % self.mem.cap as u64) as usize;
+        if self.available()? - *unconsumed < len || start + len > self.mem.cap {
+            return Ok(None);
+        }
+        self.consume(std::mem::take(unconsumed));
+        self.read += len as u64;
+        Ok(Some(self.loans.lend(start, len, self.read)))
+    }
+
+    /// The loans of this reader, for the thread that waits for its data.
+    pub(crate) fn loans(&self) -> Arc<Loans> {
+        self.loans.clone()
     }
 }
 
@@ -230,11 +253,22 @@ impl RingReader {
 /// bytes are waiting to be consumed, and the futex word to sleep on until they are.
 pub(crate) struct RingWatch {
     mem: RingMem,
+    /// The reader's loans, whose position says what it has read (the shared read index
+    /// lags behind while payloads are lent); `None` on the writing side.
+    loans: Option<Arc<Loans>>,
 }
 
-/// A watch of ring `index` of `map`.
+/// A watch of ring `index` of `map`, for its writing side.
 pub(crate) fn watch(map: &Arc<Mapping>, index: usize) -> RingWatch {
-    RingWatch { mem: RingMem { map: map.clone(), index, cap: map.ring_bytes() } }
+    RingWatch { mem: RingMem { map: map.clone(), index, cap: map.ring_bytes() }, loans: None }
+}
+
+/// A watch of the ring `reader` reads.
+pub(crate) fn watch_reading(reader: &RingReader) -> RingWatch {
+    RingWatch {
+        mem: RingMem { map: reader.mem.map.clone(), index: reader.mem.index, cap: reader.mem.cap },
+        loans: Some(reader.loans()),
+    }
 }
 
 impl RingWatch {
@@ -243,10 +277,14 @@ impl RingWatch {
         self.mem.ctl().written.load(Ordering::Acquire)
     }
 
-    /// Whether the writer has published bytes the reader has not consumed.
+    /// Whether the writer has published bytes the reader has not read.
     pub(crate) fn has_data(&self) -> bool {
         let ctl = self.mem.ctl();
-        ctl.write.load(Ordering::Acquire) != ctl.read.load(Ordering::Acquire)
+        let read = match &self.loans {
+            Some(loans) => loans.parsed(),
+            None => ctl.read.load(Ordering::Acquire),
+        };
+        ctl.write.load(Ordering::Acquire) != read
     }
 
     /// Sleeps until the writer publishes (or `timeout`), unless the word moved past `seen`.
