@@ -80,7 +80,7 @@ impl Undo {
                 Some(r) => r.start.min(end),
                 None => end,
             };
-            self.saved[from..gap_end].copy_from_slice(&current[from - at..gap_end - at]);
+            copy_streaming(&mut self.saved[from..gap_end], &current[from - at..gap_end - at]);
             self.insert(from..gap_end);
             i = self.ranges.partition_point(|r| r.end < gap_end);
             from = gap_end;
@@ -113,9 +113,59 @@ impl Undo {
     }
 }
 
+/// Copies `src` into `dst` (of the same length), writing around the caches where the
+/// platform can: the saved bytes are read again only after a failure, so a normal copy
+/// would only evict the chunks the executor is working on, and pay to read each
+/// destination line before writing it. A chunk saved and then reduced ran 1.3× faster
+/// this way on the 2-vCPU Xeon (`docs/PERF.md`, "What a call saves before it writes").
+fn copy_streaming(dst: &mut [u8], src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() >= STREAMING_MIN && dst.len() == src.len() {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        let len = dst.len();
+        // Non-temporal stores need 16-byte aligned destinations: a plain copy does the
+        // bytes before the first aligned one and after the last whole 16.
+        let head = dst.as_ptr().align_offset(16).min(len);
+        let body = (len - head) / 16 * 16;
+        dst[..head].copy_from_slice(&src[..head]);
+        // SAFETY: SSE2 is part of the x86_64 baseline, so the intrinsics exist on every
+        // CPU this code runs on. `dst[head..head + body]` and `src[head..head + body]` are
+        // in bounds (`head + body <= len`), `dst + head` is 16-byte aligned (as
+        // `_mm_stream_si128` requires) and every store is 16 bytes at a multiple of 16
+        // from it; loads are unaligned. `dst` is borrowed mutably and `src` shared, so
+        // they do not overlap. The fence orders the streaming stores before whatever
+        // follows (a restore may run on another thread after this task moves).
+        unsafe {
+            let d = dst.as_mut_ptr().add(head).cast::<__m128i>();
+            let s = src.as_ptr().add(head).cast::<__m128i>();
+            for i in 0..body / 16 {
+                _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i)));
+            }
+            _mm_sfence();
+        }
+        dst[head + body..].copy_from_slice(&src[head + body..]);
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
+/// Copies shorter than this are plain copies: small enough to stay in cache anyway.
+const STREAMING_MIN: usize = 16 << 10;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streaming_copy_copies_every_byte_whatever_the_alignment() {
+        let src: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        for (at, len) in [(0, 100_000), (1, 70_001), (7, STREAMING_MIN), (15, STREAMING_MIN + 17), (3, 100)] {
+            let mut dst = vec![0u8; 100_016];
+            copy_streaming(&mut dst[at..at + len], &src[..len]);
+            assert_eq!(&dst[at..at + len], &src[..len], "at {at}, len {len}");
+            assert!(dst[..at].iter().chain(&dst[at + len..]).all(|&b| b == 0), "nothing outside, at {at}");
+        }
+    }
 
     #[test]
     fn each_byte_keeps_its_first_content_and_only_saved_bytes_are_restored() {
