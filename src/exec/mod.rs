@@ -408,23 +408,23 @@ impl<'a> Ctx<'a> {
     async fn recv_region(&self, from: Rank, base: usize, region: &mut [u8], action: Action) -> Result<()> {
         if self.call.delivery == Delivery::OnSuccess {
             // Checked in `Ctx::new`: plain frames that are copied, so a frame is the bytes.
-            let lends = self.link(from)?.lends_frames();
             for chunk in self.chunks(region.len()) {
                 let frame = self.recv_frame(from, chunk.len()).await?;
                 let at = base + chunk.start..base + chunk.end;
-                let payload = owned(frame.payload, lends);
+                // Asked once a frame came: a link set up on first use knows only then.
+                let payload = owned(frame.payload, self.link(from)?.lends_frames());
                 self.held.lock().unwrap_or_else(|e| e.into_inner()).push((at, payload));
             }
             return Ok(());
         }
         // Only coded frames are kept (see the module docs): raw bytes are in the buffer.
         let keep = action == Action::CopyKeep && self.wire != Wire::Raw;
-        let lends = keep && self.link(from)?.lends_frames();
         let mut frames = Vec::new();
         for chunk in self.chunks(region.len()) {
             let frame = self.recv_chunk(from, base + chunk.start, &mut region[chunk], action).await?;
             if keep {
-                frames.push(owned(frame, lends));
+                // Asked once a frame came: a link set up on first use knows only then.
+                frames.push(owned(frame, self.link(from)?.lends_frames()));
             }
         }
         if keep {
