@@ -23,10 +23,12 @@ import tempfile
 
 
 def rows(report):
-    """Every measured row of a bench JSON report, with its collective named."""
-    if report.get("collectives"):
-        return report["collectives"]
-    return [dict(r, collective="all-reduce") for r in report.get("allreduce", [])]
+    """Every measured row of a bench JSON report, with its collective named: the
+    all-reduce rows from `allreduce` (they carry the CPU figures), the others from
+    `collectives`."""
+    allreduce = [dict(r, collective="all-reduce") for r in report.get("allreduce", [])]
+    others = [r for r in report.get("collectives", []) if r["collective"] != "all-reduce"]
+    return allreduce + others
 
 
 def main():
