@@ -277,12 +277,8 @@ impl AsyncPeer {
     /// Runs one collective on `buf`, restoring it on error, with retries as the policy
     /// says.
     pub(crate) async fn run(&mut self, spec: CallSpec<'_>, scope: Scope<'_>, buf: &mut [u8]) -> Result<()> {
-        // Taken out so that a cancelled call leaves no half-saved state behind.
-        let mut undo = std::mem::take(&mut self.undo);
-        undo.begin(buf.len());
-        let result = self.ops.with_retry(spec, scope, buf, &mut undo, self.retry, self.wait_for_view).await;
-        self.undo = undo;
-        result
+        self.undo.begin(buf.len());
+        self.ops.with_retry(spec, scope, buf, &mut self.undo, self.retry, self.wait_for_view).await
     }
 
     /// For a collective made of several (a composite, such as a sparse all-reduce) that

@@ -411,8 +411,7 @@ impl<'a> Ctx<'a> {
             for chunk in self.chunks(region.len()) {
                 let frame = self.recv_frame(from, chunk.len()).await?;
                 let at = base + chunk.start..base + chunk.end;
-                // Asked once a frame came: a link set up on first use knows only then.
-                let payload = owned(frame.payload, self.link(from)?.lends_frames());
+                let payload = self.owned(from, frame.payload)?;
                 self.held.lock().unwrap_or_else(|e| e.into_inner()).push((at, payload));
             }
             return Ok(());
@@ -423,14 +422,21 @@ impl<'a> Ctx<'a> {
         for chunk in self.chunks(region.len()) {
             let frame = self.recv_chunk(from, base + chunk.start, &mut region[chunk], action).await?;
             if keep {
-                // Asked once a frame came: a link set up on first use knows only then.
-                frames.push(owned(frame, self.link(from)?.lends_frames()));
+                frames.push(self.owned(from, frame)?);
             }
         }
         if keep {
             self.kept.lock().unwrap_or_else(|e| e.into_inner()).insert(base..base + region.len(), frames);
         }
         Ok(())
+    }
+
+    /// `payload`, received from `from`, to keep beyond this chunk: copied when the link
+    /// lent it from its own buffer ([`Link::lends_frames`]), which the peer cannot reuse
+    /// while it is held (a whole segment of kept frames would stall the sender). Asked
+    /// once a frame came: a link set up on its first use knows only then.
+    fn owned(&self, from: Rank, payload: Bytes) -> Result<Bytes> {
+        Ok(if self.link(from)?.lends_frames() { Bytes::copy_from_slice(&payload) } else { payload })
     }
 
     /// Receives one chunk (at byte `at` of the buffer), applies `action` to it and
@@ -490,17 +496,6 @@ impl<'a> Ctx<'a> {
             }
             return Ok(frame);
         }
-    }
-}
-
-/// A received payload to keep beyond this chunk: copied when `lent` from the link's
-/// own buffer ([`Link::lends_frames`]), which the peer cannot reuse while it is held
-/// (a whole segment of kept frames would stall the sender).
-fn owned(payload: Bytes, lent: bool) -> Bytes {
-    if lent {
-        Bytes::copy_from_slice(&payload)
-    } else {
-        payload
     }
 }
 
