@@ -4,9 +4,9 @@
 //! allocator, a fresh mapping, faulted in page by page on its first write and unmapped
 //! when freed: in `perf`, about a tenth of a shared-memory or TCP all-reduce's CPU went
 //! to those faults. A link instead reads each large frame it receives into a buffer of
-//! its pool, which the frame gives back when its last [`Bytes`] is dropped; a TCP link
-//! also copies the chunks it sends into pooled buffers, which its writer task gives back
-//! once they are on the socket. A frame someone holds keeps its buffer; the pool only
+//! its pool, which the frame gives back when its last [`Bytes`] is dropped; a TLS link
+//! also seals the chunks it sends in pooled buffers, which it takes back once they are
+//! on the socket. A frame someone holds keeps its buffer; the pool only
 //! gets back what is let go, and keeps at most a byte budget of free buffers.
 //!
 //! A receiving link's pool needs about as many buffers as frames are out at once: the

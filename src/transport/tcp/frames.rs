@@ -1,16 +1,16 @@
-//! How frames cross a TCP connection: [`FrameWriter`] and [`FrameReader`], the two ends
-//! a link's tasks drive. [`StreamWriter`]/[`StreamReader`] write and read them as they
-//! are (plaintext TCP); `sealed` seals each in AEAD records (TLS).
+//! How frames are read off a TCP connection: [`FrameReader`], what a link's reader task
+//! drives. [`StreamReader`] reads them as they are (plaintext TCP); `sealed` opens the
+//! AEAD records of TLS links. Frames are written by `writer`.
 
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::transport::buffers::{BufferPool, RECEIVE_POOL_BYTES};
-use crate::transport::{decode_prefix, encode_prefix, Frame, LinkError, PREFIX_LEN};
+use crate::transport::{decode_prefix, Frame, LinkError, PREFIX_LEN};
 
 /// The reader asks the socket for at least this much at a time.
 pub(super) const READ_CHUNK: usize = 256 << 10;
@@ -18,30 +18,10 @@ pub(super) const READ_CHUNK: usize = 256 << 10;
 /// larger ones get a buffer of their own that the socket fills directly.
 pub(super) const SMALL_PAYLOAD: usize = 64 << 10;
 
-/// Writes whole frames on one connection.
-pub(super) trait FrameWriter: Send + 'static {
-    /// Writes `frame` and flushes it. Returns the payload's buffer where this writer
-    /// ended up its only holder, for reuse.
-    fn write_frame(&mut self, frame: Frame) -> impl Future<Output = std::io::Result<Option<BytesMut>>> + Send;
-}
-
 /// Reads whole frames from one connection.
 pub(super) trait FrameReader: Send + 'static {
     /// Reads the next frame, refusing one above `max_frame_bytes` before allocating.
     fn read_frame(&mut self, max_frame_bytes: usize) -> impl Future<Output = Result<Frame, LinkError>> + Send;
-}
-
-/// Frames as they are: header, length and payload in one vectored write.
-pub(super) struct StreamWriter<W>(pub(super) W);
-
-impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
-    async fn write_frame(&mut self, frame: Frame) -> std::io::Result<Option<BytesMut>> {
-        let prefix = encode_prefix(&frame);
-        let mut bytes = Buf::chain(&prefix[..], &frame.payload[..]);
-        self.0.write_all_buf(&mut bytes).await?;
-        self.0.flush().await?;
-        Ok(frame.payload.try_into_mut().ok())
-    }
 }
 
 /// Frames as they are, read through a buffer of [`READ_CHUNK`].

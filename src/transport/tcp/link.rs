@@ -1,5 +1,6 @@
 //! [`TcpLink`]: one end of a TCP link (TLS or plaintext), its [`Link`] implementation,
-//! and the two tasks that write and read the length-prefixed frames on the connection.
+//! and the task that reads the length-prefixed frames off the connection (senders write
+//! their own: `writer`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,20 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
-use super::frames::{FrameReader, FrameWriter, StreamReader, StreamWriter};
+use super::frames::{FrameReader, StreamReader};
+use super::sealed::Sealer;
+use super::writer::{Payload, Writer};
 use super::TcpSecurity;
-use crate::transport::buffers::BufferPool;
 use crate::transport::{Frame, Header, Link, LinkError};
 
-/// How many free bytes a link keeps for the chunks `send_slice` copies: four default
-/// chunks; at most two are out at once (one in the writer's channel, one on the socket).
-pub(super) const SEND_POOL_BYTES: usize = 1 << 20;
-
-/// What the two tasks and the link share: whether the link is down, and why.
+/// What the reader task, the senders and the link share: whether the link is down, and
+/// why.
 struct Down {
     /// Set by [`Link::close`], by dropping the link, or by a task that failed.
     flag: watch::Sender<bool>,
@@ -47,13 +46,11 @@ impl Down {
 
 /// One end of a TCP link; see the [module docs](super).
 ///
-/// A writer task, fed by `send` through a one-frame channel, and a reader task, feeding
-/// `recv` through a one-frame channel, own the connection's two halves, so that `send`
-/// and `recv` are cancel-safe: a cancelled call has handed over a whole frame or none.
+/// Senders write to the connection themselves, one frame at a time ([`Writer`]); a
+/// reader task feeds `recv` through a one-frame channel. Both are cancel-safe: a
+/// cancelled call has handed over a whole frame or none.
 pub struct TcpLink {
-    sender: mpsc::Sender<Frame>,
-    /// The buffers `send_slice` copies into, given back by the writer task.
-    pub(super) send_buffers: Arc<BufferPool>,
+    pub(super) writer: Arc<Writer>,
     receiver: tokio::sync::Mutex<mpsc::Receiver<Result<Frame, LinkError>>>,
     down: Arc<Down>,
     max_frame_bytes: usize,
@@ -72,26 +69,24 @@ impl fmt::Debug for TcpLink {
 }
 
 impl TcpLink {
-    /// Starts the link's tasks on the two halves of an authenticated connection, frames
-    /// as they are (plaintext).
-    pub(super) fn new<R, W>(
-        read: R,
-        write: W,
+    /// Starts the link on the two halves of an authenticated connection, frames as they
+    /// are (plaintext).
+    pub(super) fn new(
+        read: impl AsyncRead + Unpin + Send + 'static,
+        write: OwnedWriteHalf,
         max_frame_bytes: usize,
         peer: SocketAddr,
         security: TcpSecurity,
-    ) -> TcpLink
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
-        TcpLink::start(StreamReader::new(read), StreamWriter(write), max_frame_bytes, peer, security)
+    ) -> TcpLink {
+        TcpLink::start(StreamReader::new(read), write, None, max_frame_bytes, peer, security)
     }
 
-    /// Starts the link's tasks on a frame reader and writer.
+    /// Starts the link on a frame reader and the sending half, sealed with `sealer` when
+    /// the link is encrypted.
     pub(super) fn start(
         read: impl FrameReader,
-        write: impl FrameWriter,
+        write: OwnedWriteHalf,
+        sealer: Option<Sealer>,
         max_frame_bytes: usize,
         peer: SocketAddr,
         security: TcpSecurity,
@@ -101,20 +96,11 @@ impl TcpLink {
             reason: StdMutex::new(None),
             local: AtomicBool::new(false),
         });
-        let (frame_tx, frame_rx) = mpsc::channel(1);
         let (got_tx, got_rx) = mpsc::channel(1);
-        let send_buffers = BufferPool::new(SEND_POOL_BYTES);
-        tokio::spawn(write_loop(write, frame_rx, send_buffers.clone(), down.clone()));
+        let writer = Arc::new(Writer::new(write, sealer, down.flag.subscribe()));
+        tokio::spawn(shut_when_down(writer.clone(), down.flag.subscribe()));
         tokio::spawn(read_loop(read, got_tx, max_frame_bytes, down.clone()));
-        TcpLink {
-            sender: frame_tx,
-            send_buffers,
-            receiver: tokio::sync::Mutex::new(got_rx),
-            down,
-            max_frame_bytes,
-            peer,
-            security,
-        }
+        TcpLink { writer, receiver: tokio::sync::Mutex::new(got_rx), down, max_frame_bytes, peer, security }
     }
 
     /// The peer's address.
@@ -128,6 +114,30 @@ impl TcpLink {
     }
 }
 
+impl TcpLink {
+    /// Writes one frame on the connection, or fails once the link is down.
+    async fn write(&self, header: Header, payload: Payload<'_>) -> Result<(), LinkError> {
+        let len = Header::LEN.saturating_add(payload.len());
+        if len > self.max_frame_bytes {
+            return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
+        }
+        let mut down = self.down.flag.subscribe();
+        if *down.borrow_and_update() {
+            return Err(self.down.error());
+        }
+        // A send waiting for room gives up when the link goes down (a partitioned peer
+        // never makes room), and lets the connection be shut.
+        let written = tokio::select! {
+            written = self.writer.write(header, payload) => written,
+            _ = down.wait_for(|d| *d) => return Err(self.down.error()),
+        };
+        written.map_err(|e| {
+            self.down.fail(format!("connection lost while sending: {e}"));
+            self.down.error()
+        })
+    }
+}
+
 impl Drop for TcpLink {
     fn drop(&mut self) {
         self.close();
@@ -137,23 +147,12 @@ impl Drop for TcpLink {
 #[async_trait]
 impl Link for TcpLink {
     async fn send(&self, frame: Frame) -> Result<(), LinkError> {
-        let len = Header::LEN.saturating_add(frame.payload.len());
-        if len > self.max_frame_bytes {
-            return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
-        }
-        if *self.down.flag.borrow() {
-            return Err(self.down.error());
-        }
-        // Cancel-safe: a cancelled `send` queues nothing. Fails once the writer is gone.
-        self.sender.send(frame).await.map_err(|_| self.down.error())
+        self.write(frame.header, Payload::Owned(frame.payload)).await
     }
 
-    /// Copies `payload` into a buffer the writer task gives back once the frame is on the
-    /// socket (see [`BufferPool`]): the copy `send` needs, without a fresh mapping each time.
+    /// Writes `payload` from where it lies (plaintext), or seals a copy of it (TLS).
     async fn send_slice(&self, header: Header, payload: &[u8]) -> Result<(), LinkError> {
-        let mut buf = self.send_buffers.take(payload.len());
-        buf.extend_from_slice(payload);
-        self.send(Frame { header, payload: Bytes::from(buf) }).await
+        self.write(header, Payload::Slice(payload)).await
     }
 
     async fn recv(&self) -> Result<Frame, LinkError> {
@@ -189,42 +188,11 @@ impl Link for TcpLink {
     }
 }
 
-/// Writes frames until the link goes down; then drops its half of the connection. The
-/// payload buffers it ends up holding alone go back to `buffers`.
-async fn write_loop(
-    mut write: impl FrameWriter,
-    mut frames: mpsc::Receiver<Frame>,
-    buffers: Arc<BufferPool>,
-    down: Arc<Down>,
-) {
-    let mut stop = down.flag.subscribe();
-    loop {
-        let frame = tokio::select! {
-            frame = frames.recv() => frame,
-            _ = stop.wait_for(|d| *d) => return,
-        };
-        let Some(frame) = frame else {
-            // The link was dropped.
-            down.fail("the link was dropped".into());
-            return;
-        };
-        let written = tokio::select! {
-            r = write.write_frame(frame) => r,
-            _ = stop.wait_for(|d| *d) => return,
-        };
-        match written {
-            Ok(Some(mut used)) => {
-                // Emptied first: the conversion to a `Vec` moves what is left to its front.
-                used.clear();
-                buffers.give(used.into());
-            }
-            Ok(None) => {}
-            Err(e) => {
-                down.fail(format!("connection lost while sending: {e}"));
-                return;
-            }
-        }
-    }
+/// Shuts the sending half once the link goes down (closed here or broken): the peer
+/// reads the end of the stream.
+async fn shut_when_down(writer: Arc<Writer>, mut down: watch::Receiver<bool>) {
+    let _ = down.wait_for(|d| *d).await;
+    writer.shut().await;
 }
 
 /// Reads frames and hands them to `recv` until the link goes down or the connection

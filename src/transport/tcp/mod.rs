@@ -48,8 +48,10 @@
 //!
 //! The link's buffer is the kernel's: [`TcpConfig::socket_buffer_bytes`] of send and of
 //! receive buffer per connection (4 MiB by default; Linux doubles it), plus one frame
-//! queued and one being written on the sending side and one being read and one queued
-//! on the receiving side, so a fast sender waits for a slow receiver. Frames above
+//! being read and one queued on the receiving side, so a fast sender waits for a slow
+//! receiver. A sender writes its frame to the socket itself (no task between the caller
+//! and the kernel), one frame at a time; a send that waits for room waits inside its
+//! frame, and one cancelled there still hands the whole frame over (`writer`). Frames above
 //! [`TcpConfig::max_frame_bytes`] are refused from their length prefix, before anything
 //! is allocated, and close the link. Setups are bounded in number
 //! ([`MAX_PENDING_HANDSHAKES`]) and time ([`TcpConfig::handshake_timeout`]).
@@ -67,6 +69,7 @@ mod sealed;
 mod setup;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -23,10 +23,10 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::frames::{fill, mid_frame, read_exactly, Chunk, FrameReader, FrameWriter, SMALL_PAYLOAD};
+use super::frames::{fill, mid_frame, read_exactly, Chunk, FrameReader, SMALL_PAYLOAD};
 use super::TcpError;
 use crate::transport::buffers::{BufferPool, RECEIVE_POOL_BYTES};
-use crate::transport::{decode_prefix, encode_prefix, Frame, LinkError, PREFIX_LEN};
+use crate::transport::{decode_prefix, Frame, LinkError, PREFIX_LEN};
 
 /// The AEAD tag after each record's ciphertext.
 pub(super) const TAG_LEN: usize = 16;
@@ -107,7 +107,8 @@ impl Opener {
     }
 }
 
-/// Writes frames as sealed records; see the module docs.
+/// Writes sealed records during the setup (the server's acknowledgement), before the
+/// link's [`Writer`](super::writer::Writer) takes the half and the sealer.
 pub(super) struct SealedWriter<W> {
     write: W,
     sealer: Sealer,
@@ -116,6 +117,11 @@ pub(super) struct SealedWriter<W> {
 impl<W> SealedWriter<W> {
     pub(super) fn new(write: W, sealer: Sealer) -> SealedWriter<W> {
         SealedWriter { write, sealer }
+    }
+
+    /// The connection's half and the sealer, for the link's [`Writer`](super::writer::Writer).
+    pub(super) fn into_parts(self) -> (W, Sealer) {
+        (self.write, self.sealer)
     }
 }
 
@@ -132,29 +138,6 @@ impl<W: AsyncWrite + Unpin + Send + 'static> SealedWriter<W> {
         let mut data = data.to_vec();
         self.record(&mut data).await?;
         self.write.flush().await
-    }
-}
-
-impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for SealedWriter<W> {
-    async fn write_frame(&mut self, frame: Frame) -> std::io::Result<Option<BytesMut>> {
-        let prefix = encode_prefix(&frame);
-        let used = if frame.payload.len() <= SMALL_PAYLOAD {
-            let mut one = Vec::with_capacity(PREFIX_LEN + frame.payload.len());
-            one.extend_from_slice(&prefix);
-            one.extend_from_slice(&frame.payload);
-            self.record(&mut one).await?;
-            None
-        } else {
-            let mut prefix = prefix;
-            self.record(&mut prefix).await?;
-            // The executor's payload is this frame's alone: sealed where it lies. A shared
-            // one is copied first (the copy rustls would make).
-            let mut payload = frame.payload.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            self.record(&mut payload).await?;
-            Some(payload)
-        };
-        self.write.flush().await?;
-        Ok(used)
     }
 }
 

@@ -101,7 +101,7 @@ impl Context {
                 let mut read = SealedReader::new(read, opener);
                 let ack = read.record(1).await.map_err(|e| TcpError::Protocol(format!("{peer}: {e}")))?;
                 check_ack(&ack, peer)?;
-                Ok(TcpLink::start(read, SealedWriter::new(write, sealer), cfg.max_frame_bytes, peer, cfg.security))
+                Ok(TcpLink::start(read, write, Some(sealer), cfg.max_frame_bytes, peer, cfg.security))
             }
             TcpSecurity::Plaintext => {
                 let ours = self.nonce()?;
@@ -169,7 +169,8 @@ impl Context {
                 let _ = write.send(&[if hello.is_ok() { ACK } else { NACK }]).await;
                 let hello = hello.map_err(|len| too_large(peer, len))?;
                 let read = SealedReader::new(read, opener);
-                Ok((TcpLink::start(read, write, cfg.max_frame_bytes, peer, cfg.security), hello))
+                let (write, sealer) = write.into_parts();
+                Ok((TcpLink::start(read, write, Some(sealer), cfg.max_frame_bytes, peer, cfg.security), hello))
             }
             TcpSecurity::Plaintext => {
                 let mut client = [0u8; NONCE_LEN];
