@@ -147,6 +147,15 @@ impl QuicConfig {
             .max_concurrent_bidi_streams(VarInt::from_u32(peer_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .datagram_receive_buffer_size(None);
+        // Ask the peer to acknowledge every 16 ack-eliciting packets (or after its ack
+        // delay) rather than every other one (the QUIC ACK frequency extension; both ends
+        // are quinn). The control plane sends a message or two per collective: with the
+        // default, about one packet in three was an ACK of its own, each a system call
+        // and a wake-up on both ends. Measured with 4 KiB all-reduces: -27 % UDP sends,
+        // -10 to -19 % time; 64 MiB over QUIC data links: +9 % (docs/PERF.md).
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(16));
+        t.ack_frequency_config(Some(ack));
         match self.congestion {
             Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
             Congestion::NewReno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
