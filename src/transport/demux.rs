@@ -8,6 +8,10 @@
 //!
 //! Frames for a collective this side has not started yet are held until it starts.
 //!
+//! A link that reads on a thread of its own (shared memory) takes the read task's place:
+//! [`Link::deliver_to`] gives it a [`FrameSink`], into which that thread queues each
+//! frame as the read task would, waiting the same way while a queue is full.
+//!
 //! # Backpressure
 //!
 //! Every collective's queue holds at most `capacity` frames ([`DEFAULT_QUEUE_FRAMES`]
@@ -36,7 +40,8 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
@@ -125,11 +130,13 @@ impl State {
     }
 }
 
-/// What the read task and the [`OpLink`]s share.
+/// What the read task (or the link's own thread) and the [`OpLink`]s share.
 struct Shared {
     state: Mutex<State>,
     /// Tells the read task that room was made: a frame was taken, or a queue ended.
     room: Notify,
+    /// The same, for a link's own thread waiting in [`FrameSink::deliver`].
+    room_sync: Condvar,
     capacity: usize,
     /// Where the link's frames are counted.
     counters: Arc<LinkCounters>,
@@ -139,13 +146,74 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Wakes whoever waits for room in a queue.
+    fn made_room(&self) {
+        self.room.notify_one();
+        self.room_sync.notify_all();
+    }
+
+    /// Queues `frame` for its collective, or drops it if that collective ended; hands it
+    /// back when the collective's queue is full.
+    fn queue(&self, st: &mut State, frame: Frame) -> Option<Frame> {
+        let key = (frame.header.epoch, frame.header.seq);
+        if st.is_stale(key) {
+            return None; // ended while we waited (or before): dropped, never waiting
+        }
+        let queue = st.queue(key);
+        if queue.frames.len() < self.capacity {
+            queue.frames.push_back(frame);
+            queue.arrived.notify_one();
+            return None;
+        }
+        Some(frame)
+    }
+
+    /// The link failed: frames already queued stay readable (a peer's last message
+    /// before it left still arrives); every reader waiting on an empty queue learns of
+    /// the closure.
+    fn failed(&self, e: LinkError) {
+        let mut st = self.lock();
+        st.closed = Some(e);
+        st.queues.values().for_each(|q| q.arrived.notify_one());
+    }
+}
+
+/// Where a link whose own thread reads its frames hands them ([`Link::deliver_to`]), in
+/// place of a [`Demux`]'s read task: one thread hand-off less per frame.
+#[derive(Clone)]
+pub struct FrameSink(Arc<Shared>);
+
+impl FrameSink {
+    /// Queues `frame` for its collective (or drops it, if that collective ended), waiting
+    /// while the collective's queue is full, as the read task does: that is what pushes
+    /// back on the sender. Gives up, dropping the frame, once `stop()` says so (checked at
+    /// least every 50 ms while waiting).
+    pub fn deliver(&self, frame: Frame, stop: impl Fn() -> bool) {
+        self.0.counters.received(&frame);
+        let mut st = self.0.lock();
+        let mut frame = frame;
+        while let Some(back) = self.0.queue(&mut st, frame) {
+            if stop() {
+                return;
+            }
+            frame = back;
+            st = self.0.room_sync.wait_timeout(st, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// The link failed with `e`; no frame follows.
+    pub fn failed(&self, e: LinkError) {
+        self.0.failed(e);
+    }
 }
 
 /// The receiving side of a shared link, split by collective.
 pub struct Demux {
     link: Arc<dyn Link>,
     shared: Arc<Shared>,
-    reader: tokio::task::JoinHandle<()>,
+    /// The read task; `None` where the link delivers its frames itself.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Demux {
@@ -164,15 +232,19 @@ impl Demux {
     }
 
     /// [`Demux::with_capacity`], counting every frame sent and received in `counters`
-    /// (which may outlive this link: a peer's counters survive a reconnection).
+    /// (which may outlive this link: a peer's counters survive a reconnection). A link
+    /// that delivers its frames from its own thread ([`Link::deliver_to`]) gets no read
+    /// task.
     pub fn counted(link: Arc<dyn Link>, capacity: usize, counters: Arc<LinkCounters>) -> Arc<Demux> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             room: Notify::new(),
+            room_sync: Condvar::new(),
             capacity: capacity.max(1),
             counters,
         });
-        let reader = tokio::spawn(read_loop(link.clone(), shared.clone()));
+        let delivered = link.deliver_to(FrameSink(shared.clone()));
+        let reader = (!delivered).then(|| tokio::spawn(read_loop(link.clone(), shared.clone())));
         Arc::new(Demux { link, shared, reader })
     }
 
@@ -206,7 +278,7 @@ impl Demux {
         if let Some(queue) = removed {
             State::ended(queue);
         }
-        self.shared.room.notify_one();
+        self.shared.made_room();
     }
 
     /// Drops every frame of epochs below `epoch`, queued or future.
@@ -222,7 +294,7 @@ impl Demux {
             stale.iter().filter_map(|k| st.queues.remove(k)).collect()
         };
         removed.into_iter().for_each(State::ended);
-        self.shared.room.notify_one();
+        self.shared.made_room();
     }
 
     /// Whether the underlying link has failed.
@@ -244,7 +316,9 @@ impl Demux {
 
 impl Drop for Demux {
     fn drop(&mut self) {
-        self.reader.abort();
+        if let Some(reader) = &self.reader {
+            reader.abort();
+        }
         self.link.close();
     }
 }
@@ -253,32 +327,16 @@ async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
     loop {
         let frame = match link.recv().await {
             Ok(frame) => frame,
-            Err(e) => {
-                // Frames already queued stay readable (a peer's last message before it
-                // left still arrives); every reader waiting on an empty queue learns
-                // of the closure.
-                let mut st = shared.lock();
-                st.closed = Some(e);
-                st.queues.values().for_each(|q| q.arrived.notify_one());
-                return;
-            }
+            Err(e) => return shared.failed(e),
         };
         shared.counters.received(&frame);
-        let key = (frame.header.epoch, frame.header.seq);
         // Until the frame is queued or dropped, this task reads nothing more: that is
         // what pushes back on the sender.
+        let mut frame = frame;
         loop {
-            {
-                let mut st = shared.lock();
-                if st.is_stale(key) {
-                    break; // ended while we waited (or before): dropped, never waiting
-                }
-                let queue = st.queue(key);
-                if queue.frames.len() < shared.capacity {
-                    queue.frames.push_back(frame);
-                    queue.arrived.notify_one();
-                    break;
-                }
+            match shared.queue(&mut shared.lock(), frame) {
+                None => break,
+                Some(back) => frame = back,
             }
             // A permit stored since the check (a frame taken, a queue ended) makes this
             // return at once, so no wake-up is lost between the unlock and the wait.
@@ -322,7 +380,7 @@ impl OpLink {
                     }
                 } else if let Some(frame) = queue.frames.pop_front() {
                     drop(st);
-                    self.demux.shared.room.notify_one();
+                    self.demux.shared.made_room();
                     return Ok(frame);
                 }
                 if st.closed.is_some() {
@@ -369,155 +427,5 @@ impl Link for OpLink {
 
     fn lends_frames(&self) -> bool {
         self.demux.link.lends_frames()
-    }
-}
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::transport::{mem, Header};
-    use bytes::Bytes;
-
-    fn frame(epoch: u64, seq: u64, index: u64) -> Frame {
-        Frame { header: Header { epoch, seq, call: 0, index }, payload: Bytes::new() }
-    }
-
-    #[tokio::test]
-    async fn frames_reach_their_collective_and_stale_ones_are_dropped() {
-        let (a, b) = mem::pair(16);
-        let demux = Demux::new(Arc::new(b));
-        let early = demux.op((1, 1));
-        demux.finish((1, 0));
-        for f in [frame(1, 0, 0), frame(1, 2, 0), frame(1, 1, 0), frame(0, 9, 0), frame(1, 1, 1)] {
-            a.send(f).await.expect("send");
-        }
-        assert_eq!(early.recv().await.expect("recv").header.index, 0);
-        assert_eq!(early.recv().await.expect("recv").header.index, 1);
-        // Seq 2 arrived before anyone asked for it; it waits.
-        let late = demux.op((1, 2));
-        assert_eq!(late.recv().await.expect("recv").header.seq, 2);
-        demux.raise_floor(2);
-        a.send(frame(1, 3, 0)).await.expect("send");
-        a.send(frame(2, 0, 0)).await.expect("send");
-        assert_eq!(demux.op((2, 0)).recv().await.expect("recv").header.epoch, 2);
-    }
-
-    #[tokio::test]
-    async fn counters_see_every_frame_both_ways() {
-        let (a, b) = mem::pair(16);
-        let counters = Arc::new(LinkCounters::default());
-        let (a, b) = (Demux::counted(Arc::new(a), 4, Arc::default()), Demux::counted(Arc::new(b), 4, counters.clone()));
-        let payload = |n: usize| Frame {
-            header: Header { epoch: 1, seq: 1, call: 0, index: 0 },
-            payload: Bytes::from(vec![7u8; n]),
-        };
-        let op = b.op((1, 1));
-        op.send(payload(10)).await.expect("send");
-        b.op((1, 2)).send(payload(0)).await.expect("send");
-        a.op((1, 1)).send(payload(5)).await.expect("send");
-        assert_eq!(op.recv().await.expect("recv").payload.len(), 5);
-        assert_eq!(counters.load(), (2, 10, 1, 5));
-    }
-
-    #[tokio::test]
-    async fn closure_reaches_every_collective() {
-        let (a, b) = mem::pair(16);
-        let demux = Demux::new(Arc::new(b));
-        let op = demux.op((0, 1));
-        drop(a);
-        assert!(matches!(op.recv().await, Err(LinkError::Closed(_))));
-        assert!(demux.is_closed());
-    }
-
-    /// Sends frames of `key` on `a` until one `send` stays blocked for 200 ms; returns
-    /// how many went in.
-    async fn fill(a: &dyn Link, key: OpKey, limit: u64) -> u64 {
-        let mut sent = 0;
-        while sent < limit {
-            let send = a.send(frame(key.0, key.1, sent));
-            if tokio::time::timeout(std::time::Duration::from_millis(200), send).await.is_err() {
-                break;
-            }
-            sent += 1;
-        }
-        sent
-    }
-
-    const LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
-
-    #[tokio::test]
-    async fn a_slow_consumer_bounds_what_the_demux_holds() {
-        const LINK: usize = 4;
-        const QUEUE: usize = 8;
-        tokio::time::timeout(LIMIT, async {
-            let (a, b) = mem::pair(LINK);
-            let demux = Demux::with_capacity(Arc::new(b), QUEUE);
-            let op = demux.op((1, 1));
-            // Nobody reads: the link's buffer, the frame in the read task's hand and the
-            // queue are all the sender gets to fill.
-            let sent = fill(&a, (1, 1), 1000).await;
-            assert!(sent as usize <= LINK + QUEUE + 1, "{sent} frames went into a link holding {LINK} + {QUEUE} + 1");
-            assert!(sent as usize >= QUEUE, "only {sent} frames went in");
-            assert_eq!(demux.queued_frames(), QUEUE);
-            // The consumer catches up: every frame arrives in order, and the sender goes on.
-            let total = sent + 3 * QUEUE as u64;
-            let send = async {
-                for i in sent..total {
-                    a.send(frame(1, 1, i)).await.expect("send");
-                }
-            };
-            let recv = async {
-                for i in 0..total {
-                    assert_eq!(op.recv().await.expect("recv").header.index, i);
-                }
-            };
-            tokio::join!(send, recv);
-        })
-        .await
-        .expect("test timed out");
-    }
-
-    #[tokio::test]
-    async fn ending_a_full_queue_unblocks_the_link() {
-        tokio::time::timeout(LIMIT, async {
-            let (a, b) = mem::pair(2);
-            let demux = Demux::with_capacity(Arc::new(b), 2);
-            // A collective that never drains its queue (say, it aborted): the link stalls
-            // behind it until it is finished, and then its frames are dropped.
-            let abandoned = demux.op((1, 1));
-            let sent = fill(&a, (1, 1), 100).await;
-            assert!(sent <= 5, "{sent} frames went in");
-            demux.finish((1, 1));
-            a.send(frame(1, 2, 0)).await.expect("send once the queue is gone");
-            assert_eq!(demux.op((1, 2)).recv().await.expect("recv").header.seq, 2);
-            assert!(matches!(abandoned.recv().await, Err(LinkError::Closed(_))));
-            // The same for frames of a collective this side never started, when a new
-            // view raises the floor above their epoch.
-            let sent = fill(&a, (1, 3), 100).await;
-            assert!(sent <= 5, "{sent} frames went in");
-            demux.raise_floor(2);
-            a.send(frame(2, 0, 0)).await.expect("send once the old epoch is dropped");
-            assert_eq!(demux.op((2, 0)).recv().await.expect("recv").header.epoch, 2);
-            assert_eq!(demux.queued_frames(), 0);
-        })
-        .await
-        .expect("test timed out");
-    }
-
-    #[tokio::test]
-    async fn queued_frames_stay_readable_after_the_link_closes() {
-        let (a, b) = mem::pair(4);
-        let demux = Demux::new(Arc::new(b));
-        a.send(frame(0, 1, 0)).await.expect("send");
-        drop(a);
-        tokio::time::timeout(LIMIT, async {
-            while !demux.is_closed() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("closure seen");
-        let op = demux.op((0, 1));
-        assert_eq!(op.recv().await.expect("recv").header.index, 0);
-        assert!(matches!(op.recv().await, Err(LinkError::Closed(_))));
     }
 }

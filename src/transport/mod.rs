@@ -10,6 +10,9 @@ pub(crate) mod auth;
 pub(crate) mod buffers;
 pub mod conformance;
 pub(crate) mod demux;
+#[cfg(test)]
+mod demux_tests;
+pub use demux::FrameSink;
 pub mod endpoint;
 pub mod mem;
 pub mod memnet;
@@ -154,6 +157,16 @@ pub trait Link: Send + Sync {
     /// then waits for more from the same link) copies it first when this is `true`;
     /// this default says `false`.
     fn lends_frames(&self) -> bool {
+        false
+    }
+
+    /// Hands every frame this link receives from now on to `sink`, from the link's own
+    /// thread, in place of `recv` (which then fails); returns whether it does. A
+    /// [`Demux`](demux::Demux) asks when it starts: a link that reads on a thread of its
+    /// own anyway (shared memory) saves the hand-off to the demultiplexer's task for each
+    /// frame. This default says no, and the demultiplexer reads with `recv`.
+    fn deliver_to(&self, sink: FrameSink) -> bool {
+        let _ = sink;
         false
     }
 }

@@ -13,6 +13,13 @@
 //! `send` and `recv` are cancel-safe: a cancelled `send` has handed over a whole frame
 //! or none, and a frame `recv` has partly read stays in the link for the next call.
 //!
+//! Under a demultiplexer ([`Link::deliver_to`], which every data link gets) `recv` is not
+//! used: the reader thread sleeps on the ring's futex word, reads each frame as soon as
+//! the peer publishes it and queues it for its collective, waking that collective's
+//! caller itself. A frame then costs two wake-ups (the reader thread, the caller) where
+//! `recv` under a read task cost four (the caller's ask, the publish, the task, the
+//! caller).
+//!
 //! The link is closed when either end closes it (a flag in the segment, and the
 //! futex words bumped so every waiter looks), when the peer process exits (see
 //! [`super::liveness`]), or when the ring is found corrupt. Frames the peer published
@@ -31,7 +38,7 @@ use super::frames::{InFrame, OutFrame};
 use super::futex;
 use super::ring::{ends, watch as ring_watch, watch_reading, RingReader, RingWatch, RingWriter};
 use super::segment::{Mapping, Side};
-use crate::transport::{Frame, Header, Link, LinkError};
+use crate::transport::{Frame, FrameSink, Header, Link, LinkError};
 
 /// Longest a ring thread sleeps before it looks at the flags again.
 const WAIT: Duration = Duration::from_millis(200);
@@ -77,6 +84,9 @@ pub(crate) struct Shared {
     tx_done: Notify,
     /// The reader thread saw data (or the end of the link) that `recv` waits for.
     rx_ready: Notify,
+    /// Where the reader thread delivers every frame itself, once a demultiplexer asked
+    /// ([`Link::deliver_to`]); `recv` is then not used.
+    sink: Mutex<Option<FrameSink>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -254,6 +264,7 @@ impl ShmLink {
             rx_asked: AtomicU32::new(0),
             tx_done: Notify::new(),
             rx_ready: Notify::new(),
+            sink: Mutex::new(None),
         });
         let (s, outgoing) = (shared.clone(), ring_watch(&map, out_index));
         std::thread::Builder::new().name("phalanx-shm-tx".into()).spawn(move || write_loop(&s, outgoing))?;
@@ -380,6 +391,9 @@ impl Link for ShmLink {
         if let Some(e) = &*failed {
             return Err(e.clone());
         }
+        if lock(&shared.sink).is_some() {
+            return Err(LinkError::Closed("this link delivers its frames to a demultiplexer".into()));
+        }
         loop {
             let ready = shared.rx_ready.notified();
             tokio::pin!(ready);
@@ -411,6 +425,15 @@ impl Link for ShmLink {
     }
 
     fn lends_frames(&self) -> bool {
+        true
+    }
+
+    /// The reader thread reads every frame itself and queues it for its collective: the
+    /// peer's publish wakes that thread, which wakes the collective's caller; no task
+    /// runs in between.
+    fn deliver_to(&self, sink: FrameSink) -> bool {
+        *lock(&self.shared.sink) = Some(sink);
+        futex::bump_and_wake(&self.shared.rx_asked);
         true
     }
 }
@@ -458,11 +481,15 @@ fn write_loop(shared: &Shared, outgoing: RingWatch) {
     }
 }
 
-/// The reader thread: wakes `recv` once the peer has published what it waits for.
+/// The reader thread: wakes `recv` once the peer has published what it waits for, or,
+/// once a demultiplexer asked for it, delivers every frame itself.
 fn read_loop(shared: &Shared, incoming: RingWatch) {
     loop {
         if shared.closed_here() {
             return;
+        }
+        if let Some(sink) = lock(&shared.sink).clone() {
+            return deliver_loop(shared, &incoming, &sink);
         }
         let asked = shared.rx_asked.load(Ordering::SeqCst);
         if !shared.rx_wanted.load(Ordering::SeqCst) {
@@ -476,6 +503,22 @@ fn read_loop(shared: &Shared, incoming: RingWatch) {
             continue;
         }
         incoming.wait_for_data(seen, WAIT);
+    }
+}
+
+/// The reader thread in delivery mode: reads each frame as soon as the peer publishes
+/// it and hands it to `sink` (waiting there while its collective's queue is full, which
+/// pushes back on the peer through the ring); ends when the link does, telling `sink`.
+fn deliver_loop(shared: &Shared, incoming: &RingWatch, sink: &FrameSink) {
+    loop {
+        // Loaded before reading: a publish after the read changes it, so the wait below
+        // returns at once rather than miss it.
+        let seen = incoming.data_word();
+        match shared.read() {
+            Ok(Some(frame)) => sink.deliver(frame, || shared.closed_here()),
+            Ok(None) => incoming.wait_for_data(seen, WAIT),
+            Err(e) => return sink.failed(e),
+        }
     }
 }
 
