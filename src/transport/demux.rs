@@ -179,8 +179,9 @@ impl Shared {
     }
 }
 
-/// Where a link whose own thread reads its frames hands them ([`Link::deliver_to`]), in
-/// place of a [`Demux`]'s read task: one thread hand-off less per frame.
+/// Where a link that reads its frames on a thread of its own hands them
+/// ([`Link::deliver_to`]), in place of a [`Demux`]'s read task: one hand-off less per
+/// frame. The read task queues through the same sink.
 #[derive(Clone)]
 pub struct FrameSink(Arc<Shared>);
 
@@ -199,6 +200,24 @@ impl FrameSink {
             }
             frame = back;
             st = self.0.room_sync.wait_timeout(st, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// [`FrameSink::deliver`] for the read task: waits for room without blocking its
+    /// thread. Cancelled (the task stopped), it drops the frame.
+    async fn deliver_async(&self, frame: Frame) {
+        self.0.counters.received(&frame);
+        let mut frame = frame;
+        // Until the frame is queued or dropped, the caller reads nothing more: that is
+        // what pushes back on the sender.
+        loop {
+            match self.0.queue(&mut self.0.lock(), frame) {
+                None => return,
+                Some(back) => frame = back,
+            }
+            // A permit stored since the check (a frame taken, a queue ended) makes this
+            // return at once, so no wake-up is lost between the unlock and the wait.
+            self.0.room.notified().await;
         }
     }
 
@@ -244,7 +263,7 @@ impl Demux {
             counters,
         });
         let delivered = link.deliver_to(FrameSink(shared.clone()));
-        let reader = (!delivered).then(|| tokio::spawn(read_loop(link.clone(), shared.clone())));
+        let reader = (!delivered).then(|| tokio::spawn(read_loop(link.clone(), FrameSink(shared.clone()))));
         Arc::new(Demux { link, shared, reader })
     }
 
@@ -323,24 +342,11 @@ impl Drop for Demux {
     }
 }
 
-async fn read_loop(link: Arc<dyn Link>, shared: Arc<Shared>) {
+async fn read_loop(link: Arc<dyn Link>, sink: FrameSink) {
     loop {
-        let frame = match link.recv().await {
-            Ok(frame) => frame,
-            Err(e) => return shared.failed(e),
-        };
-        shared.counters.received(&frame);
-        // Until the frame is queued or dropped, this task reads nothing more: that is
-        // what pushes back on the sender.
-        let mut frame = frame;
-        loop {
-            match shared.queue(&mut shared.lock(), frame) {
-                None => break,
-                Some(back) => frame = back,
-            }
-            // A permit stored since the check (a frame taken, a queue ended) makes this
-            // return at once, so no wake-up is lost between the unlock and the wait.
-            shared.room.notified().await;
+        match link.recv().await {
+            Ok(frame) => sink.deliver_async(frame).await,
+            Err(e) => return sink.failed(e),
         }
     }
 }
