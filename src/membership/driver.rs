@@ -156,7 +156,7 @@ async fn read_loop(link: &dyn Link, shared: &Shared) -> Option<String> {
 pub(super) const EAGER_HOLD: Duration = Duration::from_millis(1);
 
 /// The most messages the writer holds before it sends them.
-const HOLD_MAX: usize = 64;
+pub(super) const HOLD_MAX: usize = 64;
 
 /// Which queued messages may wait: an eager collective's report of success (the
 /// `OpEnd` with `Ok` of a key whose eager begin this writer sent). No caller waits for
@@ -245,17 +245,17 @@ async fn write_loop(
             continue;
         }
         due = None;
-        for msg in batch.drain(..) {
-            // A send may wait on a connection that no longer moves (a partition): the
-            // stop must still get through.
-            let sent = tokio::select! {
-                biased;
-                _ = &mut stop => return out,
-                sent = link.send(to_frame(msg.encode())) => sent,
-            };
-            if sent.is_err() {
-                return out;
-            }
+        // Together: the messages leave in one packet where the link can.
+        let frames = batch.drain(..).map(|msg| to_frame(msg.encode())).collect();
+        // A send may wait on a connection that no longer moves (a partition): the stop
+        // must still get through.
+        let sent = tokio::select! {
+            biased;
+            _ = &mut stop => return out,
+            sent = link.send_many(frames) => sent,
+        };
+        if sent.is_err() {
+            return out;
         }
     }
     out

@@ -68,10 +68,34 @@ fn every_member_returns_before_the_outcome_which_then_leaves_nothing_behind() {
     assert_eq!(p.send(1, ok(keys[1])), vec![]);
     let commit = ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit };
     assert_eq!(p.send(2, ok(keys[2])), (1..=3).map(|c| Output::Send(c, commit.clone())).collect::<Vec<_>>());
+    // Nobody waits for it on success: the master's writer may hold it for the next message.
+    assert!(p.master.may_wait(&commit));
     for i in 0..3 {
         assert_eq!(p.take_inbox(i), vec![commit.clone()]);
         assert_eq!(p.peers[i].known_ops(), 0, "peer {i}: the late commit of a finished collective is dropped");
     }
+}
+
+/// The commit of a collective that is not eager is what its members wait for: it never
+/// waits in the master's writer; nor does an abort, or a commit of another epoch.
+#[test]
+fn only_an_eager_commit_may_wait() {
+    let mut p = Pair::group(2, PeerConfig::default());
+    clear(&mut p);
+    let mut said = Vec::new();
+    for i in 0..2 {
+        let b = p.peers[i].begin(OpKind::Whole { call: 3 }).unwrap();
+        p.send(i, b.msg);
+        said = p.send(i, ok(b.key));
+    }
+    let commit = ToPeer::Outcome { epoch: 1, seq: 1, decision: Decision::Commit };
+    assert_eq!(said, (1..=2).map(|c| Output::Send(c, commit.clone())).collect::<Vec<_>>());
+    assert!(!p.master.may_wait(&commit), "a member waits for this commit");
+    let keys = begin_eager(&mut p, 4);
+    let seq = keys[0].1;
+    assert!(p.master.may_wait(&ToPeer::Outcome { epoch: 1, seq, decision: Decision::Commit }));
+    assert!(!p.master.may_wait(&ToPeer::Outcome { epoch: 2, seq, decision: Decision::Commit }), "another epoch");
+    assert!(!p.master.may_wait(&ToPeer::Outcome { epoch: 1, seq, decision: lost_rank_2() }), "an abort");
 }
 
 #[test]

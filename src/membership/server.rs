@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::codec::{frame_body, to_frame, CONTROL_HELLO};
+use super::driver::{EAGER_HOLD, HOLD_MAX};
 use super::master::{ConnId, MasterConfig, MasterState, Output};
 use super::protocol::{ToMaster, ToPeer};
 use super::PeerId;
@@ -142,8 +143,20 @@ impl Drop for Master {
     }
 }
 
+/// What the core loop hands a connection's writer: an output, and whether it may wait
+/// ([`MasterState::may_wait`]).
+type Outgoing = (Output, bool);
+
+/// What wakes a connection's writer.
+enum Next {
+    /// An output (`None`: the core loop is gone).
+    Out(Option<Outgoing>),
+    /// The held messages are due.
+    Flush,
+}
+
 enum Event {
-    New(ConnId, mpsc::UnboundedSender<Output>),
+    New(ConnId, mpsc::UnboundedSender<Outgoing>),
     Msg(ConnId, ToMaster),
     Gone(ConnId),
 }
@@ -157,7 +170,7 @@ async fn run(
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let acceptor = tokio::spawn(accept_loop(endpoint, events_tx));
     let mut state = MasterState::new(config);
-    let mut writers: HashMap<ConnId, mpsc::UnboundedSender<Output>> = HashMap::new();
+    let mut writers: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
     loop {
         let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
         let outputs = tokio::select! {
@@ -181,8 +194,9 @@ async fn run(
                 Output::Send(c, _) | Output::Close(c, _) | Output::Release(c) => *c,
             };
             let closing = matches!(out, Output::Close(..) | Output::Release(_));
+            let lazy = matches!(&out, Output::Send(_, msg) if state.may_wait(msg));
             if let Some(w) = writers.get(&conn) {
-                let _ = w.send(out); // a gone writer means a gone peer: nothing to tell
+                let _ = w.send((out, lazy)); // a gone writer means a gone peer: nothing to tell
             }
             if closing {
                 writers.remove(&conn);
@@ -239,32 +253,105 @@ async fn read_loop(conn: ConnId, link: Arc<dyn Link>, events: mpsc::UnboundedSen
 /// How often the master tells each peer it is alive.
 pub const MASTER_HEARTBEAT: Duration = Duration::from_millis(250);
 
-async fn write_loop(link: Arc<dyn Link>, mut outputs: mpsc::UnboundedReceiver<Output>) {
+/// Sends a connection's outputs and a heartbeat every [`MASTER_HEARTBEAT`], until the
+/// connection closes.
+///
+/// Messages go out in the order they came, always. One that may wait (an eager
+/// collective's commit) waits up to [`EAGER_HOLD`] for the message after it, so that
+/// back-to-back small collectives' commits go out together: one QUIC packet, and one
+/// wake-up of the peer, for several collectives instead of one each. Any other message
+/// sends what waits at once, itself included.
+async fn write_loop(link: Arc<dyn Link>, mut outputs: mpsc::UnboundedReceiver<Outgoing>) {
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + MASTER_HEARTBEAT, MASTER_HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held: Vec<ToPeer> = Vec::new();
+    // When the held messages must go, if any are held.
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        let out = tokio::select! {
-            biased;
-            out = outputs.recv() => out,
-            _ = beat.tick() => Some(Output::Send(0, ToPeer::Heartbeat)),
+        let hold = async move {
+            match due {
+                Some(due) => tokio::time::sleep_until(due).await,
+                None => std::future::pending().await,
+            }
         };
-        match out {
-            None => break,
-            Some(Output::Send(_, msg)) => {
-                if link.send(to_frame(msg.encode())).await.is_err() {
-                    break;
+        let next = tokio::select! {
+            biased;
+            out = outputs.recv() => Next::Out(out),
+            _ = beat.tick() => Next::Out(Some((Output::Send(0, ToPeer::Heartbeat), false))),
+            _ = hold => Next::Flush,
+        };
+        match next {
+            Next::Flush => {}
+            Next::Out(None) | Next::Out(Some((Output::Release(_), _))) => break,
+            Next::Out(Some((Output::Send(_, msg), lazy))) => {
+                held.push(msg);
+                if lazy && held.len() < HOLD_MAX {
+                    due.get_or_insert_with(|| tokio::time::Instant::now() + EAGER_HOLD);
+                    continue;
                 }
             }
-            Some(Output::Close(_, reason)) => {
-                // Tell the peer why, if it can still hear us; a partitioned peer cannot,
-                // and then only the close (or its own master timeout) reaches it.
-                let refusal = link.send(to_frame(ToPeer::Refused { reason }.encode()));
-                let _ = tokio::time::timeout(Duration::from_millis(500), refusal).await;
+            Next::Out(Some((Output::Close(_, reason), _))) => {
+                // What waits, then why, if the peer can still hear us; a partitioned peer
+                // cannot, and then only the close (or its own master timeout) reaches it.
+                held.push(ToPeer::Refused { reason });
+                let last_words = link.send_many(held.drain(..).map(|msg| to_frame(msg.encode())).collect());
+                let _ = tokio::time::timeout(Duration::from_millis(500), last_words).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
             }
-            Some(Output::Release(_)) => break,
+        }
+        due = None;
+        // Together: the messages leave in one packet where the link can.
+        let frames = held.drain(..).map(|msg| to_frame(msg.encode())).collect();
+        if link.send_many(frames).await.is_err() {
+            break;
         }
     }
     link.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::protocol::Decision;
+    use crate::transport::mem;
+
+    fn commit(seq: u64) -> ToPeer {
+        ToPeer::Outcome { epoch: 1, seq, decision: Decision::Commit }
+    }
+
+    async fn next(link: &dyn Link) -> ToPeer {
+        let frame = link.recv().await.expect("recv");
+        ToPeer::decode(frame_body(&frame).expect("frame")).expect("message")
+    }
+
+    /// Commits that may wait go out with the next message, in order, or once
+    /// `EAGER_HOLD` is up; a message that may not wait is never held.
+    #[tokio::test(start_paused = true)]
+    async fn eager_commits_wait_for_the_next_message_in_order() {
+        let (master, peer) = mem::pair(64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(Arc::new(master), rx));
+        for seq in [1, 2] {
+            tx.send((Output::Send(1, commit(seq)), true)).expect("send");
+        }
+        assert!(tokio::time::timeout(EAGER_HOLD / 2, peer.recv()).await.is_err(), "held commits went out at once");
+        tx.send((Output::Send(1, ToPeer::Pending), false)).expect("send");
+        for want in [commit(1), commit(2), ToPeer::Pending] {
+            assert_eq!(next(&peer).await, want);
+        }
+        // Alone, a held commit goes out once the hold is up.
+        let start = tokio::time::Instant::now();
+        tx.send((Output::Send(1, commit(3)), true)).expect("send");
+        assert_eq!(next(&peer).await, commit(3));
+        assert!(start.elapsed() >= EAGER_HOLD, "sent after {:?}", start.elapsed());
+        // One that may not wait goes at once.
+        tx.send((Output::Send(1, commit(4)), false)).expect("send");
+        assert_eq!(tokio::time::timeout(EAGER_HOLD / 2, next(&peer)).await.expect("not held"), commit(4));
+        // A close sends what waits first, then why.
+        tx.send((Output::Send(1, commit(5)), true)).expect("send");
+        tx.send((Output::Close(1, "bye".into()), false)).expect("send");
+        assert_eq!(next(&peer).await, commit(5));
+        assert_eq!(next(&peer).await, ToPeer::Refused { reason: "bye".into() });
+    }
 }

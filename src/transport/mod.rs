@@ -160,6 +160,17 @@ pub trait Link: Send + Sync {
         false
     }
 
+    /// Sends `frames` in order, as [`Link::send`] does one by one. A link that can
+    /// (QUIC, on one stripe) writes them together, so that small frames leave in one
+    /// packet; this default sends them one by one, and a cancelled call has then handed
+    /// over the frames before the one it was sending.
+    async fn send_many(&self, frames: Vec<Frame>) -> Result<(), LinkError> {
+        for frame in frames {
+            self.send(frame).await?;
+        }
+        Ok(())
+    }
+
     /// Hands every frame this link receives from now on to `sink`, from the link's own
     /// thread, in place of `recv` (which then fails); returns whether it does. A
     /// [`Demux`](demux::Demux) asks when it starts: a link that reads on a thread of its

@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::protocol::{AbortReason, OpResult, Removal, ToMaster, ToPeer};
+use super::protocol::{AbortReason, Decision, OpResult, Removal, ToMaster, ToPeer};
 use super::view::{Member, PeerId, View};
 use carried::{CarriedOps, Settled};
 use tally::{Begin, Recipients, Roster, Said, Tallies, Word};
@@ -203,6 +203,20 @@ impl MasterState {
         let takeover =
             self.takeover.as_ref().and_then(|t| t.deadline(self.config.takeover_grace, self.config.peer_timeout));
         self.members.iter().chain(&self.pending).map(|p| p.last_seen + p.timeout(&self.config)).chain(takeover).min()
+    }
+
+    /// Whether `msg` may wait a little for the next message to the same peer: the
+    /// commit of an eager collective of this epoch. Its members return once every
+    /// member's "done" came over the data links, without it; only a member whose "done"
+    /// exchange failed waits for it, and a delay changes nothing the protocol decides
+    /// (see the peers' own `Lazy` in `membership::driver`).
+    pub(crate) fn may_wait(&self, msg: &ToPeer) -> bool {
+        match msg {
+            ToPeer::Outcome { epoch, seq, decision: Decision::Commit } => {
+                *epoch == self.epoch && self.tallies.is_eager(*seq)
+            }
+            _ => false,
+        }
     }
 
     /// A message arrived on `conn`.

@@ -76,6 +76,11 @@ pub(super) struct Tallies {
 }
 
 impl Tallies {
+    /// Whether collective `seq` of this epoch was begun as an eager one.
+    pub(super) fn is_eager(&self, seq: u64) -> bool {
+        self.ops.get(&seq).is_some_and(|t| t.eager)
+    }
+
     /// Member `id` began collective `seq` (or a sync) as a whole-group call.
     pub(super) fn begin(&mut self, id: PeerId, seq: u64, begin: Begin, eager: bool, roster: &Roster<'_>) -> Said {
         if self.decided.contains(&seq) {

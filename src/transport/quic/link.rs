@@ -21,7 +21,8 @@ use crate::transport::{decode_prefix, encode_prefix, Frame, Header, Link, LinkEr
 /// are cancel-safe: a cancelled call has either handed over a whole frame or none.
 pub struct QuicLink {
     conns: Vec<quinn::Connection>,
-    senders: Vec<mpsc::Sender<Frame>>,
+    /// Per stripe: the frames of one `send` (one frame) or `send_many` (several).
+    senders: Vec<mpsc::Sender<Vec<Frame>>>,
     /// Index of the next frame to send.
     send_next: tokio::sync::Mutex<usize>,
     recv_state: tokio::sync::Mutex<RecvState>,
@@ -130,8 +131,35 @@ impl Link for QuicLink {
         let mut next = self.send_next.lock().await;
         let tx = &self.senders[*next % self.senders.len()];
         // Cancel-safe: a cancelled `send` queues nothing and leaves `next` alone.
-        tx.send(frame).await.map_err(|_| self.closed_error())?;
+        tx.send(vec![frame]).await.map_err(|_| self.closed_error())?;
         *next += 1;
+        Ok(())
+    }
+
+    /// On a link of one stripe (control connections), the frames go to the stripe's
+    /// writer together and into the stream in one write, so small ones leave in one
+    /// packet; cancel-safe like `send`, for all of them at once. Over several stripes,
+    /// one by one.
+    async fn send_many(&self, frames: Vec<Frame>) -> Result<(), LinkError> {
+        if self.senders.len() != 1 {
+            for frame in frames {
+                self.send(frame).await?;
+            }
+            return Ok(());
+        }
+        for frame in &frames {
+            let len = Header::LEN.saturating_add(frame.payload.len());
+            if len > self.max_frame_bytes {
+                return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
+            }
+        }
+        if *self.closed.borrow() {
+            return Err(LinkError::Closed("closed locally".into()));
+        }
+        let mut next = self.send_next.lock().await;
+        let count = frames.len();
+        self.senders[0].send(frames).await.map_err(|_| self.closed_error())?;
+        *next += count;
         Ok(())
     }
 
@@ -203,7 +231,7 @@ fn stream_closed(e: ReadError) -> LinkError {
 }
 
 /// Writes the frames of one stripe until the link or the connection goes away.
-async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, mut frames: mpsc::Receiver<Frame>) {
+async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, mut frames: mpsc::Receiver<Vec<Frame>>) {
     let lost = conn.closed();
     tokio::pin!(lost);
     loop {
@@ -212,13 +240,16 @@ async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, mut fr
             // The connection is gone: drop `frames` so that `send` fails at once.
             _ = &mut lost => return,
         };
-        let Some(frame) = frame else {
+        let Some(frames) = frame else {
             // The link was dropped.
             let _ = send.finish();
             return;
         };
-        let prefix = encode_prefix(&frame);
-        let mut chunks = [Bytes::copy_from_slice(&prefix), frame.payload];
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * frames.len());
+        for frame in frames {
+            chunks.push(Bytes::copy_from_slice(&encode_prefix(&frame)));
+            chunks.push(frame.payload);
+        }
         if send.write_all_chunks(&mut chunks).await.is_err() {
             return;
         }

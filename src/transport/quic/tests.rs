@@ -61,3 +61,21 @@ async fn os_default_socket_buffers_work() {
 fn bind_outside_a_runtime_is_an_error() {
     assert!(matches!(QuicEndpoint::bind(localhost(), QuicConfig::default()), Err(QuicError::Setup(_))));
 }
+
+/// `send_many` on a link of one stripe: the frames arrive in order, before what is sent
+/// after them; a batch with a frame above the limit is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_together_arrive_in_order() {
+    bounded(async {
+        let cfg = QuicConfig { max_frame_bytes: 4096, ..secret_config() };
+        let (a, b, _) = pair(cfg.clone(), cfg).await;
+        a.send_many(vec![frame(0, 10), frame(1, 0), frame(2, 2000)]).await.unwrap();
+        let refused = a.send_many(vec![frame(3, 10), frame(4, 8192)]).await;
+        assert!(matches!(refused, Err(crate::transport::LinkError::FrameTooLarge { .. })), "{refused:?}");
+        a.send(frame(5, 7)).await.unwrap();
+        for want in [frame(0, 10), frame(1, 0), frame(2, 2000), frame(5, 7)] {
+            assert_eq!(b.recv().await.unwrap(), want);
+        }
+    })
+    .await;
+}
