@@ -118,35 +118,11 @@ impl Drop for QuicLink {
     }
 }
 
-#[async_trait]
-impl Link for QuicLink {
-    async fn send(&self, frame: Frame) -> Result<(), LinkError> {
-        let len = Header::LEN.saturating_add(frame.payload.len());
-        if len > self.max_frame_bytes {
-            return Err(LinkError::FrameTooLarge { len, limit: self.max_frame_bytes });
-        }
-        if *self.closed.borrow() {
-            return Err(LinkError::Closed("closed locally".into()));
-        }
-        let mut next = self.send_next.lock().await;
-        let tx = &self.senders[*next % self.senders.len()];
-        // Cancel-safe: a cancelled `send` queues nothing and leaves `next` alone.
-        tx.send(vec![frame]).await.map_err(|_| self.closed_error())?;
-        *next += 1;
-        Ok(())
-    }
-
-    /// On a link of one stripe (control connections), the frames go to the stripe's
-    /// writer together and into the stream in one write, so small ones leave in one
-    /// packet; cancel-safe like `send`, for all of them at once. Over several stripes,
-    /// one by one.
-    async fn send_many(&self, frames: Vec<Frame>) -> Result<(), LinkError> {
-        if self.senders.len() != 1 {
-            for frame in frames {
-                self.send(frame).await?;
-            }
-            return Ok(());
-        }
+impl QuicLink {
+    /// Hands `frames` (one, or several on a link of one stripe) to the next stripe's
+    /// writer, refusing them all if one is too large. Cancel-safe: a cancelled call
+    /// queues nothing and leaves the frame count alone.
+    async fn hand_over(&self, frames: Vec<Frame>) -> Result<(), LinkError> {
         for frame in &frames {
             let len = Header::LEN.saturating_add(frame.payload.len());
             if len > self.max_frame_bytes {
@@ -158,8 +134,30 @@ impl Link for QuicLink {
         }
         let mut next = self.send_next.lock().await;
         let count = frames.len();
-        self.senders[0].send(frames).await.map_err(|_| self.closed_error())?;
+        let tx = &self.senders[*next % self.senders.len()];
+        tx.send(frames).await.map_err(|_| self.closed_error())?;
         *next += count;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Link for QuicLink {
+    async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        self.hand_over(vec![frame]).await
+    }
+
+    /// On a link of one stripe (control connections), the frames go to the stripe's
+    /// writer together and into the stream in one write, so small ones leave in one
+    /// packet; cancel-safe like `send`, for all of them at once. Over several stripes,
+    /// one by one.
+    async fn send_many(&self, frames: Vec<Frame>) -> Result<(), LinkError> {
+        if self.senders.len() == 1 {
+            return self.hand_over(frames).await;
+        }
+        for frame in frames {
+            self.hand_over(vec![frame]).await?;
+        }
         Ok(())
     }
 
