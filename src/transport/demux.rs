@@ -39,7 +39,7 @@
 //! never stalls the link.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -137,6 +137,11 @@ struct Shared {
     room: Notify,
     /// The same, for a link's own thread waiting in [`FrameSink::deliver`].
     room_sync: Condvar,
+    /// Whether that thread waits now: only then is `room_sync` worth a system call
+    /// (waking a condvar is one, waiter or not, and room is made for every frame taken).
+    /// Set and cleared under the state lock, around the wait; room is made under the
+    /// lock too, so a taker that made room after the waiter looked sees the flag.
+    sync_waiting: AtomicBool,
     capacity: usize,
     /// Where the link's frames are counted.
     counters: Arc<LinkCounters>,
@@ -150,7 +155,9 @@ impl Shared {
     /// Wakes whoever waits for room in a queue.
     fn made_room(&self) {
         self.room.notify_one();
-        self.room_sync.notify_all();
+        if self.sync_waiting.load(Ordering::Acquire) {
+            self.room_sync.notify_all();
+        }
     }
 
     /// Queues `frame` for its collective, or drops it if that collective ended; hands it
@@ -199,7 +206,9 @@ impl FrameSink {
                 return;
             }
             frame = back;
+            self.0.sync_waiting.store(true, Ordering::Release);
             st = self.0.room_sync.wait_timeout(st, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+            self.0.sync_waiting.store(false, Ordering::Release);
         }
     }
 
@@ -259,6 +268,7 @@ impl Demux {
             state: Mutex::new(State::default()),
             room: Notify::new(),
             room_sync: Condvar::new(),
+            sync_waiting: AtomicBool::new(false),
             capacity: capacity.max(1),
             counters,
         });
