@@ -488,7 +488,11 @@ fn read_loop(shared: &Shared, incoming: RingWatch) {
         if shared.closed_here() {
             return;
         }
-        if let Some(sink) = lock(&shared.sink).clone() {
+        // The guard is dropped at the end of this statement: in an `if let` scrutinee it
+        // would live through `deliver_loop`, for the link's whole life, and a `recv`
+        // (which looks at the sink to refuse) would block its thread on it for ever.
+        let sink = lock(&shared.sink).clone();
+        if let Some(sink) = sink {
             return deliver_loop(shared, &incoming, &sink);
         }
         let asked = shared.rx_asked.load(Ordering::SeqCst);
