@@ -24,37 +24,83 @@ pub(super) trait FrameReader: Send + 'static {
     fn read_frame(&mut self, max_frame_bytes: usize) -> impl Future<Output = Result<Frame, LinkError>> + Send;
 }
 
+/// How far a reader reads past the bytes it needs.
+///
+/// Reading a prefix through the [`READ_CHUNK`] buffer takes one system call for a small
+/// frame, but when a large payload follows, the same read pulls most of it into the
+/// buffer, from where it is copied again into the payload's own buffer: 6–8 % of the
+/// CPU of a 64 MiB all-reduce over TCP (perf, 2026-12-07). After a large frame the next
+/// is most likely large too, so the reader then asks for exactly what it needs, and the
+/// socket writes the payload straight into its own buffer; a small frame goes back to
+/// buffered reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum ReadAhead {
+    /// Read as much as the socket has, up to the buffer's room.
+    #[default]
+    Buffered,
+    /// Read no byte past the ones needed.
+    Exact,
+}
+
+impl ReadAhead {
+    /// The mode for the frame after one whose payload had `len` bytes.
+    pub(super) fn after(len: usize) -> ReadAhead {
+        if len > SMALL_PAYLOAD {
+            ReadAhead::Exact
+        } else {
+            ReadAhead::Buffered
+        }
+    }
+}
+
 /// Frames as they are, read through a buffer of [`READ_CHUNK`].
 pub(super) struct StreamReader<R> {
     read: R,
     buf: BytesMut,
     pool: Arc<BufferPool>,
+    ahead: ReadAhead,
 }
 
 impl<R> StreamReader<R> {
     pub(super) fn new(read: R) -> StreamReader<R> {
-        StreamReader { read, buf: BytesMut::with_capacity(READ_CHUNK), pool: BufferPool::new(RECEIVE_POOL_BYTES) }
+        StreamReader {
+            read,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            pool: BufferPool::new(RECEIVE_POOL_BYTES),
+            ahead: ReadAhead::Buffered,
+        }
     }
 }
 
 impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for StreamReader<R> {
     async fn read_frame(&mut self, max_frame_bytes: usize) -> Result<Frame, LinkError> {
-        let (read, buf) = (&mut self.read, &mut self.buf);
-        fill(read, buf, PREFIX_LEN).await?;
+        let (read, buf, ahead) = (&mut self.read, &mut self.buf, self.ahead);
+        fill(read, buf, PREFIX_LEN, ahead).await?;
         let prefix = buf.split_to(PREFIX_LEN);
         let (header, len) = decode_prefix(&prefix, max_frame_bytes)?;
-        let payload = read_exactly(read, buf, len, &self.pool).await.map_err(mid_frame)?;
+        let payload = read_exactly(read, buf, len, &self.pool, ahead).await.map_err(mid_frame)?;
+        self.ahead = ReadAhead::after(len);
         Ok(Frame { header, payload: payload.into_bytes(&self.pool) })
     }
 }
 
-/// Reads until `buf` holds at least `need` bytes.
-pub(super) async fn fill<R: AsyncRead + Unpin>(read: &mut R, buf: &mut BytesMut, need: usize) -> Result<(), LinkError> {
+/// Reads until `buf` holds at least `need` bytes (exactly `need` with
+/// [`ReadAhead::Exact`]).
+pub(super) async fn fill<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+    need: usize,
+    ahead: ReadAhead,
+) -> Result<(), LinkError> {
     while buf.len() < need {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK.max(need - buf.len()));
         }
-        match read.read_buf(buf).await {
+        let got = match ahead {
+            ReadAhead::Buffered => read.read_buf(buf).await,
+            ReadAhead::Exact => (&mut *read).take((need - buf.len()) as u64).read_buf(buf).await,
+        };
+        match got {
             Ok(0) if buf.is_empty() => return Err(LinkError::Closed("closed by the peer".into())),
             Ok(0) => return Err(torn()),
             Ok(_) => {}
@@ -123,15 +169,17 @@ impl DerefMut for Chunk {
 
 /// The next `len` bytes of the connection (after what `buf` holds). Small ones are sliced
 /// out of `buf`; a large one is read straight into a buffer of its own from `pool`, so
-/// that each byte is copied once from the kernel, into memory already mapped.
+/// that each byte is copied once from the kernel, into memory already mapped (what
+/// `buf` already held of it is copied over: none with [`ReadAhead::Exact`]).
 pub(super) async fn read_exactly<R: AsyncRead + Unpin>(
     read: &mut R,
     buf: &mut BytesMut,
     len: usize,
     pool: &BufferPool,
+    ahead: ReadAhead,
 ) -> Result<Chunk, LinkError> {
     if buf.len() >= len || len <= SMALL_PAYLOAD {
-        fill(read, buf, len).await?;
+        fill(read, buf, len, ahead).await?;
         return Ok(Chunk::Sliced(buf.split_to(len)));
     }
     let mut out = pool.take(len);
@@ -166,5 +214,84 @@ pub(super) fn mid_frame(e: LinkError) -> LinkError {
     match e {
         LinkError::Closed(why) if why == "closed by the peer" => torn(),
         other => other,
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::io;
+    use std::ops::Range;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+    use crate::transport::{prefix_of, Header};
+
+    /// Serves a byte stream, at most `most` bytes per read, and records where each read
+    /// began and how many bytes it asked for.
+    pub(in crate::transport::tcp) struct Recorded {
+        pub data: Vec<u8>,
+        pub at: usize,
+        pub most: usize,
+        pub reads: Vec<Range<usize>>,
+    }
+
+    impl Recorded {
+        pub(in crate::transport::tcp) fn new(data: Vec<u8>, most: usize) -> Recorded {
+            Recorded { data, at: 0, most, reads: Vec::new() }
+        }
+
+        /// The reads that began inside `span` and asked for bytes past its end.
+        pub(in crate::transport::tcp) fn past(&self, span: &Range<usize>) -> usize {
+            self.reads.iter().filter(|r| span.contains(&r.start) && r.end > span.end).count()
+        }
+    }
+
+    impl AsyncRead for Recorded {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let me = &mut *self;
+            me.reads.push(me.at..me.at + buf.remaining());
+            let n = buf.remaining().min(me.most).min(me.data.len() - me.at);
+            buf.put_slice(&me.data[me.at..me.at + n]);
+            me.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    pub(in crate::transport::tcp) fn payload(i: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|k| (k * 31 + i * 7) as u8).collect()
+    }
+
+    pub(in crate::transport::tcp) fn header(i: usize) -> Header {
+        Header { epoch: 1, seq: 2, call: 3, index: i as u64 }
+    }
+
+    /// The frames of [`SIZES`]: small, large, large, small, large.
+    pub(in crate::transport::tcp) const SIZES: [usize; 5] = [100, 300 << 10, 300 << 10, 1000, 200 << 10];
+
+    /// The reads of the third and fourth frames (after a large one) ask for their
+    /// prefix and no more, those of the second (after a small one) for a buffer's worth;
+    /// every frame arrives whole, whatever the socket hands over per read.
+    #[tokio::test]
+    async fn after_a_large_frame_the_reader_reads_no_further_than_it_needs() {
+        let (mut stream, mut prefixes) = (Vec::new(), Vec::new());
+        for (i, &len) in SIZES.iter().enumerate() {
+            prefixes.push(stream.len()..stream.len() + PREFIX_LEN);
+            stream.extend_from_slice(&prefix_of(&header(i), len));
+            stream.extend_from_slice(&payload(i, len));
+        }
+        for most in [usize::MAX, 5000, 7] {
+            let mut reader = StreamReader::new(Recorded::new(stream.clone(), most));
+            for (i, &len) in SIZES.iter().enumerate() {
+                let frame = reader.read_frame(1 << 30).await.unwrap();
+                assert_eq!(frame.header, header(i));
+                assert!(frame.payload[..] == payload(i, len)[..], "frame {i}, {most} bytes per read");
+            }
+            let past: Vec<usize> = prefixes.iter().map(|p| reader.read.past(p)).collect();
+            assert_eq!(&past[2..4], [0, 0], "{most} bytes per read");
+            assert!(past[4] > 0, "buffered again after a small frame: {past:?}");
+        }
     }
 }

@@ -23,7 +23,7 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::frames::{fill, mid_frame, read_exactly, Chunk, FrameReader, SMALL_PAYLOAD};
+use super::frames::{fill, mid_frame, read_exactly, Chunk, FrameReader, ReadAhead, SMALL_PAYLOAD};
 use super::TcpError;
 use crate::transport::buffers::{BufferPool, RECEIVE_POOL_BYTES};
 use crate::transport::{decode_prefix, Frame, LinkError, PREFIX_LEN};
@@ -147,6 +147,7 @@ pub(super) struct SealedReader<R> {
     opener: Opener,
     buf: BytesMut,
     pool: Arc<BufferPool>,
+    ahead: ReadAhead,
 }
 
 impl<R: AsyncRead + Unpin + Send + 'static> SealedReader<R> {
@@ -156,19 +157,21 @@ impl<R: AsyncRead + Unpin + Send + 'static> SealedReader<R> {
             opener,
             buf: BytesMut::with_capacity(super::frames::READ_CHUNK),
             pool: BufferPool::new(RECEIVE_POOL_BYTES),
+            ahead: ReadAhead::Buffered,
         }
     }
 
     /// Reads and opens the next record of at most `max` plaintext bytes.
     pub(super) async fn record(&mut self, max: usize) -> Result<Chunk, LinkError> {
-        fill(&mut self.read, &mut self.buf, HEAD_LEN).await?;
+        fill(&mut self.read, &mut self.buf, HEAD_LEN, self.ahead).await?;
         let mut head = [0u8; HEAD_LEN];
         head.copy_from_slice(&self.buf.split_to(HEAD_LEN));
         let len = u32::from_le_bytes(head) as usize;
         if !(TAG_LEN..=max.saturating_add(TAG_LEN)).contains(&len) {
             return Err(LinkError::Closed(format!("a record of {len} bytes (at most {} here)", max + TAG_LEN)));
         }
-        let mut record = read_exactly(&mut self.read, &mut self.buf, len, &self.pool).await.map_err(mid_frame)?;
+        let mut record =
+            read_exactly(&mut self.read, &mut self.buf, len, &self.pool, self.ahead).await.map_err(mid_frame)?;
         self.opener.open(head, &mut record)?;
         Ok(record)
     }
@@ -190,6 +193,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for SealedReader<R> {
         if payload.len() != len {
             return Err(LinkError::Closed(format!("a frame of {len} bytes came with {}", payload.len())));
         }
+        self.ahead = ReadAhead::after(len);
         Ok(Frame { header, payload })
     }
 }
@@ -245,6 +249,45 @@ mod tests {
             o3.open(h, &mut first).unwrap();
             let (h, mut again) = record(&mut pair(suite).0, b"first frame");
             assert!(o3.open(h, &mut again).is_err(), "a replayed record (its sequence number passed)");
+        }
+    }
+
+    /// A sealed reader, like the plain one, reads no further than it needs after a large
+    /// frame (`frames::ReadAhead`), and opens every frame whole.
+    #[tokio::test]
+    async fn after_a_large_frame_the_sealed_reader_reads_no_further_than_it_needs() {
+        use super::super::frames::tests::{header, payload, Recorded, SIZES};
+        use crate::transport::prefix_of;
+        let (mut sealer, _) = pair(aes256);
+        // As the link's writer lays frames out: one record when small, else the prefix's
+        // and the payload's. A frame's span runs up to its payload's ciphertext.
+        let (mut stream, mut spans) = (Vec::new(), Vec::new());
+        for (i, &len) in SIZES.iter().enumerate() {
+            let (start, prefix) = (stream.len(), prefix_of(&header(i), len));
+            let mut put = |data: &[u8], stream: &mut Vec<u8>| {
+                let (head, body) = record(&mut sealer, data);
+                stream.extend_from_slice(&head);
+                stream.extend_from_slice(&body);
+            };
+            if len <= SMALL_PAYLOAD {
+                put(&[&prefix[..], &payload(i, len)].concat(), &mut stream);
+                spans.push(start..stream.len());
+            } else {
+                put(&prefix, &mut stream);
+                spans.push(start..stream.len() + HEAD_LEN);
+                put(&payload(i, len), &mut stream);
+            }
+        }
+        for most in [usize::MAX, 5000, 7] {
+            let mut reader = SealedReader::new(Recorded::new(stream.clone(), most), pair(aes256).1);
+            for (i, &len) in SIZES.iter().enumerate() {
+                let frame = reader.read_frame(1 << 30).await.unwrap();
+                assert_eq!(frame.header, header(i));
+                assert!(frame.payload[..] == payload(i, len)[..], "frame {i}, {most} bytes per read");
+            }
+            let past: Vec<usize> = spans.iter().map(|p| reader.read.past(p)).collect();
+            assert_eq!(&past[2..4], [0, 0], "{most} bytes per read");
+            assert!(past[4] > 0, "buffered again after a small frame: {past:?}");
         }
     }
 
