@@ -282,14 +282,27 @@ pub(super) mod tests {
             stream.extend_from_slice(&prefix_of(&header(i), len));
             stream.extend_from_slice(&payload(i, len));
         }
+        reads_no_further_than_needed(&stream, &prefixes, StreamReader::new, |r| &r.read).await;
+    }
+
+    /// Reads the frames of [`SIZES`] from `stream` with readers `make` builds, at 7, 5000
+    /// and unbounded bytes per read: each arrives whole, the reads that begin in the
+    /// third and fourth frames' `spans` (after a large frame) ask for nothing past them,
+    /// and some read in the fifth's (after a small frame) does.
+    pub(in crate::transport::tcp) async fn reads_no_further_than_needed<R: FrameReader>(
+        stream: &[u8],
+        spans: &[Range<usize>],
+        make: impl Fn(Recorded) -> R,
+        recorded: impl Fn(&R) -> &Recorded,
+    ) {
         for most in [usize::MAX, 5000, 7] {
-            let mut reader = StreamReader::new(Recorded::new(stream.clone(), most));
+            let mut reader = make(Recorded::new(stream.to_vec(), most));
             for (i, &len) in SIZES.iter().enumerate() {
                 let frame = reader.read_frame(1 << 30).await.unwrap();
                 assert_eq!(frame.header, header(i));
                 assert!(frame.payload[..] == payload(i, len)[..], "frame {i}, {most} bytes per read");
             }
-            let past: Vec<usize> = prefixes.iter().map(|p| reader.read.past(p)).collect();
+            let past: Vec<usize> = spans.iter().map(|p| recorded(&reader).past(p)).collect();
             assert_eq!(&past[2..4], [0, 0], "{most} bytes per read");
             assert!(past[4] > 0, "buffered again after a small frame: {past:?}");
         }

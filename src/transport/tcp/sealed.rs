@@ -256,7 +256,7 @@ mod tests {
     /// frame (`frames::ReadAhead`), and opens every frame whole.
     #[tokio::test]
     async fn after_a_large_frame_the_sealed_reader_reads_no_further_than_it_needs() {
-        use super::super::frames::tests::{header, payload, Recorded, SIZES};
+        use super::super::frames::tests::{header, payload, reads_no_further_than_needed, SIZES};
         use crate::transport::prefix_of;
         let (mut sealer, _) = pair(aes256);
         // As the link's writer lays frames out: one record when small, else the prefix's
@@ -278,17 +278,8 @@ mod tests {
                 put(&payload(i, len), &mut stream);
             }
         }
-        for most in [usize::MAX, 5000, 7] {
-            let mut reader = SealedReader::new(Recorded::new(stream.clone(), most), pair(aes256).1);
-            for (i, &len) in SIZES.iter().enumerate() {
-                let frame = reader.read_frame(1 << 30).await.unwrap();
-                assert_eq!(frame.header, header(i));
-                assert!(frame.payload[..] == payload(i, len)[..], "frame {i}, {most} bytes per read");
-            }
-            let past: Vec<usize> = spans.iter().map(|p| reader.read.past(p)).collect();
-            assert_eq!(&past[2..4], [0, 0], "{most} bytes per read");
-            assert!(past[4] > 0, "buffered again after a small frame: {past:?}");
-        }
+        let make = |read| SealedReader::new(read, pair(aes256).1);
+        reads_no_further_than_needed(&stream, &spans, make, |r| &r.read).await;
     }
 
     #[test]
