@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::client::{now, Shared};
 use super::codec::{frame_body, to_frame, CONTROL_HELLO};
+use super::hold::{Hold, HOLD_MAX};
 use super::protocol::{ToMaster, ToPeer};
 use crate::error::{Error, Result};
 use crate::transport::endpoint::Endpoint;
@@ -150,14 +151,6 @@ async fn read_loop(link: &dyn Link, shared: &Shared) -> Option<String> {
     }
 }
 
-/// How long the writer may hold an eager collective's report of success (the `OpEnd`
-/// sent once every member's "done" came in) to send it with the next message: see
-/// [`write_loop`].
-pub(super) const EAGER_HOLD: Duration = Duration::from_millis(1);
-
-/// The most messages the writer holds before it sends them.
-pub(super) const HOLD_MAX: usize = 64;
-
 /// Which queued messages may wait: an eager collective's report of success (the
 /// `OpEnd` with `Ok` of a key whose eager begin this writer sent). No caller waits for
 /// the master on it while things go well: an eager collective returns once every
@@ -178,7 +171,7 @@ struct Lazy {
 }
 
 impl Lazy {
-    /// Whether `msg` may be held back for up to [`EAGER_HOLD`].
+    /// Whether `msg` may be held back for up to [`EAGER_HOLD`](super::hold::EAGER_HOLD).
     fn may_wait(&mut self, msg: &ToMaster) -> bool {
         use super::protocol::OpResult;
         match msg {
@@ -199,13 +192,13 @@ impl Lazy {
 /// `stop` fires; hands the queue back for the next connection.
 ///
 /// Messages go out in the order they were queued, always. An eager collective's
-/// report of success ([`Lazy`]) may wait up to [`EAGER_HOLD`] for the message that
-/// follows it, so that back-to-back small collectives send the report of one with the
-/// begin of the next: one QUIC packet (and its acknowledgement, on both ends) per
-/// collective instead of two; any other message sends what waits at once, itself
-/// included. Holding a message only delays it, as a slow network would, and the
-/// protocol is correct under any delay: a member that waits for the master's decision
-/// (a failed "done" exchange) gets it at most [`EAGER_HOLD`] later.
+/// report of success ([`Lazy`]) may wait up to [`EAGER_HOLD`](super::hold::EAGER_HOLD)
+/// for the message that follows it ([`Hold`]), so that back-to-back small collectives
+/// send the report of one with the begin of the next: one QUIC packet (and its
+/// acknowledgement, on both ends) per collective instead of two; any other message sends
+/// what waits at once, itself included. Holding a message only delays it, as a slow
+/// network would, and the protocol is correct under any delay: a member that waits for
+/// the master's decision (a failed "done" exchange) gets it at most `EAGER_HOLD` later.
 async fn write_loop(
     link: Arc<dyn Link>,
     mut out: mpsc::UnboundedReceiver<ToMaster>,
@@ -216,37 +209,28 @@ async fn write_loop(
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lazy = Lazy::default();
-    let mut batch: Vec<ToMaster> = Vec::new();
-    // When the held messages must go, if any are held.
-    let mut due: Option<tokio::time::Instant> = None;
+    let mut hold = Hold::default();
     loop {
-        let hold = async move {
-            match due {
-                Some(due) => tokio::time::sleep_until(due).await,
-                None => std::future::pending().await,
-            }
-        };
-        let (msg, flush) = tokio::select! {
+        let next = tokio::select! {
             biased;
             _ = &mut stop => break,
             m = out.recv() => match m {
                 Some(m) => {
                     let wait = lazy.may_wait(&m);
-                    (Some(m), !wait)
+                    Some((m, wait))
                 }
                 None => break,
             },
-            _ = beat.tick() => (Some(ToMaster::Heartbeat), true),
-            _ = hold => (None, true),
+            _ = beat.tick() => Some((ToMaster::Heartbeat, false)),
+            _ = hold.due() => None,
         };
-        batch.extend(msg);
-        if !flush && batch.len() < HOLD_MAX {
-            due.get_or_insert_with(|| tokio::time::Instant::now() + EAGER_HOLD);
-            continue;
+        if let Some((msg, wait)) = next {
+            if !hold.push(msg, wait) {
+                continue;
+            }
         }
-        due = None;
         // Together: the messages leave in one packet where the link can.
-        let frames = batch.drain(..).map(|msg| to_frame(msg.encode())).collect();
+        let frames = hold.take().into_iter().map(|msg| to_frame(msg.encode())).collect();
         // A send may wait on a connection that no longer moves (a partition): the stop
         // must still get through.
         let sent = tokio::select! {

@@ -14,6 +14,7 @@ mod device_id_tests;
 mod driver;
 #[cfg(test)]
 mod eager_tests;
+mod hold;
 pub(crate) mod liveness;
 pub mod master;
 #[cfg(any(test, feature = "testing"))]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::codec::{frame_body, to_frame, CONTROL_HELLO};
-use super::driver::{EAGER_HOLD, HOLD_MAX};
+use super::hold::Hold;
 use super::master::{ConnId, MasterConfig, MasterState, Output};
 use super::protocol::{ToMaster, ToPeer};
 use super::PeerId;
@@ -257,52 +257,41 @@ pub const MASTER_HEARTBEAT: Duration = Duration::from_millis(250);
 /// connection closes.
 ///
 /// Messages go out in the order they came, always. One that may wait (an eager
-/// collective's commit) waits up to [`EAGER_HOLD`] for the message after it, so that
-/// back-to-back small collectives' commits go out together: one QUIC packet, and one
-/// wake-up of the peer, for several collectives instead of one each. Any other message
-/// sends what waits at once, itself included.
+/// collective's commit) waits up to [`EAGER_HOLD`](super::hold::EAGER_HOLD) for the
+/// message after it ([`Hold`]), so that back-to-back small collectives' commits go out
+/// together: one QUIC packet, and one wake-up of the peer, for several collectives
+/// instead of one each. Any other message sends what waits at once, itself included.
 async fn write_loop(link: Arc<dyn Link>, mut outputs: mpsc::UnboundedReceiver<Outgoing>) {
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + MASTER_HEARTBEAT, MASTER_HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut held: Vec<ToPeer> = Vec::new();
-    // When the held messages must go, if any are held.
-    let mut due: Option<tokio::time::Instant> = None;
+    let mut hold = Hold::default();
     loop {
-        let hold = async move {
-            match due {
-                Some(due) => tokio::time::sleep_until(due).await,
-                None => std::future::pending().await,
-            }
-        };
         let next = tokio::select! {
             biased;
             out = outputs.recv() => Next::Out(out),
             _ = beat.tick() => Next::Out(Some((Output::Send(0, ToPeer::Heartbeat), false))),
-            _ = hold => Next::Flush,
+            _ = hold.due() => Next::Flush,
         };
         match next {
             Next::Flush => {}
             Next::Out(None) | Next::Out(Some((Output::Release(_), _))) => break,
             Next::Out(Some((Output::Send(_, msg), lazy))) => {
-                held.push(msg);
-                if lazy && held.len() < HOLD_MAX {
-                    due.get_or_insert_with(|| tokio::time::Instant::now() + EAGER_HOLD);
+                if !hold.push(msg, lazy) {
                     continue;
                 }
             }
             Next::Out(Some((Output::Close(_, reason), _))) => {
                 // What waits, then why, if the peer can still hear us; a partitioned peer
                 // cannot, and then only the close (or its own master timeout) reaches it.
-                held.push(ToPeer::Refused { reason });
-                let last_words = link.send_many(held.drain(..).map(|msg| to_frame(msg.encode())).collect());
+                hold.push(ToPeer::Refused { reason }, false);
+                let last_words = link.send_many(hold.take().into_iter().map(|msg| to_frame(msg.encode())).collect());
                 let _ = tokio::time::timeout(Duration::from_millis(500), last_words).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
             }
         }
-        due = None;
         // Together: the messages leave in one packet where the link can.
-        let frames = held.drain(..).map(|msg| to_frame(msg.encode())).collect();
+        let frames = hold.take().into_iter().map(|msg| to_frame(msg.encode())).collect();
         if link.send_many(frames).await.is_err() {
             break;
         }
@@ -313,6 +302,7 @@ async fn write_loop(link: Arc<dyn Link>, mut outputs: mpsc::UnboundedReceiver<Ou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::hold::EAGER_HOLD;
     use crate::membership::protocol::Decision;
     use crate::transport::mem;
 
