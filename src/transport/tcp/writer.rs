@@ -178,16 +178,10 @@ impl Writing<'_> {
 
     async fn write_all(&mut self) -> std::io::Result<()> {
         loop {
-            let mut skip = self.done;
             let mut bufs = [IoSlice::new(&[]); 6];
             let mut count = 0;
-            for part in self.parts {
-                if skip >= part.len() {
-                    skip -= part.len();
-                    continue;
-                }
-                bufs[count] = IoSlice::new(&part[skip..]);
-                skip = 0;
+            for (buf, rest) in bufs.iter_mut().zip(unwritten(self.parts, self.done)) {
+                *buf = IoSlice::new(rest);
                 count += 1;
             }
             if count == 0 {
@@ -207,6 +201,16 @@ impl Writing<'_> {
     }
 }
 
+/// What is left of `parts` after its first `done` bytes: the non-empty tails, in order.
+fn unwritten<'p>(parts: &'p [&'p [u8]], done: usize) -> impl Iterator<Item = &'p [u8]> {
+    let mut skip = done;
+    parts.iter().filter_map(move |part| {
+        let from = skip.min(part.len());
+        skip -= from;
+        Some(&part[from..]).filter(|rest| !rest.is_empty())
+    })
+}
+
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
         if !self.committed {
@@ -216,15 +220,7 @@ impl Drop for Writing<'_> {
         if state.socket.is_none() {
             return; // closed: nothing more goes out
         }
-        let total: usize = self.parts.iter().map(|p| p.len()).sum();
-        let mut rest = Vec::with_capacity(total.saturating_sub(self.done));
-        let mut skip = self.done;
-        for part in self.parts {
-            let from = skip.min(part.len());
-            rest.extend_from_slice(&part[from..]);
-            skip -= from;
-        }
-        state.rest = Bytes::from(rest);
+        state.rest = Bytes::from(unwritten(self.parts, self.done).collect::<Vec<_>>().concat());
         // A failed write of the rest is the connection failing: the link's reader sees
         // it too, and takes the link down.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
