@@ -142,8 +142,9 @@ pub trait Link: Send + Sync {
     /// Sends a frame of `header` and a copy of `payload`, as [`Link::send`] does. A link
     /// that copies frames into a buffer of its own (shared memory) or writes them to its
     /// socket itself (TCP) takes the bytes straight from `payload`, saving the frame's
-    /// allocation and one copy; the others (this default) copy it into a frame first. Cancel-safe like `send`: a cancelled call has handed
-    /// over the whole frame or none of it.
+    /// allocation and one copy; the others (this default) copy it into a frame first.
+    /// Cancel-safe like `send`: a cancelled call has handed over the whole frame or none
+    /// of it.
     async fn send_slice(&self, header: Header, payload: &[u8]) -> Result<(), LinkError> {
         self.send(Frame { header, payload: Bytes::copy_from_slice(payload) }).await
     }
