@@ -151,19 +151,23 @@ async fn read_loop(link: &dyn Link, shared: &Shared) -> Option<String> {
     }
 }
 
-/// Which queued messages may wait: an eager collective's report of success (the
-/// `OpEnd` with `Ok` of a key whose eager begin this writer sent). No caller waits for
-/// the master on it while things go well: an eager collective returns once every
-/// member's "done" came over the data links (see `comm::eager`), and the master's
-/// decision follows off the critical path.
+/// Which queued messages may wait: an eager collective's begin, and its report of
+/// success (the `OpEnd` with `Ok` of a key whose eager begin this writer sent). No
+/// caller waits for the master on them while things go well: an eager collective
+/// returns once every member's "done" came over the data links (see `comm::eager`),
+/// its mismatches show in the data frames' call fingerprints, and the master's decision
+/// follows off the critical path. In a loop of small collectives, a batch of begins and
+/// reports leaves in one packet per [`EAGER_HOLD`](super::hold::EAGER_HOLD) instead of
+/// one or two per call, and the master wakes as rarely.
 ///
-/// Begins never wait: the master aborts a collective begun by a member that is not in
-/// an open membership round (`Tallies::begin`), so a begin held back while the other
-/// members finished the collective and voted would abort a collective they returned
-/// from. A report of success held back changes nothing the master decides: a vote of
-/// another member aborts only the collectives the voter never began
-/// (`Tallies::topology_vote`), and the reporting member's own vote or next begin sends
-/// the report first.
+/// Holding either only delays it, as a slow control network would, which the protocol
+/// already takes: a begin that reaches the master after another member's vote is not
+/// aborted when a voter ran that collective (`Tallies::begin`; a voter's held begin goes
+/// out before its vote, every message in order), and one that reaches it after a loss
+/// joins the carried collectives (`master::carried`). Everything else goes at once and
+/// takes what is held with it: a failure's report (its member waits for the master), a
+/// vote, a heartbeat, a non-eager begin. Held messages lost with a broken connection
+/// are what [`PeerState::rejoin`](super::peer::PeerState::rejoin) tells the next master.
 #[derive(Default)]
 struct Lazy {
     /// Keys of eager collectives begun and not yet reported.
@@ -180,7 +184,7 @@ impl Lazy {
                     self.eager.clear(); // keys never reported (a stopped call): only timing is lost
                 }
                 self.eager.insert((*epoch, *seq));
-                false
+                true
             }
             ToMaster::OpEnd { epoch, seq, result } => self.eager.remove(&(*epoch, *seq)) && *result == OpResult::Ok,
             _ => false,
@@ -191,14 +195,14 @@ impl Lazy {
 /// Sends the queued messages and a heartbeat every `heartbeat`, until the link fails or
 /// `stop` fires; hands the queue back for the next connection.
 ///
-/// Messages go out in the order they were queued, always. An eager collective's
-/// report of success ([`Lazy`]) may wait up to [`EAGER_HOLD`](super::hold::EAGER_HOLD)
-/// for the message that follows it ([`Hold`]), so that back-to-back small collectives
-/// send the report of one with the begin of the next: one QUIC packet (and its
-/// acknowledgement, on both ends) per collective instead of two; any other message sends
-/// what waits at once, itself included. Holding a message only delays it, as a slow
-/// network would, and the protocol is correct under any delay: a member that waits for
-/// the master's decision (a failed "done" exchange) gets it at most `EAGER_HOLD` later.
+/// Messages go out in the order they were queued, always. An eager collective's begin
+/// and report of success ([`Lazy`]) may wait up to [`EAGER_HOLD`](super::hold::EAGER_HOLD)
+/// for the messages that follow ([`Hold`]), so that back-to-back small collectives
+/// share one QUIC packet (and its acknowledgement, on both ends) per batch instead of
+/// one per message; any other message sends what waits at once, itself included.
+/// Holding a message only delays it, as a slow network would, and the protocol is
+/// correct under any delay: a member that waits for the master's decision (a failed
+/// "done" exchange) gets it at most `EAGER_HOLD` later.
 async fn write_loop(
     link: Arc<dyn Link>,
     mut out: mpsc::UnboundedReceiver<ToMaster>,
@@ -334,5 +338,29 @@ async fn await_takeover(link: &dyn Link, shared: &Shared) -> std::result::Result
         if !rejoining {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::protocol::OpResult;
+
+    /// An eager collective's begin and report of success may wait; its failure's
+    /// report, a non-eager collective's messages, a vote and a heartbeat go at once.
+    #[test]
+    fn only_an_eager_collectives_begin_and_success_may_wait() {
+        let mut lazy = Lazy::default();
+        let begin = |seq| ToMaster::EagerOpBegin { epoch: 1, seq, call: 7 };
+        let end = |seq, result| ToMaster::OpEnd { epoch: 1, seq, result };
+        assert!(lazy.may_wait(&begin(1)));
+        assert!(lazy.may_wait(&end(1, OpResult::Ok)));
+        assert!(!lazy.may_wait(&end(1, OpResult::Ok)), "reported once already");
+        assert!(lazy.may_wait(&ToMaster::EagerSubOpBegin { epoch: 1, seq: 2, call: 7, members: vec![1, 2] }));
+        assert!(!lazy.may_wait(&end(2, OpResult::Failed("link broke".into()))), "a member waits for this one");
+        assert!(!lazy.may_wait(&ToMaster::OpBegin { epoch: 1, seq: 3, call: 7 }));
+        assert!(!lazy.may_wait(&end(3, OpResult::Ok)), "not an eager collective");
+        assert!(!lazy.may_wait(&ToMaster::UpdateTopology { epoch: 1 }));
+        assert!(!lazy.may_wait(&ToMaster::Heartbeat));
     }
 }

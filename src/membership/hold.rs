@@ -1,6 +1,7 @@
 //! [`Hold`]: the messages a control connection's writer holds back to send with the
-//! next one — the peer's reports of success to the master, the master's commits to a
-//! peer — so that back-to-back small collectives share packets and wake-ups.
+//! next one — the peer's eager begins and reports of success to the master, the
+//! master's commits to a peer — so that back-to-back small collectives share packets
+//! and wake-ups.
 //!
 //! Messages always go out in the order they came; one that may wait waits at most
 //! [`EAGER_HOLD`], and at most [`HOLD_MAX`] wait together. Which messages may wait is
