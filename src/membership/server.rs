@@ -173,21 +173,25 @@ async fn run(
     let mut writers: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
     loop {
         let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
-        let outputs = tokio::select! {
+        let mut outputs = tokio::select! {
             biased;
             _ = stopped.changed() => break,
             ev = events.recv() => match ev {
                 None => break,
-                Some(Event::New(conn, w)) => { writers.insert(conn, w); Vec::new() }
-                Some(Event::Msg(conn, msg)) => {
-                    tracing::trace!(conn, ?msg, "master received");
-                    state.handle(conn, msg, now())
-                }
-                Some(Event::Gone(conn)) => { writers.remove(&conn); state.disconnected(conn) }
+                Some(ev) => on_event(&mut state, &mut writers, ev),
             },
             Some(id) = gone.recv() => state.process_gone(id),
             _ = sleep_until(deadline) => state.tick(now()),
         };
+        // The events already queued (a batch of held messages arrives together): handled
+        // before the deadline and the timer are worked out again, at most a batch's worth
+        // so that a stop or a timeout is never put off for long.
+        for _ in 0..EVENTS_PER_TURN {
+            match events.try_recv() {
+                Ok(ev) => outputs.extend(on_event(&mut state, &mut writers, ev)),
+                Err(_) => break,
+            }
+        }
         for out in outputs {
             tracing::trace!(?out, "master sends");
             let conn = match &out {
@@ -204,6 +208,31 @@ async fn run(
         }
     }
     acceptor.abort();
+}
+
+/// The most queued events the core loop handles in one turn after the one it waited for.
+const EVENTS_PER_TURN: usize = 2 * super::hold::HOLD_MAX;
+
+/// Handles one event: a new connection's writer, a message, a connection gone.
+fn on_event(
+    state: &mut MasterState,
+    writers: &mut HashMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
+    ev: Event,
+) -> Vec<Output> {
+    match ev {
+        Event::New(conn, w) => {
+            writers.insert(conn, w);
+            Vec::new()
+        }
+        Event::Msg(conn, msg) => {
+            tracing::trace!(conn, ?msg, "master received");
+            state.handle(conn, msg, now())
+        }
+        Event::Gone(conn) => {
+            writers.remove(&conn);
+            state.disconnected(conn)
+        }
+    }
 }
 
 /// The current time on tokio's clock, so that a paused clock (simulations) governs
