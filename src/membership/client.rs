@@ -11,9 +11,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::driver;
+use super::outbox::Outbox;
 use super::peer::{Begun, OpKey, OpKind, PeerConfig, PeerState, Retry, SyncPlan, Topology};
 use super::protocol::ToMaster;
 use super::view::{PeerId, View};
@@ -68,7 +69,7 @@ pub(super) struct Shared {
     core: Mutex<Core>,
     /// The writer's queue: what the state decides to send goes there under the lock,
     /// so it keeps its place among the caller's messages.
-    out: mpsc::UnboundedSender<ToMaster>,
+    outbox: Arc<Outbox>,
     /// Bumped after every change of `core`; waiters re-check on it.
     changed: watch::Sender<()>,
 }
@@ -84,7 +85,7 @@ impl Shared {
             let mut core = self.lock();
             let (value, aborts) = f(&mut core.peer);
             for msg in core.peer.take_outbox() {
-                let _ = self.out.send(msg); // if the writer is gone, the reader reports removal
+                self.outbox.push(msg);
             }
             for (key, e) in aborts {
                 if let Some(signal) = core.signals.get(&key) {
@@ -125,7 +126,6 @@ enum Failed {
 /// A peer's live connection to the master.
 pub struct ControlClient {
     id: PeerId,
-    out: mpsc::UnboundedSender<ToMaster>,
     shared: Arc<Shared>,
     /// Stops the driver, which closes its connection.
     stop: watch::Sender<bool>,
@@ -200,14 +200,14 @@ impl ControlClient {
         let (link, current) =
             driver::first_reachable(&*endpoint, &order).await.map_err(|e| (e, Failed::Unreachable))?;
         // Control messages are few and small (one or two per collective); the writer
-        // drains them as fast as the connection takes them.
-        let (out, out_rx) = mpsc::unbounded_channel();
+        // takes them as fast as the connection takes them.
+        let outbox = Arc::new(Outbox::default());
         let shared = Arc::new(Shared {
             core: Mutex::new(Core { peer: PeerState::new(id, peer, now()), signals: HashMap::new() }),
-            out: out.clone(),
+            outbox: outbox.clone(),
             changed: watch::channel(()).0,
         });
-        let _ = out.send(ToMaster::Join { id, data_addr });
+        outbox.push(ToMaster::Join { id, data_addr });
         let (stop, stopped) = watch::channel(false);
         let (master_tx, master) = watch::channel(order[current]);
         let (master_gone, master_gone_rx) = watch::channel(0);
@@ -217,14 +217,14 @@ impl ControlClient {
             current,
             link,
             shared: shared.clone(),
-            out: out_rx,
+            outbox,
             heartbeat: config.heartbeat_interval,
             data_addr,
             stopped,
             master: master_tx,
             master_gone: master_gone_rx,
         }));
-        let client = ControlClient { id, out, shared, stop, master, master_gone };
+        let client = ControlClient { id, shared, stop, master, master_gone };
         match client.shared.wait(|p| p.admission()).await {
             Ok(_) => Ok(client),
             Err(e) => {
@@ -271,9 +271,10 @@ impl ControlClient {
         self.shared.lock().peer.pending_joiners()
     }
 
-    /// Sends `msg` to the master (never blocks).
+    /// Sends `msg` to the master (never blocks; once the driver is gone, its reader has
+    /// reported the removal and `msg` is dropped).
     pub fn send(&self, msg: ToMaster) {
-        let _ = self.out.send(msg); // if the writer is gone, the reader reports removal
+        self.shared.outbox.push(msg);
     }
 
     /// Begins a collective: numbers it, tells the master, and returns it with the

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use super::client::{now, Shared};
 use super::codec::{frame_body, to_frame, CONTROL_HELLO};
-use super::hold::{Hold, HOLD_MAX};
+use super::outbox::Outbox;
 use super::protocol::{ToMaster, ToPeer};
 use crate::error::{Error, Result};
 use crate::transport::endpoint::Endpoint;
@@ -42,7 +42,7 @@ pub(super) struct Driver {
     pub current: usize,
     pub link: Arc<dyn Link>,
     pub shared: Arc<Shared>,
-    pub out: mpsc::UnboundedReceiver<ToMaster>,
+    pub outbox: Arc<Outbox>,
     pub heartbeat: Duration,
     pub data_addr: SocketAddr,
     pub stopped: watch::Receiver<bool>,
@@ -83,9 +83,10 @@ async fn connect(
 
 /// Runs connections until this peer is gone or the client stops.
 pub(super) async fn drive(mut d: Driver) {
+    let _closing = Closing(d.outbox.clone());
     loop {
         let (stop_writer, writer_stopped) = oneshot::channel();
-        let writer = tokio::spawn(write_loop(d.link.clone(), d.out, d.heartbeat, writer_stopped));
+        let writer = tokio::spawn(write_loop(d.link.clone(), d.outbox.clone(), d.heartbeat, writer_stopped));
         d.master_gone.borrow_and_update(); // news of a master before this one is old
         let lost = tokio::select! {
             lost = read_loop(&*d.link, &d.shared) => lost,
@@ -95,10 +96,9 @@ pub(super) async fn drive(mut d: Driver) {
         tracing::debug!(peer = d.shared.lock().peer.id(), ?lost, "control connection ended");
         d.link.close();
         let _ = stop_writer.send(());
-        d.out = match writer.await {
-            Ok(out) => out,
-            Err(_) => return,
-        };
+        if writer.await.is_err() {
+            return;
+        }
         if *d.stopped.borrow() {
             return;
         }
@@ -110,12 +110,22 @@ pub(super) async fn drive(mut d: Driver) {
         }
         tracing::debug!(peer = d.shared.lock().peer.id(), "master lost: rejoining");
         // What the lost master never got is settled by the rejoin itself.
-        while d.out.try_recv().is_ok() {}
+        d.outbox.clear();
         let Some((link, current)) = rejoin(&d).await else { return };
         tracing::info!(peer = d.shared.lock().peer.id(), master = %d.masters[current], "rejoined a master");
         d.link = link;
         d.current = current;
         d.master.send_replace(d.masters[current]);
+    }
+}
+
+/// Closes the outbox when the driver ends, however it ends: nothing takes its
+/// messages any more, so none may pile up.
+struct Closing(Arc<Outbox>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -151,102 +161,44 @@ async fn read_loop(link: &dyn Link, shared: &Shared) -> Option<String> {
     }
 }
 
-/// Which queued messages may wait: an eager collective's begin, and its report of
-/// success (the `OpEnd` with `Ok` of a key whose eager begin this writer sent). No
-/// caller waits for the master on them while things go well: an eager collective
-/// returns once every member's "done" came over the data links (see `comm::eager`),
-/// its mismatches show in the data frames' call fingerprints, and the master's decision
-/// follows off the critical path. In a loop of small collectives, a batch of begins and
-/// reports leaves in one packet per [`EAGER_HOLD`](super::hold::EAGER_HOLD) instead of
-/// one or two per call, and the master wakes as rarely.
+/// Sends the outbox's messages and a heartbeat every `heartbeat`, until the link fails
+/// or `stop` fires.
 ///
-/// Holding either only delays it, as a slow control network would, which the protocol
-/// already takes: a begin that reaches the master after another member's vote is not
-/// aborted when a voter ran that collective (`Tallies::begin`; a voter's held begin goes
-/// out before its vote, every message in order), and one that reaches it after a loss
-/// joins the carried collectives (`master::carried`). Everything else goes at once and
-/// takes what is held with it: a failure's report (its member waits for the master), a
-/// vote, a heartbeat, a non-eager begin. Held messages lost with a broken connection
-/// are what [`PeerState::rejoin`](super::peer::PeerState::rejoin) tells the next master.
-#[derive(Default)]
-struct Lazy {
-    /// Keys of eager collectives begun and not yet reported.
-    eager: std::collections::HashSet<(u64, u64)>,
-}
-
-impl Lazy {
-    /// Whether `msg` may be held back for up to [`EAGER_HOLD`](super::hold::EAGER_HOLD).
-    fn may_wait(&mut self, msg: &ToMaster) -> bool {
-        use super::protocol::OpResult;
-        match msg {
-            ToMaster::EagerOpBegin { epoch, seq, .. } | ToMaster::EagerSubOpBegin { epoch, seq, .. } => {
-                if self.eager.len() >= 4 * HOLD_MAX {
-                    self.eager.clear(); // keys never reported (a stopped call): only timing is lost
-                }
-                self.eager.insert((*epoch, *seq));
-                true
-            }
-            ToMaster::OpEnd { epoch, seq, result } => self.eager.remove(&(*epoch, *seq)) && *result == OpResult::Ok,
-            _ => false,
-        }
-    }
-}
-
-/// Sends the queued messages and a heartbeat every `heartbeat`, until the link fails or
-/// `stop` fires; hands the queue back for the next connection.
-///
-/// Messages go out in the order they were queued, always. An eager collective's begin
-/// and report of success ([`Lazy`]) may wait up to [`EAGER_HOLD`](super::hold::EAGER_HOLD)
-/// for the messages that follow ([`Hold`]), so that back-to-back small collectives
-/// share one QUIC packet (and its acknowledgement, on both ends) per batch instead of
-/// one per message; any other message sends what waits at once, itself included.
-/// Holding a message only delays it, as a slow network would, and the protocol is
-/// correct under any delay: a member that waits for the master's decision (a failed
-/// "done" exchange) gets it at most `EAGER_HOLD` later.
-async fn write_loop(
-    link: Arc<dyn Link>,
-    mut out: mpsc::UnboundedReceiver<ToMaster>,
-    heartbeat: Duration,
-    mut stop: oneshot::Receiver<()>,
-) -> mpsc::UnboundedReceiver<ToMaster> {
+/// Messages go out in the order they were queued, always, each batch together (one
+/// packet where the link can). An eager collective's begin and report of success may
+/// wait up to [`EAGER_HOLD`](super::hold::EAGER_HOLD) for the messages that follow
+/// ([`Outbox`]), so that back-to-back small collectives share one QUIC packet (and its
+/// acknowledgement, on both ends) per batch instead of one per message; any other
+/// message sends what waits at once, itself included. Holding a message only delays it,
+/// as a slow network would, and the protocol is correct under any delay: a member that
+/// waits for the master's decision (a failed "done" exchange) gets it at most
+/// `EAGER_HOLD` later.
+async fn write_loop(link: Arc<dyn Link>, outbox: Arc<Outbox>, heartbeat: Duration, mut stop: oneshot::Receiver<()>) {
     // The first tick is one interval away, so the join always goes first.
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lazy = Lazy::default();
-    let mut hold = Hold::default();
     loop {
-        let next = tokio::select! {
+        let batch = tokio::select! {
             biased;
-            _ = &mut stop => break,
-            m = out.recv() => match m {
-                Some(m) => {
-                    let wait = lazy.may_wait(&m);
-                    Some((m, wait))
-                }
-                None => break,
-            },
-            _ = beat.tick() => Some((ToMaster::Heartbeat, false)),
-            _ = hold.due() => None,
-        };
-        if let Some((msg, wait)) = next {
-            if !hold.push(msg, wait) {
+            _ = &mut stop => return,
+            batch = outbox.next() => batch,
+            _ = beat.tick() => {
+                outbox.push(ToMaster::Heartbeat);
                 continue;
             }
-        }
-        // Together: the messages leave in one packet where the link can.
-        let frames = hold.take().into_iter().map(|msg| to_frame(msg.encode())).collect();
+        };
+        let frames = batch.into_iter().map(|msg| to_frame(msg.encode())).collect();
         // A send may wait on a connection that no longer moves (a partition): the stop
         // must still get through.
         let sent = tokio::select! {
             biased;
-            _ = &mut stop => return out,
+            _ = &mut stop => return,
             sent = link.send_many(frames) => sent,
         };
         if sent.is_err() {
-            return out;
+            return;
         }
     }
-    out
 }
 
 /// Looks for a master to rejoin until one took over with this peer in its view, or the
@@ -338,29 +290,5 @@ async fn await_takeover(link: &dyn Link, shared: &Shared) -> std::result::Result
         if !rejoining {
             return Ok(());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::membership::protocol::OpResult;
-
-    /// An eager collective's begin and report of success may wait; its failure's
-    /// report, a non-eager collective's messages, a vote and a heartbeat go at once.
-    #[test]
-    fn only_an_eager_collectives_begin_and_success_may_wait() {
-        let mut lazy = Lazy::default();
-        let begin = |seq| ToMaster::EagerOpBegin { epoch: 1, seq, call: 7 };
-        let end = |seq, result| ToMaster::OpEnd { epoch: 1, seq, result };
-        assert!(lazy.may_wait(&begin(1)));
-        assert!(lazy.may_wait(&end(1, OpResult::Ok)));
-        assert!(!lazy.may_wait(&end(1, OpResult::Ok)), "reported once already");
-        assert!(lazy.may_wait(&ToMaster::EagerSubOpBegin { epoch: 1, seq: 2, call: 7, members: vec![1, 2] }));
-        assert!(!lazy.may_wait(&end(2, OpResult::Failed("link broke".into()))), "a member waits for this one");
-        assert!(!lazy.may_wait(&ToMaster::OpBegin { epoch: 1, seq: 3, call: 7 }));
-        assert!(!lazy.may_wait(&end(3, OpResult::Ok)), "not an eager collective");
-        assert!(!lazy.may_wait(&ToMaster::UpdateTopology { epoch: 1 }));
-        assert!(!lazy.may_wait(&ToMaster::Heartbeat));
     }
 }

@@ -24,11 +24,13 @@ pub(super) struct Hold<M> {
     held: Vec<M>,
     /// When the held messages must go, if any are held.
     due: Option<Instant>,
+    /// A message that may not wait, or a full batch, came since the last `take`.
+    go: bool,
 }
 
 impl<M> Default for Hold<M> {
     fn default() -> Self {
-        Hold { held: Vec::new(), due: None }
+        Hold { held: Vec::new(), due: None, go: false }
     }
 }
 
@@ -41,7 +43,19 @@ impl<M> Hold<M> {
             self.due.get_or_insert_with(|| Instant::now() + EAGER_HOLD);
             return false;
         }
+        self.go = true;
         true
+    }
+
+    /// Whether the held messages must go now (what [`Hold::push`] last said, until the
+    /// next [`Hold::take`]); messages that only wait go when [`Hold::due`] resolves.
+    pub(super) fn must_go(&self) -> bool {
+        self.go
+    }
+
+    /// Whether nothing is held.
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 
     /// Resolves when the held messages are due; never while none are held. Owns what it
@@ -59,6 +73,7 @@ impl<M> Hold<M> {
     /// The messages to send, in order; nothing is held after.
     pub(super) fn take(&mut self) -> Vec<M> {
         self.due = None;
+        self.go = false;
         std::mem::take(&mut self.held)
     }
 }
@@ -73,10 +88,14 @@ mod tests {
     async fn messages_that_may_wait_are_held_until_the_next_or_the_hold_ends() {
         let mut hold = Hold::default();
         assert!(tokio::time::timeout(EAGER_HOLD * 10, hold.due()).await.is_err(), "nothing held, never due");
+        assert!(hold.is_empty());
         assert!(!hold.push(1, true));
         assert!(!hold.push(2, true));
+        assert!(!hold.must_go() && !hold.is_empty());
         assert!(hold.push(3, false), "one that may not wait sends what waits");
+        assert!(hold.must_go());
         assert_eq!(hold.take(), [1, 2, 3]);
+        assert!(!hold.must_go() && hold.is_empty());
         let start = Instant::now();
         assert!(!hold.push(4, true));
         hold.due().await;

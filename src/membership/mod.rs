@@ -17,6 +17,7 @@ mod eager_tests;
 mod hold;
 pub(crate) mod liveness;
 pub mod master;
+mod outbox;
 #[cfg(any(test, feature = "testing"))]
 pub(crate) mod pair;
 #[cfg(test)]
