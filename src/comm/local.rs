@@ -37,7 +37,7 @@ pub(crate) fn group(n: usize, config: Config) -> Result<Vec<Communicator>> {
     if n > u16::MAX as usize - 100 {
         return Err(Error::InvalidArgument(format!("a local group of {n} ranks is too large")));
     }
-    let runtime = Arc::new(super::runtime("phalanx-local")?);
+    let runtime = Arc::new(super::runtime("phalanx-local", 2)?);
     let net = MemNetwork::new(config.link_capacity);
     let master_config = MasterConfig { initial_peers: n, peer_timeout: PEER_TIMEOUT, ..MasterConfig::default() };
     let master = {

@@ -90,15 +90,28 @@ pub struct Communicator {
     _group: Option<Arc<local::LocalGroup>>,
 }
 
-/// The runtime a communicator blocks on: two workers, so that the data links, the
-/// control connection and the executor make progress while the caller's thread waits.
-fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
+/// The runtime a communicator blocks on, with `workers` worker threads, so that the data
+/// links, the control connection and a started collective make progress while the
+/// caller's thread waits (a blocking call runs its executor on the caller's thread).
+fn runtime(name: &str, workers: usize) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .thread_name(name)
         .build()
         .map_err(|e| Error::Runtime { reason: format!("cannot start the runtime: {e}") })
+}
+
+/// Worker threads for a connected peer's runtime: two, or one on a host of at most two
+/// cores. There the peer's processes already outnumber the cores, and a second worker
+/// only adds wake-ups: tokio wakes an idle worker to look for work whenever a socket
+/// becomes ready, which cost a context switch per frame (docs/PERF.md, "Fewer
+/// wake-ups per small call": with one worker, 4 KiB to 64 MiB ×0.99–1.25 there).
+fn peer_workers() -> usize {
+    match std::thread::available_parallelism() {
+        Ok(cores) if cores.get() <= 2 => 1,
+        _ => 2,
+    }
 }
 
 impl Communicator {
@@ -177,7 +190,7 @@ impl Communicator {
         options: ConnectOptions,
     ) -> Result<Communicator> {
         not_in_runtime("connect")?;
-        let runtime = Arc::new(runtime("phalanx")?);
+        let runtime = Arc::new(runtime("phalanx", peer_workers())?);
         let peer = runtime.block_on(async { AsyncPeer::connect(make_endpoint()?, master, options).await })?;
         Ok(Communicator::new(runtime, peer, None))
     }
