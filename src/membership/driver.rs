@@ -165,14 +165,8 @@ async fn read_loop(link: &dyn Link, shared: &Shared) -> Option<String> {
 /// or `stop` fires.
 ///
 /// Messages go out in the order they were queued, always, each batch together (one
-/// packet where the link can). An eager collective's begin and report of success may
-/// wait up to [`EAGER_HOLD`](super::hold::EAGER_HOLD) for the messages that follow
-/// ([`Outbox`]), so that back-to-back small collectives share one QUIC packet (and its
-/// acknowledgement, on both ends) per batch instead of one per message; any other
-/// message sends what waits at once, itself included. Holding a message only delays it,
-/// as a slow network would, and the protocol is correct under any delay: a member that
-/// waits for the master's decision (a failed "done" exchange) gets it at most
-/// `EAGER_HOLD` later.
+/// packet where the link can); which messages wait for the next, and for how long, is
+/// the [`Outbox`]'s rule.
 async fn write_loop(link: Arc<dyn Link>, outbox: Arc<Outbox>, heartbeat: Duration, mut stop: oneshot::Receiver<()>) {
     // The first tick is one interval away, so the join always goes first.
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
